@@ -1,0 +1,64 @@
+// SPDX-License-Identifier: (GPL-2.0-only OR BSD-2-Clause)
+/*
+ * weir's backend-side decapsulation, run at tc ingress on a backend host.
+ *
+ * The balancer sends each client packet wrapped in an outer IPv4 header
+ * (IPIP). This program strips that header from packets whose inner
+ * destination is a VIP the backend serves, so the backend's TCP stack sees
+ * the client's packet as sent and replies straight to the client (direct
+ * server return). Backends need no ipip module. Everything else passes
+ * untouched.
+ */
+#include <linux/bpf.h>
+#include <linux/if_ether.h>
+#include <linux/in.h>
+#include <linux/ip.h>
+#include <linux/pkt_cls.h>
+#include <bpf/bpf_endian.h>
+
+#define WEIR_DECAP_MAPS
+#include "weir_abi.h"
+
+char LICENSE[] SEC("license") = "Dual BSD/GPL";
+
+static __always_inline int verdict(enum weir_decap_counter counter, int action)
+{
+	__u64 *value = bpf_map_lookup_elem(&weir_dcap_stats, &counter);
+
+	if (value)
+		*value += 1;
+	return action;
+}
+
+SEC("tc")
+int weir_decap(struct __sk_buff *skb)
+{
+	void *data = (void *)(long)skb->data;
+	void *data_end = (void *)(long)skb->data_end;
+	struct weir_decap_key key = {};
+	struct ethhdr *eth = data;
+	struct iphdr *outer, *inner;
+
+	if ((void *)(eth + 1) > data_end || eth->h_proto != bpf_htons(ETH_P_IP))
+		return verdict(WEIR_DCAP_PASS_NOT_IPIP, TC_ACT_OK);
+	outer = (void *)(eth + 1);
+	if ((void *)(outer + 1) > data_end)
+		return verdict(WEIR_DCAP_PASS_MALFORMED, TC_ACT_OK);
+	if (outer->protocol != IPPROTO_IPIP)
+		return verdict(WEIR_DCAP_PASS_NOT_IPIP, TC_ACT_OK);
+	/* weir's encapsulation never uses IP options or fragments. */
+	if (outer->version != 4 || outer->ihl != 5 ||
+	    (outer->frag_off & bpf_htons(0x3fff)))
+		return verdict(WEIR_DCAP_PASS_MALFORMED, TC_ACT_OK);
+	inner = (void *)(outer + 1);
+	if ((void *)(inner + 1) > data_end || inner->version != 4 || inner->ihl < 5)
+		return verdict(WEIR_DCAP_PASS_MALFORMED, TC_ACT_OK);
+
+	key.vip = inner->daddr;
+	if (!bpf_map_lookup_elem(&weir_dcap_vips, &key))
+		return verdict(WEIR_DCAP_PASS_NOT_VIP, TC_ACT_OK);
+
+	if (bpf_skb_adjust_room(skb, -(int)sizeof(struct iphdr), BPF_ADJ_ROOM_MAC, 0))
+		return verdict(WEIR_DCAP_DROP_ADJUST, TC_ACT_SHOT);
+	return verdict(WEIR_DCAP_OK, TC_ACT_OK);
+}

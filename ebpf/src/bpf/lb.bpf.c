@@ -1,0 +1,311 @@
+// SPDX-License-Identifier: (GPL-2.0-only OR BSD-2-Clause)
+/*
+ * weir's L4 balancer, run at XDP on the LB host.
+ *
+ * One path per packet: parse Ethernet/IPv4/TCP, look the destination up in
+ * weir_services, take the backend from weir_flows (established) or from the
+ * service's Maglev ring (SYN, or a flow we have not seen), wrap the packet in
+ * an outer IPv4 header (IPIP) addressed to the backend, resolve the next hop
+ * with bpf_fib_lookup and send it back out. Anything weir does not balance
+ * goes to the kernel untouched, and every verdict is counted.
+ */
+#include <linux/bpf.h>
+#include <linux/if_ether.h>
+#include <linux/in.h>
+#include <linux/ip.h>
+#include <linux/tcp.h>
+#include <bpf/bpf_endian.h>
+
+#define WEIR_LB_MAPS
+#include "weir_abi.h"
+
+#ifndef AF_INET
+#define AF_INET 2
+#endif
+#define IP_MF 0x2000
+#define IP_DF 0x4000
+#define IP_OFFSET 0x1fff
+#define WEIR_OUTER_TTL 64
+
+char LICENSE[] SEC("license") = "Dual BSD/GPL";
+
+static __always_inline void count(enum weir_counter counter)
+{
+	__u64 *value = bpf_map_lookup_elem(&weir_stats, &counter);
+
+	if (value)
+		*value += 1;
+}
+
+static __always_inline int pass(enum weir_counter reason)
+{
+	count(reason);
+	return XDP_PASS;
+}
+
+static __always_inline int drop(enum weir_counter reason)
+{
+	count(reason);
+	return XDP_DROP;
+}
+
+static __always_inline int is_new_connection(const struct tcphdr *tcp)
+{
+	return tcp->syn && !tcp->ack;
+}
+
+static __always_inline int is_fragment(const struct iphdr *ip)
+{
+	return ip->frag_off & bpf_htons(IP_MF | IP_OFFSET);
+}
+
+/* Pick the ring's backend for this flow. WEIR_NO_BACKEND when the service
+ * has no table yet or its table is empty. */
+static __always_inline __u32 ring_backend(const struct weir_service *svc,
+					  const struct weir_flow_key *flow)
+{
+	__u32 slot, *id;
+	void *ring;
+
+	if (svc->ring_size == 0)
+		return WEIR_NO_BACKEND;
+	ring = bpf_map_lookup_elem(&weir_rings, &svc->id);
+	if (!ring)
+		return WEIR_NO_BACKEND;
+	slot = weir_flow_hash(flow) % svc->ring_size;
+	id = bpf_map_lookup_elem(ring, &slot);
+	if (!id)
+		return WEIR_NO_BACKEND;
+	return *id;
+}
+
+/* A backend slot that still carries traffic: active ones take new flows,
+ * draining and removed ones keep the flows they have. */
+static __always_inline int serves_flows(const struct weir_backend *be)
+{
+	return be->state == WEIR_BACKEND_ACTIVE ||
+	       be->state == WEIR_BACKEND_DRAINING ||
+	       be->state == WEIR_BACKEND_REMOVED ||
+	       be->state == WEIR_BACKEND_DOWN;
+}
+
+static __always_inline __u16 ipv4_checksum(const struct iphdr *ip)
+{
+	const __u16 *word = (const __u16 *)ip;
+	__u32 sum = 0;
+
+#pragma unroll
+	for (int i = 0; i < (int)(sizeof(*ip) / 2); i++)
+		sum += word[i];
+	sum = (sum & 0xffff) + (sum >> 16);
+	sum = (sum & 0xffff) + (sum >> 16);
+	return (__u16)~sum;
+}
+
+/* Prepend the outer IPv4 header. On success the packet is
+ * eth | outer ip | inner ip | tcp ...; the Ethernet addresses are left for
+ * the FIB result to fill. */
+static __always_inline int encapsulate(struct xdp_md *ctx, __be32 src, __be32 dst,
+				       __u8 tos, __u16 inner_len, __be16 inner_df)
+{
+	struct ethhdr *eth;
+	struct iphdr *outer;
+	void *data, *data_end;
+
+	if (bpf_xdp_adjust_head(ctx, 0 - (int)sizeof(struct iphdr)))
+		return -1;
+	data = (void *)(long)ctx->data;
+	data_end = (void *)(long)ctx->data_end;
+	eth = data;
+	outer = (void *)(eth + 1);
+	if ((void *)(outer + 1) > data_end)
+		return -1;
+
+	eth->h_proto = bpf_htons(ETH_P_IP);
+	outer->version = 4;
+	outer->ihl = sizeof(*outer) / 4;
+	outer->tos = tos;
+	outer->tot_len = bpf_htons(inner_len + sizeof(*outer));
+	outer->id = 0;
+	outer->frag_off = inner_df;
+	outer->ttl = WEIR_OUTER_TTL;
+	outer->protocol = IPPROTO_IPIP;
+	outer->check = 0;
+	outer->saddr = src;
+	outer->daddr = dst;
+	outer->check = ipv4_checksum(outer);
+	return 0;
+}
+
+/* Resolve the next hop of the encapsulated packet and send it. */
+static __always_inline int transmit(struct xdp_md *ctx, __be32 src, __be32 dst)
+{
+	struct bpf_fib_lookup fib = {};
+	void *data = (void *)(long)ctx->data;
+	void *data_end = (void *)(long)ctx->data_end;
+	struct ethhdr *eth = data;
+	struct iphdr *outer = (void *)(eth + 1);
+	int rc;
+
+	if ((void *)(outer + 1) > data_end)
+		return drop(WEIR_CNT_DROP_ADJUST_HEAD);
+
+	fib.family = AF_INET;
+	fib.l4_protocol = IPPROTO_IPIP;
+	fib.tot_len = bpf_ntohs(outer->tot_len);
+	fib.ipv4_src = src;
+	fib.ipv4_dst = dst;
+	fib.ifindex = ctx->ingress_ifindex;
+
+	rc = bpf_fib_lookup(ctx, &fib, sizeof(fib), 0);
+	switch (rc) {
+	case BPF_FIB_LKUP_RET_SUCCESS:
+		__builtin_memcpy(eth->h_dest, fib.dmac, ETH_ALEN);
+		__builtin_memcpy(eth->h_source, fib.smac, ETH_ALEN);
+		if (fib.ifindex == ctx->ingress_ifindex) {
+			count(WEIR_CNT_TX);
+			return XDP_TX;
+		}
+		count(WEIR_CNT_REDIRECT);
+		return bpf_redirect(fib.ifindex, 0);
+	case BPF_FIB_LKUP_RET_NO_NEIGH:
+		/* The kernel forwards the encapsulated packet and resolves the
+		 * neighbour; the next packet takes the fast path. */
+		return pass(WEIR_CNT_PASS_NO_NEIGH);
+	case BPF_FIB_LKUP_RET_FRAG_NEEDED:
+		return drop(WEIR_CNT_DROP_FRAG_NEEDED);
+	default:
+		return drop(WEIR_CNT_DROP_NO_ROUTE);
+	}
+}
+
+SEC("xdp")
+int weir_lb(struct xdp_md *ctx)
+{
+	void *data = (void *)(long)ctx->data;
+	void *data_end = (void *)(long)ctx->data_end;
+	struct weir_service_stats *svc_stats;
+	struct weir_backend_stats *be_stats;
+	struct weir_service_key svc_key = {};
+	struct weir_flow_key flow = {};
+	struct weir_lb_config *cfg;
+	struct weir_service *svc;
+	struct weir_backend *be;
+	struct ethhdr *eth = data;
+	struct tcphdr *tcp;
+	struct iphdr *ip;
+	__u32 cfg_key = 0, backend_id, *known;
+	__u16 ip_len;
+	__be32 lb_addr;
+	int new_flow = 0;
+
+	if ((void *)(eth + 1) > data_end)
+		return pass(WEIR_CNT_PASS_TRUNCATED);
+	if (eth->h_proto != bpf_htons(ETH_P_IP))
+		return pass(WEIR_CNT_PASS_NOT_IPV4);
+
+	ip = (void *)(eth + 1);
+	if ((void *)(ip + 1) > data_end)
+		return pass(WEIR_CNT_PASS_TRUNCATED);
+	if (ip->version != 4 || ip->ihl < 5)
+		return pass(WEIR_CNT_PASS_BAD_IHL);
+	if (ip->ihl != 5)
+		return pass(WEIR_CNT_PASS_IP_OPTIONS);
+	ip_len = bpf_ntohs(ip->tot_len);
+	if (ip_len < sizeof(*ip))
+		return pass(WEIR_CNT_PASS_BAD_IHL);
+	if ((void *)ip + ip_len > data_end)
+		return pass(WEIR_CNT_PASS_TRUNCATED);
+	if (is_fragment(ip))
+		return pass(WEIR_CNT_PASS_FRAGMENT);
+	if (ip->protocol != IPPROTO_TCP)
+		return pass(WEIR_CNT_PASS_NOT_TCP);
+
+	tcp = (void *)(ip + 1);
+	if ((void *)(tcp + 1) > data_end || ip_len < sizeof(*ip) + sizeof(*tcp))
+		return pass(WEIR_CNT_PASS_TRUNCATED);
+
+	svc_key.vip = ip->daddr;
+	svc_key.port = tcp->dest;
+	svc_key.proto = IPPROTO_TCP;
+	svc = bpf_map_lookup_elem(&weir_services, &svc_key);
+	if (!svc)
+		return pass(WEIR_CNT_PASS_NO_SERVICE);
+	svc_stats = bpf_map_lookup_elem(&weir_svc_stats, &svc->id);
+	if (svc->mode != WEIR_MODE_L4) {
+		if (svc_stats)
+			svc_stats->passed_l7 += 1;
+		return pass(WEIR_CNT_PASS_L7);
+	}
+	cfg = bpf_map_lookup_elem(&weir_config, &cfg_key);
+	if (!cfg || !cfg->lb_addr)
+		return pass(WEIR_CNT_PASS_NO_CONFIG);
+	lb_addr = cfg->lb_addr;
+
+	flow.saddr = ip->saddr;
+	flow.daddr = ip->daddr;
+	flow.sport = tcp->source;
+	flow.dport = tcp->dest;
+	flow.proto = IPPROTO_TCP;
+
+	/* Established packets follow their flow entry; a SYN always asks the
+	 * ring, so a reused 5-tuple starts fresh on the current fleet. */
+	known = is_new_connection(tcp) ? NULL : bpf_map_lookup_elem(&weir_flows, &flow);
+	if (known) {
+		backend_id = *known;
+		be = bpf_map_lookup_elem(&weir_backends, &backend_id);
+		if (!be || !serves_flows(be)) {
+			count(WEIR_CNT_FLOW_STALE);
+			known = NULL;
+		}
+	}
+	if (!known) {
+		backend_id = ring_backend(svc, &flow);
+		if (backend_id == WEIR_NO_BACKEND) {
+			if (svc_stats)
+				svc_stats->no_backend += 1;
+			return drop(WEIR_CNT_DROP_NO_BACKEND);
+		}
+		be = bpf_map_lookup_elem(&weir_backends, &backend_id);
+		if (!be || be->state != WEIR_BACKEND_ACTIVE)
+			return drop(WEIR_CNT_DROP_BAD_RING);
+
+		if (is_new_connection(tcp)) {
+			__u32 *prev = bpf_map_lookup_elem(&weir_flows, &flow);
+
+			new_flow = !prev || *prev != backend_id;
+			if (!new_flow && svc_stats)
+				svc_stats->syn_repeats += 1;
+		} else {
+			count(WEIR_CNT_FLOW_MISS);
+			if (svc_stats)
+				svc_stats->flow_misses += 1;
+		}
+		if (bpf_map_update_elem(&weir_flows, &flow, &backend_id, BPF_ANY))
+			count(WEIR_CNT_FLOW_UPDATE_FAIL);
+	}
+	if (!be)
+		return drop(WEIR_CNT_DROP_BAD_RING);
+
+	be_stats = bpf_map_lookup_elem(&weir_be_stats, &backend_id);
+	if (new_flow) {
+		count(WEIR_CNT_FLOW_NEW);
+		if (svc_stats)
+			svc_stats->new_flows += 1;
+		if (be_stats)
+			be_stats->new_flows += 1;
+	}
+	if (svc_stats) {
+		svc_stats->packets += 1;
+		svc_stats->bytes += ip_len;
+	}
+	if (be_stats) {
+		be_stats->packets += 1;
+		be_stats->bytes += ip_len;
+	}
+
+	if (encapsulate(ctx, lb_addr, be->addr, ip->tos, ip_len,
+			ip->frag_off & bpf_htons(IP_DF)))
+		return drop(WEIR_CNT_DROP_ADJUST_HEAD);
+	return transmit(ctx, lb_addr, be->addr);
+}

@@ -1,0 +1,313 @@
+/* SPDX-License-Identifier: (GPL-2.0-only OR BSD-2-Clause) */
+/*
+ * The kernel/user ABI of weir: every map, every value layout and every
+ * counter shared between the BPF programs (lb.bpf.c, decap.bpf.c) and the
+ * userspace registry. The Rust mirror lives in ebpf/src/abi.rs and is checked
+ * against this header's BTF by `cargo test -p weir-ebpf`.
+ *
+ * All maps are pinned by name under /sys/fs/bpf/weir/<instance>/, so the
+ * `weir` CLI, the daemon and the attached programs share one registry.
+ * Addresses and ports are stored in network byte order, exactly as they
+ * appear on the wire, so the data path never converts.
+ */
+#ifndef WEIR_ABI_H
+#define WEIR_ABI_H
+
+#include <linux/types.h>
+
+/* Capacity limits. Service ids index `weir_rings` and `weir_svc_stats`;
+ * backend ids index `weir_backends` and `weir_be_stats`. */
+#define WEIR_MAX_SERVICES 1024
+#define WEIR_MAX_BACKENDS 65536
+/* Default flow-table size; `weir` may override it when it creates an
+ * instance. About 80 bytes of kernel memory per entry. */
+#define WEIR_DEFAULT_FLOWS (1 << 21)
+/* Ring slot value meaning "this service has no active backend". */
+#define WEIR_NO_BACKEND 0xffffffffu
+/* Largest Maglev table a service may use (a prime above 16M). */
+#define WEIR_MAX_RING_SIZE 16777259u
+/* IPIP outer header: a plain 20-byte IPv4 header. */
+#define WEIR_IPIP_OVERHEAD 20
+
+/* BPF_F_INNER_MAP | BPF_F_MMAPABLE: ring tables may differ in size per
+ * service and are filled by userspace through mmap before being swapped in. */
+#define WEIR_RING_MAP_FLAGS ((1U << 12) | (1U << 10))
+
+enum weir_service_mode {
+	WEIR_MODE_L4 = 1, /* XDP picks a backend and IPIP-encapsulates */
+	WEIR_MODE_L7 = 2, /* XDP passes to the host stack for the L7 proxy */
+};
+
+enum weir_backend_state {
+	WEIR_BACKEND_EMPTY = 0,    /* slot unused (never used, or freed) */
+	WEIR_BACKEND_ACTIVE = 1,   /* in the ring: takes new flows */
+	WEIR_BACKEND_DRAINING = 2, /* out of the ring: keeps its flows */
+	WEIR_BACKEND_REMOVED = 3,  /* removed by the operator; still serves its
+				    * flows until the registry frees the slot */
+	WEIR_BACKEND_DOWN = 4,     /* failed health checks: out of the ring */
+};
+
+/* Backend flag: the slot has held a backend once. A slot that was used is
+ * only handed out again after a scan shows no flow references it
+ * (quarantine), so a stale flow can never land on a stranger. */
+#define WEIR_BACKEND_F_USED 1u
+
+/* weir_services key: one listener on the VIP. */
+struct weir_service_key {
+	__be32 vip;
+	__be16 port;
+	__u8 proto; /* IPPROTO_TCP */
+	__u8 pad;
+};
+
+/* weir_services value. The guard-rail fields are not read by the data path;
+ * they live here so that every writer, daemon or CLI, applies the same
+ * limits. */
+struct weir_service {
+	__u32 id;        /* index into weir_rings and weir_svc_stats */
+	__u32 ring_size; /* entries of this service's ring table (prime) */
+	__u8 mode;       /* enum weir_service_mode */
+	__u8 pad[3];
+	__u32 flags;
+	__u32 min_backends;        /* refuse to leave fewer active backends */
+	__u32 max_remove_permille; /* refuse to remove more, per mille */
+};
+
+/* weir_backends value (array indexed by backend id). */
+struct weir_backend {
+	__be32 addr;
+	__be16 port;
+	__u16 weight;
+	__u32 service_id;
+	__u32 state; /* enum weir_backend_state */
+	__u32 flags; /* WEIR_BACKEND_F_* */
+};
+
+/* weir_flows key: the client's 5-tuple as received. */
+struct weir_flow_key {
+	__be32 saddr;
+	__be32 daddr;
+	__be16 sport;
+	__be16 dport;
+	__u8 proto;
+	__u8 pad[3];
+};
+
+/* weir_config value (single entry): set by `weir attach`. */
+struct weir_lb_config {
+	__be32 lb_addr; /* outer source address of the IPIP header */
+	__u32 flags;
+};
+
+/* Per-service counters (per CPU), weir_svc_stats[service id]. */
+struct weir_service_stats {
+	__u64 packets;         /* packets forwarded (XDP_TX or redirect) */
+	__u64 bytes;           /* inner bytes forwarded */
+	__u64 new_flows;       /* SYNs that created or moved a flow */
+	__u64 syn_repeats;     /* SYNs for a flow already on that backend */
+	__u64 flow_misses;     /* non-SYN packets with no flow entry */
+	__u64 no_backend;      /* dropped: ring empty */
+	__u64 passed_l7;       /* passed to the host stack (L7 service) */
+};
+
+/* Per-backend counters (per CPU), weir_be_stats[backend id]. */
+struct weir_backend_stats {
+	__u64 packets;
+	__u64 bytes;
+	__u64 new_flows;
+};
+
+/* Global counters (per CPU), weir_stats[enum weir_counter]: one per verdict
+ * and one per reason for passing or dropping. */
+enum weir_counter {
+	WEIR_CNT_TX = 0,             /* encapsulated and sent with XDP_TX */
+	WEIR_CNT_REDIRECT,           /* encapsulated and redirected */
+	WEIR_CNT_PASS_NOT_IPV4,      /* ARP, IPv6, anything not IPv4 */
+	WEIR_CNT_PASS_TRUNCATED,     /* headers run past the packet end */
+	WEIR_CNT_PASS_BAD_IHL,       /* IHL < 5 or total length < header */
+	WEIR_CNT_PASS_IP_OPTIONS,    /* IHL > 5: left to the kernel */
+	WEIR_CNT_PASS_FRAGMENT,      /* fragments: no ports to hash */
+	WEIR_CNT_PASS_NOT_TCP,       /* protocols weir does not balance */
+	WEIR_CNT_PASS_NO_SERVICE,    /* not addressed to a service */
+	WEIR_CNT_PASS_L7,            /* an L7 service: the host stack serves */
+	WEIR_CNT_PASS_NO_NEIGH,      /* encapsulated, next hop unresolved */
+	WEIR_CNT_PASS_NO_CONFIG,     /* no LB address configured */
+	WEIR_CNT_DROP_NO_BACKEND,    /* service has no active backend */
+	WEIR_CNT_DROP_BAD_RING,      /* ring names an empty backend slot */
+	WEIR_CNT_DROP_ADJUST_HEAD,   /* no headroom for the outer header */
+	WEIR_CNT_DROP_NO_ROUTE,      /* FIB: backend unreachable */
+	WEIR_CNT_DROP_FRAG_NEEDED,   /* encapsulated packet exceeds the MTU */
+	WEIR_CNT_FLOW_NEW,           /* flows created by a SYN */
+	WEIR_CNT_FLOW_MISS,          /* non-SYN without a flow: evicted or
+				      * started elsewhere; re-picked by ring */
+	WEIR_CNT_FLOW_STALE,         /* flow named a freed backend: re-picked */
+	WEIR_CNT_FLOW_UPDATE_FAIL,   /* flow table insert failed */
+	WEIR_CNT_MAX,
+};
+
+/* Decap counters (per CPU), weir_dcap_stats[enum weir_decap_counter]. */
+enum weir_decap_counter {
+	WEIR_DCAP_OK = 0,          /* outer header removed */
+	WEIR_DCAP_PASS_NOT_IPIP,   /* not IPv4-in-IPv4: untouched */
+	WEIR_DCAP_PASS_NOT_VIP,    /* inner destination is not a decap VIP */
+	WEIR_DCAP_PASS_MALFORMED,  /* truncated or bad outer/inner header */
+	WEIR_DCAP_DROP_ADJUST,     /* bpf_skb_adjust_room failed */
+	WEIR_DCAP_MAX,
+};
+
+/* weir_dcap_vips key: the inner destination a backend accepts. */
+struct weir_decap_key {
+	__be32 vip;
+};
+
+/*
+ * Map definitions. A program includes this header with WEIR_LB_MAPS (the
+ * XDP balancer) or WEIR_DECAP_MAPS (the backend-side decap program) defined
+ * and gets exactly the maps it uses. Every map is pinned by name.
+ */
+#if defined(WEIR_LB_MAPS) || defined(WEIR_DECAP_MAPS)
+#include <bpf/bpf_helpers.h>
+#ifndef LIBBPF_PIN_BY_NAME
+#define LIBBPF_PIN_BY_NAME 1
+#endif
+#endif
+
+#ifdef WEIR_LB_MAPS
+/* weir_services: {vip, port, proto} -> service. A miss means "not ours". */
+struct {
+	__uint(type, BPF_MAP_TYPE_HASH);
+	__uint(max_entries, WEIR_MAX_SERVICES);
+	__type(key, struct weir_service_key);
+	__type(value, struct weir_service);
+	__uint(pinning, LIBBPF_PIN_BY_NAME);
+} weir_services SEC(".maps");
+
+/* Template of one Maglev table: ring slot -> backend id. Each service's
+ * table is created by userspace with exactly ring_size entries. */
+struct weir_ring_table {
+	__uint(type, BPF_MAP_TYPE_ARRAY);
+	__uint(max_entries, 1);
+	__uint(map_flags, WEIR_RING_MAP_FLAGS);
+	__type(key, __u32);
+	__type(value, __u32);
+};
+
+/* weir_rings[service id] -> that service's current table. A change fills a
+ * new table completely and swaps it in with one update of this outer map, so
+ * a packet sees the old table or the new one, never a mix. */
+struct {
+	__uint(type, BPF_MAP_TYPE_ARRAY_OF_MAPS);
+	__uint(max_entries, WEIR_MAX_SERVICES);
+	__type(key, __u32);
+	__uint(pinning, LIBBPF_PIN_BY_NAME);
+	__array(values, struct weir_ring_table);
+} weir_rings SEC(".maps");
+
+/* weir_backends[backend id] -> address and state. */
+struct {
+	__uint(type, BPF_MAP_TYPE_ARRAY);
+	__uint(max_entries, WEIR_MAX_BACKENDS);
+	__type(key, __u32);
+	__type(value, struct weir_backend);
+	__uint(pinning, LIBBPF_PIN_BY_NAME);
+} weir_backends SEC(".maps");
+
+/* weir_flows: client 5-tuple -> backend id. Non-SYN packets consult it
+ * first, so established connections stay put whatever the ring says. */
+struct {
+	__uint(type, BPF_MAP_TYPE_LRU_HASH);
+	__uint(max_entries, WEIR_DEFAULT_FLOWS);
+	__type(key, struct weir_flow_key);
+	__type(value, __u32);
+	__uint(pinning, LIBBPF_PIN_BY_NAME);
+} weir_flows SEC(".maps");
+
+/* weir_config[0]: the LB's own address, written by `weir attach`. */
+struct {
+	__uint(type, BPF_MAP_TYPE_ARRAY);
+	__uint(max_entries, 1);
+	__type(key, __u32);
+	__type(value, struct weir_lb_config);
+	__uint(pinning, LIBBPF_PIN_BY_NAME);
+} weir_config SEC(".maps");
+
+/* weir_gen[0]: bumped by every registry change; the L7 workers mmap it and
+ * reload their view when it moves. */
+struct {
+	__uint(type, BPF_MAP_TYPE_ARRAY);
+	__uint(max_entries, 1);
+	__uint(map_flags, 1U << 10); /* BPF_F_MMAPABLE */
+	__type(key, __u32);
+	__type(value, __u64);
+	__uint(pinning, LIBBPF_PIN_BY_NAME);
+} weir_gen SEC(".maps");
+
+/* weir_stats[enum weir_counter]: verdicts and reasons, per CPU. */
+struct {
+	__uint(type, BPF_MAP_TYPE_PERCPU_ARRAY);
+	__uint(max_entries, WEIR_CNT_MAX);
+	__type(key, __u32);
+	__type(value, __u64);
+	__uint(pinning, LIBBPF_PIN_BY_NAME);
+} weir_stats SEC(".maps");
+
+/* weir_svc_stats[service id], per CPU. */
+struct {
+	__uint(type, BPF_MAP_TYPE_PERCPU_ARRAY);
+	__uint(max_entries, WEIR_MAX_SERVICES);
+	__type(key, __u32);
+	__type(value, struct weir_service_stats);
+	__uint(pinning, LIBBPF_PIN_BY_NAME);
+} weir_svc_stats SEC(".maps");
+
+/* weir_be_stats[backend id], per CPU. Reset when a slot is reused. */
+struct {
+	__uint(type, BPF_MAP_TYPE_PERCPU_ARRAY);
+	__uint(max_entries, WEIR_MAX_BACKENDS);
+	__type(key, __u32);
+	__type(value, struct weir_backend_stats);
+	__uint(pinning, LIBBPF_PIN_BY_NAME);
+} weir_be_stats SEC(".maps");
+/*
+ * The flow hash that places a flow on a ring slot. It is part of the ABI:
+ * every weir host computes the same value, so several hosts behind ECMP send
+ * a flow to the same backend, and userspace can predict where a flow lands.
+ * A 64-bit multiply/xor-shift mix over the 5-tuple as stored in the key
+ * (network byte order fields loaded as native integers).
+ */
+static __always_inline __u32 weir_flow_hash(const struct weir_flow_key *k)
+{
+	__u64 h = ((__u64)k->saddr << 32) | k->daddr;
+	__u64 p = ((__u64)k->proto << 32) | ((__u64)k->sport << 16) | k->dport;
+
+	h ^= p * 0x9e3779b97f4a7c15ULL;
+	h ^= h >> 32;
+	h *= 0xd6e8feb86659fd93ULL;
+	h ^= h >> 32;
+	h *= 0xd6e8feb86659fd93ULL;
+	h ^= h >> 32;
+	return (__u32)h;
+}
+#endif /* WEIR_LB_MAPS */
+
+#ifdef WEIR_DECAP_MAPS
+/* weir_dcap_vips: inner destinations this backend decapsulates. */
+struct {
+	__uint(type, BPF_MAP_TYPE_HASH);
+	__uint(max_entries, WEIR_MAX_SERVICES);
+	__type(key, struct weir_decap_key);
+	__type(value, __u32);
+	__uint(pinning, LIBBPF_PIN_BY_NAME);
+} weir_dcap_vips SEC(".maps");
+
+/* weir_dcap_stats[enum weir_decap_counter], per CPU. */
+struct {
+	__uint(type, BPF_MAP_TYPE_PERCPU_ARRAY);
+	__uint(max_entries, WEIR_DCAP_MAX);
+	__type(key, __u32);
+	__type(value, __u64);
+	__uint(pinning, LIBBPF_PIN_BY_NAME);
+} weir_dcap_stats SEC(".maps");
+#endif /* WEIR_DECAP_MAPS */
+
+#endif /* WEIR_ABI_H */
