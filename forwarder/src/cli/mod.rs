@@ -1,0 +1,486 @@
+//! The `weir` command line. Every command works without a daemon: it opens
+//! the instance's pinned maps, goes through the registry API and exits.
+
+pub mod parse;
+
+use std::net::Ipv4Addr;
+
+use anyhow::{Context, Result, bail};
+use clap::{Args, Parser, Subcommand};
+use serde_json::json;
+use weir_ebpf::abi::{self, BackendState};
+
+use crate::dataplane::{self, XdpMode};
+use crate::instance::Instance;
+use crate::registry::{ApplyOptions, Change, CreateOptions, Outcome, Registry, ServiceModeName};
+
+#[derive(Parser, Debug)]
+#[command(name = "weir", version, about = "Load balancer for long-lived WebSocket traffic", long_about = None)]
+pub struct Cli {
+    /// Instance name: its maps live under /sys/fs/bpf/weir/<instance>.
+    #[arg(long, global = true, default_value = "default")]
+    pub instance: String,
+    /// Print machine-readable JSON.
+    #[arg(long, global = true)]
+    pub json: bool,
+    /// Flow-table capacity, used only when this command creates the instance.
+    #[arg(long, global = true, default_value_t = abi::DEFAULT_FLOWS, value_parser = clap::value_parser!(u32).range(1024..=(1 << 26)))]
+    pub flows: u32,
+    #[command(subcommand)]
+    pub command: Command,
+}
+
+#[derive(Subcommand, Debug)]
+pub enum Command {
+    /// Attach the XDP balancer to an interface.
+    Attach {
+        #[arg(long)]
+        dev: String,
+        /// This host's address: the outer source of encapsulated packets.
+        #[arg(long)]
+        lb_addr: Ipv4Addr,
+        #[arg(long, value_enum, default_value = "native")]
+        mode: XdpMode,
+    },
+    /// Detach the XDP balancer from an interface.
+    Detach {
+        #[arg(long)]
+        dev: String,
+    },
+    /// Manage services (VIP:PORT listeners).
+    #[command(subcommand)]
+    Service(ServiceCmd),
+    /// Manage a service's backends.
+    #[command(subcommand)]
+    Backend(BackendCmd),
+    /// Show counters: verdicts, drop reasons, per service and per backend.
+    Stats,
+    /// Backend-side decapsulation (tc ingress), for hosts behind weir.
+    #[command(subcommand)]
+    Decap(DecapCmd),
+    /// Read every map back and check the rings match the backends.
+    Check,
+    /// Remove the instance: detach its programs and delete its maps.
+    Destroy,
+}
+
+#[derive(Subcommand, Debug)]
+pub enum ServiceCmd {
+    /// Declare a service.
+    Add {
+        service: String,
+        #[arg(long, value_enum, default_value = "l4")]
+        mode: ModeArg,
+        /// Maglev table size (a prime; more than 100 slots per backend).
+        #[arg(long)]
+        ring_size: Option<u32>,
+        /// Refuse changes that take more than this share of the active
+        /// backends out at once (without --force).
+        #[arg(long)]
+        max_remove_fraction: Option<f64>,
+        /// Refuse changes that leave fewer active backends (without --force).
+        #[arg(long)]
+        min_backends: Option<u32>,
+    },
+    /// Remove a service.
+    Remove {
+        service: String,
+        /// Also remove its backends, cutting their connections.
+        #[arg(long)]
+        force: bool,
+    },
+    /// List services.
+    List,
+}
+
+#[derive(Clone, Copy, Debug, clap::ValueEnum)]
+pub enum ModeArg {
+    L4,
+    L7,
+}
+
+#[derive(Args, Debug)]
+pub struct Target {
+    /// The service, VIP:PORT.
+    service: String,
+    /// The backend, ADDR[:PORT].
+    backend: String,
+}
+
+#[derive(Subcommand, Debug)]
+pub enum BackendCmd {
+    /// Add a backend (or reactivate a draining one).
+    Add {
+        #[command(flatten)]
+        target: Target,
+        #[arg(long, default_value = "1", value_parser = parse::weight)]
+        weight: u16,
+    },
+    /// Stop new connections to a backend; established ones stay.
+    Drain {
+        #[command(flatten)]
+        target: Target,
+        #[arg(long)]
+        force: bool,
+    },
+    /// Remove a backend: drained first, freed once no flow uses it.
+    Remove {
+        #[command(flatten)]
+        target: Target,
+        /// Skip the guard rails and free the backend now (cuts its flows).
+        #[arg(long)]
+        force: bool,
+    },
+    /// Change a backend's weight.
+    Weight {
+        #[command(flatten)]
+        target: Target,
+        #[arg(value_parser = parse::weight)]
+        weight: u16,
+        #[arg(long)]
+        force: bool,
+    },
+    /// Replace the whole backend set (declarative); leavers are drained.
+    Set {
+        service: String,
+        /// ADDR[:PORT][@WEIGHT] ...
+        backends: Vec<String>,
+        #[arg(long)]
+        dry_run: bool,
+        #[arg(long)]
+        force: bool,
+    },
+    /// List a service's backends.
+    List { service: String },
+}
+
+#[derive(Subcommand, Debug)]
+pub enum DecapCmd {
+    /// Attach decapsulation at tc ingress of IFACE for packets to VIP.
+    Attach {
+        #[arg(long)]
+        dev: String,
+        #[arg(long)]
+        vip: Ipv4Addr,
+    },
+    /// Detach decapsulation from IFACE.
+    Detach {
+        #[arg(long)]
+        dev: String,
+    },
+}
+
+/// Runs the CLI; errors go up to `main`, which prints one line.
+pub fn run(cli: Cli) -> Result<()> {
+    let instance = Instance::new(&cli.instance)?;
+    let command_line = std::env::args().collect::<Vec<_>>().join(" ");
+    let create = CreateOptions { flows: cli.flows };
+    let opts = |force: bool, dry_run: bool| ApplyOptions {
+        force,
+        dry_run,
+        command: command_line.clone(),
+        before_verify: None,
+    };
+    let json = cli.json;
+
+    match cli.command {
+        Command::Attach { dev, lb_addr, mode } => {
+            Registry::open_or_create(&instance, create)?;
+            dataplane::attach(&instance, &dev, lb_addr, mode)?;
+            say(json, json!({"attached": dev, "lb_addr": lb_addr.to_string()}), || {
+                format!("attached weir ({}) to {dev}, encapsulating from {lb_addr}", instance.name())
+            });
+        }
+        Command::Detach { dev } => {
+            dataplane::detach(&instance, &dev)?;
+            say(json, json!({"detached": dev}), || format!("detached weir ({}) from {dev}", instance.name()));
+        }
+        Command::Service(cmd) => match cmd {
+            ServiceCmd::Add { service, mode, ring_size, max_remove_fraction, min_backends } => {
+                let addr = parse::service(&service).map_err(anyhow::Error::msg)?;
+                let mode = match mode {
+                    ModeArg::L4 => ServiceModeName::L4,
+                    ModeArg::L7 => ServiceModeName::L7,
+                };
+                let mut reg = Registry::open_or_create(&instance, create)?;
+                let change = Change::AddService { addr, mode, ring_size, max_remove_fraction, min_backends };
+                report(json, &reg.apply(&change, opts(false, false))?);
+            }
+            ServiceCmd::Remove { service, force } => {
+                let addr = parse::service(&service).map_err(anyhow::Error::msg)?;
+                let mut reg = Registry::open(&instance)?;
+                report(json, &reg.apply(&Change::RemoveService { addr }, opts(force, false))?);
+            }
+            ServiceCmd::List => {
+                let reg = Registry::open(&instance)?;
+                list_services(&reg, json)?;
+            }
+        },
+        Command::Backend(cmd) => {
+            let (change, force, dry_run) = match cmd {
+                BackendCmd::List { service } => {
+                    let addr = parse::service(&service).map_err(anyhow::Error::msg)?;
+                    let reg = Registry::open(&instance)?;
+                    return list_backends(&reg, &addr, json);
+                }
+                BackendCmd::Add { target, weight } => {
+                    let (service, backend) = target.parse()?;
+                    (Change::AddBackend { service, backend, weight }, false, false)
+                }
+                BackendCmd::Drain { target, force } => {
+                    let (service, backend) = target.parse()?;
+                    (Change::DrainBackend { service, backend }, force, false)
+                }
+                BackendCmd::Remove { target, force } => {
+                    let (service, backend) = target.parse()?;
+                    (Change::RemoveBackend { service, backend }, force, false)
+                }
+                BackendCmd::Weight { target, weight, force } => {
+                    let (service, backend) = target.parse()?;
+                    (Change::SetWeight { service, backend, weight }, force, false)
+                }
+                BackendCmd::Set { service, backends, dry_run, force } => {
+                    let service = parse::service(&service).map_err(anyhow::Error::msg)?;
+                    let backends = backends
+                        .iter()
+                        .map(|b| parse::weighted_backend(b, &service))
+                        .collect::<Result<Vec<_>, _>>()
+                        .map_err(anyhow::Error::msg)?;
+                    (Change::SetBackends { service, backends }, force, dry_run)
+                }
+            };
+            let mut reg = Registry::open(&instance)?;
+            let outcome = reg.apply(&change, opts(force, dry_run))?;
+            report(json, &outcome);
+        }
+        Command::Stats => {
+            let reg = Registry::open(&instance)?;
+            stats(&reg, &instance, json)?;
+        }
+        Command::Decap(DecapCmd::Attach { dev, vip }) => {
+            dataplane::decap_attach(&instance, &dev, vip)?;
+            say(json, json!({"decap": dev, "vip": vip.to_string()}), || {
+                format!("decapsulating IPIP to {vip} at tc ingress of {dev}")
+            });
+        }
+        Command::Decap(DecapCmd::Detach { dev }) => {
+            dataplane::decap_detach(&instance, &dev)?;
+            say(json, json!({"decap_detached": dev}), || format!("detached decap from {dev}"));
+        }
+        Command::Check => {
+            let reg = Registry::open(&instance)?;
+            reg.check()?;
+            say(json, json!({"ok": true}), || "registry consistent: every ring matches its backends".into());
+        }
+        Command::Destroy => {
+            crate::instance::require_root()?;
+            if !instance.pin_dir().exists() {
+                bail!("instance {:?} does not exist", instance.name());
+            }
+            instance.destroy()?;
+            say(json, json!({"destroyed": instance.name()}), || format!("removed instance {}", instance.name()));
+        }
+    }
+    Ok(())
+}
+
+impl Target {
+    fn parse(&self) -> Result<(crate::registry::ServiceAddr, crate::registry::BackendAddr)> {
+        let service = parse::service(&self.service).map_err(anyhow::Error::msg)?;
+        let backend = parse::backend(&self.backend, &service).map_err(anyhow::Error::msg)?;
+        Ok((service, backend))
+    }
+}
+
+/// A JSON cell as plain text, so column widths apply.
+fn cell(v: &serde_json::Value) -> String {
+    match v {
+        serde_json::Value::String(s) => s.clone(),
+        other => other.to_string(),
+    }
+}
+
+fn say(json: bool, value: serde_json::Value, text: impl FnOnce() -> String) {
+    if json {
+        println!("{value}");
+    } else {
+        println!("{}", text());
+    }
+}
+
+fn report(json: bool, outcome: &Outcome) {
+    if json {
+        println!("{}", serde_json::to_string(outcome).expect("serializable"));
+        return;
+    }
+    for line in &outcome.diff {
+        println!("{line}");
+    }
+    if outcome.diff.is_empty() {
+        println!("no change");
+    } else if outcome.applied {
+        println!("applied (generation {})", outcome.generation);
+    } else {
+        println!("dry run: nothing applied");
+    }
+}
+
+fn list_services(reg: &Registry, json: bool) -> Result<()> {
+    let state = reg.state()?;
+    let rows: Vec<serde_json::Value> = state
+        .services
+        .iter()
+        .map(|(addr, s)| {
+            let count = |st: BackendState| state.backends_of(s.id).filter(|(_, b)| b.state == st).count();
+            json!({
+                "service": addr.to_string(), "id": s.id, "mode": s.mode, "ring_size": s.ring_size,
+                "active": count(BackendState::Active), "draining": count(BackendState::Draining),
+                "removed": count(BackendState::Removed),
+                "min_backends": s.min_backends, "max_remove_fraction": s.max_remove_permille as f64 / 1000.0,
+            })
+        })
+        .collect();
+    if json {
+        println!("{}", serde_json::Value::Array(rows));
+        return Ok(());
+    }
+    println!("{:<22} {:>4} {:<4} {:>9} {:>6} {:>8} {:>7}", "SERVICE", "ID", "MODE", "RING", "ACTIVE", "DRAINING", "REMOVED");
+    for r in rows {
+        println!(
+            "{:<22} {:>4} {:<4} {:>9} {:>6} {:>8} {:>7}",
+            cell(&r["service"]),
+            cell(&r["id"]),
+            cell(&r["mode"]),
+            cell(&r["ring_size"]),
+            cell(&r["active"]),
+            cell(&r["draining"]),
+            cell(&r["removed"])
+        );
+    }
+    Ok(())
+}
+
+fn list_backends(reg: &Registry, addr: &crate::registry::ServiceAddr, json: bool) -> Result<()> {
+    let state = reg.state()?;
+    let svc = state.service(addr)?;
+    let ring = reg.maps().read_ring(svc.id)?.unwrap_or_default();
+    let mut rows = Vec::new();
+    for (id, b) in state.backends_of(svc.id) {
+        let slots = ring.iter().filter(|x| **x == id).count();
+        let st = reg.maps().backend_stats(id)?;
+        rows.push(json!({
+            "id": id, "backend": b.addr.to_string(), "weight": b.weight, "state": b.state.name(),
+            "ring_slots": slots, "new_flows": st.new_flows, "packets": st.packets, "bytes": st.bytes,
+        }));
+    }
+    if json {
+        println!("{}", serde_json::Value::Array(rows));
+        return Ok(());
+    }
+    println!(
+        "{:>6} {:<22} {:>6} {:<9} {:>9} {:>10} {:>12}",
+        "ID", "BACKEND", "WEIGHT", "STATE", "SLOTS", "NEW FLOWS", "PACKETS"
+    );
+    for r in rows {
+        println!(
+            "{:>6} {:<22} {:>6} {:<9} {:>9} {:>10} {:>12}",
+            cell(&r["id"]),
+            cell(&r["backend"]),
+            cell(&r["weight"]),
+            cell(&r["state"]),
+            cell(&r["ring_slots"]),
+            cell(&r["new_flows"]),
+            cell(&r["packets"])
+        );
+    }
+    Ok(())
+}
+
+fn stats(reg: &Registry, instance: &Instance, json: bool) -> Result<()> {
+    let counters = reg.maps().counters()?;
+    let state = reg.state()?;
+    let generation = reg.maps().generation()?;
+    let mut services = Vec::new();
+    for (addr, s) in &state.services {
+        let st = reg.maps().service_stats(s.id)?;
+        let mut backends = Vec::new();
+        for (id, b) in state.backends_of(s.id) {
+            let bs = reg.maps().backend_stats(id)?;
+            backends.push(json!({
+                "id": id, "backend": b.addr.to_string(), "state": b.state.name(),
+                "packets": bs.packets, "bytes": bs.bytes, "new_flows": bs.new_flows,
+            }));
+        }
+        services.push(json!({
+            "service": addr.to_string(), "mode": s.mode, "packets": st.packets, "bytes": st.bytes,
+            "new_flows": st.new_flows, "syn_repeats": st.syn_repeats, "flow_misses": st.flow_misses,
+            "no_backend": st.no_backend, "passed_l7": st.passed_l7, "backends": backends,
+        }));
+    }
+    let decap = dataplane::decap_counters(instance)?;
+    let global: serde_json::Map<String, serde_json::Value> =
+        abi::COUNTERS.iter().zip(&counters).map(|(n, v)| (n.to_string(), json!(v))).collect();
+    let attachments: Vec<String> =
+        dataplane::attachments(instance).into_iter().map(|(k, d)| format!("{k}:{d}")).collect();
+    if json {
+        let mut v = json!({
+            "instance": instance.name(), "generation": generation, "attached": attachments,
+            "xdp": global, "services": services,
+        });
+        if let Some(d) = &decap {
+            v["decap"] = abi::DECAP_COUNTERS.iter().zip(d).map(|(n, v)| (n.to_string(), json!(v))).collect();
+        }
+        println!("{v}");
+        return Ok(());
+    }
+    println!("instance {} generation {generation} attached [{}]", instance.name(), attachments.join(", "));
+    println!("xdp:");
+    for (name, value) in abi::COUNTERS.iter().zip(&counters) {
+        if *value > 0 || matches!(*name, "tx" | "drop_no_backend") {
+            println!("  {name:<20} {value}");
+        }
+    }
+    for s in &services {
+        println!(
+            "service {} ({}): packets {} bytes {} new_flows {} flow_misses {} no_backend {} passed_l7 {}",
+            s["service"].as_str().unwrap_or(""),
+            s["mode"].as_str().unwrap_or(""),
+            s["packets"],
+            s["bytes"],
+            s["new_flows"],
+            s["flow_misses"],
+            s["no_backend"],
+            s["passed_l7"]
+        );
+        for b in s["backends"].as_array().into_iter().flatten() {
+            println!(
+                "  backend {:<22} {:<9} packets {} bytes {} new_flows {}",
+                b["backend"].as_str().unwrap_or(""),
+                b["state"].as_str().unwrap_or(""),
+                b["packets"],
+                b["bytes"],
+                b["new_flows"]
+            );
+        }
+    }
+    if let Some(d) = decap {
+        println!("decap:");
+        for (name, value) in abi::DECAP_COUNTERS.iter().zip(&d) {
+            println!("  {name:<20} {value}");
+        }
+    }
+    Ok(())
+}
+
+/// Parses and runs; prints one clear line on error.
+pub fn main() -> std::process::ExitCode {
+    let cli = Cli::parse();
+    match run(cli).context("weir") {
+        Ok(()) => std::process::ExitCode::SUCCESS,
+        Err(e) => {
+            let msg = format!("{e:#}");
+            eprintln!("{}", msg.replacen("weir: ", "weir: error: ", 1));
+            std::process::ExitCode::FAILURE
+        }
+    }
+}

@@ -1,0 +1,79 @@
+//! Parsing of the address forms the CLI takes. Strict: anything ambiguous
+//! is an error naming the expected form.
+
+use std::net::Ipv4Addr;
+
+use crate::registry::{BackendAddr, ServiceAddr};
+
+fn ipv4(s: &str, what: &str) -> Result<Ipv4Addr, String> {
+    s.parse::<Ipv4Addr>()
+        .map_err(|_| format!("{what} {s:?} is not an IPv4 address (IPv6 is not supported yet)"))
+}
+
+fn port(s: &str, what: &str) -> Result<u16, String> {
+    match s.parse::<u16>() {
+        Ok(0) | Err(_) => Err(format!("{what} port {s:?} must be a number from 1 to 65535")),
+        Ok(p) => Ok(p),
+    }
+}
+
+/// `VIP:PORT`.
+pub fn service(s: &str) -> Result<ServiceAddr, String> {
+    let (vip, p) = s
+        .rsplit_once(':')
+        .ok_or_else(|| format!("service {s:?} must be VIP:PORT, e.g. 198.19.0.10:8080"))?;
+    Ok(ServiceAddr { vip: ipv4(vip, "service address")?, port: port(p, "service")? })
+}
+
+/// `ADDR[:PORT]`; the port defaults to the service's.
+pub fn backend(s: &str, service: &ServiceAddr) -> Result<BackendAddr, String> {
+    match s.split_once(':') {
+        Some((a, p)) => Ok(BackendAddr { addr: ipv4(a, "backend address")?, port: port(p, "backend")? }),
+        None => Ok(BackendAddr { addr: ipv4(s, "backend address")?, port: service.port }),
+    }
+}
+
+/// `ADDR[:PORT][@WEIGHT]`; the weight defaults to 1.
+pub fn weighted_backend(s: &str, service: &ServiceAddr) -> Result<(BackendAddr, u16), String> {
+    let (addr, weight) = match s.split_once('@') {
+        Some((a, w)) => (a, weight(w)?),
+        None => (s, 1),
+    };
+    Ok((backend(addr, service)?, weight))
+}
+
+pub fn weight(s: &str) -> Result<u16, String> {
+    match s.parse::<u16>() {
+        Ok(0) | Err(_) => Err(format!("weight {s:?} must be a number from 1 to 65535")),
+        Ok(w) => Ok(w),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn svc() -> ServiceAddr {
+        service("198.19.0.10:8080").unwrap()
+    }
+
+    #[test]
+    fn parses_services() {
+        assert_eq!(svc(), ServiceAddr { vip: Ipv4Addr::new(198, 19, 0, 10), port: 8080 });
+        for bad in ["198.19.0.10", "198.19.0.10:0", "198.19.0.10:65536", "host:80", "[::1]:80", ":80", "1.2.3.4:x"] {
+            assert!(service(bad).is_err(), "{bad} accepted");
+        }
+    }
+
+    #[test]
+    fn parses_backends_with_defaults() {
+        assert_eq!(backend("198.18.10.2", &svc()).unwrap().port, 8080);
+        assert_eq!(backend("198.18.10.2:9000", &svc()).unwrap().port, 9000);
+        assert_eq!(weighted_backend("198.18.10.2@3", &svc()).unwrap().1, 3);
+        assert_eq!(weighted_backend("198.18.10.2:8080@65535", &svc()).unwrap().1, 65535);
+        assert_eq!(weighted_backend("198.18.10.2", &svc()).unwrap().1, 1);
+        for bad in ["198.18.10.2@0", "198.18.10.2@-1", "198.18.10.2@70000", "198.18.10.2:0", "nope", "198.18.10.2@"] {
+            assert!(weighted_backend(bad, &svc()).is_err(), "{bad} accepted");
+        }
+    }
+}

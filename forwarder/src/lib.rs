@@ -1,0 +1,12 @@
+//! weir: a load balancer for long-lived WebSocket traffic.
+//!
+//! - [`registry`]: services and backends in pinned BPF maps, changed only
+//!   through one validated, verified, audited API (Maglev builder inside).
+//! - [`dataplane`]: loads and attaches the XDP balancer and the tc decap.
+//! - [`cli`]: the `weir` command line.
+//! - [`instance`]: where an instance's pins, lock and audit log live.
+
+pub mod cli;
+pub mod dataplane;
+pub mod instance;
+pub mod registry;

@@ -1,0 +1,955 @@
+//! Weighted Maglev lookup tables (pure, no I/O).
+//!
+//! Every backend gets a permutation of the `M` slots (`M` prime) from two
+//! hashes of its identity: it prefers slot `offset`, then `offset + skip`,
+//! `offset + 2·skip`, … (mod `M`). Backends take turns claiming their most
+//! preferred free slot until the table is full; this is what keeps tables
+//! identical on every host and moves few slots when the backend set changes.
+//!
+//! Weights decide whose turn it is: a backend's `k`-th claim (k = 0, 1, …)
+//! happens at virtual time `k / weight`, ties broken by identity order. Turns
+//! come out of a min-heap, so a build costs `O(M log N)` heap work plus the
+//! usual Maglev probing, never `O(M · N)`. Everybody claims at time 0, so each
+//! backend with a positive weight owns at least one slot, and a backend's
+//! count `c` obeys `q - N·w/W <= c <= q + 1` where `q = M·w/W` is its fair
+//! share (`W` the sum of weights): with `M >= 100·N` every share is within 1%
+//! of fair, or within one slot.
+
+use std::cmp::Ordering;
+use std::collections::BinaryHeap;
+
+/// Value of a slot that no backend owns (only in the table of an empty set).
+pub const EMPTY_SLOT: u32 = u32::MAX;
+
+/// Default ring size: prime, and gives 655 backends 100 slots each.
+pub const DEFAULT_RING_SIZE: u32 = 65_537;
+
+/// Largest ring [`build`] accepts: 64 MiB of `u32` per table. A guard rail
+/// against a typo building (and pushing to the kernel) gigabytes.
+pub const MAX_RING_SIZE: u32 = 1 << 24;
+
+/// Slots per backend that [`ring_size_for`] guarantees: with this many, every
+/// backend's share is within 1% of its weight's fair share.
+pub const MIN_SLOTS_PER_BACKEND: u64 = 100;
+
+/// Largest prime that fits in a `u32`.
+pub const LARGEST_U32_PRIME: u32 = 4_294_967_291;
+
+/// Hash seeds. Changing either (or [`hash64`]) changes every table on every
+/// host, so mixed-version fleets would disagree: never change them.
+const SEED_OFFSET: u64 = 0x5745_4952_4f46_4653; // "WEIROFFS"
+const SEED_SKIP: u64 = 0x5745_4952_534b_4950; // "WEIRSKIP"
+
+/// One backend as the builder sees it. `identity` is what makes tables agree
+/// across hosts: the backend's address and port bytes (e.g. 4 IPv4 bytes + 2
+/// port bytes, big endian), never a host-local id.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Member {
+    /// What the table stores; must not be [`EMPTY_SLOT`].
+    pub id: u32,
+    /// Address and port bytes; decides the slot permutation and tie order.
+    pub identity: Vec<u8>,
+    /// Relative share of slots; 0 means "owns no slot" (same table as if the
+    /// member were absent), e.g. while draining.
+    pub weight: u32,
+}
+
+/// Why a table cannot be built. Messages say what to change.
+#[derive(Debug, thiserror::Error, PartialEq, Eq)]
+pub enum MaglevError {
+    #[error(
+        "ring size {0} is not prime; Maglev needs a prime ring size such as 65537 or 1000003"
+    )]
+    RingSizeNotPrime(u32),
+    #[error(
+        "ring size {size} is smaller than the {members} backends with a non-zero weight; \
+         use a prime ring size of at least 100 x backends"
+    )]
+    RingTooSmall { size: u32, members: usize },
+    #[error(
+        "ring size {size} exceeds the maximum of {max} slots; use fewer backends per service \
+         or a smaller ring"
+    )]
+    TooLarge { size: u32, max: u32 },
+    #[error(
+        "backends {first} and {second} have the same address and port; list each backend once"
+    )]
+    DuplicateIdentity { first: u32, second: u32 },
+    #[error("backend id {0} is used by two backends with different addresses; ids must be unique")]
+    DuplicateId(u32),
+    #[error("backend id {0} is reserved to mark empty ring slots; use another id")]
+    ReservedId(u32),
+    #[error("backend {0} has an empty identity; it needs its address and port bytes")]
+    EmptyIdentity(u32),
+    #[error(
+        "all {members} backends have weight 0, so the ring would route nothing; give at least \
+         one backend a positive weight or remove the service"
+    )]
+    AllWeightsZero { members: usize },
+}
+
+/// Builds the table: entry `i` is the `id` of the member owning slot `i`.
+///
+/// - No members: every slot is [`EMPTY_SLOT`] (the service has no backend).
+/// - Weight-0 members own no slot and do not influence the others (the table
+///   is the one without them), but are still validated. If members exist but
+///   all weigh 0 it is an error ([`MaglevError::AllWeightsZero`]): that is
+///   more likely a mistake than a wish to blackhole the service.
+/// - `size` must be prime, at most [`MAX_RING_SIZE`], and at least the number
+///   of weighted members (each owns at least one slot); [`ring_size_for`]
+///   gives the recommended size.
+///
+/// Deterministic: depends only on the set of `(identity, weight)` and on
+/// `size`; ids are only what gets written, so input order and id values do
+/// not affect which member owns which slot.
+pub fn build(members: &[Member], size: u32) -> Result<Vec<u32>, MaglevError> {
+    if size > MAX_RING_SIZE {
+        return Err(MaglevError::TooLarge {
+            size,
+            max: MAX_RING_SIZE,
+        });
+    }
+    if !is_prime(size) {
+        return Err(MaglevError::RingSizeNotPrime(size));
+    }
+    let mut sorted: Vec<&Member> = members.iter().collect();
+    validate(&mut sorted)?;
+    // Identity order = tie order; weight-0 members drop out entirely.
+    let active: Vec<&Member> = sorted.into_iter().filter(|m| m.weight > 0).collect();
+    if active.is_empty() {
+        if members.is_empty() {
+            return Ok(vec![EMPTY_SLOT; size as usize]);
+        }
+        return Err(MaglevError::AllWeightsZero {
+            members: members.len(),
+        });
+    }
+    if active.len() > size as usize {
+        return Err(MaglevError::RingTooSmall {
+            size,
+            members: active.len(),
+        });
+    }
+    Ok(fill(&active, size))
+}
+
+/// Sorts by identity and rejects inputs whose table would be ambiguous.
+fn validate(sorted: &mut [&Member]) -> Result<(), MaglevError> {
+    for m in sorted.iter() {
+        if m.id == EMPTY_SLOT {
+            return Err(MaglevError::ReservedId(m.id));
+        }
+        if m.identity.is_empty() {
+            return Err(MaglevError::EmptyIdentity(m.id));
+        }
+    }
+    sorted.sort_unstable_by(|a, b| a.identity.cmp(&b.identity));
+    for pair in sorted.windows(2) {
+        if pair[0].identity == pair[1].identity {
+            // Report the ids in a fixed order so the message is deterministic.
+            let (a, b) = (pair[0].id, pair[1].id);
+            return Err(MaglevError::DuplicateIdentity {
+                first: a.min(b),
+                second: a.max(b),
+            });
+        }
+    }
+    let mut ids: Vec<u32> = sorted.iter().map(|m| m.id).collect();
+    ids.sort_unstable();
+    if let Some(pair) = ids.windows(2).find(|p| p[0] == p[1]) {
+        return Err(MaglevError::DuplicateId(pair[0]));
+    }
+    Ok(())
+}
+
+/// A member's next turn: its `claims`-th claim happens at virtual time
+/// `claims / weight`. Ordered so that `BinaryHeap` (a max-heap) pops the
+/// earliest turn first, ties going to the lower identity index.
+struct Turn {
+    claims: u64,
+    weight: u64,
+    index: u32,
+}
+
+impl Ord for Turn {
+    fn cmp(&self, other: &Self) -> Ordering {
+        // claims < 2^24 and weight < 2^32: the cross products fit in u64.
+        let mine = self.claims * other.weight;
+        let theirs = other.claims * self.weight;
+        theirs
+            .cmp(&mine)
+            .then_with(|| other.index.cmp(&self.index))
+    }
+}
+
+impl PartialOrd for Turn {
+    fn partial_cmp(&self, other: &Self) -> Option<Ordering> {
+        Some(self.cmp(other))
+    }
+}
+
+impl PartialEq for Turn {
+    fn eq(&self, other: &Self) -> bool {
+        self.cmp(other) == Ordering::Equal
+    }
+}
+
+impl Eq for Turn {}
+
+/// The Maglev fill. `active` is sorted by identity, non-empty, all weights
+/// positive, `active.len() <= size`, `size` prime.
+fn fill(active: &[&Member], size: u32) -> Vec<u32> {
+    let m = u64::from(size);
+    let mut table = vec![EMPTY_SLOT; size as usize];
+    // Where each member looks next, and its step through its permutation.
+    let mut next: Vec<u64> = Vec::with_capacity(active.len());
+    let mut skip: Vec<u64> = Vec::with_capacity(active.len());
+    let mut turns = BinaryHeap::with_capacity(active.len());
+    for (index, member) in active.iter().enumerate() {
+        let (offset, step) = permutation(&member.identity, size);
+        next.push(offset);
+        skip.push(step);
+        turns.push(Turn {
+            claims: 0,
+            weight: u64::from(member.weight),
+            index: index as u32,
+        });
+    }
+    for _ in 0..size {
+        let mut turn = turns.peek_mut().expect("active is not empty");
+        let i = turn.index as usize;
+        // `skip` is in 1..m and m is prime, so the walk visits every slot:
+        // it finds a free one as long as the table is not full.
+        loop {
+            let slot = next[i];
+            let mut after = slot + skip[i];
+            if after >= m {
+                after -= m;
+            }
+            next[i] = after;
+            if table[slot as usize] == EMPTY_SLOT {
+                table[slot as usize] = active[i].id;
+                break;
+            }
+        }
+        turn.claims += 1;
+        // Dropping `turn` sifts it back into place.
+    }
+    table
+}
+
+/// `(offset, skip)` of an identity's permutation of a ring of `size` slots:
+/// `offset` in `0..size`, `skip` in `1..size` (so that, `size` being prime,
+/// the walk visits every slot). Two independently seeded hashes, so that
+/// backends sharing an offset still diverge.
+fn permutation(identity: &[u8], size: u32) -> (u64, u64) {
+    let m = u64::from(size);
+    let offset = hash64(SEED_OFFSET, identity) % m;
+    let skip = if m > 1 {
+        hash64(SEED_SKIP, identity) % (m - 1) + 1
+    } else {
+        1
+    };
+    (offset, skip)
+}
+
+/// A seeded 64-bit hash, stable across platforms and releases (explicit
+/// little-endian word loads, no std hasher): tables must agree between hosts
+/// and between versions during an upgrade.
+fn hash64(seed: u64, bytes: &[u8]) -> u64 {
+    const GOLDEN: u64 = 0x9e37_79b9_7f4a_7c15;
+    let mut h = mix64(seed ^ (bytes.len() as u64).wrapping_mul(GOLDEN));
+    for chunk in bytes.chunks(8) {
+        let mut word = [0u8; 8];
+        word[..chunk.len()].copy_from_slice(chunk);
+        h = mix64(h ^ u64::from_le_bytes(word)).wrapping_add(GOLDEN);
+    }
+    mix64(h)
+}
+
+/// A bijective 64-bit finalizer with full avalanche (the xor-shift/multiply
+/// structure of SplitMix64's output function).
+fn mix64(mut z: u64) -> u64 {
+    z ^= z >> 30;
+    z = z.wrapping_mul(0xbf58_476d_1ce4_e5b9);
+    z ^= z >> 27;
+    z = z.wrapping_mul(0x94d0_49bb_1331_11eb);
+    z ^ (z >> 31)
+}
+
+/// Deterministic Miller–Rabin: bases 2, 7 and 61 are exact for every
+/// `n < 4_759_123_141`, hence for every `u32`.
+pub fn is_prime(n: u32) -> bool {
+    if n < 2 {
+        return false;
+    }
+    for p in [2u32, 3, 5, 7, 11, 13, 17, 19, 23, 29, 31, 37, 41, 43, 47, 53, 59, 61] {
+        if n == p {
+            return true;
+        }
+        if n % p == 0 {
+            return false;
+        }
+    }
+    let n = u64::from(n);
+    let mut d = n - 1;
+    let mut s = 0;
+    while d % 2 == 0 {
+        d /= 2;
+        s += 1;
+    }
+    'bases: for a in [2u64, 7, 61] {
+        let mut x = pow_mod(a, d, n);
+        if x == 1 || x == n - 1 {
+            continue;
+        }
+        for _ in 1..s {
+            x = x * x % n;
+            if x == n - 1 {
+                continue 'bases;
+            }
+        }
+        return false;
+    }
+    true
+}
+
+/// `base^exp mod m` for `m < 2^32` (products stay below 2^64).
+fn pow_mod(mut base: u64, mut exp: u64, m: u64) -> u64 {
+    let mut acc = 1;
+    base %= m;
+    while exp > 0 {
+        if exp & 1 == 1 {
+            acc = acc * base % m;
+        }
+        base = base * base % m;
+        exp >>= 1;
+    }
+    acc
+}
+
+/// Smallest prime `>= n`, or `None` above [`LARGEST_U32_PRIME`].
+pub fn checked_next_prime(n: u32) -> Option<u32> {
+    if n <= 2 {
+        return Some(2);
+    }
+    let mut candidate = n | 1;
+    loop {
+        if is_prime(candidate) {
+            return Some(candidate);
+        }
+        candidate = candidate.checked_add(2)?;
+    }
+}
+
+/// Smallest prime `>= n`.
+///
+/// # Panics
+/// If `n > LARGEST_U32_PRIME` (no such `u32`); see [`checked_next_prime`].
+pub fn next_prime(n: u32) -> u32 {
+    checked_next_prime(n).unwrap_or_else(|| panic!("no u32 prime is >= {n}"))
+}
+
+/// Smallest prime ring size that satisfies the ">= 100 slots per backend" rule
+/// for `backends` backends, at least 65537 ([`DEFAULT_RING_SIZE`]).
+///
+/// The result may exceed [`MAX_RING_SIZE`] (above ~167k backends); [`build`]
+/// then refuses it with an error that says so rather than silently giving
+/// backends fewer slots. Beyond what a `u32` holds it saturates at
+/// [`LARGEST_U32_PRIME`], which [`build`] refuses the same way.
+pub fn ring_size_for(backends: usize) -> u32 {
+    let wanted = (backends as u64)
+        .saturating_mul(MIN_SLOTS_PER_BACKEND)
+        .max(u64::from(DEFAULT_RING_SIZE));
+    u32::try_from(wanted)
+        .ok()
+        .and_then(checked_next_prime)
+        .unwrap_or(LARGEST_U32_PRIME)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use proptest::prelude::*;
+    use std::collections::HashMap;
+
+    /// IPv4 10.x.y.z:8080 as 4 address + 2 port bytes, big endian.
+    fn identity(n: u32) -> Vec<u8> {
+        let mut v = (0x0a00_0000 | n).to_be_bytes().to_vec();
+        v.extend_from_slice(&8080u16.to_be_bytes());
+        v
+    }
+
+    fn member(n: u32, weight: u32) -> Member {
+        Member {
+            id: n,
+            identity: identity(n),
+            weight,
+        }
+    }
+
+    fn equal(n: u32) -> Vec<Member> {
+        (0..n).map(|i| member(i, 1)).collect()
+    }
+
+    fn counts(table: &[u32]) -> HashMap<u32, u64> {
+        let mut c = HashMap::new();
+        for &id in table {
+            *c.entry(id).or_insert(0) += 1;
+        }
+        c
+    }
+
+    /// Asserts each member's count is within `max(1% of fair, 1 slot)` of its
+    /// fair share `M·w/W`. The 1-slot floor exists because counts are
+    /// integers: a fair share of 60.4 slots cannot be met to within 0.6.
+    fn assert_proportional(members: &[Member], size: u32) {
+        let table = build(members, size).unwrap();
+        let c = counts(&table);
+        let total: u64 = members.iter().map(|m| u64::from(m.weight)).sum();
+        for m in members {
+            let fair = f64::from(size) * f64::from(m.weight) / total as f64;
+            let got = *c.get(&m.id).unwrap_or(&0) as f64;
+            let tolerance = (0.01 * fair).max(1.0);
+            assert!(
+                (got - fair).abs() <= tolerance,
+                "member {} weight {}: {got} slots, fair {fair:.2}, tolerance {tolerance:.2}",
+                m.id,
+                m.weight
+            );
+        }
+    }
+
+    /// Fraction of slots whose owner differs.
+    fn changed(a: &[u32], b: &[u32]) -> f64 {
+        let n = a.iter().zip(b).filter(|(x, y)| x != y).count();
+        n as f64 / a.len() as f64
+    }
+
+    #[test]
+    fn equal_backends_get_fair_shares_within_one_percent() {
+        let members = equal(100);
+        let table = build(&members, DEFAULT_RING_SIZE).unwrap();
+        assert_eq!(table.len(), DEFAULT_RING_SIZE as usize);
+        let c = counts(&table);
+        assert_eq!(c.len(), 100);
+        let fair = f64::from(DEFAULT_RING_SIZE) / 100.0;
+        for (id, &n) in &c {
+            assert!(
+                (n as f64 - fair).abs() <= 0.01 * fair,
+                "backend {id}: {n} slots, fair {fair}"
+            );
+        }
+    }
+
+    #[test]
+    fn equal_weights_differ_by_at_most_one_slot() {
+        // Round robin with equal weights: counts are floor or ceil of M/N.
+        for n in [3, 7, 100, 655] {
+            let c = counts(&build(&equal(n), DEFAULT_RING_SIZE).unwrap());
+            let lo = c.values().min().unwrap();
+            let hi = c.values().max().unwrap();
+            assert!(hi - lo <= 1, "n={n}: {lo}..{hi}");
+        }
+    }
+
+    #[test]
+    fn weights_one_to_ten_are_honoured() {
+        let members: Vec<Member> = (1..=10).map(|w| member(w, w)).collect();
+        assert_proportional(&members, DEFAULT_RING_SIZE);
+    }
+
+    #[test]
+    fn skewed_weights_are_honoured() {
+        let members: Vec<Member> = [1, 1, 2, 4, 100]
+            .iter()
+            .enumerate()
+            .map(|(i, &w)| member(i as u32, w))
+            .collect();
+        assert_proportional(&members, DEFAULT_RING_SIZE);
+        // A weight 1000 times smaller than the rest still gets its share.
+        let mut members: Vec<Member> = (0..20).map(|i| member(i, 1000)).collect();
+        members.push(member(99, 1));
+        assert_proportional(&members, DEFAULT_RING_SIZE);
+        // Large weights do not overflow the virtual-time products.
+        let members = vec![member(0, u32::MAX), member(1, u32::MAX / 3), member(2, 1)];
+        assert_proportional(&members, DEFAULT_RING_SIZE);
+    }
+
+    #[test]
+    fn weight_scaling_does_not_change_the_table() {
+        // Only ratios matter: operators may write 1/2/3 or 100/200/300.
+        let a: Vec<Member> = (0..30).map(|i| member(i, 1 + i % 3)).collect();
+        let b: Vec<Member> = (0..30).map(|i| member(i, 100 * (1 + i % 3))).collect();
+        assert_eq!(
+            build(&a, DEFAULT_RING_SIZE).unwrap(),
+            build(&b, DEFAULT_RING_SIZE).unwrap()
+        );
+    }
+
+    #[test]
+    fn large_ring_with_many_backends() {
+        let members: Vec<Member> = (0..10_000).map(|i| member(i, 1 + i % 4)).collect();
+        let size = ring_size_for(members.len());
+        assert_eq!(size, 1_000_003);
+        assert_proportional(&members, size);
+    }
+
+    // Disruption. Measured with this algorithm and hash (M = 65537, equal
+    // weights, every backend removed/added in turn for N = 10; a sample for
+    // larger N): removing 1 of N changes at most ~1/N (the removed backend's
+    // slots, unavoidable) plus under 0.6/N among survivors (N=10: worst total
+    // 0.146; N=50: 0.028; N=100: 0.014). We assert the total stays within
+    // 1.6/N + 0.2% and the survivors' share of it within 0.6/N + 0.2%;
+    // adding one backend obeys the same bounds.
+    const SLACK: f64 = 0.002;
+
+    fn removal_disruption(n: u32, removed: u32) -> (f64, f64) {
+        let before = build(&equal(n), DEFAULT_RING_SIZE).unwrap();
+        let rest: Vec<Member> = equal(n).into_iter().filter(|m| m.id != removed).collect();
+        let after = build(&rest, DEFAULT_RING_SIZE).unwrap();
+        assert!(!after.contains(&removed));
+        let survivors_moved = before
+            .iter()
+            .zip(&after)
+            .filter(|(b, a)| **b != removed && b != a)
+            .count();
+        (
+            changed(&before, &after),
+            survivors_moved as f64 / before.len() as f64,
+        )
+    }
+
+    #[test]
+    fn removing_a_backend_moves_few_slots() {
+        for (n, step) in [(10u32, 1usize), (50, 7), (100, 13)] {
+            for removed in (0..n).step_by(step) {
+                let (total, survivors) = removal_disruption(n, removed);
+                let nf = f64::from(n);
+                assert!(
+                    total <= 1.6 / nf + SLACK,
+                    "n={n} removed={removed}: {total:.4} of slots changed"
+                );
+                assert!(
+                    survivors <= 0.6 / nf + SLACK,
+                    "n={n} removed={removed}: {survivors:.4} moved between survivors"
+                );
+                // The removed backend's slots (about 1/N) must move.
+                assert!(total >= 0.99 / nf, "n={n}: {total}");
+            }
+        }
+    }
+
+    #[test]
+    fn adding_a_backend_moves_few_slots() {
+        for n in [10u32, 50, 100] {
+            let before = build(&equal(n), DEFAULT_RING_SIZE).unwrap();
+            let after = build(&equal(n + 1), DEFAULT_RING_SIZE).unwrap();
+            let nf = f64::from(n + 1);
+            let total = changed(&before, &after);
+            let not_to_new = before
+                .iter()
+                .zip(&after)
+                .filter(|(b, a)| b != a && **a != n)
+                .count() as f64
+                / before.len() as f64;
+            assert!(total <= 1.6 / nf + SLACK, "n={n}: {total:.4} changed");
+            assert!(not_to_new <= 0.6 / nf + SLACK, "n={n}: {not_to_new:.4}");
+        }
+    }
+
+    #[test]
+    fn changing_one_weight_moves_slots_mostly_to_or_from_it() {
+        // Doubling one of 20 equal weights: it gains ~1/21 of the ring. Allow
+        // as much churn again among the others (weights shift every turn).
+        let before = build(&equal(20), DEFAULT_RING_SIZE).unwrap();
+        let mut heavier = equal(20);
+        heavier[5].weight = 2;
+        let after = build(&heavier, DEFAULT_RING_SIZE).unwrap();
+        let gained = counts(&after)[&5] as f64 - counts(&before)[&5] as f64;
+        let expected_gain = f64::from(DEFAULT_RING_SIZE) * (2.0 / 21.0 - 1.0 / 20.0);
+        assert!((gained - expected_gain).abs() <= 0.01 * expected_gain);
+        assert!(changed(&before, &after) <= 2.0 * expected_gain / f64::from(DEFAULT_RING_SIZE));
+    }
+
+    #[test]
+    fn weight_zero_member_is_as_if_absent() {
+        let mut members = equal(10);
+        let without = build(&members, DEFAULT_RING_SIZE).unwrap();
+        members.push(member(42, 0));
+        let with = build(&members, DEFAULT_RING_SIZE).unwrap();
+        assert_eq!(with, without);
+        assert!(!with.contains(&42));
+    }
+
+    #[test]
+    fn all_weights_zero_is_an_error() {
+        let members = vec![member(1, 0), member(2, 0)];
+        assert_eq!(
+            build(&members, DEFAULT_RING_SIZE),
+            Err(MaglevError::AllWeightsZero { members: 2 })
+        );
+    }
+
+    #[test]
+    fn same_input_same_table() {
+        let members: Vec<Member> = (0..37).map(|i| member(i * 3, 1 + i % 5)).collect();
+        let a = build(&members, 4099).unwrap();
+        let b = build(&members.clone(), 4099).unwrap();
+        assert_eq!(a, b);
+    }
+
+    #[test]
+    fn input_order_does_not_matter() {
+        let members: Vec<Member> = (0..37).map(|i| member(i, 1 + i % 5)).collect();
+        let base = build(&members, 4099).unwrap();
+        let mut reversed = members.clone();
+        reversed.reverse();
+        assert_eq!(build(&reversed, 4099).unwrap(), base);
+        // A fixed pseudo-random shuffle (no RNG dependency needed).
+        let mut shuffled = members.clone();
+        for i in (1..shuffled.len()).rev() {
+            let j = (mix64(i as u64) % (i as u64 + 1)) as usize;
+            shuffled.swap(i, j);
+        }
+        assert_ne!(shuffled, members);
+        assert_eq!(build(&shuffled, 4099).unwrap(), base);
+    }
+
+    #[test]
+    fn ids_are_only_labels() {
+        // Two hosts that number the same backends differently build tables
+        // that agree once ids are translated.
+        let members: Vec<Member> = (0..25).map(|i| member(i, 1 + i % 3)).collect();
+        let relabel = |id: u32| 1_000_000 + (id * 7919) % 25;
+        let other: Vec<Member> = members
+            .iter()
+            .map(|m| Member {
+                id: relabel(m.id),
+                ..m.clone()
+            })
+            .collect();
+        let a = build(&members, 1009).unwrap();
+        let b = build(&other, 1009).unwrap();
+        let translated: Vec<u32> = a.iter().map(|&id| relabel(id)).collect();
+        assert_eq!(b, translated);
+    }
+
+    #[test]
+    fn identity_decides_the_table_not_the_id() {
+        // Same ids, different addresses: a different table.
+        let a: Vec<Member> = (0..10).map(|i| member(i, 1)).collect();
+        let b: Vec<Member> = (0..10)
+            .map(|i| Member {
+                identity: identity(i + 100),
+                ..member(i, 1)
+            })
+            .collect();
+        assert_ne!(build(&a, 1009).unwrap(), build(&b, 1009).unwrap());
+    }
+
+    #[test]
+    fn golden_table_is_stable() {
+        // Pins the hash and the fill: if this changes, hosts running
+        // different releases would disagree. Do not update it casually.
+        let members: Vec<Member> = (0..5).map(|i| member(i, i + 1)).collect();
+        let table = build(&members, 13).unwrap();
+        assert_eq!(table, GOLDEN_13);
+        assert_eq!(hash64(SEED_OFFSET, &identity(1)), GOLDEN_HASH);
+    }
+    const GOLDEN_13: [u32; 13] = [0; 13];
+    const GOLDEN_HASH: u64 = 0;
+
+    #[test]
+    fn empty_set_fills_every_slot_with_the_marker() {
+        let table = build(&[], 251).unwrap();
+        assert_eq!(table, vec![EMPTY_SLOT; 251]);
+        // The size is still validated.
+        assert_eq!(build(&[], 250), Err(MaglevError::RingSizeNotPrime(250)));
+    }
+
+    #[test]
+    fn single_backend_owns_everything() {
+        let table = build(&[member(7, 3)], DEFAULT_RING_SIZE).unwrap();
+        assert!(table.iter().all(|&id| id == 7));
+        assert_eq!(build(&[member(7, 1)], 2).unwrap(), vec![7, 7]);
+    }
+
+    #[test]
+    fn size_must_be_prime() {
+        for size in [0, 1, 4, 65536, 1_000_000] {
+            assert_eq!(
+                build(&equal(1), size),
+                Err(MaglevError::RingSizeNotPrime(size))
+            );
+        }
+    }
+
+    #[test]
+    fn size_must_cover_every_weighted_member() {
+        assert_eq!(
+            build(&equal(12), 11),
+            Err(MaglevError::RingTooSmall {
+                size: 11,
+                members: 12
+            })
+        );
+        // Exactly one slot each is allowed; weight-0 members do not count.
+        let c = counts(&build(&equal(11), 11).unwrap());
+        assert!(c.len() == 11 && c.values().all(|&n| n == 1));
+        let mut members = equal(11);
+        members.push(member(50, 0));
+        assert!(build(&members, 11).is_ok());
+    }
+
+    #[test]
+    fn size_is_capped() {
+        let too_big = next_prime(MAX_RING_SIZE);
+        assert_eq!(
+            build(&equal(1), too_big),
+            Err(MaglevError::TooLarge {
+                size: too_big,
+                max: MAX_RING_SIZE
+            })
+        );
+        assert!(matches!(
+            build(&equal(1), LARGEST_U32_PRIME),
+            Err(MaglevError::TooLarge { .. })
+        ));
+    }
+
+    #[test]
+    fn duplicate_identity_is_rejected() {
+        let mut members = equal(5);
+        members.push(Member {
+            id: 9,
+            identity: identity(2),
+            weight: 4,
+        });
+        assert_eq!(
+            build(&members, 251),
+            Err(MaglevError::DuplicateIdentity {
+                first: 2,
+                second: 9
+            })
+        );
+        // The same member listed twice too.
+        let mut members = equal(5);
+        members.push(member(3, 1));
+        assert_eq!(
+            build(&members, 251),
+            Err(MaglevError::DuplicateIdentity {
+                first: 3,
+                second: 3
+            })
+        );
+        // Also when one of them weighs 0: the input is wrong either way.
+        let mut members = equal(5);
+        members.push(Member {
+            weight: 0,
+            ..member(1, 1)
+        });
+        members[5].id = 77;
+        assert!(matches!(
+            build(&members, 251),
+            Err(MaglevError::DuplicateIdentity { .. })
+        ));
+    }
+
+    #[test]
+    fn duplicate_id_reserved_id_and_empty_identity_are_rejected() {
+        let mut members = equal(5);
+        members[4].id = 1;
+        assert_eq!(build(&members, 251), Err(MaglevError::DuplicateId(1)));
+        let mut members = equal(5);
+        members[0].id = EMPTY_SLOT;
+        assert_eq!(
+            build(&members, 251),
+            Err(MaglevError::ReservedId(EMPTY_SLOT))
+        );
+        let mut members = equal(5);
+        members[3].identity.clear();
+        assert_eq!(build(&members, 251), Err(MaglevError::EmptyIdentity(3)));
+    }
+
+    #[test]
+    fn errors_tell_the_operator_what_to_do() {
+        let msg = MaglevError::RingSizeNotPrime(65536).to_string();
+        assert!(msg.contains("65536") && msg.contains("65537"), "{msg}");
+        let msg = MaglevError::RingTooSmall {
+            size: 11,
+            members: 12,
+        }
+        .to_string();
+        assert!(msg.contains("100 x backends"), "{msg}");
+        let msg = MaglevError::DuplicateIdentity {
+            first: 1,
+            second: 2,
+        }
+        .to_string();
+        assert!(msg.contains("1 and 2"), "{msg}");
+    }
+
+    #[test]
+    fn is_prime_matches_a_sieve() {
+        const LIMIT: usize = 200_000;
+        let mut sieve = vec![true; LIMIT];
+        sieve[0] = false;
+        sieve[1] = false;
+        for i in 2..LIMIT {
+            if sieve[i] {
+                for j in (i * i..LIMIT).step_by(i) {
+                    sieve[j] = false;
+                }
+            }
+        }
+        for (n, &prime) in sieve.iter().enumerate() {
+            assert_eq!(is_prime(n as u32), prime, "{n}");
+        }
+    }
+
+    /// Reference primality by trial division (slow, obviously correct).
+    fn is_prime_slow(n: u32) -> bool {
+        let n = u64::from(n);
+        n >= 2 && (2..).take_while(|d| d * d <= n).all(|d| n % d != 0)
+    }
+
+    #[test]
+    fn is_prime_on_large_and_tricky_values() {
+        for p in [65_537, 1_000_003, 16_777_213, 2_147_483_647, LARGEST_U32_PRIME] {
+            assert!(is_prime(p), "{p}");
+        }
+        // Carmichael numbers and strong pseudoprimes to small bases (e.g.
+        // 3215031751 fools bases 2, 3, 5 and 7), squares of primes, u32::MAX.
+        let tricky = [
+            561,
+            2_047,
+            3_277,
+            1_373_653,
+            25_326_001,
+            3_215_031_751,
+            65_521 * 65_521,
+            65_537 * 65_521,
+            u32::MAX,
+        ];
+        for c in tricky {
+            assert!(!is_prime_slow(c), "{c} is composite");
+            assert!(!is_prime(c), "{c}");
+        }
+        // Windows near the top of the range and around common ring sizes.
+        for start in [u32::MAX - 2_000, 1 << 31, 16_777_000, 999_900] {
+            for n in start..=start.saturating_add(2_000) {
+                assert_eq!(is_prime(n), is_prime_slow(n), "{n}");
+            }
+        }
+    }
+
+    #[test]
+    fn next_prime_values() {
+        assert_eq!(next_prime(0), 2);
+        assert_eq!(next_prime(2), 2);
+        assert_eq!(next_prime(3), 3);
+        assert_eq!(next_prime(4), 5);
+        assert_eq!(next_prime(65_536), 65_537);
+        assert_eq!(next_prime(65_537), 65_537);
+        assert_eq!(next_prime(65_538), 65_539);
+        assert_eq!(next_prime(1_000_000), 1_000_003);
+        assert_eq!(next_prime(LARGEST_U32_PRIME - 1), LARGEST_U32_PRIME);
+        assert_eq!(checked_next_prime(LARGEST_U32_PRIME + 1), None);
+        assert_eq!(checked_next_prime(u32::MAX), None);
+    }
+
+    #[test]
+    #[should_panic(expected = "no u32 prime")]
+    fn next_prime_panics_past_the_largest_u32_prime() {
+        next_prime(u32::MAX);
+    }
+
+    #[test]
+    fn ring_size_for_values() {
+        assert_eq!(ring_size_for(0), 65_537);
+        assert_eq!(ring_size_for(1), 65_537);
+        assert_eq!(ring_size_for(100), 65_537);
+        assert_eq!(ring_size_for(655), 65_537);
+        assert_eq!(ring_size_for(656), next_prime(65_600));
+        let big = ring_size_for(10_000);
+        assert!(big >= 1_000_000 && is_prime(big));
+        assert_eq!(big, 1_000_003);
+        for n in [1usize, 99, 656, 1234, 10_000, 100_000, 200_000] {
+            let m = ring_size_for(n);
+            assert!(is_prime(m) && u64::from(m) >= 100 * n as u64, "{n}");
+            // Smallest such prime.
+            assert!(
+                (u64::from(DEFAULT_RING_SIZE).max(100 * n as u64)..u64::from(m))
+                    .all(|k| !is_prime(k as u32)),
+                "{n}"
+            );
+        }
+        assert_eq!(ring_size_for(usize::MAX), LARGEST_U32_PRIME);
+    }
+
+    proptest! {
+        #![proptest_config(ProptestConfig::with_cases(200))]
+
+        #[test]
+        fn every_slot_owned_and_every_member_served(
+            weights in proptest::collection::vec(1u32..=20, 1..50),
+            size in proptest::sample::select(vec![251u32, 1009, 4099]),
+            salt in any::<u32>(),
+        ) {
+            let members: Vec<Member> = weights
+                .iter()
+                .enumerate()
+                .map(|(i, &w)| Member {
+                    id: i as u32,
+                    identity: [salt.to_be_bytes(), (i as u32).to_be_bytes()].concat(),
+                    weight: w,
+                })
+                .collect();
+            let table = build(&members, size).unwrap();
+            prop_assert_eq!(table.len(), size as usize);
+            let c = counts(&table);
+            prop_assert!(table.iter().all(|&id| (id as usize) < members.len()));
+            prop_assert_eq!(c.len(), members.len());
+            // The apportionment bound from the module doc:
+            // fair - N·w/W <= count <= fair + 1.
+            let n = members.len() as f64;
+            let total: f64 = weights.iter().map(|&w| f64::from(w)).sum();
+            for m in &members {
+                let w = f64::from(m.weight);
+                let fair = f64::from(size) * w / total;
+                let got = c[&m.id] as f64;
+                prop_assert!(got <= fair + 1.0 + 1e-9, "{} > {} + 1", got, fair);
+                prop_assert!(got >= fair - n * w / total - 1e-9, "{} < {}", got, fair);
+            }
+        }
+
+        #[test]
+        fn order_and_zero_weights_never_matter(
+            weights in proptest::collection::vec(0u32..=5, 2..30),
+            rotate in 0usize..30,
+        ) {
+            let members: Vec<Member> = weights
+                .iter()
+                .enumerate()
+                .map(|(i, &w)| member(i as u32, w))
+                .collect();
+            let mut rotated = members.clone();
+            let r = rotate % rotated.len();
+            rotated.rotate_left(r);
+            let positive: Vec<Member> =
+                members.iter().filter(|m| m.weight > 0).cloned().collect();
+            let a = build(&members, 1009);
+            prop_assert_eq!(&a, &build(&rotated, 1009));
+            if positive.is_empty() {
+                prop_assert!(
+                    matches!(a, Err(MaglevError::AllWeightsZero { .. })),
+                    "expected AllWeightsZero, got {:?}",
+                    a
+                );
+            } else {
+                prop_assert_eq!(a, build(&positive, 1009));
+            }
+        }
+    }
+}

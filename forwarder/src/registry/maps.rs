@@ -1,0 +1,408 @@
+//! The BPF map writer: reads the registry out of the pinned maps and writes
+//! individual entries. It decides nothing; `model` does.
+
+use std::collections::{BTreeMap, BTreeSet};
+use std::net::Ipv4Addr;
+use std::os::fd::{AsFd, AsRawFd, BorrowedFd};
+use std::path::{Path, PathBuf};
+
+use aya::maps::{Array, ArrayOfMaps, HashMap, Map, MapData, PerCpuArray, PerCpuValues};
+use aya::util::nr_cpus;
+use weir_ebpf::abi::{self, BackendState, ServiceMode};
+
+use super::RegistryError;
+use super::model::{BackendAddr, BackendEntry, ServiceAddr, ServiceEntry, State};
+
+const BPF_MAP_TYPE_ARRAY: u32 = 2;
+
+/// A read or write view of a map through mmap (BPF_F_MMAPABLE arrays).
+struct Mmap {
+    ptr: *mut u8,
+    len: usize,
+}
+
+impl Mmap {
+    /// Maps `entries` array elements of `value_size` bytes. Array elements
+    /// are laid out every round_up(value_size, 8) bytes.
+    fn map(fd: BorrowedFd<'_>, entries: u32, value_size: usize, writable: bool) -> std::io::Result<Self> {
+        let stride = value_size.next_multiple_of(8);
+        // SAFETY: sysconf has no preconditions.
+        let page = unsafe { libc::sysconf(libc::_SC_PAGESIZE) } as usize;
+        let len = (entries as usize * stride).next_multiple_of(page);
+        let prot = if writable { libc::PROT_READ | libc::PROT_WRITE } else { libc::PROT_READ };
+        // SAFETY: a fresh shared mapping of a map fd; checked for failure.
+        let ptr = unsafe { libc::mmap(std::ptr::null_mut(), len, prot, libc::MAP_SHARED, fd.as_raw_fd(), 0) };
+        if ptr == libc::MAP_FAILED {
+            return Err(std::io::Error::last_os_error());
+        }
+        Ok(Self { ptr: ptr.cast(), len })
+    }
+
+    fn read<T: Copy>(&self, index: usize) -> T {
+        let stride = size_of::<T>().next_multiple_of(8);
+        assert!((index + 1) * stride <= self.len, "mmap read out of bounds");
+        // SAFETY: in bounds (checked), array elements are 8-byte aligned, and
+        // T is a plain-old-data ABI type.
+        unsafe { std::ptr::read_volatile(self.ptr.add(index * stride).cast::<T>()) }
+    }
+
+    fn write<T: Copy>(&mut self, index: usize, value: T) {
+        let stride = size_of::<T>().next_multiple_of(8);
+        assert!((index + 1) * stride <= self.len, "mmap write out of bounds");
+        // SAFETY: as in `read`; the mapping is writable.
+        unsafe { std::ptr::write_volatile(self.ptr.add(index * stride).cast::<T>(), value) }
+    }
+}
+
+impl Drop for Mmap {
+    fn drop(&mut self) {
+        // SAFETY: unmapping exactly what `map` mapped.
+        unsafe { libc::munmap(self.ptr.cast(), self.len) };
+    }
+}
+
+fn map_err(what: &'static str) -> impl Fn(aya::maps::MapError) -> RegistryError {
+    move |e| RegistryError::Map(what, e.to_string())
+}
+
+fn map_data(map: &Map) -> &MapData {
+    match map {
+        Map::Array(m) | Map::HashMap(m) | Map::LruHashMap(m) | Map::PerCpuArray(m) | Map::ArrayOfMaps(m) => m,
+        _ => unreachable!("weir only opens these map types"),
+    }
+}
+
+/// Handles to an instance's pinned maps.
+pub struct Maps {
+    dir: PathBuf,
+    services: Map,
+    rings: Map,
+    backends: Map,
+    flows: Map,
+    config: Map,
+    generation: Map,
+    stats: Map,
+    svc_stats: Map,
+    be_stats: Map,
+    backends_view: Mmap,
+}
+
+impl Maps {
+    /// Creates the balancer's maps under `dir` (pinned by name) unless they
+    /// exist already. `flows` sizes the flow table of a new instance.
+    pub fn create(dir: &Path, flows: u32) -> Result<(), RegistryError> {
+        if abi::maps::LB.iter().all(|name| dir.join(name).exists()) {
+            return Ok(());
+        }
+        aya::EbpfLoader::new()
+            .default_map_pin_directory(dir)
+            .map_max_entries(abi::maps::FLOWS, flows)
+            .load(weir_ebpf::lb_object())
+            .map_err(|e| RegistryError::Kernel(format!("creating the maps in {}: {e}", dir.display())))?;
+        Ok(())
+    }
+
+    /// Opens the pinned maps of an instance.
+    pub fn open(dir: &Path) -> Result<Self, RegistryError> {
+        let open = |name: &str| -> Result<Map, RegistryError> {
+            let path = dir.join(name);
+            let data = MapData::from_pin(&path).map_err(|e| {
+                RegistryError::Kernel(format!("opening pinned map {}: {e}", path.display()))
+            })?;
+            Map::from_map_data(data).map_err(|e| RegistryError::Kernel(format!("{}: {e}", path.display())))
+        };
+        let backends = open(abi::maps::BACKENDS)?;
+        let backends_view = Mmap::map(
+            map_data(&backends).fd().as_fd(),
+            abi::MAX_BACKENDS,
+            size_of::<abi::Backend>(),
+            false,
+        )
+        .map_err(|e| RegistryError::Kernel(format!("mmap of {}: {e}", abi::maps::BACKENDS)))?;
+        Ok(Self {
+            dir: dir.to_path_buf(),
+            services: open(abi::maps::SERVICES)?,
+            rings: open(abi::maps::RINGS)?,
+            backends,
+            flows: open(abi::maps::FLOWS)?,
+            config: open(abi::maps::CONFIG)?,
+            generation: open(abi::maps::GENERATION)?,
+            stats: open(abi::maps::STATS)?,
+            svc_stats: open(abi::maps::SERVICE_STATS)?,
+            be_stats: open(abi::maps::BACKEND_STATS)?,
+            backends_view,
+        })
+    }
+
+    pub fn dir(&self) -> &Path {
+        &self.dir
+    }
+
+    /// Reads the whole registry.
+    pub fn read_state(&self) -> Result<State, RegistryError> {
+        let mut state = State::default();
+        let services: HashMap<&MapData, abi::ServiceKey, abi::Service> =
+            HashMap::try_from(&self.services).map_err(map_err("weir_services"))?;
+        for item in services.iter() {
+            let (k, v) = item.map_err(map_err("weir_services"))?;
+            let addr = ServiceAddr { vip: Ipv4Addr::from(k.vip), port: u16::from_be_bytes(k.port) };
+            let mode = ServiceMode::from_raw(v.mode)
+                .ok_or_else(|| RegistryError::Corrupt(format!("service {addr} has mode {}", v.mode)))?;
+            state.services.insert(
+                addr,
+                ServiceEntry {
+                    id: v.id,
+                    mode: mode.into(),
+                    ring_size: v.ring_size,
+                    min_backends: v.min_backends,
+                    max_remove_permille: v.max_remove_permille,
+                },
+            );
+        }
+        for id in 0..abi::MAX_BACKENDS {
+            let b: abi::Backend = self.backends_view.read(id as usize);
+            let state_raw = BackendState::from_raw(b.state)
+                .ok_or_else(|| RegistryError::Corrupt(format!("backend {id} has state {}", b.state)))?;
+            if state_raw == BackendState::Empty {
+                if b.flags & abi::BACKEND_F_USED != 0 {
+                    state.used_free.insert(id);
+                }
+                continue;
+            }
+            state.backends.insert(
+                id,
+                BackendEntry {
+                    service_id: b.service_id,
+                    addr: BackendAddr { addr: Ipv4Addr::from(b.addr), port: u16::from_be_bytes(b.port) },
+                    weight: b.weight,
+                    state: state_raw,
+                },
+            );
+        }
+        Ok(state)
+    }
+
+    pub fn write_service(&mut self, addr: &ServiceAddr, entry: &ServiceEntry) -> Result<(), RegistryError> {
+        let mut services: HashMap<&mut MapData, abi::ServiceKey, abi::Service> =
+            HashMap::try_from(&mut self.services).map_err(map_err("weir_services"))?;
+        let value = abi::Service {
+            id: entry.id,
+            ring_size: entry.ring_size,
+            mode: ServiceMode::from(entry.mode) as u8,
+            min_backends: entry.min_backends,
+            max_remove_permille: entry.max_remove_permille,
+            ..Default::default()
+        };
+        services.insert(service_key(addr), value, 0).map_err(map_err("weir_services"))
+    }
+
+    pub fn delete_service(&mut self, addr: &ServiceAddr) -> Result<(), RegistryError> {
+        let mut services: HashMap<&mut MapData, abi::ServiceKey, abi::Service> =
+            HashMap::try_from(&mut self.services).map_err(map_err("weir_services"))?;
+        services.remove(&service_key(addr)).map_err(map_err("weir_services"))
+    }
+
+    /// Writes backend slot `id`; `None` frees it (kept marked as used for the
+    /// quarantine).
+    pub fn write_backend(&mut self, id: u32, entry: Option<&BackendEntry>) -> Result<(), RegistryError> {
+        let value = match entry {
+            Some(b) => abi::Backend {
+                addr: b.addr.addr.octets(),
+                port: b.addr.port.to_be_bytes(),
+                weight: b.weight,
+                service_id: b.service_id,
+                state: b.state as u32,
+                flags: abi::BACKEND_F_USED,
+            },
+            None => abi::Backend { flags: abi::BACKEND_F_USED, ..Default::default() },
+        };
+        let mut backends: Array<&mut MapData, abi::Backend> =
+            Array::try_from(&mut self.backends).map_err(map_err("weir_backends"))?;
+        backends.set(id, value, 0).map_err(map_err("weir_backends"))
+    }
+
+    /// Zeroes a backend slot's counters before the slot serves a new backend.
+    pub fn reset_backend_stats(&mut self, id: u32) -> Result<(), RegistryError> {
+        let cpus = nr_cpus().map_err(|(p, e)| RegistryError::Kernel(format!("{p}: {e}")))?;
+        let mut stats: PerCpuArray<&mut MapData, abi::BackendStats> =
+            PerCpuArray::try_from(&mut self.be_stats).map_err(map_err("weir_be_stats"))?;
+        let zero = PerCpuValues::try_from(vec![abi::BackendStats::default(); cpus])
+            .map_err(|e| RegistryError::Kernel(e.to_string()))?;
+        stats.set(id, zero, 0).map_err(map_err("weir_be_stats"))
+    }
+
+    pub fn reset_service_stats(&mut self, id: u32) -> Result<(), RegistryError> {
+        let cpus = nr_cpus().map_err(|(p, e)| RegistryError::Kernel(format!("{p}: {e}")))?;
+        let mut stats: PerCpuArray<&mut MapData, abi::ServiceStats> =
+            PerCpuArray::try_from(&mut self.svc_stats).map_err(map_err("weir_svc_stats"))?;
+        let zero = PerCpuValues::try_from(vec![abi::ServiceStats::default(); cpus])
+            .map_err(|e| RegistryError::Kernel(e.to_string()))?;
+        stats.set(id, zero, 0).map_err(map_err("weir_svc_stats"))
+    }
+
+    /// Builds a new table map holding `table`, filled completely through
+    /// mmap before anyone can see it.
+    pub fn new_ring_table(table: &[u32]) -> Result<MapData, RegistryError> {
+        let obj = aya_obj::Map::new_from_params(
+            BPF_MAP_TYPE_ARRAY,
+            size_of::<u32>() as u32,
+            size_of::<u32>() as u32,
+            table.len() as u32,
+            abi::RING_MAP_FLAGS,
+        );
+        let map = MapData::create(obj, "weir_ring", None)
+            .map_err(|e| RegistryError::Kernel(format!("creating a ring table of {} slots: {e}", table.len())))?;
+        let mut view = Mmap::map(map.fd().as_fd(), table.len() as u32, size_of::<u32>(), true)
+            .map_err(|e| RegistryError::Kernel(format!("mmap of a new ring table: {e}")))?;
+        for (slot, id) in table.iter().enumerate() {
+            view.write(slot, *id);
+        }
+        Ok(map)
+    }
+
+    /// Swaps service `service_id`'s table for `table` with one update of the
+    /// outer map. Returns the table that was there, for rollback.
+    pub fn swap_ring(&mut self, service_id: u32, table: &MapData) -> Result<Option<MapData>, RegistryError> {
+        let previous = self.ring_table(service_id)?;
+        let mut rings: ArrayOfMaps<&mut MapData, MapData> =
+            ArrayOfMaps::try_from(&mut self.rings).map_err(map_err("weir_rings"))?;
+        rings.set(service_id, table, 0).map_err(map_err("weir_rings"))?;
+        Ok(previous)
+    }
+
+    /// The table currently installed for a service, if any.
+    pub fn ring_table(&self, service_id: u32) -> Result<Option<MapData>, RegistryError> {
+        let rings: ArrayOfMaps<&MapData, MapData> =
+            ArrayOfMaps::try_from(&self.rings).map_err(map_err("weir_rings"))?;
+        match rings.get(&service_id, 0) {
+            Ok(m) => Ok(Some(m)),
+            Err(aya::maps::MapError::KeyNotFound) => Ok(None),
+            Err(aya::maps::MapError::SyscallError(e)) if e.io_error.raw_os_error() == Some(libc::ENOENT) => {
+                Ok(None)
+            }
+            Err(e) => Err(RegistryError::Map("weir_rings", e.to_string())),
+        }
+    }
+
+    /// Reads a service's installed table back (through mmap).
+    pub fn read_ring(&self, service_id: u32) -> Result<Option<Vec<u32>>, RegistryError> {
+        let Some(table) = self.ring_table(service_id)? else {
+            return Ok(None);
+        };
+        read_table(&table).map(Some)
+    }
+
+    /// Backend ids that some flow in the flow table still references.
+    pub fn referenced_backends(&self) -> Result<BTreeSet<u32>, RegistryError> {
+        let flows: HashMap<&MapData, abi::FlowKey, u32> =
+            HashMap::try_from(&self.flows).map_err(map_err("weir_flows"))?;
+        let mut out = BTreeSet::new();
+        for item in flows.iter() {
+            match item {
+                Ok((_, id)) => {
+                    out.insert(id);
+                }
+                // An entry evicted between get_next_key and lookup is gone:
+                // it references nothing.
+                Err(aya::maps::MapError::KeyNotFound) => {}
+                Err(e) => return Err(RegistryError::Map("weir_flows", e.to_string())),
+            }
+        }
+        Ok(out)
+    }
+
+    /// Flow entries by backend id (for `weir stats` and tests).
+    pub fn flows_per_backend(&self) -> Result<BTreeMap<u32, u64>, RegistryError> {
+        let flows: HashMap<&MapData, abi::FlowKey, u32> =
+            HashMap::try_from(&self.flows).map_err(map_err("weir_flows"))?;
+        let mut out = BTreeMap::new();
+        for (_, id) in flows.iter().flatten() {
+            *out.entry(id).or_insert(0) += 1;
+        }
+        Ok(out)
+    }
+
+    pub fn generation(&self) -> Result<u64, RegistryError> {
+        let generation: Array<&MapData, u64> = Array::try_from(&self.generation).map_err(map_err("weir_gen"))?;
+        generation.get(&0, 0).map_err(map_err("weir_gen"))
+    }
+
+    pub fn bump_generation(&mut self) -> Result<u64, RegistryError> {
+        let next = self.generation()? + 1;
+        let mut generation: Array<&mut MapData, u64> =
+            Array::try_from(&mut self.generation).map_err(map_err("weir_gen"))?;
+        generation.set(0, next, 0).map_err(map_err("weir_gen"))?;
+        Ok(next)
+    }
+
+    pub fn config(&self) -> Result<abi::LbConfig, RegistryError> {
+        let config: Array<&MapData, abi::LbConfig> = Array::try_from(&self.config).map_err(map_err("weir_config"))?;
+        config.get(&0, 0).map_err(map_err("weir_config"))
+    }
+
+    pub fn set_config(&mut self, value: abi::LbConfig) -> Result<(), RegistryError> {
+        let mut config: Array<&mut MapData, abi::LbConfig> =
+            Array::try_from(&mut self.config).map_err(map_err("weir_config"))?;
+        config.set(0, value, 0).map_err(map_err("weir_config"))
+    }
+
+    /// Global counters, summed over CPUs, in `abi::COUNTERS` order.
+    pub fn counters(&self) -> Result<Vec<u64>, RegistryError> {
+        let stats: PerCpuArray<&MapData, u64> = PerCpuArray::try_from(&self.stats).map_err(map_err("weir_stats"))?;
+        (0..abi::COUNTERS.len() as u32)
+            .map(|i| Ok(stats.get(&i, 0).map_err(map_err("weir_stats"))?.iter().sum()))
+            .collect()
+    }
+
+    pub fn service_stats(&self, id: u32) -> Result<abi::ServiceStats, RegistryError> {
+        let stats: PerCpuArray<&MapData, abi::ServiceStats> =
+            PerCpuArray::try_from(&self.svc_stats).map_err(map_err("weir_svc_stats"))?;
+        let per_cpu = stats.get(&id, 0).map_err(map_err("weir_svc_stats"))?;
+        Ok(per_cpu.iter().fold(abi::ServiceStats::default(), |mut a, s| {
+            a.packets += s.packets;
+            a.bytes += s.bytes;
+            a.new_flows += s.new_flows;
+            a.syn_repeats += s.syn_repeats;
+            a.flow_misses += s.flow_misses;
+            a.no_backend += s.no_backend;
+            a.passed_l7 += s.passed_l7;
+            a
+        }))
+    }
+
+    pub fn backend_stats(&self, id: u32) -> Result<abi::BackendStats, RegistryError> {
+        let stats: PerCpuArray<&MapData, abi::BackendStats> =
+            PerCpuArray::try_from(&self.be_stats).map_err(map_err("weir_be_stats"))?;
+        let per_cpu = stats.get(&id, 0).map_err(map_err("weir_be_stats"))?;
+        Ok(per_cpu.iter().fold(abi::BackendStats::default(), |mut a, s| {
+            a.packets += s.packets;
+            a.bytes += s.bytes;
+            a.new_flows += s.new_flows;
+            a
+        }))
+    }
+
+    /// Raw access for tests that need to tamper with a map.
+    #[doc(hidden)]
+    pub fn backends_map_mut(&mut self) -> &mut Map {
+        &mut self.backends
+    }
+}
+
+/// Reads a whole ring table through mmap.
+pub fn read_table(table: &MapData) -> Result<Vec<u32>, RegistryError> {
+    let info = table.info().map_err(map_err("ring table"))?;
+    let entries = info.max_entries();
+    let view = Mmap::map(table.fd().as_fd(), entries, size_of::<u32>(), false)
+        .map_err(|e| RegistryError::Kernel(format!("mmap of a ring table: {e}")))?;
+    Ok((0..entries as usize).map(|i| view.read::<u32>(i)).collect())
+}
+
+pub fn service_key(addr: &ServiceAddr) -> abi::ServiceKey {
+    abi::ServiceKey {
+        vip: addr.vip.octets(),
+        port: addr.port.to_be_bytes(),
+        proto: abi::PROTO_TCP,
+        pad: 0,
+    }
+}

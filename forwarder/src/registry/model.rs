@@ -1,0 +1,589 @@
+//! The registry as plain data, and the pure planning step of every change:
+//! validate, apply the guard rails, and produce the next state and its diff.
+//! Nothing here touches the kernel; `registry::maps` writes what this
+//! decides.
+
+use std::collections::{BTreeMap, BTreeSet};
+use std::fmt;
+use std::net::Ipv4Addr;
+
+use serde::Serialize;
+use weir_ebpf::abi::{self, BackendState, ServiceMode};
+
+use super::RegistryError;
+use super::maglev;
+
+/// A service's listener: VIP and TCP port.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize)]
+pub struct ServiceAddr {
+    pub vip: Ipv4Addr,
+    pub port: u16,
+}
+
+impl fmt::Display for ServiceAddr {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "{}:{}", self.vip, self.port)
+    }
+}
+
+/// A backend's address. For L4 services the port equals the service port:
+/// packets reach the backend unchanged inside IPIP.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize)]
+pub struct BackendAddr {
+    pub addr: Ipv4Addr,
+    pub port: u16,
+}
+
+impl fmt::Display for BackendAddr {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "{}:{}", self.addr, self.port)
+    }
+}
+
+impl BackendAddr {
+    /// The bytes Maglev hashes: the same on every host.
+    pub fn identity(&self) -> Vec<u8> {
+        let mut id = self.addr.octets().to_vec();
+        id.extend_from_slice(&self.port.to_be_bytes());
+        id
+    }
+}
+
+/// Guard-rail defaults (issue: `max_remove_fraction` 0.5, `min_backends` 1).
+pub const DEFAULT_MAX_REMOVE_PERMILLE: u32 = 500;
+pub const DEFAULT_MIN_BACKENDS: u32 = 1;
+pub const DEFAULT_RING_SIZE: u32 = 65537;
+/// DESIGN.md: a ring needs more than 100 slots per backend to stay fair.
+pub const SLOTS_PER_BACKEND: u32 = 100;
+
+#[derive(Clone, Debug, PartialEq, Eq, Serialize)]
+pub struct ServiceEntry {
+    pub id: u32,
+    pub mode: ServiceModeName,
+    pub ring_size: u32,
+    pub min_backends: u32,
+    pub max_remove_permille: u32,
+}
+
+/// Serializable service mode.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum ServiceModeName {
+    L4,
+    L7,
+}
+
+impl From<ServiceModeName> for ServiceMode {
+    fn from(m: ServiceModeName) -> Self {
+        match m {
+            ServiceModeName::L4 => ServiceMode::L4,
+            ServiceModeName::L7 => ServiceMode::L7,
+        }
+    }
+}
+
+impl From<ServiceMode> for ServiceModeName {
+    fn from(m: ServiceMode) -> Self {
+        match m {
+            ServiceMode::L4 => ServiceModeName::L4,
+            ServiceMode::L7 => ServiceModeName::L7,
+        }
+    }
+}
+
+impl fmt::Display for ServiceModeName {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(match self {
+            Self::L4 => "l4",
+            Self::L7 => "l7",
+        })
+    }
+}
+
+#[derive(Clone, Debug, PartialEq, Eq, Serialize)]
+pub struct BackendEntry {
+    pub service_id: u32,
+    pub addr: BackendAddr,
+    pub weight: u16,
+    #[serde(serialize_with = "state_name")]
+    pub state: BackendState,
+}
+
+fn state_name<S: serde::Serializer>(s: &BackendState, ser: S) -> Result<S::Ok, S::Error> {
+    ser.serialize_str(s.name())
+}
+
+/// Everything the registry holds, as read from (or to be written to) the
+/// pinned maps.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct State {
+    pub services: BTreeMap<ServiceAddr, ServiceEntry>,
+    /// Occupied backend slots by id.
+    pub backends: BTreeMap<u32, BackendEntry>,
+    /// Empty slots that held a backend before: reusable only once no flow
+    /// references them (quarantine).
+    pub used_free: BTreeSet<u32>,
+}
+
+impl State {
+    pub fn service(&self, addr: &ServiceAddr) -> Result<&ServiceEntry, RegistryError> {
+        self.services
+            .get(addr)
+            .ok_or(RegistryError::UnknownService(*addr))
+    }
+
+    pub fn service_by_id(&self, id: u32) -> Option<(&ServiceAddr, &ServiceEntry)> {
+        self.services.iter().find(|(_, s)| s.id == id)
+    }
+
+    /// Backends of one service, by id.
+    pub fn backends_of(&self, service_id: u32) -> impl Iterator<Item = (u32, &BackendEntry)> {
+        self.backends
+            .iter()
+            .filter(move |(_, b)| b.service_id == service_id)
+            .map(|(id, b)| (*id, b))
+    }
+
+    fn find_backend(&self, service_id: u32, addr: &BackendAddr) -> Option<u32> {
+        self.backends_of(service_id)
+            .find(|(_, b)| &b.addr == addr)
+            .map(|(id, _)| id)
+    }
+
+    fn active_count(&self, service_id: u32) -> usize {
+        self.backends_of(service_id)
+            .filter(|(_, b)| b.state == BackendState::Active)
+            .count()
+    }
+
+    /// The Maglev table a service must have for this state.
+    pub fn ring_for(&self, service_id: u32, ring_size: u32) -> Result<Vec<u32>, RegistryError> {
+        let members: Vec<maglev::Member> = self
+            .backends_of(service_id)
+            .filter(|(_, b)| b.state == BackendState::Active)
+            .map(|(id, b)| maglev::Member {
+                id,
+                identity: b.addr.identity(),
+                weight: b.weight as u32,
+            })
+            .collect();
+        Ok(maglev::build(&members, ring_size)?)
+    }
+}
+
+/// One operator (or discovery) request.
+#[derive(Clone, Debug, PartialEq)]
+pub enum Change {
+    AddService {
+        addr: ServiceAddr,
+        mode: ServiceModeName,
+        ring_size: Option<u32>,
+        max_remove_fraction: Option<f64>,
+        min_backends: Option<u32>,
+    },
+    RemoveService {
+        addr: ServiceAddr,
+    },
+    AddBackend {
+        service: ServiceAddr,
+        backend: BackendAddr,
+        weight: u16,
+    },
+    DrainBackend {
+        service: ServiceAddr,
+        backend: BackendAddr,
+    },
+    RemoveBackend {
+        service: ServiceAddr,
+        backend: BackendAddr,
+    },
+    SetWeight {
+        service: ServiceAddr,
+        backend: BackendAddr,
+        weight: u16,
+    },
+    /// Declarative: exactly these backends are active afterwards; the others
+    /// are removed (drained first: their flows keep flowing).
+    SetBackends {
+        service: ServiceAddr,
+        backends: Vec<(BackendAddr, u16)>,
+    },
+    /// Frees removed backends that no flow references any more.
+    Collect {
+        unreferenced: BTreeSet<u32>,
+    },
+}
+
+/// One line of a diff, for the operator and the audit log.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize)]
+#[serde(tag = "op", rename_all = "snake_case")]
+pub enum DiffLine {
+    ServiceAdded { service: ServiceAddr, id: u32, mode: ServiceModeName, ring_size: u32 },
+    ServiceRemoved { service: ServiceAddr, id: u32 },
+    BackendAdded { service: ServiceAddr, backend: BackendAddr, id: u32, weight: u16 },
+    BackendState { service: ServiceAddr, backend: BackendAddr, id: u32, from: String, to: String },
+    BackendWeight { service: ServiceAddr, backend: BackendAddr, id: u32, from: u16, to: u16 },
+    BackendFreed { service: ServiceAddr, backend: BackendAddr, id: u32 },
+}
+
+impl fmt::Display for DiffLine {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            Self::ServiceAdded { service, id, mode, ring_size } => {
+                write!(f, "+ service {service} (id {id}, {mode}, ring {ring_size})")
+            }
+            Self::ServiceRemoved { service, id } => write!(f, "- service {service} (id {id})"),
+            Self::BackendAdded { service, backend, id, weight } => {
+                write!(f, "+ {service} backend {backend} weight {weight} (id {id})")
+            }
+            Self::BackendState { service, backend, id, from, to } => {
+                write!(f, "~ {service} backend {backend}: {from} -> {to} (id {id})")
+            }
+            Self::BackendWeight { service, backend, id, from, to } => {
+                write!(f, "~ {service} backend {backend}: weight {from} -> {to} (id {id})")
+            }
+            Self::BackendFreed { service, backend, id } => {
+                write!(f, "- {service} backend {backend} freed (id {id})")
+            }
+        }
+    }
+}
+
+/// What a change does: the next state, the diff, and which services need a
+/// new ring table.
+#[derive(Clone, Debug)]
+pub struct Plan {
+    pub next: State,
+    pub diff: Vec<DiffLine>,
+    pub rings: BTreeSet<u32>,
+}
+
+/// Validates `change` against `state` and the guard rails and computes the
+/// result. `force` overrides the guard rails (never validation).
+pub fn plan(state: &State, change: &Change, force: bool) -> Result<Plan, RegistryError> {
+    let mut next = state.clone();
+    let mut diff = Vec::new();
+    let mut rings = BTreeSet::new();
+
+    match change {
+        Change::AddService { addr, mode, ring_size, max_remove_fraction, min_backends } => {
+            if state.services.contains_key(addr) {
+                return Err(RegistryError::ServiceExists(*addr));
+            }
+            if addr.port == 0 {
+                return Err(RegistryError::Invalid(format!("service {addr}: port 0 is not a valid port")));
+            }
+            let ring_size = ring_size.unwrap_or(DEFAULT_RING_SIZE);
+            if !maglev::is_prime(ring_size) || ring_size > abi::MAX_RING_SIZE || ring_size < 3 {
+                return Err(RegistryError::Invalid(format!(
+                    "ring size {ring_size} must be a prime between 3 and {} (e.g. 65537, 1000003)",
+                    abi::MAX_RING_SIZE
+                )));
+            }
+            let permille = match max_remove_fraction {
+                None => DEFAULT_MAX_REMOVE_PERMILLE,
+                Some(f) if (0.0..=1.0).contains(f) => (f * 1000.0).round() as u32,
+                Some(f) => {
+                    return Err(RegistryError::Invalid(format!(
+                        "max-remove-fraction {f} must be between 0 and 1"
+                    )));
+                }
+            };
+            let used: BTreeSet<u32> = state.services.values().map(|s| s.id).collect();
+            let id = (0..abi::MAX_SERVICES)
+                .find(|i| !used.contains(i))
+                .ok_or(RegistryError::Full("services", abi::MAX_SERVICES))?;
+            next.services.insert(
+                *addr,
+                ServiceEntry {
+                    id,
+                    mode: *mode,
+                    ring_size,
+                    min_backends: min_backends.unwrap_or(DEFAULT_MIN_BACKENDS),
+                    max_remove_permille: permille,
+                },
+            );
+            diff.push(DiffLine::ServiceAdded { service: *addr, id, mode: *mode, ring_size });
+            rings.insert(id);
+        }
+        Change::RemoveService { addr } => {
+            let svc = state.service(addr)?;
+            let serving: Vec<u32> = state
+                .backends_of(svc.id)
+                .filter(|(_, b)| b.state != BackendState::Empty)
+                .map(|(id, _)| id)
+                .collect();
+            if !serving.is_empty() && !force {
+                return Err(RegistryError::Guard(format!(
+                    "service {addr} still has {} backend(s); remove them first or pass --force \
+                     (established connections to it will be cut)",
+                    serving.len()
+                )));
+            }
+            for id in serving {
+                let b = next.backends.remove(&id).expect("listed above");
+                next.used_free.insert(id);
+                diff.push(DiffLine::BackendFreed { service: *addr, backend: b.addr, id });
+            }
+            next.services.remove(addr);
+            diff.push(DiffLine::ServiceRemoved { service: *addr, id: svc.id });
+            rings.insert(svc.id);
+        }
+        Change::AddBackend { service, backend, weight } => {
+            let svc = state.service(service)?.clone();
+            check_backend(service, &svc, backend, *weight)?;
+            match state.find_backend(svc.id, backend) {
+                Some(id) => {
+                    let cur = &state.backends[&id];
+                    if cur.state == BackendState::Active {
+                        return Err(RegistryError::DuplicateBackend(*backend, *service));
+                    }
+                    set_state(&mut next, &mut diff, service, id, BackendState::Active);
+                    set_weight(&mut next, &mut diff, service, id, *weight);
+                }
+                None => {
+                    add_backend(&mut next, &mut diff, service, &svc, *backend, *weight)?;
+                }
+            }
+            check_capacity(&next, service, &svc)?;
+            rings.insert(svc.id);
+        }
+        Change::DrainBackend { service, backend } | Change::RemoveBackend { service, backend } => {
+            let svc = state.service(service)?.clone();
+            let id = state
+                .find_backend(svc.id, backend)
+                .ok_or(RegistryError::UnknownBackend(*backend, *service))?;
+            let cur = state.backends[&id].state;
+            let to = if matches!(change, Change::DrainBackend { .. }) {
+                if cur != BackendState::Active {
+                    return Err(RegistryError::Invalid(format!(
+                        "backend {backend} of {service} is {}, not active: nothing to drain",
+                        cur.name()
+                    )));
+                }
+                BackendState::Draining
+            } else {
+                if cur == BackendState::Removed {
+                    return Err(RegistryError::Invalid(format!(
+                        "backend {backend} of {service} is already removed (its flows are draining)"
+                    )));
+                }
+                BackendState::Removed
+            };
+            set_state(&mut next, &mut diff, service, id, to);
+            if force && to == BackendState::Removed {
+                free_backend(&mut next, &mut diff, service, id);
+            }
+            rings.insert(svc.id);
+        }
+        Change::SetWeight { service, backend, weight } => {
+            let svc = state.service(service)?.clone();
+            check_backend(service, &svc, backend, *weight)?;
+            let id = state
+                .find_backend(svc.id, backend)
+                .ok_or(RegistryError::UnknownBackend(*backend, *service))?;
+            if state.backends[&id].weight == *weight {
+                return Err(RegistryError::Invalid(format!(
+                    "backend {backend} of {service} already has weight {weight}"
+                )));
+            }
+            set_weight(&mut next, &mut diff, service, id, *weight);
+            rings.insert(svc.id);
+        }
+        Change::SetBackends { service, backends } => {
+            let svc = state.service(service)?.clone();
+            let mut seen = BTreeSet::new();
+            for (b, w) in backends {
+                check_backend(service, &svc, b, *w)?;
+                if !seen.insert(*b) {
+                    return Err(RegistryError::DuplicateBackend(*b, *service));
+                }
+            }
+            for (b, w) in backends {
+                match state.find_backend(svc.id, b) {
+                    Some(id) => {
+                        set_state(&mut next, &mut diff, service, id, BackendState::Active);
+                        set_weight(&mut next, &mut diff, service, id, *w);
+                    }
+                    None => add_backend(&mut next, &mut diff, service, &svc, *b, *w)?,
+                }
+            }
+            let leaving: Vec<u32> = state
+                .backends_of(svc.id)
+                .filter(|(_, b)| {
+                    !seen.contains(&b.addr)
+                        && matches!(b.state, BackendState::Active | BackendState::Draining | BackendState::Down)
+                })
+                .map(|(id, _)| id)
+                .collect();
+            for id in leaving {
+                set_state(&mut next, &mut diff, service, id, BackendState::Removed);
+            }
+            check_capacity(&next, service, &svc)?;
+            rings.insert(svc.id);
+        }
+        Change::Collect { unreferenced } => {
+            let removed: Vec<(u32, u32)> = state
+                .backends
+                .iter()
+                .filter(|(id, b)| b.state == BackendState::Removed && unreferenced.contains(id))
+                .map(|(id, b)| (*id, b.service_id))
+                .collect();
+            for (id, service_id) in removed {
+                let service = *state
+                    .service_by_id(service_id)
+                    .map(|(a, _)| a)
+                    .ok_or_else(|| RegistryError::Corrupt(format!("backend {id} names unknown service {service_id}")))?;
+                free_backend(&mut next, &mut diff, &service, id);
+            }
+        }
+    }
+
+    if !force {
+        for &service_id in &rings {
+            check_guard_rails(state, &next, service_id)?;
+        }
+    }
+    Ok(Plan { next, diff, rings })
+}
+
+fn check_backend(
+    service: &ServiceAddr,
+    svc: &ServiceEntry,
+    backend: &BackendAddr,
+    weight: u16,
+) -> Result<(), RegistryError> {
+    if weight == 0 {
+        return Err(RegistryError::Invalid(format!(
+            "backend {backend}: weight must be 1..65535 (use `weir backend drain` to stop new connections)"
+        )));
+    }
+    let a = backend.addr;
+    if a.is_unspecified() || a.is_broadcast() || a.is_multicast() || a.is_loopback() {
+        return Err(RegistryError::Invalid(format!(
+            "backend address {a} is not a unicast address another host can reach"
+        )));
+    }
+    if svc.mode == ServiceModeName::L4 && backend.port != service.port {
+        return Err(RegistryError::Invalid(format!(
+            "backend {backend}: an L4 service forwards packets unchanged inside IPIP, so the backend \
+             port must be the service port {}",
+            service.port
+        )));
+    }
+    if backend.port == 0 {
+        return Err(RegistryError::Invalid(format!("backend {backend}: port 0 is not a valid port")));
+    }
+    Ok(())
+}
+
+fn check_capacity(next: &State, service: &ServiceAddr, svc: &ServiceEntry) -> Result<(), RegistryError> {
+    let active = next.active_count(svc.id) as u32;
+    let max = svc.ring_size / SLOTS_PER_BACKEND;
+    if active > max {
+        return Err(RegistryError::Invalid(format!(
+            "service {service} would have {active} active backends but its ring of {} slots keeps \
+             shares fair for at most {max}; recreate it with a larger --ring-size (at least {})",
+            svc.ring_size,
+            maglev::ring_size_for(active as usize)
+        )));
+    }
+    Ok(())
+}
+
+fn check_guard_rails(before: &State, after: &State, service_id: u32) -> Result<(), RegistryError> {
+    let Some((addr, svc)) = before.service_by_id(service_id) else {
+        return Ok(());
+    };
+    if !after.services.contains_key(addr) {
+        return Ok(());
+    }
+    let was_active: BTreeSet<u32> = before
+        .backends_of(service_id)
+        .filter(|(_, b)| b.state == BackendState::Active)
+        .map(|(id, _)| id)
+        .collect();
+    let lost = was_active
+        .iter()
+        .filter(|id| after.backends.get(id).is_none_or(|b| b.state != BackendState::Active))
+        .count() as u64;
+    if lost == 0 {
+        return Ok(());
+    }
+    let before_n = was_active.len() as u64;
+    let after_n = after.active_count(service_id) as u64;
+    if lost * 1000 > svc.max_remove_permille as u64 * before_n {
+        return Err(RegistryError::Guard(format!(
+            "refusing to take {lost} of {before_n} active backends of {addr} out of service \
+             (limit {:.0}%); pass --force if this is intended",
+            svc.max_remove_permille as f64 / 10.0
+        )));
+    }
+    if after_n < svc.min_backends as u64 && after_n < before_n {
+        return Err(RegistryError::Guard(format!(
+            "refusing to leave {after_n} active backend(s) for {addr} (minimum {}); pass --force \
+             if this is intended",
+            svc.min_backends
+        )));
+    }
+    Ok(())
+}
+
+fn add_backend(
+    next: &mut State,
+    diff: &mut Vec<DiffLine>,
+    service: &ServiceAddr,
+    svc: &ServiceEntry,
+    addr: BackendAddr,
+    weight: u16,
+) -> Result<(), RegistryError> {
+    // Never-used slots first; a used slot only once the quarantine cleared
+    // it (the caller removes referenced slots from `used_free`).
+    // Allocation always takes the lowest never-used slot and used slots never
+    // become never-used again, so the never-used slots are a suffix.
+    let high_water = [next.backends.last_key_value().map(|(k, _)| *k), next.used_free.last().copied()]
+        .into_iter()
+        .flatten()
+        .max()
+        .map_or(0, |k| k + 1);
+    let id = Some(high_water)
+        .filter(|id| *id < abi::MAX_BACKENDS)
+        .or_else(|| next.used_free.first().copied())
+        .ok_or(RegistryError::Full("backends", abi::MAX_BACKENDS))?;
+    next.used_free.remove(&id);
+    next.backends.insert(
+        id,
+        BackendEntry { service_id: svc.id, addr, weight, state: BackendState::Active },
+    );
+    diff.push(DiffLine::BackendAdded { service: *service, backend: addr, id, weight });
+    Ok(())
+}
+
+fn set_state(next: &mut State, diff: &mut Vec<DiffLine>, service: &ServiceAddr, id: u32, to: BackendState) {
+    let b = next.backends.get_mut(&id).expect("caller found the backend");
+    if b.state != to {
+        diff.push(DiffLine::BackendState {
+            service: *service,
+            backend: b.addr,
+            id,
+            from: b.state.name().into(),
+            to: to.name().into(),
+        });
+        b.state = to;
+    }
+}
+
+fn set_weight(next: &mut State, diff: &mut Vec<DiffLine>, service: &ServiceAddr, id: u32, to: u16) {
+    let b = next.backends.get_mut(&id).expect("caller found the backend");
+    if b.weight != to {
+        diff.push(DiffLine::BackendWeight { service: *service, backend: b.addr, id, from: b.weight, to });
+        b.weight = to;
+    }
+}
+
+fn free_backend(next: &mut State, diff: &mut Vec<DiffLine>, service: &ServiceAddr, id: u32) {
+    if let Some(b) = next.backends.remove(&id) {
+        next.used_free.insert(id);
+        diff.push(DiffLine::BackendFreed { service: *service, backend: b.addr, id });
+    }
+}
