@@ -1,0 +1,451 @@
+//! The XDP balancer in the kernel, driven by BPF_PROG_RUN on crafted
+//! packets: what it sends, where, and what it leaves alone.
+
+mod common;
+
+use std::net::Ipv4Addr;
+
+use aya::Ebpf;
+use aya::programs::{TestRun, TestRunOptions, Xdp};
+use common::{NEXT_HOP_MAC, ProgRunNetns, TestInstance, require_root};
+use weir::registry::{ApplyOptions, BackendAddr, Change, Registry, ServiceAddr, ServiceModeName};
+use weir_ebpf::abi::{self, FlowKey};
+use weir_testbed::packet::{self, ETH_LEN, IP_LEN, Segment};
+
+const XDP_DROP: u32 = 1;
+const XDP_PASS: u32 = 2;
+const XDP_TX: u32 = 3;
+
+const LB_ADDR: Ipv4Addr = Ipv4Addr::new(198, 18, 2, 2);
+const CLIENT: Ipv4Addr = Ipv4Addr::new(198, 18, 1, 2);
+const VIP: Ipv4Addr = Ipv4Addr::new(198, 19, 0, 10);
+const PORT: u16 = 8080;
+
+fn svc() -> ServiceAddr {
+    ServiceAddr {
+        vip: VIP,
+        port: PORT,
+    }
+}
+
+fn backend(i: u8) -> BackendAddr {
+    BackendAddr {
+        addr: Ipv4Addr::new(198, 18, 10, 10 + i),
+        port: PORT,
+    }
+}
+
+fn apply(reg: &mut Registry, change: Change) {
+    reg.apply(
+        &change,
+        ApplyOptions {
+            force: true,
+            ..Default::default()
+        },
+    )
+    .expect("apply");
+}
+
+struct Bed {
+    // Field order matters: the program goes before the instance and netns.
+    ebpf: Ebpf,
+    reg: Registry,
+    ns: ProgRunNetns,
+    _inst: TestInstance,
+}
+
+impl Bed {
+    fn new(tag: &str, backends: u8) -> Self {
+        let inst = TestInstance::new(tag);
+        let ns = ProgRunNetns::enter(tag);
+        let mut reg = inst.registry();
+        apply(
+            &mut reg,
+            Change::AddService {
+                addr: svc(),
+                mode: ServiceModeName::L4,
+                ring_size: Some(65537),
+                max_remove_fraction: None,
+                min_backends: None,
+            },
+        );
+        let set: Vec<_> = (0..backends).map(|i| (backend(i), 1)).collect();
+        apply(
+            &mut reg,
+            Change::SetBackends {
+                service: svc(),
+                backends: set,
+            },
+        );
+        let ebpf = weir::dataplane::load_lb(&inst.instance).expect("load XDP");
+        reg.maps_mut()
+            .set_config(abi::LbConfig {
+                lb_addr: LB_ADDR.octets(),
+                flags: 0,
+            })
+            .unwrap();
+        Self {
+            ebpf,
+            reg,
+            ns,
+            _inst: inst,
+        }
+    }
+
+    /// Runs the program once on `frame`; returns the verdict and the frame
+    /// as the program left it.
+    fn run(&mut self, frame: &[u8]) -> (u32, Vec<u8>) {
+        let prog: &mut Xdp = self
+            .ebpf
+            .program_mut(weir_ebpf::LB_PROGRAM)
+            .unwrap()
+            .try_into()
+            .unwrap();
+        let mut out = vec![0u8; frame.len() + 256];
+        // struct xdp_md: data, data_end, data_meta, ingress_ifindex, rx_queue_index, egress_ifindex
+        let mut ctx = [0u8; 24];
+        ctx[4..8].copy_from_slice(&(frame.len() as u32).to_ne_bytes());
+        ctx[12..16].copy_from_slice(&self.ns.ifindex.to_ne_bytes());
+        let mut opts = TestRunOptions::default();
+        opts.data_in = Some(frame);
+        opts.data_out = Some(&mut out);
+        opts.ctx_in = Some(&ctx);
+        let res = prog.test_run(opts).expect("BPF_PROG_RUN");
+        out.truncate(res.data_size_out as usize);
+        (res.return_value, out)
+    }
+
+    fn counter(&self, name: &str) -> u64 {
+        self.reg.maps().counters().unwrap()[abi::counter_index(name).unwrap() as usize]
+    }
+
+    /// The backend the installed ring names for this flow.
+    fn ring_choice(&self, seg: &Segment) -> Ipv4Addr {
+        let state = self.reg.state().unwrap();
+        let svc = state.service(&svc()).unwrap();
+        let ring = self.reg.maps().read_ring(svc.id).unwrap().unwrap();
+        let key = flow_key(seg);
+        let id = ring[(abi::flow_hash(&key) % svc.ring_size) as usize];
+        state.backends[&id].addr.addr
+    }
+}
+
+fn flow_key(s: &Segment) -> FlowKey {
+    FlowKey {
+        saddr: s.src.octets(),
+        daddr: s.dst.octets(),
+        sport: s.sport.to_be_bytes(),
+        dport: s.dport.to_be_bytes(),
+        proto: 6,
+        pad: [0; 3],
+    }
+}
+
+/// Checks an encapsulated frame completely and returns the outer target.
+fn check_encapsulated(bed: &Bed, input: &[u8], output: &[u8]) -> Ipv4Addr {
+    let enc = packet::parse_encapsulated(output).expect("output is eth|ipip|inner");
+    assert_eq!(
+        output.len(),
+        input.len() + IP_LEN,
+        "exactly one outer header added"
+    );
+    assert_eq!(enc.dst_mac, NEXT_HOP_MAC, "next hop MAC from the FIB");
+    assert_eq!(enc.src_mac, bed.ns.mac, "source MAC of the egress device");
+    assert_eq!(enc.outer_src, LB_ADDR);
+    assert_eq!(enc.outer_ttl, 64);
+    assert_eq!(enc.outer_tot_len as usize, input.len() - ETH_LEN + IP_LEN);
+    assert!(enc.outer_checksum_ok, "outer IPv4 checksum");
+    assert_eq!(enc.inner, &input[ETH_LEN..], "inner packet untouched");
+    assert_eq!(
+        packet::checksum(&enc.inner[..IP_LEN]),
+        0,
+        "inner checksum still valid"
+    );
+    enc.outer_dst
+}
+
+#[test]
+fn syn_is_encapsulated_to_the_ring_backend() {
+    if !require_root() {
+        return;
+    }
+    let mut bed = Bed::new("syn", 3);
+    let mut seen = std::collections::BTreeSet::new();
+    for sport in 40000..40064 {
+        let seg = Segment::syn(CLIENT, sport, VIP, PORT);
+        let input = seg.frame();
+        let (verdict, output) = bed.run(&input);
+        assert_eq!(verdict, XDP_TX, "SYN to the VIP is transmitted");
+        let target = check_encapsulated(&bed, &input, &output);
+        assert_eq!(target, bed.ring_choice(&seg), "backend named by the ring");
+        seen.insert(target);
+    }
+    assert_eq!(seen.len(), 3, "64 flows reach all 3 backends");
+    assert_eq!(bed.counter("tx"), 64);
+    assert_eq!(bed.counter("flow_new"), 64);
+    // The flows are recorded, one per backend as chosen.
+    let per_backend = bed.reg.maps().flows_per_backend().unwrap();
+    assert_eq!(per_backend.values().sum::<u64>(), 64);
+}
+
+#[test]
+fn established_flow_stays_when_the_ring_changes() {
+    if !require_root() {
+        return;
+    }
+    let mut bed = Bed::new("est", 3);
+    let mut flows = Vec::new();
+    for sport in 41000..41200 {
+        let seg = Segment::syn(CLIENT, sport, VIP, PORT);
+        let (verdict, out) = bed.run(&seg.frame());
+        assert_eq!(verdict, XDP_TX);
+        flows.push((sport, packet::parse_encapsulated(&out).unwrap().outer_dst));
+    }
+    // Replace the fleet's shape: a fourth and fifth backend, new weights.
+    let set = vec![
+        (backend(0), 3),
+        (backend(1), 1),
+        (backend(2), 1),
+        (backend(3), 2),
+        (backend(4), 5),
+    ];
+    apply(
+        &mut bed.reg,
+        Change::SetBackends {
+            service: svc(),
+            backends: set,
+        },
+    );
+
+    let mut moved_in_ring = 0;
+    for (sport, first) in &flows {
+        let ack = Segment::ack(CLIENT, *sport, VIP, PORT);
+        let input = ack.frame();
+        let (verdict, out) = bed.run(&input);
+        assert_eq!(verdict, XDP_TX);
+        assert_eq!(
+            check_encapsulated(&bed, &input, &out),
+            *first,
+            "flow {sport} stayed on its backend"
+        );
+        if bed.ring_choice(&ack) != *first {
+            moved_in_ring += 1;
+        }
+    }
+    assert!(
+        moved_in_ring > 20,
+        "the ring change moved {moved_in_ring} of 200 slots: the test needs some"
+    );
+
+    // A new SYN on a reused tuple follows the new ring.
+    let (sport, _) = flows
+        .iter()
+        .find(|(s, first)| bed.ring_choice(&Segment::syn(CLIENT, *s, VIP, PORT)) != *first)
+        .unwrap();
+    let syn = Segment::syn(CLIENT, *sport, VIP, PORT);
+    let (_, out) = bed.run(&syn.frame());
+    assert_eq!(
+        packet::parse_encapsulated(&out).unwrap().outer_dst,
+        bed.ring_choice(&syn)
+    );
+}
+
+#[test]
+fn draining_backend_gets_no_new_syns_but_keeps_its_flows() {
+    if !require_root() {
+        return;
+    }
+    let mut bed = Bed::new("drain", 3);
+    let drained = backend(1).addr;
+    let mut on_drained = Vec::new();
+    for sport in 42000..42100 {
+        let (_, out) = bed.run(&Segment::syn(CLIENT, sport, VIP, PORT).frame());
+        if packet::parse_encapsulated(&out).unwrap().outer_dst == drained {
+            on_drained.push(sport);
+        }
+    }
+    assert!(!on_drained.is_empty());
+    apply(
+        &mut bed.reg,
+        Change::DrainBackend {
+            service: svc(),
+            backend: backend(1),
+        },
+    );
+
+    for sport in 43000..43300 {
+        let (verdict, out) = bed.run(&Segment::syn(CLIENT, sport, VIP, PORT).frame());
+        assert_eq!(verdict, XDP_TX);
+        assert_ne!(
+            packet::parse_encapsulated(&out).unwrap().outer_dst,
+            drained,
+            "new SYN sent to a draining backend"
+        );
+    }
+    for sport in &on_drained {
+        let (_, out) = bed.run(&Segment::ack(CLIENT, *sport, VIP, PORT).frame());
+        assert_eq!(
+            packet::parse_encapsulated(&out).unwrap().outer_dst,
+            drained,
+            "established flow left its backend"
+        );
+    }
+}
+
+#[test]
+fn unresolved_next_hop_passes_the_encapsulated_packet_to_the_kernel() {
+    if !require_root() {
+        return;
+    }
+    let mut bed = Bed::new("neigh", 0);
+    let far = BackendAddr {
+        addr: Ipv4Addr::new(198, 18, 20, 5),
+        port: PORT,
+    };
+    apply(
+        &mut bed.reg,
+        Change::SetBackends {
+            service: svc(),
+            backends: vec![(far, 1)],
+        },
+    );
+    let input = Segment::syn(CLIENT, 44000, VIP, PORT).frame();
+    let (verdict, out) = bed.run(&input);
+    assert_eq!(verdict, XDP_PASS);
+    let enc =
+        packet::parse_encapsulated(&out).expect("passed encapsulated, for the kernel to forward");
+    assert_eq!(enc.outer_dst, far.addr);
+    assert_eq!(enc.inner, &input[ETH_LEN..]);
+    assert_eq!(bed.counter("pass_no_neigh"), 1);
+}
+
+#[test]
+fn service_without_backends_drops_and_counts() {
+    if !require_root() {
+        return;
+    }
+    let mut bed = Bed::new("empty", 0);
+    let (verdict, _) = bed.run(&Segment::syn(CLIENT, 45000, VIP, PORT).frame());
+    assert_eq!(verdict, XDP_DROP);
+    assert_eq!(bed.counter("drop_no_backend"), 1);
+}
+
+#[test]
+fn everything_else_passes_untouched() {
+    if !require_root() {
+        return;
+    }
+    let mut bed = Bed::new("pass", 3);
+    let l7 = ServiceAddr {
+        vip: VIP,
+        port: 9090,
+    };
+    apply(
+        &mut bed.reg,
+        Change::AddService {
+            addr: l7,
+            mode: ServiceModeName::L7,
+            ring_size: None,
+            max_remove_fraction: None,
+            min_backends: None,
+        },
+    );
+
+    let syn = Segment::syn(CLIENT, 46000, VIP, PORT).frame();
+    let mut cases: Vec<(&str, Vec<u8>, &str)> = Vec::new();
+
+    let mut arp = packet::eth_header(0x0806);
+    arp.extend_from_slice(&[0, 1, 8, 0, 6, 4, 0, 1]);
+    arp.extend_from_slice(&[0u8; 20]);
+    cases.push(("arp", arp, "pass_not_ipv4"));
+
+    let mut v6 = packet::eth_header(0x86dd);
+    v6.extend_from_slice(&[0x60, 0, 0, 0, 0, 20, 6, 64]);
+    v6.extend_from_slice(&[0u8; 52]);
+    cases.push(("ipv6", v6, "pass_not_ipv4"));
+
+    let mut more_frags = syn.clone();
+    more_frags[ETH_LEN + 6] |= 0x20;
+    cases.push(("first fragment", more_frags, "pass_fragment"));
+    let mut later_frag = syn.clone();
+    later_frag[ETH_LEN + 7] = 0x10;
+    cases.push(("later fragment", later_frag, "pass_fragment"));
+
+    cases.push(("ethernet only", syn[..ETH_LEN].to_vec(), "pass_truncated"));
+    // (Frames shorter than an Ethernet header never reach XDP: the kernel
+    // refuses them in BPF_PROG_RUN too.)
+    cases.push((
+        "cut IP header",
+        syn[..ETH_LEN + 12].to_vec(),
+        "pass_truncated",
+    ));
+    cases.push((
+        "cut TCP header",
+        syn[..ETH_LEN + IP_LEN + 10].to_vec(),
+        "pass_truncated",
+    ));
+    let mut long_claim = syn.clone();
+    long_claim[ETH_LEN + 2..ETH_LEN + 4].copy_from_slice(&1400u16.to_be_bytes());
+    cases.push((
+        "total length beyond the packet",
+        long_claim,
+        "pass_truncated",
+    ));
+
+    let mut ihl4 = syn.clone();
+    ihl4[ETH_LEN] = 0x44;
+    cases.push(("IHL 4", ihl4, "pass_bad_ihl"));
+    let mut v5 = syn.clone();
+    v5[ETH_LEN] = 0x55;
+    cases.push(("IP version 5", v5, "pass_bad_ihl"));
+    let mut opts = syn.clone();
+    opts[ETH_LEN] = 0x46;
+    cases.push(("IP options", opts, "pass_ip_options"));
+
+    let mut udp = syn.clone();
+    udp[ETH_LEN + 9] = 17;
+    cases.push(("UDP to the VIP", udp, "pass_not_tcp"));
+
+    cases.push((
+        "other address",
+        Segment::syn(CLIENT, 46001, Ipv4Addr::new(198, 19, 0, 11), PORT).frame(),
+        "pass_no_service",
+    ));
+    cases.push((
+        "other port",
+        Segment::syn(CLIENT, 46002, VIP, 8081).frame(),
+        "pass_no_service",
+    ));
+    cases.push((
+        "L7 service",
+        Segment::syn(CLIENT, 46003, VIP, 9090).frame(),
+        "pass_l7",
+    ));
+    cases.push((
+        "L7 service, established",
+        Segment::ack(CLIENT, 46003, VIP, 9090).frame(),
+        "pass_l7",
+    ));
+
+    for (what, input, counter) in cases {
+        let before = bed.counter(counter);
+        let (verdict, out) = bed.run(&input);
+        assert_eq!(verdict, XDP_PASS, "{what}: verdict");
+        assert_eq!(out, input, "{what}: packet untouched");
+        assert_eq!(
+            bed.counter(counter),
+            before + 1,
+            "{what}: counted as {counter}"
+        );
+    }
+    assert_eq!(bed.counter("tx"), 0, "nothing was balanced");
+    let state = bed.reg.state().unwrap();
+    assert_eq!(
+        bed.reg
+            .maps()
+            .service_stats(state.service(&l7).unwrap().id)
+            .unwrap()
+            .passed_l7,
+        2
+    );
+}
