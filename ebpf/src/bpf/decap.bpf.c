@@ -30,7 +30,7 @@ static __always_inline int verdict(enum weir_decap_counter counter, int action)
 	return action;
 }
 
-SEC("tc")
+SEC("classifier")
 int weir_decap(struct __sk_buff *skb)
 {
 	void *data = (void *)(long)skb->data;

@@ -179,7 +179,9 @@ static __always_inline int transmit(struct xdp_md *ctx, __be32 src, __be32 dst)
 	}
 }
 
-SEC("xdp")
+/* xdp.frags: only the linear headers are read, so multi-buffer frames are
+ * safe, and the kernel then lets the program run on jumbo-MTU devices. */
+SEC("xdp.frags")
 int weir_lb(struct xdp_md *ctx)
 {
 	void *data = (void *)(long)ctx->data;

@@ -203,10 +203,12 @@ struct {
 	__array(values, struct weir_ring_table);
 } weir_rings SEC(".maps");
 
-/* weir_backends[backend id] -> address and state. */
+/* weir_backends[backend id] -> address and state. Mmapable so the
+ * registry reads all of it at once; it writes entries by syscall. */
 struct {
 	__uint(type, BPF_MAP_TYPE_ARRAY);
 	__uint(max_entries, WEIR_MAX_BACKENDS);
+	__uint(map_flags, 1U << 10); /* BPF_F_MMAPABLE */
 	__type(key, __u32);
 	__type(value, struct weir_backend);
 	__uint(pinning, LIBBPF_PIN_BY_NAME);

@@ -474,7 +474,20 @@ fn stats(reg: &Registry, instance: &Instance, json: bool) -> Result<()> {
 
 /// Parses and runs; prints one clear line on error.
 pub fn main() -> std::process::ExitCode {
-    let cli = Cli::parse();
+    let cli = match Cli::try_parse() {
+        Ok(cli) => cli,
+        Err(e) if !e.use_stderr() => {
+            // --help and --version.
+            let _ = e.print();
+            return std::process::ExitCode::SUCCESS;
+        }
+        Err(e) => {
+            let text = e.render().to_string();
+            let first = text.lines().next().unwrap_or("invalid arguments");
+            eprintln!("weir: {first} (see `weir --help`)");
+            return std::process::ExitCode::from(2);
+        }
+    };
     match run(cli).context("weir") {
         Ok(()) => std::process::ExitCode::SUCCESS,
         Err(e) => {

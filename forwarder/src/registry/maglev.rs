@@ -15,7 +15,7 @@
 //! share (`W` the sum of weights): with `M >= 100·N` every share is within 1%
 //! of fair, or within one slot.
 
-use std::cmp::Ordering;
+use std::cmp::Reverse;
 use std::collections::BinaryHeap;
 
 /// Value of a slot that no backend owns (only in the table of an empty set).
@@ -162,77 +162,125 @@ fn validate(sorted: &mut [&Member]) -> Result<(), MaglevError> {
     Ok(())
 }
 
-/// A member's next turn: its `claims`-th claim happens at virtual time
-/// `claims / weight`. Ordered so that `BinaryHeap` (a max-heap) pops the
-/// earliest turn first, ties going to the lower identity index.
-struct Turn {
-    claims: u64,
-    weight: u64,
-    index: u32,
+/// A weight class: all members of one weight, which share their claim times.
+/// Its `k`-th round happens at virtual time `k / weight`, kept in 64.64
+/// fixed point: `floor(k · 2^64 / weight)` orders rounds exactly like the
+/// rationals (two distinct times with denominators below 2^32 differ by more
+/// than 2^-64), and updates without division.
+struct Class {
+    /// `floor(k · 2^64 / weight)` and `k · 2^64 mod weight`.
+    time: u128,
+    rem: u64,
+    /// `2^64 / weight` and `2^64 mod weight`: one round's step.
+    step: u128,
+    step_rem: u64,
+    weight: u32,
+    /// The class's members: `order[start..end]`, in identity order.
+    start: usize,
+    end: usize,
 }
 
-impl Ord for Turn {
-    fn cmp(&self, other: &Self) -> Ordering {
-        // claims < 2^24 and weight < 2^32: the cross products fit in u64.
-        let mine = self.claims * other.weight;
-        let theirs = other.claims * self.weight;
-        theirs
-            .cmp(&mine)
-            .then_with(|| other.index.cmp(&self.index))
+impl Class {
+    /// Heap key: earliest time first, at equal times the heavier class
+    /// (weights are distinct between classes, so keys are too).
+    fn key(&self) -> Reverse<u128> {
+        Reverse(self.time << 32 | u128::from(u32::MAX - self.weight))
+    }
+
+    fn advance(&mut self) {
+        let w = u64::from(self.weight);
+        self.time += self.step;
+        // rem, step_rem < w <= u32::MAX: no overflow.
+        self.rem += self.step_rem;
+        if self.rem >= w {
+            self.rem -= w;
+            self.time += 1;
+        }
     }
 }
 
-impl PartialOrd for Turn {
-    fn partial_cmp(&self, other: &Self) -> Option<Ordering> {
-        Some(self.cmp(other))
-    }
+/// Where a member is in its permutation of the slots.
+struct Walk {
+    next: u64,
+    skip: u64,
+    id: u32,
 }
-
-impl PartialEq for Turn {
-    fn eq(&self, other: &Self) -> bool {
-        self.cmp(other) == Ordering::Equal
-    }
-}
-
-impl Eq for Turn {}
 
 /// The Maglev fill. `active` is sorted by identity, non-empty, all weights
 /// positive, `active.len() <= size`, `size` prime.
 fn fill(active: &[&Member], size: u32) -> Vec<u32> {
     let m = u64::from(size);
     let mut table = vec![EMPTY_SLOT; size as usize];
-    // Where each member looks next, and its step through its permutation.
-    let mut next: Vec<u64> = Vec::with_capacity(active.len());
-    let mut skip: Vec<u64> = Vec::with_capacity(active.len());
-    let mut turns = BinaryHeap::with_capacity(active.len());
-    for (index, member) in active.iter().enumerate() {
-        let (offset, step) = permutation(&member.identity, size);
-        next.push(offset);
-        skip.push(step);
-        turns.push(Turn {
-            claims: 0,
-            weight: u64::from(member.weight),
-            index: index as u32,
-        });
-    }
-    for _ in 0..size {
-        let mut turn = turns.peek_mut().expect("active is not empty");
-        let i = turn.index as usize;
-        // `skip` is in 1..m and m is prime, so the walk visits every slot:
-        // it finds a free one as long as the table is not full.
-        loop {
-            let slot = next[i];
-            let mut after = slot + skip[i];
-            if after >= m {
-                after -= m;
+    // Occupancy as a bitmap: most probes hit taken slots, and M/8 bytes stay
+    // in cache better than the M·4-byte table.
+    let mut taken = vec![0u64; (size as usize).div_ceil(64)];
+    let mut walks: Vec<Walk> = active
+        .iter()
+        .map(|member| {
+            let (next, skip) = permutation(&member.identity, size);
+            Walk {
+                next,
+                skip,
+                id: member.id,
             }
-            next[i] = after;
-            if table[slot as usize] == EMPTY_SLOT {
-                table[slot as usize] = active[i].id;
-                break;
+        })
+        .collect();
+    // Members grouped by weight (heaviest first), identity order inside a
+    // group: one heap entry per distinct weight, not per member, so equal
+    // weights cost no heap work per slot.
+    let mut order: Vec<usize> = (0..active.len()).collect();
+    order.sort_by_key(|&i| (Reverse(active[i].weight), i));
+    let mut classes = Vec::new();
+    let mut start = 0;
+    for end in 1..=order.len() {
+        let weight = active[order[start]].weight;
+        if end == order.len() || active[order[end]].weight != weight {
+            let w = u128::from(weight);
+            classes.push(Class {
+                time: 0,
+                rem: 0,
+                step: (1u128 << 64) / w,
+                step_rem: ((1u128 << 64) % w) as u64,
+                weight,
+                start,
+                end,
+            });
+            start = end;
+        }
+    }
+    let mut turns: BinaryHeap<(Reverse<u128>, usize)> =
+        classes.iter().enumerate().map(|(c, class)| (class.key(), c)).collect();
+    let mut filled = 0;
+    'fill: loop {
+        let mut turn = turns.peek_mut().expect("active is not empty");
+        let class = &mut classes[turn.1];
+        for &i in &order[class.start..class.end] {
+            let walk = &mut walks[i];
+            // `skip` is in 1..m and m is prime, so the walk visits every
+            // slot: it finds a free one as long as the table is not full.
+            let mut slot = walk.next;
+            loop {
+                let (word, bit) = ((slot / 64) as usize, 1u64 << (slot % 64));
+                let free = taken[word] & bit == 0;
+                let here = slot;
+                slot += walk.skip;
+                if slot >= m {
+                    slot -= m;
+                }
+                if free {
+                    taken[word] |= bit;
+                    table[here as usize] = walk.id;
+                    break;
+                }
+            }
+            walk.next = slot;
+            filled += 1;
+            if filled == size {
+                break 'fill;
             }
         }
-        turn.claims += 1;
+        class.advance();
+        turn.0 = class.key();
         // Dropping `turn` sifts it back into place.
     }
     table

@@ -1,0 +1,1 @@
+//! weir benchmark harness.

@@ -1,0 +1,94 @@
+//! weir test bed.
+//!
+//! - [`topology`]: network-namespace topologies (client, router, load balancer,
+//!   backends) built with `ip`, torn down on drop and on SIGINT/SIGTERM.
+//! - [`wsload`]: the WebSocket load client behind the `weir-wsclient` binary,
+//!   and the JSON report types tests parse.
+//! - `weir-echo` (binary): WebSocket echo backend that names itself in the
+//!   `x-weir-backend` response header.
+
+use std::path::{Path, PathBuf};
+
+pub mod packet;
+pub mod scenario;
+pub mod topology;
+pub mod wsload;
+
+/// Locates a binary built into the same target directory as the running
+/// executable (a test, a bench or a binary of this workspace), e.g. `weir`,
+/// `weir-echo` or `weir-wsclient`.
+///
+/// Looks next to the current executable and up to three directories above it
+/// (a test runs from `target/<profile>/deps/`), then at `CARGO_BIN_EXE_<name>`
+/// and `CARGO_TARGET_DIR`. If nothing exists, returns the most likely path
+/// (`target/<profile>/<name>`) so that spawning it fails with a clear path in
+/// the error.
+pub fn workspace_bin(name: &str) -> PathBuf {
+    let mut guess: Option<PathBuf> = None;
+    if let Ok(exe) = std::env::current_exe() {
+        for dir in exe.ancestors().skip(1).take(4) {
+            let candidate = dir.join(name);
+            if is_executable_file(&candidate) {
+                return candidate;
+            }
+            // target/<profile>/deps -> target/<profile>
+            if guess.is_none() && dir.file_name().is_some_and(|n| n != "deps") {
+                guess = Some(candidate);
+            }
+        }
+    }
+    if let Some(p) = std::env::var_os(format!("CARGO_BIN_EXE_{name}")) {
+        let p = PathBuf::from(p);
+        if is_executable_file(&p) {
+            return p;
+        }
+    }
+    if let Some(dir) = std::env::var_os("CARGO_TARGET_DIR") {
+        for profile in ["debug", "release"] {
+            let candidate = PathBuf::from(&dir).join(profile).join(name);
+            if is_executable_file(&candidate) {
+                return candidate;
+            }
+        }
+    }
+    guess.unwrap_or_else(|| PathBuf::from(name))
+}
+
+fn is_executable_file(p: &Path) -> bool {
+    use std::os::unix::fs::PermissionsExt;
+    std::fs::metadata(p).is_ok_and(|m| m.is_file() && m.permissions().mode() & 0o111 != 0)
+}
+
+/// Raises this process' soft RLIMIT_NOFILE towards `want`, never above the
+/// hard limit nor above 20,000 (the workplace's per-process cap). Returns the
+/// soft limit in force afterwards.
+pub fn raise_nofile_limit(want: u64) -> u64 {
+    let want = want.min(20_000);
+    let mut lim = libc::rlimit {
+        rlim_cur: 0,
+        rlim_max: 0,
+    };
+    // SAFETY: getrlimit/setrlimit write/read a properly sized struct.
+    unsafe {
+        if libc::getrlimit(libc::RLIMIT_NOFILE, &mut lim) != 0 {
+            return 0;
+        }
+        let target = want.min(lim.rlim_max);
+        if target > lim.rlim_cur {
+            let new = libc::rlimit {
+                rlim_cur: target,
+                rlim_max: lim.rlim_max,
+            };
+            if libc::setrlimit(libc::RLIMIT_NOFILE, &new) == 0 {
+                return target;
+            }
+        }
+        lim.rlim_cur
+    }
+}
+
+/// True when running as root (euid 0): the topology needs it.
+pub fn is_root() -> bool {
+    // SAFETY: geteuid has no preconditions.
+    unsafe { libc::geteuid() == 0 }
+}

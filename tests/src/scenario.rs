@@ -1,0 +1,255 @@
+//! The L4 live-change scenario, shared by the namespace integration test
+//! and `cargo xtask demo`: WebSocket clients talk through the XDP path
+//! while the backend set changes under them.
+
+use std::collections::BTreeMap;
+use std::net::Ipv4Addr;
+use std::path::{Path, PathBuf};
+use std::time::{Duration, Instant};
+
+use anyhow::{Context, Result, bail};
+use serde::Serialize;
+
+use crate::topology::{Topology, TopologySpec};
+use crate::workspace_bin;
+use crate::wsload::LoadReport;
+
+pub const PORT: u16 = 8080;
+
+/// How to run the scenario.
+#[derive(Clone, Debug)]
+pub struct L4Options {
+    /// weir instance name (unique per run).
+    pub instance: String,
+    /// Long-lived connections that talk through every change.
+    pub connections: usize,
+    /// New connections opened after the changes.
+    pub new_connections: usize,
+    /// Time between messages on each connection.
+    pub interval: Duration,
+    /// Pause between changes, so traffic flows across each of them.
+    pub settle: Duration,
+    /// XDP attach mode.
+    pub xdp_mode: String,
+    /// Print progress lines.
+    pub verbose: bool,
+}
+
+impl Default for L4Options {
+    fn default() -> Self {
+        Self {
+            instance: format!("l4-{}", std::process::id()),
+            connections: 100,
+            new_connections: 100,
+            interval: Duration::from_millis(100),
+            settle: Duration::from_secs(2),
+            xdp_mode: "native".into(),
+            verbose: false,
+        }
+    }
+}
+
+/// A change made during the run.
+#[derive(Clone, Debug, Serialize)]
+pub struct Step {
+    pub at_ms: u64,
+    pub command: String,
+    pub output: String,
+}
+
+/// What happened.
+#[derive(Debug, Serialize)]
+pub struct L4Report {
+    /// Backend names (`b0`...) to addresses.
+    pub backends: BTreeMap<String, Ipv4Addr>,
+    pub steps: Vec<Step>,
+    /// The long-lived connections.
+    pub long_lived: LoadReport,
+    /// Connections opened after the changes.
+    pub after: LoadReport,
+    /// `weir --json stats` at the end.
+    pub stats: serde_json::Value,
+    /// `weir --json backend list` at the end.
+    pub backend_list: serde_json::Value,
+}
+
+impl L4Report {
+    /// XDP's new-flow counter per backend name.
+    pub fn new_flows_per_backend(&self) -> BTreeMap<String, u64> {
+        let by_addr: BTreeMap<String, String> =
+            self.backends.iter().map(|(name, a)| (format!("{a}:{PORT}"), name.clone())).collect();
+        let mut out = BTreeMap::new();
+        for svc in self.stats["services"].as_array().into_iter().flatten() {
+            for b in svc["backends"].as_array().into_iter().flatten() {
+                if let Some(name) = b["backend"].as_str().and_then(|a| by_addr.get(a)) {
+                    *out.entry(name.clone()).or_insert(0) += b["new_flows"].as_u64().unwrap_or(0);
+                }
+            }
+        }
+        out
+    }
+
+    /// Connections each backend got, as the clients saw them.
+    pub fn client_connections_per_backend(&self) -> BTreeMap<String, u64> {
+        let mut out = BTreeMap::new();
+        for c in self.long_lived.connections.iter().chain(&self.after.connections) {
+            if let (true, Some(b)) = (c.connected, &c.backend) {
+                *out.entry(b.clone()).or_insert(0) += 1;
+            }
+        }
+        out
+    }
+}
+
+/// Removes the instance (detaching XDP and decap) when dropped.
+struct InstanceGuard {
+    weir: PathBuf,
+    instance: String,
+}
+
+impl Drop for InstanceGuard {
+    fn drop(&mut self) {
+        let _ = std::process::Command::new(&self.weir)
+            .args(["--instance", &self.instance, "destroy"])
+            .output();
+    }
+}
+
+fn log(verbose: bool, start: Instant, msg: &str) {
+    if verbose {
+        eprintln!("[{:>6.1}s] {msg}", start.elapsed().as_secs_f64());
+    }
+}
+
+/// Runs the scenario on a fresh topology of four backends (three in the
+/// initial set, the fourth added live) and returns what happened. The
+/// topology and the weir instance are removed before it returns.
+pub fn run_l4(opts: &L4Options) -> Result<L4Report> {
+    let start = Instant::now();
+    let weir = workspace_bin("weir");
+    let echo = workspace_bin("weir-echo");
+    let client = workspace_bin("weir-wsclient");
+    for bin in [&weir, &echo, &client] {
+        if !bin.exists() {
+            bail!("{} is not built; run `cargo build --workspace` first", bin.display());
+        }
+    }
+
+    let mut topo = Topology::build(TopologySpec { backends: 4, client_addrs: 1 })?;
+    let _instance = InstanceGuard { weir: weir.clone(), instance: opts.instance.clone() };
+    log(opts.verbose, start, &format!("topology {} up: client, router, lb, 4 backends", topo.id));
+    let vip = topo.vip();
+    let service = format!("{vip}:{PORT}");
+    let backends: BTreeMap<String, Ipv4Addr> = (0..4).map(|i| (format!("b{i}"), topo.backend_addr(i))).collect();
+
+    let inst = opts.instance.as_str();
+    let weir_in = |topo: &Topology, ns: &str, args: &[&str]| -> Result<String> {
+        let mut full = vec!["--instance", inst];
+        full.extend_from_slice(args);
+        let out = topo.run_ok_in(ns, &weir, &full)?;
+        Ok(String::from_utf8_lossy(&out.stdout).trim().to_string())
+    };
+
+    // Backends: an echo server each, and decapsulation of IPIP to the VIP.
+    for i in 0..4 {
+        let ns = topo.backend_ns[i].clone();
+        let name = format!("b{i}");
+        let listen = format!("0.0.0.0:{PORT}");
+        topo.spawn_ready_in(&ns, &echo, &["--listen", &listen, "--name", &name], Duration::from_secs(10))?;
+        let dev = topo.backend_dev(i);
+        weir_in(&topo, &ns, &["decap", "attach", "--dev", &dev, "--vip", &vip.to_string()])?;
+    }
+    // The balancer.
+    let lb_ns = topo.lb_ns.clone();
+    let lb_addr = topo.lb_addr().to_string();
+    weir_in(&topo, &lb_ns, &["attach", "--dev", topo.lb_dev(), "--lb-addr", &lb_addr, "--mode", &opts.xdp_mode])?;
+    weir_in(&topo, &lb_ns, &["service", "add", &service])?;
+    let initial: Vec<String> = (0..3).map(|i| topo.backend_addr(i).to_string()).collect();
+    let mut set_args = vec!["backend", "set", service.as_str()];
+    set_args.extend(initial.iter().map(String::as_str));
+    weir_in(&topo, &lb_ns, &set_args)?;
+    log(opts.verbose, start, &format!("weir attached to {} in {lb_ns}; service {service} -> b0 b1 b2", topo.lb_dev()));
+
+    // Long-lived clients.
+    let dir = tempdir(&opts.instance)?;
+    let hold = dir.join("hold");
+    let ready = dir.join("ready");
+    let url = format!("ws://{service}/");
+    let conns = opts.connections.to_string();
+    let interval = opts.interval.as_millis().to_string();
+    let long_lived = topo.start_in(
+        &topo.client_ns,
+        &client,
+        &[
+            "--url", &url, "--connections", &conns, "--duration-secs", "120", "--interval-ms", &interval,
+            "--hold-file", hold.to_str().unwrap(), "--ready-file", ready.to_str().unwrap(), "--quiet",
+        ],
+    )?;
+    wait_for(&ready, Duration::from_secs(60)).context("long-lived clients never became ready")?;
+    log(opts.verbose, start, &format!("{} WebSocket connections open through the VIP, echoing every {interval} ms", opts.connections));
+
+    // The live changes.
+    let mut steps = Vec::new();
+    let b1 = topo.backend_addr(1).to_string();
+    let b2 = topo.backend_addr(2).to_string();
+    let b3 = topo.backend_addr(3).to_string();
+    let changes: Vec<Vec<&str>> = vec![
+        vec!["backend", "drain", &service, &b1],
+        vec!["backend", "add", &service, &b3],
+        vec!["backend", "weight", &service, &b2, "3"],
+    ];
+    for change in changes {
+        std::thread::sleep(opts.settle);
+        let output = weir_in(&topo, &lb_ns, &change)?;
+        let command = format!("weir {}", change.join(" "));
+        log(opts.verbose, start, &command);
+        steps.push(Step { at_ms: start.elapsed().as_millis() as u64, command, output });
+    }
+    std::thread::sleep(opts.settle);
+
+    // New connections follow the new ring.
+    let new_conns = opts.new_connections.to_string();
+    let after = topo.start_in(
+        &topo.client_ns,
+        &client,
+        &["--url", &url, "--connections", &new_conns, "--duration-secs", "2", "--interval-ms", &interval, "--quiet"],
+    )?;
+    let after = parse_report(after.wait_output(Duration::from_secs(60))?, "new connections")?;
+    log(opts.verbose, start, &format!("{} new connections opened after the changes", opts.new_connections));
+
+    std::fs::write(&hold, b"done")?;
+    let long_lived = parse_report(long_lived.wait_output(Duration::from_secs(60))?, "long-lived connections")?;
+    log(opts.verbose, start, "long-lived connections closed (close handshake 1000)");
+
+    let stats = serde_json::from_str(&weir_in(&topo, &lb_ns, &["--json", "stats"])?)?;
+    let backend_list = serde_json::from_str(&weir_in(&topo, &lb_ns, &["--json", "backend", "list", &service])?)?;
+    let _ = std::fs::remove_dir_all(&dir);
+    drop(_instance);
+    topo.teardown()?;
+    Ok(L4Report { backends, steps, long_lived, after, stats, backend_list })
+}
+
+fn parse_report(out: std::process::Output, what: &str) -> Result<LoadReport> {
+    let text = String::from_utf8_lossy(&out.stdout);
+    LoadReport::from_json(&text).with_context(|| {
+        format!("{what}: no report (exit {}); stderr: {}", out.status, String::from_utf8_lossy(&out.stderr))
+    })
+}
+
+fn tempdir(tag: &str) -> Result<PathBuf> {
+    let dir = std::env::temp_dir().join(format!("weir-{tag}"));
+    let _ = std::fs::remove_dir_all(&dir);
+    std::fs::create_dir_all(&dir)?;
+    Ok(dir)
+}
+
+fn wait_for(path: &Path, limit: Duration) -> Result<()> {
+    let deadline = Instant::now() + limit;
+    while !path.exists() {
+        if Instant::now() > deadline {
+            bail!("{} did not appear within {limit:?}", path.display());
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    Ok(())
+}

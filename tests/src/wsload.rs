@@ -1,0 +1,853 @@
+//! WebSocket load client: N connections that each send a text message every
+//! interval, check that the echo is identical, and finish with a close
+//! handshake (1000). Used by the `weir-wsclient` binary; the report types are
+//! what tests parse from its stdout.
+
+use std::collections::BTreeMap;
+use std::net::{IpAddr, SocketAddr};
+use std::os::fd::AsRawFd;
+use std::path::PathBuf;
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use anyhow::{Context, Result, anyhow, bail};
+use futures_util::{SinkExt, StreamExt};
+use serde::{Deserialize, Serialize};
+use tokio::net::{TcpSocket, TcpStream};
+use tokio::sync::{Semaphore, watch};
+use tokio::time::{Instant, MissedTickBehavior};
+use tokio_tungstenite::WebSocketStream;
+use tokio_tungstenite::tungstenite::protocol::WebSocketConfig;
+use tokio_tungstenite::tungstenite::protocol::frame::CloseFrame;
+use tokio_tungstenite::tungstenite::protocol::frame::coding::CloseCode;
+use tokio_tungstenite::tungstenite::{self, Message, http};
+
+/// Response header naming the backend that accepted the upgrade.
+pub const BACKEND_HEADER: &str = "x-weir-backend";
+/// Response header with the peer address the backend saw (`weir-echo`).
+pub const PEER_HEADER: &str = "x-weir-peer";
+
+/// Close outcomes, as found in [`ConnResult::close`]. A server-initiated
+/// close is `peer_close:CODE` (e.g. `peer_close:1001` when draining).
+pub mod close {
+    /// We sent Close 1000 and the peer answered with Close.
+    pub const CLEAN: &str = "clean";
+    /// The connection ended without a close handshake (RST/EOF).
+    pub const RESET: &str = "reset";
+    /// No echo, or no close reply, in time (or the hard deadline hit).
+    pub const TIMEOUT: &str = "timeout";
+    /// Another error ended the connection.
+    pub const ERROR: &str = "error";
+    /// The connection was never established.
+    pub const NOT_CONNECTED: &str = "not_connected";
+    /// Prefix of server-initiated closes: `peer_close:CODE`.
+    pub const PEER_CLOSE_PREFIX: &str = "peer_close:";
+}
+
+/// What to run.
+#[derive(Clone, Debug)]
+pub struct LoadConfig {
+    /// `ws://HOST:PORT/PATH`.
+    pub url: String,
+    /// Number of connections.
+    pub connections: usize,
+    /// How long each connection talks after it connected; with `hold_file`
+    /// the upper bound.
+    pub duration: Duration,
+    /// Time between messages on one connection.
+    pub interval: Duration,
+    /// If set, connections talk until this path exists (at most `duration`).
+    pub hold_file: Option<PathBuf>,
+    /// If set, created once every connection attempt has finished (connected
+    /// or failed), so a test knows when the fleet is up.
+    pub ready_file: Option<PathBuf>,
+    /// Source addresses to bind, used round-robin by connection index.
+    pub sources: Vec<IpAddr>,
+    /// Connection attempts in flight at once.
+    pub connect_concurrency: usize,
+    /// Limit for TCP connect + WebSocket handshake.
+    pub connect_timeout: Duration,
+    /// Limit for an echo to come back.
+    pub echo_timeout: Duration,
+    /// Limit for the close handshake.
+    pub close_timeout: Duration,
+    /// Extra bytes of padding in each text message.
+    pub payload_bytes: usize,
+    /// Print progress lines to stderr.
+    pub progress: bool,
+}
+
+impl Default for LoadConfig {
+    fn default() -> Self {
+        LoadConfig {
+            url: "ws://198.19.0.10:8080/".into(),
+            connections: 1,
+            duration: Duration::from_secs(2),
+            interval: Duration::from_millis(100),
+            hold_file: None,
+            ready_file: None,
+            sources: Vec::new(),
+            connect_concurrency: 100,
+            connect_timeout: Duration::from_secs(5),
+            echo_timeout: Duration::from_secs(5),
+            close_timeout: Duration::from_secs(5),
+            payload_bytes: 0,
+            progress: true,
+        }
+    }
+}
+
+impl LoadConfig {
+    /// The whole run ends by this long after start, whatever happens.
+    pub fn hard_limit(&self) -> Duration {
+        self.duration + Duration::from_secs(30)
+    }
+}
+
+/// The outcome of one connection.
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(default)]
+pub struct ConnResult {
+    pub index: usize,
+    /// The `x-weir-backend` response header, if any.
+    pub backend: Option<String>,
+    /// The `x-weir-peer` response header: the client address the backend saw.
+    pub peer_seen: Option<String>,
+    /// Our local address of the TCP connection.
+    pub local_addr: Option<String>,
+    pub connected: bool,
+    /// Milliseconds for TCP connect + handshake.
+    pub connect_ms: Option<u64>,
+    pub sent: u64,
+    pub echoed: u64,
+    pub mismatches: u64,
+    pub error: Option<String>,
+    /// One of [`close`]'s values.
+    pub close: String,
+}
+
+impl ConnResult {
+    /// Connected, but ended with an error, a mismatch or a close that was not
+    /// our clean close handshake.
+    pub fn is_broken(&self) -> bool {
+        self.connected
+            && (self.error.is_some() || self.mismatches > 0 || self.close != close::CLEAN)
+    }
+}
+
+/// Totals over all connections.
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(default)]
+pub struct Summary {
+    pub connections: usize,
+    pub connected: usize,
+    pub failed: usize,
+    pub broken: usize,
+    pub messages_sent: u64,
+    pub messages_echoed: u64,
+    pub mismatches: u64,
+    /// Connections per `x-weir-backend` value (`?` when the header is absent).
+    pub per_backend: BTreeMap<String, usize>,
+    /// Connections per close outcome.
+    pub closes: BTreeMap<String, usize>,
+    pub elapsed_ms: u64,
+}
+
+/// The JSON document `weir-wsclient` prints.
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(default)]
+pub struct LoadReport {
+    pub connections: Vec<ConnResult>,
+    pub summary: Summary,
+}
+
+impl LoadReport {
+    /// Parses the report from `weir-wsclient`'s stdout.
+    pub fn from_json(s: &str) -> Result<LoadReport> {
+        serde_json::from_str(s.trim()).context("parsing weir-wsclient report")
+    }
+
+    /// Builds a report (with its summary) from per-connection results.
+    pub fn from_results(mut connections: Vec<ConnResult>, elapsed: Duration) -> LoadReport {
+        connections.sort_by_key(|c| c.index);
+        let mut s = Summary {
+            connections: connections.len(),
+            elapsed_ms: elapsed.as_millis() as u64,
+            ..Summary::default()
+        };
+        for c in &connections {
+            if c.connected {
+                s.connected += 1;
+                let b = c.backend.clone().unwrap_or_else(|| "?".into());
+                *s.per_backend.entry(b).or_default() += 1;
+            } else {
+                s.failed += 1;
+            }
+            if c.is_broken() {
+                s.broken += 1;
+            }
+            s.messages_sent += c.sent;
+            s.messages_echoed += c.echoed;
+            s.mismatches += c.mismatches;
+            *s.closes.entry(c.close.clone()).or_default() += 1;
+        }
+        LoadReport {
+            connections,
+            summary: s,
+        }
+    }
+}
+
+/// Host, port and the parsed URI of a `ws://` URL.
+pub fn parse_ws_url(url: &str) -> Result<(String, u16, http::Uri)> {
+    let uri: http::Uri = url.parse().with_context(|| format!("bad URL {url:?}"))?;
+    match uri.scheme_str() {
+        Some("ws") => {}
+        Some(other) => bail!("unsupported scheme {other:?} in {url:?} (only ws://)"),
+        None => bail!("URL {url:?} has no scheme (want ws://HOST:PORT/PATH)"),
+    }
+    let host = uri
+        .host()
+        .ok_or_else(|| anyhow!("URL {url:?} has no host"))?
+        .trim_start_matches('[')
+        .trim_end_matches(']')
+        .to_string();
+    let port = uri.port_u16().unwrap_or(80);
+    Ok((host, port, uri))
+}
+
+/// The text of message `seq` on connection `index`.
+pub fn message_text(index: usize, seq: u64, pad: usize) -> String {
+    let mut s = format!("c{index} s{seq} ");
+    s.extend(std::iter::repeat_n('x', pad));
+    s
+}
+
+fn client_ws_config() -> WebSocketConfig {
+    WebSocketConfig::default()
+        .read_buffer_size(8 * 1024)
+        .write_buffer_size(0)
+        .max_message_size(Some(16 << 20))
+}
+
+struct Shared {
+    connected: AtomicUsize,
+    failed: AtomicUsize,
+    attempts_done: AtomicUsize,
+    echoed: AtomicU64,
+    ready_file: Option<PathBuf>,
+    total: usize,
+}
+
+impl Shared {
+    fn attempt_done(&self) {
+        let done = self.attempts_done.fetch_add(1, Ordering::AcqRel) + 1;
+        if done == self.total
+            && let Some(p) = &self.ready_file
+            && let Err(e) = std::fs::write(
+                p,
+                format!(
+                    "connected {} failed {}\n",
+                    self.connected.load(Ordering::Acquire),
+                    self.failed.load(Ordering::Acquire)
+                ),
+            )
+        {
+            eprintln!("wsclient: cannot write ready file {}: {e}", p.display());
+        }
+    }
+}
+
+/// Runs the load and returns the report. Always finishes within
+/// [`LoadConfig::hard_limit`] (plus a moment to collect).
+pub async fn run(cfg: LoadConfig) -> Result<LoadReport> {
+    let start = Instant::now();
+    let hard_deadline = start + cfg.hard_limit();
+    if cfg.connections == 0 {
+        return Ok(LoadReport::from_results(Vec::new(), Duration::ZERO));
+    }
+    let (host, port, uri) = parse_ws_url(&cfg.url)?;
+    let addrs: Vec<SocketAddr> = tokio::time::timeout(
+        Duration::from_secs(5),
+        tokio::net::lookup_host((host.as_str(), port)),
+    )
+    .await
+    .map_err(|_| anyhow!("resolving {host} timed out"))?
+    .with_context(|| format!("resolving {host}"))?
+    .collect();
+    let target = match cfg.sources.first() {
+        Some(src) => addrs.iter().find(|a| a.is_ipv4() == src.is_ipv4()),
+        None => addrs.first(),
+    }
+    .copied()
+    .ok_or_else(|| anyhow!("{host} has no address of the sources' family"))?;
+
+    let shared = Arc::new(Shared {
+        connected: AtomicUsize::new(0),
+        failed: AtomicUsize::new(0),
+        attempts_done: AtomicUsize::new(0),
+        echoed: AtomicU64::new(0),
+        ready_file: cfg.ready_file.clone(),
+        total: cfg.connections,
+    });
+    let (stop_tx, stop_rx) = watch::channel(false);
+    // Talking ends for everyone by here, leaving time for close handshakes.
+    let talk_cap = start + cfg.duration + Duration::from_secs(20);
+
+    // Hold-file watcher.
+    let watcher = cfg.hold_file.clone().map(|path| {
+        tokio::spawn(async move {
+            let mut tick = tokio::time::interval(Duration::from_millis(50));
+            while Instant::now() < talk_cap {
+                tick.tick().await;
+                if tokio::fs::try_exists(&path).await.unwrap_or(false) {
+                    let _ = stop_tx.send(true);
+                    return;
+                }
+            }
+        })
+    });
+
+    let progress = cfg.progress.then(|| {
+        let shared = shared.clone();
+        let total = cfg.connections;
+        tokio::spawn(async move {
+            let mut tick = tokio::time::interval(Duration::from_secs(1));
+            tick.tick().await;
+            let mut last = (usize::MAX, usize::MAX, u64::MAX);
+            while Instant::now() < hard_deadline {
+                tick.tick().await;
+                let now = (
+                    shared.connected.load(Ordering::Relaxed),
+                    shared.failed.load(Ordering::Relaxed),
+                    shared.echoed.load(Ordering::Relaxed),
+                );
+                if now != last {
+                    eprintln!(
+                        "wsclient: connected {}/{total} failed {} echoed {}",
+                        now.0, now.1, now.2
+                    );
+                    last = now;
+                }
+            }
+        })
+    });
+
+    let sem = Arc::new(Semaphore::new(cfg.connect_concurrency.max(1)));
+    let cfg = Arc::new(cfg);
+    let uri = Arc::new(uri);
+    let mut states = Vec::with_capacity(cfg.connections);
+    let mut tasks = Vec::with_capacity(cfg.connections);
+    for index in 0..cfg.connections {
+        let state = Arc::new(Mutex::new(ConnState {
+            result: ConnResult {
+                index,
+                close: close::NOT_CONNECTED.into(),
+                ..ConnResult::default()
+            },
+            finished: false,
+        }));
+        states.push(state.clone());
+        let source = (!cfg.sources.is_empty()).then(|| cfg.sources[index % cfg.sources.len()]);
+        let conn = Conn {
+            index,
+            cfg: cfg.clone(),
+            uri: uri.clone(),
+            target,
+            source,
+            sem: sem.clone(),
+            stop: stop_rx.clone(),
+            state,
+            shared: shared.clone(),
+            talk_cap,
+        };
+        tasks.push(tokio::spawn(conn.run()));
+    }
+
+    for task in &mut tasks {
+        // Bounded: each task ends on its own well before the hard deadline.
+        let _ = tokio::time::timeout_at(hard_deadline, task).await;
+    }
+    for task in &tasks {
+        task.abort();
+    }
+    if let Some(w) = watcher {
+        w.abort();
+    }
+    if let Some(p) = progress {
+        p.abort();
+    }
+    let results = states
+        .iter()
+        .map(|s| {
+            let mut st = s.lock().unwrap_or_else(|e| e.into_inner());
+            if !st.finished {
+                if st.result.error.is_none() {
+                    st.result.error = Some("hard deadline reached".into());
+                }
+                st.result.close = close::TIMEOUT.into();
+            }
+            st.result.clone()
+        })
+        .collect();
+    Ok(LoadReport::from_results(results, start.elapsed()))
+}
+
+struct ConnState {
+    result: ConnResult,
+    finished: bool,
+}
+
+struct Conn {
+    index: usize,
+    cfg: Arc<LoadConfig>,
+    uri: Arc<http::Uri>,
+    target: SocketAddr,
+    source: Option<IpAddr>,
+    sem: Arc<Semaphore>,
+    stop: watch::Receiver<bool>,
+    state: Arc<Mutex<ConnState>>,
+    shared: Arc<Shared>,
+    talk_cap: Instant,
+}
+
+type Ws = WebSocketStream<TcpStream>;
+
+/// How a connection's talk phase ended.
+enum TalkEnd {
+    /// Time (or hold file) to close: do our close handshake.
+    Done,
+    /// The connection is over; close outcome and error already recorded.
+    Over,
+}
+
+impl Conn {
+    fn with<R>(&self, f: impl FnOnce(&mut ConnResult) -> R) -> R {
+        let mut st = self.state.lock().unwrap_or_else(|e| e.into_inner());
+        f(&mut st.result)
+    }
+
+    fn fail(&self, close_kind: &str, err: String) {
+        self.with(|r| {
+            r.close = close_kind.into();
+            if r.error.is_none() {
+                r.error = Some(err);
+            }
+        });
+    }
+
+    async fn run(self) {
+        let ws = self.connect_phase().await;
+        self.shared.attempt_done();
+        if let Some(mut ws) = ws {
+            match self.talk(&mut ws).await {
+                TalkEnd::Done => self.close_phase(&mut ws).await,
+                TalkEnd::Over => {}
+            }
+        }
+        self.state
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .finished = true;
+    }
+
+    async fn connect_phase(&self) -> Option<Ws> {
+        let Ok(_permit) = self.sem.acquire().await else {
+            self.fail(close::NOT_CONNECTED, "connect: semaphore closed".into());
+            return None;
+        };
+        let t0 = Instant::now();
+        let res = tokio::time::timeout(self.cfg.connect_timeout, self.connect()).await;
+        match res {
+            Ok(Ok((ws, resp, local))) => {
+                let header = |name: &str| {
+                    resp.headers()
+                        .get(name)
+                        .and_then(|v| v.to_str().ok())
+                        .map(str::to_string)
+                };
+                self.with(|r| {
+                    r.connected = true;
+                    r.connect_ms = Some(t0.elapsed().as_millis() as u64);
+                    r.local_addr = Some(local.to_string());
+                    r.backend = header(BACKEND_HEADER);
+                    r.peer_seen = header(PEER_HEADER);
+                    r.close = close::ERROR.into(); // until it ends some other way
+                });
+                self.shared.connected.fetch_add(1, Ordering::Relaxed);
+                Some(ws)
+            }
+            Ok(Err(e)) => {
+                self.shared.failed.fetch_add(1, Ordering::Relaxed);
+                self.fail(close::NOT_CONNECTED, format!("connect: {e:#}"));
+                None
+            }
+            Err(_) => {
+                self.shared.failed.fetch_add(1, Ordering::Relaxed);
+                self.fail(
+                    close::NOT_CONNECTED,
+                    format!("connect: timed out after {:?}", self.cfg.connect_timeout),
+                );
+                None
+            }
+        }
+    }
+
+    async fn connect(&self) -> Result<(Ws, tungstenite::handshake::client::Response, SocketAddr)> {
+        let socket = if self.target.is_ipv4() {
+            TcpSocket::new_v4()
+        } else {
+            TcpSocket::new_v6()
+        }
+        .context("socket")?;
+        if let Some(src) = self.source {
+            if src.is_ipv4() {
+                // Let connect() pick the port, so many connections can share
+                // ports across destinations instead of exhausting them.
+                let one: libc::c_int = 1;
+                // SAFETY: setsockopt with a valid fd and a c_int option value.
+                unsafe {
+                    libc::setsockopt(
+                        socket.as_raw_fd(),
+                        libc::IPPROTO_IP,
+                        libc::IP_BIND_ADDRESS_NO_PORT,
+                        (&one as *const libc::c_int).cast(),
+                        std::mem::size_of::<libc::c_int>() as libc::socklen_t,
+                    );
+                }
+            }
+            socket
+                .bind(SocketAddr::new(src, 0))
+                .with_context(|| format!("bind {src}"))?;
+        }
+        let stream = socket
+            .connect(self.target)
+            .await
+            .with_context(|| format!("tcp connect {}", self.target))?;
+        let _ = stream.set_nodelay(true);
+        let local = stream.local_addr().context("local_addr")?;
+        let (ws, resp) = tokio_tungstenite::client_async_with_config(
+            self.uri.as_ref().clone(),
+            stream,
+            Some(client_ws_config()),
+        )
+        .await
+        .map_err(|e| anyhow!("websocket handshake: {}", describe_ws_error(&e)))?;
+        Ok((ws, resp, local))
+    }
+
+    async fn talk(&self, ws: &mut Ws) -> TalkEnd {
+        let cfg = &self.cfg;
+        let talk_deadline = (Instant::now() + cfg.duration).min(self.talk_cap);
+        let mut stop = self.stop.clone();
+        let mut stopped = *stop.borrow();
+        let mut watching = true;
+        let mut ticker = tokio::time::interval(cfg.interval.max(Duration::from_millis(1)));
+        ticker.set_missed_tick_behavior(MissedTickBehavior::Delay);
+        let mut seq: u64 = 0;
+        // The text we wait to see echoed, and when to give up on it.
+        let mut outstanding: Option<(String, Instant)> = None;
+        // Far-future stand-in for "no echo deadline".
+        let never = self.talk_cap + Duration::from_secs(3600);
+        loop {
+            if outstanding.is_none() && (stopped || Instant::now() >= talk_deadline) {
+                return TalkEnd::Done;
+            }
+            let echo_deadline = outstanding.as_ref().map_or(never, |(_, d)| *d);
+            tokio::select! {
+                biased;
+                msg = ws.next() => match msg {
+                    Some(Ok(Message::Text(t))) => {
+                        match outstanding.take() {
+                            Some((want, _)) if want.as_str() == t.as_str() => {
+                                self.with(|r| r.echoed += 1);
+                                self.shared.echoed.fetch_add(1, Ordering::Relaxed);
+                            }
+                            Some((want, _)) => self.with(|r| {
+                                r.mismatches += 1;
+                                if r.error.is_none() {
+                                    r.error = Some(format!(
+                                        "mismatch: sent {:?}, got {:?}",
+                                        truncate(&want, 64),
+                                        truncate(t.as_str(), 64)
+                                    ));
+                                }
+                            }),
+                            None => self.with(|r| {
+                                r.mismatches += 1;
+                                if r.error.is_none() {
+                                    r.error = Some(format!(
+                                        "unexpected message {:?}",
+                                        truncate(t.as_str(), 64)
+                                    ));
+                                }
+                            }),
+                        }
+                    }
+                    Some(Ok(Message::Binary(b))) => self.with(|r| {
+                        r.mismatches += 1;
+                        if r.error.is_none() {
+                            r.error = Some(format!("unexpected binary message of {} bytes", b.len()));
+                        }
+                        outstanding = None;
+                    }),
+                    Some(Ok(Message::Close(frame))) => {
+                        let code = frame.as_ref().map_or(1005, |f| u16::from(f.code));
+                        self.with(|r| {
+                            r.close = format!("{}{code}", close::PEER_CLOSE_PREFIX);
+                            if outstanding.is_some() && r.error.is_none() {
+                                r.error = Some("peer closed with a message unanswered".into());
+                            }
+                        });
+                        // tungstenite queued our Close reply; drive it out and
+                        // wait for the server to end the TCP connection.
+                        let _ = tokio::time::timeout(cfg.close_timeout, async {
+                            for _ in 0..1000 {
+                                match ws.next().await {
+                                    Some(Ok(_)) => continue,
+                                    _ => break,
+                                }
+                            }
+                        })
+                        .await;
+                        return TalkEnd::Over;
+                    }
+                    Some(Ok(_)) => {} // ping (answered by tungstenite), pong, raw frame
+                    Some(Err(e)) => {
+                        self.fail(classify_ws_error(&e), format!("read: {}", describe_ws_error(&e)));
+                        return TalkEnd::Over;
+                    }
+                    None => {
+                        self.fail(close::RESET, "connection ended without close".into());
+                        return TalkEnd::Over;
+                    }
+                },
+                res = stop.changed(), if !stopped && watching => {
+                    match res {
+                        Ok(()) => stopped = *stop.borrow(),
+                        // No hold file, or its window is over: the talk
+                        // deadline (never later than the window) ends talking.
+                        Err(_) => watching = false,
+                    }
+                }
+                _ = tokio::time::sleep_until(echo_deadline), if outstanding.is_some() => {
+                    self.fail(close::TIMEOUT, format!("no echo within {:?}", cfg.echo_timeout));
+                    return TalkEnd::Over;
+                }
+                _ = tokio::time::sleep_until(talk_deadline), if outstanding.is_none() => {
+                    return TalkEnd::Done;
+                }
+                _ = ticker.tick(), if outstanding.is_none() && !stopped => {
+                    let text = message_text(self.index, seq, cfg.payload_bytes);
+                    seq += 1;
+                    let sent = tokio::time::timeout(cfg.echo_timeout, ws.send(Message::text(text.clone()))).await;
+                    match sent {
+                        Ok(Ok(())) => {
+                            self.with(|r| r.sent += 1);
+                            outstanding = Some((text, Instant::now() + cfg.echo_timeout));
+                        }
+                        Ok(Err(e)) => {
+                            self.fail(classify_ws_error(&e), format!("send: {}", describe_ws_error(&e)));
+                            return TalkEnd::Over;
+                        }
+                        Err(_) => {
+                            self.fail(close::TIMEOUT, "send timed out".into());
+                            return TalkEnd::Over;
+                        }
+                    }
+                }
+            }
+        }
+    }
+
+    async fn close_phase(&self, ws: &mut Ws) {
+        let cfg = &self.cfg;
+        let frame = CloseFrame {
+            code: CloseCode::Normal,
+            reason: "".into(),
+        };
+        let outcome = tokio::time::timeout(cfg.close_timeout, async {
+            if let Err(e) = ws.close(Some(frame)).await {
+                return Err((
+                    classify_ws_error(&e),
+                    format!("close: {}", describe_ws_error(&e)),
+                ));
+            }
+            let mut got_close = false;
+            for _ in 0..10_000 {
+                match ws.next().await {
+                    Some(Ok(Message::Close(_))) => got_close = true,
+                    Some(Ok(_)) => {} // late data or control frames
+                    None | Some(Err(tungstenite::Error::ConnectionClosed)) => {
+                        return if got_close {
+                            Ok(())
+                        } else {
+                            Err((close::RESET, "closed without a Close reply".into()))
+                        };
+                    }
+                    Some(Err(e)) => {
+                        return Err((
+                            classify_ws_error(&e),
+                            format!("closing: {}", describe_ws_error(&e)),
+                        ));
+                    }
+                }
+            }
+            Err((close::ERROR, "too many frames while closing".into()))
+        })
+        .await;
+        match outcome {
+            Ok(Ok(())) => self.with(|r| r.close = close::CLEAN.into()),
+            Ok(Err((kind, err))) => self.fail(kind, err),
+            Err(_) => self.fail(
+                close::TIMEOUT,
+                format!(
+                    "close handshake not finished within {:?}",
+                    cfg.close_timeout
+                ),
+            ),
+        }
+    }
+}
+
+fn truncate(s: &str, max: usize) -> &str {
+    match s.char_indices().nth(max) {
+        Some((i, _)) => &s[..i],
+        None => s,
+    }
+}
+
+/// Maps an error that ended a connection to a close outcome.
+fn classify_ws_error(e: &tungstenite::Error) -> &'static str {
+    use std::io::ErrorKind;
+    use tungstenite::error::ProtocolError;
+    match e {
+        tungstenite::Error::Protocol(ProtocolError::ResetWithoutClosingHandshake) => close::RESET,
+        tungstenite::Error::Io(io) => match io.kind() {
+            ErrorKind::ConnectionReset
+            | ErrorKind::ConnectionAborted
+            | ErrorKind::BrokenPipe
+            | ErrorKind::UnexpectedEof => close::RESET,
+            ErrorKind::TimedOut => close::TIMEOUT,
+            _ => close::ERROR,
+        },
+        _ => close::ERROR,
+    }
+}
+
+fn describe_ws_error(e: &tungstenite::Error) -> String {
+    match e {
+        tungstenite::Error::Http(resp) => {
+            let body = resp
+                .body()
+                .as_deref()
+                .map(String::from_utf8_lossy)
+                .unwrap_or_default();
+            format!("HTTP {} {}", resp.status(), truncate(body.trim(), 200))
+        }
+        other => other.to_string(),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn url_parsing() {
+        let (h, p, u) = parse_ws_url("ws://198.19.0.10:8080/chat?x=1").unwrap();
+        assert_eq!((h.as_str(), p), ("198.19.0.10", 8080));
+        assert_eq!(u.path(), "/chat");
+        let (h, p, _) = parse_ws_url("ws://127.0.0.1/").unwrap();
+        assert_eq!((h.as_str(), p), ("127.0.0.1", 80));
+        assert!(parse_ws_url("wss://127.0.0.1/").is_err());
+        assert!(parse_ws_url("127.0.0.1:80").is_err());
+    }
+
+    #[test]
+    fn message_text_has_index_and_seq() {
+        assert_eq!(message_text(3, 7, 2), "c3 s7 xx");
+    }
+
+    #[test]
+    fn summary_counts() {
+        let ok = ConnResult {
+            index: 1,
+            backend: Some("b1".into()),
+            connected: true,
+            sent: 5,
+            echoed: 5,
+            close: close::CLEAN.into(),
+            ..ConnResult::default()
+        };
+        let drained = ConnResult {
+            index: 0,
+            backend: Some("b2".into()),
+            connected: true,
+            sent: 3,
+            echoed: 3,
+            close: "peer_close:1001".into(),
+            ..ConnResult::default()
+        };
+        let failed = ConnResult {
+            index: 2,
+            error: Some("connect: refused".into()),
+            close: close::NOT_CONNECTED.into(),
+            ..ConnResult::default()
+        };
+        let r = LoadReport::from_results(vec![ok, drained, failed], Duration::from_millis(5));
+        assert_eq!(r.connections[0].index, 0);
+        let s = &r.summary;
+        assert_eq!((s.connected, s.failed, s.broken), (2, 1, 1));
+        assert_eq!((s.messages_sent, s.messages_echoed), (8, 8));
+        assert_eq!(s.per_backend.get("b1"), Some(&1));
+        assert_eq!(s.per_backend.get("b2"), Some(&1));
+        let json = serde_json::to_string(&r).unwrap();
+        assert_eq!(LoadReport::from_json(&json).unwrap(), r);
+    }
+
+    /// Loopback end-to-end against a minimal in-process echo server.
+    #[tokio::test]
+    // The handshake callback's error type is fixed by tungstenite.
+    #[allow(clippy::result_large_err)]
+    async fn loopback_round_trip() {
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        let server = tokio::spawn(async move {
+            for _ in 0..3 {
+                let (s, _) = listener.accept().await.unwrap();
+                tokio::spawn(async move {
+                    let cb = |_: &tungstenite::handshake::server::Request,
+                              mut resp: tungstenite::handshake::server::Response| {
+                        resp.headers_mut()
+                            .insert(BACKEND_HEADER, http::HeaderValue::from_static("t0"));
+                        Ok(resp)
+                    };
+                    let mut ws = tokio_tungstenite::accept_hdr_async(s, cb).await.unwrap();
+                    while let Some(Ok(m)) = ws.next().await {
+                        if m.is_text() || m.is_binary() {
+                            let _ = ws.send(m).await;
+                        }
+                    }
+                });
+            }
+        });
+        let cfg = LoadConfig {
+            url: format!("ws://{addr}/"),
+            connections: 3,
+            duration: Duration::from_millis(300),
+            interval: Duration::from_millis(20),
+            sources: vec!["127.0.0.1".parse().unwrap()],
+            progress: false,
+            ..LoadConfig::default()
+        };
+        let r = run(cfg).await.unwrap();
+        server.abort();
+        assert_eq!(r.summary.connected, 3, "{r:?}");
+        assert_eq!(r.summary.broken, 0, "{r:?}");
+        assert_eq!(r.summary.per_backend.get("t0"), Some(&3));
+        assert!(r.summary.messages_echoed > 0);
+        assert_eq!(r.summary.messages_echoed, r.summary.messages_sent);
+    }
+}
