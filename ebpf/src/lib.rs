@@ -26,6 +26,20 @@ pub fn decap_object() -> &'static [u8] {
     &DECAP_OBJECT.0
 }
 
+static SUPPORT_OBJECT: &Aligned<[u8]> =
+    &Aligned(*include_bytes!(concat!(env!("OUT_DIR"), "/support.bpf.o")));
+
+/// Helper programs: `weir_veth_peer` (XDP_PASS for the far end of a veth
+/// that receives the balancer's XDP_TX) and `weir_tx_floor` (a bare
+/// XDP_TX, the bench's floor).
+pub fn support_object() -> &'static [u8] {
+    &SUPPORT_OBJECT.0
+}
+
+/// Program names in [`support_object`].
+pub const VETH_PEER_PROGRAM: &str = "weir_veth_peer";
+pub const TX_FLOOR_PROGRAM: &str = "weir_tx_floor";
+
 /// Program name of the XDP balancer in [`lb_object`].
 pub const LB_PROGRAM: &str = "weir_lb";
 /// Program name of the decapsulator in [`decap_object`].

@@ -159,7 +159,10 @@ pub fn run_l4(opts: &L4Options) -> Result<L4Report> {
         let dev = topo.backend_dev(i);
         weir_in(&topo, &ns, &["decap", "attach", "--dev", &dev, "--vip", &vip.to_string()])?;
     }
-    // The balancer.
+    // The balancer; its XDP_TX goes into the router's end of a veth.
+    if opts.xdp_mode == "native" {
+        topo.attach_veth_peer_xdp()?;
+    }
     let lb_ns = topo.lb_ns.clone();
     let lb_addr = topo.lb_addr().to_string();
     weir_in(&topo, &lb_ns, &["attach", "--dev", topo.lb_dev(), "--lb-addr", &lb_addr, "--mode", &opts.xdp_mode])?;

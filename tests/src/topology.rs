@@ -636,6 +636,8 @@ pub struct Topology {
     spec: TopologySpec,
     created: Vec<String>,
     children: Vec<Child>,
+    /// XDP links this topology attached (detached when dropped).
+    xdp_links: Vec<aya::programs::links::FdLink>,
     steps: usize,
     fail_after: Option<usize>,
 }
@@ -665,6 +667,7 @@ impl Topology {
             spec,
             created: Vec::new(),
             children: Vec::new(),
+            xdp_links: Vec::new(),
             steps: 0,
             fail_after: FAIL_AFTER_STEPS.with(|c| c.take()),
         };
@@ -834,6 +837,12 @@ impl Topology {
         // Client link, MTU 1500.
         self.veth(&client_ns, "cli0", &router_ns, "r-cli", 1500)?;
         self.link_up_with_gro(&client_ns, "cli0", "198.18.1.2/24")?;
+        // veth leaves TCP checksums to "offload" (CHECKSUM_PARTIAL) and
+        // fills them in never; native XDP on the way to the lb turns the
+        // skb into a bare frame and that note is lost, so the backend would
+        // see a bad checksum. A real NIC computes it before the wire; here
+        // the client's stack must.
+        self.ns_step(&client_ns, "ethtool", &["-K", "cli0", "tx", "off"])?;
         for i in 1..self.spec.client_addrs {
             let cidr = format!("198.18.1.{}/24", 2 + i);
             self.ip(&client_ns, &["addr", "add", &cidr, "dev", "cli0"])?;
@@ -897,6 +906,28 @@ impl Topology {
             &router_ns,
             &["route", "add", &format!("{VIP}/32"), "via", "198.18.2.2"],
         )?;
+        Ok(())
+    }
+
+    /// Lets the router's end of the lb link take native XDP_TX frames from
+    /// the lb: veth queues XDP_TX frames to its peer but wakes the peer's
+    /// NAPI only if the peer runs XDP itself (GRO alone leaves them in the
+    /// ring until it overflows). Attaches weir's pass-through program
+    /// `weir_veth_peer` there; it stays until the topology is dropped.
+    pub fn attach_veth_peer_xdp(&mut self) -> Result<()> {
+        let dev = self.router_lb_dev().to_string();
+        let link = in_netns(&self.ns_path(&self.router_ns), move || -> Result<aya::programs::links::FdLink> {
+            let mut ebpf = aya::Ebpf::load(weir_ebpf::support_object()).context("loading weir_veth_peer")?;
+            let prog: &mut aya::programs::Xdp = ebpf
+                .program_mut(weir_ebpf::VETH_PEER_PROGRAM)
+                .context("weir_veth_peer missing")?
+                .try_into()?;
+            prog.load()?;
+            let id = prog.attach(&dev, aya::programs::XdpMode::Driver)?;
+            let link = prog.take_link(id)?;
+            Ok(link.try_into()?)
+        })??;
+        self.xdp_links.push(link);
         Ok(())
     }
 

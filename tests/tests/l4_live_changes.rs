@@ -20,7 +20,6 @@ fn connections_survive_live_backend_changes() {
         interval: Duration::from_millis(100),
         settle: Duration::from_secs(1),
         verbose: true,
-        xdp_mode: "generic".into(),
         ..L4Options::default()
     };
     let report = run_l4(&opts).expect("scenario runs");

@@ -7,15 +7,17 @@
 //! identical on every host and moves few slots when the backend set changes.
 //!
 //! Weights decide whose turn it is: a backend's `k`-th claim (k = 0, 1, …)
-//! happens at virtual time `k / weight`, ties broken by identity order. Turns
-//! come out of a min-heap, so a build costs `O(M log N)` heap work plus the
-//! usual Maglev probing, never `O(M · N)`. Everybody claims at time 0, so each
-//! backend with a positive weight owns at least one slot, and a backend's
-//! count `c` obeys `q - N·w/W <= c <= q + 1` where `q = M·w/W` is its fair
-//! share (`W` the sum of weights): with `M >= 100·N` every share is within 1%
-//! of fair, or within one slot.
+//! happens at virtual time `k / weight`; at equal times heavier backends go
+//! first, then identity order. Backends of equal weight share their times,
+//! so a min-heap holds one entry per distinct weight: a build costs
+//! `O(M log C)` heap work (`C` distinct weights; none when all are equal)
+//! plus the usual `O(M log M)` Maglev probing, never `O(M · N)`. Everybody
+//! claims at time 0, so each backend with a positive weight owns a slot, and
+//! a backend's count `c` obeys `q - N·w/W <= c <= q + 1`, where `q = M·w/W`
+//! is its fair share and `W` the sum of weights: with `M >= 100·N` every
+//! share is within 1% of fair, or within one slot.
 
-use std::cmp::Reverse;
+use std::cmp::{Ordering, Reverse};
 use std::collections::BinaryHeap;
 
 /// Value of a slot that no backend owns (only in the table of an empty set).
@@ -57,9 +59,7 @@ pub struct Member {
 /// Why a table cannot be built. Messages say what to change.
 #[derive(Debug, thiserror::Error, PartialEq, Eq)]
 pub enum MaglevError {
-    #[error(
-        "ring size {0} is not prime; Maglev needs a prime ring size such as 65537 or 1000003"
-    )]
+    #[error("ring size {0} is not prime; Maglev needs a prime ring size such as 65537 or 1000003")]
     RingSizeNotPrime(u32),
     #[error(
         "ring size {size} is smaller than the {members} backends with a non-zero weight; \
@@ -71,9 +71,7 @@ pub enum MaglevError {
          or a smaller ring"
     )]
     TooLarge { size: u32, max: u32 },
-    #[error(
-        "backends {first} and {second} have the same address and port; list each backend once"
-    )]
+    #[error("backends {first} and {second} have the same address and port; list each backend once")]
     DuplicateIdentity { first: u32, second: u32 },
     #[error("backend id {0} is used by two backends with different addresses; ids must be unique")]
     DuplicateId(u32),
@@ -162,42 +160,39 @@ fn validate(sorted: &mut [&Member]) -> Result<(), MaglevError> {
     Ok(())
 }
 
-/// A weight class: all members of one weight, which share their claim times.
-/// Its `k`-th round happens at virtual time `k / weight`, kept in 64.64
-/// fixed point: `floor(k · 2^64 / weight)` orders rounds exactly like the
-/// rationals (two distinct times with denominators below 2^32 differ by more
-/// than 2^-64), and updates without division.
-struct Class {
-    /// `floor(k · 2^64 / weight)` and `k · 2^64 mod weight`.
-    time: u128,
-    rem: u64,
-    /// `2^64 / weight` and `2^64 mod weight`: one round's step.
-    step: u128,
-    step_rem: u64,
+/// The next turn of a weight class (all members of one weight, which share
+/// their claim times): its `claims`-th round happens at virtual time
+/// `claims / weight`. Ordered so that `BinaryHeap` (a max-heap) pops the
+/// earliest turn first, and at equal times the heavier class.
+struct Turn {
+    claims: u32,
     weight: u32,
-    /// The class's members: `order[start..end]`, in identity order.
-    start: usize,
-    end: usize,
+    /// Index into the classes' member ranges.
+    class: u32,
 }
 
-impl Class {
-    /// Heap key: earliest time first, at equal times the heavier class
-    /// (weights are distinct between classes, so keys are too).
-    fn key(&self) -> Reverse<u128> {
-        Reverse(self.time << 32 | u128::from(u32::MAX - self.weight))
-    }
-
-    fn advance(&mut self) {
-        let w = u64::from(self.weight);
-        self.time += self.step;
-        // rem, step_rem < w <= u32::MAX: no overflow.
-        self.rem += self.step_rem;
-        if self.rem >= w {
-            self.rem -= w;
-            self.time += 1;
-        }
+impl Ord for Turn {
+    fn cmp(&self, other: &Self) -> Ordering {
+        // claims <= 2^24 and weight < 2^32: the cross products fit in u64.
+        let mine = u64::from(self.claims) * u64::from(other.weight);
+        let theirs = u64::from(other.claims) * u64::from(self.weight);
+        theirs.cmp(&mine).then(other.weight.cmp(&self.weight))
     }
 }
+
+impl PartialOrd for Turn {
+    fn partial_cmp(&self, other: &Self) -> Option<Ordering> {
+        Some(self.cmp(other))
+    }
+}
+
+impl PartialEq for Turn {
+    fn eq(&self, other: &Self) -> bool {
+        self.cmp(other) == Ordering::Equal
+    }
+}
+
+impl Eq for Turn {}
 
 /// Where a member is in its permutation of the slots.
 struct Walk {
@@ -230,31 +225,25 @@ fn fill(active: &[&Member], size: u32) -> Vec<u32> {
     // weights cost no heap work per slot.
     let mut order: Vec<usize> = (0..active.len()).collect();
     order.sort_by_key(|&i| (Reverse(active[i].weight), i));
-    let mut classes = Vec::new();
+    let mut turns = BinaryHeap::new();
+    let mut ranges = Vec::new();
     let mut start = 0;
     for end in 1..=order.len() {
         let weight = active[order[start]].weight;
         if end == order.len() || active[order[end]].weight != weight {
-            let w = u128::from(weight);
-            classes.push(Class {
-                time: 0,
-                rem: 0,
-                step: (1u128 << 64) / w,
-                step_rem: ((1u128 << 64) % w) as u64,
+            turns.push(Turn {
+                claims: 0,
                 weight,
-                start,
-                end,
+                class: ranges.len() as u32,
             });
+            ranges.push(start..end);
             start = end;
         }
     }
-    let mut turns: BinaryHeap<(Reverse<u128>, usize)> =
-        classes.iter().enumerate().map(|(c, class)| (class.key(), c)).collect();
     let mut filled = 0;
     'fill: loop {
         let mut turn = turns.peek_mut().expect("active is not empty");
-        let class = &mut classes[turn.1];
-        for &i in &order[class.start..class.end] {
+        for &i in &order[ranges[turn.class as usize].clone()] {
             let walk = &mut walks[i];
             // `skip` is in 1..m and m is prime, so the walk visits every
             // slot: it finds a free one as long as the table is not full.
@@ -279,8 +268,7 @@ fn fill(active: &[&Member], size: u32) -> Vec<u32> {
                 break 'fill;
             }
         }
-        class.advance();
-        turn.0 = class.key();
+        turn.claims += 1;
         // Dropping `turn` sifts it back into place.
     }
     table
@@ -331,11 +319,13 @@ pub fn is_prime(n: u32) -> bool {
     if n < 2 {
         return false;
     }
-    for p in [2u32, 3, 5, 7, 11, 13, 17, 19, 23, 29, 31, 37, 41, 43, 47, 53, 59, 61] {
+    for p in [
+        2u32, 3, 5, 7, 11, 13, 17, 19, 23, 29, 31, 37, 41, 43, 47, 53, 59, 61,
+    ] {
         if n == p {
             return true;
         }
-        if n % p == 0 {
+        if n.is_multiple_of(p) {
             return false;
         }
     }
@@ -543,66 +533,90 @@ mod tests {
         assert_proportional(&members, size);
     }
 
-    // Disruption. Measured with this algorithm and hash (M = 65537, equal
-    // weights, every backend removed/added in turn for N = 10; a sample for
-    // larger N): removing 1 of N changes at most ~1/N (the removed backend's
-    // slots, unavoidable) plus under 0.6/N among survivors (N=10: worst total
-    // 0.146; N=50: 0.028; N=100: 0.014). We assert the total stays within
-    // 1.6/N + 0.2% and the survivors' share of it within 0.6/N + 0.2%;
-    // adding one backend obeys the same bounds.
-    const SLACK: f64 = 0.002;
-
-    fn removal_disruption(n: u32, removed: u32) -> (f64, f64) {
-        let before = build(&equal(n), DEFAULT_RING_SIZE).unwrap();
-        let rest: Vec<Member> = equal(n).into_iter().filter(|m| m.id != removed).collect();
-        let after = build(&rest, DEFAULT_RING_SIZE).unwrap();
-        assert!(!after.contains(&removed));
-        let survivors_moved = before
-            .iter()
-            .zip(&after)
-            .filter(|(b, a)| **b != removed && b != a)
-            .count();
-        (
-            changed(&before, &after),
-            survivors_moved as f64 / before.len() as f64,
-        )
-    }
+    // Disruption: with equal weights this is plain Maglev. Measured with this
+    // hash at M = 65537, removing each backend in turn, the slots that move
+    // between surviving backends (on top of the removed one's ~1/N, which
+    // must move) are at most 0.23% of the ring for N = 10, 0.60% for
+    // N = 50, 0.64% for N = 100 (0.83% for N = 655, the 100-slot limit;
+    // 0.09% for N = 10000 at M = 1000003). Total change: at most 1.02/N,
+    // 1.30/N and 1.64/N. Adding an 11th, 51st or 101st backend moves at most
+    // 0.56%, 0.48%, 0.59% of the ring between the old ones. Asserted: total
+    // <= 1.5/N + 0.2%, survivors' churn below these bounds on removal and
+    // below ADD_CHURN on addition.
+    const DISRUPTION: [(u32, f64); 3] = [(10, 0.003), (50, 0.007), (100, 0.0075)];
+    const ADD_CHURN: f64 = 0.0065;
 
     #[test]
     fn removing_a_backend_moves_few_slots() {
-        for (n, step) in [(10u32, 1usize), (50, 7), (100, 13)] {
-            for removed in (0..n).step_by(step) {
-                let (total, survivors) = removal_disruption(n, removed);
+        for (n, survivor_bound) in DISRUPTION {
+            let all = equal(n);
+            let before = build(&all, DEFAULT_RING_SIZE).unwrap();
+            for removed in 0..n {
+                let rest: Vec<Member> = all.iter().filter(|m| m.id != removed).cloned().collect();
+                let after = build(&rest, DEFAULT_RING_SIZE).unwrap();
+                assert!(!after.contains(&removed));
+                let total = changed(&before, &after);
+                let survivors = before
+                    .iter()
+                    .zip(&after)
+                    .filter(|(b, a)| **b != removed && b != a)
+                    .count() as f64
+                    / before.len() as f64;
                 let nf = f64::from(n);
                 assert!(
-                    total <= 1.6 / nf + SLACK,
+                    total <= 1.5 / nf + 0.002,
                     "n={n} removed={removed}: {total:.4} of slots changed"
                 );
                 assert!(
-                    survivors <= 0.6 / nf + SLACK,
+                    survivors <= survivor_bound,
                     "n={n} removed={removed}: {survivors:.4} moved between survivors"
                 );
-                // The removed backend's slots (about 1/N) must move.
-                assert!(total >= 0.99 / nf, "n={n}: {total}");
             }
         }
     }
 
     #[test]
     fn adding_a_backend_moves_few_slots() {
-        for n in [10u32, 50, 100] {
+        for (n, _) in DISRUPTION {
             let before = build(&equal(n), DEFAULT_RING_SIZE).unwrap();
-            let after = build(&equal(n + 1), DEFAULT_RING_SIZE).unwrap();
-            let nf = f64::from(n + 1);
-            let total = changed(&before, &after);
-            let not_to_new = before
+            for new in (0..10).map(|k| 1000 + 17 * k) {
+                let mut more = equal(n);
+                more.push(member(new, 1));
+                let after = build(&more, DEFAULT_RING_SIZE).unwrap();
+                let total = changed(&before, &after);
+                let not_to_new = before
+                    .iter()
+                    .zip(&after)
+                    .filter(|(b, a)| b != a && **a != new)
+                    .count() as f64
+                    / before.len() as f64;
+                let nf = f64::from(n + 1);
+                assert!(total <= 1.5 / nf + 0.002, "n={n}: {total:.4} changed");
+                assert!(total >= 0.99 / nf, "n={n}: the new backend got {total:.4}");
+                assert!(not_to_new <= ADD_CHURN, "n={n}: {not_to_new:.4}");
+            }
+        }
+    }
+
+    #[test]
+    fn removing_a_weighted_backend_moves_few_slots() {
+        // Weights 1..5, N = 50: measured survivors' churn at most 0.54x the
+        // removed backend's own share.
+        let all: Vec<Member> = (0..50).map(|i| member(i, 1 + i % 5)).collect();
+        let before = build(&all, DEFAULT_RING_SIZE).unwrap();
+        for removed in 0..50 {
+            let rest: Vec<Member> = all.iter().filter(|m| m.id != removed).cloned().collect();
+            let after = build(&rest, DEFAULT_RING_SIZE).unwrap();
+            let own = before.iter().filter(|&&id| id == removed).count();
+            let survivors = before
                 .iter()
                 .zip(&after)
-                .filter(|(b, a)| b != a && **a != n)
-                .count() as f64
-                / before.len() as f64;
-            assert!(total <= 1.6 / nf + SLACK, "n={n}: {total:.4} changed");
-            assert!(not_to_new <= 0.6 / nf + SLACK, "n={n}: {not_to_new:.4}");
+                .filter(|(b, a)| **b != removed && b != a)
+                .count();
+            assert!(
+                survivors as f64 <= 0.6 * own as f64,
+                "removed {removed}: {survivors} survivor slots moved, it owned {own}"
+            );
         }
     }
 
@@ -697,16 +711,25 @@ mod tests {
     }
 
     #[test]
-    fn golden_table_is_stable() {
-        // Pins the hash and the fill: if this changes, hosts running
-        // different releases would disagree. Do not update it casually.
+    fn golden_tables_are_stable() {
+        // Pins the hash and the fill: if these change, hosts running
+        // different releases build different tables and a failover moves
+        // connections. Never update them without a migration plan.
+        assert_eq!(hash64(SEED_OFFSET, &identity(1)), GOLDEN_HASH_OFFSET);
+        assert_eq!(hash64(SEED_SKIP, &identity(1)), GOLDEN_HASH_SKIP);
+        assert_eq!(hash64(SEED_OFFSET, &[0; 17]), GOLDEN_HASH_LONG);
         let members: Vec<Member> = (0..5).map(|i| member(i, i + 1)).collect();
-        let table = build(&members, 13).unwrap();
-        assert_eq!(table, GOLDEN_13);
-        assert_eq!(hash64(SEED_OFFSET, &identity(1)), GOLDEN_HASH);
+        assert_eq!(build(&members, 13).unwrap(), GOLDEN_13);
+        let members: Vec<Member> = (0..10).map(|i| member(i, 1 + i % 4)).collect();
+        let table = build(&members, DEFAULT_RING_SIZE).unwrap();
+        let bytes: Vec<u8> = table.iter().flat_map(|id| id.to_le_bytes()).collect();
+        assert_eq!(hash64(0, &bytes), GOLDEN_DIGEST_65537);
     }
-    const GOLDEN_13: [u32; 13] = [0; 13];
-    const GOLDEN_HASH: u64 = 0;
+    const GOLDEN_HASH_OFFSET: u64 = 0xc61d_a20e_75c5_3781;
+    const GOLDEN_HASH_SKIP: u64 = 0x476d_ea13_6538_6dab;
+    const GOLDEN_HASH_LONG: u64 = 0xa5a0_4c23_f085_13ab;
+    const GOLDEN_13: [u32; 13] = [4, 2, 2, 2, 3, 4, 4, 3, 4, 0, 1, 1, 3];
+    const GOLDEN_DIGEST_65537: u64 = 0xa62e_4da8_c2ae_4a5a;
 
     #[test]
     fn empty_set_fills_every_slot_with_the_marker() {
@@ -864,7 +887,13 @@ mod tests {
 
     #[test]
     fn is_prime_on_large_and_tricky_values() {
-        for p in [65_537, 1_000_003, 16_777_213, 2_147_483_647, LARGEST_U32_PRIME] {
+        for p in [
+            65_537,
+            1_000_003,
+            16_777_213,
+            2_147_483_647,
+            LARGEST_U32_PRIME,
+        ] {
             assert!(is_prime(p), "{p}");
         }
         // Carmichael numbers and strong pseudoprimes to small bases (e.g.
@@ -936,6 +965,39 @@ mod tests {
         assert_eq!(ring_size_for(usize::MAX), LARGEST_U32_PRIME);
     }
 
+    /// The algorithm as the module doc states it, with no grouping, heap,
+    /// or bitmap: each step, a linear scan picks the member with the
+    /// earliest `claims / weight`, heavier first, then identity order.
+    fn reference(members: &[Member], size: u32) -> Vec<u32> {
+        let mut active: Vec<&Member> = members.iter().filter(|m| m.weight > 0).collect();
+        active.sort_by(|a, b| a.identity.cmp(&b.identity));
+        let m = u64::from(size);
+        let mut claims = vec![0u64; active.len()];
+        let mut walked = vec![0u64; active.len()];
+        let mut table = vec![EMPTY_SLOT; size as usize];
+        for _ in 0..size {
+            let mut best = 0;
+            for i in 1..active.len() {
+                let (wi, wb) = (u64::from(active[i].weight), u64::from(active[best].weight));
+                let (ti, tb) = (claims[i] * wb, claims[best] * wi);
+                if ti < tb || (ti == tb && wi > wb) {
+                    best = i;
+                }
+            }
+            let (offset, skip) = permutation(&active[best].identity, size);
+            loop {
+                let slot = ((offset + walked[best] * skip) % m) as usize;
+                walked[best] += 1;
+                if table[slot] == EMPTY_SLOT {
+                    table[slot] = active[best].id;
+                    break;
+                }
+            }
+            claims[best] += 1;
+        }
+        table
+    }
+
     proptest! {
         #![proptest_config(ProptestConfig::with_cases(200))]
 
@@ -969,6 +1031,24 @@ mod tests {
                 let got = c[&m.id] as f64;
                 prop_assert!(got <= fair + 1.0 + 1e-9, "{} > {} + 1", got, fair);
                 prop_assert!(got >= fair - n * w / total - 1e-9, "{} < {}", got, fair);
+            }
+        }
+
+        #[test]
+        fn matches_a_naive_reference(
+            weights in proptest::collection::vec(0u32..=6, 1..40),
+            size in proptest::sample::select(vec![41u32, 251, 1009]),
+        ) {
+            let members: Vec<Member> = weights
+                .iter()
+                .enumerate()
+                .map(|(i, &w)| member(i as u32 * 11, w))
+                .collect();
+            let fast = build(&members, size);
+            if weights.iter().any(|&w| w > 0) && weights.len() <= size as usize {
+                prop_assert_eq!(fast.unwrap(), reference(&members, size));
+            } else {
+                prop_assert!(fast.is_err());
             }
         }
 
