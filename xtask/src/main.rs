@@ -1,1 +1,129 @@
-fn main() {}
+//! `cargo xtask deps|build|test|demo`: the developer and CI entry points.
+
+use std::path::{Path, PathBuf};
+use std::process::Command;
+
+use anyhow::{Context, Result, bail};
+use clap::{Parser, Subcommand};
+
+#[derive(Parser)]
+#[command(name = "cargo xtask", about = "weir developer tasks")]
+struct Cli {
+    #[command(subcommand)]
+    task: Task,
+}
+
+#[derive(Subcommand)]
+enum Task {
+    /// Install missing Debian packages (as root) or list them.
+    Deps,
+    /// Build everything (the BPF objects are built by weir-ebpf's build.rs).
+    Build,
+    /// Format check, clippy, and every test, including the root/namespace ones.
+    Test {
+        /// Extra arguments for `cargo test` (after `--`).
+        #[arg(last = true)]
+        args: Vec<String>,
+    },
+    /// Run the demo: an L4 service through XDP, changed live under traffic.
+    Demo,
+}
+
+/// Debian packages weir needs to build and test, with a file each provides.
+const PACKAGES: &[(&str, &str)] = &[
+    ("clang", "/usr/bin/clang"),
+    ("llvm", "/usr/bin/llvm-objdump"),
+    ("libbpf-dev", "/usr/include/bpf/bpf_helpers.h"),
+    ("linux-libc-dev", "/usr/include/linux/bpf.h"),
+    ("libc6-dev", "/usr/include/x86_64-linux-gnu/asm/types.h"),
+    ("iproute2", "/usr/bin/ip"),
+    ("ethtool", "/usr/sbin/ethtool"),
+    ("util-linux", "/usr/bin/nsenter"),
+];
+
+fn main() -> Result<()> {
+    let cli = Cli::parse();
+    let root = workspace_root();
+    std::env::set_current_dir(&root)?;
+    match cli.task {
+        Task::Deps => deps(),
+        Task::Build => {
+            deps()?;
+            cargo(&["build", "--workspace", "--all-targets"])
+        }
+        Task::Test { args } => {
+            deps()?;
+            require_root("the tests attach XDP and build network namespaces")?;
+            cargo(&["fmt", "--all", "--check"])?;
+            cargo(&["clippy", "--workspace", "--all-targets", "--", "-D", "warnings"])?;
+            cargo(&["build", "--workspace", "--all-targets"])?;
+            let mut test = vec!["test", "--workspace", "--"];
+            test.extend(args.iter().map(String::as_str));
+            cargo(&test)
+        }
+        Task::Demo => {
+            deps()?;
+            require_root("the demo attaches XDP and builds network namespaces")?;
+            cargo(&["build", "--workspace", "--bins"])?;
+            let demo = root.join("target/debug/weir-demo");
+            let status = Command::new(&demo).status().with_context(|| format!("running {}", demo.display()))?;
+            if !status.success() {
+                bail!("the demo failed ({status})");
+            }
+            Ok(())
+        }
+    }
+}
+
+fn workspace_root() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR")).parent().expect("xtask lives in the workspace").to_path_buf()
+}
+
+fn is_root() -> bool {
+    // std has no geteuid; /proc tells the effective uid.
+    std::fs::read_to_string("/proc/self/status")
+        .ok()
+        .and_then(|s| {
+            s.lines()
+                .find(|l| l.starts_with("Uid:"))
+                .and_then(|l| l.split_whitespace().nth(2).map(|uid| uid == "0"))
+        })
+        .unwrap_or(false)
+}
+
+fn require_root(why: &str) -> Result<()> {
+    if !is_root() {
+        bail!("run as root: {why}");
+    }
+    Ok(())
+}
+
+fn deps() -> Result<()> {
+    let missing: Vec<&str> = PACKAGES.iter().filter(|(_, f)| !Path::new(f).exists()).map(|(p, _)| *p).collect();
+    if missing.is_empty() {
+        return Ok(());
+    }
+    if !is_root() {
+        bail!("missing Debian packages: {}; install them with `apt-get install {}`", missing.join(" "), missing.join(" "));
+    }
+    eprintln!("xtask: installing {}", missing.join(" "));
+    run(Command::new("apt-get").arg("update").arg("-qq"))?;
+    run(Command::new("apt-get")
+        .args(["install", "-y", "-qq", "--no-install-recommends"])
+        .args(&missing)
+        .env("DEBIAN_FRONTEND", "noninteractive"))
+}
+
+fn cargo(args: &[&str]) -> Result<()> {
+    let cargo = std::env::var("CARGO").unwrap_or_else(|_| "cargo".into());
+    eprintln!("xtask: cargo {}", args.join(" "));
+    run(Command::new(cargo).args(args))
+}
+
+fn run(cmd: &mut Command) -> Result<()> {
+    let status = cmd.status().with_context(|| format!("running {cmd:?}"))?;
+    if !status.success() {
+        bail!("{cmd:?} failed ({status})");
+    }
+    Ok(())
+}

@@ -31,7 +31,7 @@ pub const DEFAULT_RING_SIZE: u32 = 65_537;
 pub const MAX_RING_SIZE: u32 = 1 << 24;
 
 /// Slots per backend that [`ring_size_for`] guarantees: with this many, every
-/// backend's share is within 1% of its weight's fair share.
+/// backend's share is within 1% (or one slot) of its weight's fair share.
 pub const MIN_SLOTS_PER_BACKEND: u64 = 100;
 
 /// Largest prime that fits in a `u32`.
@@ -132,25 +132,25 @@ pub fn build(members: &[Member], size: u32) -> Result<Vec<u32>, MaglevError> {
 }
 
 /// Sorts by identity and rejects inputs whose table would be ambiguous.
+/// Errors name the same ids whatever the input order.
 fn validate(sorted: &mut [&Member]) -> Result<(), MaglevError> {
-    for m in sorted.iter() {
-        if m.id == EMPTY_SLOT {
-            return Err(MaglevError::ReservedId(m.id));
-        }
-        if m.identity.is_empty() {
-            return Err(MaglevError::EmptyIdentity(m.id));
-        }
+    if sorted.iter().any(|m| m.id == EMPTY_SLOT) {
+        return Err(MaglevError::ReservedId(EMPTY_SLOT));
     }
-    sorted.sort_unstable_by(|a, b| a.identity.cmp(&b.identity));
-    for pair in sorted.windows(2) {
-        if pair[0].identity == pair[1].identity {
-            // Report the ids in a fixed order so the message is deterministic.
-            let (a, b) = (pair[0].id, pair[1].id);
-            return Err(MaglevError::DuplicateIdentity {
-                first: a.min(b),
-                second: a.max(b),
-            });
-        }
+    if let Some(id) = sorted
+        .iter()
+        .filter(|m| m.identity.is_empty())
+        .map(|m| m.id)
+        .min()
+    {
+        return Err(MaglevError::EmptyIdentity(id));
+    }
+    sorted.sort_unstable_by(|a, b| a.identity.cmp(&b.identity).then(a.id.cmp(&b.id)));
+    if let Some(pair) = sorted.windows(2).find(|p| p[0].identity == p[1].identity) {
+        return Err(MaglevError::DuplicateIdentity {
+            first: pair[0].id,
+            second: pair[1].id,
+        });
     }
     let mut ids: Vec<u32> = sorted.iter().map(|m| m.id).collect();
     ids.sort_unstable();
@@ -176,7 +176,7 @@ impl Ord for Turn {
         // claims <= 2^24 and weight < 2^32: the cross products fit in u64.
         let mine = u64::from(self.claims) * u64::from(other.weight);
         let theirs = u64::from(other.claims) * u64::from(self.weight);
-        theirs.cmp(&mine).then(other.weight.cmp(&self.weight))
+        theirs.cmp(&mine).then(self.weight.cmp(&other.weight))
     }
 }
 
@@ -825,6 +825,35 @@ mod tests {
             build(&members, 251),
             Err(MaglevError::DuplicateIdentity { .. })
         ));
+    }
+
+    #[test]
+    fn errors_do_not_depend_on_input_order() {
+        let mut members = equal(6);
+        for (k, id) in [40, 30, 50].into_iter().enumerate() {
+            members.push(Member {
+                id,
+                identity: identity(2),
+                weight: k as u32,
+            });
+        }
+        members[4].identity.clear();
+        members[1].identity.clear();
+        let mut dup = members.clone();
+        dup[1].identity = identity(1);
+        dup[4].identity = identity(4);
+        for _ in 0..members.len() {
+            assert_eq!(build(&members, 251), Err(MaglevError::EmptyIdentity(1)));
+            assert_eq!(
+                build(&dup, 251),
+                Err(MaglevError::DuplicateIdentity {
+                    first: 2,
+                    second: 30
+                })
+            );
+            members.rotate_left(1);
+            dup.rotate_left(1);
+        }
     }
 
     #[test]
