@@ -20,9 +20,13 @@ fn main() {
         )),
     }
     for header in ["bpf/bpf_helpers.h", "linux/bpf.h", "asm/types.h"] {
-        let found = ["/usr/include", "/usr/include/x86_64-linux-gnu", "/usr/include/aarch64-linux-gnu"]
-            .iter()
-            .any(|dir| Path::new(dir).join(header).exists());
+        let found = [
+            "/usr/include",
+            "/usr/include/x86_64-linux-gnu",
+            "/usr/include/aarch64-linux-gnu",
+        ]
+        .iter()
+        .any(|dir| Path::new(dir).join(header).exists());
         if !found {
             let package = match header {
                 "bpf/bpf_helpers.h" => "libbpf-dev",

@@ -13,6 +13,10 @@ pub const NO_BACKEND: u32 = u32::MAX;
 pub const MAX_RING_SIZE: u32 = 16_777_259;
 /// Bytes the IPIP outer header adds.
 pub const IPIP_OVERHEAD: u32 = 20;
+/// Next-hop cache slots per CPU.
+pub const NEXTHOP_SLOTS: u32 = 4096;
+/// How long a cached FIB result is reused.
+pub const NEXTHOP_TTL_NS: u64 = 100_000_000;
 /// `BPF_F_MMAPABLE`.
 pub const BPF_F_MMAPABLE: u32 = 1 << 10;
 /// `BPF_F_INNER_MAP`.
@@ -35,6 +39,7 @@ pub mod maps {
     pub const STATS: &str = "weir_stats";
     pub const SERVICE_STATS: &str = "weir_svc_stats";
     pub const BACKEND_STATS: &str = "weir_be_stats";
+    pub const NEXTHOP: &str = "weir_nexthop";
     pub const DECAP_VIPS: &str = "weir_dcap_vips";
     pub const DECAP_STATS: &str = "weir_dcap_stats";
     /// Maps of the balancer object.
@@ -48,6 +53,7 @@ pub mod maps {
         STATS,
         SERVICE_STATS,
         BACKEND_STATS,
+        NEXTHOP,
     ];
     /// Maps of the decap object.
     pub const DECAP: &[&str] = &[DECAP_VIPS, DECAP_STATS];
@@ -160,6 +166,20 @@ pub struct LbConfig {
     pub flags: u32,
 }
 
+/// `struct weir_nexthop` (one CPU's cache entry).
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct Nexthop {
+    pub expires_ns: u64,
+    pub daddr: [u8; 4],
+    pub ingress_ifindex: u32,
+    pub egress_ifindex: u32,
+    pub mtu: u16,
+    pub dmac: [u8; 6],
+    pub smac: [u8; 6],
+    pub pad: [u8; 6],
+}
+
 /// `struct weir_service_stats` (one CPU's share).
 #[repr(C)]
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
@@ -212,6 +232,7 @@ pub const COUNTERS: &[&str] = &[
     "flow_miss",
     "flow_stale",
     "flow_update_fail",
+    "fib_lookup",
 ];
 
 /// `enum weir_decap_counter`, in order.
@@ -238,6 +259,7 @@ unsafe impl aya::Pod for LbConfig {}
 unsafe impl aya::Pod for ServiceStats {}
 unsafe impl aya::Pod for BackendStats {}
 unsafe impl aya::Pod for DecapKey {}
+unsafe impl aya::Pod for Nexthop {}
 
 /// `weir_flow_hash()` from the header, bit for bit: the ring slot of a flow
 /// is `flow_hash(key) % ring_size`.

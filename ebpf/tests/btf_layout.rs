@@ -21,7 +21,9 @@ struct Layout {
 /// Minimal BTF reader: enough to list named structs and their members.
 fn btf_structs(elf: &[u8]) -> HashMap<String, Layout> {
     let file = object::File::parse(elf).expect("object parses as ELF");
-    let section = file.section_by_name(".BTF").expect("object has .BTF (built with -g)");
+    let section = file
+        .section_by_name(".BTF")
+        .expect("object has .BTF (built with -g)");
     let btf = section.data().expect(".BTF readable");
     let u16_at = |off: usize| u16::from_le_bytes(btf[off..off + 2].try_into().unwrap());
     let u32_at = |off: usize| u32::from_le_bytes(btf[off..off + 4].try_into().unwrap());
@@ -47,11 +49,11 @@ fn btf_structs(elf: &[u8]) -> HashMap<String, Layout> {
         let kind_flag = info >> 31 == 1;
         at += 12;
         let trailing = match kind {
-            1 | 14 | 17 => 4,              // INT, VAR, DECL_TAG
-            3 => 12,                       // ARRAY
-            4 | 5 => 12 * vlen,            // STRUCT, UNION
-            6 | 13 => 8 * vlen,            // ENUM, FUNC_PROTO
-            15 | 19 => 12 * vlen,          // DATASEC, ENUM64
+            1 | 14 | 17 => 4,     // INT, VAR, DECL_TAG
+            3 => 12,              // ARRAY
+            4 | 5 => 12 * vlen,   // STRUCT, UNION
+            6 | 13 => 8 * vlen,   // ENUM, FUNC_PROTO
+            15 | 19 => 12 * vlen, // DATASEC, ENUM64
             2 | 7 | 8 | 9 | 10 | 11 | 12 | 16 | 18 => 0,
             other => panic!("unknown BTF kind {other}"),
         };
@@ -85,20 +87,63 @@ macro_rules! layout {
 fn lb_structs_match_btf() {
     let btf = btf_structs(weir_ebpf::lb_object());
     let expect = [
-        ("weir_service_key", layout!(abi::ServiceKey { vip, port, proto, pad })),
+        (
+            "weir_service_key",
+            layout!(abi::ServiceKey {
+                vip,
+                port,
+                proto,
+                pad
+            }),
+        ),
         (
             "weir_service",
-            layout!(abi::Service { id, ring_size, mode, pad, flags, min_backends, max_remove_permille }),
+            layout!(abi::Service {
+                id,
+                ring_size,
+                mode,
+                pad,
+                flags,
+                min_backends,
+                max_remove_permille
+            }),
         ),
         (
             "weir_backend",
-            layout!(abi::Backend { addr, port, weight, service_id, state, flags }),
+            layout!(abi::Backend {
+                addr,
+                port,
+                weight,
+                service_id,
+                state,
+                flags
+            }),
         ),
         (
             "weir_flow_key",
-            layout!(abi::FlowKey { saddr, daddr, sport, dport, proto, pad }),
+            layout!(abi::FlowKey {
+                saddr,
+                daddr,
+                sport,
+                dport,
+                proto,
+                pad
+            }),
         ),
         ("weir_lb_config", layout!(abi::LbConfig { lb_addr, flags })),
+        (
+            "weir_nexthop",
+            layout!(abi::Nexthop {
+                expires_ns,
+                daddr,
+                ingress_ifindex,
+                egress_ifindex,
+                mtu,
+                dmac,
+                smac,
+                pad
+            }),
+        ),
         (
             "weir_service_stats",
             layout!(abi::ServiceStats {
@@ -111,10 +156,19 @@ fn lb_structs_match_btf() {
                 passed_l7
             }),
         ),
-        ("weir_backend_stats", layout!(abi::BackendStats { packets, bytes, new_flows })),
+        (
+            "weir_backend_stats",
+            layout!(abi::BackendStats {
+                packets,
+                bytes,
+                new_flows
+            }),
+        ),
     ];
     for (name, want) in expect {
-        let got = btf.get(name).unwrap_or_else(|| panic!("struct {name} missing from BTF"));
+        let got = btf
+            .get(name)
+            .unwrap_or_else(|| panic!("struct {name} missing from BTF"));
         assert_eq!(got, &want, "layout of struct {name}");
     }
 }
@@ -132,7 +186,9 @@ fn header() -> String {
 /// Member names of a C enum in the header, in order, without `prefix`,
 /// stopping before the `_MAX` sentinel.
 fn enum_members(header: &str, enum_name: &str, prefix: &str) -> Vec<String> {
-    let start = header.find(&format!("enum {enum_name} {{")).expect("enum in header");
+    let start = header
+        .find(&format!("enum {enum_name} {{"))
+        .expect("enum in header");
     let body = &header[start..header[start..].find("};").unwrap() + start];
     body.lines()
         .skip(1)
@@ -157,7 +213,10 @@ fn counters_match_header_enums() {
         enum_members(&h, "weir_backend_state", "WEIR_BACKEND_"),
         ["empty", "active", "draining", "removed", "down"]
     );
-    for (i, s) in ["empty", "active", "draining", "removed", "down"].iter().enumerate() {
+    for (i, s) in ["empty", "active", "draining", "removed", "down"]
+        .iter()
+        .enumerate()
+    {
         assert_eq!(abi::BackendState::from_raw(i as u32).unwrap().name(), *s);
     }
 }
@@ -167,8 +226,13 @@ fn define(header: &str, name: &str) -> u64 {
         .lines()
         .find(|l| l.starts_with(&format!("#define {name} ")))
         .unwrap_or_else(|| panic!("#define {name} in header"));
-    let value = line[format!("#define {name} ").len()..].trim().trim_end_matches('u');
-    if let Some(shift) = value.strip_prefix("(1 << ").and_then(|v| v.strip_suffix(')')) {
+    let value = line[format!("#define {name} ").len()..]
+        .trim()
+        .trim_end_matches(['u', 'U', 'L']);
+    if let Some(shift) = value
+        .strip_prefix("(1 << ")
+        .and_then(|v| v.strip_suffix(')'))
+    {
         1u64 << shift.parse::<u32>().unwrap()
     } else if let Some(hex) = value.strip_prefix("0x") {
         u64::from_str_radix(hex, 16).unwrap()
@@ -186,7 +250,10 @@ fn constants_match_header() {
     assert_eq!(define(&h, "WEIR_NO_BACKEND"), abi::NO_BACKEND as u64);
     assert_eq!(define(&h, "WEIR_MAX_RING_SIZE"), abi::MAX_RING_SIZE as u64);
     assert_eq!(define(&h, "WEIR_IPIP_OVERHEAD"), abi::IPIP_OVERHEAD as u64);
-    assert_eq!(define(&h, "WEIR_BACKEND_F_USED"), abi::BACKEND_F_USED as u64);
+    assert_eq!(
+        define(&h, "WEIR_BACKEND_F_USED"),
+        abi::BACKEND_F_USED as u64
+    );
     assert!(h.contains("#define WEIR_RING_MAP_FLAGS ((1U << 12) | (1U << 10))"));
     assert_eq!(abi::RING_MAP_FLAGS, (1 << 12) | (1 << 10));
 }

@@ -16,9 +16,7 @@ const BPF_FS_MAGIC: i64 = 0xcafe_4a11;
 
 #[derive(Debug, Error)]
 pub enum InstanceError {
-    #[error(
-        "instance name {0:?} is invalid: use 1-32 characters from a-z, A-Z, 0-9, '-' and '_'"
-    )]
+    #[error("instance name {0:?} is invalid: use 1-32 characters from a-z, A-Z, 0-9, '-' and '_'")]
     BadName(String),
     #[error("weir must run as root (it needs CAP_BPF, CAP_NET_ADMIN and CAP_SYS_ADMIN)")]
     NotRoot,
@@ -32,7 +30,10 @@ pub enum InstanceError {
 }
 
 fn io_err(path: &Path) -> impl FnOnce(io::Error) -> InstanceError + '_ {
-    move |source| InstanceError::Io { path: path.to_path_buf(), source }
+    move |source| InstanceError::Io {
+        path: path.to_path_buf(),
+        source,
+    }
 }
 
 /// A named weir instance. Several can share a host (tests use one each).
@@ -45,7 +46,9 @@ impl Instance {
     pub fn new(name: &str) -> Result<Self, InstanceError> {
         let ok = !name.is_empty()
             && name.len() <= 32
-            && name.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'_');
+            && name
+                .bytes()
+                .all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'_');
         if !ok {
             return Err(InstanceError::BadName(name.into()));
         }
@@ -68,7 +71,8 @@ impl Instance {
 
     /// `/var/lib/weir/<instance>` (or `$WEIR_STATE_DIR/<instance>`).
     pub fn state_dir(&self) -> PathBuf {
-        let root = std::env::var_os("WEIR_STATE_DIR").map_or_else(|| PathBuf::from(STATE_ROOT), PathBuf::from);
+        let root = std::env::var_os("WEIR_STATE_DIR")
+            .map_or_else(|| PathBuf::from(STATE_ROOT), PathBuf::from);
         root.join(&self.name)
     }
 
@@ -101,7 +105,10 @@ impl Instance {
             .map_err(io_err(&path))?;
         // SAFETY: flock on a file descriptor we own.
         if unsafe { libc::flock(file.as_raw_fd(), libc::LOCK_EX) } != 0 {
-            return Err(InstanceError::Io { path, source: io::Error::last_os_error() });
+            return Err(InstanceError::Io {
+                path,
+                source: io::Error::last_os_error(),
+            });
         }
         Ok(LockGuard { _file: file })
     }
@@ -113,7 +120,12 @@ impl Instance {
             match std::fs::remove_dir_all(&dir) {
                 Ok(()) => {}
                 Err(e) if e.kind() == io::ErrorKind::NotFound => {}
-                Err(e) => return Err(InstanceError::Io { path: dir, source: e }),
+                Err(e) => {
+                    return Err(InstanceError::Io {
+                        path: dir,
+                        source: e,
+                    });
+                }
             }
         }
         Ok(())
@@ -154,7 +166,13 @@ pub fn ensure_bpffs() -> Result<(), InstanceError> {
     let fstype = std::ffi::CString::new("bpf").expect("no NUL");
     // SAFETY: valid NUL-terminated strings; no data argument.
     let rc = unsafe {
-        libc::mount(fstype.as_ptr(), target.as_ptr(), fstype.as_ptr(), 0, std::ptr::null())
+        libc::mount(
+            fstype.as_ptr(),
+            target.as_ptr(),
+            fstype.as_ptr(),
+            0,
+            std::ptr::null(),
+        )
     };
     if rc != 0 {
         return Err(InstanceError::NoBpffs(io::Error::last_os_error()));

@@ -19,34 +19,53 @@ impl Inst {
     }
 
     fn weir(&self, args: &[&str]) -> Output {
-        Command::new(WEIR).arg("--instance").arg(&self.0).args(args).output().expect("run weir")
+        Command::new(WEIR)
+            .arg("--instance")
+            .arg(&self.0)
+            .args(args)
+            .output()
+            .expect("run weir")
     }
 
     fn ok(&self, args: &[&str]) -> String {
         let out = self.weir(args);
-        assert!(out.status.success(), "weir {args:?}: {}", String::from_utf8_lossy(&out.stderr));
+        assert!(
+            out.status.success(),
+            "weir {args:?}: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
         String::from_utf8_lossy(&out.stdout).into_owned()
     }
 
     /// Registry contents and generation, as the CLI shows them.
     fn snapshot(&self) -> (String, u64) {
         let backends = self.ok(&["--json", "backend", "list", SVC]);
-        let stats: serde_json::Value = serde_json::from_str(&self.ok(&["--json", "stats"])).unwrap();
+        let stats: serde_json::Value =
+            serde_json::from_str(&self.ok(&["--json", "stats"])).unwrap();
         (backends, stats["generation"].as_u64().unwrap())
     }
 }
 
 impl Drop for Inst {
     fn drop(&mut self) {
-        let _ = Command::new(WEIR).args(["--instance", &self.0, "destroy"]).output();
+        let _ = Command::new(WEIR)
+            .args(["--instance", &self.0, "destroy"])
+            .output();
     }
 }
 
 fn assert_one_line_error(out: &Output, expect: &str, what: &str) {
     assert!(!out.status.success(), "{what}: exit status {}", out.status);
     let err = String::from_utf8_lossy(&out.stderr);
-    assert_eq!(err.trim_end().lines().count(), 1, "{what}: one line, got {err:?}");
-    assert!(err.to_lowercase().contains(&expect.to_lowercase()), "{what}: {err:?} lacks {expect:?}");
+    assert_eq!(
+        err.trim_end().lines().count(),
+        1,
+        "{what}: one line, got {err:?}"
+    );
+    assert!(
+        err.to_lowercase().contains(&expect.to_lowercase()),
+        "{what}: {err:?} lacks {expect:?}"
+    );
 }
 
 #[test]
@@ -56,34 +75,91 @@ fn bad_input_is_refused_with_one_line_and_changes_nothing() {
         return;
     }
     let inst = Inst::new("bad");
-    inst.ok(&["--flows", "4096", "service", "add", SVC, "--min-backends", "3"]);
-    inst.ok(&["backend", "set", SVC, "198.18.50.1", "198.18.50.2", "198.18.50.3@2"]);
+    inst.ok(&[
+        "--flows",
+        "4096",
+        "service",
+        "add",
+        SVC,
+        "--min-backends",
+        "3",
+    ]);
+    inst.ok(&[
+        "backend",
+        "set",
+        SVC,
+        "198.18.50.1",
+        "198.18.50.2",
+        "198.18.50.3@2",
+    ]);
     let before = inst.snapshot();
 
     let cases: &[(&[&str], &str)] = &[
-        (&["backend", "add", "198.19.0.99:80", "198.18.50.9:80"], "no service 198.19.0.99:80"),
-        (&["backend", "set", SVC, "198.18.50.1", "198.18.50.1@3"], "listed twice"),
+        (
+            &["backend", "add", "198.19.0.99:80", "198.18.50.9:80"],
+            "no service 198.19.0.99:80",
+        ),
+        (
+            &["backend", "set", SVC, "198.18.50.1", "198.18.50.1@3"],
+            "listed twice",
+        ),
         (&["backend", "add", SVC, "198.18.50.1"], "already active"),
-        (&["backend", "add", SVC, "backend-host"], "not an IPv4 address"),
+        (
+            &["backend", "add", SVC, "backend-host"],
+            "not an IPv4 address",
+        ),
         (&["backend", "add", SVC, "198.18.50.9:0"], "port"),
-        (&["backend", "add", SVC, "198.18.50.9:9000"], "must be the service port"),
-        (&["backend", "add", SVC, "127.0.0.1"], "not a unicast address"),
-        (&["backend", "add", SVC, "198.18.50.9", "--weight", "0"], "weight"),
-        (&["backend", "weight", SVC, "198.18.50.1", "70000"], "weight"),
+        (
+            &["backend", "add", SVC, "198.18.50.9:9000"],
+            "must be the service port",
+        ),
+        (
+            &["backend", "add", SVC, "127.0.0.1"],
+            "not a unicast address",
+        ),
+        (
+            &["backend", "add", SVC, "198.18.50.9", "--weight", "0"],
+            "weight",
+        ),
+        (
+            &["backend", "weight", SVC, "198.18.50.1", "70000"],
+            "weight",
+        ),
         (&["backend", "drain", SVC, "198.18.50.99"], "no backend"),
         (&["backend", "set", SVC, "198.18.50.1"], "refusing"),
-        (&["backend", "remove", SVC, "198.18.50.1"], "refusing to leave 2"),
+        (
+            &["backend", "remove", SVC, "198.18.50.1"],
+            "refusing to leave 2",
+        ),
         (&["service", "add", "300.1.1.1:80"], "not an IPv4 address"),
         (&["service", "add", "198.19.0.31"], "VIP:PORT"),
         (&["service", "add", SVC], "exists already"),
-        (&["service", "add", "198.19.0.31:80", "--ring-size", "1000"], "prime"),
-        (&["service", "add", "198.19.0.31:80", "--max-remove-fraction", "1.5"], "between 0 and 1"),
+        (
+            &["service", "add", "198.19.0.31:80", "--ring-size", "1000"],
+            "prime",
+        ),
+        (
+            &[
+                "service",
+                "add",
+                "198.19.0.31:80",
+                "--max-remove-fraction",
+                "1.5",
+            ],
+            "between 0 and 1",
+        ),
         (&["service", "remove", SVC], "still has 3 backend"),
         (&["detach", "--dev", "lo"], "not attached"),
-        (&["attach", "--dev", "nosuchdev0", "--lb-addr", "198.18.2.2"], "no network interface"),
+        (
+            &["attach", "--dev", "nosuchdev0", "--lb-addr", "198.18.2.2"],
+            "no network interface",
+        ),
         (&["decap", "detach", "--dev", "lo"], "not attached"),
         (&["--instance", "../etc", "service", "list"], "invalid"),
-        (&["--instance", "nosuchinstance", "service", "list"], "does not exist"),
+        (
+            &["--instance", "nosuchinstance", "service", "list"],
+            "does not exist",
+        ),
         (&["backend", "frobnicate"], "unrecognized subcommand"),
     ];
     for (args, expect) in cases {
@@ -93,27 +169,57 @@ fn bad_input_is_refused_with_one_line_and_changes_nothing() {
             inst.weir(args)
         };
         assert_one_line_error(&out, expect, &format!("weir {args:?}"));
-        assert_eq!(inst.snapshot(), before, "weir {args:?} changed the registry");
+        assert_eq!(
+            inst.snapshot(),
+            before,
+            "weir {args:?} changed the registry"
+        );
     }
 
     // Forwarding off: a fresh network namespace has it off.
     let out = Command::new("unshare")
-        .args(["-n", WEIR, "--instance", &inst.0, "attach", "--dev", "lo", "--lb-addr", "198.18.2.2"])
+        .args([
+            "-n",
+            WEIR,
+            "--instance",
+            &inst.0,
+            "attach",
+            "--dev",
+            "lo",
+            "--lb-addr",
+            "198.18.2.2",
+        ])
         .output()
         .unwrap();
     assert_one_line_error(&out, "forwarding is off", "attach with forwarding off");
 
     // Not root.
     let out = Command::new("setpriv")
-        .args(["--reuid=65534", "--regid=65534", "--clear-groups", WEIR, "--instance", &inst.0, "backend", "list", SVC])
+        .args([
+            "--reuid=65534",
+            "--regid=65534",
+            "--clear-groups",
+            WEIR,
+            "--instance",
+            &inst.0,
+            "backend",
+            "list",
+            SVC,
+        ])
         .output()
         .unwrap();
     assert_one_line_error(&out, "must run as root", "not root");
 
     // No bpffs: in a private mount namespace without it, weir mounts a fresh
     // (empty) one and says the instance is not there.
-    let script = format!("umount /sys/fs/bpf && exec {WEIR} --instance {} backend list {SVC}", inst.0);
-    let out = Command::new("unshare").args(["-m", "--propagation", "private", "sh", "-c", &script]).output().unwrap();
+    let script = format!(
+        "umount /sys/fs/bpf && exec {WEIR} --instance {} backend list {SVC}",
+        inst.0
+    );
+    let out = Command::new("unshare")
+        .args(["-m", "--propagation", "private", "sh", "-c", &script])
+        .output()
+        .unwrap();
     assert_one_line_error(&out, "does not exist", "no bpffs");
     assert_eq!(inst.snapshot(), before);
 }
@@ -128,8 +234,18 @@ fn set_prints_the_diff_and_dry_run_applies_nothing() {
     inst.ok(&["--flows", "4096", "service", "add", SVC]);
     inst.ok(&["backend", "set", SVC, "198.18.51.1", "198.18.51.2"]);
     let before = inst.snapshot();
-    let out = inst.ok(&["backend", "set", SVC, "198.18.51.2@3", "198.18.51.3", "--dry-run"]);
-    assert!(out.contains("+ 198.19.0.30:8080 backend 198.18.51.3:8080 weight 1"), "{out}");
+    let out = inst.ok(&[
+        "backend",
+        "set",
+        SVC,
+        "198.18.51.2@3",
+        "198.18.51.3",
+        "--dry-run",
+    ]);
+    assert!(
+        out.contains("+ 198.19.0.30:8080 backend 198.18.51.3:8080 weight 1"),
+        "{out}"
+    );
     assert!(out.contains("198.18.51.2:8080: weight 1 -> 3"), "{out}");
     assert!(out.contains("198.18.51.1:8080: active -> removed"), "{out}");
     assert!(out.contains("dry run"), "{out}");
@@ -137,12 +253,19 @@ fn set_prints_the_diff_and_dry_run_applies_nothing() {
 
     let out = inst.ok(&["backend", "set", SVC, "198.18.51.2@3", "198.18.51.3"]);
     assert!(out.contains("applied (generation"), "{out}");
-    let list: serde_json::Value = serde_json::from_str(&inst.ok(&["--json", "backend", "list", SVC])).unwrap();
+    let list: serde_json::Value =
+        serde_json::from_str(&inst.ok(&["--json", "backend", "list", SVC])).unwrap();
     let states: Vec<(String, String, u64)> = list
         .as_array()
         .unwrap()
         .iter()
-        .map(|b| (b["backend"].as_str().unwrap().into(), b["state"].as_str().unwrap().into(), b["ring_slots"].as_u64().unwrap()))
+        .map(|b| {
+            (
+                b["backend"].as_str().unwrap().into(),
+                b["state"].as_str().unwrap().into(),
+                b["ring_slots"].as_u64().unwrap(),
+            )
+        })
         .collect();
     // The leaver has no flows, so the next change would free it; until then
     // it is listed as removed and owns no slot.

@@ -10,6 +10,7 @@
 use std::path::{Path, PathBuf};
 
 pub mod packet;
+pub mod progrun;
 pub mod scenario;
 pub mod topology;
 pub mod wsload;

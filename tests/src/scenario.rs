@@ -76,8 +76,11 @@ pub struct L4Report {
 impl L4Report {
     /// XDP's new-flow counter per backend name.
     pub fn new_flows_per_backend(&self) -> BTreeMap<String, u64> {
-        let by_addr: BTreeMap<String, String> =
-            self.backends.iter().map(|(name, a)| (format!("{a}:{PORT}"), name.clone())).collect();
+        let by_addr: BTreeMap<String, String> = self
+            .backends
+            .iter()
+            .map(|(name, a)| (format!("{a}:{PORT}"), name.clone()))
+            .collect();
         let mut out = BTreeMap::new();
         for svc in self.stats["services"].as_array().into_iter().flatten() {
             for b in svc["backends"].as_array().into_iter().flatten() {
@@ -92,7 +95,12 @@ impl L4Report {
     /// Connections each backend got, as the clients saw them.
     pub fn client_connections_per_backend(&self) -> BTreeMap<String, u64> {
         let mut out = BTreeMap::new();
-        for c in self.long_lived.connections.iter().chain(&self.after.connections) {
+        for c in self
+            .long_lived
+            .connections
+            .iter()
+            .chain(&self.after.connections)
+        {
             if let (true, Some(b)) = (c.connected, &c.backend) {
                 *out.entry(b.clone()).or_insert(0) += 1;
             }
@@ -131,16 +139,31 @@ pub fn run_l4(opts: &L4Options) -> Result<L4Report> {
     let client = workspace_bin("weir-wsclient");
     for bin in [&weir, &echo, &client] {
         if !bin.exists() {
-            bail!("{} is not built; run `cargo build --workspace` first", bin.display());
+            bail!(
+                "{} is not built; run `cargo build --workspace` first",
+                bin.display()
+            );
         }
     }
 
-    let mut topo = Topology::build(TopologySpec { backends: 4, client_addrs: 1 })?;
-    let _instance = InstanceGuard { weir: weir.clone(), instance: opts.instance.clone() };
-    log(opts.verbose, start, &format!("topology {} up: client, router, lb, 4 backends", topo.id));
+    let mut topo = Topology::build(TopologySpec {
+        backends: 4,
+        client_addrs: 1,
+    })?;
+    let _instance = InstanceGuard {
+        weir: weir.clone(),
+        instance: opts.instance.clone(),
+    };
+    log(
+        opts.verbose,
+        start,
+        &format!("topology {} up: client, router, lb, 4 backends", topo.id),
+    );
     let vip = topo.vip();
     let service = format!("{vip}:{PORT}");
-    let backends: BTreeMap<String, Ipv4Addr> = (0..4).map(|i| (format!("b{i}"), topo.backend_addr(i))).collect();
+    let backends: BTreeMap<String, Ipv4Addr> = (0..4)
+        .map(|i| (format!("b{i}"), topo.backend_addr(i)))
+        .collect();
 
     let inst = opts.instance.as_str();
     let weir_in = |topo: &Topology, ns: &str, args: &[&str]| -> Result<String> {
@@ -155,9 +178,18 @@ pub fn run_l4(opts: &L4Options) -> Result<L4Report> {
         let ns = topo.backend_ns[i].clone();
         let name = format!("b{i}");
         let listen = format!("0.0.0.0:{PORT}");
-        topo.spawn_ready_in(&ns, &echo, &["--listen", &listen, "--name", &name], Duration::from_secs(10))?;
+        topo.spawn_ready_in(
+            &ns,
+            &echo,
+            &["--listen", &listen, "--name", &name],
+            Duration::from_secs(10),
+        )?;
         let dev = topo.backend_dev(i);
-        weir_in(&topo, &ns, &["decap", "attach", "--dev", &dev, "--vip", &vip.to_string()])?;
+        weir_in(
+            &topo,
+            &ns,
+            &["decap", "attach", "--dev", &dev, "--vip", &vip.to_string()],
+        )?;
     }
     // The balancer; its XDP_TX goes into the router's end of a veth.
     if opts.xdp_mode == "native" {
@@ -165,13 +197,32 @@ pub fn run_l4(opts: &L4Options) -> Result<L4Report> {
     }
     let lb_ns = topo.lb_ns.clone();
     let lb_addr = topo.lb_addr().to_string();
-    weir_in(&topo, &lb_ns, &["attach", "--dev", topo.lb_dev(), "--lb-addr", &lb_addr, "--mode", &opts.xdp_mode])?;
+    weir_in(
+        &topo,
+        &lb_ns,
+        &[
+            "attach",
+            "--dev",
+            topo.lb_dev(),
+            "--lb-addr",
+            &lb_addr,
+            "--mode",
+            &opts.xdp_mode,
+        ],
+    )?;
     weir_in(&topo, &lb_ns, &["service", "add", &service])?;
     let initial: Vec<String> = (0..3).map(|i| topo.backend_addr(i).to_string()).collect();
     let mut set_args = vec!["backend", "set", service.as_str()];
     set_args.extend(initial.iter().map(String::as_str));
     weir_in(&topo, &lb_ns, &set_args)?;
-    log(opts.verbose, start, &format!("weir attached to {} in {lb_ns}; service {service} -> b0 b1 b2", topo.lb_dev()));
+    log(
+        opts.verbose,
+        start,
+        &format!(
+            "weir attached to {} in {lb_ns}; service {service} -> b0 b1 b2",
+            topo.lb_dev()
+        ),
+    );
 
     // Long-lived clients.
     let dir = tempdir(&opts.instance)?;
@@ -184,12 +235,30 @@ pub fn run_l4(opts: &L4Options) -> Result<L4Report> {
         &topo.client_ns,
         &client,
         &[
-            "--url", &url, "--connections", &conns, "--duration-secs", "120", "--interval-ms", &interval,
-            "--hold-file", hold.to_str().unwrap(), "--ready-file", ready.to_str().unwrap(), "--quiet",
+            "--url",
+            &url,
+            "--connections",
+            &conns,
+            "--duration-secs",
+            "120",
+            "--interval-ms",
+            &interval,
+            "--hold-file",
+            hold.to_str().unwrap(),
+            "--ready-file",
+            ready.to_str().unwrap(),
+            "--quiet",
         ],
     )?;
     wait_for(&ready, Duration::from_secs(60)).context("long-lived clients never became ready")?;
-    log(opts.verbose, start, &format!("{} WebSocket connections open through the VIP, echoing every {interval} ms", opts.connections));
+    log(
+        opts.verbose,
+        start,
+        &format!(
+            "{} WebSocket connections open through the VIP, echoing every {interval} ms",
+            opts.connections
+        ),
+    );
 
     // The live changes.
     let mut steps = Vec::new();
@@ -206,7 +275,11 @@ pub fn run_l4(opts: &L4Options) -> Result<L4Report> {
         let output = weir_in(&topo, &lb_ns, &change)?;
         let command = format!("weir {}", change.join(" "));
         log(opts.verbose, start, &command);
-        steps.push(Step { at_ms: start.elapsed().as_millis() as u64, command, output });
+        steps.push(Step {
+            at_ms: start.elapsed().as_millis() as u64,
+            command,
+            output,
+        });
     }
     std::thread::sleep(opts.settle);
 
@@ -215,27 +288,69 @@ pub fn run_l4(opts: &L4Options) -> Result<L4Report> {
     let after = topo.start_in(
         &topo.client_ns,
         &client,
-        &["--url", &url, "--connections", &new_conns, "--duration-secs", "2", "--interval-ms", &interval, "--quiet"],
+        &[
+            "--url",
+            &url,
+            "--connections",
+            &new_conns,
+            "--duration-secs",
+            "2",
+            "--interval-ms",
+            &interval,
+            "--quiet",
+        ],
     )?;
-    let after = parse_report(after.wait_output(Duration::from_secs(60))?, "new connections")?;
-    log(opts.verbose, start, &format!("{} new connections opened after the changes", opts.new_connections));
+    let after = parse_report(
+        after.wait_output(Duration::from_secs(60))?,
+        "new connections",
+    )?;
+    log(
+        opts.verbose,
+        start,
+        &format!(
+            "{} new connections opened after the changes",
+            opts.new_connections
+        ),
+    );
 
     std::fs::write(&hold, b"done")?;
-    let long_lived = parse_report(long_lived.wait_output(Duration::from_secs(60))?, "long-lived connections")?;
-    log(opts.verbose, start, "long-lived connections closed (close handshake 1000)");
+    let long_lived = parse_report(
+        long_lived.wait_output(Duration::from_secs(60))?,
+        "long-lived connections",
+    )?;
+    log(
+        opts.verbose,
+        start,
+        "long-lived connections closed (close handshake 1000)",
+    );
 
     let stats = serde_json::from_str(&weir_in(&topo, &lb_ns, &["--json", "stats"])?)?;
-    let backend_list = serde_json::from_str(&weir_in(&topo, &lb_ns, &["--json", "backend", "list", &service])?)?;
+    let backend_list = serde_json::from_str(&weir_in(
+        &topo,
+        &lb_ns,
+        &["--json", "backend", "list", &service],
+    )?)?;
     let _ = std::fs::remove_dir_all(&dir);
     drop(_instance);
     topo.teardown()?;
-    Ok(L4Report { backends, steps, long_lived, after, stats, backend_list })
+    Ok(L4Report {
+        backends,
+        steps,
+        long_lived,
+        after,
+        stats,
+        backend_list,
+    })
 }
 
 fn parse_report(out: std::process::Output, what: &str) -> Result<LoadReport> {
     let text = String::from_utf8_lossy(&out.stdout);
     LoadReport::from_json(&text).with_context(|| {
-        format!("{what}: no report (exit {}); stderr: {}", out.status, String::from_utf8_lossy(&out.stderr))
+        format!(
+            "{what}: no report (exit {}); stderr: {}",
+            out.status,
+            String::from_utf8_lossy(&out.stderr)
+        )
     })
 }
 

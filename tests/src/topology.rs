@@ -916,17 +916,21 @@ impl Topology {
     /// `weir_veth_peer` there; it stays until the topology is dropped.
     pub fn attach_veth_peer_xdp(&mut self) -> Result<()> {
         let dev = self.router_lb_dev().to_string();
-        let link = in_netns(&self.ns_path(&self.router_ns), move || -> Result<aya::programs::links::FdLink> {
-            let mut ebpf = aya::Ebpf::load(weir_ebpf::support_object()).context("loading weir_veth_peer")?;
-            let prog: &mut aya::programs::Xdp = ebpf
-                .program_mut(weir_ebpf::VETH_PEER_PROGRAM)
-                .context("weir_veth_peer missing")?
-                .try_into()?;
-            prog.load()?;
-            let id = prog.attach(&dev, aya::programs::XdpMode::Driver)?;
-            let link = prog.take_link(id)?;
-            Ok(link.try_into()?)
-        })??;
+        let link = in_netns(
+            &self.ns_path(&self.router_ns),
+            move || -> Result<aya::programs::links::FdLink> {
+                let mut ebpf = aya::Ebpf::load(weir_ebpf::support_object())
+                    .context("loading weir_veth_peer")?;
+                let prog: &mut aya::programs::Xdp = ebpf
+                    .program_mut(weir_ebpf::VETH_PEER_PROGRAM)
+                    .context("weir_veth_peer missing")?
+                    .try_into()?;
+                prog.load()?;
+                let id = prog.attach(&dev, aya::programs::XdpMode::Driver)?;
+                let link = prog.take_link(id)?;
+                Ok(link.try_into()?)
+            },
+        )??;
         self.xdp_links.push(link);
         Ok(())
     }

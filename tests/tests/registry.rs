@@ -17,23 +17,38 @@ use weir_ebpf::abi::{self, BackendState};
 const VIP: Ipv4Addr = Ipv4Addr::new(198, 19, 0, 20);
 
 fn svc() -> ServiceAddr {
-    ServiceAddr { vip: VIP, port: 443 }
+    ServiceAddr {
+        vip: VIP,
+        port: 443,
+    }
 }
 
 fn backend(i: u32) -> BackendAddr {
-    BackendAddr { addr: Ipv4Addr::from(u32::from(Ipv4Addr::new(198, 18, 40, 0)) + i), port: 443 }
+    BackendAddr {
+        addr: Ipv4Addr::from(u32::from(Ipv4Addr::new(198, 18, 40, 0)) + i),
+        port: 443,
+    }
 }
 
 fn small() -> ServiceAddr {
-    ServiceAddr { vip: VIP, port: 444 }
+    ServiceAddr {
+        vip: VIP,
+        port: 444,
+    }
 }
 
 fn small_backend(i: u8) -> BackendAddr {
-    BackendAddr { addr: Ipv4Addr::new(198, 18, 41, i + 1), port: 444 }
+    BackendAddr {
+        addr: Ipv4Addr::new(198, 18, 41, i + 1),
+        port: 444,
+    }
 }
 
 fn opts() -> ApplyOptions {
-    ApplyOptions { command: "test".into(), ..Default::default() }
+    ApplyOptions {
+        command: "test".into(),
+        ..Default::default()
+    }
 }
 
 fn add_service(reg: &mut Registry) {
@@ -50,7 +65,11 @@ fn add_service(reg: &mut Registry) {
 /// Everything an observer can see: state, rings, generation, audit log.
 fn observe(reg: &Registry) -> (weir::registry::State, Vec<Option<Vec<u32>>>, u64, String) {
     let state = reg.state().unwrap();
-    let rings = state.services.values().map(|s| reg.maps().read_ring(s.id).unwrap()).collect();
+    let rings = state
+        .services
+        .values()
+        .map(|s| reg.maps().read_ring(s.id).unwrap())
+        .collect();
     let audit = std::fs::read_to_string(reg.instance().audit_log()).unwrap_or_default();
     (state, rings, reg.maps().generation().unwrap(), audit)
 }
@@ -70,7 +89,14 @@ fn concurrent_writers_serialize() {
     let children: Vec<_> = (0..8)
         .map(|i| {
             Command::new(&weir)
-                .args(["--instance", inst.name(), "backend", "add", &svc().to_string(), &backend(i).to_string()])
+                .args([
+                    "--instance",
+                    inst.name(),
+                    "backend",
+                    "add",
+                    &svc().to_string(),
+                    &backend(i).to_string(),
+                ])
                 .stdout(std::process::Stdio::null())
                 .spawn()
                 .expect("spawn weir")
@@ -81,7 +107,11 @@ fn concurrent_writers_serialize() {
             let instance = inst.instance.clone();
             std::thread::spawn(move || {
                 let mut reg = Registry::open(&instance).unwrap();
-                let change = Change::AddBackend { service: svc(), backend: backend(i), weight: 1 };
+                let change = Change::AddBackend {
+                    service: svc(),
+                    backend: backend(i),
+                    weight: 1,
+                };
                 reg.apply(&change, opts()).unwrap();
             })
         })
@@ -95,14 +125,30 @@ fn concurrent_writers_serialize() {
 
     let state = reg.state().unwrap();
     let ids: Vec<u32> = state.backends.keys().copied().collect();
-    assert_eq!(ids, (0..16).collect::<Vec<_>>(), "16 distinct slots, none lost or shared");
-    assert_eq!(reg.maps().generation().unwrap(), start + 16, "one generation per change");
+    assert_eq!(
+        ids,
+        (0..16).collect::<Vec<_>>(),
+        "16 distinct slots, none lost or shared"
+    );
+    assert_eq!(
+        reg.maps().generation().unwrap(),
+        start + 16,
+        "one generation per change"
+    );
     let audit = std::fs::read_to_string(reg.instance().audit_log()).unwrap();
     let generations: Vec<u64> = audit
         .lines()
-        .map(|l| serde_json::from_str::<serde_json::Value>(l).unwrap()["generation"].as_u64().unwrap())
+        .map(|l| {
+            serde_json::from_str::<serde_json::Value>(l).unwrap()["generation"]
+                .as_u64()
+                .unwrap()
+        })
         .collect();
-    assert_eq!(generations, (1..=start + 16).collect::<Vec<_>>(), "audit lines whole and in order");
+    assert_eq!(
+        generations,
+        (1..=start + 16).collect::<Vec<_>>(),
+        "audit lines whole and in order"
+    );
     reg.check().expect("rings match the backends");
 }
 
@@ -115,7 +161,14 @@ fn refused_changes_change_nothing() {
     let mut reg = inst.registry();
     add_service(&mut reg);
     let set: Vec<_> = (0..4).map(|i| (backend(i), 1)).collect();
-    reg.apply(&Change::SetBackends { service: svc(), backends: set }, opts()).unwrap();
+    reg.apply(
+        &Change::SetBackends {
+            service: svc(),
+            backends: set,
+        },
+        opts(),
+    )
+    .unwrap();
     let change = Change::AddService {
         addr: small(),
         mode: ServiceModeName::L4,
@@ -125,37 +178,98 @@ fn refused_changes_change_nothing() {
     };
     reg.apply(&change, opts()).unwrap();
     let set = vec![(small_backend(0), 1), (small_backend(1), 1)];
-    reg.apply(&Change::SetBackends { service: small(), backends: set }, opts()).unwrap();
+    reg.apply(
+        &Change::SetBackends {
+            service: small(),
+            backends: set,
+        },
+        opts(),
+    )
+    .unwrap();
     let before = observe(&reg);
 
     let refused: Vec<(Change, fn(&RegistryError) -> bool)> = vec![
         // Guard rail: 3 of 4 at once.
-        (Change::SetBackends { service: svc(), backends: vec![(backend(0), 1)] }, |e| matches!(e, RegistryError::Guard(_))),
-        // Guard rail: 1 of 2 is within the fraction but below min_backends (2).
-        (Change::DrainBackend { service: small(), backend: small_backend(0) }, |e| {
-            matches!(e, RegistryError::Guard(m) if m.contains("minimum 2"))
-        }),
-        (Change::SetBackends { service: svc(), backends: vec![(backend(0), 1), (backend(0), 2)] }, |e| {
-            matches!(e, RegistryError::DuplicateBackend(..))
-        }),
-        (Change::AddBackend { service: svc(), backend: backend(0), weight: 1 }, |e| matches!(e, RegistryError::DuplicateBackend(..))),
         (
-            Change::AddBackend { service: svc(), backend: BackendAddr { addr: backend(9).addr, port: 80 }, weight: 1 },
+            Change::SetBackends {
+                service: svc(),
+                backends: vec![(backend(0), 1)],
+            },
+            |e| matches!(e, RegistryError::Guard(_)),
+        ),
+        // Guard rail: 1 of 2 is within the fraction but below min_backends (2).
+        (
+            Change::DrainBackend {
+                service: small(),
+                backend: small_backend(0),
+            },
+            |e| matches!(e, RegistryError::Guard(m) if m.contains("minimum 2")),
+        ),
+        (
+            Change::SetBackends {
+                service: svc(),
+                backends: vec![(backend(0), 1), (backend(0), 2)],
+            },
+            |e| matches!(e, RegistryError::DuplicateBackend(..)),
+        ),
+        (
+            Change::AddBackend {
+                service: svc(),
+                backend: backend(0),
+                weight: 1,
+            },
+            |e| matches!(e, RegistryError::DuplicateBackend(..)),
+        ),
+        (
+            Change::AddBackend {
+                service: svc(),
+                backend: BackendAddr {
+                    addr: backend(9).addr,
+                    port: 80,
+                },
+                weight: 1,
+            },
             |e| matches!(e, RegistryError::Invalid(_)),
         ),
         (
-            Change::AddBackend { service: ServiceAddr { vip: VIP, port: 1 }, backend: backend(9), weight: 1 },
+            Change::AddBackend {
+                service: ServiceAddr { vip: VIP, port: 1 },
+                backend: backend(9),
+                weight: 1,
+            },
             |e| matches!(e, RegistryError::UnknownService(_)),
         ),
-        (Change::DrainBackend { service: svc(), backend: backend(9) }, |e| matches!(e, RegistryError::UnknownBackend(..))),
-        (Change::SetWeight { service: svc(), backend: backend(1), weight: 0 }, |e| matches!(e, RegistryError::Invalid(_))),
         (
-            Change::AddService { addr: svc(), mode: ServiceModeName::L4, ring_size: None, max_remove_fraction: None, min_backends: None },
+            Change::DrainBackend {
+                service: svc(),
+                backend: backend(9),
+            },
+            |e| matches!(e, RegistryError::UnknownBackend(..)),
+        ),
+        (
+            Change::SetWeight {
+                service: svc(),
+                backend: backend(1),
+                weight: 0,
+            },
+            |e| matches!(e, RegistryError::Invalid(_)),
+        ),
+        (
+            Change::AddService {
+                addr: svc(),
+                mode: ServiceModeName::L4,
+                ring_size: None,
+                max_remove_fraction: None,
+                min_backends: None,
+            },
             |e| matches!(e, RegistryError::ServiceExists(_)),
         ),
         (
             Change::AddService {
-                addr: ServiceAddr { vip: VIP, port: 445 },
+                addr: ServiceAddr {
+                    vip: VIP,
+                    port: 445,
+                },
                 mode: ServiceModeName::L4,
                 ring_size: Some(65536),
                 max_remove_fraction: None,
@@ -163,10 +277,14 @@ fn refused_changes_change_nothing() {
             },
             |e| matches!(e, RegistryError::Invalid(_)),
         ),
-        (Change::RemoveService { addr: svc() }, |e| matches!(e, RegistryError::Guard(_))),
+        (Change::RemoveService { addr: svc() }, |e| {
+            matches!(e, RegistryError::Guard(_))
+        }),
     ];
     for (change, expected) in refused {
-        let err = reg.apply(&change, opts()).expect_err(&format!("{change:?} should be refused"));
+        let err = reg
+            .apply(&change, opts())
+            .expect_err(&format!("{change:?} should be refused"));
         assert!(expected(&err), "{change:?}: unexpected error {err}");
         assert_eq!(observe(&reg), before, "{change:?} changed something");
     }
@@ -174,8 +292,14 @@ fn refused_changes_change_nothing() {
     // With --force the guard rail yields.
     let forced = reg
         .apply(
-            &Change::SetBackends { service: svc(), backends: vec![(backend(0), 1)] },
-            ApplyOptions { force: true, ..opts() },
+            &Change::SetBackends {
+                service: svc(),
+                backends: vec![(backend(0), 1)],
+            },
+            ApplyOptions {
+                force: true,
+                ..opts()
+            },
         )
         .unwrap();
     assert!(forced.applied);
@@ -183,8 +307,15 @@ fn refused_changes_change_nothing() {
     let after_force = observe(&reg);
     let dry = reg
         .apply(
-            &Change::SetBackends { service: svc(), backends: vec![(backend(5), 1), (backend(6), 1)] },
-            ApplyOptions { dry_run: true, force: true, ..opts() },
+            &Change::SetBackends {
+                service: svc(),
+                backends: vec![(backend(5), 1), (backend(6), 1)],
+            },
+            ApplyOptions {
+                dry_run: true,
+                force: true,
+                ..opts()
+            },
         )
         .unwrap();
     assert!(!dry.applied && !dry.diff.is_empty());
@@ -200,32 +331,67 @@ fn read_back_mismatch_is_an_error_and_rolls_back() {
     let mut reg = inst.registry();
     add_service(&mut reg);
     let set: Vec<_> = (0..3).map(|i| (backend(i), 1)).collect();
-    reg.apply(&Change::SetBackends { service: svc(), backends: set }, opts()).unwrap();
+    reg.apply(
+        &Change::SetBackends {
+            service: svc(),
+            backends: set,
+        },
+        opts(),
+    )
+    .unwrap();
     let before = observe(&reg);
 
     // Something else scribbles on slot 1 between our writes and the check.
     let tamper: Box<dyn FnOnce(&mut weir::registry::Maps)> = Box::new(|maps| {
-        let mut backends: Array<&mut MapData, abi::Backend> = Array::try_from(maps.backends_map_mut()).unwrap();
+        let mut backends: Array<&mut MapData, abi::Backend> =
+            Array::try_from(maps.backends_map_mut()).unwrap();
         let mut b = backends.get(&1, 0).unwrap();
         b.weight = 77;
         backends.set(1, b, 0).unwrap();
     });
-    let change = Change::AddBackend { service: svc(), backend: backend(3), weight: 2 };
-    let err = reg.apply(&change, ApplyOptions { before_verify: Some(tamper), ..opts() }).unwrap_err();
+    let change = Change::AddBackend {
+        service: svc(),
+        backend: backend(3),
+        weight: 2,
+    };
+    let err = reg
+        .apply(
+            &change,
+            ApplyOptions {
+                before_verify: Some(tamper),
+                ..opts()
+            },
+        )
+        .unwrap_err();
     assert!(matches!(err, RegistryError::ReadBack(_)), "got {err}");
-    assert!(err.to_string().contains("slot 1"), "names what differs: {err}");
+    assert!(
+        err.to_string().contains("slot 1"),
+        "names what differs: {err}"
+    );
 
     let (state, rings, generation, audit) = observe(&reg);
     assert_eq!(generation, before.2, "no generation bump");
     assert_eq!(audit, before.3, "no audit line");
     assert_eq!(rings, before.1, "ring rolled back");
-    assert!(!state.backends.values().any(|b| b.addr == backend(3)), "new backend rolled back");
+    assert!(
+        !state.backends.values().any(|b| b.addr == backend(3)),
+        "new backend rolled back"
+    );
     // Our writes are undone; the scribble is not ours to undo, and `check`
     // still sees it: slot 1's weight no longer matches the ring.
     assert_eq!(state.backends[&1].weight, 77);
     assert!(matches!(reg.check(), Err(RegistryError::ReadBack(_))));
-    reg.apply(&Change::SetWeight { service: svc(), backend: backend(1), weight: 1 }, opts()).unwrap();
-    reg.check().expect("consistent once repaired through the API");
+    reg.apply(
+        &Change::SetWeight {
+            service: svc(),
+            backend: backend(1),
+            weight: 1,
+        },
+        opts(),
+    )
+    .unwrap();
+    reg.check()
+        .expect("consistent once repaired through the API");
 }
 
 #[test]
@@ -237,31 +403,85 @@ fn removed_backends_are_freed_only_without_flows() {
     let mut reg = inst.registry();
     add_service(&mut reg);
     let set: Vec<_> = (0..4).map(|i| (backend(i), 1)).collect();
-    reg.apply(&Change::SetBackends { service: svc(), backends: set }, opts()).unwrap();
+    reg.apply(
+        &Change::SetBackends {
+            service: svc(),
+            backends: set,
+        },
+        opts(),
+    )
+    .unwrap();
 
     // A live flow on backend 1 (slot 1).
     {
         let path = inst.instance.pin_dir().join(abi::maps::FLOWS);
         let map = Map::from_map_data(MapData::from_pin(path).unwrap()).unwrap();
         let mut map = map;
-        let mut flows: HashMap<&mut MapData, abi::FlowKey, u32> = HashMap::try_from(&mut map).unwrap();
-        let key = abi::FlowKey { saddr: [198, 18, 1, 2], daddr: VIP.octets(), sport: [1, 2], dport: 443u16.to_be_bytes(), proto: 6, pad: [0; 3] };
+        let mut flows: HashMap<&mut MapData, abi::FlowKey, u32> =
+            HashMap::try_from(&mut map).unwrap();
+        let key = abi::FlowKey {
+            saddr: [198, 18, 1, 2],
+            daddr: VIP.octets(),
+            sport: [1, 2],
+            dport: 443u16.to_be_bytes(),
+            proto: 6,
+            pad: [0; 3],
+        };
         flows.insert(key, 1, 0).unwrap();
     }
-    reg.apply(&Change::RemoveBackend { service: svc(), backend: backend(1) }, opts()).unwrap();
-    reg.apply(&Change::RemoveBackend { service: svc(), backend: backend(2) }, opts()).unwrap();
+    reg.apply(
+        &Change::RemoveBackend {
+            service: svc(),
+            backend: backend(1),
+        },
+        opts(),
+    )
+    .unwrap();
+    reg.apply(
+        &Change::RemoveBackend {
+            service: svc(),
+            backend: backend(2),
+        },
+        opts(),
+    )
+    .unwrap();
 
     // The next change collects: slot 2 (no flows) is freed, slot 1 stays.
-    reg.apply(&Change::SetWeight { service: svc(), backend: backend(0), weight: 3 }, opts()).unwrap();
+    reg.apply(
+        &Change::SetWeight {
+            service: svc(),
+            backend: backend(0),
+            weight: 3,
+        },
+        opts(),
+    )
+    .unwrap();
     let state = reg.state().unwrap();
-    assert_eq!(state.backends[&1].state, BackendState::Removed, "still carries a flow");
+    assert_eq!(
+        state.backends[&1].state,
+        BackendState::Removed,
+        "still carries a flow"
+    );
     assert!(!state.backends.contains_key(&2), "freed");
     assert!(state.used_free.contains(&2), "quarantined as used");
 
     // New backends take never-used slots, not the quarantined one.
-    reg.apply(&Change::AddBackend { service: svc(), backend: backend(7), weight: 1 }, opts()).unwrap();
+    reg.apply(
+        &Change::AddBackend {
+            service: svc(),
+            backend: backend(7),
+            weight: 1,
+        },
+        opts(),
+    )
+    .unwrap();
     let state = reg.state().unwrap();
-    let id = state.backends.iter().find(|(_, b)| b.addr == backend(7)).map(|(id, _)| *id).unwrap();
+    let id = state
+        .backends
+        .iter()
+        .find(|(_, b)| b.addr == backend(7))
+        .map(|(id, _)| *id)
+        .unwrap();
     assert_eq!(id, 4);
     reg.check().unwrap();
 }

@@ -6,11 +6,12 @@ mod common;
 use std::net::Ipv4Addr;
 
 use aya::Ebpf;
-use aya::programs::{TestRun, TestRunOptions, Xdp};
-use common::{NEXT_HOP_MAC, ProgRunNetns, TestInstance, require_root};
+use aya::programs::Xdp;
+use common::{TestInstance, require_root};
 use weir::registry::{ApplyOptions, BackendAddr, Change, Registry, ServiceAddr, ServiceModeName};
 use weir_ebpf::abi::{self, FlowKey};
 use weir_testbed::packet::{self, ETH_LEN, IP_LEN, Segment};
+use weir_testbed::progrun::{NEXT_HOP_MAC, ProgRunNetns, run_xdp};
 
 const XDP_DROP: u32 = 1;
 const XDP_PASS: u32 = 2;
@@ -101,18 +102,8 @@ impl Bed {
             .unwrap()
             .try_into()
             .unwrap();
-        let mut out = vec![0u8; frame.len() + 256];
-        // struct xdp_md: data, data_end, data_meta, ingress_ifindex, rx_queue_index, egress_ifindex
-        let mut ctx = [0u8; 24];
-        ctx[4..8].copy_from_slice(&(frame.len() as u32).to_ne_bytes());
-        ctx[12..16].copy_from_slice(&self.ns.ifindex.to_ne_bytes());
-        let mut opts = TestRunOptions::default();
-        opts.data_in = Some(frame);
-        opts.data_out = Some(&mut out);
-        opts.ctx_in = Some(&ctx);
-        let res = prog.test_run(opts).expect("BPF_PROG_RUN");
-        out.truncate(res.data_size_out as usize);
-        (res.return_value, out)
+        let r = run_xdp(prog, frame, self.ns.ifindex).expect("BPF_PROG_RUN");
+        (r.verdict, r.output)
     }
 
     fn counter(&self, name: &str) -> u64 {
@@ -448,4 +439,36 @@ fn everything_else_passes_untouched() {
             .passed_l7,
         2
     );
+}
+
+#[test]
+fn next_hop_is_cached_and_mtu_still_enforced() {
+    if !require_root() {
+        return;
+    }
+    let mut bed = Bed::new("nh", 1);
+    for sport in 47000..47100 {
+        let (verdict, _) = bed.run(&Segment::syn(CLIENT, sport, VIP, PORT).frame());
+        assert_eq!(verdict, XDP_TX);
+    }
+    assert_eq!(
+        bed.counter("fib_lookup"),
+        1,
+        "100 packets to one backend, one FIB resolution"
+    );
+
+    // pr0 has MTU 1500: an inner packet of 1490 bytes no longer fits once
+    // encapsulated, on the cached path as on the FIB path.
+    let mut big = Segment::ack(CLIENT, 47000, VIP, PORT);
+    big.payload = vec![0x5a; 1490 - IP_LEN - packet::TCP_LEN];
+    let (verdict, _) = bed.run(&big.frame());
+    assert_eq!(verdict, XDP_DROP);
+    assert_eq!(bed.counter("drop_frag_needed"), 1);
+    let mut fits = Segment::ack(CLIENT, 47000, VIP, PORT);
+    fits.payload = vec![0x5a; 1480 - IP_LEN - packet::TCP_LEN];
+    let input = fits.frame();
+    let (verdict, out) = bed.run(&input);
+    assert_eq!(verdict, XDP_TX, "1480 + 20 fits the 1500 MTU");
+    check_encapsulated(&bed, &input, &out);
+    assert_eq!(bed.counter("fib_lookup"), 1);
 }

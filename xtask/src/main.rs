@@ -55,7 +55,14 @@ fn main() -> Result<()> {
             deps()?;
             require_root("the tests attach XDP and build network namespaces")?;
             cargo(&["fmt", "--all", "--check"])?;
-            cargo(&["clippy", "--workspace", "--all-targets", "--", "-D", "warnings"])?;
+            cargo(&[
+                "clippy",
+                "--workspace",
+                "--all-targets",
+                "--",
+                "-D",
+                "warnings",
+            ])?;
             cargo(&["build", "--workspace", "--all-targets"])?;
             let mut test = vec!["test", "--workspace", "--"];
             test.extend(args.iter().map(String::as_str));
@@ -66,7 +73,9 @@ fn main() -> Result<()> {
             require_root("the demo attaches XDP and builds network namespaces")?;
             cargo(&["build", "--workspace", "--bins"])?;
             let demo = root.join("target/debug/weir-demo");
-            let status = Command::new(&demo).status().with_context(|| format!("running {}", demo.display()))?;
+            let status = Command::new(&demo)
+                .status()
+                .with_context(|| format!("running {}", demo.display()))?;
             if !status.success() {
                 bail!("the demo failed ({status})");
             }
@@ -76,7 +85,10 @@ fn main() -> Result<()> {
 }
 
 fn workspace_root() -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR")).parent().expect("xtask lives in the workspace").to_path_buf()
+    Path::new(env!("CARGO_MANIFEST_DIR"))
+        .parent()
+        .expect("xtask lives in the workspace")
+        .to_path_buf()
 }
 
 fn is_root() -> bool {
@@ -99,12 +111,20 @@ fn require_root(why: &str) -> Result<()> {
 }
 
 fn deps() -> Result<()> {
-    let missing: Vec<&str> = PACKAGES.iter().filter(|(_, f)| !Path::new(f).exists()).map(|(p, _)| *p).collect();
+    let missing: Vec<&str> = PACKAGES
+        .iter()
+        .filter(|(_, f)| !Path::new(f).exists())
+        .map(|(p, _)| *p)
+        .collect();
     if missing.is_empty() {
         return Ok(());
     }
     if !is_root() {
-        bail!("missing Debian packages: {}; install them with `apt-get install {}`", missing.join(" "), missing.join(" "));
+        bail!(
+            "missing Debian packages: {}; install them with `apt-get install {}`",
+            missing.join(" "),
+            missing.join(" ")
+        );
     }
     eprintln!("xtask: installing {}", missing.join(" "));
     run(Command::new("apt-get").arg("update").arg("-qq"))?;

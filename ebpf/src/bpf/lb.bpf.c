@@ -79,6 +79,27 @@ static __always_inline __u32 ring_backend(const struct weir_service *svc,
 	return *id;
 }
 
+/* Records flow -> backend. Returns whether this is a new flow (a SYN that
+ * found no entry, or one for another backend); a repeated SYN for the same
+ * backend is not. The common case, a new flow, costs one insert. */
+static __always_inline int record_flow(const struct weir_flow_key *flow, __u32 backend_id,
+				       struct weir_service_stats *svc_stats, int syn)
+{
+	__u32 *prev;
+
+	if (!bpf_map_update_elem(&weir_flows, flow, &backend_id, BPF_NOEXIST))
+		return syn;
+	prev = bpf_map_lookup_elem(&weir_flows, flow);
+	if (prev && *prev == backend_id) {
+		if (syn && svc_stats)
+			svc_stats->syn_repeats += 1;
+		return 0;
+	}
+	if (bpf_map_update_elem(&weir_flows, flow, &backend_id, BPF_ANY))
+		count(WEIR_CNT_FLOW_UPDATE_FAIL);
+	return syn;
+}
+
 /* A backend slot that still carries traffic: active ones take new flows,
  * draining and removed ones keep the flows they have. */
 static __always_inline int serves_flows(const struct weir_backend *be)
@@ -137,46 +158,96 @@ static __always_inline int encapsulate(struct xdp_md *ctx, __be32 src, __be32 ds
 	return 0;
 }
 
-/* Resolve the next hop of the encapsulated packet and send it. */
-static __always_inline int transmit(struct xdp_md *ctx, __be32 src, __be32 dst)
+/* Fills the next-hop cache entry for `dst` from the FIB. Returns the FIB
+ * verdict for a packet of `outer_len` bytes. */
+static __always_inline int resolve(struct xdp_md *ctx, struct weir_nexthop *nh,
+				   __be32 src, __be32 dst, __u16 outer_len)
 {
 	struct bpf_fib_lookup fib = {};
+	int rc;
+
+	fib.family = AF_INET;
+	fib.l4_protocol = IPPROTO_IPIP;
+	fib.tot_len = outer_len;
+	fib.ipv4_src = src;
+	fib.ipv4_dst = dst;
+	fib.ifindex = ctx->ingress_ifindex;
+	count(WEIR_CNT_FIB_LOOKUP);
+	rc = bpf_fib_lookup(ctx, &fib, sizeof(fib), 0);
+	if (rc != BPF_FIB_LKUP_RET_SUCCESS)
+		return rc;
+
+	nh->egress_ifindex = fib.ifindex;
+	__builtin_memcpy(nh->dmac, fib.dmac, ETH_ALEN);
+	__builtin_memcpy(nh->smac, fib.smac, ETH_ALEN);
+	/* The FIB reports the route MTU only when a packet exceeds it: ask
+	 * once more with the largest size to learn it for the cache. */
+	fib.family = AF_INET;
+	fib.tot_len = 0xffff;
+	fib.ipv4_src = src;
+	fib.ipv4_dst = dst;
+	fib.ifindex = ctx->ingress_ifindex;
+	nh->mtu = bpf_fib_lookup(ctx, &fib, sizeof(fib), 0) == BPF_FIB_LKUP_RET_FRAG_NEEDED ?
+		fib.mtu_result : 0xffff;
+	nh->daddr = dst;
+	nh->ingress_ifindex = ctx->ingress_ifindex;
+	nh->expires_ns = bpf_ktime_get_coarse_ns() + WEIR_NEXTHOP_TTL_NS;
+	return BPF_FIB_LKUP_RET_SUCCESS;
+}
+
+static __always_inline int nexthop_fresh(const struct weir_nexthop *nh, struct xdp_md *ctx, __be32 dst)
+{
+	return nh->daddr == dst && nh->ingress_ifindex == ctx->ingress_ifindex &&
+	       bpf_ktime_get_coarse_ns() < nh->expires_ns;
+}
+
+/* Sends the encapsulated packet to its next hop, from the cache when it is
+ * fresh, else from the FIB. */
+static __always_inline int transmit(struct xdp_md *ctx, __u32 backend_id, __be32 src, __be32 dst)
+{
 	void *data = (void *)(long)ctx->data;
 	void *data_end = (void *)(long)ctx->data_end;
 	struct ethhdr *eth = data;
 	struct iphdr *outer = (void *)(eth + 1);
+	__u32 slot = backend_id % WEIR_NEXTHOP_SLOTS;
+	struct weir_nexthop *nh;
+	__u16 outer_len;
 	int rc;
 
 	if ((void *)(outer + 1) > data_end)
 		return drop(WEIR_CNT_DROP_ADJUST_HEAD);
-
-	fib.family = AF_INET;
-	fib.l4_protocol = IPPROTO_IPIP;
-	fib.tot_len = bpf_ntohs(outer->tot_len);
-	fib.ipv4_src = src;
-	fib.ipv4_dst = dst;
-	fib.ifindex = ctx->ingress_ifindex;
-
-	rc = bpf_fib_lookup(ctx, &fib, sizeof(fib), 0);
-	switch (rc) {
-	case BPF_FIB_LKUP_RET_SUCCESS:
-		__builtin_memcpy(eth->h_dest, fib.dmac, ETH_ALEN);
-		__builtin_memcpy(eth->h_source, fib.smac, ETH_ALEN);
-		if (fib.ifindex == ctx->ingress_ifindex) {
-			count(WEIR_CNT_TX);
-			return XDP_TX;
-		}
-		count(WEIR_CNT_REDIRECT);
-		return bpf_redirect(fib.ifindex, 0);
-	case BPF_FIB_LKUP_RET_NO_NEIGH:
-		/* The kernel forwards the encapsulated packet and resolves the
-		 * neighbour; the next packet takes the fast path. */
-		return pass(WEIR_CNT_PASS_NO_NEIGH);
-	case BPF_FIB_LKUP_RET_FRAG_NEEDED:
-		return drop(WEIR_CNT_DROP_FRAG_NEEDED);
-	default:
+	nh = bpf_map_lookup_elem(&weir_nexthop, &slot);
+	if (!nh)
 		return drop(WEIR_CNT_DROP_NO_ROUTE);
+	outer_len = bpf_ntohs(outer->tot_len);
+
+	if (!nexthop_fresh(nh, ctx, dst)) {
+		rc = resolve(ctx, nh, src, dst, outer_len);
+		switch (rc) {
+		case BPF_FIB_LKUP_RET_SUCCESS:
+			break;
+		case BPF_FIB_LKUP_RET_NO_NEIGH:
+			/* The kernel forwards the encapsulated packet and
+			 * resolves the neighbour; a later packet takes the
+			 * fast path. */
+			return pass(WEIR_CNT_PASS_NO_NEIGH);
+		case BPF_FIB_LKUP_RET_FRAG_NEEDED:
+			return drop(WEIR_CNT_DROP_FRAG_NEEDED);
+		default:
+			return drop(WEIR_CNT_DROP_NO_ROUTE);
+		}
+	} else if (outer_len > nh->mtu) {
+		return drop(WEIR_CNT_DROP_FRAG_NEEDED);
 	}
+
+	__builtin_memcpy(eth->h_dest, nh->dmac, ETH_ALEN);
+	__builtin_memcpy(eth->h_source, nh->smac, ETH_ALEN);
+	if (nh->egress_ifindex == ctx->ingress_ifindex) {
+		count(WEIR_CNT_TX);
+		return XDP_TX;
+	}
+	count(WEIR_CNT_REDIRECT);
+	return bpf_redirect(nh->egress_ifindex, 0);
 }
 
 /* xdp.frags: only the linear headers are read, so multi-buffer frames are
@@ -272,19 +343,12 @@ int weir_lb(struct xdp_md *ctx)
 		if (!be || be->state != WEIR_BACKEND_ACTIVE)
 			return drop(WEIR_CNT_DROP_BAD_RING);
 
-		if (is_new_connection(tcp)) {
-			__u32 *prev = bpf_map_lookup_elem(&weir_flows, &flow);
-
-			new_flow = !prev || *prev != backend_id;
-			if (!new_flow && svc_stats)
-				svc_stats->syn_repeats += 1;
-		} else {
+		if (!is_new_connection(tcp)) {
 			count(WEIR_CNT_FLOW_MISS);
 			if (svc_stats)
 				svc_stats->flow_misses += 1;
 		}
-		if (bpf_map_update_elem(&weir_flows, &flow, &backend_id, BPF_ANY))
-			count(WEIR_CNT_FLOW_UPDATE_FAIL);
+		new_flow = record_flow(&flow, backend_id, svc_stats, is_new_connection(tcp));
 	}
 	if (!be)
 		return drop(WEIR_CNT_DROP_BAD_RING);
@@ -309,5 +373,5 @@ int weir_lb(struct xdp_md *ctx)
 	if (encapsulate(ctx, lb_addr, be->addr, ip->tos, ip_len,
 			ip->frag_off & bpf_htons(IP_DF)))
 		return drop(WEIR_CNT_DROP_ADJUST_HEAD);
-	return transmit(ctx, lb_addr, be->addr);
+	return transmit(ctx, backend_id, lb_addr, be->addr);
 }

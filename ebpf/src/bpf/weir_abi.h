@@ -28,6 +28,10 @@
 #define WEIR_MAX_RING_SIZE 16777259u
 /* IPIP outer header: a plain 20-byte IPv4 header. */
 #define WEIR_IPIP_OVERHEAD 20
+/* Next-hop cache: slots per CPU (direct-mapped by backend id) and how long
+ * a FIB result is reused before it is looked up again. */
+#define WEIR_NEXTHOP_SLOTS 4096
+#define WEIR_NEXTHOP_TTL_NS 100000000ULL
 
 /* BPF_F_INNER_MAP | BPF_F_MMAPABLE: ring tables may differ in size per
  * service and are filled by userspace through mmap before being swapped in. */
@@ -99,6 +103,22 @@ struct weir_lb_config {
 	__u32 flags;
 };
 
+/* weir_nexthop[backend id % WEIR_NEXTHOP_SLOTS] (per CPU): the FIB result
+ * for a backend, reused for WEIR_NEXTHOP_TTL_NS so that the lookup (the
+ * costliest step of the fast path) runs a few times a second per backend
+ * instead of once per packet. Valid only for the same ingress device and
+ * backend address. */
+struct weir_nexthop {
+	__u64 expires_ns; /* bpf_ktime_get_coarse_ns() deadline */
+	__be32 daddr;     /* backend address this entry resolves */
+	__u32 ingress_ifindex;
+	__u32 egress_ifindex;
+	__u16 mtu;        /* route MTU: larger encapsulated packets drop */
+	__u8 dmac[6];
+	__u8 smac[6];
+	__u8 pad[6];
+};
+
 /* Per-service counters (per CPU), weir_svc_stats[service id]. */
 struct weir_service_stats {
 	__u64 packets;         /* packets forwarded (XDP_TX or redirect) */
@@ -142,6 +162,8 @@ enum weir_counter {
 				      * started elsewhere; re-picked by ring */
 	WEIR_CNT_FLOW_STALE,         /* flow named a freed backend: re-picked */
 	WEIR_CNT_FLOW_UPDATE_FAIL,   /* flow table insert failed */
+	WEIR_CNT_FIB_LOOKUP,         /* next hop resolved by the FIB (cache
+				      * miss or expiry) */
 	WEIR_CNT_MAX,
 };
 
@@ -243,6 +265,15 @@ struct {
 	__type(value, __u64);
 	__uint(pinning, LIBBPF_PIN_BY_NAME);
 } weir_gen SEC(".maps");
+
+/* weir_nexthop: see struct weir_nexthop. */
+struct {
+	__uint(type, BPF_MAP_TYPE_PERCPU_ARRAY);
+	__uint(max_entries, WEIR_NEXTHOP_SLOTS);
+	__type(key, __u32);
+	__type(value, struct weir_nexthop);
+	__uint(pinning, LIBBPF_PIN_BY_NAME);
+} weir_nexthop SEC(".maps");
 
 /* weir_stats[enum weir_counter]: verdicts and reasons, per CPU. */
 struct {

@@ -187,29 +187,53 @@ pub fn run(cli: Cli) -> Result<()> {
         Command::Attach { dev, lb_addr, mode } => {
             Registry::open_or_create(&instance, create)?;
             dataplane::attach(&instance, &dev, lb_addr, mode)?;
-            say(json, json!({"attached": dev, "lb_addr": lb_addr.to_string()}), || {
-                format!("attached weir ({}) to {dev}, encapsulating from {lb_addr}", instance.name())
-            });
+            say(
+                json,
+                json!({"attached": dev, "lb_addr": lb_addr.to_string()}),
+                || {
+                    format!(
+                        "attached weir ({}) to {dev}, encapsulating from {lb_addr}",
+                        instance.name()
+                    )
+                },
+            );
         }
         Command::Detach { dev } => {
             dataplane::detach(&instance, &dev)?;
-            say(json, json!({"detached": dev}), || format!("detached weir ({}) from {dev}", instance.name()));
+            say(json, json!({"detached": dev}), || {
+                format!("detached weir ({}) from {dev}", instance.name())
+            });
         }
         Command::Service(cmd) => match cmd {
-            ServiceCmd::Add { service, mode, ring_size, max_remove_fraction, min_backends } => {
+            ServiceCmd::Add {
+                service,
+                mode,
+                ring_size,
+                max_remove_fraction,
+                min_backends,
+            } => {
                 let addr = parse::service(&service).map_err(anyhow::Error::msg)?;
                 let mode = match mode {
                     ModeArg::L4 => ServiceModeName::L4,
                     ModeArg::L7 => ServiceModeName::L7,
                 };
                 let mut reg = Registry::open_or_create(&instance, create)?;
-                let change = Change::AddService { addr, mode, ring_size, max_remove_fraction, min_backends };
+                let change = Change::AddService {
+                    addr,
+                    mode,
+                    ring_size,
+                    max_remove_fraction,
+                    min_backends,
+                };
                 report(json, &reg.apply(&change, opts(false, false))?);
             }
             ServiceCmd::Remove { service, force } => {
                 let addr = parse::service(&service).map_err(anyhow::Error::msg)?;
                 let mut reg = Registry::open(&instance)?;
-                report(json, &reg.apply(&Change::RemoveService { addr }, opts(force, false))?);
+                report(
+                    json,
+                    &reg.apply(&Change::RemoveService { addr }, opts(force, false))?,
+                );
             }
             ServiceCmd::List => {
                 let reg = Registry::open(&instance)?;
@@ -225,7 +249,15 @@ pub fn run(cli: Cli) -> Result<()> {
                 }
                 BackendCmd::Add { target, weight } => {
                     let (service, backend) = target.parse()?;
-                    (Change::AddBackend { service, backend, weight }, false, false)
+                    (
+                        Change::AddBackend {
+                            service,
+                            backend,
+                            weight,
+                        },
+                        false,
+                        false,
+                    )
                 }
                 BackendCmd::Drain { target, force } => {
                     let (service, backend) = target.parse()?;
@@ -235,11 +267,28 @@ pub fn run(cli: Cli) -> Result<()> {
                     let (service, backend) = target.parse()?;
                     (Change::RemoveBackend { service, backend }, force, false)
                 }
-                BackendCmd::Weight { target, weight, force } => {
+                BackendCmd::Weight {
+                    target,
+                    weight,
+                    force,
+                } => {
                     let (service, backend) = target.parse()?;
-                    (Change::SetWeight { service, backend, weight }, force, false)
+                    (
+                        Change::SetWeight {
+                            service,
+                            backend,
+                            weight,
+                        },
+                        force,
+                        false,
+                    )
                 }
-                BackendCmd::Set { service, backends, dry_run, force } => {
+                BackendCmd::Set {
+                    service,
+                    backends,
+                    dry_run,
+                    force,
+                } => {
                     let service = parse::service(&service).map_err(anyhow::Error::msg)?;
                     let backends = backends
                         .iter()
@@ -265,12 +314,16 @@ pub fn run(cli: Cli) -> Result<()> {
         }
         Command::Decap(DecapCmd::Detach { dev }) => {
             dataplane::decap_detach(&instance, &dev)?;
-            say(json, json!({"decap_detached": dev}), || format!("detached decap from {dev}"));
+            say(json, json!({"decap_detached": dev}), || {
+                format!("detached decap from {dev}")
+            });
         }
         Command::Check => {
             let reg = Registry::open(&instance)?;
             reg.check()?;
-            say(json, json!({"ok": true}), || "registry consistent: every ring matches its backends".into());
+            say(json, json!({"ok": true}), || {
+                "registry consistent: every ring matches its backends".into()
+            });
         }
         Command::Destroy => {
             crate::instance::require_root()?;
@@ -278,7 +331,9 @@ pub fn run(cli: Cli) -> Result<()> {
                 bail!("instance {:?} does not exist", instance.name());
             }
             instance.destroy()?;
-            say(json, json!({"destroyed": instance.name()}), || format!("removed instance {}", instance.name()));
+            say(json, json!({"destroyed": instance.name()}), || {
+                format!("removed instance {}", instance.name())
+            });
         }
     }
     Ok(())
@@ -344,7 +399,10 @@ fn list_services(reg: &Registry, json: bool) -> Result<()> {
         println!("{}", serde_json::Value::Array(rows));
         return Ok(());
     }
-    println!("{:<22} {:>4} {:<4} {:>9} {:>6} {:>8} {:>7}", "SERVICE", "ID", "MODE", "RING", "ACTIVE", "DRAINING", "REMOVED");
+    println!(
+        "{:<22} {:>4} {:<4} {:>9} {:>6} {:>8} {:>7}",
+        "SERVICE", "ID", "MODE", "RING", "ACTIVE", "DRAINING", "REMOVED"
+    );
     for r in rows {
         println!(
             "{:<22} {:>4} {:<4} {:>9} {:>6} {:>8} {:>7}",
@@ -418,22 +476,35 @@ fn stats(reg: &Registry, instance: &Instance, json: bool) -> Result<()> {
         }));
     }
     let decap = dataplane::decap_counters(instance)?;
-    let global: serde_json::Map<String, serde_json::Value> =
-        abi::COUNTERS.iter().zip(&counters).map(|(n, v)| (n.to_string(), json!(v))).collect();
-    let attachments: Vec<String> =
-        dataplane::attachments(instance).into_iter().map(|(k, d)| format!("{k}:{d}")).collect();
+    let global: serde_json::Map<String, serde_json::Value> = abi::COUNTERS
+        .iter()
+        .zip(&counters)
+        .map(|(n, v)| (n.to_string(), json!(v)))
+        .collect();
+    let attachments: Vec<String> = dataplane::attachments(instance)
+        .into_iter()
+        .map(|(k, d)| format!("{k}:{d}"))
+        .collect();
     if json {
         let mut v = json!({
             "instance": instance.name(), "generation": generation, "attached": attachments,
             "xdp": global, "services": services,
         });
         if let Some(d) = &decap {
-            v["decap"] = abi::DECAP_COUNTERS.iter().zip(d).map(|(n, v)| (n.to_string(), json!(v))).collect();
+            v["decap"] = abi::DECAP_COUNTERS
+                .iter()
+                .zip(d)
+                .map(|(n, v)| (n.to_string(), json!(v)))
+                .collect();
         }
         println!("{v}");
         return Ok(());
     }
-    println!("instance {} generation {generation} attached [{}]", instance.name(), attachments.join(", "));
+    println!(
+        "instance {} generation {generation} attached [{}]",
+        instance.name(),
+        attachments.join(", ")
+    );
     println!("xdp:");
     for (name, value) in abi::COUNTERS.iter().zip(&counters) {
         if *value > 0 || matches!(*name, "tx" | "drop_no_backend") {

@@ -12,7 +12,9 @@ fn ipv4(s: &str, what: &str) -> Result<Ipv4Addr, String> {
 
 fn port(s: &str, what: &str) -> Result<u16, String> {
     match s.parse::<u16>() {
-        Ok(0) | Err(_) => Err(format!("{what} port {s:?} must be a number from 1 to 65535")),
+        Ok(0) | Err(_) => Err(format!(
+            "{what} port {s:?} must be a number from 1 to 65535"
+        )),
         Ok(p) => Ok(p),
     }
 }
@@ -22,14 +24,23 @@ pub fn service(s: &str) -> Result<ServiceAddr, String> {
     let (vip, p) = s
         .rsplit_once(':')
         .ok_or_else(|| format!("service {s:?} must be VIP:PORT, e.g. 198.19.0.10:8080"))?;
-    Ok(ServiceAddr { vip: ipv4(vip, "service address")?, port: port(p, "service")? })
+    Ok(ServiceAddr {
+        vip: ipv4(vip, "service address")?,
+        port: port(p, "service")?,
+    })
 }
 
 /// `ADDR[:PORT]`; the port defaults to the service's.
 pub fn backend(s: &str, service: &ServiceAddr) -> Result<BackendAddr, String> {
     match s.split_once(':') {
-        Some((a, p)) => Ok(BackendAddr { addr: ipv4(a, "backend address")?, port: port(p, "backend")? }),
-        None => Ok(BackendAddr { addr: ipv4(s, "backend address")?, port: service.port }),
+        Some((a, p)) => Ok(BackendAddr {
+            addr: ipv4(a, "backend address")?,
+            port: port(p, "backend")?,
+        }),
+        None => Ok(BackendAddr {
+            addr: ipv4(s, "backend address")?,
+            port: service.port,
+        }),
     }
 }
 
@@ -59,8 +70,22 @@ mod tests {
 
     #[test]
     fn parses_services() {
-        assert_eq!(svc(), ServiceAddr { vip: Ipv4Addr::new(198, 19, 0, 10), port: 8080 });
-        for bad in ["198.19.0.10", "198.19.0.10:0", "198.19.0.10:65536", "host:80", "[::1]:80", ":80", "1.2.3.4:x"] {
+        assert_eq!(
+            svc(),
+            ServiceAddr {
+                vip: Ipv4Addr::new(198, 19, 0, 10),
+                port: 8080
+            }
+        );
+        for bad in [
+            "198.19.0.10",
+            "198.19.0.10:0",
+            "198.19.0.10:65536",
+            "host:80",
+            "[::1]:80",
+            ":80",
+            "1.2.3.4:x",
+        ] {
             assert!(service(bad).is_err(), "{bad} accepted");
         }
     }
@@ -70,9 +95,21 @@ mod tests {
         assert_eq!(backend("198.18.10.2", &svc()).unwrap().port, 8080);
         assert_eq!(backend("198.18.10.2:9000", &svc()).unwrap().port, 9000);
         assert_eq!(weighted_backend("198.18.10.2@3", &svc()).unwrap().1, 3);
-        assert_eq!(weighted_backend("198.18.10.2:8080@65535", &svc()).unwrap().1, 65535);
+        assert_eq!(
+            weighted_backend("198.18.10.2:8080@65535", &svc())
+                .unwrap()
+                .1,
+            65535
+        );
         assert_eq!(weighted_backend("198.18.10.2", &svc()).unwrap().1, 1);
-        for bad in ["198.18.10.2@0", "198.18.10.2@-1", "198.18.10.2@70000", "198.18.10.2:0", "nope", "198.18.10.2@"] {
+        for bad in [
+            "198.18.10.2@0",
+            "198.18.10.2@-1",
+            "198.18.10.2@70000",
+            "198.18.10.2:0",
+            "nope",
+            "198.18.10.2@",
+        ] {
             assert!(weighted_backend(bad, &svc()).is_err(), "{bad} accepted");
         }
     }

@@ -38,7 +38,10 @@ pub enum DataplaneError {
 }
 
 fn kernel(what: impl Into<String>) -> impl FnOnce(String) -> DataplaneError {
-    move |detail| DataplaneError::Kernel { what: what.into(), detail }
+    move |detail| DataplaneError::Kernel {
+        what: what.into(),
+        detail,
+    }
 }
 
 /// How XDP is attached.
@@ -82,19 +85,27 @@ pub fn load_lb(instance: &Instance) -> Result<Ebpf, DataplaneError> {
         .expect("object defines weir_lb")
         .try_into()
         .map_err(|e: aya::programs::ProgramError| kernel("weir_lb")(e.to_string()))?;
-    program
-        .load()
-        .map_err(|e| kernel("the kernel refused the XDP program (is BPF/XDP enabled?)")(format!("{e:#}")))?;
+    program.load().map_err(|e| {
+        kernel("the kernel refused the XDP program (is BPF/XDP enabled?)")(format!("{e:#}"))
+    })?;
     Ok(ebpf)
 }
 
 /// Attaches the balancer to `dev`, with `lb_addr` as the outer source of
 /// encapsulated packets.
-pub fn attach(instance: &Instance, dev: &str, lb_addr: Ipv4Addr, mode: XdpMode) -> Result<(), DataplaneError> {
+pub fn attach(
+    instance: &Instance,
+    dev: &str,
+    lb_addr: Ipv4Addr,
+    mode: XdpMode,
+) -> Result<(), DataplaneError> {
     ifindex(dev)?;
     let pin = xdp_link_pin(instance, dev);
     if pin.exists() {
-        return Err(DataplaneError::AlreadyAttached { instance: instance.name().into(), dev: dev.into() });
+        return Err(DataplaneError::AlreadyAttached {
+            instance: instance.name().into(),
+            dev: dev.into(),
+        });
     }
     let forwarding = std::fs::read_to_string(format!("/proc/sys/net/ipv4/conf/{dev}/forwarding"))
         .map(|s| s.trim() == "1")
@@ -113,7 +124,10 @@ pub fn attach(instance: &Instance, dev: &str, lb_addr: Ipv4Addr, mode: XdpMode) 
     {
         let mut registry = Registry::open(instance)?;
         let _lock = instance.lock()?;
-        registry.maps_mut().set_config(abi::LbConfig { lb_addr: lb_addr.octets(), flags: 0 })?;
+        registry.maps_mut().set_config(abi::LbConfig {
+            lb_addr: lb_addr.octets(),
+            flags: 0,
+        })?;
     }
     let program: &mut Xdp = ebpf
         .program_mut(weir_ebpf::LB_PROGRAM)
@@ -125,14 +139,26 @@ pub fn attach(instance: &Instance, dev: &str, lb_addr: Ipv4Addr, mode: XdpMode) 
         XdpMode::Generic => aya::programs::XdpMode::Skb,
     };
     let id = program.attach(dev, flags).map_err(|e| {
-        let hint = if mode == XdpMode::Native { " (try --mode generic)" } else { "" };
+        let hint = if mode == XdpMode::Native {
+            " (try --mode generic)"
+        } else {
+            ""
+        };
         kernel(format!("attaching XDP to {dev}{hint}"))(format!("{e:#}"))
     })?;
-    let link = program.take_link(id).map_err(|e| kernel("XDP link")(e.to_string()))?;
-    let fd_link: FdLink = link.try_into().map_err(|e: aya::programs::links::LinkError| {
-        kernel(format!("XDP on {dev} is not a BPF link (kernel older than 5.9?)"))(e.to_string())
-    })?;
-    fd_link.pin(&pin).map_err(|e| kernel(format!("pinning {}", pin.display()))(e.to_string()))?;
+    let link = program
+        .take_link(id)
+        .map_err(|e| kernel("XDP link")(e.to_string()))?;
+    let fd_link: FdLink = link
+        .try_into()
+        .map_err(|e: aya::programs::links::LinkError| {
+            kernel(format!(
+                "XDP on {dev} is not a BPF link (kernel older than 5.9?)"
+            ))(e.to_string())
+        })?;
+    fd_link
+        .pin(&pin)
+        .map_err(|e| kernel(format!("pinning {}", pin.display()))(e.to_string()))?;
     Ok(())
 }
 
@@ -144,11 +170,16 @@ pub fn detach(instance: &Instance, dev: &str) -> Result<(), DataplaneError> {
 
 fn unpin(pin: PathBuf, instance: &Instance, dev: &str) -> Result<(), DataplaneError> {
     if !pin.exists() {
-        return Err(DataplaneError::NotAttached { instance: instance.name().into(), dev: dev.into() });
+        return Err(DataplaneError::NotAttached {
+            instance: instance.name().into(),
+            dev: dev.into(),
+        });
     }
-    let link = PinnedLink::from_pin(&pin).map_err(|e| kernel(format!("opening {}", pin.display()))(e.to_string()))?;
+    let link = PinnedLink::from_pin(&pin)
+        .map_err(|e| kernel(format!("opening {}", pin.display()))(e.to_string()))?;
     // Unpinning drops the last reference to the link: the program detaches.
-    link.unpin().map_err(|e| kernel(format!("unpinning {}", pin.display()))(e.to_string()))?;
+    link.unpin()
+        .map_err(|e| kernel(format!("unpinning {}", pin.display()))(e.to_string()))?;
     Ok(())
 }
 
@@ -184,7 +215,9 @@ pub fn decap_attach(instance: &Instance, dev: &str, vip: Ipv4Addr) -> Result<(),
     let mut ebpf = load_decap(instance)?;
     {
         let _lock = instance.lock()?;
-        let map = ebpf.map_mut(abi::maps::DECAP_VIPS).expect("object defines weir_dcap_vips");
+        let map = ebpf
+            .map_mut(abi::maps::DECAP_VIPS)
+            .expect("object defines weir_dcap_vips");
         let mut vips: HashMap<&mut MapData, abi::DecapKey, u32> =
             HashMap::try_from(map).map_err(|e| kernel("weir_dcap_vips")(e.to_string()))?;
         vips.insert(abi::DecapKey { vip: vip.octets() }, 1, 0)
@@ -203,11 +236,25 @@ pub fn decap_attach(instance: &Instance, dev: &str, vip: Ipv4Addr) -> Result<(),
         .load()
         .map_err(|e| kernel("the kernel refused the decap program")(format!("{e:#}")))?;
     let id = program
-        .attach_with_options(dev, TcAttachType::Ingress, TcAttachOptions::TcxOrder(LinkOrder::default()))
-        .map_err(|e| kernel(format!("attaching decap to tc ingress of {dev} (needs TCX, kernel 6.6+)"))(format!("{e:#}")))?;
-    let link = program.take_link(id).map_err(|e| kernel("tc link")(e.to_string()))?;
-    let fd_link: FdLink = link.try_into().map_err(|e: aya::programs::links::LinkError| kernel("tc link")(e.to_string()))?;
-    fd_link.pin(&pin).map_err(|e| kernel(format!("pinning {}", pin.display()))(e.to_string()))?;
+        .attach_with_options(
+            dev,
+            TcAttachType::Ingress,
+            TcAttachOptions::TcxOrder(LinkOrder::default()),
+        )
+        .map_err(|e| {
+            kernel(format!(
+                "attaching decap to tc ingress of {dev} (needs TCX, kernel 6.6+)"
+            ))(format!("{e:#}"))
+        })?;
+    let link = program
+        .take_link(id)
+        .map_err(|e| kernel("tc link")(e.to_string()))?;
+    let fd_link: FdLink = link
+        .try_into()
+        .map_err(|e: aya::programs::links::LinkError| kernel("tc link")(e.to_string()))?;
+    fd_link
+        .pin(&pin)
+        .map_err(|e| kernel(format!("pinning {}", pin.display()))(e.to_string()))?;
     Ok(())
 }
 
@@ -224,8 +271,10 @@ pub fn decap_counters(instance: &Instance) -> Result<Option<Vec<u64>>, Dataplane
     if !path.exists() {
         return Ok(None);
     }
-    let data = MapData::from_pin(&path).map_err(|e| kernel(path.display().to_string())(e.to_string()))?;
-    let map = aya::maps::Map::from_map_data(data).map_err(|e| kernel("weir_dcap_stats")(e.to_string()))?;
+    let data =
+        MapData::from_pin(&path).map_err(|e| kernel(path.display().to_string())(e.to_string()))?;
+    let map = aya::maps::Map::from_map_data(data)
+        .map_err(|e| kernel("weir_dcap_stats")(e.to_string()))?;
     let stats: PerCpuArray<&MapData, u64> =
         PerCpuArray::try_from(&map).map_err(|e| kernel("weir_dcap_stats")(e.to_string()))?;
     let values = (0..abi::DECAP_COUNTERS.len() as u32)

@@ -19,12 +19,28 @@ struct Entry<'a> {
 }
 
 /// Appends one line; the file is created on first use.
-pub fn append(path: &Path, generation: u64, command: &str, diff: &[DiffLine]) -> std::io::Result<()> {
-    let now = SystemTime::now().duration_since(UNIX_EPOCH).unwrap_or_default();
-    let entry = Entry { time: rfc3339(now.as_secs()), unix_ms: now.as_millis(), generation, command, diff };
+pub fn append(
+    path: &Path,
+    generation: u64,
+    command: &str,
+    diff: &[DiffLine],
+) -> std::io::Result<()> {
+    let now = SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .unwrap_or_default();
+    let entry = Entry {
+        time: rfc3339(now.as_secs()),
+        unix_ms: now.as_millis(),
+        generation,
+        command,
+        diff,
+    };
     let mut line = serde_json::to_string(&entry).map_err(std::io::Error::other)?;
     line.push('\n');
-    let mut file = std::fs::OpenOptions::new().create(true).append(true).open(path)?;
+    let mut file = std::fs::OpenOptions::new()
+        .create(true)
+        .append(true)
+        .open(path)?;
     file.write_all(line.as_bytes())?;
     file.sync_data()
 }
@@ -42,7 +58,12 @@ pub fn rfc3339(secs: u64) -> String {
     let d = doy - (153 * mp + 2) / 5 + 1;
     let m = if mp < 10 { mp + 3 } else { mp - 9 };
     let y = yoe + era * 400 + i64::from(m <= 2);
-    format!("{y:04}-{m:02}-{d:02}T{:02}:{:02}:{:02}Z", rem / 3600, rem % 3600 / 60, rem % 60)
+    format!(
+        "{y:04}-{m:02}-{d:02}T{:02}:{:02}:{:02}Z",
+        rem / 3600,
+        rem % 3600 / 60,
+        rem % 60
+    )
 }
 
 #[cfg(test)]

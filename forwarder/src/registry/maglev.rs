@@ -26,9 +26,11 @@ pub const EMPTY_SLOT: u32 = u32::MAX;
 /// Default ring size: prime, and gives 655 backends 100 slots each.
 pub const DEFAULT_RING_SIZE: u32 = 65_537;
 
-/// Largest ring [`build`] accepts: 64 MiB of `u32` per table. A guard rail
-/// against a typo building (and pushing to the kernel) gigabytes.
-pub const MAX_RING_SIZE: u32 = 1 << 24;
+/// Largest ring [`build`] accepts, ~64 MiB of `u32` per table: a guard rail
+/// against a typo building (and pushing to the kernel) gigabytes. Equal to
+/// the data plane's `abi::MAX_RING_SIZE` (the smallest prime above 2^24);
+/// kept as a literal so this module stays free of dependencies.
+pub const MAX_RING_SIZE: u32 = 16_777_259;
 
 /// Slots per backend that [`ring_size_for`] guarantees: with this many, every
 /// backend's share is within 1% (or one slot) of its weight's fair share.
@@ -100,6 +102,11 @@ pub enum MaglevError {
 /// Deterministic: depends only on the set of `(identity, weight)` and on
 /// `size`; ids are only what gets written, so input order and id values do
 /// not affect which member owns which slot.
+///
+/// # Errors
+/// A [`MaglevError`] if `size` is not prime, too large, or smaller than the
+/// number of weighted members, or if the members are ambiguous (a duplicate
+/// identity or id, the reserved id, an empty identity) or all weigh 0.
 pub fn build(members: &[Member], size: u32) -> Result<Vec<u32>, MaglevError> {
     if size > MAX_RING_SIZE {
         return Err(MaglevError::TooLarge {
@@ -173,7 +180,7 @@ struct Turn {
 
 impl Ord for Turn {
     fn cmp(&self, other: &Self) -> Ordering {
-        // claims <= 2^24 and weight < 2^32: the cross products fit in u64.
+        // claims <= MAX_RING_SIZE < 2^25, weight < 2^32: products fit in u64.
         let mine = u64::from(self.claims) * u64::from(other.weight);
         let theirs = u64::from(other.claims) * u64::from(self.weight);
         theirs.cmp(&mine).then(self.weight.cmp(&other.weight))
@@ -315,6 +322,7 @@ fn mix64(mut z: u64) -> u64 {
 
 /// Deterministic Miller–Rabin: bases 2, 7 and 61 are exact for every
 /// `n < 4_759_123_141`, hence for every `u32`.
+#[must_use]
 pub fn is_prime(n: u32) -> bool {
     if n < 2 {
         return false;
@@ -367,6 +375,7 @@ fn pow_mod(mut base: u64, mut exp: u64, m: u64) -> u64 {
 }
 
 /// Smallest prime `>= n`, or `None` above [`LARGEST_U32_PRIME`].
+#[must_use]
 pub fn checked_next_prime(n: u32) -> Option<u32> {
     if n <= 2 {
         return Some(2);
@@ -384,6 +393,7 @@ pub fn checked_next_prime(n: u32) -> Option<u32> {
 ///
 /// # Panics
 /// If `n > LARGEST_U32_PRIME` (no such `u32`); see [`checked_next_prime`].
+#[must_use]
 pub fn next_prime(n: u32) -> u32 {
     checked_next_prime(n).unwrap_or_else(|| panic!("no u32 prime is >= {n}"))
 }
@@ -395,6 +405,7 @@ pub fn next_prime(n: u32) -> u32 {
 /// then refuses it with an error that says so rather than silently giving
 /// backends fewer slots. Beyond what a `u32` holds it saturates at
 /// [`LARGEST_U32_PRIME`], which [`build`] refuses the same way.
+#[must_use]
 pub fn ring_size_for(backends: usize) -> u32 {
     let wanted = (backends as u64)
         .saturating_mul(MIN_SLOTS_PER_BACKEND)
@@ -775,7 +786,14 @@ mod tests {
 
     #[test]
     fn size_is_capped() {
-        let too_big = next_prime(MAX_RING_SIZE);
+        assert!(is_prime(MAX_RING_SIZE));
+        // Accepted (the error comes from a later check), without the cost of
+        // filling 16M slots in a debug build.
+        assert_eq!(
+            build(&[member(3, 0)], MAX_RING_SIZE),
+            Err(MaglevError::AllWeightsZero { members: 1 })
+        );
+        let too_big = next_prime(MAX_RING_SIZE + 1);
         assert_eq!(
             build(&equal(1), too_big),
             Err(MaglevError::TooLarge {
@@ -968,7 +986,7 @@ mod tests {
     #[test]
     #[should_panic(expected = "no u32 prime")]
     fn next_prime_panics_past_the_largest_u32_prime() {
-        next_prime(u32::MAX);
+        let _ = next_prime(u32::MAX);
     }
 
     #[test]

@@ -24,18 +24,39 @@ struct Mmap {
 impl Mmap {
     /// Maps `entries` array elements of `value_size` bytes. Array elements
     /// are laid out every round_up(value_size, 8) bytes.
-    fn map(fd: BorrowedFd<'_>, entries: u32, value_size: usize, writable: bool) -> std::io::Result<Self> {
+    fn map(
+        fd: BorrowedFd<'_>,
+        entries: u32,
+        value_size: usize,
+        writable: bool,
+    ) -> std::io::Result<Self> {
         let stride = value_size.next_multiple_of(8);
         // SAFETY: sysconf has no preconditions.
         let page = unsafe { libc::sysconf(libc::_SC_PAGESIZE) } as usize;
         let len = (entries as usize * stride).next_multiple_of(page);
-        let prot = if writable { libc::PROT_READ | libc::PROT_WRITE } else { libc::PROT_READ };
+        let prot = if writable {
+            libc::PROT_READ | libc::PROT_WRITE
+        } else {
+            libc::PROT_READ
+        };
         // SAFETY: a fresh shared mapping of a map fd; checked for failure.
-        let ptr = unsafe { libc::mmap(std::ptr::null_mut(), len, prot, libc::MAP_SHARED, fd.as_raw_fd(), 0) };
+        let ptr = unsafe {
+            libc::mmap(
+                std::ptr::null_mut(),
+                len,
+                prot,
+                libc::MAP_SHARED,
+                fd.as_raw_fd(),
+                0,
+            )
+        };
         if ptr == libc::MAP_FAILED {
             return Err(std::io::Error::last_os_error());
         }
-        Ok(Self { ptr: ptr.cast(), len })
+        Ok(Self {
+            ptr: ptr.cast(),
+            len,
+        })
     }
 
     fn read<T: Copy>(&self, index: usize) -> T {
@@ -67,7 +88,11 @@ fn map_err(what: &'static str) -> impl Fn(aya::maps::MapError) -> RegistryError 
 
 fn map_data(map: &Map) -> &MapData {
     match map {
-        Map::Array(m) | Map::HashMap(m) | Map::LruHashMap(m) | Map::PerCpuArray(m) | Map::ArrayOfMaps(m) => m,
+        Map::Array(m)
+        | Map::HashMap(m)
+        | Map::LruHashMap(m)
+        | Map::PerCpuArray(m)
+        | Map::ArrayOfMaps(m) => m,
         _ => unreachable!("weir only opens these map types"),
     }
 }
@@ -98,7 +123,9 @@ impl Maps {
             .default_map_pin_directory(dir)
             .map_max_entries(abi::maps::FLOWS, flows)
             .load(weir_ebpf::lb_object())
-            .map_err(|e| RegistryError::Kernel(format!("creating the maps in {}: {e}", dir.display())))?;
+            .map_err(|e| {
+                RegistryError::Kernel(format!("creating the maps in {}: {e}", dir.display()))
+            })?;
         Ok(())
     }
 
@@ -109,7 +136,8 @@ impl Maps {
             let data = MapData::from_pin(&path).map_err(|e| {
                 RegistryError::Kernel(format!("opening pinned map {}: {e}", path.display()))
             })?;
-            Map::from_map_data(data).map_err(|e| RegistryError::Kernel(format!("{}: {e}", path.display())))
+            Map::from_map_data(data)
+                .map_err(|e| RegistryError::Kernel(format!("{}: {e}", path.display())))
         };
         let backends = open(abi::maps::BACKENDS)?;
         let backends_view = Mmap::map(
@@ -145,9 +173,13 @@ impl Maps {
             HashMap::try_from(&self.services).map_err(map_err("weir_services"))?;
         for item in services.iter() {
             let (k, v) = item.map_err(map_err("weir_services"))?;
-            let addr = ServiceAddr { vip: Ipv4Addr::from(k.vip), port: u16::from_be_bytes(k.port) };
-            let mode = ServiceMode::from_raw(v.mode)
-                .ok_or_else(|| RegistryError::Corrupt(format!("service {addr} has mode {}", v.mode)))?;
+            let addr = ServiceAddr {
+                vip: Ipv4Addr::from(k.vip),
+                port: u16::from_be_bytes(k.port),
+            };
+            let mode = ServiceMode::from_raw(v.mode).ok_or_else(|| {
+                RegistryError::Corrupt(format!("service {addr} has mode {}", v.mode))
+            })?;
             state.services.insert(
                 addr,
                 ServiceEntry {
@@ -161,8 +193,9 @@ impl Maps {
         }
         for id in 0..abi::MAX_BACKENDS {
             let b: abi::Backend = self.backends_view.read(id as usize);
-            let state_raw = BackendState::from_raw(b.state)
-                .ok_or_else(|| RegistryError::Corrupt(format!("backend {id} has state {}", b.state)))?;
+            let state_raw = BackendState::from_raw(b.state).ok_or_else(|| {
+                RegistryError::Corrupt(format!("backend {id} has state {}", b.state))
+            })?;
             if state_raw == BackendState::Empty {
                 if b.flags & abi::BACKEND_F_USED != 0 {
                     state.used_free.insert(id);
@@ -173,7 +206,10 @@ impl Maps {
                 id,
                 BackendEntry {
                     service_id: b.service_id,
-                    addr: BackendAddr { addr: Ipv4Addr::from(b.addr), port: u16::from_be_bytes(b.port) },
+                    addr: BackendAddr {
+                        addr: Ipv4Addr::from(b.addr),
+                        port: u16::from_be_bytes(b.port),
+                    },
                     weight: b.weight,
                     state: state_raw,
                 },
@@ -182,7 +218,11 @@ impl Maps {
         Ok(state)
     }
 
-    pub fn write_service(&mut self, addr: &ServiceAddr, entry: &ServiceEntry) -> Result<(), RegistryError> {
+    pub fn write_service(
+        &mut self,
+        addr: &ServiceAddr,
+        entry: &ServiceEntry,
+    ) -> Result<(), RegistryError> {
         let mut services: HashMap<&mut MapData, abi::ServiceKey, abi::Service> =
             HashMap::try_from(&mut self.services).map_err(map_err("weir_services"))?;
         let value = abi::Service {
@@ -193,18 +233,26 @@ impl Maps {
             max_remove_permille: entry.max_remove_permille,
             ..Default::default()
         };
-        services.insert(service_key(addr), value, 0).map_err(map_err("weir_services"))
+        services
+            .insert(service_key(addr), value, 0)
+            .map_err(map_err("weir_services"))
     }
 
     pub fn delete_service(&mut self, addr: &ServiceAddr) -> Result<(), RegistryError> {
         let mut services: HashMap<&mut MapData, abi::ServiceKey, abi::Service> =
             HashMap::try_from(&mut self.services).map_err(map_err("weir_services"))?;
-        services.remove(&service_key(addr)).map_err(map_err("weir_services"))
+        services
+            .remove(&service_key(addr))
+            .map_err(map_err("weir_services"))
     }
 
     /// Writes backend slot `id`; `None` frees it (kept marked as used for the
     /// quarantine).
-    pub fn write_backend(&mut self, id: u32, entry: Option<&BackendEntry>) -> Result<(), RegistryError> {
+    pub fn write_backend(
+        &mut self,
+        id: u32,
+        entry: Option<&BackendEntry>,
+    ) -> Result<(), RegistryError> {
         let value = match entry {
             Some(b) => abi::Backend {
                 addr: b.addr.addr.octets(),
@@ -214,7 +262,10 @@ impl Maps {
                 state: b.state as u32,
                 flags: abi::BACKEND_F_USED,
             },
-            None => abi::Backend { flags: abi::BACKEND_F_USED, ..Default::default() },
+            None => abi::Backend {
+                flags: abi::BACKEND_F_USED,
+                ..Default::default()
+            },
         };
         let mut backends: Array<&mut MapData, abi::Backend> =
             Array::try_from(&mut self.backends).map_err(map_err("weir_backends"))?;
@@ -250,8 +301,12 @@ impl Maps {
             table.len() as u32,
             abi::RING_MAP_FLAGS,
         );
-        let map = MapData::create(obj, "weir_ring", None)
-            .map_err(|e| RegistryError::Kernel(format!("creating a ring table of {} slots: {e}", table.len())))?;
+        let map = MapData::create(obj, "weir_ring", None).map_err(|e| {
+            RegistryError::Kernel(format!(
+                "creating a ring table of {} slots: {e}",
+                table.len()
+            ))
+        })?;
         let mut view = Mmap::map(map.fd().as_fd(), table.len() as u32, size_of::<u32>(), true)
             .map_err(|e| RegistryError::Kernel(format!("mmap of a new ring table: {e}")))?;
         for (slot, id) in table.iter().enumerate() {
@@ -262,11 +317,17 @@ impl Maps {
 
     /// Swaps service `service_id`'s table for `table` with one update of the
     /// outer map. Returns the table that was there, for rollback.
-    pub fn swap_ring(&mut self, service_id: u32, table: &MapData) -> Result<Option<MapData>, RegistryError> {
+    pub fn swap_ring(
+        &mut self,
+        service_id: u32,
+        table: &MapData,
+    ) -> Result<Option<MapData>, RegistryError> {
         let previous = self.ring_table(service_id)?;
         let mut rings: ArrayOfMaps<&mut MapData, MapData> =
             ArrayOfMaps::try_from(&mut self.rings).map_err(map_err("weir_rings"))?;
-        rings.set(service_id, table, 0).map_err(map_err("weir_rings"))?;
+        rings
+            .set(service_id, table, 0)
+            .map_err(map_err("weir_rings"))?;
         Ok(previous)
     }
 
@@ -277,7 +338,9 @@ impl Maps {
         match rings.get(&service_id, 0) {
             Ok(m) => Ok(Some(m)),
             Err(aya::maps::MapError::KeyNotFound) => Ok(None),
-            Err(aya::maps::MapError::SyscallError(e)) if e.io_error.raw_os_error() == Some(libc::ENOENT) => {
+            Err(aya::maps::MapError::SyscallError(e))
+                if e.io_error.raw_os_error() == Some(libc::ENOENT) =>
+            {
                 Ok(None)
             }
             Err(e) => Err(RegistryError::Map("weir_rings", e.to_string())),
@@ -323,7 +386,8 @@ impl Maps {
     }
 
     pub fn generation(&self) -> Result<u64, RegistryError> {
-        let generation: Array<&MapData, u64> = Array::try_from(&self.generation).map_err(map_err("weir_gen"))?;
+        let generation: Array<&MapData, u64> =
+            Array::try_from(&self.generation).map_err(map_err("weir_gen"))?;
         generation.get(&0, 0).map_err(map_err("weir_gen"))
     }
 
@@ -336,7 +400,8 @@ impl Maps {
     }
 
     pub fn config(&self) -> Result<abi::LbConfig, RegistryError> {
-        let config: Array<&MapData, abi::LbConfig> = Array::try_from(&self.config).map_err(map_err("weir_config"))?;
+        let config: Array<&MapData, abi::LbConfig> =
+            Array::try_from(&self.config).map_err(map_err("weir_config"))?;
         config.get(&0, 0).map_err(map_err("weir_config"))
     }
 
@@ -348,9 +413,16 @@ impl Maps {
 
     /// Global counters, summed over CPUs, in `abi::COUNTERS` order.
     pub fn counters(&self) -> Result<Vec<u64>, RegistryError> {
-        let stats: PerCpuArray<&MapData, u64> = PerCpuArray::try_from(&self.stats).map_err(map_err("weir_stats"))?;
+        let stats: PerCpuArray<&MapData, u64> =
+            PerCpuArray::try_from(&self.stats).map_err(map_err("weir_stats"))?;
         (0..abi::COUNTERS.len() as u32)
-            .map(|i| Ok(stats.get(&i, 0).map_err(map_err("weir_stats"))?.iter().sum()))
+            .map(|i| {
+                Ok(stats
+                    .get(&i, 0)
+                    .map_err(map_err("weir_stats"))?
+                    .iter()
+                    .sum())
+            })
             .collect()
     }
 
@@ -358,28 +430,32 @@ impl Maps {
         let stats: PerCpuArray<&MapData, abi::ServiceStats> =
             PerCpuArray::try_from(&self.svc_stats).map_err(map_err("weir_svc_stats"))?;
         let per_cpu = stats.get(&id, 0).map_err(map_err("weir_svc_stats"))?;
-        Ok(per_cpu.iter().fold(abi::ServiceStats::default(), |mut a, s| {
-            a.packets += s.packets;
-            a.bytes += s.bytes;
-            a.new_flows += s.new_flows;
-            a.syn_repeats += s.syn_repeats;
-            a.flow_misses += s.flow_misses;
-            a.no_backend += s.no_backend;
-            a.passed_l7 += s.passed_l7;
-            a
-        }))
+        Ok(per_cpu
+            .iter()
+            .fold(abi::ServiceStats::default(), |mut a, s| {
+                a.packets += s.packets;
+                a.bytes += s.bytes;
+                a.new_flows += s.new_flows;
+                a.syn_repeats += s.syn_repeats;
+                a.flow_misses += s.flow_misses;
+                a.no_backend += s.no_backend;
+                a.passed_l7 += s.passed_l7;
+                a
+            }))
     }
 
     pub fn backend_stats(&self, id: u32) -> Result<abi::BackendStats, RegistryError> {
         let stats: PerCpuArray<&MapData, abi::BackendStats> =
             PerCpuArray::try_from(&self.be_stats).map_err(map_err("weir_be_stats"))?;
         let per_cpu = stats.get(&id, 0).map_err(map_err("weir_be_stats"))?;
-        Ok(per_cpu.iter().fold(abi::BackendStats::default(), |mut a, s| {
-            a.packets += s.packets;
-            a.bytes += s.bytes;
-            a.new_flows += s.new_flows;
-            a
-        }))
+        Ok(per_cpu
+            .iter()
+            .fold(abi::BackendStats::default(), |mut a, s| {
+                a.packets += s.packets;
+                a.bytes += s.bytes;
+                a.new_flows += s.new_flows;
+                a
+            }))
     }
 
     /// Raw access for tests that need to tamper with a map.

@@ -59,6 +59,9 @@ pub enum RegistryError {
     Audit(String, std::io::Error),
 }
 
+/// Test hook run between the writes and the read-back.
+pub type VerifyHook = Box<dyn FnOnce(&mut Maps)>;
+
 /// How to apply a change.
 #[derive(Default)]
 pub struct ApplyOptions {
@@ -70,7 +73,7 @@ pub struct ApplyOptions {
     pub command: String,
     /// Test hook: runs after the writes and before the read-back.
     #[doc(hidden)]
-    pub before_verify: Option<Box<dyn FnOnce(&mut Maps)>>,
+    pub before_verify: Option<VerifyHook>,
 }
 
 /// What a change did.
@@ -89,7 +92,9 @@ pub struct CreateOptions {
 
 impl Default for CreateOptions {
     fn default() -> Self {
-        Self { flows: abi::DEFAULT_FLOWS }
+        Self {
+            flows: abi::DEFAULT_FLOWS,
+        }
     }
 }
 
@@ -125,7 +130,10 @@ impl Registry {
         if !dir.join(abi::maps::SERVICES).exists() {
             return Err(RegistryError::NoInstance(instance.name().into()));
         }
-        Ok(Self { instance: instance.clone(), maps: Maps::open(&dir)? })
+        Ok(Self {
+            instance: instance.clone(),
+            maps: Maps::open(&dir)?,
+        })
     }
 
     pub fn instance(&self) -> &Instance {
@@ -145,7 +153,11 @@ impl Registry {
     }
 
     /// Applies one change atomically (see the module docs).
-    pub fn apply(&mut self, change: &Change, mut opts: ApplyOptions) -> Result<Outcome, RegistryError> {
+    pub fn apply(
+        &mut self,
+        change: &Change,
+        mut opts: ApplyOptions,
+    ) -> Result<Outcome, RegistryError> {
         let _lock = self.instance.lock()?;
         if !opts.dry_run {
             self.collect_locked(&opts.command)?;
@@ -161,13 +173,26 @@ impl Registry {
         }
         let generation = self.maps.generation()?;
         if opts.dry_run || plan.diff.is_empty() {
-            return Ok(Outcome { applied: false, generation, diff: plan.diff });
+            return Ok(Outcome {
+                applied: false,
+                generation,
+                diff: plan.diff,
+            });
         }
         let hook = opts.before_verify.take();
         let generation = self.write_verified(&state, &plan, hook)?;
-        audit::append(&self.instance.audit_log(), generation, &opts.command, &plan.diff)
-            .map_err(|e| RegistryError::Audit(self.instance.audit_log().display().to_string(), e))?;
-        Ok(Outcome { applied: true, generation, diff: plan.diff })
+        audit::append(
+            &self.instance.audit_log(),
+            generation,
+            &opts.command,
+            &plan.diff,
+        )
+        .map_err(|e| RegistryError::Audit(self.instance.audit_log().display().to_string(), e))?;
+        Ok(Outcome {
+            applied: true,
+            generation,
+            diff: plan.diff,
+        })
     }
 
     /// Frees removed backends that no flow references any more.
@@ -186,19 +211,32 @@ impl Registry {
             .map(|(id, _)| *id)
             .collect();
         if removed.is_empty() {
-            return Ok(Outcome { applied: false, generation, diff: vec![] });
+            return Ok(Outcome {
+                applied: false,
+                generation,
+                diff: vec![],
+            });
         }
         let referenced = self.maps.referenced_backends()?;
         let unreferenced = removed.difference(&referenced).copied().collect();
         let plan = model::plan(&state, &Change::Collect { unreferenced }, true)?;
         if plan.diff.is_empty() {
-            return Ok(Outcome { applied: false, generation, diff: vec![] });
+            return Ok(Outcome {
+                applied: false,
+                generation,
+                diff: vec![],
+            });
         }
         let generation = self.write_verified(&state, &plan, None)?;
         let command = format!("{command} (collect: removed backends without flows)");
-        audit::append(&self.instance.audit_log(), generation, &command, &plan.diff)
-            .map_err(|e| RegistryError::Audit(self.instance.audit_log().display().to_string(), e))?;
-        Ok(Outcome { applied: true, generation, diff: plan.diff })
+        audit::append(&self.instance.audit_log(), generation, &command, &plan.diff).map_err(
+            |e| RegistryError::Audit(self.instance.audit_log().display().to_string(), e),
+        )?;
+        Ok(Outcome {
+            applied: true,
+            generation,
+            diff: plan.diff,
+        })
     }
 
     /// Writes a plan, verifies it, and bumps the generation; rolls back on
@@ -207,7 +245,7 @@ impl Registry {
         &mut self,
         before: &State,
         plan: &model::Plan,
-        hook: Option<Box<dyn FnOnce(&mut Maps)>>,
+        hook: Option<VerifyHook>,
     ) -> Result<u64, RegistryError> {
         let mut undo = Vec::new();
         let result = self.write(before, plan, &mut undo).and_then(|()| {
@@ -226,7 +264,12 @@ impl Registry {
         self.maps.bump_generation()
     }
 
-    fn write(&mut self, before: &State, plan: &model::Plan, undo: &mut Vec<Undo>) -> Result<(), RegistryError> {
+    fn write(
+        &mut self,
+        before: &State,
+        plan: &model::Plan,
+        undo: &mut Vec<Undo>,
+    ) -> Result<(), RegistryError> {
         let next = &plan.next;
         // 1. Services that go away stop matching first.
         for (addr, svc) in &before.services {
@@ -319,7 +362,10 @@ impl Registry {
                         .map(|id| format!("slot {id} should be empty")),
                 )
                 .collect();
-            return Err(RegistryError::ReadBack(format!("backends differ: {}", bad.join(", "))));
+            return Err(RegistryError::ReadBack(format!(
+                "backends differ: {}",
+                bad.join(", ")
+            )));
         }
         for &service_id in &plan.rings {
             let Some(svc) = want.services.values().find(|s| s.id == service_id) else {
@@ -336,7 +382,9 @@ impl Registry {
                     )));
                 }
                 None => {
-                    return Err(RegistryError::ReadBack(format!("ring of service id {service_id} is missing")));
+                    return Err(RegistryError::ReadBack(format!(
+                        "ring of service id {service_id} is missing"
+                    )));
                 }
             }
         }
@@ -357,5 +405,7 @@ impl Registry {
 }
 
 fn reuses_slot(before: &State, plan: &model::Plan) -> bool {
-    plan.diff.iter().any(|d| matches!(d, DiffLine::BackendAdded { id, .. } if before.used_free.contains(id)))
+    plan.diff
+        .iter()
+        .any(|d| matches!(d, DiffLine::BackendAdded { id, .. } if before.used_free.contains(id)))
 }

@@ -218,31 +218,89 @@ pub enum Change {
 #[derive(Clone, Debug, PartialEq, Eq, Serialize)]
 #[serde(tag = "op", rename_all = "snake_case")]
 pub enum DiffLine {
-    ServiceAdded { service: ServiceAddr, id: u32, mode: ServiceModeName, ring_size: u32 },
-    ServiceRemoved { service: ServiceAddr, id: u32 },
-    BackendAdded { service: ServiceAddr, backend: BackendAddr, id: u32, weight: u16 },
-    BackendState { service: ServiceAddr, backend: BackendAddr, id: u32, from: String, to: String },
-    BackendWeight { service: ServiceAddr, backend: BackendAddr, id: u32, from: u16, to: u16 },
-    BackendFreed { service: ServiceAddr, backend: BackendAddr, id: u32 },
+    ServiceAdded {
+        service: ServiceAddr,
+        id: u32,
+        mode: ServiceModeName,
+        ring_size: u32,
+    },
+    ServiceRemoved {
+        service: ServiceAddr,
+        id: u32,
+    },
+    BackendAdded {
+        service: ServiceAddr,
+        backend: BackendAddr,
+        id: u32,
+        weight: u16,
+    },
+    BackendState {
+        service: ServiceAddr,
+        backend: BackendAddr,
+        id: u32,
+        from: String,
+        to: String,
+    },
+    BackendWeight {
+        service: ServiceAddr,
+        backend: BackendAddr,
+        id: u32,
+        from: u16,
+        to: u16,
+    },
+    BackendFreed {
+        service: ServiceAddr,
+        backend: BackendAddr,
+        id: u32,
+    },
 }
 
 impl fmt::Display for DiffLine {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         match self {
-            Self::ServiceAdded { service, id, mode, ring_size } => {
+            Self::ServiceAdded {
+                service,
+                id,
+                mode,
+                ring_size,
+            } => {
                 write!(f, "+ service {service} (id {id}, {mode}, ring {ring_size})")
             }
             Self::ServiceRemoved { service, id } => write!(f, "- service {service} (id {id})"),
-            Self::BackendAdded { service, backend, id, weight } => {
+            Self::BackendAdded {
+                service,
+                backend,
+                id,
+                weight,
+            } => {
                 write!(f, "+ {service} backend {backend} weight {weight} (id {id})")
             }
-            Self::BackendState { service, backend, id, from, to } => {
+            Self::BackendState {
+                service,
+                backend,
+                id,
+                from,
+                to,
+            } => {
                 write!(f, "~ {service} backend {backend}: {from} -> {to} (id {id})")
             }
-            Self::BackendWeight { service, backend, id, from, to } => {
-                write!(f, "~ {service} backend {backend}: weight {from} -> {to} (id {id})")
+            Self::BackendWeight {
+                service,
+                backend,
+                id,
+                from,
+                to,
+            } => {
+                write!(
+                    f,
+                    "~ {service} backend {backend}: weight {from} -> {to} (id {id})"
+                )
             }
-            Self::BackendFreed { service, backend, id } => {
+            Self::BackendFreed {
+                service,
+                backend,
+                id,
+            } => {
                 write!(f, "- {service} backend {backend} freed (id {id})")
             }
         }
@@ -266,15 +324,23 @@ pub fn plan(state: &State, change: &Change, force: bool) -> Result<Plan, Registr
     let mut rings = BTreeSet::new();
 
     match change {
-        Change::AddService { addr, mode, ring_size, max_remove_fraction, min_backends } => {
+        Change::AddService {
+            addr,
+            mode,
+            ring_size,
+            max_remove_fraction,
+            min_backends,
+        } => {
             if state.services.contains_key(addr) {
                 return Err(RegistryError::ServiceExists(*addr));
             }
             if addr.port == 0 {
-                return Err(RegistryError::Invalid(format!("service {addr}: port 0 is not a valid port")));
+                return Err(RegistryError::Invalid(format!(
+                    "service {addr}: port 0 is not a valid port"
+                )));
             }
             let ring_size = ring_size.unwrap_or(DEFAULT_RING_SIZE);
-            if !maglev::is_prime(ring_size) || ring_size > abi::MAX_RING_SIZE || ring_size < 3 {
+            if !maglev::is_prime(ring_size) || !(3..=abi::MAX_RING_SIZE).contains(&ring_size) {
                 return Err(RegistryError::Invalid(format!(
                     "ring size {ring_size} must be a prime between 3 and {} (e.g. 65537, 1000003)",
                     abi::MAX_RING_SIZE
@@ -303,7 +369,12 @@ pub fn plan(state: &State, change: &Change, force: bool) -> Result<Plan, Registr
                     max_remove_permille: permille,
                 },
             );
-            diff.push(DiffLine::ServiceAdded { service: *addr, id, mode: *mode, ring_size });
+            diff.push(DiffLine::ServiceAdded {
+                service: *addr,
+                id,
+                mode: *mode,
+                ring_size,
+            });
             rings.insert(id);
         }
         Change::RemoveService { addr } => {
@@ -323,13 +394,24 @@ pub fn plan(state: &State, change: &Change, force: bool) -> Result<Plan, Registr
             for id in serving {
                 let b = next.backends.remove(&id).expect("listed above");
                 next.used_free.insert(id);
-                diff.push(DiffLine::BackendFreed { service: *addr, backend: b.addr, id });
+                diff.push(DiffLine::BackendFreed {
+                    service: *addr,
+                    backend: b.addr,
+                    id,
+                });
             }
             next.services.remove(addr);
-            diff.push(DiffLine::ServiceRemoved { service: *addr, id: svc.id });
+            diff.push(DiffLine::ServiceRemoved {
+                service: *addr,
+                id: svc.id,
+            });
             rings.insert(svc.id);
         }
-        Change::AddBackend { service, backend, weight } => {
+        Change::AddBackend {
+            service,
+            backend,
+            weight,
+        } => {
             let svc = state.service(service)?.clone();
             check_backend(service, &svc, backend, *weight)?;
             match state.find_backend(svc.id, backend) {
@@ -376,7 +458,11 @@ pub fn plan(state: &State, change: &Change, force: bool) -> Result<Plan, Registr
             }
             rings.insert(svc.id);
         }
-        Change::SetWeight { service, backend, weight } => {
+        Change::SetWeight {
+            service,
+            backend,
+            weight,
+        } => {
             let svc = state.service(service)?.clone();
             check_backend(service, &svc, backend, *weight)?;
             let id = state
@@ -412,7 +498,10 @@ pub fn plan(state: &State, change: &Change, force: bool) -> Result<Plan, Registr
                 .backends_of(svc.id)
                 .filter(|(_, b)| {
                     !seen.contains(&b.addr)
-                        && matches!(b.state, BackendState::Active | BackendState::Draining | BackendState::Down)
+                        && matches!(
+                            b.state,
+                            BackendState::Active | BackendState::Draining | BackendState::Down
+                        )
                 })
                 .map(|(id, _)| id)
                 .collect();
@@ -430,10 +519,15 @@ pub fn plan(state: &State, change: &Change, force: bool) -> Result<Plan, Registr
                 .map(|(id, b)| (*id, b.service_id))
                 .collect();
             for (id, service_id) in removed {
-                let service = *state
-                    .service_by_id(service_id)
-                    .map(|(a, _)| a)
-                    .ok_or_else(|| RegistryError::Corrupt(format!("backend {id} names unknown service {service_id}")))?;
+                let service =
+                    *state
+                        .service_by_id(service_id)
+                        .map(|(a, _)| a)
+                        .ok_or_else(|| {
+                            RegistryError::Corrupt(format!(
+                                "backend {id} names unknown service {service_id}"
+                            ))
+                        })?;
                 free_backend(&mut next, &mut diff, &service, id);
             }
         }
@@ -472,12 +566,18 @@ fn check_backend(
         )));
     }
     if backend.port == 0 {
-        return Err(RegistryError::Invalid(format!("backend {backend}: port 0 is not a valid port")));
+        return Err(RegistryError::Invalid(format!(
+            "backend {backend}: port 0 is not a valid port"
+        )));
     }
     Ok(())
 }
 
-fn check_capacity(next: &State, service: &ServiceAddr, svc: &ServiceEntry) -> Result<(), RegistryError> {
+fn check_capacity(
+    next: &State,
+    service: &ServiceAddr,
+    svc: &ServiceEntry,
+) -> Result<(), RegistryError> {
     let active = next.active_count(svc.id) as u32;
     let max = svc.ring_size / SLOTS_PER_BACKEND;
     if active > max {
@@ -505,7 +605,12 @@ fn check_guard_rails(before: &State, after: &State, service_id: u32) -> Result<(
         .collect();
     let lost = was_active
         .iter()
-        .filter(|id| after.backends.get(id).is_none_or(|b| b.state != BackendState::Active))
+        .filter(|id| {
+            after
+                .backends
+                .get(id)
+                .is_none_or(|b| b.state != BackendState::Active)
+        })
         .count() as u64;
     if lost == 0 {
         return Ok(());
@@ -541,11 +646,14 @@ fn add_backend(
     // it (the caller removes referenced slots from `used_free`).
     // Allocation always takes the lowest never-used slot and used slots never
     // become never-used again, so the never-used slots are a suffix.
-    let high_water = [next.backends.last_key_value().map(|(k, _)| *k), next.used_free.last().copied()]
-        .into_iter()
-        .flatten()
-        .max()
-        .map_or(0, |k| k + 1);
+    let high_water = [
+        next.backends.last_key_value().map(|(k, _)| *k),
+        next.used_free.last().copied(),
+    ]
+    .into_iter()
+    .flatten()
+    .max()
+    .map_or(0, |k| k + 1);
     let id = Some(high_water)
         .filter(|id| *id < abi::MAX_BACKENDS)
         .or_else(|| next.used_free.first().copied())
@@ -553,14 +661,33 @@ fn add_backend(
     next.used_free.remove(&id);
     next.backends.insert(
         id,
-        BackendEntry { service_id: svc.id, addr, weight, state: BackendState::Active },
+        BackendEntry {
+            service_id: svc.id,
+            addr,
+            weight,
+            state: BackendState::Active,
+        },
     );
-    diff.push(DiffLine::BackendAdded { service: *service, backend: addr, id, weight });
+    diff.push(DiffLine::BackendAdded {
+        service: *service,
+        backend: addr,
+        id,
+        weight,
+    });
     Ok(())
 }
 
-fn set_state(next: &mut State, diff: &mut Vec<DiffLine>, service: &ServiceAddr, id: u32, to: BackendState) {
-    let b = next.backends.get_mut(&id).expect("caller found the backend");
+fn set_state(
+    next: &mut State,
+    diff: &mut Vec<DiffLine>,
+    service: &ServiceAddr,
+    id: u32,
+    to: BackendState,
+) {
+    let b = next
+        .backends
+        .get_mut(&id)
+        .expect("caller found the backend");
     if b.state != to {
         diff.push(DiffLine::BackendState {
             service: *service,
@@ -574,9 +701,18 @@ fn set_state(next: &mut State, diff: &mut Vec<DiffLine>, service: &ServiceAddr, 
 }
 
 fn set_weight(next: &mut State, diff: &mut Vec<DiffLine>, service: &ServiceAddr, id: u32, to: u16) {
-    let b = next.backends.get_mut(&id).expect("caller found the backend");
+    let b = next
+        .backends
+        .get_mut(&id)
+        .expect("caller found the backend");
     if b.weight != to {
-        diff.push(DiffLine::BackendWeight { service: *service, backend: b.addr, id, from: b.weight, to });
+        diff.push(DiffLine::BackendWeight {
+            service: *service,
+            backend: b.addr,
+            id,
+            from: b.weight,
+            to,
+        });
         b.weight = to;
     }
 }
@@ -584,6 +720,10 @@ fn set_weight(next: &mut State, diff: &mut Vec<DiffLine>, service: &ServiceAddr,
 fn free_backend(next: &mut State, diff: &mut Vec<DiffLine>, service: &ServiceAddr, id: u32) {
     if let Some(b) = next.backends.remove(&id) {
         next.used_free.insert(id);
-        diff.push(DiffLine::BackendFreed { service: *service, backend: b.addr, id });
+        diff.push(DiffLine::BackendFreed {
+            service: *service,
+            backend: b.addr,
+            id,
+        });
     }
 }

@@ -11,16 +11,27 @@ use weir_testbed::topology::install_signal_cleanup;
 
 fn main() -> ExitCode {
     if !weir_testbed::is_root() {
-        eprintln!("weir-demo: error: the demo builds network namespaces and attaches XDP: run it as root");
+        eprintln!(
+            "weir-demo: error: the demo builds network namespaces and attaches XDP: run it as root"
+        );
         return ExitCode::FAILURE;
     }
     install_signal_cleanup();
-    let opts = L4Options { verbose: true, ..L4Options::default() };
-    println!("weir demo: L4 service through XDP, live backend changes under 100 WebSocket connections\n");
+    let opts = L4Options {
+        verbose: true,
+        ..L4Options::default()
+    };
+    println!(
+        "weir demo: L4 service through XDP, live backend changes under 100 WebSocket connections\n"
+    );
     match run_l4(&opts) {
         Ok(report) => {
             let ok = summarize(&report);
-            if ok { ExitCode::SUCCESS } else { ExitCode::FAILURE }
+            if ok {
+                ExitCode::SUCCESS
+            } else {
+                ExitCode::FAILURE
+            }
         }
         Err(e) => {
             eprintln!("weir-demo: error: {e:#}");
@@ -53,7 +64,10 @@ fn summarize(r: &L4Report) -> bool {
     );
     println!("  per backend: {:?}", long.per_backend);
     println!("\n== new connections (opened after the changes)");
-    println!("  connected: {}/{}  per backend: {:?}", after.connected, after.connections, after.per_backend);
+    println!(
+        "  connected: {}/{}  per backend: {:?}",
+        after.connected, after.connections, after.per_backend
+    );
     println!("  (b1 drained: no new connections; b3 added; b2 weight 3 vs 1)");
     println!("\n== XDP counters vs what the clients saw");
     let kernel = r.new_flows_per_backend();
@@ -76,7 +90,10 @@ fn summarize(r: &L4Report) -> bool {
     let agree = kernel == clients;
     println!();
     if kept && agree && after.broken == 0 {
-        println!("RESULT: every connection kept ({}/{}), counters agree with the clients", long.connected, long.connections);
+        println!(
+            "RESULT: every connection kept ({}/{}), counters agree with the clients",
+            long.connected, long.connections
+        );
         true
     } else {
         println!(

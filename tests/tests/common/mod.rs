@@ -1,10 +1,8 @@
-//! Shared pieces of the root integration tests: a throwaway weir instance
-//! and a network namespace for BPF_PROG_RUN, both removed on drop.
+//! Shared pieces of the root integration tests: a throwaway weir instance,
+//! removed on drop.
 
 #![allow(dead_code)]
 
-use std::os::fd::AsRawFd;
-use std::process::Command;
 use std::sync::atomic::{AtomicU32, Ordering};
 
 use weir::instance::Instance;
@@ -57,106 +55,5 @@ impl TestInstance {
 impl Drop for TestInstance {
     fn drop(&mut self) {
         let _ = self.instance.destroy();
-    }
-}
-
-pub fn run(cmd: &str, args: &[&str]) {
-    let out = Command::new(cmd).args(args).output().expect("spawn");
-    assert!(
-        out.status.success(),
-        "{cmd} {}: {}",
-        args.join(" "),
-        String::from_utf8_lossy(&out.stderr)
-    );
-}
-
-/// A namespace with one veth (`pr0`, 198.18.2.2/24), forwarding on, a
-/// permanent neighbour 198.18.2.1 (02:00:00:00:00:01) as the next hop for
-/// 198.18.10.0/23, and a next hop without neighbour entry (198.18.2.3) for
-/// 198.18.20.0/24. The calling thread enters it; deleted on drop.
-pub struct ProgRunNetns {
-    pub name: String,
-    pub ifindex: u32,
-    pub mac: [u8; 6],
-}
-
-pub const NEXT_HOP_MAC: [u8; 6] = [0x02, 0, 0, 0, 0, 0x01];
-
-impl ProgRunNetns {
-    pub fn enter(tag: &str) -> Self {
-        let name = unique(tag);
-        run("ip", &["netns", "add", &name]);
-        let mut guard = Self {
-            name: name.clone(),
-            ifindex: 0,
-            mac: [0; 6],
-        };
-        let ns = |args: &[&str]| {
-            let mut full = vec!["-n", name.as_str()];
-            full.extend_from_slice(args);
-            run("ip", &full);
-        };
-        ns(&["link", "add", "pr0", "type", "veth", "peer", "name", "pr1"]);
-        ns(&["link", "set", "pr0", "up"]);
-        ns(&["link", "set", "pr1", "up"]);
-        ns(&["link", "set", "lo", "up"]);
-        ns(&["addr", "add", "198.18.2.2/24", "dev", "pr0"]);
-        ns(&[
-            "neigh",
-            "add",
-            "198.18.2.1",
-            "lladdr",
-            "02:00:00:00:00:01",
-            "dev",
-            "pr0",
-            "nud",
-            "permanent",
-        ]);
-        ns(&["route", "add", "198.18.10.0/23", "via", "198.18.2.1"]);
-        ns(&["route", "add", "198.18.20.0/24", "via", "198.18.2.3"]);
-        let path = format!("/run/netns/{name}");
-        run(
-            "nsenter",
-            &[
-                &format!("--net={path}"),
-                "sysctl",
-                "-qw",
-                "net.ipv4.conf.all.forwarding=1",
-                "net.ipv4.conf.pr0.forwarding=1",
-            ],
-        );
-        let file = std::fs::File::open(&path).expect("open netns");
-        // SAFETY: setns on this thread only, with a namespace fd we own.
-        let rc = unsafe { libc::setns(file.as_raw_fd(), libc::CLONE_NEWNET) };
-        assert_eq!(rc, 0, "setns: {}", std::io::Error::last_os_error());
-        let c = std::ffi::CString::new("pr0").unwrap();
-        // SAFETY: valid C string; we are inside the namespace now.
-        let ifindex = unsafe { libc::if_nametoindex(c.as_ptr()) };
-        assert_ne!(ifindex, 0);
-        // /sys still shows the host's namespace: ask ip for the MAC.
-        let out = Command::new("ip")
-            .args(["-n", &name, "-br", "link", "show", "pr0"])
-            .output()
-            .expect("ip");
-        let text = String::from_utf8_lossy(&out.stdout);
-        let mac_text = text
-            .split_whitespace()
-            .nth(2)
-            .expect("ip -br prints the MAC");
-        let mut mac = [0u8; 6];
-        for (i, part) in mac_text.split(':').enumerate().take(6) {
-            mac[i] = u8::from_str_radix(part, 16).expect("hex MAC");
-        }
-        guard.ifindex = ifindex;
-        guard.mac = mac;
-        guard
-    }
-}
-
-impl Drop for ProgRunNetns {
-    fn drop(&mut self) {
-        let _ = Command::new("ip")
-            .args(["netns", "del", &self.name])
-            .status();
     }
 }
