@@ -44,6 +44,9 @@ fn small_backend(i: u8) -> BackendAddr {
     }
 }
 
+/// Whether an error is the expected kind.
+type ErrorCheck = fn(&RegistryError) -> bool;
+
 fn opts() -> ApplyOptions {
     ApplyOptions {
         command: "test".into(),
@@ -188,7 +191,7 @@ fn refused_changes_change_nothing() {
     .unwrap();
     let before = observe(&reg);
 
-    let refused: Vec<(Change, fn(&RegistryError) -> bool)> = vec![
+    let refused: Vec<(Change, ErrorCheck)> = vec![
         // Guard rail: 3 of 4 at once.
         (
             Change::SetBackends {
