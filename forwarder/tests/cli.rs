@@ -276,3 +276,54 @@ fn set_prints_the_diff_and_dry_run_applies_nothing() {
     assert!((a / b - 3.0).abs() < 0.03, "weights 3:1 give slots {a}:{b}");
     inst.ok(&["check"]);
 }
+
+#[test]
+fn attach_and_detach_pin_and_unpin_the_link() {
+    if !is_root() {
+        eprintln!("skipped: needs root");
+        return;
+    }
+    let inst = Inst::new("attach");
+    let pin = format!("/sys/fs/bpf/weir/{}/links/xdp-lo", inst.0);
+    // In a throwaway network namespace: attach to its loopback, twice, then
+    // detach twice; report each step's exit code and whether the pin exists.
+    let script = format!(
+        "set -u; sysctl -qw net.ipv4.conf.lo.forwarding=1; ip link set lo up; \
+         w() {{ {WEIR} --instance {i} \"$@\" >/dev/null 2>/tmp/weir-attach-{i}.err; echo \"$? $(test -e {pin} && echo pinned || echo none) $(ip link show lo | grep -c 'prog/xdp')\"; }}; \
+         w attach --dev lo --lb-addr 198.18.2.2 --mode generic; \
+         w attach --dev lo --lb-addr 198.18.2.2 --mode generic; \
+         w detach --dev lo; \
+         w detach --dev lo",
+        i = inst.0
+    );
+    let out = Command::new("unshare")
+        .args(["-n", "sh", "-c", &script])
+        .output()
+        .unwrap();
+    let text = String::from_utf8_lossy(&out.stdout);
+    let steps: Vec<Vec<&str>> = text
+        .lines()
+        .map(|l| l.split_whitespace().collect())
+        .collect();
+    assert_eq!(
+        steps.len(),
+        4,
+        "{text} {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert_eq!(steps[0][..2], ["0", "pinned"], "attach: {text}");
+    assert_eq!(steps[0].last(), Some(&"1"), "program on lo: {text}");
+    assert_eq!(
+        steps[1][..2],
+        ["1", "pinned"],
+        "second attach refused: {text}"
+    );
+    assert_eq!(steps[2][..2], ["0", "none"], "detach unpins: {text}");
+    assert_eq!(steps[2].last(), Some(&"0"), "program gone from lo: {text}");
+    assert_eq!(
+        steps[3][..2],
+        ["1", "none"],
+        "second detach refused: {text}"
+    );
+    let _ = std::fs::remove_file(format!("/tmp/weir-attach-{}.err", inst.0));
+}

@@ -65,6 +65,19 @@ fn add_service(reg: &mut Registry) {
     reg.apply(&change, opts()).unwrap();
 }
 
+/// Backends 0..n, weight 1, as the whole set of the service.
+fn set_backends(reg: &mut Registry, n: u32) {
+    let backends = (0..n).map(|i| (backend(i), 1)).collect();
+    reg.apply(
+        &Change::SetBackends {
+            service: svc(),
+            backends,
+        },
+        opts(),
+    )
+    .unwrap();
+}
+
 /// Everything an observer can see: state, rings, generation, audit log.
 fn observe(reg: &Registry) -> (weir::registry::State, Vec<Option<Vec<u32>>>, u64, String) {
     let state = reg.state().unwrap();
@@ -163,15 +176,7 @@ fn refused_changes_change_nothing() {
     let inst = TestInstance::new("refuse");
     let mut reg = inst.registry();
     add_service(&mut reg);
-    let set: Vec<_> = (0..4).map(|i| (backend(i), 1)).collect();
-    reg.apply(
-        &Change::SetBackends {
-            service: svc(),
-            backends: set,
-        },
-        opts(),
-    )
-    .unwrap();
+    set_backends(&mut reg, 4);
     let change = Change::AddService {
         addr: small(),
         mode: ServiceModeName::L4,
@@ -333,15 +338,7 @@ fn read_back_mismatch_is_an_error_and_rolls_back() {
     let inst = TestInstance::new("verify");
     let mut reg = inst.registry();
     add_service(&mut reg);
-    let set: Vec<_> = (0..3).map(|i| (backend(i), 1)).collect();
-    reg.apply(
-        &Change::SetBackends {
-            service: svc(),
-            backends: set,
-        },
-        opts(),
-    )
-    .unwrap();
+    set_backends(&mut reg, 3);
     let before = observe(&reg);
 
     // Something else scribbles on slot 1 between our writes and the check.
@@ -405,15 +402,7 @@ fn removed_backends_are_freed_only_without_flows() {
     let inst = TestInstance::new("gc");
     let mut reg = inst.registry();
     add_service(&mut reg);
-    let set: Vec<_> = (0..4).map(|i| (backend(i), 1)).collect();
-    reg.apply(
-        &Change::SetBackends {
-            service: svc(),
-            backends: set,
-        },
-        opts(),
-    )
-    .unwrap();
+    set_backends(&mut reg, 4);
 
     // A live flow on backend 1 (slot 1).
     {

@@ -113,4 +113,26 @@ mod tests {
             assert!(weighted_backend(bad, &svc()).is_err(), "{bad} accepted");
         }
     }
+
+    proptest::proptest! {
+        /// Whatever an operator types, parsing returns a value or an error
+        /// message; it never panics, and what it accepts prints back as
+        /// the same address.
+        #[test]
+        fn arbitrary_input_never_panics(input in "\\PC{0,40}") {
+            let _ = service(&input);
+            let _ = weighted_backend(&input, &svc());
+            let _ = weight(&input);
+        }
+
+        #[test]
+        fn valid_forms_round_trip(a in 1u8..=254, b: u8, port in 1u16..=65535, w in 1u16..=65535) {
+            let text = format!("198.{a}.{b}.7:{port}");
+            let parsed = service(&text).unwrap();
+            proptest::prop_assert_eq!(parsed.to_string(), text.clone());
+            let (backend, weight) = weighted_backend(&format!("{text}@{w}"), &parsed).unwrap();
+            proptest::prop_assert_eq!(backend.to_string(), text);
+            proptest::prop_assert_eq!(weight, w);
+        }
+    }
 }

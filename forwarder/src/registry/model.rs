@@ -727,3 +727,455 @@ fn free_backend(next: &mut State, diff: &mut Vec<DiffLine>, service: &ServiceAdd
         });
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn svc(port: u16) -> ServiceAddr {
+        ServiceAddr {
+            vip: Ipv4Addr::new(198, 19, 0, 10),
+            port,
+        }
+    }
+
+    fn be(i: u8) -> BackendAddr {
+        BackendAddr {
+            addr: Ipv4Addr::new(198, 18, 10, i),
+            port: 80,
+        }
+    }
+
+    fn add_service(state: &State, ring: u32, min: u32, frac: f64) -> State {
+        let change = Change::AddService {
+            addr: svc(80),
+            mode: ServiceModeName::L4,
+            ring_size: Some(ring),
+            max_remove_fraction: Some(frac),
+            min_backends: Some(min),
+        };
+        plan(state, &change, false).unwrap().next
+    }
+
+    /// A service on port 80 with backends 1..=n active, weight 1.
+    fn with_backends(n: u8, min: u32, frac: f64) -> State {
+        let s = add_service(&State::default(), 65537, min, frac);
+        let set = (1..=n).map(|i| (be(i), 1)).collect();
+        plan(
+            &s,
+            &Change::SetBackends {
+                service: svc(80),
+                backends: set,
+            },
+            false,
+        )
+        .unwrap()
+        .next
+    }
+
+    fn state_of(s: &State, addr: BackendAddr) -> Option<BackendState> {
+        s.backends
+            .values()
+            .find(|b| b.addr == addr)
+            .map(|b| b.state)
+    }
+
+    #[test]
+    fn services_get_the_lowest_free_id_and_defaults() {
+        let mut s = State::default();
+        for port in [80, 81, 82] {
+            let change = Change::AddService {
+                addr: svc(port),
+                mode: ServiceModeName::L7,
+                ring_size: None,
+                max_remove_fraction: None,
+                min_backends: None,
+            };
+            s = plan(&s, &change, false).unwrap().next;
+        }
+        let p = plan(&s, &Change::RemoveService { addr: svc(81) }, false).unwrap();
+        assert!(p.rings.contains(&1));
+        let change = Change::AddService {
+            addr: svc(90),
+            mode: ServiceModeName::L4,
+            ring_size: None,
+            max_remove_fraction: None,
+            min_backends: None,
+        };
+        let next = plan(&p.next, &change, false).unwrap().next;
+        let e = &next.services[&svc(90)];
+        assert_eq!(e.id, 1, "freed id reused");
+        assert_eq!(
+            (e.ring_size, e.min_backends, e.max_remove_permille),
+            (
+                DEFAULT_RING_SIZE,
+                DEFAULT_MIN_BACKENDS,
+                DEFAULT_MAX_REMOVE_PERMILLE
+            )
+        );
+    }
+
+    #[test]
+    fn service_validation() {
+        let s = add_service(&State::default(), 65537, 1, 0.5);
+        let bad = |ring: Option<u32>, frac: Option<f64>, port: u16| Change::AddService {
+            addr: svc(port),
+            mode: ServiceModeName::L4,
+            ring_size: ring,
+            max_remove_fraction: frac,
+            min_backends: None,
+        };
+        assert!(matches!(
+            plan(&s, &bad(None, None, 80), false),
+            Err(RegistryError::ServiceExists(_))
+        ));
+        for change in [
+            bad(Some(65536), None, 81),
+            bad(Some(2), None, 81),
+            bad(Some(abi::MAX_RING_SIZE + 2), None, 81),
+            bad(None, Some(1.5), 81),
+            bad(None, Some(-0.1), 81),
+            bad(None, None, 0),
+        ] {
+            assert!(
+                matches!(plan(&s, &change, false), Err(RegistryError::Invalid(_))),
+                "{change:?}"
+            );
+        }
+        assert!(matches!(
+            plan(&s, &Change::RemoveService { addr: svc(99) }, false),
+            Err(RegistryError::UnknownService(_))
+        ));
+    }
+
+    #[test]
+    fn backend_validation() {
+        let s = with_backends(2, 1, 0.5);
+        let add = |addr: BackendAddr, weight: u16| Change::AddBackend {
+            service: svc(80),
+            backend: addr,
+            weight,
+        };
+        let cases = [
+            (add(be(1), 1), "duplicate"),
+            (
+                add(
+                    BackendAddr {
+                        addr: Ipv4Addr::new(198, 18, 10, 9),
+                        port: 81,
+                    },
+                    1,
+                ),
+                "port",
+            ),
+            (add(be(9), 0), "weight"),
+            (
+                add(
+                    BackendAddr {
+                        addr: Ipv4Addr::LOCALHOST,
+                        port: 80,
+                    },
+                    1,
+                ),
+                "unicast",
+            ),
+            (
+                add(
+                    BackendAddr {
+                        addr: Ipv4Addr::UNSPECIFIED,
+                        port: 80,
+                    },
+                    1,
+                ),
+                "unicast",
+            ),
+            (
+                add(
+                    BackendAddr {
+                        addr: Ipv4Addr::new(224, 0, 0, 1),
+                        port: 80,
+                    },
+                    1,
+                ),
+                "unicast",
+            ),
+        ];
+        for (change, what) in cases {
+            let err = plan(&s, &change, true).expect_err(what).to_string();
+            assert!(err.contains(what) || err.contains("twice"), "{what}: {err}");
+        }
+        let drain_missing = Change::DrainBackend {
+            service: svc(80),
+            backend: be(9),
+        };
+        assert!(matches!(
+            plan(&s, &drain_missing, false),
+            Err(RegistryError::UnknownBackend(..))
+        ));
+        let same_weight = Change::SetWeight {
+            service: svc(80),
+            backend: be(1),
+            weight: 1,
+        };
+        assert!(matches!(
+            plan(&s, &same_weight, false),
+            Err(RegistryError::Invalid(_))
+        ));
+        let dup = Change::SetBackends {
+            service: svc(80),
+            backends: vec![(be(1), 1), (be(1), 2)],
+        };
+        assert!(matches!(
+            plan(&s, &dup, false),
+            Err(RegistryError::DuplicateBackend(..))
+        ));
+    }
+
+    #[test]
+    fn guard_rails_count_active_backends_removed() {
+        let s = with_backends(4, 1, 0.5);
+        let set = |ids: &[u8]| Change::SetBackends {
+            service: svc(80),
+            backends: ids.iter().map(|i| (be(*i), 1)).collect(),
+        };
+        // Exactly half is allowed, more is not.
+        assert!(plan(&s, &set(&[1, 2]), false).is_ok());
+        assert!(matches!(
+            plan(&s, &set(&[1]), false),
+            Err(RegistryError::Guard(_))
+        ));
+        assert!(plan(&s, &set(&[1]), true).is_ok(), "--force overrides");
+        // Replacing backends counts removals, not the net change.
+        assert!(matches!(
+            plan(&s, &set(&[5, 6, 7, 8]), false),
+            Err(RegistryError::Guard(_))
+        ));
+        // min_backends: 3 of 4 stay, but the minimum is 4.
+        let strict = with_backends(4, 4, 0.5);
+        let drain = Change::DrainBackend {
+            service: svc(80),
+            backend: be(1),
+        };
+        let err = plan(&strict, &drain, false).unwrap_err().to_string();
+        assert!(err.contains("minimum 4"), "{err}");
+        // Adding is never refused by the guard rails, even below the minimum.
+        let add = Change::AddBackend {
+            service: svc(80),
+            backend: be(9),
+            weight: 1,
+        };
+        let few = with_backends(1, 4, 0.5);
+        assert!(plan(&few, &add, false).is_ok());
+        // Weight changes remove nothing.
+        let w = Change::SetWeight {
+            service: svc(80),
+            backend: be(1),
+            weight: 9,
+        };
+        assert!(plan(&strict, &w, false).is_ok());
+    }
+
+    #[test]
+    fn set_diffs_and_drains_leavers() {
+        let s = with_backends(3, 1, 0.5);
+        let change = Change::SetBackends {
+            service: svc(80),
+            backends: vec![(be(1), 1), (be(2), 5), (be(4), 1)],
+        };
+        let p = plan(&s, &change, false).unwrap();
+        assert_eq!(state_of(&p.next, be(3)), Some(BackendState::Removed));
+        assert_eq!(
+            p.next
+                .backends
+                .values()
+                .find(|b| b.addr == be(2))
+                .unwrap()
+                .weight,
+            5
+        );
+        let text: Vec<String> = p.diff.iter().map(ToString::to_string).collect();
+        assert_eq!(
+            text,
+            [
+                "~ 198.19.0.10:80 backend 198.18.10.2:80: weight 1 -> 5 (id 1)",
+                "+ 198.19.0.10:80 backend 198.18.10.4:80 weight 1 (id 3)",
+                "~ 198.19.0.10:80 backend 198.18.10.3:80: active -> removed (id 2)",
+            ]
+        );
+        // The same set again is no change at all.
+        let again = plan(&p.next, &change, false).unwrap();
+        assert!(again.diff.is_empty());
+        // A removed backend listed again comes back active in its slot.
+        let back = Change::SetBackends {
+            service: svc(80),
+            backends: vec![(be(1), 1), (be(2), 5), (be(3), 1), (be(4), 1)],
+        };
+        let p2 = plan(&p.next, &back, false).unwrap();
+        assert_eq!(state_of(&p2.next, be(3)), Some(BackendState::Active));
+        assert_eq!(
+            p2.next
+                .backends
+                .iter()
+                .find(|(_, b)| b.addr == be(3))
+                .unwrap()
+                .0,
+            &2
+        );
+    }
+
+    #[test]
+    fn drain_remove_and_reactivate() {
+        let s = with_backends(3, 1, 0.5);
+        let drain = Change::DrainBackend {
+            service: svc(80),
+            backend: be(2),
+        };
+        let drained = plan(&s, &drain, false).unwrap().next;
+        assert_eq!(state_of(&drained, be(2)), Some(BackendState::Draining));
+        assert!(plan(&drained, &drain, false).is_err(), "draining twice");
+        let add = Change::AddBackend {
+            service: svc(80),
+            backend: be(2),
+            weight: 3,
+        };
+        let back = plan(&drained, &add, false).unwrap().next;
+        assert_eq!(state_of(&back, be(2)), Some(BackendState::Active));
+
+        let remove = Change::RemoveBackend {
+            service: svc(80),
+            backend: be(2),
+        };
+        let removed = plan(&s, &remove, false).unwrap().next;
+        assert_eq!(state_of(&removed, be(2)), Some(BackendState::Removed));
+        assert!(plan(&removed, &remove, false).is_err(), "removing twice");
+        let forced = plan(&s, &remove, true).unwrap().next;
+        assert_eq!(state_of(&forced, be(2)), None, "--force frees the slot now");
+        assert!(forced.used_free.contains(&1));
+    }
+
+    #[test]
+    fn collect_frees_only_unreferenced_removed_backends() {
+        let s = with_backends(4, 1, 0.5);
+        let set = Change::SetBackends {
+            service: svc(80),
+            backends: vec![(be(1), 1), (be(2), 1)],
+        };
+        let s = plan(&s, &set, false).unwrap().next;
+        let collect = Change::Collect {
+            unreferenced: BTreeSet::from([0, 2]),
+        };
+        let p = plan(&s, &collect, false).unwrap();
+        assert!(
+            !p.next.backends.contains_key(&2),
+            "removed and unreferenced: freed"
+        );
+        assert_eq!(
+            state_of(&p.next, be(4)),
+            Some(BackendState::Removed),
+            "still referenced"
+        );
+        assert_eq!(
+            state_of(&p.next, be(1)),
+            Some(BackendState::Active),
+            "active ones untouched"
+        );
+        assert!(
+            p.rings.is_empty(),
+            "freeing removed backends changes no ring"
+        );
+    }
+
+    #[test]
+    fn slots_come_from_the_never_used_suffix_then_quarantine() {
+        let s = with_backends(2, 1, 0.5);
+        let remove = Change::RemoveBackend {
+            service: svc(80),
+            backend: be(1),
+        };
+        let s = plan(&s, &remove, true).unwrap().next;
+        let add = Change::AddBackend {
+            service: svc(80),
+            backend: be(7),
+            weight: 1,
+        };
+        let p = plan(&s, &add, false).unwrap();
+        let id = p
+            .next
+            .backends
+            .iter()
+            .find(|(_, b)| b.addr == be(7))
+            .unwrap()
+            .0;
+        assert_eq!(*id, 2, "never-used slot, not the quarantined 0");
+
+        // With the never-used slots exhausted, a cleared used slot is taken.
+        let mut full = s.clone();
+        full.used_free.insert(abi::MAX_BACKENDS - 1);
+        let p = plan(&full, &add, false).unwrap();
+        let id = p
+            .next
+            .backends
+            .iter()
+            .find(|(_, b)| b.addr == be(7))
+            .unwrap()
+            .0;
+        assert_eq!(*id, 0);
+        full.used_free.clear();
+        full.backends.insert(
+            abi::MAX_BACKENDS - 1,
+            BackendEntry {
+                service_id: 0,
+                addr: be(200),
+                weight: 1,
+                state: BackendState::Active,
+            },
+        );
+        assert!(matches!(
+            plan(&full, &add, true),
+            Err(RegistryError::Full(..))
+        ));
+    }
+
+    #[test]
+    fn capacity_follows_the_ring_size() {
+        let s = add_service(&State::default(), 251, 1, 0.5);
+        let set = |n: u8| Change::SetBackends {
+            service: svc(80),
+            backends: (1..=n).map(|i| (be(i), 1)).collect(),
+        };
+        assert!(plan(&s, &set(2), false).is_ok());
+        let err = plan(&s, &set(3), false).unwrap_err().to_string();
+        assert!(err.contains("at most 2"), "{err}");
+    }
+
+    #[test]
+    fn rings_hold_only_active_backends_by_weight() {
+        let s = with_backends(3, 1, 0.5);
+        let s = plan(
+            &s,
+            &Change::DrainBackend {
+                service: svc(80),
+                backend: be(3),
+            },
+            false,
+        )
+        .unwrap()
+        .next;
+        let s = plan(
+            &s,
+            &Change::SetWeight {
+                service: svc(80),
+                backend: be(2),
+                weight: 3,
+            },
+            false,
+        )
+        .unwrap()
+        .next;
+        let ring = s.ring_for(0, 65537).unwrap();
+        let count = |id: u32| ring.iter().filter(|x| **x == id).count() as f64;
+        assert_eq!(count(2), 0.0, "draining backend owns no slot");
+        assert!((count(1) / count(0) - 3.0).abs() < 0.03);
+        assert_eq!(count(0) + count(1), 65537.0);
+    }
+}
