@@ -472,3 +472,26 @@ fn next_hop_is_cached_and_mtu_still_enforced() {
     check_encapsulated(&bed, &input, &out);
     assert_eq!(bed.counter("fib_lookup"), 1);
 }
+
+#[test]
+fn flows_of_a_force_removed_service_stop_forwarding() {
+    if !require_root() {
+        return;
+    }
+    let mut bed = Bed::new("svcrm", 2);
+    let (verdict, _) = bed.run(&Segment::syn(CLIENT, 48000, VIP, PORT).frame());
+    assert_eq!(verdict, XDP_TX);
+    let ack = Segment::ack(CLIENT, 48000, VIP, PORT).frame();
+    assert_eq!(bed.run(&ack).0, XDP_TX, "established");
+
+    apply(&mut bed.reg, Change::RemoveService { addr: svc() });
+    let (verdict, out) = bed.run(&ack);
+    assert_eq!(verdict, XDP_PASS, "no service any more: the host decides");
+    assert_eq!(out, ack, "untouched");
+    assert_eq!(
+        bed.counter("flow_stale"),
+        1,
+        "the flow named a freed backend"
+    );
+    assert_eq!(bed.counter("pass_no_service"), 1);
+}

@@ -250,6 +250,43 @@ static __always_inline int transmit(struct xdp_md *ctx, __u32 backend_id, __be32
 	return bpf_redirect(nh->egress_ifindex, 0);
 }
 
+/* Counts the packet, encapsulates it to `be` and sends it. */
+static __always_inline int forward(struct xdp_md *ctx, __u32 backend_id, const struct weir_backend *be,
+				   struct weir_service_stats *svc_stats, int new_flow, __u16 ip_len,
+				   __u8 tos, __be16 df)
+{
+	struct weir_backend_stats *be_stats;
+	struct weir_lb_config *cfg;
+	__u32 cfg_key = 0;
+	__be32 lb_addr, dst = be->addr;
+
+	cfg = bpf_map_lookup_elem(&weir_config, &cfg_key);
+	if (!cfg || !cfg->lb_addr)
+		return pass(WEIR_CNT_PASS_NO_CONFIG);
+	lb_addr = cfg->lb_addr;
+
+	be_stats = bpf_map_lookup_elem(&weir_be_stats, &backend_id);
+	if (new_flow) {
+		count(WEIR_CNT_FLOW_NEW);
+		if (svc_stats)
+			svc_stats->new_flows += 1;
+		if (be_stats)
+			be_stats->new_flows += 1;
+	}
+	if (svc_stats) {
+		svc_stats->packets += 1;
+		svc_stats->bytes += ip_len;
+	}
+	if (be_stats) {
+		be_stats->packets += 1;
+		be_stats->bytes += ip_len;
+	}
+
+	if (encapsulate(ctx, lb_addr, dst, tos, ip_len, df))
+		return drop(WEIR_CNT_DROP_ADJUST_HEAD);
+	return transmit(ctx, backend_id, lb_addr, dst);
+}
+
 /* xdp.frags: only the linear headers are read, so multi-buffer frames are
  * safe, and the kernel then lets the program run on jumbo-MTU devices. */
 SEC("xdp.frags")
@@ -258,19 +295,17 @@ int weir_lb(struct xdp_md *ctx)
 	void *data = (void *)(long)ctx->data;
 	void *data_end = (void *)(long)ctx->data_end;
 	struct weir_service_stats *svc_stats;
-	struct weir_backend_stats *be_stats;
 	struct weir_service_key svc_key = {};
 	struct weir_flow_key flow = {};
-	struct weir_lb_config *cfg;
 	struct weir_service *svc;
 	struct weir_backend *be;
 	struct ethhdr *eth = data;
 	struct tcphdr *tcp;
 	struct iphdr *ip;
-	__u32 cfg_key = 0, backend_id, *known;
+	__u32 backend_id, *known;
+	__be16 df;
 	__u16 ip_len;
-	__be32 lb_addr;
-	int new_flow = 0;
+	int syn;
 
 	if ((void *)(eth + 1) > data_end)
 		return pass(WEIR_CNT_PASS_TRUNCATED);
@@ -298,6 +333,31 @@ int weir_lb(struct xdp_md *ctx)
 	if ((void *)(tcp + 1) > data_end || ip_len < sizeof(*ip) + sizeof(*tcp))
 		return pass(WEIR_CNT_PASS_TRUNCATED);
 
+	flow.saddr = ip->saddr;
+	flow.daddr = ip->daddr;
+	flow.sport = tcp->source;
+	flow.dport = tcp->dest;
+	flow.proto = IPPROTO_TCP;
+	df = ip->frag_off & bpf_htons(IP_DF);
+	syn = is_new_connection(tcp);
+
+	/* Established packets follow their flow entry, whatever the ring says
+	 * now. Only L4 services create entries, and a backend slot is not
+	 * reused while an entry names it, so a live entry is all this path
+	 * needs. A SYN always asks the ring: a reused 5-tuple starts fresh. */
+	if (!syn) {
+		known = bpf_map_lookup_elem(&weir_flows, &flow);
+		if (known) {
+			backend_id = *known;
+			be = bpf_map_lookup_elem(&weir_backends, &backend_id);
+			if (be && serves_flows(be)) {
+				svc_stats = bpf_map_lookup_elem(&weir_svc_stats, &be->service_id);
+				return forward(ctx, backend_id, be, svc_stats, 0, ip_len, ip->tos, df);
+			}
+			count(WEIR_CNT_FLOW_STALE);
+		}
+	}
+
 	svc_key.vip = ip->daddr;
 	svc_key.port = tcp->dest;
 	svc_key.proto = IPPROTO_TCP;
@@ -310,68 +370,21 @@ int weir_lb(struct xdp_md *ctx)
 			svc_stats->passed_l7 += 1;
 		return pass(WEIR_CNT_PASS_L7);
 	}
-	cfg = bpf_map_lookup_elem(&weir_config, &cfg_key);
-	if (!cfg || !cfg->lb_addr)
-		return pass(WEIR_CNT_PASS_NO_CONFIG);
-	lb_addr = cfg->lb_addr;
 
-	flow.saddr = ip->saddr;
-	flow.daddr = ip->daddr;
-	flow.sport = tcp->source;
-	flow.dport = tcp->dest;
-	flow.proto = IPPROTO_TCP;
-
-	/* Established packets follow their flow entry; a SYN always asks the
-	 * ring, so a reused 5-tuple starts fresh on the current fleet. */
-	known = is_new_connection(tcp) ? NULL : bpf_map_lookup_elem(&weir_flows, &flow);
-	if (known) {
-		backend_id = *known;
-		be = bpf_map_lookup_elem(&weir_backends, &backend_id);
-		if (!be || !serves_flows(be)) {
-			count(WEIR_CNT_FLOW_STALE);
-			known = NULL;
-		}
-	}
-	if (!known) {
-		backend_id = ring_backend(svc, &flow);
-		if (backend_id == WEIR_NO_BACKEND) {
-			if (svc_stats)
-				svc_stats->no_backend += 1;
-			return drop(WEIR_CNT_DROP_NO_BACKEND);
-		}
-		be = bpf_map_lookup_elem(&weir_backends, &backend_id);
-		if (!be || be->state != WEIR_BACKEND_ACTIVE)
-			return drop(WEIR_CNT_DROP_BAD_RING);
-
-		if (!is_new_connection(tcp)) {
-			count(WEIR_CNT_FLOW_MISS);
-			if (svc_stats)
-				svc_stats->flow_misses += 1;
-		}
-		new_flow = record_flow(&flow, backend_id, svc_stats, is_new_connection(tcp));
-	}
-	if (!be)
-		return drop(WEIR_CNT_DROP_BAD_RING);
-
-	be_stats = bpf_map_lookup_elem(&weir_be_stats, &backend_id);
-	if (new_flow) {
-		count(WEIR_CNT_FLOW_NEW);
+	backend_id = ring_backend(svc, &flow);
+	if (backend_id == WEIR_NO_BACKEND) {
 		if (svc_stats)
-			svc_stats->new_flows += 1;
-		if (be_stats)
-			be_stats->new_flows += 1;
+			svc_stats->no_backend += 1;
+		return drop(WEIR_CNT_DROP_NO_BACKEND);
 	}
-	if (svc_stats) {
-		svc_stats->packets += 1;
-		svc_stats->bytes += ip_len;
+	be = bpf_map_lookup_elem(&weir_backends, &backend_id);
+	if (!be || be->state != WEIR_BACKEND_ACTIVE)
+		return drop(WEIR_CNT_DROP_BAD_RING);
+	if (!syn) {
+		count(WEIR_CNT_FLOW_MISS);
+		if (svc_stats)
+			svc_stats->flow_misses += 1;
 	}
-	if (be_stats) {
-		be_stats->packets += 1;
-		be_stats->bytes += ip_len;
-	}
-
-	if (encapsulate(ctx, lb_addr, be->addr, ip->tos, ip_len,
-			ip->frag_off & bpf_htons(IP_DF)))
-		return drop(WEIR_CNT_DROP_ADJUST_HEAD);
-	return transmit(ctx, backend_id, lb_addr, be->addr);
+	return forward(ctx, backend_id, be, svc_stats, record_flow(&flow, backend_id, svc_stats, syn),
+		       ip_len, ip->tos, df);
 }
