@@ -36,8 +36,12 @@ const PORT: u16 = 8080;
 #[derive(Parser)]
 struct Args {
     /// Timed runs per measurement.
-    #[arg(long, default_value_t = 200_000)]
+    #[arg(long, default_value_t = 100_000)]
     runs: u32,
+    /// Rounds of the XDP measurements (the machine drifts between rounds;
+    /// every round is reported).
+    #[arg(long, default_value_t = 3)]
+    rounds: u32,
     /// Repetitions of each `weir backend set` timing (median reported).
     #[arg(long, default_value_t = 5)]
     set_repeats: usize,
@@ -56,6 +60,7 @@ struct Timing {
 
 #[derive(Serialize)]
 struct XdpResult {
+    round: u32,
     backends: u32,
     ring_size: u32,
     syn_new_flow: Timing,
@@ -92,10 +97,10 @@ fn main() -> Result<()> {
         "run as root: the bench loads BPF programs"
     );
     let mut xdp = Vec::new();
-    for backends in [10u32, 100] {
-        let r = bench_xdp(backends, args.runs)?;
+    for (round, backends) in (1..=args.rounds).flat_map(|r| [(r, 10u32), (r, 100)]) {
+        let r = bench_xdp(round, backends, args.runs)?;
         eprintln!(
-            "xdp {backends:>3} backends M=65537 (mean/p50 ns): SYN new flow {:.0}/{:.0}, established one flow {:.0}/{:.0}, spread {:.0}/{:.0}, floor {:.0}/{:.0}",
+            "round {round} xdp {backends:>3} backends M=65537 (mean/p50 ns): SYN new flow {:.0}/{:.0}, established one flow {:.0}/{:.0}, spread {:.0}/{:.0}, floor {:.0}/{:.0}",
             r.syn_new_flow.mean,
             r.syn_new_flow.p50,
             r.established_one_flow.mean,
@@ -211,7 +216,7 @@ fn checked(
     Ok(run)
 }
 
-fn bench_xdp(backends: u32, runs: u32) -> Result<XdpResult> {
+fn bench_xdp(round: u32, backends: u32, runs: u32) -> Result<XdpResult> {
     let inst = Scratch(Instance::new(&format!(
         "bench{}x{backends}",
         std::process::id()
@@ -303,6 +308,7 @@ fn bench_xdp(backends: u32, runs: u32) -> Result<XdpResult> {
     );
     drop(ns);
     Ok(XdpResult {
+        round,
         backends,
         ring_size: 65537,
         syn_new_flow: syn.stats(),
@@ -387,14 +393,15 @@ fn print_table(r: &Report) {
     );
     println!("ns per packet, mean / median of single BPF_PROG_RUN runs\n");
     println!(
-        "| backends | M | SYN, new flow | established, one flow | established, {} flows | floor: bare XDP_TX |",
+        "| round | backends | M | SYN, new flow | established, one flow | established, {} flows | floor: bare XDP_TX |",
         r.xdp.first().map_or(0, |x| x.flows)
     );
-    println!("|---:|---:|---:|---:|---:|---:|");
+    println!("|---:|---:|---:|---:|---:|---:|---:|");
     let t = |t: &Timing| format!("{:.0} / {:.0}", t.mean, t.p50);
     for x in &r.xdp {
         println!(
-            "| {} | {} | {} | {} | {} | {} |",
+            "| {} | {} | {} | {} | {} | {} | {} |",
+            x.round,
             x.backends,
             x.ring_size,
             t(&x.syn_new_flow),

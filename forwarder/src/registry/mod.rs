@@ -14,7 +14,7 @@ pub mod maglev;
 pub mod maps;
 pub mod model;
 
-use std::collections::BTreeSet;
+use std::collections::{BTreeMap, BTreeSet};
 
 use aya::maps::MapData;
 use serde::Serialize;
@@ -248,12 +248,15 @@ impl Registry {
         hook: Option<VerifyHook>,
     ) -> Result<u64, RegistryError> {
         let mut undo = Vec::new();
-        let result = self.write(before, plan, &mut undo).and_then(|()| {
-            if let Some(hook) = hook {
-                hook(&mut self.maps);
-            }
-            self.verify(plan)
-        });
+        let mut tables = BTreeMap::new();
+        let result = self
+            .write(before, plan, &mut undo, &mut tables)
+            .and_then(|()| {
+                if let Some(hook) = hook {
+                    hook(&mut self.maps);
+                }
+                self.verify(&plan.next, &tables)
+            });
         if let Err(e) = result {
             let rollback = self.rollback(undo);
             return Err(match rollback {
@@ -264,11 +267,14 @@ impl Registry {
         self.maps.bump_generation()
     }
 
+    /// Writes a plan; `tables` receives every ring table swapped in, by
+    /// service id, for the read-back.
     fn write(
         &mut self,
         before: &State,
         plan: &model::Plan,
         undo: &mut Vec<Undo>,
+        tables: &mut BTreeMap<u32, Vec<u32>>,
     ) -> Result<(), RegistryError> {
         let next = &plan.next;
         // 1. Services that go away stop matching first.
@@ -296,6 +302,7 @@ impl Registry {
             let map = Maps::new_ring_table(&table)?;
             let previous = self.maps.swap_ring(service_id, &map)?;
             undo.push(Undo::Ring(service_id, previous));
+            tables.insert(service_id, table);
         }
         // 4. New services start matching once their table is in place.
         for (addr, svc) in &next.services {
@@ -338,11 +345,10 @@ impl Registry {
         Ok(())
     }
 
-    /// Reads the registry back and compares it with what the plan wrote,
-    /// including every ring table it swapped in.
-    fn verify(&self, plan: &model::Plan) -> Result<(), RegistryError> {
+    /// Reads the registry back and compares it with `want`, and every ring
+    /// table in `tables` (by service id) with what is installed.
+    fn verify(&self, want: &State, tables: &BTreeMap<u32, Vec<u32>>) -> Result<(), RegistryError> {
         let got = self.maps.read_state()?;
-        let want = &plan.next;
         if got.services != want.services {
             return Err(RegistryError::ReadBack(format!(
                 "services differ: wrote {:?}, read {:?}",
@@ -367,15 +373,12 @@ impl Registry {
                 bad.join(", ")
             )));
         }
-        for &service_id in &plan.rings {
-            let Some(svc) = want.services.values().find(|s| s.id == service_id) else {
-                continue;
-            };
-            let expected = want.ring_for(service_id, svc.ring_size)?;
-            match self.maps.read_ring(service_id)? {
-                Some(t) if t == expected => {}
+        for (service_id, expected) in tables {
+            match self.maps.read_ring(*service_id)? {
+                Some(t) if &t == expected => {}
                 Some(t) => {
-                    let wrong = t.iter().zip(&expected).filter(|(a, b)| a != b).count();
+                    let wrong = t.iter().zip(expected).filter(|(a, b)| a != b).count()
+                        + t.len().abs_diff(expected.len());
                     return Err(RegistryError::ReadBack(format!(
                         "ring of service id {service_id}: {wrong} of {} slots differ",
                         expected.len()
@@ -395,12 +398,12 @@ impl Registry {
     /// (for `weir` diagnostics and tests).
     pub fn check(&self) -> Result<(), RegistryError> {
         let state = self.maps.read_state()?;
-        let plan = model::Plan {
-            rings: state.services.values().map(|s| s.id).collect(),
-            next: state,
-            diff: vec![],
-        };
-        self.verify(&plan)
+        let tables = state
+            .services
+            .values()
+            .map(|s| Ok((s.id, state.ring_for(s.id, s.ring_size)?)))
+            .collect::<Result<BTreeMap<_, _>, RegistryError>>()?;
+        self.verify(&state, &tables)
     }
 }
 

@@ -485,8 +485,14 @@ pub fn plan(state: &State, change: &Change, force: bool) -> Result<Plan, Registr
                     return Err(RegistryError::DuplicateBackend(*b, *service));
                 }
             }
+            // One pass to index the service's backends: a set of 10,000
+            // must not cost 10,000 scans.
+            let current: std::collections::HashMap<BackendAddr, u32> = state
+                .backends_of(svc.id)
+                .map(|(id, b)| (b.addr, id))
+                .collect();
             for (b, w) in backends {
-                match state.find_backend(svc.id, b) {
+                match current.get(b).copied() {
                     Some(id) => {
                         set_state(&mut next, &mut diff, service, id, BackendState::Active);
                         set_weight(&mut next, &mut diff, service, id, *w);
