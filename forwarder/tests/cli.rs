@@ -192,6 +192,15 @@ fn bad_input_is_refused_with_one_line_and_changes_nothing() {
         .output()
         .unwrap();
     assert_one_line_error(&out, "forwarding is off", "attach with forwarding off");
+    let script = format!(
+        "sysctl -qw net.ipv4.conf.lo.forwarding=1 && exec {WEIR} --instance {} attach --dev lo --lb-addr 198.18.2.2",
+        inst.0
+    );
+    let out = Command::new("unshare")
+        .args(["-n", "sh", "-c", &script])
+        .output()
+        .unwrap();
+    assert_one_line_error(&out, "accept_local is off", "attach with accept_local off");
 
     // Not root.
     let out = Command::new("setpriv")
@@ -288,7 +297,7 @@ fn attach_and_detach_pin_and_unpin_the_link() {
     // In a throwaway network namespace: attach to its loopback, twice, then
     // detach twice; report each step's exit code and whether the pin exists.
     let script = format!(
-        "set -u; sysctl -qw net.ipv4.conf.lo.forwarding=1; ip link set lo up; \
+        "set -u; sysctl -qw net.ipv4.conf.lo.forwarding=1 net.ipv4.conf.lo.accept_local=1; ip link set lo up; \
          w() {{ {WEIR} --instance {i} \"$@\" >/dev/null 2>/tmp/weir-attach-{i}.err; echo \"$? $(test -e {pin} && echo pinned || echo none) $(ip link show lo | grep -c 'prog/xdp')\"; }}; \
          w attach --dev lo --lb-addr 198.18.2.2 --mode generic; \
          w attach --dev lo --lb-addr 198.18.2.2 --mode generic; \

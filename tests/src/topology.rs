@@ -863,6 +863,9 @@ impl Topology {
             &[
                 "net.ipv4.ip_forward=1".into(),
                 "net.ipv4.conf.all.forwarding=1".into(),
+                // weir attach requires it: packets to unresolved next hops
+                // go to the kernel with this host's address as source.
+                "net.ipv4.conf.all.accept_local=1".into(),
             ],
         )?;
 

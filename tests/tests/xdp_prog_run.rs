@@ -307,6 +307,12 @@ fn unresolved_next_hop_passes_the_encapsulated_packet_to_the_kernel() {
         packet::parse_encapsulated(&out).expect("passed encapsulated, for the kernel to forward");
     assert_eq!(enc.outer_dst, far.addr);
     assert_eq!(enc.inner, &input[ETH_LEN..]);
+    assert_eq!(
+        out[..12],
+        input[..12],
+        "still addressed as received, so the kernel takes it"
+    );
+    assert!(enc.outer_checksum_ok);
     assert_eq!(bed.counter("pass_no_neigh"), 1);
 }
 

@@ -142,6 +142,10 @@ static __always_inline int encapsulate(struct xdp_md *ctx, __be32 src, __be32 ds
 	if ((void *)(outer + 1) > data_end)
 		return -1;
 
+	/* Keep the received addresses until the next hop is known: a packet
+	 * handed to the kernel must still be addressed to this host. The old
+	 * header sits right behind the new one. */
+	__builtin_memcpy(eth, (void *)eth + sizeof(*outer), 2 * ETH_ALEN);
 	eth->h_proto = bpf_htons(ETH_P_IP);
 	outer->version = 4;
 	outer->ihl = sizeof(*outer) / 4;

@@ -29,6 +29,12 @@ pub enum DataplaneError {
          `sysctl -w net.ipv4.conf.{0}.forwarding=1`"
     )]
     ForwardingOff(String),
+    #[error(
+        "accept_local is off on {0}: when a next hop is not resolved yet, weir hands the \
+         encapsulated packet (source: this host) to the kernel to forward; enable it with \
+         `sysctl -w net.ipv4.conf.{0}.accept_local=1`"
+    )]
+    AcceptLocalOff(String),
     #[error("weir ({instance}) is already attached to {dev}; run `weir detach --dev {dev}` first")]
     AlreadyAttached { instance: String, dev: String },
     #[error("weir ({instance}) is not attached to {dev}")]
@@ -61,6 +67,12 @@ fn ifindex(dev: &str) -> Result<u32, DataplaneError> {
         return Err(DataplaneError::NoDevice(dev.into()));
     }
     Ok(index)
+}
+
+/// Whether `net.ipv4.conf.<dev>.<key>` is 1 in this network namespace.
+fn ipv4_conf(dev: &str, key: &str) -> bool {
+    std::fs::read_to_string(format!("/proc/sys/net/ipv4/conf/{dev}/{key}"))
+        .is_ok_and(|s| s.trim() == "1")
 }
 
 fn xdp_link_pin(instance: &Instance, dev: &str) -> PathBuf {
@@ -107,11 +119,11 @@ pub fn attach(
             dev: dev.into(),
         });
     }
-    let forwarding = std::fs::read_to_string(format!("/proc/sys/net/ipv4/conf/{dev}/forwarding"))
-        .map(|s| s.trim() == "1")
-        .unwrap_or(false);
-    if !forwarding {
+    if !ipv4_conf(dev, "forwarding") {
         return Err(DataplaneError::ForwardingOff(dev.into()));
+    }
+    if !ipv4_conf(dev, "accept_local") && !ipv4_conf("all", "accept_local") {
+        return Err(DataplaneError::AcceptLocalOff(dev.into()));
     }
     if lb_addr.is_unspecified() || lb_addr.is_multicast() || lb_addr.is_broadcast() {
         return Err(DataplaneError::Kernel {
