@@ -1,7 +1,7 @@
 //! Where an instance lives: its pinned maps and links under bpffs, and its
 //! lock and audit log under the state directory.
 
-use std::fs::{File, OpenOptions};
+use std::fs::File;
 use std::io;
 use std::os::fd::AsRawFd;
 use std::path::{Path, PathBuf};
@@ -93,20 +93,15 @@ impl Instance {
 
     /// Takes the instance's writer lock; it is held until the guard drops.
     /// Every registry writer (CLI or daemon) takes it, so changes serialize.
+    /// It is a flock on the pin directory itself: the lock lives where the
+    /// registry lives, whatever state directory a writer was given.
     pub fn lock(&self) -> Result<LockGuard, InstanceError> {
-        let dir = self.state_dir();
-        std::fs::create_dir_all(&dir).map_err(io_err(&dir))?;
-        let path = dir.join("lock");
-        let file = OpenOptions::new()
-            .create(true)
-            .truncate(false)
-            .write(true)
-            .open(&path)
-            .map_err(io_err(&path))?;
+        let dir = self.pin_dir();
+        let file = File::open(&dir).map_err(io_err(&dir))?;
         // SAFETY: flock on a file descriptor we own.
         if unsafe { libc::flock(file.as_raw_fd(), libc::LOCK_EX) } != 0 {
             return Err(InstanceError::Io {
-                path,
+                path: dir,
                 source: io::Error::last_os_error(),
             });
         }
@@ -116,6 +111,14 @@ impl Instance {
     /// Removes the instance's pins and state. Attached programs whose links
     /// are pinned here are detached by removing the pins.
     pub fn destroy(&self) -> Result<(), InstanceError> {
+        // Under the writer lock, so no change is half-way through.
+        let _lock = match self.lock() {
+            Ok(lock) => Some(lock),
+            Err(InstanceError::Io { source, .. }) if source.kind() == io::ErrorKind::NotFound => {
+                None
+            }
+            Err(e) => return Err(e),
+        };
         for dir in [self.pin_dir(), self.state_dir()] {
             match std::fs::remove_dir_all(&dir) {
                 Ok(()) => {}

@@ -78,6 +78,32 @@ fn set_backends(reg: &mut Registry, n: u32) {
     .unwrap();
 }
 
+/// Puts a flow naming backend slot `id` into the flow table, as the XDP
+/// program would; returns its key.
+fn set_flow(inst: &TestInstance, id: u32) -> abi::FlowKey {
+    let path = inst.instance.pin_dir().join(abi::maps::FLOWS);
+    let mut map = Map::from_map_data(MapData::from_pin(path).unwrap()).unwrap();
+    let mut flows: HashMap<&mut MapData, abi::FlowKey, u32> = HashMap::try_from(&mut map).unwrap();
+    let key = abi::FlowKey {
+        saddr: [198, 18, 1, 2],
+        daddr: VIP.octets(),
+        sport: (id as u16).to_be_bytes(),
+        dport: 443u16.to_be_bytes(),
+        proto: 6,
+        pad: [0; 3],
+    };
+    flows.insert(key, id, 0).unwrap();
+    key
+}
+
+/// Deletes a flow, as LRU eviction would.
+fn drop_flow(inst: &TestInstance, key: &abi::FlowKey) {
+    let path = inst.instance.pin_dir().join(abi::maps::FLOWS);
+    let mut map = Map::from_map_data(MapData::from_pin(path).unwrap()).unwrap();
+    let mut flows: HashMap<&mut MapData, abi::FlowKey, u32> = HashMap::try_from(&mut map).unwrap();
+    flows.remove(key).unwrap();
+}
+
 /// Everything an observer can see: state, rings, generation, audit log.
 fn observe(reg: &Registry) -> (weir::registry::State, Vec<Option<Vec<u32>>>, u64, String) {
     let state = reg.state().unwrap();
@@ -194,6 +220,22 @@ fn refused_changes_change_nothing() {
         opts(),
     )
     .unwrap();
+    // A removed backend that a collect would free: its flow kept it when
+    // it was removed, and has gone since.
+    let flow = set_flow(&inst, 3);
+    reg.apply(
+        &Change::RemoveBackend {
+            service: svc(),
+            backend: backend(3),
+        },
+        opts(),
+    )
+    .unwrap();
+    drop_flow(&inst, &flow);
+    assert_eq!(
+        reg.state().unwrap().backends[&3].state,
+        BackendState::Removed
+    );
     let before = observe(&reg);
 
     let refused: Vec<(Change, ErrorCheck)> = vec![
@@ -405,22 +447,7 @@ fn removed_backends_are_freed_only_without_flows() {
     set_backends(&mut reg, 4);
 
     // A live flow on backend 1 (slot 1).
-    {
-        let path = inst.instance.pin_dir().join(abi::maps::FLOWS);
-        let map = Map::from_map_data(MapData::from_pin(path).unwrap()).unwrap();
-        let mut map = map;
-        let mut flows: HashMap<&mut MapData, abi::FlowKey, u32> =
-            HashMap::try_from(&mut map).unwrap();
-        let key = abi::FlowKey {
-            saddr: [198, 18, 1, 2],
-            daddr: VIP.octets(),
-            sport: [1, 2],
-            dport: 443u16.to_be_bytes(),
-            proto: 6,
-            pad: [0; 3],
-        };
-        flows.insert(key, 1, 0).unwrap();
-    }
+    let _flow = set_flow(&inst, 1);
     reg.apply(
         &Change::RemoveBackend {
             service: svc(),

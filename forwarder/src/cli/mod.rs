@@ -364,6 +364,9 @@ fn say(json: bool, value: serde_json::Value, text: impl FnOnce() -> String) {
 }
 
 fn report(json: bool, outcome: &Outcome) {
+    for w in &outcome.warnings {
+        eprintln!("weir: warning: {w}");
+    }
     if json {
         println!("{}", serde_json::to_string(outcome).expect("serializable"));
         return;

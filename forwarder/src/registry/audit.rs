@@ -18,9 +18,21 @@ struct Entry<'a> {
     diff: &'a [DiffLine],
 }
 
-/// Appends one line; the file is created on first use.
+/// Opens (creating) the audit log for appending; a writer opens it before
+/// changing anything, so an unwritable log refuses the change up front.
+pub fn open(path: &Path) -> std::io::Result<std::fs::File> {
+    if let Some(dir) = path.parent() {
+        std::fs::create_dir_all(dir)?;
+    }
+    std::fs::OpenOptions::new()
+        .create(true)
+        .append(true)
+        .open(path)
+}
+
+/// Appends one line and syncs it.
 pub fn append(
-    path: &Path,
+    file: &mut std::fs::File,
     generation: u64,
     command: &str,
     diff: &[DiffLine],
@@ -37,10 +49,6 @@ pub fn append(
     };
     let mut line = serde_json::to_string(&entry).map_err(std::io::Error::other)?;
     line.push('\n');
-    let mut file = std::fs::OpenOptions::new()
-        .create(true)
-        .append(true)
-        .open(path)?;
     file.write_all(line.as_bytes())?;
     file.sync_data()
 }

@@ -356,32 +356,29 @@ impl Maps {
     }
 
     /// Backend ids that some flow in the flow table still references.
-    pub fn referenced_backends(&self) -> Result<BTreeSet<u32>, RegistryError> {
-        let flows: HashMap<&MapData, abi::FlowKey, u32> =
-            HashMap::try_from(&self.flows).map_err(map_err("weir_flows"))?;
+    /// Reads the table in batches (BPF_MAP_LOOKUP_BATCH); gives up with an
+    /// error after `limit` rather than hold the writer lock for long.
+    pub fn referenced_backends(
+        &self,
+        limit: std::time::Duration,
+    ) -> Result<BTreeSet<u32>, RegistryError> {
         let mut out = BTreeSet::new();
-        for item in flows.iter() {
-            match item {
-                Ok((_, id)) => {
-                    out.insert(id);
-                }
-                // An entry evicted between get_next_key and lookup is gone:
-                // it references nothing.
-                Err(aya::maps::MapError::KeyNotFound) => {}
-                Err(e) => return Err(RegistryError::Map("weir_flows", e.to_string())),
-            }
-        }
+        for_each_flow(map_data(&self.flows), limit, |_, id| {
+            out.insert(id);
+        })?;
         Ok(out)
     }
 
     /// Flow entries by backend id (for `weir stats` and tests).
     pub fn flows_per_backend(&self) -> Result<BTreeMap<u32, u64>, RegistryError> {
-        let flows: HashMap<&MapData, abi::FlowKey, u32> =
-            HashMap::try_from(&self.flows).map_err(map_err("weir_flows"))?;
         let mut out = BTreeMap::new();
-        for (_, id) in flows.iter().flatten() {
-            *out.entry(id).or_insert(0) += 1;
-        }
+        for_each_flow(
+            map_data(&self.flows),
+            std::time::Duration::from_secs(30),
+            |_, id| {
+                *out.entry(id).or_insert(0) += 1;
+            },
+        )?;
         Ok(out)
     }
 
@@ -462,6 +459,95 @@ impl Maps {
     #[doc(hidden)]
     pub fn backends_map_mut(&mut self) -> &mut Map {
         &mut self.backends
+    }
+}
+
+/// `BPF_MAP_LOOKUP_BATCH` from enum bpf_cmd.
+const BPF_MAP_LOOKUP_BATCH: libc::c_long = 24;
+
+/// The `batch` member of `union bpf_attr`.
+#[repr(C)]
+#[derive(Default)]
+struct BatchAttr {
+    in_batch: u64,
+    out_batch: u64,
+    keys: u64,
+    values: u64,
+    count: u32,
+    map_fd: u32,
+    elem_flags: u64,
+    flags: u64,
+}
+
+/// Calls `f` for every flow entry, reading thousands per syscall. A flow
+/// table of millions takes a fraction of a second this way, where one
+/// syscall per key would take seconds.
+fn for_each_flow(
+    flows: &MapData,
+    limit: std::time::Duration,
+    mut f: impl FnMut(&abi::FlowKey, u32),
+) -> Result<(), RegistryError> {
+    let deadline = std::time::Instant::now() + limit;
+    let mut chunk = 4096usize;
+    let mut keys = vec![abi::FlowKey::default(); chunk];
+    let mut values = vec![0u32; chunk];
+    // Hash-map batches resume from an opaque bucket cursor (a u32).
+    let (mut cursor_in, mut cursor_out) = (0u64, 0u64);
+    let mut first = true;
+    loop {
+        if std::time::Instant::now() > deadline {
+            return Err(RegistryError::Kernel(format!(
+                "reading the flow table took longer than {limit:?}; not finished"
+            )));
+        }
+        let mut attr = BatchAttr {
+            in_batch: if first {
+                0
+            } else {
+                &mut cursor_in as *mut u64 as u64
+            },
+            out_batch: &mut cursor_out as *mut u64 as u64,
+            keys: keys.as_mut_ptr() as u64,
+            values: values.as_mut_ptr() as u64,
+            count: chunk as u32,
+            map_fd: flows.fd().as_fd().as_raw_fd() as u32,
+            ..Default::default()
+        };
+        // SAFETY: the kernel writes at most `count` keys and values into
+        // buffers of that many elements, and 4 bytes into `cursor_out`.
+        let rc = unsafe {
+            libc::syscall(
+                libc::SYS_bpf,
+                BPF_MAP_LOOKUP_BATCH,
+                &mut attr as *mut BatchAttr,
+                size_of::<BatchAttr>() as u32,
+            )
+        };
+        let err = (rc < 0).then(std::io::Error::last_os_error);
+        match err.as_ref().and_then(std::io::Error::raw_os_error) {
+            Some(libc::ENOSPC) if attr.count == 0 => {
+                // One hash bucket holds more entries than the buffer.
+                chunk *= 2;
+                keys.resize(chunk, abi::FlowKey::default());
+                values.resize(chunk, 0);
+                continue;
+            }
+            None | Some(libc::ENOENT) => {}
+            Some(_) => {
+                return Err(RegistryError::Map(
+                    "weir_flows",
+                    format!("BPF_MAP_LOOKUP_BATCH: {}", err.unwrap()),
+                ));
+            }
+        }
+        for i in 0..attr.count as usize {
+            f(&keys[i], values[i]);
+        }
+        if err.is_some() {
+            return Ok(()); // ENOENT: that was the last batch
+        }
+        first = false;
+        cursor_in = cursor_out;
     }
 }
 

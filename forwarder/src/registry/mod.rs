@@ -59,6 +59,9 @@ pub enum RegistryError {
     Audit(String, std::io::Error),
 }
 
+/// How long a writer may spend reading the flow table under the lock.
+const FLOW_SCAN_LIMIT: std::time::Duration = std::time::Duration::from_secs(2);
+
 /// Test hook run between the writes and the read-back.
 pub type VerifyHook = Box<dyn FnOnce(&mut Maps)>;
 
@@ -82,6 +85,8 @@ pub struct Outcome {
     pub applied: bool,
     pub generation: u64,
     pub diff: Vec<DiffLine>,
+    /// Things the operator should know that did not stop the change.
+    pub warnings: Vec<String>,
 }
 
 /// Options for creating an instance's maps.
@@ -152,23 +157,28 @@ impl Registry {
         self.maps.read_state()
     }
 
-    /// Applies one change atomically (see the module docs).
+    /// Applies one change atomically (see the module docs). Afterwards, in
+    /// the same lock, frees removed backends that no flow references any
+    /// more (a separate audit line); a refused change does neither.
     pub fn apply(
         &mut self,
         change: &Change,
         mut opts: ApplyOptions,
     ) -> Result<Outcome, RegistryError> {
-        let _lock = self.instance.lock()?;
-        if !opts.dry_run {
-            self.collect_locked(&opts.command)?;
-        }
+        let _lock = self.lock_live()?;
         let state = self.maps.read_state()?;
         let mut plan = model::plan(&state, change, opts.force)?;
         if reuses_slot(&state, &plan) {
-            // Quarantine: a used slot is handed out only if no flow names it.
+            // Quarantine: a used slot is handed out only if no flow names
+            // it. If the flow table cannot be read in time, none is.
             let mut cleared = state.clone();
-            let referenced = self.maps.referenced_backends()?;
-            cleared.used_free.retain(|id| !referenced.contains(id));
+            let referenced = self.maps.referenced_backends(FLOW_SCAN_LIMIT).ok();
+            let (reusable, quarantined) = cleared
+                .used_free
+                .iter()
+                .partition(|id| referenced.as_ref().is_some_and(|r| !r.contains(id)));
+            cleared.used_free = reusable;
+            cleared.quarantined = quarantined;
             plan = model::plan(&cleared, change, opts.force)?;
         }
         let generation = self.maps.generation()?;
@@ -177,33 +187,65 @@ impl Registry {
                 applied: false,
                 generation,
                 diff: plan.diff,
+                warnings: vec![],
             });
         }
         let hook = opts.before_verify.take();
-        let generation = self.write_verified(&state, &plan, hook)?;
-        audit::append(
-            &self.instance.audit_log(),
-            generation,
-            &opts.command,
-            &plan.diff,
-        )
-        .map_err(|e| RegistryError::Audit(self.instance.audit_log().display().to_string(), e))?;
-        Ok(Outcome {
+        let generation = self.write_verified(&state, &plan, &opts.command, hook)?;
+        let mut outcome = Outcome {
             applied: true,
             generation,
             diff: plan.diff,
-        })
+            warnings: vec![],
+        };
+        match self.collect_locked(&opts.command) {
+            Ok(Some((generation, diff))) => {
+                outcome.generation = generation;
+                outcome.diff.extend(diff);
+            }
+            Ok(None) => {}
+            Err(e) => outcome
+                .warnings
+                .push(format!("removed backends were not collected: {e}")),
+        }
+        Ok(outcome)
     }
 
     /// Frees removed backends that no flow references any more.
     pub fn collect(&mut self, command: &str) -> Result<Outcome, RegistryError> {
-        let _lock = self.instance.lock()?;
-        self.collect_locked(command)
+        let _lock = self.lock_live()?;
+        let generation = self.maps.generation()?;
+        Ok(match self.collect_locked(command)? {
+            Some((generation, diff)) => Outcome {
+                applied: true,
+                generation,
+                diff,
+                warnings: vec![],
+            },
+            None => Outcome {
+                applied: false,
+                generation,
+                diff: vec![],
+                warnings: vec![],
+            },
+        })
     }
 
-    fn collect_locked(&mut self, command: &str) -> Result<Outcome, RegistryError> {
+    /// Takes the writer lock and checks the instance was not destroyed
+    /// while this writer waited for it.
+    fn lock_live(&self) -> Result<crate::instance::LockGuard, RegistryError> {
+        let lock = self.instance.lock()?;
+        if !self.instance.pin_dir().join(abi::maps::SERVICES).exists() {
+            return Err(RegistryError::NoInstance(self.instance.name().into()));
+        }
+        Ok(lock)
+    }
+
+    fn collect_locked(
+        &mut self,
+        command: &str,
+    ) -> Result<Option<(u64, Vec<DiffLine>)>, RegistryError> {
         let state = self.maps.read_state()?;
-        let generation = self.maps.generation()?;
         let removed: BTreeSet<u32> = state
             .backends
             .iter()
@@ -211,42 +253,32 @@ impl Registry {
             .map(|(id, _)| *id)
             .collect();
         if removed.is_empty() {
-            return Ok(Outcome {
-                applied: false,
-                generation,
-                diff: vec![],
-            });
+            return Ok(None);
         }
-        let referenced = self.maps.referenced_backends()?;
+        let referenced = self.maps.referenced_backends(FLOW_SCAN_LIMIT)?;
         let unreferenced = removed.difference(&referenced).copied().collect();
         let plan = model::plan(&state, &Change::Collect { unreferenced }, true)?;
         if plan.diff.is_empty() {
-            return Ok(Outcome {
-                applied: false,
-                generation,
-                diff: vec![],
-            });
+            return Ok(None);
         }
-        let generation = self.write_verified(&state, &plan, None)?;
         let command = format!("{command} (collect: removed backends without flows)");
-        audit::append(&self.instance.audit_log(), generation, &command, &plan.diff).map_err(
-            |e| RegistryError::Audit(self.instance.audit_log().display().to_string(), e),
-        )?;
-        Ok(Outcome {
-            applied: true,
-            generation,
-            diff: plan.diff,
-        })
+        let generation = self.write_verified(&state, &plan, &command, None)?;
+        Ok(Some((generation, plan.diff)))
     }
 
-    /// Writes a plan, verifies it, and bumps the generation; rolls back on
-    /// any failure.
+    /// Writes a plan, verifies it, bumps the generation and appends the
+    /// audit line; rolls back on any failure, so the change is applied
+    /// and recorded, or neither.
     fn write_verified(
         &mut self,
         before: &State,
         plan: &model::Plan,
+        command: &str,
         hook: Option<VerifyHook>,
     ) -> Result<u64, RegistryError> {
+        let audit_path = self.instance.audit_log();
+        let audit_err = |e| RegistryError::Audit(audit_path.display().to_string(), e);
+        let mut audit_file = audit::open(&audit_path).map_err(audit_err)?;
         let mut undo = Vec::new();
         let mut tables = BTreeMap::new();
         let result = self
@@ -256,15 +288,29 @@ impl Registry {
                     hook(&mut self.maps);
                 }
                 self.verify(&plan.next, &tables)
+            })
+            .and_then(|()| self.maps.bump_generation())
+            .and_then(|generation| {
+                audit::append(&mut audit_file, generation, command, &plan.diff)
+                    .map_err(audit_err)?;
+                Ok(generation)
             });
-        if let Err(e) = result {
-            let rollback = self.rollback(undo);
-            return Err(match rollback {
-                Ok(()) => e,
-                Err(r) => RegistryError::Corrupt(format!("{e}; rolling back also failed: {r}")),
-            });
+        match result {
+            Ok(generation) => Ok(generation),
+            Err(e) => {
+                // Only the audit append fails after the generation bump.
+                let bumped = matches!(e, RegistryError::Audit(..));
+                let rollback = self.rollback(undo);
+                if bumped {
+                    // Readers saw the new generation: tell them again.
+                    let _ = self.maps.bump_generation();
+                }
+                Err(match rollback {
+                    Ok(()) => e,
+                    Err(r) => RegistryError::Corrupt(format!("{e}; rolling back also failed: {r}")),
+                })
+            }
         }
-        self.maps.bump_generation()
     }
 
     /// Writes a plan; `tables` receives every ring table swapped in, by
@@ -284,12 +330,15 @@ impl Registry {
                 self.maps.delete_service(addr)?;
             }
         }
-        // 2. New backend slots, with fresh counters. Nothing references them
-        //    until a ring names them.
+        // 2. Backends that will be active (new, reactivated, reweighted),
+        //    before any ring names them; new slots with fresh counters.
         for (id, b) in &next.backends {
-            if !before.backends.contains_key(id) {
-                self.maps.reset_backend_stats(*id)?;
-                undo.push(Undo::Backend(*id, None));
+            let prev = before.backends.get(id);
+            if b.state == BackendState::Active && prev != Some(b) {
+                if prev.is_none() {
+                    self.maps.reset_backend_stats(*id)?;
+                }
+                undo.push(Undo::Backend(*id, prev.cloned()));
                 self.maps.write_backend(*id, Some(b))?;
             }
         }
@@ -314,10 +363,11 @@ impl Registry {
                 self.maps.write_service(addr, svc)?;
             }
         }
-        // 5. State and weight changes of existing backends, and freed slots.
+        // 5. Backends leaving active (after no ring names them any more),
+        //    other changes, and freed slots.
         for (id, b) in &before.backends {
             match next.backends.get(id) {
-                Some(n) if n == b => {}
+                Some(n) if n == b || n.state == BackendState::Active => {}
                 n => {
                     undo.push(Undo::Backend(*id, Some(b.clone())));
                     self.maps.write_backend(*id, n)?;

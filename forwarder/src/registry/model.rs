@@ -123,6 +123,9 @@ pub struct State {
     /// Empty slots that held a backend before: reusable only once no flow
     /// references them (quarantine).
     pub used_free: BTreeSet<u32>,
+    /// Used slots a flow still references: never handed out. Filled by the
+    /// writer from a flow-table scan, not stored in the maps.
+    pub quarantined: BTreeSet<u32>,
 }
 
 impl State {
@@ -655,6 +658,7 @@ fn add_backend(
     let high_water = [
         next.backends.last_key_value().map(|(k, _)| *k),
         next.used_free.last().copied(),
+        next.quarantined.last().copied(),
     ]
     .into_iter()
     .flatten()
@@ -663,7 +667,14 @@ fn add_backend(
     let id = Some(high_water)
         .filter(|id| *id < abi::MAX_BACKENDS)
         .or_else(|| next.used_free.first().copied())
-        .ok_or(RegistryError::Full("backends", abi::MAX_BACKENDS))?;
+        .ok_or_else(|| {
+            RegistryError::Invalid(format!(
+                "all {} backend slots are taken or still referenced by flows of removed backends \
+                 ({} quarantined); `weir backend remove --force` frees a removed backend's slot now",
+                abi::MAX_BACKENDS,
+                next.quarantined.len()
+            ))
+        })?;
     next.used_free.remove(&id);
     next.backends.insert(
         id,
@@ -1136,10 +1147,8 @@ mod tests {
                 state: BackendState::Active,
             },
         );
-        assert!(matches!(
-            plan(&full, &add, true),
-            Err(RegistryError::Full(..))
-        ));
+        let err = plan(&full, &add, true).unwrap_err().to_string();
+        assert!(err.contains("slots are taken"), "{err}");
     }
 
     #[test]
@@ -1183,5 +1192,37 @@ mod tests {
         assert_eq!(count(2), 0.0, "draining backend owns no slot");
         assert!((count(1) / count(0) - 3.0).abs() < 0.03);
         assert_eq!(count(0) + count(1), 65537.0);
+    }
+
+    #[test]
+    fn quarantined_slots_are_never_handed_out() {
+        // Slots 0..=9 serve; every other slot was used once. With the
+        // never-used suffix gone, a slot comes from the cleared ones only,
+        // whatever the highest quarantined id is.
+        let mut s = with_backends(10, 1, 0.5);
+        s.used_free = (10..abi::MAX_BACKENDS).collect();
+        let mut cleared = s.clone();
+        cleared.used_free = BTreeSet::from([12]);
+        cleared.quarantined = (10..abi::MAX_BACKENDS).filter(|id| *id != 12).collect();
+        let add = Change::AddBackend {
+            service: svc(80),
+            backend: be(50),
+            weight: 1,
+        };
+        let p = plan(&cleared, &add, false).unwrap();
+        let id = *p
+            .next
+            .backends
+            .iter()
+            .find(|(_, b)| b.addr == be(50))
+            .unwrap()
+            .0;
+        assert_eq!(id, 12);
+        cleared.used_free.clear();
+        cleared.quarantined.insert(12);
+        assert!(
+            plan(&cleared, &add, false).is_err(),
+            "everything quarantined: refused"
+        );
     }
 }
