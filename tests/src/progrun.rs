@@ -78,6 +78,14 @@ impl ProgRunNetns {
                 "net.ipv4.conf.pr0.forwarding=1",
             ],
         );
+        // Per-CPU state (next-hop cache, counters) must stay on one CPU for
+        // a test's expectations about it to hold: pin this thread.
+        // SAFETY: a zeroed cpu_set_t with one bit set, for this thread (0).
+        unsafe {
+            let mut set: libc::cpu_set_t = std::mem::zeroed();
+            libc::CPU_SET(0, &mut set);
+            libc::sched_setaffinity(0, size_of::<libc::cpu_set_t>(), &set);
+        }
         let file = std::fs::File::open(&path).expect("open netns");
         // SAFETY: setns on this thread only, with a namespace fd we own.
         let rc = unsafe { libc::setns(file.as_raw_fd(), libc::CLONE_NEWNET) };

@@ -467,9 +467,16 @@ fn next_hop_is_cached_and_mtu_still_enforced() {
     // encapsulated, on the cached path as on the FIB path.
     let mut big = Segment::ack(CLIENT, 47000, VIP, PORT);
     big.payload = vec![0x5a; 1490 - IP_LEN - packet::TCP_LEN];
+    let packets = |bed: &Bed| bed.reg.maps().service_stats(0).unwrap().packets;
+    let before = packets(&bed);
     let (verdict, _) = bed.run(&big.frame());
     assert_eq!(verdict, XDP_DROP);
     assert_eq!(bed.counter("drop_frag_needed"), 1);
+    assert_eq!(
+        packets(&bed),
+        before,
+        "a dropped packet is not counted as forwarded"
+    );
     let mut fits = Segment::ack(CLIENT, 47000, VIP, PORT);
     fits.payload = vec![0x5a; 1480 - IP_LEN - packet::TCP_LEN];
     let input = fits.frame();

@@ -19,6 +19,9 @@
 #define WEIR_DECAP_MAPS
 #include "weir_abi.h"
 
+/* BPF_F_ADJ_ROOM_DECAP_L3_IPV4, newer than Debian 12's UAPI headers. */
+#define WEIR_ADJ_ROOM_DECAP_L3_IPV4 (1ULL << 7)
+
 char LICENSE[] SEC("license") = "Dual BSD/GPL";
 
 static __always_inline int verdict(enum weir_decap_counter counter, int action)
@@ -58,7 +61,14 @@ int weir_decap(struct __sk_buff *skb)
 	if (!bpf_map_lookup_elem(&weir_dcap_vips, &key))
 		return verdict(WEIR_DCAP_PASS_NOT_VIP, TC_ACT_OK);
 
-	if (bpf_skb_adjust_room(skb, -(int)sizeof(struct iphdr), BPF_ADJ_ROOM_MAC, 0))
+	/* FIXED_GSO keeps gso_size of a GRO-merged packet as it was (the
+	 * payload per segment does not change); DECAP_L3_IPV4 (6.3+) also
+	 * clears the IPIP GSO type. Older kernels refuse that flag: retry
+	 * without it. */
+	if (bpf_skb_adjust_room(skb, -(int)sizeof(struct iphdr), BPF_ADJ_ROOM_MAC,
+				BPF_F_ADJ_ROOM_FIXED_GSO | WEIR_ADJ_ROOM_DECAP_L3_IPV4) &&
+	    bpf_skb_adjust_room(skb, -(int)sizeof(struct iphdr), BPF_ADJ_ROOM_MAC,
+				BPF_F_ADJ_ROOM_FIXED_GSO))
 		return verdict(WEIR_DCAP_DROP_ADJUST, TC_ACT_SHOT);
 	return verdict(WEIR_DCAP_OK, TC_ACT_OK);
 }

@@ -127,7 +127,7 @@ static __always_inline __u16 ipv4_checksum(const struct iphdr *ip)
  * eth | outer ip | inner ip | tcp ...; the Ethernet addresses are left for
  * the FIB result to fill. */
 static __always_inline int encapsulate(struct xdp_md *ctx, __be32 src, __be32 dst,
-				       __u8 tos, __u16 inner_len, __be16 inner_df)
+				       __u8 tos, __u16 inner_len)
 {
 	struct ethhdr *eth;
 	struct iphdr *outer;
@@ -151,8 +151,10 @@ static __always_inline int encapsulate(struct xdp_md *ctx, __be32 src, __be32 ds
 	outer->ihl = sizeof(*outer) / 4;
 	outer->tos = tos;
 	outer->tot_len = bpf_htons(inner_len + sizeof(*outer));
+	/* Never fragmented on the way (an oversized packet is dropped here
+	 * instead), so the id can stay 0. */
 	outer->id = 0;
-	outer->frag_off = inner_df;
+	outer->frag_off = bpf_htons(IP_DF);
 	outer->ttl = WEIR_OUTER_TTL;
 	outer->protocol = IPPROTO_IPIP;
 	outer->check = 0;
@@ -256,18 +258,28 @@ static __always_inline int transmit(struct xdp_md *ctx, __u32 backend_id, __be32
 
 /* Counts the packet, encapsulates it to `be` and sends it. */
 static __always_inline int forward(struct xdp_md *ctx, __u32 backend_id, const struct weir_backend *be,
-				   struct weir_service_stats *svc_stats, int new_flow, __u16 ip_len,
-				   __u8 tos, __be16 df)
+				   struct weir_service_stats *svc_stats, int new_flow, __u16 ip_len, __u8 tos)
 {
 	struct weir_backend_stats *be_stats;
 	struct weir_lb_config *cfg;
 	__u32 cfg_key = 0;
 	__be32 lb_addr, dst = be->addr;
+	int verdict;
 
 	cfg = bpf_map_lookup_elem(&weir_config, &cfg_key);
 	if (!cfg || !cfg->lb_addr)
 		return pass(WEIR_CNT_PASS_NO_CONFIG);
 	lb_addr = cfg->lb_addr;
+
+	if (ip_len > 0xffff - WEIR_IPIP_OVERHEAD)
+		return drop(WEIR_CNT_DROP_FRAG_NEEDED);
+	if (encapsulate(ctx, lb_addr, dst, tos, ip_len))
+		return drop(WEIR_CNT_DROP_ADJUST_HEAD);
+	verdict = transmit(ctx, backend_id, lb_addr, dst);
+	/* Sent, or handed to the kernel to forward: either way on its way to
+	 * the backend, so it counts. Dropped packets count only as drops. */
+	if (verdict == XDP_DROP)
+		return verdict;
 
 	be_stats = bpf_map_lookup_elem(&weir_be_stats, &backend_id);
 	if (new_flow) {
@@ -285,10 +297,7 @@ static __always_inline int forward(struct xdp_md *ctx, __u32 backend_id, const s
 		be_stats->packets += 1;
 		be_stats->bytes += ip_len;
 	}
-
-	if (encapsulate(ctx, lb_addr, dst, tos, ip_len, df))
-		return drop(WEIR_CNT_DROP_ADJUST_HEAD);
-	return transmit(ctx, backend_id, lb_addr, dst);
+	return verdict;
 }
 
 /* xdp.frags: only the linear headers are read, so multi-buffer frames are
@@ -307,7 +316,6 @@ int weir_lb(struct xdp_md *ctx)
 	struct tcphdr *tcp;
 	struct iphdr *ip;
 	__u32 backend_id, *known;
-	__be16 df;
 	__u16 ip_len;
 	int syn;
 
@@ -326,7 +334,10 @@ int weir_lb(struct xdp_md *ctx)
 	ip_len = bpf_ntohs(ip->tot_len);
 	if (ip_len < sizeof(*ip))
 		return pass(WEIR_CNT_PASS_BAD_IHL);
-	if ((void *)ip + ip_len > data_end)
+	/* The IP packet may continue in fragments of a multi-buffer frame:
+	 * only then is the (slower) whole-frame length needed. */
+	if ((void *)ip + ip_len > data_end &&
+	    ip_len > bpf_xdp_get_buff_len(ctx) - sizeof(*eth))
 		return pass(WEIR_CNT_PASS_TRUNCATED);
 	if (is_fragment(ip))
 		return pass(WEIR_CNT_PASS_FRAGMENT);
@@ -342,7 +353,6 @@ int weir_lb(struct xdp_md *ctx)
 	flow.sport = tcp->source;
 	flow.dport = tcp->dest;
 	flow.proto = IPPROTO_TCP;
-	df = ip->frag_off & bpf_htons(IP_DF);
 	syn = is_new_connection(tcp);
 
 	/* Established packets follow their flow entry, whatever the ring says
@@ -356,7 +366,7 @@ int weir_lb(struct xdp_md *ctx)
 			be = bpf_map_lookup_elem(&weir_backends, &backend_id);
 			if (be && serves_flows(be)) {
 				svc_stats = bpf_map_lookup_elem(&weir_svc_stats, &be->service_id);
-				return forward(ctx, backend_id, be, svc_stats, 0, ip_len, ip->tos, df);
+				return forward(ctx, backend_id, be, svc_stats, 0, ip_len, ip->tos);
 			}
 			count(WEIR_CNT_FLOW_STALE);
 		}
@@ -390,5 +400,5 @@ int weir_lb(struct xdp_md *ctx)
 			svc_stats->flow_misses += 1;
 	}
 	return forward(ctx, backend_id, be, svc_stats, record_flow(&flow, backend_id, svc_stats, syn),
-		       ip_len, ip->tos, df);
+		       ip_len, ip->tos);
 }

@@ -119,9 +119,11 @@ struct weir_nexthop {
 	__u8 pad[6];
 };
 
-/* Per-service counters (per CPU), weir_svc_stats[service id]. */
+/* Per-service counters (per CPU), weir_svc_stats[service id]. Packets count
+ * once on their way to a backend (sent, or handed to the kernel to forward
+ * while the next hop resolves); dropped ones count only as drops. */
 struct weir_service_stats {
-	__u64 packets;         /* packets forwarded (XDP_TX or redirect) */
+	__u64 packets;         /* packets forwarded to a backend */
 	__u64 bytes;           /* inner bytes forwarded */
 	__u64 new_flows;       /* SYNs that created or moved a flow */
 	__u64 syn_repeats;     /* SYNs for a flow already on that backend */
@@ -158,9 +160,11 @@ enum weir_counter {
 	WEIR_CNT_DROP_NO_ROUTE,      /* FIB: backend unreachable */
 	WEIR_CNT_DROP_FRAG_NEEDED,   /* encapsulated packet exceeds the MTU */
 	WEIR_CNT_FLOW_NEW,           /* flows created by a SYN */
-	WEIR_CNT_FLOW_MISS,          /* non-SYN without a flow: evicted or
-				      * started elsewhere; re-picked by ring */
-	WEIR_CNT_FLOW_STALE,         /* flow named a freed backend: re-picked */
+	WEIR_CNT_FLOW_MISS,          /* non-SYN without a usable flow:
+				      * evicted, started elsewhere, or stale;
+				      * re-picked by the ring */
+	WEIR_CNT_FLOW_STALE,         /* flow named a freed backend (also
+				      * counted as a miss when re-picked) */
 	WEIR_CNT_FLOW_UPDATE_FAIL,   /* flow table insert failed */
 	WEIR_CNT_FIB_LOOKUP,         /* next hop resolved by the FIB (cache
 				      * miss or expiry) */
