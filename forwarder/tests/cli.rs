@@ -296,11 +296,15 @@ fn attach_and_detach_pin_and_unpin_the_link() {
     let pin = format!("/sys/fs/bpf/weir/{}/links/xdp-lo", inst.0);
     // In a throwaway network namespace: attach to its loopback, twice, then
     // detach twice; report each step's exit code and whether the pin exists.
+    let _ = std::fs::remove_file(format!("/tmp/weir-attach-{}.err", inst.0));
     let script = format!(
         "set -u; sysctl -qw net.ipv4.conf.lo.forwarding=1 net.ipv4.conf.lo.accept_local=1; ip link set lo up; \
-         w() {{ {WEIR} --instance {i} \"$@\" >/dev/null 2>/tmp/weir-attach-{i}.err; echo \"$? $(test -e {pin} && echo pinned || echo none) $(ip link show lo | grep -c 'prog/xdp')\"; }}; \
+         w() {{ {WEIR} --instance {i} \"$@\" >/dev/null 2>>/tmp/weir-attach-{i}.err; echo \"$? $(test -e {pin} && echo pinned || echo none) $(ip link show lo | grep -c 'prog/xdp')\"; }}; \
          w attach --dev lo --lb-addr 198.18.2.2 --mode generic; \
          w attach --dev lo --lb-addr 198.18.2.2 --mode generic; \
+         ip link add v0 type veth peer name v1; ip link set v0 up; \
+         sysctl -qw net.ipv4.conf.v0.forwarding=1 net.ipv4.conf.v0.accept_local=1; \
+         w attach --dev v0 --lb-addr 198.18.2.9 --mode generic; \
          w detach --dev lo; \
          w detach --dev lo",
         i = inst.0
@@ -316,7 +320,7 @@ fn attach_and_detach_pin_and_unpin_the_link() {
         .collect();
     assert_eq!(
         steps.len(),
-        4,
+        5,
         "{text} {}",
         String::from_utf8_lossy(&out.stderr)
     );
@@ -327,12 +331,27 @@ fn attach_and_detach_pin_and_unpin_the_link() {
         ["1", "pinned"],
         "second attach refused: {text}"
     );
-    assert_eq!(steps[2][..2], ["0", "none"], "detach unpins: {text}");
-    assert_eq!(steps[2].last(), Some(&"0"), "program gone from lo: {text}");
     assert_eq!(
-        steps[3][..2],
+        steps[2][..2],
+        ["1", "pinned"],
+        "another LB address on a second device refused: {text}"
+    );
+    assert_eq!(steps[3][..2], ["0", "none"], "detach unpins: {text}");
+    assert_eq!(steps[3].last(), Some(&"0"), "program gone from lo: {text}");
+    assert_eq!(
+        steps[4][..2],
         ["1", "none"],
         "second detach refused: {text}"
     );
+    let err =
+        std::fs::read_to_string(format!("/tmp/weir-attach-{}.err", inst.0)).unwrap_or_default();
+    let errors: Vec<&str> = err.lines().collect();
+    assert_eq!(errors.len(), 3, "one line per refusal: {err}");
+    assert!(errors[0].contains("already attached to lo"), "{err}");
+    assert!(
+        errors[1].contains("already encapsulates from 198.18.2.2"),
+        "{err}"
+    );
+    assert!(errors[2].contains("not attached to lo"), "{err}");
     let _ = std::fs::remove_file(format!("/tmp/weir-attach-{}.err", inst.0));
 }

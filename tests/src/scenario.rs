@@ -109,17 +109,31 @@ impl L4Report {
     }
 }
 
-/// Removes the instance (detaching XDP and decap) when dropped.
+/// Removes the instance (detaching XDP and decap) when dropped, and also
+/// when the process is interrupted (through the topology's cleanup).
 struct InstanceGuard {
-    weir: PathBuf,
-    instance: String,
+    argv: Vec<String>,
+}
+
+impl InstanceGuard {
+    fn new(weir: &Path, instance: &str) -> Self {
+        let argv = vec![
+            weir.display().to_string(),
+            "--instance".into(),
+            instance.into(),
+            "destroy".into(),
+        ];
+        crate::topology::register_cleanup_command(argv.clone());
+        Self { argv }
+    }
 }
 
 impl Drop for InstanceGuard {
     fn drop(&mut self) {
-        let _ = std::process::Command::new(&self.weir)
-            .args(["--instance", &self.instance, "destroy"])
+        let _ = std::process::Command::new(&self.argv[0])
+            .args(&self.argv[1..])
             .output();
+        crate::topology::unregister_cleanup_command(&self.argv);
     }
 }
 
@@ -146,14 +160,12 @@ pub fn run_l4(opts: &L4Options) -> Result<L4Report> {
         }
     }
 
+    destroy_stale_instances(&weir);
     let mut topo = Topology::build(TopologySpec {
         backends: 4,
         client_addrs: 1,
     })?;
-    let _instance = InstanceGuard {
-        weir: weir.clone(),
-        instance: opts.instance.clone(),
-    };
+    let _instance = InstanceGuard::new(&weir, &opts.instance);
     log(
         opts.verbose,
         start,
@@ -167,7 +179,8 @@ pub fn run_l4(opts: &L4Options) -> Result<L4Report> {
 
     let inst = opts.instance.as_str();
     let weir_in = |topo: &Topology, ns: &str, args: &[&str]| -> Result<String> {
-        let mut full = vec!["--instance", inst];
+        // A flow table sized for the demo, not for an edge host.
+        let mut full = vec!["--instance", inst, "--flows", "65536"];
         full.extend_from_slice(args);
         let out = topo.run_ok_in(ns, &weir, &full)?;
         Ok(String::from_utf8_lossy(&out.stdout).trim().to_string())
@@ -341,6 +354,26 @@ pub fn run_l4(opts: &L4Options) -> Result<L4Report> {
         stats,
         backend_list,
     })
+}
+
+/// Removes weir instances left by scenario runs whose process died without
+/// cleaning up (SIGKILL): their names end in the dead process's pid.
+fn destroy_stale_instances(weir: &Path) {
+    let Ok(dir) = std::fs::read_dir("/sys/fs/bpf/weir") else {
+        return;
+    };
+    for entry in dir.flatten() {
+        let name = entry.file_name().to_string_lossy().into_owned();
+        let pid = name.strip_prefix("l4-").and_then(|p| p.parse::<u32>().ok());
+        if let Some(pid) = pid
+            && pid != std::process::id()
+            && !Path::new(&format!("/proc/{pid}")).exists()
+        {
+            let _ = std::process::Command::new(weir)
+                .args(["--instance", &name, "destroy"])
+                .output();
+        }
+    }
 }
 
 fn parse_report(out: std::process::Output, what: &str) -> Result<LoadReport> {

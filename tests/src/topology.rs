@@ -76,12 +76,28 @@ impl Default for TopologySpec {
 struct Registry {
     namespaces: BTreeSet<String>,
     pids: BTreeSet<u32>,
+    /// Commands that undo something made outside namespaces (e.g. a weir
+    /// instance's pinned maps), run last.
+    commands: Vec<Vec<String>>,
 }
 
 static REGISTRY: Mutex<Registry> = Mutex::new(Registry {
     namespaces: BTreeSet::new(),
     pids: BTreeSet::new(),
+    commands: Vec::new(),
 });
+
+/// Registers a command that [`cleanup_all`] runs (after killing children and
+/// deleting namespaces), e.g. `weir --instance X destroy`.
+pub fn register_cleanup_command(argv: Vec<String>) {
+    registry().commands.push(argv);
+}
+
+/// Forgets a command registered with [`register_cleanup_command`] once the
+/// caller has undone the thing itself.
+pub fn unregister_cleanup_command(argv: &[String]) {
+    registry().commands.retain(|c| c != argv);
+}
 
 fn registry() -> MutexGuard<'static, Registry> {
     REGISTRY.lock().unwrap_or_else(|e| e.into_inner())
@@ -100,11 +116,12 @@ fn unregister_pid(pid: u32) {
 /// registered namespaces. Safe to call at any time; used by the signal
 /// handler of [`install_signal_cleanup`].
 pub fn cleanup_all() {
-    let (pids, namespaces) = {
+    let (pids, namespaces, commands) = {
         let mut reg = registry();
         (
             std::mem::take(&mut reg.pids),
             std::mem::take(&mut reg.namespaces),
+            std::mem::take(&mut reg.commands),
         )
     };
     for pid in &pids {
@@ -117,6 +134,11 @@ pub fn cleanup_all() {
     }
     for ns in &namespaces {
         let _ = delete_netns(ns);
+    }
+    for argv in &commands {
+        if let Some((program, args)) = argv.split_first() {
+            let _ = Command::new(program).args(args).output();
+        }
     }
 }
 

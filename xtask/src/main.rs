@@ -39,10 +39,16 @@ const PACKAGES: &[(&str, &str)] = &[
     ("iproute2", "/usr/bin/ip"),
     ("ethtool", "/usr/sbin/ethtool"),
     ("util-linux", "/usr/bin/nsenter"),
+    ("procps", "/usr/sbin/sysctl"),
 ];
 
 fn main() -> Result<()> {
     let cli = Cli::parse();
+    if Command::new("cargo").arg("--version").output().is_err()
+        && std::env::var_os("CARGO").is_none()
+    {
+        bail!("cargo is not on PATH: weir needs the Rust 1.95 toolchain (rustup) installed");
+    }
     let root = workspace_root();
     std::env::set_current_dir(&root)?;
     match cli.task {

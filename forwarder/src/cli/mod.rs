@@ -185,8 +185,7 @@ pub fn run(cli: Cli) -> Result<()> {
 
     match cli.command {
         Command::Attach { dev, lb_addr, mode } => {
-            Registry::open_or_create(&instance, create)?;
-            dataplane::attach(&instance, &dev, lb_addr, mode)?;
+            dataplane::attach(&instance, &dev, lb_addr, mode, create)?;
             say(
                 json,
                 json!({"attached": dev, "lb_addr": lb_addr.to_string()}),

@@ -98,7 +98,7 @@ pub fn load_lb(instance: &Instance) -> Result<Ebpf, DataplaneError> {
         .try_into()
         .map_err(|e: aya::programs::ProgramError| kernel("weir_lb")(e.to_string()))?;
     program.load().map_err(|e| {
-        kernel("the kernel refused the XDP program (is BPF/XDP enabled?)")(format!("{e:#}"))
+        kernel("the kernel refused the XDP program (is BPF/XDP enabled?)")(one_line(&e))
     })?;
     Ok(ebpf)
 }
@@ -110,6 +110,7 @@ pub fn attach(
     dev: &str,
     lb_addr: Ipv4Addr,
     mode: XdpMode,
+    create: CreateOptions,
 ) -> Result<(), DataplaneError> {
     ifindex(dev)?;
     let pin = xdp_link_pin(instance, dev);
@@ -131,16 +132,27 @@ pub fn attach(
             detail: format!("{lb_addr} cannot be the source address of encapsulated packets"),
         });
     }
-
-    let mut ebpf = load_lb(instance)?;
-    {
-        let mut registry = Registry::open(instance)?;
-        let _lock = instance.lock()?;
-        registry.maps_mut().set_config(abi::LbConfig {
-            lb_addr: lb_addr.octets(),
-            flags: 0,
-        })?;
+    let mut registry = Registry::open_or_create(instance, create)?;
+    let current = Ipv4Addr::from(registry.maps().config()?.lb_addr);
+    let others: Vec<String> = attachments(instance)
+        .into_iter()
+        .filter(|(kind, _)| kind == "xdp")
+        .map(|(_, d)| d)
+        .collect();
+    if !others.is_empty() && current != lb_addr {
+        return Err(DataplaneError::Kernel {
+            what: "--lb-addr".into(),
+            detail: format!(
+                "this instance already encapsulates from {current} on {}; one instance has one \
+                 LB address: attach with --lb-addr {current}, or detach the others first",
+                others.join(", ")
+            ),
+        });
     }
+
+    // Attach first; the address is written only once that worked (until
+    // then the program passes service traffic as "no config").
+    let mut ebpf = load_lb(instance)?;
     let program: &mut Xdp = ebpf
         .program_mut(weir_ebpf::LB_PROGRAM)
         .expect("loaded above")
@@ -156,7 +168,7 @@ pub fn attach(
         } else {
             ""
         };
-        kernel(format!("attaching XDP to {dev}{hint}"))(format!("{e:#}"))
+        kernel(format!("attaching XDP to {dev}{hint}"))(one_line(&e))
     })?;
     let link = program
         .take_link(id)
@@ -171,7 +183,35 @@ pub fn attach(
     fd_link
         .pin(&pin)
         .map_err(|e| kernel(format!("pinning {}", pin.display()))(e.to_string()))?;
+    let configured = instance
+        .lock()
+        .map_err(DataplaneError::from)
+        .and_then(|_lock| {
+            registry
+                .maps_mut()
+                .set_config(abi::LbConfig {
+                    lb_addr: lb_addr.octets(),
+                    flags: 0,
+                })
+                .map_err(Into::into)
+        });
+    if let Err(e) = configured {
+        let _ = unpin(pin, instance, dev);
+        return Err(e);
+    }
     Ok(())
+}
+
+/// The first line of an error, at most 300 characters: kernel errors can
+/// carry a whole verifier log, and the CLI prints one line.
+fn one_line(e: &dyn std::fmt::Display) -> String {
+    let text = format!("{e:#}");
+    let first = text.lines().next().unwrap_or("").trim();
+    let mut line: String = first.chars().take(300).collect();
+    if text.lines().nth(1).is_some() || first.chars().count() > 300 {
+        line.push_str(" ...");
+    }
+    line
 }
 
 /// Detaches the balancer from `dev` by removing its pinned link.
@@ -225,48 +265,58 @@ fn load_decap(instance: &Instance) -> Result<Ebpf, DataplaneError> {
 pub fn decap_attach(instance: &Instance, dev: &str, vip: Ipv4Addr) -> Result<(), DataplaneError> {
     ifindex(dev)?;
     let mut ebpf = load_decap(instance)?;
-    {
-        let _lock = instance.lock()?;
-        let map = ebpf
-            .map_mut(abi::maps::DECAP_VIPS)
-            .expect("object defines weir_dcap_vips");
-        let mut vips: HashMap<&mut MapData, abi::DecapKey, u32> =
-            HashMap::try_from(map).map_err(|e| kernel("weir_dcap_vips")(e.to_string()))?;
-        vips.insert(abi::DecapKey { vip: vip.octets() }, 1, 0)
-            .map_err(|e| kernel("adding the VIP to weir_dcap_vips")(e.to_string()))?;
-    }
+    // Attach first (if this device has no decap yet); the VIP is added
+    // once that worked, and a failed VIP write undoes a fresh attach.
     let pin = decap_link_pin(instance, dev);
-    if pin.exists() {
-        return Ok(());
+    let attached_now = !pin.exists();
+    if attached_now {
+        let program: &mut SchedClassifier = ebpf
+            .program_mut(weir_ebpf::DECAP_PROGRAM)
+            .expect("object defines weir_decap")
+            .try_into()
+            .map_err(|e: aya::programs::ProgramError| kernel("weir_decap")(e.to_string()))?;
+        program
+            .load()
+            .map_err(|e| kernel("the kernel refused the decap program")(one_line(&e)))?;
+        let id = program
+            .attach_with_options(
+                dev,
+                TcAttachType::Ingress,
+                TcAttachOptions::TcxOrder(LinkOrder::default()),
+            )
+            .map_err(|e| {
+                kernel(format!(
+                    "attaching decap to tc ingress of {dev} (needs TCX, kernel 6.6+)"
+                ))(one_line(&e))
+            })?;
+        let link = program
+            .take_link(id)
+            .map_err(|e| kernel("tc link")(e.to_string()))?;
+        let fd_link: FdLink = link
+            .try_into()
+            .map_err(|e: aya::programs::links::LinkError| kernel("tc link")(e.to_string()))?;
+        fd_link
+            .pin(&pin)
+            .map_err(|e| kernel(format!("pinning {}", pin.display()))(e.to_string()))?;
     }
-    let program: &mut SchedClassifier = ebpf
-        .program_mut(weir_ebpf::DECAP_PROGRAM)
-        .expect("object defines weir_decap")
-        .try_into()
-        .map_err(|e: aya::programs::ProgramError| kernel("weir_decap")(e.to_string()))?;
-    program
-        .load()
-        .map_err(|e| kernel("the kernel refused the decap program")(format!("{e:#}")))?;
-    let id = program
-        .attach_with_options(
-            dev,
-            TcAttachType::Ingress,
-            TcAttachOptions::TcxOrder(LinkOrder::default()),
-        )
-        .map_err(|e| {
-            kernel(format!(
-                "attaching decap to tc ingress of {dev} (needs TCX, kernel 6.6+)"
-            ))(format!("{e:#}"))
-        })?;
-    let link = program
-        .take_link(id)
-        .map_err(|e| kernel("tc link")(e.to_string()))?;
-    let fd_link: FdLink = link
-        .try_into()
-        .map_err(|e: aya::programs::links::LinkError| kernel("tc link")(e.to_string()))?;
-    fd_link
-        .pin(&pin)
-        .map_err(|e| kernel(format!("pinning {}", pin.display()))(e.to_string()))?;
+    let added = instance
+        .lock()
+        .map_err(DataplaneError::from)
+        .and_then(|_lock| {
+            let map = ebpf
+                .map_mut(abi::maps::DECAP_VIPS)
+                .expect("object defines weir_dcap_vips");
+            let mut vips: HashMap<&mut MapData, abi::DecapKey, u32> =
+                HashMap::try_from(map).map_err(|e| kernel("weir_dcap_vips")(e.to_string()))?;
+            vips.insert(abi::DecapKey { vip: vip.octets() }, 1, 0)
+                .map_err(|e| kernel("adding the VIP to weir_dcap_vips")(e.to_string()))
+        });
+    if let Err(e) = added {
+        if attached_now {
+            let _ = unpin(pin, instance, dev);
+        }
+        return Err(e);
+    }
     Ok(())
 }
 

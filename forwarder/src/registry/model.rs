@@ -388,10 +388,15 @@ pub fn plan(state: &State, change: &Change, force: bool) -> Result<Plan, Registr
                 .map(|(id, _)| id)
                 .collect();
             if !serving.is_empty() && !force {
+                let removed = state
+                    .backends_of(svc.id)
+                    .filter(|(_, b)| b.state == BackendState::Removed)
+                    .count();
+                let live = serving.len() - removed;
                 return Err(RegistryError::Guard(format!(
-                    "service {addr} still has {} backend(s); remove them first or pass --force \
-                     (established connections to it will be cut)",
-                    serving.len()
+                    "service {addr} still has {live} backend(s) and {removed} removed one(s) whose \
+                     flows are still in the flow table; remove the backends first, or pass --force \
+                     to remove the service now (established connections to it will be cut)"
                 )));
             }
             for id in serving {
