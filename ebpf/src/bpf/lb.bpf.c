@@ -5,9 +5,10 @@
  * One path per packet: parse Ethernet/IPv4/TCP, look the destination up in
  * weir_services, take the backend from weir_flows (established) or from the
  * service's Maglev ring (SYN, or a flow we have not seen), wrap the packet in
- * an outer IPv4 header (IPIP) addressed to the backend, resolve the next hop
- * with bpf_fib_lookup and send it back out. Anything weir does not balance
- * goes to the kernel untouched, and every verdict is counted.
+ * an outer IPv4 header (IPIP) addressed to the backend, take the next hop
+ * from a per-CPU cache of bpf_fib_lookup results and send it back out.
+ * Anything weir does not balance goes to the kernel untouched, and every
+ * verdict is counted.
  */
 #include <linux/bpf.h>
 #include <linux/if_ether.h>
@@ -124,8 +125,8 @@ static __always_inline __u16 ipv4_checksum(const struct iphdr *ip)
 }
 
 /* Prepend the outer IPv4 header. On success the packet is
- * eth | outer ip | inner ip | tcp ...; the Ethernet addresses are left for
- * the FIB result to fill. */
+ * eth | outer ip | inner ip | tcp ..., still with the received Ethernet
+ * addresses; transmit() puts the next hop's in. */
 static __always_inline int encapsulate(struct xdp_md *ctx, __be32 src, __be32 dst,
 				       __u8 tos, __u16 inner_len)
 {
