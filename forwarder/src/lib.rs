@@ -9,4 +9,5 @@
 pub mod cli;
 pub mod dataplane;
 pub mod instance;
+pub mod l7;
 pub mod registry;

@@ -1,0 +1,6 @@
+//! The L7 path: the WebSocket handshake, the frame rules and drain
+//! scheduling, as pure (sans-IO) modules with exhaustive tests. The
+//! io_uring workers of `weir run` drive them and only move bytes.
+
+pub mod drain;
+pub mod handshake;
