@@ -2,5 +2,6 @@
 //! scheduling, as pure (sans-IO) modules with exhaustive tests. The
 //! io_uring workers of `weir run` drive them and only move bytes.
 
+pub mod bufring;
 pub mod drain;
 pub mod handshake;
