@@ -355,3 +355,40 @@ fn attach_and_detach_pin_and_unpin_the_link() {
     assert!(errors[2].contains("not attached to lo"), "{err}");
     let _ = std::fs::remove_file(format!("/tmp/weir-attach-{}.err", inst.0));
 }
+
+#[test]
+fn config_default_prints_a_valid_config_and_check_reports_line_and_reason() {
+    let out = Command::new(WEIR)
+        .args(["config", "default"])
+        .output()
+        .unwrap();
+    assert!(out.status.success());
+    let dir = std::env::temp_dir().join(format!("weir-config-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let good = dir.join("good.toml");
+    std::fs::write(&good, &out.stdout).unwrap();
+    let check = Command::new(WEIR)
+        .args(["config", "check"])
+        .arg(&good)
+        .output()
+        .unwrap();
+    assert!(
+        check.status.success(),
+        "{}",
+        String::from_utf8_lossy(&check.stderr)
+    );
+
+    let bad = dir.join("bad.toml");
+    let text = String::from_utf8(out.stdout)
+        .unwrap()
+        .replace("idle = \"5m\"", "idle = \"five minutes\"");
+    let line = text.lines().position(|l| l.starts_with("idle =")).unwrap() + 1;
+    std::fs::write(&bad, text).unwrap();
+    let check = Command::new(WEIR)
+        .args(["config", "check"])
+        .arg(&bad)
+        .output()
+        .unwrap();
+    assert_one_line_error(&check, &format!("bad.toml:{line}:"), "bad config");
+    let _ = std::fs::remove_dir_all(&dir);
+}

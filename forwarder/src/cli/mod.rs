@@ -60,6 +60,9 @@ pub enum Command {
     Decap(DecapCmd),
     /// Read every map back and check the rings match the backends.
     Check,
+    /// The `weir run` configuration.
+    #[command(subcommand)]
+    Config(ConfigCmd),
     /// Remove the instance: detach its programs and delete its maps.
     Destroy,
 }
@@ -152,6 +155,14 @@ pub enum BackendCmd {
     },
     /// List a service's backends.
     List { service: String },
+}
+
+#[derive(Subcommand, Debug)]
+pub enum ConfigCmd {
+    /// Print the embedded default configuration.
+    Default,
+    /// Validate a configuration file (file, line and reason on error).
+    Check { file: std::path::PathBuf },
 }
 
 #[derive(Subcommand, Debug)]
@@ -316,6 +327,21 @@ pub fn run(cli: Cli) -> Result<()> {
             say(json, json!({"decap_detached": dev}), || {
                 format!("detached decap from {dev}")
             });
+        }
+        Command::Config(ConfigCmd::Default) => print!("{}", crate::l7::config::DEFAULT),
+        Command::Config(ConfigCmd::Check { file }) => {
+            let config = crate::l7::config::load(&file)?;
+            say(
+                json,
+                json!({"ok": true, "listeners": config.listeners.len()}),
+                || {
+                    format!(
+                        "{}: ok ({} listener(s))",
+                        file.display(),
+                        config.listeners.len()
+                    )
+                },
+            );
         }
         Command::Check => {
             let reg = Registry::open(&instance)?;

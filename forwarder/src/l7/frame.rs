@@ -403,16 +403,11 @@ impl Validator {
 /// a backend must be masked, frames to a client must not (5.1); masks should
 /// be unpredictable (5.3).
 pub fn close_frame(code: u16, reason: &str, mask: Option<[u8; 4]>) -> Vec<u8> {
-    let reason = reason.as_bytes();
-    let mut end = reason.len().min(MAX_CLOSE_REASON);
-    // UTF-8 continuation bytes are 0b10xx_xxxx: back off to a char start.
-    while end < reason.len() && reason[end] & 0xC0 == 0x80 {
-        end -= 1;
-    }
+    let reason = &reason.as_bytes()[..reason.floor_char_boundary(MAX_CLOSE_REASON)];
     let mut payload = [0; MAX_CONTROL_PAYLOAD as usize];
     payload[..2].copy_from_slice(&code.to_be_bytes());
-    payload[2..2 + end].copy_from_slice(&reason[..end]);
-    control_frame(Opcode::Close, &payload[..2 + end], mask)
+    payload[2..2 + reason.len()].copy_from_slice(reason);
+    control_frame(Opcode::Close, &payload[..2 + reason.len()], mask)
 }
 
 /// Builds a complete Ping frame, masked as [`close_frame`] says.

@@ -3,5 +3,6 @@
 //! io_uring workers of `weir run` drive them and only move bytes.
 
 pub mod bufring;
+pub mod config;
 pub mod drain;
 pub mod handshake;

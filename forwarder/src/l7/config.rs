@@ -1,0 +1,686 @@
+//! The `weir run` configuration (TOML). With no file, weir runs on
+//! [`DEFAULT`] (`weir config default` prints it). A bad file is refused at
+//! start with the file, the line and the reason; nothing runs half
+//! configured.
+
+use std::net::SocketAddr;
+use std::path::Path;
+use std::time::Duration;
+
+use serde::Deserialize;
+
+use crate::registry::ServiceAddr;
+
+/// The embedded default: one listener on loopback routing everything to
+/// the L7 service 127.0.0.1:8080, whose backends come from the registry
+/// (`weir backend add 127.0.0.1:8080 ...`).
+pub const DEFAULT: &str = r#"# weir run: the embedded default configuration.
+# Durations take ms, s, m or h suffixes.
+instance = "default"
+
+[runtime]
+workers = 0              # 0: one per core
+buffers = 4096           # provided receive buffers per worker (a power of two)
+buffer_size = 16384      # bytes per buffer
+max_connections = 100000 # per process; over it new clients get 503
+
+[metrics]
+listen = "127.0.0.1:9100"
+
+[timeouts]
+client_head = "10s"      # the client's handshake request
+connect = "3s"           # TCP connect to a backend (then the next one is tried)
+backend_head = "10s"     # the backend's handshake answer (else 504)
+idle = "5m"              # no frame either way: Close 1001
+ping_interval = "0s"     # keepalive pings to the client; 0s: off
+close = "5s"             # close handshake, then TCP close
+shutdown = "30s"         # SIGTERM: drain everything within this
+
+[limits]
+max_head_bytes = 8192
+max_headers = 64
+max_frame = 16777216
+max_message = 67108864
+
+[drain]
+window = "30s"           # drained connections close spread over this
+
+[[listener]]
+listen = "127.0.0.1:8080"
+
+[[listener.route]]
+host = "*"
+path_prefix = "/"
+service = "127.0.0.1:8080"
+"#;
+
+/// A refused configuration: where and why.
+#[derive(Debug, thiserror::Error)]
+#[error("{source_name}:{line}:{column}: {reason}")]
+pub struct ConfigError {
+    pub source_name: String,
+    pub line: usize,
+    pub column: usize,
+    pub reason: String,
+}
+
+/// The validated configuration.
+#[derive(Clone, Debug, PartialEq)]
+pub struct Config {
+    pub instance: String,
+    pub workers: usize,
+    pub buffers: u16,
+    pub buffer_size: u32,
+    pub max_connections: usize,
+    pub metrics: Option<SocketAddr>,
+    pub timeouts: Timeouts,
+    pub limits: Limits,
+    pub drain_window: Duration,
+    /// Per-service drain windows that differ from `drain_window`.
+    pub service_drain: Vec<(ServiceAddr, Duration)>,
+    pub listeners: Vec<Listener>,
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Timeouts {
+    pub client_head: Duration,
+    pub connect: Duration,
+    pub backend_head: Duration,
+    pub idle: Duration,
+    pub ping_interval: Option<Duration>,
+    pub close: Duration,
+    pub shutdown: Duration,
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Limits {
+    pub max_head_bytes: usize,
+    pub max_headers: usize,
+    pub max_frame: u64,
+    pub max_message: u64,
+}
+
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Listener {
+    pub listen: SocketAddr,
+    pub routes: Vec<Route>,
+}
+
+/// A route: requests whose Host matches `host` (`*` for any, or a name
+/// compared without port and case) and whose path starts with
+/// `path_prefix` go to `service`. The longest matching prefix wins; an
+/// exact host wins over `*`.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Route {
+    pub host: String,
+    pub path_prefix: String,
+    pub service: ServiceAddr,
+}
+
+impl Listener {
+    /// The service for a request, if any route matches (else 404).
+    pub fn route(&self, host: &str, path: &str) -> Option<ServiceAddr> {
+        let host = host
+            .rsplit_once(':')
+            .filter(|(_, p)| p.bytes().all(|b| b.is_ascii_digit()))
+            .map_or(host, |(h, _)| h);
+        self.routes
+            .iter()
+            .filter(|r| {
+                (r.host == "*" || r.host.eq_ignore_ascii_case(host))
+                    && path.starts_with(&r.path_prefix)
+            })
+            .max_by_key(|r| (r.host != "*", r.path_prefix.len()))
+            .map(|r| r.service)
+    }
+}
+
+// The file as written, with spans for the errors found after parsing.
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawConfig {
+    #[serde(default = "default_instance")]
+    instance: toml::Spanned<String>,
+    #[serde(default)]
+    runtime: RawRuntime,
+    #[serde(default)]
+    metrics: RawMetrics,
+    #[serde(default)]
+    timeouts: RawTimeouts,
+    #[serde(default)]
+    limits: RawLimits,
+    #[serde(default)]
+    drain: RawDrain,
+    #[serde(default, rename = "service")]
+    services: Vec<RawService>,
+    #[serde(rename = "listener")]
+    listeners: Vec<RawListener>,
+}
+
+fn default_instance() -> toml::Spanned<String> {
+    toml::Spanned::new(0..0, "default".into())
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawRuntime {
+    #[serde(default)]
+    workers: usize,
+    #[serde(default = "default_buffers")]
+    buffers: toml::Spanned<u32>,
+    #[serde(default = "default_buffer_size")]
+    buffer_size: toml::Spanned<u32>,
+    #[serde(default = "default_max_connections")]
+    max_connections: usize,
+}
+
+impl Default for RawRuntime {
+    fn default() -> Self {
+        Self {
+            workers: 0,
+            buffers: default_buffers(),
+            buffer_size: default_buffer_size(),
+            max_connections: default_max_connections(),
+        }
+    }
+}
+
+fn default_buffers() -> toml::Spanned<u32> {
+    toml::Spanned::new(0..0, 4096)
+}
+fn default_buffer_size() -> toml::Spanned<u32> {
+    toml::Spanned::new(0..0, 16384)
+}
+fn default_max_connections() -> usize {
+    100_000
+}
+
+#[derive(Deserialize, Default)]
+#[serde(deny_unknown_fields)]
+struct RawMetrics {
+    listen: Option<toml::Spanned<String>>,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawTimeouts {
+    #[serde(default = "d10s")]
+    client_head: toml::Spanned<String>,
+    #[serde(default = "d3s")]
+    connect: toml::Spanned<String>,
+    #[serde(default = "d10s")]
+    backend_head: toml::Spanned<String>,
+    #[serde(default = "d5m")]
+    idle: toml::Spanned<String>,
+    #[serde(default = "d0s")]
+    ping_interval: toml::Spanned<String>,
+    #[serde(default = "d5s")]
+    close: toml::Spanned<String>,
+    #[serde(default = "d30s")]
+    shutdown: toml::Spanned<String>,
+}
+
+impl Default for RawTimeouts {
+    fn default() -> Self {
+        Self {
+            client_head: d10s(),
+            connect: d3s(),
+            backend_head: d10s(),
+            idle: d5m(),
+            ping_interval: d0s(),
+            close: d5s(),
+            shutdown: d30s(),
+        }
+    }
+}
+
+fn dur(s: &str) -> toml::Spanned<String> {
+    toml::Spanned::new(0..0, s.into())
+}
+fn d0s() -> toml::Spanned<String> {
+    dur("0s")
+}
+fn d3s() -> toml::Spanned<String> {
+    dur("3s")
+}
+fn d5s() -> toml::Spanned<String> {
+    dur("5s")
+}
+fn d10s() -> toml::Spanned<String> {
+    dur("10s")
+}
+fn d30s() -> toml::Spanned<String> {
+    dur("30s")
+}
+fn d5m() -> toml::Spanned<String> {
+    dur("5m")
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawLimits {
+    #[serde(default = "default_head")]
+    max_head_bytes: toml::Spanned<usize>,
+    #[serde(default = "default_headers")]
+    max_headers: toml::Spanned<usize>,
+    #[serde(default = "default_frame")]
+    max_frame: toml::Spanned<u64>,
+    #[serde(default = "default_message")]
+    max_message: toml::Spanned<u64>,
+}
+
+impl Default for RawLimits {
+    fn default() -> Self {
+        Self {
+            max_head_bytes: default_head(),
+            max_headers: default_headers(),
+            max_frame: default_frame(),
+            max_message: default_message(),
+        }
+    }
+}
+
+fn default_head() -> toml::Spanned<usize> {
+    toml::Spanned::new(0..0, 8192)
+}
+fn default_headers() -> toml::Spanned<usize> {
+    toml::Spanned::new(0..0, 64)
+}
+fn default_frame() -> toml::Spanned<u64> {
+    toml::Spanned::new(0..0, 16 << 20)
+}
+fn default_message() -> toml::Spanned<u64> {
+    toml::Spanned::new(0..0, 64 << 20)
+}
+
+#[derive(Deserialize, Default)]
+#[serde(deny_unknown_fields)]
+struct RawDrain {
+    window: Option<toml::Spanned<String>>,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawService {
+    address: toml::Spanned<String>,
+    drain_window: toml::Spanned<String>,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawListener {
+    listen: toml::Spanned<String>,
+    #[serde(rename = "route")]
+    routes: Vec<RawRoute>,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawRoute {
+    #[serde(default = "any_host")]
+    host: toml::Spanned<String>,
+    #[serde(default = "root_prefix")]
+    path_prefix: toml::Spanned<String>,
+    service: toml::Spanned<String>,
+}
+
+fn any_host() -> toml::Spanned<String> {
+    toml::Spanned::new(0..0, "*".into())
+}
+fn root_prefix() -> toml::Spanned<String> {
+    toml::Spanned::new(0..0, "/".into())
+}
+
+/// Parses a duration such as `250ms`, `10s`, `5m` or `1h`.
+pub fn parse_duration(s: &str) -> Result<Duration, String> {
+    let s = s.trim();
+    let split = s.find(|c: char| !c.is_ascii_digit()).unwrap_or(s.len());
+    let (num, unit) = s.split_at(split);
+    let n: u64 = num
+        .parse()
+        .map_err(|_| format!("{s:?} is not a duration like 250ms, 10s, 5m or 1h"))?;
+    let ms = match unit {
+        "ms" => Some(n),
+        "s" => n.checked_mul(1000),
+        "m" => n.checked_mul(60_000),
+        "h" => n.checked_mul(3_600_000),
+        _ => return Err(format!("{s:?}: unit must be ms, s, m or h")),
+    };
+    ms.map(Duration::from_millis)
+        .ok_or_else(|| format!("{s:?} is too long"))
+}
+
+/// Reads and validates a configuration file.
+pub fn load(path: &Path) -> Result<Config, ConfigError> {
+    let text = std::fs::read_to_string(path).map_err(|e| ConfigError {
+        source_name: path.display().to_string(),
+        line: 0,
+        column: 0,
+        reason: format!("cannot read: {e}"),
+    })?;
+    parse(&text, &path.display().to_string())
+}
+
+/// Parses and validates configuration text; `name` appears in errors.
+pub fn parse(text: &str, name: &str) -> Result<Config, ConfigError> {
+    let at = |span: std::ops::Range<usize>, reason: String| {
+        let upto = &text[..span.start.min(text.len())];
+        let line = upto.matches('\n').count() + 1;
+        let column = upto.len() - upto.rfind('\n').map_or(0, |i| i + 1) + 1;
+        ConfigError {
+            source_name: name.into(),
+            line,
+            column,
+            reason,
+        }
+    };
+    let raw: RawConfig = toml::from_str(text).map_err(|e| {
+        let reason = e.message().to_string();
+        at(e.span().unwrap_or(0..0), reason)
+    })?;
+
+    let duration =
+        |s: &toml::Spanned<String>| parse_duration(s.get_ref()).map_err(|r| at(s.span(), r));
+    let addr = |s: &toml::Spanned<String>, what: &str| {
+        s.get_ref().parse::<SocketAddr>().map_err(|_| {
+            at(
+                s.span(),
+                format!("{what} {:?} must be IP:PORT", s.get_ref()),
+            )
+        })
+    };
+    let service = |s: &toml::Spanned<String>| {
+        crate::cli::parse::service(s.get_ref()).map_err(|r| at(s.span(), r))
+    };
+
+    let instance = raw.instance.get_ref().clone();
+    crate::instance::Instance::new(&instance)
+        .map_err(|e| at(raw.instance.span(), e.to_string()))?;
+    let buffers = *raw.runtime.buffers.get_ref();
+    if !buffers.is_power_of_two() || buffers > crate::l7::bufring::MAX_ENTRIES as u32 {
+        return Err(at(
+            raw.runtime.buffers.span(),
+            format!("buffers = {buffers}: must be a power of two up to 32768"),
+        ));
+    }
+    let buffer_size = *raw.runtime.buffer_size.get_ref();
+    if !(1024..=1 << 20).contains(&buffer_size) {
+        return Err(at(
+            raw.runtime.buffer_size.span(),
+            format!("buffer_size = {buffer_size}: must be 1024..=1048576"),
+        ));
+    }
+    let t = &raw.timeouts;
+    let ping = duration(&t.ping_interval)?;
+    let timeouts = Timeouts {
+        client_head: duration(&t.client_head)?,
+        connect: duration(&t.connect)?,
+        backend_head: duration(&t.backend_head)?,
+        idle: duration(&t.idle)?,
+        ping_interval: (!ping.is_zero()).then_some(ping),
+        close: duration(&t.close)?,
+        shutdown: duration(&t.shutdown)?,
+    };
+    for (value, span) in [
+        (timeouts.client_head, t.client_head.span()),
+        (timeouts.connect, t.connect.span()),
+        (timeouts.backend_head, t.backend_head.span()),
+        (timeouts.idle, t.idle.span()),
+        (timeouts.close, t.close.span()),
+    ] {
+        if value.is_zero() {
+            return Err(at(span, "this timeout must be more than 0".into()));
+        }
+    }
+    let l = &raw.limits;
+    let limits = Limits {
+        max_head_bytes: *l.max_head_bytes.get_ref(),
+        max_headers: *l.max_headers.get_ref(),
+        max_frame: *l.max_frame.get_ref(),
+        max_message: *l.max_message.get_ref(),
+    };
+    if !(512..=65536).contains(&limits.max_head_bytes) {
+        return Err(at(
+            l.max_head_bytes.span(),
+            "max_head_bytes must be 512..=65536".into(),
+        ));
+    }
+    if !(8..=256).contains(&limits.max_headers) {
+        return Err(at(
+            l.max_headers.span(),
+            "max_headers must be 8..=256".into(),
+        ));
+    }
+    if limits.max_frame == 0 || limits.max_message < limits.max_frame {
+        return Err(at(
+            l.max_message.span(),
+            "max_message must be at least max_frame (and both more than 0)".into(),
+        ));
+    }
+    let drain_window = match &raw.drain.window {
+        Some(w) => duration(w)?,
+        None => Duration::from_secs(30),
+    };
+    let mut service_drain = Vec::new();
+    for s in &raw.services {
+        service_drain.push((service(&s.address)?, duration(&s.drain_window)?));
+    }
+    let metrics = raw
+        .metrics
+        .listen
+        .as_ref()
+        .map(|m| addr(m, "metrics listen"))
+        .transpose()?;
+
+    if raw.listeners.is_empty() {
+        return Err(at(0..0, "no [[listener]]: weir would serve nothing".into()));
+    }
+    let mut listeners = Vec::new();
+    for rl in &raw.listeners {
+        let listen = addr(&rl.listen, "listen")?;
+        if listeners.iter().any(|l: &Listener| l.listen == listen) {
+            return Err(at(rl.listen.span(), format!("{listen} is listed twice")));
+        }
+        if rl.routes.is_empty() {
+            return Err(at(
+                rl.listen.span(),
+                format!("listener {listen} has no [[listener.route]]"),
+            ));
+        }
+        let mut routes = Vec::new();
+        for r in &rl.routes {
+            let prefix = r.path_prefix.get_ref();
+            if !prefix.starts_with('/') {
+                return Err(at(
+                    r.path_prefix.span(),
+                    format!("path_prefix {prefix:?} must start with /"),
+                ));
+            }
+            let host = r.host.get_ref().trim().to_ascii_lowercase();
+            if host.is_empty() || host.contains([' ', '/']) {
+                return Err(at(
+                    r.host.span(),
+                    format!("host {:?} must be a name or *", r.host.get_ref()),
+                ));
+            }
+            let route = Route {
+                host,
+                path_prefix: prefix.clone(),
+                service: service(&r.service)?,
+            };
+            if routes
+                .iter()
+                .any(|x: &Route| x.host == route.host && x.path_prefix == route.path_prefix)
+            {
+                return Err(at(
+                    r.path_prefix.span(),
+                    "the same host and path_prefix are routed twice".into(),
+                ));
+            }
+            routes.push(route);
+        }
+        listeners.push(Listener { listen, routes });
+    }
+
+    Ok(Config {
+        instance,
+        workers: raw.runtime.workers,
+        buffers: buffers as u16,
+        buffer_size,
+        max_connections: raw.runtime.max_connections,
+        metrics,
+        timeouts,
+        limits,
+        drain_window,
+        service_drain,
+        listeners,
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_default_parses() {
+        let c = parse(DEFAULT, "default").unwrap();
+        assert_eq!(c.instance, "default");
+        assert_eq!(c.listeners.len(), 1);
+        assert_eq!(c.listeners[0].listen, "127.0.0.1:8080".parse().unwrap());
+        assert_eq!(c.timeouts.idle, Duration::from_secs(300));
+        assert_eq!(c.timeouts.ping_interval, None);
+        assert_eq!(c.drain_window, Duration::from_secs(30));
+        assert_eq!(c.metrics, Some("127.0.0.1:9100".parse().unwrap()));
+    }
+
+    #[test]
+    fn durations() {
+        assert_eq!(parse_duration("250ms"), Ok(Duration::from_millis(250)));
+        assert_eq!(parse_duration("10s"), Ok(Duration::from_secs(10)));
+        assert_eq!(parse_duration("5m"), Ok(Duration::from_secs(300)));
+        assert_eq!(parse_duration("1h"), Ok(Duration::from_secs(3600)));
+        for bad in ["", "s", "10", "10x", "-1s", "1.5s", "99999999999999999999h"] {
+            assert!(parse_duration(bad).is_err(), "{bad}");
+        }
+    }
+
+    fn err(text: &str) -> ConfigError {
+        parse(text, "weir.toml").expect_err("should be refused")
+    }
+
+    const MIN: &str = "[[listener]]\nlisten = \"127.0.0.1:8080\"\n[[listener.route]]\nservice = \"198.19.0.10:8080\"\n";
+
+    #[test]
+    fn a_minimal_file_gets_the_defaults() {
+        let c = parse(MIN, "weir.toml").unwrap();
+        let d = parse(DEFAULT, "default").unwrap();
+        assert_eq!(c.timeouts, d.timeouts);
+        assert_eq!(c.limits, d.limits);
+        assert_eq!(c.listeners[0].routes[0].host, "*");
+        assert_eq!(c.metrics, None);
+    }
+
+    #[test]
+    fn errors_name_file_line_and_reason() {
+        let e = err(&format!("{MIN}[timeouts]\nidle = \"5 minutes\"\n"));
+        assert_eq!((e.line, e.source_name.as_str()), (6, "weir.toml"), "{e}");
+        assert!(e.to_string().starts_with("weir.toml:6:"), "{e}");
+        assert!(e.reason.contains("unit"), "{e}");
+
+        let e = err(&format!("{MIN}[runtime]\nbuffers = 1000\n"));
+        assert_eq!(e.line, 6, "{e}");
+        assert!(e.reason.contains("power of two"));
+
+        let e = err(&format!("{MIN}[runtme]\n"));
+        assert_eq!(e.line, 5, "unknown table: {e}");
+
+        let e = err(
+            "[[listener]]\nlisten = \"localhost:80\"\n[[listener.route]]\nservice = \"198.19.0.10:8080\"\n",
+        );
+        assert_eq!(e.line, 2, "{e}");
+        assert!(e.reason.contains("IP:PORT"));
+
+        let e = err(
+            "[[listener]]\nlisten = \"127.0.0.1:80\"\n[[listener.route]]\nservice = \"198.19.0.10\"\n",
+        );
+        assert_eq!(e.line, 4, "{e}");
+
+        let e = err(
+            "[[listener]]\nlisten = \"127.0.0.1:80\"\n[[listener.route]]\npath_prefix = \"chat\"\nservice = \"198.19.0.10:80\"\n",
+        );
+        assert_eq!(e.line, 4, "{e}");
+
+        let e = err(
+            "instance = \"../x\"\n[[listener]]\nlisten = \"127.0.0.1:80\"\n[[listener.route]]\nservice = \"198.19.0.10:80\"\n",
+        );
+        assert_eq!(e.line, 1, "{e}");
+
+        let e = err(&format!(
+            "{MIN}[limits]\nmax_frame = 100\nmax_message = 10\n"
+        ));
+        assert_eq!(e.line, 7, "{e}");
+
+        let e = err("listener = 5\n");
+        assert_eq!(e.line, 1, "{e}");
+
+        assert!(
+            err("[metrics]\nlisten = \"127.0.0.1:9100\"\n")
+                .reason
+                .contains("listener")
+        );
+        assert!(
+            err(&format!("{MIN}[timeouts]\nconnect = \"0s\"\n"))
+                .reason
+                .contains("more than 0")
+        );
+    }
+
+    #[test]
+    fn routes_prefer_exact_hosts_and_longer_prefixes() {
+        let text = r#"
+[[listener]]
+listen = "127.0.0.1:8080"
+[[listener.route]]
+service = "198.19.0.1:80"
+[[listener.route]]
+path_prefix = "/chat"
+service = "198.19.0.2:80"
+[[listener.route]]
+host = "Admin.Example"
+service = "198.19.0.3:80"
+[[listener.route]]
+host = "admin.example"
+path_prefix = "/chat/room"
+service = "198.19.0.4:80"
+"#;
+        let c = parse(text, "t").unwrap();
+        let l = &c.listeners[0];
+        let svc = |h, p| l.route(h, p).map(|s| s.vip.octets()[3]);
+        assert_eq!(svc("app", "/"), Some(1));
+        assert_eq!(svc("app", "/chat/x"), Some(2));
+        assert_eq!(
+            svc("admin.example", "/chat/x"),
+            Some(3),
+            "exact host beats a longer * prefix"
+        );
+        assert_eq!(svc("ADMIN.example:8080", "/chat/room/1"), Some(4));
+        assert_eq!(svc("admin.example", "/"), Some(3));
+        let only_chat = parse(
+            "[[listener]]\nlisten = \"127.0.0.1:1\"\n[[listener.route]]\npath_prefix = \"/chat\"\nservice = \"198.19.0.2:80\"\n",
+            "t",
+        )
+        .unwrap();
+        assert_eq!(
+            only_chat.listeners[0].route("x", "/other"),
+            None,
+            "no route: 404"
+        );
+    }
+
+    proptest::proptest! {
+        #[test]
+        fn arbitrary_text_never_panics(text in "\\PC{0,300}") {
+            let _ = parse(&text, "fuzz");
+        }
+    }
+}
