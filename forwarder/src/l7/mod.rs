@@ -6,3 +6,4 @@ pub mod bufring;
 pub mod config;
 pub mod drain;
 pub mod handshake;
+pub mod view;

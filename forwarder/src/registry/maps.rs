@@ -388,6 +388,19 @@ impl Maps {
         generation.get(&0, 0).map_err(map_err("weir_gen"))
     }
 
+    /// A read-only view of the generation counter through mmap: one load
+    /// tells a reader whether the registry changed.
+    pub fn generation_watch(&self) -> Result<GenerationWatch, RegistryError> {
+        let view = Mmap::map(
+            map_data(&self.generation).fd().as_fd(),
+            1,
+            size_of::<u64>(),
+            false,
+        )
+        .map_err(|e| RegistryError::Kernel(format!("mmap of {}: {e}", abi::maps::GENERATION)))?;
+        Ok(GenerationWatch { view })
+    }
+
     pub fn bump_generation(&mut self) -> Result<u64, RegistryError> {
         let next = self.generation()? + 1;
         let mut generation: Array<&mut MapData, u64> =
@@ -459,6 +472,20 @@ impl Maps {
     #[doc(hidden)]
     pub fn backends_map_mut(&mut self) -> &mut Map {
         &mut self.backends
+    }
+}
+
+/// The registry's generation counter, mapped into this process.
+pub struct GenerationWatch {
+    view: Mmap,
+}
+
+// SAFETY: a read-only shared mapping; reads are single aligned loads.
+unsafe impl Send for GenerationWatch {}
+
+impl GenerationWatch {
+    pub fn get(&self) -> u64 {
+        self.view.read::<u64>(0)
     }
 }
 

@@ -566,8 +566,11 @@ fn check_backend(
             "backend {backend}: weight must be 1..65535 (use `weir backend drain` to stop new connections)"
         )));
     }
+    // L7 backends may sit on this host; an L4 backend must be reachable
+    // over the wire.
     let a = backend.addr;
-    if a.is_unspecified() || a.is_broadcast() || a.is_multicast() || a.is_loopback() {
+    let loopback = a.is_loopback() && svc.mode == ServiceModeName::L4;
+    if a.is_unspecified() || a.is_broadcast() || a.is_multicast() || loopback {
         return Err(RegistryError::Invalid(format!(
             "backend address {a} is not a unicast address another host can reach"
         )));

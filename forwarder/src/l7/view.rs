@@ -1,0 +1,170 @@
+//! A worker's view of the registry: the same pinned maps the XDP path
+//! reads. One load of the mmap'd generation counter per accept tells the
+//! worker whether anything changed; only then does it re-read the maps.
+//!
+//! Backend choice: power of two choices over the service's Maglev ring.
+//! Two random ring slots are drawn (so each candidate is drawn in
+//! proportion to its weight) and the one with fewer live connections in
+//! this worker, relative to its weight, wins. For long-lived WebSockets
+//! live connections are the load, and they drift from any static split as
+//! connections end and backends drain; weighing by live count corrects
+//! that drift while the ring keeps the weights.
+
+use std::collections::{BTreeSet, HashMap};
+use std::net::{IpAddr, SocketAddr};
+
+use weir_ebpf::abi::{BackendState, NO_BACKEND};
+
+use crate::registry::maps::GenerationWatch;
+use crate::registry::{Maps, RegistryError, ServiceAddr, ServiceModeName};
+
+/// A backend as a worker needs it.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct BackendView {
+    pub addr: SocketAddr,
+    pub weight: u16,
+    pub state: BackendState,
+}
+
+#[derive(Clone, Debug, Default)]
+struct ServiceView {
+    /// The ring: slot -> backend id.
+    ring: Vec<u32>,
+}
+
+/// What a refresh found.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct Changes {
+    /// Backends that were active and are not any more: drain their
+    /// connections.
+    pub stopped: BTreeSet<u32>,
+}
+
+pub struct RegistryView {
+    maps: Maps,
+    watch: GenerationWatch,
+    seen: u64,
+    services: HashMap<ServiceAddr, ServiceView>,
+    backends: HashMap<u32, BackendView>,
+}
+
+impl RegistryView {
+    /// Opens the instance's maps read-only and loads the current state.
+    pub fn open(maps: Maps) -> Result<Self, RegistryError> {
+        let watch = maps.generation_watch()?;
+        let mut view = Self {
+            maps,
+            watch,
+            seen: u64::MAX,
+            services: HashMap::new(),
+            backends: HashMap::new(),
+        };
+        view.reload()?;
+        Ok(view)
+    }
+
+    /// The generation this view reflects.
+    pub fn generation(&self) -> u64 {
+        self.seen
+    }
+
+    /// Re-reads the maps if the generation moved. Cheap when it did not.
+    pub fn refresh(&mut self) -> Result<Option<Changes>, RegistryError> {
+        if self.watch.get() == self.seen {
+            return Ok(None);
+        }
+        let before: BTreeSet<u32> = self.active().collect();
+        self.reload()?;
+        let after: BTreeSet<u32> = self.active().collect();
+        Ok(Some(Changes {
+            stopped: before.difference(&after).copied().collect(),
+        }))
+    }
+
+    fn active(&self) -> impl Iterator<Item = u32> + '_ {
+        self.backends
+            .iter()
+            .filter(|(_, b)| b.state == BackendState::Active)
+            .map(|(id, _)| *id)
+    }
+
+    fn reload(&mut self) -> Result<(), RegistryError> {
+        // Read the generation first: a change racing this read bumps it
+        // again and the next refresh reloads.
+        let generation = self.watch.get();
+        let state = self.maps.read_state()?;
+        let mut services = HashMap::new();
+        for (addr, svc) in &state.services {
+            if svc.mode != ServiceModeName::L7 {
+                continue;
+            }
+            let ring = self.maps.read_ring(svc.id)?.unwrap_or_default();
+            services.insert(*addr, ServiceView { ring });
+        }
+        self.backends = state
+            .backends
+            .iter()
+            .map(|(id, b)| {
+                let view = BackendView {
+                    addr: SocketAddr::new(IpAddr::V4(b.addr.addr), b.addr.port),
+                    weight: b.weight,
+                    state: b.state,
+                };
+                (*id, view)
+            })
+            .collect();
+        self.services = services;
+        self.seen = generation;
+        Ok(())
+    }
+
+    /// Whether `service` is an L7 service of this instance.
+    pub fn has_service(&self, service: &ServiceAddr) -> bool {
+        self.services.contains_key(service)
+    }
+
+    pub fn backend(&self, id: u32) -> Option<&BackendView> {
+        self.backends.get(&id)
+    }
+
+    /// Picks a backend of `service` for a new connection: two ring slots
+    /// drawn with `random` (two independent 32-bit values), the less loaded
+    /// by `live(id)` per unit of weight wins. `exclude` lists backends
+    /// already tried for this connection. `None`: no active backend (503).
+    pub fn pick(
+        &self,
+        service: &ServiceAddr,
+        random: [u32; 2],
+        exclude: &[u32],
+        live: impl Fn(u32) -> u32,
+    ) -> Option<(u32, SocketAddr)> {
+        let svc = self.services.get(service)?;
+        if svc.ring.is_empty() {
+            return None;
+        }
+        let usable = |id: u32| {
+            id != NO_BACKEND
+                && !exclude.contains(&id)
+                && self
+                    .backends
+                    .get(&id)
+                    .is_some_and(|b| b.state == BackendState::Active)
+        };
+        let n = svc.ring.len();
+        // Each draw walks forward from its slot to the first usable backend,
+        // so excluded backends do not make a draw fail.
+        let draw = |r: u32| {
+            (0..n)
+                .map(|i| svc.ring[(r as usize + i) % n])
+                .find(|id| usable(*id))
+        };
+        let a = draw(random[0])?;
+        let b = draw(random[1]).unwrap_or(a);
+        let load = |id: u32| {
+            let w = self.backends[&id].weight.max(1) as u64;
+            (live(id) as u64 * 65536) / w
+        };
+        let id = if load(b) < load(a) { b } else { a };
+        Some((id, self.backends[&id].addr))
+    }
+}

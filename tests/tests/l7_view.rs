@@ -1,0 +1,156 @@
+//! The L7 workers' view of the registry, against real pinned maps: weighted
+//! power-of-two choices, exclusions, and changes seen through the
+//! generation counter.
+
+mod common;
+
+use std::collections::BTreeMap;
+use std::net::Ipv4Addr;
+
+use common::{TestInstance, require_root};
+use weir::l7::view::RegistryView;
+use weir::registry::{ApplyOptions, BackendAddr, Change, Maps, ServiceAddr, ServiceModeName};
+
+fn svc() -> ServiceAddr {
+    ServiceAddr {
+        vip: Ipv4Addr::new(198, 19, 0, 40),
+        port: 8080,
+    }
+}
+
+fn be(i: u8) -> BackendAddr {
+    BackendAddr {
+        addr: Ipv4Addr::new(127, 0, 0, 1),
+        port: 9000 + i as u16,
+    }
+}
+
+/// A cheap deterministic generator for the two draws.
+fn draws(n: u32) -> impl Iterator<Item = [u32; 2]> {
+    let mut x: u64 = 0x9e37_79b9_7f4a_7c15;
+    (0..n).map(move |_| {
+        x ^= x << 13;
+        x ^= x >> 7;
+        x ^= x << 17;
+        [x as u32, (x >> 32) as u32]
+    })
+}
+
+#[test]
+fn picks_follow_weights_load_and_changes() {
+    if !require_root() {
+        return;
+    }
+    let inst = TestInstance::new("view");
+    let mut reg = inst.registry();
+    let opts = || ApplyOptions {
+        force: true,
+        ..Default::default()
+    };
+    reg.apply(
+        &Change::AddService {
+            addr: svc(),
+            mode: ServiceModeName::L7,
+            ring_size: None,
+            max_remove_fraction: None,
+            min_backends: None,
+        },
+        opts(),
+    )
+    .unwrap();
+    let set = vec![(be(1), 1), (be(2), 1), (be(3), 2)];
+    reg.apply(
+        &Change::SetBackends {
+            service: svc(),
+            backends: set,
+        },
+        opts(),
+    )
+    .unwrap();
+    let mut view = RegistryView::open(Maps::open(&inst.instance.pin_dir()).unwrap()).unwrap();
+    assert!(view.has_service(&svc()));
+    assert_eq!(view.refresh().unwrap(), None, "nothing changed");
+
+    // Equal load: choices follow the weights 1:1:2.
+    let mut count: BTreeMap<u16, u32> = BTreeMap::new();
+    for r in draws(8000) {
+        let (_, addr) = view.pick(&svc(), r, &[], |_| 0).unwrap();
+        *count.entry(addr.port()).or_default() += 1;
+    }
+    let share = |p: u16| count[&p] as f64 / 8000.0;
+    assert!((share(9003) - 0.5).abs() < 0.03, "{count:?}");
+    assert!((share(9001) - 0.25).abs() < 0.03, "{count:?}");
+
+    // Live connections weigh: a loaded backend is chosen far less.
+    let id_of = |port: u16, v: &RegistryView| {
+        (0..3)
+            .find(|id| v.backend(*id).unwrap().addr.port() == port)
+            .unwrap()
+    };
+    let loaded = id_of(9003, &view);
+    let mut to_loaded = 0;
+    for r in draws(4000) {
+        let (id, _) = view
+            .pick(&svc(), r, &[], |id| if id == loaded { 1000 } else { 1 })
+            .unwrap();
+        to_loaded += u32::from(id == loaded);
+    }
+    assert!(
+        to_loaded < 4000 / 4,
+        "{to_loaded} of 4000 went to the loaded backend"
+    );
+
+    // Exclusions (a failed connect) are skipped.
+    let first = id_of(9001, &view);
+    for r in draws(500) {
+        let (id, _) = view.pick(&svc(), r, &[first], |_| 0).unwrap();
+        assert_ne!(id, first);
+    }
+
+    // A drain is seen through the generation and never picked again.
+    reg.apply(
+        &Change::DrainBackend {
+            service: svc(),
+            backend: be(3),
+        },
+        opts(),
+    )
+    .unwrap();
+    let changes = view.refresh().unwrap().expect("generation moved");
+    assert_eq!(changes.stopped.into_iter().collect::<Vec<_>>(), [loaded]);
+    for r in draws(2000) {
+        let (id, _) = view.pick(&svc(), r, &[], |_| 0).unwrap();
+        assert_ne!(id, loaded);
+    }
+    // All gone: no backend (503).
+    let remaining: Vec<u32> = (0..3).filter(|id| *id != loaded).collect();
+    assert!(view.pick(&svc(), [1, 2], &remaining, |_| 0).is_none());
+    reg.apply(
+        &Change::SetBackends {
+            service: svc(),
+            backends: vec![],
+        },
+        opts(),
+    )
+    .unwrap();
+    view.refresh().unwrap().unwrap();
+    assert!(view.pick(&svc(), [1, 2], &[], |_| 0).is_none());
+    // L4 services are not the workers' business.
+    let l4 = ServiceAddr {
+        vip: Ipv4Addr::new(198, 19, 0, 41),
+        port: 80,
+    };
+    reg.apply(
+        &Change::AddService {
+            addr: l4,
+            mode: ServiceModeName::L4,
+            ring_size: None,
+            max_remove_fraction: None,
+            min_backends: None,
+        },
+        opts(),
+    )
+    .unwrap();
+    view.refresh().unwrap();
+    assert!(!view.has_service(&l4));
+}
