@@ -435,6 +435,7 @@ fn control_frame(opcode: Opcode, payload: &[u8], mask: Option<[u8; 4]>) -> Vec<u
 
 /// Reads the close code from the first bytes of a Close frame's payload,
 /// unmasking with `mask`; for metrics of close codes sent and received.
+/// `payload_start` must hold only that payload's bytes, not the next frame's.
 ///
 /// `None` when fewer than 2 bytes are given: either the payload is empty (no
 /// code; the peer reports 1005, 7.1.5) or the caller has not received the

@@ -5,5 +5,7 @@
 pub mod bufring;
 pub mod config;
 pub mod drain;
+pub mod frame;
 pub mod handshake;
+pub mod relay;
 pub mod view;
