@@ -58,6 +58,12 @@ pub enum Command {
     /// Backend-side decapsulation (tc ingress), for hosts behind weir.
     #[command(subcommand)]
     Decap(DecapCmd),
+    /// Run the L7 WebSocket proxy (io_uring workers) until SIGTERM.
+    Run {
+        /// Configuration file (TOML); the embedded default without one.
+        #[arg(long)]
+        config: Option<std::path::PathBuf>,
+    },
     /// Read every map back and check the rings match the backends.
     Check,
     /// The `weir run` configuration.
@@ -328,6 +334,7 @@ pub fn run(cli: Cli) -> Result<()> {
                 format!("detached decap from {dev}")
             });
         }
+        Command::Run { config } => return run_daemon(config.as_deref(), create),
         Command::Config(ConfigCmd::Default) => print!("{}", crate::l7::config::DEFAULT),
         Command::Config(ConfigCmd::Check { file }) => {
             let config = crate::l7::config::load(&file)?;
@@ -361,6 +368,46 @@ pub fn run(cli: Cli) -> Result<()> {
             });
         }
     }
+    Ok(())
+}
+
+/// `weir run`: loads the configuration, makes sure the instance exists,
+/// runs the workers until SIGTERM or SIGINT, and drains before exiting.
+fn run_daemon(path: Option<&std::path::Path>, create: CreateOptions) -> Result<()> {
+    use std::sync::Arc;
+    use std::sync::atomic::AtomicBool;
+
+    let config = match path {
+        Some(p) => crate::l7::config::load(p)?,
+        None => crate::l7::config::parse(crate::l7::config::DEFAULT, "default configuration")?,
+    };
+    let instance = Instance::new(&config.instance)?;
+    Registry::open_or_create(&instance, create)?;
+    let stop = Arc::new(AtomicBool::new(false));
+    for signal in [signal_hook::consts::SIGTERM, signal_hook::consts::SIGINT] {
+        signal_hook::flag::register(signal, stop.clone()).context("installing signal handlers")?;
+    }
+    let listeners: Vec<String> = config
+        .listeners
+        .iter()
+        .map(|l| l.listen.to_string())
+        .collect();
+    eprintln!(
+        "weir: running instance {} on {}",
+        instance.name(),
+        listeners.join(", ")
+    );
+    let settings = crate::l7::worker::Settings {
+        config,
+        instance_dir: instance.pin_dir(),
+    };
+    let stats = crate::l7::worker::serve(settings, stop).context("L7 workers")?;
+    let accepted: u64 = stats.iter().map(|s| s.accepted).sum();
+    let upgraded: u64 = stats.iter().map(|s| s.upgraded).sum();
+    let drained: u64 = stats.iter().map(|s| s.drained).sum();
+    eprintln!(
+        "weir: stopped after {accepted} connections ({upgraded} upgraded, {drained} closed by drain)"
+    );
     Ok(())
 }
 

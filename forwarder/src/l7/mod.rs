@@ -9,3 +9,4 @@ pub mod frame;
 pub mod handshake;
 pub mod relay;
 pub mod view;
+pub mod worker;

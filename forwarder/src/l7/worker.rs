@@ -1,0 +1,1361 @@
+//! One L7 worker: a thread with its own io_uring, its own SO_REUSEPORT
+//! listeners and its own connections. It only moves bytes; every decision
+//! comes from the sans-IO modules (`handshake`, `relay`, `drain`, `view`).
+//!
+//! Per connection: multishot receive from the client into the worker's
+//! provided-buffer ring (an idle connection holds no buffer) → handshake
+//! validated → route → backend picked → connect (another backend on
+//! failure, before anything went upstream) → request forwarded → the
+//! backend's 101 checked → relay, sending straight from the receive
+//! buffers. A connection is freed only after every operation it started
+//! has completed, so the kernel never touches freed memory.
+
+use std::collections::{HashMap, VecDeque};
+use std::io;
+use std::net::{IpAddr, SocketAddr};
+use std::os::fd::{AsRawFd, FromRawFd, OwnedFd, RawFd};
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::time::{Duration, Instant};
+
+use io_uring::{IoUring, cqueue, opcode, squeue, types};
+
+use super::bufring::BufRing;
+use super::config::{Config, Listener};
+use super::drain::DrainQueue;
+use super::frame::{self, Direction, Limits as FrameLimits};
+use super::handshake::{self, BackendResponse, Reject, UpgradeRequest};
+use super::relay::Scanner;
+use super::view::RegistryView;
+use crate::registry::{Maps, ServiceAddr};
+
+const OP_ACCEPT: u8 = 1;
+const OP_CLIENT_RECV: u8 = 2;
+const OP_BACKEND_RECV: u8 = 3;
+const OP_CLIENT_SEND: u8 = 4;
+const OP_BACKEND_SEND: u8 = 5;
+const OP_CONNECT: u8 = 6;
+const OP_TICK: u8 = 7;
+const OP_CANCEL: u8 = 8;
+
+/// Buffers queued towards one peer before weir stops reading from the
+/// other: the per-connection bound on data in flight.
+const HIGH_WATER: usize = 16;
+/// Bytes a client may send before its handshake completes.
+const MAX_EARLY: usize = 64 * 1024;
+/// Connect attempts per connection (each on another backend).
+const MAX_ATTEMPTS: usize = 3;
+
+fn ud(op: u8, idx: u32, generation: u32) -> u64 {
+    (u64::from(generation & 0xff_ffff) << 40) | (u64::from(idx) << 8) | u64::from(op)
+}
+
+fn split(user_data: u64) -> (u8, u32, u32) {
+    (
+        user_data as u8,
+        (user_data >> 8) as u32,
+        (user_data >> 40) as u32,
+    )
+}
+
+/// What a worker needs from the configuration.
+#[derive(Clone)]
+pub struct Settings {
+    pub config: Config,
+    pub instance_dir: std::path::PathBuf,
+}
+
+/// Opens a listening socket with SO_REUSEPORT, so each worker has its own
+/// and the kernel spreads connections across them.
+pub fn reuseport_listener(addr: SocketAddr) -> io::Result<OwnedFd> {
+    let family = if addr.is_ipv4() {
+        libc::AF_INET
+    } else {
+        libc::AF_INET6
+    };
+    // SAFETY: plain socket calls on a descriptor we own; results checked.
+    unsafe {
+        let fd = libc::socket(family, libc::SOCK_STREAM | libc::SOCK_CLOEXEC, 0);
+        if fd < 0 {
+            return Err(io::Error::last_os_error());
+        }
+        let owned = OwnedFd::from_raw_fd(fd);
+        let one: libc::c_int = 1;
+        for opt in [libc::SO_REUSEADDR, libc::SO_REUSEPORT] {
+            if libc::setsockopt(
+                fd,
+                libc::SOL_SOCKET,
+                opt,
+                (&one as *const libc::c_int).cast(),
+                4,
+            ) != 0
+            {
+                return Err(io::Error::last_os_error());
+            }
+        }
+        let (sa, len) = sockaddr(addr);
+        if libc::bind(fd, (&sa as *const libc::sockaddr_storage).cast(), len) != 0 {
+            return Err(io::Error::last_os_error());
+        }
+        if libc::listen(fd, 4096) != 0 {
+            return Err(io::Error::last_os_error());
+        }
+        Ok(owned)
+    }
+}
+
+fn sockaddr(addr: SocketAddr) -> (libc::sockaddr_storage, libc::socklen_t) {
+    // SAFETY: sockaddr_storage is plain data; we fill the variant we use.
+    let mut ss: libc::sockaddr_storage = unsafe { std::mem::zeroed() };
+    let len = match addr {
+        SocketAddr::V4(a) => {
+            let sin = libc::sockaddr_in {
+                sin_family: libc::AF_INET as libc::sa_family_t,
+                sin_port: a.port().to_be(),
+                sin_addr: libc::in_addr {
+                    s_addr: u32::from_ne_bytes(a.ip().octets()),
+                },
+                sin_zero: [0; 8],
+            };
+            // SAFETY: sockaddr_in fits in sockaddr_storage.
+            unsafe { std::ptr::write((&mut ss as *mut libc::sockaddr_storage).cast(), sin) };
+            size_of::<libc::sockaddr_in>()
+        }
+        SocketAddr::V6(a) => {
+            let sin6 = libc::sockaddr_in6 {
+                sin6_family: libc::AF_INET6 as libc::sa_family_t,
+                sin6_port: a.port().to_be(),
+                sin6_flowinfo: 0,
+                sin6_addr: libc::in6_addr {
+                    s6_addr: a.ip().octets(),
+                },
+                sin6_scope_id: a.scope_id(),
+            };
+            // SAFETY: sockaddr_in6 fits in sockaddr_storage.
+            unsafe { std::ptr::write((&mut ss as *mut libc::sockaddr_storage).cast(), sin6) };
+            size_of::<libc::sockaddr_in6>()
+        }
+    };
+    (ss, len as libc::socklen_t)
+}
+
+fn peer_addr(fd: RawFd) -> Option<SocketAddr> {
+    // SAFETY: getpeername fills the storage we pass, up to its size.
+    let mut ss: libc::sockaddr_storage = unsafe { std::mem::zeroed() };
+    let mut len = size_of::<libc::sockaddr_storage>() as libc::socklen_t;
+    let rc = unsafe {
+        libc::getpeername(
+            fd,
+            (&mut ss as *mut libc::sockaddr_storage).cast(),
+            &mut len,
+        )
+    };
+    if rc != 0 {
+        return None;
+    }
+    match ss.ss_family as i32 {
+        libc::AF_INET => {
+            // SAFETY: the kernel wrote a sockaddr_in.
+            let sin: libc::sockaddr_in =
+                unsafe { std::ptr::read((&ss as *const libc::sockaddr_storage).cast()) };
+            Some(SocketAddr::new(
+                IpAddr::from(sin.sin_addr.s_addr.to_ne_bytes()),
+                u16::from_be(sin.sin_port),
+            ))
+        }
+        libc::AF_INET6 => {
+            // SAFETY: the kernel wrote a sockaddr_in6.
+            let sin6: libc::sockaddr_in6 =
+                unsafe { std::ptr::read((&ss as *const libc::sockaddr_storage).cast()) };
+            Some(SocketAddr::new(
+                IpAddr::from(sin6.sin6_addr.s6_addr),
+                u16::from_be(sin6.sin6_port),
+            ))
+        }
+        _ => None,
+    }
+}
+
+/// A piece of data queued towards one peer.
+enum Seg {
+    /// Bytes `start..end` of provided buffer `bid`, recycled once sent.
+    Buf { bid: u16, start: u32, end: u32 },
+    /// Bytes weir wrote itself (handshake answers, Close frames), from
+    /// `offset` on.
+    Owned { data: Vec<u8>, offset: usize },
+}
+
+#[derive(Default)]
+struct SendQueue {
+    segs: VecDeque<Seg>,
+    in_flight: bool,
+    /// No more data will be queued: shut the write side once flushed.
+    finish: bool,
+    shut: bool,
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Phase {
+    ClientHead,
+    Connecting,
+    BackendHead,
+    Relay,
+    /// Passing a non-101 backend answer through, then closing.
+    PassThrough,
+    /// Sending a refusal or closing frames, then shutting down.
+    Closing,
+}
+
+struct Conn {
+    generation: u32,
+    listener: usize,
+    client: OwnedFd,
+    peer: SocketAddr,
+    backend: Option<OwnedFd>,
+    backend_id: Option<u32>,
+    backend_addr: Option<Box<(libc::sockaddr_storage, libc::socklen_t)>>,
+    phase: Phase,
+    head: Vec<u8>,
+    early: Vec<u8>,
+    request: Option<UpgradeRequest>,
+    service: Option<ServiceAddr>,
+    tried: Vec<u32>,
+    timed_out: bool,
+    to_client: SendQueue,
+    to_backend: SendQueue,
+    c2b: Option<Scanner>,
+    b2c: Option<Scanner>,
+    client_recv: bool,
+    backend_recv: bool,
+    client_eof: bool,
+    backend_eof: bool,
+    /// Operations submitted and not completed yet.
+    inflight: u32,
+    deadline: Option<Instant>,
+    last_activity: Instant,
+    /// weir sent its own Close on each side (drain, violation, idle).
+    closed_client: bool,
+    closed_backend: bool,
+    drain_pending: bool,
+    /// Ended by weir: nothing more is sent, everything is let go.
+    aborted: bool,
+    /// Counted in `live` for its backend.
+    counted: bool,
+}
+
+/// Counters a worker keeps; the metrics thread sums them.
+#[derive(Default, Debug, Clone)]
+pub struct Stats {
+    pub accepted: u64,
+    pub upgraded: u64,
+    pub rejected: HashMap<u16, u64>,
+    pub buffer_exhausted: u64,
+    pub drained: u64,
+    pub violations: HashMap<u16, u64>,
+}
+
+pub struct Worker {
+    // Field order: the ring goes first, then the buffers it writes into.
+    ring: IoUring,
+    bufs: BufRing,
+    listeners: Vec<(OwnedFd, Listener)>,
+    conns: Vec<Option<Conn>>,
+    free: Vec<u32>,
+    next_generation: u32,
+    view: RegistryView,
+    live: HashMap<u32, u32>,
+    drains: DrainQueue<(u32, u32)>,
+    config: Config,
+    tick: Box<types::Timespec>,
+    start: Instant,
+    rng: u64,
+    stop: Arc<AtomicBool>,
+    accepting: bool,
+    pub stats: Stats,
+}
+
+impl Worker {
+    /// Sets up the ring (SINGLE_ISSUER and DEFER_TASKRUN where the kernel
+    /// has them), the buffers, the listeners and the registry view.
+    pub fn new(settings: &Settings, stop: Arc<AtomicBool>) -> io::Result<Self> {
+        let config = settings.config.clone();
+        let entries = 4096;
+        let ring = IoUring::builder()
+            .setup_single_issuer()
+            .setup_defer_taskrun()
+            .build(entries)
+            .or_else(|_| IoUring::builder().setup_coop_taskrun().build(entries))
+            .or_else(|_| IoUring::new(entries))
+            .map_err(|e| io::Error::new(e.kind(), format!("io_uring is not available: {e}")))?;
+        let bufs = BufRing::new(&ring, 0, config.buffers, config.buffer_size)?;
+        let mut listeners = Vec::new();
+        for l in &config.listeners {
+            let fd = reuseport_listener(l.listen)
+                .map_err(|e| io::Error::new(e.kind(), format!("listening on {}: {e}", l.listen)))?;
+            listeners.push((fd, l.clone()));
+        }
+        let maps = Maps::open(&settings.instance_dir).map_err(io::Error::other)?;
+        let view = RegistryView::open(maps).map_err(io::Error::other)?;
+        let seed = Instant::now().elapsed().as_nanos() as u64 ^ (std::process::id() as u64) << 32;
+        Ok(Self {
+            ring,
+            bufs,
+            listeners,
+            conns: Vec::new(),
+            free: Vec::new(),
+            next_generation: 1,
+            view,
+            live: HashMap::new(),
+            drains: DrainQueue::new(),
+            tick: Box::new(types::Timespec::from(Duration::from_millis(50))),
+            start: Instant::now(),
+            rng: seed | 1,
+            config,
+            stop,
+            accepting: true,
+            stats: Stats::default(),
+        })
+    }
+
+    fn random(&mut self) -> u32 {
+        self.rng ^= self.rng << 13;
+        self.rng ^= self.rng >> 7;
+        self.rng ^= self.rng << 17;
+        (self.rng >> 16) as u32
+    }
+
+    fn push(&mut self, entry: squeue::Entry) {
+        loop {
+            // SAFETY: every pointer an entry carries lives in a Conn, the
+            // buffer ring or `self.tick`, all kept until its completion.
+            if unsafe { self.ring.submission().push(&entry) }.is_ok() {
+                return;
+            }
+            let _ = self.ring.submit();
+        }
+    }
+
+    /// Runs until the stop flag is set and every connection is gone.
+    pub fn run(&mut self) -> io::Result<()> {
+        for i in 0..self.listeners.len() {
+            self.arm_accept(i);
+        }
+        let tick = opcode::Timeout::new(&*self.tick as *const types::Timespec)
+            .flags(types::TimeoutFlags::MULTISHOT)
+            .build()
+            .user_data(ud(OP_TICK, 0, 0));
+        self.push(tick);
+        loop {
+            match self.ring.submit_and_wait(1) {
+                Ok(_) => {}
+                Err(e) if e.raw_os_error() == Some(libc::EINTR) => {}
+                Err(e) => return Err(e),
+            }
+            let completions: Vec<(u64, i32, u32)> = self
+                .ring
+                .completion()
+                .map(|c| (c.user_data(), c.result(), c.flags()))
+                .collect();
+            for (user_data, res, flags) in completions {
+                self.complete(user_data, res, flags);
+            }
+            if !self.accepting && self.conns.iter().all(Option::is_none) {
+                return Ok(());
+            }
+        }
+    }
+
+    fn arm_accept(&mut self, listener: usize) {
+        let fd = self.listeners[listener].0.as_raw_fd();
+        let entry = opcode::AcceptMulti::new(types::Fd(fd))
+            .flags(libc::SOCK_CLOEXEC)
+            .build()
+            .user_data(ud(OP_ACCEPT, listener as u32, 0));
+        self.push(entry);
+    }
+
+    fn complete(&mut self, user_data: u64, res: i32, flags: u32) {
+        let (op, idx, generation) = split(user_data);
+        match op {
+            OP_ACCEPT => self.on_accept(idx as usize, res, flags),
+            OP_TICK => self.on_tick(),
+            OP_CANCEL => {}
+            _ => {
+                // A receive that picked a buffer owns it, whatever happened
+                // to its connection since.
+                let bid = cqueue::buffer_select(flags);
+                if bid.is_some() {
+                    self.bufs.taken();
+                }
+                let live = self
+                    .conns
+                    .get(idx as usize)
+                    .and_then(|c| c.as_ref())
+                    .is_some_and(|c| c.generation == generation);
+                if !live {
+                    if let Some(bid) = bid {
+                        self.bufs.recycle(bid);
+                    }
+                    return;
+                }
+                let more = cqueue::more(flags);
+                match op {
+                    OP_CLIENT_RECV | OP_BACKEND_RECV => {
+                        self.on_recv(idx, op == OP_CLIENT_RECV, res, bid, more)
+                    }
+                    OP_CLIENT_SEND | OP_BACKEND_SEND => {
+                        self.on_send(idx, op == OP_CLIENT_SEND, res)
+                    }
+                    OP_CONNECT => self.on_connect(idx, res),
+                    _ => {}
+                }
+                self.maybe_free(idx);
+            }
+        }
+    }
+
+    fn conn(&mut self, idx: u32) -> &mut Conn {
+        self.conns[idx as usize].as_mut().expect("live connection")
+    }
+
+    fn on_accept(&mut self, listener: usize, res: i32, flags: u32) {
+        if !cqueue::more(flags) && self.accepting {
+            self.arm_accept(listener);
+        }
+        if res < 0 {
+            return;
+        }
+        // SAFETY: the kernel handed us this new descriptor.
+        let client = unsafe { OwnedFd::from_raw_fd(res) };
+        self.stats.accepted += 1;
+        if !self.accepting {
+            return;
+        }
+        if let Ok(Some(changes)) = self.view.refresh() {
+            self.schedule_drains(&changes.stopped);
+        }
+        let peer =
+            peer_addr(client.as_raw_fd()).unwrap_or_else(|| SocketAddr::from(([0, 0, 0, 0], 0)));
+        let idx = self.free.pop().unwrap_or_else(|| {
+            self.conns.push(None);
+            (self.conns.len() - 1) as u32
+        });
+        let generation = self.next_generation;
+        self.next_generation = self.next_generation.wrapping_add(1).max(1) & 0xff_ffff;
+        let now = Instant::now();
+        let over = self.conns.iter().filter(|c| c.is_some()).count() >= self.config.max_connections;
+        self.conns[idx as usize] = Some(Conn {
+            generation,
+            listener,
+            client,
+            peer,
+            backend: None,
+            backend_id: None,
+            backend_addr: None,
+            phase: Phase::ClientHead,
+            head: Vec::new(),
+            early: Vec::new(),
+            request: None,
+            service: None,
+            tried: Vec::new(),
+            timed_out: false,
+            to_client: SendQueue::default(),
+            to_backend: SendQueue::default(),
+            c2b: None,
+            b2c: None,
+            client_recv: false,
+            backend_recv: false,
+            client_eof: false,
+            backend_eof: false,
+            inflight: 0,
+            deadline: Some(now + self.config.timeouts.client_head),
+            last_activity: now,
+            closed_client: false,
+            closed_backend: false,
+            drain_pending: false,
+            aborted: false,
+            counted: false,
+        });
+        if over {
+            self.reject(
+                idx,
+                Reject {
+                    status: 503,
+                    reason: "over the connection limit",
+                },
+            );
+            return;
+        }
+        self.arm_recv(idx, true);
+    }
+
+    fn arm_recv(&mut self, idx: u32, client: bool) {
+        let bgid = self.bufs.bgid();
+        let c = self.conn(idx);
+        let (fd, op) = if client {
+            if c.client_recv || c.client_eof {
+                return;
+            }
+            c.client_recv = true;
+            (c.client.as_raw_fd(), OP_CLIENT_RECV)
+        } else {
+            let Some(b) = &c.backend else { return };
+            if c.backend_recv || c.backend_eof {
+                return;
+            }
+            c.backend_recv = true;
+            (b.as_raw_fd(), OP_BACKEND_RECV)
+        };
+        c.inflight += 1;
+        let entry = opcode::RecvMulti::new(types::Fd(fd), bgid)
+            .build()
+            .user_data(ud(op, idx, c.generation));
+        self.push(entry);
+    }
+
+    fn on_recv(&mut self, idx: u32, from_client: bool, res: i32, bid: Option<u16>, more: bool) {
+        if !more {
+            let c = self.conn(idx);
+            c.inflight -= 1;
+            if from_client {
+                c.client_recv = false;
+            } else {
+                c.backend_recv = false;
+            }
+        }
+        if res == -libc::ENOBUFS {
+            // The pool is empty: data waits in the socket; the tick re-arms.
+            self.stats.buffer_exhausted += 1;
+            return;
+        }
+        if res == -libc::ECANCELED {
+            // Paused by backpressure; re-armed once the other side drains.
+            return;
+        }
+        if res <= 0 {
+            let c = self.conn(idx);
+            if from_client {
+                c.client_eof = true;
+            } else {
+                c.backend_eof = true;
+            }
+            self.on_eof(idx, from_client);
+            return;
+        }
+        let bid = bid.expect("a receive with data names its buffer");
+        let len = res as usize;
+        self.conn(idx).last_activity = Instant::now();
+        let phase = self.conn(idx).phase;
+        match (phase, from_client) {
+            (Phase::ClientHead, true) => {
+                let data = self.bufs.buffer(bid, len).to_vec();
+                self.bufs.recycle(bid);
+                self.conn(idx).head.extend_from_slice(&data);
+                self.try_request(idx);
+            }
+            (Phase::Connecting | Phase::BackendHead, true) => {
+                let data = self.bufs.buffer(bid, len).to_vec();
+                self.bufs.recycle(bid);
+                let c = self.conn(idx);
+                c.early.extend_from_slice(&data);
+                if c.early.len() > MAX_EARLY {
+                    self.abort(idx);
+                }
+            }
+            (Phase::BackendHead, false) => {
+                let data = self.bufs.buffer(bid, len).to_vec();
+                self.bufs.recycle(bid);
+                self.conn(idx).head.extend_from_slice(&data);
+                self.try_response(idx);
+            }
+            (Phase::Relay, _) => self.relay(idx, from_client, bid, len),
+            (Phase::PassThrough, false) => {
+                self.conn(idx).to_client.segs.push_back(Seg::Buf {
+                    bid,
+                    start: 0,
+                    end: len as u32,
+                });
+                self.flush(idx, true);
+            }
+            _ => self.bufs.recycle(bid),
+        }
+        self.backpressure(idx);
+    }
+
+    fn try_request(&mut self, idx: u32) {
+        let limits = handshake::Limits {
+            max_head: self.config.limits.max_head_bytes,
+            max_headers: self.config.limits.max_headers,
+        };
+        let parsed = handshake::parse_request(&self.conn(idx).head, &limits);
+        let req = match parsed {
+            Ok(None) => return,
+            Ok(Some(req)) => req,
+            Err(reject) => return self.reject(idx, reject),
+        };
+        let listener = self.conn(idx).listener;
+        let Some(service) = self.listeners[listener].1.route(&req.host, &req.path) else {
+            return self.reject(
+                idx,
+                Reject {
+                    status: 404,
+                    reason: "no route for this host and path",
+                },
+            );
+        };
+        let c = self.conn(idx);
+        c.early = c.head.split_off(req.head_len);
+        c.head = Vec::new();
+        c.service = Some(service);
+        c.request = Some(req);
+        self.connect_next(idx);
+    }
+
+    /// Connects to a backend not tried yet; 503 when none is left to try.
+    fn connect_next(&mut self, idx: u32) {
+        let service = self.conn(idx).service.expect("routed");
+        if !self.view.has_service(&service) {
+            return self.reject(
+                idx,
+                Reject {
+                    status: 503,
+                    reason: "no such L7 service in the registry",
+                },
+            );
+        }
+        let tried = self.conn(idx).tried.clone();
+        if tried.len() >= MAX_ATTEMPTS {
+            let timed_out = self.conn(idx).timed_out;
+            return self.reject(
+                idx,
+                if timed_out {
+                    Reject {
+                        status: 504,
+                        reason: "backend did not answer in time",
+                    }
+                } else {
+                    Reject {
+                        status: 502,
+                        reason: "backend refused the connection",
+                    }
+                },
+            );
+        }
+        let random = [self.random(), self.random()];
+        let live = &self.live;
+        let Some((id, addr)) = self.view.pick(&service, random, &tried, |id| {
+            live.get(&id).copied().unwrap_or(0)
+        }) else {
+            let status = if tried.is_empty() { 503 } else { 502 };
+            return self.reject(
+                idx,
+                Reject {
+                    status,
+                    reason: "no healthy backend",
+                },
+            );
+        };
+        let family = if addr.is_ipv4() {
+            libc::AF_INET
+        } else {
+            libc::AF_INET6
+        };
+        // SAFETY: a plain socket call; checked.
+        let fd = unsafe { libc::socket(family, libc::SOCK_STREAM | libc::SOCK_CLOEXEC, 0) };
+        if fd < 0 {
+            return self.reject(
+                idx,
+                Reject {
+                    status: 503,
+                    reason: "out of sockets",
+                },
+            );
+        }
+        let one: libc::c_int = 1;
+        // SAFETY: setsockopt on our socket.
+        unsafe {
+            libc::setsockopt(
+                fd,
+                libc::IPPROTO_TCP,
+                libc::TCP_NODELAY,
+                (&one as *const libc::c_int).cast(),
+                4,
+            )
+        };
+        let connect_timeout = self.config.timeouts.connect;
+        let c = self.conn(idx);
+        // SAFETY: we own the new descriptor.
+        c.backend = Some(unsafe { OwnedFd::from_raw_fd(fd) });
+        c.backend_id = Some(id);
+        c.tried.push(id);
+        c.backend_addr = Some(Box::new(sockaddr(addr)));
+        c.phase = Phase::Connecting;
+        c.deadline = Some(Instant::now() + connect_timeout);
+        c.inflight += 1;
+        let sa = c.backend_addr.as_ref().expect("set above");
+        let entry = opcode::Connect::new(
+            types::Fd(fd),
+            (&sa.0 as *const libc::sockaddr_storage).cast(),
+            sa.1,
+        )
+        .build()
+        .user_data(ud(OP_CONNECT, idx, c.generation));
+        self.push(entry);
+    }
+
+    fn on_connect(&mut self, idx: u32, res: i32) {
+        let backend_head = self.config.timeouts.backend_head;
+        let c = self.conn(idx);
+        c.inflight -= 1;
+        if c.phase != Phase::Connecting {
+            return;
+        }
+        if res < 0 {
+            // Refused or timed out (the tick shut the socket): try another.
+            c.backend = None;
+            c.backend_id = None;
+            return self.connect_next(idx);
+        }
+        let id = c.backend_id.expect("connecting to a backend");
+        let peer = c.peer.ip();
+        let req = c.request.as_ref().expect("handshake parsed");
+        let forwarded = handshake::forward_request(req, peer, "http");
+        c.to_backend.segs.push_back(Seg::Owned {
+            data: forwarded,
+            offset: 0,
+        });
+        c.phase = Phase::BackendHead;
+        c.deadline = Some(Instant::now() + backend_head);
+        *self.live.entry(id).or_insert(0) += 1;
+        self.conn(idx).counted = true;
+        self.flush(idx, false);
+        self.arm_recv(idx, false);
+    }
+
+    fn try_response(&mut self, idx: u32) {
+        let limits = handshake::Limits {
+            max_head: self.config.limits.max_head_bytes,
+            max_headers: self.config.limits.max_headers,
+        };
+        let key = self.conn(idx).request.as_ref().expect("parsed").key.clone();
+        let parsed = handshake::parse_response(&self.conn(idx).head, &key, &limits);
+        match parsed {
+            Ok(None) => {}
+            Err(reject) => self.reject(idx, reject),
+            Ok(Some(BackendResponse::Other { .. })) => {
+                let c = self.conn(idx);
+                let head = std::mem::take(&mut c.head);
+                c.to_client.segs.push_back(Seg::Owned {
+                    data: head,
+                    offset: 0,
+                });
+                c.phase = Phase::PassThrough;
+                c.deadline = None;
+                self.flush(idx, true);
+            }
+            Ok(Some(BackendResponse::Upgraded {
+                head,
+                head_len,
+                rsv1,
+                ..
+            })) => {
+                self.stats.upgraded += 1;
+                let limits = FrameLimits {
+                    max_frame: self.config.limits.max_frame,
+                    max_message: self.config.limits.max_message,
+                };
+                let c = self.conn(idx);
+                let after = c.head.split_off(head_len);
+                c.head = Vec::new();
+                c.to_client.segs.push_back(Seg::Owned {
+                    data: head,
+                    offset: 0,
+                });
+                c.c2b = Some(Scanner::new(Direction::ClientToServer, rsv1, limits));
+                c.b2c = Some(Scanner::new(Direction::ServerToClient, rsv1, limits));
+                c.phase = Phase::Relay;
+                c.deadline = None;
+                c.request = None;
+                let early = std::mem::take(&mut c.early);
+                if !after.is_empty() {
+                    self.relay_owned(idx, false, after);
+                }
+                if !early.is_empty() {
+                    self.relay_owned(idx, true, early);
+                }
+                self.flush(idx, true);
+                self.arm_recv(idx, true);
+            }
+        }
+    }
+
+    /// Relays bytes weir holds (not in a provided buffer).
+    fn relay_owned(&mut self, idx: u32, from_client: bool, data: Vec<u8>) {
+        let c = self.conn(idx);
+        let scanner = if from_client {
+            c.c2b.as_mut()
+        } else {
+            c.b2c.as_mut()
+        }
+        .expect("relaying");
+        let fed = scanner.feed(&data);
+        let queue = if from_client {
+            &mut c.to_backend
+        } else {
+            &mut c.to_client
+        };
+        if let Some(h) = fed.held {
+            queue.segs.push_back(Seg::Owned { data: h, offset: 0 });
+        }
+        if fed.pass > 0 {
+            queue.segs.push_back(Seg::Owned {
+                data: data[..fed.pass].to_vec(),
+                offset: 0,
+            });
+        }
+        if let Some(v) = fed.violation {
+            self.count_violation(v.code);
+            self.close_both(idx, v.code, v.reason);
+        }
+    }
+
+    fn relay(&mut self, idx: u32, from_client: bool, bid: u16, len: usize) {
+        let data = self.bufs.buffer(bid, len);
+        let c = self.conns[idx as usize].as_mut().expect("live");
+        // After weir's own Close to a peer, nothing more goes to it.
+        let dropped = if from_client {
+            c.closed_backend
+        } else {
+            c.closed_client
+        };
+        let scanner = if from_client {
+            c.c2b.as_mut()
+        } else {
+            c.b2c.as_mut()
+        }
+        .expect("relaying");
+        let fed = scanner.feed(data);
+        let queue = if from_client {
+            &mut c.to_backend
+        } else {
+            &mut c.to_client
+        };
+        if dropped {
+            self.bufs.recycle(bid);
+        } else {
+            if let Some(h) = fed.held {
+                queue.segs.push_back(Seg::Owned { data: h, offset: 0 });
+            }
+            if fed.pass > 0 {
+                queue.segs.push_back(Seg::Buf {
+                    bid,
+                    start: 0,
+                    end: fed.pass as u32,
+                });
+            } else {
+                self.bufs.recycle(bid);
+            }
+        }
+        if let Some(v) = fed.violation {
+            self.count_violation(v.code);
+            self.close_both(idx, v.code, v.reason);
+        } else {
+            self.inject_pending(idx);
+        }
+        self.flush(idx, !from_client);
+    }
+
+    fn count_violation(&mut self, code: u16) {
+        *self.stats.violations.entry(code).or_insert(0) += 1;
+    }
+
+    /// weir closes the WebSocket on both sides with `code` (at frame
+    /// boundaries: the scanners only pass whole frames before a violation).
+    fn close_both(&mut self, idx: u32, code: u16, reason: &str) {
+        let mask = [self.random() as u8, 0x5a, self.random() as u8, 0xa5];
+        let close_timeout = self.config.timeouts.close;
+        let c = self.conn(idx);
+        if !c.closed_client {
+            c.to_client.segs.push_back(Seg::Owned {
+                data: frame::close_frame(code, reason, None),
+                offset: 0,
+            });
+            c.closed_client = true;
+        }
+        if !c.closed_backend && c.backend.is_some() {
+            c.to_backend.segs.push_back(Seg::Owned {
+                data: frame::close_frame(code, reason, Some(mask)),
+                offset: 0,
+            });
+            c.closed_backend = true;
+        }
+        c.to_client.finish = true;
+        c.to_backend.finish = true;
+        c.phase = Phase::Closing;
+        c.deadline = Some(Instant::now() + close_timeout);
+        self.flush(idx, true);
+        self.flush(idx, false);
+    }
+
+    /// A drain Close waits for frame boundaries in both directions.
+    fn inject_pending(&mut self, idx: u32) {
+        let c = self.conn(idx);
+        if !c.drain_pending {
+            return;
+        }
+        let at_boundary = c.c2b.as_ref().is_none_or(Scanner::at_boundary)
+            && c.b2c.as_ref().is_none_or(Scanner::at_boundary);
+        if at_boundary {
+            c.drain_pending = false;
+            self.stats.drained += 1;
+            self.close_both(idx, frame::CLOSE_GOING_AWAY, "going away");
+        }
+    }
+
+    fn reject(&mut self, idx: u32, reject: Reject) {
+        *self.stats.rejected.entry(reject.status).or_insert(0) += 1;
+        let close_timeout = self.config.timeouts.close;
+        let c = self.conn(idx);
+        c.to_client.segs.push_back(Seg::Owned {
+            data: reject.response(),
+            offset: 0,
+        });
+        c.to_client.finish = true;
+        c.phase = Phase::Closing;
+        c.deadline = Some(Instant::now() + close_timeout);
+        if let Some(b) = &c.backend {
+            // SAFETY: shutdown on our own socket.
+            unsafe { libc::shutdown(b.as_raw_fd(), libc::SHUT_RDWR) };
+            c.backend_eof = true;
+        }
+        self.flush(idx, true);
+    }
+
+    /// Ends a connection now: both sockets shut, so every pending
+    /// operation completes and the slot can be freed.
+    fn abort(&mut self, idx: u32) {
+        let c = self.conns[idx as usize].as_mut().expect("live");
+        c.phase = Phase::Closing;
+        c.aborted = true;
+        let mut bids = Vec::new();
+        for queue in [&mut c.to_client, &mut c.to_backend] {
+            // A segment being sent stays until its send completes.
+            let keep = usize::from(queue.in_flight);
+            for seg in queue.segs.drain(keep..) {
+                if let Seg::Buf { bid, .. } = seg {
+                    bids.push(bid);
+                }
+            }
+        }
+        // SAFETY: shutdown on our own sockets ends their operations.
+        unsafe {
+            libc::shutdown(c.client.as_raw_fd(), libc::SHUT_RDWR);
+            if let Some(b) = &c.backend {
+                libc::shutdown(b.as_raw_fd(), libc::SHUT_RDWR);
+            }
+        }
+        for bid in bids {
+            self.bufs.recycle(bid);
+        }
+    }
+
+    fn on_eof(&mut self, idx: u32, from_client: bool) {
+        let close_timeout = self.config.timeouts.close;
+        let c = self.conn(idx);
+        match c.phase {
+            Phase::Relay | Phase::PassThrough | Phase::Closing => {
+                // Half-close: what was read goes out, then the write side of
+                // the other peer shuts.
+                let queue = if from_client {
+                    &mut c.to_backend
+                } else {
+                    &mut c.to_client
+                };
+                queue.finish = true;
+                if c.phase != Phase::Closing && c.client_eof && c.backend_eof {
+                    c.phase = Phase::Closing;
+                    c.deadline = Some(Instant::now() + close_timeout);
+                }
+                self.flush(idx, !from_client);
+            }
+            Phase::ClientHead | Phase::Connecting | Phase::BackendHead => {
+                if from_client {
+                    self.abort(idx);
+                } else {
+                    self.reject(
+                        idx,
+                        Reject {
+                            status: 502,
+                            reason: "backend closed during the handshake",
+                        },
+                    );
+                }
+            }
+        }
+    }
+
+    /// Starts the next send towards one peer if none is in flight.
+    fn flush(&mut self, idx: u32, to_client: bool) {
+        let buf_base = |bufs: &BufRing, bid: u16, start: u32| {
+            bufs.buffer(bid, start as usize).as_ptr() as usize + start as usize
+        };
+        let c = self.conns[idx as usize].as_mut().expect("live");
+        let generation = c.generation;
+        let (queue, fd, op) = if to_client {
+            (&mut c.to_client, Some(c.client.as_raw_fd()), OP_CLIENT_SEND)
+        } else {
+            (
+                &mut c.to_backend,
+                c.backend.as_ref().map(AsRawFd::as_raw_fd),
+                OP_BACKEND_SEND,
+            )
+        };
+        let Some(fd) = fd else { return };
+        if queue.in_flight || c.aborted {
+            return;
+        }
+        let (ptr, len) = match queue.segs.front() {
+            Some(Seg::Buf { bid, start, end }) => (buf_base(&self.bufs, *bid, *start), end - start),
+            Some(Seg::Owned { data, offset }) => (
+                data[*offset..].as_ptr() as usize,
+                (data.len() - offset) as u32,
+            ),
+            None => {
+                if queue.finish && !queue.shut {
+                    queue.shut = true;
+                    // SAFETY: shutdown on our own socket.
+                    unsafe { libc::shutdown(fd, libc::SHUT_WR) };
+                }
+                return;
+            }
+        };
+        queue.in_flight = true;
+        c.inflight += 1;
+        let entry = opcode::Send::new(types::Fd(fd), ptr as *const u8, len)
+            .flags(libc::MSG_NOSIGNAL)
+            .build()
+            .user_data(ud(op, idx, generation));
+        self.push(entry);
+    }
+
+    fn on_send(&mut self, idx: u32, to_client: bool, res: i32) {
+        let c = self.conns[idx as usize].as_mut().expect("live");
+        c.inflight -= 1;
+        let queue = if to_client {
+            &mut c.to_client
+        } else {
+            &mut c.to_backend
+        };
+        queue.in_flight = false;
+        if res < 0 || c.aborted {
+            // The peer is gone: drop what was queued for it.
+            let mut bids = Vec::new();
+            for seg in queue.segs.drain(..) {
+                if let Seg::Buf { bid, .. } = seg {
+                    bids.push(bid);
+                }
+            }
+            for bid in bids {
+                self.bufs.recycle(bid);
+            }
+            if !self.conn(idx).aborted {
+                self.abort(idx);
+            }
+            return;
+        }
+        let sent = res as u32;
+        let mut done = None;
+        match queue.segs.front_mut() {
+            Some(Seg::Buf { bid, start, end }) => {
+                *start += sent;
+                if *start >= *end {
+                    done = Some(*bid);
+                }
+            }
+            Some(Seg::Owned { data, offset }) => {
+                *offset += sent as usize;
+                if *offset >= data.len() {
+                    queue.segs.pop_front();
+                }
+            }
+            None => {}
+        }
+        if let Some(bid) = done {
+            queue.segs.pop_front();
+            self.bufs.recycle(bid);
+        }
+        self.flush(idx, to_client);
+        self.backpressure(idx);
+    }
+
+    /// Stops reading from a peer whose data the other cannot take, and
+    /// starts again once it drained.
+    fn backpressure(&mut self, idx: u32) {
+        let Some(c) = self.conns[idx as usize].as_mut() else {
+            return;
+        };
+        if c.phase != Phase::Relay {
+            return;
+        }
+        let generation = c.generation;
+        let mut cancels = Vec::new();
+        let mut arms = Vec::new();
+        for (from_client, queue_len, armed) in [
+            (true, c.to_backend.segs.len(), c.client_recv),
+            (false, c.to_client.segs.len(), c.backend_recv),
+        ] {
+            let op = if from_client {
+                OP_CLIENT_RECV
+            } else {
+                OP_BACKEND_RECV
+            };
+            if queue_len >= HIGH_WATER && armed {
+                cancels.push(ud(op, idx, generation));
+            } else if queue_len < HIGH_WATER / 2 && !armed {
+                arms.push(from_client);
+            }
+        }
+        for target in cancels {
+            let entry = opcode::AsyncCancel::new(target)
+                .build()
+                .user_data(ud(OP_CANCEL, idx, generation));
+            self.push(entry);
+        }
+        for from_client in arms {
+            self.arm_recv(idx, from_client);
+        }
+    }
+
+    /// Frees the slot once both peers are done with it and no operation
+    /// of it is in flight (so the kernel touches none of its memory).
+    fn maybe_free(&mut self, idx: u32) {
+        let Some(c) = self.conns[idx as usize].as_ref() else {
+            return;
+        };
+        let ended = c.phase == Phase::Closing
+            && (c.aborted
+                || (c.to_client.segs.is_empty()
+                    && c.to_backend.segs.is_empty()
+                    && c.client_eof
+                    && (c.backend.is_none() || c.backend_eof)));
+        if !ended || c.inflight > 0 {
+            return;
+        }
+        let c = self.conns[idx as usize].take().expect("checked");
+        if let Some(id) = c.backend_id
+            && c.counted
+            && let Some(n) = self.live.get_mut(&id)
+        {
+            *n = n.saturating_sub(1);
+        }
+        self.free.push(idx);
+    }
+
+    fn schedule_drains(&mut self, stopped: &std::collections::BTreeSet<u32>) {
+        let now_ms = self.start.elapsed().as_millis() as u64;
+        let window = self.config.drain_window.as_millis() as u64;
+        let conns: Vec<(u32, u32)> = self
+            .conns
+            .iter()
+            .enumerate()
+            .filter_map(|(i, c)| c.as_ref().map(|c| (i as u32, c)))
+            .filter(|(_, c)| {
+                c.phase == Phase::Relay && c.backend_id.is_some_and(|id| stopped.contains(&id))
+            })
+            .map(|(i, c)| (i, c.generation))
+            .collect();
+        self.drains.schedule(now_ms, window, conns);
+    }
+
+    fn on_tick(&mut self) {
+        if self.stop.load(Ordering::Relaxed) && self.accepting {
+            self.shutdown();
+        }
+        if let Ok(Some(changes)) = self.view.refresh() {
+            self.schedule_drains(&changes.stopped);
+        }
+        let now_ms = self.start.elapsed().as_millis() as u64;
+        for (idx, generation) in self.drains.due(now_ms) {
+            if self
+                .conns
+                .get(idx as usize)
+                .and_then(|c| c.as_ref())
+                .is_some_and(|c| c.generation == generation && c.phase == Phase::Relay)
+            {
+                self.conn(idx).drain_pending = true;
+                self.inject_pending(idx);
+            }
+        }
+        let now = Instant::now();
+        let idle = self.config.timeouts.idle;
+        let ids: Vec<u32> = (0..self.conns.len() as u32)
+            .filter(|i| self.conns[*i as usize].is_some())
+            .collect();
+        for idx in ids {
+            let c = self.conn(idx);
+            let expired = c.deadline.is_some_and(|d| now >= d);
+            let phase = c.phase;
+            let idle_out = phase == Phase::Relay && now.duration_since(c.last_activity) >= idle;
+            let reads_client = matches!(
+                phase,
+                Phase::ClientHead
+                    | Phase::Connecting
+                    | Phase::BackendHead
+                    | Phase::Relay
+                    | Phase::Closing
+            );
+            if reads_client
+                && !c.aborted
+                && !c.client_recv
+                && !c.client_eof
+                && c.to_backend.segs.len() < HIGH_WATER / 2
+            {
+                self.arm_recv(idx, true);
+            }
+            let c = self.conn(idx);
+            let reads_backend = matches!(
+                phase,
+                Phase::BackendHead | Phase::Relay | Phase::PassThrough | Phase::Closing
+            );
+            if reads_backend
+                && !c.aborted
+                && !c.backend_recv
+                && !c.backend_eof
+                && c.to_client.segs.len() < HIGH_WATER / 2
+            {
+                self.arm_recv(idx, false);
+            }
+            if idle_out {
+                self.close_both(idx, frame::CLOSE_GOING_AWAY, "idle timeout");
+                continue;
+            }
+            if !expired {
+                continue;
+            }
+            match phase {
+                Phase::ClientHead => {
+                    self.reject(
+                        idx,
+                        Reject {
+                            status: 408,
+                            reason: "the request head took too long",
+                        },
+                    );
+                }
+                Phase::Connecting => {
+                    let c = self.conn(idx);
+                    c.timed_out = true;
+                    if let Some(b) = &c.backend {
+                        // SAFETY: shutdown on our own socket fails the connect.
+                        unsafe { libc::shutdown(b.as_raw_fd(), libc::SHUT_RDWR) };
+                    }
+                    c.deadline = None;
+                }
+                Phase::BackendHead => self.reject(
+                    idx,
+                    Reject {
+                        status: 504,
+                        reason: "backend did not answer the handshake in time",
+                    },
+                ),
+                Phase::Closing => self.abort(idx),
+                Phase::Relay | Phase::PassThrough => {}
+            }
+            self.maybe_free(idx);
+        }
+    }
+
+    /// Stops accepting and drains every connection over the shutdown
+    /// window.
+    fn shutdown(&mut self) {
+        self.accepting = false;
+        for (fd, _) in &self.listeners {
+            // SAFETY: shutdown on our own listening socket ends the accept.
+            unsafe { libc::shutdown(fd.as_raw_fd(), libc::SHUT_RDWR) };
+        }
+        let now_ms = self.start.elapsed().as_millis() as u64;
+        let window = (self.config.timeouts.shutdown.as_millis() as u64) * 3 / 4;
+        let conns: Vec<(u32, u32)> = self
+            .conns
+            .iter()
+            .enumerate()
+            .filter_map(|(i, c)| c.as_ref().map(|c| (i as u32, c.generation, c.phase)))
+            .filter(|(_, _, p)| *p == Phase::Relay)
+            .map(|(i, g, _)| (i, g))
+            .collect();
+        self.drains.schedule(now_ms, window, conns);
+        let others: Vec<u32> = self
+            .conns
+            .iter()
+            .enumerate()
+            .filter_map(|(i, c)| {
+                c.as_ref()
+                    .filter(|c| c.phase != Phase::Relay && c.phase != Phase::Closing)
+                    .map(|_| i as u32)
+            })
+            .collect();
+        for idx in others {
+            self.reject(
+                idx,
+                Reject {
+                    status: 503,
+                    reason: "shutting down",
+                },
+            );
+        }
+    }
+}
+
+/// Runs `workers` workers (one per core when 0) until `stop` is set and
+/// every connection has drained; the first worker error ends the run.
+pub fn serve(settings: Settings, stop: Arc<AtomicBool>) -> io::Result<Vec<Stats>> {
+    let n = match settings.config.workers {
+        0 => std::thread::available_parallelism().map_or(1, |n| n.get()),
+        n => n,
+    };
+    // Build every worker first: a bad listener or missing io_uring fails
+    // the start, not a thread later.
+    let (tx, rx) = std::sync::mpsc::channel();
+    let mut handles = Vec::new();
+    for i in 0..n {
+        let settings = settings.clone();
+        let stop = stop.clone();
+        let tx = tx.clone();
+        handles.push(
+            std::thread::Builder::new()
+                .name(format!("weir-worker-{i}"))
+                .spawn(move || -> io::Result<Stats> {
+                    let mut worker = match Worker::new(&settings, stop) {
+                        Ok(w) => {
+                            let _ = tx.send(Ok(()));
+                            w
+                        }
+                        Err(e) => {
+                            let _ = tx.send(Err(io::Error::new(e.kind(), e.to_string())));
+                            return Err(e);
+                        }
+                    };
+                    worker.run()?;
+                    Ok(worker.stats)
+                })?,
+        );
+    }
+    drop(tx);
+    for _ in 0..n {
+        if let Ok(Err(e)) = rx.recv() {
+            stop.store(true, Ordering::Relaxed);
+            for h in handles {
+                let _ = h.join();
+            }
+            return Err(e);
+        }
+    }
+    let mut stats = Vec::new();
+    for h in handles {
+        stats.push(
+            h.join()
+                .map_err(|_| io::Error::other("a worker panicked"))??,
+        );
+    }
+    Ok(stats)
+}
