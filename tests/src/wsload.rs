@@ -119,6 +119,9 @@ pub struct ConnResult {
     pub connected: bool,
     /// Milliseconds for TCP connect + handshake.
     pub connect_ms: Option<u64>,
+    /// Wall-clock time (Unix ms) the peer's Close arrived, if it sent one:
+    /// lets a test see how closes were spread over a drain window.
+    pub peer_close_unix_ms: Option<u64>,
     pub sent: u64,
     pub echoed: u64,
     pub mismatches: u64,
@@ -594,8 +597,12 @@ impl Conn {
                     }),
                     Some(Ok(Message::Close(frame))) => {
                         let code = frame.as_ref().map_or(1005, |f| u16::from(f.code));
+                        let now = std::time::SystemTime::now()
+                            .duration_since(std::time::UNIX_EPOCH)
+                            .map_or(0, |d| d.as_millis() as u64);
                         self.with(|r| {
                             r.close = format!("{}{code}", close::PEER_CLOSE_PREFIX);
+                            r.peer_close_unix_ms = Some(now);
                             if outstanding.is_some() && r.error.is_none() {
                                 r.error = Some("peer closed with a message unanswered".into());
                             }

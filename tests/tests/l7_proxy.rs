@@ -1,0 +1,574 @@
+//! `weir run` with real sockets: WebSocket echo backends (weir-echo), raw
+//! and load clients, the registry changed live with the CLI.
+
+mod common;
+
+use std::io::{BufRead, BufReader, Read, Write};
+use std::net::{Ipv4Addr, SocketAddr, TcpStream};
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+
+use common::{TestInstance, require_root};
+use weir::l7::frame::{self, FrameHeader, Opcode};
+use weir::registry::{ApplyOptions, BackendAddr, Change, ServiceAddr, ServiceModeName};
+use weir_testbed::workspace_bin;
+use weir_testbed::wsload::LoadReport;
+
+const SVC: ServiceAddr = ServiceAddr {
+    vip: Ipv4Addr::new(198, 19, 0, 60),
+    port: 80,
+};
+const EMPTY: ServiceAddr = ServiceAddr {
+    vip: Ipv4Addr::new(198, 19, 0, 61),
+    port: 80,
+};
+const DEAD: ServiceAddr = ServiceAddr {
+    vip: Ipv4Addr::new(198, 19, 0, 62),
+    port: 80,
+};
+
+fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port()
+}
+
+/// weir run with `backends` echo servers behind SVC; everything is stopped
+/// and removed on drop.
+struct Bed {
+    inst: TestInstance,
+    echoes: Vec<(Child, SocketAddr)>,
+    weir: Option<Child>,
+    port: u16,
+    dir: std::path::PathBuf,
+}
+
+impl Bed {
+    fn new(tag: &str, backends: usize, extra: &str) -> Self {
+        let inst = TestInstance::new(tag);
+        let dir = std::env::temp_dir().join(format!("weir-l7-{}", inst.name()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let mut echoes = Vec::new();
+        for i in 0..backends {
+            let mut child = Command::new(workspace_bin("weir-echo"))
+                .args(["--listen", "127.0.0.1:0", "--name", &format!("e{i}")])
+                .stdout(Stdio::piped())
+                .stderr(Stdio::null())
+                .spawn()
+                .unwrap();
+            let mut line = String::new();
+            BufReader::new(child.stdout.as_mut().unwrap())
+                .read_line(&mut line)
+                .unwrap();
+            let addr: SocketAddr = line
+                .split_whitespace()
+                .nth(1)
+                .expect("ready ADDR")
+                .parse()
+                .unwrap();
+            echoes.push((child, addr));
+        }
+        let mut reg = inst.registry();
+        let force = || ApplyOptions {
+            force: true,
+            ..Default::default()
+        };
+        for svc in [SVC, EMPTY, DEAD] {
+            let change = Change::AddService {
+                addr: svc,
+                mode: ServiceModeName::L7,
+                ring_size: None,
+                max_remove_fraction: None,
+                min_backends: None,
+            };
+            reg.apply(&change, force()).unwrap();
+        }
+        let set = echoes.iter().map(|(_, a)| (backend(*a), 1)).collect();
+        reg.apply(
+            &Change::SetBackends {
+                service: SVC,
+                backends: set,
+            },
+            force(),
+        )
+        .unwrap();
+        // Nothing listens on port 1: connecting is refused.
+        let dead = BackendAddr {
+            addr: Ipv4Addr::LOCALHOST,
+            port: 1,
+        };
+        reg.apply(
+            &Change::SetBackends {
+                service: DEAD,
+                backends: vec![(dead, 1)],
+            },
+            force(),
+        )
+        .unwrap();
+
+        let port = free_port();
+        let config = format!(
+            r#"instance = "{}"
+[runtime]
+workers = 2
+buffers = 1024
+[timeouts]
+client_head = "1s"
+close = "1s"
+shutdown = "2s"
+[limits]
+max_frame = 1048576
+max_message = 2097152
+{extra}
+[[listener]]
+listen = "127.0.0.1:{port}"
+[[listener.route]]
+path_prefix = "/ws"
+service = "{SVC}"
+[[listener.route]]
+path_prefix = "/empty"
+service = "{EMPTY}"
+[[listener.route]]
+path_prefix = "/dead"
+service = "{DEAD}"
+"#,
+            inst.name()
+        );
+        let path = dir.join("weir.toml");
+        std::fs::write(&path, config).unwrap();
+        let weir = Command::new(workspace_bin("weir"))
+            .args(["run", "--config"])
+            .arg(&path)
+            .stderr(Stdio::null())
+            .spawn()
+            .unwrap();
+        let deadline = Instant::now() + Duration::from_secs(10);
+        while TcpStream::connect(("127.0.0.1", port)).is_err() {
+            assert!(Instant::now() < deadline, "weir run did not listen");
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        Self {
+            inst,
+            echoes,
+            weir: Some(weir),
+            port,
+            dir,
+        }
+    }
+
+    fn url(&self) -> String {
+        format!("ws://127.0.0.1:{}/ws", self.port)
+    }
+
+    /// weir-wsclient against weir; `hold` keeps connections until the file
+    /// exists.
+    fn clients(&self, n: usize, secs: u64, hold: Option<&std::path::Path>) -> Child {
+        let mut cmd = Command::new(workspace_bin("weir-wsclient"));
+        cmd.args([
+            "--url",
+            &self.url(),
+            "--connections",
+            &n.to_string(),
+            "--duration-secs",
+            &secs.to_string(),
+            "--quiet",
+        ]);
+        if let Some(h) = hold {
+            cmd.arg("--hold-file").arg(h);
+            cmd.arg("--ready-file").arg(h.with_extension("ready"));
+        }
+        cmd.stdout(Stdio::piped())
+            .stderr(Stdio::null())
+            .spawn()
+            .unwrap()
+    }
+
+    fn weir_cli(&self, args: &[&str]) {
+        let out = Command::new(workspace_bin("weir"))
+            .args(["--instance", self.inst.name()])
+            .args(args)
+            .output()
+            .unwrap();
+        assert!(
+            out.status.success(),
+            "{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+    }
+}
+
+impl Drop for Bed {
+    fn drop(&mut self) {
+        if let Some(mut w) = self.weir.take() {
+            let _ = w.kill();
+            let _ = w.wait();
+        }
+        for (c, _) in &mut self.echoes {
+            let _ = c.kill();
+            let _ = c.wait();
+        }
+        let _ = std::fs::remove_dir_all(&self.dir);
+    }
+}
+
+fn backend(a: SocketAddr) -> BackendAddr {
+    match a {
+        SocketAddr::V4(v4) => BackendAddr {
+            addr: *v4.ip(),
+            port: v4.port(),
+        },
+        SocketAddr::V6(_) => unreachable!("echo servers listen on IPv4"),
+    }
+}
+
+fn report(child: Child) -> LoadReport {
+    let out = child.wait_with_output().unwrap();
+    LoadReport::from_json(&String::from_utf8_lossy(&out.stdout)).unwrap()
+}
+
+fn unix_ms() -> u64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .unwrap()
+        .as_millis() as u64
+}
+
+/// A raw client: the handshake and frames by hand.
+fn raw_request(port: u16, request: &str) -> (TcpStream, String) {
+    let mut s = TcpStream::connect(("127.0.0.1", port)).unwrap();
+    s.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
+    s.write_all(request.as_bytes()).unwrap();
+    let mut head = Vec::new();
+    let mut byte = [0u8; 1];
+    while !head.ends_with(b"\r\n\r\n") {
+        if s.read(&mut byte).unwrap_or(0) == 0 {
+            break;
+        }
+        head.push(byte[0]);
+    }
+    (s, String::from_utf8_lossy(&head).into_owned())
+}
+
+fn upgrade(port: u16, path: &str) -> (TcpStream, String) {
+    raw_request(
+        port,
+        &format!(
+            "GET {path} HTTP/1.1\r\nHost: t\r\nUpgrade: websocket\r\nConnection: Upgrade\r\nSec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\nSec-WebSocket-Version: 13\r\n\r\n"
+        ),
+    )
+}
+
+fn send(s: &mut TcpStream, fin: bool, op: Opcode, payload: &[u8]) {
+    let mask = [0x12, 0x34, 0x56, 0x78];
+    let mut out = Vec::new();
+    FrameHeader::new(fin, op, Some(mask), payload.len() as u64).write_to(&mut out);
+    let mut p = payload.to_vec();
+    frame::apply_mask(&mut p, mask, 0);
+    out.extend(p);
+    s.write_all(&out).unwrap();
+}
+
+/// Reads one frame: (fin, opcode, payload).
+fn recv(s: &mut TcpStream) -> (bool, u8, Vec<u8>) {
+    let mut buf = Vec::new();
+    let mut byte = [0u8; 1];
+    let header = loop {
+        if let Some(h) = frame::parse_header(&buf).unwrap() {
+            break h;
+        }
+        assert_eq!(
+            s.read(&mut byte).unwrap(),
+            1,
+            "stream ended inside a header"
+        );
+        buf.push(byte[0]);
+    };
+    assert!(header.mask.is_none(), "frames to a client are not masked");
+    let mut payload = vec![0u8; header.payload_len as usize];
+    s.read_exact(&mut payload).unwrap();
+    (header.fin, header.opcode, payload)
+}
+
+fn close_code(payload: &[u8]) -> u16 {
+    u16::from_be_bytes([payload[0], payload[1]])
+}
+
+#[test]
+fn messages_of_every_kind_echo_through_weir() {
+    if !require_root() {
+        return;
+    }
+    let bed = Bed::new("l7echo", 2, "");
+    let (mut s, head) = upgrade(bed.port, "/ws/chat");
+    assert!(head.starts_with("HTTP/1.1 101"), "{head}");
+    assert!(
+        head.to_ascii_lowercase()
+            .contains("sec-websocket-accept: s3pplmbitxaq9kygzzhzrbk+xoo="),
+        "{head}"
+    );
+    assert!(
+        head.to_ascii_lowercase().contains("x-weir-backend: e"),
+        "backend's own headers pass: {head}"
+    );
+
+    send(&mut s, true, Opcode::Text, b"hello");
+    assert_eq!(recv(&mut s), (true, 1, b"hello".to_vec()));
+    send(&mut s, true, Opcode::Binary, &[0, 1, 2, 255]);
+    assert_eq!(recv(&mut s), (true, 2, vec![0, 1, 2, 255]));
+    // Fragmented, with a ping between the fragments.
+    send(&mut s, false, Opcode::Text, b"frag");
+    send(&mut s, false, Opcode::Continuation, b"men");
+    send(&mut s, true, Opcode::Ping, b"are you there");
+    send(&mut s, true, Opcode::Continuation, b"ted");
+    let mut got = [recv(&mut s), recv(&mut s)];
+    got.sort_by_key(|f| f.1);
+    assert_eq!(got[0], (true, 1, b"fragmented".to_vec()));
+    assert_eq!(got[1], (true, 0xA, b"are you there".to_vec()));
+    // 1 MiB in one message.
+    let big: Vec<u8> = (0..1 << 20).map(|i| (i % 251) as u8).collect();
+    send(&mut s, true, Opcode::Binary, &big);
+    let mut echoed = Vec::new();
+    loop {
+        let (fin, _, p) = recv(&mut s);
+        echoed.extend(p);
+        if fin {
+            break;
+        }
+    }
+    assert_eq!(echoed, big);
+    // Close handshake, then TCP close by the server side.
+    send(&mut s, true, Opcode::Close, &1000u16.to_be_bytes());
+    let (_, op, payload) = recv(&mut s);
+    assert_eq!((op, close_code(&payload)), (8, 1000));
+    let mut rest = [0u8; 1];
+    assert_eq!(
+        s.read(&mut rest).unwrap_or(0),
+        0,
+        "then the connection ends"
+    );
+}
+
+#[test]
+fn a_thousand_connections_echo() {
+    if !require_root() {
+        return;
+    }
+    let bed = Bed::new("l7load", 3, "");
+    let r = report(bed.clients(1000, 3, None));
+    assert_eq!(r.summary.connected, 1000, "{:?}", r.summary);
+    assert_eq!(r.summary.broken, 0, "{:?}", r.summary);
+    assert_eq!(r.summary.messages_echoed, r.summary.messages_sent);
+    assert_eq!(
+        r.summary.per_backend.len(),
+        3,
+        "{:?}",
+        r.summary.per_backend
+    );
+}
+
+#[test]
+fn handshake_rules_get_their_status() {
+    if !require_root() {
+        return;
+    }
+    let bed = Bed::new("l7hs", 1, "");
+    let port = bed.port;
+    let base =
+        "Host: t\r\nUpgrade: websocket\r\nConnection: Upgrade\r\nSec-WebSocket-Version: 13\r\n";
+    let key = "Sec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\n";
+    let cases: Vec<(&str, String, &str)> = vec![
+        ("no key", format!("GET /ws HTTP/1.1\r\n{base}\r\n"), "400"),
+        (
+            "POST",
+            format!("POST /ws HTTP/1.1\r\n{base}{key}\r\n"),
+            "400",
+        ),
+        (
+            "version 8",
+            format!(
+                "GET /ws HTTP/1.1\r\nHost: t\r\nUpgrade: websocket\r\nConnection: Upgrade\r\nSec-WebSocket-Version: 8\r\n{key}\r\n"
+            ),
+            "426",
+        ),
+        (
+            "huge head",
+            format!(
+                "GET /ws HTTP/1.1\r\n{base}{key}X-Pad: {}\r\n\r\n",
+                "a".repeat(9000)
+            ),
+            "431",
+        ),
+        (
+            "no route",
+            format!("GET /nowhere HTTP/1.1\r\n{base}{key}\r\n"),
+            "404",
+        ),
+        (
+            "no backend",
+            format!("GET /empty HTTP/1.1\r\n{base}{key}\r\n"),
+            "503",
+        ),
+        (
+            "backend refuses",
+            format!("GET /dead HTTP/1.1\r\n{base}{key}\r\n"),
+            "502",
+        ),
+    ];
+    for (what, request, status) in cases {
+        let (_, head) = raw_request(port, &request);
+        assert!(
+            head.starts_with(&format!("HTTP/1.1 {status} ")),
+            "{what}: {head:?}"
+        );
+        if status == "426" {
+            assert!(head.contains("Sec-WebSocket-Version: 13"), "{head}");
+        }
+    }
+    // Slowloris: half a head, then nothing: weir gives up after 1 s.
+    let mut s = TcpStream::connect(("127.0.0.1", port)).unwrap();
+    s.write_all(b"GET /ws HTTP/1.1\r\nHost: t\r\n").unwrap();
+    s.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
+    let started = Instant::now();
+    let mut answer = String::new();
+    let _ = s.read_to_string(&mut answer);
+    assert!(answer.starts_with("HTTP/1.1 408 "), "{answer:?}");
+    assert!(started.elapsed() < Duration::from_secs(3));
+}
+
+#[test]
+fn frame_rules_get_their_close_code() {
+    if !require_root() {
+        return;
+    }
+    let bed = Bed::new("l7fr", 1, "");
+    let mut cases: Vec<(&str, Vec<u8>, u16)> = Vec::new();
+    let mut unmasked = Vec::new();
+    FrameHeader::new(true, Opcode::Text, None, 2).write_to(&mut unmasked);
+    unmasked.extend(b"hi");
+    cases.push(("unmasked", unmasked, 1002));
+    cases.push(("reserved opcode", vec![0x83, 0x80, 1, 2, 3, 4], 1002));
+    cases.push(("RSV2", vec![0xa1, 0x80, 1, 2, 3, 4], 1002));
+    cases.push(("fragmented ping", vec![0x09, 0x80, 1, 2, 3, 4], 1002));
+    cases.push(("continuation first", vec![0x80, 0x80, 1, 2, 3, 4], 1002));
+    let mut long_ping = Vec::new();
+    FrameHeader::new(true, Opcode::Ping, Some([1, 2, 3, 4]), 126).write_to(&mut long_ping);
+    long_ping.extend([0; 126]);
+    cases.push(("control over 125", long_ping, 1002));
+    let mut too_big = Vec::new();
+    FrameHeader::new(true, Opcode::Binary, Some([1, 2, 3, 4]), (1 << 20) + 1)
+        .write_to(&mut too_big);
+    cases.push(("frame over max_frame", too_big, 1009));
+    for (what, bytes, code) in cases {
+        let (mut s, head) = upgrade(bed.port, "/ws");
+        assert!(head.starts_with("HTTP/1.1 101"), "{what}: {head}");
+        send(&mut s, true, Opcode::Text, b"ok");
+        assert_eq!(
+            recv(&mut s).2,
+            b"ok",
+            "{what}: relaying before the violation"
+        );
+        s.write_all(&bytes).unwrap();
+        let (_, op, payload) = recv(&mut s);
+        assert_eq!((op, close_code(&payload)), (8, code), "{what}");
+    }
+}
+
+#[test]
+fn drain_closes_exactly_the_drained_backends_clients_spread_over_the_window() {
+    if !require_root() {
+        return;
+    }
+    let bed = Bed::new("l7drain", 3, "[drain]\nwindow = \"3s\"\n");
+    let hold = bed.dir.join("hold");
+    let clients = bed.clients(200, 30, Some(&hold));
+    let ready = hold.with_extension("ready");
+    let deadline = Instant::now() + Duration::from_secs(20);
+    while !ready.exists() {
+        assert!(Instant::now() < deadline, "clients never connected");
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    let drained = bed.echoes[1].1;
+    let started = unix_ms();
+    bed.weir_cli(&["backend", "drain", &SVC.to_string(), &drained.to_string()]);
+    std::thread::sleep(Duration::from_secs(5));
+    std::fs::write(&hold, b"done").unwrap();
+    let r = report(clients);
+    assert_eq!(r.summary.connected, 200, "{:?}", r.summary);
+    let mut close_times = Vec::new();
+    for c in &r.connections {
+        let on_drained = c.backend.as_deref() == Some("e1");
+        if on_drained {
+            assert_eq!(c.close, "peer_close:1001", "{c:?}");
+            close_times.push(c.peer_close_unix_ms.unwrap() - started);
+        } else {
+            assert_eq!(
+                c.close, "clean",
+                "a connection of another backend was touched: {c:?}"
+            );
+            assert!(c.error.is_none(), "{c:?}");
+        }
+        assert_eq!(c.mismatches, 0);
+    }
+    // Spread over the 3 s window: not all at once, none after it (plus the
+    // registry poll and close handshake slack).
+    close_times.sort();
+    assert!(close_times.len() >= 30, "{} drained", close_times.len());
+    let (first, last) = (close_times[0], *close_times.last().unwrap());
+    assert!(
+        last - first >= 1500,
+        "closes spread over {} ms only",
+        last - first
+    );
+    assert!(last <= 3000 + 1000, "last close {last} ms after the drain");
+    let in_first_half = close_times
+        .iter()
+        .filter(|t| **t - first < (last - first) / 2)
+        .count() as f64;
+    let share = in_first_half / close_times.len() as f64;
+    assert!(
+        (0.3..=0.7).contains(&share),
+        "{share} of the closes in the first half of the spread"
+    );
+}
+
+#[test]
+fn sigterm_drains_every_client_and_exits_zero() {
+    if !require_root() {
+        return;
+    }
+    let mut bed = Bed::new("l7term", 2, "");
+    let hold = bed.dir.join("hold");
+    let clients = bed.clients(50, 30, Some(&hold));
+    let ready = hold.with_extension("ready");
+    let deadline = Instant::now() + Duration::from_secs(20);
+    while !ready.exists() {
+        assert!(Instant::now() < deadline, "clients never connected");
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    let mut weir = bed.weir.take().unwrap();
+    let started = Instant::now();
+    // SAFETY: signalling the child we started.
+    unsafe { libc::kill(weir.id() as libc::pid_t, libc::SIGTERM) };
+    let status = loop {
+        if let Some(s) = weir.try_wait().unwrap() {
+            break s;
+        }
+        assert!(
+            started.elapsed() < Duration::from_secs(6),
+            "weir did not exit within the shutdown timeout"
+        );
+        std::thread::sleep(Duration::from_millis(20));
+    };
+    assert!(status.success(), "{status}");
+    std::fs::write(&hold, b"done").unwrap();
+    let r = report(clients);
+    assert_eq!(r.summary.connected, 50);
+    assert_eq!(
+        r.summary.closes.get("peer_close:1001"),
+        Some(&50),
+        "{:?}",
+        r.summary.closes
+    );
+}
