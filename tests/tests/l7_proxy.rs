@@ -118,6 +118,7 @@ buffers = 1024
 client_head = "1s"
 close = "1s"
 shutdown = "2s"
+backend_head = "1s"
 [limits]
 max_frame = 1048576
 max_message = 2097152
@@ -571,4 +572,115 @@ fn sigterm_drains_every_client_and_exits_zero() {
         "{:?}",
         r.summary.closes
     );
+}
+
+/// A backend that accepts and then does `behave` with each connection.
+fn fake_backend(behave: fn(TcpStream)) -> SocketAddr {
+    let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let addr = l.local_addr().unwrap();
+    std::thread::spawn(move || {
+        for s in l.incoming().take(4).flatten() {
+            std::thread::spawn(move || behave(s));
+        }
+    });
+    addr
+}
+
+#[test]
+fn silent_and_refusing_backends_get_504_and_their_own_answer() {
+    if !require_root() {
+        return;
+    }
+    let bed = Bed::new("l7bad", 0, "");
+    let silent = fake_backend(|s| {
+        std::thread::sleep(Duration::from_secs(5));
+        drop(s);
+    });
+    let forbidding = fake_backend(|mut s| {
+        let mut buf = [0u8; 4096];
+        let _ = s.read(&mut buf);
+        let _ = s.write_all(
+            b"HTTP/1.1 403 Forbidden\r\nContent-Length: 4\r\nConnection: close\r\n\r\nnope",
+        );
+    });
+    let mut reg = bed.inst.registry();
+    let force = || ApplyOptions {
+        force: true,
+        ..Default::default()
+    };
+    reg.apply(
+        &Change::SetBackends {
+            service: SVC,
+            backends: vec![(backend(silent), 1)],
+        },
+        force(),
+    )
+    .unwrap();
+    let started = Instant::now();
+    let (_, head) = upgrade(bed.port, "/ws");
+    assert!(head.starts_with("HTTP/1.1 504 "), "{head}");
+    assert!(
+        started.elapsed() >= Duration::from_millis(900),
+        "waited for backend_head"
+    );
+
+    reg.apply(
+        &Change::SetBackends {
+            service: SVC,
+            backends: vec![(backend(forbidding), 1)],
+        },
+        force(),
+    )
+    .unwrap();
+    let (mut s, head) = upgrade(bed.port, "/ws");
+    assert!(
+        head.starts_with("HTTP/1.1 403 Forbidden"),
+        "the backend's answer passes: {head}"
+    );
+    let mut body = String::new();
+    let _ = s.read_to_string(&mut body);
+    assert_eq!(body, "nope");
+}
+
+#[test]
+fn a_registry_change_applies_to_the_very_next_connection() {
+    if !require_root() {
+        return;
+    }
+    let bed = Bed::new("l7live", 2, "");
+    let (first, second) = (bed.echoes[0].1, bed.echoes[1].1);
+    let mut reg = bed.inst.registry();
+    let force = || ApplyOptions {
+        force: true,
+        ..Default::default()
+    };
+    let name = |head: &str| {
+        head.lines()
+            .find_map(|l| {
+                l.to_ascii_lowercase()
+                    .strip_prefix("x-weir-backend: ")
+                    .map(str::to_string)
+            })
+            .unwrap_or_default()
+    };
+    for (target, want) in [(first, "e0"), (second, "e1"), (first, "e0")] {
+        reg.apply(
+            &Change::SetBackends {
+                service: SVC,
+                backends: vec![(backend(target), 1)],
+            },
+            force(),
+        )
+        .unwrap();
+        let changed = Instant::now();
+        // No pause: the worker checks the generation on every accept.
+        let (_, head) = upgrade(bed.port, "/ws");
+        let took = changed.elapsed();
+        assert!(head.starts_with("HTTP/1.1 101"), "{head}");
+        assert_eq!(name(&head), want, "the next connection follows the change");
+        assert!(
+            took < Duration::from_millis(100),
+            "handshake after the change took {took:?}"
+        );
+    }
 }
