@@ -47,6 +47,15 @@ struct Bed {
 
 impl Bed {
     fn new(tag: &str, backends: usize, extra: &str) -> Self {
+        Self::build(tag, backends, extra, "")
+    }
+
+    /// Like `new`, with more lines for the [timeouts] table.
+    fn with_timeouts(tag: &str, backends: usize, timeouts: &str) -> Self {
+        Self::build(tag, backends, "", timeouts)
+    }
+
+    fn build(tag: &str, backends: usize, extra: &str, timeouts: &str) -> Self {
         let inst = TestInstance::new(tag);
         let dir = std::env::temp_dir().join(format!("weir-l7-{}", inst.name()));
         std::fs::create_dir_all(&dir).unwrap();
@@ -119,6 +128,7 @@ client_head = "1s"
 close = "1s"
 shutdown = "2s"
 backend_head = "1s"
+{timeouts}
 [limits]
 max_frame = 1048576
 max_message = 2097152
@@ -683,4 +693,37 @@ fn a_registry_change_applies_to_the_very_next_connection() {
             "handshake after the change took {took:?}"
         );
     }
+}
+
+#[test]
+fn quiet_clients_are_pinged_and_dead_ones_timed_out() {
+    if !require_root() {
+        return;
+    }
+    // Pings every 300 ms; gives up after 1 s without a frame.
+    let bed = Bed::with_timeouts("l7ping", 1, "ping_interval = \"300ms\"\nidle = \"1s\"\n");
+    let (mut s, head) = upgrade(bed.port, "/ws");
+    assert!(head.starts_with("HTTP/1.1 101"), "{head}");
+    let started = Instant::now();
+    let (_, op, payload) = recv(&mut s);
+    assert_eq!(
+        (op, payload.as_slice()),
+        (0x9, b"weir".as_slice()),
+        "a ping"
+    );
+    assert!(started.elapsed() >= Duration::from_millis(250));
+    // Answering keeps the connection; silence then ends it with 1001.
+    send(&mut s, true, Opcode::Pong, b"weir");
+    loop {
+        let (_, op, payload) = recv(&mut s);
+        if op == 0x8 {
+            assert_eq!(close_code(&payload), 1001);
+            break;
+        }
+        assert_eq!(op, 0x9, "only pings until the idle timeout");
+    }
+    assert!(
+        started.elapsed() >= Duration::from_millis(1200),
+        "the pong counted as activity"
+    );
 }

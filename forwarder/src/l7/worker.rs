@@ -241,6 +241,8 @@ struct Conn {
     aborted: bool,
     /// Counted in `live` for its backend.
     counted: bool,
+    /// When weir last sent the client a keepalive ping.
+    last_ping: Instant,
 }
 
 /// Counters a worker keeps; the metrics thread sums them.
@@ -475,6 +477,7 @@ impl Worker {
             drain_pending: false,
             aborted: false,
             counted: false,
+            last_ping: now,
         });
         if over {
             self.reject(
@@ -1229,6 +1232,9 @@ impl Worker {
                 self.close_both(idx, frame::CLOSE_GOING_AWAY, "idle timeout");
                 continue;
             }
+            if let Some(every) = self.config.timeouts.ping_interval {
+                self.keepalive(idx, now, every);
+            }
             if !expired {
                 continue;
             }
@@ -1262,6 +1268,27 @@ impl Worker {
                 Phase::Relay | Phase::PassThrough => {}
             }
             self.maybe_free(idx);
+        }
+    }
+
+    /// Pings a quiet client every `every`, between frames, so dead peers
+    /// and middleboxes that drop idle flows are found out; the client's
+    /// Pong (passed on to the backend, which RFC 6455 allows for an
+    /// unsolicited Pong) counts as activity.
+    fn keepalive(&mut self, idx: u32, now: Instant, every: Duration) {
+        let c = self.conn(idx);
+        let due = c.phase == Phase::Relay
+            && !c.closed_client
+            && now.duration_since(c.last_activity) >= every
+            && now.duration_since(c.last_ping) >= every
+            && c.b2c.as_ref().is_some_and(Scanner::at_boundary);
+        if due {
+            c.last_ping = now;
+            c.to_client.segs.push_back(Seg::Owned {
+                data: frame::ping_frame(b"weir", None),
+                offset: 0,
+            });
+            self.flush(idx, true);
         }
     }
 
