@@ -42,6 +42,7 @@ struct Bed {
     echoes: Vec<(Child, SocketAddr)>,
     weir: Option<Child>,
     port: u16,
+    metrics_port: u16,
     dir: std::path::PathBuf,
 }
 
@@ -118,11 +119,14 @@ impl Bed {
         .unwrap();
 
         let port = free_port();
+        let metrics_port = free_port();
         let config = format!(
             r#"instance = "{}"
 [runtime]
 workers = 2
 buffers = 1024
+[metrics]
+listen = "127.0.0.1:{metrics_port}"
 [timeouts]
 client_head = "1s"
 close = "1s"
@@ -165,6 +169,7 @@ service = "{DEAD}"
             echoes,
             weir: Some(weir),
             port,
+            metrics_port,
             dir,
         }
     }
@@ -726,4 +731,70 @@ fn quiet_clients_are_pinged_and_dead_ones_timed_out() {
         started.elapsed() >= Duration::from_millis(1200),
         "the pong counted as activity"
     );
+}
+
+#[test]
+fn metrics_and_stats_report_what_happened() {
+    if !require_root() {
+        return;
+    }
+    let bed = Bed::new("l7met", 1, "");
+    let r = report(bed.clients(10, 1, None));
+    assert_eq!(r.summary.connected, 10);
+    let _ = raw_request(bed.port, "GET /nowhere HTTP/1.1\r\nHost: t\r\n\r\n");
+    let (mut s, _) = upgrade(bed.port, "/ws");
+    s.write_all(&[0x83, 0x80, 1, 2, 3, 4]).unwrap();
+    let (_, op, _) = recv(&mut s);
+    assert_eq!(op, 8);
+    drop(s);
+    std::thread::sleep(Duration::from_millis(300));
+
+    let (mut m, _) = raw_request(bed.metrics_port, "GET /metrics HTTP/1.1\r\nHost: t\r\n\r\n");
+    let mut text = String::new();
+    m.read_to_string(&mut text).unwrap();
+    let value = |line_start: &str| -> u64 {
+        text.lines()
+            .find(|l| l.starts_with(line_start))
+            .and_then(|l| l.rsplit(' ').next())
+            .and_then(|v| v.parse().ok())
+            .unwrap_or_else(|| panic!("no {line_start} in\n{text}"))
+    };
+    let backend = bed.echoes[0].1;
+    assert_eq!(value("weir_l7_handshakes_total{outcome=\"upgraded\"}"), 11);
+    assert_eq!(
+        value("weir_l7_handshakes_total{outcome=\"rejected\",status=\"400\"}"),
+        1,
+        "no Upgrade header: 400"
+    );
+    assert_eq!(
+        value(&format!(
+            "weir_l7_connections_total{{backend=\"{backend}\"}}"
+        )),
+        11
+    );
+    assert_eq!(
+        value(&format!(
+            "weir_l7_connections_active{{backend=\"{backend}\"}}"
+        )),
+        0
+    );
+    assert_eq!(
+        value("weir_l7_close_codes_total{direction=\"sent_to_client\",code=\"1002\"}"),
+        1
+    );
+    assert_eq!(
+        value("weir_l7_close_codes_total{direction=\"from_client\",code=\"1000\"}"),
+        10
+    );
+    assert!(value("weir_l7_frames_total{direction=\"client_to_backend\"}") >= 10 * 9);
+    assert!(value("weir_l7_bytes_total{direction=\"backend_to_client\"}") > 0);
+
+    // weir stats shows the same, from the snapshot the daemon writes.
+    std::thread::sleep(Duration::from_millis(1200));
+    let out = Command::new(workspace_bin("weir"))
+        .args(["--instance", bed.inst.name(), "--json", "stats"])
+        .output()
+        .unwrap();
+    let stats: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(stats["l7"]["handshakes"]["upgraded"], 11, "{stats}");
 }

@@ -400,13 +400,18 @@ fn run_daemon(path: Option<&std::path::Path>, create: CreateOptions) -> Result<(
     let settings = crate::l7::worker::Settings {
         config,
         instance_dir: instance.pin_dir(),
+        state_dir: instance.state_dir(),
     };
-    let stats = crate::l7::worker::serve(settings, stop).context("L7 workers")?;
-    let accepted: u64 = stats.iter().map(|s| s.accepted).sum();
-    let upgraded: u64 = stats.iter().map(|s| s.upgraded).sum();
-    let drained: u64 = stats.iter().map(|s| s.drained).sum();
+    let totals = crate::l7::worker::serve(settings, stop).context("L7 workers")?;
+    let upgraded = totals.handshakes.get("upgraded").copied().unwrap_or(0);
+    let drained = totals
+        .closes
+        .get("sent_to_client 1001")
+        .copied()
+        .unwrap_or(0);
     eprintln!(
-        "weir: stopped after {accepted} connections ({upgraded} upgraded, {drained} closed by drain)"
+        "weir: stopped after {} connections ({upgraded} upgraded, {drained} closed with 1001)",
+        totals.accepted
     );
     Ok(())
 }
@@ -551,6 +556,11 @@ fn stats(reg: &Registry, instance: &Instance, json: bool) -> Result<()> {
         }));
     }
     let decap = dataplane::decap_counters(instance)?;
+    // The daemon's L7 counters, written every second while `weir run` runs.
+    let l7: Option<crate::l7::metrics::Snapshot> =
+        std::fs::read(instance.state_dir().join("l7-stats.json"))
+            .ok()
+            .and_then(|b| serde_json::from_slice(&b).ok());
     let global: serde_json::Map<String, serde_json::Value> = abi::COUNTERS
         .iter()
         .zip(&counters)
@@ -565,6 +575,9 @@ fn stats(reg: &Registry, instance: &Instance, json: bool) -> Result<()> {
             "instance": instance.name(), "generation": generation, "attached": attachments,
             "xdp": global, "services": services,
         });
+        if let Some(l7) = &l7 {
+            v["l7"] = serde_json::to_value(l7)?;
+        }
         if let Some(d) = &decap {
             v["decap"] = abi::DECAP_COUNTERS
                 .iter()
@@ -608,6 +621,29 @@ fn stats(reg: &Registry, instance: &Instance, json: bool) -> Result<()> {
                 b["new_flows"]
             );
         }
+    }
+    if let Some(l7) = l7 {
+        println!(
+            "l7 (weir run): accepted {} frames c2b {} b2c {} bytes c2b {} b2c {} drains in progress {} buffer exhausted {}",
+            l7.accepted,
+            l7.frames_client_to_backend,
+            l7.frames_backend_to_client,
+            l7.bytes_client_to_backend,
+            l7.bytes_backend_to_client,
+            l7.drains_in_progress,
+            l7.buffer_exhausted
+        );
+        for (backend, (active, total)) in &l7.backends {
+            println!("  backend {backend:<22} active {active} total {total}");
+        }
+        let handshakes: Vec<String> = l7
+            .handshakes
+            .iter()
+            .map(|(k, v)| format!("{k} {v}"))
+            .collect();
+        println!("  handshakes: {}", handshakes.join(", "));
+        let closes: Vec<String> = l7.closes.iter().map(|(k, v)| format!("{k}: {v}")).collect();
+        println!("  close codes: {}", closes.join(", "));
     }
     if let Some(d) = decap {
         println!("decap:");

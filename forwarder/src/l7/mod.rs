@@ -7,6 +7,7 @@ pub mod config;
 pub mod drain;
 pub mod frame;
 pub mod handshake;
+pub mod metrics;
 pub mod relay;
 pub mod view;
 pub mod worker;

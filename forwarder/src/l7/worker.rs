@@ -25,6 +25,7 @@ use super::config::{Config, Listener};
 use super::drain::DrainQueue;
 use super::frame::{self, Direction, Limits as FrameLimits};
 use super::handshake::{self, BackendResponse, Reject, UpgradeRequest};
+use super::metrics::{CloseSeen, WorkerMetrics};
 use super::relay::Scanner;
 use super::view::RegistryView;
 use crate::registry::{Maps, ServiceAddr};
@@ -62,7 +63,10 @@ fn split(user_data: u64) -> (u8, u32, u32) {
 #[derive(Clone)]
 pub struct Settings {
     pub config: Config,
+    /// The instance's pinned maps.
     pub instance_dir: std::path::PathBuf,
+    /// Where the L7 counters are written for `weir stats`.
+    pub state_dir: std::path::PathBuf,
 }
 
 /// Opens a listening socket with SO_REUSEPORT, so each worker has its own
@@ -243,17 +247,8 @@ struct Conn {
     counted: bool,
     /// When weir last sent the client a keepalive ping.
     last_ping: Instant,
-}
-
-/// Counters a worker keeps; the metrics thread sums them.
-#[derive(Default, Debug, Clone)]
-pub struct Stats {
-    pub accepted: u64,
-    pub upgraded: u64,
-    pub rejected: HashMap<u16, u64>,
-    pub buffer_exhausted: u64,
-    pub drained: u64,
-    pub violations: HashMap<u16, u64>,
+    /// The backend's address, for the per-backend metrics.
+    backend_sockaddr: Option<SocketAddr>,
 }
 
 pub struct Worker {
@@ -273,13 +268,17 @@ pub struct Worker {
     rng: u64,
     stop: Arc<AtomicBool>,
     accepting: bool,
-    pub stats: Stats,
+    metrics: Arc<WorkerMetrics>,
 }
 
 impl Worker {
     /// Sets up the ring (SINGLE_ISSUER and DEFER_TASKRUN where the kernel
     /// has them), the buffers, the listeners and the registry view.
-    pub fn new(settings: &Settings, stop: Arc<AtomicBool>) -> io::Result<Self> {
+    pub fn new(
+        settings: &Settings,
+        stop: Arc<AtomicBool>,
+        metrics: Arc<WorkerMetrics>,
+    ) -> io::Result<Self> {
         let config = settings.config.clone();
         let entries = 4096;
         let ring = IoUring::builder()
@@ -315,7 +314,7 @@ impl Worker {
             config,
             stop,
             accepting: true,
-            stats: Stats::default(),
+            metrics,
         })
     }
 
@@ -429,7 +428,7 @@ impl Worker {
         }
         // SAFETY: the kernel handed us this new descriptor.
         let client = unsafe { OwnedFd::from_raw_fd(res) };
-        self.stats.accepted += 1;
+        self.metrics.accepted.fetch_add(1, Ordering::Relaxed);
         if !self.accepting {
             return;
         }
@@ -478,6 +477,7 @@ impl Worker {
             aborted: false,
             counted: false,
             last_ping: now,
+            backend_sockaddr: None,
         });
         if over {
             self.reject(
@@ -528,7 +528,9 @@ impl Worker {
         }
         if res == -libc::ENOBUFS {
             // The pool is empty: data waits in the socket; the tick re-arms.
-            self.stats.buffer_exhausted += 1;
+            self.metrics
+                .buffer_exhausted
+                .fetch_add(1, Ordering::Relaxed);
             return;
         }
         if res == -libc::ECANCELED {
@@ -731,6 +733,10 @@ impl Worker {
         c.deadline = Some(Instant::now() + backend_head);
         *self.live.entry(id).or_insert(0) += 1;
         self.conn(idx).counted = true;
+        if let Some(addr) = self.view.backend(id).map(|b| b.addr) {
+            self.metrics.connected(addr);
+            self.conn(idx).backend_sockaddr = Some(addr);
+        }
         self.flush(idx, false);
         self.arm_recv(idx, false);
     }
@@ -762,7 +768,7 @@ impl Worker {
                 rsv1,
                 ..
             })) => {
-                self.stats.upgraded += 1;
+                self.metrics.handshake(None);
                 let limits = FrameLimits {
                     max_frame: self.config.limits.max_frame,
                     max_message: self.config.limits.max_message,
@@ -793,6 +799,20 @@ impl Worker {
     }
 
     /// Relays bytes weir holds (not in a provided buffer).
+    fn count_fed(&self, from_client: bool, frames: u32, closes: &[u16], bytes: usize) {
+        let m = &self.metrics;
+        let (f, b, seen) = if from_client {
+            (&m.frames_c2b, &m.bytes_c2b, CloseSeen::FromClient)
+        } else {
+            (&m.frames_b2c, &m.bytes_b2c, CloseSeen::FromBackend)
+        };
+        f.fetch_add(u64::from(frames), Ordering::Relaxed);
+        b.fetch_add(bytes as u64, Ordering::Relaxed);
+        for code in closes {
+            m.close(seen, *code);
+        }
+    }
+
     fn relay_owned(&mut self, idx: u32, from_client: bool, data: Vec<u8>) {
         let c = self.conn(idx);
         let scanner = if from_client {
@@ -816,8 +836,8 @@ impl Worker {
                 offset: 0,
             });
         }
+        self.count_fed(from_client, fed.frames, &fed.closes, data.len());
         if let Some(v) = fed.violation {
-            self.count_violation(v.code);
             self.close_both(idx, v.code, v.reason);
         }
     }
@@ -859,17 +879,13 @@ impl Worker {
                 self.bufs.recycle(bid);
             }
         }
+        self.count_fed(from_client, fed.frames, &fed.closes, len);
         if let Some(v) = fed.violation {
-            self.count_violation(v.code);
             self.close_both(idx, v.code, v.reason);
         } else {
             self.inject_pending(idx);
         }
         self.flush(idx, !from_client);
-    }
-
-    fn count_violation(&mut self, code: u16) {
-        *self.stats.violations.entry(code).or_insert(0) += 1;
     }
 
     /// weir closes the WebSocket on both sides with `code` (at frame
@@ -878,12 +894,14 @@ impl Worker {
         let mask = [self.random() as u8, 0x5a, self.random() as u8, 0xa5];
         let close_timeout = self.config.timeouts.close;
         let c = self.conn(idx);
+        let mut sent = Vec::new();
         if !c.closed_client {
             c.to_client.segs.push_back(Seg::Owned {
                 data: frame::close_frame(code, reason, None),
                 offset: 0,
             });
             c.closed_client = true;
+            sent.push(CloseSeen::SentToClient);
         }
         if !c.closed_backend && c.backend.is_some() {
             c.to_backend.segs.push_back(Seg::Owned {
@@ -891,7 +909,12 @@ impl Worker {
                 offset: 0,
             });
             c.closed_backend = true;
+            sent.push(CloseSeen::SentToBackend);
         }
+        for seen in sent {
+            self.metrics.close(seen, code);
+        }
+        let c = self.conn(idx);
         c.to_client.finish = true;
         c.to_backend.finish = true;
         c.phase = Phase::Closing;
@@ -910,13 +933,12 @@ impl Worker {
             && c.b2c.as_ref().is_none_or(Scanner::at_boundary);
         if at_boundary {
             c.drain_pending = false;
-            self.stats.drained += 1;
             self.close_both(idx, frame::CLOSE_GOING_AWAY, "going away");
         }
     }
 
     fn reject(&mut self, idx: u32, reject: Reject) {
-        *self.stats.rejected.entry(reject.status).or_insert(0) += 1;
+        self.metrics.handshake(Some(reject.status));
         let close_timeout = self.config.timeouts.close;
         let c = self.conn(idx);
         c.to_client.segs.push_back(Seg::Owned {
@@ -1151,6 +1173,9 @@ impl Worker {
         {
             *n = n.saturating_sub(1);
         }
+        if let (true, Some(addr)) = (c.counted, c.backend_sockaddr) {
+            self.metrics.disconnected(addr);
+        }
         self.free.push(idx);
     }
 
@@ -1189,6 +1214,15 @@ impl Worker {
                 self.inject_pending(idx);
             }
         }
+        let pending = self
+            .conns
+            .iter()
+            .flatten()
+            .filter(|c| c.drain_pending)
+            .count();
+        self.metrics
+            .drains_in_progress
+            .store((self.drains.len() + pending) as u64, Ordering::Relaxed);
         let now = Instant::now();
         let idle = self.config.timeouts.idle;
         let ids: Vec<u32> = (0..self.conns.len() as u32)
@@ -1333,26 +1367,28 @@ impl Worker {
     }
 }
 
-/// Runs `workers` workers (one per core when 0) until `stop` is set and
-/// every connection has drained; the first worker error ends the run.
-pub fn serve(settings: Settings, stop: Arc<AtomicBool>) -> io::Result<Vec<Stats>> {
+/// Runs `workers` workers (one per core when 0) and the metrics thread
+/// until `stop` is set and every connection has drained; returns the final
+/// counters. A worker that cannot start fails the whole start.
+pub fn serve(settings: Settings, stop: Arc<AtomicBool>) -> io::Result<super::metrics::Snapshot> {
     let n = match settings.config.workers {
         0 => std::thread::available_parallelism().map_or(1, |n| n.get()),
         n => n,
     };
-    // Build every worker first: a bad listener or missing io_uring fails
-    // the start, not a thread later.
+    let metrics: Vec<Arc<WorkerMetrics>> =
+        (0..n).map(|_| Arc::new(WorkerMetrics::default())).collect();
     let (tx, rx) = std::sync::mpsc::channel();
     let mut handles = Vec::new();
-    for i in 0..n {
+    for (i, m) in metrics.iter().enumerate() {
         let settings = settings.clone();
         let stop = stop.clone();
         let tx = tx.clone();
+        let m = m.clone();
         handles.push(
             std::thread::Builder::new()
                 .name(format!("weir-worker-{i}"))
-                .spawn(move || -> io::Result<Stats> {
-                    let mut worker = match Worker::new(&settings, stop) {
+                .spawn(move || -> io::Result<()> {
+                    let mut worker = match Worker::new(&settings, stop, m) {
                         Ok(w) => {
                             let _ = tx.send(Ok(()));
                             w
@@ -1362,8 +1398,7 @@ pub fn serve(settings: Settings, stop: Arc<AtomicBool>) -> io::Result<Vec<Stats>
                             return Err(e);
                         }
                     };
-                    worker.run()?;
-                    Ok(worker.stats)
+                    worker.run()
                 })?,
         );
     }
@@ -1377,12 +1412,28 @@ pub fn serve(settings: Settings, stop: Arc<AtomicBool>) -> io::Result<Vec<Stats>
             return Err(e);
         }
     }
-    let mut stats = Vec::new();
+    let metrics_stop = Arc::new(AtomicBool::new(false));
+    let snapshot_file = settings.state_dir.join("l7-stats.json");
+    let _ = std::fs::create_dir_all(&settings.state_dir);
+    let metrics_thread = super::metrics::serve(
+        settings.config.metrics,
+        snapshot_file,
+        metrics.clone(),
+        metrics_stop.clone(),
+    )
+    .map_err(|e| io::Error::new(e.kind(), format!("metrics endpoint: {e}")));
+    let mut result = Ok(());
     for h in handles {
-        stats.push(
-            h.join()
-                .map_err(|_| io::Error::other("a worker panicked"))??,
-        );
+        let r = h
+            .join()
+            .map_err(|_| io::Error::other("a worker panicked"))
+            .and_then(|r| r);
+        if result.is_ok() {
+            result = r;
+        }
     }
-    Ok(stats)
+    metrics_stop.store(true, Ordering::Relaxed);
+    let metrics_thread = metrics_thread?;
+    let _ = metrics_thread.join();
+    result.map(|()| super::metrics::snapshot(&metrics))
 }

@@ -1,0 +1,336 @@
+//! L7 counters and the Prometheus `/metrics` endpoint.
+//!
+//! Each worker owns one [`WorkerMetrics`]: plain atomics for what changes
+//! per read (frames, bytes), small locked maps for what changes per
+//! connection (backends, statuses, close codes). The metrics thread sums
+//! the workers when scraped, and writes the same snapshot as JSON under the
+//! instance's state directory every second for `weir stats`.
+
+use std::collections::BTreeMap;
+use std::io::{Read, Write};
+use std::net::{SocketAddr, TcpListener};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use serde::{Deserialize, Serialize};
+
+/// One worker's counters.
+#[derive(Default)]
+pub struct WorkerMetrics {
+    pub accepted: AtomicU64,
+    pub frames_c2b: AtomicU64,
+    pub frames_b2c: AtomicU64,
+    pub bytes_c2b: AtomicU64,
+    pub bytes_b2c: AtomicU64,
+    pub buffer_exhausted: AtomicU64,
+    pub drains_in_progress: AtomicU64,
+    maps: Mutex<Maps>,
+}
+
+#[derive(Default, Clone, Serialize, Deserialize, Debug, PartialEq)]
+struct Maps {
+    /// backend address -> (active, total)
+    backends: BTreeMap<String, (u64, u64)>,
+    /// "upgraded" or the HTTP status weir answered
+    handshakes: BTreeMap<String, u64>,
+    /// "direction code" -> count
+    closes: BTreeMap<String, u64>,
+}
+
+/// Close codes by who sent them to whom.
+#[derive(Clone, Copy, Debug)]
+pub enum CloseSeen {
+    FromClient,
+    FromBackend,
+    SentToClient,
+    SentToBackend,
+}
+
+impl CloseSeen {
+    fn label(self) -> &'static str {
+        match self {
+            Self::FromClient => "from_client",
+            Self::FromBackend => "from_backend",
+            Self::SentToClient => "sent_to_client",
+            Self::SentToBackend => "sent_to_backend",
+        }
+    }
+}
+
+impl WorkerMetrics {
+    fn with(&self, f: impl FnOnce(&mut Maps)) {
+        f(&mut self.maps.lock().unwrap_or_else(|e| e.into_inner()));
+    }
+
+    pub fn connected(&self, backend: SocketAddr) {
+        self.with(|m| {
+            let e = m.backends.entry(backend.to_string()).or_default();
+            e.0 += 1;
+            e.1 += 1;
+        });
+    }
+
+    pub fn disconnected(&self, backend: SocketAddr) {
+        self.with(|m| {
+            if let Some(e) = m.backends.get_mut(&backend.to_string()) {
+                e.0 = e.0.saturating_sub(1);
+            }
+        });
+    }
+
+    /// A handshake ended: `None` upgraded, `Some(status)` refused.
+    pub fn handshake(&self, status: Option<u16>) {
+        let key = status.map_or_else(|| "upgraded".to_string(), |s| s.to_string());
+        self.with(|m| *m.handshakes.entry(key).or_default() += 1);
+    }
+
+    pub fn close(&self, seen: CloseSeen, code: u16) {
+        self.with(|m| {
+            *m.closes
+                .entry(format!("{} {code}", seen.label()))
+                .or_default() += 1
+        });
+    }
+}
+
+/// The sum over workers.
+#[derive(Default, Clone, Serialize, Deserialize, Debug, PartialEq)]
+pub struct Snapshot {
+    pub accepted: u64,
+    pub frames_client_to_backend: u64,
+    pub frames_backend_to_client: u64,
+    pub bytes_client_to_backend: u64,
+    pub bytes_backend_to_client: u64,
+    pub buffer_exhausted: u64,
+    pub drains_in_progress: u64,
+    /// backend -> [active, total]
+    pub backends: BTreeMap<String, (u64, u64)>,
+    pub handshakes: BTreeMap<String, u64>,
+    pub closes: BTreeMap<String, u64>,
+}
+
+pub fn snapshot(workers: &[Arc<WorkerMetrics>]) -> Snapshot {
+    let mut s = Snapshot::default();
+    for w in workers {
+        let get = |a: &AtomicU64| a.load(Ordering::Relaxed);
+        s.accepted += get(&w.accepted);
+        s.frames_client_to_backend += get(&w.frames_c2b);
+        s.frames_backend_to_client += get(&w.frames_b2c);
+        s.bytes_client_to_backend += get(&w.bytes_c2b);
+        s.bytes_backend_to_client += get(&w.bytes_b2c);
+        s.buffer_exhausted += get(&w.buffer_exhausted);
+        s.drains_in_progress += get(&w.drains_in_progress);
+        let m = w.maps.lock().unwrap_or_else(|e| e.into_inner()).clone();
+        for (k, (a, t)) in m.backends {
+            let e = s.backends.entry(k).or_default();
+            e.0 += a;
+            e.1 += t;
+        }
+        for (k, v) in m.handshakes {
+            *s.handshakes.entry(k).or_default() += v;
+        }
+        for (k, v) in m.closes {
+            *s.closes.entry(k).or_default() += v;
+        }
+    }
+    s
+}
+
+/// The Prometheus text exposition of a snapshot.
+pub fn render(s: &Snapshot) -> String {
+    let mut out = String::new();
+    let mut metric = |name: &str, kind: &str, help: &str, rows: Vec<(String, u64)>| {
+        out.push_str(&format!("# HELP {name} {help}\n# TYPE {name} {kind}\n"));
+        for (labels, v) in rows {
+            out.push_str(&format!("{name}{labels} {v}\n"));
+        }
+    };
+    metric(
+        "weir_l7_accepted_total",
+        "counter",
+        "Client connections accepted.",
+        vec![(String::new(), s.accepted)],
+    );
+    metric(
+        "weir_l7_connections_active",
+        "gauge",
+        "Relayed connections per backend.",
+        s.backends
+            .iter()
+            .map(|(b, (a, _))| (format!("{{backend=\"{b}\"}}"), *a))
+            .collect(),
+    );
+    metric(
+        "weir_l7_connections_total",
+        "counter",
+        "Connections made to each backend.",
+        s.backends
+            .iter()
+            .map(|(b, (_, t))| (format!("{{backend=\"{b}\"}}"), *t))
+            .collect(),
+    );
+    metric(
+        "weir_l7_handshakes_total",
+        "counter",
+        "Handshakes by outcome: upgraded, or the HTTP status weir answered.",
+        s.handshakes
+            .iter()
+            .map(|(k, v)| {
+                let labels = if k == "upgraded" {
+                    "{outcome=\"upgraded\"}".to_string()
+                } else {
+                    format!("{{outcome=\"rejected\",status=\"{k}\"}}")
+                };
+                (labels, *v)
+            })
+            .collect(),
+    );
+    metric(
+        "weir_l7_frames_total",
+        "counter",
+        "Frames relayed.",
+        vec![
+            (
+                "{direction=\"client_to_backend\"}".into(),
+                s.frames_client_to_backend,
+            ),
+            (
+                "{direction=\"backend_to_client\"}".into(),
+                s.frames_backend_to_client,
+            ),
+        ],
+    );
+    metric(
+        "weir_l7_bytes_total",
+        "counter",
+        "Bytes relayed after the handshake.",
+        vec![
+            (
+                "{direction=\"client_to_backend\"}".into(),
+                s.bytes_client_to_backend,
+            ),
+            (
+                "{direction=\"backend_to_client\"}".into(),
+                s.bytes_backend_to_client,
+            ),
+        ],
+    );
+    metric(
+        "weir_l7_close_codes_total",
+        "counter",
+        "Close frames by direction and code (sent_* are weir's own).",
+        s.closes
+            .iter()
+            .map(|(k, v)| {
+                let (dir, code) = k.split_once(' ').unwrap_or((k, ""));
+                (format!("{{direction=\"{dir}\",code=\"{code}\"}}"), *v)
+            })
+            .collect(),
+    );
+    metric(
+        "weir_l7_drains_in_progress",
+        "gauge",
+        "Connections waiting for their drain Close.",
+        vec![(String::new(), s.drains_in_progress)],
+    );
+    metric(
+        "weir_l7_buffer_exhausted_total",
+        "counter",
+        "Receives that found the provided-buffer ring empty.",
+        vec![(String::new(), s.buffer_exhausted)],
+    );
+    out
+}
+
+/// Serves `/metrics` on `addr` and writes `snapshot_file` every second,
+/// until `stop`.
+pub fn serve(
+    addr: Option<SocketAddr>,
+    snapshot_file: std::path::PathBuf,
+    workers: Vec<Arc<WorkerMetrics>>,
+    stop: Arc<AtomicBool>,
+) -> std::io::Result<std::thread::JoinHandle<()>> {
+    let listener = addr.map(TcpListener::bind).transpose()?;
+    if let Some(l) = &listener {
+        l.set_nonblocking(true)?;
+    }
+    std::thread::Builder::new().name("weir-metrics".into()).spawn(move || {
+        let mut last_write = std::time::Instant::now() - Duration::from_secs(2);
+        loop {
+            let done = stop.load(Ordering::Relaxed);
+            if last_write.elapsed() >= Duration::from_secs(1) || done {
+                let snap = snapshot(&workers);
+                if let Ok(json) = serde_json::to_vec(&snap) {
+                    let tmp = snapshot_file.with_extension("tmp");
+                    if std::fs::write(&tmp, json).is_ok() {
+                        let _ = std::fs::rename(&tmp, &snapshot_file);
+                    }
+                }
+                last_write = std::time::Instant::now();
+            }
+            if done {
+                return;
+            }
+            if let Some(l) = &listener
+                && let Ok((mut s, _)) = l.accept()
+            {
+                let _ = s.set_nonblocking(false);
+                let _ = s.set_read_timeout(Some(Duration::from_secs(2)));
+                let mut req = [0u8; 1024];
+                let n = s.read(&mut req).unwrap_or(0);
+                let ok = req[..n].starts_with(b"GET /metrics ");
+                let (status, body) = if ok {
+                    ("200 OK", render(&snapshot(&workers)))
+                } else {
+                    ("404 Not Found", "try /metrics\n".to_string())
+                };
+                let _ = write!(
+                    s,
+                    "HTTP/1.1 {status}\r\nContent-Type: text/plain; version=0.0.4\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{body}",
+                    body.len()
+                );
+                continue;
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn workers_sum_and_render() {
+        let a = Arc::new(WorkerMetrics::default());
+        let b = Arc::new(WorkerMetrics::default());
+        let be: SocketAddr = "127.0.0.1:9001".parse().unwrap();
+        a.connected(be);
+        b.connected(be);
+        b.disconnected(be);
+        a.handshake(None);
+        a.handshake(Some(404));
+        b.handshake(Some(404));
+        a.close(CloseSeen::SentToClient, 1001);
+        a.frames_c2b.fetch_add(3, Ordering::Relaxed);
+        let s = snapshot(&[a, b]);
+        assert_eq!(s.backends["127.0.0.1:9001"], (1, 2));
+        assert_eq!(s.handshakes["404"], 2);
+        let text = render(&s);
+        for line in [
+            "weir_l7_connections_active{backend=\"127.0.0.1:9001\"} 1",
+            "weir_l7_connections_total{backend=\"127.0.0.1:9001\"} 2",
+            "weir_l7_handshakes_total{outcome=\"upgraded\"} 1",
+            "weir_l7_handshakes_total{outcome=\"rejected\",status=\"404\"} 2",
+            "weir_l7_close_codes_total{direction=\"sent_to_client\",code=\"1001\"} 1",
+            "weir_l7_frames_total{direction=\"client_to_backend\"} 3",
+            "# TYPE weir_l7_drains_in_progress gauge",
+        ] {
+            assert!(
+                text.lines().any(|l| l == line),
+                "missing {line:?} in\n{text}"
+            );
+        }
+    }
+}
