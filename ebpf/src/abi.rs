@@ -40,6 +40,7 @@ pub mod maps {
     pub const SERVICE_STATS: &str = "weir_svc_stats";
     pub const BACKEND_STATS: &str = "weir_be_stats";
     pub const NEXTHOP: &str = "weir_nexthop";
+    pub const L7_CONNS: &str = "weir_l7_conns";
     pub const DECAP_VIPS: &str = "weir_dcap_vips";
     pub const DECAP_STATS: &str = "weir_dcap_stats";
     /// Maps of the balancer object.
@@ -54,6 +55,7 @@ pub mod maps {
         SERVICE_STATS,
         BACKEND_STATS,
         NEXTHOP,
+        L7_CONNS,
     ];
     /// Maps of the decap object.
     pub const DECAP: &[&str] = &[DECAP_VIPS, DECAP_STATS];

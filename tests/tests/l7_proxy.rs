@@ -798,3 +798,60 @@ fn metrics_and_stats_report_what_happened() {
     let stats: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
     assert_eq!(stats["l7"]["handshakes"]["upgraded"], 11, "{stats}");
 }
+
+#[test]
+fn a_removed_backend_leaves_the_registry_after_its_last_connection() {
+    if !require_root() {
+        return;
+    }
+    let bed = Bed::new("l7gone", 2, "[drain]\nwindow = \"1s\"\n");
+    let hold = bed.dir.join("hold");
+    let clients = bed.clients(20, 30, Some(&hold));
+    let ready = hold.with_extension("ready");
+    let deadline = Instant::now() + Duration::from_secs(20);
+    while !ready.exists() {
+        assert!(Instant::now() < deadline, "clients never connected");
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    let (kept, leaving) = (bed.echoes[0].1, bed.echoes[1].1);
+    bed.weir_cli(&[
+        "backend",
+        "set",
+        &SVC.to_string(),
+        &kept.to_string(),
+        "--force",
+    ]);
+    let state_of = |addr: SocketAddr| {
+        let state = bed.inst.registry().state().unwrap();
+        state
+            .backends
+            .values()
+            .find(|b| b.addr == backend(addr))
+            .map(|b| b.state.name())
+    };
+    assert_eq!(
+        state_of(leaving),
+        Some("removed"),
+        "still carrying L7 connections"
+    );
+    let deadline = Instant::now() + Duration::from_secs(6);
+    while state_of(leaving).is_some() {
+        assert!(
+            Instant::now() < deadline,
+            "the drained backend never left the registry"
+        );
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    assert_eq!(state_of(kept), Some("active"));
+    std::fs::write(&hold, b"done").unwrap();
+    let r = report(clients);
+    let drained = r
+        .connections
+        .iter()
+        .filter(|c| c.close == "peer_close:1001")
+        .count();
+    assert_eq!(
+        drained,
+        r.summary.per_backend.get("e1").copied().unwrap_or(0)
+    );
+}

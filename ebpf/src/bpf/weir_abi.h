@@ -279,6 +279,19 @@ struct {
 	__uint(pinning, LIBBPF_PIN_BY_NAME);
 } weir_nexthop SEC(".maps");
 
+/* weir_l7_conns[backend id]: connections `weir run` holds to each backend,
+ * kept by the L7 workers through mmap (atomic adds). Not read by XDP: the
+ * registry frees a removed backend only when neither flows nor L7
+ * connections use it any more. */
+struct {
+	__uint(type, BPF_MAP_TYPE_ARRAY);
+	__uint(max_entries, WEIR_MAX_BACKENDS);
+	__uint(map_flags, 1U << 10); /* BPF_F_MMAPABLE */
+	__type(key, __u32);
+	__type(value, __u32);
+	__uint(pinning, LIBBPF_PIN_BY_NAME);
+} weir_l7_conns SEC(".maps");
+
 /* weir_stats[enum weir_counter]: verdicts and reasons, per CPU. */
 struct {
 	__uint(type, BPF_MAP_TYPE_PERCPU_ARRAY);

@@ -118,6 +118,12 @@ impl RegistryView {
         Ok(())
     }
 
+    /// Counts an L7 connection to backend `id` in the registry, where the
+    /// writers see it (a removed backend is freed only at zero).
+    pub fn add_l7_connections(&self, id: u32, delta: i32) {
+        self.maps.add_l7_connections(id, delta);
+    }
+
     /// Whether `service` is an L7 service of this instance.
     pub fn has_service(&self, service: &ServiceAddr) -> bool {
         self.services.contains_key(service)

@@ -733,6 +733,7 @@ impl Worker {
         c.deadline = Some(Instant::now() + backend_head);
         *self.live.entry(id).or_insert(0) += 1;
         self.conn(idx).counted = true;
+        self.view.add_l7_connections(id, 1);
         if let Some(addr) = self.view.backend(id).map(|b| b.addr) {
             self.metrics.connected(addr);
             self.conn(idx).backend_sockaddr = Some(addr);
@@ -1176,6 +1177,9 @@ impl Worker {
         if let (true, Some(addr)) = (c.counted, c.backend_sockaddr) {
             self.metrics.disconnected(addr);
         }
+        if let (true, Some(id)) = (c.counted, c.backend_id) {
+            self.view.add_l7_connections(id, -1);
+        }
         self.free.push(idx);
     }
 
@@ -1377,6 +1381,11 @@ pub fn serve(settings: Settings, stop: Arc<AtomicBool>) -> io::Result<super::met
     };
     let metrics: Vec<Arc<WorkerMetrics>> =
         (0..n).map(|_| Arc::new(WorkerMetrics::default())).collect();
+    // A starting daemon holds no connection: counts left by one that died
+    // would keep removed backends in the registry forever.
+    Maps::open(&settings.instance_dir)
+        .map_err(io::Error::other)?
+        .reset_l7_connections();
     let (tx, rx) = std::sync::mpsc::channel();
     let mut handles = Vec::new();
     for (i, m) in metrics.iter().enumerate() {
@@ -1413,6 +1422,7 @@ pub fn serve(settings: Settings, stop: Arc<AtomicBool>) -> io::Result<super::met
         }
     }
     let metrics_stop = Arc::new(AtomicBool::new(false));
+    let collector = collect_removed(&settings, metrics_stop.clone());
     let snapshot_file = settings.state_dir.join("l7-stats.json");
     let _ = std::fs::create_dir_all(&settings.state_dir);
     let metrics_thread = super::metrics::serve(
@@ -1435,5 +1445,34 @@ pub fn serve(settings: Settings, stop: Arc<AtomicBool>) -> io::Result<super::met
     metrics_stop.store(true, Ordering::Relaxed);
     let metrics_thread = metrics_thread?;
     let _ = metrics_thread.join();
+    if let Ok(c) = collector {
+        let _ = c.join();
+    }
     result.map(|()| super::metrics::snapshot(&metrics))
+}
+
+/// Every second, frees removed backends that neither flows nor L7
+/// connections use any more: a drained backend leaves the registry once its
+/// last connection is gone.
+fn collect_removed(
+    settings: &Settings,
+    stop: Arc<AtomicBool>,
+) -> io::Result<std::thread::JoinHandle<()>> {
+    let instance =
+        crate::instance::Instance::new(&settings.config.instance).map_err(io::Error::other)?;
+    std::thread::Builder::new()
+        .name("weir-collect".into())
+        .spawn(move || {
+            let mut last = Instant::now();
+            while !stop.load(Ordering::Relaxed) {
+                std::thread::sleep(Duration::from_millis(50));
+                if last.elapsed() < Duration::from_secs(1) {
+                    continue;
+                }
+                last = Instant::now();
+                if let Ok(mut registry) = crate::registry::Registry::open(&instance) {
+                    let _ = registry.collect("weir run");
+                }
+            }
+        })
 }

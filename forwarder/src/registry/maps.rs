@@ -67,6 +67,24 @@ impl Mmap {
         unsafe { std::ptr::read_volatile(self.ptr.add(index * stride).cast::<T>()) }
     }
 
+    /// Element `index` of a u32 array as an atomic (the mapping is shared
+    /// with the kernel and other processes).
+    fn atomic_u32(&self, index: usize) -> &std::sync::atomic::AtomicU32 {
+        let stride = size_of::<u32>().next_multiple_of(8);
+        assert!(
+            (index + 1) * stride <= self.len,
+            "mmap access out of bounds"
+        );
+        // SAFETY: in bounds, 8-byte aligned, and only ever accessed
+        // atomically by weir.
+        unsafe {
+            &*self
+                .ptr
+                .add(index * stride)
+                .cast::<std::sync::atomic::AtomicU32>()
+        }
+    }
+
     fn write<T: Copy>(&mut self, index: usize, value: T) {
         let stride = size_of::<T>().next_multiple_of(8);
         assert!((index + 1) * stride <= self.len, "mmap write out of bounds");
@@ -110,6 +128,7 @@ pub struct Maps {
     svc_stats: Map,
     be_stats: Map,
     backends_view: Mmap,
+    l7_conns: Mmap,
 }
 
 impl Maps {
@@ -147,7 +166,16 @@ impl Maps {
             false,
         )
         .map_err(|e| RegistryError::Kernel(format!("mmap of {}: {e}", abi::maps::BACKENDS)))?;
+        let l7 = open(abi::maps::L7_CONNS)?;
+        let l7_conns = Mmap::map(
+            map_data(&l7).fd().as_fd(),
+            abi::MAX_BACKENDS,
+            size_of::<u32>(),
+            true,
+        )
+        .map_err(|e| RegistryError::Kernel(format!("mmap of {}: {e}", abi::maps::L7_CONNS)))?;
         Ok(Self {
+            l7_conns,
             dir: dir.to_path_buf(),
             services: open(abi::maps::SERVICES)?,
             rings: open(abi::maps::RINGS)?,
@@ -386,6 +414,37 @@ impl Maps {
         let generation: Array<&MapData, u64> =
             Array::try_from(&self.generation).map_err(map_err("weir_gen"))?;
         generation.get(&0, 0).map_err(map_err("weir_gen"))
+    }
+
+    /// L7 connections `weir run` holds to backend `id`.
+    pub fn l7_connections(&self, id: u32) -> u32 {
+        self.l7_conns
+            .atomic_u32(id as usize)
+            .load(std::sync::atomic::Ordering::Relaxed)
+    }
+
+    /// Adds `delta` to backend `id`'s L7 connection count (shared by every
+    /// process that maps it, so the atomic add is the whole protocol).
+    pub fn add_l7_connections(&self, id: u32, delta: i32) {
+        let counter = self.l7_conns.atomic_u32(id as usize);
+        if delta >= 0 {
+            counter.fetch_add(delta as u32, std::sync::atomic::Ordering::Relaxed);
+        } else {
+            let _ = counter.fetch_update(
+                std::sync::atomic::Ordering::Relaxed,
+                std::sync::atomic::Ordering::Relaxed,
+                |v| Some(v.saturating_sub(delta.unsigned_abs())),
+            );
+        }
+    }
+
+    /// Zeroes every L7 connection count: a starting daemon holds none.
+    pub fn reset_l7_connections(&self) {
+        for id in 0..abi::MAX_BACKENDS as usize {
+            self.l7_conns
+                .atomic_u32(id)
+                .store(0, std::sync::atomic::Ordering::Relaxed);
+        }
     }
 
     /// A read-only view of the generation counter through mmap: one load

@@ -173,10 +173,10 @@ impl Registry {
             // it. If the flow table cannot be read in time, none is.
             let mut cleared = state.clone();
             let referenced = self.maps.referenced_backends(FLOW_SCAN_LIMIT).ok();
-            let (reusable, quarantined) = cleared
-                .used_free
-                .iter()
-                .partition(|id| referenced.as_ref().is_some_and(|r| !r.contains(id)));
+            let (reusable, quarantined) = cleared.used_free.iter().partition(|id| {
+                referenced.as_ref().is_some_and(|r| !r.contains(id))
+                    && self.maps.l7_connections(**id) == 0
+            });
             cleared.used_free = reusable;
             cleared.quarantined = quarantined;
             plan = model::plan(&cleared, change, opts.force)?;
@@ -256,7 +256,12 @@ impl Registry {
             return Ok(None);
         }
         let referenced = self.maps.referenced_backends(FLOW_SCAN_LIMIT)?;
-        let unreferenced = removed.difference(&referenced).copied().collect();
+        // Neither flows (L4) nor connections of `weir run` (L7) use it.
+        let unreferenced = removed
+            .difference(&referenced)
+            .copied()
+            .filter(|id| self.maps.l7_connections(*id) == 0)
+            .collect();
         let plan = model::plan(&state, &Change::Collect { unreferenced }, true)?;
         if plan.diff.is_empty() {
             return Ok(None);
