@@ -404,3 +404,231 @@ fn wait_for(path: &Path, limit: Duration) -> Result<()> {
     }
     Ok(())
 }
+
+/// What the L7 scenario saw.
+#[derive(Debug, Serialize)]
+pub struct L7Report {
+    pub backends: BTreeMap<String, Ipv4Addr>,
+    pub steps: Vec<Step>,
+    pub long_lived: LoadReport,
+    pub after: LoadReport,
+    /// `weir run`'s exit status after SIGTERM.
+    pub exit_ok: bool,
+    /// `weir --json stats` at the end (its `l7` part is weir run's).
+    pub stats: serde_json::Value,
+}
+
+impl L7Report {
+    /// Handshakes that failed, over both client runs.
+    pub fn failed_handshakes(&self) -> usize {
+        self.long_lived.summary.failed + self.after.summary.failed
+    }
+
+    /// Connections weir closed with 1001 because their backend left.
+    pub fn drained(&self) -> usize {
+        self.long_lived
+            .connections
+            .iter()
+            .filter(|c| c.close == "peer_close:1001")
+            .count()
+    }
+
+    /// Connections that ended any way other than a clean close or a drain
+    /// 1001: resets, timeouts, errors.
+    pub fn cut(&self) -> usize {
+        self.long_lived
+            .connections
+            .iter()
+            .chain(&self.after.connections)
+            .filter(|c| c.connected && c.close != "clean" && c.close != "peer_close:1001")
+            .count()
+    }
+}
+
+/// The L7 path on the same kind of topology: `weir run` in the LB
+/// namespace serves an L7 service on the VIP (XDP passes it to the host),
+/// 100 WebSocket clients talk through it while the backend set is replaced
+/// (b0 leaves, b3 joins), then new clients arrive, then weir run stops on
+/// SIGTERM.
+pub fn run_l7(opts: &L4Options) -> Result<L7Report> {
+    let start = Instant::now();
+    let weir = workspace_bin("weir");
+    let echo = workspace_bin("weir-echo");
+    let client = workspace_bin("weir-wsclient");
+    destroy_stale_instances(&weir);
+    let mut topo = Topology::build(TopologySpec {
+        backends: 4,
+        client_addrs: 1,
+    })?;
+    let instance = format!("{}-l7", opts.instance);
+    let _instance = InstanceGuard::new(&weir, &instance);
+    let vip = topo.vip();
+    let service = format!("{vip}:8081");
+    let backends: BTreeMap<String, Ipv4Addr> = (0..4)
+        .map(|i| (format!("b{i}"), topo.backend_addr(i)))
+        .collect();
+    let weir_in = |topo: &Topology, ns: &str, args: &[&str]| -> Result<String> {
+        let mut full = vec!["--instance", instance.as_str(), "--flows", "65536"];
+        full.extend_from_slice(args);
+        let out = topo.run_ok_in(ns, &weir, &full)?;
+        Ok(String::from_utf8_lossy(&out.stdout).trim().to_string())
+    };
+    for i in 0..4 {
+        let ns = topo.backend_ns[i].clone();
+        let listen = format!("0.0.0.0:{PORT}");
+        topo.spawn_ready_in(
+            &ns,
+            &echo,
+            &["--listen", &listen, "--name", &format!("b{i}")],
+            Duration::from_secs(10),
+        )?;
+    }
+    let lb_ns = topo.lb_ns.clone();
+    // The L7 service lives on the VIP: the LB host owns it, XDP passes it up.
+    topo.run_ok_in(
+        &lb_ns,
+        "ip",
+        &["addr", "add", &format!("{vip}/32"), "dev", "lo"],
+    )?;
+    topo.attach_veth_peer_xdp()?;
+    let lb_addr = topo.lb_addr().to_string();
+    weir_in(
+        &topo,
+        &lb_ns,
+        &[
+            "attach",
+            "--dev",
+            topo.lb_dev(),
+            "--lb-addr",
+            &lb_addr,
+            "--mode",
+            &opts.xdp_mode,
+        ],
+    )?;
+    weir_in(&topo, &lb_ns, &["service", "add", &service, "--mode", "l7"])?;
+    let initial: Vec<String> = (0..3)
+        .map(|i| format!("{}:{PORT}", topo.backend_addr(i)))
+        .collect();
+    let mut set = vec!["backend", "set", service.as_str()];
+    set.extend(initial.iter().map(String::as_str));
+    weir_in(&topo, &lb_ns, &set)?;
+
+    let dir = tempdir(&instance)?;
+    let config = dir.join("weir.toml");
+    std::fs::write(
+        &config,
+        format!(
+            "instance = \"{instance}\"\n[timeouts]\nshutdown = \"5s\"\n[drain]\nwindow = \"3s\"\n\
+             [[listener]]\nlisten = \"{service}\"\n[[listener.route]]\nservice = \"{service}\"\n"
+        ),
+    )?;
+    let run = topo.spawn_in(
+        &lb_ns,
+        &weir,
+        &["run", "--config", config.to_str().unwrap()],
+    )?;
+    let listen: std::net::SocketAddr = service.parse()?;
+    if !topo.wait_tcp(&topo.client_ns, listen, Duration::from_secs(10)) {
+        bail!("weir run did not come up on {service}");
+    }
+    log(
+        opts.verbose,
+        start,
+        &format!("weir run serves the L7 service {service} in {lb_ns}: b0 b1 b2"),
+    );
+
+    let hold = dir.join("hold");
+    let ready = dir.join("ready");
+    let url = format!("ws://{service}/");
+    let conns = opts.connections.to_string();
+    let interval = opts.interval.as_millis().to_string();
+    let long_lived = topo.start_in(
+        &topo.client_ns,
+        &client,
+        &[
+            "--url",
+            &url,
+            "--connections",
+            &conns,
+            "--duration-secs",
+            "120",
+            "--interval-ms",
+            &interval,
+            "--hold-file",
+            hold.to_str().unwrap(),
+            "--ready-file",
+            ready.to_str().unwrap(),
+            "--quiet",
+        ],
+    )?;
+    wait_for(&ready, Duration::from_secs(60)).context("L7 clients never became ready")?;
+    log(
+        opts.verbose,
+        start,
+        &format!(
+            "{} WebSocket connections through weir run",
+            opts.connections
+        ),
+    );
+
+    std::thread::sleep(opts.settle);
+    let replacement: Vec<String> = (1..4)
+        .map(|i| format!("{}:{PORT}", topo.backend_addr(i)))
+        .collect();
+    let mut args = vec!["backend", "set", service.as_str()];
+    args.extend(replacement.iter().map(String::as_str));
+    let output = weir_in(&topo, &lb_ns, &args)?;
+    let command = format!("weir {}", args.join(" "));
+    log(
+        opts.verbose,
+        start,
+        &format!("{command} (b0 leaves: its clients are drained over 3 s)"),
+    );
+    let steps = vec![Step {
+        at_ms: start.elapsed().as_millis() as u64,
+        command,
+        output,
+    }];
+    std::thread::sleep(Duration::from_secs(4));
+
+    let after = topo.start_in(
+        &topo.client_ns,
+        &client,
+        &[
+            "--url",
+            &url,
+            "--connections",
+            &opts.new_connections.to_string(),
+            "--duration-secs",
+            "2",
+            "--interval-ms",
+            &interval,
+            "--quiet",
+        ],
+    )?;
+    let after = parse_report(
+        after.wait_output(Duration::from_secs(60))?,
+        "new L7 connections",
+    )?;
+    std::fs::write(&hold, b"done")?;
+    let long_lived = parse_report(
+        long_lived.wait_output(Duration::from_secs(60))?,
+        "long-lived L7 connections",
+    )?;
+    // Let weir run write its last counters, then stop it gracefully.
+    std::thread::sleep(Duration::from_millis(1200));
+    let stats = serde_json::from_str(&weir_in(&topo, &lb_ns, &["--json", "stats"])?)?;
+    let exit = topo.stop_child(run, Duration::from_secs(10));
+    log(opts.verbose, start, "weir run stopped (SIGTERM)");
+    let _ = std::fs::remove_dir_all(&dir);
+    drop(_instance);
+    topo.teardown()?;
+    Ok(L7Report {
+        backends,
+        steps,
+        long_lived,
+        after,
+        exit_ok: exit.is_some_and(|s| s.success()),
+        stats,
+    })
+}

@@ -6,7 +6,7 @@
 
 use std::process::ExitCode;
 
-use weir_testbed::scenario::{L4Options, L4Report, run_l4};
+use weir_testbed::scenario::{L4Options, L4Report, L7Report, run_l4, run_l7};
 use weir_testbed::topology::install_signal_cleanup;
 
 fn main() -> ExitCode {
@@ -24,19 +24,27 @@ fn main() -> ExitCode {
     println!(
         "weir demo: L4 service through XDP, live backend changes under 100 WebSocket connections\n"
     );
-    match run_l4(&opts) {
-        Ok(report) => {
-            let ok = summarize(&report);
-            if ok {
-                ExitCode::SUCCESS
-            } else {
-                ExitCode::FAILURE
-            }
-        }
+    let l4_ok = match run_l4(&opts) {
+        Ok(report) => summarize(&report),
         Err(e) => {
             eprintln!("weir-demo: error: {e:#}");
-            ExitCode::FAILURE
+            false
         }
+    };
+    println!(
+        "\nweir demo, part 2: L7 service through weir run (io_uring), backend replaced live\n"
+    );
+    let l7_ok = match run_l7(&opts) {
+        Ok(report) => summarize_l7(&report),
+        Err(e) => {
+            eprintln!("weir-demo: error: {e:#}");
+            false
+        }
+    };
+    if l4_ok && l7_ok {
+        ExitCode::SUCCESS
+    } else {
+        ExitCode::FAILURE
     }
 }
 
@@ -104,4 +112,49 @@ fn summarize(r: &L4Report) -> bool {
         );
         false
     }
+}
+
+fn summarize_l7(r: &L7Report) -> bool {
+    println!("\n== the change made while the connections talked");
+    for s in &r.steps {
+        println!("  +{:>5.1}s  {}", s.at_ms as f64 / 1000.0, s.command);
+        for line in s.output.lines() {
+            println!("           {line}");
+        }
+    }
+    let long = &r.long_lived.summary;
+    println!(
+        "\n== long-lived connections: {} connected, per backend {:?}",
+        long.connected, long.per_backend
+    );
+    println!("  closes: {:?}", long.closes);
+    println!(
+        "== new connections after the change: per backend {:?}",
+        r.after.summary.per_backend
+    );
+    let l7 = &r.stats["l7"];
+    println!(
+        "== weir run: handshakes {}, close codes {}",
+        l7["handshakes"], l7["closes"]
+    );
+    let failed = r.failed_handshakes();
+    let drained = r.drained();
+    let cut = r.cut();
+    let b0_long = long.per_backend.get("b0").copied().unwrap_or(0);
+    let b0_after = r.after.summary.per_backend.get("b0").copied().unwrap_or(0);
+    println!("\n  handshakes failed:                 {failed} (should be 0)");
+    println!("  connections closed with 1001 by drain: {drained} (b0 had {b0_long})");
+    println!("  connections cut:                   {cut} (should be 0)");
+    println!("  new connections to the removed b0: {b0_after} (should be 0)");
+    println!("  weir run exited cleanly on SIGTERM: {}", r.exit_ok);
+    let ok = failed == 0 && cut == 0 && drained == b0_long && b0_after == 0 && r.exit_ok;
+    println!();
+    if ok {
+        println!(
+            "RESULT: L7 backend replaced live: 0 failed handshakes, {drained} drained with 1001, 0 cut"
+        );
+    } else {
+        println!("RESULT: FAILED");
+    }
+    ok
 }
