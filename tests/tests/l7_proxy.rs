@@ -855,3 +855,67 @@ fn a_removed_backend_leaves_the_registry_after_its_last_connection() {
         r.summary.per_backend.get("e1").copied().unwrap_or(0)
     );
 }
+
+#[test]
+fn churn_replacing_the_whole_set_fails_no_handshake_and_cuts_nothing() {
+    if !require_root() {
+        return;
+    }
+    let bed = Bed::new("l7churn", 6, "[drain]\nwindow = \"1s\"\n");
+    let sets: Vec<Vec<String>> = (0..3)
+        .map(|k| {
+            vec![
+                bed.echoes[2 * k].1.to_string(),
+                bed.echoes[2 * k + 1].1.to_string(),
+            ]
+        })
+        .collect();
+    let set = |i: usize| {
+        let mut args = vec![
+            "backend".to_string(),
+            "set".into(),
+            SVC.to_string(),
+            "--force".into(),
+        ];
+        args.extend(sets[i % 3].iter().cloned());
+        let args: Vec<&str> = args.iter().map(String::as_str).collect();
+        bed.weir_cli(&args);
+    };
+    set(0);
+    // 50 new connections a second for 8 seconds, each talking for 2 s;
+    // the whole set is replaced at 2, 4 and 6 s.
+    let mut batches = Vec::new();
+    let started = Instant::now();
+    for second in 0..8u64 {
+        while started.elapsed() < Duration::from_secs(second) {
+            std::thread::sleep(Duration::from_millis(5));
+        }
+        if second > 0 && second % 2 == 0 && second <= 6 {
+            set((second / 2) as usize);
+        }
+        batches.push(bed.clients(50, 2, None));
+    }
+    let mut closes = std::collections::BTreeMap::new();
+    let mut backends = std::collections::BTreeSet::new();
+    for b in batches {
+        let r = report(b);
+        assert_eq!(r.summary.failed, 0, "failed handshakes: {:?}", r.summary);
+        for c in &r.connections {
+            *closes.entry(c.close.clone()).or_insert(0) += 1;
+            backends.insert(c.backend.clone().unwrap_or_default());
+            assert_eq!(c.mismatches, 0);
+        }
+    }
+    let cut: usize = closes
+        .iter()
+        .filter(|(k, _)| *k != "clean" && *k != "peer_close:1001")
+        .map(|(_, v)| v)
+        .sum();
+    assert_eq!(cut, 0, "connections cut: {closes:?}");
+    assert_eq!(closes.values().sum::<usize>(), 400);
+    assert!(
+        closes.get("peer_close:1001").copied().unwrap_or(0) > 0,
+        "some were drained: {closes:?}"
+    );
+    assert_eq!(backends.len(), 6, "every set served: {backends:?}");
+}
