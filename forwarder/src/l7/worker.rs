@@ -221,7 +221,8 @@ struct Conn {
     phase: Phase,
     head: Vec<u8>,
     early: Vec<u8>,
-    request: Option<UpgradeRequest>,
+    /// Boxed: only handshaking connections carry one.
+    request: Option<Box<UpgradeRequest>>,
     service: Option<ServiceAddr>,
     tried: Vec<u32>,
     timed_out: bool,
@@ -612,7 +613,7 @@ impl Worker {
         c.early = c.head.split_off(req.head_len);
         c.head = Vec::new();
         c.service = Some(service);
-        c.request = Some(req);
+        c.request = Some(Box::new(req));
         self.connect_next(idx);
     }
 
@@ -725,6 +726,10 @@ impl Worker {
         let peer = c.peer.ip();
         let req = c.request.as_ref().expect("handshake parsed");
         let forwarded = handshake::forward_request(req, peer, "http");
+        // Connected: what only connecting needed goes, so an established
+        // connection keeps as little as possible.
+        c.backend_addr = None;
+        c.tried = Vec::new();
         c.to_backend.segs.push_back(Seg::Owned {
             data: forwarded,
             offset: 0,
@@ -1475,4 +1480,15 @@ fn collect_removed(
                 }
             }
         })
+}
+
+#[cfg(test)]
+mod tests {
+    /// Every connection costs at least this much memory; keep it small
+    /// (DESIGN promise 5: idle connections cost almost nothing).
+    #[test]
+    fn a_connection_slot_stays_small() {
+        let size = size_of::<Option<super::Conn>>();
+        assert!(size <= 640, "Conn grew to {size} bytes");
+    }
 }
