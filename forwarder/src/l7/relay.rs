@@ -38,6 +38,8 @@ pub struct Scanner {
     remaining: u64,
     /// Collecting a Close frame's code: mask, bytes so far, payload offset.
     close: Option<CloseCode>,
+    /// A Close went by and more came after it: dropped from here on.
+    discarding: bool,
 }
 
 #[derive(Debug)]
@@ -56,6 +58,7 @@ impl Scanner {
             partial: Vec::new(),
             remaining: 0,
             close: None,
+            discarding: false,
         }
     }
 
@@ -72,6 +75,9 @@ impl Scanner {
     /// Scans one read.
     pub fn feed(&mut self, data: &[u8]) -> Fed {
         let mut fed = Fed::default();
+        if self.discarding {
+            return fed;
+        }
         let mut i = 0;
         // A header begun in an earlier read, completed by this one.
         let mut held_from_earlier = std::mem::take(&mut self.partial);
@@ -82,6 +88,14 @@ impl Scanner {
                 self.remaining -= take as u64;
                 i += take;
                 continue;
+            }
+            // After a Close, a peer must send nothing more (RFC 6455
+            // 5.5.1); what it sends anyway is dropped, as an endpoint that
+            // received the Close would ignore it.
+            if self.validator.closed() {
+                fed.pass = i;
+                self.discarding = true;
+                return fed;
             }
             // A header: from the held bytes plus this read, or this read.
             let start = i;
@@ -283,10 +297,16 @@ mod tests {
         assert!(s.closed());
         let fed = s.feed(&data_frame(Opcode::Text, true, b"late", None));
         assert_eq!(
-            fed.violation.map(|v| v.code),
-            Some(1002),
-            "nothing after a Close"
+            (fed.pass, fed.violation),
+            (0, None),
+            "dropped after a Close, not failed"
         );
+        // In the same read as the Close: the Close passes, the rest not.
+        let mut s = Scanner::new(Direction::ServerToClient, false, Limits::default());
+        let close = close_frame(1000, "", None);
+        let both = [close.clone(), data_frame(Opcode::Text, true, b"late", None)].concat();
+        let fed = s.feed(&both);
+        assert_eq!((fed.pass, fed.violation), (close.len(), None));
     }
 
     proptest::proptest! {
