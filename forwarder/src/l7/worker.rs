@@ -38,6 +38,36 @@ const OP_BACKEND_SEND: u8 = 5;
 const OP_CONNECT: u8 = 6;
 const OP_TICK: u8 = 7;
 const OP_CANCEL: u8 = 8;
+const OP_SHUTDOWN: u8 = 9;
+
+/// A socket as io_uring sees it: a plain descriptor (clients: weir needs
+/// their address) or a slot of the ring's registered-file table (backends:
+/// they cost no entry in the process' descriptor table, which is capped).
+#[derive(Clone, Copy)]
+enum Target {
+    Fd(RawFd),
+    Slot(u32),
+}
+
+impl Target {
+    fn recv(self, bgid: u16) -> squeue::Entry {
+        match self {
+            Self::Fd(fd) => opcode::RecvMulti::new(types::Fd(fd), bgid).build(),
+            Self::Slot(s) => opcode::RecvMulti::new(types::Fixed(s), bgid).build(),
+        }
+    }
+
+    fn send(self, ptr: *const u8, len: u32) -> squeue::Entry {
+        match self {
+            Self::Fd(fd) => opcode::Send::new(types::Fd(fd), ptr, len)
+                .flags(libc::MSG_NOSIGNAL)
+                .build(),
+            Self::Slot(s) => opcode::Send::new(types::Fixed(s), ptr, len)
+                .flags(libc::MSG_NOSIGNAL)
+                .build(),
+        }
+    }
+}
 
 /// Buffers queued towards one peer before weir stops reading from the
 /// other: the per-connection bound on data in flight.
@@ -215,7 +245,8 @@ struct Conn {
     listener: usize,
     client: OwnedFd,
     peer: SocketAddr,
-    backend: Option<OwnedFd>,
+    /// The backend socket's slot in the ring's registered-file table.
+    backend: Option<u32>,
     backend_id: Option<u32>,
     backend_addr: Option<Box<(libc::sockaddr_storage, libc::socklen_t)>>,
     phase: Phase,
@@ -270,6 +301,8 @@ pub struct Worker {
     stop: Arc<AtomicBool>,
     accepting: bool,
     metrics: Arc<WorkerMetrics>,
+    /// Free slots of the registered-file table.
+    slots: Vec<u32>,
 }
 
 impl Worker {
@@ -290,6 +323,22 @@ impl Worker {
             .or_else(|_| IoUring::new(entries))
             .map_err(|e| io::Error::new(e.kind(), format!("io_uring is not available: {e}")))?;
         let bufs = BufRing::new(&ring, 0, config.buffers, config.buffer_size)?;
+        // A sparse table of direct descriptors for backend sockets; the
+        // kernel caps it at RLIMIT_NOFILE per ring.
+        let mut limit = libc::rlimit {
+            rlim_cur: 0,
+            rlim_max: 0,
+        };
+        // SAFETY: getrlimit fills the struct we pass.
+        unsafe { libc::getrlimit(libc::RLIMIT_NOFILE, &mut limit) };
+        let table = (limit.rlim_cur as u32).clamp(64, 65536);
+        ring.submitter().register_files_sparse(table).map_err(|e| {
+            io::Error::new(
+                e.kind(),
+                format!("registering {table} direct descriptors: {e}"),
+            )
+        })?;
+        let slots: Vec<u32> = (0..table).rev().collect();
         let mut listeners = Vec::new();
         for l in &config.listeners {
             let fd = reuseport_listener(l.listen)
@@ -316,6 +365,7 @@ impl Worker {
             stop,
             accepting: true,
             metrics,
+            slots,
         })
     }
 
@@ -409,6 +459,7 @@ impl Worker {
                         self.on_send(idx, op == OP_CLIENT_SEND, res)
                     }
                     OP_CONNECT => self.on_connect(idx, res),
+                    OP_SHUTDOWN => self.conn(idx).inflight -= 1,
                     _ => {}
                 }
                 self.maybe_free(idx);
@@ -496,24 +547,22 @@ impl Worker {
     fn arm_recv(&mut self, idx: u32, client: bool) {
         let bgid = self.bufs.bgid();
         let c = self.conn(idx);
-        let (fd, op) = if client {
+        let (target, op) = if client {
             if c.client_recv || c.client_eof {
                 return;
             }
             c.client_recv = true;
-            (c.client.as_raw_fd(), OP_CLIENT_RECV)
+            (Target::Fd(c.client.as_raw_fd()), OP_CLIENT_RECV)
         } else {
-            let Some(b) = &c.backend else { return };
+            let Some(slot) = c.backend else { return };
             if c.backend_recv || c.backend_eof {
                 return;
             }
             c.backend_recv = true;
-            (b.as_raw_fd(), OP_BACKEND_RECV)
+            (Target::Slot(slot), OP_BACKEND_RECV)
         };
         c.inflight += 1;
-        let entry = opcode::RecvMulti::new(types::Fd(fd), bgid)
-            .build()
-            .user_data(ud(op, idx, c.generation));
+        let entry = target.recv(bgid).user_data(ud(op, idx, c.generation));
         self.push(entry);
     }
 
@@ -688,10 +737,37 @@ impl Worker {
                 4,
             )
         };
+        // SAFETY: we own the new descriptor; it moves into the ring's
+        // table and the process' copy is closed.
+        let fd = unsafe { OwnedFd::from_raw_fd(fd) };
+        let Some(slot) = self.slots.pop() else {
+            return self.reject(
+                idx,
+                Reject {
+                    status: 503,
+                    reason: "out of backend socket slots",
+                },
+            );
+        };
+        if let Err(e) = self
+            .ring
+            .submitter()
+            .register_files_update(slot, &[fd.as_raw_fd()])
+        {
+            self.slots.push(slot);
+            let _ = e;
+            return self.reject(
+                idx,
+                Reject {
+                    status: 503,
+                    reason: "cannot register the backend socket",
+                },
+            );
+        }
+        drop(fd);
         let connect_timeout = self.config.timeouts.connect;
         let c = self.conn(idx);
-        // SAFETY: we own the new descriptor.
-        c.backend = Some(unsafe { OwnedFd::from_raw_fd(fd) });
+        c.backend = Some(slot);
         c.backend_id = Some(id);
         c.tried.push(id);
         c.backend_addr = Some(Box::new(sockaddr(addr)));
@@ -700,7 +776,7 @@ impl Worker {
         c.inflight += 1;
         let sa = c.backend_addr.as_ref().expect("set above");
         let entry = opcode::Connect::new(
-            types::Fd(fd),
+            types::Fixed(slot),
             (&sa.0 as *const libc::sockaddr_storage).cast(),
             sa.1,
         )
@@ -717,8 +793,13 @@ impl Worker {
             return;
         }
         if res < 0 {
-            // Refused or timed out (the tick shut the socket): try another.
-            c.backend = None;
+            // Refused or timed out (the tick cancelled it): its slot goes
+            // back (no other operation uses it), and another backend is tried.
+            if let Some(slot) = c.backend.take() {
+                let _ = self.ring.submitter().register_files_update(slot, &[-1]);
+                self.slots.push(slot);
+            }
+            let c = self.conn(idx);
             c.backend_id = None;
             return self.connect_next(idx);
         }
@@ -954,12 +1035,23 @@ impl Worker {
         c.to_client.finish = true;
         c.phase = Phase::Closing;
         c.deadline = Some(Instant::now() + close_timeout);
-        if let Some(b) = &c.backend {
-            // SAFETY: shutdown on our own socket.
-            unsafe { libc::shutdown(b.as_raw_fd(), libc::SHUT_RDWR) };
+        if c.backend.is_some() {
             c.backend_eof = true;
+            self.shut_backend(idx, libc::SHUT_RDWR);
         }
         self.flush(idx, true);
+    }
+
+    /// Shuts the backend socket (a direct descriptor: through the ring; the
+    /// operation counts as in flight, so the slot is not freed under it).
+    fn shut_backend(&mut self, idx: u32, how: i32) {
+        let c = self.conn(idx);
+        let Some(slot) = c.backend else { return };
+        c.inflight += 1;
+        let entry = opcode::Shutdown::new(types::Fixed(slot), how)
+            .build()
+            .user_data(ud(OP_SHUTDOWN, idx, c.generation));
+        self.push(entry);
     }
 
     /// Ends a connection now: both sockets shut, so every pending
@@ -978,16 +1070,12 @@ impl Worker {
                 }
             }
         }
-        // SAFETY: shutdown on our own sockets ends their operations.
-        unsafe {
-            libc::shutdown(c.client.as_raw_fd(), libc::SHUT_RDWR);
-            if let Some(b) = &c.backend {
-                libc::shutdown(b.as_raw_fd(), libc::SHUT_RDWR);
-            }
-        }
+        // SAFETY: shutdown on our own socket ends its operations.
+        unsafe { libc::shutdown(c.client.as_raw_fd(), libc::SHUT_RDWR) };
         for bid in bids {
             self.bufs.recycle(bid);
         }
+        self.shut_backend(idx, libc::SHUT_RDWR);
     }
 
     fn on_eof(&mut self, idx: u32, from_client: bool) {
@@ -1032,16 +1120,20 @@ impl Worker {
         };
         let c = self.conns[idx as usize].as_mut().expect("live");
         let generation = c.generation;
-        let (queue, fd, op) = if to_client {
-            (&mut c.to_client, Some(c.client.as_raw_fd()), OP_CLIENT_SEND)
+        let (queue, target, op) = if to_client {
+            (
+                &mut c.to_client,
+                Some(Target::Fd(c.client.as_raw_fd())),
+                OP_CLIENT_SEND,
+            )
         } else {
             (
                 &mut c.to_backend,
-                c.backend.as_ref().map(AsRawFd::as_raw_fd),
+                c.backend.map(Target::Slot),
                 OP_BACKEND_SEND,
             )
         };
-        let Some(fd) = fd else { return };
+        let Some(target) = target else { return };
         if queue.in_flight || c.aborted {
             return;
         }
@@ -1054,17 +1146,21 @@ impl Worker {
             None => {
                 if queue.finish && !queue.shut {
                     queue.shut = true;
-                    // SAFETY: shutdown on our own socket.
-                    unsafe { libc::shutdown(fd, libc::SHUT_WR) };
+                    match target {
+                        // SAFETY: shutdown on our own socket.
+                        Target::Fd(fd) => unsafe {
+                            libc::shutdown(fd, libc::SHUT_WR);
+                        },
+                        Target::Slot(_) => self.shut_backend(idx, libc::SHUT_WR),
+                    }
                 }
                 return;
             }
         };
         queue.in_flight = true;
         c.inflight += 1;
-        let entry = opcode::Send::new(types::Fd(fd), ptr as *const u8, len)
-            .flags(libc::MSG_NOSIGNAL)
-            .build()
+        let entry = target
+            .send(ptr as *const u8, len)
             .user_data(ud(op, idx, generation));
         self.push(entry);
     }
@@ -1185,6 +1281,11 @@ impl Worker {
         if let (true, Some(id)) = (c.counted, c.backend_id) {
             self.view.add_l7_connections(id, -1);
         }
+        if let Some(slot) = c.backend {
+            // Nothing is in flight: the socket closes with its last reference.
+            let _ = self.ring.submitter().register_files_update(slot, &[-1]);
+            self.slots.push(slot);
+        }
         self.free.push(idx);
     }
 
@@ -1292,13 +1393,18 @@ impl Worker {
                     );
                 }
                 Phase::Connecting => {
+                    // Cancelling the connect (by its tag, not its socket
+                    // slot) fails it; on_connect then tries another backend.
                     let c = self.conn(idx);
                     c.timed_out = true;
-                    if let Some(b) = &c.backend {
-                        // SAFETY: shutdown on our own socket fails the connect.
-                        unsafe { libc::shutdown(b.as_raw_fd(), libc::SHUT_RDWR) };
-                    }
                     c.deadline = None;
+                    let target = ud(OP_CONNECT, idx, c.generation);
+                    let entry = opcode::AsyncCancel::new(target).build().user_data(ud(
+                        OP_CANCEL,
+                        idx,
+                        c.generation,
+                    ));
+                    self.push(entry);
                 }
                 Phase::BackendHead => self.reject(
                     idx,
