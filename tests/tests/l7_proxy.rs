@@ -57,6 +57,16 @@ impl Bed {
     }
 
     fn build(tag: &str, backends: usize, extra: &str, timeouts: &str) -> Self {
+        Self::build_with(tag, backends, extra, timeouts, 100_000)
+    }
+
+    fn build_with(
+        tag: &str,
+        backends: usize,
+        extra: &str,
+        timeouts: &str,
+        max_connections: usize,
+    ) -> Self {
         let inst = TestInstance::new(tag);
         let dir = std::env::temp_dir().join(format!("weir-l7-{}", inst.name()));
         std::fs::create_dir_all(&dir).unwrap();
@@ -125,6 +135,7 @@ impl Bed {
 [runtime]
 workers = 2
 buffers = 1024
+max_connections = {max_connections}
 [metrics]
 listen = "127.0.0.1:{metrics_port}"
 [timeouts]
@@ -1111,4 +1122,68 @@ fn conformance_cases_give_the_same_results_through_weir_as_direct() {
         }
     }
     assert!(differ.is_empty(), "results differ:\n{}", differ.join("\n"));
+}
+
+#[test]
+fn over_the_connection_limit_clients_get_503() {
+    if !require_root() {
+        return;
+    }
+    // Two workers, one connection each at most.
+    let bed = Bed::build_with("l7limit", 1, "", "", 1);
+    let mut held = Vec::new();
+    let mut statuses = Vec::new();
+    for _ in 0..6 {
+        let (s, head) = upgrade(bed.port, "/ws");
+        statuses.push(head.split_whitespace().nth(1).unwrap_or("").to_string());
+        held.push(s);
+    }
+    let upgraded = statuses.iter().filter(|s| *s == "101").count();
+    assert!((1..=2).contains(&upgraded), "{statuses:?}");
+    assert_eq!(
+        statuses.iter().filter(|s| *s == "503").count(),
+        6 - upgraded,
+        "{statuses:?}"
+    );
+}
+
+#[test]
+fn the_drain_window_can_differ_per_service() {
+    if !require_root() {
+        return;
+    }
+    // The service's own window (0.5 s) wins over the global 30 s.
+    let bed = Bed::new(
+        "l7svcdrain",
+        2,
+        &format!(
+            "[drain]\nwindow = \"30s\"\n[[service]]\naddress = \"{SVC}\"\ndrain_window = \"500ms\"\n"
+        ),
+    );
+    let (mut s, head) = upgrade(bed.port, "/ws");
+    assert!(head.starts_with("HTTP/1.1 101"), "{head}");
+    let name = head
+        .lines()
+        .find_map(|l| {
+            l.to_ascii_lowercase()
+                .strip_prefix("x-weir-backend: ")
+                .map(str::to_string)
+        })
+        .unwrap();
+    let addr = bed.echoes[if name == "e0" { 0 } else { 1 }].1;
+    let started = Instant::now();
+    bed.weir_cli(&[
+        "backend",
+        "drain",
+        &SVC.to_string(),
+        &addr.to_string(),
+        "--force",
+    ]);
+    let (_, op, payload) = recv(&mut s);
+    assert_eq!((op, close_code(&payload)), (8, 1001));
+    assert!(
+        started.elapsed() < Duration::from_secs(2),
+        "closed after {:?}",
+        started.elapsed()
+    );
 }

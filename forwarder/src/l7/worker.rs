@@ -1289,20 +1289,34 @@ impl Worker {
         self.free.push(idx);
     }
 
+    /// Schedules the drain of every relayed connection to a backend that
+    /// stopped, spread over its service's drain window.
     fn schedule_drains(&mut self, stopped: &std::collections::BTreeSet<u32>) {
         let now_ms = self.start.elapsed().as_millis() as u64;
-        let window = self.config.drain_window.as_millis() as u64;
-        let conns: Vec<(u32, u32)> = self
-            .conns
-            .iter()
-            .enumerate()
-            .filter_map(|(i, c)| c.as_ref().map(|c| (i as u32, c)))
-            .filter(|(_, c)| {
-                c.phase == Phase::Relay && c.backend_id.is_some_and(|id| stopped.contains(&id))
-            })
-            .map(|(i, c)| (i, c.generation))
-            .collect();
-        self.drains.schedule(now_ms, window, conns);
+        let mut by_service: std::collections::BTreeMap<ServiceAddr, Vec<(u32, u32)>> =
+            Default::default();
+        for (i, c) in self.conns.iter().enumerate() {
+            let Some(c) = c else { continue };
+            if c.phase == Phase::Relay
+                && c.backend_id.is_some_and(|id| stopped.contains(&id))
+                && let Some(service) = c.service
+            {
+                by_service
+                    .entry(service)
+                    .or_default()
+                    .push((i as u32, c.generation));
+            }
+        }
+        for (service, conns) in by_service {
+            let window = self
+                .config
+                .service_drain
+                .iter()
+                .find(|(s, _)| *s == service)
+                .map_or(self.config.drain_window, |(_, w)| *w);
+            self.drains
+                .schedule(now_ms, window.as_millis() as u64, conns);
+        }
     }
 
     fn on_tick(&mut self) {
