@@ -383,6 +383,29 @@ fn run_daemon(path: Option<&std::path::Path>, create: CreateOptions) -> Result<(
     };
     let instance = Instance::new(&config.instance)?;
     Registry::open_or_create(&instance, create)?;
+    // One daemon per instance: a second would share the listeners
+    // (SO_REUSEPORT) and reset the first one's connection counts.
+    let lock_path = instance.state_dir().join("daemon.lock");
+    let lock = std::fs::OpenOptions::new()
+        .create(true)
+        .truncate(false)
+        .write(true)
+        .open(&lock_path)
+        .with_context(|| format!("opening {}", lock_path.display()))?;
+    // SAFETY: flock on a descriptor we own; held until `lock` drops.
+    if unsafe {
+        libc::flock(
+            std::os::fd::AsRawFd::as_raw_fd(&lock),
+            libc::LOCK_EX | libc::LOCK_NB,
+        )
+    } != 0
+    {
+        bail!(
+            "another `weir run` is serving instance {:?} ({} is locked)",
+            instance.name(),
+            lock_path.display()
+        );
+    }
     let stop = Arc::new(AtomicBool::new(false));
     for signal in [signal_hook::consts::SIGTERM, signal_hook::consts::SIGINT] {
         signal_hook::flag::register(signal, stop.clone()).context("installing signal handlers")?;
@@ -413,6 +436,7 @@ fn run_daemon(path: Option<&std::path::Path>, create: CreateOptions) -> Result<(
         "weir: stopped after {} connections ({upgraded} upgraded, {drained} closed with 1001)",
         totals.accepted
     );
+    drop(lock);
     Ok(())
 }
 

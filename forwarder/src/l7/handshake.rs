@@ -74,6 +74,7 @@ pub fn status_text(status: u16) -> &'static str {
         101 => "Switching Protocols",
         400 => "Bad Request",
         404 => "Not Found",
+        408 => "Request Timeout",
         426 => "Upgrade Required",
         431 => "Request Header Fields Too Large",
         502 => "Bad Gateway",
@@ -125,6 +126,9 @@ const REGENERATED: &[&str] = &[
     "sec-websocket-extensions",
     "x-forwarded-for",
     "x-forwarded-proto",
+    // Claims about the client that only weir can make.
+    "forwarded",
+    "x-real-ip",
 ];
 
 fn tokens(value: &[u8]) -> impl Iterator<Item = &[u8]> {
@@ -369,6 +373,12 @@ pub fn parse_response(
         return Err(reject(502, "backend response head too large"));
     }
     let status = resp.code.unwrap_or(0);
+    if (100..200).contains(&status) && status != 101 {
+        return Err(reject(
+            502,
+            "backend sent an interim response to an upgrade",
+        ));
+    }
     if status != 101 {
         return Ok(Some(BackendResponse::Other { status, head_len }));
     }

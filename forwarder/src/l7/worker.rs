@@ -272,7 +272,14 @@ struct Conn {
     /// weir sent its own Close on each side (drain, violation, idle).
     closed_client: bool,
     closed_backend: bool,
-    drain_pending: bool,
+    /// weir is closing this WebSocket with this code and reason; each peer
+    /// gets its Close at its next frame boundary.
+    pending_close: Option<(u16, &'static str)>,
+    /// Refused for `max_connections`: not counted in `open`.
+    over_limit: bool,
+    /// A peer broke a framing rule: nothing more from it is relayed.
+    failed_c2b: bool,
+    failed_b2c: bool,
     /// Ended by weir: nothing more is sent, everything is let go.
     aborted: bool,
     /// Counted in `live` for its backend.
@@ -303,6 +310,13 @@ pub struct Worker {
     metrics: Arc<WorkerMetrics>,
     /// Free slots of the registered-file table.
     slots: Vec<u32>,
+    /// After SIGTERM: what is still open at this point is cut.
+    shutdown_deadline: Option<Instant>,
+    /// Connections across all workers, for `max_connections`.
+    open: Arc<std::sync::atomic::AtomicUsize>,
+    /// Listeners whose accept stopped for lack of descriptors; the tick
+    /// re-arms them.
+    accept_paused: Vec<bool>,
 }
 
 impl Worker {
@@ -312,6 +326,7 @@ impl Worker {
         settings: &Settings,
         stop: Arc<AtomicBool>,
         metrics: Arc<WorkerMetrics>,
+        open: Arc<std::sync::atomic::AtomicUsize>,
     ) -> io::Result<Self> {
         let config = settings.config.clone();
         let entries = 4096;
@@ -339,6 +354,7 @@ impl Worker {
             )
         })?;
         let slots: Vec<u32> = (0..table).rev().collect();
+        let accept_paused = vec![false; config.listeners.len()];
         let mut listeners = Vec::new();
         for l in &config.listeners {
             let fd = reuseport_listener(l.listen)
@@ -366,6 +382,9 @@ impl Worker {
             accepting: true,
             metrics,
             slots,
+            shutdown_deadline: None,
+            open,
+            accept_paused,
         })
     }
 
@@ -392,15 +411,16 @@ impl Worker {
         for i in 0..self.listeners.len() {
             self.arm_accept(i);
         }
-        let tick = opcode::Timeout::new(&*self.tick as *const types::Timespec)
-            .flags(types::TimeoutFlags::MULTISHOT)
-            .build()
-            .user_data(ud(OP_TICK, 0, 0));
-        self.push(tick);
+        self.arm_tick();
         loop {
             match self.ring.submit_and_wait(1) {
                 Ok(_) => {}
-                Err(e) if e.raw_os_error() == Some(libc::EINTR) => {}
+                // Interrupted, or the completion queue is full: reap, retry.
+                Err(e)
+                    if matches!(
+                        e.raw_os_error(),
+                        Some(libc::EINTR | libc::EBUSY | libc::EAGAIN)
+                    ) => {}
                 Err(e) => return Err(e),
             }
             let completions: Vec<(u64, i32, u32)> = self
@@ -417,6 +437,15 @@ impl Worker {
         }
     }
 
+    /// A one-shot timeout, re-armed on every tick (multishot timeouts need
+    /// kernel 6.4 and end silently when the completion queue overflows).
+    fn arm_tick(&mut self) {
+        let tick = opcode::Timeout::new(&*self.tick as *const types::Timespec)
+            .build()
+            .user_data(ud(OP_TICK, 0, 0));
+        self.push(tick);
+    }
+
     fn arm_accept(&mut self, listener: usize) {
         let fd = self.listeners[listener].0.as_raw_fd();
         let entry = opcode::AcceptMulti::new(types::Fd(fd))
@@ -430,7 +459,10 @@ impl Worker {
         let (op, idx, generation) = split(user_data);
         match op {
             OP_ACCEPT => self.on_accept(idx as usize, res, flags),
-            OP_TICK => self.on_tick(),
+            OP_TICK => {
+                self.arm_tick();
+                self.on_tick();
+            }
             OP_CANCEL => {}
             _ => {
                 // A receive that picked a buffer owns it, whatever happened
@@ -472,8 +504,14 @@ impl Worker {
     }
 
     fn on_accept(&mut self, listener: usize, res: i32, flags: u32) {
+        let out_of_files = res == -libc::EMFILE || res == -libc::ENFILE;
         if !cqueue::more(flags) && self.accepting {
-            self.arm_accept(listener);
+            if out_of_files {
+                // Re-arming now would spin: the tick tries again.
+                self.accept_paused[listener] = true;
+            } else {
+                self.arm_accept(listener);
+            }
         }
         if res < 0 {
             return;
@@ -496,7 +534,11 @@ impl Worker {
         let generation = self.next_generation;
         self.next_generation = self.next_generation.wrapping_add(1).max(1) & 0xff_ffff;
         let now = Instant::now();
-        let over = self.conns.iter().filter(|c| c.is_some()).count() >= self.config.max_connections;
+        // Counted while open; one refused for the limit does not count.
+        let over = self.open.fetch_add(1, Ordering::Relaxed) >= self.config.max_connections;
+        if over {
+            self.open.fetch_sub(1, Ordering::Relaxed);
+        }
         self.conns[idx as usize] = Some(Conn {
             generation,
             listener,
@@ -525,7 +567,10 @@ impl Worker {
             last_activity: now,
             closed_client: false,
             closed_backend: false,
-            drain_pending: false,
+            pending_close: None,
+            over_limit: over,
+            failed_c2b: false,
+            failed_b2c: false,
             aborted: false,
             counted: false,
             last_ping: now,
@@ -584,7 +629,9 @@ impl Worker {
             return;
         }
         if res == -libc::ECANCELED {
-            // Paused by backpressure; re-armed once the other side drains.
+            // Paused by backpressure: re-armed once the other side drained
+            // (which may already be the case).
+            self.backpressure(idx);
             return;
         }
         if res <= 0 {
@@ -701,14 +748,22 @@ impl Worker {
         let Some((id, addr)) = self.view.pick(&service, random, &tried, |id| {
             live.get(&id).copied().unwrap_or(0)
         }) else {
-            let status = if tried.is_empty() { 503 } else { 502 };
-            return self.reject(
-                idx,
-                Reject {
-                    status,
+            let timed_out = self.conn(idx).timed_out;
+            let reject = match (tried.is_empty(), timed_out) {
+                (true, _) => Reject {
+                    status: 503,
                     reason: "no healthy backend",
                 },
-            );
+                (false, true) => Reject {
+                    status: 504,
+                    reason: "backend did not answer in time",
+                },
+                (false, false) => Reject {
+                    status: 502,
+                    reason: "backend refused the connection",
+                },
+            };
+            return self.reject(idx, reject);
         };
         let family = if addr.is_ipv4() {
             libc::AF_INET
@@ -766,7 +821,13 @@ impl Worker {
         }
         drop(fd);
         let connect_timeout = self.config.timeouts.connect;
+        // Counted from the pick on: a backend being connected to is in use
+        // (the registry must not free it meanwhile).
+        *self.live.entry(id).or_insert(0) += 1;
+        self.view.add_l7_connections(id, 1);
         let c = self.conn(idx);
+        c.counted = true;
+        c.timed_out = false;
         c.backend = Some(slot);
         c.backend_id = Some(id);
         c.tried.push(id);
@@ -800,7 +861,13 @@ impl Worker {
                 self.slots.push(slot);
             }
             let c = self.conn(idx);
-            c.backend_id = None;
+            c.counted = false;
+            if let Some(id) = c.backend_id.take() {
+                if let Some(n) = self.live.get_mut(&id) {
+                    *n = n.saturating_sub(1);
+                }
+                self.view.add_l7_connections(id, -1);
+            }
             return self.connect_next(idx);
         }
         let id = c.backend_id.expect("connecting to a backend");
@@ -817,9 +884,6 @@ impl Worker {
         });
         c.phase = Phase::BackendHead;
         c.deadline = Some(Instant::now() + backend_head);
-        *self.live.entry(id).or_insert(0) += 1;
-        self.conn(idx).counted = true;
-        self.view.add_l7_connections(id, 1);
         if let Some(addr) = self.view.backend(id).map(|b| b.addr) {
             self.metrics.connected(addr);
             self.conn(idx).backend_sockaddr = Some(addr);
@@ -833,6 +897,7 @@ impl Worker {
             max_head: self.config.limits.max_head_bytes,
             max_headers: self.config.limits.max_headers,
         };
+        let backend_head = self.config.timeouts.backend_head;
         let key = self.conn(idx).request.as_ref().expect("parsed").key.clone();
         let parsed = handshake::parse_response(&self.conn(idx).head, &key, &limits);
         match parsed {
@@ -846,7 +911,8 @@ impl Worker {
                     offset: 0,
                 });
                 c.phase = Phase::PassThrough;
-                c.deadline = None;
+                // The answer gets as long as the handshake did.
+                c.deadline = Some(Instant::now() + backend_head);
                 self.flush(idx, true);
             }
             Ok(Some(BackendResponse::Upgraded {
@@ -880,7 +946,21 @@ impl Worker {
                     self.relay_owned(idx, true, early);
                 }
                 self.flush(idx, true);
+                self.flush(idx, false);
                 self.arm_recv(idx, true);
+                // The backend may have left while this connection was being
+                // set up: it drains like the others.
+                let c = self.conn(idx);
+                let (id, generation) = (c.backend_id, c.generation);
+                let active = id
+                    .and_then(|id| self.view.backend(id))
+                    .is_some_and(|b| b.state == weir_ebpf::abi::BackendState::Active);
+                if !active {
+                    let now_ms = self.start.elapsed().as_millis() as u64;
+                    let window = self.drain_window_of(idx).as_millis() as u64;
+                    self.drains
+                        .schedule(now_ms, window, vec![(idx, generation)]);
+                }
             }
         }
     }
@@ -923,9 +1003,9 @@ impl Worker {
                 offset: 0,
             });
         }
-        self.count_fed(from_client, fed.frames, &fed.closes, data.len());
+        self.count_fed(from_client, fed.frames, &fed.closes, fed.pass);
         if let Some(v) = fed.violation {
-            self.close_both(idx, v.code, v.reason);
+            self.fail(idx, from_client, v.code, v.reason);
         }
     }
 
@@ -934,10 +1014,14 @@ impl Worker {
         let c = self.conns[idx as usize].as_mut().expect("live");
         // After weir's own Close to a peer, nothing more goes to it.
         let dropped = if from_client {
-            c.closed_backend
+            c.closed_backend || c.failed_c2b
         } else {
-            c.closed_client
+            c.closed_client || c.failed_b2c
         };
+        if dropped {
+            self.bufs.recycle(bid);
+            return;
+        }
         let scanner = if from_client {
             c.c2b.as_mut()
         } else {
@@ -966,62 +1050,90 @@ impl Worker {
                 self.bufs.recycle(bid);
             }
         }
-        self.count_fed(from_client, fed.frames, &fed.closes, len);
+        self.count_fed(from_client, fed.frames, &fed.closes, fed.pass);
         if let Some(v) = fed.violation {
-            self.close_both(idx, v.code, v.reason);
+            self.fail(idx, from_client, v.code, v.reason);
         } else {
-            self.inject_pending(idx);
+            self.try_close(idx);
         }
         self.flush(idx, !from_client);
     }
 
-    /// weir closes the WebSocket on both sides with `code` (at frame
-    /// boundaries: the scanners only pass whole frames before a violation).
-    fn close_both(&mut self, idx: u32, code: u16, reason: &str) {
-        let mask = [self.random() as u8, 0x5a, self.random() as u8, 0xa5];
+    /// A peer broke a rule: nothing more from it passes, and both sides
+    /// get a Close with the rule's code.
+    fn fail(&mut self, idx: u32, from_client: bool, code: u16, reason: &'static str) {
+        let c = self.conn(idx);
+        if from_client {
+            c.failed_c2b = true;
+        } else {
+            c.failed_b2c = true;
+        }
+        self.close_both(idx, code, reason);
+    }
+
+    /// weir closes the WebSocket on both sides with `code`. Each Close goes
+    /// out at a frame boundary of the bytes flowing to that peer: if a frame
+    /// towards it is half sent, the rest of that frame is relayed first.
+    /// What does not finish within the close timeout is cut.
+    fn close_both(&mut self, idx: u32, code: u16, reason: &'static str) {
         let close_timeout = self.config.timeouts.close;
         let c = self.conn(idx);
-        let mut sent = Vec::new();
-        if !c.closed_client {
-            c.to_client.segs.push_back(Seg::Owned {
-                data: frame::close_frame(code, reason, None),
-                offset: 0,
-            });
-            c.closed_client = true;
-            sent.push(CloseSeen::SentToClient);
+        if c.pending_close.is_none() {
+            c.pending_close = Some((code, reason));
+            c.deadline = Some(Instant::now() + close_timeout);
         }
-        if !c.closed_backend && c.backend.is_some() {
-            c.to_backend.segs.push_back(Seg::Owned {
-                data: frame::close_frame(code, reason, Some(mask)),
-                offset: 0,
-            });
+        self.try_close(idx);
+    }
+
+    /// Sends the pending Close to each peer whose incoming frames are at a
+    /// boundary; once both have theirs, the connection is closing.
+    fn try_close(&mut self, idx: u32) {
+        let mask = [self.random() as u8, 0x5a, self.random() as u8, 0xa5];
+        let c = self.conn(idx);
+        let Some((code, reason)) = c.pending_close else {
+            return;
+        };
+        let mut sent = Vec::new();
+        // A peer that sent its own Close, or whose write side is shut,
+        // gets nothing more.
+        let client_done = c.to_client.finish || c.b2c.as_ref().is_some_and(Scanner::closed);
+        let backend_done = c.backend.is_none()
+            || c.to_backend.finish
+            || c.c2b.as_ref().is_some_and(Scanner::closed);
+        if !c.closed_client && (client_done || c.b2c.as_ref().is_none_or(Scanner::at_boundary)) {
+            c.closed_client = true;
+            if !c.to_client.finish {
+                if !c.b2c.as_ref().is_some_and(Scanner::closed) {
+                    c.to_client.segs.push_back(Seg::Owned {
+                        data: frame::close_frame(code, reason, None),
+                        offset: 0,
+                    });
+                    sent.push(CloseSeen::SentToClient);
+                }
+                c.to_client.finish = true;
+            }
+        }
+        if !c.closed_backend && (backend_done || c.c2b.as_ref().is_none_or(Scanner::at_boundary)) {
             c.closed_backend = true;
-            sent.push(CloseSeen::SentToBackend);
+            if c.backend.is_some() && !c.to_backend.finish {
+                if !c.c2b.as_ref().is_some_and(Scanner::closed) {
+                    c.to_backend.segs.push_back(Seg::Owned {
+                        data: frame::close_frame(code, reason, Some(mask)),
+                        offset: 0,
+                    });
+                    sent.push(CloseSeen::SentToBackend);
+                }
+                c.to_backend.finish = true;
+            }
+        }
+        if c.closed_client && c.closed_backend {
+            c.phase = Phase::Closing;
         }
         for seen in sent {
             self.metrics.close(seen, code);
         }
-        let c = self.conn(idx);
-        c.to_client.finish = true;
-        c.to_backend.finish = true;
-        c.phase = Phase::Closing;
-        c.deadline = Some(Instant::now() + close_timeout);
         self.flush(idx, true);
         self.flush(idx, false);
-    }
-
-    /// A drain Close waits for frame boundaries in both directions.
-    fn inject_pending(&mut self, idx: u32) {
-        let c = self.conn(idx);
-        if !c.drain_pending {
-            return;
-        }
-        let at_boundary = c.c2b.as_ref().is_none_or(Scanner::at_boundary)
-            && c.b2c.as_ref().is_none_or(Scanner::at_boundary);
-        if at_boundary {
-            c.drain_pending = false;
-            self.close_both(idx, frame::CLOSE_GOING_AWAY, "going away");
-        }
     }
 
     fn reject(&mut self, idx: u32, reject: Reject) {
@@ -1221,7 +1333,7 @@ impl Worker {
         let Some(c) = self.conns[idx as usize].as_mut() else {
             return;
         };
-        if c.phase != Phase::Relay {
+        if !matches!(c.phase, Phase::Relay | Phase::PassThrough) {
             return;
         }
         let generation = c.generation;
@@ -1269,6 +1381,9 @@ impl Worker {
             return;
         }
         let c = self.conns[idx as usize].take().expect("checked");
+        if !c.over_limit {
+            self.open.fetch_sub(1, Ordering::Relaxed);
+        }
         if let Some(id) = c.backend_id
             && c.counted
             && let Some(n) = self.live.get_mut(&id)
@@ -1287,6 +1402,20 @@ impl Worker {
             self.slots.push(slot);
         }
         self.free.push(idx);
+    }
+
+    /// The drain window of a connection's service.
+    fn drain_window_of(&self, idx: u32) -> Duration {
+        let service = self.conns[idx as usize].as_ref().and_then(|c| c.service);
+        service
+            .and_then(|svc| {
+                self.config
+                    .service_drain
+                    .iter()
+                    .find(|(s, _)| *s == svc)
+                    .map(|(_, w)| *w)
+            })
+            .unwrap_or(self.config.drain_window)
     }
 
     /// Schedules the drain of every relayed connection to a backend that
@@ -1323,6 +1452,24 @@ impl Worker {
         if self.stop.load(Ordering::Relaxed) && self.accepting {
             self.shutdown();
         }
+        for i in 0..self.accept_paused.len() {
+            if self.accept_paused[i] && self.accepting {
+                self.accept_paused[i] = false;
+                self.arm_accept(i);
+            }
+        }
+        if self.shutdown_deadline.is_some_and(|d| Instant::now() >= d) {
+            // Past `shutdown`: whatever is still open is cut.
+            let open: Vec<u32> = (0..self.conns.len() as u32)
+                .filter(|i| self.conns[*i as usize].is_some())
+                .collect();
+            for idx in open {
+                if !self.conn(idx).aborted {
+                    self.abort(idx);
+                }
+                self.maybe_free(idx);
+            }
+        }
         if let Ok(Some(changes)) = self.view.refresh() {
             self.schedule_drains(&changes.stopped);
         }
@@ -1334,15 +1481,14 @@ impl Worker {
                 .and_then(|c| c.as_ref())
                 .is_some_and(|c| c.generation == generation && c.phase == Phase::Relay)
             {
-                self.conn(idx).drain_pending = true;
-                self.inject_pending(idx);
+                self.close_both(idx, frame::CLOSE_GOING_AWAY, "going away");
             }
         }
         let pending = self
             .conns
             .iter()
             .flatten()
-            .filter(|c| c.drain_pending)
+            .filter(|c| c.phase == Phase::Relay && c.pending_close.is_some())
             .count();
         self.metrics
             .drains_in_progress
@@ -1356,7 +1502,9 @@ impl Worker {
             let c = self.conn(idx);
             let expired = c.deadline.is_some_and(|d| now >= d);
             let phase = c.phase;
-            let idle_out = phase == Phase::Relay && now.duration_since(c.last_activity) >= idle;
+            let idle_out = phase == Phase::Relay
+                && c.pending_close.is_none()
+                && now.duration_since(c.last_activity) >= idle;
             let reads_client = matches!(
                 phase,
                 Phase::ClientHead
@@ -1427,8 +1575,9 @@ impl Worker {
                         reason: "backend did not answer the handshake in time",
                     },
                 ),
-                Phase::Closing => self.abort(idx),
-                Phase::Relay | Phase::PassThrough => {}
+                // Relay has a deadline only while weir closes it (a peer
+                // stuck mid-frame); pass-through has one for the answer.
+                Phase::Closing | Phase::Relay | Phase::PassThrough => self.abort(idx),
             }
             self.maybe_free(idx);
         }
@@ -1442,6 +1591,9 @@ impl Worker {
         let c = self.conn(idx);
         let due = c.phase == Phase::Relay
             && !c.closed_client
+            && c.pending_close.is_none()
+            && !c.to_client.finish
+            && !c.b2c.as_ref().is_some_and(Scanner::closed)
             && now.duration_since(c.last_activity) >= every
             && now.duration_since(c.last_ping) >= every
             && c.b2c.as_ref().is_some_and(Scanner::at_boundary);
@@ -1459,6 +1611,7 @@ impl Worker {
     /// window.
     fn shutdown(&mut self) {
         self.accepting = false;
+        self.shutdown_deadline = Some(Instant::now() + self.config.timeouts.shutdown);
         for (fd, _) in &self.listeners {
             // SAFETY: shutdown on our own listening socket ends the accept.
             unsafe { libc::shutdown(fd.as_raw_fd(), libc::SHUT_RDWR) };
@@ -1511,6 +1664,19 @@ pub fn serve(settings: Settings, stop: Arc<AtomicBool>) -> io::Result<super::met
     Maps::open(&settings.instance_dir)
         .map_err(io::Error::other)?
         .reset_l7_connections();
+    // The metrics endpoint first: a taken port fails the start, not the
+    // exit hours later.
+    let metrics_stop = Arc::new(AtomicBool::new(false));
+    let snapshot_file = settings.state_dir.join("l7-stats.json");
+    let _ = std::fs::create_dir_all(&settings.state_dir);
+    let metrics_thread = super::metrics::serve(
+        settings.config.metrics,
+        snapshot_file,
+        metrics.clone(),
+        metrics_stop.clone(),
+    )
+    .map_err(|e| io::Error::new(e.kind(), format!("metrics endpoint: {e}")))?;
+    let open = Arc::new(std::sync::atomic::AtomicUsize::new(0));
     let (tx, rx) = std::sync::mpsc::channel();
     let mut handles = Vec::new();
     for (i, m) in metrics.iter().enumerate() {
@@ -1518,11 +1684,12 @@ pub fn serve(settings: Settings, stop: Arc<AtomicBool>) -> io::Result<super::met
         let stop = stop.clone();
         let tx = tx.clone();
         let m = m.clone();
+        let open = open.clone();
         handles.push(
             std::thread::Builder::new()
                 .name(format!("weir-worker-{i}"))
                 .spawn(move || -> io::Result<()> {
-                    let mut worker = match Worker::new(&settings, stop, m) {
+                    let mut worker = match Worker::new(&settings, stop, m, open) {
                         Ok(w) => {
                             let _ = tx.send(Ok(()));
                             w
@@ -1543,20 +1710,12 @@ pub fn serve(settings: Settings, stop: Arc<AtomicBool>) -> io::Result<super::met
             for h in handles {
                 let _ = h.join();
             }
+            metrics_stop.store(true, Ordering::Relaxed);
+            let _ = metrics_thread.join();
             return Err(e);
         }
     }
-    let metrics_stop = Arc::new(AtomicBool::new(false));
     let collector = collect_removed(&settings, metrics_stop.clone());
-    let snapshot_file = settings.state_dir.join("l7-stats.json");
-    let _ = std::fs::create_dir_all(&settings.state_dir);
-    let metrics_thread = super::metrics::serve(
-        settings.config.metrics,
-        snapshot_file,
-        metrics.clone(),
-        metrics_stop.clone(),
-    )
-    .map_err(|e| io::Error::new(e.kind(), format!("metrics endpoint: {e}")));
     let mut result = Ok(());
     for h in handles {
         let r = h
@@ -1568,7 +1727,6 @@ pub fn serve(settings: Settings, stop: Arc<AtomicBool>) -> io::Result<super::met
         }
     }
     metrics_stop.store(true, Ordering::Relaxed);
-    let metrics_thread = metrics_thread?;
     let _ = metrics_thread.join();
     if let Ok(c) = collector {
         let _ = c.join();
