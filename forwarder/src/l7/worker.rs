@@ -1088,6 +1088,9 @@ impl Worker {
     /// Sends the pending Close to each peer whose incoming frames are at a
     /// boundary; once both have theirs, the connection is closing.
     fn try_close(&mut self, idx: u32) {
+        if self.conn(idx).pending_close.is_none() {
+            return;
+        }
         let mask = [self.random() as u8, 0x5a, self.random() as u8, 0xa5];
         let c = self.conn(idx);
         let Some((code, reason)) = c.pending_close else {
