@@ -239,31 +239,9 @@ pub fn run_l4(opts: &L4Options) -> Result<L4Report> {
 
     // Long-lived clients.
     let dir = tempdir(&opts.instance)?;
-    let hold = dir.join("hold");
-    let ready = dir.join("ready");
     let url = format!("ws://{service}/");
-    let conns = opts.connections.to_string();
+    let (long_lived, hold) = start_long_lived(&topo, &client, &url, opts, &dir)?;
     let interval = opts.interval.as_millis().to_string();
-    let long_lived = topo.start_in(
-        &topo.client_ns,
-        &client,
-        &[
-            "--url",
-            &url,
-            "--connections",
-            &conns,
-            "--duration-secs",
-            "120",
-            "--interval-ms",
-            &interval,
-            "--hold-file",
-            hold.to_str().unwrap(),
-            "--ready-file",
-            ready.to_str().unwrap(),
-            "--quiet",
-        ],
-    )?;
-    wait_for(&ready, Duration::from_secs(60)).context("long-lived clients never became ready")?;
     log(
         opts.verbose,
         start,
@@ -374,6 +352,42 @@ fn destroy_stale_instances(weir: &Path) {
                 .output();
         }
     }
+}
+
+/// Starts the long-lived clients in the client namespace and waits until
+/// every one has connected (or failed); they talk until `hold` exists.
+fn start_long_lived(
+    topo: &Topology,
+    client: &Path,
+    url: &str,
+    opts: &L4Options,
+    dir: &Path,
+) -> Result<(crate::topology::Proc, PathBuf)> {
+    let hold = dir.join("hold");
+    let ready = dir.join("ready");
+    let conns = opts.connections.to_string();
+    let interval = opts.interval.as_millis().to_string();
+    let proc = topo.start_in(
+        &topo.client_ns,
+        client,
+        &[
+            "--url",
+            url,
+            "--connections",
+            &conns,
+            "--duration-secs",
+            "120",
+            "--interval-ms",
+            &interval,
+            "--hold-file",
+            hold.to_str().unwrap(),
+            "--ready-file",
+            ready.to_str().unwrap(),
+            "--quiet",
+        ],
+    )?;
+    wait_for(&ready, Duration::from_secs(60)).context("long-lived clients never became ready")?;
+    Ok((proc, hold))
 }
 
 fn parse_report(out: std::process::Output, what: &str) -> Result<LoadReport> {
@@ -537,31 +551,9 @@ pub fn run_l7(opts: &L4Options) -> Result<L7Report> {
         &format!("weir run serves the L7 service {service} in {lb_ns}: b0 b1 b2"),
     );
 
-    let hold = dir.join("hold");
-    let ready = dir.join("ready");
     let url = format!("ws://{service}/");
-    let conns = opts.connections.to_string();
+    let (long_lived, hold) = start_long_lived(&topo, &client, &url, opts, &dir)?;
     let interval = opts.interval.as_millis().to_string();
-    let long_lived = topo.start_in(
-        &topo.client_ns,
-        &client,
-        &[
-            "--url",
-            &url,
-            "--connections",
-            &conns,
-            "--duration-secs",
-            "120",
-            "--interval-ms",
-            &interval,
-            "--hold-file",
-            hold.to_str().unwrap(),
-            "--ready-file",
-            ready.to_str().unwrap(),
-            "--quiet",
-        ],
-    )?;
-    wait_for(&ready, Duration::from_secs(60)).context("L7 clients never became ready")?;
     log(
         opts.verbose,
         start,
