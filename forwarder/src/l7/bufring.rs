@@ -110,18 +110,9 @@ impl BufRing {
         self.bgid
     }
 
-    pub fn buf_size(&self) -> u32 {
-        self.buf_size
-    }
-
     /// Buffers the kernel cannot use right now (data waiting to be sent on).
     pub fn in_use(&self) -> u32 {
         self.in_use
-    }
-
-    /// Bytes of all buffers, for memory accounting.
-    pub fn memory(&self) -> usize {
-        self.ring_len + self.bufs_len
     }
 
     /// The first `len` bytes the kernel received into buffer `bid`.

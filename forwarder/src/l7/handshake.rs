@@ -475,6 +475,14 @@ mod tests {
         "Sec-WebSocket-Version: 13",
     ];
 
+    /// The good request with its first `from` replaced by `to`.
+    fn edited(from: &str, to: &str) -> Vec<u8> {
+        String::from_utf8(request(GOOD))
+            .unwrap()
+            .replacen(from, to, 1)
+            .into_bytes()
+    }
+
     fn with(replace: &str, by: Option<&str>) -> Vec<u8> {
         let name = replace.split(':').next().unwrap();
         let mut lines: Vec<&str> = GOOD
@@ -556,30 +564,9 @@ mod tests {
     #[test]
     fn every_rule_broken_once_gets_its_status() {
         let cases: Vec<(&str, Vec<u8>, u16)> = vec![
-            (
-                "POST",
-                String::from_utf8(request(GOOD))
-                    .unwrap()
-                    .replacen("GET", "POST", 1)
-                    .into_bytes(),
-                400,
-            ),
-            (
-                "HTTP/1.0",
-                String::from_utf8(request(GOOD))
-                    .unwrap()
-                    .replacen("HTTP/1.1", "HTTP/1.0", 1)
-                    .into_bytes(),
-                400,
-            ),
-            (
-                "absolute target",
-                String::from_utf8(request(GOOD))
-                    .unwrap()
-                    .replacen("/chat", "http://x/chat", 1)
-                    .into_bytes(),
-                400,
-            ),
+            ("POST", edited("GET", "POST"), 400),
+            ("HTTP/1.0", edited("HTTP/1.1", "HTTP/1.0"), 400),
+            ("absolute target", edited("/chat", "http://x/chat"), 400),
             (
                 "garbage",
                 b"\x16\x03\x01\x02\x00\x01\x00\x01\xfc\x03\x03\r\n\r\n".to_vec(),

@@ -63,11 +63,6 @@ impl RegistryView {
         Ok(view)
     }
 
-    /// The generation this view reflects.
-    pub fn generation(&self) -> u64 {
-        self.seen
-    }
-
     /// Re-reads the maps if the generation moved. Cheap when it did not.
     pub fn refresh(&mut self) -> Result<Option<Changes>, RegistryError> {
         if self.watch.get() == self.seen {

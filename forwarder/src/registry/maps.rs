@@ -4,7 +4,7 @@
 use std::collections::{BTreeMap, BTreeSet};
 use std::net::Ipv4Addr;
 use std::os::fd::{AsFd, AsRawFd, BorrowedFd};
-use std::path::{Path, PathBuf};
+use std::path::Path;
 
 use aya::maps::{Array, ArrayOfMaps, HashMap, Map, MapData, PerCpuArray, PerCpuValues};
 use aya::util::nr_cpus;
@@ -117,7 +117,6 @@ fn map_data(map: &Map) -> &MapData {
 
 /// Handles to an instance's pinned maps.
 pub struct Maps {
-    dir: PathBuf,
     services: Map,
     rings: Map,
     backends: Map,
@@ -176,7 +175,6 @@ impl Maps {
         .map_err(|e| RegistryError::Kernel(format!("mmap of {}: {e}", abi::maps::L7_CONNS)))?;
         Ok(Self {
             l7_conns,
-            dir: dir.to_path_buf(),
             services: open(abi::maps::SERVICES)?,
             rings: open(abi::maps::RINGS)?,
             backends,
@@ -188,10 +186,6 @@ impl Maps {
             be_stats: open(abi::maps::BACKEND_STATS)?,
             backends_view,
         })
-    }
-
-    pub fn dir(&self) -> &Path {
-        &self.dir
     }
 
     /// Reads the whole registry.
