@@ -137,6 +137,128 @@ impl Drop for InstanceGuard {
     }
 }
 
+/// What both scenarios start from: a topology of four backends, each with
+/// an echo server, and a weir instance attached to the LB with XDP; the
+/// instance and the topology go when the stage ends (also on interrupt).
+struct Stage {
+    weir: PathBuf,
+    client: PathBuf,
+    name: String,
+    // Field order: the instance (detaching XDP) goes before the topology.
+    instance: InstanceGuard,
+    topo: Topology,
+    backends: BTreeMap<String, Ipv4Addr>,
+}
+
+impl Stage {
+    fn new(instance: &str, opts: &L4Options) -> Result<Self> {
+        let weir = workspace_bin("weir");
+        let echo = workspace_bin("weir-echo");
+        let client = workspace_bin("weir-wsclient");
+        for bin in [&weir, &echo, &client] {
+            if !bin.exists() {
+                bail!(
+                    "{} is not built; run `cargo build --workspace` first",
+                    bin.display()
+                );
+            }
+        }
+        destroy_stale_instances(&weir);
+        let mut topo = Topology::build(TopologySpec {
+            backends: 4,
+            client_addrs: 1,
+        })?;
+        let guard = InstanceGuard::new(&weir, instance);
+        for i in 0..4 {
+            let ns = topo.backend_ns[i].clone();
+            let listen = format!("0.0.0.0:{PORT}");
+            topo.spawn_ready_in(
+                &ns,
+                &echo,
+                &["--listen", &listen, "--name", &format!("b{i}")],
+                Duration::from_secs(10),
+            )?;
+        }
+        // XDP_TX goes into the router's end of a veth: it needs a program.
+        if opts.xdp_mode == "native" {
+            topo.attach_veth_peer_xdp()?;
+        }
+        let backends = (0..4)
+            .map(|i| (format!("b{i}"), topo.backend_addr(i)))
+            .collect();
+        let stage = Self {
+            weir,
+            client,
+            name: instance.into(),
+            instance: guard,
+            topo,
+            backends,
+        };
+        let lb_addr = stage.topo.lb_addr().to_string();
+        stage.weir(
+            &stage.topo.lb_ns,
+            &[
+                "attach",
+                "--dev",
+                stage.topo.lb_dev(),
+                "--lb-addr",
+                &lb_addr,
+                "--mode",
+                &opts.xdp_mode,
+            ],
+        )?;
+        Ok(stage)
+    }
+
+    /// Runs `weir` for this stage's instance in namespace `ns`.
+    fn weir(&self, ns: &str, args: &[&str]) -> Result<String> {
+        // A flow table sized for the demo, not for an edge host.
+        let mut full = vec!["--instance", self.name.as_str(), "--flows", "65536"];
+        full.extend_from_slice(args);
+        let out = self.topo.run_ok_in(ns, &self.weir, &full)?;
+        Ok(String::from_utf8_lossy(&out.stdout).trim().to_string())
+    }
+
+    /// `weir` in the LB namespace.
+    fn lb(&self, args: &[&str]) -> Result<String> {
+        self.weir(&self.topo.lb_ns, args)
+    }
+
+    /// Opens `n` new connections that talk for 2 s, and returns their report.
+    fn new_clients(&self, url: &str, opts: &L4Options, what: &str) -> Result<LoadReport> {
+        let n = opts.new_connections.to_string();
+        let interval = opts.interval.as_millis().to_string();
+        let run = self.topo.start_in(
+            &self.topo.client_ns,
+            &self.client,
+            &[
+                "--url",
+                url,
+                "--connections",
+                &n,
+                "--duration-secs",
+                "2",
+                "--interval-ms",
+                &interval,
+                "--quiet",
+            ],
+        )?;
+        parse_report(run.wait_output(Duration::from_secs(60))?, what)
+    }
+
+    /// Starts `weir args` in `ns`, tracked by the topology for cleanup.
+    fn spawn(&mut self, ns: &str, args: &[&str]) -> Result<u32> {
+        let weir = self.weir.clone();
+        self.topo.spawn_in(ns, &weir, args)
+    }
+
+    fn finish(self) -> Result<()> {
+        let Self { instance, topo, .. } = self;
+        drop(instance);
+        topo.teardown()
+    }
+}
+
 fn log(verbose: bool, start: Instant, msg: &str) {
     if verbose {
         eprintln!("[{:>6.1}s] {msg}", start.elapsed().as_secs_f64());
@@ -148,24 +270,9 @@ fn log(verbose: bool, start: Instant, msg: &str) {
 /// topology and the weir instance are removed before it returns.
 pub fn run_l4(opts: &L4Options) -> Result<L4Report> {
     let start = Instant::now();
-    let weir = workspace_bin("weir");
-    let echo = workspace_bin("weir-echo");
-    let client = workspace_bin("weir-wsclient");
-    for bin in [&weir, &echo, &client] {
-        if !bin.exists() {
-            bail!(
-                "{} is not built; run `cargo build --workspace` first",
-                bin.display()
-            );
-        }
-    }
-
-    destroy_stale_instances(&weir);
-    let mut topo = Topology::build(TopologySpec {
-        backends: 4,
-        client_addrs: 1,
-    })?;
-    let _instance = InstanceGuard::new(&weir, &opts.instance);
+    let stage = Stage::new(&opts.instance, opts)?;
+    let topo = &stage.topo;
+    let lb_ns = topo.lb_ns.clone();
     log(
         opts.verbose,
         start,
@@ -173,61 +280,19 @@ pub fn run_l4(opts: &L4Options) -> Result<L4Report> {
     );
     let vip = topo.vip();
     let service = format!("{vip}:{PORT}");
-    let backends: BTreeMap<String, Ipv4Addr> = (0..4)
-        .map(|i| (format!("b{i}"), topo.backend_addr(i)))
-        .collect();
-
-    let inst = opts.instance.as_str();
-    let weir_in = |topo: &Topology, ns: &str, args: &[&str]| -> Result<String> {
-        // A flow table sized for the demo, not for an edge host.
-        let mut full = vec!["--instance", inst, "--flows", "65536"];
-        full.extend_from_slice(args);
-        let out = topo.run_ok_in(ns, &weir, &full)?;
-        Ok(String::from_utf8_lossy(&out.stdout).trim().to_string())
-    };
-
-    // Backends: an echo server each, and decapsulation of IPIP to the VIP.
+    // Backends decapsulate IPIP to the VIP.
     for i in 0..4 {
-        let ns = topo.backend_ns[i].clone();
-        let name = format!("b{i}");
-        let listen = format!("0.0.0.0:{PORT}");
-        topo.spawn_ready_in(
-            &ns,
-            &echo,
-            &["--listen", &listen, "--name", &name],
-            Duration::from_secs(10),
-        )?;
         let dev = topo.backend_dev(i);
-        weir_in(
-            &topo,
-            &ns,
+        stage.weir(
+            &topo.backend_ns[i],
             &["decap", "attach", "--dev", &dev, "--vip", &vip.to_string()],
         )?;
     }
-    // The balancer; its XDP_TX goes into the router's end of a veth.
-    if opts.xdp_mode == "native" {
-        topo.attach_veth_peer_xdp()?;
-    }
-    let lb_ns = topo.lb_ns.clone();
-    let lb_addr = topo.lb_addr().to_string();
-    weir_in(
-        &topo,
-        &lb_ns,
-        &[
-            "attach",
-            "--dev",
-            topo.lb_dev(),
-            "--lb-addr",
-            &lb_addr,
-            "--mode",
-            &opts.xdp_mode,
-        ],
-    )?;
-    weir_in(&topo, &lb_ns, &["service", "add", &service])?;
+    stage.lb(&["service", "add", &service])?;
     let initial: Vec<String> = (0..3).map(|i| topo.backend_addr(i).to_string()).collect();
     let mut set_args = vec!["backend", "set", service.as_str()];
     set_args.extend(initial.iter().map(String::as_str));
-    weir_in(&topo, &lb_ns, &set_args)?;
+    stage.lb(&set_args)?;
     log(
         opts.verbose,
         start,
@@ -240,7 +305,7 @@ pub fn run_l4(opts: &L4Options) -> Result<L4Report> {
     // Long-lived clients.
     let dir = tempdir(&opts.instance)?;
     let url = format!("ws://{service}/");
-    let (long_lived, hold) = start_long_lived(&topo, &client, &url, opts, &dir)?;
+    let (long_lived, hold) = start_long_lived(topo, &stage.client, &url, opts, &dir)?;
     let interval = opts.interval.as_millis().to_string();
     log(
         opts.verbose,
@@ -263,7 +328,7 @@ pub fn run_l4(opts: &L4Options) -> Result<L4Report> {
     ];
     for change in changes {
         std::thread::sleep(opts.settle);
-        let output = weir_in(&topo, &lb_ns, &change)?;
+        let output = stage.lb(&change)?;
         let command = format!("weir {}", change.join(" "));
         log(opts.verbose, start, &command);
         steps.push(Step {
@@ -275,26 +340,7 @@ pub fn run_l4(opts: &L4Options) -> Result<L4Report> {
     std::thread::sleep(opts.settle);
 
     // New connections follow the new ring.
-    let new_conns = opts.new_connections.to_string();
-    let after = topo.start_in(
-        &topo.client_ns,
-        &client,
-        &[
-            "--url",
-            &url,
-            "--connections",
-            &new_conns,
-            "--duration-secs",
-            "2",
-            "--interval-ms",
-            &interval,
-            "--quiet",
-        ],
-    )?;
-    let after = parse_report(
-        after.wait_output(Duration::from_secs(60))?,
-        "new connections",
-    )?;
+    let after = stage.new_clients(&url, opts, "new connections")?;
     log(
         opts.verbose,
         start,
@@ -315,15 +361,11 @@ pub fn run_l4(opts: &L4Options) -> Result<L4Report> {
         "long-lived connections closed (close handshake 1000)",
     );
 
-    let stats = serde_json::from_str(&weir_in(&topo, &lb_ns, &["--json", "stats"])?)?;
-    let backend_list = serde_json::from_str(&weir_in(
-        &topo,
-        &lb_ns,
-        &["--json", "backend", "list", &service],
-    )?)?;
+    let stats = serde_json::from_str(&stage.lb(&["--json", "stats"])?)?;
+    let backend_list = serde_json::from_str(&stage.lb(&["--json", "backend", "list", &service])?)?;
     let _ = std::fs::remove_dir_all(&dir);
-    drop(_instance);
-    topo.teardown()?;
+    let backends = stage.backends.clone();
+    stage.finish()?;
     Ok(L4Report {
         backends,
         steps,
@@ -466,66 +508,24 @@ impl L7Report {
 /// SIGTERM.
 pub fn run_l7(opts: &L4Options) -> Result<L7Report> {
     let start = Instant::now();
-    let weir = workspace_bin("weir");
-    let echo = workspace_bin("weir-echo");
-    let client = workspace_bin("weir-wsclient");
-    destroy_stale_instances(&weir);
-    let mut topo = Topology::build(TopologySpec {
-        backends: 4,
-        client_addrs: 1,
-    })?;
     let instance = format!("{}-l7", opts.instance);
-    let _instance = InstanceGuard::new(&weir, &instance);
-    let vip = topo.vip();
+    let mut stage = Stage::new(&instance, opts)?;
+    let lb_ns = stage.topo.lb_ns.clone();
+    let vip = stage.topo.vip();
     let service = format!("{vip}:8081");
-    let backends: BTreeMap<String, Ipv4Addr> = (0..4)
-        .map(|i| (format!("b{i}"), topo.backend_addr(i)))
-        .collect();
-    let weir_in = |topo: &Topology, ns: &str, args: &[&str]| -> Result<String> {
-        let mut full = vec!["--instance", instance.as_str(), "--flows", "65536"];
-        full.extend_from_slice(args);
-        let out = topo.run_ok_in(ns, &weir, &full)?;
-        Ok(String::from_utf8_lossy(&out.stdout).trim().to_string())
-    };
-    for i in 0..4 {
-        let ns = topo.backend_ns[i].clone();
-        let listen = format!("0.0.0.0:{PORT}");
-        topo.spawn_ready_in(
-            &ns,
-            &echo,
-            &["--listen", &listen, "--name", &format!("b{i}")],
-            Duration::from_secs(10),
-        )?;
-    }
-    let lb_ns = topo.lb_ns.clone();
     // The L7 service lives on the VIP: the LB host owns it, XDP passes it up.
-    topo.run_ok_in(
+    stage.topo.run_ok_in(
         &lb_ns,
         "ip",
         &["addr", "add", &format!("{vip}/32"), "dev", "lo"],
     )?;
-    topo.attach_veth_peer_xdp()?;
-    let lb_addr = topo.lb_addr().to_string();
-    weir_in(
-        &topo,
-        &lb_ns,
-        &[
-            "attach",
-            "--dev",
-            topo.lb_dev(),
-            "--lb-addr",
-            &lb_addr,
-            "--mode",
-            &opts.xdp_mode,
-        ],
-    )?;
-    weir_in(&topo, &lb_ns, &["service", "add", &service, "--mode", "l7"])?;
+    stage.lb(&["service", "add", &service, "--mode", "l7"])?;
     let initial: Vec<String> = (0..3)
-        .map(|i| format!("{}:{PORT}", topo.backend_addr(i)))
+        .map(|i| format!("{}:{PORT}", stage.topo.backend_addr(i)))
         .collect();
     let mut set = vec!["backend", "set", service.as_str()];
     set.extend(initial.iter().map(String::as_str));
-    weir_in(&topo, &lb_ns, &set)?;
+    stage.lb(&set)?;
 
     let dir = tempdir(&instance)?;
     let config = dir.join("weir.toml");
@@ -536,13 +536,12 @@ pub fn run_l7(opts: &L4Options) -> Result<L7Report> {
              [[listener]]\nlisten = \"{service}\"\n[[listener.route]]\nservice = \"{service}\"\n"
         ),
     )?;
-    let run = topo.spawn_in(
-        &lb_ns,
-        &weir,
-        &["run", "--config", config.to_str().unwrap()],
-    )?;
+    let run = stage.spawn(&lb_ns, &["run", "--config", config.to_str().unwrap()])?;
     let listen: std::net::SocketAddr = service.parse()?;
-    if !topo.wait_tcp(&topo.client_ns, listen, Duration::from_secs(10)) {
+    if !stage
+        .topo
+        .wait_tcp(&stage.topo.client_ns, listen, Duration::from_secs(10))
+    {
         bail!("weir run did not come up on {service}");
     }
     log(
@@ -552,8 +551,7 @@ pub fn run_l7(opts: &L4Options) -> Result<L7Report> {
     );
 
     let url = format!("ws://{service}/");
-    let (long_lived, hold) = start_long_lived(&topo, &client, &url, opts, &dir)?;
-    let interval = opts.interval.as_millis().to_string();
+    let (long_lived, hold) = start_long_lived(&stage.topo, &stage.client, &url, opts, &dir)?;
     log(
         opts.verbose,
         start,
@@ -565,11 +563,11 @@ pub fn run_l7(opts: &L4Options) -> Result<L7Report> {
 
     std::thread::sleep(opts.settle);
     let replacement: Vec<String> = (1..4)
-        .map(|i| format!("{}:{PORT}", topo.backend_addr(i)))
+        .map(|i| format!("{}:{PORT}", stage.topo.backend_addr(i)))
         .collect();
     let mut args = vec!["backend", "set", service.as_str()];
     args.extend(replacement.iter().map(String::as_str));
-    let output = weir_in(&topo, &lb_ns, &args)?;
+    let output = stage.lb(&args)?;
     let command = format!("weir {}", args.join(" "));
     log(
         opts.verbose,
@@ -583,25 +581,7 @@ pub fn run_l7(opts: &L4Options) -> Result<L7Report> {
     }];
     std::thread::sleep(Duration::from_secs(4));
 
-    let after = topo.start_in(
-        &topo.client_ns,
-        &client,
-        &[
-            "--url",
-            &url,
-            "--connections",
-            &opts.new_connections.to_string(),
-            "--duration-secs",
-            "2",
-            "--interval-ms",
-            &interval,
-            "--quiet",
-        ],
-    )?;
-    let after = parse_report(
-        after.wait_output(Duration::from_secs(60))?,
-        "new L7 connections",
-    )?;
+    let after = stage.new_clients(&url, opts, "new L7 connections")?;
     std::fs::write(&hold, b"done")?;
     let long_lived = parse_report(
         long_lived.wait_output(Duration::from_secs(60))?,
@@ -609,12 +589,12 @@ pub fn run_l7(opts: &L4Options) -> Result<L7Report> {
     )?;
     // Let weir run write its last counters, then stop it gracefully.
     std::thread::sleep(Duration::from_millis(1200));
-    let stats = serde_json::from_str(&weir_in(&topo, &lb_ns, &["--json", "stats"])?)?;
-    let exit = topo.stop_child(run, Duration::from_secs(10));
+    let stats = serde_json::from_str(&stage.lb(&["--json", "stats"])?)?;
+    let exit = stage.topo.stop_child(run, Duration::from_secs(10));
     log(opts.verbose, start, "weir run stopped (SIGTERM)");
     let _ = std::fs::remove_dir_all(&dir);
-    drop(_instance);
-    topo.teardown()?;
+    let backends = stage.backends.clone();
+    stage.finish()?;
     Ok(L7Report {
         backends,
         steps,
