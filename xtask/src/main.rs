@@ -1,4 +1,4 @@
-//! `cargo xtask deps|build|test|demo`: the developer and CI entry points.
+//! `cargo xtask deps|build|test|demo|bench`: the developer and CI entry points.
 
 use std::path::{Path, PathBuf};
 use std::process::Command;
@@ -27,6 +27,15 @@ enum Task {
     },
     /// Run the demo: an L4 service through XDP, changed live under traffic.
     Demo,
+    /// Benchmark weir against HAProxy and nginx (release build); writes
+    /// JSON, Markdown and SVG under bench/results/.
+    Bench {
+        /// steady, idle, connrate, churn, drain, l4 (all if none).
+        scenarios: Vec<String>,
+        /// Small sizes, every scenario in a few minutes (what CI runs).
+        #[arg(long)]
+        quick: bool,
+    },
 }
 
 /// Debian packages weir needs to build and test, with a file each provides.
@@ -42,6 +51,12 @@ const PACKAGES: &[(&str, &str)] = &[
     ("procps", "/usr/sbin/sysctl"),
 ];
 
+/// What the benchmark adds: the peers it measures weir against.
+const BENCH_PACKAGES: &[(&str, &str)] = &[
+    ("haproxy", "/usr/sbin/haproxy"),
+    ("nginx-light", "/usr/sbin/nginx"),
+];
+
 fn main() -> Result<()> {
     let cli = Cli::parse();
     if Command::new("cargo").arg("--version").output().is_err()
@@ -52,13 +67,13 @@ fn main() -> Result<()> {
     let root = workspace_root();
     std::env::set_current_dir(&root)?;
     match cli.task {
-        Task::Deps => deps(),
+        Task::Deps => deps(PACKAGES),
         Task::Build => {
-            deps()?;
+            deps(PACKAGES)?;
             cargo(&["build", "--workspace", "--all-targets"])
         }
         Task::Test { args } => {
-            deps()?;
+            deps(PACKAGES)?;
             require_root("the tests attach XDP and build network namespaces")?;
             cargo(&["fmt", "--all", "--check"])?;
             cargo(&[
@@ -74,8 +89,21 @@ fn main() -> Result<()> {
             test.extend(args.iter().map(String::as_str));
             cargo(&test)
         }
+        Task::Bench { scenarios, quick } => {
+            deps(PACKAGES)?;
+            deps(BENCH_PACKAGES)?;
+            require_root("the bench builds network namespaces and attaches XDP")?;
+            cargo(&["build", "--release", "--workspace", "--bins"])?;
+            let bench = root.join("target/release/weir-bench");
+            let mut cmd = Command::new(&bench);
+            cmd.args(&scenarios);
+            if quick {
+                cmd.arg("--quick");
+            }
+            run(&mut cmd)
+        }
         Task::Demo => {
-            deps()?;
+            deps(PACKAGES)?;
             require_root("the demo attaches XDP and builds network namespaces")?;
             cargo(&["build", "--workspace", "--bins"])?;
             let demo = root.join("target/debug/weir-demo");
@@ -116,8 +144,8 @@ fn require_root(why: &str) -> Result<()> {
     Ok(())
 }
 
-fn deps() -> Result<()> {
-    let missing: Vec<&str> = PACKAGES
+fn deps(packages: &[(&str, &str)]) -> Result<()> {
+    let missing: Vec<&str> = packages
         .iter()
         .filter(|(_, f)| !Path::new(f).exists())
         .map(|(p, _)| *p)

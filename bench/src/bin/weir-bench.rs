@@ -1,0 +1,103 @@
+//! weir-bench: runs the scenarios (all by default) for weir, HAProxy and
+//! nginx on one namespace topology and writes, per scenario,
+//! `<out>/<date>[-quick]-<scenario>.json`, plus a Markdown report and SVG
+//! plots. `cargo xtask bench [SCENARIO...] [--quick]` builds and runs it.
+
+use std::path::PathBuf;
+
+use anyhow::{Context, Result, bail, ensure};
+use clap::Parser;
+use weir_bench::results::ScenarioResult;
+use weir_bench::scenarios::{self, Bench, Sizes};
+
+#[derive(Parser)]
+#[command(
+    name = "weir-bench",
+    about = "weir against HAProxy and nginx, side by side"
+)]
+struct Args {
+    /// Scenarios to run (steady, idle, connrate, churn, drain, l4); all if none.
+    scenarios: Vec<String>,
+    /// Small sizes (idle: 10k only, short phases): every scenario in a few
+    /// minutes; completeness and sanity are checked, not speed.
+    #[arg(long)]
+    quick: bool,
+    /// Where results go.
+    #[arg(long)]
+    out: Option<PathBuf>,
+}
+
+fn main() -> Result<()> {
+    let args = Args::parse();
+    ensure!(
+        weir_testbed::is_root(),
+        "run as root: the bench builds network namespaces and attaches XDP"
+    );
+    for (prog, pkg) in [
+        ("/usr/sbin/haproxy", "haproxy"),
+        ("/usr/sbin/nginx", "nginx-light"),
+    ] {
+        if !std::path::Path::new(prog).exists() {
+            bail!("{prog} is missing: install the Debian package {pkg} (cargo xtask bench does)");
+        }
+    }
+    let scenarios: Vec<String> = if args.scenarios.is_empty() {
+        scenarios::ALL.iter().map(|s| s.to_string()).collect()
+    } else {
+        args.scenarios.clone()
+    };
+    for s in &scenarios {
+        ensure!(
+            scenarios::ALL.contains(&s.as_str()),
+            "unknown scenario {s:?}; known: {}",
+            scenarios::ALL.join(", ")
+        );
+    }
+    weir_testbed::raise_nofile_limit(20_000);
+    weir_testbed::topology::install_signal_cleanup();
+    let sizes = Sizes::new(args.quick);
+    let info = scenarios::run_info(args.quick, sizes.workers);
+    let out_dir = args
+        .out
+        .unwrap_or_else(|| PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("results"));
+    std::fs::create_dir_all(&out_dir).with_context(|| format!("creating {}", out_dir.display()))?;
+    let stem = format!(
+        "{}{}",
+        &info.date[..10],
+        if args.quick { "-quick" } else { "" }
+    );
+
+    let mut bench = Bench::new(sizes, info)?;
+    let mut results: Vec<ScenarioResult> = Vec::new();
+    let mut failures = Vec::new();
+    for s in &scenarios {
+        match bench.run(s) {
+            Ok(r) => {
+                let path = out_dir.join(format!("{stem}-{s}.json"));
+                std::fs::write(&path, serde_json::to_string_pretty(&r)? + "\n")?;
+                eprintln!("wrote {}", path.display());
+                failures.extend(scenarios::check(&r));
+                results.push(r);
+            }
+            Err(e) => failures.push(format!("{s}: {e:#}")),
+        }
+    }
+    bench.finish()?;
+
+    let md = weir_bench::report::markdown_with_stem(&results, &stem);
+    let md_path = out_dir.join(format!("{stem}-report.md"));
+    std::fs::write(&md_path, &md)?;
+    let svgs = weir_bench::plot::write_svgs(&results, &out_dir, &stem)?;
+    println!("{md}");
+    eprintln!("wrote {}", md_path.display());
+    for f in svgs {
+        eprintln!("wrote {}", f.display());
+    }
+    if !failures.is_empty() {
+        for f in &failures {
+            eprintln!("FAILED: {f}");
+        }
+        bail!("{} check(s) failed", failures.len());
+    }
+    Ok(())
+}

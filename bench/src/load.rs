@@ -1,0 +1,1046 @@
+//! The WebSocket load generator behind `weir-load`: one engine for every
+//! scenario's traffic.
+//!
+//! - long-lived connections that talk in closed loop (send, wait for the
+//!   echo, send again), in open loop (a fixed total rate, each message's
+//!   latency measured from the time it was *scheduled*, so a stalled proxy
+//!   cannot hide its stall: no coordinated omission), or stay idle;
+//! - arrivals: new connections opened at a fixed rate, each doing a
+//!   handshake, talking for a while (or one echo) and closing;
+//! - reconnection of long-lived connections the proxy closed, as a real
+//!   client does after a 1001.
+//!
+//! Every connection's ending is classified (see [`crate::results::Endings`]),
+//! and a per-second timeline of opens, failures and cuts is kept. The harness
+//! runs several generator processes (20,000 open files per process here)
+//! and merges their [`LoadResult`]s.
+
+use std::collections::BTreeMap;
+use std::net::{IpAddr, SocketAddr};
+use std::path::PathBuf;
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
+
+use anyhow::{Context, Result, anyhow, bail};
+use base64::Engine as _;
+use futures_util::{SinkExt, StreamExt};
+use hdrhistogram::Histogram;
+use hdrhistogram::serialization::{Deserializer, Serializer, V2Serializer};
+use serde::{Deserialize, Serialize};
+use tokio::net::{TcpSocket, TcpStream};
+use tokio::sync::{Semaphore, watch};
+use tokio::time::{Instant, MissedTickBehavior};
+use tokio_tungstenite::WebSocketStream;
+use tokio_tungstenite::tungstenite::protocol::WebSocketConfig;
+use tokio_tungstenite::tungstenite::protocol::frame::CloseFrame;
+use tokio_tungstenite::tungstenite::protocol::frame::coding::CloseCode;
+use tokio_tungstenite::tungstenite::{self, Message};
+
+use crate::results::{Endings, Latency, TimelinePoint};
+
+/// How long-lived connections talk.
+#[derive(Clone, Copy, Debug, PartialEq, Serialize, Deserialize)]
+pub enum Talk {
+    /// Send, wait for the echo, send again.
+    Closed,
+    /// A fixed total rate (messages/s over all long-lived connections).
+    Open(f64),
+    /// Nothing after the handshake; a ping at the end proves the
+    /// connection is still alive.
+    Idle,
+}
+
+/// What one generator process does.
+#[derive(Clone, Debug, Serialize, Deserialize)]
+pub struct Plan {
+    /// `ws://ADDR:PORT/PATH` (an IP address: the bench never resolves).
+    pub url: String,
+    /// Source addresses, used round-robin.
+    pub sources: Vec<IpAddr>,
+    /// Long-lived connections.
+    pub connections: usize,
+    pub talk: Talk,
+    /// Binary message size (at least 16: the send time and sequence).
+    pub message_bytes: usize,
+    /// How long the long-lived connections talk (or are held) and arrivals
+    /// arrive; with `hold_file`, the upper bound.
+    pub duration: Duration,
+    /// Ends the run early once this file exists (idle hold).
+    pub hold_file: Option<PathBuf>,
+    /// Written once every long-lived connection attempt finished.
+    pub ready_file: Option<PathBuf>,
+    /// New connections per second (0: none).
+    pub arrivals_per_sec: f64,
+    /// How long an arrival talks (one message per `arrival_interval`)
+    /// before closing; zero: one echo, then close.
+    pub arrival_life: Duration,
+    pub arrival_interval: Duration,
+    /// Reopen long-lived connections the peer closed (drain, churn).
+    pub reconnect: bool,
+    /// Handshakes of long-lived connections in flight at once.
+    pub connect_concurrency: usize,
+    pub connect_timeout: Duration,
+    pub echo_timeout: Duration,
+    /// Unix time (ms) the timeline counts from; processes of one run share it.
+    pub epoch_unix_ms: u64,
+    /// Keep a record per connection in the result.
+    pub record_connections: bool,
+}
+
+impl Default for Plan {
+    fn default() -> Self {
+        Plan {
+            url: String::new(),
+            sources: Vec::new(),
+            connections: 0,
+            talk: Talk::Closed,
+            message_bytes: 64,
+            duration: Duration::from_secs(5),
+            hold_file: None,
+            ready_file: None,
+            arrivals_per_sec: 0.0,
+            arrival_life: Duration::ZERO,
+            arrival_interval: Duration::from_millis(100),
+            reconnect: false,
+            connect_concurrency: 200,
+            connect_timeout: Duration::from_secs(10),
+            echo_timeout: Duration::from_secs(10),
+            epoch_unix_ms: 0,
+            record_connections: false,
+        }
+    }
+}
+
+/// One connection's story, kept when [`Plan::record_connections`] is set.
+#[derive(Clone, Debug, Default, Serialize, Deserialize)]
+pub struct ConnRecord {
+    /// `x-weir-backend` of the 101 response (weir-echo names itself).
+    pub backend: Option<String>,
+    pub ending: String,
+    /// Unix ms of the ending.
+    pub ended_unix_ms: u64,
+}
+
+/// What one generator process saw; [`LoadResult::merge`] adds several.
+#[derive(Clone, Debug, Default, Serialize, Deserialize)]
+pub struct LoadResult {
+    pub handshakes_ok: u64,
+    pub handshakes_failed: u64,
+    pub sent: u64,
+    pub echoed: u64,
+    /// Echoes whose payload did not match, plus echoes never received.
+    pub lost: u64,
+    /// Long-lived connections that answered the final ping (idle).
+    pub alive_at_end: u64,
+    pub endings: Endings,
+    /// Message latency, µs (V2-serialized hdrhistogram, base64).
+    pub latency: String,
+    /// Handshake latency, µs, from scheduled start to 101.
+    pub handshake: String,
+    pub timeline: Vec<TimelinePoint>,
+    /// This process' user + system CPU seconds.
+    pub cpu_s: f64,
+    /// Seconds from the first connection attempt to the end of talking.
+    pub talk_s: f64,
+    /// Arrivals that could not start on time because the generator was
+    /// behind (a generator-limited run).
+    pub arrivals_late: u64,
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub connections: Vec<ConnRecord>,
+}
+
+pub fn new_histogram() -> Histogram<u64> {
+    Histogram::new_with_bounds(1, 120_000_000, 3).expect("static histogram bounds")
+}
+
+pub fn encode_histogram(h: &Histogram<u64>) -> String {
+    let mut buf = Vec::new();
+    V2Serializer::new()
+        .serialize(h, &mut buf)
+        .expect("serializing to a Vec cannot fail");
+    base64::engine::general_purpose::STANDARD.encode(buf)
+}
+
+pub fn decode_histogram(s: &str) -> Result<Histogram<u64>> {
+    if s.is_empty() {
+        return Ok(new_histogram());
+    }
+    let bytes = base64::engine::general_purpose::STANDARD
+        .decode(s)
+        .context("histogram is not base64")?;
+    let h: Histogram<u64> = Deserializer::new()
+        .deserialize(&mut bytes.as_slice())
+        .map_err(|e| anyhow!("bad histogram: {e:?}"))?;
+    Ok(h)
+}
+
+pub fn latency_of(h: &Histogram<u64>) -> Latency {
+    Latency {
+        p50_us: h.value_at_quantile(0.5),
+        p90_us: h.value_at_quantile(0.9),
+        p99_us: h.value_at_quantile(0.99),
+        p999_us: h.value_at_quantile(0.999),
+        max_us: h.max(),
+        samples: h.len(),
+    }
+}
+
+impl LoadResult {
+    /// Adds the results of several processes of one run.
+    pub fn merge(parts: &[LoadResult]) -> Result<LoadResult> {
+        let mut out = LoadResult::default();
+        let mut lat = new_histogram();
+        let mut hs = new_histogram();
+        let mut timeline: BTreeMap<u64, TimelinePoint> = BTreeMap::new();
+        for p in parts {
+            out.handshakes_ok += p.handshakes_ok;
+            out.handshakes_failed += p.handshakes_failed;
+            out.sent += p.sent;
+            out.echoed += p.echoed;
+            out.lost += p.lost;
+            out.alive_at_end += p.alive_at_end;
+            out.cpu_s += p.cpu_s;
+            out.arrivals_late += p.arrivals_late;
+            out.talk_s = out.talk_s.max(p.talk_s);
+            for (k, v) in &p.endings {
+                *out.endings.entry(k.clone()).or_default() += v;
+            }
+            lat.add(decode_histogram(&p.latency)?)?;
+            hs.add(decode_histogram(&p.handshake)?)?;
+            for t in &p.timeline {
+                let e = timeline
+                    .entry(t.t_s as u64)
+                    .or_insert_with(|| TimelinePoint {
+                        t_s: t.t_s,
+                        ..TimelinePoint::default()
+                    });
+                e.open += t.open;
+                e.new_ok += t.new_ok;
+                e.new_failed += t.new_failed;
+                e.cut += t.cut;
+                e.closed_by_peer += t.closed_by_peer;
+            }
+            out.connections.extend(p.connections.iter().cloned());
+        }
+        out.latency = encode_histogram(&lat);
+        out.handshake = encode_histogram(&hs);
+        out.timeline = timeline.into_values().collect();
+        Ok(out)
+    }
+
+    /// Connections that ended in reset, EOF, timeout or error.
+    pub fn cut(&self) -> u64 {
+        self.endings
+            .iter()
+            .filter(|(k, _)| is_cut(k))
+            .map(|(_, v)| v)
+            .sum()
+    }
+
+    /// Connections the peer closed with a Close frame.
+    pub fn closed_by_peer(&self) -> u64 {
+        self.endings
+            .iter()
+            .filter(|(k, _)| k.starts_with(ending::PEER_CLOSE))
+            .map(|(_, v)| v)
+            .sum()
+    }
+}
+
+/// Ending names.
+pub mod ending {
+    /// We closed with 1000 and the peer answered.
+    pub const CLEAN: &str = "clean";
+    /// Prefix: the peer sent Close with this code.
+    pub const PEER_CLOSE: &str = "peer_close:";
+    pub const RESET: &str = "reset";
+    /// TCP ended without a Close frame.
+    pub const EOF: &str = "eof";
+    pub const TIMEOUT: &str = "timeout";
+    pub const ERROR: &str = "error";
+    /// Prefix: the upgrade failed (`handshake:503`, `handshake:io`,
+    /// `handshake:timeout`).
+    pub const HANDSHAKE: &str = "handshake:";
+    /// Still open when the run ended.
+    pub const OPEN: &str = "open";
+}
+
+/// Endings that count as a cut connection.
+pub fn is_cut(ending: &str) -> bool {
+    matches!(
+        ending,
+        ending::RESET | ending::EOF | ending::TIMEOUT | ending::ERROR
+    )
+}
+
+pub fn unix_ms() -> u64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map(|d| d.as_millis() as u64)
+        .unwrap_or(0)
+}
+
+/// User + system CPU seconds of this process so far.
+pub fn self_cpu_s() -> f64 {
+    // SAFETY: getrusage fills a properly sized struct.
+    let mut ru: libc::rusage = unsafe { std::mem::zeroed() };
+    if unsafe { libc::getrusage(libc::RUSAGE_SELF, &mut ru) } != 0 {
+        return 0.0;
+    }
+    let tv = |t: libc::timeval| t.tv_sec as f64 + t.tv_usec as f64 / 1e6;
+    tv(ru.ru_utime) + tv(ru.ru_stime)
+}
+
+/// Per-second counters, indexed by seconds since the epoch of the plan.
+struct Timeline {
+    epoch_unix_ms: u64,
+    /// new_ok, new_failed, cut, closed_by_peer.
+    buckets: Vec<[AtomicU64; 4]>,
+    open_samples: Vec<AtomicU64>,
+}
+
+impl Timeline {
+    fn new(epoch_unix_ms: u64, seconds: usize) -> Self {
+        Timeline {
+            epoch_unix_ms,
+            buckets: (0..seconds).map(|_| Default::default()).collect(),
+            open_samples: (0..seconds).map(|_| AtomicU64::new(0)).collect(),
+        }
+    }
+
+    fn second(&self) -> usize {
+        (unix_ms().saturating_sub(self.epoch_unix_ms) / 1000) as usize
+    }
+
+    fn count(&self, which: usize) {
+        let s = self.second().min(self.buckets.len() - 1);
+        self.buckets[s][which].fetch_add(1, Ordering::Relaxed);
+    }
+
+    fn points(&self, last: usize) -> Vec<TimelinePoint> {
+        (0..=last.min(self.buckets.len() - 1))
+            .map(|s| {
+                let b = &self.buckets[s];
+                TimelinePoint {
+                    t_s: s as f64,
+                    open: self.open_samples[s].load(Ordering::Relaxed),
+                    new_ok: b[0].load(Ordering::Relaxed),
+                    new_failed: b[1].load(Ordering::Relaxed),
+                    cut: b[2].load(Ordering::Relaxed),
+                    closed_by_peer: b[3].load(Ordering::Relaxed),
+                }
+            })
+            .collect()
+    }
+}
+
+/// State shared by all connection tasks of one process.
+struct Shared {
+    plan: Plan,
+    target: SocketAddr,
+    uri: String,
+    open: AtomicU64,
+    handshakes_ok: AtomicU64,
+    handshakes_failed: AtomicU64,
+    sent: AtomicU64,
+    echoed: AtomicU64,
+    lost: AtomicU64,
+    alive_at_end: AtomicU64,
+    attempts_done: AtomicUsize,
+    arrivals_late: AtomicU64,
+    endings: Mutex<Endings>,
+    latency: Mutex<Histogram<u64>>,
+    handshake: Mutex<Histogram<u64>>,
+    records: Mutex<Vec<ConnRecord>>,
+    timeline: Timeline,
+    /// Long-lived connections stop talking when this turns true.
+    stop: watch::Receiver<bool>,
+    /// Reference point of message timestamps.
+    t0: std::time::Instant,
+}
+
+impl Shared {
+    fn end(&self, backend: Option<String>, ending: &str) {
+        {
+            let mut e = self.endings.lock().unwrap_or_else(|e| e.into_inner());
+            *e.entry(ending.to_string()).or_default() += 1;
+        }
+        if is_cut(ending) {
+            self.timeline.count(2);
+        } else if ending.starts_with(ending::PEER_CLOSE) {
+            self.timeline.count(3);
+        } else if ending.starts_with(ending::HANDSHAKE) {
+            self.timeline.count(1);
+        }
+        if self.plan.record_connections {
+            self.records
+                .lock()
+                .unwrap_or_else(|e| e.into_inner())
+                .push(ConnRecord {
+                    backend,
+                    ending: ending.to_string(),
+                    ended_unix_ms: unix_ms(),
+                });
+        }
+    }
+
+    fn stopped(&self) -> bool {
+        *self.stop.borrow()
+    }
+
+    fn attempt_done(&self) {
+        let done = self.attempts_done.fetch_add(1, Ordering::AcqRel) + 1;
+        if done == self.plan.connections
+            && let Some(p) = &self.plan.ready_file
+            && let Err(e) = std::fs::write(p, b"ready\n")
+        {
+            eprintln!("weir-load: cannot write {}: {e}", p.display());
+        }
+    }
+}
+
+type Ws = WebSocketStream<TcpStream>;
+
+fn ws_config() -> WebSocketConfig {
+    WebSocketConfig::default()
+        .read_buffer_size(16 * 1024)
+        .write_buffer_size(0)
+        .max_message_size(Some(16 << 20))
+}
+
+/// Parses `ws://IP:PORT/PATH`.
+pub fn parse_url(url: &str) -> Result<(SocketAddr, String)> {
+    let rest = url
+        .strip_prefix("ws://")
+        .ok_or_else(|| anyhow!("URL {url:?} must start with ws://"))?;
+    let (hostport, path) = match rest.find('/') {
+        Some(i) => (&rest[..i], &rest[i..]),
+        None => (rest, "/"),
+    };
+    let addr: SocketAddr = hostport
+        .parse()
+        .with_context(|| format!("URL {url:?}: {hostport:?} is not IP:PORT"))?;
+    Ok((addr, format!("ws://{hostport}{path}")))
+}
+
+/// Runs a plan to its end and returns what happened. Bounded: every task
+/// ends by `duration` + connect and echo timeouts + 30 s.
+pub async fn run(plan: Plan) -> Result<LoadResult> {
+    if plan.message_bytes < 16 {
+        bail!("message_bytes must be at least 16");
+    }
+    let (target, uri) = parse_url(&plan.url)?;
+    let epoch = if plan.epoch_unix_ms == 0 {
+        unix_ms()
+    } else {
+        plan.epoch_unix_ms
+    };
+    let horizon =
+        plan.duration + plan.connect_timeout + plan.echo_timeout + Duration::from_secs(30);
+    let cpu0 = self_cpu_s();
+    let start = Instant::now();
+    let (stop_tx, stop_rx) = watch::channel(false);
+    let shared = Arc::new(Shared {
+        target,
+        uri,
+        open: AtomicU64::new(0),
+        handshakes_ok: AtomicU64::new(0),
+        handshakes_failed: AtomicU64::new(0),
+        sent: AtomicU64::new(0),
+        echoed: AtomicU64::new(0),
+        lost: AtomicU64::new(0),
+        alive_at_end: AtomicU64::new(0),
+        attempts_done: AtomicUsize::new(0),
+        arrivals_late: AtomicU64::new(0),
+        endings: Mutex::new(Endings::new()),
+        latency: Mutex::new(new_histogram()),
+        handshake: Mutex::new(new_histogram()),
+        records: Mutex::new(Vec::new()),
+        timeline: Timeline::new(
+            epoch,
+            (horizon.as_secs() as usize) + (unix_ms().saturating_sub(epoch) / 1000) as usize + 2,
+        ),
+        stop: stop_rx,
+        t0: std::time::Instant::now(),
+        plan,
+    });
+    let plan = &shared.plan;
+    let talk_end = start + plan.duration;
+    let hard_end = start + horizon;
+
+    // The stop signal: the duration passed or the hold file appeared.
+    let stopper = {
+        let hold = plan.hold_file.clone();
+        tokio::spawn(async move {
+            let mut tick = tokio::time::interval(Duration::from_millis(50));
+            while Instant::now() < talk_end {
+                tick.tick().await;
+                if let Some(p) = &hold
+                    && tokio::fs::try_exists(p).await.unwrap_or(false)
+                {
+                    break;
+                }
+            }
+            let _ = stop_tx.send(true);
+        })
+    };
+    // One sample of open connections per second, for the timeline.
+    let sampler = {
+        let s = shared.clone();
+        tokio::spawn(async move {
+            let mut tick = tokio::time::interval(Duration::from_millis(250));
+            loop {
+                tick.tick().await;
+                let sec = s.timeline.second().min(s.timeline.open_samples.len() - 1);
+                s.timeline.open_samples[sec]
+                    .store(s.open.load(Ordering::Relaxed), Ordering::Relaxed);
+            }
+        })
+    };
+
+    let mut tasks = Vec::new();
+    let sem = Arc::new(Semaphore::new(plan.connect_concurrency.max(1)));
+    let per_conn_interval = match plan.talk {
+        Talk::Open(rate) if rate > 0.0 => {
+            Some(Duration::from_secs_f64(plan.connections as f64 / rate))
+        }
+        Talk::Open(_) => bail!("an open-loop rate must be above 0"),
+        _ => None,
+    };
+    for i in 0..plan.connections {
+        let s = shared.clone();
+        let sem = sem.clone();
+        // Spread open-loop senders over one period so they do not all fire
+        // in the same instant.
+        let phase = per_conn_interval
+            .map(|p| p.mul_f64(i as f64 / plan.connections.max(1) as f64))
+            .unwrap_or_default();
+        tasks.push(tokio::spawn(async move {
+            long_lived(s, i, sem, per_conn_interval, phase).await;
+        }));
+    }
+    if plan.arrivals_per_sec > 0.0 {
+        let s = shared.clone();
+        tasks.push(tokio::spawn(async move { arrivals(s).await }));
+    }
+    for t in &mut tasks {
+        let _ = tokio::time::timeout_at(hard_end, t).await;
+    }
+    for t in &tasks {
+        t.abort();
+    }
+    stopper.abort();
+    sampler.abort();
+    let talk_s = start.elapsed().as_secs_f64();
+    let last_second = shared.timeline.second();
+    let s = &shared;
+    let endings = s.endings.lock().unwrap_or_else(|e| e.into_inner()).clone();
+    let result = LoadResult {
+        handshakes_ok: s.handshakes_ok.load(Ordering::Relaxed),
+        handshakes_failed: s.handshakes_failed.load(Ordering::Relaxed),
+        sent: s.sent.load(Ordering::Relaxed),
+        echoed: s.echoed.load(Ordering::Relaxed),
+        lost: s.lost.load(Ordering::Relaxed),
+        alive_at_end: s.alive_at_end.load(Ordering::Relaxed),
+        endings,
+        latency: encode_histogram(&s.latency.lock().unwrap_or_else(|e| e.into_inner())),
+        handshake: encode_histogram(&s.handshake.lock().unwrap_or_else(|e| e.into_inner())),
+        timeline: s.timeline.points(last_second),
+        cpu_s: self_cpu_s() - cpu0,
+        talk_s,
+        arrivals_late: s.arrivals_late.load(Ordering::Relaxed),
+        connections: std::mem::take(&mut *s.records.lock().unwrap_or_else(|e| e.into_inner())),
+    };
+    Ok(result)
+}
+
+/// Connects (from source `index % sources`) and upgrades; returns the
+/// stream and the backend the 101 named, or the ending of a failure.
+async fn connect(
+    s: &Shared,
+    index: usize,
+    scheduled: Instant,
+) -> Result<(Ws, Option<String>), String> {
+    let attempt = async {
+        let sock = TcpSocket::new_v4().map_err(|_| "handshake:io".to_string())?;
+        if !s.plan.sources.is_empty() {
+            let src = s.plan.sources[index % s.plan.sources.len()];
+            sock.bind(SocketAddr::new(src, 0))
+                .map_err(|_| "handshake:bind".to_string())?;
+        }
+        let tcp = sock
+            .connect(s.target)
+            .await
+            .map_err(|_| "handshake:connect".to_string())?;
+        let _ = tcp.set_nodelay(true);
+        match tokio_tungstenite::client_async_with_config(s.uri.as_str(), tcp, Some(ws_config()))
+            .await
+        {
+            Ok((ws, resp)) => {
+                let backend = resp
+                    .headers()
+                    .get("x-weir-backend")
+                    .and_then(|v| v.to_str().ok())
+                    .map(str::to_string);
+                Ok((ws, backend))
+            }
+            Err(tungstenite::Error::Http(resp)) => {
+                Err(format!("{}{}", ending::HANDSHAKE, resp.status().as_u16()))
+            }
+            Err(_) => Err(format!("{}io", ending::HANDSHAKE)),
+        }
+    };
+    let r = match tokio::time::timeout(s.plan.connect_timeout, attempt).await {
+        Ok(r) => r,
+        Err(_) => Err(format!("{}timeout", ending::HANDSHAKE)),
+    };
+    match &r {
+        Ok(_) => {
+            s.handshakes_ok.fetch_add(1, Ordering::Relaxed);
+            s.timeline.count(0);
+            let us = scheduled.elapsed().as_micros().max(1) as u64;
+            let _ = s
+                .handshake
+                .lock()
+                .unwrap_or_else(|e| e.into_inner())
+                .record(us.min(120_000_000));
+        }
+        Err(_) => {
+            s.handshakes_failed.fetch_add(1, Ordering::Relaxed);
+        }
+    }
+    r
+}
+
+/// A message carrying its scheduled send time (ns since `t0`) and a
+/// sequence number, padded to `size`.
+fn payload(s: &Shared, scheduled: Instant, seq: u64, size: usize) -> Vec<u8> {
+    let ns = scheduled
+        .into_std()
+        .saturating_duration_since(s.t0)
+        .as_nanos() as u64;
+    let mut p = vec![0x5a; size];
+    p[..8].copy_from_slice(&ns.to_le_bytes());
+    p[8..16].copy_from_slice(&seq.to_le_bytes());
+    p
+}
+
+fn record_echo(s: &Shared, data: &[u8], size: usize) -> bool {
+    if data.len() != size || data[16..].iter().any(|&b| b != 0x5a) {
+        s.lost.fetch_add(1, Ordering::Relaxed);
+        return false;
+    }
+    let ns = u64::from_le_bytes(data[..8].try_into().expect("8 bytes"));
+    let sent = s.t0 + Duration::from_nanos(ns);
+    let us = sent.elapsed().as_micros().max(1) as u64;
+    s.echoed.fetch_add(1, Ordering::Relaxed);
+    let _ = s
+        .latency
+        .lock()
+        .unwrap_or_else(|e| e.into_inner())
+        .record(us.min(120_000_000));
+    true
+}
+
+/// Why talking stopped.
+enum Stop {
+    /// The run is over: close cleanly.
+    Done,
+    /// The connection ended with this ending.
+    Ended(String),
+}
+
+fn classify(e: &tungstenite::Error) -> String {
+    use tungstenite::Error as E;
+    match e {
+        E::ConnectionClosed | E::AlreadyClosed => ending::EOF.into(),
+        E::Protocol(tungstenite::error::ProtocolError::ResetWithoutClosingHandshake) => {
+            ending::EOF.into()
+        }
+        E::Io(io) if io.kind() == std::io::ErrorKind::ConnectionReset => ending::RESET.into(),
+        E::Io(io) if io.kind() == std::io::ErrorKind::UnexpectedEof => ending::EOF.into(),
+        E::Io(io) if io.kind() == std::io::ErrorKind::BrokenPipe => ending::RESET.into(),
+        _ => ending::ERROR.into(),
+    }
+}
+
+fn peer_close(frame: Option<&CloseFrame>) -> String {
+    let code = frame.map(|f| u16::from(f.code)).unwrap_or(1005);
+    format!("{}{code}", ending::PEER_CLOSE)
+}
+
+/// Reads the next data message, answering nothing itself (tungstenite
+/// queues pong and close replies, flushed by the next send or close).
+async fn next_data(ws: &mut Ws) -> Result<Vec<u8>, String> {
+    loop {
+        match ws.next().await {
+            Some(Ok(Message::Binary(b))) => return Ok(b.to_vec()),
+            Some(Ok(Message::Text(t))) => return Ok(t.as_bytes().to_vec()),
+            Some(Ok(Message::Close(f))) => {
+                let _ = ws.flush().await;
+                return Err(peer_close(f.as_ref()));
+            }
+            Some(Ok(_)) => continue,
+            Some(Err(e)) => return Err(classify(&e)),
+            None => return Err(ending::EOF.into()),
+        }
+    }
+}
+
+async fn long_lived(
+    s: Arc<Shared>,
+    index: usize,
+    sem: Arc<Semaphore>,
+    interval: Option<Duration>,
+    phase: Duration,
+) {
+    let mut first = true;
+    loop {
+        let permit = sem.acquire().await;
+        let conn = connect(&s, index, Instant::now()).await;
+        drop(permit);
+        if first {
+            s.attempt_done();
+            first = false;
+        }
+        let (mut ws, backend) = match conn {
+            Ok(c) => c,
+            Err(e) => {
+                s.end(None, &e);
+                if s.plan.reconnect && !s.stopped() {
+                    tokio::time::sleep(Duration::from_millis(100)).await;
+                    continue;
+                }
+                return;
+            }
+        };
+        s.open.fetch_add(1, Ordering::Relaxed);
+        let outcome = match (s.plan.talk, interval) {
+            (Talk::Closed, _) => talk_closed(&s, &mut ws).await,
+            (Talk::Open(_), Some(iv)) => talk_open(&s, ws, iv, phase).await,
+            _ => hold_idle(&s, &mut ws).await,
+        };
+        s.open.fetch_sub(1, Ordering::Relaxed);
+        match outcome {
+            Stop::Done => {
+                s.end(backend, ending::CLEAN);
+                return;
+            }
+            Stop::Ended(e) => {
+                let reconnect =
+                    s.plan.reconnect && !s.stopped() && e.starts_with(ending::PEER_CLOSE);
+                s.end(backend, &e);
+                if !reconnect {
+                    return;
+                }
+            }
+        }
+        // The peer closed: open a new connection, as a client does after
+        // its server went away.
+    }
+}
+
+/// Sends our Close 1000 and waits for the peer's Close.
+async fn close_clean(s: &Shared, ws: &mut Ws) -> Stop {
+    match tokio::time::timeout(s.plan.echo_timeout, async {
+        ws.close(Some(CloseFrame {
+            code: CloseCode::Normal,
+            reason: "".into(),
+        }))
+        .await
+        .map_err(|e| classify(&e))?;
+        loop {
+            match ws.next().await {
+                Some(Ok(Message::Close(_))) | None => return Ok(()),
+                Some(Ok(_)) => continue,
+                Some(Err(tungstenite::Error::ConnectionClosed)) => return Ok(()),
+                Some(Err(e)) => return Err(classify(&e)),
+            }
+        }
+    })
+    .await
+    {
+        Ok(Ok(())) => Stop::Done,
+        Ok(Err(e)) => Stop::Ended(e),
+        Err(_) => Stop::Ended(ending::TIMEOUT.into()),
+    }
+}
+
+async fn talk_closed(s: &Shared, ws: &mut Ws) -> Stop {
+    let size = s.plan.message_bytes;
+    let mut seq = 0u64;
+    while !s.stopped() {
+        let now = Instant::now();
+        if let Err(e) = ws.send(Message::binary(payload(s, now, seq, size))).await {
+            return Stop::Ended(classify(&e));
+        }
+        s.sent.fetch_add(1, Ordering::Relaxed);
+        seq += 1;
+        match tokio::time::timeout(s.plan.echo_timeout, next_data(ws)).await {
+            Ok(Ok(data)) => {
+                record_echo(s, &data, size);
+            }
+            Ok(Err(e)) => {
+                s.lost.fetch_add(1, Ordering::Relaxed);
+                return Stop::Ended(e);
+            }
+            Err(_) => {
+                s.lost.fetch_add(1, Ordering::Relaxed);
+                return Stop::Ended(ending::TIMEOUT.into());
+            }
+        }
+    }
+    close_clean(s, ws).await
+}
+
+async fn hold_idle(s: &Shared, ws: &mut Ws) -> Stop {
+    let mut stop = s.stop.clone();
+    tokio::select! {
+        _ = stop.wait_for(|v| *v) => {}
+        r = next_data(ws) => {
+            return Stop::Ended(r.err().unwrap_or_else(|| ending::ERROR.into()));
+        }
+    }
+    // Prove the connection still carries data before closing it.
+    let probe = payload(s, Instant::now(), 0, s.plan.message_bytes);
+    if let Err(e) = ws.send(Message::binary(probe)).await {
+        return Stop::Ended(classify(&e));
+    }
+    s.sent.fetch_add(1, Ordering::Relaxed);
+    match tokio::time::timeout(s.plan.echo_timeout, next_data(ws)).await {
+        Ok(Ok(data)) => {
+            if record_echo(s, &data, s.plan.message_bytes) {
+                s.alive_at_end.fetch_add(1, Ordering::Relaxed);
+            }
+        }
+        Ok(Err(e)) => return Stop::Ended(e),
+        Err(_) => return Stop::Ended(ending::TIMEOUT.into()),
+    }
+    close_clean(s, ws).await
+}
+
+/// Open loop on one connection: a sender on a fixed schedule and a reader
+/// that matches echoes by their embedded send time.
+async fn talk_open(s: &Arc<Shared>, ws: Ws, interval: Duration, phase: Duration) -> Stop {
+    let size = s.plan.message_bytes;
+    let (mut tx, mut rx) = ws.split();
+    let sent_here = Arc::new(AtomicU64::new(0));
+    let (done_tx, mut done_rx) = watch::channel(false);
+    let sender = {
+        let s = s.clone();
+        let sent_here = sent_here.clone();
+        async move {
+            tokio::time::sleep(phase).await;
+            let mut tick = tokio::time::interval(interval);
+            // Burst: a late tick is sent at once, stamped with its
+            // scheduled time, so the delay shows up in the latency.
+            tick.set_missed_tick_behavior(MissedTickBehavior::Burst);
+            let mut seq = 0u64;
+            while !s.stopped() {
+                let scheduled = tick.tick().await;
+                if s.stopped() {
+                    break;
+                }
+                if let Err(e) = tx
+                    .send(Message::binary(payload(&s, scheduled, seq, size)))
+                    .await
+                {
+                    let _ = done_tx.send(true);
+                    return (tx, Err(classify(&e)));
+                }
+                seq += 1;
+                sent_here.fetch_add(1, Ordering::Relaxed);
+                s.sent.fetch_add(1, Ordering::Relaxed);
+            }
+            let _ = done_tx.send(true);
+            (tx, Ok(()))
+        }
+    };
+    let reader = {
+        let s = s.clone();
+        let sent_here = sent_here.clone();
+        async move {
+            let mut got = 0u64;
+            loop {
+                let sender_done = *done_rx.borrow();
+                if sender_done && got >= sent_here.load(Ordering::Relaxed) {
+                    return (rx, Ok(got));
+                }
+                let next = tokio::select! {
+                    m = tokio::time::timeout(s.plan.echo_timeout, rx.next()) => m,
+                    _ = done_rx.changed(), if !sender_done => continue,
+                };
+                match next {
+                    Ok(Some(Ok(Message::Binary(b)))) => {
+                        record_echo(&s, &b, size);
+                        got += 1;
+                    }
+                    Ok(Some(Ok(Message::Close(f)))) => return (rx, Err(peer_close(f.as_ref()))),
+                    Ok(Some(Ok(_))) => {}
+                    Ok(Some(Err(e))) => return (rx, Err(classify(&e))),
+                    Ok(None) => return (rx, Err(ending::EOF.to_string())),
+                    Err(_) => return (rx, Err(ending::TIMEOUT.to_string())),
+                }
+            }
+        }
+    };
+    let ((tx, sent), (rx, read)) = tokio::join!(sender, reader);
+    let outstanding = sent_here
+        .load(Ordering::Relaxed)
+        .saturating_sub(read.as_ref().map(|g| *g).unwrap_or(0));
+    if read.is_err() {
+        s.lost.fetch_add(outstanding, Ordering::Relaxed);
+    }
+    let mut ws = match tx.reunite(rx) {
+        Ok(ws) => ws,
+        Err(_) => return Stop::Ended(ending::ERROR.into()),
+    };
+    match (sent, read) {
+        (_, Err(e)) => {
+            if e.starts_with(ending::PEER_CLOSE) {
+                let _ = ws.flush().await;
+            }
+            Stop::Ended(e)
+        }
+        (Err(e), _) => Stop::Ended(e),
+        (Ok(()), Ok(_)) => close_clean(s, &mut ws).await,
+    }
+}
+
+/// New connections at `arrivals_per_sec` until the run stops; each talks
+/// for `arrival_life` (or one echo) and closes.
+async fn arrivals(s: Arc<Shared>) {
+    let period = Duration::from_secs_f64(1.0 / s.plan.arrivals_per_sec);
+    let mut tick = tokio::time::interval(period);
+    tick.set_missed_tick_behavior(MissedTickBehavior::Burst);
+    let mut n = 0usize;
+    let mut tasks = tokio::task::JoinSet::new();
+    while !s.stopped() {
+        let scheduled = tick.tick().await;
+        if s.stopped() {
+            break;
+        }
+        if scheduled.elapsed() > Duration::from_millis(100) {
+            s.arrivals_late.fetch_add(1, Ordering::Relaxed);
+        }
+        let s2 = s.clone();
+        let index = s.plan.connections + n;
+        n += 1;
+        tasks.spawn(async move { arrival(s2, index, scheduled).await });
+        // Reap finished ones so the set stays small.
+        while tasks.try_join_next().is_some() {}
+    }
+    while tasks.join_next().await.is_some() {}
+}
+
+async fn arrival(s: Arc<Shared>, index: usize, scheduled: Instant) {
+    let (mut ws, backend) = match connect(&s, index, scheduled).await {
+        Ok(c) => c,
+        Err(e) => {
+            s.end(None, &e);
+            return;
+        }
+    };
+    s.open.fetch_add(1, Ordering::Relaxed);
+    let size = s.plan.message_bytes;
+    let until = Instant::now() + s.plan.arrival_life;
+    let mut seq = 0u64;
+    let outcome = loop {
+        let now = Instant::now();
+        if let Err(e) = ws.send(Message::binary(payload(&s, now, seq, size))).await {
+            break Stop::Ended(classify(&e));
+        }
+        s.sent.fetch_add(1, Ordering::Relaxed);
+        seq += 1;
+        match tokio::time::timeout(s.plan.echo_timeout, next_data(&mut ws)).await {
+            Ok(Ok(d)) => {
+                record_echo(&s, &d, size);
+            }
+            Ok(Err(e)) => {
+                s.lost.fetch_add(1, Ordering::Relaxed);
+                break Stop::Ended(e);
+            }
+            Err(_) => {
+                s.lost.fetch_add(1, Ordering::Relaxed);
+                break Stop::Ended(ending::TIMEOUT.into());
+            }
+        }
+        if Instant::now() + s.plan.arrival_interval > until || s.stopped() {
+            break close_clean(&s, &mut ws).await;
+        }
+        tokio::time::sleep(s.plan.arrival_interval).await;
+    };
+    s.open.fetch_sub(1, Ordering::Relaxed);
+    match outcome {
+        Stop::Done => s.end(backend, ending::CLEAN),
+        Stop::Ended(e) => s.end(backend, &e),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn urls_need_an_ip_and_port() {
+        let (a, u) = parse_url("ws://198.19.0.10:8081/x").unwrap();
+        assert_eq!(a, "198.19.0.10:8081".parse().unwrap());
+        assert_eq!(u, "ws://198.19.0.10:8081/x");
+        assert_eq!(
+            parse_url("ws://127.0.0.1:1").unwrap().1,
+            "ws://127.0.0.1:1/"
+        );
+        assert!(parse_url("http://127.0.0.1:1/").is_err());
+        assert!(parse_url("ws://localhost:80/").is_err());
+    }
+
+    #[test]
+    fn histograms_survive_the_trip_through_json() {
+        let mut h = new_histogram();
+        for v in [5, 50, 500, 5000] {
+            h.record(v).unwrap();
+        }
+        let back = decode_histogram(&encode_histogram(&h)).unwrap();
+        assert_eq!(back.len(), 4);
+        assert_eq!(back.max(), h.max());
+        assert!(decode_histogram("not base64!").is_err());
+    }
+
+    #[test]
+    fn merge_adds_counts_histograms_and_timelines() {
+        let mut h = new_histogram();
+        h.record(100).unwrap();
+        let part = LoadResult {
+            handshakes_ok: 2,
+            echoed: 3,
+            endings: [("clean".to_string(), 2), ("reset".to_string(), 1)].into(),
+            latency: encode_histogram(&h),
+            timeline: vec![TimelinePoint {
+                t_s: 1.0,
+                open: 2,
+                cut: 1,
+                ..Default::default()
+            }],
+            ..Default::default()
+        };
+        let m = LoadResult::merge(&[part.clone(), part]).unwrap();
+        assert_eq!(m.handshakes_ok, 4);
+        assert_eq!(m.echoed, 6);
+        assert_eq!(m.endings["clean"], 4);
+        assert_eq!(m.cut(), 2);
+        assert_eq!(decode_histogram(&m.latency).unwrap().len(), 2);
+        assert_eq!(m.timeline.len(), 1);
+        assert_eq!(m.timeline[0].open, 4);
+    }
+
+    #[test]
+    fn cuts_are_the_endings_without_a_close_handshake() {
+        for e in ["reset", "eof", "timeout", "error"] {
+            assert!(is_cut(e), "{e}");
+        }
+        for e in ["clean", "peer_close:1001", "handshake:503", "open"] {
+            assert!(!is_cut(e), "{e}");
+        }
+    }
+}

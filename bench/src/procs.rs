@@ -1,0 +1,163 @@
+//! CPU and memory of process trees, from /proc: the proxy's cost is the sum
+//! over all of its processes (HAProxy's master and workers, nginx's, and
+//! the old workers a reload leaves behind).
+
+use std::collections::{BTreeMap, BTreeSet};
+
+/// Clock ticks per second of /proc's CPU times.
+fn ticks() -> f64 {
+    // SAFETY: sysconf has no preconditions.
+    let t = unsafe { libc::sysconf(libc::_SC_CLK_TCK) };
+    if t > 0 { t as f64 } else { 100.0 }
+}
+
+/// `(ppid, utime + stime ticks)` from /proc/PID/stat.
+fn stat(pid: u32) -> Option<(u32, u64)> {
+    let s = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
+    // The command name may hold spaces: fields start after the last ')'.
+    let rest = &s[s.rfind(')')? + 2..];
+    let f: Vec<&str> = rest.split_whitespace().collect();
+    // rest[0] is field 3 (state): ppid is field 4, utime 14, stime 15.
+    let ppid = f.get(1)?.parse().ok()?;
+    let ut: u64 = f.get(11)?.parse().ok()?;
+    let st: u64 = f.get(12)?.parse().ok()?;
+    Some((ppid, ut + st))
+}
+
+/// `roots` and all their descendants that are alive now.
+pub fn tree(roots: &[u32]) -> Vec<u32> {
+    let mut children: BTreeMap<u32, Vec<u32>> = BTreeMap::new();
+    if let Ok(dir) = std::fs::read_dir("/proc") {
+        for e in dir.flatten() {
+            if let Some(pid) = e.file_name().to_str().and_then(|n| n.parse::<u32>().ok())
+                && let Some((ppid, _)) = stat(pid)
+            {
+                children.entry(ppid).or_default().push(pid);
+            }
+        }
+    }
+    let mut out = BTreeSet::new();
+    let mut todo: Vec<u32> = roots
+        .iter()
+        .copied()
+        .filter(|p| stat(*p).is_some())
+        .collect();
+    while let Some(p) = todo.pop() {
+        if out.insert(p)
+            && let Some(c) = children.get(&p)
+        {
+            todo.extend(c);
+        }
+    }
+    out.into_iter().collect()
+}
+
+/// CPU seconds (user + system) the processes have used so far.
+pub fn cpu_s(pids: &[u32]) -> f64 {
+    pids.iter()
+        .filter_map(|p| stat(*p))
+        .map(|(_, t)| t)
+        .sum::<u64>() as f64
+        / ticks()
+}
+
+/// CPU seconds per pid, to difference across a measurement even when
+/// processes come and go.
+pub fn cpu_by_pid(pids: &[u32]) -> BTreeMap<u32, f64> {
+    let t = ticks();
+    pids.iter()
+        .filter_map(|p| stat(*p).map(|(_, c)| (*p, c as f64 / t)))
+        .collect()
+}
+
+/// CPU used between two snapshots: processes that exited in between count
+/// with what they had at the first snapshot (their last moments are lost).
+pub fn cpu_delta(before: &BTreeMap<u32, f64>, after: &BTreeMap<u32, f64>) -> f64 {
+    after
+        .iter()
+        .map(|(p, a)| a - before.get(p).copied().unwrap_or(0.0))
+        .sum()
+}
+
+/// Proportional set size summed over the processes, KiB: resident memory
+/// with shared pages (nginx's workers share their master's) counted once.
+pub fn pss_kib(pids: &[u32]) -> u64 {
+    pids.iter()
+        .filter_map(|p| {
+            let s = std::fs::read_to_string(format!("/proc/{p}/smaps_rollup")).ok()?;
+            let line = s.lines().find(|l| l.starts_with("Pss:"))?;
+            line.split_whitespace().nth(1)?.parse::<u64>().ok()
+        })
+        .sum()
+}
+
+/// Machine-wide kernel memory that grows with sockets: slab (socket
+/// objects) plus TCP buffer pages (`/proc/net/sockstat`), bytes.
+pub fn kernel_socket_bytes() -> u64 {
+    let slab = std::fs::read_to_string("/proc/meminfo")
+        .ok()
+        .and_then(|s| {
+            s.lines()
+                .find(|l| l.starts_with("Slab:"))
+                .and_then(|l| l.split_whitespace().nth(1)?.parse::<u64>().ok())
+        })
+        .unwrap_or(0)
+        * 1024;
+    let tcp_pages = std::fs::read_to_string("/proc/net/sockstat")
+        .ok()
+        .and_then(|s| {
+            let line = s.lines().find(|l| l.starts_with("TCP:"))?;
+            let f: Vec<&str> = line.split_whitespace().collect();
+            let i = f.iter().position(|w| *w == "mem")?;
+            f.get(i + 1)?.parse::<u64>().ok()
+        })
+        .unwrap_or(0);
+    slab + tcp_pages * 4096
+}
+
+/// Softirq CPU seconds of the whole machine so far (where XDP and the
+/// kernel's forwarding run).
+pub fn softirq_s() -> f64 {
+    std::fs::read_to_string("/proc/stat")
+        .ok()
+        .and_then(|s| {
+            let line = s.lines().find(|l| l.starts_with("cpu "))?;
+            // cpu user nice system idle iowait irq softirq
+            line.split_whitespace().nth(7)?.parse::<u64>().ok()
+        })
+        .map(|t| t as f64 / ticks())
+        .unwrap_or(0.0)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn this_process_has_a_tree_cpu_and_memory() {
+        let me = std::process::id();
+        let mut child = std::process::Command::new("sleep")
+            .arg("5")
+            .spawn()
+            .unwrap();
+        let t = tree(&[me]);
+        assert!(t.contains(&me));
+        assert!(t.contains(&child.id()), "{t:?}");
+        // Burn a little CPU so the counter moves.
+        let start = std::time::Instant::now();
+        let mut x = 0u64;
+        while start.elapsed() < std::time::Duration::from_millis(300) {
+            x = x.wrapping_mul(31).wrapping_add(7);
+        }
+        assert!(x != 1);
+        assert!(cpu_s(&[me]) > 0.1);
+        assert!(pss_kib(&[me]) > 100);
+        let before = cpu_by_pid(&[me]);
+        assert!(cpu_delta(&before, &cpu_by_pid(&[me])) >= 0.0);
+        child.kill().unwrap();
+        child.wait().unwrap();
+        assert!(!tree(&[me]).contains(&child.id()));
+        assert!(kernel_socket_bytes() > 0);
+        assert!(softirq_s() >= 0.0);
+    }
+}

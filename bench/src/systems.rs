@@ -1,0 +1,561 @@
+//! The systems under test, started in the topology's lb namespace with
+//! equivalent configurations: a WebSocket reverse proxy on one address to
+//! the same echo backends, the same worker count, timeouts for long-lived
+//! connections, no health checks (weir has none in its L7 path either), and
+//! no access logs. Each is changed the way its operators change it.
+//!
+//! Where one process cannot hold the connections (20,000 open files per
+//! process here; a proxied connection costs HAProxy and nginx two), the
+//! system runs as several shards on the same listening address
+//! (SO_REUSEPORT), the same number for every system.
+
+use std::io::{BufRead, BufReader, Write};
+use std::net::SocketAddr;
+use std::os::unix::net::UnixStream;
+use std::path::{Path, PathBuf};
+use std::time::{Duration, Instant};
+
+use anyhow::{Context, Result, bail, ensure};
+use weir_testbed::topology::{Topology, register_cleanup_command, unregister_cleanup_command};
+
+use crate::procs;
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord)]
+pub enum Kind {
+    Weir,
+    Haproxy,
+    Nginx,
+}
+
+impl Kind {
+    pub const ALL: [Kind; 3] = [Kind::Weir, Kind::Haproxy, Kind::Nginx];
+
+    pub fn name(self) -> &'static str {
+        match self {
+            Kind::Weir => "weir",
+            Kind::Haproxy => "haproxy",
+            Kind::Nginx => "nginx",
+        }
+    }
+}
+
+/// How a running system's backend set is changed.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Method {
+    /// `weir backend set`: leavers drained with 1001 over the drain window.
+    WeirCli,
+    /// HAProxy Runtime API: `add server` + `enable server` for joiners;
+    /// `set server state drain`, the drain window, `shutdown sessions` and
+    /// `del server` for leavers (it refuses to delete a server with
+    /// connections).
+    HaproxyApi,
+    /// Rewrite the configuration and reload (SIGUSR2 to HAProxy's master,
+    /// SIGHUP to nginx's): old workers keep serving their connections.
+    Reload,
+}
+
+impl Method {
+    pub fn label(self, kind: Kind) -> String {
+        match self {
+            Method::WeirCli => kind.name().to_string(),
+            Method::HaproxyApi => format!("{}-api", kind.name()),
+            Method::Reload => format!("{}-reload", kind.name()),
+        }
+    }
+}
+
+/// What to start.
+#[derive(Clone, Debug)]
+pub struct Spec {
+    pub kind: Kind,
+    pub listen: SocketAddr,
+    pub backends: Vec<SocketAddr>,
+    /// Threads (weir, HAProxy) or worker processes (nginx) per shard.
+    pub workers: usize,
+    pub shards: usize,
+    /// How long a leaving backend's connections get: weir's drain window,
+    /// HAProxy's wait before `shutdown sessions`, and the old workers'
+    /// limit after a reload (HAProxy `hard-stop-after`, nginx
+    /// `worker_shutdown_timeout`); None: old workers stay as long as their
+    /// connections do (both peers' default).
+    pub drain_window: Option<Duration>,
+    /// HAProxy in TCP mode (the L4 peer) instead of HTTP.
+    pub tcp_mode: bool,
+}
+
+/// A server as HAProxy and nginx configurations name it.
+type Server = (String, SocketAddr);
+
+/// A started system.
+pub struct Running {
+    pub spec: Spec,
+    /// Root pid of each shard (weir run, HAProxy's master, nginx's master).
+    pub roots: Vec<u32>,
+    dir: PathBuf,
+    /// weir: instance names, one per shard.
+    instances: Vec<String>,
+    weir: PathBuf,
+    /// Servers currently configured, by name (HAProxy/nginx naming).
+    servers: Vec<Server>,
+    next_server: usize,
+}
+
+fn write(path: &Path, text: &str) -> Result<()> {
+    std::fs::write(path, text).with_context(|| format!("writing {}", path.display()))
+}
+
+fn run_ok(cmd: &mut std::process::Command) -> Result<String> {
+    let out = weir_testbed::topology::run_cmd(cmd)?;
+    Ok(String::from_utf8_lossy(&out.stdout).trim().to_string())
+}
+
+impl Running {
+    /// Starts `spec` in the lb namespace and waits until it accepts.
+    pub fn start(topo: &mut Topology, spec: Spec, tag: &str) -> Result<Running> {
+        let dir = std::env::temp_dir().join(format!(
+            "weir-bench-{}-{tag}-{}",
+            std::process::id(),
+            spec.kind.name()
+        ));
+        let _ = std::fs::remove_dir_all(&dir);
+        std::fs::create_dir_all(&dir)?;
+        let servers: Vec<(String, SocketAddr)> = spec
+            .backends
+            .iter()
+            .enumerate()
+            .map(|(i, a)| (format!("s{i}"), *a))
+            .collect();
+        let mut r = Running {
+            next_server: servers.len(),
+            servers,
+            spec,
+            roots: Vec::new(),
+            dir,
+            instances: Vec::new(),
+            weir: weir_testbed::workspace_bin("weir"),
+        };
+        let started = match r.spec.kind {
+            Kind::Weir => r.start_weir(topo, tag),
+            Kind::Haproxy => r.start_haproxy(topo),
+            Kind::Nginx => r.start_nginx(topo),
+        };
+        let listening = started.and_then(|()| {
+            if topo.wait_tcp(
+                &topo.client_ns.clone(),
+                r.spec.listen,
+                Duration::from_secs(15),
+            ) {
+                Ok(())
+            } else {
+                let logs = r.logs();
+                bail!(
+                    "{} did not start listening on {}: {logs}",
+                    r.spec.kind.name(),
+                    r.spec.listen,
+                )
+            }
+        });
+        if let Err(e) = listening {
+            r.stop(topo);
+            return Err(e);
+        }
+        // Every shard must be up: SO_REUSEPORT spreads new connections
+        // over the listeners that exist.
+        std::thread::sleep(Duration::from_millis(300));
+        Ok(r)
+    }
+
+    /// The tail of every log the system wrote, for error messages.
+    fn logs(&self) -> String {
+        let mut out = String::new();
+        if let Ok(dir) = std::fs::read_dir(&self.dir) {
+            for e in dir.flatten() {
+                let p = e.path();
+                if p.extension().is_some_and(|x| x == "log")
+                    && let Ok(text) = std::fs::read_to_string(&p)
+                {
+                    let tail: Vec<&str> = text.lines().rev().take(5).collect();
+                    for l in tail.into_iter().rev() {
+                        out += &format!(
+                            "\n  {}: {l}",
+                            p.file_name().unwrap_or_default().to_string_lossy()
+                        );
+                    }
+                }
+            }
+        }
+        if out.is_empty() {
+            "no log output".into()
+        } else {
+            out
+        }
+    }
+
+    /// Every live process of the system, old reload workers included.
+    pub fn pids(&self) -> Vec<u32> {
+        procs::tree(&self.roots)
+    }
+
+    fn weir_cmd(&self, topo: &Topology, instance: &str, args: &[&str]) -> Result<String> {
+        let mut full = vec!["--instance", instance, "--flows", "65536"];
+        full.extend_from_slice(args);
+        run_ok(&mut topo.command_in(&topo.lb_ns, &self.weir, &full))
+    }
+
+    fn start_weir(&mut self, topo: &mut Topology, tag: &str) -> Result<()> {
+        let svc = self.spec.listen.to_string();
+        for k in 0..self.spec.shards {
+            let instance = format!("wb{}{tag}{k}", std::process::id());
+            let argv = vec![
+                self.weir.display().to_string(),
+                "--instance".into(),
+                instance.clone(),
+                "destroy".into(),
+            ];
+            let _ = std::process::Command::new(&argv[0])
+                .args(&argv[1..])
+                .output();
+            register_cleanup_command(argv);
+            self.instances.push(instance.clone());
+            // Replacing the whole set is what the churn scenario does.
+            self.weir_cmd(
+                topo,
+                &instance,
+                &[
+                    "service",
+                    "add",
+                    &svc,
+                    "--mode",
+                    "l7",
+                    "--max-remove-fraction",
+                    "1",
+                ],
+            )?;
+            let mut set = vec!["backend".to_string(), "set".into(), svc.clone()];
+            set.extend(self.spec.backends.iter().map(|b| b.to_string()));
+            let set: Vec<&str> = set.iter().map(String::as_str).collect();
+            self.weir_cmd(topo, &instance, &set)?;
+            let window = self.spec.drain_window.unwrap_or(Duration::from_secs(30));
+            let config = self.dir.join(format!("weir-{k}.toml"));
+            write(
+                &config,
+                &format!(
+                    "instance = \"{instance}\"\n\
+                     [runtime]\nworkers = {workers}\n\
+                     [metrics]\nlisten = \"127.0.0.1:{metrics}\"\n\
+                     [timeouts]\nidle = \"1h\"\nshutdown = \"5s\"\n\
+                     [drain]\nwindow = \"{window}ms\"\n\
+                     [[listener]]\nlisten = \"{svc}\"\n\
+                     [[listener.route]]\nservice = \"{svc}\"\n",
+                    workers = self.spec.workers,
+                    metrics = 19100 + k,
+                    window = window.as_millis(),
+                ),
+            )?;
+            let log = self.dir.join(format!("weir-{k}.log"));
+            let pid = spawn_logged(
+                topo,
+                &self.weir.clone(),
+                &["run", "--config", config.to_str().context("utf-8 path")?],
+                &log,
+            )?;
+            self.roots.push(pid);
+        }
+        Ok(())
+    }
+
+    fn haproxy_config(&self, k: usize) -> String {
+        let mode = if self.spec.tcp_mode { "tcp" } else { "http" };
+        let mut c = format!(
+            "global\n    master-worker\n    nbthread {workers}\n    maxconn 9500\n\
+             \x20   stats socket {sock} mode 600 level admin\n",
+            workers = self.spec.workers,
+            sock = self.dir.join(format!("haproxy-{k}.sock")).display(),
+        );
+        if let Some(w) = self.spec.drain_window {
+            c += &format!("    hard-stop-after {}ms\n", w.as_millis());
+        }
+        c += &format!(
+            "defaults\n    mode {mode}\n    maxconn 9500\n    timeout connect 3s\n\
+             \x20   timeout client 1h\n    timeout server 1h\n    timeout tunnel 1h\n\
+             \x20   timeout client-fin 5s\n    timeout http-request 10s\n\
+             frontend fe\n    bind {listen}\n    default_backend be\n\
+             backend be\n    balance roundrobin\n",
+            listen = self.spec.listen,
+        );
+        for (name, addr) in &self.servers {
+            c += &format!("    server {name} {addr}\n");
+        }
+        c
+    }
+
+    fn start_haproxy(&mut self, topo: &mut Topology) -> Result<()> {
+        for k in 0..self.spec.shards {
+            let cfg = self.dir.join(format!("haproxy-{k}.cfg"));
+            write(&cfg, &self.haproxy_config(k))?;
+            run_ok(
+                std::process::Command::new("haproxy")
+                    .arg("-c")
+                    .arg("-q")
+                    .arg("-f")
+                    .arg(&cfg),
+            )
+            .context("HAProxy refused its configuration")?;
+            let log = self.dir.join(format!("haproxy-{k}.log"));
+            let pid = spawn_logged(
+                topo,
+                Path::new("/usr/sbin/haproxy"),
+                &["-W", "-db", "-f", cfg.to_str().context("utf-8 path")?],
+                &log,
+            )?;
+            self.roots.push(pid);
+        }
+        Ok(())
+    }
+
+    fn nginx_config(&self) -> String {
+        let dir = self.dir.display();
+        let mut c = format!(
+            "daemon off;\nmaster_process on;\nworker_processes {workers};\n\
+             worker_rlimit_nofile 20000;\npid {dir}/nginx.pid;\n\
+             error_log {dir}/nginx-error.log warn;\n",
+            workers = self.spec.workers * self.spec.shards,
+        );
+        if let Some(w) = self.spec.drain_window {
+            c += &format!("worker_shutdown_timeout {}ms;\n", w.as_millis());
+        }
+        c += &format!(
+            "events {{\n    worker_connections 19000;\n}}\n\
+             http {{\n    access_log off;\n\
+             \x20   client_body_temp_path {dir}/body;\n    proxy_temp_path {dir}/proxy;\n\
+             \x20   fastcgi_temp_path {dir}/fastcgi;\n    uwsgi_temp_path {dir}/uwsgi;\n\
+             \x20   scgi_temp_path {dir}/scgi;\n\
+             \x20   map $http_upgrade $connection_upgrade {{\n        default upgrade;\n        '' close;\n    }}\n\
+             \x20   upstream be {{\n"
+        );
+        for (_, addr) in &self.servers {
+            c += &format!("        server {addr};\n");
+        }
+        c += &format!(
+            "    }}\n    server {{\n        listen {listen} reuseport backlog=4096;\n\
+             \x20       location / {{\n            proxy_pass http://be;\n\
+             \x20           proxy_http_version 1.1;\n\
+             \x20           proxy_set_header Upgrade $http_upgrade;\n\
+             \x20           proxy_set_header Connection $connection_upgrade;\n\
+             \x20           proxy_connect_timeout 3s;\n\
+             \x20           proxy_read_timeout 1h;\n            proxy_send_timeout 1h;\n\
+             \x20       }}\n    }}\n}}\n",
+            listen = self.spec.listen,
+        );
+        c
+    }
+
+    fn start_nginx(&mut self, topo: &mut Topology) -> Result<()> {
+        let cfg = self.dir.join("nginx.conf");
+        write(&cfg, &self.nginx_config())?;
+        let err = self.dir.join("nginx-error.log");
+        let (cfg_s, err_s, dir_s) = (
+            cfg.to_str().context("utf-8 path")?,
+            err.to_str().context("utf-8 path")?,
+            self.dir.to_str().context("utf-8 path")?,
+        );
+        // Tested where it runs: it binds the VIP, which only the lb
+        // namespace has.
+        run_ok(&mut topo.command_in(
+            &topo.lb_ns,
+            "nginx",
+            &["-t", "-q", "-e", err_s, "-p", dir_s, "-c", cfg_s],
+        ))
+        .context("nginx refused its configuration")?;
+        let log = self.dir.join("nginx.log");
+        let pid = spawn_logged(
+            topo,
+            Path::new("/usr/sbin/nginx"),
+            &["-e", err_s, "-p", dir_s, "-c", cfg_s],
+            &log,
+        )?;
+        self.roots.push(pid);
+        Ok(())
+    }
+
+    /// Replaces the backend set with `new` using `method`; returns how long
+    /// the change took to apply (for HAProxy's API, including the drain
+    /// window it waits before cutting).
+    pub fn set_backends(
+        &mut self,
+        topo: &Topology,
+        new: &[SocketAddr],
+        method: Method,
+    ) -> Result<Duration> {
+        let t0 = Instant::now();
+        match (self.spec.kind, method) {
+            (Kind::Weir, Method::WeirCli) => {
+                let svc = self.spec.listen.to_string();
+                let mut args = vec!["backend".to_string(), "set".into(), svc];
+                args.extend(new.iter().map(|b| b.to_string()));
+                let args: Vec<&str> = args.iter().map(String::as_str).collect();
+                for inst in self.instances.clone() {
+                    self.weir_cmd(topo, &inst, &args)?;
+                }
+            }
+            (Kind::Haproxy, Method::HaproxyApi) => self.haproxy_api_set(new)?,
+            (Kind::Haproxy, Method::Reload) => {
+                self.rename_servers(new);
+                for k in 0..self.spec.shards {
+                    write(
+                        &self.dir.join(format!("haproxy-{k}.cfg")),
+                        &self.haproxy_config(k),
+                    )?;
+                }
+                for &root in &self.roots {
+                    signal(root, libc::SIGUSR2);
+                }
+            }
+            (Kind::Nginx, Method::Reload) => {
+                self.rename_servers(new);
+                write(&self.dir.join("nginx.conf"), &self.nginx_config())?;
+                for &root in &self.roots {
+                    signal(root, libc::SIGHUP);
+                }
+            }
+            (k, m) => bail!("{} cannot change backends by {m:?}", k.name()),
+        }
+        Ok(t0.elapsed())
+    }
+
+    /// The servers after a change: survivors keep their names, joiners
+    /// get fresh ones.
+    fn rename_servers(&mut self, new: &[SocketAddr]) -> (Vec<Server>, Vec<Server>) {
+        let leaving: Vec<_> = self
+            .servers
+            .iter()
+            .filter(|(_, a)| !new.contains(a))
+            .cloned()
+            .collect();
+        let mut joining = Vec::new();
+        for a in new {
+            if !self.servers.iter().any(|(_, b)| b == a) {
+                joining.push((format!("s{}", self.next_server), *a));
+                self.next_server += 1;
+            }
+        }
+        self.servers.retain(|(_, a)| new.contains(a));
+        self.servers.extend(joining.iter().cloned());
+        (joining, leaving)
+    }
+
+    fn haproxy_api_set(&mut self, new: &[SocketAddr]) -> Result<()> {
+        let (joining, leaving) = self.rename_servers(new);
+        for k in 0..self.spec.shards {
+            let sock = self.dir.join(format!("haproxy-{k}.sock"));
+            for (name, addr) in &joining {
+                haproxy_cmd(&sock, &format!("add server be/{name} {addr}"))?;
+                haproxy_cmd(&sock, &format!("enable server be/{name}"))?;
+            }
+            for (name, _) in &leaving {
+                haproxy_cmd(&sock, &format!("set server be/{name} state drain"))?;
+            }
+        }
+        if !leaving.is_empty()
+            && let Some(w) = self.spec.drain_window
+        {
+            std::thread::sleep(w);
+        }
+        for k in 0..self.spec.shards {
+            let sock = self.dir.join(format!("haproxy-{k}.sock"));
+            for (name, _) in &leaving {
+                haproxy_cmd(&sock, &format!("set server be/{name} state maint"))?;
+                haproxy_cmd(&sock, &format!("shutdown sessions server be/{name}"))?;
+                // Sessions end asynchronously; retry until it lets go.
+                let deadline = Instant::now() + Duration::from_secs(10);
+                loop {
+                    let out = haproxy_cmd(&sock, &format!("del server be/{name}"))?;
+                    if out.contains("Server deleted") {
+                        break;
+                    }
+                    ensure!(
+                        Instant::now() < deadline,
+                        "HAProxy would not delete be/{name}: {out}"
+                    );
+                    std::thread::sleep(Duration::from_millis(50));
+                }
+            }
+        }
+        Ok(())
+    }
+
+    /// Stops every process (SIGTERM, then SIGKILL), old workers included,
+    /// and removes weir's instances.
+    pub fn stop(self, topo: &mut Topology) {
+        let all = self.pids();
+        for &root in &self.roots {
+            topo.stop_child(root, Duration::from_secs(3));
+        }
+        // Reload leftovers are children of the roots; they die with their
+        // master, but make sure.
+        for p in all {
+            if std::path::Path::new(&format!("/proc/{p}")).exists() {
+                signal(p, libc::SIGKILL);
+            }
+        }
+        for inst in &self.instances {
+            let argv = vec![
+                self.weir.display().to_string(),
+                "--instance".into(),
+                inst.clone(),
+                "destroy".into(),
+            ];
+            let _ = std::process::Command::new(&argv[0])
+                .args(&argv[1..])
+                .output();
+            unregister_cleanup_command(&argv);
+        }
+        let _ = std::fs::remove_dir_all(&self.dir);
+    }
+}
+
+fn signal(pid: u32, sig: libc::c_int) {
+    // SAFETY: kill(2) on a pid this harness started.
+    unsafe {
+        libc::kill(pid as libc::pid_t, sig);
+    }
+}
+
+/// Starts a long-running program in the lb namespace with its output in
+/// `log`, tracked by the topology for cleanup.
+fn spawn_logged(topo: &mut Topology, program: &Path, args: &[&str], log: &Path) -> Result<u32> {
+    // The program's stderr goes to the log: wrap it in sh -c exec so the
+    // pid stays the program's.
+    let mut line = format!("exec {} ", shell_quote(&program.display().to_string()));
+    for a in args {
+        line += &shell_quote(a);
+        line.push(' ');
+    }
+    line += &format!("> {} 2>&1", shell_quote(&log.display().to_string()));
+    let lb = topo.lb_ns.clone();
+    topo.spawn_in(&lb, Path::new("/bin/sh"), &["-c", &line])
+}
+
+fn shell_quote(s: &str) -> String {
+    format!("'{}'", s.replace('\'', "'\\''"))
+}
+
+/// One HAProxy Runtime API command; returns its answer.
+pub fn haproxy_cmd(sock: &Path, cmd: &str) -> Result<String> {
+    let mut s =
+        UnixStream::connect(sock).with_context(|| format!("connecting to {}", sock.display()))?;
+    s.set_read_timeout(Some(Duration::from_secs(10)))?;
+    s.write_all(format!("{cmd}\n").as_bytes())?;
+    let mut out = String::new();
+    for line in BufReader::new(s).lines() {
+        let line = line?;
+        out.push_str(&line);
+        out.push('\n');
+    }
+    let out = out.trim().to_string();
+    let lower = out.to_ascii_lowercase();
+    if lower.contains("unknown") || lower.contains("error") || lower.contains("require") {
+        bail!("HAProxy refused `{cmd}`: {out}");
+    }
+    Ok(out)
+}
