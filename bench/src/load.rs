@@ -7,8 +7,8 @@
 //!   cannot hide its stall: no coordinated omission), or stay idle;
 //! - arrivals: new connections opened at a fixed rate, each doing a
 //!   handshake, talking for a while (or one echo) and closing;
-//! - reconnection of long-lived connections the proxy closed, as a real
-//!   client does after a 1001.
+//! - reconnection of long-lived connections that were closed or cut, as a
+//!   real client does after a 1001 or a reset.
 //!
 //! Every connection's ending is classified (see [`crate::results::Endings`]),
 //! and a per-second timeline of opens, failures and cuts is kept. The harness
@@ -76,7 +76,7 @@ pub struct Plan {
     /// before closing; zero: one echo, then close.
     pub arrival_life: Duration,
     pub arrival_interval: Duration,
-    /// Reopen long-lived connections the peer closed (drain, churn).
+    /// Reopen long-lived connections that were closed or cut (churn).
     pub reconnect: bool,
     /// Handshakes of long-lived connections in flight at once.
     pub connect_concurrency: usize,
@@ -728,16 +728,14 @@ async fn long_lived(
                 return;
             }
             Stop::Ended(e) => {
-                let reconnect =
-                    s.plan.reconnect && !s.stopped() && e.starts_with(ending::PEER_CLOSE);
                 s.end(backend, &e);
-                if !reconnect {
+                if !s.plan.reconnect || s.stopped() {
                     return;
                 }
             }
         }
-        // The peer closed: open a new connection, as a client does after
-        // its server went away.
+        // Closed or cut: open a new connection, as a client does after its
+        // server went away.
     }
 }
 

@@ -73,10 +73,11 @@ pub fn cpu_by_pid(pids: &[u32]) -> BTreeMap<u32, f64> {
 /// CPU used between two snapshots: processes that exited in between count
 /// with what they had at the first snapshot (their last moments are lost).
 pub fn cpu_delta(before: &BTreeMap<u32, f64>, after: &BTreeMap<u32, f64>) -> f64 {
+    // A fold from +0.0: an empty sum of f64 is -0.0, which prints oddly.
     after
         .iter()
         .map(|(p, a)| a - before.get(p).copied().unwrap_or(0.0))
-        .sum()
+        .fold(0.0, |acc, x| acc + x)
 }
 
 /// Proportional set size summed over the processes, KiB: resident memory

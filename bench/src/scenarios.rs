@@ -45,6 +45,12 @@ pub struct Sizes {
     pub churn_period_secs: u64,
     pub churn_connections: usize,
     pub churn_arrivals: f64,
+    /// How long an arriving connection lives: longer than the period, as
+    /// WebSockets do, so every backend set has connections when it goes.
+    pub churn_arrival_life_secs: u64,
+    /// Drain window during churn (weir's window, HAProxy's wait before
+    /// cutting): shorter than the period, so changes keep their pace.
+    pub churn_drain_secs: u64,
     pub drain_connections: usize,
     pub drain_window: Duration,
     pub l4_secs: f64,
@@ -67,6 +73,8 @@ impl Sizes {
                 churn_period_secs: 5,
                 churn_connections: 100,
                 churn_arrivals: 20.0,
+                churn_arrival_life_secs: 10,
+                churn_drain_secs: 2,
                 drain_connections: 200,
                 drain_window: Duration::from_secs(3),
                 l4_secs: 3.0,
@@ -80,12 +88,16 @@ impl Sizes {
                 steady_secs: 15,
                 steady_rates: vec![(64, 20_000.0), (4096, 10_000.0)],
                 idle_counts: vec![10_000, 50_000, 100_000],
-                connrate_steps: vec![500.0, 1000.0, 2000.0, 3000.0, 4000.0, 6000.0, 8000.0],
+                connrate_steps: vec![
+                    1000.0, 2000.0, 4000.0, 6000.0, 8000.0, 10_000.0, 12_000.0, 16_000.0,
+                ],
                 connrate_step_secs: 4,
                 churn_secs: 60,
                 churn_period_secs: 5,
                 churn_connections: 500,
-                churn_arrivals: 50.0,
+                churn_arrivals: 20.0,
+                churn_arrival_life_secs: 30,
+                churn_drain_secs: 2,
                 drain_connections: 1000,
                 drain_window: Duration::from_secs(10),
                 l4_secs: 10.0,
@@ -164,6 +176,7 @@ impl Bench {
         }
         let scratch = std::env::temp_dir().join(format!("weir-bench-{}", std::process::id()));
         std::fs::create_dir_all(&scratch)?;
+        weir_testbed::topology::register_cleanup_command(remove_dir(&scratch));
         Ok(Bench {
             topo,
             sizes,
@@ -178,6 +191,7 @@ impl Bench {
 
     pub fn finish(self) -> Result<()> {
         let _ = std::fs::remove_dir_all(&self.scratch);
+        weir_testbed::topology::unregister_cleanup_command(&remove_dir(&self.scratch));
         self.topo.teardown()
     }
 
@@ -628,13 +642,19 @@ impl Bench {
                 (
                     "long_lived",
                     format!(
-                        "{} at 10 msgs/s each, reconnect after a peer close",
+                        "{} at 10 msgs/s each, reconnect after any close",
                         s.churn_connections
                     ),
                 ),
-                ("arrivals_per_s", format!("{} living 2 s", s.churn_arrivals)),
+                (
+                    "arrivals_per_s",
+                    format!(
+                        "{} living {} s at 10 msgs/s",
+                        s.churn_arrivals, s.churn_arrival_life_secs
+                    ),
+                ),
                 ("sets", "b0-b3 and b4-b7, alternating".into()),
-                ("drain_window_s", s.drain_window.as_secs_f64().to_string()),
+                ("drain_window_s", s.churn_drain_secs.to_string()),
             ],
         );
         let set_a: Vec<SocketAddr> = (0..4).map(|i| self.backend(i)).collect();
@@ -648,6 +668,7 @@ impl Bench {
         for (kind, method) in cases {
             let label = method.label(kind);
             let mut spec = self.spec(kind, set_a.clone(), 1);
+            spec.drain_window = Some(Duration::from_secs(s.churn_drain_secs));
             if method == Method::Reload {
                 // Both peers' defaults: old workers live as long as their
                 // connections.
@@ -682,7 +703,7 @@ impl Bench {
             s.churn_secs as f64,
         );
         plan.arrivals_per_sec = s.churn_arrivals;
-        plan.arrival_life = Duration::from_secs(2);
+        plan.arrival_life = Duration::from_secs(s.churn_arrival_life_secs);
         plan.arrival_interval = Duration::from_millis(100);
         plan.reconnect = true;
         self.progress(&format!(
@@ -1058,6 +1079,11 @@ impl Bench {
     }
 }
 
+/// `rm -rf DIR`, for the interrupt cleanup.
+pub fn remove_dir(dir: &Path) -> Vec<String> {
+    vec!["rm".into(), "-rf".into(), dir.display().to_string()]
+}
+
 fn per(total: u64, n: usize) -> f64 {
     if n == 0 { 0.0 } else { total as f64 / n as f64 }
 }
@@ -1215,5 +1241,69 @@ pub fn run_info(quick: bool, workers: usize) -> RunInfo {
         haproxy_version: cmd("haproxy", &["-v"]),
         nginx_version: cmd("nginx", &["-v"]),
         workers,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn steady(system: &str, rate: f64) -> SteadyRow {
+        SteadyRow {
+            system: system.into(),
+            message_bytes: 64,
+            closed_msgs_per_sec: rate,
+            open_achieved: rate,
+            closed_cpu: CpuSplit {
+                proxy_s: 1.0,
+                ..CpuSplit::default()
+            },
+            ..SteadyRow::default()
+        }
+    }
+
+    #[test]
+    fn check_wants_every_system_and_moving_traffic() {
+        let mut r = ScenarioResult {
+            scenario: "steady".into(),
+            steady: vec![
+                steady("weir", 10.0),
+                steady("haproxy", 10.0),
+                steady("nginx", 10.0),
+            ],
+            ..ScenarioResult::default()
+        };
+        assert!(check(&r).is_empty(), "{:?}", check(&r));
+        r.steady.pop();
+        assert_eq!(check(&r), vec!["steady: no result for nginx".to_string()]);
+        r.steady.push(steady("nginx", 0.0));
+        assert_eq!(check(&r).len(), 1, "{:?}", check(&r));
+        assert!(check(&r)[0].contains("nginx moved no messages"));
+    }
+
+    #[test]
+    fn check_flags_an_idle_run_that_lost_connections() {
+        let row = |system: &str, held| IdleRow {
+            system: system.into(),
+            connections: 1000,
+            held,
+            rss_after_kib: 1,
+            ..IdleRow::default()
+        };
+        let r = ScenarioResult {
+            scenario: "idle".into(),
+            idle: vec![row("weir", 1000), row("haproxy", 950), row("nginx", 10)],
+            ..ScenarioResult::default()
+        };
+        assert_eq!(check(&r), vec!["idle: nginx held 10 of 1000".to_string()]);
+    }
+
+    #[test]
+    fn check_refuses_unknown_scenarios() {
+        let r = ScenarioResult {
+            scenario: "nope".into(),
+            ..ScenarioResult::default()
+        };
+        assert_eq!(check(&r), vec!["unknown scenario nope".to_string()]);
     }
 }

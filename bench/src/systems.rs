@@ -119,6 +119,7 @@ impl Running {
         ));
         let _ = std::fs::remove_dir_all(&dir);
         std::fs::create_dir_all(&dir)?;
+        register_cleanup_command(crate::scenarios::remove_dir(&dir));
         let servers: Vec<(String, SocketAddr)> = spec
             .backends
             .iter()
@@ -491,8 +492,15 @@ impl Running {
         for &root in &self.roots {
             topo.stop_child(root, Duration::from_secs(3));
         }
-        // Reload leftovers are children of the roots; they die with their
-        // master, but make sure.
+        // Reload leftovers and workers are in the roots' process groups;
+        // they die with their master, but make sure.
+        for &root in &self.roots {
+            let argv = group_kill(root);
+            let _ = std::process::Command::new(&argv[0])
+                .args(&argv[1..])
+                .output();
+            unregister_cleanup_command(&argv);
+        }
         for p in all {
             if std::path::Path::new(&format!("/proc/{p}")).exists() {
                 signal(p, libc::SIGKILL);
@@ -511,6 +519,7 @@ impl Running {
             unregister_cleanup_command(&argv);
         }
         let _ = std::fs::remove_dir_all(&self.dir);
+        unregister_cleanup_command(&crate::scenarios::remove_dir(&self.dir));
     }
 }
 
@@ -524,16 +533,30 @@ fn signal(pid: u32, sig: libc::c_int) {
 /// Starts a long-running program in the lb namespace with its output in
 /// `log`, tracked by the topology for cleanup.
 fn spawn_logged(topo: &mut Topology, program: &Path, args: &[&str], log: &Path) -> Result<u32> {
-    // The program's stderr goes to the log: wrap it in sh -c exec so the
-    // pid stays the program's.
-    let mut line = format!("exec {} ", shell_quote(&program.display().to_string()));
+    // The program's output goes to the log, through sh -c exec so the pid
+    // stays the program's; setsid makes that pid a process group that
+    // holds the workers too, so an interrupted run can end them all
+    // (nginx's workers outlive a killed master).
+    let mut line = format!(
+        "exec setsid {} ",
+        shell_quote(&program.display().to_string())
+    );
     for a in args {
         line += &shell_quote(a);
         line.push(' ');
     }
     line += &format!("> {} 2>&1", shell_quote(&log.display().to_string()));
     let lb = topo.lb_ns.clone();
-    topo.spawn_in(&lb, Path::new("/bin/sh"), &["-c", &line])
+    let pid = topo.spawn_in(&lb, Path::new("/bin/sh"), &["-c", &line])?;
+    register_cleanup_command(group_kill(pid));
+    Ok(pid)
+}
+
+/// `kill -KILL -- -PGID`: ends a system's whole process group.
+fn group_kill(pid: u32) -> Vec<String> {
+    ["kill", "-KILL", "--", &format!("-{pid}")]
+        .map(String::from)
+        .to_vec()
 }
 
 fn shell_quote(s: &str) -> String {

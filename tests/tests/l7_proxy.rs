@@ -1245,3 +1245,43 @@ fn a_second_weir_run_for_the_same_instance_is_refused() {
     let err = String::from_utf8_lossy(&out.stderr);
     assert!(err.contains("another `weir run`"), "{err}");
 }
+
+/// Traffic touches the whole provided-buffer pool in turn; once a worker
+/// has been quiet for a second it gives the pool's memory back (DESIGN
+/// promise 5), and connections opened afterwards still relay every byte
+/// intact through the re-faulted buffers.
+#[test]
+fn a_quiet_worker_gives_its_buffer_pool_back_and_still_relays() {
+    if !require_root() {
+        return;
+    }
+    let bed = Bed::new("l7pool", 1, "");
+    let releases = || -> u64 {
+        let (mut m, _) = raw_request(bed.metrics_port, "GET /metrics HTTP/1.1\r\nHost: t\r\n\r\n");
+        let mut text = String::new();
+        m.read_to_string(&mut text).unwrap();
+        text.lines()
+            .find(|l| l.starts_with("weir_l7_buffer_pool_releases_total"))
+            .and_then(|l| l.rsplit(' ').next())
+            .and_then(|v| v.parse().ok())
+            .unwrap_or_else(|| panic!("no pool release counter in\n{text}"))
+    };
+    let r = report(bed.clients(50, 1, None));
+    assert_eq!(r.summary.broken, 0, "{:?}", r.summary);
+    let after_traffic = releases();
+    // Quiet for more than a second: every worker releases its pool once.
+    std::thread::sleep(Duration::from_millis(1600));
+    let quiet = releases();
+    assert!(
+        quiet >= after_traffic + 2,
+        "both workers release after a quiet second: {after_traffic} -> {quiet}"
+    );
+    std::thread::sleep(Duration::from_millis(600));
+    assert_eq!(releases(), quiet, "once per quiet spell, not every tick");
+
+    let r = report(bed.clients(50, 1, None));
+    assert_eq!(r.summary.connected, 50);
+    assert_eq!(r.summary.broken, 0, "{:?}", r.summary);
+    assert_eq!(r.summary.mismatches, 0);
+    assert_eq!(r.summary.messages_echoed, r.summary.messages_sent);
+}

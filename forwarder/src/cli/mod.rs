@@ -648,14 +648,15 @@ fn stats(reg: &Registry, instance: &Instance, json: bool) -> Result<()> {
     }
     if let Some(l7) = l7 {
         println!(
-            "l7 (weir run): accepted {} frames c2b {} b2c {} bytes c2b {} b2c {} drains in progress {} buffer exhausted {}",
+            "l7 (weir run): accepted {} frames c2b {} b2c {} bytes c2b {} b2c {} drains in progress {} buffer exhausted {} pool releases {}",
             l7.accepted,
             l7.frames_client_to_backend,
             l7.frames_backend_to_client,
             l7.bytes_client_to_backend,
             l7.bytes_backend_to_client,
             l7.drains_in_progress,
-            l7.buffer_exhausted
+            l7.buffer_exhausted,
+            l7.pool_releases
         );
         for (backend, (active, total)) in &l7.backends {
             println!("  backend {backend:<22} active {active} total {total}");

@@ -28,6 +28,9 @@ pub struct BufRing {
     tail: u16,
     /// Buffers currently handed out (received into, not yet recycled).
     in_use: u32,
+    /// Buffers the kernel has taken since creation: the owner compares it
+    /// across ticks to tell a quiet pool.
+    taken_total: u64,
 }
 
 fn mmap_anon(len: usize) -> io::Result<NonNull<u8>> {
@@ -89,6 +92,7 @@ impl BufRing {
             bgid,
             tail: 0,
             in_use: entries as u32,
+            taken_total: 0,
         };
         // SAFETY: the ring memory is page aligned, sized for `entries`, and
         // lives (in `this`) until it is unregistered in Drop.
@@ -136,6 +140,46 @@ impl BufRing {
     /// A buffer was taken by the kernel for a completion: account for it.
     pub fn taken(&mut self) {
         self.in_use += 1;
+        self.taken_total += 1;
+    }
+
+    /// Buffers taken since the pool was made.
+    pub fn taken_total(&self) -> u64 {
+        self.taken_total
+    }
+
+    /// Gives the pool's memory back to the kernel when no buffer is handed
+    /// out; returns whether it did. The kernel hands buffers out in ring
+    /// order, so traffic touches every buffer of the pool in turn and a
+    /// pool's resident memory grows to its full size; once the traffic has
+    /// stopped (idle connections), this keeps DESIGN promise 5: idle
+    /// connections hold no userspace buffer memory. The pages come back,
+    /// zeroed, the next time the kernel writes into them.
+    ///
+    /// Call it only between `io_uring_enter` calls, with the completion
+    /// queue drained, on a ring set up with DEFER_TASKRUN and without
+    /// IOSQE_ASYNC receives: then the kernel selects and fills buffers only
+    /// inside this thread's `io_uring_enter`, so no write into a free buffer
+    /// can race with the release.
+    pub fn release_memory(&mut self) -> io::Result<bool> {
+        if self.in_use != 0 {
+            return Ok(false);
+        }
+        // SAFETY: the range is exactly the buffer mapping; no buffer is
+        // handed out, and (see above) the kernel cannot be writing into a
+        // free one now. Discarding their contents is harmless: a free
+        // buffer's bytes mean nothing.
+        let r = unsafe {
+            libc::madvise(
+                self.bufs.as_ptr().cast(),
+                self.bufs_len,
+                libc::MADV_DONTNEED,
+            )
+        };
+        if r != 0 {
+            return Err(io::Error::last_os_error());
+        }
+        Ok(true)
     }
 
     /// Gives buffer `bid` back to the kernel.
@@ -205,6 +249,68 @@ mod tests {
         let (b, _) = l.accept().unwrap();
         a.set_nodelay(true).unwrap();
         (a, b)
+    }
+
+    /// Pages of the buffer mapping that are resident now (mincore).
+    fn resident_pages(pool: &BufRing) -> usize {
+        // SAFETY: sysconf has no preconditions.
+        let page = unsafe { libc::sysconf(libc::_SC_PAGESIZE) } as usize;
+        let mut vec = vec![0u8; pool.bufs_len.div_ceil(page)];
+        // SAFETY: mincore over our own mapping, one byte per page.
+        let r =
+            unsafe { libc::mincore(pool.bufs.as_ptr().cast(), pool.bufs_len, vec.as_mut_ptr()) };
+        assert_eq!(r, 0, "mincore: {}", io::Error::last_os_error());
+        vec.iter().filter(|b| *b & 1 == 1).count()
+    }
+
+    /// Traffic makes the pool resident; releasing it while no buffer is
+    /// out drops every page, refuses while one is out, and receives
+    /// afterwards still land intact.
+    #[test]
+    fn release_memory_drops_the_pool_and_keeps_it_usable() {
+        let mut ring = IoUring::new(64).unwrap();
+        let mut pool = BufRing::new(&ring, 3, 8, 8192).unwrap();
+        let (mut client, server) = pair();
+        let recv = opcode::RecvMulti::new(types::Fd(server.as_raw_fd()), pool.bgid())
+            .build()
+            .user_data(1);
+        // SAFETY: the socket outlives the operation (the ring goes first).
+        unsafe { ring.submission().push(&recv).unwrap() };
+        ring.submit().unwrap();
+        let mut receive = |pool: &mut BufRing, byte: u8| -> u16 {
+            client.write_all(&[byte; 5000]).unwrap();
+            let mut got = 0;
+            let mut bid = 0;
+            while got < 5000 {
+                let (res, flags) = reap(&mut ring, 1)[0];
+                assert!(res > 0, "receive failed: {res}");
+                bid = cqueue::buffer_select(flags).unwrap();
+                pool.taken();
+                assert!(pool.buffer(bid, res as usize).iter().all(|b| *b == byte));
+                got += res as usize;
+                if got < 5000 {
+                    pool.recycle(bid);
+                }
+            }
+            bid
+        };
+        for i in 0..8 {
+            let bid = receive(&mut pool, b'a' + i);
+            pool.recycle(bid);
+        }
+        assert!(resident_pages(&pool) >= 8, "traffic touched the pool");
+        assert!(pool.taken_total() >= 8);
+
+        let held = receive(&mut pool, b'x');
+        assert!(!pool.release_memory().unwrap(), "a buffer is out: refused");
+        pool.recycle(held);
+        assert!(pool.release_memory().unwrap());
+        assert_eq!(resident_pages(&pool), 0, "every page given back");
+
+        let bid = receive(&mut pool, b'z');
+        pool.recycle(bid);
+        drop(ring);
+        drop(pool);
     }
 
     #[test]

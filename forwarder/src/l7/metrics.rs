@@ -24,6 +24,8 @@ pub struct WorkerMetrics {
     pub bytes_c2b: AtomicU64,
     pub bytes_b2c: AtomicU64,
     pub buffer_exhausted: AtomicU64,
+    /// Times a quiet worker gave its buffer pool's memory back.
+    pub pool_releases: AtomicU64,
     pub drains_in_progress: AtomicU64,
     maps: Mutex<Maps>,
 }
@@ -103,6 +105,8 @@ pub struct Snapshot {
     pub bytes_client_to_backend: u64,
     pub bytes_backend_to_client: u64,
     pub buffer_exhausted: u64,
+    #[serde(default)]
+    pub pool_releases: u64,
     pub drains_in_progress: u64,
     /// backend -> [active, total]
     pub backends: BTreeMap<String, (u64, u64)>,
@@ -120,6 +124,7 @@ pub fn snapshot(workers: &[Arc<WorkerMetrics>]) -> Snapshot {
         s.bytes_client_to_backend += get(&w.bytes_c2b);
         s.bytes_backend_to_client += get(&w.bytes_b2c);
         s.buffer_exhausted += get(&w.buffer_exhausted);
+        s.pool_releases += get(&w.pool_releases);
         s.drains_in_progress += get(&w.drains_in_progress);
         let m = w.maps.lock().unwrap_or_else(|e| e.into_inner()).clone();
         for (k, (a, t)) in m.backends {
@@ -239,6 +244,12 @@ pub fn render(s: &Snapshot) -> String {
         "counter",
         "Receives that found the provided-buffer ring empty.",
         vec![(String::new(), s.buffer_exhausted)],
+    );
+    metric(
+        "weir_l7_buffer_pool_releases_total",
+        "counter",
+        "Times a quiet worker gave its receive buffer pool's memory back to the kernel.",
+        vec![(String::new(), s.pool_releases)],
     );
     out
 }

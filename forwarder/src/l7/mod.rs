@@ -9,5 +9,6 @@ pub mod frame;
 pub mod handshake;
 pub mod metrics;
 pub mod relay;
+pub mod table;
 pub mod view;
 pub mod worker;

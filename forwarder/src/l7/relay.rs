@@ -45,7 +45,10 @@ pub struct Scanner {
 #[derive(Debug)]
 struct CloseCode {
     mask: Option<[u8; 4]>,
-    bytes: Vec<u8>,
+    /// The code's two bytes, `got` of them so far (inline: every
+    /// connection carries a scanner).
+    bytes: [u8; 2],
+    got: u8,
 }
 
 /// "No status received" (RFC 6455 7.4.1), for a Close without a code.
@@ -160,7 +163,8 @@ impl Scanner {
             } else {
                 self.close = Some(CloseCode {
                     mask: h.mask,
-                    bytes: Vec::with_capacity(2),
+                    bytes: [0; 2],
+                    got: 0,
                 });
             }
         }
@@ -170,11 +174,12 @@ impl Scanner {
         let Some(c) = self.close.as_mut() else {
             return;
         };
-        let want = 2 - c.bytes.len();
-        c.bytes
-            .extend_from_slice(&payload[..want.min(payload.len())]);
-        if c.bytes.len() == 2 || self.remaining == payload.len() as u64 {
-            let code = frame::close_code(&c.bytes, c.mask).unwrap_or(NO_STATUS);
+        let got = c.got as usize;
+        let take = (2 - got).min(payload.len());
+        c.bytes[got..got + take].copy_from_slice(&payload[..take]);
+        c.got += take as u8;
+        if c.got == 2 || self.remaining == payload.len() as u64 {
+            let code = frame::close_code(&c.bytes[..c.got as usize], c.mask).unwrap_or(NO_STATUS);
             fed.closes.push(code);
             self.close = None;
         }

@@ -27,6 +27,7 @@ use super::frame::{self, Direction, Limits as FrameLimits};
 use super::handshake::{self, BackendResponse, Reject, UpgradeRequest};
 use super::metrics::{CloseSeen, WorkerMetrics};
 use super::relay::Scanner;
+use super::table::Table;
 use super::view::RegistryView;
 use crate::registry::{Maps, ServiceAddr};
 
@@ -228,6 +229,19 @@ struct SendQueue {
     shut: bool,
 }
 
+impl SendQueue {
+    /// Drops the segment that was sent. An emptied queue also lets go of
+    /// its storage: an idle connection then holds no heap memory for its
+    /// queues (a few hundred bytes each otherwise, times every idle
+    /// connection), at the price of one allocation when it talks again.
+    fn pop_sent(&mut self) {
+        self.segs.pop_front();
+        if self.segs.is_empty() {
+            self.segs = VecDeque::new();
+        }
+    }
+}
+
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 enum Phase {
     ClientHead,
@@ -240,23 +254,37 @@ enum Phase {
     Closing,
 }
 
+/// What only the handshake needs. Boxed in [`Conn`] and dropped once the
+/// connection relays, so an established (often idle) connection does not
+/// carry it.
+struct Handshake {
+    /// The client's address, for X-Forwarded-For.
+    peer: SocketAddr,
+    /// The request head, then the backend's answer head.
+    head: Vec<u8>,
+    /// Client bytes that came before the backend answered.
+    early: Vec<u8>,
+    request: Option<UpgradeRequest>,
+    /// Backends tried so far.
+    tried: Vec<u32>,
+    /// The address a connect in flight points at: it must stay put until
+    /// the connect completes.
+    backend_addr: Option<Box<(libc::sockaddr_storage, libc::socklen_t)>>,
+    /// The last connect attempt was cancelled for taking too long.
+    timed_out: bool,
+}
+
 struct Conn {
     generation: u32,
     listener: usize,
     client: OwnedFd,
-    peer: SocketAddr,
     /// The backend socket's slot in the ring's registered-file table.
     backend: Option<u32>,
     backend_id: Option<u32>,
-    backend_addr: Option<Box<(libc::sockaddr_storage, libc::socklen_t)>>,
     phase: Phase,
-    head: Vec<u8>,
-    early: Vec<u8>,
-    /// Boxed: only handshaking connections carry one.
-    request: Option<Box<UpgradeRequest>>,
+    /// Some until the connection relays.
+    hs: Option<Box<Handshake>>,
     service: Option<ServiceAddr>,
-    tried: Vec<u32>,
-    timed_out: bool,
     to_client: SendQueue,
     to_backend: SendQueue,
     c2b: Option<Scanner>,
@@ -295,7 +323,7 @@ pub struct Worker {
     ring: IoUring,
     bufs: BufRing,
     listeners: Vec<(OwnedFd, Listener)>,
-    conns: Vec<Option<Conn>>,
+    conns: Table<Conn>,
     free: Vec<u32>,
     next_generation: u32,
     view: RegistryView,
@@ -317,7 +345,27 @@ pub struct Worker {
     /// Listeners whose accept stopped for lack of descriptors; the tick
     /// re-arms them.
     accept_paused: Vec<bool>,
+    /// The buffer pool's memory can be given back only when the kernel
+    /// fills buffers inside our own `io_uring_enter` (DEFER_TASKRUN).
+    pool: PoolRelease,
 }
+
+/// When to give the buffer pool's memory back: after it was quiet (no
+/// buffer taken) for [`POOL_QUIET_TICKS`] ticks, once per quiet spell.
+#[derive(Default)]
+struct PoolRelease {
+    enabled: bool,
+    /// `taken_total` at the last tick.
+    seen: u64,
+    quiet_ticks: u32,
+    /// Released during this quiet spell.
+    released: bool,
+    /// Release after the current batch of completions.
+    due: bool,
+}
+
+/// One second of 50 ms ticks.
+const POOL_QUIET_TICKS: u32 = 20;
 
 impl Worker {
     /// Sets up the ring (SINGLE_ISSUER and DEFER_TASKRUN where the kernel
@@ -330,10 +378,12 @@ impl Worker {
     ) -> io::Result<Self> {
         let config = settings.config.clone();
         let entries = 4096;
-        let ring = IoUring::builder()
+        let deferred = IoUring::builder()
             .setup_single_issuer()
             .setup_defer_taskrun()
-            .build(entries)
+            .build(entries);
+        let defer_taskrun = deferred.is_ok();
+        let ring = deferred
             .or_else(|_| IoUring::builder().setup_coop_taskrun().build(entries))
             .or_else(|_| IoUring::new(entries))
             .map_err(|e| io::Error::new(e.kind(), format!("io_uring is not available: {e}")))?;
@@ -368,7 +418,7 @@ impl Worker {
             ring,
             bufs,
             listeners,
-            conns: Vec::new(),
+            conns: Table::default(),
             free: Vec::new(),
             next_generation: 1,
             view,
@@ -385,6 +435,10 @@ impl Worker {
             shutdown_deadline: None,
             open,
             accept_paused,
+            pool: PoolRelease {
+                enabled: defer_taskrun,
+                ..PoolRelease::default()
+            },
         })
     }
 
@@ -430,6 +484,20 @@ impl Worker {
                 .collect();
             for (user_data, res, flags) in completions {
                 self.complete(user_data, res, flags);
+            }
+            // Only here: every completion the kernel posted is accounted
+            // for, so `in_use` is exact.
+            if self.pool.due && self.ring.completion().is_empty() {
+                match self.bufs.release_memory() {
+                    Ok(true) => {
+                        self.pool.due = false;
+                        self.pool.released = true;
+                        self.metrics.pool_releases.fetch_add(1, Ordering::Relaxed);
+                    }
+                    // A buffer is still out (a send waits): try again later.
+                    Ok(false) => {}
+                    Err(_) => self.pool.due = false,
+                }
             }
             if !self.accepting && self.conns.iter().all(Option::is_none) {
                 return Ok(());
@@ -503,6 +571,14 @@ impl Worker {
         self.conns[idx as usize].as_mut().expect("live connection")
     }
 
+    /// The handshake state of a connection that is still handshaking.
+    fn hs(&mut self, idx: u32) -> &mut Handshake {
+        self.conn(idx)
+            .hs
+            .as_mut()
+            .expect("a handshaking connection")
+    }
+
     fn on_accept(&mut self, listener: usize, res: i32, flags: u32) {
         let out_of_files = res == -libc::EMFILE || res == -libc::ENFILE;
         if !cqueue::more(flags) && self.accepting {
@@ -527,10 +603,10 @@ impl Worker {
         }
         let peer =
             peer_addr(client.as_raw_fd()).unwrap_or_else(|| SocketAddr::from(([0, 0, 0, 0], 0)));
-        let idx = self.free.pop().unwrap_or_else(|| {
-            self.conns.push(None);
-            (self.conns.len() - 1) as u32
-        });
+        let idx = self
+            .free
+            .pop()
+            .unwrap_or_else(|| self.conns.push_empty() as u32);
         let generation = self.next_generation;
         self.next_generation = self.next_generation.wrapping_add(1).max(1) & 0xff_ffff;
         let now = Instant::now();
@@ -543,17 +619,19 @@ impl Worker {
             generation,
             listener,
             client,
-            peer,
             backend: None,
             backend_id: None,
-            backend_addr: None,
             phase: Phase::ClientHead,
-            head: Vec::new(),
-            early: Vec::new(),
-            request: None,
+            hs: Some(Box::new(Handshake {
+                peer,
+                head: Vec::new(),
+                early: Vec::new(),
+                request: None,
+                tried: Vec::new(),
+                backend_addr: None,
+                timed_out: false,
+            })),
             service: None,
-            tried: Vec::new(),
-            timed_out: false,
             to_client: SendQueue::default(),
             to_backend: SendQueue::default(),
             c2b: None,
@@ -652,22 +730,22 @@ impl Worker {
             (Phase::ClientHead, true) => {
                 let data = self.bufs.buffer(bid, len).to_vec();
                 self.bufs.recycle(bid);
-                self.conn(idx).head.extend_from_slice(&data);
+                self.hs(idx).head.extend_from_slice(&data);
                 self.try_request(idx);
             }
             (Phase::Connecting | Phase::BackendHead, true) => {
                 let data = self.bufs.buffer(bid, len).to_vec();
                 self.bufs.recycle(bid);
-                let c = self.conn(idx);
-                c.early.extend_from_slice(&data);
-                if c.early.len() > MAX_EARLY {
+                let hs = self.hs(idx);
+                hs.early.extend_from_slice(&data);
+                if hs.early.len() > MAX_EARLY {
                     self.abort(idx);
                 }
             }
             (Phase::BackendHead, false) => {
                 let data = self.bufs.buffer(bid, len).to_vec();
                 self.bufs.recycle(bid);
-                self.conn(idx).head.extend_from_slice(&data);
+                self.hs(idx).head.extend_from_slice(&data);
                 self.try_response(idx);
             }
             (Phase::Relay, _) => self.relay(idx, from_client, bid, len),
@@ -689,7 +767,7 @@ impl Worker {
             max_head: self.config.limits.max_head_bytes,
             max_headers: self.config.limits.max_headers,
         };
-        let parsed = handshake::parse_request(&self.conn(idx).head, &limits);
+        let parsed = handshake::parse_request(&self.hs(idx).head, &limits);
         let req = match parsed {
             Ok(None) => return,
             Ok(Some(req)) => req,
@@ -706,10 +784,11 @@ impl Worker {
             );
         };
         let c = self.conn(idx);
-        c.early = c.head.split_off(req.head_len);
-        c.head = Vec::new();
         c.service = Some(service);
-        c.request = Some(Box::new(req));
+        let hs = c.hs.as_mut().expect("a handshaking connection");
+        hs.early = hs.head.split_off(req.head_len);
+        hs.head = Vec::new();
+        hs.request = Some(req);
         self.connect_next(idx);
     }
 
@@ -725,9 +804,9 @@ impl Worker {
                 },
             );
         }
-        let tried = self.conn(idx).tried.clone();
+        let tried = self.hs(idx).tried.clone();
         if tried.len() >= MAX_ATTEMPTS {
-            let timed_out = self.conn(idx).timed_out;
+            let timed_out = self.hs(idx).timed_out;
             return self.reject(
                 idx,
                 if timed_out {
@@ -748,7 +827,7 @@ impl Worker {
         let Some((id, addr)) = self.view.pick(&service, random, &tried, |id| {
             live.get(&id).copied().unwrap_or(0)
         }) else {
-            let timed_out = self.conn(idx).timed_out;
+            let timed_out = self.hs(idx).timed_out;
             let reject = match (tried.is_empty(), timed_out) {
                 (true, _) => Reject {
                     status: 503,
@@ -827,15 +906,15 @@ impl Worker {
         self.view.add_l7_connections(id, 1);
         let c = self.conn(idx);
         c.counted = true;
-        c.timed_out = false;
         c.backend = Some(slot);
         c.backend_id = Some(id);
-        c.tried.push(id);
-        c.backend_addr = Some(Box::new(sockaddr(addr)));
         c.phase = Phase::Connecting;
         c.deadline = Some(Instant::now() + connect_timeout);
         c.inflight += 1;
-        let sa = c.backend_addr.as_ref().expect("set above");
+        let hs = c.hs.as_mut().expect("a handshaking connection");
+        hs.timed_out = false;
+        hs.tried.push(id);
+        let sa = hs.backend_addr.insert(Box::new(sockaddr(addr)));
         let entry = opcode::Connect::new(
             types::Fixed(slot),
             (&sa.0 as *const libc::sockaddr_storage).cast(),
@@ -871,13 +950,12 @@ impl Worker {
             return self.connect_next(idx);
         }
         let id = c.backend_id.expect("connecting to a backend");
-        let peer = c.peer.ip();
-        let req = c.request.as_ref().expect("handshake parsed");
-        let forwarded = handshake::forward_request(req, peer, "http");
-        // Connected: what only connecting needed goes, so an established
-        // connection keeps as little as possible.
-        c.backend_addr = None;
-        c.tried = Vec::new();
+        let hs = c.hs.as_mut().expect("a handshaking connection");
+        let req = hs.request.as_ref().expect("handshake parsed");
+        let forwarded = handshake::forward_request(req, hs.peer.ip(), "http");
+        // Connected: what only connecting needed goes.
+        hs.backend_addr = None;
+        hs.tried = Vec::new();
         c.to_backend.segs.push_back(Seg::Owned {
             data: forwarded,
             offset: 0,
@@ -898,14 +976,15 @@ impl Worker {
             max_headers: self.config.limits.max_headers,
         };
         let backend_head = self.config.timeouts.backend_head;
-        let key = self.conn(idx).request.as_ref().expect("parsed").key.clone();
-        let parsed = handshake::parse_response(&self.conn(idx).head, &key, &limits);
+        let hs = self.hs(idx);
+        let key = hs.request.as_ref().expect("parsed").key.clone();
+        let parsed = handshake::parse_response(&hs.head, &key, &limits);
         match parsed {
             Ok(None) => {}
             Err(reject) => self.reject(idx, reject),
             Ok(Some(BackendResponse::Other { .. })) => {
+                let head = std::mem::take(&mut self.hs(idx).head);
                 let c = self.conn(idx);
-                let head = std::mem::take(&mut c.head);
                 c.to_client.segs.push_back(Seg::Owned {
                     data: head,
                     offset: 0,
@@ -927,8 +1006,11 @@ impl Worker {
                     max_message: self.config.limits.max_message,
                 };
                 let c = self.conn(idx);
-                let after = c.head.split_off(head_len);
-                c.head = Vec::new();
+                // Relaying from here on: the handshake state goes.
+                let mut hs = c.hs.take().expect("a handshaking connection");
+                let after = hs.head.split_off(head_len);
+                let early = std::mem::take(&mut hs.early);
+                drop(hs);
                 c.to_client.segs.push_back(Seg::Owned {
                     data: head,
                     offset: 0,
@@ -937,8 +1019,6 @@ impl Worker {
                 c.b2c = Some(Scanner::new(Direction::ServerToClient, rsv1, limits));
                 c.phase = Phase::Relay;
                 c.deadline = None;
-                c.request = None;
-                let early = std::mem::take(&mut c.early);
                 if !after.is_empty() {
                     self.relay_owned(idx, false, after);
                 }
@@ -1317,13 +1397,13 @@ impl Worker {
             Some(Seg::Owned { data, offset }) => {
                 *offset += sent as usize;
                 if *offset >= data.len() {
-                    queue.segs.pop_front();
+                    queue.pop_sent();
                 }
             }
             None => {}
         }
         if let Some(bid) = done {
-            queue.segs.pop_front();
+            queue.pop_sent();
             self.bufs.recycle(bid);
         }
         self.flush(idx, to_client);
@@ -1452,6 +1532,16 @@ impl Worker {
     }
 
     fn on_tick(&mut self) {
+        let taken = self.bufs.taken_total();
+        if taken != self.pool.seen {
+            self.pool.seen = taken;
+            self.pool.quiet_ticks = 0;
+            self.pool.released = false;
+            self.pool.due = false;
+        } else if self.pool.enabled && !self.pool.released {
+            self.pool.quiet_ticks += 1;
+            self.pool.due = self.pool.quiet_ticks >= POOL_QUIET_TICKS;
+        }
         if self.stop.load(Ordering::Relaxed) && self.accepting {
             self.shutdown();
         }
@@ -1560,8 +1650,8 @@ impl Worker {
                 Phase::Connecting => {
                     // Cancelling the connect (by its tag, not its socket
                     // slot) fails it; on_connect then tries another backend.
+                    self.hs(idx).timed_out = true;
                     let c = self.conn(idx);
-                    c.timed_out = true;
                     c.deadline = None;
                     let target = ud(OP_CONNECT, idx, c.generation);
                     let entry = opcode::AsyncCancel::new(target).build().user_data(ud(
@@ -1770,6 +1860,6 @@ mod tests {
     #[test]
     fn a_connection_slot_stays_small() {
         let size = size_of::<Option<super::Conn>>();
-        assert!(size <= 640, "Conn grew to {size} bytes");
+        assert!(size <= 448, "Conn grew to {size} bytes");
     }
 }
