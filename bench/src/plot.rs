@@ -590,6 +590,7 @@ mod tests {
                         })
                         .to_vec(),
                     max_clean_rate: 2000.0,
+                    handshakes_per_cpu_s: 5000.0,
                     stopped_by: "errors".into(),
                 })
                 .collect(),

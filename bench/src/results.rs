@@ -127,15 +127,27 @@ pub struct ConnrateStep {
     pub endings: Endings,
 }
 
+/// A connection-rate step whose handshake p99 exceeds this is saturated:
+/// handshakes queue instead of completing at the offered rate.
+pub const CLEAN_HANDSHAKE_P99_US: u64 = 500_000;
+
 #[derive(Clone, Debug, Default, Serialize, Deserialize)]
 pub struct ConnrateRow {
     pub system: String,
     pub steps: Vec<ConnrateStep>,
-    /// Highest completed rate of a step without any failure.
+    /// Highest completed rate of a clean step: no failure, at least 90%
+    /// of the offer completed, the generator on time, handshake p99 under
+    /// [`CLEAN_HANDSHAKE_P99_US`].
     pub max_clean_rate: f64,
+    /// Handshakes per proxy CPU second in that step: the cost of a
+    /// connection, which does not depend on how much CPU the generator and
+    /// the backends left the proxy on this shared machine.
+    #[serde(default)]
+    pub handshakes_per_cpu_s: f64,
     /// Why the ramp stopped: `errors`, `generator` (it could not offer the
     /// rate: the proxy was not the limit), `saturated` (completed well under
-    /// the offer) or `cap` (the ramp's last step passed).
+    /// the offer, or handshakes queued past the p99 limit) or `cap` (the
+    /// ramp's last step passed).
     pub stopped_by: String,
 }
 

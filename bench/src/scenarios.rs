@@ -190,8 +190,7 @@ impl Bench {
     }
 
     pub fn finish(self) -> Result<()> {
-        let _ = std::fs::remove_dir_all(&self.scratch);
-        weir_testbed::topology::unregister_cleanup_command(&remove_dir(&self.scratch));
+        crate::systems::undo(&remove_dir(&self.scratch));
         self.topo.teardown()
     }
 
@@ -608,9 +607,15 @@ impl Bench {
             let offered = target * s.connrate_step_secs as f64;
             let late = r.arrivals_late as f64 > 0.02 * offered;
             let failed = step.failed > 0;
-            let saturated = step.achieved < 0.9 * target;
-            if !failed && !saturated && !late {
-                row.max_clean_rate = row.max_clean_rate.max(step.achieved);
+            let saturated =
+                step.achieved < 0.9 * target || step.handshake.p99_us > CLEAN_HANDSHAKE_P99_US;
+            if !failed && !saturated && !late && step.achieved > row.max_clean_rate {
+                row.max_clean_rate = step.achieved;
+                row.handshakes_per_cpu_s = if step.cpu.proxy_s > 0.0 {
+                    step.ok as f64 / step.cpu.proxy_s
+                } else {
+                    0.0
+                };
             }
             row.steps.push(step);
             if failed || saturated || late {
@@ -899,12 +904,7 @@ impl Bench {
         let sink = weir_testbed::workspace_bin("weir-sink");
         let vip = self.topo.vip();
         let instance = format!("wb{}l4", std::process::id());
-        let destroy = vec![
-            weir.display().to_string(),
-            "--instance".into(),
-            instance.clone(),
-            "destroy".into(),
-        ];
+        let destroy = crate::systems::destroy_argv(&weir, &instance);
         weir_testbed::topology::register_cleanup_command(destroy.clone());
         let result = (|| -> Result<()> {
             let mut sinks = Vec::new();
@@ -1004,10 +1004,7 @@ impl Bench {
             }
             Ok(())
         })();
-        let _ = std::process::Command::new(&destroy[0])
-            .args(&destroy[1..])
-            .output();
-        weir_testbed::topology::unregister_cleanup_command(&destroy);
+        crate::systems::undo(&destroy);
         result?;
         Ok(out)
     }
@@ -1168,7 +1165,7 @@ pub fn check(r: &ScenarioResult) -> Vec<String> {
         "drain" => {
             bad.extend(systems(
                 r.drain.iter().map(|x| x.system.as_str()).collect(),
-                &["weir", "haproxy-api", "nginx-reload"],
+                &["weir", "haproxy-api", "haproxy-reload", "nginx-reload"],
             ));
             for x in &r.drain {
                 if x.connections == 0 {

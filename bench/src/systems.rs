@@ -207,16 +207,10 @@ impl Running {
         let svc = self.spec.listen.to_string();
         for k in 0..self.spec.shards {
             let instance = format!("wb{}{tag}{k}", std::process::id());
-            let argv = vec![
-                self.weir.display().to_string(),
-                "--instance".into(),
-                instance.clone(),
-                "destroy".into(),
-            ];
-            let _ = std::process::Command::new(&argv[0])
-                .args(&argv[1..])
-                .output();
-            register_cleanup_command(argv);
+            // A leftover of an interrupted run goes first.
+            let destroy = destroy_argv(&self.weir, &instance);
+            undo(&destroy);
+            register_cleanup_command(destroy);
             self.instances.push(instance.clone());
             // Replacing the whole set is what the churn scenario does.
             self.weir_cmd(
@@ -495,11 +489,7 @@ impl Running {
         // Reload leftovers and workers are in the roots' process groups;
         // they die with their master, but make sure.
         for &root in &self.roots {
-            let argv = group_kill(root);
-            let _ = std::process::Command::new(&argv[0])
-                .args(&argv[1..])
-                .output();
-            unregister_cleanup_command(&argv);
+            undo(&group_kill(root));
         }
         for p in all {
             if std::path::Path::new(&format!("/proc/{p}")).exists() {
@@ -507,19 +497,9 @@ impl Running {
             }
         }
         for inst in &self.instances {
-            let argv = vec![
-                self.weir.display().to_string(),
-                "--instance".into(),
-                inst.clone(),
-                "destroy".into(),
-            ];
-            let _ = std::process::Command::new(&argv[0])
-                .args(&argv[1..])
-                .output();
-            unregister_cleanup_command(&argv);
+            undo(&destroy_argv(&self.weir, inst));
         }
-        let _ = std::fs::remove_dir_all(&self.dir);
-        unregister_cleanup_command(&crate::scenarios::remove_dir(&self.dir));
+        undo(&crate::scenarios::remove_dir(&self.dir));
     }
 }
 
@@ -550,6 +530,24 @@ fn spawn_logged(topo: &mut Topology, program: &Path, args: &[&str], log: &Path) 
     let pid = topo.spawn_in(&lb, Path::new("/bin/sh"), &["-c", &line])?;
     register_cleanup_command(group_kill(pid));
     Ok(pid)
+}
+
+/// `weir --instance NAME destroy`: removes an instance's maps and links.
+pub fn destroy_argv(weir: &Path, instance: &str) -> Vec<String> {
+    vec![
+        weir.display().to_string(),
+        "--instance".into(),
+        instance.into(),
+        "destroy".into(),
+    ]
+}
+
+/// Runs a registered cleanup command now and forgets it.
+pub fn undo(argv: &[String]) {
+    let _ = std::process::Command::new(&argv[0])
+        .args(&argv[1..])
+        .output();
+    unregister_cleanup_command(argv);
 }
 
 /// `kill -KILL -- -PGID`: ends a system's whole process group.

@@ -271,12 +271,7 @@ mod tests {
         let mut ring = IoUring::new(64).unwrap();
         let mut pool = BufRing::new(&ring, 3, 8, 8192).unwrap();
         let (mut client, server) = pair();
-        let recv = opcode::RecvMulti::new(types::Fd(server.as_raw_fd()), pool.bgid())
-            .build()
-            .user_data(1);
-        // SAFETY: the socket outlives the operation (the ring goes first).
-        unsafe { ring.submission().push(&recv).unwrap() };
-        ring.submit().unwrap();
+        arm_receive(&mut ring, &pool, server.as_raw_fd());
         let mut receive = |pool: &mut BufRing, byte: u8| -> u16 {
             client.write_all(&[byte; 5000]).unwrap();
             let mut got = 0;
@@ -313,6 +308,16 @@ mod tests {
         drop(pool);
     }
 
+    /// Arms a multishot receive on `fd` drawing from `pool`.
+    fn arm_receive(ring: &mut IoUring, pool: &BufRing, fd: i32) {
+        let recv = opcode::RecvMulti::new(types::Fd(fd), pool.bgid())
+            .build()
+            .user_data(1);
+        // SAFETY: the tests keep the socket open until the ring is gone.
+        unsafe { ring.submission().push(&recv).unwrap() };
+        ring.submit().unwrap();
+    }
+
     #[test]
     fn rejects_bad_geometry() {
         let ring = IoUring::new(8).unwrap();
@@ -329,13 +334,8 @@ mod tests {
         let mut pool = BufRing::new(&ring, 7, 4, 16).unwrap();
         assert_eq!(pool.in_use(), 0, "all buffers start with the kernel");
         let (mut client, server) = pair();
-        let recv = opcode::RecvMulti::new(types::Fd(server.as_raw_fd()), pool.bgid())
-            .build()
-            .user_data(1);
-        // SAFETY: the socket outlives the operation (it is cancelled below by
-        // ENOBUFS or the test ends with the ring).
-        unsafe { ring.submission().push(&recv).unwrap() };
-        ring.submit().unwrap();
+        // Ended below by ENOBUFS, then armed again.
+        arm_receive(&mut ring, &pool, server.as_raw_fd());
 
         let mut seen = Vec::new();
         for i in 0..4u8 {
@@ -364,8 +364,7 @@ mod tests {
             pool.recycle(bid);
         }
         assert_eq!(pool.in_use(), 0);
-        unsafe { ring.submission().push(&recv).unwrap() };
-        ring.submit().unwrap();
+        arm_receive(&mut ring, &pool, server.as_raw_fd());
         let (res, flags) = reap(&mut ring, 1)[0];
         assert_eq!(res, 8);
         let bid = cqueue::buffer_select(flags).unwrap();
