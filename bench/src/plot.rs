@@ -13,7 +13,7 @@ use plotters::element::DashedPathElement;
 use plotters::prelude::*;
 
 use crate::results::{
-    ChurnRow, ConnrateRow, IdleRow, RunInfo, ScenarioResult, SteadyRow, TimelinePoint, WEIR,
+    ChurnRow, ConnrateRow, IdleRow, ScenarioResult, SteadyRow, TimelinePoint, WEIR,
 };
 
 const SIZE: (u32, u32) = (960, 600);
@@ -21,15 +21,6 @@ const CHURN_SIZE: (u32, u32) = (960, 820);
 const FONT: &str = "sans-serif";
 
 type Area<'a> = DrawingArea<SVGBackend<'a>, Shift>;
-
-/// The stem [`crate::report::markdown`] assumes: the run's day, as in the
-/// `bench/results/<date>-<scenario>.json` names.
-pub fn default_stem(info: &RunInfo) -> String {
-    match info.date.get(..10) {
-        Some(day) => day.to_string(),
-        None => "bench".to_string(),
-    }
-}
 
 /// The SVG files `write_svgs(.., stem)` writes for `scenario` when it has
 /// rows; empty for scenarios without a chart.
@@ -662,12 +653,6 @@ mod tests {
     fn names_and_labels() {
         assert_eq!(files_for("steady", "s"), ["s-steady-latency.svg"]);
         assert!(files_for("drain", "s").is_empty());
-        let info = RunInfo {
-            date: "2026-11-27T10:00:00Z".into(),
-            ..Default::default()
-        };
-        assert_eq!(default_stem(&info), "2026-11-27");
-        assert_eq!(default_stem(&RunInfo::default()), "bench");
         assert_eq!(short(12_000.0), "12k");
         assert_eq!(short(1_500_000.0), "1.5M");
         assert_eq!(short_us(2_000.0), "2 ms");

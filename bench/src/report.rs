@@ -38,18 +38,8 @@ pub fn ratio(weir: f64, peer: f64) -> Option<f64> {
     Some(weir / peer)
 }
 
-/// The whole report; SVG names assume the stem [`plot::default_stem`] gives
-/// for the first result's run (use [`markdown_with_stem`] otherwise).
-pub fn markdown(results: &[ScenarioResult]) -> String {
-    let stem = results
-        .first()
-        .map(|r| plot::default_stem(&r.info))
-        .unwrap_or_else(|| plot::default_stem(&RunInfo::default()));
-    markdown_with_stem(results, &stem)
-}
-
 /// The whole report, naming the SVGs `plot::write_svgs(.., stem)` wrote.
-pub fn markdown_with_stem(results: &[ScenarioResult], stem: &str) -> String {
+pub fn markdown(results: &[ScenarioResult], stem: &str) -> String {
     let mut out = String::new();
     let Some(first) = results.first() else {
         out.push_str("# weir benchmark\n\nNo results.\n");
@@ -1012,7 +1002,7 @@ mod tests {
 
     #[test]
     fn every_scenario_gets_a_table_in_order() {
-        let md = markdown(&all_scenarios());
+        let md = markdown(&all_scenarios(), "2026-11-27");
         assert!(md.starts_with("# weir benchmark — 2026-11-27T10:00:00Z"));
         for needle in ["quick", "6.12.0", "abc1234", "3.0.5", "1.26.2", "CPUs: 8"] {
             assert!(md.contains(needle), "heading lacks {needle}");
@@ -1039,7 +1029,7 @@ mod tests {
 
     #[test]
     fn ratios_in_tables() {
-        let md = markdown(&all_scenarios());
+        let md = markdown(&all_scenarios(), "2026-11-27");
 
         // Steady closed loop: weir 200k vs 100k / 50k msgs/s; CPU per M 2
         // vs 4 / 8 means 2× / 4× messages per CPU second.
@@ -1086,13 +1076,13 @@ mod tests {
 
     #[test]
     fn empty_and_rowless() {
-        assert!(markdown(&[]).contains("No results."));
+        assert!(markdown(&[], "2026-11-27").contains("No results."));
         let r = ScenarioResult {
             scenario: "idle".into(),
             notes: vec!["haproxy failed to start".into()],
             ..Default::default()
         };
-        let md = markdown(&[r]);
+        let md = markdown(&[r], "2026-11-27");
         assert!(md.contains("_No rows._"));
         assert!(md.contains("- haproxy failed to start"));
     }

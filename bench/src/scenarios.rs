@@ -282,6 +282,42 @@ impl Bench {
         Ok(procs)
     }
 
+    /// Starts `plan` (it names a hold and a ready file) split `processes`
+    /// ways and waits until every process finished connecting; returns the
+    /// processes and their ready files. Past `limit` the hold file ends
+    /// them and this fails.
+    fn start_held(
+        &self,
+        plan: &Plan,
+        processes: usize,
+        limit: Duration,
+    ) -> Result<(Vec<Proc>, Vec<PathBuf>)> {
+        let ready = plan
+            .ready_file
+            .as_ref()
+            .context("a held plan names a ready file")?;
+        let hold = plan
+            .hold_file
+            .as_ref()
+            .context("a held plan names a hold file")?;
+        let clients = self.start_load(plan, processes)?;
+        let files: Vec<PathBuf> = (0..processes.max(1))
+            .map(|k| with_suffix(ready, k))
+            .collect();
+        let deadline = Instant::now() + limit;
+        while !files.iter().all(|f| f.exists()) {
+            if Instant::now() > deadline {
+                let _ = std::fs::write(hold, b"x");
+                bail!(
+                    "{} connections did not finish connecting in {limit:?}",
+                    plan.connections
+                );
+            }
+            std::thread::sleep(Duration::from_millis(100));
+        }
+        Ok((clients, files))
+    }
+
     fn wait_load(procs: Vec<Proc>, limit: Duration) -> Result<LoadResult> {
         let mut parts = Vec::new();
         for p in procs {
@@ -505,16 +541,8 @@ impl Bench {
             plan.ready_file = Some(ready.clone());
             plan.connect_concurrency = 100;
             let gens = count.div_ceil(PER_PROCESS);
-            clients.extend(self.start_load(&plan, gens)?);
-            let files: Vec<PathBuf> = (0..gens).map(|k| with_suffix(&ready, k)).collect();
-            let deadline = Instant::now() + Duration::from_secs(300);
-            while !files.iter().all(|f| f.exists()) {
-                if Instant::now() > deadline {
-                    let _ = std::fs::write(&hold, b"x");
-                    bail!("{n} idle connections did not finish connecting in 300 s");
-                }
-                std::thread::sleep(Duration::from_millis(200));
-            }
+            let (started, files) = self.start_held(&plan, gens, Duration::from_secs(300))?;
+            clients.extend(started);
             ready_files.extend(files);
             // Let lazily freed memory settle before reading it.
             std::thread::sleep(Duration::from_secs(2));
@@ -821,16 +849,7 @@ impl Bench {
         plan.ready_file = Some(ready.clone());
         plan.record_connections = true;
         self.progress(&format!("{label}: {n} connections on b0"));
-        let clients = self.start_load(&plan, 1)?;
-        let ready0 = with_suffix(&ready, 0);
-        let deadline = Instant::now() + Duration::from_secs(60);
-        while !ready0.exists() {
-            if Instant::now() > deadline {
-                std::fs::write(&hold, b"x")?;
-                bail!("{label}: drain connections did not come up");
-            }
-            std::thread::sleep(Duration::from_millis(100));
-        }
+        let (clients, ready_files) = self.start_held(&plan, 1, Duration::from_secs(60))?;
         std::thread::sleep(Duration::from_secs(1));
         let removed_at = load::unix_ms();
         self.progress(&format!("{label}: b0 replaced by b1 ({how})"));
@@ -843,7 +862,9 @@ impl Bench {
         std::fs::write(&hold, b"done")?;
         let r = Self::wait_load(clients, Duration::from_secs(90))?;
         let _ = std::fs::remove_file(&hold);
-        let _ = std::fs::remove_file(&ready0);
+        for f in &ready_files {
+            let _ = std::fs::remove_file(f);
+        }
         // Connections of b0 that ended before we stopped the run.
         let mut closes: Vec<u64> = r
             .connections
@@ -1214,12 +1235,8 @@ pub fn run_info(quick: bool, workers: usize) -> RunInfo {
             })
             .unwrap_or_else(|| "unknown".into())
     };
-    let secs = std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .map(|d| d.as_secs())
-        .unwrap_or(0);
     RunInfo {
-        date: weir::registry::audit::rfc3339(secs),
+        date: weir::registry::audit::rfc3339(load::unix_ms() / 1000),
         quick,
         kernel: cmd("uname", &["-r"]),
         cpus: std::thread::available_parallelism()

@@ -104,11 +104,6 @@ fn write(path: &Path, text: &str) -> Result<()> {
     std::fs::write(path, text).with_context(|| format!("writing {}", path.display()))
 }
 
-fn run_ok(cmd: &mut std::process::Command) -> Result<String> {
-    let out = weir_testbed::topology::run_cmd(cmd)?;
-    Ok(String::from_utf8_lossy(&out.stdout).trim().to_string())
-}
-
 impl Running {
     /// Starts `spec` in the lb namespace and waits until it accepts.
     pub fn start(topo: &mut Topology, spec: Spec, tag: &str) -> Result<Running> {
@@ -197,10 +192,10 @@ impl Running {
         procs::tree(&self.roots)
     }
 
-    fn weir_cmd(&self, topo: &Topology, instance: &str, args: &[&str]) -> Result<String> {
+    fn weir_cmd(&self, topo: &Topology, instance: &str, args: &[&str]) -> Result<()> {
         let mut full = vec!["--instance", instance, "--flows", "65536"];
         full.extend_from_slice(args);
-        run_ok(&mut topo.command_in(&topo.lb_ns, &self.weir, &full))
+        topo.run_ok_in(&topo.lb_ns, &self.weir, &full).map(drop)
     }
 
     fn start_weir(&mut self, topo: &mut Topology, tag: &str) -> Result<()> {
@@ -288,7 +283,7 @@ impl Running {
         for k in 0..self.spec.shards {
             let cfg = self.dir.join(format!("haproxy-{k}.cfg"));
             write(&cfg, &self.haproxy_config(k))?;
-            run_ok(
+            weir_testbed::topology::run_cmd(
                 std::process::Command::new("haproxy")
                     .arg("-c")
                     .arg("-q")
@@ -356,11 +351,11 @@ impl Running {
         );
         // Tested where it runs: it binds the VIP, which only the lb
         // namespace has.
-        run_ok(&mut topo.command_in(
+        topo.run_ok_in(
             &topo.lb_ns,
             "nginx",
             &["-t", "-q", "-e", err_s, "-p", dir_s, "-c", cfg_s],
-        ))
+        )
         .context("nginx refused its configuration")?;
         let log = self.dir.join("nginx.log");
         let pid = spawn_logged(

@@ -26,79 +26,18 @@ pub struct TcpResult {
     pub cpu_s: f64,
 }
 
-fn socket_from(source: Option<IpAddr>) -> Result<socket2_free::Socket> {
-    socket2_free::Socket::new_v4(source)
-}
-
-/// A tiny wrapper over libc for a bound IPv4 client socket (std has no
+/// A blocking TCP connection to `to`, from `source` if given (std has no
 /// bind-before-connect).
-mod socket2_free {
-    use std::net::{IpAddr, SocketAddr, SocketAddrV4, TcpStream};
-    use std::os::fd::{FromRawFd, OwnedFd};
-
-    use anyhow::{Result, bail};
-
-    pub struct Socket(OwnedFd);
-
-    fn sockaddr(a: SocketAddrV4) -> libc::sockaddr_in {
-        libc::sockaddr_in {
-            sin_family: libc::AF_INET as libc::sa_family_t,
-            sin_port: a.port().to_be(),
-            sin_addr: libc::in_addr {
-                s_addr: u32::from(*a.ip()).to_be(),
-            },
-            sin_zero: [0; 8],
-        }
+fn connect_from(source: Option<IpAddr>, to: SocketAddr) -> Result<std::net::TcpStream> {
+    use socket2::{Domain, Socket, Type};
+    let sock = Socket::new(Domain::for_address(to), Type::STREAM, None).context("socket")?;
+    if let Some(src) = source {
+        sock.bind(&SocketAddr::new(src, 0).into())
+            .with_context(|| format!("bind {src}"))?;
     }
-
-    impl Socket {
-        pub fn new_v4(source: Option<IpAddr>) -> Result<Socket> {
-            // SAFETY: plain socket(2); the descriptor is owned at once.
-            let fd =
-                unsafe { libc::socket(libc::AF_INET, libc::SOCK_STREAM | libc::SOCK_CLOEXEC, 0) };
-            if fd < 0 {
-                bail!("socket: {}", std::io::Error::last_os_error());
-            }
-            // SAFETY: fd is a fresh descriptor nobody else owns.
-            let sock = Socket(unsafe { OwnedFd::from_raw_fd(fd) });
-            if let Some(IpAddr::V4(ip)) = source {
-                let sa = sockaddr(SocketAddrV4::new(ip, 0));
-                // SAFETY: bind with a properly sized sockaddr_in.
-                let r = unsafe {
-                    libc::bind(
-                        fd,
-                        (&sa as *const libc::sockaddr_in).cast(),
-                        size_of::<libc::sockaddr_in>() as u32,
-                    )
-                };
-                if r != 0 {
-                    bail!("bind {ip}: {}", std::io::Error::last_os_error());
-                }
-            }
-            Ok(sock)
-        }
-
-        pub fn connect(self, to: SocketAddr) -> Result<TcpStream> {
-            let SocketAddr::V4(v4) = to else {
-                bail!("IPv4 only")
-            };
-            let sa = sockaddr(v4);
-            use std::os::fd::{AsRawFd, IntoRawFd};
-            // SAFETY: connect with a properly sized sockaddr_in.
-            let r = unsafe {
-                libc::connect(
-                    self.0.as_raw_fd(),
-                    (&sa as *const libc::sockaddr_in).cast(),
-                    size_of::<libc::sockaddr_in>() as u32,
-                )
-            };
-            if r != 0 {
-                bail!("connect {to}: {}", std::io::Error::last_os_error());
-            }
-            // SAFETY: the descriptor moves into the stream.
-            Ok(unsafe { TcpStream::from_raw_fd(self.0.into_raw_fd()) })
-        }
-    }
+    sock.connect(&to.into())
+        .with_context(|| format!("connect {to}"))?;
+    Ok(sock.into())
 }
 
 /// `streams` connections each writing as fast as they can for `secs`;
@@ -116,7 +55,7 @@ pub fn bulk(
     for i in 0..streams {
         let src = (!sources.is_empty()).then(|| sources[i % sources.len()]);
         threads.push(std::thread::spawn(move || -> Result<u64> {
-            let mut s = socket_from(src)?.connect(target)?;
+            let mut s = connect_from(src, target)?;
             s.set_write_timeout(Some(Duration::from_secs(10)))?;
             s.set_read_timeout(Some(Duration::from_secs(10)))?;
             let buf = vec![0x33u8; 128 * 1024];

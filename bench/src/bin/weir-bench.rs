@@ -84,7 +84,7 @@ fn main() -> Result<()> {
     }
     bench.finish()?;
 
-    let md = weir_bench::report::markdown_with_stem(&results, &stem);
+    let md = weir_bench::report::markdown(&results, &stem);
     let md_path = out_dir.join(format!("{stem}-report.md"));
     std::fs::write(&md_path, &md)?;
     let svgs = weir_bench::plot::write_svgs(&results, &out_dir, &stem)?;

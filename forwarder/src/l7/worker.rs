@@ -357,11 +357,17 @@ struct PoolRelease {
     enabled: bool,
     /// `taken_total` at the last tick.
     seen: u64,
+    /// Ticks without a buffer taken; counted only while enabled.
     quiet_ticks: u32,
-    /// Released during this quiet spell.
+    /// Released (or given up on) during this quiet spell.
     released: bool,
+}
+
+impl PoolRelease {
     /// Release after the current batch of completions.
-    due: bool,
+    fn due(&self) -> bool {
+        !self.released && self.quiet_ticks >= POOL_QUIET_TICKS
+    }
 }
 
 /// One second of 50 ms ticks.
@@ -487,16 +493,16 @@ impl Worker {
             }
             // Only here: every completion the kernel posted is accounted
             // for, so `in_use` is exact.
-            if self.pool.due && self.ring.completion().is_empty() {
+            if self.pool.due() && self.ring.completion().is_empty() {
                 match self.bufs.release_memory() {
                     Ok(true) => {
-                        self.pool.due = false;
                         self.pool.released = true;
                         self.metrics.pool_releases.fetch_add(1, Ordering::Relaxed);
                     }
                     // A buffer is still out (a send waits): try again later.
                     Ok(false) => {}
-                    Err(_) => self.pool.due = false,
+                    // Not again this quiet spell.
+                    Err(_) => self.pool.released = true,
                 }
             }
             if !self.accepting && self.conns.iter().all(Option::is_none) {
@@ -1537,10 +1543,8 @@ impl Worker {
             self.pool.seen = taken;
             self.pool.quiet_ticks = 0;
             self.pool.released = false;
-            self.pool.due = false;
         } else if self.pool.enabled && !self.pool.released {
             self.pool.quiet_ticks += 1;
-            self.pool.due = self.pool.quiet_ticks >= POOL_QUIET_TICKS;
         }
         if self.stop.load(Ordering::Relaxed) && self.accepting {
             self.shutdown();
