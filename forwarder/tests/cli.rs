@@ -6,9 +6,15 @@ use std::process::{Command, Output};
 const WEIR: &str = env!("CARGO_BIN_EXE_weir");
 const SVC: &str = "198.19.0.30:8080";
 
-fn is_root() -> bool {
+/// Fails the calling test unless it runs as root: a skipped test would
+/// report ok without having checked anything.
+fn require_root() {
     // SAFETY: geteuid has no preconditions.
-    unsafe { libc::geteuid() == 0 }
+    let root = unsafe { libc::geteuid() == 0 };
+    assert!(
+        root,
+        "this test needs root (BPF maps, XDP): run `cargo xtask test` as root"
+    );
 }
 
 struct Inst(String);
@@ -70,10 +76,7 @@ fn assert_one_line_error(out: &Output, expect: &str, what: &str) {
 
 #[test]
 fn bad_input_is_refused_with_one_line_and_changes_nothing() {
-    if !is_root() {
-        eprintln!("skipped: needs root");
-        return;
-    }
+    require_root();
     let inst = Inst::new("bad");
     inst.ok(&[
         "--flows",
@@ -235,10 +238,7 @@ fn bad_input_is_refused_with_one_line_and_changes_nothing() {
 
 #[test]
 fn set_prints_the_diff_and_dry_run_applies_nothing() {
-    if !is_root() {
-        eprintln!("skipped: needs root");
-        return;
-    }
+    require_root();
     let inst = Inst::new("diff");
     inst.ok(&["--flows", "4096", "service", "add", SVC]);
     inst.ok(&["backend", "set", SVC, "198.18.51.1", "198.18.51.2"]);
@@ -288,10 +288,7 @@ fn set_prints_the_diff_and_dry_run_applies_nothing() {
 
 #[test]
 fn attach_and_detach_pin_and_unpin_the_link() {
-    if !is_root() {
-        eprintln!("skipped: needs root");
-        return;
-    }
+    require_root();
     let inst = Inst::new("attach");
     let pin = format!("/sys/fs/bpf/weir/{}/links/xdp-lo", inst.0);
     // In a throwaway network namespace: attach to its loopback, twice, then

@@ -93,3 +93,14 @@ pub fn is_root() -> bool {
     // SAFETY: geteuid has no preconditions.
     unsafe { libc::geteuid() == 0 }
 }
+
+/// Fails the calling test unless it runs as root. Tests that need BPF or
+/// network namespaces never skip: a skipped test would report ok without
+/// having checked anything.
+pub fn require_root() {
+    assert!(
+        is_root(),
+        "this test needs root (BPF maps and programs, network namespaces): \
+         run `cargo xtask test` as root"
+    );
+}

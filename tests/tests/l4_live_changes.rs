@@ -9,10 +9,7 @@ use weir_testbed::scenario::{L4Options, run_l4};
 
 #[test]
 fn connections_survive_live_backend_changes() {
-    if !weir_testbed::is_root() {
-        eprintln!("skipped: needs root");
-        return;
-    }
+    weir_testbed::require_root();
     let opts = L4Options {
         instance: format!("l4t{}", std::process::id()),
         connections: 100,

@@ -10,10 +10,7 @@ use weir_testbed::wsload::LoadReport;
 
 #[test]
 fn connections_work_with_an_empty_neighbour_table() {
-    if !weir_testbed::is_root() {
-        eprintln!("skipped: needs root");
-        return;
-    }
+    weir_testbed::require_root();
     let weir = workspace_bin("weir");
     let instance = format!("nb{}", std::process::id());
     let mut topo = Topology::build(TopologySpec {

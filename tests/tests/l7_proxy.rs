@@ -324,9 +324,7 @@ fn close_code(payload: &[u8]) -> u16 {
 
 #[test]
 fn messages_of_every_kind_echo_through_weir() {
-    if !require_root() {
-        return;
-    }
+    require_root();
     let bed = Bed::new("l7echo", 2, "");
     let (mut s, head) = upgrade(bed.port, "/ws/chat");
     assert!(head.starts_with("HTTP/1.1 101"), "{head}");
@@ -379,9 +377,7 @@ fn messages_of_every_kind_echo_through_weir() {
 
 #[test]
 fn a_thousand_connections_echo() {
-    if !require_root() {
-        return;
-    }
+    require_root();
     let bed = Bed::new("l7load", 3, "");
     let r = report(bed.clients(1000, 3, None));
     assert_eq!(r.summary.connected, 1000, "{:?}", r.summary);
@@ -397,9 +393,7 @@ fn a_thousand_connections_echo() {
 
 #[test]
 fn handshake_rules_get_their_status() {
-    if !require_root() {
-        return;
-    }
+    require_root();
     let bed = Bed::new("l7hs", 1, "");
     let port = bed.port;
     let base =
@@ -466,9 +460,7 @@ fn handshake_rules_get_their_status() {
 
 #[test]
 fn frame_rules_get_their_close_code() {
-    if !require_root() {
-        return;
-    }
+    require_root();
     let bed = Bed::new("l7fr", 1, "");
     let mut cases: Vec<(&str, Vec<u8>, u16)> = Vec::new();
     let mut unmasked = Vec::new();
@@ -504,9 +496,7 @@ fn frame_rules_get_their_close_code() {
 
 #[test]
 fn drain_closes_exactly_the_drained_backends_clients_spread_over_the_window() {
-    if !require_root() {
-        return;
-    }
+    require_root();
     let bed = Bed::new("l7drain", 3, "[drain]\nwindow = \"3s\"\n");
     let hold = bed.dir.join("hold");
     let clients = bed.clients(200, 30, Some(&hold));
@@ -562,9 +552,7 @@ fn drain_closes_exactly_the_drained_backends_clients_spread_over_the_window() {
 
 #[test]
 fn sigterm_drains_every_client_and_exits_zero() {
-    if !require_root() {
-        return;
-    }
+    require_root();
     let mut bed = Bed::new("l7term", 2, "");
     let hold = bed.dir.join("hold");
     let clients = bed.clients(50, 30, Some(&hold));
@@ -614,9 +602,7 @@ fn fake_backend(behave: fn(TcpStream)) -> SocketAddr {
 
 #[test]
 fn silent_and_refusing_backends_get_504_and_their_own_answer() {
-    if !require_root() {
-        return;
-    }
+    require_root();
     let bed = Bed::new("l7bad", 0, "");
     let silent = fake_backend(|s| {
         std::thread::sleep(Duration::from_secs(5));
@@ -670,9 +656,7 @@ fn silent_and_refusing_backends_get_504_and_their_own_answer() {
 
 #[test]
 fn a_registry_change_applies_to_the_very_next_connection() {
-    if !require_root() {
-        return;
-    }
+    require_root();
     let bed = Bed::new("l7live", 2, "");
     let (first, second) = (bed.echoes[0].1, bed.echoes[1].1);
     let mut reg = bed.inst.registry();
@@ -713,9 +697,7 @@ fn a_registry_change_applies_to_the_very_next_connection() {
 
 #[test]
 fn quiet_clients_are_pinged_and_dead_ones_timed_out() {
-    if !require_root() {
-        return;
-    }
+    require_root();
     // Pings every 300 ms; gives up after 1 s without a frame.
     let bed = Bed::with_timeouts("l7ping", 1, "ping_interval = \"300ms\"\nidle = \"1s\"\n");
     let (mut s, head) = upgrade(bed.port, "/ws");
@@ -746,9 +728,7 @@ fn quiet_clients_are_pinged_and_dead_ones_timed_out() {
 
 #[test]
 fn metrics_and_stats_report_what_happened() {
-    if !require_root() {
-        return;
-    }
+    require_root();
     let bed = Bed::new("l7met", 1, "");
     let r = report(bed.clients(10, 1, None));
     assert_eq!(r.summary.connected, 10);
@@ -812,9 +792,7 @@ fn metrics_and_stats_report_what_happened() {
 
 #[test]
 fn a_removed_backend_leaves_the_registry_after_its_last_connection() {
-    if !require_root() {
-        return;
-    }
+    require_root();
     let bed = Bed::new("l7gone", 2, "[drain]\nwindow = \"1s\"\n");
     let hold = bed.dir.join("hold");
     let clients = bed.clients(20, 30, Some(&hold));
@@ -869,9 +847,7 @@ fn a_removed_backend_leaves_the_registry_after_its_last_connection() {
 
 #[test]
 fn churn_replacing_the_whole_set_fails_no_handshake_and_cuts_nothing() {
-    if !require_root() {
-        return;
-    }
+    require_root();
     let mut bed = Bed::new("l7churn", 8, "[drain]\nwindow = \"1s\"\n");
     let sets: Vec<Vec<String>> = (0..4)
         .map(|k| {
@@ -1027,9 +1003,7 @@ fn masked(fin: bool, rsv: u8, op: u8, payload: &[u8]) -> Vec<u8> {
 /// would).
 #[test]
 fn conformance_cases_give_the_same_results_through_weir_as_direct() {
-    if !require_root() {
-        return;
-    }
+    require_root();
     let bed = Bed::new("l7conf", 1, "");
     let direct = bed.echoes[0].1;
     let close_1000 = masked(true, 0, 0x8, &1000u16.to_be_bytes());
@@ -1137,9 +1111,7 @@ fn conformance_cases_give_the_same_results_through_weir_as_direct() {
 
 #[test]
 fn over_the_connection_limit_clients_get_503() {
-    if !require_root() {
-        return;
-    }
+    require_root();
     // One connection for the whole process (both workers together).
     let bed = Bed::build_with("l7limit", 1, "", "", 1);
     // The readiness probes of the bed have closed by now.
@@ -1165,9 +1137,7 @@ fn over_the_connection_limit_clients_get_503() {
 
 #[test]
 fn the_drain_window_can_differ_per_service() {
-    if !require_root() {
-        return;
-    }
+    require_root();
     // The service's own window (0.5 s) wins over the global 30 s.
     let bed = Bed::new(
         "l7svcdrain",
@@ -1206,9 +1176,7 @@ fn the_drain_window_can_differ_per_service() {
 
 #[test]
 fn weirs_close_never_lands_inside_a_frame() {
-    if !require_root() {
-        return;
-    }
+    require_root();
     let bed = Bed::new("l7midframe", 1, "");
     for _ in 0..5 {
         let (mut s, head) = upgrade(bed.port, "/ws");
@@ -1232,9 +1200,7 @@ fn weirs_close_never_lands_inside_a_frame() {
 
 #[test]
 fn a_second_weir_run_for_the_same_instance_is_refused() {
-    if !require_root() {
-        return;
-    }
+    require_root();
     let bed = Bed::new("l7twice", 1, "");
     let out = Command::new(workspace_bin("weir"))
         .args(["run", "--config"])
@@ -1252,9 +1218,7 @@ fn a_second_weir_run_for_the_same_instance_is_refused() {
 /// intact through the re-faulted buffers.
 #[test]
 fn a_quiet_worker_gives_its_buffer_pool_back_and_still_relays() {
-    if !require_root() {
-        return;
-    }
+    require_root();
     let bed = Bed::new("l7pool", 1, "");
     let releases = || -> u64 {
         let (mut m, _) = raw_request(bed.metrics_port, "GET /metrics HTTP/1.1\r\nHost: t\r\n\r\n");

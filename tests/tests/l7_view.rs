@@ -38,9 +38,7 @@ fn draws(n: u32) -> impl Iterator<Item = [u32; 2]> {
 
 #[test]
 fn picks_follow_weights_load_and_changes() {
-    if !require_root() {
-        return;
-    }
+    require_root();
     let inst = TestInstance::new("view");
     let mut reg = inst.registry();
     let opts = || ApplyOptions {

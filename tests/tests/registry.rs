@@ -118,9 +118,7 @@ fn observe(reg: &Registry) -> (weir::registry::State, Vec<Option<Vec<u32>>>, u64
 
 #[test]
 fn concurrent_writers_serialize() {
-    if !require_root() {
-        return;
-    }
+    require_root();
     let inst = TestInstance::new("conc");
     let mut reg = inst.registry();
     add_service(&mut reg);
@@ -196,9 +194,7 @@ fn concurrent_writers_serialize() {
 
 #[test]
 fn refused_changes_change_nothing() {
-    if !require_root() {
-        return;
-    }
+    require_root();
     let inst = TestInstance::new("refuse");
     let mut reg = inst.registry();
     add_service(&mut reg);
@@ -374,9 +370,7 @@ fn refused_changes_change_nothing() {
 
 #[test]
 fn read_back_mismatch_is_an_error_and_rolls_back() {
-    if !require_root() {
-        return;
-    }
+    require_root();
     let inst = TestInstance::new("verify");
     let mut reg = inst.registry();
     add_service(&mut reg);
@@ -438,9 +432,7 @@ fn read_back_mismatch_is_an_error_and_rolls_back() {
 
 #[test]
 fn removed_backends_are_freed_only_without_flows() {
-    if !require_root() {
-        return;
-    }
+    require_root();
     let inst = TestInstance::new("gc");
     let mut reg = inst.registry();
     add_service(&mut reg);

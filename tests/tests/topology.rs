@@ -1,6 +1,6 @@
 //! Self-test of the test bed: topology routing, weir-echo and weir-wsclient
 //! talking directly to a backend (no load balancer), and clean teardown.
-//! Needs root (skips with a message otherwise).
+//! Needs root: each test fails without it.
 
 use std::path::Path;
 use std::process::Command;
@@ -12,14 +12,10 @@ use weir_testbed::wsload::LoadReport;
 const ECHO: &str = env!("CARGO_BIN_EXE_weir-echo");
 const WSCLIENT: &str = env!("CARGO_BIN_EXE_weir-wsclient");
 
-fn root_or_skip(test: &str) -> bool {
-    if weir_testbed::is_root() {
-        install_signal_cleanup();
-        true
-    } else {
-        eprintln!("SKIP {test}: needs root (network namespaces)");
-        false
-    }
+/// Needs root (fails otherwise); cleans up namespaces on Ctrl-C.
+fn root_or_fail() {
+    weir_testbed::require_root();
+    install_signal_cleanup();
 }
 
 fn netns_list() -> String {
@@ -67,9 +63,7 @@ fn start_echoes(topo: &mut Topology) -> Vec<u32> {
 
 #[test]
 fn topology_routes_echoes_and_cleans_up() {
-    if !root_or_skip("topology_routes_echoes_and_cleans_up") {
-        return;
-    }
+    root_or_fail();
     let mut topo = Topology::build(TopologySpec {
         backends: 3,
         client_addrs: 2,
@@ -221,9 +215,7 @@ fn topology_routes_echoes_and_cleans_up() {
 
 #[test]
 fn hold_file_ends_talking_early() {
-    if !root_or_skip("hold_file_ends_talking_early") {
-        return;
-    }
+    root_or_fail();
     let mut topo = Topology::build(TopologySpec {
         backends: 1,
         client_addrs: 1,
@@ -291,9 +283,7 @@ fn hold_file_ends_talking_early() {
 
 #[test]
 fn failed_build_cleans_up() {
-    if !root_or_skip("failed_build_cleans_up") {
-        return;
-    }
+    root_or_fail();
     assert!(
         Topology::build(TopologySpec {
             backends: 0,
@@ -334,9 +324,7 @@ fn failed_build_cleans_up() {
 
 #[test]
 fn thousand_connections_through_the_router() {
-    if !root_or_skip("thousand_connections_through_the_router") {
-        return;
-    }
+    root_or_fail();
     let mut topo = Topology::build(TopologySpec {
         backends: 1,
         client_addrs: 4,

@@ -157,9 +157,7 @@ fn check_encapsulated(bed: &Bed, input: &[u8], output: &[u8]) -> Ipv4Addr {
 
 #[test]
 fn syn_is_encapsulated_to_the_ring_backend() {
-    if !require_root() {
-        return;
-    }
+    require_root();
     let mut bed = Bed::new("syn", 3);
     let mut seen = std::collections::BTreeSet::new();
     for sport in 40000..40064 {
@@ -181,9 +179,7 @@ fn syn_is_encapsulated_to_the_ring_backend() {
 
 #[test]
 fn established_flow_stays_when_the_ring_changes() {
-    if !require_root() {
-        return;
-    }
+    require_root();
     let mut bed = Bed::new("est", 3);
     let mut flows = Vec::new();
     for sport in 41000..41200 {
@@ -243,9 +239,7 @@ fn established_flow_stays_when_the_ring_changes() {
 
 #[test]
 fn draining_backend_gets_no_new_syns_but_keeps_its_flows() {
-    if !require_root() {
-        return;
-    }
+    require_root();
     let mut bed = Bed::new("drain", 3);
     let drained = backend(1).addr;
     let mut on_drained = Vec::new();
@@ -285,9 +279,7 @@ fn draining_backend_gets_no_new_syns_but_keeps_its_flows() {
 
 #[test]
 fn unresolved_next_hop_passes_the_encapsulated_packet_to_the_kernel() {
-    if !require_root() {
-        return;
-    }
+    require_root();
     let mut bed = Bed::new("neigh", 0);
     let far = BackendAddr {
         addr: Ipv4Addr::new(198, 18, 20, 5),
@@ -318,9 +310,7 @@ fn unresolved_next_hop_passes_the_encapsulated_packet_to_the_kernel() {
 
 #[test]
 fn service_without_backends_drops_and_counts() {
-    if !require_root() {
-        return;
-    }
+    require_root();
     let mut bed = Bed::new("empty", 0);
     let (verdict, _) = bed.run(&Segment::syn(CLIENT, 45000, VIP, PORT).frame());
     assert_eq!(verdict, XDP_DROP);
@@ -329,9 +319,7 @@ fn service_without_backends_drops_and_counts() {
 
 #[test]
 fn everything_else_passes_untouched() {
-    if !require_root() {
-        return;
-    }
+    require_root();
     let mut bed = Bed::new("pass", 3);
     let l7 = ServiceAddr {
         vip: VIP,
@@ -449,9 +437,7 @@ fn everything_else_passes_untouched() {
 
 #[test]
 fn next_hop_is_cached_and_mtu_still_enforced() {
-    if !require_root() {
-        return;
-    }
+    require_root();
     let mut bed = Bed::new("nh", 1);
     for sport in 47000..47100 {
         let (verdict, _) = bed.run(&Segment::syn(CLIENT, sport, VIP, PORT).frame());
@@ -488,9 +474,7 @@ fn next_hop_is_cached_and_mtu_still_enforced() {
 
 #[test]
 fn flows_of_a_force_removed_service_stop_forwarding() {
-    if !require_root() {
-        return;
-    }
+    require_root();
     let mut bed = Bed::new("svcrm", 2);
     let (verdict, _) = bed.run(&Segment::syn(CLIENT, 48000, VIP, PORT).frame());
     assert_eq!(verdict, XDP_TX);

@@ -87,7 +87,7 @@ fn main() -> Result<()> {
             cargo(&["build", "--workspace", "--all-targets"])?;
             let mut test = vec!["test", "--workspace", "--"];
             test.extend(args.iter().map(String::as_str));
-            cargo(&test)
+            cargo_test(&test)
         }
         Task::Bench { scenarios, quick } => {
             deps(PACKAGES)?;
@@ -174,10 +174,117 @@ fn cargo(args: &[&str]) -> Result<()> {
     run(Command::new(cargo).args(args))
 }
 
+/// What the test binaries reported, summed over every `test result:` line.
+#[derive(Debug, Default, PartialEq)]
+struct Tally {
+    passed: u64,
+    failed: u64,
+    ignored: u64,
+    /// Names of the tests that were ignored: weir's tests skip none.
+    ignored_names: Vec<String>,
+}
+
+impl Tally {
+    /// Takes one line of libtest's output.
+    fn read(&mut self, line: &str) {
+        if let Some(rest) = line.strip_prefix("test result: ") {
+            for part in rest.split(['.', ';']) {
+                let mut words = part.split_whitespace();
+                let (Some(n), Some(what)) = (words.next(), words.next()) else {
+                    continue;
+                };
+                let Ok(n) = n.parse::<u64>() else { continue };
+                match what {
+                    "passed" => self.passed += n,
+                    "failed" => self.failed += n,
+                    "ignored" => self.ignored += n,
+                    _ => {}
+                }
+            }
+        } else if let Some(name) = line
+            .strip_prefix("test ")
+            .and_then(|l| l.strip_suffix(" ... ignored"))
+        {
+            self.ignored_names.push(name.to_string());
+        } else if let Some(name) = line
+            .strip_prefix("test ")
+            .and_then(|l| l.split_once(" ... ignored, "))
+        {
+            self.ignored_names.push(name.0.to_string());
+        }
+    }
+}
+
+/// Runs `cargo test`, passing its output through, and prints how many tests
+/// ran, failed and were skipped. Any skipped test fails the run: a test
+/// that needs root fails without it rather than skip, so a skip is a defect.
+fn cargo_test(args: &[&str]) -> Result<()> {
+    use std::io::{BufRead, BufReader, Write};
+
+    let cargo = std::env::var("CARGO").unwrap_or_else(|_| "cargo".into());
+    eprintln!("xtask: cargo {}", args.join(" "));
+    let mut child = Command::new(cargo)
+        .args(args)
+        .stdout(std::process::Stdio::piped())
+        .spawn()
+        .context("running cargo test")?;
+    let mut tally = Tally::default();
+    let stdout = child.stdout.take().expect("stdout is piped");
+    let mut out = std::io::stdout().lock();
+    for line in BufReader::new(stdout).lines() {
+        let line = line.context("reading cargo test output")?;
+        tally.read(&line);
+        writeln!(out, "{line}")?;
+    }
+    drop(out);
+    let status = child.wait().context("waiting for cargo test")?;
+    println!(
+        "tests: {} passed, {} failed, {} skipped",
+        tally.passed, tally.failed, tally.ignored
+    );
+    if !status.success() {
+        bail!("cargo test failed ({status})");
+    }
+    if tally.ignored > 0 {
+        bail!(
+            "{} test(s) skipped ({}); weir's tests skip none: remove the #[ignore]",
+            tally.ignored,
+            tally.ignored_names.join(", ")
+        );
+    }
+    if tally.passed == 0 {
+        bail!("cargo test ran no test");
+    }
+    Ok(())
+}
+
 fn run(cmd: &mut Command) -> Result<()> {
     let status = cmd.status().with_context(|| format!("running {cmd:?}"))?;
     if !status.success() {
         bail!("{cmd:?} failed ({status})");
     }
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::Tally;
+
+    #[test]
+    fn tally_sums_every_binary_and_names_skips() {
+        let mut t = Tally::default();
+        for line in [
+            "running 3 tests",
+            "test a ... ok",
+            "test slow ... ignored",
+            "test other ... ignored, needs a GPU",
+            "test result: ok. 2 passed; 0 failed; 2 ignored; 0 measured; 0 filtered out; finished in 0.01s",
+            "test result: FAILED. 5 passed; 1 failed; 0 ignored; 0 measured; 3 filtered out; finished in 1.00s",
+            "test result: ok. 0 passed; 0 failed; 0 ignored; 0 measured; 0 filtered out; finished in 0.00s",
+        ] {
+            t.read(line);
+        }
+        assert_eq!((t.passed, t.failed, t.ignored), (7, 1, 2));
+        assert_eq!(t.ignored_names, ["slow", "other"]);
+    }
 }

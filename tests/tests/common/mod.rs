@@ -19,15 +19,7 @@ fn unique(tag: &str) -> String {
     )
 }
 
-/// Skips (with a note) when not root; CI and developers run as root.
-pub fn require_root() -> bool {
-    // SAFETY: geteuid has no preconditions.
-    if unsafe { libc::geteuid() } != 0 {
-        eprintln!("skipped: needs root (BPF, namespaces)");
-        return false;
-    }
-    true
-}
+pub use weir_testbed::require_root;
 
 /// A weir instance of its own, with a small flow table; destroyed on drop
 /// (which also detaches anything pinned under it).
