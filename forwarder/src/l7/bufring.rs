@@ -2,8 +2,8 @@
 //!
 //! Multishot receives on every connection of a worker draw from this one
 //! pool: the kernel picks a free buffer only when data arrives, so an idle
-//! connection holds no buffer at all (DESIGN promise 5). A buffer goes back
-//! to the ring once its bytes were sent on (or dropped); the number handed
+//! connection holds no buffer at all, which is what makes idle connections
+//! cheap. A buffer goes back to the ring once its bytes were sent on (or dropped); the number handed
 //! out is the worker's in-flight data, bounded by the pool.
 
 use std::io;
@@ -152,7 +152,7 @@ impl BufRing {
     /// out; returns whether it did. The kernel hands buffers out in ring
     /// order, so traffic touches every buffer of the pool in turn and a
     /// pool's resident memory grows to its full size; once the traffic has
-    /// stopped (idle connections), this keeps DESIGN promise 5: idle
+    /// stopped (idle connections), this keeps the promise that idle
     /// connections hold no userspace buffer memory. The pages come back,
     /// zeroed, the next time the kernel writes into them.
     ///
