@@ -3,8 +3,9 @@
 //! Multishot receives on every connection of a worker draw from this one
 //! pool: the kernel picks a free buffer only when data arrives, so an idle
 //! connection holds no buffer at all, which is what makes idle connections
-//! cheap. A buffer goes back to the ring once its bytes were sent on (or dropped); the number handed
-//! out is the worker's in-flight data, bounded by the pool.
+//! cheap. A buffer goes back to the ring once its bytes were sent on (or
+//! dropped); the number handed out is the worker's in-flight data, bounded
+//! by the pool.
 
 use std::io;
 use std::ptr::NonNull;
