@@ -347,6 +347,15 @@ pub fn run(cli: Cli) -> Result<()> {
         }
         Command::Decap(DecapCmd::Attach { dev, vip, from }) => {
             let sources = dataplane::decap_attach(&instance, &dev, vip, &from)?;
+            // VIPs added before allow lists existed accept no one now.
+            for (other, from) in decap_sources::list(&instance)? {
+                if from.is_empty() {
+                    eprintln!(
+                        "weir: warning: {other} accepts IPIP from no one (every packet to it is \
+                         dropped); allow its balancers with `weir decap allow --vip {other} --from CIDR`"
+                    );
+                }
+            }
             let list = joined(&sources);
             say(
                 json,
