@@ -169,8 +169,8 @@ static __always_inline int encapsulate(struct xdp_md *ctx, __be32 src, __be32 ds
 	outer->ihl = sizeof(*outer) / 4;
 	outer->tos = tos;
 	outer->tot_len = bpf_htons(inner_len + sizeof(*outer));
-	/* Never fragmented on the way (an oversized packet is dropped here
-	 * instead), so the id can stay 0. */
+	/* Never fragmented on the way (an oversized packet is answered with
+	 * ICMP instead), so the id can stay 0. */
 	outer->id = 0;
 	outer->frag_off = bpf_htons(IP_DF);
 	outer->ttl = WEIR_OUTER_TTL;

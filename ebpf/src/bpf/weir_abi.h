@@ -124,7 +124,8 @@ struct weir_nexthop {
 	__be32 daddr;     /* backend address this entry resolves */
 	__u32 ingress_ifindex;
 	__u32 egress_ifindex;
-	__u16 mtu;        /* route MTU: larger encapsulated packets drop */
+	__u16 mtu;        /* route MTU: larger encapsulated packets are
+			   * not sent (ICMP frag needed instead) */
 	__u8 dmac[6];
 	__u8 smac[6];
 	__u8 pad[6];
@@ -179,7 +180,9 @@ enum weir_counter {
 	WEIR_CNT_DROP_BAD_RING,      /* ring names an empty backend slot */
 	WEIR_CNT_DROP_ADJUST_HEAD,   /* no headroom for the outer header */
 	WEIR_CNT_DROP_NO_ROUTE,      /* FIB: backend unreachable */
-	WEIR_CNT_DROP_FRAG_NEEDED,   /* encapsulated packet exceeds the MTU */
+	WEIR_CNT_DROP_FRAG_NEEDED,   /* encapsulated packet exceeds the MTU:
+				      * not forwarded (icmp_* say what
+				      * became of it) */
 	WEIR_CNT_FLOW_NEW,           /* flows created by a SYN */
 	WEIR_CNT_FLOW_MISS,          /* non-SYN without a usable flow:
 				      * evicted, started elsewhere, or stale;
