@@ -953,6 +953,8 @@ impl Bench {
                         &dev,
                         "--vip",
                         &vip.to_string(),
+                        "--from",
+                        &format!("{}/32", self.topo.lb_addr()),
                     ],
                 )?;
                 drop(out);

@@ -17,6 +17,15 @@ pub const IPIP_OVERHEAD: u32 = 20;
 pub const NEXTHOP_SLOTS: u32 = 4096;
 /// How long a cached FIB result is reused.
 pub const NEXTHOP_TTL_NS: u64 = 100_000_000;
+/// ICMP "fragmentation needed" replies per second per CPU (token bucket
+/// refill rate).
+pub const ICMP_RATE: u32 = 1000;
+/// Replies a CPU's bucket holds at most (burst).
+pub const ICMP_BURST: u32 = 100;
+/// Bytes of an ICMP reply frame: Ethernet, IPv4, ICMP header, 28 quoted.
+pub const ICMP_FRAME_LEN: u32 = 70;
+/// Capacity of `weir_dcap_sources`.
+pub const MAX_DECAP_SOURCES: u32 = 4096;
 /// `BPF_F_MMAPABLE`.
 pub const BPF_F_MMAPABLE: u32 = 1 << 10;
 /// `BPF_F_INNER_MAP`.
@@ -43,6 +52,8 @@ pub mod maps {
     pub const L7_CONNS: &str = "weir_l7_conns";
     pub const DECAP_VIPS: &str = "weir_dcap_vips";
     pub const DECAP_STATS: &str = "weir_dcap_stats";
+    pub const ICMP_BUCKET: &str = "weir_icmp_bucket";
+    pub const DECAP_SOURCES: &str = "weir_dcap_sources";
     /// Maps of the balancer object.
     pub const LB: &[&str] = &[
         SERVICES,
@@ -56,9 +67,10 @@ pub mod maps {
         BACKEND_STATS,
         NEXTHOP,
         L7_CONNS,
+        ICMP_BUCKET,
     ];
     /// Maps of the decap object.
-    pub const DECAP: &[&str] = &[DECAP_VIPS, DECAP_STATS];
+    pub const DECAP: &[&str] = &[DECAP_VIPS, DECAP_STATS, DECAP_SOURCES];
 }
 
 /// `enum weir_service_mode`.
@@ -182,6 +194,14 @@ pub struct Nexthop {
     pub pad: [u8; 6],
 }
 
+/// `struct weir_icmp_bucket` (one CPU's ICMP token bucket).
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct IcmpBucket {
+    pub updated_ns: u64,
+    pub credit_ns: u64,
+}
+
 /// `struct weir_service_stats` (one CPU's share).
 #[repr(C)]
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
@@ -211,6 +231,35 @@ pub struct DecapKey {
     pub vip: [u8; 4],
 }
 
+/// `struct weir_decap_source`: `saddr/(prefixlen - 32)` may send IPIP to
+/// `vip`. Addresses in network byte order.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct DecapSource {
+    pub prefixlen: u32,
+    pub vip: [u8; 4],
+    pub saddr: [u8; 4],
+}
+
+impl DecapSource {
+    /// Entry letting `saddr/source_len` send to `vip`; host bits of
+    /// `saddr` are cleared, so one prefix has one key.
+    pub fn new(vip: [u8; 4], saddr: [u8; 4], source_len: u8) -> Self {
+        let len = u32::from(source_len.min(32));
+        let mask = if len == 0 { 0 } else { u32::MAX << (32 - len) };
+        Self {
+            prefixlen: 32 + len,
+            vip,
+            saddr: (u32::from_be_bytes(saddr) & mask).to_be_bytes(),
+        }
+    }
+
+    /// Length of the source prefix.
+    pub fn source_len(&self) -> u8 {
+        self.prefixlen.saturating_sub(32).min(32) as u8
+    }
+}
+
 /// `enum weir_counter`, in order, with the names `weir stats` prints.
 pub const COUNTERS: &[&str] = &[
     "tx",
@@ -235,6 +284,9 @@ pub const COUNTERS: &[&str] = &[
     "flow_stale",
     "flow_update_fail",
     "fib_lookup",
+    "icmp_frag_needed",
+    "icmp_rate_limited",
+    "icmp_not_df",
 ];
 
 /// `enum weir_decap_counter`, in order.
@@ -244,6 +296,7 @@ pub const DECAP_COUNTERS: &[&str] = &[
     "decap_pass_not_vip",
     "decap_pass_malformed",
     "decap_drop_adjust",
+    "decap_drop_source",
 ];
 
 /// Index of a counter in [`COUNTERS`].
@@ -262,6 +315,8 @@ unsafe impl aya::Pod for ServiceStats {}
 unsafe impl aya::Pod for BackendStats {}
 unsafe impl aya::Pod for DecapKey {}
 unsafe impl aya::Pod for Nexthop {}
+unsafe impl aya::Pod for IcmpBucket {}
+unsafe impl aya::Pod for DecapSource {}
 
 /// `weir_flow_hash()` from the header, bit for bit: the ring slot of a flow
 /// is `flow_hash(key) % ring_size`.

@@ -157,6 +157,13 @@ fn lb_structs_match_btf() {
             }),
         ),
         (
+            "weir_icmp_bucket",
+            layout!(abi::IcmpBucket {
+                updated_ns,
+                credit_ns
+            }),
+        ),
+        (
             "weir_backend_stats",
             layout!(abi::BackendStats {
                 packets,
@@ -177,6 +184,14 @@ fn lb_structs_match_btf() {
 fn decap_structs_match_btf() {
     let btf = btf_structs(weir_ebpf::decap_object());
     assert_eq!(btf["weir_decap_key"], layout!(abi::DecapKey { vip }));
+    assert_eq!(
+        btf["weir_decap_source"],
+        layout!(abi::DecapSource {
+            prefixlen,
+            vip,
+            saddr
+        })
+    );
 }
 
 fn header() -> String {
@@ -253,6 +268,16 @@ fn constants_match_header() {
     assert_eq!(
         define(&h, "WEIR_BACKEND_F_USED"),
         abi::BACKEND_F_USED as u64
+    );
+    assert_eq!(define(&h, "WEIR_ICMP_RATE"), abi::ICMP_RATE as u64);
+    assert_eq!(define(&h, "WEIR_ICMP_BURST"), abi::ICMP_BURST as u64);
+    assert_eq!(
+        define(&h, "WEIR_ICMP_FRAME_LEN"),
+        abi::ICMP_FRAME_LEN as u64
+    );
+    assert_eq!(
+        define(&h, "WEIR_MAX_DECAP_SOURCES"),
+        abi::MAX_DECAP_SOURCES as u64
     );
     assert!(h.contains("#define WEIR_RING_MAP_FLAGS ((1U << 12) | (1U << 10))"));
     assert_eq!(abi::RING_MAP_FLAGS, (1 << 12) | (1 << 10));

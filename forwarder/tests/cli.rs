@@ -158,6 +158,34 @@ fn bad_input_is_refused_with_one_line_and_changes_nothing() {
             "no network interface",
         ),
         (&["decap", "detach", "--dev", "lo"], "not attached"),
+        (
+            &["decap", "attach", "--dev", "lo", "--vip", "198.19.0.10"],
+            "--from",
+        ),
+        (
+            &[
+                "decap",
+                "attach",
+                "--dev",
+                "lo",
+                "--vip",
+                "198.19.0.10",
+                "--from",
+                "198.18.2.2/24",
+            ],
+            "host bits",
+        ),
+        (
+            &[
+                "decap",
+                "revoke",
+                "--vip",
+                "198.19.0.10",
+                "--from",
+                "198.18.2.2",
+            ],
+            "has no decapsulator",
+        ),
         (&["--instance", "../etc", "service", "list"], "invalid"),
         (
             &["--instance", "nosuchinstance", "service", "list"],

@@ -162,6 +162,65 @@ pub fn parse_encapsulated(frame: &[u8]) -> Option<Encapsulated<'_>> {
     })
 }
 
+/// An IPIP frame as a balancer at `outer_src` sends it to `outer_dst`:
+/// eth | outer IPv4 (proto 4, DF) | `inner` (an IPv4 packet).
+pub fn ipip_frame(outer_src: Ipv4Addr, outer_dst: Ipv4Addr, inner: &[u8]) -> Vec<u8> {
+    let mut f = eth_header(0x0800);
+    f.extend_from_slice(&ipv4_header(outer_src, outer_dst, 4, inner.len(), 0x4000));
+    f.extend_from_slice(inner);
+    f
+}
+
+/// An ICMP "fragmentation needed" frame (eth | IPv4 | ICMP 3/4 | quote).
+#[derive(Debug)]
+pub struct FragNeeded<'a> {
+    pub dst_mac: [u8; 6],
+    pub src_mac: [u8; 6],
+    /// The first byte of the IPv4 header (0x45: version 4, no options).
+    pub version_ihl: u8,
+    pub tot_len: u16,
+    pub ttl: u8,
+    pub src: Ipv4Addr,
+    pub dst: Ipv4Addr,
+    pub ip_checksum_ok: bool,
+    pub icmp_type: u8,
+    pub icmp_code: u8,
+    pub icmp_checksum_ok: bool,
+    /// The two bytes before the MTU, zero by RFC 1191.
+    pub unused: u16,
+    pub next_hop_mtu: u16,
+    /// Everything after the ICMP header.
+    pub quoted: &'a [u8],
+}
+
+/// Parses an IPv4/ICMP frame; `None` if it is not IPv4 carrying ICMP.
+pub fn parse_frag_needed(frame: &[u8]) -> Option<FragNeeded<'_>> {
+    if frame.len() < ETH_LEN + IP_LEN + 8 || frame[12..14] != [0x08, 0x00] {
+        return None;
+    }
+    let ip = &frame[ETH_LEN..ETH_LEN + IP_LEN];
+    if ip[9] != 1 {
+        return None;
+    }
+    let icmp = &frame[ETH_LEN + IP_LEN..];
+    Some(FragNeeded {
+        dst_mac: frame[0..6].try_into().ok()?,
+        src_mac: frame[6..12].try_into().ok()?,
+        version_ihl: ip[0],
+        tot_len: u16::from_be_bytes([ip[2], ip[3]]),
+        ttl: ip[8],
+        src: Ipv4Addr::new(ip[12], ip[13], ip[14], ip[15]),
+        dst: Ipv4Addr::new(ip[16], ip[17], ip[18], ip[19]),
+        ip_checksum_ok: checksum(ip) == 0,
+        icmp_type: icmp[0],
+        icmp_code: icmp[1],
+        icmp_checksum_ok: checksum(icmp) == 0,
+        unused: u16::from_be_bytes([icmp[4], icmp[5]]),
+        next_hop_mtu: u16::from_be_bytes([icmp[6], icmp[7]]),
+        quoted: &icmp[8..],
+    })
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

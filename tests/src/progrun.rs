@@ -159,3 +159,30 @@ pub fn run_xdp(
         duration: r.duration,
     })
 }
+
+/// One BPF_PROG_RUN of a tc program on `frame` (an skb starting at the
+/// Ethernet header).
+#[derive(Debug)]
+pub struct TcRun {
+    /// The TC_ACT_* the program returned.
+    pub verdict: u32,
+    /// The packet as the program left it.
+    pub output: Vec<u8>,
+}
+
+/// Runs the tc program `prog` once on `frame`.
+pub fn run_tc(prog: &mut aya::programs::SchedClassifier, frame: &[u8]) -> anyhow::Result<TcRun> {
+    use aya::programs::{TestRun, TestRunOptions};
+    let mut output = vec![0u8; frame.len() + 256];
+    let opts = TestRunOptions {
+        data_in: Some(frame),
+        data_out: Some(&mut output),
+        ..TestRunOptions::default()
+    };
+    let r = prog.test_run(opts)?;
+    output.truncate(r.data_size_out as usize);
+    Ok(TcRun {
+        verdict: r.return_value,
+        output,
+    })
+}

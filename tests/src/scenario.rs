@@ -280,12 +280,22 @@ pub fn run_l4(opts: &L4Options) -> Result<L4Report> {
     );
     let vip = topo.vip();
     let service = format!("{vip}:{PORT}");
-    // Backends decapsulate IPIP to the VIP.
+    // Backends decapsulate IPIP to the VIP, from the LB only.
+    let from = format!("{}/32", topo.lb_addr());
     for i in 0..4 {
         let dev = topo.backend_dev(i);
         stage.weir(
             &topo.backend_ns[i],
-            &["decap", "attach", "--dev", &dev, "--vip", &vip.to_string()],
+            &[
+                "decap",
+                "attach",
+                "--dev",
+                &dev,
+                "--vip",
+                &vip.to_string(),
+                "--from",
+                &from,
+            ],
         )?;
     }
     stage.lb(&["service", "add", &service])?;

@@ -52,6 +52,8 @@ fn connections_work_with_an_empty_neighbour_table() {
             &topo.backend_dev(0),
             "--vip",
             &vip,
+            "--from",
+            &format!("{}/32", topo.lb_addr()),
         ],
     );
     topo.attach_veth_peer_xdp().unwrap();

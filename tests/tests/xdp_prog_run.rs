@@ -451,17 +451,19 @@ fn next_hop_is_cached_and_mtu_still_enforced() {
 
     // pr0 has MTU 1500: an inner packet of 1490 bytes no longer fits once
     // encapsulated, on the cached path as on the FIB path.
-    let mut big = Segment::ack(CLIENT, 47000, VIP, PORT);
-    big.payload = vec![0x5a; 1490 - IP_LEN - packet::TCP_LEN];
+    let big = oversized(47000);
     let packets = |bed: &Bed| bed.reg.maps().service_stats(0).unwrap().packets;
     let before = packets(&bed);
-    let (verdict, _) = bed.run(&big.frame());
-    assert_eq!(verdict, XDP_DROP);
+    let input = big.frame();
+    let (verdict, out) = bed.run(&input);
+    assert_eq!(verdict, XDP_TX, "answered with ICMP");
+    check_frag_needed(&input, &out, 1480);
     assert_eq!(bed.counter("drop_frag_needed"), 1);
+    assert_eq!(bed.counter("icmp_frag_needed"), 1);
     assert_eq!(
         packets(&bed),
         before,
-        "a dropped packet is not counted as forwarded"
+        "a packet that did not fit is not counted as forwarded"
     );
     let mut fits = Segment::ack(CLIENT, 47000, VIP, PORT);
     fits.payload = vec![0x5a; 1480 - IP_LEN - packet::TCP_LEN];
@@ -470,6 +472,136 @@ fn next_hop_is_cached_and_mtu_still_enforced() {
     assert_eq!(verdict, XDP_TX, "1480 + 20 fits the 1500 MTU");
     check_encapsulated(&bed, &input, &out);
     assert_eq!(bed.counter("fib_lookup"), 1);
+}
+
+/// An ACK of `sport` whose IPv4 packet is 1490 bytes: 1510 once
+/// encapsulated, over pr0's 1500.
+fn oversized(sport: u16) -> Segment {
+    let mut big = Segment::ack(CLIENT, sport, VIP, PORT);
+    big.payload = vec![0x5a; 1490 - IP_LEN - packet::TCP_LEN];
+    big
+}
+
+/// Checks that `output` is exactly the ICMP "fragmentation needed" a router
+/// sends for `input` when the next hop takes `next_hop_mtu` bytes.
+fn check_frag_needed(input: &[u8], output: &[u8], next_hop_mtu: u16) {
+    let icmp = packet::parse_frag_needed(output).expect("output is IPv4/ICMP");
+    assert_eq!(output.len(), 70, "eth + IPv4 + ICMP header + 28 quoted");
+    assert_eq!(icmp.dst_mac, input[6..12], "back to the sender's hop");
+    assert_eq!(icmp.src_mac, input[0..6], "from the MAC it was sent to");
+    assert_eq!(icmp.version_ihl, 0x45);
+    assert_eq!(icmp.tot_len, 56);
+    assert_eq!(icmp.ttl, 64);
+    assert_eq!(icmp.src, VIP, "from the address the client sent to");
+    assert_eq!(icmp.dst, CLIENT);
+    assert!(icmp.ip_checksum_ok, "IPv4 checksum");
+    assert_eq!((icmp.icmp_type, icmp.icmp_code), (3, 4), "type 3 code 4");
+    assert_eq!(icmp.unused, 0);
+    assert_eq!(icmp.next_hop_mtu, next_hop_mtu, "route MTU - 20");
+    assert!(icmp.icmp_checksum_ok, "ICMP checksum");
+    assert_eq!(
+        icmp.quoted,
+        &input[ETH_LEN..ETH_LEN + IP_LEN + 8],
+        "the client's IPv4 header and 8 bytes (ports, sequence) quoted"
+    );
+
+    // The same, byte by byte, from first principles.
+    let mut ip = vec![0x45, 0, 0, 56, 0, 0, 0, 0, 64, 1, 0, 0];
+    ip.extend_from_slice(&VIP.octets());
+    ip.extend_from_slice(&CLIENT.octets());
+    let c = packet::checksum(&ip);
+    ip[10..12].copy_from_slice(&c.to_be_bytes());
+    let mut msg = vec![3, 4, 0, 0, 0, 0];
+    msg.extend_from_slice(&next_hop_mtu.to_be_bytes());
+    msg.extend_from_slice(&input[ETH_LEN..ETH_LEN + 28]);
+    let c = packet::checksum(&msg);
+    msg[2..4].copy_from_slice(&c.to_be_bytes());
+    let mut want = input[6..12].to_vec();
+    want.extend_from_slice(&input[0..6]);
+    want.extend_from_slice(&[0x08, 0x00]);
+    want.extend_from_slice(&ip);
+    want.extend_from_slice(&msg);
+    assert_eq!(output, want.as_slice());
+}
+
+#[test]
+fn packet_too_big_for_the_tunnel_gets_icmp_frag_needed() {
+    assert!(
+        require_root(),
+        "BPF_PROG_RUN needs root: run the tests as root"
+    );
+    let mut bed = Bed::new("icmp", 1);
+    // First packet of the flow: the FIB reports the MTU.
+    let input = oversized(49000).frame();
+    let (verdict, out) = bed.run(&input);
+    assert_eq!(verdict, XDP_TX, "FIB path: answered");
+    check_frag_needed(&input, &out, 1480);
+    assert_eq!(bed.counter("fib_lookup"), 1);
+
+    // A packet that fits fills the next-hop cache; the next oversized one
+    // is answered from the cached MTU.
+    let (verdict, _) = bed.run(&Segment::syn(CLIENT, 49001, VIP, PORT).frame());
+    assert_eq!(verdict, XDP_TX);
+    let input = oversized(49001).frame();
+    let (verdict, out) = bed.run(&input);
+    assert_eq!(verdict, XDP_TX, "cached path: answered");
+    check_frag_needed(&input, &out, 1480);
+    assert_eq!(
+        bed.counter("fib_lookup"),
+        2,
+        "the second answer came from the cache"
+    );
+    assert_eq!(bed.counter("icmp_frag_needed"), 2);
+    assert_eq!(bed.counter("drop_frag_needed"), 2);
+    assert_eq!(bed.counter("tx"), 1, "only the SYN was forwarded");
+
+    // Without DF the sender did not ask for path MTU discovery: dropped.
+    let mut no_df = oversized(49002).frame();
+    no_df[ETH_LEN + 6] = 0;
+    no_df[ETH_LEN + 10..ETH_LEN + 12].copy_from_slice(&[0, 0]);
+    let c = packet::checksum(&no_df[ETH_LEN..ETH_LEN + IP_LEN]);
+    no_df[ETH_LEN + 10..ETH_LEN + 12].copy_from_slice(&c.to_be_bytes());
+    let (verdict, _) = bed.run(&no_df);
+    assert_eq!(verdict, XDP_DROP);
+    assert_eq!(bed.counter("icmp_not_df"), 1);
+    assert_eq!(bed.counter("drop_frag_needed"), 3);
+    assert_eq!(bed.counter("icmp_frag_needed"), 2);
+}
+
+#[test]
+fn icmp_frag_needed_is_rate_limited() {
+    assert!(
+        require_root(),
+        "BPF_PROG_RUN needs root: run the tests as root"
+    );
+    let mut bed = Bed::new("icmprl", 1);
+    let input = oversized(49100).frame();
+    // Far more than the burst, fast: most must be refused, however slowly
+    // a loaded machine runs them.
+    const SENT: u64 = 2000;
+    let start = std::time::Instant::now();
+    let mut answered = 0u64;
+    for _ in 0..SENT {
+        let (verdict, _) = bed.run(&input);
+        if verdict == XDP_TX {
+            answered += 1;
+        } else {
+            assert_eq!(verdict, XDP_DROP);
+        }
+    }
+    let elapsed_ms = start.elapsed().as_millis() as u64;
+    let burst = u64::from(abi::ICMP_BURST);
+    // The bucket starts full and refills at ICMP_RATE a second (+5 ms and
+    // one reply for the coarse clock's granularity).
+    let allowed = burst + (elapsed_ms + 5) * u64::from(abi::ICMP_RATE) / 1000 + 1;
+    assert!(
+        answered >= burst && answered <= allowed,
+        "{answered} answers in {elapsed_ms} ms: want {burst}..={allowed}"
+    );
+    assert!(answered < SENT, "none over the rate in {elapsed_ms} ms");
+    assert_eq!(bed.counter("icmp_frag_needed"), answered);
+    assert_eq!(bed.counter("icmp_rate_limited"), SENT - answered);
+    assert_eq!(bed.counter("drop_frag_needed"), SENT);
 }
 
 #[test]

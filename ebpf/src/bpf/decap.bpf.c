@@ -6,8 +6,10 @@
  * (IPIP). This program strips that header from packets whose inner
  * destination is a VIP the backend serves, so the backend's TCP stack sees
  * the client's packet as sent and replies straight to the client (direct
- * server return). Backends need no ipip module. Everything else passes
- * untouched.
+ * server return). Backends need no ipip module. Only the balancers may
+ * send it such packets: IPIP to a VIP from an outer source that VIP's
+ * allow list lacks is dropped, since its inner source address could be
+ * anything. Everything else passes untouched.
  */
 #include <linux/bpf.h>
 #include <linux/if_ether.h>
@@ -39,6 +41,7 @@ int weir_decap(struct __sk_buff *skb)
 	void *data = (void *)(long)skb->data;
 	void *data_end = (void *)(long)skb->data_end;
 	struct weir_decap_key key = {};
+	struct weir_decap_source source = {};
 	struct ethhdr *eth = data;
 	struct iphdr *outer, *inner;
 
@@ -60,6 +63,13 @@ int weir_decap(struct __sk_buff *skb)
 	key.vip = inner->daddr;
 	if (!bpf_map_lookup_elem(&weir_dcap_vips, &key))
 		return verdict(WEIR_DCAP_PASS_NOT_VIP, TC_ACT_OK);
+	/* Dropped rather than passed: a host with the ipip module loaded
+	 * would decapsulate it itself. */
+	source.prefixlen = 64;
+	source.vip = inner->daddr;
+	source.saddr = outer->saddr;
+	if (!bpf_map_lookup_elem(&weir_dcap_sources, &source))
+		return verdict(WEIR_DCAP_DROP_SOURCE, TC_ACT_SHOT);
 
 	/* FIXED_GSO keeps gso_size of a GRO-merged packet as it was (the
 	 * payload per segment does not change); DECAP_L3_IPV4 (6.3+) also

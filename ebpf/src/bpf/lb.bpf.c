@@ -7,8 +7,10 @@
  * service's Maglev ring (SYN, or a flow we have not seen), wrap the packet in
  * an outer IPv4 header (IPIP) addressed to the backend, take the next hop
  * from a per-CPU cache of bpf_fib_lookup results and send it back out.
- * Anything weir does not balance goes to the kernel untouched, and every
- * verdict is counted.
+ * A packet that no longer fits the route once encapsulated is answered
+ * with ICMP "fragmentation needed", as a router would, so the client's
+ * path MTU discovery works through weir. Anything weir does not balance
+ * goes to the kernel untouched, and every verdict is counted.
  */
 #include <linux/bpf.h>
 #include <linux/if_ether.h>
@@ -27,6 +29,21 @@
 #define IP_DF 0x4000
 #define IP_OFFSET 0x1fff
 #define WEIR_OUTER_TTL 64
+/* transmit(): the packet does not fit the route MTU. */
+#define WEIR_TOO_BIG (-1)
+#define WEIR_NS_PER_ICMP (1000000000ULL / WEIR_ICMP_RATE)
+/* <linux/icmp.h> pulls in libc headers a BPF target does not have. */
+#define ICMP_DEST_UNREACH 3
+#define ICMP_FRAG_NEEDED 4
+
+/* ICMP destination unreachable, "fragmentation needed" (RFC 1191). */
+struct icmp_frag_needed {
+	__u8 type;
+	__u8 code;
+	__sum16 checksum;
+	__be16 unused;
+	__be16 mtu; /* next-hop MTU */
+};
 
 char LICENSE[] SEC("license") = "Dual BSD/GPL";
 
@@ -152,8 +169,8 @@ static __always_inline int encapsulate(struct xdp_md *ctx, __be32 src, __be32 ds
 	outer->ihl = sizeof(*outer) / 4;
 	outer->tos = tos;
 	outer->tot_len = bpf_htons(inner_len + sizeof(*outer));
-	/* Never fragmented on the way (an oversized packet is dropped here
-	 * instead), so the id can stay 0. */
+	/* Never fragmented on the way (an oversized packet is answered with
+	 * ICMP instead), so the id can stay 0. */
 	outer->id = 0;
 	outer->frag_off = bpf_htons(IP_DF);
 	outer->ttl = WEIR_OUTER_TTL;
@@ -168,7 +185,7 @@ static __always_inline int encapsulate(struct xdp_md *ctx, __be32 src, __be32 ds
 /* Fills the next-hop cache entry for `dst` from the FIB. Returns the FIB
  * verdict for a packet of `outer_len` bytes. */
 static __always_inline int resolve(struct xdp_md *ctx, struct weir_nexthop *nh,
-				   __be32 src, __be32 dst, __u16 outer_len)
+				   __be32 src, __be32 dst, __u16 outer_len, __u32 *mtu)
 {
 	struct bpf_fib_lookup fib = {};
 	int rc;
@@ -181,6 +198,8 @@ static __always_inline int resolve(struct xdp_md *ctx, struct weir_nexthop *nh,
 	fib.ifindex = ctx->ingress_ifindex;
 	count(WEIR_CNT_FIB_LOOKUP);
 	rc = bpf_fib_lookup(ctx, &fib, sizeof(fib), 0);
+	if (rc == BPF_FIB_LKUP_RET_FRAG_NEEDED)
+		*mtu = fib.mtu_result;
 	if (rc != BPF_FIB_LKUP_RET_SUCCESS)
 		return rc;
 
@@ -209,8 +228,10 @@ static __always_inline int nexthop_fresh(const struct weir_nexthop *nh, struct x
 }
 
 /* Sends the encapsulated packet to its next hop, from the cache when it is
- * fresh, else from the FIB. */
-static __always_inline int transmit(struct xdp_md *ctx, __u32 backend_id, __be32 src, __be32 dst)
+ * fresh, else from the FIB. WEIR_TOO_BIG, with the route MTU in `mtu`,
+ * when it does not fit. */
+static __always_inline int transmit(struct xdp_md *ctx, __u32 backend_id, __be32 src, __be32 dst,
+				    __u32 *mtu)
 {
 	void *data = (void *)(long)ctx->data;
 	void *data_end = (void *)(long)ctx->data_end;
@@ -229,7 +250,7 @@ static __always_inline int transmit(struct xdp_md *ctx, __u32 backend_id, __be32
 	outer_len = bpf_ntohs(outer->tot_len);
 
 	if (!nexthop_fresh(nh, ctx, dst)) {
-		rc = resolve(ctx, nh, src, dst, outer_len);
+		rc = resolve(ctx, nh, src, dst, outer_len, mtu);
 		switch (rc) {
 		case BPF_FIB_LKUP_RET_SUCCESS:
 			break;
@@ -239,12 +260,13 @@ static __always_inline int transmit(struct xdp_md *ctx, __u32 backend_id, __be32
 			 * fast path. */
 			return pass(WEIR_CNT_PASS_NO_NEIGH);
 		case BPF_FIB_LKUP_RET_FRAG_NEEDED:
-			return drop(WEIR_CNT_DROP_FRAG_NEEDED);
+			return WEIR_TOO_BIG;
 		default:
 			return drop(WEIR_CNT_DROP_NO_ROUTE);
 		}
 	} else if (outer_len > nh->mtu) {
-		return drop(WEIR_CNT_DROP_FRAG_NEEDED);
+		*mtu = nh->mtu;
+		return WEIR_TOO_BIG;
 	}
 
 	__builtin_memcpy(eth->h_dest, nh->dmac, ETH_ALEN);
@@ -257,6 +279,118 @@ static __always_inline int transmit(struct xdp_md *ctx, __u32 backend_id, __be32
 	return bpf_redirect(nh->egress_ifindex, 0);
 }
 
+/* Takes one reply's worth of credit from this CPU's ICMP bucket; false
+ * when there is not enough. */
+static __always_inline int icmp_allowed(void)
+{
+	struct weir_icmp_bucket *b;
+	__u32 key = 0;
+	__u64 now, credit;
+
+	b = bpf_map_lookup_elem(&weir_icmp_bucket, &key);
+	if (!b)
+		return 0;
+	now = bpf_ktime_get_coarse_ns();
+	credit = b->credit_ns + (now - b->updated_ns);
+	if (credit > WEIR_ICMP_BURST * WEIR_NS_PER_ICMP)
+		credit = WEIR_ICMP_BURST * WEIR_NS_PER_ICMP;
+	b->updated_ns = now;
+	if (credit < WEIR_NS_PER_ICMP) {
+		b->credit_ns = credit;
+		return 0;
+	}
+	b->credit_ns = credit - WEIR_NS_PER_ICMP;
+	return 1;
+}
+
+/* The Internet checksum of the ICMP message of a reply: its 8-byte header
+ * and the 28 quoted bytes. */
+static __always_inline __u16 icmp_checksum(const __u16 *word)
+{
+	__u32 sum = 0;
+
+#pragma unroll
+	for (int i = 0; i < (int)((sizeof(struct icmp_frag_needed) + sizeof(struct iphdr) + 8) / 2); i++)
+		sum += word[i];
+	sum = (sum & 0xffff) + (sum >> 16);
+	sum = (sum & 0xffff) + (sum >> 16);
+	return (__u16)~sum;
+}
+
+/* The encapsulated packet (eth | outer | inner IPv4 | TCP ...) does not fit
+ * the route MTU `mtu`. Rewrites it in place into ICMP "fragmentation
+ * needed" from the VIP to the client, quoting the client's IPv4 header and
+ * the first 8 bytes after it, with next-hop MTU `mtu` minus the
+ * encapsulation, and sends it back out the way it came. Only for packets
+ * with DF, and only within this CPU's ICMP rate; anything else drops. */
+static __always_inline int too_big(struct xdp_md *ctx, __u32 mtu)
+{
+	void *data = (void *)(long)ctx->data;
+	void *data_end = (void *)(long)ctx->data_end;
+	/* The reply's IPv4 header replaces the outer one; the ICMP header
+	 * is extra. */
+	const int extra = sizeof(struct icmp_frag_needed);
+	__u8 client_mac[ETH_ALEN], own_mac[ETH_ALEN];
+	struct ethhdr *eth = data;
+	struct iphdr *inner = data + sizeof(*eth) + sizeof(struct iphdr);
+	struct icmp_frag_needed *icmp;
+	struct iphdr *ip;
+	__be32 client, vip;
+	__u32 len;
+
+	count(WEIR_CNT_DROP_FRAG_NEEDED);
+	if ((void *)(inner + 1) > data_end)
+		return drop(WEIR_CNT_DROP_ADJUST_HEAD);
+	if (!(inner->frag_off & bpf_htons(IP_DF)))
+		return drop(WEIR_CNT_ICMP_NOT_DF);
+	if (!icmp_allowed())
+		return drop(WEIR_CNT_ICMP_RATE_LIMITED);
+	client = inner->saddr;
+	vip = inner->daddr;
+	/* The received addresses: the reply goes back to the sender's hop. */
+	__builtin_memcpy(client_mac, eth->h_source, ETH_ALEN);
+	__builtin_memcpy(own_mac, eth->h_dest, ETH_ALEN);
+
+	/* The quoted bytes stay where they are; the rest is cut off. */
+	if (bpf_xdp_adjust_head(ctx, -extra))
+		return drop(WEIR_CNT_DROP_ADJUST_HEAD);
+	len = bpf_xdp_get_buff_len(ctx);
+	if (len < WEIR_ICMP_FRAME_LEN ||
+	    bpf_xdp_adjust_tail(ctx, WEIR_ICMP_FRAME_LEN - (int)len))
+		return drop(WEIR_CNT_DROP_ADJUST_HEAD);
+	data = (void *)(long)ctx->data;
+	data_end = (void *)(long)ctx->data_end;
+	if (data + WEIR_ICMP_FRAME_LEN > data_end)
+		return drop(WEIR_CNT_DROP_ADJUST_HEAD);
+	eth = data;
+	ip = (void *)(eth + 1);
+	icmp = (void *)(ip + 1);
+
+	__builtin_memcpy(eth->h_dest, client_mac, ETH_ALEN);
+	__builtin_memcpy(eth->h_source, own_mac, ETH_ALEN);
+	eth->h_proto = bpf_htons(ETH_P_IP);
+	ip->version = 4;
+	ip->ihl = sizeof(*ip) / 4;
+	ip->tos = 0;
+	ip->tot_len = bpf_htons(WEIR_ICMP_FRAME_LEN - sizeof(*eth));
+	ip->id = 0;
+	ip->frag_off = 0;
+	ip->ttl = WEIR_OUTER_TTL;
+	ip->protocol = IPPROTO_ICMP;
+	ip->check = 0;
+	ip->saddr = vip;
+	ip->daddr = client;
+	ip->check = ipv4_checksum(ip);
+	icmp->type = ICMP_DEST_UNREACH;
+	icmp->code = ICMP_FRAG_NEEDED;
+	icmp->checksum = 0;
+	icmp->unused = 0;
+	icmp->mtu = bpf_htons(mtu > WEIR_IPIP_OVERHEAD ? mtu - WEIR_IPIP_OVERHEAD : 0);
+	icmp->checksum = icmp_checksum((const __u16 *)icmp);
+	count(WEIR_CNT_ICMP_FRAG_NEEDED);
+	return XDP_TX;
+}
+
 /* Counts the packet, encapsulates it to `be` and sends it. */
 static __always_inline int forward(struct xdp_md *ctx, __u32 backend_id, const struct weir_backend *be,
 				   struct weir_service_stats *svc_stats, int new_flow, __u16 ip_len, __u8 tos)
@@ -265,6 +399,7 @@ static __always_inline int forward(struct xdp_md *ctx, __u32 backend_id, const s
 	struct weir_lb_config *cfg;
 	__u32 cfg_key = 0;
 	__be32 lb_addr, dst = be->addr;
+	__u32 mtu = 0;
 	int verdict;
 
 	cfg = bpf_map_lookup_elem(&weir_config, &cfg_key);
@@ -276,7 +411,9 @@ static __always_inline int forward(struct xdp_md *ctx, __u32 backend_id, const s
 		return drop(WEIR_CNT_DROP_FRAG_NEEDED);
 	if (encapsulate(ctx, lb_addr, dst, tos, ip_len))
 		return drop(WEIR_CNT_DROP_ADJUST_HEAD);
-	verdict = transmit(ctx, backend_id, lb_addr, dst);
+	verdict = transmit(ctx, backend_id, lb_addr, dst, &mtu);
+	if (verdict == WEIR_TOO_BIG)
+		return too_big(ctx, mtu);
 	/* Sent, or handed to the kernel to forward: either way on its way to
 	 * the backend, so it counts. Dropped packets count only as drops. */
 	if (verdict == XDP_DROP)

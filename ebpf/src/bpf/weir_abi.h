@@ -32,6 +32,17 @@
  * a FIB result is reused before it is looked up again. */
 #define WEIR_NEXTHOP_SLOTS 4096
 #define WEIR_NEXTHOP_TTL_NS 100000000ULL
+/* ICMP "fragmentation needed" replies to packets too big for the tunnel
+ * are rate-limited by a token bucket per CPU (weir_icmp_bucket): it refills
+ * at WEIR_ICMP_RATE replies per second and holds at most WEIR_ICMP_BURST,
+ * so a flood of oversized packets cannot turn the LB into an ICMP source.
+ * A reply is 70 bytes: Ethernet, IPv4, the 8-byte ICMP header and the
+ * offending packet's IPv4 header plus its first 8 bytes. */
+#define WEIR_ICMP_RATE 1000
+#define WEIR_ICMP_BURST 100
+#define WEIR_ICMP_FRAME_LEN 70
+/* Most (VIP, source prefix) pairs the decap allow list holds. */
+#define WEIR_MAX_DECAP_SOURCES 4096
 
 /* BPF_F_INNER_MAP | BPF_F_MMAPABLE: ring tables may differ in size per
  * service and are filled by userspace through mmap before being swapped in. */
@@ -113,10 +124,21 @@ struct weir_nexthop {
 	__be32 daddr;     /* backend address this entry resolves */
 	__u32 ingress_ifindex;
 	__u32 egress_ifindex;
-	__u16 mtu;        /* route MTU: larger encapsulated packets drop */
+	__u16 mtu;        /* route MTU: larger encapsulated packets are
+			   * not sent (ICMP frag needed instead) */
 	__u8 dmac[6];
 	__u8 smac[6];
 	__u8 pad[6];
+};
+
+/* weir_icmp_bucket[0] (per CPU): the ICMP token bucket, kept in
+ * nanoseconds of credit: elapsed time adds credit up to WEIR_ICMP_BURST
+ * replies' worth, each reply spends 1e9 / WEIR_ICMP_RATE. Per CPU, so no
+ * atomics: the host-wide limit is WEIR_ICMP_RATE times the CPUs that
+ * receive oversized packets. */
+struct weir_icmp_bucket {
+	__u64 updated_ns; /* bpf_ktime_get_coarse_ns() of the last refill */
+	__u64 credit_ns;
 };
 
 /* Per-service counters (per CPU), weir_svc_stats[service id]. Packets count
@@ -158,7 +180,9 @@ enum weir_counter {
 	WEIR_CNT_DROP_BAD_RING,      /* ring names an empty backend slot */
 	WEIR_CNT_DROP_ADJUST_HEAD,   /* no headroom for the outer header */
 	WEIR_CNT_DROP_NO_ROUTE,      /* FIB: backend unreachable */
-	WEIR_CNT_DROP_FRAG_NEEDED,   /* encapsulated packet exceeds the MTU */
+	WEIR_CNT_DROP_FRAG_NEEDED,   /* encapsulated packet exceeds the MTU:
+				      * not forwarded (icmp_* say what
+				      * became of it) */
 	WEIR_CNT_FLOW_NEW,           /* flows created by a SYN */
 	WEIR_CNT_FLOW_MISS,          /* non-SYN without a usable flow:
 				      * evicted, started elsewhere, or stale;
@@ -168,6 +192,14 @@ enum weir_counter {
 	WEIR_CNT_FLOW_UPDATE_FAIL,   /* flow table insert failed */
 	WEIR_CNT_FIB_LOOKUP,         /* next hop resolved by the FIB (cache
 				      * miss or expiry) */
+	WEIR_CNT_ICMP_FRAG_NEEDED,   /* too big (counted in drop_frag_needed),
+				      * DF set: answered with ICMP type 3
+				      * code 4, next-hop MTU = route MTU - 20 */
+	WEIR_CNT_ICMP_RATE_LIMITED,  /* too big, DF set, no reply: over the
+				      * ICMP rate (weir_icmp_bucket) */
+	WEIR_CNT_ICMP_NOT_DF,        /* too big, DF clear: no reply (the
+				      * sender allowed fragmentation, which
+				      * the tunnel cannot do) */
 	WEIR_CNT_MAX,
 };
 
@@ -178,12 +210,25 @@ enum weir_decap_counter {
 	WEIR_DCAP_PASS_NOT_VIP,    /* inner destination is not a decap VIP */
 	WEIR_DCAP_PASS_MALFORMED,  /* truncated or bad outer/inner header */
 	WEIR_DCAP_DROP_ADJUST,     /* bpf_skb_adjust_room failed */
+	WEIR_DCAP_DROP_SOURCE,     /* IPIP to a VIP from an outer source its
+				    * allow list (weir_dcap_sources) lacks */
 	WEIR_DCAP_MAX,
 };
 
 /* weir_dcap_vips key: the inner destination a backend accepts. */
 struct weir_decap_key {
 	__be32 vip;
+};
+
+/* weir_dcap_sources key (LPM trie): the VIP, always in full, then the
+ * outer source prefix allowed to send IPIP to it. A lookup uses
+ * prefixlen 64 with the packet's inner destination and outer source; it
+ * matches an entry with prefixlen 32 + N whose VIP is that destination and
+ * whose first N source bits match. */
+struct weir_decap_source {
+	__u32 prefixlen; /* 32 + source prefix length */
+	__be32 vip;
+	__be32 saddr;
 };
 
 /*
@@ -318,6 +363,15 @@ struct {
 	__type(value, struct weir_backend_stats);
 	__uint(pinning, LIBBPF_PIN_BY_NAME);
 } weir_be_stats SEC(".maps");
+
+/* weir_icmp_bucket[0]: see struct weir_icmp_bucket. */
+struct {
+	__uint(type, BPF_MAP_TYPE_PERCPU_ARRAY);
+	__uint(max_entries, 1);
+	__type(key, __u32);
+	__type(value, struct weir_icmp_bucket);
+	__uint(pinning, LIBBPF_PIN_BY_NAME);
+} weir_icmp_bucket SEC(".maps");
 /*
  * The flow hash that places a flow on a ring slot. It is part of the ABI:
  * every weir host computes the same value, so several hosts behind ECMP send
@@ -358,6 +412,19 @@ struct {
 	__type(value, __u64);
 	__uint(pinning, LIBBPF_PIN_BY_NAME);
 } weir_dcap_stats SEC(".maps");
+
+/* weir_dcap_sources: which outer sources may send IPIP to which VIP (see
+ * struct weir_decap_source). IPIP to a decap VIP from any other source is
+ * dropped: it could carry any forged inner client address. Empty means
+ * nothing is accepted. */
+struct {
+	__uint(type, BPF_MAP_TYPE_LPM_TRIE);
+	__uint(max_entries, WEIR_MAX_DECAP_SOURCES);
+	__uint(map_flags, 1U << 0); /* BPF_F_NO_PREALLOC, required */
+	__type(key, struct weir_decap_source);
+	__type(value, __u32);
+	__uint(pinning, LIBBPF_PIN_BY_NAME);
+} weir_dcap_sources SEC(".maps");
 #endif /* WEIR_DECAP_MAPS */
 
 #endif /* WEIR_ABI_H */

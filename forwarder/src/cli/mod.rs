@@ -10,6 +10,7 @@ use clap::{Args, Parser, Subcommand};
 use serde_json::json;
 use weir_ebpf::abi::{self, BackendState};
 
+use crate::dataplane::decap_sources::{self, Prefix};
 use crate::dataplane::{self, XdpMode};
 use crate::instance::Instance;
 use crate::registry::{ApplyOptions, Change, CreateOptions, Outcome, Registry, ServiceModeName};
@@ -179,7 +180,29 @@ pub enum DecapCmd {
         dev: String,
         #[arg(long)]
         vip: Ipv4Addr,
+        /// The balancers allowed to send IPIP to VIP (their --lb-addr):
+        /// CIDR[,CIDR...]. IPIP to VIP from anyone else is dropped.
+        #[arg(long, required = true, value_delimiter = ',', value_parser = parse_prefix)]
+        from: Vec<Prefix>,
     },
+    /// Allow more balancers to send IPIP to a decapsulated VIP.
+    Allow {
+        #[arg(long)]
+        vip: Ipv4Addr,
+        /// CIDR[,CIDR...]
+        #[arg(long, required = true, value_delimiter = ',', value_parser = parse_prefix)]
+        from: Vec<Prefix>,
+    },
+    /// Stop accepting IPIP to a VIP from these sources.
+    Revoke {
+        #[arg(long)]
+        vip: Ipv4Addr,
+        /// CIDR[,CIDR...], each currently allowed.
+        #[arg(long, required = true, value_delimiter = ',', value_parser = parse_prefix)]
+        from: Vec<Prefix>,
+    },
+    /// List decapsulated VIPs and the sources each accepts.
+    List,
     /// Detach decapsulation from IFACE.
     Detach {
         #[arg(long)]
@@ -322,11 +345,82 @@ pub fn run(cli: Cli) -> Result<()> {
             let reg = Registry::open(&instance)?;
             stats(&reg, &instance, json)?;
         }
-        Command::Decap(DecapCmd::Attach { dev, vip }) => {
-            dataplane::decap_attach(&instance, &dev, vip)?;
-            say(json, json!({"decap": dev, "vip": vip.to_string()}), || {
-                format!("decapsulating IPIP to {vip} at tc ingress of {dev}")
-            });
+        Command::Decap(DecapCmd::Attach { dev, vip, from }) => {
+            let sources = dataplane::decap_attach(&instance, &dev, vip, &from)?;
+            // VIPs added before allow lists existed accept no one now.
+            for (other, from) in decap_sources::list(&instance)? {
+                if from.is_empty() {
+                    eprintln!(
+                        "weir: warning: {other} accepts IPIP from no one (every packet to it is \
+                         dropped); allow its balancers with `weir decap allow --vip {other} --from CIDR`"
+                    );
+                }
+            }
+            let list = joined(&sources);
+            say(
+                json,
+                json!({"decap": dev, "vip": vip.to_string(), "from": strings(&sources)}),
+                || format!("decapsulating IPIP to {vip} at tc ingress of {dev}, from {list}"),
+            );
+        }
+        Command::Decap(DecapCmd::Allow { vip, from }) => {
+            let added = decap_sources::allow_pinned(&instance, vip, &from)?;
+            let now = decap_sources::list(&instance)?
+                .remove(&vip)
+                .unwrap_or_default();
+            say(
+                json,
+                json!({"vip": vip.to_string(), "added": strings(&added), "from": strings(&now)}),
+                || {
+                    format!(
+                        "{vip}: allowed {} ({} already); accepts IPIP from {}",
+                        if added.is_empty() {
+                            "nothing new".into()
+                        } else {
+                            joined(&added)
+                        },
+                        from.len() - added.len(),
+                        joined(&now)
+                    )
+                },
+            );
+        }
+        Command::Decap(DecapCmd::Revoke { vip, from }) => {
+            let removed = decap_sources::revoke_pinned(&instance, vip, &from)?;
+            let now = decap_sources::list(&instance)?
+                .remove(&vip)
+                .unwrap_or_default();
+            if now.is_empty() {
+                eprintln!(
+                    "weir: warning: {vip} now accepts IPIP from no one: every packet to it is dropped"
+                );
+            }
+            say(
+                json,
+                json!({"vip": vip.to_string(), "revoked": strings(&removed), "from": strings(&now)}),
+                || {
+                    format!(
+                        "{vip}: revoked {}; accepts IPIP from {}",
+                        joined(&removed),
+                        joined(&now)
+                    )
+                },
+            );
+        }
+        Command::Decap(DecapCmd::List) => {
+            let vips = decap_sources::list(&instance)?;
+            if json {
+                let rows: Vec<serde_json::Value> = vips
+                    .iter()
+                    .map(|(vip, from)| json!({"vip": vip.to_string(), "from": strings(from)}))
+                    .collect();
+                println!("{}", serde_json::Value::Array(rows));
+            } else {
+                println!("{:<16} FROM", "VIP");
+                for (vip, from) in &vips {
+                    println!("{:<16} {}", vip.to_string(), joined(from));
+                }
+            }
         }
         Command::Decap(DecapCmd::Detach { dev }) => {
             dataplane::decap_detach(&instance, &dev)?;
@@ -445,6 +539,23 @@ impl Target {
         let service = parse::service(&self.service).map_err(anyhow::Error::msg)?;
         let backend = parse::backend(&self.backend, &service).map_err(anyhow::Error::msg)?;
         Ok((service, backend))
+    }
+}
+
+fn parse_prefix(s: &str) -> Result<Prefix, String> {
+    s.parse()
+}
+
+fn strings(prefixes: &[Prefix]) -> Vec<String> {
+    prefixes.iter().map(Prefix::to_string).collect()
+}
+
+/// Prefixes as `a, b`; "no one" for none.
+fn joined(prefixes: &[Prefix]) -> String {
+    if prefixes.is_empty() {
+        "no one".into()
+    } else {
+        strings(prefixes).join(", ")
     }
 }
 
@@ -690,7 +801,17 @@ pub fn main() -> std::process::ExitCode {
         }
         Err(e) => {
             let text = e.render().to_string();
-            let first = text.lines().next().unwrap_or("invalid arguments");
+            // One line, but with what a "...:" line announces (the
+            // missing arguments) folded in.
+            let mut lines = text.lines();
+            let mut first = lines.next().unwrap_or("invalid arguments").to_string();
+            if first.ends_with(':') {
+                let listed: Vec<&str> = lines
+                    .take_while(|l| !l.trim().is_empty())
+                    .map(str::trim)
+                    .collect();
+                first = format!("{first} {}", listed.join(", "));
+            }
             eprintln!("weir: {first} (see `weir --help`)");
             return std::process::ExitCode::from(2);
         }

@@ -2,6 +2,8 @@
 //! pinned under the instance directory, so they outlive the `weir` process:
 //! the XDP path keeps forwarding with no daemon, and `detach` is unpinning.
 
+pub mod decap_sources;
+
 use std::net::Ipv4Addr;
 use std::path::PathBuf;
 
@@ -261,8 +263,15 @@ fn load_decap(instance: &Instance) -> Result<Ebpf, DataplaneError> {
 }
 
 /// Attaches the decapsulator at tc ingress of `dev` (idempotent per
-/// device) and adds `vip` to the VIPs it decapsulates.
-pub fn decap_attach(instance: &Instance, dev: &str, vip: Ipv4Addr) -> Result<(), DataplaneError> {
+/// device) and adds `vip` to the VIPs it decapsulates, accepting IPIP to
+/// it only from `from` (the balancers' addresses). Returns every source
+/// `vip` now accepts, as read back.
+pub fn decap_attach(
+    instance: &Instance,
+    dev: &str,
+    vip: Ipv4Addr,
+    from: &[decap_sources::Prefix],
+) -> Result<Vec<decap_sources::Prefix>, DataplaneError> {
     ifindex(dev)?;
     let mut ebpf = load_decap(instance)?;
     // Attach first (if this device has no decap yet); the VIP is added
@@ -302,22 +311,55 @@ pub fn decap_attach(instance: &Instance, dev: &str, vip: Ipv4Addr) -> Result<(),
     let added = instance
         .lock()
         .map_err(DataplaneError::from)
-        .and_then(|_lock| {
-            let map = ebpf
-                .map_mut(abi::maps::DECAP_VIPS)
-                .expect("object defines weir_dcap_vips");
-            let mut vips: HashMap<&mut MapData, abi::DecapKey, u32> =
-                HashMap::try_from(map).map_err(|e| kernel("weir_dcap_vips")(e.to_string()))?;
-            vips.insert(abi::DecapKey { vip: vip.octets() }, 1, 0)
-                .map_err(|e| kernel("adding the VIP to weir_dcap_vips")(e.to_string()))
-        });
-    if let Err(e) = added {
-        if attached_now {
-            let _ = unpin(pin, instance, dev);
+        .and_then(|_lock| add_decap_vip(&mut ebpf, vip, from));
+    match added {
+        Ok(sources) => Ok(sources),
+        Err(e) => {
+            if attached_now {
+                let _ = unpin(pin, instance, dev);
+            }
+            Err(e)
         }
+    }
+}
+
+/// Allows `from` for `vip`, then adds `vip`: sources first, so the VIP is
+/// never served by an empty list. A failed VIP write takes the new
+/// sources out again. `ebpf` is the decap object (from `decap_attach`, or
+/// [`load_decap_program`] in BPF_PROG_RUN tests).
+pub fn add_decap_vip(
+    ebpf: &mut Ebpf,
+    vip: Ipv4Addr,
+    from: &[decap_sources::Prefix],
+) -> Result<Vec<decap_sources::Prefix>, DataplaneError> {
+    let sources = ebpf
+        .map_mut(abi::maps::DECAP_SOURCES)
+        .expect("object defines weir_dcap_sources");
+    let new = decap_sources::allow(sources, vip, from)?;
+    let map = ebpf
+        .map_mut(abi::maps::DECAP_VIPS)
+        .expect("object defines weir_dcap_vips");
+    let mut vips: HashMap<&mut MapData, abi::DecapKey, u32> =
+        HashMap::try_from(map).map_err(|e| kernel("weir_dcap_vips")(e.to_string()))?;
+    let key = abi::DecapKey { vip: vip.octets() };
+    let written = vips
+        .insert(key, 1, 0)
+        .map_err(|e| kernel("adding the VIP to weir_dcap_vips")(e.to_string()))
+        .and_then(|()| {
+            vips.get(&key, 0)
+                .map(drop)
+                .map_err(|e| kernel(format!("reading back {vip} in weir_dcap_vips"))(e.to_string()))
+        });
+    let sources = ebpf
+        .map_mut(abi::maps::DECAP_SOURCES)
+        .expect("object defines weir_dcap_sources");
+    if let Err(e) = written {
+        let _ = decap_sources::revoke(sources, vip, &new);
         return Err(e);
     }
-    Ok(())
+    Ok(decap_sources::sources_of(sources)?
+        .remove(&vip)
+        .unwrap_or_default())
 }
 
 /// Detaches the decapsulator from `dev`.
@@ -344,4 +386,19 @@ pub fn decap_counters(instance: &Instance) -> Result<Option<Vec<u64>>, Dataplane
         .collect::<Result<Vec<u64>, _>>()
         .map_err(|e| kernel("weir_dcap_stats")(e.to_string()))?;
     Ok(Some(values))
+}
+
+/// Loads the decap object against the instance's pinned maps and its
+/// program into the kernel, not attached: for BPF_PROG_RUN tests.
+pub fn load_decap_program(instance: &Instance) -> Result<Ebpf, DataplaneError> {
+    let mut ebpf = load_decap(instance)?;
+    let program: &mut SchedClassifier = ebpf
+        .program_mut(weir_ebpf::DECAP_PROGRAM)
+        .expect("object defines weir_decap")
+        .try_into()
+        .map_err(|e: aya::programs::ProgramError| kernel("weir_decap")(e.to_string()))?;
+    program
+        .load()
+        .map_err(|e| kernel("the kernel refused the decap program")(one_line(&e)))?;
+    Ok(ebpf)
 }

@@ -92,7 +92,10 @@ fn summarize(r: &L4Report) -> bool {
         "  xdp tx {}  flow_new {}  flow_miss {}  drop_no_backend {}  pass_not_ipv4 {}",
         xdp["tx"], xdp["flow_new"], xdp["flow_miss"], xdp["drop_no_backend"], xdp["pass_not_ipv4"]
     );
-    println!("  decap ok {}", r.stats["decap"]["decap_ok"]);
+    println!(
+        "  decap ok {}  refused (source not allowed) {}",
+        r.stats["decap"]["decap_ok"], r.stats["decap"]["decap_drop_source"]
+    );
 
     let kept = long.connected == long.connections && long.broken == 0;
     let agree = kernel == clients;
