@@ -98,10 +98,7 @@ fn decap_counter(instance: &Instance, name: &str) -> u64 {
 
 #[test]
 fn ipip_from_a_source_not_allowed_is_not_delivered() {
-    assert!(
-        weir_testbed::is_root(),
-        "needs root (namespaces, BPF): run the tests as root"
-    );
+    weir_testbed::require_root();
     let weir = workspace_bin("weir");
     let name = format!("ds{}", std::process::id());
     let topo = Topology::build(TopologySpec {

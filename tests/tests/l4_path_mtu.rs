@@ -60,10 +60,7 @@ fn count_server(listener: TcpListener) -> std::thread::JoinHandle<std::io::Resul
 
 #[test]
 fn client_learns_the_tunnel_mtu_from_icmp_and_the_transfer_completes() {
-    assert!(
-        weir_testbed::is_root(),
-        "needs root (namespaces, XDP): run the tests as root"
-    );
+    weir_testbed::require_root();
     let weir = workspace_bin("weir");
     let name = format!("pm{}", std::process::id());
     let mut topo = Topology::build(TopologySpec {

@@ -526,10 +526,7 @@ fn check_frag_needed(input: &[u8], output: &[u8], next_hop_mtu: u16) {
 
 #[test]
 fn packet_too_big_for_the_tunnel_gets_icmp_frag_needed() {
-    assert!(
-        require_root(),
-        "BPF_PROG_RUN needs root: run the tests as root"
-    );
+    require_root();
     let mut bed = Bed::new("icmp", 1);
     // First packet of the flow: the FIB reports the MTU.
     let input = oversized(49000).frame();
@@ -570,10 +567,7 @@ fn packet_too_big_for_the_tunnel_gets_icmp_frag_needed() {
 
 #[test]
 fn icmp_frag_needed_is_rate_limited() {
-    assert!(
-        require_root(),
-        "BPF_PROG_RUN needs root: run the tests as root"
-    );
+    require_root();
     let mut bed = Bed::new("icmprl", 1);
     let input = oversized(49100).frame();
     // Far more than the burst, fast: most must be refused, however slowly

@@ -19,6 +19,7 @@ fn unique(tag: &str) -> String {
     )
 }
 
+#[allow(unused_imports)] // not every test file needs it
 pub use weir_testbed::require_root;
 
 /// A weir instance of its own, with a small flow table; destroyed on drop
