@@ -433,6 +433,24 @@ fn native_attach_on_a_veth_needs_the_peer_program() {
     let lo = w.run(&topo, &topo.lb_ns, &["attach-peer", "--dev", "lo"]);
     assert!(!lo.status.success());
     assert!(String::from_utf8_lossy(&lo.stderr).contains("not a veth"));
+
+    // Detaching reads the device back: no XDP program is left on either end.
+    let out = w.ok(&topo, &topo.lb_ns, &["detach", "--dev", "lb0"]);
+    assert!(out.starts_with("detached"), "{out}");
+    let out = w.ok(&topo, &topo.router_ns, &["detach-peer", "--dev", "r-lb"]);
+    assert!(out.starts_with("detached"), "{out}");
+    let left = w.listed(&topo, &topo.lb_ns);
+    assert!(
+        left.iter().all(|a| a["kind"] == "decap"),
+        "only the backend's decap is left: {left:?}"
+    );
+    for (ns, dev) in [(&topo.lb_ns, "lb0"), (&topo.router_ns, "r-lb")] {
+        let shown = topo.run_ok_in(ns, "ip", &["link", "show", dev]).unwrap();
+        assert!(
+            !String::from_utf8_lossy(&shown.stdout).contains("xdp"),
+            "{dev} still runs XDP"
+        );
+    }
 }
 
 #[test]
@@ -483,6 +501,12 @@ fn stats_shows_an_attachment_whose_namespace_is_gone_as_defunct() {
             .any(|l| l.contains("defunct") && l.contains("lb0")),
         "{text}"
     );
+
+    // Its device is nowhere to detach from; the error says what to run.
+    let detach = w.run(&topo, &topo.router_ns, &["detach", "--dev", "lb0"]);
+    assert!(!detach.status.success());
+    let err = String::from_utf8_lossy(&detach.stderr);
+    assert!(err.contains("attachments --prune"), "{err}");
 
     let pruned = w.json(&topo, &topo.router_ns, &["attachments", "--prune"]);
     assert_eq!(

@@ -428,7 +428,35 @@ fn detach_kind(instance: &Instance, kind: Kind, dev: &str) -> Result<Status, Dat
     // detaches.
     std::fs::remove_file(&existing.pin)
         .map_err(|e| kernel(format!("unpinning {}", existing.pin.display()))(e.to_string()))?;
+    if status.live && kind != Kind::Decap {
+        confirm_no_xdp(dev, key.ifindex)?;
+    }
     Ok(status)
+}
+
+/// Waits (briefly: the kernel frees an unpinned link from a work queue)
+/// until `dev` runs no XDP program; one still there means another process
+/// holds the link open.
+fn confirm_no_xdp(dev: &str, ifindex: u32) -> Result<(), DataplaneError> {
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(2);
+    for _ in 0..200 {
+        let attached = netlink::link(ifindex, None)
+            .map_err(|e| kernel(format!("reading {dev} back"))(e.to_string()))?
+            .any_xdp;
+        if !attached {
+            return Ok(());
+        }
+        if std::time::Instant::now() >= deadline {
+            break;
+        }
+        std::thread::sleep(std::time::Duration::from_millis(10));
+    }
+    Err(DataplaneError::Kernel {
+        what: format!("detaching from {dev}"),
+        detail: "the pin is removed but the device still runs an XDP program: another process \
+                 holds the link open (find it with `bpftool link`)"
+            .into(),
+    })
 }
 
 /// Every attachment of this instance with what the kernel says of it, and

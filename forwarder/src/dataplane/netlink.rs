@@ -46,6 +46,8 @@ pub struct LinkAttrs {
     pub link_netnsid: Option<i32>,
     /// A program is attached in driver (native) mode.
     pub native_xdp: bool,
+    /// A program is attached in any mode.
+    pub any_xdp: bool,
 }
 
 fn socket() -> io::Result<OwnedFd> {
