@@ -339,6 +339,18 @@ fn four_namespaces_with_the_same_device_name_each_get_decap() {
     for a in after {
         assert_eq!(a["live"], true, "{a}");
     }
+
+    // A re-created device that is not attached again: detaching it removes
+    // the defunct pin of its predecessor, and says that is what it did.
+    let b3 = topo.backend_ns[3].clone();
+    ip(&topo, &b3, &["link", "del", "eth0"]);
+    recreate_eth0(&topo, 3, None);
+    let out = w.ok(&topo, &b3, &["decap", "detach", "--dev", "eth0"]);
+    assert!(out.contains("removed the defunct attachment"), "{out}");
+    let after = w.attached(&topo, &topo.lb_ns);
+    assert_eq!(after.len(), 4, "3 decap + 1 xdp: {after:?}");
+    let gone = w.run(&topo, &b3, &["decap", "detach", "--dev", "eth0"]);
+    assert!(!gone.status.success(), "nothing is left to detach");
 }
 
 #[test]
@@ -379,6 +391,32 @@ fn native_attach_on_a_veth_needs_the_peer_program() {
         w.listed(&topo, &topo.lb_ns).is_empty(),
         "a refused attach leaves nothing"
     );
+
+    // A peer program in generic mode does not wake the veth's receiver:
+    // still refused, and attach-peer will not stack a second program.
+    let obj = std::env::temp_dir().join(format!("weir-support-{}.o", std::process::id()));
+    std::fs::write(&obj, weir_ebpf::support_object()).unwrap();
+    let obj_path = obj.display().to_string();
+    let router = topo.router_ns.clone();
+    let generic = ["link", "set", "dev", "r-lb", "xdpgeneric"];
+    let mut on = generic.to_vec();
+    on.extend(["obj", obj_path.as_str(), "sec", "xdp.frags"]);
+    ip(&topo, &router, &on);
+    let _ = std::fs::remove_file(&obj);
+    let out = w.run(&topo, &topo.lb_ns, &attach);
+    assert!(
+        !out.status.success(),
+        "a generic peer program is not enough"
+    );
+    let out = w.run(&topo, &router, &["attach-peer", "--dev", "r-lb"]);
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        !out.status.success() && err.contains("generic mode"),
+        "{err}"
+    );
+    let mut off = generic.to_vec();
+    off.push("off");
+    ip(&topo, &router, &off);
 
     // The command from the message, as an operator would run it.
     let mut words: Vec<String> = command.split_whitespace().map(String::from).collect();

@@ -711,7 +711,7 @@ fn stats(reg: &Registry, instance: &Instance, json: bool) -> Result<()> {
         return Ok(());
     }
     println!("instance {} generation {generation}", instance.name());
-    print_attachments(&attachments, &unknown);
+    print_attachments(instance, &attachments, &unknown);
     println!("xdp:");
     for (name, value) in abi::COUNTERS.iter().zip(&counters) {
         if *value > 0 || matches!(*name, "tx" | "drop_no_backend") {
@@ -800,7 +800,7 @@ fn detached_verb(was: &dataplane::attachment::Status) -> String {
 fn attachment_line(s: &dataplane::attachment::Status) -> String {
     let a = &s.attachment;
     let mut line = format!(
-        "{:<9} {:<7} {:<16} {:>7} {:<10} {}",
+        "{:<9} {:<9} {:<16} {:>7} {:<10} {}",
         s.state,
         a.kind.name(),
         a.dev,
@@ -815,6 +815,7 @@ fn attachment_line(s: &dataplane::attachment::Status) -> String {
 }
 
 fn print_attachments(
+    instance: &Instance,
     attachments: &[dataplane::attachment::Status],
     unknown: &[dataplane::attachment::Unknown],
 ) {
@@ -824,7 +825,7 @@ fn print_attachments(
     }
     println!("attachments:");
     println!(
-        "  {:<9} {:<7} {:<16} {:>7} {:<10} NETNS",
+        "  {:<9} {:<9} {:<16} {:>7} {:<10} NETNS",
         "STATE", "KIND", "DEV", "IFINDEX", "MODE"
     );
     for s in attachments {
@@ -833,6 +834,13 @@ fn print_attachments(
     for u in unknown {
         let state = if u.live { "live" } else { "not live" };
         println!("  unrecognised pin {} ({state})", u.name);
+    }
+    if attachments.iter().any(|s| s.state == "defunct") {
+        println!(
+            "  (defunct attachments do nothing; `weir --instance {} attachments --prune` \
+             removes them)",
+            instance.name()
+        );
     }
 }
 
@@ -844,7 +852,7 @@ fn list_attachments(instance: &Instance, json: bool) -> Result<()> {
             json!({"instance": instance.name(), "attached": attachments, "unknown_pins": unknown})
         );
     } else {
-        print_attachments(&attachments, &unknown);
+        print_attachments(instance, &attachments, &unknown);
     }
     Ok(())
 }

@@ -334,9 +334,9 @@ pub fn attach(
 pub fn attach_peer(instance: &Instance, dev: &str) -> Result<Attached, DataplaneError> {
     instance.prepare()?;
     let key = key_here(Kind::VethPeer, dev)?;
-    let is_veth = veth::is_veth(key.ifindex)
+    let link = netlink::link(key.ifindex, None)
         .map_err(|e| kernel(format!("looking up {dev}"))(e.to_string()))?;
-    if !is_veth {
+    if link.kind.as_deref() != Some("veth") {
         return Err(DataplaneError::NotVeth(dev.into()));
     }
     if let Some(existing) = attachment::find(instance, key)
@@ -345,6 +345,23 @@ pub fn attach_peer(instance: &Instance, dev: &str) -> Result<Attached, Dataplane
         return Err(DataplaneError::AlreadyAttached {
             instance: instance.name().into(),
             dev: dev.into(),
+        });
+    }
+    if link.any_xdp {
+        let (mode, enough) = if link.native_xdp {
+            ("native", "which is all native XDP on its peer needs")
+        } else {
+            (
+                "generic",
+                "which does not let its peer's native XDP send into it",
+            )
+        };
+        return Err(DataplaneError::Kernel {
+            what: format!("attaching native XDP to {dev}"),
+            detail: format!(
+                "{dev} already runs an XDP program in {mode} mode, {enough}; a device has \
+                 one XDP program"
+            ),
         });
     }
     let mut ebpf = EbpfLoader::new()
@@ -385,13 +402,22 @@ pub fn attach_peer(instance: &Instance, dev: &str) -> Result<Attached, Dataplane
     })
 }
 
-/// The first line of an error, at most 300 characters: kernel errors can
-/// carry a whole verifier log, and the CLI prints one line.
-fn one_line(e: &dyn std::fmt::Display) -> String {
-    let text = format!("{e:#}");
-    let first = text.lines().next().unwrap_or("").trim();
-    let mut line: String = first.chars().take(300).collect();
-    if text.lines().nth(1).is_some() || first.chars().count() > 300 {
+/// The first line of an error and of each of its causes (where the errno
+/// is), at most 300 characters: kernel errors can carry a whole verifier
+/// log, and the CLI prints one line.
+fn one_line(e: &(dyn std::error::Error + 'static)) -> String {
+    let mut parts = Vec::new();
+    let mut truncated = false;
+    let mut next = Some(e);
+    while let Some(err) = next.take() {
+        let text = err.to_string();
+        truncated |= text.lines().nth(1).is_some();
+        parts.push(text.lines().next().unwrap_or("").trim().to_string());
+        next = err.source();
+    }
+    let joined = parts.join(": ");
+    let mut line: String = joined.chars().take(300).collect();
+    if truncated || joined.chars().count() > 300 {
         line.push_str(" ...");
     }
     line
@@ -417,13 +443,24 @@ fn detach_kind(instance: &Instance, kind: Kind, dev: &str) -> Result<Status, Dat
         },
         other => other,
     })?;
-    let Some(existing) = attachment::find(instance, key) else {
+    // This device's own pin; failing that, one this namespace made for an
+    // earlier device of the same name that the kernel has since detached.
+    let (known, _) = attachment::scan(instance);
+    let existing = known.iter().find(|a| a.key() == key).or_else(|| {
+        known.iter().find(|a| {
+            a.kind == kind
+                && a.netns == key.netns
+                && a.dev == dev
+                && attachment::status(a).state == "defunct"
+        })
+    });
+    let Some(existing) = existing else {
         return Err(DataplaneError::NotAttached {
             instance: instance.name().into(),
             dev: dev.into(),
         });
     };
-    let status = attachment::status(&existing);
+    let status = attachment::status(existing);
     // Removing the pin drops the last reference to the link: the program
     // detaches.
     std::fs::remove_file(&existing.pin)

@@ -205,6 +205,7 @@ pub fn link(ifindex: u32, netnsid: Option<i32>) -> io::Result<LinkAttrs> {
                     .find(|(t, _)| *t == IFLA_XDP_DRV_PROG_ID)
                     .and_then(|(_, v)| u32_of(v))
                     .unwrap_or(0);
+                out.any_xdp = attached != 0;
                 out.native_xdp =
                     attached == XDP_ATTACHED_DRV || (attached == XDP_ATTACHED_MULTI && drv_id != 0);
             }

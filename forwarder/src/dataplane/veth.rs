@@ -34,11 +34,6 @@ impl Peer {
     }
 }
 
-/// Whether `ifindex` (in this namespace) is a veth.
-pub fn is_veth(ifindex: u32) -> io::Result<bool> {
-    Ok(netlink::link(ifindex, None)?.kind.as_deref() == Some("veth"))
-}
-
 /// The peer of `ifindex` if it is a veth; `None` for any other device.
 pub fn peer_of(ifindex: u32) -> io::Result<Option<Peer>> {
     let near = netlink::link(ifindex, None)?;
