@@ -1,6 +1,12 @@
 //! Loading and attaching the kernel programs. Attachments are BPF links
 //! pinned under the instance directory, so they outlive the `weir` process:
 //! the XDP path keeps forwarding with no daemon, and `detach` is unpinning.
+//! A pin is trusted only once the kernel confirms its link is still on the
+//! device it names (see [`attachment`]).
+
+pub mod attachment;
+mod netlink;
+mod veth;
 
 use std::net::Ipv4Addr;
 
@@ -11,10 +17,6 @@ use aya::programs::{LinkOrder, SchedClassifier, TcAttachType, Xdp};
 use aya::{Ebpf, EbpfLoader};
 use thiserror::Error;
 use weir_ebpf::abi;
-
-pub mod attachment;
-mod netlink;
-pub mod veth;
 
 use attachment::{Attachment, Key, Kind, Mode, Netns, Status};
 

@@ -13,7 +13,6 @@ use super::netlink;
 #[derive(Debug, Clone)]
 pub struct Peer {
     pub name: String,
-    pub ifindex: u32,
     /// The peer's namespace, when it is another one: its id here and, if
     /// `ip netns` or the host knows it, a path `nsenter --net=` takes.
     pub netns: Option<(i32, Option<PathBuf>)>,
@@ -51,7 +50,6 @@ pub fn peer_of(ifindex: u32) -> io::Result<Option<Peer>> {
     let netns = near.link_netnsid.map(|id| (id, path_of_nsid(id)));
     Ok(Some(Peer {
         name: far.name,
-        ifindex: peer_index,
         netns,
         native_xdp: far.native_xdp,
     }))
@@ -73,4 +71,29 @@ fn path_of_nsid(id: i32) -> Option<PathBuf> {
         }
     }
     None
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_command_says_where_to_run() {
+        let mut peer = Peer {
+            name: "r-lb".into(),
+            netns: None,
+            native_xdp: false,
+        };
+        assert_eq!(
+            peer.attach_command("edge"),
+            "`weir --instance edge attach-peer --dev r-lb`"
+        );
+        peer.netns = Some((3, Some(PathBuf::from("/run/netns/router"))));
+        assert_eq!(
+            peer.attach_command("edge"),
+            "`nsenter --net=/run/netns/router weir --instance edge attach-peer --dev r-lb`"
+        );
+        peer.netns = Some((3, None));
+        assert!(peer.attach_command("edge").contains("netns id 3"));
+    }
 }
