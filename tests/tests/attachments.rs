@@ -472,10 +472,29 @@ fn native_attach_on_a_veth_needs_the_peer_program() {
     assert!(!lo.status.success());
     assert!(String::from_utf8_lossy(&lo.stderr).contains("not a veth"));
 
-    // Detaching reads the device back: no XDP program is left on either end.
+    // Detaching checks the link is gone. While another process holds the
+    // peer's link open, the program stays: detach-peer says so and fails.
+    let links = format!("/sys/fs/bpf/weir/{}/links", w.instance);
+    let peer_pin = std::fs::read_dir(&links)
+        .unwrap()
+        .flatten()
+        .map(|e| e.path())
+        .find(|p| {
+            p.file_name()
+                .unwrap()
+                .to_string_lossy()
+                .starts_with("veth_peer-")
+        })
+        .expect("the peer's pin");
+    let held = aya::programs::links::PinnedLink::from_pin(&peer_pin).expect("open the pin");
+    let out = w.run(&topo, &topo.router_ns, &["detach-peer", "--dev", "r-lb"]);
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        !out.status.success() && err.contains("holds the link"),
+        "{err}"
+    );
+    drop(held);
     let out = w.ok(&topo, &topo.lb_ns, &["detach", "--dev", "lb0"]);
-    assert!(out.starts_with("detached"), "{out}");
-    let out = w.ok(&topo, &topo.router_ns, &["detach-peer", "--dev", "r-lb"]);
     assert!(out.starts_with("detached"), "{out}");
     let left = w.listed(&topo, &topo.lb_ns);
     assert!(

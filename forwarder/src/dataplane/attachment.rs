@@ -203,6 +203,7 @@ fn bpf(cmd: libc::c_long, attr: &mut [u8]) -> io::Result<libc::c_long> {
 
 const BPF_OBJ_GET: libc::c_long = 7;
 const BPF_OBJ_GET_INFO_BY_FD: libc::c_long = 15;
+const BPF_LINK_GET_FD_BY_ID: libc::c_long = 30;
 
 /// Opens a pinned object.
 fn open_pin(pin: &Path) -> io::Result<OwnedFd> {
@@ -218,6 +219,11 @@ fn open_pin(pin: &Path) -> io::Result<OwnedFd> {
 /// The ifindex a pinned XDP or tcx link is attached to; 0 once the kernel
 /// has detached it (device unregistered).
 pub fn link_ifindex(pin: &Path) -> io::Result<u32> {
+    Ok(link_target(pin)?.1)
+}
+
+/// The kernel's id of a pinned XDP or tcx link, and its ifindex.
+pub fn link_target(pin: &Path) -> io::Result<(u32, u32)> {
     use aya_obj::generated::{bpf_link_info, bpf_link_type};
     let fd = open_pin(pin)?;
     // SAFETY: bpf_link_info is plain data; all-zero is a valid value.
@@ -240,7 +246,21 @@ pub fn link_ifindex(pin: &Path) -> io::Result<u32> {
             ));
         }
     };
-    Ok(ifindex)
+    Ok((info.id, ifindex))
+}
+
+/// Whether the kernel still has a link with this id (someone holds it).
+pub fn link_exists(id: u32) -> bool {
+    let mut attr = [0u8; 12];
+    attr[0..4].copy_from_slice(&id.to_ne_bytes());
+    match bpf(BPF_LINK_GET_FD_BY_ID, &mut attr) {
+        Ok(fd) => {
+            // SAFETY: the call returned a new descriptor that we own.
+            drop(unsafe { OwnedFd::from_raw_fd(fd as i32) });
+            true
+        }
+        Err(e) => e.raw_os_error() != Some(libc::ENOENT),
+    }
 }
 
 /// Every pin of the instance: weir's attachments and anything else.

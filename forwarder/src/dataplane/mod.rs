@@ -463,26 +463,26 @@ fn detach_kind(instance: &Instance, kind: Kind, dev: &str) -> Result<Status, Dat
         });
     };
     let status = attachment::status(existing);
+    let link_id = attachment::link_target(&existing.pin)
+        .ok()
+        .map(|(id, _)| id);
     // Removing the pin drops the last reference to the link: the program
     // detaches.
     std::fs::remove_file(&existing.pin)
         .map_err(|e| kernel(format!("unpinning {}", existing.pin.display()))(e.to_string()))?;
-    if status.live && kind != Kind::Decap {
-        confirm_no_xdp(dev, key.ifindex)?;
+    if let Some(id) = link_id {
+        confirm_link_gone(dev, id)?;
     }
     Ok(status)
 }
 
 /// Waits (briefly: the kernel frees an unpinned link from a work queue)
-/// until `dev` runs no XDP program; one still there means another process
-/// holds the link open.
-fn confirm_no_xdp(dev: &str, ifindex: u32) -> Result<(), DataplaneError> {
+/// until the link is gone; one still there means another process holds it
+/// open and the program stays attached.
+fn confirm_link_gone(dev: &str, id: u32) -> Result<(), DataplaneError> {
     let deadline = std::time::Instant::now() + std::time::Duration::from_secs(2);
     for _ in 0..200 {
-        let attached = netlink::link(ifindex, None)
-            .map_err(|e| kernel(format!("reading {dev} back"))(e.to_string()))?
-            .any_xdp;
-        if !attached {
+        if !attachment::link_exists(id) {
             return Ok(());
         }
         if std::time::Instant::now() >= deadline {
@@ -492,9 +492,10 @@ fn confirm_no_xdp(dev: &str, ifindex: u32) -> Result<(), DataplaneError> {
     }
     Err(DataplaneError::Kernel {
         what: format!("detaching from {dev}"),
-        detail: "the pin is removed but the device still runs an XDP program: another process \
-                 holds the link open (find it with `bpftool link`)"
-            .into(),
+        detail: format!(
+            "the pin is removed but another process holds the link (id {id}) open, so the \
+             program stays attached until it closes it (`bpftool link show id {id}`)"
+        ),
     })
 }
 
