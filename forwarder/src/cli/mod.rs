@@ -285,6 +285,9 @@ pub fn run(cli: Cli) -> Result<()> {
             );
         }
         Command::Attachments { prune } => {
+            // Reading pins and link info needs root; an empty list must
+            // not stand for "could not look".
+            crate::instance::require_root()?;
             if prune {
                 let removed = dataplane::prune(&instance)?;
                 if json {
