@@ -318,13 +318,14 @@ fn set_prints_the_diff_and_dry_run_applies_nothing() {
 fn attach_and_detach_pin_and_unpin_the_link() {
     require_root();
     let inst = Inst::new("attach");
-    let pin = format!("/sys/fs/bpf/weir/{}/links/xdp-lo", inst.0);
+    // Pins are named <kind>-<netns>-<ifindex>-<mode>-<device>.
+    let links = format!("/sys/fs/bpf/weir/{}/links", inst.0);
     // In a throwaway network namespace: attach to its loopback, twice, then
     // detach twice; report each step's exit code and whether the pin exists.
     let _ = std::fs::remove_file(format!("/tmp/weir-attach-{}.err", inst.0));
     let script = format!(
         "set -u; sysctl -qw net.ipv4.conf.lo.forwarding=1 net.ipv4.conf.lo.accept_local=1; ip link set lo up; \
-         w() {{ {WEIR} --instance {i} \"$@\" >/dev/null 2>>/tmp/weir-attach-{i}.err; echo \"$? $(test -e {pin} && echo pinned || echo none) $(ip link show lo | grep -c 'prog/xdp')\"; }}; \
+         w() {{ {WEIR} --instance {i} \"$@\" >/dev/null 2>>/tmp/weir-attach-{i}.err; echo \"$? $(ls {links} 2>/dev/null | grep -q -- '^xdp-.*-lo$' && echo pinned || echo none) $(ip link show lo | grep -c 'prog/xdp')\"; }}; \
          w attach --dev lo --lb-addr 198.18.2.2 --mode generic; \
          w attach --dev lo --lb-addr 198.18.2.2 --mode generic; \
          ip link add v0 type veth peer name v1; ip link set v0 up; \

@@ -179,10 +179,6 @@ impl Stage {
                 Duration::from_secs(10),
             )?;
         }
-        // XDP_TX goes into the router's end of a veth: it needs a program.
-        if opts.xdp_mode == "native" {
-            topo.attach_veth_peer_xdp()?;
-        }
         let backends = (0..4)
             .map(|i| (format!("b{i}"), topo.backend_addr(i)))
             .collect();
@@ -194,6 +190,14 @@ impl Stage {
             topo,
             backends,
         };
+        // Native XDP_TX goes into the router's end of a veth: it needs a
+        // program there, attached the way an operator would.
+        if opts.xdp_mode == "native" {
+            stage.weir(
+                &stage.topo.router_ns,
+                &["attach-peer", "--dev", stage.topo.router_lb_dev()],
+            )?;
+        }
         let lb_addr = stage.topo.lb_addr().to_string();
         stage.weir(
             &stage.topo.lb_ns,

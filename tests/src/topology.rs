@@ -960,6 +960,17 @@ impl Topology {
         Ok(())
     }
 
+    /// Deletes one of this topology's namespaces now (with the devices in
+    /// it), e.g. to test what outlives it; teardown then skips it.
+    pub fn delete_namespace(&mut self, ns: &str) -> Result<()> {
+        if !self.created.iter().any(|n| n == ns) {
+            bail!("{ns} is not a namespace of topology {}", self.id);
+        }
+        delete_netns(ns)?;
+        self.created.retain(|n| n != ns);
+        Ok(())
+    }
+
     /// Sets the MTU of both ends of the lb link (9000 as built). Native XDP
     /// on a veth refuses a program without `xdp.frags` support while the
     /// peer's MTU is above about 3500 ("veth: Peer MTU is too large to set

@@ -48,6 +48,25 @@ pub enum Command {
         #[arg(long)]
         dev: String,
     },
+    /// Give the far end of a veth weir's pass-through XDP program, so that
+    /// native XDP on the near end can send into it. Run it in the
+    /// namespace of that far end.
+    AttachPeer {
+        #[arg(long)]
+        dev: String,
+    },
+    /// Remove the pass-through XDP program from the far end of a veth.
+    DetachPeer {
+        #[arg(long)]
+        dev: String,
+    },
+    /// List this instance's attachments (every namespace) and whether the
+    /// kernel still has each one attached.
+    Attachments {
+        /// Remove the pins of defunct attachments (device or namespace gone).
+        #[arg(long)]
+        prune: bool,
+    },
     /// Manage services (VIP:PORT listeners).
     #[command(subcommand)]
     Service(ServiceCmd),
@@ -225,23 +244,87 @@ pub fn run(cli: Cli) -> Result<()> {
 
     match cli.command {
         Command::Attach { dev, lb_addr, mode } => {
-            dataplane::attach(&instance, &dev, lb_addr, mode, create)?;
+            let done = dataplane::attach(&instance, &dev, lb_addr, mode, create)?;
+            let a = &done.attachment;
             say(
                 json,
-                json!({"attached": dev, "lb_addr": lb_addr.to_string()}),
+                json!({"attached": dev, "lb_addr": lb_addr.to_string(), "mode": a.mode,
+                       "ifindex": a.ifindex, "netns": a.netns.label(),
+                       "replaced": done.replaced}),
                 || {
                     format!(
-                        "attached weir ({}) to {dev}, encapsulating from {lb_addr}",
-                        instance.name()
+                        "attached weir ({}) to {dev} (ifindex {}, {} mode, netns {}), \
+                         encapsulating from {lb_addr}{}",
+                        instance.name(),
+                        a.ifindex,
+                        a.mode.name(),
+                        a.netns.label(),
+                        replaced_note(&done.replaced)
                     )
                 },
             );
         }
         Command::Detach { dev } => {
-            dataplane::detach(&instance, &dev)?;
-            say(json, json!({"detached": dev}), || {
-                format!("detached weir ({}) from {dev}", instance.name())
+            let was = dataplane::detach(&instance, &dev)?;
+            say(json, json!({"detached": dev, "was": was.state}), || {
+                format!(
+                    "{} weir ({}) from {dev}",
+                    detached_verb(&was),
+                    instance.name()
+                )
             });
+        }
+        Command::AttachPeer { dev } => {
+            let done = dataplane::attach_peer(&instance, &dev)?;
+            let a = &done.attachment;
+            say(
+                json,
+                json!({"veth_peer": dev, "ifindex": a.ifindex, "netns": a.netns.label(),
+                       "replaced": done.replaced}),
+                || {
+                    format!(
+                        "attached weir's veth pass-through ({}) to {dev} (ifindex {}, native, \
+                         netns {}): native XDP on its peer can send into it{}",
+                        instance.name(),
+                        a.ifindex,
+                        a.netns.label(),
+                        replaced_note(&done.replaced)
+                    )
+                },
+            );
+        }
+        Command::DetachPeer { dev } => {
+            let was = dataplane::detach_peer(&instance, &dev)?;
+            say(
+                json,
+                json!({"veth_peer_detached": dev, "was": was.state}),
+                || {
+                    format!(
+                        "{} weir's veth pass-through ({}) from {dev}",
+                        detached_verb(&was),
+                        instance.name()
+                    )
+                },
+            );
+        }
+        Command::Attachments { prune } => {
+            // Reading pins and link info needs root; an empty list must
+            // not stand for "could not look".
+            crate::instance::require_root()?;
+            if prune {
+                let removed = dataplane::prune(&instance)?;
+                if json {
+                    println!("{}", json!({ "pruned": removed }));
+                } else if removed.is_empty() {
+                    println!("no defunct attachments");
+                } else {
+                    for s in &removed {
+                        println!("removed {}", attachment_line(s));
+                    }
+                }
+            } else {
+                list_attachments(&instance, json)?;
+            }
         }
         Command::Service(cmd) => match cmd {
             ServiceCmd::Add {
@@ -346,7 +429,7 @@ pub fn run(cli: Cli) -> Result<()> {
             stats(&reg, &instance, json)?;
         }
         Command::Decap(DecapCmd::Attach { dev, vip, from }) => {
-            let sources = dataplane::decap_attach(&instance, &dev, vip, &from)?;
+            let (done, sources) = dataplane::decap_attach(&instance, &dev, vip, &from)?;
             // VIPs added before allow lists existed accept no one now.
             for (other, from) in decap_sources::list(&instance)? {
                 if from.is_empty() {
@@ -357,10 +440,26 @@ pub fn run(cli: Cli) -> Result<()> {
                 }
             }
             let list = joined(&sources);
+            let a = &done.attachment;
             say(
                 json,
-                json!({"decap": dev, "vip": vip.to_string(), "from": strings(&sources)}),
-                || format!("decapsulating IPIP to {vip} at tc ingress of {dev}, from {list}"),
+                json!({"decap": dev, "vip": vip.to_string(), "from": strings(&sources),
+                       "ifindex": a.ifindex, "netns": a.netns.label(),
+                       "attached_now": done.attached_now, "replaced": done.replaced}),
+                || {
+                    let how = if done.attached_now {
+                        "attached now"
+                    } else {
+                        "already attached"
+                    };
+                    format!(
+                        "decapsulating IPIP to {vip} from {list} at tc ingress of {dev} \
+                         (ifindex {}, netns {}, {how}){}",
+                        a.ifindex,
+                        a.netns.label(),
+                        replaced_note(&done.replaced)
+                    )
+                },
             );
         }
         Command::Decap(DecapCmd::Allow { vip, from }) => {
@@ -423,10 +522,12 @@ pub fn run(cli: Cli) -> Result<()> {
             }
         }
         Command::Decap(DecapCmd::Detach { dev }) => {
-            dataplane::decap_detach(&instance, &dev)?;
-            say(json, json!({"decap_detached": dev}), || {
-                format!("detached decap from {dev}")
-            });
+            let was = dataplane::decap_detach(&instance, &dev)?;
+            say(
+                json,
+                json!({"decap_detached": dev, "was": was.state}),
+                || format!("{} decap from {dev}", detached_verb(&was)),
+            );
         }
         Command::Run { config } => return run_daemon(config.as_deref(), create),
         Command::Config(ConfigCmd::Default) => print!("{}", crate::l7::config::DEFAULT),
@@ -701,13 +802,11 @@ fn stats(reg: &Registry, instance: &Instance, json: bool) -> Result<()> {
         .zip(&counters)
         .map(|(n, v)| (n.to_string(), json!(v)))
         .collect();
-    let attachments: Vec<String> = dataplane::attachments(instance)
-        .into_iter()
-        .map(|(k, d)| format!("{k}:{d}"))
-        .collect();
+    let (attachments, unknown) = dataplane::attachments(instance);
     if json {
         let mut v = json!({
-            "instance": instance.name(), "generation": generation, "attached": attachments,
+            "instance": instance.name(), "generation": generation,
+            "attached": attachments, "unknown_pins": unknown,
             "xdp": global, "services": services,
         });
         if let Some(l7) = &l7 {
@@ -723,11 +822,8 @@ fn stats(reg: &Registry, instance: &Instance, json: bool) -> Result<()> {
         println!("{v}");
         return Ok(());
     }
-    println!(
-        "instance {} generation {generation} attached [{}]",
-        instance.name(),
-        attachments.join(", ")
-    );
+    println!("instance {} generation {generation}", instance.name());
+    print_attachments(instance, &attachments, &unknown);
     println!("xdp:");
     for (name, value) in abi::COUNTERS.iter().zip(&counters) {
         if *value > 0 || matches!(*name, "tx" | "drop_no_backend") {
@@ -786,6 +882,89 @@ fn stats(reg: &Registry, instance: &Instance, json: bool) -> Result<()> {
         for (name, value) in abi::DECAP_COUNTERS.iter().zip(&d) {
             println!("  {name:<20} {value}");
         }
+    }
+    Ok(())
+}
+
+/// "; replaced a defunct attachment (...)" for each pin an attach replaced.
+fn replaced_note(replaced: &[dataplane::attachment::Status]) -> String {
+    replaced
+        .iter()
+        .map(|r| {
+            format!(
+                "; replaced a {} attachment ({})",
+                r.state,
+                r.detail.as_deref().unwrap_or("not attached")
+            )
+        })
+        .collect()
+}
+
+/// "detached" for a live link; says so when the pin was all that was left.
+fn detached_verb(was: &dataplane::attachment::Status) -> String {
+    if was.live {
+        "detached".into()
+    } else {
+        format!("removed the {} attachment of", was.state)
+    }
+}
+
+fn attachment_line(s: &dataplane::attachment::Status) -> String {
+    let a = &s.attachment;
+    let mut line = format!(
+        "{:<9} {:<9} {:<16} {:>7} {:<10} {}",
+        s.state,
+        a.kind.name(),
+        a.dev,
+        a.ifindex,
+        a.mode.name(),
+        s.netns_label
+    );
+    if let Some(d) = &s.detail {
+        line.push_str(&format!("  ({d})"));
+    }
+    line
+}
+
+fn print_attachments(
+    instance: &Instance,
+    attachments: &[dataplane::attachment::Status],
+    unknown: &[dataplane::attachment::Unknown],
+) {
+    if attachments.is_empty() && unknown.is_empty() {
+        println!("attachments: none");
+        return;
+    }
+    println!("attachments:");
+    println!(
+        "  {:<9} {:<9} {:<16} {:>7} {:<10} NETNS",
+        "STATE", "KIND", "DEV", "IFINDEX", "MODE"
+    );
+    for s in attachments {
+        println!("  {}", attachment_line(s));
+    }
+    for u in unknown {
+        let state = if u.live { "live" } else { "not live" };
+        println!("  unrecognised pin {} ({state})", u.name);
+    }
+    if attachments.iter().any(|s| s.state == "defunct") {
+        println!(
+            "  (defunct attachments do nothing; `weir --instance {} attachments --prune` \
+             removes them)",
+            instance.name()
+        );
+    }
+}
+
+fn list_attachments(instance: &Instance, json: bool) -> Result<()> {
+    let (attachments, unknown) = dataplane::attachments(instance);
+    if json {
+        println!(
+            "{}",
+            json!({"instance": instance.name(), "attached": attachments, "unknown_pins": unknown})
+        );
+    } else {
+        print_attachments(instance, &attachments, &unknown);
     }
     Ok(())
 }

@@ -1,19 +1,26 @@
 //! Loading and attaching the kernel programs. Attachments are BPF links
 //! pinned under the instance directory, so they outlive the `weir` process:
 //! the XDP path keeps forwarding with no daemon, and `detach` is unpinning.
+//! A pin is trusted only once the kernel confirms its link is still on the
+//! device it names (see [`attachment`]).
+
+pub mod attachment;
+mod netlink;
+mod veth;
 
 pub mod decap_sources;
 
 use std::net::Ipv4Addr;
-use std::path::PathBuf;
 
 use aya::maps::{HashMap, MapData, PerCpuArray};
-use aya::programs::links::{FdLink, PinnedLink};
+use aya::programs::links::FdLink;
 use aya::programs::tc::TcAttachOptions;
 use aya::programs::{LinkOrder, SchedClassifier, TcAttachType, Xdp};
 use aya::{Ebpf, EbpfLoader};
 use thiserror::Error;
 use weir_ebpf::abi;
+
+use attachment::{Attachment, Key, Kind, Mode, Netns, Status};
 
 use crate::instance::{Instance, InstanceError};
 use crate::registry::{CreateOptions, Registry, RegistryError};
@@ -39,8 +46,25 @@ pub enum DataplaneError {
     AcceptLocalOff(String),
     #[error("weir ({instance}) is already attached to {dev}; run `weir detach --dev {dev}` first")]
     AlreadyAttached { instance: String, dev: String },
-    #[error("weir ({instance}) is not attached to {dev}")]
+    #[error("weir ({instance}) is not attached to {dev} in this network namespace")]
     NotAttached { instance: String, dev: String },
+    #[error(
+        "no network interface {dev:?} in this network namespace; if it was deleted, its \
+         attachment is defunct: `weir --instance {instance} attachments --prune` removes it"
+    )]
+    DeviceGone { instance: String, dev: String },
+    #[error(
+        "{dev} is a veth whose peer {peer} runs no native XDP program, so native XDP_TX frames \
+         sent into it would be dropped; give the peer weir's pass-through first with \
+         {command}, or attach with --mode generic"
+    )]
+    PeerWithoutXdp {
+        dev: String,
+        peer: String,
+        command: String,
+    },
+    #[error("{0} is not a veth: the pass-through program is for the far end of a veth")]
+    NotVeth(String),
     #[error("{what}: {detail}")]
     Kernel { what: String, detail: String },
 }
@@ -77,14 +101,6 @@ fn ipv4_conf(dev: &str, key: &str) -> bool {
         .is_ok_and(|s| s.trim() == "1")
 }
 
-fn xdp_link_pin(instance: &Instance, dev: &str) -> PathBuf {
-    instance.link_dir().join(format!("xdp-{dev}"))
-}
-
-fn decap_link_pin(instance: &Instance, dev: &str) -> PathBuf {
-    instance.link_dir().join(format!("decap-{dev}"))
-}
-
 /// Loads the balancer object against the instance's pinned maps and loads
 /// its XDP program into the kernel (not attached). Used by `attach` and by
 /// BPF_PROG_RUN tests and benches.
@@ -105,6 +121,100 @@ pub fn load_lb(instance: &Instance) -> Result<Ebpf, DataplaneError> {
     Ok(ebpf)
 }
 
+/// What an attach command did.
+#[derive(Debug)]
+pub struct Attached {
+    pub attachment: Attachment,
+    /// False when a live link was already there (decap is idempotent).
+    pub attached_now: bool,
+    /// Pins for this device whose links no longer worked, now replaced.
+    pub replaced: Vec<Status>,
+}
+
+/// This namespace's identity for `dev`.
+fn key_here(kind: Kind, dev: &str) -> Result<Key, DataplaneError> {
+    let ifindex = ifindex(dev)?;
+    let netns = Netns::current().map_err(|e| {
+        kernel("reading this network namespace (/proc/thread-self/ns/net)")(e.to_string())
+    })?;
+    Ok(Key {
+        kind,
+        netns,
+        ifindex,
+    })
+}
+
+/// Makes room for a new link for `key`: refuses if a live one is pinned,
+/// and removes the pins of this namespace's earlier `dev` (same kind) whose
+/// links no longer work: the one at this ifindex, and any the kernel
+/// detached because the device was deleted (a re-created device usually
+/// gets a new ifindex). Returns what it removed.
+fn clear_for(instance: &Instance, key: Key, dev: &str) -> Result<Vec<Status>, DataplaneError> {
+    let mut removed = Vec::new();
+    for existing in attachment::scan(instance).0 {
+        let same_key = existing.key() == key;
+        let same_dev =
+            existing.kind == key.kind && existing.netns == key.netns && existing.dev == dev;
+        if !same_key && !same_dev {
+            continue;
+        }
+        let status = attachment::status(&existing);
+        if same_key && status.live {
+            return Err(DataplaneError::AlreadyAttached {
+                instance: instance.name().into(),
+                dev: dev.into(),
+            });
+        }
+        if !same_key && status.state != "defunct" {
+            continue;
+        }
+        std::fs::remove_file(&existing.pin).map_err(|e| {
+            kernel(format!(
+                "removing the {} pin {}",
+                status.state,
+                existing.pin.display()
+            ))(e.to_string())
+        })?;
+        removed.push(status);
+    }
+    Ok(removed)
+}
+
+/// Pins a new link for `key` and has the kernel confirm it is attached to
+/// that device; a link the kernel does not confirm is unpinned again.
+fn pin_verified(
+    link: FdLink,
+    instance: &Instance,
+    key: Key,
+    mode: Mode,
+    dev: &str,
+) -> Result<Attachment, DataplaneError> {
+    let pin = Attachment::pin_path(instance, key, mode, dev);
+    link.pin(&pin)
+        .map_err(|e| kernel(format!("pinning {}", pin.display()))(e.to_string()))?;
+    let attachment = Attachment {
+        kind: key.kind,
+        netns: key.netns,
+        ifindex: key.ifindex,
+        mode,
+        dev: dev.into(),
+        pin,
+    };
+    let status = attachment::status(&attachment);
+    if !status.live {
+        let _ = std::fs::remove_file(&attachment.pin);
+        return Err(DataplaneError::Kernel {
+            what: format!("attaching to {dev}"),
+            detail: format!(
+                "the kernel does not report the new link on {dev} (ifindex {}): {}",
+                key.ifindex,
+                status.detail.unwrap_or_else(|| status.state.into())
+            ),
+        });
+    }
+    Ok(attachment)
+}
+
 /// Attaches the balancer to `dev`, with `lb_addr` as the outer source of
 /// encapsulated packets.
 pub fn attach(
@@ -113,10 +223,11 @@ pub fn attach(
     lb_addr: Ipv4Addr,
     mode: XdpMode,
     create: CreateOptions,
-) -> Result<(), DataplaneError> {
-    ifindex(dev)?;
-    let pin = xdp_link_pin(instance, dev);
-    if pin.exists() {
+) -> Result<Attached, DataplaneError> {
+    let key = key_here(Kind::Xdp, dev)?;
+    if let Some(existing) = attachment::find(instance, key)
+        && attachment::status(&existing).live
+    {
         return Err(DataplaneError::AlreadyAttached {
             instance: instance.name().into(),
             dev: dev.into(),
@@ -134,12 +245,26 @@ pub fn attach(
             detail: format!("{lb_addr} cannot be the source address of encapsulated packets"),
         });
     }
+    if mode == XdpMode::Native {
+        let peer = veth::peer_of(key.ifindex)
+            .map_err(|e| kernel(format!("looking up the veth peer of {dev}"))(e.to_string()))?;
+        if let Some(peer) = peer.filter(|p| !p.native_xdp) {
+            return Err(DataplaneError::PeerWithoutXdp {
+                dev: dev.into(),
+                peer: peer.name.clone(),
+                command: peer.attach_command(instance.name()),
+            });
+        }
+    }
     let mut registry = Registry::open_or_create(instance, create)?;
     let current = Ipv4Addr::from(registry.maps().config()?.lb_addr);
-    let others: Vec<String> = attachments(instance)
-        .into_iter()
-        .filter(|(kind, _)| kind == "xdp")
-        .map(|(_, d)| d)
+    let others: Vec<String> = attachment::scan(instance)
+        .0
+        .iter()
+        .filter(|a| a.kind == Kind::Xdp && a.key() != key)
+        .map(attachment::status)
+        .filter(|s| s.live)
+        .map(|s| format!("{} ({})", s.attachment.dev, s.netns_label))
         .collect();
     if !others.is_empty() && current != lb_addr {
         return Err(DataplaneError::Kernel {
@@ -160,10 +285,11 @@ pub fn attach(
         .expect("loaded above")
         .try_into()
         .expect("weir_lb is XDP");
-    let flags = match mode {
-        XdpMode::Native => aya::programs::XdpMode::Driver,
-        XdpMode::Generic => aya::programs::XdpMode::Skb,
+    let (flags, pin_mode) = match mode {
+        XdpMode::Native => (aya::programs::XdpMode::Driver, Mode::Native),
+        XdpMode::Generic => (aya::programs::XdpMode::Skb, Mode::Generic),
     };
+    let replaced = clear_for(instance, key, dev)?;
     let id = program.attach(dev, flags).map_err(|e| {
         let hint = if mode == XdpMode::Native {
             " (try --mode generic)"
@@ -182,9 +308,7 @@ pub fn attach(
                 "XDP on {dev} is not a BPF link (kernel older than 5.9?)"
             ))(e.to_string())
         })?;
-    fd_link
-        .pin(&pin)
-        .map_err(|e| kernel(format!("pinning {}", pin.display()))(e.to_string()))?;
+    let attachment = pin_verified(fd_link, instance, key, pin_mode, dev)?;
     let configured = instance
         .lock()
         .map_err(DataplaneError::from)
@@ -198,60 +322,207 @@ pub fn attach(
                 .map_err(Into::into)
         });
     if let Err(e) = configured {
-        let _ = unpin(pin, instance, dev);
+        let _ = std::fs::remove_file(&attachment.pin);
         return Err(e);
     }
-    Ok(())
+    Ok(Attached {
+        attachment,
+        attached_now: true,
+        replaced,
+    })
 }
 
-/// The first line of an error, at most 300 characters: kernel errors can
-/// carry a whole verifier log, and the CLI prints one line.
-fn one_line(e: &dyn std::fmt::Display) -> String {
-    let text = format!("{e:#}");
-    let first = text.lines().next().unwrap_or("").trim();
-    let mut line: String = first.chars().take(300).collect();
-    if text.lines().nth(1).is_some() || first.chars().count() > 300 {
+/// Gives the far end of a veth (`dev`, in this namespace) weir's
+/// pass-through XDP program, so native XDP on the near end can send into
+/// it.
+pub fn attach_peer(instance: &Instance, dev: &str) -> Result<Attached, DataplaneError> {
+    instance.prepare()?;
+    let key = key_here(Kind::VethPeer, dev)?;
+    let link = netlink::link(key.ifindex, None)
+        .map_err(|e| kernel(format!("looking up {dev}"))(e.to_string()))?;
+    if link.kind.as_deref() != Some("veth") {
+        return Err(DataplaneError::NotVeth(dev.into()));
+    }
+    if let Some(existing) = attachment::find(instance, key)
+        && attachment::status(&existing).live
+    {
+        return Err(DataplaneError::AlreadyAttached {
+            instance: instance.name().into(),
+            dev: dev.into(),
+        });
+    }
+    if link.any_xdp {
+        let (mode, enough) = if link.native_xdp {
+            ("native", "which is all native XDP on its peer needs")
+        } else {
+            (
+                "generic",
+                "which does not let its peer's native XDP send into it",
+            )
+        };
+        return Err(DataplaneError::Kernel {
+            what: format!("attaching native XDP to {dev}"),
+            detail: format!(
+                "{dev} already runs an XDP program in {mode} mode, {enough}; a device has \
+                 one XDP program"
+            ),
+        });
+    }
+    let mut ebpf = EbpfLoader::new()
+        .load(weir_ebpf::support_object())
+        .map_err(|e| kernel("loading the veth peer object")(e.to_string()))?;
+    let program: &mut Xdp = ebpf
+        .program_mut(weir_ebpf::VETH_PEER_PROGRAM)
+        .expect("object defines weir_veth_peer")
+        .try_into()
+        .map_err(|e: aya::programs::ProgramError| kernel("weir_veth_peer")(e.to_string()))?;
+    program
+        .load()
+        .map_err(|e| kernel("the kernel refused the veth peer program")(one_line(&e)))?;
+    let replaced = clear_for(instance, key, dev)?;
+    let id = program
+        .attach(dev, aya::programs::XdpMode::Driver)
+        .map_err(|e| kernel(format!("attaching native XDP to {dev}"))(one_line(&e)))?;
+    let link = program
+        .take_link(id)
+        .map_err(|e| kernel("XDP link")(e.to_string()))?;
+    let fd_link: FdLink = link
+        .try_into()
+        .map_err(|e: aya::programs::links::LinkError| kernel("XDP link")(e.to_string()))?;
+    let attachment = pin_verified(fd_link, instance, key, Mode::Native, dev)?;
+    // What the near end's check will read: the device runs XDP in the driver.
+    let native = netlink::link(key.ifindex, None).is_ok_and(|l| l.native_xdp);
+    if !native {
+        let _ = std::fs::remove_file(&attachment.pin);
+        return Err(DataplaneError::Kernel {
+            what: format!("attaching native XDP to {dev}"),
+            detail: "the link was made but the device reports no driver-mode XDP program".into(),
+        });
+    }
+    Ok(Attached {
+        attachment,
+        attached_now: true,
+        replaced,
+    })
+}
+
+/// The first line of an error and of each of its causes (where the errno
+/// is), at most 300 characters: kernel errors can carry a whole verifier
+/// log, and the CLI prints one line.
+fn one_line(e: &(dyn std::error::Error + 'static)) -> String {
+    let mut parts = Vec::new();
+    let mut truncated = false;
+    let mut next = Some(e);
+    while let Some(err) = next.take() {
+        let text = err.to_string();
+        truncated |= text.lines().nth(1).is_some();
+        parts.push(text.lines().next().unwrap_or("").trim().to_string());
+        next = err.source();
+    }
+    let joined = parts.join(": ");
+    let mut line: String = joined.chars().take(300).collect();
+    if truncated || joined.chars().count() > 300 {
         line.push_str(" ...");
     }
     line
 }
 
-/// Detaches the balancer from `dev` by removing its pinned link.
-pub fn detach(instance: &Instance, dev: &str) -> Result<(), DataplaneError> {
-    crate::instance::require_root()?;
-    unpin(xdp_link_pin(instance, dev), instance, dev)
+/// Detaches the balancer from `dev` by removing its pinned link; returns
+/// what the link was (a defunct one is removed too, and says so).
+pub fn detach(instance: &Instance, dev: &str) -> Result<Status, DataplaneError> {
+    detach_kind(instance, Kind::Xdp, dev)
 }
 
-fn unpin(pin: PathBuf, instance: &Instance, dev: &str) -> Result<(), DataplaneError> {
-    if !pin.exists() {
+/// Removes the veth peer program from `dev`.
+pub fn detach_peer(instance: &Instance, dev: &str) -> Result<Status, DataplaneError> {
+    detach_kind(instance, Kind::VethPeer, dev)
+}
+
+fn detach_kind(instance: &Instance, kind: Kind, dev: &str) -> Result<Status, DataplaneError> {
+    crate::instance::require_root()?;
+    let key = key_here(kind, dev).map_err(|e| match e {
+        DataplaneError::NoDevice(dev) => DataplaneError::DeviceGone {
+            instance: instance.name().into(),
+            dev,
+        },
+        other => other,
+    })?;
+    // This device's own pin; failing that, one this namespace made for an
+    // earlier device of the same name that the kernel has since detached.
+    let (known, _) = attachment::scan(instance);
+    let existing = known.iter().find(|a| a.key() == key).or_else(|| {
+        known.iter().find(|a| {
+            a.kind == kind
+                && a.netns == key.netns
+                && a.dev == dev
+                && attachment::status(a).state == "defunct"
+        })
+    });
+    let Some(existing) = existing else {
         return Err(DataplaneError::NotAttached {
             instance: instance.name().into(),
             dev: dev.into(),
         });
+    };
+    let status = attachment::status(existing);
+    let link_id = attachment::link_target(&existing.pin)
+        .ok()
+        .map(|(id, _)| id);
+    // Removing the pin drops the last reference to the link: the program
+    // detaches.
+    std::fs::remove_file(&existing.pin)
+        .map_err(|e| kernel(format!("unpinning {}", existing.pin.display()))(e.to_string()))?;
+    if let Some(id) = link_id {
+        confirm_link_gone(dev, id)?;
     }
-    let link = PinnedLink::from_pin(&pin)
-        .map_err(|e| kernel(format!("opening {}", pin.display()))(e.to_string()))?;
-    // Unpinning drops the last reference to the link: the program detaches.
-    link.unpin()
-        .map_err(|e| kernel(format!("unpinning {}", pin.display()))(e.to_string()))?;
-    Ok(())
+    Ok(status)
 }
 
-/// Interfaces this instance has XDP or decap attached to.
-pub fn attachments(instance: &Instance) -> Vec<(String, String)> {
-    let Ok(dir) = std::fs::read_dir(instance.link_dir()) else {
-        return vec![];
-    };
-    let mut out: Vec<(String, String)> = dir
-        .flatten()
-        .filter_map(|e| {
-            let name = e.file_name().to_string_lossy().into_owned();
-            let (kind, dev) = name.split_once('-')?;
-            Some((kind.to_string(), dev.to_string()))
-        })
-        .collect();
-    out.sort();
-    out
+/// Waits (briefly: the kernel frees an unpinned link from a work queue)
+/// until the link is gone; one still there means another process holds it
+/// open and the program stays attached.
+fn confirm_link_gone(dev: &str, id: u32) -> Result<(), DataplaneError> {
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(2);
+    for _ in 0..200 {
+        if !attachment::link_exists(id) {
+            return Ok(());
+        }
+        if std::time::Instant::now() >= deadline {
+            break;
+        }
+        std::thread::sleep(std::time::Duration::from_millis(10));
+    }
+    Err(DataplaneError::Kernel {
+        what: format!("detaching from {dev}"),
+        detail: format!(
+            "the pin is removed but another process holds the link (id {id}) open, so the \
+             program stays attached until it closes it (`bpftool link show id {id}`)"
+        ),
+    })
+}
+
+/// Every attachment of this instance with what the kernel says of it, and
+/// pins weir does not recognise.
+pub fn attachments(instance: &Instance) -> (Vec<Status>, Vec<attachment::Unknown>) {
+    let (known, unknown) = attachment::scan(instance);
+    (known.iter().map(attachment::status).collect(), unknown)
+}
+
+/// Removes every pin whose link the kernel has detached (its device or
+/// namespace is gone); returns them.
+pub fn prune(instance: &Instance) -> Result<Vec<Status>, DataplaneError> {
+    crate::instance::require_root()?;
+    let mut removed = Vec::new();
+    for status in attachments(instance).0 {
+        if status.state != "defunct" {
+            continue;
+        }
+        let pin = &status.attachment.pin;
+        std::fs::remove_file(pin)
+            .map_err(|e| kernel(format!("removing {}", pin.display()))(e.to_string()))?;
+        removed.push(status);
+    }
+    Ok(removed)
 }
 
 fn load_decap(instance: &Instance) -> Result<Ebpf, DataplaneError> {
@@ -263,60 +534,70 @@ fn load_decap(instance: &Instance) -> Result<Ebpf, DataplaneError> {
 }
 
 /// Attaches the decapsulator at tc ingress of `dev` (idempotent per
-/// device) and adds `vip` to the VIPs it decapsulates, accepting IPIP to
-/// it only from `from` (the balancers' addresses). Returns every source
-/// `vip` now accepts, as read back.
+/// device: a live link is kept, a defunct one replaced) and adds `vip` to
+/// the VIPs it decapsulates, accepting IPIP to it only from `from` (the
+/// balancers' addresses). Returns the attachment and every source `vip`
+/// now accepts, as read back.
 pub fn decap_attach(
     instance: &Instance,
     dev: &str,
     vip: Ipv4Addr,
     from: &[decap_sources::Prefix],
-) -> Result<Vec<decap_sources::Prefix>, DataplaneError> {
-    ifindex(dev)?;
+) -> Result<(Attached, Vec<decap_sources::Prefix>), DataplaneError> {
+    let key = key_here(Kind::Decap, dev)?;
     let mut ebpf = load_decap(instance)?;
-    // Attach first (if this device has no decap yet); the VIP is added
-    // once that worked, and a failed VIP write undoes a fresh attach.
-    let pin = decap_link_pin(instance, dev);
-    let attached_now = !pin.exists();
-    if attached_now {
-        let program: &mut SchedClassifier = ebpf
-            .program_mut(weir_ebpf::DECAP_PROGRAM)
-            .expect("object defines weir_decap")
-            .try_into()
-            .map_err(|e: aya::programs::ProgramError| kernel("weir_decap")(e.to_string()))?;
-        program
-            .load()
-            .map_err(|e| kernel("the kernel refused the decap program")(one_line(&e)))?;
-        let id = program
-            .attach_with_options(
-                dev,
-                TcAttachType::Ingress,
-                TcAttachOptions::TcxOrder(LinkOrder::default()),
-            )
-            .map_err(|e| {
-                kernel(format!(
-                    "attaching decap to tc ingress of {dev} (needs TCX, kernel 6.6+)"
-                ))(one_line(&e))
-            })?;
-        let link = program
-            .take_link(id)
-            .map_err(|e| kernel("tc link")(e.to_string()))?;
-        let fd_link: FdLink = link
-            .try_into()
-            .map_err(|e: aya::programs::links::LinkError| kernel("tc link")(e.to_string()))?;
-        fd_link
-            .pin(&pin)
-            .map_err(|e| kernel(format!("pinning {}", pin.display()))(e.to_string()))?;
-    }
+    // Attach first (if this device has no working decap yet); the VIP is
+    // added once that worked, and a failed VIP write undoes a fresh attach.
+    let live = attachment::find(instance, key).filter(|a| attachment::status(a).live);
+    let (attachment, attached_now, replaced) = match live {
+        Some(existing) => (existing, false, Vec::new()),
+        None => {
+            let program: &mut SchedClassifier = ebpf
+                .program_mut(weir_ebpf::DECAP_PROGRAM)
+                .expect("object defines weir_decap")
+                .try_into()
+                .map_err(|e: aya::programs::ProgramError| kernel("weir_decap")(e.to_string()))?;
+            program
+                .load()
+                .map_err(|e| kernel("the kernel refused the decap program")(one_line(&e)))?;
+            let replaced = clear_for(instance, key, dev)?;
+            let id = program
+                .attach_with_options(
+                    dev,
+                    TcAttachType::Ingress,
+                    TcAttachOptions::TcxOrder(LinkOrder::default()),
+                )
+                .map_err(|e| {
+                    kernel(format!(
+                        "attaching decap to tc ingress of {dev} (needs TCX, kernel 6.6+)"
+                    ))(one_line(&e))
+                })?;
+            let link = program
+                .take_link(id)
+                .map_err(|e| kernel("tc link")(e.to_string()))?;
+            let fd_link: FdLink = link
+                .try_into()
+                .map_err(|e: aya::programs::links::LinkError| kernel("tc link")(e.to_string()))?;
+            let attachment = pin_verified(fd_link, instance, key, Mode::TcIngress, dev)?;
+            (attachment, true, replaced)
+        }
+    };
     let added = instance
         .lock()
         .map_err(DataplaneError::from)
         .and_then(|_lock| add_decap_vip(&mut ebpf, vip, from));
     match added {
-        Ok(sources) => Ok(sources),
+        Ok(sources) => Ok((
+            Attached {
+                attachment,
+                attached_now,
+                replaced,
+            },
+            sources,
+        )),
         Err(e) => {
             if attached_now {
-                let _ = unpin(pin, instance, dev);
+                let _ = std::fs::remove_file(&attachment.pin);
             }
             Err(e)
         }
@@ -363,9 +644,8 @@ pub fn add_decap_vip(
 }
 
 /// Detaches the decapsulator from `dev`.
-pub fn decap_detach(instance: &Instance, dev: &str) -> Result<(), DataplaneError> {
-    crate::instance::require_root()?;
-    unpin(decap_link_pin(instance, dev), instance, dev)
+pub fn decap_detach(instance: &Instance, dev: &str) -> Result<Status, DataplaneError> {
+    detach_kind(instance, Kind::Decap, dev)
 }
 
 /// Decap counters, summed over CPUs, in `abi::DECAP_COUNTERS` order; `None`
