@@ -192,10 +192,13 @@ fn connections_per_backend(topo: &Topology, n: usize) -> std::collections::BTree
 
 fn decap(w: &Weir, topo: &Topology, i: usize) -> String {
     let vip = topo.vip().to_string();
+    let lb = topo.lb_addr().to_string();
     w.ok(
         topo,
         &topo.backend_ns[i],
-        &["decap", "attach", "--dev", "eth0", "--vip", &vip],
+        &[
+            "decap", "attach", "--dev", "eth0", "--vip", &vip, "--from", &lb,
+        ],
     )
 }
 
@@ -440,6 +443,8 @@ fn native_attach_on_a_veth_needs_the_peer_program() {
             &topo.backend_dev(0),
             "--vip",
             &vip,
+            "--from",
+            &topo.lb_addr().to_string(),
         ],
     );
     service(&w, &topo, 1);
