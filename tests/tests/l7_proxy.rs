@@ -167,7 +167,7 @@ service = "{DEAD}"
         let weir = Command::new(workspace_bin("weir"))
             .args(["run", "--config"])
             .arg(&path)
-            .stderr(Stdio::null())
+            .stderr(std::fs::File::create(dir.join("weir.log")).unwrap())
             .spawn()
             .unwrap();
         let deadline = Instant::now() + Duration::from_secs(10);
@@ -1380,10 +1380,10 @@ impl Bed {
     }
 }
 
-/// Whether weir's own socket for the client connection from `client` has
-/// TCP_NODELAY: the socket is borrowed from the weir process with
-/// pidfd_getfd(2) and asked.
-fn weir_side_nodelay(pid: u32, client: SocketAddr) -> bool {
+/// weir's own socket for the client connection from `client`, borrowed
+/// from the weir process with pidfd_getfd(2): the same socket, to ask or
+/// to set.
+fn weir_side_socket(pid: u32, client: SocketAddr) -> TcpStream {
     use std::os::fd::FromRawFd;
     // SAFETY: plain syscalls; results checked.
     let pidfd = unsafe { libc::syscall(libc::SYS_pidfd_open, pid as libc::pid_t, 0) } as i32;
@@ -1411,10 +1411,10 @@ fn weir_side_nodelay(pid: u32, client: SocketAddr) -> bool {
         if fd < 0 {
             continue;
         }
-        // SAFETY: a socket descriptor we now own; only queried.
+        // SAFETY: a socket descriptor we now own.
         let sock = unsafe { TcpStream::from_raw_fd(fd) };
         if sock.peer_addr().ok() == Some(client) {
-            return sock.nodelay().unwrap();
+            return sock;
         }
     }
     panic!("weir (pid {pid}) holds no socket connected to {client}");
@@ -1447,7 +1447,9 @@ fn sixteen_kib_echoes_are_not_held_by_delayed_acks() {
     );
     let pid = bed.weir.as_ref().unwrap().id();
     assert!(
-        weir_side_nodelay(pid, s.local_addr().unwrap()),
+        weir_side_socket(pid, s.local_addr().unwrap())
+            .nodelay()
+            .unwrap(),
         "weir's accepted client socket has Nagle on"
     );
 }
@@ -1761,4 +1763,94 @@ fn a_listener_on_port_0_is_one_port_for_every_worker_and_logged() {
         })
         .count();
     assert_eq!(listening, 3, "{line:?}\n{tcp}");
+}
+
+fn set_buffer(s: &TcpStream, option: libc::c_int, bytes: libc::c_int) {
+    use std::os::fd::AsRawFd;
+    // SAFETY: setsockopt on a socket we hold; checked.
+    let rc = unsafe {
+        libc::setsockopt(
+            s.as_raw_fd(),
+            libc::SOL_SOCKET,
+            option,
+            (&bytes as *const libc::c_int).cast(),
+            4,
+        )
+    };
+    assert_eq!(rc, 0, "setsockopt: {}", std::io::Error::last_os_error());
+}
+
+/// A client that never reads: weir's SIGTERM Close to it waits behind
+/// data its socket cannot take, and is cut at the shutdown deadline. The
+/// summary must not count it as a 1001 delivered.
+#[test]
+fn a_close_never_written_to_a_client_is_not_counted_as_sent() {
+    must_be_root();
+    let mut bed = Bed::new("l7unsent", 0, "");
+    // On the client's first frame, 64 KiB of whole frames come back.
+    let be = ws_fake_backend(
+        1,
+        std::sync::Arc::new(|mut s: TcpStream| {
+            if recv_frame(&mut s).is_err() {
+                return;
+            }
+            let mut burst = Vec::new();
+            for _ in 0..4 {
+                FrameHeader::new(true, Opcode::Binary, None, 16_000).write_to(&mut burst);
+                burst.extend(std::iter::repeat_n(7u8, 16_000));
+            }
+            let _ = s.write_all(&burst);
+            while recv_frame(&mut s).is_ok() {}
+        }),
+    );
+    bed.set_backends(&[be]);
+    let mut s = TcpStream::connect(("127.0.0.1", bed.port)).unwrap();
+    s.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
+    s.write_all(b"GET /ws HTTP/1.1\r\nHost: t\r\nUpgrade: websocket\r\nConnection: Upgrade\r\nSec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\nSec-WebSocket-Version: 13\r\n\r\n").unwrap();
+    let mut head = Vec::new();
+    let mut byte = [0u8; 1];
+    while !head.ends_with(b"\r\n\r\n") {
+        s.read_exact(&mut byte).unwrap();
+        head.push(byte[0]);
+    }
+    assert!(head.starts_with(b"HTTP/1.1 101"));
+    // Both ends of the path to the client take little: the client's
+    // receive buffer and weir's send buffer for it (set on weir's own
+    // socket), so most of the burst stays queued inside weir.
+    set_buffer(&s, libc::SO_RCVBUF, 4096);
+    let pid = bed.weir.as_ref().unwrap().id();
+    set_buffer(
+        &weir_side_socket(pid, s.local_addr().unwrap()),
+        libc::SO_SNDBUF,
+        4096,
+    );
+    send(&mut s, true, Opcode::Text, b"go");
+    std::thread::sleep(Duration::from_millis(300));
+
+    let mut weir = bed.weir.take().unwrap();
+    // SAFETY: signalling the child we started.
+    unsafe { libc::kill(weir.id() as libc::pid_t, libc::SIGTERM) };
+    let started = Instant::now();
+    let status = loop {
+        if let Some(st) = weir.try_wait().unwrap() {
+            break st;
+        }
+        assert!(
+            started.elapsed() < Duration::from_secs(6),
+            "weir did not exit within the shutdown timeout"
+        );
+        std::thread::sleep(Duration::from_millis(20));
+    };
+    assert!(status.success(), "{status}");
+    let log = std::fs::read_to_string(bed.dir.join("weir.log")).unwrap();
+    let summary = log
+        .lines()
+        .find(|l| l.starts_with("weir: stopped after"))
+        .unwrap_or_else(|| panic!("no summary in {log:?}"));
+    assert!(
+        summary.contains("0 closed with 1001")
+            && summary.contains("Closes to clients never written: 1"),
+        "{summary}"
+    );
+    drop(s);
 }

@@ -428,7 +428,7 @@ fn run_daemon(path: Option<&std::path::Path>, create: CreateOptions) -> Result<(
         .copied()
         .unwrap_or(0);
     eprintln!(
-        "weir: stopped after {} connections ({upgraded} upgraded, {drained} closed with 1001, {} Closes to clients not delivered)",
+        "weir: stopped after {} connections ({upgraded} upgraded, {drained} closed with 1001; Closes to clients never written: {})",
         totals.accepted, totals.closes_undelivered_to_client
     );
     drop(lock);
