@@ -1441,6 +1441,7 @@ fn sixteen_kib_echoes_are_not_held_by_delayed_acks() {
         assert_eq!(payload, msg);
     }
     let per_message = started.elapsed() / n;
+    eprintln!("{per_message:?} per 16 KiB echo");
     assert!(
         per_message < Duration::from_millis(8),
         "{per_message:?} per 16 KiB echo: delayed-ACK stalls"

@@ -664,6 +664,10 @@ fn stats(reg: &Registry, instance: &Instance, json: bool) -> Result<()> {
         println!("  handshakes: {}", handshakes.join(", "));
         let closes: Vec<String> = l7.closes.iter().map(|(k, v)| format!("{k}: {v}")).collect();
         println!("  close codes: {}", closes.join(", "));
+        println!(
+            "  weir's Closes never written: to clients {} to backends {}",
+            l7.closes_undelivered_to_client, l7.closes_undelivered_to_backend
+        );
     }
     if let Some(d) = decap {
         println!("decap:");
