@@ -384,6 +384,35 @@ mod tests {
             proptest::prop_assert_eq!(out, stream);
         }
 
+        /// Arbitrary bytes, Close frames with any code among them: what
+        /// passes does not depend on how the reads were cut.
+        #[test]
+        fn what_passes_does_not_depend_on_the_cuts(
+            codes in proptest::collection::vec(proptest::prelude::any::<u16>(), 0..4),
+            noise in proptest::collection::vec(proptest::prelude::any::<u8>(), 0..60),
+            cut in 1usize..20,
+        ) {
+            let mut data = data_frame(Opcode::Text, true, b"hi", Some([1, 2, 3, 4]));
+            for code in &codes {
+                data.extend(close_frame(*code, "r", Some([5, 6, 7, 8])));
+            }
+            data.extend(noise);
+            let run = |size: usize| {
+                let mut s = Scanner::new(Direction::ClientToServer, false, Limits::default());
+                let mut out = Vec::new();
+                for chunk in data.chunks(size) {
+                    let fed = s.feed(chunk);
+                    if let Some(h) = fed.held { out.extend(h); }
+                    out.extend_from_slice(&chunk[..fed.pass]);
+                    if fed.violation.is_some() { break; }
+                }
+                out
+            };
+            let whole = run(data.len());
+            proptest::prop_assert!(data.starts_with(&whole));
+            proptest::prop_assert_eq!(whole, run(cut));
+        }
+
         /// Arbitrary bytes: never a panic, and what passes is a prefix.
         #[test]
         fn arbitrary_input_passes_a_prefix(data in proptest::collection::vec(proptest::prelude::any::<u8>(), 0..400), size in 1usize..50) {
