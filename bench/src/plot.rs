@@ -508,6 +508,7 @@ mod tests {
             steady: [
                 ("weir", 64, 300),
                 ("weir", 4096, 500),
+                ("weir", 16_384, 700),
                 ("haproxy", 64, 900),
                 ("nginx", 64, 0),
             ]
@@ -618,7 +619,14 @@ mod tests {
         let expect: [(&str, &[&str]); 4] = [
             (
                 "steady",
-                &["weir 64 B", "weir 4096 B", "haproxy", "nginx", "p99.9"],
+                &[
+                    "weir 64 B",
+                    "weir 4096 B",
+                    "weir 16384 B",
+                    "haproxy",
+                    "nginx",
+                    "p99.9",
+                ],
             ),
             ("idle", &["weir", "haproxy", "nginx"]),
             ("churn", &["weir", "haproxy-reload", "nginx-reload"]),

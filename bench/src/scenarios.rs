@@ -65,7 +65,7 @@ impl Sizes {
                 workers: 2,
                 steady_connections: 50,
                 steady_secs: 3,
-                steady_rates: vec![(64, 10_000.0), (4096, 5_000.0)],
+                steady_rates: vec![(64, 10_000.0), (4096, 5_000.0), (16_384, 2_000.0)],
                 idle_counts: vec![10_000],
                 connrate_steps: vec![250.0, 500.0, 1000.0, 2000.0, 4000.0],
                 connrate_step_secs: 2,
@@ -86,7 +86,7 @@ impl Sizes {
                 workers: 2,
                 steady_connections: 200,
                 steady_secs: 15,
-                steady_rates: vec![(64, 20_000.0), (4096, 10_000.0)],
+                steady_rates: vec![(64, 20_000.0), (4096, 10_000.0), (16_384, 5_000.0)],
                 idle_counts: vec![10_000, 50_000, 100_000],
                 connrate_steps: vec![
                     1000.0, 2000.0, 4000.0, 6000.0, 8000.0, 10_000.0, 12_000.0, 16_000.0,

@@ -167,7 +167,7 @@ service = "{DEAD}"
         let weir = Command::new(workspace_bin("weir"))
             .args(["run", "--config"])
             .arg(&path)
-            .stderr(Stdio::null())
+            .stderr(std::fs::File::create(dir.join("weir.log")).unwrap())
             .spawn()
             .unwrap();
         let deadline = Instant::now() + Duration::from_secs(10);
@@ -1248,4 +1248,574 @@ fn a_quiet_worker_gives_its_buffer_pool_back_and_still_relays() {
     assert_eq!(r.summary.broken, 0, "{:?}", r.summary);
     assert_eq!(r.summary.mismatches, 0);
     assert_eq!(r.summary.messages_echoed, r.summary.messages_sent);
+}
+
+/// Fails loudly where the other tests skip: what these check has no
+/// meaning without the real daemon.
+fn must_be_root() {
+    assert!(
+        require_root(),
+        "this test runs weir run with pinned BPF maps: run it as root"
+    );
+}
+
+fn metrics_text(port: u16) -> String {
+    let (mut m, _) = raw_request(port, "GET /metrics HTTP/1.1\r\nHost: t\r\n\r\n");
+    let mut text = String::new();
+    m.read_to_string(&mut text).unwrap();
+    text
+}
+
+/// Reads one frame, masked or not: (header, payload as sent).
+fn recv_frame(s: &mut TcpStream) -> std::io::Result<(FrameHeader, Vec<u8>)> {
+    let mut buf = Vec::new();
+    let mut byte = [0u8; 1];
+    let header = loop {
+        if let Some(h) = frame::parse_header(&buf).unwrap() {
+            break h;
+        }
+        s.read_exact(&mut byte)?;
+        buf.push(byte[0]);
+    };
+    let mut payload = vec![0u8; header.payload_len as usize];
+    s.read_exact(&mut payload)?;
+    Ok((header, payload))
+}
+
+/// What a backend does with a connection after its 101.
+type Behave = std::sync::Arc<dyn Fn(TcpStream) + Send + Sync>;
+
+/// A WebSocket backend that answers up to `n` handshakes with a valid 101,
+/// then hands each connection to `behave`.
+fn ws_fake_backend(n: usize, behave: Behave) -> SocketAddr {
+    let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let addr = l.local_addr().unwrap();
+    std::thread::spawn(move || {
+        for mut s in l.incoming().take(n).flatten() {
+            let behave = behave.clone();
+            std::thread::spawn(move || {
+                s.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
+                let mut head = Vec::new();
+                let mut byte = [0u8; 1];
+                while !head.ends_with(b"\r\n\r\n") {
+                    if s.read(&mut byte).unwrap_or(0) == 0 {
+                        return;
+                    }
+                    head.push(byte[0]);
+                }
+                let text = String::from_utf8_lossy(&head).into_owned();
+                let key = text
+                    .lines()
+                    .find_map(|l| {
+                        let (name, value) = l.split_once(':')?;
+                        name.eq_ignore_ascii_case("sec-websocket-key")
+                            .then(|| value.trim().to_string())
+                    })
+                    .expect("weir forwards the key");
+                let answer = format!(
+                    "HTTP/1.1 101 Switching Protocols\r\nUpgrade: websocket\r\nConnection: Upgrade\r\nSec-WebSocket-Accept: {}\r\n\r\n",
+                    weir::l7::handshake::accept_key(&key)
+                );
+                if s.write_all(answer.as_bytes()).is_ok() {
+                    behave(s);
+                }
+            });
+        }
+    });
+    addr
+}
+
+impl Bed {
+    /// Puts exactly `addrs` behind SVC.
+    fn set_backends(&self, addrs: &[SocketAddr]) {
+        self.inst
+            .registry()
+            .apply(
+                &Change::SetBackends {
+                    service: SVC,
+                    backends: addrs.iter().map(|a| (backend(*a), 1)).collect(),
+                },
+                ApplyOptions {
+                    force: true,
+                    ..Default::default()
+                },
+            )
+            .unwrap();
+    }
+}
+
+/// weir's own socket for the client connection from `client`, borrowed
+/// from the weir process with pidfd_getfd(2): the same socket, to ask or
+/// to set.
+fn weir_side_socket(pid: u32, client: SocketAddr) -> TcpStream {
+    use std::os::fd::FromRawFd;
+    // SAFETY: plain syscalls; results checked.
+    let pidfd = unsafe { libc::syscall(libc::SYS_pidfd_open, pid as libc::pid_t, 0) } as i32;
+    assert!(
+        pidfd >= 0,
+        "pidfd_open: {}",
+        std::io::Error::last_os_error()
+    );
+    // SAFETY: we own the new descriptor.
+    let _pidfd = unsafe { std::os::fd::OwnedFd::from_raw_fd(pidfd) };
+    for entry in std::fs::read_dir(format!("/proc/{pid}/fd"))
+        .unwrap()
+        .flatten()
+    {
+        let is_socket = std::fs::read_link(entry.path())
+            .is_ok_and(|t| t.to_string_lossy().starts_with("socket:"));
+        let Ok(target) = entry.file_name().to_string_lossy().parse::<i32>() else {
+            continue;
+        };
+        if !is_socket {
+            continue;
+        }
+        // SAFETY: as above.
+        let fd = unsafe { libc::syscall(libc::SYS_pidfd_getfd, pidfd, target, 0) } as i32;
+        if fd < 0 {
+            continue;
+        }
+        // SAFETY: a socket descriptor we now own.
+        let sock = unsafe { TcpStream::from_raw_fd(fd) };
+        if sock.peer_addr().ok() == Some(client) {
+            return sock;
+        }
+    }
+    panic!("weir (pid {pid}) holds no socket connected to {client}");
+}
+
+/// weir writes a message to a client in as many sends as it read it in.
+/// With Nagle on the client socket, the last piece of every 16 KiB echo
+/// waited for the client's delayed ACK (about 40 ms a message); with
+/// TCP_NODELAY an echo on loopback takes well under a millisecond or two.
+#[test]
+fn sixteen_kib_echoes_are_not_held_by_delayed_acks() {
+    must_be_root();
+    let bed = Bed::new("l7nodelay", 1, "");
+    let (mut s, head) = upgrade(bed.port, "/ws");
+    assert!(head.starts_with("HTTP/1.1 101"), "{head}");
+    s.set_nodelay(true).unwrap();
+    let msg: Vec<u8> = (0..16 * 1024).map(|i| i as u8).collect();
+    let n = 40u32;
+    let started = Instant::now();
+    for _ in 0..n {
+        send(&mut s, true, Opcode::Binary, &msg);
+        let (fin, op, payload) = recv(&mut s);
+        assert_eq!((fin, op), (true, 2));
+        assert_eq!(payload, msg);
+    }
+    let per_message = started.elapsed() / n;
+    eprintln!("{per_message:?} per 16 KiB echo");
+    assert!(
+        per_message < Duration::from_millis(8),
+        "{per_message:?} per 16 KiB echo: delayed-ACK stalls"
+    );
+    let pid = bed.weir.as_ref().unwrap().id();
+    assert!(
+        weir_side_socket(pid, s.local_addr().unwrap())
+            .nodelay()
+            .unwrap(),
+        "weir's accepted client socket has Nagle on"
+    );
+}
+
+fn close_payload(code: u16) -> Vec<u8> {
+    let mut p = code.to_be_bytes().to_vec();
+    p.extend_from_slice(b"bye");
+    p
+}
+
+/// An invalid close code from a client never reaches the backend: weir
+/// fails the connection with 1002 on both sides. Valid ones pass as sent.
+#[test]
+fn invalid_close_codes_are_1002_and_valid_ones_pass() {
+    must_be_root();
+    let bed = Bed::new("l7codes", 0, "");
+    let invalid = [0u16, 999, 1004, 1005, 1006, 1015, 1016, 2999, 5000, 65535];
+    let valid = [1000u16, 1001, 1011, 3000, 4999];
+    // The backend reports the code of the Close it got, and answers it.
+    let (tx, rx) = std::sync::mpsc::channel::<u16>();
+    let tx = std::sync::Mutex::new(tx);
+    let be = ws_fake_backend(
+        invalid.len() + valid.len(),
+        std::sync::Arc::new(move |mut s: TcpStream| {
+            while let Ok((h, mut payload)) = recv_frame(&mut s) {
+                if h.opcode == 8 {
+                    frame::apply_mask(&mut payload, h.mask.unwrap(), 0);
+                    let code = close_code(&payload);
+                    tx.lock().unwrap().send(code).unwrap();
+                    let mut answer = Vec::new();
+                    FrameHeader::new(true, Opcode::Close, None, 2).write_to(&mut answer);
+                    answer.extend(code.to_be_bytes());
+                    let _ = s.write_all(&answer);
+                    return;
+                }
+            }
+        }),
+    );
+    bed.set_backends(&[be]);
+    for code in invalid.into_iter().chain(valid) {
+        let (mut s, head) = upgrade(bed.port, "/ws");
+        assert!(head.starts_with("HTTP/1.1 101"), "{head}");
+        send(&mut s, true, Opcode::Close, &close_payload(code));
+        let (_, op, payload) = recv(&mut s);
+        let at_backend = rx.recv_timeout(Duration::from_secs(5)).unwrap();
+        let want = if valid.contains(&code) { code } else { 1002 };
+        assert_eq!(
+            (op, close_code(&payload), at_backend),
+            (8, want, want),
+            "close code {code} from the client: (opcode, to the client, to the backend)"
+        );
+    }
+}
+
+#[test]
+fn a_backend_that_vanishes_mid_stream_closes_the_client_with_1014() {
+    must_be_root();
+    let bed = Bed::new("l7vanish", 0, "");
+    // One answers the first frame, then shuts its socket (FIN); the other
+    // resets it.
+    let fin = ws_fake_backend(
+        1,
+        std::sync::Arc::new(|mut s: TcpStream| {
+            let _ = recv_frame(&mut s);
+            let _ = s.write_all(&[0x81, 0x02, b'o', b'k']);
+            let _ = s.shutdown(std::net::Shutdown::Both);
+        }),
+    );
+    let reset = ws_fake_backend(
+        1,
+        std::sync::Arc::new(|mut s: TcpStream| {
+            use std::os::fd::AsRawFd;
+            let _ = recv_frame(&mut s);
+            let _ = s.write_all(&[0x81, 0x02, b'o', b'k']);
+            let linger = libc::linger {
+                l_onoff: 1,
+                l_linger: 0,
+            };
+            // SAFETY: setsockopt on our own socket; dropping it then
+            // sends a RST.
+            unsafe {
+                libc::setsockopt(
+                    s.as_raw_fd(),
+                    libc::SOL_SOCKET,
+                    libc::SO_LINGER,
+                    (&linger as *const libc::linger).cast(),
+                    size_of::<libc::linger>() as libc::socklen_t,
+                )
+            };
+        }),
+    );
+    for (how, be) in [("FIN", fin), ("RST", reset)] {
+        bed.set_backends(&[be]);
+        let (mut s, head) = upgrade(bed.port, "/ws");
+        assert!(head.starts_with("HTTP/1.1 101"), "{how}: {head}");
+        send(&mut s, true, Opcode::Text, b"hi");
+        assert_eq!(recv(&mut s).2, b"ok", "{how}");
+        let mut rest = Vec::new();
+        let frame = recv_frame(&mut s);
+        let _ = s.read_to_end(&mut rest);
+        let (h, payload) =
+            frame.unwrap_or_else(|e| panic!("{how}: no Close, the stream ended: {e}"));
+        assert_eq!(
+            (h.opcode, close_code(&payload)),
+            (8, 1014),
+            "{how}: the client gets 1014 bad gateway"
+        );
+    }
+}
+
+#[test]
+fn routes_match_whole_segments_of_the_normalised_path() {
+    must_be_root();
+    let bed = Bed::new("l7route", 1, "");
+    for (path, status) in [
+        ("/ws", "101"),
+        ("/ws/room?x=1", "101"),
+        ("/ws?x=/../dead", "101"),
+        ("/wsx", "404"),
+        ("/ws.html", "404"),
+        ("/empty", "503"),
+        ("/ws/../empty", "503"),
+        ("/ws/%2e%2E/empty", "503"),
+        ("/empty/../ws", "101"),
+        ("/ws/./a/../b", "101"),
+        ("/ws/../../x", "400"),
+        ("/..", "400"),
+    ] {
+        let (_, head) = upgrade(bed.port, path);
+        assert!(
+            head.starts_with(&format!("HTTP/1.1 {status} ")),
+            "{path}: {head}"
+        );
+    }
+}
+
+/// RFC 6455 5.3: masks must be unpredictable. weir puts one on every frame
+/// it sends a backend; its Close on a client's protocol error is one.
+#[test]
+fn masks_on_frames_weir_sends_to_backends_are_random() {
+    must_be_root();
+    let bed = Bed::new("l7mask", 0, "");
+    let n = 40;
+    let (tx, rx) = std::sync::mpsc::channel::<[u8; 4]>();
+    let tx = std::sync::Mutex::new(tx);
+    let be = ws_fake_backend(
+        n,
+        std::sync::Arc::new(move |mut s: TcpStream| {
+            while let Ok((h, _)) = recv_frame(&mut s) {
+                if h.opcode == 8 {
+                    let mask = h.mask.expect("frames to a backend are masked");
+                    tx.lock().unwrap().send(mask).unwrap();
+                    return;
+                }
+            }
+        }),
+    );
+    bed.set_backends(&[be]);
+    let mut masks = Vec::new();
+    for _ in 0..n {
+        let (mut s, head) = upgrade(bed.port, "/ws");
+        assert!(head.starts_with("HTTP/1.1 101"), "{head}");
+        s.write_all(&[0x81, 0x02, b'n', b'o']).unwrap(); // unmasked: 1002
+        let (_, op, _) = recv(&mut s);
+        assert_eq!(op, 8);
+        masks.push(rx.recv_timeout(Duration::from_secs(5)).unwrap());
+    }
+    let distinct: std::collections::BTreeSet<[u8; 4]> = masks.iter().copied().collect();
+    assert_eq!(distinct.len(), n, "masks repeat: {masks:x?}");
+    for byte in 0..4 {
+        let values: std::collections::BTreeSet<u8> = masks.iter().map(|m| m[byte]).collect();
+        assert!(
+            values.len() > n / 2,
+            "mask byte {byte} takes {} values over {n} masks: {masks:x?}",
+            values.len()
+        );
+    }
+}
+
+/// Clients choose close codes freely: they may not grow /metrics without
+/// bound.
+#[test]
+fn close_code_series_stay_bounded_whatever_clients_send() {
+    must_be_root();
+    let bed = Bed::new("l7series", 1, "");
+    for i in 0..300u16 {
+        let code = [3000, 4000, 5000][usize::from(i % 3)] + i;
+        let (mut s, head) = upgrade(bed.port, "/ws");
+        assert!(head.starts_with("HTTP/1.1 101"), "{head}");
+        send(&mut s, true, Opcode::Close, &close_payload(code));
+        let (_, op, _) = recv(&mut s);
+        assert_eq!(op, 8);
+    }
+    std::thread::sleep(Duration::from_millis(200));
+    let text = metrics_text(bed.metrics_port);
+    let closes: Vec<&str> = text
+        .lines()
+        .filter(|l| l.starts_with("weir_l7_close_codes_total{"))
+        .collect();
+    assert!(
+        closes.len() <= 8,
+        "{} close-code series after 300 codes:\n{}",
+        closes.len(),
+        closes.join("\n")
+    );
+    for want in [
+        "weir_l7_close_codes_total{direction=\"from_client\",code=\"3000-3999\"} 100",
+        "weir_l7_close_codes_total{direction=\"from_client\",code=\"4000-4999\"} 100",
+        "weir_l7_close_codes_total{direction=\"from_client\",code=\"invalid\"} 100",
+        "weir_l7_close_codes_total{direction=\"sent_to_client\",code=\"1002\"} 100",
+    ] {
+        assert!(
+            closes.contains(&want),
+            "no {want:?} in\n{}",
+            closes.join("\n")
+        );
+    }
+}
+
+/// Backends come and go: the series of one that left the registry goes
+/// with it.
+#[test]
+fn a_departed_backends_metrics_series_goes() {
+    must_be_root();
+    let bed = Bed::new("l7departed", 2, "[drain]\nwindow = \"1s\"\n");
+    let r = report(bed.clients(20, 1, None));
+    assert_eq!(r.summary.connected, 20);
+    let (kept, leaving) = (bed.echoes[0].1, bed.echoes[1].1);
+    let series = |addr: SocketAddr| format!("weir_l7_connections_total{{backend=\"{addr}\"}}");
+    let text = metrics_text(bed.metrics_port);
+    assert!(
+        text.contains(&series(leaving)) && text.contains(&series(kept)),
+        "20 connections used both backends:\n{text}"
+    );
+    bed.weir_cli(&[
+        "backend",
+        "set",
+        &SVC.to_string(),
+        &kept.to_string(),
+        "--force",
+    ]);
+    let deadline = Instant::now() + Duration::from_secs(5);
+    loop {
+        let text = metrics_text(bed.metrics_port);
+        if !text.contains(&series(leaving)) {
+            assert!(text.contains(&series(kept)), "{text}");
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "the departed backend's series stayed:\n{text}"
+        );
+        std::thread::sleep(Duration::from_millis(100));
+    }
+}
+
+/// A listener on port 0: every worker serves the one port the kernel
+/// picked, and the log names it.
+#[test]
+fn a_listener_on_port_0_is_one_port_for_every_worker_and_logged() {
+    must_be_root();
+    let inst = TestInstance::new("l7port0");
+    let dir = std::env::temp_dir().join(format!("weir-l7-{}", inst.name()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let path = dir.join("weir.toml");
+    std::fs::write(
+        &path,
+        format!(
+            "instance = \"{}\"\n[runtime]\nworkers = 3\nbuffers = 64\n[timeouts]\nshutdown = \"1s\"\n[[listener]]\nlisten = \"127.0.0.1:0\"\n[[listener.route]]\nservice = \"{SVC}\"\n",
+            inst.name()
+        ),
+    )
+    .unwrap();
+    struct Killed(Child, std::path::PathBuf);
+    impl Drop for Killed {
+        fn drop(&mut self) {
+            let _ = self.0.kill();
+            let _ = self.0.wait();
+            let _ = std::fs::remove_dir_all(&self.1);
+        }
+    }
+    let mut weir = Killed(
+        Command::new(workspace_bin("weir"))
+            .args(["run", "--config"])
+            .arg(&path)
+            .stderr(Stdio::piped())
+            .spawn()
+            .unwrap(),
+        dir,
+    );
+    let mut line = String::new();
+    BufReader::new(weir.0.stderr.as_mut().unwrap())
+        .read_line(&mut line)
+        .unwrap();
+    let addr: SocketAddr = line
+        .trim()
+        .rsplit(' ')
+        .next()
+        .and_then(|a| a.parse().ok())
+        .unwrap_or_else(|| panic!("no address in {line:?}"));
+    assert_ne!(addr.port(), 0, "the log names the real port: {line:?}");
+    // Three listening sockets of this process on that port, one per
+    // worker.
+    let port_hex = format!(":{:04X} ", addr.port());
+    let tcp = std::fs::read_to_string(format!("/proc/{}/net/tcp", weir.0.id())).unwrap();
+    let listening = tcp
+        .lines()
+        .filter(|l| {
+            let f: Vec<&str> = l.split_whitespace().collect();
+            f.len() > 3 && format!("{} ", f[1]).ends_with(&port_hex) && f[3] == "0A"
+        })
+        .count();
+    assert_eq!(listening, 3, "{line:?}\n{tcp}");
+}
+
+fn set_buffer(s: &TcpStream, option: libc::c_int, bytes: libc::c_int) {
+    use std::os::fd::AsRawFd;
+    // SAFETY: setsockopt on a socket we hold; checked.
+    let rc = unsafe {
+        libc::setsockopt(
+            s.as_raw_fd(),
+            libc::SOL_SOCKET,
+            option,
+            (&bytes as *const libc::c_int).cast(),
+            4,
+        )
+    };
+    assert_eq!(rc, 0, "setsockopt: {}", std::io::Error::last_os_error());
+}
+
+/// A client that never reads: weir's SIGTERM Close to it waits behind
+/// data its socket cannot take, and is cut at the shutdown deadline. The
+/// summary must not count it as a 1001 delivered.
+#[test]
+fn a_close_never_written_to_a_client_is_not_counted_as_sent() {
+    must_be_root();
+    let mut bed = Bed::new("l7unsent", 0, "");
+    // On the client's first frame, 64 KiB of whole frames come back.
+    let be = ws_fake_backend(
+        1,
+        std::sync::Arc::new(|mut s: TcpStream| {
+            if recv_frame(&mut s).is_err() {
+                return;
+            }
+            let mut burst = Vec::new();
+            for _ in 0..4 {
+                FrameHeader::new(true, Opcode::Binary, None, 16_000).write_to(&mut burst);
+                burst.extend(std::iter::repeat_n(7u8, 16_000));
+            }
+            let _ = s.write_all(&burst);
+            while recv_frame(&mut s).is_ok() {}
+        }),
+    );
+    bed.set_backends(&[be]);
+    let mut s = TcpStream::connect(("127.0.0.1", bed.port)).unwrap();
+    s.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
+    s.write_all(b"GET /ws HTTP/1.1\r\nHost: t\r\nUpgrade: websocket\r\nConnection: Upgrade\r\nSec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\nSec-WebSocket-Version: 13\r\n\r\n").unwrap();
+    let mut head = Vec::new();
+    let mut byte = [0u8; 1];
+    while !head.ends_with(b"\r\n\r\n") {
+        s.read_exact(&mut byte).unwrap();
+        head.push(byte[0]);
+    }
+    assert!(head.starts_with(b"HTTP/1.1 101"));
+    // Both ends of the path to the client take little: the client's
+    // receive buffer and weir's send buffer for it (set on weir's own
+    // socket), so most of the burst stays queued inside weir.
+    set_buffer(&s, libc::SO_RCVBUF, 4096);
+    let pid = bed.weir.as_ref().unwrap().id();
+    set_buffer(
+        &weir_side_socket(pid, s.local_addr().unwrap()),
+        libc::SO_SNDBUF,
+        4096,
+    );
+    send(&mut s, true, Opcode::Text, b"go");
+    std::thread::sleep(Duration::from_millis(300));
+
+    let mut weir = bed.weir.take().unwrap();
+    // SAFETY: signalling the child we started.
+    unsafe { libc::kill(weir.id() as libc::pid_t, libc::SIGTERM) };
+    let started = Instant::now();
+    let status = loop {
+        if let Some(st) = weir.try_wait().unwrap() {
+            break st;
+        }
+        assert!(
+            started.elapsed() < Duration::from_secs(6),
+            "weir did not exit within the shutdown timeout"
+        );
+        std::thread::sleep(Duration::from_millis(20));
+    };
+    assert!(status.success(), "{status}");
+    let log = std::fs::read_to_string(bed.dir.join("weir.log")).unwrap();
+    let summary = log
+        .lines()
+        .find(|l| l.starts_with("weir: stopped after"))
+        .unwrap_or_else(|| panic!("no summary in {log:?}"));
+    assert!(
+        summary.contains("0 closed with 1001")
+            && summary.contains("Closes to clients never written: 1"),
+        "{summary}"
+    );
+    drop(s);
 }

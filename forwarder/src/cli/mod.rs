@@ -605,22 +605,17 @@ fn run_daemon(path: Option<&std::path::Path>, create: CreateOptions) -> Result<(
     for signal in [signal_hook::consts::SIGTERM, signal_hook::consts::SIGINT] {
         signal_hook::flag::register(signal, stop.clone()).context("installing signal handlers")?;
     }
-    let listeners: Vec<String> = config
-        .listeners
-        .iter()
-        .map(|l| l.listen.to_string())
-        .collect();
-    eprintln!(
-        "weir: running instance {} on {}",
-        instance.name(),
-        listeners.join(", ")
-    );
     let settings = crate::l7::worker::Settings {
         config,
         instance_dir: instance.pin_dir(),
         state_dir: instance.state_dir(),
     };
-    let totals = crate::l7::worker::serve(settings, stop).context("L7 workers")?;
+    let name = instance.name().to_string();
+    let listening = |bound: &[std::net::SocketAddr]| {
+        let bound: Vec<String> = bound.iter().map(|a| a.to_string()).collect();
+        eprintln!("weir: running instance {name} on {}", bound.join(", "));
+    };
+    let totals = crate::l7::worker::serve(settings, stop, listening).context("L7 workers")?;
     let upgraded = totals.handshakes.get("upgraded").copied().unwrap_or(0);
     let drained = totals
         .closes
@@ -628,8 +623,8 @@ fn run_daemon(path: Option<&std::path::Path>, create: CreateOptions) -> Result<(
         .copied()
         .unwrap_or(0);
     eprintln!(
-        "weir: stopped after {} connections ({upgraded} upgraded, {drained} closed with 1001)",
-        totals.accepted
+        "weir: stopped after {} connections ({upgraded} upgraded, {drained} closed with 1001; Closes to clients never written: {})",
+        totals.accepted, totals.closes_undelivered_to_client
     );
     drop(lock);
     Ok(())
@@ -876,6 +871,10 @@ fn stats(reg: &Registry, instance: &Instance, json: bool) -> Result<()> {
         println!("  handshakes: {}", handshakes.join(", "));
         let closes: Vec<String> = l7.closes.iter().map(|(k, v)| format!("{k}: {v}")).collect();
         println!("  close codes: {}", closes.join(", "));
+        println!(
+            "  weir's Closes never written: to clients {} to backends {}",
+            l7.closes_undelivered_to_client, l7.closes_undelivered_to_backend
+        );
     }
     if let Some(d) = decap {
         println!("decap:");

@@ -107,9 +107,10 @@ pub struct Listener {
 }
 
 /// A route: requests whose Host matches `host` (`*` for any, or a name
-/// compared without port and case) and whose path starts with
-/// `path_prefix` go to `service`. The longest matching prefix wins; an
-/// exact host wins over `*`.
+/// compared without port and case) and whose path is `path_prefix` or lies
+/// under it (whole segments: `/chat` takes `/chat/x`, not `/chatroom`) go
+/// to `service`. The longest matching prefix wins; an exact host wins over
+/// `*`.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct Route {
     pub host: String,
@@ -128,11 +129,20 @@ impl Listener {
             .iter()
             .filter(|r| {
                 (r.host == "*" || r.host.eq_ignore_ascii_case(host))
-                    && path.starts_with(&r.path_prefix)
+                    && under_prefix(path, &r.path_prefix)
             })
             .max_by_key(|r| (r.host != "*", r.path_prefix.len()))
             .map(|r| r.service)
     }
+}
+
+/// Whether request target `target` (path and query) is `prefix` or under
+/// it, on segment boundaries.
+fn under_prefix(target: &str, prefix: &str) -> bool {
+    let Some(rest) = target.strip_prefix(prefix) else {
+        return false;
+    };
+    prefix.ends_with('/') || rest.is_empty() || rest.starts_with(['/', '?'])
 }
 
 // The file as written, with spans for the errors found after parsing.
@@ -675,6 +685,30 @@ service = "198.19.0.4:80"
             None,
             "no route: 404"
         );
+    }
+
+    #[test]
+    fn prefixes_match_whole_segments() {
+        let c = parse(
+            "[[listener]]\nlisten = \"127.0.0.1:1\"\n[[listener.route]]\npath_prefix = \"/chat\"\nservice = \"198.19.0.2:80\"\n[[listener.route]]\npath_prefix = \"/api/\"\nservice = \"198.19.0.3:80\"\n",
+            "t",
+        )
+        .unwrap();
+        let svc = |p| c.listeners[0].route("x", p).map(|s| s.vip.octets()[3]);
+        for (path, want) in [
+            ("/chat", Some(2)),
+            ("/chat/", Some(2)),
+            ("/chat/room", Some(2)),
+            ("/chat?x=1", Some(2)),
+            ("/chatroom", None),
+            ("/chat.html", None),
+            ("/api/", Some(3)),
+            ("/api/v1", Some(3)),
+            ("/api", None),
+            ("/apiv1", None),
+        ] {
+            assert_eq!(svc(path), want, "{path}");
+        }
     }
 
     proptest::proptest! {

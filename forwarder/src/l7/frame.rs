@@ -3,8 +3,12 @@
 //! The relay never looks into payloads: it reads the 2–14 header bytes of
 //! each frame with [`parse_header`], asks the [`Validator`] of that direction
 //! whether the frame may pass, and forwards header and payload as they came
-//! (client frames stay masked). Knowing where frames and messages end is also
-//! what lets drain inject a Close without cutting a message in two.
+//! (client frames stay masked). Knowing where frames end is also what lets
+//! weir inject a Close of its own without cutting a frame in two. It injects at
+//! the next frame boundary, which may fall between two fragments of a message:
+//! a control frame may come between fragments (5.4), and a Close ends the
+//! stream, unfinished message included (waiting for the message to end could
+//! wait forever on a peer that never finishes it).
 //!
 //! [`parse_header`] rejects encodings that can never be valid (5.2): a 64-bit
 //! length with its most significant bit set, and a length not written in its
@@ -19,6 +23,9 @@
 //! - control frames carry at most 125 bytes and are not fragmented (5.5);
 //! - a Close payload is empty or starts with a 2-byte code, so a 1-byte one is
 //!   invalid (5.5.1);
+//! - that code is one a peer may send ([`close_code_allowed`], 7.4) and the
+//!   reason after it is UTF-8 (5.5.1; else 1007, 8.1), checked by
+//!   [`check_close_payload`] once the whole Close frame is in;
 //! - a continuation frame continues a fragmented message, and a text or binary
 //!   frame does not start one while another is open; control frames may come
 //!   in between (5.4);
@@ -43,6 +50,49 @@ pub const CLOSE_GOING_AWAY: u16 = 1001;
 pub const CLOSE_PROTOCOL_ERROR: u16 = 1002;
 /// Close code for a frame or message over the limits (7.4.1).
 pub const CLOSE_MESSAGE_TOO_BIG: u16 = 1009;
+/// Close code for data that is not what its type says: a Close reason that
+/// is not UTF-8 (7.4.1, 8.1).
+pub const CLOSE_INVALID_PAYLOAD: u16 = 1007;
+/// Close code "Bad Gateway" (IANA WebSocket Close Code Number Registry):
+/// weir, a proxy, sends it to a client whose backend ended the stream
+/// without a Close of its own (crashed, reset, or shut its socket).
+pub const CLOSE_BAD_GATEWAY: u16 = 1014;
+/// "No status received" (7.4.1): what a Close without a code is counted as.
+/// A peer must never put it in a Close frame.
+pub const CLOSE_NO_STATUS: u16 = 1005;
+
+/// Whether a peer may send `code` in a Close frame (7.4.1, 7.4.2 and the IANA
+/// registry): the codes RFC 6455 and the registry define for use on the wire
+/// (1000-1003, 1007-1014), the range for libraries and frameworks
+/// (3000-3999) and the private range (4000-4999). Everything else is
+/// invalid: 0-999 is unused, 1004 reserved, 1005/1006/1015 must never be
+/// sent, 1016-2999 is unassigned, 5000 and up undefined.
+pub const fn close_code_allowed(code: u16) -> bool {
+    matches!(code, 1000..=1003 | 1007..=1014 | 3000..=4999)
+}
+
+/// Checks the unmasked payload of a complete Close frame: empty, or an
+/// allowed code followed by a UTF-8 reason. Returns the code, or
+/// [`CLOSE_NO_STATUS`] for an empty payload.
+pub fn check_close_payload(payload: &[u8]) -> Result<u16, Violation> {
+    let [hi, lo, reason @ ..] = payload else {
+        if payload.is_empty() {
+            return Ok(CLOSE_NO_STATUS);
+        }
+        return Err(protocol_error("close frame with a 1-byte payload"));
+    };
+    let code = u16::from_be_bytes([*hi, *lo]);
+    if !close_code_allowed(code) {
+        return Err(protocol_error("invalid close code"));
+    }
+    if std::str::from_utf8(reason).is_err() {
+        return Err(Violation {
+            code: CLOSE_INVALID_PAYLOAD,
+            reason: "close reason is not UTF-8",
+        });
+    }
+    Ok(code)
+}
 
 /// The opcodes RFC 6455 defines (5.2); every other 4-bit value is reserved.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -219,7 +269,7 @@ pub enum Direction {
 }
 
 /// Close code and reason weir must send when a rule is broken (RFC 6455
-/// 7.4.1): 1002 protocol error, 1009 message too big.
+/// 7.4.1): 1002 protocol error, 1007 invalid payload, 1009 message too big.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, thiserror::Error)]
 #[error("{reason} (close {code})")]
 pub struct Violation {
@@ -384,9 +434,9 @@ impl Validator {
     }
 
     /// True between the first and the last frame of a fragmented data
-    /// message. weir injects a Close only when this is false, since a Close
-    /// ends the stream and would cut the message; check
-    /// [`closed`](Self::closed) too, as a Close may arrive inside a message.
+    /// message. A Close weir injects at a frame boundary while this is true
+    /// ends the stream with the message unfinished (see the module
+    /// documentation).
     pub fn in_message(&self) -> bool {
         self.message.is_some()
     }
@@ -1180,6 +1230,41 @@ mod tests {
         assert_eq!(close_code(&[0x03, 0xE9, b'x', b'y'], None), Some(1001));
         let masked = [0x03 ^ M[0], 0xEA ^ M[1], b'x' ^ M[2]];
         assert_eq!(close_code(&masked, Some(M)), Some(1002));
+    }
+
+    #[test]
+    fn close_codes_a_peer_may_send() {
+        let allowed: Vec<u16> = (0..=u16::MAX).filter(|c| close_code_allowed(*c)).collect();
+        let mut expected: Vec<u16> = vec![1000, 1001, 1002, 1003];
+        expected.extend(1007..=1014);
+        expected.extend(3000..=4999);
+        assert_eq!(allowed, expected);
+        for bad in [
+            0, 999, 1004, 1005, 1006, 1015, 1016, 1100, 2000, 2999, 5000, 65535,
+        ] {
+            assert!(!close_code_allowed(bad), "{bad}");
+        }
+    }
+
+    #[test]
+    fn close_payloads() {
+        assert_eq!(check_close_payload(&[]), Ok(CLOSE_NO_STATUS));
+        assert_eq!(check_close_payload(&[0x03, 0xE8]), Ok(1000));
+        assert_eq!(check_close_payload(b"\x0f\xa0caf\xc3\xa9"), Ok(4000));
+        for code in [0u16, 999, 1004, 1005, 1006, 1015, 1016, 2999, 5000] {
+            let mut p = code.to_be_bytes().to_vec();
+            p.extend_from_slice(b"x");
+            assert_eq!(
+                check_close_payload(&p).map_err(|v| (v.code, v.reason)),
+                Err((1002, "invalid close code")),
+                "{code}"
+            );
+        }
+        assert_eq!(
+            check_close_payload(&[0x03, 0xE8, 0xff, 0xfe]).map_err(|v| v.code),
+            Err(1007)
+        );
+        assert_eq!(check_close_payload(&[0x03]).map_err(|v| v.code), Err(1002));
     }
 
     #[test]

@@ -87,7 +87,9 @@ pub fn status_text(status: u16) -> &'static str {
 /// A valid opening handshake.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct UpgradeRequest {
-    /// The request target (origin form: starts with `/`).
+    /// The request target (origin form: starts with `/`), its path
+    /// normalised by [`normalize_target`]: what weir routes on and what the
+    /// backend gets.
     pub path: String,
     pub host: String,
     /// `Sec-WebSocket-Key`, as sent.
@@ -210,6 +212,7 @@ pub fn parse_request(buf: &[u8], limits: &Limits) -> Result<Option<UpgradeReques
     if !path.starts_with('/') {
         return Err(reject(400, "request target must be a path"));
     }
+    let path = normalize_target(path).ok_or(reject(400, "request path climbs above the root"))?;
     let headers = req.headers;
 
     let host = one(
@@ -277,7 +280,7 @@ pub fn parse_request(buf: &[u8], limits: &Limits) -> Result<Option<UpgradeReques
         .collect();
 
     Ok(Some(UpgradeRequest {
-        path: path.to_string(),
+        path,
         host: host.to_string(),
         key: key.to_string(),
         protocols: joined(headers, "sec-websocket-protocol")?,
@@ -286,6 +289,40 @@ pub fn parse_request(buf: &[u8], limits: &Limits) -> Result<Option<UpgradeReques
         headers: forwarded,
         head_len,
     }))
+}
+
+/// The request target `target` (origin form) with the dot segments of its
+/// path removed (RFC 3986 5.2.4), also those written with `%2e`, so that a
+/// route and the backend see the same path: `/chat/../admin` is `/admin`,
+/// not a `/chat` request. `None` when a `..` climbs above the root. Empty
+/// segments and the query stay as they are.
+pub fn normalize_target(target: &str) -> Option<String> {
+    let (path, query) = target.split_at(target.find('?').unwrap_or(target.len()));
+    let dot = |s: &str| s == "." || s.eq_ignore_ascii_case("%2e");
+    let dot_dot = |s: &str| {
+        s == ".."
+            || [".%2e", "%2e.", "%2e%2e"]
+                .iter()
+                .any(|d| s.eq_ignore_ascii_case(d))
+    };
+    let segments: Vec<&str> = path.strip_prefix('/')?.split('/').collect();
+    let last = segments.len() - 1;
+    let mut out: Vec<&str> = Vec::with_capacity(segments.len());
+    for (i, seg) in segments.iter().enumerate() {
+        if dot(seg) || dot_dot(seg) {
+            if dot_dot(seg) {
+                out.pop()?;
+            }
+            // A path ending in a dot segment names a directory: `/a/b/..`
+            // is `/a/`.
+            if i == last {
+                out.push("");
+            }
+            continue;
+        }
+        out.push(seg);
+    }
+    Some(format!("/{}{query}", out.join("/")))
 }
 
 /// The request weir sends to the backend for `req` from client address
@@ -559,6 +596,47 @@ mod tests {
                 "cut at {cut}"
             );
         }
+    }
+
+    #[test]
+    fn paths_are_normalised() {
+        for (target, want) in [
+            ("/", Some("/")),
+            ("/chat", Some("/chat")),
+            ("/chat/", Some("/chat/")),
+            ("/chat/../none", Some("/none")),
+            ("/chat/./room", Some("/chat/room")),
+            ("/chat/.", Some("/chat/")),
+            ("/chat/..", Some("/")),
+            ("/a/b/../../c?x=/../y", Some("/c?x=/../y")),
+            ("/chat/%2E%2e/admin", Some("/admin")),
+            ("/chat/.%2e/admin", Some("/admin")),
+            ("/chat/%2e/room", Some("/chat/room")),
+            ("/a//b/../c", Some("/a//c")),
+            ("/...", Some("/...")),
+            ("/..chat/x", Some("/..chat/x")),
+            ("/..", None),
+            ("/chat/../../etc", None),
+            ("/%2e%2e/x", None),
+            ("/a/../..?q", None),
+        ] {
+            assert_eq!(normalize_target(target).as_deref(), want, "{target}");
+        }
+    }
+
+    #[test]
+    fn the_request_carries_the_normalised_path_or_gets_400() {
+        let req = parse_request(
+            &edited("/chat?room=1", "/chat/../other/./x?a=/../1"),
+            &Limits::default(),
+        )
+        .unwrap()
+        .unwrap();
+        assert_eq!(req.path, "/other/x?a=/../1");
+        let forwarded = forward_request(&req, "198.18.0.1".parse().unwrap(), "http");
+        assert!(forwarded.starts_with(b"GET /other/x?a=/../1 HTTP/1.1\r\n"));
+        let climb = parse_request(&edited("/chat", "/chat/../../x"), &Limits::default());
+        assert_eq!(climb.map_err(|r| r.status), Err(400));
     }
 
     #[test]

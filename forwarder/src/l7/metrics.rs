@@ -27,6 +27,10 @@ pub struct WorkerMetrics {
     /// Times a quiet worker gave its buffer pool's memory back.
     pub pool_releases: AtomicU64,
     pub drains_in_progress: AtomicU64,
+    /// Closes weir queued for a peer that were never written to its
+    /// socket (the peer stopped reading, or the connection was cut).
+    pub closes_undelivered_to_client: AtomicU64,
+    pub closes_undelivered_to_backend: AtomicU64,
     maps: Mutex<Maps>,
 }
 
@@ -36,8 +40,25 @@ struct Maps {
     backends: BTreeMap<String, (u64, u64)>,
     /// "upgraded" or the HTTP status weir answered
     handshakes: BTreeMap<String, u64>,
-    /// "direction code" -> count
+    /// "direction code" -> count, the code as [`close_code_label`] names it
     closes: BTreeMap<String, u64>,
+}
+
+/// The label a close code is counted under. Peers choose codes freely, so
+/// only the codes RFC 6455 and the IANA registry define get a series each;
+/// each application range gets one, and everything else one ("invalid"):
+/// a bounded set of series whatever peers send.
+pub fn close_code_label(code: u16) -> &'static str {
+    const DEFINED: [&str; 16] = [
+        "1000", "1001", "1002", "1003", "invalid", "1005", "invalid", "1007", "1008", "1009",
+        "1010", "1011", "1012", "1013", "1014", "invalid",
+    ];
+    match code {
+        1000..=1015 => DEFINED[usize::from(code - 1000)],
+        3000..=3999 => "3000-3999",
+        4000..=4999 => "4000-4999",
+        _ => "invalid",
+    }
 }
 
 /// Close codes by who sent them to whom.
@@ -81,16 +102,33 @@ impl WorkerMetrics {
         });
     }
 
+    /// Drops the series of a backend that left, so that backends coming and
+    /// going do not grow `/metrics` forever. False (kept) while this worker
+    /// still has a connection to it.
+    pub fn forget_backend(&self, backend: SocketAddr) -> bool {
+        let key = backend.to_string();
+        let mut gone = false;
+        self.with(|m| {
+            if m.backends.get(&key).is_none_or(|e| e.0 == 0) {
+                m.backends.remove(&key);
+                gone = true;
+            }
+        });
+        gone
+    }
+
     /// A handshake ended: `None` upgraded, `Some(status)` refused.
     pub fn handshake(&self, status: Option<u16>) {
         let key = status.map_or_else(|| "upgraded".to_string(), |s| s.to_string());
         self.with(|m| *m.handshakes.entry(key).or_default() += 1);
     }
 
+    /// Counts a Close: one seen from a peer, or one of weir's own once it
+    /// was written to the peer's socket.
     pub fn close(&self, seen: CloseSeen, code: u16) {
         self.with(|m| {
             *m.closes
-                .entry(format!("{} {code}", seen.label()))
+                .entry(format!("{} {}", seen.label(), close_code_label(code)))
                 .or_default() += 1
         });
     }
@@ -108,6 +146,10 @@ pub struct Snapshot {
     #[serde(default)]
     pub pool_releases: u64,
     pub drains_in_progress: u64,
+    #[serde(default)]
+    pub closes_undelivered_to_client: u64,
+    #[serde(default)]
+    pub closes_undelivered_to_backend: u64,
     /// backend -> [active, total]
     pub backends: BTreeMap<String, (u64, u64)>,
     pub handshakes: BTreeMap<String, u64>,
@@ -126,6 +168,8 @@ pub fn snapshot(workers: &[Arc<WorkerMetrics>]) -> Snapshot {
         s.buffer_exhausted += get(&w.buffer_exhausted);
         s.pool_releases += get(&w.pool_releases);
         s.drains_in_progress += get(&w.drains_in_progress);
+        s.closes_undelivered_to_client += get(&w.closes_undelivered_to_client);
+        s.closes_undelivered_to_backend += get(&w.closes_undelivered_to_backend);
         let m = w.maps.lock().unwrap_or_else(|e| e.into_inner()).clone();
         for (k, (a, t)) in m.backends {
             let e = s.backends.entry(k).or_default();
@@ -224,7 +268,7 @@ pub fn render(s: &Snapshot) -> String {
     metric(
         "weir_l7_close_codes_total",
         "counter",
-        "Close frames by direction and code (sent_* are weir's own).",
+        "Close frames by direction and code: RFC 6455 and IANA codes by number, 3000-3999 and 4000-4999 as one each, anything else as invalid; sent_* are weir's own, counted once written to the socket.",
         s.closes
             .iter()
             .map(|(k, v)| {
@@ -232,6 +276,21 @@ pub fn render(s: &Snapshot) -> String {
                 (format!("{{direction=\"{dir}\",code=\"{code}\"}}"), *v)
             })
             .collect(),
+    );
+    metric(
+        "weir_l7_closes_undelivered_total",
+        "counter",
+        "Closes weir queued for a peer that were never written to its socket.",
+        vec![
+            (
+                "{direction=\"to_client\"}".into(),
+                s.closes_undelivered_to_client,
+            ),
+            (
+                "{direction=\"to_backend\"}".into(),
+                s.closes_undelivered_to_backend,
+            ),
+        ],
     );
     metric(
         "weir_l7_drains_in_progress",
@@ -311,6 +370,46 @@ pub fn serve(
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn close_codes_are_counted_in_a_bounded_set_of_series() {
+        let m = WorkerMetrics::default();
+        for code in 0..=u16::MAX {
+            m.close(CloseSeen::FromClient, code);
+        }
+        let s = snapshot(&[Arc::new(m)]);
+        let labels: Vec<&str> = s
+            .closes
+            .keys()
+            .map(|k| k.split_once(' ').unwrap().1)
+            .collect();
+        assert_eq!(
+            labels.len(),
+            16,
+            "13 codes by number, two ranges, invalid; some: {:?}",
+            &labels[..labels.len().min(20)]
+        );
+        assert_eq!(s.closes["from_client 1000"], 1);
+        assert_eq!(s.closes["from_client 1014"], 1);
+        assert_eq!(s.closes["from_client 3000-3999"], 1000);
+        assert_eq!(s.closes["from_client 4000-4999"], 1000);
+        assert_eq!(
+            s.closes["from_client invalid"],
+            65536 - 13 - 2000,
+            "0-999, 1004, 1006, 1015, 1016-2999, 5000 and up"
+        );
+    }
+
+    #[test]
+    fn a_backend_series_goes_only_once_its_connections_did() {
+        let m = WorkerMetrics::default();
+        let be: SocketAddr = "127.0.0.1:9001".parse().unwrap();
+        m.connected(be);
+        assert!(!m.forget_backend(be), "a connection is open");
+        m.disconnected(be);
+        assert!(m.forget_backend(be));
+        assert!(snapshot(&[Arc::new(m)]).backends.is_empty());
+    }
 
     #[test]
     fn workers_sum_and_render() {

@@ -7,24 +7,29 @@
 //! A header split across two reads is held back (at most 13 bytes, copied)
 //! until it is complete and judged, so no byte of a frame that breaks a
 //! rule ever reaches the other side, and weir can put its Close right
-//! after the last good frame.
+//! after the last good frame. A Close frame is held back whole (at most
+//! 139 bytes) for the same reason: its code and reason, in the payload, are
+//! part of what is judged.
 
-use super::frame::{self, Direction, FrameHeader, FrameKind, Limits, Validator, Violation};
+use super::frame::{
+    self, Direction, FrameHeader, FrameKind, Limits, MAX_CONTROL_PAYLOAD, MAX_HEADER_LEN, Opcode,
+    Validator, Violation,
+};
 
 /// What to do with one read.
 #[derive(Debug, Default, PartialEq, Eq)]
 pub struct Fed {
-    /// Header bytes held from earlier reads, to send before this read's
-    /// bytes.
+    /// Bytes held from earlier reads, to send before this read's bytes.
     pub held: Option<Vec<u8>>,
     /// How many leading bytes of this read to send on.
     pub pass: usize,
     /// A rule was broken at the end of what passes: close with it.
     pub violation: Option<Violation>,
-    /// Close frames that passed, with their codes when the payload had one
-    /// (1005 "no status" otherwise), for the metrics.
+    /// Codes of the Close frames seen, for the metrics: those that passed
+    /// (1005 "no status" for one without a code), and the code of one
+    /// refused for it.
     pub closes: Vec<u16>,
-    /// Frames whose header passed in this read.
+    /// Frames that passed in this read.
     pub frames: u32,
 }
 
@@ -32,27 +37,32 @@ pub struct Fed {
 #[derive(Debug)]
 pub struct Scanner {
     validator: Validator,
-    /// A header that began in an earlier read.
+    /// A header, or a whole Close frame, that began in an earlier read.
     partial: Vec<u8>,
     /// Payload bytes of the current frame still to come.
     remaining: u64,
-    /// Collecting a Close frame's code: mask, bytes so far, payload offset.
-    close: Option<CloseCode>,
+    /// A valid Close passed.
+    close_passed: bool,
     /// A Close went by and more came after it: dropped from here on.
     discarding: bool,
 }
 
-#[derive(Debug)]
-struct CloseCode {
-    mask: Option<[u8; 4]>,
-    /// The code's two bytes, `got` of them so far (inline: every
-    /// connection carries a scanner).
-    bytes: [u8; 2],
-    got: u8,
-}
+/// The most the scanner holds back: a whole Close frame.
+const MAX_HELD: usize = MAX_HEADER_LEN + MAX_CONTROL_PAYLOAD as usize;
 
-/// "No status received" (RFC 6455 7.4.1), for a Close without a code.
-pub const NO_STATUS: u16 = 1005;
+/// What the scanner judges at the start of `buf`, and its length: a frame
+/// header, or for a Close frame the whole frame. `Ok(None)`: incomplete.
+fn unit(buf: &[u8]) -> Result<Option<(FrameHeader, usize)>, Violation> {
+    let Some(h) = frame::parse_header(buf)? else {
+        return Ok(None);
+    };
+    // A longer Close is refused on its header alone.
+    if h.opcode == Opcode::Close as u8 && h.payload_len <= MAX_CONTROL_PAYLOAD {
+        let total = h.header_len + h.payload_len as usize;
+        return Ok((buf.len() >= total).then_some((h, total)));
+    }
+    Ok(Some((h, h.header_len)))
+}
 
 impl Scanner {
     pub fn new(dir: Direction, allow_rsv1: bool, limits: Limits) -> Self {
@@ -60,7 +70,7 @@ impl Scanner {
             validator: Validator::new(dir, allow_rsv1, limits),
             partial: Vec::new(),
             remaining: 0,
-            close: None,
+            close_passed: false,
             discarding: false,
         }
     }
@@ -70,9 +80,9 @@ impl Scanner {
         self.remaining == 0 && self.partial.is_empty()
     }
 
-    /// A Close frame went by in this direction.
+    /// A valid Close frame passed in this direction.
     pub fn closed(&self) -> bool {
-        self.validator.closed()
+        self.close_passed
     }
 
     /// Scans one read.
@@ -82,12 +92,11 @@ impl Scanner {
             return fed;
         }
         let mut i = 0;
-        // A header begun in an earlier read, completed by this one.
+        // A header or Close begun in an earlier read, completed by this one.
         let mut held_from_earlier = std::mem::take(&mut self.partial);
         while i < data.len() {
             if self.remaining > 0 {
                 let take = (self.remaining.min((data.len() - i) as u64)) as usize;
-                self.collect_close(&data[i..i + take], &mut fed);
                 self.remaining -= take as u64;
                 i += take;
                 continue;
@@ -100,52 +109,71 @@ impl Scanner {
                 self.discarding = true;
                 return fed;
             }
-            // A header: from the held bytes plus this read, or this read.
+            // The unit to judge: from the held bytes plus this read (only
+            // ever the first unit of a read), or from this read.
             let start = i;
-            let (header, used) = if held_from_earlier.is_empty() {
-                match frame::parse_header(&data[i..]) {
-                    Ok(Some(h)) => (Ok(h), h.header_len),
-                    Ok(None) => {
-                        self.partial = data[i..].to_vec();
-                        fed.pass = start;
-                        return fed;
-                    }
-                    Err(v) => (Err(v), 0),
-                }
+            let old = held_from_earlier.len();
+            let joined: Vec<u8>;
+            let buf: &[u8] = if old == 0 {
+                &data[i..]
             } else {
-                let old = held_from_earlier.len();
-                let mut joined = held_from_earlier.clone();
-                joined.extend_from_slice(&data[i..(i + 14).min(data.len())]);
-                match frame::parse_header(&joined) {
-                    Ok(Some(h)) => (Ok(h), h.header_len - old),
-                    Ok(None) => {
-                        // Still not complete: everything so far is held.
-                        held_from_earlier.extend_from_slice(&data[i..]);
-                        self.partial = held_from_earlier;
-                        fed.pass = 0;
-                        return fed;
-                    }
-                    Err(v) => (Err(v), 0),
-                }
+                joined = [
+                    held_from_earlier.as_slice(),
+                    &data[i..(i + MAX_HELD).min(data.len())],
+                ]
+                .concat();
+                &joined
             };
-            let judged = header.and_then(|h| self.validator.check(&h).map(|kind| (h, kind)));
+            let (header, len) = match unit(buf) {
+                Ok(Some((h, len))) => (Ok(h), len),
+                Ok(None) => {
+                    // Not complete: everything from `start` on is held
+                    // (less than MAX_HELD bytes, or it would be complete).
+                    held_from_earlier.extend_from_slice(&data[i..]);
+                    self.partial = held_from_earlier;
+                    fed.pass = start;
+                    return fed;
+                }
+                Err(v) => (Err(v), 0),
+            };
+            let judged = header.and_then(|h| {
+                let kind = self.validator.check(&h)?;
+                if kind != FrameKind::Close {
+                    return Ok((h, None));
+                }
+                let mut payload = buf[h.header_len..len].to_vec();
+                if let Some(mask) = h.mask {
+                    frame::apply_mask(&mut payload, mask, 0);
+                }
+                match frame::check_close_payload(&payload) {
+                    Ok(code) => Ok((h, Some(code))),
+                    Err(v) => {
+                        fed.closes.extend(frame::close_code(&payload, None));
+                        Err(v)
+                    }
+                }
+            });
             match judged {
-                Ok((h, kind)) => {
+                Ok((h, close)) => {
                     fed.frames += 1;
-                    self.start_frame(&h, kind, &mut fed);
-                    i += used;
+                    // A held unit needed more than what was held.
+                    i += len - old;
+                    match close {
+                        Some(code) => {
+                            fed.closes.push(code);
+                            self.close_passed = true;
+                        }
+                        None => self.remaining = h.payload_len,
+                    }
                     // The held bytes are good now: they go out first.
-                    if !held_from_earlier.is_empty() {
+                    if old > 0 {
                         fed.held = Some(std::mem::take(&mut held_from_earlier));
                     }
                 }
                 Err(v) => {
-                    // Nothing of the bad frame passes, held bytes included.
-                    fed.pass = if held_from_earlier.is_empty() {
-                        start
-                    } else {
-                        0
-                    };
+                    // Nothing of the bad frame passes, held bytes included
+                    // (`start` is 0 when bytes were held).
+                    fed.pass = start;
                     fed.violation = Some(v);
                     return fed;
                 }
@@ -153,36 +181,6 @@ impl Scanner {
         }
         fed.pass = data.len();
         fed
-    }
-
-    fn start_frame(&mut self, h: &FrameHeader, kind: FrameKind, fed: &mut Fed) {
-        self.remaining = h.payload_len;
-        if kind == FrameKind::Close {
-            if h.payload_len == 0 {
-                fed.closes.push(NO_STATUS);
-            } else {
-                self.close = Some(CloseCode {
-                    mask: h.mask,
-                    bytes: [0; 2],
-                    got: 0,
-                });
-            }
-        }
-    }
-
-    fn collect_close(&mut self, payload: &[u8], fed: &mut Fed) {
-        let Some(c) = self.close.as_mut() else {
-            return;
-        };
-        let got = c.got as usize;
-        let take = (2 - got).min(payload.len());
-        c.bytes[got..got + take].copy_from_slice(&payload[..take]);
-        c.got += take as u8;
-        if c.got == 2 || self.remaining == payload.len() as u64 {
-            let code = frame::close_code(&c.bytes[..c.got as usize], c.mask).unwrap_or(NO_STATUS);
-            fed.closes.push(code);
-            self.close = None;
-        }
     }
 }
 
@@ -314,6 +312,58 @@ mod tests {
         assert_eq!((fed.pass, fed.violation), (close.len(), None));
     }
 
+    #[test]
+    fn a_close_with_an_invalid_code_never_passes() {
+        let good = data_frame(Opcode::Text, true, b"ok", Some([9, 9, 9, 9]));
+        for code in [0u16, 999, 1004, 1005, 1006, 1015, 1016, 2999, 5000] {
+            let mut stream = good.clone();
+            stream.extend(close_frame(code, "bye", Some([0xaa, 0xbb, 0xcc, 0xdd])));
+            for size in [1, 2, 5, 8, 9, 64] {
+                let (out, closes, frames, v) = relay(&stream, size);
+                assert_eq!(out, good, "code {code}, size {size}");
+                assert_eq!(
+                    v.map(|v| (v.code, v.reason)),
+                    Some((1002, "invalid close code")),
+                    "code {code}, size {size}"
+                );
+                assert_eq!(
+                    (closes, frames),
+                    (vec![code], 1),
+                    "code {code}, size {size}"
+                );
+            }
+        }
+        // Refused, the Close did not pass: weir still owes that peer's
+        // other side a Close of its own.
+        let mut s = Scanner::new(Direction::ServerToClient, false, Limits::default());
+        let fed = s.feed(&close_frame(1005, "", None));
+        assert_eq!(fed.violation.map(|v| v.code), Some(1002));
+        assert!(!s.closed());
+    }
+
+    #[test]
+    fn a_close_reason_that_is_not_utf8_is_1007() {
+        let mut f = Vec::new();
+        FrameHeader::new(true, Opcode::Close, None, 4).write_to(&mut f);
+        f.extend([0x03, 0xE8, 0xff, 0xfe]);
+        let mut s = Scanner::new(Direction::ServerToClient, false, Limits::default());
+        let fed = s.feed(&f);
+        assert_eq!((fed.pass, fed.violation.map(|v| v.code)), (0, Some(1007)));
+    }
+
+    #[test]
+    fn a_close_is_held_until_it_is_whole() {
+        let close = close_frame(1000, "a reason", Some([1, 2, 3, 4]));
+        let mut s = Scanner::new(Direction::ClientToServer, false, Limits::default());
+        let fed = s.feed(&close[..7]);
+        assert_eq!((fed.pass, fed.held.clone(), fed.closes.len()), (0, None, 0));
+        assert!(!s.at_boundary() && !s.closed());
+        let fed = s.feed(&close[7..]);
+        assert_eq!(fed.held.as_deref(), Some(&close[..7]));
+        assert_eq!((fed.pass, fed.closes), (close.len() - 7, vec![1000]));
+        assert!(s.at_boundary() && s.closed());
+    }
+
     proptest::proptest! {
         /// Any split of a valid stream relays it unchanged.
         #[test]
@@ -332,6 +382,35 @@ mod tests {
                 if at == stream.len() { break; }
             }
             proptest::prop_assert_eq!(out, stream);
+        }
+
+        /// Arbitrary bytes, Close frames with any code among them: what
+        /// passes does not depend on how the reads were cut.
+        #[test]
+        fn what_passes_does_not_depend_on_the_cuts(
+            codes in proptest::collection::vec(proptest::prelude::any::<u16>(), 0..4),
+            noise in proptest::collection::vec(proptest::prelude::any::<u8>(), 0..60),
+            cut in 1usize..20,
+        ) {
+            let mut data = data_frame(Opcode::Text, true, b"hi", Some([1, 2, 3, 4]));
+            for code in &codes {
+                data.extend(close_frame(*code, "r", Some([5, 6, 7, 8])));
+            }
+            data.extend(noise);
+            let run = |size: usize| {
+                let mut s = Scanner::new(Direction::ClientToServer, false, Limits::default());
+                let mut out = Vec::new();
+                for chunk in data.chunks(size) {
+                    let fed = s.feed(chunk);
+                    if let Some(h) = fed.held { out.extend(h); }
+                    out.extend_from_slice(&chunk[..fed.pass]);
+                    if fed.violation.is_some() { break; }
+                }
+                out
+            };
+            let whole = run(data.len());
+            proptest::prop_assert!(data.starts_with(&whole));
+            proptest::prop_assert_eq!(whole, run(cut));
         }
 
         /// Arbitrary bytes: never a panic, and what passes is a prefix.

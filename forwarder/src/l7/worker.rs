@@ -101,7 +101,11 @@ pub struct Settings {
 }
 
 /// Opens a listening socket with SO_REUSEPORT, so each worker has its own
-/// and the kernel spreads connections across them.
+/// and the kernel spreads connections across them. TCP_NODELAY is set on
+/// the listener so that every accepted client socket inherits it: weir
+/// writes a message to a client in as many sends as it took receives, and
+/// with Nagle on, the last small piece of each would wait for the client's
+/// delayed ACK (40 ms on Linux).
 pub fn reuseport_listener(addr: SocketAddr) -> io::Result<OwnedFd> {
     let family = if addr.is_ipv4() {
         libc::AF_INET
@@ -116,15 +120,12 @@ pub fn reuseport_listener(addr: SocketAddr) -> io::Result<OwnedFd> {
         }
         let owned = OwnedFd::from_raw_fd(fd);
         let one: libc::c_int = 1;
-        for opt in [libc::SO_REUSEADDR, libc::SO_REUSEPORT] {
-            if libc::setsockopt(
-                fd,
-                libc::SOL_SOCKET,
-                opt,
-                (&one as *const libc::c_int).cast(),
-                4,
-            ) != 0
-            {
+        for (level, opt) in [
+            (libc::SOL_SOCKET, libc::SO_REUSEADDR),
+            (libc::SOL_SOCKET, libc::SO_REUSEPORT),
+            (libc::IPPROTO_TCP, libc::TCP_NODELAY),
+        ] {
+            if libc::setsockopt(fd, level, opt, (&one as *const libc::c_int).cast(), 4) != 0 {
                 return Err(io::Error::last_os_error());
             }
         }
@@ -137,6 +138,54 @@ pub fn reuseport_listener(addr: SocketAddr) -> io::Result<OwnedFd> {
         }
         Ok(owned)
     }
+}
+
+/// The address a socket is bound to.
+fn local_addr(fd: RawFd) -> io::Result<SocketAddr> {
+    // SAFETY: getsockname fills the storage we pass, up to its size.
+    let mut ss: libc::sockaddr_storage = unsafe { std::mem::zeroed() };
+    let mut len = size_of::<libc::sockaddr_storage>() as libc::socklen_t;
+    let rc = unsafe {
+        libc::getsockname(
+            fd,
+            (&mut ss as *mut libc::sockaddr_storage).cast(),
+            &mut len,
+        )
+    };
+    if rc != 0 {
+        return Err(io::Error::last_os_error());
+    }
+    from_storage(&ss).ok_or_else(|| io::Error::other("listener bound to a non-IP address"))
+}
+
+/// Binds the listeners of `workers` workers: per worker, one socket per
+/// configured listener, in configuration order. A listener on port 0 gets
+/// its port from the kernel once, for the first worker; the others bind the
+/// same port (SO_REUSEPORT), so every worker serves the one address that is
+/// logged. Returns the sockets and the addresses they listen on.
+pub fn bind_listeners(
+    listeners: &[Listener],
+    workers: usize,
+) -> io::Result<(Vec<Vec<OwnedFd>>, Vec<SocketAddr>)> {
+    let mut per_worker: Vec<Vec<OwnedFd>> = (0..workers).map(|_| Vec::new()).collect();
+    let mut bound = Vec::new();
+    for l in listeners {
+        let listening = |addr: SocketAddr| {
+            reuseport_listener(addr)
+                .map_err(|e| io::Error::new(e.kind(), format!("listening on {addr}: {e}")))
+        };
+        let first = listening(l.listen)?;
+        let addr = local_addr(first.as_raw_fd())?;
+        let mut fds = vec![first];
+        for _ in 1..workers {
+            fds.push(listening(addr)?);
+        }
+        for (w, fd) in per_worker.iter_mut().zip(fds) {
+            w.push(fd);
+        }
+        bound.push(addr);
+    }
+    Ok((per_worker, bound))
 }
 
 fn sockaddr(addr: SocketAddr) -> (libc::sockaddr_storage, libc::socklen_t) {
@@ -188,11 +237,15 @@ fn peer_addr(fd: RawFd) -> Option<SocketAddr> {
     if rc != 0 {
         return None;
     }
+    from_storage(&ss)
+}
+
+fn from_storage(ss: &libc::sockaddr_storage) -> Option<SocketAddr> {
     match ss.ss_family as i32 {
         libc::AF_INET => {
             // SAFETY: the kernel wrote a sockaddr_in.
             let sin: libc::sockaddr_in =
-                unsafe { std::ptr::read((&ss as *const libc::sockaddr_storage).cast()) };
+                unsafe { std::ptr::read((ss as *const libc::sockaddr_storage).cast()) };
             Some(SocketAddr::new(
                 IpAddr::from(sin.sin_addr.s_addr.to_ne_bytes()),
                 u16::from_be(sin.sin_port),
@@ -201,7 +254,7 @@ fn peer_addr(fd: RawFd) -> Option<SocketAddr> {
         libc::AF_INET6 => {
             // SAFETY: the kernel wrote a sockaddr_in6.
             let sin6: libc::sockaddr_in6 =
-                unsafe { std::ptr::read((&ss as *const libc::sockaddr_storage).cast()) };
+                unsafe { std::ptr::read((ss as *const libc::sockaddr_storage).cast()) };
             Some(SocketAddr::new(
                 IpAddr::from(sin6.sin6_addr.s6_addr),
                 u16::from_be(sin6.sin6_port),
@@ -211,13 +264,62 @@ fn peer_addr(fd: RawFd) -> Option<SocketAddr> {
     }
 }
 
+/// A seed from the kernel's random pool (getrandom(2)), per worker. Never
+/// 0, which xorshift could not leave.
+fn os_random_seed() -> io::Result<u64> {
+    let mut seed = [0u8; 8];
+    let mut got = 0;
+    while got < seed.len() {
+        // SAFETY: getrandom writes at most the given length into our buffer.
+        let n = unsafe { libc::getrandom(seed[got..].as_mut_ptr().cast(), seed.len() - got, 0) };
+        if n < 0 {
+            let e = io::Error::last_os_error();
+            if e.kind() == io::ErrorKind::Interrupted {
+                continue;
+            }
+            return Err(io::Error::new(e.kind(), format!("getrandom: {e}")));
+        }
+        got += n as usize;
+    }
+    Ok(u64::from_ne_bytes(seed) | 1)
+}
+
 /// A piece of data queued towards one peer.
 enum Seg {
     /// Bytes `start..end` of provided buffer `bid`, recycled once sent.
     Buf { bid: u16, start: u32, end: u32 },
     /// Bytes weir wrote itself (handshake answers, Close frames), from
-    /// `offset` on.
-    Owned { data: Vec<u8>, offset: usize },
+    /// `offset` on. `close`: the code of weir's own Close frame, counted
+    /// once the whole frame is written to the socket.
+    Owned {
+        data: Vec<u8>,
+        offset: usize,
+        close: Option<u16>,
+    },
+}
+
+impl Seg {
+    fn owned(data: Vec<u8>) -> Self {
+        Self::Owned {
+            data,
+            offset: 0,
+            close: None,
+        }
+    }
+
+    /// weir's own Close frame with `code`.
+    fn close(data: Vec<u8>, code: u16) -> Self {
+        Self::Owned {
+            data,
+            offset: 0,
+            close: Some(code),
+        }
+    }
+
+    /// A Close of weir's that was queued and will never be written.
+    fn undelivered_close(&self) -> bool {
+        matches!(self, Self::Owned { close: Some(_), .. })
+    }
 }
 
 #[derive(Default)]
@@ -348,6 +450,9 @@ pub struct Worker {
     /// The buffer pool's memory can be given back only when the kernel
     /// fills buffers inside our own `io_uring_enter` (DEFER_TASKRUN).
     pool: PoolRelease,
+    /// Backends with a metrics series in this worker, by address, with
+    /// the registry id they had when last connected to.
+    metric_backends: HashMap<SocketAddr, u32>,
 }
 
 /// When to give the buffer pool's memory back: after it was quiet (no
@@ -378,6 +483,7 @@ impl Worker {
     /// has them), the buffers, the listeners and the registry view.
     pub fn new(
         settings: &Settings,
+        listener_fds: Vec<OwnedFd>,
         stop: Arc<AtomicBool>,
         metrics: Arc<WorkerMetrics>,
         open: Arc<std::sync::atomic::AtomicUsize>,
@@ -411,15 +517,13 @@ impl Worker {
         })?;
         let slots: Vec<u32> = (0..table).rev().collect();
         let accept_paused = vec![false; config.listeners.len()];
-        let mut listeners = Vec::new();
-        for l in &config.listeners {
-            let fd = reuseport_listener(l.listen)
-                .map_err(|e| io::Error::new(e.kind(), format!("listening on {}: {e}", l.listen)))?;
-            listeners.push((fd, l.clone()));
-        }
+        let listeners: Vec<(OwnedFd, Listener)> = listener_fds
+            .into_iter()
+            .zip(config.listeners.iter().cloned())
+            .collect();
         let maps = Maps::open(&settings.instance_dir).map_err(io::Error::other)?;
         let view = RegistryView::open(maps).map_err(io::Error::other)?;
-        let seed = Instant::now().elapsed().as_nanos() as u64 ^ (std::process::id() as u64) << 32;
+        let seed = os_random_seed()?;
         Ok(Self {
             ring,
             bufs,
@@ -432,7 +536,7 @@ impl Worker {
             drains: DrainQueue::new(),
             tick: Box::new(types::Timespec::from(Duration::from_millis(50))),
             start: Instant::now(),
-            rng: seed | 1,
+            rng: seed,
             config,
             stop,
             accepting: true,
@@ -445,9 +549,13 @@ impl Worker {
                 enabled: defer_taskrun,
                 ..PoolRelease::default()
             },
+            metric_backends: HashMap::new(),
         })
     }
 
+    /// xorshift64 from a seed of the kernel's: backend picks and the masks
+    /// of frames weir sends to backends (which RFC 6455 5.3 wants
+    /// unpredictable) differ per worker and per run.
     fn random(&mut self) -> u32 {
         self.rng ^= self.rng << 13;
         self.rng ^= self.rng >> 7;
@@ -962,14 +1070,12 @@ impl Worker {
         // Connected: what only connecting needed goes.
         hs.backend_addr = None;
         hs.tried = Vec::new();
-        c.to_backend.segs.push_back(Seg::Owned {
-            data: forwarded,
-            offset: 0,
-        });
+        c.to_backend.segs.push_back(Seg::owned(forwarded));
         c.phase = Phase::BackendHead;
         c.deadline = Some(Instant::now() + backend_head);
         if let Some(addr) = self.view.backend(id).map(|b| b.addr) {
             self.metrics.connected(addr);
+            self.metric_backends.insert(addr, id);
             self.conn(idx).backend_sockaddr = Some(addr);
         }
         self.flush(idx, false);
@@ -991,10 +1097,7 @@ impl Worker {
             Ok(Some(BackendResponse::Other { .. })) => {
                 let head = std::mem::take(&mut self.hs(idx).head);
                 let c = self.conn(idx);
-                c.to_client.segs.push_back(Seg::Owned {
-                    data: head,
-                    offset: 0,
-                });
+                c.to_client.segs.push_back(Seg::owned(head));
                 c.phase = Phase::PassThrough;
                 // The answer gets as long as the handshake did.
                 c.deadline = Some(Instant::now() + backend_head);
@@ -1017,10 +1120,7 @@ impl Worker {
                 let after = hs.head.split_off(head_len);
                 let early = std::mem::take(&mut hs.early);
                 drop(hs);
-                c.to_client.segs.push_back(Seg::Owned {
-                    data: head,
-                    offset: 0,
-                });
+                c.to_client.segs.push_back(Seg::owned(head));
                 c.c2b = Some(Scanner::new(Direction::ClientToServer, rsv1, limits));
                 c.b2c = Some(Scanner::new(Direction::ServerToClient, rsv1, limits));
                 c.phase = Phase::Relay;
@@ -1051,7 +1151,7 @@ impl Worker {
         }
     }
 
-    /// Relays bytes weir holds (not in a provided buffer).
+    /// Counts the frames, bytes and Closes that passed in one read.
     fn count_fed(&self, from_client: bool, frames: u32, closes: &[u16], bytes: usize) {
         let m = &self.metrics;
         let (f, b, seen) = if from_client {
@@ -1066,6 +1166,17 @@ impl Worker {
         }
     }
 
+    /// Closes of weir's own dropped from a queue before they were written.
+    fn count_undelivered(&self, to_client: bool, closes: u64) {
+        let counter = if to_client {
+            &self.metrics.closes_undelivered_to_client
+        } else {
+            &self.metrics.closes_undelivered_to_backend
+        };
+        counter.fetch_add(closes, Ordering::Relaxed);
+    }
+
+    /// Relays bytes weir holds (not in a provided buffer).
     fn relay_owned(&mut self, idx: u32, from_client: bool, data: Vec<u8>) {
         let c = self.conn(idx);
         let scanner = if from_client {
@@ -1081,13 +1192,10 @@ impl Worker {
             &mut c.to_client
         };
         if let Some(h) = fed.held {
-            queue.segs.push_back(Seg::Owned { data: h, offset: 0 });
+            queue.segs.push_back(Seg::owned(h));
         }
         if fed.pass > 0 {
-            queue.segs.push_back(Seg::Owned {
-                data: data[..fed.pass].to_vec(),
-                offset: 0,
-            });
+            queue.segs.push_back(Seg::owned(data[..fed.pass].to_vec()));
         }
         self.count_fed(from_client, fed.frames, &fed.closes, fed.pass);
         if let Some(v) = fed.violation {
@@ -1120,21 +1228,17 @@ impl Worker {
         } else {
             &mut c.to_client
         };
-        if dropped {
-            self.bufs.recycle(bid);
+        if let Some(h) = fed.held {
+            queue.segs.push_back(Seg::owned(h));
+        }
+        if fed.pass > 0 {
+            queue.segs.push_back(Seg::Buf {
+                bid,
+                start: 0,
+                end: fed.pass as u32,
+            });
         } else {
-            if let Some(h) = fed.held {
-                queue.segs.push_back(Seg::Owned { data: h, offset: 0 });
-            }
-            if fed.pass > 0 {
-                queue.segs.push_back(Seg::Buf {
-                    bid,
-                    start: 0,
-                    end: fed.pass as u32,
-                });
-            } else {
-                self.bufs.recycle(bid);
-            }
+            self.bufs.recycle(bid);
         }
         self.count_fed(from_client, fed.frames, &fed.closes, fed.pass);
         if let Some(v) = fed.violation {
@@ -1177,12 +1281,11 @@ impl Worker {
         if self.conn(idx).pending_close.is_none() {
             return;
         }
-        let mask = [self.random() as u8, 0x5a, self.random() as u8, 0xa5];
+        let mask = self.random().to_ne_bytes();
         let c = self.conn(idx);
         let Some((code, reason)) = c.pending_close else {
             return;
         };
-        let mut sent = Vec::new();
         // A peer that sent its own Close, or whose write side is shut,
         // gets nothing more.
         let client_done = c.to_client.finish || c.b2c.as_ref().is_some_and(Scanner::closed);
@@ -1193,11 +1296,8 @@ impl Worker {
             c.closed_client = true;
             if !c.to_client.finish {
                 if !c.b2c.as_ref().is_some_and(Scanner::closed) {
-                    c.to_client.segs.push_back(Seg::Owned {
-                        data: frame::close_frame(code, reason, None),
-                        offset: 0,
-                    });
-                    sent.push(CloseSeen::SentToClient);
+                    let close = frame::close_frame(code, reason, None);
+                    c.to_client.segs.push_back(Seg::close(close, code));
                 }
                 c.to_client.finish = true;
             }
@@ -1206,20 +1306,14 @@ impl Worker {
             c.closed_backend = true;
             if c.backend.is_some() && !c.to_backend.finish {
                 if !c.c2b.as_ref().is_some_and(Scanner::closed) {
-                    c.to_backend.segs.push_back(Seg::Owned {
-                        data: frame::close_frame(code, reason, Some(mask)),
-                        offset: 0,
-                    });
-                    sent.push(CloseSeen::SentToBackend);
+                    let close = frame::close_frame(code, reason, Some(mask));
+                    c.to_backend.segs.push_back(Seg::close(close, code));
                 }
                 c.to_backend.finish = true;
             }
         }
         if c.closed_client && c.closed_backend {
             c.phase = Phase::Closing;
-        }
-        for seen in sent {
-            self.metrics.close(seen, code);
         }
         self.flush(idx, true);
         self.flush(idx, false);
@@ -1229,10 +1323,7 @@ impl Worker {
         self.metrics.handshake(Some(reject.status));
         let close_timeout = self.config.timeouts.close;
         let c = self.conn(idx);
-        c.to_client.segs.push_back(Seg::Owned {
-            data: reject.response(),
-            offset: 0,
-        });
+        c.to_client.segs.push_back(Seg::owned(reject.response()));
         c.to_client.finish = true;
         c.phase = Phase::Closing;
         c.deadline = Some(Instant::now() + close_timeout);
@@ -1262,10 +1353,15 @@ impl Worker {
         c.phase = Phase::Closing;
         c.aborted = true;
         let mut bids = Vec::new();
-        for queue in [&mut c.to_client, &mut c.to_backend] {
+        let mut unsent = [0; 2];
+        for (queue, unsent) in [&mut c.to_client, &mut c.to_backend]
+            .into_iter()
+            .zip(&mut unsent)
+        {
             // A segment being sent stays until its send completes.
             let keep = usize::from(queue.in_flight);
             for seg in queue.segs.drain(keep..) {
+                *unsent += u64::from(seg.undelivered_close());
                 if let Seg::Buf { bid, .. } = seg {
                     bids.push(bid);
                 }
@@ -1273,6 +1369,8 @@ impl Worker {
         }
         // SAFETY: shutdown on our own socket ends its operations.
         unsafe { libc::shutdown(c.client.as_raw_fd(), libc::SHUT_RDWR) };
+        self.count_undelivered(true, unsent[0]);
+        self.count_undelivered(false, unsent[1]);
         for bid in bids {
             self.bufs.recycle(bid);
         }
@@ -1282,6 +1380,15 @@ impl Worker {
     fn on_eof(&mut self, idx: u32, from_client: bool) {
         let close_timeout = self.config.timeouts.close;
         let c = self.conn(idx);
+        let backend_vanished = !from_client
+            && c.phase == Phase::Relay
+            && !c.closed_client
+            && c.b2c
+                .as_ref()
+                .is_some_and(|s| !s.closed() && s.at_boundary());
+        if backend_vanished {
+            return self.backend_gone(idx);
+        }
         match c.phase {
             Phase::Relay | Phase::PassThrough | Phase::Closing => {
                 // Half-close: what was read goes out, then the write side of
@@ -1314,6 +1421,20 @@ impl Worker {
         }
     }
 
+    /// The backend's stream ended between frames without a Close (it
+    /// crashed, was reset, or shut its socket). Rather than pass on a bare
+    /// FIN, which a client can only report as an abnormal closure (1006),
+    /// weir closes the client with 1014 "bad gateway", the code for a proxy
+    /// whose upstream failed. Nothing more goes to the backend. A stream
+    /// that ended inside a frame cannot take a Close after it: the client
+    /// gets the FIN then.
+    fn backend_gone(&mut self, idx: u32) {
+        let c = self.conn(idx);
+        c.closed_backend = true;
+        c.to_backend.finish = true;
+        self.close_both(idx, frame::CLOSE_BAD_GATEWAY, "backend went away");
+    }
+
     /// Starts the next send towards one peer if none is in flight.
     fn flush(&mut self, idx: u32, to_client: bool) {
         let buf_base = |bufs: &BufRing, bid: u16, start: u32| {
@@ -1340,7 +1461,7 @@ impl Worker {
         }
         let (ptr, len) = match queue.segs.front() {
             Some(Seg::Buf { bid, start, end }) => (buf_base(&self.bufs, *bid, *start), end - start),
-            Some(Seg::Owned { data, offset }) => (
+            Some(Seg::Owned { data, offset, .. }) => (
                 data[*offset..].as_ptr() as usize,
                 (data.len() - offset) as u32,
             ),
@@ -1378,11 +1499,14 @@ impl Worker {
         if res < 0 || c.aborted {
             // The peer is gone: drop what was queued for it.
             let mut bids = Vec::new();
+            let mut unsent = 0;
             for seg in queue.segs.drain(..) {
+                unsent += u64::from(seg.undelivered_close());
                 if let Seg::Buf { bid, .. } = seg {
                     bids.push(bid);
                 }
             }
+            self.count_undelivered(to_client, unsent);
             for bid in bids {
                 self.bufs.recycle(bid);
             }
@@ -1393,6 +1517,7 @@ impl Worker {
         }
         let sent = res as u32;
         let mut done = None;
+        let mut written_close = None;
         match queue.segs.front_mut() {
             Some(Seg::Buf { bid, start, end }) => {
                 *start += sent;
@@ -1400,9 +1525,14 @@ impl Worker {
                     done = Some(*bid);
                 }
             }
-            Some(Seg::Owned { data, offset }) => {
+            Some(Seg::Owned {
+                data,
+                offset,
+                close,
+            }) => {
                 *offset += sent as usize;
                 if *offset >= data.len() {
+                    written_close = *close;
                     queue.pop_sent();
                 }
             }
@@ -1411,6 +1541,14 @@ impl Worker {
         if let Some(bid) = done {
             queue.pop_sent();
             self.bufs.recycle(bid);
+        }
+        if let Some(code) = written_close {
+            let seen = if to_client {
+                CloseSeen::SentToClient
+            } else {
+                CloseSeen::SentToBackend
+            };
+            self.metrics.close(seen, code);
         }
         self.flush(idx, to_client);
         self.backpressure(idx);
@@ -1546,6 +1684,7 @@ impl Worker {
         } else if self.pool.enabled && !self.pool.released {
             self.pool.quiet_ticks += 1;
         }
+        self.forget_departed_backends();
         if self.stop.load(Ordering::Relaxed) && self.accepting {
             self.shutdown();
         }
@@ -1680,6 +1819,17 @@ impl Worker {
         }
     }
 
+    /// Drops the metrics series of backends that left the registry. A
+    /// removed backend leaves it only once no worker holds a connection to
+    /// it, so no worker still counts one.
+    fn forget_departed_backends(&mut self) {
+        let (view, metrics) = (&self.view, &self.metrics);
+        self.metric_backends.retain(|addr, id| {
+            let present = view.backend(*id).is_some_and(|b| b.addr == *addr);
+            present || !metrics.forget_backend(*addr)
+        });
+    }
+
     /// Pings a quiet client every `every`, between frames, so dead peers
     /// and middleboxes that drop idle flows are found out; the client's
     /// Pong (passed on to the backend, which RFC 6455 allows for an
@@ -1696,10 +1846,9 @@ impl Worker {
             && c.b2c.as_ref().is_some_and(Scanner::at_boundary);
         if due {
             c.last_ping = now;
-            c.to_client.segs.push_back(Seg::Owned {
-                data: frame::ping_frame(b"weir", None),
-                offset: 0,
-            });
+            c.to_client
+                .segs
+                .push_back(Seg::owned(frame::ping_frame(b"weir", None)));
             self.flush(idx, true);
         }
     }
@@ -1748,12 +1897,19 @@ impl Worker {
 
 /// Runs `workers` workers (one per core when 0) and the metrics thread
 /// until `stop` is set and every connection has drained; returns the final
-/// counters. A worker that cannot start fails the whole start.
-pub fn serve(settings: Settings, stop: Arc<AtomicBool>) -> io::Result<super::metrics::Snapshot> {
+/// counters. A worker that cannot start fails the whole start. Once every
+/// worker serves, `listening` gets the addresses the listeners are bound
+/// to (a configured port 0 resolved).
+pub fn serve(
+    settings: Settings,
+    stop: Arc<AtomicBool>,
+    listening: impl FnOnce(&[SocketAddr]),
+) -> io::Result<super::metrics::Snapshot> {
     let n = match settings.config.workers {
         0 => std::thread::available_parallelism().map_or(1, |n| n.get()),
         n => n,
     };
+    let (listener_fds, bound) = bind_listeners(&settings.config.listeners, n)?;
     let metrics: Vec<Arc<WorkerMetrics>> =
         (0..n).map(|_| Arc::new(WorkerMetrics::default())).collect();
     // A starting daemon holds no connection: counts left by one that died
@@ -1776,7 +1932,7 @@ pub fn serve(settings: Settings, stop: Arc<AtomicBool>) -> io::Result<super::met
     let open = Arc::new(std::sync::atomic::AtomicUsize::new(0));
     let (tx, rx) = std::sync::mpsc::channel();
     let mut handles = Vec::new();
-    for (i, m) in metrics.iter().enumerate() {
+    for ((i, m), fds) in metrics.iter().enumerate().zip(listener_fds) {
         let settings = settings.clone();
         let stop = stop.clone();
         let tx = tx.clone();
@@ -1786,7 +1942,7 @@ pub fn serve(settings: Settings, stop: Arc<AtomicBool>) -> io::Result<super::met
             std::thread::Builder::new()
                 .name(format!("weir-worker-{i}"))
                 .spawn(move || -> io::Result<()> {
-                    let mut worker = match Worker::new(&settings, stop, m, open) {
+                    let mut worker = match Worker::new(&settings, fds, stop, m, open) {
                         Ok(w) => {
                             let _ = tx.send(Ok(()));
                             w
@@ -1812,6 +1968,7 @@ pub fn serve(settings: Settings, stop: Arc<AtomicBool>) -> io::Result<super::met
             return Err(e);
         }
     }
+    listening(&bound);
     let collector = collect_removed(&settings, metrics_stop.clone());
     let mut result = Ok(());
     for h in handles {
@@ -1859,6 +2016,17 @@ fn collect_removed(
 
 #[cfg(test)]
 mod tests {
+    /// Each worker seeds from the kernel: seeds differ between calls (so
+    /// between workers), and none is 0.
+    #[test]
+    fn workers_get_seeds_of_their_own() {
+        let seeds: std::collections::BTreeSet<u64> = (0..64)
+            .map(|_| super::os_random_seed().expect("getrandom"))
+            .collect();
+        assert_eq!(seeds.len(), 64);
+        assert!(!seeds.contains(&0));
+    }
+
     /// Every connection costs at least this much memory; keep it small
     /// (DESIGN promise 5: idle connections cost almost nothing).
     #[test]
