@@ -235,11 +235,13 @@ impl Running {
                      [metrics]\nlisten = \"127.0.0.1:{metrics}\"\n\
                      [timeouts]\nidle = \"1h\"\nshutdown = \"5s\"\n\
                      [drain]\nwindow = \"{window}ms\"\n\
-                     [[listener]]\nlisten = \"{svc}\"\n\
+                     [[listener]]\nlisten = \"{svc}\"\nshared = {shared}\n\
                      [[listener.route]]\nservice = \"{svc}\"\n",
                     workers = self.spec.workers,
                     metrics = 19100 + k,
                     window = window.as_millis(),
+                    // Shards are separate instances on one address, on purpose.
+                    shared = self.spec.shards > 1,
                 ),
             )?;
             let log = self.dir.join(format!("weir-{k}.log"));

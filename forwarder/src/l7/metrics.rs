@@ -27,6 +27,14 @@ pub struct WorkerMetrics {
     /// Times a quiet worker gave its buffer pool's memory back.
     pub pool_releases: AtomicU64,
     pub drains_in_progress: AtomicU64,
+    /// Registry re-reads that failed: the worker routed on its last good
+    /// state meanwhile.
+    pub registry_refresh_errors: AtomicU64,
+    /// Set while the worker's refresh keeps failing, so it logs once per
+    /// failing spell rather than on every accept.
+    pub registry_refresh_failing: AtomicBool,
+    /// Backend sockets the ring's file table refused (answered 503).
+    pub socket_register_errors: AtomicU64,
     maps: Mutex<Maps>,
 }
 
@@ -108,6 +116,10 @@ pub struct Snapshot {
     #[serde(default)]
     pub pool_releases: u64,
     pub drains_in_progress: u64,
+    #[serde(default)]
+    pub registry_refresh_errors: u64,
+    #[serde(default)]
+    pub socket_register_errors: u64,
     /// backend -> [active, total]
     pub backends: BTreeMap<String, (u64, u64)>,
     pub handshakes: BTreeMap<String, u64>,
@@ -126,6 +138,8 @@ pub fn snapshot(workers: &[Arc<WorkerMetrics>]) -> Snapshot {
         s.buffer_exhausted += get(&w.buffer_exhausted);
         s.pool_releases += get(&w.pool_releases);
         s.drains_in_progress += get(&w.drains_in_progress);
+        s.registry_refresh_errors += get(&w.registry_refresh_errors);
+        s.socket_register_errors += get(&w.socket_register_errors);
         let m = w.maps.lock().unwrap_or_else(|e| e.into_inner()).clone();
         for (k, (a, t)) in m.backends {
             let e = s.backends.entry(k).or_default();
@@ -251,6 +265,18 @@ pub fn render(s: &Snapshot) -> String {
         "Times a quiet worker gave its receive buffer pool's memory back to the kernel.",
         vec![(String::new(), s.pool_releases)],
     );
+    metric(
+        "weir_l7_registry_refresh_errors_total",
+        "counter",
+        "Registry re-reads that failed; the worker routed on its last good state meanwhile.",
+        vec![(String::new(), s.registry_refresh_errors)],
+    );
+    metric(
+        "weir_l7_socket_register_errors_total",
+        "counter",
+        "Backend sockets io_uring's file table refused (the client got 503).",
+        vec![(String::new(), s.socket_register_errors)],
+    );
     out
 }
 
@@ -325,6 +351,9 @@ mod tests {
         b.handshake(Some(404));
         a.close(CloseSeen::SentToClient, 1001);
         a.frames_c2b.fetch_add(3, Ordering::Relaxed);
+        a.registry_refresh_errors.fetch_add(2, Ordering::Relaxed);
+        b.registry_refresh_errors.fetch_add(1, Ordering::Relaxed);
+        b.socket_register_errors.fetch_add(1, Ordering::Relaxed);
         let s = snapshot(&[a, b]);
         assert_eq!(s.backends["127.0.0.1:9001"], (1, 2));
         assert_eq!(s.handshakes["404"], 2);
@@ -337,6 +366,8 @@ mod tests {
             "weir_l7_close_codes_total{direction=\"sent_to_client\",code=\"1001\"} 1",
             "weir_l7_frames_total{direction=\"client_to_backend\"} 3",
             "# TYPE weir_l7_drains_in_progress gauge",
+            "weir_l7_registry_refresh_errors_total 3",
+            "weir_l7_socket_register_errors_total 1",
         ] {
             assert!(
                 text.lines().any(|l| l == line),

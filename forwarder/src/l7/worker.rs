@@ -604,9 +604,7 @@ impl Worker {
         if !self.accepting {
             return;
         }
-        if let Ok(Some(changes)) = self.view.refresh() {
-            self.schedule_drains(&changes.stopped);
-        }
+        self.refresh_view();
         let peer =
             peer_addr(client.as_raw_fd()).unwrap_or_else(|| SocketAddr::from(([0, 0, 0, 0], 0)));
         let idx = self
@@ -895,7 +893,18 @@ impl Worker {
             .register_files_update(slot, &[fd.as_raw_fd()])
         {
             self.slots.push(slot);
-            let _ = e;
+            if self
+                .metrics
+                .socket_register_errors
+                .fetch_add(1, Ordering::Relaxed)
+                == 0
+            {
+                eprintln!(
+                    "weir: {}: cannot register a backend socket with io_uring ({e}); such \
+                     clients get 503 (counted in weir_l7_socket_register_errors_total)",
+                    worker_name()
+                );
+            }
             return self.reject(
                 idx,
                 Reject {
@@ -1567,9 +1576,7 @@ impl Worker {
                 self.maybe_free(idx);
             }
         }
-        if let Ok(Some(changes)) = self.view.refresh() {
-            self.schedule_drains(&changes.stopped);
-        }
+        self.refresh_view();
         let now_ms = self.start.elapsed().as_millis() as u64;
         for (idx, generation) in self.drains.due(now_ms) {
             if self
@@ -1704,6 +1711,36 @@ impl Worker {
         }
     }
 
+    /// Re-reads the registry if it changed and drains the backends that
+    /// stopped. A failed re-read leaves the worker on its last good state:
+    /// that is counted every time and logged once per failing spell (and
+    /// once when it works again), so stale routing never goes unnoticed.
+    fn refresh_view(&mut self) {
+        let failing = &self.metrics.registry_refresh_failing;
+        match self.view.refresh() {
+            Ok(changes) => {
+                if failing.swap(false, Ordering::Relaxed) {
+                    eprintln!("weir: {}: registry refresh works again", worker_name());
+                }
+                if let Some(changes) = changes {
+                    self.schedule_drains(&changes.stopped);
+                }
+            }
+            Err(e) => {
+                self.metrics
+                    .registry_refresh_errors
+                    .fetch_add(1, Ordering::Relaxed);
+                if !failing.swap(true, Ordering::Relaxed) {
+                    eprintln!(
+                        "weir: {}: registry refresh failed, routing on the last good state \
+                         until it works (counted in weir_l7_registry_refresh_errors_total): {e}",
+                        worker_name()
+                    );
+                }
+            }
+        }
+    }
+
     /// Stops accepting and drains every connection over the shutdown
     /// window.
     fn shutdown(&mut self) {
@@ -1746,10 +1783,23 @@ impl Worker {
     }
 }
 
+/// The worker's thread name, for log lines.
+fn worker_name() -> String {
+    std::thread::current()
+        .name()
+        .unwrap_or("weir-worker")
+        .to_string()
+}
+
 /// Runs `workers` workers (one per core when 0) and the metrics thread
 /// until `stop` is set and every connection has drained; returns the final
-/// counters. A worker that cannot start fails the whole start.
-pub fn serve(settings: Settings, stop: Arc<AtomicBool>) -> io::Result<super::metrics::Snapshot> {
+/// counters. A worker that cannot start fails the whole start. `ready`
+/// runs once every worker has bound its listeners.
+pub fn serve(
+    settings: Settings,
+    stop: Arc<AtomicBool>,
+    ready: impl FnOnce(),
+) -> io::Result<super::metrics::Snapshot> {
     let n = match settings.config.workers {
         0 => std::thread::available_parallelism().map_or(1, |n| n.get()),
         n => n,
@@ -1812,6 +1862,7 @@ pub fn serve(settings: Settings, stop: Arc<AtomicBool>) -> io::Result<super::met
             return Err(e);
         }
     }
+    ready();
     let collector = collect_removed(&settings, metrics_stop.clone());
     let mut result = Ok(());
     for h in handles {
