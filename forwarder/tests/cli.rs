@@ -51,6 +51,8 @@ impl Drop for Inst {
         let _ = Command::new(WEIR)
             .args(["--instance", &self.0, "destroy"])
             .output();
+        // `destroy` keeps the audit log; a throwaway instance leaves nothing.
+        let _ = std::fs::remove_dir_all(format!("/var/lib/weir/{}", self.0));
     }
 }
 
@@ -473,7 +475,26 @@ fn destroy_keeps_the_audit_log() {
     // A destroyed instance is gone for every command.
     let out = inst.weir(&["service", "list"]);
     assert_one_line_error(&out, "does not exist", "list after destroy");
-    let _ = std::fs::remove_dir_all(log.parent().unwrap());
+}
+
+/// Runs `weir args` and waits at most 20 s: a `weir run` that should have
+/// been refused but serves is killed, and the test fails on its output.
+fn weir_bounded(args: &[&str]) -> Output {
+    let mut child = Command::new(WEIR)
+        .args(args)
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .expect("run weir");
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(20);
+    while child.try_wait().unwrap().is_none() {
+        if std::time::Instant::now() > deadline {
+            let _ = child.kill();
+            break;
+        }
+        std::thread::sleep(std::time::Duration::from_millis(20));
+    }
+    child.wait_with_output().unwrap()
 }
 
 fn write_config(tag: &str, text: &str) -> std::path::PathBuf {
@@ -496,7 +517,9 @@ fn config_check_and_run_bound_every_value() {
         path.display()
     );
     for args in [&["config", "check"][..], &["run", "--config"][..]] {
-        let out = Command::new(WEIR).args(args).arg(&path).output().unwrap();
+        let mut args = args.to_vec();
+        args.push(path.to_str().unwrap());
+        let out = weir_bounded(&args);
         assert_one_line_error(&out, &want, &format!("weir {args:?}"));
     }
     // Fractional durations are durations.
@@ -526,41 +549,52 @@ fn config_check_and_run_bound_every_value() {
 #[test]
 fn run_refuses_a_missing_instance_and_a_conflicting_flag() {
     needs_root();
+    // Guards: should weir run create either instance, it goes again.
+    let file = Inst::new("file");
+    let name = Inst::new("none");
     let path = write_config(
         "missing",
-        "instance = \"fromfile\"\n[[listener]]\nlisten = \"127.0.0.1:1\"\n\
-         [[listener.route]]\nservice = \"198.19.0.30:8080\"\n",
+        &format!(
+            "instance = \"{}\"\n[[listener]]\nlisten = \"127.0.0.1:1\"\n\
+             [[listener.route]]\nservice = \"198.19.0.30:8080\"\n",
+            file.0
+        ),
     );
-    let name = format!("cli{}none", std::process::id());
-    let out = Command::new(WEIR)
-        .args(["--instance", &name, "run", "--config"])
-        .arg(&path)
-        .output()
-        .unwrap();
+    let out = weir_bounded(&[
+        "--instance",
+        &name.0,
+        "run",
+        "--config",
+        path.to_str().unwrap(),
+    ]);
     assert_one_line_error(
         &out,
         &format!(
-            "--instance {name} conflicts with instance = \"fromfile\" at {}:1",
+            "--instance {} conflicts with instance = \"{}\" at {}:1",
+            name.0,
+            file.0,
             path.display()
         ),
         "conflicting --instance",
     );
     let text = std::fs::read_to_string(&path).unwrap();
-    std::fs::write(&path, text.replace("fromfile", &name)).unwrap();
-    let out = Command::new(WEIR)
-        .args(["run", "--config"])
-        .arg(&path)
-        .output()
-        .unwrap();
+    std::fs::write(&path, text.replace(&file.0, &name.0)).unwrap();
+    let out = weir_bounded(&["run", "--config", path.to_str().unwrap()]);
     assert_one_line_error(
         &out,
-        &format!("`weir --instance {name} service add 198.19.0.30:8080 --mode l7`"),
+        &format!(
+            "`weir --instance {} service add 198.19.0.30:8080 --mode l7`",
+            name.0
+        ),
         "missing instance",
     );
-    assert!(
-        !std::path::Path::new(&format!("/sys/fs/bpf/weir/{name}")).exists(),
-        "weir run created the instance"
-    );
+    for i in [&file, &name] {
+        assert!(
+            !std::path::Path::new(&format!("/sys/fs/bpf/weir/{}", i.0)).exists(),
+            "weir run created instance {}",
+            i.0
+        );
+    }
     let _ = std::fs::remove_dir_all(path.parent().unwrap());
 }
 
@@ -588,7 +622,13 @@ fn run_on_a_taken_port_says_one_line_and_never_running() {
              [[listener.route]]\nservice = \"127.0.0.1:18081\"\n"
         ),
     );
-    let out = inst.weir(&["run", "--config", path.to_str().unwrap()]);
+    let out = weir_bounded(&[
+        "--instance",
+        &inst.0,
+        "run",
+        "--config",
+        path.to_str().unwrap(),
+    ]);
     assert_one_line_error(
         &out,
         &format!(

@@ -67,11 +67,24 @@ fn declare(instance: &Instance) {
     reg.apply(&set, opts()).unwrap();
 }
 
+/// Runs `weir args` for at most 20 s: a `weir run` that should have been
+/// refused but serves is killed, and the test fails on its output.
 fn weir(args: &[&str]) -> std::process::Output {
-    Command::new(workspace_bin("weir"))
+    let mut child = Command::new(workspace_bin("weir"))
         .args(args)
-        .output()
-        .unwrap()
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let deadline = Instant::now() + Duration::from_secs(20);
+    while child.try_wait().unwrap().is_none() {
+        if Instant::now() > deadline {
+            let _ = child.kill();
+            break;
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    child.wait_with_output().unwrap()
 }
 
 /// A running `weir run`; its stderr goes to a file the test reads.
@@ -83,10 +96,10 @@ struct Daemon {
 }
 
 impl Daemon {
-    /// Starts `weir run` for `instance` on `port`. The file names no
-    /// instance; `--instance` does. `listener_extra` goes into the
+    /// Starts `weir run --instance NAME` on `port`; the file names the
+    /// same instance if `in_file`. `listener_extra` goes into the
     /// [[listener]] table.
-    fn start(instance: &str, port: u16, listener_extra: &str) -> Self {
+    fn start(instance: &str, port: u16, listener_extra: &str, in_file: bool) -> Self {
         let dir = std::env::temp_dir().join(format!("weir-ctl-{instance}"));
         std::fs::create_dir_all(&dir).unwrap();
         let metrics_port = free_port();
@@ -94,10 +107,15 @@ impl Daemon {
         std::fs::write(
             &config,
             format!(
-                "[runtime]\nworkers = 2\nbuffers = 64\n[metrics]\nlisten = \"127.0.0.1:{metrics_port}\"\n\
+                "{}[runtime]\nworkers = 2\nbuffers = 64\n[metrics]\nlisten = \"127.0.0.1:{metrics_port}\"\n\
                  [timeouts]\nshutdown = \"1s\"\n\
                  [[listener]]\nlisten = \"127.0.0.1:{port}\"\n{listener_extra}\n\
-                 [[listener.route]]\nservice = \"{SVC}\"\n"
+                 [[listener.route]]\nservice = \"{SVC}\"\n",
+                if in_file {
+                    format!("instance = \"{instance}\"\n")
+                } else {
+                    String::new()
+                }
             ),
         )
         .unwrap();
@@ -199,8 +217,7 @@ fn destroy_is_refused_while_weir_run_serves_the_instance() {
     needs_root();
     let inst = TestInstance::new("ctldestroy");
     declare(&inst.instance);
-    let mut daemon = Daemon::start(inst.name(), free_port(), "");
-    // The flag named the instance; the file did not: the log says which.
+    let mut daemon = Daemon::start(inst.name(), free_port(), "", true);
     assert!(
         daemon
             .log()
@@ -238,7 +255,7 @@ fn replace_maps_under_the_daemon(recreate: bool, expect: &str) {
     if recreate {
         declare(&fresh.instance);
     }
-    let mut daemon = Daemon::start(inst.name(), free_port(), "");
+    let mut daemon = Daemon::start(inst.name(), free_port(), "", true);
     let replaced = Instant::now();
     if recreate {
         for pin in std::fs::read_dir(fresh.instance.pin_dir()).unwrap() {
@@ -288,15 +305,16 @@ fn a_second_weir_run_on_the_same_listener_is_refused_unless_shared() {
     declare(&a.instance);
     declare(&b.instance);
     let port = free_port();
-    let first = Daemon::start(a.name(), port, "");
+    let first = Daemon::start(a.name(), port, "", true);
     let dir = std::env::temp_dir().join(format!("weir-ctl-{}", b.name()));
     std::fs::create_dir_all(&dir).unwrap();
     let config = dir.join("weir.toml");
     std::fs::write(
         &config,
         format!(
-            "[runtime]\nworkers = 1\nbuffers = 64\n[[listener]]\nlisten = \"127.0.0.1:{port}\"\n\
-             [[listener.route]]\nservice = \"{SVC}\"\n"
+            "instance = \"{}\"\n[runtime]\nworkers = 1\nbuffers = 64\n[[listener]]\nlisten = \"127.0.0.1:{port}\"\n\
+             [[listener.route]]\nservice = \"{SVC}\"\n",
+            b.name()
         ),
     )
     .unwrap();
@@ -319,12 +337,15 @@ fn a_second_weir_run_on_the_same_listener_is_refused_unless_shared() {
     drop(first);
     let _ = std::fs::remove_dir_all(&dir);
 
-    // Shards on purpose: both say so.
+    // Shards on purpose: both say so. The second names its instance only
+    // with the flag, which the running line confirms.
     let port = free_port();
-    let _first = Daemon::start(a.name(), port, "shared = true");
-    let second = Daemon::start(b.name(), port, "shared = true");
+    let _first = Daemon::start(a.name(), port, "shared = true", true);
+    let second = Daemon::start(b.name(), port, "shared = true", false);
     assert!(
-        second.log().contains("running instance"),
+        second
+            .log()
+            .contains(&format!("running instance {} on", b.name())),
         "{}",
         second.log()
     );
@@ -335,7 +356,7 @@ fn registry_refresh_failures_are_counted_logged_once_and_exposed() {
     needs_root();
     let inst = TestInstance::new("ctlrefresh");
     declare(&inst.instance);
-    let mut daemon = Daemon::start(inst.name(), free_port(), "");
+    let mut daemon = Daemon::start(inst.name(), free_port(), "", true);
     let errors = "weir_l7_registry_refresh_errors_total";
     assert_eq!(daemon.metric(errors), 0);
     // A backend slot with a state no writer produces: every re-read of the
