@@ -32,7 +32,7 @@ client_head = "10s"      # the client's handshake request
 connect = "3s"           # TCP connect to a backend (then the next one is tried)
 backend_head = "10s"     # the backend's handshake answer (else 504)
 idle = "5m"              # no frame either way: Close 1001
-ping_interval = "0s"     # keepalive pings to the client; 0s: off
+ping_interval = "0s"     # keepalive pings to the client; 0s: off, else at least 100ms
 close = "5s"             # close handshake, then TCP close
 shutdown = "30s"         # SIGTERM: drain everything within this
 
@@ -386,6 +386,8 @@ pub fn parse_duration(s: &str) -> Result<Duration, String> {
 /// The longest duration any setting takes; longer ones are surely typos
 /// (and some would overflow the clock arithmetic).
 pub const MAX_DURATION: Duration = Duration::from_secs(24 * 3600);
+/// The shortest keepalive ping interval.
+pub const MIN_PING_INTERVAL: Duration = Duration::from_millis(100);
 /// Upper bounds of the numeric settings: beyond them a process runs out of
 /// descriptors or memory long before it serves anything.
 pub const MAX_WORKERS: u64 = 1024;
@@ -526,6 +528,16 @@ pub fn parse(text: &str, name: &str) -> Result<Config, ConfigError> {
     let t = &raw.timeouts;
     let positive = Duration::from_millis(1);
     let ping = duration(&t.ping_interval, "timeouts.ping_interval", Duration::ZERO)?;
+    // A ping every few microseconds would be a flood, not a keepalive.
+    if !ping.is_zero() && ping < MIN_PING_INTERVAL {
+        return Err(at(
+            t.ping_interval.span(),
+            format!(
+                "timeouts.ping_interval = {:?}: must be 0s (off) or from 100ms to 24h",
+                t.ping_interval.get_ref()
+            ),
+        ));
+    }
     let timeouts = Timeouts {
         client_head: duration(&t.client_head, "timeouts.client_head", positive)?,
         connect: duration(&t.connect, "timeouts.connect", positive)?,
@@ -790,6 +802,10 @@ mod tests {
             (
                 "[drain]\nwindow = \"48h\"\n",
                 "drain.window = \"48h\": must be from 0s to 24h",
+            ),
+            (
+                "[timeouts]\nping_interval = \"1ms\"\n",
+                "timeouts.ping_interval = \"1ms\": must be 0s (off) or from 100ms to 24h",
             ),
             (
                 "[limits]\nmax_frame = 0\n",
