@@ -235,11 +235,13 @@ impl Running {
                      [metrics]\nlisten = \"127.0.0.1:{metrics}\"\n\
                      [timeouts]\nidle = \"1h\"\nshutdown = \"5s\"\n\
                      [drain]\nwindow = \"{window}ms\"\n\
-                     [[listener]]\nlisten = \"{svc}\"\n\
+                     [[listener]]\nlisten = \"{svc}\"\nshared = {shared}\n\
                      [[listener.route]]\nservice = \"{svc}\"\n",
                     workers = self.spec.workers,
                     metrics = 19100 + k,
                     window = window.as_millis(),
+                    // Shards are separate instances on one address, on purpose.
+                    shared = self.spec.shards > 1,
                 ),
             )?;
             let log = self.dir.join(format!("weir-{k}.log"));
@@ -527,13 +529,17 @@ fn spawn_logged(topo: &mut Topology, program: &Path, args: &[&str], log: &Path) 
     Ok(pid)
 }
 
-/// `weir --instance NAME destroy`: removes an instance's maps and links.
+/// `weir --instance NAME destroy`, then the state directory `destroy`
+/// keeps (the audit log): removes everything a bench instance made.
 pub fn destroy_argv(weir: &Path, instance: &str) -> Vec<String> {
+    let state_root = std::env::var("WEIR_STATE_DIR").unwrap_or_else(|_| "/var/lib/weir".into());
     vec![
+        "sh".into(),
+        "-c".into(),
+        "\"$0\" --instance \"$1\" destroy; rm -rf -- \"$2/$1\"".into(),
         weir.display().to_string(),
-        "--instance".into(),
         instance.into(),
-        "destroy".into(),
+        state_root,
     ]
 }
 

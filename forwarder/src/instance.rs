@@ -25,6 +25,11 @@ pub enum InstanceError {
          `mount -t bpf bpf {BPFFS}`"
     )]
     NoBpffs(io::Error),
+    #[error(
+        "instance {instance:?} is served by `weir run` (pid {pid}); stop it first \
+         (`kill -TERM {pid}`), then run `weir --instance {instance} destroy` again"
+    )]
+    Served { instance: String, pid: String },
     #[error("{path}: {source}")]
     Io { path: PathBuf, source: io::Error },
 }
@@ -80,6 +85,46 @@ impl Instance {
         self.state_dir().join("audit.log")
     }
 
+    /// Held (flock) by the `weir run` serving this instance; it holds that
+    /// process' pid.
+    pub fn daemon_lock_path(&self) -> PathBuf {
+        self.state_dir().join("daemon.lock")
+    }
+
+    /// Takes the daemon lock without waiting. `Ok(None)`: another process
+    /// holds it; [`Instance::daemon_pid`] says which.
+    pub fn try_daemon_lock(&self) -> Result<Option<DaemonLock>, InstanceError> {
+        let path = self.daemon_lock_path();
+        let dir = self.state_dir();
+        std::fs::create_dir_all(&dir).map_err(io_err(&dir))?;
+        let file = std::fs::OpenOptions::new()
+            .create(true)
+            .truncate(false)
+            .read(true)
+            .write(true)
+            .open(&path)
+            .map_err(io_err(&path))?;
+        // SAFETY: flock on a file descriptor we own.
+        if unsafe { libc::flock(file.as_raw_fd(), libc::LOCK_EX | libc::LOCK_NB) } != 0 {
+            let e = io::Error::last_os_error();
+            if e.raw_os_error() == Some(libc::EWOULDBLOCK) {
+                return Ok(None);
+            }
+            return Err(InstanceError::Io { path, source: e });
+        }
+        Ok(Some(DaemonLock { file, path }))
+    }
+
+    /// The pid the serving `weir run` wrote into the daemon lock (`"?"`
+    /// if it could not be read, e.g. a `weir destroy` holds the lock).
+    pub fn daemon_pid(&self) -> String {
+        std::fs::read_to_string(self.daemon_lock_path())
+            .ok()
+            .map(|s| s.trim().to_string())
+            .filter(|s| !s.is_empty())
+            .unwrap_or_else(|| "?".into())
+    }
+
     /// Checks privileges, mounts bpffs if missing and creates the
     /// directories.
     pub fn prepare(&self) -> Result<(), InstanceError> {
@@ -108,9 +153,27 @@ impl Instance {
         Ok(LockGuard { _file: file })
     }
 
-    /// Removes the instance's pins and state. Attached programs whose links
-    /// are pinned here are detached by removing the pins.
+    /// Removes the instance's pins and its state, except the audit log:
+    /// the record of what was done must outlive the instance. Attached
+    /// programs whose links are pinned here are detached by removing the
+    /// pins. Refused while a `weir run` serves the instance: it would go on
+    /// serving the deleted maps, and would never see an instance created
+    /// again under the same name.
     pub fn destroy(&self) -> Result<(), InstanceError> {
+        // Held until the end, so no `weir run` starts half-way through.
+        let _daemon = match self.try_daemon_lock()? {
+            Some(lock) => {
+                // A `weir run` refused meanwhile names no stale pid.
+                let _ = lock.file.set_len(0);
+                lock
+            }
+            None => {
+                return Err(InstanceError::Served {
+                    instance: self.name.clone(),
+                    pid: self.daemon_pid(),
+                });
+            }
+        };
         // Under the writer lock, so no change is half-way through.
         let _lock = match self.lock() {
             Ok(lock) => Some(lock),
@@ -119,19 +182,62 @@ impl Instance {
             }
             Err(e) => return Err(e),
         };
-        for dir in [self.pin_dir(), self.state_dir()] {
-            match std::fs::remove_dir_all(&dir) {
+        let pins = self.pin_dir();
+        match std::fs::remove_dir_all(&pins) {
+            Ok(()) => {}
+            Err(e) if e.kind() == io::ErrorKind::NotFound => {}
+            Err(e) => {
+                return Err(InstanceError::Io {
+                    path: pins,
+                    source: e,
+                });
+            }
+        }
+        let state = self.state_dir();
+        let keep = [self.audit_log(), self.daemon_lock_path()];
+        let entries = match std::fs::read_dir(&state) {
+            Ok(entries) => entries,
+            Err(e) if e.kind() == io::ErrorKind::NotFound => return Ok(()),
+            Err(e) => {
+                return Err(InstanceError::Io {
+                    path: state,
+                    source: e,
+                });
+            }
+        };
+        for entry in entries {
+            let path = entry.map_err(io_err(&state))?.path();
+            if keep.contains(&path) {
+                continue;
+            }
+            let removed = if path.is_dir() {
+                std::fs::remove_dir_all(&path)
+            } else {
+                std::fs::remove_file(&path)
+            };
+            match removed {
                 Ok(()) => {}
                 Err(e) if e.kind() == io::ErrorKind::NotFound => {}
-                Err(e) => {
-                    return Err(InstanceError::Io {
-                        path: dir,
-                        source: e,
-                    });
-                }
+                Err(e) => return Err(InstanceError::Io { path, source: e }),
             }
         }
         Ok(())
+    }
+}
+
+/// Held by the one `weir run` serving an instance (and by `weir destroy`
+/// while it removes the instance).
+pub struct DaemonLock {
+    file: File,
+    path: PathBuf,
+}
+
+impl DaemonLock {
+    /// Records this process as the one serving the instance.
+    pub fn write_pid(&mut self) -> Result<(), InstanceError> {
+        use std::io::Write;
+        self.file.set_len(0).map_err(io_err(&self.path))?;
+        writeln!(&self.file, "{}", std::process::id()).map_err(io_err(&self.path))
     }
 }
 

@@ -3,10 +3,13 @@
 //! - [`registry`]: services and backends in pinned BPF maps, changed only
 //!   through one validated, verified, audited API (Maglev builder inside).
 //! - [`dataplane`]: loads and attaches the XDP balancer and the tc decap.
+//! - [`daemon`]: what keeps `weir run` honest about the maps and the
+//!   listeners it serves.
 //! - [`cli`]: the `weir` command line.
 //! - [`instance`]: where an instance's pins, lock and audit log live.
 
 pub mod cli;
+pub mod daemon;
 pub mod dataplane;
 pub mod instance;
 pub mod l7;

@@ -57,6 +57,8 @@ impl Drop for Inst {
         let _ = Command::new(WEIR)
             .args(["--instance", &self.0, "destroy"])
             .output();
+        // `destroy` keeps the audit log; a throwaway instance leaves nothing.
+        let _ = std::fs::remove_dir_all(format!("/var/lib/weir/{}", self.0));
     }
 }
 
@@ -417,4 +419,243 @@ fn config_default_prints_a_valid_config_and_check_reports_line_and_reason() {
         .unwrap();
     assert_one_line_error(&check, &format!("bad.toml:{line}:"), "bad config");
     let _ = std::fs::remove_dir_all(&dir);
+}
+
+/// The registry refuses what cannot work: a VIP nobody can send to, a
+/// backend that is the service itself, a ring too small for one backend;
+/// IPv6 is named as IPv6.
+#[test]
+fn the_registry_refuses_loops_unusable_vips_and_tiny_rings() {
+    require_root();
+    let inst = Inst::new("vip");
+    inst.ok(&["--flows", "4096", "service", "add", SVC]);
+    inst.ok(&["backend", "set", SVC, "198.18.52.1"]);
+    let before = inst.snapshot();
+    let cases: &[(&[&str], &str)] = &[
+        (
+            &["service", "add", "0.0.0.0:80"],
+            "VIP 0.0.0.0 is unspecified",
+        ),
+        (
+            &["service", "add", "0.0.0.0:80", "--mode", "l7"],
+            "VIP 0.0.0.0 is unspecified",
+        ),
+        (&["service", "add", "224.0.0.1:80"], "multicast"),
+        (&["service", "add", "255.255.255.255:80"], "broadcast"),
+        (&["service", "add", "127.0.0.1:80"], "loopback"),
+        (&["service", "add", "[::1]:80"], "\"[::1]:80\" is IPv6"),
+        (
+            &["backend", "add", SVC, "[::1]:8080"],
+            "\"[::1]:8080\" is IPv6",
+        ),
+        (
+            &["backend", "add", SVC, "198.19.0.30"],
+            "is the service 198.19.0.30:8080 itself",
+        ),
+        (
+            &["service", "add", "198.19.0.31:80", "--ring-size", "97"],
+            "between 101",
+        ),
+    ];
+    for (args, expect) in cases {
+        let out = inst.weir(args);
+        assert_one_line_error(&out, expect, &format!("weir {args:?}"));
+        assert_eq!(
+            inst.snapshot(),
+            before,
+            "weir {args:?} changed the registry"
+        );
+    }
+    // Loopback is where `weir run` serves L7.
+    inst.ok(&["service", "add", "127.0.0.1:18080", "--mode", "l7"]);
+    // The smallest ring holds one backend; the advice for two names the
+    // smallest ring that fits, not the 65537 default.
+    inst.ok(&["service", "add", "198.19.0.32:80", "--ring-size", "101"]);
+    inst.ok(&["backend", "add", "198.19.0.32:80", "198.18.52.1"]);
+    let out = inst.weir(&["backend", "add", "198.19.0.32:80", "198.18.52.2"]);
+    assert_one_line_error(&out, "--ring-size (at least 211)", "second backend");
+}
+
+/// `weir destroy` removes the maps but keeps the audit log.
+#[test]
+fn destroy_keeps_the_audit_log() {
+    require_root();
+    let inst = Inst::new("audit");
+    inst.ok(&["--flows", "4096", "service", "add", SVC]);
+    let log = std::path::Path::new("/var/lib/weir")
+        .join(&inst.0)
+        .join("audit.log");
+    let before = std::fs::read_to_string(&log).expect("audit log written");
+    assert!(before.contains("service"), "{before}");
+    let out = inst.ok(&["destroy"]);
+    assert!(out.contains("audit log stays at"), "{out}");
+    assert!(!std::path::Path::new(&format!("/sys/fs/bpf/weir/{}", inst.0)).exists());
+    assert_eq!(std::fs::read_to_string(&log).unwrap(), before);
+    // A destroyed instance is gone for every command.
+    let out = inst.weir(&["service", "list"]);
+    assert_one_line_error(&out, "does not exist", "list after destroy");
+}
+
+/// Runs `weir args` and waits at most 20 s: a `weir run` that should have
+/// been refused but serves is killed, and the test fails on its output.
+fn weir_bounded(args: &[&str]) -> Output {
+    let mut child = Command::new(WEIR)
+        .args(args)
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .expect("run weir");
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(20);
+    while child.try_wait().unwrap().is_none() {
+        if std::time::Instant::now() > deadline {
+            let _ = child.kill();
+            break;
+        }
+        std::thread::sleep(std::time::Duration::from_millis(20));
+    }
+    child.wait_with_output().unwrap()
+}
+
+fn write_config(tag: &str, text: &str) -> std::path::PathBuf {
+    let dir = std::env::temp_dir().join(format!("weir-cli-{}-{tag}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let path = dir.join("weir.toml");
+    std::fs::write(&path, text).unwrap();
+    path
+}
+
+/// Out-of-range values are refused by `config check` and `weir run` alike,
+/// naming the file, the line, the key and the allowed range.
+#[test]
+fn config_check_and_run_bound_every_value() {
+    let text = "[runtime]\nworkers = 100000\n[[listener]]\nlisten = \"127.0.0.1:1\"\n\
+                [[listener.route]]\nservice = \"198.19.0.30:8080\"\n";
+    let path = write_config("bounds", text);
+    let want = format!(
+        "{}:2:11: runtime.workers = 100000: must be 0..=1024",
+        path.display()
+    );
+    for args in [&["config", "check"][..], &["run", "--config"][..]] {
+        let mut args = args.to_vec();
+        args.push(path.to_str().unwrap());
+        let out = weir_bounded(&args);
+        assert_one_line_error(&out, &want, &format!("weir {args:?}"));
+    }
+    // Fractional durations are durations.
+    let path = write_config(
+        "fraction",
+        &text.replace(
+            "workers = 100000",
+            "workers = 1\n[timeouts]\nidle = \"1.5s\"",
+        ),
+    );
+    let out = Command::new(WEIR)
+        .args(["config", "check"])
+        .arg(&path)
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let _ = std::fs::remove_dir_all(path.parent().unwrap());
+}
+
+/// `weir run` never creates an instance (it would serve 503 to everyone
+/// from an empty registry), and `--instance` never silently loses to the
+/// file's `instance`.
+#[test]
+fn run_refuses_a_missing_instance_and_a_conflicting_flag() {
+    require_root();
+    // Guards: should weir run create either instance, it goes again.
+    let file = Inst::new("file");
+    let name = Inst::new("none");
+    let path = write_config(
+        "missing",
+        &format!(
+            "instance = \"{}\"\n[[listener]]\nlisten = \"127.0.0.1:1\"\n\
+             [[listener.route]]\nservice = \"198.19.0.30:8080\"\n",
+            file.0
+        ),
+    );
+    let out = weir_bounded(&[
+        "--instance",
+        &name.0,
+        "run",
+        "--config",
+        path.to_str().unwrap(),
+    ]);
+    assert_one_line_error(
+        &out,
+        &format!(
+            "--instance {} conflicts with instance = \"{}\" at {}:1",
+            name.0,
+            file.0,
+            path.display()
+        ),
+        "conflicting --instance",
+    );
+    let text = std::fs::read_to_string(&path).unwrap();
+    std::fs::write(&path, text.replace(&file.0, &name.0)).unwrap();
+    let out = weir_bounded(&["run", "--config", path.to_str().unwrap()]);
+    assert_one_line_error(
+        &out,
+        &format!(
+            "`weir --instance {} service add 198.19.0.30:8080 --mode l7`",
+            name.0
+        ),
+        "missing instance",
+    );
+    for i in [&file, &name] {
+        assert!(
+            !std::path::Path::new(&format!("/sys/fs/bpf/weir/{}", i.0)).exists(),
+            "weir run created instance {}",
+            i.0
+        );
+    }
+    let _ = std::fs::remove_dir_all(path.parent().unwrap());
+}
+
+/// A listener that is in use: one line, the error (naming who holds it),
+/// non-zero, and no "running" line before it.
+#[test]
+fn run_on_a_taken_port_says_one_line_and_never_running() {
+    require_root();
+    let inst = Inst::new("taken");
+    inst.ok(&[
+        "--flows",
+        "4096",
+        "service",
+        "add",
+        "127.0.0.1:18081",
+        "--mode",
+        "l7",
+    ]);
+    let taken = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let port = taken.local_addr().unwrap().port();
+    let path = write_config(
+        "taken",
+        &format!(
+            "[runtime]\nworkers = 1\nbuffers = 64\n[[listener]]\nlisten = \"127.0.0.1:{port}\"\n\
+             [[listener.route]]\nservice = \"127.0.0.1:18081\"\n"
+        ),
+    );
+    let out = weir_bounded(&[
+        "--instance",
+        &inst.0,
+        "run",
+        "--config",
+        path.to_str().unwrap(),
+    ]);
+    assert_one_line_error(
+        &out,
+        &format!(
+            "listener 127.0.0.1:{port} is already in use by pid {}",
+            std::process::id()
+        ),
+        "taken port",
+    );
+    assert!(!String::from_utf8_lossy(&out.stderr).contains("running"));
+    let _ = std::fs::remove_dir_all(path.parent().unwrap());
 }

@@ -109,19 +109,24 @@ impl L4Report {
     }
 }
 
-/// Removes the instance (detaching XDP and decap) when dropped, and also
-/// when the process is interrupted (through the topology's cleanup).
+/// Removes the instance (detaching XDP and decap) and its state directory
+/// (`weir destroy` keeps the audit log; a throwaway instance leaves
+/// nothing) when dropped, and also when the process is interrupted
+/// (through the topology's cleanup).
 struct InstanceGuard {
     argv: Vec<String>,
 }
 
 impl InstanceGuard {
     fn new(weir: &Path, instance: &str) -> Self {
+        let state_root = std::env::var("WEIR_STATE_DIR").unwrap_or_else(|_| "/var/lib/weir".into());
         let argv = vec![
+            "sh".into(),
+            "-c".into(),
+            "\"$0\" --instance \"$1\" destroy; rm -rf -- \"$2/$1\"".into(),
             weir.display().to_string(),
-            "--instance".into(),
             instance.into(),
-            "destroy".into(),
+            state_root,
         ];
         crate::topology::register_cleanup_command(argv.clone());
         Self { argv }

@@ -27,10 +27,7 @@ struct Weir {
 
 impl Weir {
     fn new(tag: &str) -> Self {
-        assert!(
-            weir_testbed::is_root(),
-            "these tests need root (network namespaces, BPF)"
-        );
+        weir_testbed::require_root();
         let bin = workspace_bin("weir");
         assert!(
             bin.exists(),

@@ -24,6 +24,8 @@ fn connections_work_with_an_empty_neighbour_table() {
             let _ = std::process::Command::new(self.0)
                 .args(["--instance", self.1, "destroy"])
                 .output();
+            // `destroy` keeps the audit log; a throwaway instance leaves nothing.
+            let _ = std::fs::remove_dir_all(format!("/var/lib/weir/{}", self.1));
         }
     }
     let _destroy = Destroy(&weir, &instance);

@@ -18,9 +18,10 @@ use crate::registry::{ApplyOptions, Change, CreateOptions, Outcome, Registry, Se
 #[derive(Parser, Debug)]
 #[command(name = "weir", version, about = "Load balancer for long-lived WebSocket traffic", long_about = None)]
 pub struct Cli {
-    /// Instance name: its maps live under /sys/fs/bpf/weir/<instance>.
-    #[arg(long, global = true, default_value = "default")]
-    pub instance: String,
+    /// Instance name: its maps live under /sys/fs/bpf/weir/<instance>
+    /// [default: default; for `run`, the configuration's `instance`].
+    #[arg(long, global = true)]
+    pub instance: Option<String>,
     /// Print machine-readable JSON.
     #[arg(long, global = true)]
     pub json: bool,
@@ -231,7 +232,7 @@ pub enum DecapCmd {
 
 /// Runs the CLI; errors go up to `main`, which prints one line.
 pub fn run(cli: Cli) -> Result<()> {
-    let instance = Instance::new(&cli.instance)?;
+    let instance = Instance::new(cli.instance.as_deref().unwrap_or("default"))?;
     let command_line = std::env::args().collect::<Vec<_>>().join(" ");
     let create = CreateOptions { flows: cli.flows };
     let opts = |force: bool, dry_run: bool| ApplyOptions {
@@ -529,7 +530,7 @@ pub fn run(cli: Cli) -> Result<()> {
                 || format!("{} decap from {dev}", detached_verb(&was)),
             );
         }
-        Command::Run { config } => return run_daemon(config.as_deref(), create),
+        Command::Run { config } => return run_daemon(config.as_deref(), cli.instance.as_deref()),
         Command::Config(ConfigCmd::Default) => print!("{}", crate::l7::config::DEFAULT),
         Command::Config(ConfigCmd::Check { file }) => {
             let config = crate::l7::config::load(&file)?;
@@ -558,53 +559,130 @@ pub fn run(cli: Cli) -> Result<()> {
                 bail!("instance {:?} does not exist", instance.name());
             }
             instance.destroy()?;
-            say(json, json!({"destroyed": instance.name()}), || {
-                format!("removed instance {}", instance.name())
-            });
+            if instance.pin_dir().exists() {
+                bail!(
+                    "instance {:?}: {} is still there after destroy; remove it by hand",
+                    instance.name(),
+                    instance.pin_dir().display()
+                );
+            }
+            let audit = instance.audit_log();
+            say(
+                json,
+                json!({"destroyed": instance.name(), "audit_log": audit.display().to_string()}),
+                || {
+                    format!(
+                        "removed instance {} (its audit log stays at {})",
+                        instance.name(),
+                        audit.display()
+                    )
+                },
+            );
         }
     }
     Ok(())
 }
 
-/// `weir run`: loads the configuration, makes sure the instance exists,
-/// runs the workers until SIGTERM or SIGINT, and drains before exiting.
-fn run_daemon(path: Option<&std::path::Path>, create: CreateOptions) -> Result<()> {
-    use std::sync::Arc;
-    use std::sync::atomic::AtomicBool;
+/// An error `weir run` has already logged when it happened; the process
+/// only has to exit non-zero.
+#[derive(Debug, thiserror::Error)]
+#[error("{0}")]
+pub struct AlreadyLogged(pub String);
 
-    let config = match path {
+/// `weir run`: loads the configuration, checks that the instance exists
+/// and that nobody else serves it or its listeners, runs the workers until
+/// SIGTERM or SIGINT, and drains before exiting. It watches the instance's
+/// pinned maps meanwhile and stops (non-zero) if they are replaced.
+fn run_daemon(path: Option<&std::path::Path>, flag: Option<&str>) -> Result<()> {
+    use std::sync::atomic::AtomicBool;
+    use std::sync::{Arc, Mutex};
+
+    let mut config = match path {
         Some(p) => crate::l7::config::load(p)?,
         None => crate::l7::config::parse(crate::l7::config::DEFAULT, "default configuration")?,
     };
+    // The flag and the file must agree: serving another instance than the
+    // one an operator named is a silent misroute either way.
+    match (flag, &config.instance_set_at) {
+        (Some(f), Some(at)) if path.is_some() && f != config.instance => bail!(
+            "--instance {f} conflicts with instance = {:?} at {at}; drop one of them",
+            config.instance
+        ),
+        (Some(f), _) => config.instance = f.to_string(),
+        (None, _) => {}
+    }
     let instance = Instance::new(&config.instance)?;
-    Registry::open_or_create(&instance, create)?;
-    // One daemon per instance: a second would share the listeners
-    // (SO_REUSEPORT) and reset the first one's connection counts.
-    let lock_path = instance.state_dir().join("daemon.lock");
-    let lock = std::fs::OpenOptions::new()
-        .create(true)
-        .truncate(false)
-        .write(true)
-        .open(&lock_path)
-        .with_context(|| format!("opening {}", lock_path.display()))?;
-    // SAFETY: flock on a descriptor we own; held until `lock` drops.
-    if unsafe {
-        libc::flock(
-            std::os::fd::AsRawFd::as_raw_fd(&lock),
-            libc::LOCK_EX | libc::LOCK_NB,
-        )
-    } != 0
+    crate::instance::require_root()?;
+    if !instance
+        .pin_dir()
+        .join(weir_ebpf::abi::maps::SERVICES)
+        .exists()
     {
+        let services: std::collections::BTreeSet<String> = config
+            .listeners
+            .iter()
+            .flat_map(|l| l.routes.iter().map(|r| r.service.to_string()))
+            .collect();
+        let first = services.iter().next().cloned().unwrap_or_default();
         bail!(
-            "another `weir run` is serving instance {:?} ({} is locked)",
-            instance.name(),
-            lock_path.display()
+            "instance {name:?} does not exist; create it with its L7 service(s) first, e.g. \
+             `weir --instance {name} service add {first} --mode l7` (routes name: {})",
+            services.into_iter().collect::<Vec<_>>().join(", "),
+            name = instance.name(),
         );
     }
+    // One daemon per instance: a second would share the listeners
+    // (SO_REUSEPORT) and reset the first one's connection counts.
+    let Some(mut lock) = instance.try_daemon_lock()? else {
+        bail!(
+            "another `weir run` (pid {}) is serving instance {:?} ({} is locked); stop it first",
+            instance.daemon_pid(),
+            instance.name(),
+            instance.daemon_lock_path().display()
+        );
+    };
+    lock.write_pid()?;
+    // Identities before the workers open anything: whatever they open
+    // later is compared against these pins.
+    let ids = crate::daemon::MapIds::read(&instance.pin_dir())
+        .map_err(anyhow::Error::msg)
+        .with_context(|| format!("instance {:?}", instance.name()))?;
+    for l in config.listeners.iter().filter(|l| !l.shared) {
+        crate::daemon::check_listener_free(l.listen).map_err(anyhow::Error::msg)?;
+    }
+    let registry = Registry::open(&instance)?;
+    let missing: Vec<String> = {
+        let state = registry.state()?;
+        let mut missing: Vec<String> = config
+            .listeners
+            .iter()
+            .flat_map(|l| l.routes.iter().map(|r| r.service))
+            .filter(|s| {
+                state
+                    .services
+                    .get(s)
+                    .is_none_or(|e| e.mode != ServiceModeName::L7)
+            })
+            .map(|s| s.to_string())
+            .collect();
+        missing.sort();
+        missing.dedup();
+        missing
+    };
+    drop(registry);
     let stop = Arc::new(AtomicBool::new(false));
     for signal in [signal_hook::consts::SIGTERM, signal_hook::consts::SIGINT] {
         signal_hook::flag::register(signal, stop.clone()).context("installing signal handlers")?;
     }
+    let fault = Arc::new(Mutex::new(None));
+    let watcher = crate::daemon::watch_maps(
+        instance.name().to_string(),
+        ids,
+        stop.clone(),
+        fault.clone(),
+        config.timeouts.shutdown,
+    )
+    .context("starting the map watcher")?;
     let settings = crate::l7::worker::Settings {
         config,
         instance_dir: instance.pin_dir(),
@@ -614,8 +692,19 @@ fn run_daemon(path: Option<&std::path::Path>, create: CreateOptions) -> Result<(
     let listening = |bound: &[std::net::SocketAddr]| {
         let bound: Vec<String> = bound.iter().map(|a| a.to_string()).collect();
         eprintln!("weir: running instance {name} on {}", bound.join(", "));
+        if !missing.is_empty() {
+            eprintln!(
+                "weir: warning: instance {name} has no L7 service {}: its routes answer 404 \
+                 until `weir --instance {name} service add SERVICE --mode l7`",
+                missing.join(", ")
+            );
+        }
     };
-    let totals = crate::l7::worker::serve(settings, stop, listening).context("L7 workers")?;
+    let served = crate::l7::worker::serve(settings, stop.clone(), listening);
+    // The watcher ends with the stop flag; a failed start set it too.
+    stop.store(true, std::sync::atomic::Ordering::Relaxed);
+    let _ = watcher.join();
+    let totals = served.context("L7 workers")?;
     let upgraded = totals.handshakes.get("upgraded").copied().unwrap_or(0);
     let drained = totals
         .closes
@@ -627,6 +716,9 @@ fn run_daemon(path: Option<&std::path::Path>, create: CreateOptions) -> Result<(
         totals.accepted, totals.closes_undelivered_to_client
     );
     drop(lock);
+    if let Some(reason) = fault.lock().unwrap_or_else(|e| e.into_inner()).take() {
+        return Err(AlreadyLogged(reason).into());
+    }
     Ok(())
 }
 
@@ -996,6 +1088,7 @@ pub fn main() -> std::process::ExitCode {
     };
     match run(cli).context("weir") {
         Ok(()) => std::process::ExitCode::SUCCESS,
+        Err(e) if e.downcast_ref::<AlreadyLogged>().is_some() => std::process::ExitCode::FAILURE,
         Err(e) => {
             let msg = format!("{e:#}");
             eprintln!("{}", msg.replacen("weir: ", "weir: error: ", 1));

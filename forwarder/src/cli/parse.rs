@@ -10,6 +10,23 @@ fn ipv4(s: &str, what: &str) -> Result<Ipv4Addr, String> {
         .map_err(|_| format!("{what} {s:?} is not an IPv4 address (IPv6 is not supported yet)"))
 }
 
+/// Refuses IPv6 forms (`[::1]:80`, `::1`) as a whole, before any split on
+/// ':' cuts them into meaningless pieces.
+fn not_ipv6(s: &str, what: &str) -> Result<(), String> {
+    let host = s
+        .strip_prefix('[')
+        .and_then(|r| r.split_once(']'))
+        .map(|(h, _)| h);
+    let v6 = host.unwrap_or(s).parse::<std::net::Ipv6Addr>().is_ok() || host.is_some();
+    if v6 || s.matches(':').count() > 1 {
+        return Err(format!(
+            "{what} {s:?} is IPv6; weir's registry takes IPv4 addresses only (IPv6 is not \
+             supported yet)"
+        ));
+    }
+    Ok(())
+}
+
 fn port(s: &str, what: &str) -> Result<u16, String> {
     match s.parse::<u16>() {
         Ok(0) | Err(_) => Err(format!(
@@ -21,6 +38,7 @@ fn port(s: &str, what: &str) -> Result<u16, String> {
 
 /// `VIP:PORT`.
 pub fn service(s: &str) -> Result<ServiceAddr, String> {
+    not_ipv6(s, "service")?;
     let (vip, p) = s
         .rsplit_once(':')
         .ok_or_else(|| format!("service {s:?} must be VIP:PORT, e.g. 198.19.0.10:8080"))?;
@@ -32,6 +50,7 @@ pub fn service(s: &str) -> Result<ServiceAddr, String> {
 
 /// `ADDR[:PORT]`; the port defaults to the service's.
 pub fn backend(s: &str, service: &ServiceAddr) -> Result<BackendAddr, String> {
+    not_ipv6(s, "backend")?;
     match s.split_once(':') {
         Some((a, p)) => Ok(BackendAddr {
             addr: ipv4(a, "backend address")?,
@@ -111,6 +130,24 @@ mod tests {
             "198.18.10.2@",
         ] {
             assert!(weighted_backend(bad, &svc()).is_err(), "{bad} accepted");
+        }
+    }
+
+    #[test]
+    fn ipv6_is_named_as_such() {
+        for bad in [
+            "[::1]:80",
+            "::1",
+            "[2001:db8::1]:8080",
+            "2001:db8::1",
+            "[::1]",
+        ] {
+            let e = service(bad).unwrap_err();
+            assert!(e.contains(&format!("{bad:?} is IPv6")), "{bad}: {e}");
+            let e = backend(bad, &svc()).unwrap_err();
+            assert!(e.contains(&format!("{bad:?} is IPv6")), "{bad}: {e}");
+            let e = weighted_backend(&format!("{bad}@2"), &svc()).unwrap_err();
+            assert!(e.contains("is IPv6"), "{bad}: {e}");
         }
     }
 

@@ -15,14 +15,14 @@ use crate::registry::ServiceAddr;
 /// the L7 service 127.0.0.1:8080, whose backends come from the registry
 /// (`weir backend add 127.0.0.1:8080 ...`).
 pub const DEFAULT: &str = r#"# weir run: the embedded default configuration.
-# Durations take ms, s, m or h suffixes.
+# Durations take ms, s, m or h suffixes, may be fractional (1.5s), and go up to 24h.
 instance = "default"
 
 [runtime]
-workers = 0              # 0: one per core
-buffers = 4096           # provided receive buffers per worker (a power of two)
-buffer_size = 16384      # bytes per buffer
-max_connections = 100000 # per process; over it new clients get 503
+workers = 0              # 0: one per core; at most 1024
+buffers = 4096           # provided receive buffers per worker (a power of two, at most 32768)
+buffer_size = 16384      # bytes per buffer (1024..=1048576)
+max_connections = 100000 # per process (1..=1048576); over it new clients get 503
 
 [metrics]
 listen = "127.0.0.1:9100"
@@ -32,7 +32,7 @@ client_head = "10s"      # the client's handshake request
 connect = "3s"           # TCP connect to a backend (then the next one is tried)
 backend_head = "10s"     # the backend's handshake answer (else 504)
 idle = "5m"              # no frame either way: Close 1001
-ping_interval = "0s"     # keepalive pings to the client; 0s: off
+ping_interval = "0s"     # keepalive pings to the client; 0s: off, else at least 100ms
 close = "5s"             # close handshake, then TCP close
 shutdown = "30s"         # SIGTERM: drain everything within this
 
@@ -47,6 +47,7 @@ window = "30s"           # drained connections close spread over this
 
 [[listener]]
 listen = "127.0.0.1:8080"
+# shared = true          # only when several weir run serve this address on purpose
 
 [[listener.route]]
 host = "*"
@@ -68,6 +69,8 @@ pub struct ConfigError {
 #[derive(Clone, Debug, PartialEq)]
 pub struct Config {
     pub instance: String,
+    /// `FILE:LINE` of the `instance` key when the file sets it.
+    pub instance_set_at: Option<String>,
     pub workers: usize,
     pub buffers: u16,
     pub buffer_size: u32,
@@ -103,6 +106,10 @@ pub struct Limits {
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct Listener {
     pub listen: SocketAddr,
+    /// Other processes may serve this address too (SO_REUSEPORT shards,
+    /// each with its own instance); otherwise `weir run` refuses to start
+    /// while anyone else listens there.
+    pub shared: bool,
     pub routes: Vec<Route>,
 }
 
@@ -149,8 +156,7 @@ fn under_prefix(target: &str, prefix: &str) -> bool {
 #[derive(Deserialize)]
 #[serde(deny_unknown_fields)]
 struct RawConfig {
-    #[serde(default = "default_instance")]
-    instance: toml::Spanned<String>,
+    instance: Option<toml::Spanned<String>>,
     #[serde(default)]
     runtime: RawRuntime,
     #[serde(default)]
@@ -167,27 +173,23 @@ struct RawConfig {
     listeners: Vec<RawListener>,
 }
 
-fn default_instance() -> toml::Spanned<String> {
-    toml::Spanned::new(0..0, "default".into())
-}
-
 #[derive(Deserialize)]
 #[serde(deny_unknown_fields)]
 struct RawRuntime {
-    #[serde(default)]
-    workers: usize,
+    #[serde(default = "default_workers")]
+    workers: toml::Spanned<u64>,
     #[serde(default = "default_buffers")]
     buffers: toml::Spanned<u32>,
     #[serde(default = "default_buffer_size")]
     buffer_size: toml::Spanned<u32>,
     #[serde(default = "default_max_connections")]
-    max_connections: usize,
+    max_connections: toml::Spanned<u64>,
 }
 
 impl Default for RawRuntime {
     fn default() -> Self {
         Self {
-            workers: 0,
+            workers: default_workers(),
             buffers: default_buffers(),
             buffer_size: default_buffer_size(),
             max_connections: default_max_connections(),
@@ -201,8 +203,11 @@ fn default_buffers() -> toml::Spanned<u32> {
 fn default_buffer_size() -> toml::Spanned<u32> {
     toml::Spanned::new(0..0, 16384)
 }
-fn default_max_connections() -> usize {
-    100_000
+fn default_workers() -> toml::Spanned<u64> {
+    toml::Spanned::new(0..0, 0)
+}
+fn default_max_connections() -> toml::Spanned<u64> {
+    toml::Spanned::new(0..0, 100_000)
 }
 
 #[derive(Deserialize, Default)]
@@ -320,6 +325,8 @@ struct RawService {
 #[serde(deny_unknown_fields)]
 struct RawListener {
     listen: toml::Spanned<String>,
+    #[serde(default)]
+    shared: bool,
     #[serde(rename = "route")]
     routes: Vec<RawRoute>,
 }
@@ -341,24 +348,65 @@ fn root_prefix() -> toml::Spanned<String> {
     toml::Spanned::new(0..0, "/".into())
 }
 
-/// Parses a duration such as `250ms`, `10s`, `5m` or `1h`.
+/// Parses a duration: a number, which may have a fraction, and a unit
+/// `ms`, `s`, `m` or `h` (`250ms`, `1.5s`, `5m`, `0.5h`).
 pub fn parse_duration(s: &str) -> Result<Duration, String> {
     let s = s.trim();
-    let split = s.find(|c: char| !c.is_ascii_digit()).unwrap_or(s.len());
+    let split = s
+        .find(|c: char| !c.is_ascii_digit() && c != '.')
+        .unwrap_or(s.len());
     let (num, unit) = s.split_at(split);
-    let n: u64 = num
-        .parse()
-        .map_err(|_| format!("{s:?} is not a duration like 250ms, 10s, 5m or 1h"))?;
-    let ms = match unit {
-        "ms" => Some(n),
-        "s" => n.checked_mul(1000),
-        "m" => n.checked_mul(60_000),
-        "h" => n.checked_mul(3_600_000),
-        _ => return Err(format!("{s:?}: unit must be ms, s, m or h")),
+    let nanos_per_unit: u128 = match unit {
+        "ms" => 1_000_000,
+        "s" => 1_000_000_000,
+        "m" => 60_000_000_000,
+        "h" => 3_600_000_000_000,
+        _ if num.is_empty() => {
+            return Err(format!(
+                "{s:?} is not a duration: write a number and a unit ms, s, m or h, \
+                 e.g. 250ms, 1.5s, 5m"
+            ));
+        }
+        _ => {
+            return Err(format!(
+                "{s:?}: the unit must be ms, s, m or h (e.g. 250ms, 1.5s, 5m)"
+            ));
+        }
     };
-    ms.map(Duration::from_millis)
-        .ok_or_else(|| format!("{s:?} is too long"))
+    let (whole, fraction) = num.split_once('.').unwrap_or((num, "0"));
+    let digits = |d: &str| !d.is_empty() && d.bytes().all(|b| b.is_ascii_digit());
+    if !digits(whole) || !digits(fraction) || fraction.len() > 9 {
+        return Err(format!(
+            "{s:?} is not a duration: write a number (at most 9 decimals) and a unit ms, s, m \
+             or h, e.g. 250ms, 1.5s, 5m"
+        ));
+    }
+    let too_long = || format!("{s:?} is too long");
+    let whole: u128 = whole.parse().map_err(|_| too_long())?;
+    let fraction: u128 = format!("{fraction:0<9}").parse().map_err(|_| too_long())?;
+    let nanos = whole
+        .checked_mul(nanos_per_unit)
+        .and_then(|n| n.checked_add(fraction * nanos_per_unit / 1_000_000_000))
+        .ok_or_else(too_long)?;
+    u64::try_from(nanos)
+        .map(Duration::from_nanos)
+        .map_err(|_| too_long())
 }
+
+/// The longest duration any setting takes; longer ones are surely typos
+/// (and some would overflow the clock arithmetic).
+pub const MAX_DURATION: Duration = Duration::from_secs(24 * 3600);
+/// The shortest keepalive ping interval.
+pub const MIN_PING_INTERVAL: Duration = Duration::from_millis(100);
+/// Upper bounds of the numeric settings: beyond them a process runs out of
+/// descriptors or memory long before it serves anything.
+pub const MAX_WORKERS: u64 = 1024;
+pub const MAX_CONNECTIONS: u64 = 1 << 20;
+/// Receive buffer memory one worker may reserve (`buffers` × `buffer_size`).
+pub const MAX_POOL_BYTES: u64 = 1 << 30;
+pub const MAX_FRAME_BYTES: u64 = 1 << 30;
+pub const MAX_LISTENERS: usize = 64;
+pub const MAX_ROUTES: usize = 1024;
 
 /// Reads and validates a configuration file.
 pub fn load(path: &Path) -> Result<Config, ConfigError> {
@@ -389,59 +437,126 @@ pub fn parse(text: &str, name: &str) -> Result<Config, ConfigError> {
         at(e.span().unwrap_or(0..0), reason)
     })?;
 
-    let duration =
-        |s: &toml::Spanned<String>| parse_duration(s.get_ref()).map_err(|r| at(s.span(), r));
-    let addr = |s: &toml::Spanned<String>, what: &str| {
+    // Every error names the key as written (`table.key`), the value, and
+    // what is allowed.
+    let duration = |s: &toml::Spanned<String>, key: &str, min: Duration| {
+        let value = parse_duration(s.get_ref()).map_err(|r| at(s.span(), format!("{key}: {r}")))?;
+        if value < min || value > MAX_DURATION {
+            let low = if min.is_zero() {
+                "0s".to_string()
+            } else {
+                format!("{min:?}")
+            };
+            return Err(at(
+                s.span(),
+                format!("{key} = {:?}: must be from {low} to 24h", s.get_ref()),
+            ));
+        }
+        Ok(value)
+    };
+    let range = |v: &toml::Spanned<u64>, key: &str, min: u64, max: u64, note: &str| {
+        let value = *v.get_ref();
+        if (min..=max).contains(&value) {
+            Ok(value)
+        } else {
+            Err(at(
+                v.span(),
+                format!("{key} = {value}: must be {min}..={max}{note}"),
+            ))
+        }
+    };
+    let addr = |s: &toml::Spanned<String>, key: &str| {
         s.get_ref().parse::<SocketAddr>().map_err(|_| {
             at(
                 s.span(),
-                format!("{what} {:?} must be IP:PORT", s.get_ref()),
+                format!(
+                    "{key} = {:?}: must be IP:PORT, e.g. 127.0.0.1:8080 or [::1]:8080",
+                    s.get_ref()
+                ),
             )
         })
     };
-    let service = |s: &toml::Spanned<String>| {
-        crate::cli::parse::service(s.get_ref()).map_err(|r| at(s.span(), r))
+    let service = |s: &toml::Spanned<String>, key: &str| {
+        crate::cli::parse::service(s.get_ref()).map_err(|r| at(s.span(), format!("{key}: {r}")))
     };
 
-    let instance = raw.instance.get_ref().clone();
-    crate::instance::Instance::new(&instance)
-        .map_err(|e| at(raw.instance.span(), e.to_string()))?;
-    let buffers = *raw.runtime.buffers.get_ref();
+    let (instance, instance_set_at) = match &raw.instance {
+        Some(i) => {
+            crate::instance::Instance::new(i.get_ref())
+                .map_err(|e| at(i.span(), format!("instance: {e}")))?;
+            let place = at(i.span(), String::new());
+            (
+                i.get_ref().clone(),
+                Some(format!("{}:{}", place.source_name, place.line)),
+            )
+        }
+        None => ("default".to_string(), None),
+    };
+    let rt = &raw.runtime;
+    let workers = range(
+        &rt.workers,
+        "runtime.workers",
+        0,
+        MAX_WORKERS,
+        " (0: one per core)",
+    )?;
+    let buffers = *rt.buffers.get_ref();
     if !buffers.is_power_of_two() || buffers > crate::l7::bufring::MAX_ENTRIES as u32 {
         return Err(at(
-            raw.runtime.buffers.span(),
-            format!("buffers = {buffers}: must be a power of two up to 32768"),
+            rt.buffers.span(),
+            format!(
+                "runtime.buffers = {buffers}: must be a power of two from 1 to {}",
+                crate::l7::bufring::MAX_ENTRIES
+            ),
         ));
     }
-    let buffer_size = *raw.runtime.buffer_size.get_ref();
+    let buffer_size = *rt.buffer_size.get_ref();
     if !(1024..=1 << 20).contains(&buffer_size) {
         return Err(at(
-            raw.runtime.buffer_size.span(),
-            format!("buffer_size = {buffer_size}: must be 1024..=1048576"),
+            rt.buffer_size.span(),
+            format!("runtime.buffer_size = {buffer_size}: must be 1024..=1048576"),
         ));
     }
-    let t = &raw.timeouts;
-    let ping = duration(&t.ping_interval)?;
-    let timeouts = Timeouts {
-        client_head: duration(&t.client_head)?,
-        connect: duration(&t.connect)?,
-        backend_head: duration(&t.backend_head)?,
-        idle: duration(&t.idle)?,
-        ping_interval: (!ping.is_zero()).then_some(ping),
-        close: duration(&t.close)?,
-        shutdown: duration(&t.shutdown)?,
-    };
-    for (value, span) in [
-        (timeouts.client_head, t.client_head.span()),
-        (timeouts.connect, t.connect.span()),
-        (timeouts.backend_head, t.backend_head.span()),
-        (timeouts.idle, t.idle.span()),
-        (timeouts.close, t.close.span()),
-    ] {
-        if value.is_zero() {
-            return Err(at(span, "this timeout must be more than 0".into()));
-        }
+    let pool = u64::from(buffers) * u64::from(buffer_size);
+    if pool > MAX_POOL_BYTES {
+        return Err(at(
+            rt.buffer_size.span(),
+            format!(
+                "runtime.buffers × runtime.buffer_size = {} MiB per worker: must be at most {} MiB",
+                pool >> 20,
+                MAX_POOL_BYTES >> 20
+            ),
+        ));
     }
+    let max_connections = range(
+        &rt.max_connections,
+        "runtime.max_connections",
+        1,
+        MAX_CONNECTIONS,
+        "",
+    )?;
+    let t = &raw.timeouts;
+    let positive = Duration::from_millis(1);
+    let ping = duration(&t.ping_interval, "timeouts.ping_interval", Duration::ZERO)?;
+    // A ping every few microseconds would be a flood, not a keepalive.
+    if !ping.is_zero() && ping < MIN_PING_INTERVAL {
+        return Err(at(
+            t.ping_interval.span(),
+            format!(
+                "timeouts.ping_interval = {:?}: must be 0s (off) or from 100ms to 24h",
+                t.ping_interval.get_ref()
+            ),
+        ));
+    }
+    let timeouts = Timeouts {
+        client_head: duration(&t.client_head, "timeouts.client_head", positive)?,
+        connect: duration(&t.connect, "timeouts.connect", positive)?,
+        backend_head: duration(&t.backend_head, "timeouts.backend_head", positive)?,
+        idle: duration(&t.idle, "timeouts.idle", positive)?,
+        ping_interval: (!ping.is_zero()).then_some(ping),
+        close: duration(&t.close, "timeouts.close", positive)?,
+        shutdown: duration(&t.shutdown, "timeouts.shutdown", Duration::ZERO)?,
+    };
     let l = &raw.limits;
     let limits = Limits {
         max_head_bytes: *l.max_head_bytes.get_ref(),
@@ -452,42 +567,83 @@ pub fn parse(text: &str, name: &str) -> Result<Config, ConfigError> {
     if !(512..=65536).contains(&limits.max_head_bytes) {
         return Err(at(
             l.max_head_bytes.span(),
-            "max_head_bytes must be 512..=65536".into(),
+            format!(
+                "limits.max_head_bytes = {}: must be 512..=65536",
+                limits.max_head_bytes
+            ),
         ));
     }
     if !(8..=256).contains(&limits.max_headers) {
         return Err(at(
             l.max_headers.span(),
-            "max_headers must be 8..=256".into(),
+            format!(
+                "limits.max_headers = {}: must be 8..=256",
+                limits.max_headers
+            ),
         ));
     }
-    if limits.max_frame == 0 || limits.max_message < limits.max_frame {
+    if !(1..=MAX_FRAME_BYTES).contains(&limits.max_frame) {
+        return Err(at(
+            l.max_frame.span(),
+            format!(
+                "limits.max_frame = {}: must be 1..={MAX_FRAME_BYTES}",
+                limits.max_frame
+            ),
+        ));
+    }
+    if !(limits.max_frame..=MAX_FRAME_BYTES).contains(&limits.max_message) {
         return Err(at(
             l.max_message.span(),
-            "max_message must be at least max_frame (and both more than 0)".into(),
+            format!(
+                "limits.max_message = {}: must be from limits.max_frame ({}) to {MAX_FRAME_BYTES}",
+                limits.max_message, limits.max_frame
+            ),
         ));
     }
     let drain_window = match &raw.drain.window {
-        Some(w) => duration(w)?,
+        Some(w) => duration(w, "drain.window", Duration::ZERO)?,
         None => Duration::from_secs(30),
     };
-    let mut service_drain = Vec::new();
+    if raw.services.len() > MAX_ROUTES {
+        return Err(at(
+            raw.services[MAX_ROUTES].address.span(),
+            format!("more than {MAX_ROUTES} [[service]] tables"),
+        ));
+    }
+    let mut service_drain: Vec<(ServiceAddr, Duration)> = Vec::new();
     for s in &raw.services {
-        service_drain.push((service(&s.address)?, duration(&s.drain_window)?));
+        let addr = service(&s.address, "service.address")?;
+        if service_drain.iter().any(|(a, _)| *a == addr) {
+            return Err(at(
+                s.address.span(),
+                format!("service.address = \"{addr}\" is listed twice"),
+            ));
+        }
+        let window = duration(&s.drain_window, "service.drain_window", Duration::ZERO)?;
+        service_drain.push((addr, window));
     }
     let metrics = raw
         .metrics
         .listen
         .as_ref()
-        .map(|m| addr(m, "metrics listen"))
+        .map(|m| addr(m, "metrics.listen"))
         .transpose()?;
 
     if raw.listeners.is_empty() {
         return Err(at(0..0, "no [[listener]]: weir would serve nothing".into()));
     }
+    if raw.listeners.len() > MAX_LISTENERS {
+        return Err(at(
+            raw.listeners[MAX_LISTENERS].listen.span(),
+            format!(
+                "{} [[listener]] tables: at most {MAX_LISTENERS}",
+                raw.listeners.len()
+            ),
+        ));
+    }
     let mut listeners = Vec::new();
     for rl in &raw.listeners {
-        let listen = addr(&rl.listen, "listen")?;
+        let listen = addr(&rl.listen, "listener.listen")?;
         if listeners.iter().any(|l: &Listener| l.listen == listen) {
             return Err(at(rl.listen.span(), format!("{listen} is listed twice")));
         }
@@ -497,26 +653,41 @@ pub fn parse(text: &str, name: &str) -> Result<Config, ConfigError> {
                 format!("listener {listen} has no [[listener.route]]"),
             ));
         }
+        if rl.routes.len() > MAX_ROUTES {
+            return Err(at(
+                rl.routes[MAX_ROUTES].service.span(),
+                format!(
+                    "listener {listen} has {} routes: at most {MAX_ROUTES}",
+                    rl.routes.len()
+                ),
+            ));
+        }
         let mut routes = Vec::new();
         for r in &rl.routes {
             let prefix = r.path_prefix.get_ref();
-            if !prefix.starts_with('/') {
+            if !prefix.starts_with('/') || prefix.len() > 1024 {
                 return Err(at(
                     r.path_prefix.span(),
-                    format!("path_prefix {prefix:?} must start with /"),
+                    format!(
+                        "listener.route.path_prefix = {prefix:?}: must start with / and be at \
+                         most 1024 bytes"
+                    ),
                 ));
             }
             let host = r.host.get_ref().trim().to_ascii_lowercase();
-            if host.is_empty() || host.contains([' ', '/']) {
+            if host.is_empty() || host.len() > 253 || host.contains([' ', '/']) {
                 return Err(at(
                     r.host.span(),
-                    format!("host {:?} must be a name or *", r.host.get_ref()),
+                    format!(
+                        "listener.route.host = {:?}: must be a host name (at most 253 bytes) or *",
+                        r.host.get_ref()
+                    ),
                 ));
             }
             let route = Route {
                 host,
                 path_prefix: prefix.clone(),
-                service: service(&r.service)?,
+                service: service(&r.service, "listener.route.service")?,
             };
             if routes
                 .iter()
@@ -529,15 +700,20 @@ pub fn parse(text: &str, name: &str) -> Result<Config, ConfigError> {
             }
             routes.push(route);
         }
-        listeners.push(Listener { listen, routes });
+        listeners.push(Listener {
+            listen,
+            shared: rl.shared,
+            routes,
+        });
     }
 
     Ok(Config {
         instance,
-        workers: raw.runtime.workers,
+        instance_set_at,
+        workers: workers as usize,
         buffers: buffers as u16,
         buffer_size,
-        max_connections: raw.runtime.max_connections,
+        max_connections: max_connections as usize,
         metrics,
         timeouts,
         limits,
@@ -569,9 +745,128 @@ mod tests {
         assert_eq!(parse_duration("10s"), Ok(Duration::from_secs(10)));
         assert_eq!(parse_duration("5m"), Ok(Duration::from_secs(300)));
         assert_eq!(parse_duration("1h"), Ok(Duration::from_secs(3600)));
-        for bad in ["", "s", "10", "10x", "-1s", "1.5s", "99999999999999999999h"] {
+        for bad in ["", "s", "10", "10x", "-1s", "99999999999999999999h"] {
             assert!(parse_duration(bad).is_err(), "{bad}");
         }
+    }
+
+    #[test]
+    fn durations_take_fractions() {
+        assert_eq!(parse_duration("1.5s"), Ok(Duration::from_millis(1500)));
+        assert_eq!(parse_duration("0.25m"), Ok(Duration::from_secs(15)));
+        assert_eq!(parse_duration("2.5ms"), Ok(Duration::from_micros(2500)));
+        assert_eq!(parse_duration("0.5h"), Ok(Duration::from_secs(1800)));
+        for bad in [".5s", "1.s", "1.2.3s", "1.0000000001s"] {
+            let e = parse_duration(bad).expect_err(bad);
+            assert!(e.contains("e.g. 250ms, 1.5s, 5m"), "{bad}: {e}");
+        }
+        let e = parse_duration("1.5 sec").unwrap_err();
+        assert!(e.contains("unit must be ms, s, m or h"), "{e}");
+    }
+
+    /// Every key with a range: the error names the key, the value, the
+    /// range and the line.
+    #[test]
+    fn every_value_is_bounded() {
+        let cases: &[(&str, &str)] = &[
+            (
+                "[runtime]\nworkers = 100000\n",
+                "runtime.workers = 100000: must be 0..=1024",
+            ),
+            (
+                "[runtime]\nworkers = 12000\n",
+                "runtime.workers = 12000: must be 0..=1024",
+            ),
+            (
+                "[runtime]\nmax_connections = 0\n",
+                "runtime.max_connections = 0: must be 1..=1048576",
+            ),
+            (
+                "[runtime]\nmax_connections = 99999999999\n",
+                "runtime.max_connections = 99999999999: must be 1..=1048576",
+            ),
+            (
+                "[runtime]\nbuffers = 1000\n",
+                "runtime.buffers = 1000: must be a power of two",
+            ),
+            (
+                "[runtime]\nbuffer_size = 512\n",
+                "runtime.buffer_size = 512: must be 1024..=1048576",
+            ),
+            (
+                "[runtime]\nbuffers = 32768\nbuffer_size = 1048576\n",
+                "runtime.buffers × runtime.buffer_size = 32768 MiB per worker: must be at most 1024 MiB",
+            ),
+            (
+                "[timeouts]\nidle = \"25h\"\n",
+                "timeouts.idle = \"25h\": must be from 1ms to 24h",
+            ),
+            (
+                "[timeouts]\nconnect = \"0s\"\n",
+                "timeouts.connect = \"0s\": must be from 1ms to 24h",
+            ),
+            (
+                "[timeouts]\nshutdown = \"99999h\"\n",
+                "timeouts.shutdown = \"99999h\": must be from 0s to 24h",
+            ),
+            (
+                "[drain]\nwindow = \"48h\"\n",
+                "drain.window = \"48h\": must be from 0s to 24h",
+            ),
+            (
+                "[timeouts]\nping_interval = \"1ms\"\n",
+                "timeouts.ping_interval = \"1ms\": must be 0s (off) or from 100ms to 24h",
+            ),
+            (
+                "[limits]\nmax_frame = 0\n",
+                "limits.max_frame = 0: must be 1..=1073741824",
+            ),
+            (
+                "[limits]\nmax_message = 2000000000\n",
+                "limits.max_message = 2000000000: must be from limits.max_frame",
+            ),
+            (
+                "[limits]\nmax_headers = 1000\n",
+                "limits.max_headers = 1000: must be 8..=256",
+            ),
+            (
+                "[limits]\nmax_head_bytes = 1\n",
+                "limits.max_head_bytes = 1: must be 512..=65536",
+            ),
+        ];
+        for (table, want) in cases {
+            let e = err(&format!("{MIN}{table}"));
+            assert!(e.reason.contains(want), "{table}: {e}");
+            let line = MIN.lines().count() + table.lines().count();
+            assert_eq!(e.line, line, "{table}: {e}");
+            assert!(
+                e.to_string().starts_with(&format!("weir.toml:{line}:")),
+                "{e}"
+            );
+        }
+        let many: String = (0..=MAX_LISTENERS)
+            .map(|i| {
+                format!(
+                    "[[listener]]\nlisten = \"127.0.0.1:{}\"\n[[listener.route]]\nservice = \"198.19.0.1:80\"\n",
+                    1000 + i
+                )
+            })
+            .collect();
+        assert!(err(&many).reason.contains("at most 64"));
+        let ok = parse(
+            &format!("{MIN}[runtime]\nworkers = 1024\nmax_connections = 1048576\n[timeouts]\nidle = \"24h\"\nshutdown = \"0s\"\n"),
+            "weir.toml",
+        )
+        .unwrap();
+        assert_eq!((ok.workers, ok.max_connections), (1024, 1 << 20));
+    }
+
+    #[test]
+    fn the_instance_key_is_known_to_be_set() {
+        assert_eq!(parse(MIN, "weir.toml").unwrap().instance_set_at, None);
+        let c = parse(&format!("instance = \"x\"\n{MIN}"), "weir.toml").unwrap();
+        assert_eq!(c.instance, "x");
+        assert_eq!(c.instance_set_at.as_deref(), Some("weir.toml:1"));
     }
 
     fn err(text: &str) -> ConfigError {
@@ -641,7 +936,7 @@ mod tests {
         assert!(
             err(&format!("{MIN}[timeouts]\nconnect = \"0s\"\n"))
                 .reason
-                .contains("more than 0")
+                .contains("from 1ms")
         );
     }
 

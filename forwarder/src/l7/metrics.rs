@@ -31,6 +31,14 @@ pub struct WorkerMetrics {
     /// socket (the peer stopped reading, or the connection was cut).
     pub closes_undelivered_to_client: AtomicU64,
     pub closes_undelivered_to_backend: AtomicU64,
+    /// Registry re-reads that failed: the worker routed on its last good
+    /// state meanwhile.
+    pub registry_refresh_errors: AtomicU64,
+    /// Set while the worker's refresh keeps failing, so it logs once per
+    /// failing spell rather than on every accept.
+    pub registry_refresh_failing: AtomicBool,
+    /// Backend sockets the ring's file table refused (answered 503).
+    pub socket_register_errors: AtomicU64,
     maps: Mutex<Maps>,
 }
 
@@ -150,6 +158,9 @@ pub struct Snapshot {
     pub closes_undelivered_to_client: u64,
     #[serde(default)]
     pub closes_undelivered_to_backend: u64,
+    pub registry_refresh_errors: u64,
+    #[serde(default)]
+    pub socket_register_errors: u64,
     /// backend -> [active, total]
     pub backends: BTreeMap<String, (u64, u64)>,
     pub handshakes: BTreeMap<String, u64>,
@@ -170,6 +181,8 @@ pub fn snapshot(workers: &[Arc<WorkerMetrics>]) -> Snapshot {
         s.drains_in_progress += get(&w.drains_in_progress);
         s.closes_undelivered_to_client += get(&w.closes_undelivered_to_client);
         s.closes_undelivered_to_backend += get(&w.closes_undelivered_to_backend);
+        s.registry_refresh_errors += get(&w.registry_refresh_errors);
+        s.socket_register_errors += get(&w.socket_register_errors);
         let m = w.maps.lock().unwrap_or_else(|e| e.into_inner()).clone();
         for (k, (a, t)) in m.backends {
             let e = s.backends.entry(k).or_default();
@@ -310,6 +323,18 @@ pub fn render(s: &Snapshot) -> String {
         "Times a quiet worker gave its receive buffer pool's memory back to the kernel.",
         vec![(String::new(), s.pool_releases)],
     );
+    metric(
+        "weir_l7_registry_refresh_errors_total",
+        "counter",
+        "Registry re-reads that failed; the worker routed on its last good state meanwhile.",
+        vec![(String::new(), s.registry_refresh_errors)],
+    );
+    metric(
+        "weir_l7_socket_register_errors_total",
+        "counter",
+        "Backend sockets io_uring's file table refused (the client got 503).",
+        vec![(String::new(), s.socket_register_errors)],
+    );
     out
 }
 
@@ -424,6 +449,9 @@ mod tests {
         b.handshake(Some(404));
         a.close(CloseSeen::SentToClient, 1001);
         a.frames_c2b.fetch_add(3, Ordering::Relaxed);
+        a.registry_refresh_errors.fetch_add(2, Ordering::Relaxed);
+        b.registry_refresh_errors.fetch_add(1, Ordering::Relaxed);
+        b.socket_register_errors.fetch_add(1, Ordering::Relaxed);
         let s = snapshot(&[a, b]);
         assert_eq!(s.backends["127.0.0.1:9001"], (1, 2));
         assert_eq!(s.handshakes["404"], 2);
@@ -436,6 +464,8 @@ mod tests {
             "weir_l7_close_codes_total{direction=\"sent_to_client\",code=\"1001\"} 1",
             "weir_l7_frames_total{direction=\"client_to_backend\"} 3",
             "# TYPE weir_l7_drains_in_progress gauge",
+            "weir_l7_registry_refresh_errors_total 3",
+            "weir_l7_socket_register_errors_total 1",
         ] {
             assert!(
                 text.lines().any(|l| l == line),

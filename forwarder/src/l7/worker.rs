@@ -712,9 +712,7 @@ impl Worker {
         if !self.accepting {
             return;
         }
-        if let Ok(Some(changes)) = self.view.refresh() {
-            self.schedule_drains(&changes.stopped);
-        }
+        self.refresh_view();
         let peer =
             peer_addr(client.as_raw_fd()).unwrap_or_else(|| SocketAddr::from(([0, 0, 0, 0], 0)));
         let idx = self
@@ -1003,7 +1001,18 @@ impl Worker {
             .register_files_update(slot, &[fd.as_raw_fd()])
         {
             self.slots.push(slot);
-            let _ = e;
+            if self
+                .metrics
+                .socket_register_errors
+                .fetch_add(1, Ordering::Relaxed)
+                == 0
+            {
+                eprintln!(
+                    "weir: {}: cannot register a backend socket with io_uring ({e}); such \
+                     clients get 503 (counted in weir_l7_socket_register_errors_total)",
+                    worker_name()
+                );
+            }
             return self.reject(
                 idx,
                 Reject {
@@ -1706,9 +1715,7 @@ impl Worker {
                 self.maybe_free(idx);
             }
         }
-        if let Ok(Some(changes)) = self.view.refresh() {
-            self.schedule_drains(&changes.stopped);
-        }
+        self.refresh_view();
         let now_ms = self.start.elapsed().as_millis() as u64;
         for (idx, generation) in self.drains.due(now_ms) {
             if self
@@ -1853,6 +1860,36 @@ impl Worker {
         }
     }
 
+    /// Re-reads the registry if it changed and drains the backends that
+    /// stopped. A failed re-read leaves the worker on its last good state:
+    /// that is counted every time and logged once per failing spell (and
+    /// once when it works again), so stale routing never goes unnoticed.
+    fn refresh_view(&mut self) {
+        let failing = &self.metrics.registry_refresh_failing;
+        match self.view.refresh() {
+            Ok(changes) => {
+                if failing.swap(false, Ordering::Relaxed) {
+                    eprintln!("weir: {}: registry refresh works again", worker_name());
+                }
+                if let Some(changes) = changes {
+                    self.schedule_drains(&changes.stopped);
+                }
+            }
+            Err(e) => {
+                self.metrics
+                    .registry_refresh_errors
+                    .fetch_add(1, Ordering::Relaxed);
+                if !failing.swap(true, Ordering::Relaxed) {
+                    eprintln!(
+                        "weir: {}: registry refresh failed, routing on the last good state \
+                         until it works (counted in weir_l7_registry_refresh_errors_total): {e}",
+                        worker_name()
+                    );
+                }
+            }
+        }
+    }
+
     /// Stops accepting and drains every connection over the shutdown
     /// window.
     fn shutdown(&mut self) {
@@ -1893,6 +1930,14 @@ impl Worker {
             );
         }
     }
+}
+
+/// The worker's thread name, for log lines.
+fn worker_name() -> String {
+    std::thread::current()
+        .name()
+        .unwrap_or("weir-worker")
+        .to_string()
 }
 
 /// Runs `workers` workers (one per core when 0) and the metrics thread

@@ -53,8 +53,10 @@ impl BackendAddr {
 pub const DEFAULT_MAX_REMOVE_PERMILLE: u32 = 500;
 pub const DEFAULT_MIN_BACKENDS: u32 = 1;
 pub const DEFAULT_RING_SIZE: u32 = 65537;
-/// DESIGN.md: a ring needs more than 100 slots per backend to stay fair.
+/// A ring needs at least 100 slots per backend to keep the shares fair.
 pub const SLOTS_PER_BACKEND: u32 = 100;
+/// The smallest prime ring that holds one backend.
+pub const MIN_RING_SIZE: u32 = 101;
 
 #[derive(Clone, Debug, PartialEq, Eq, Serialize)]
 pub struct ServiceEntry {
@@ -342,10 +344,14 @@ pub fn plan(state: &State, change: &Change, force: bool) -> Result<Plan, Registr
                     "service {addr}: port 0 is not a valid port"
                 )));
             }
+            check_vip(addr, *mode)?;
             let ring_size = ring_size.unwrap_or(DEFAULT_RING_SIZE);
-            if !maglev::is_prime(ring_size) || !(3..=abi::MAX_RING_SIZE).contains(&ring_size) {
+            if !maglev::is_prime(ring_size)
+                || !(MIN_RING_SIZE..=abi::MAX_RING_SIZE).contains(&ring_size)
+            {
                 return Err(RegistryError::Invalid(format!(
-                    "ring size {ring_size} must be a prime between 3 and {} (e.g. 65537, 1000003)",
+                    "ring size {ring_size} must be a prime between {MIN_RING_SIZE} ({SLOTS_PER_BACKEND} \
+                     slots per backend, one backend) and {} (e.g. 65537, 1000003)",
                     abi::MAX_RING_SIZE
                 )));
             }
@@ -566,9 +572,18 @@ fn check_backend(
             "backend {backend}: weight must be 1..65535 (use `weir backend drain` to stop new connections)"
         )));
     }
+    // A backend that is the service itself forwards to itself: packets (L4)
+    // or connections (L7) loop until something drops them.
+    let a = backend.addr;
+    let same_host =
+        a == service.vip && (svc.mode == ServiceModeName::L4 || backend.port == service.port);
+    if same_host {
+        return Err(RegistryError::Invalid(format!(
+            "backend {backend} is the service {service} itself: traffic would loop back to weir"
+        )));
+    }
     // L7 backends may sit on this host; an L4 backend must be reachable
     // over the wire.
-    let a = backend.addr;
     let loopback = a.is_loopback() && svc.mode == ServiceModeName::L4;
     if a.is_unspecified() || a.is_broadcast() || a.is_multicast() || loopback {
         return Err(RegistryError::Invalid(format!(
@@ -602,10 +617,47 @@ fn check_capacity(
             "service {service} would have {active} active backends but its ring of {} slots keeps \
              shares fair for at most {max}; recreate it with a larger --ring-size (at least {})",
             svc.ring_size,
-            maglev::ring_size_for(active as usize)
+            smallest_ring_for(active)
         )));
     }
     Ok(())
+}
+
+/// The smallest prime ring with [`SLOTS_PER_BACKEND`] slots for each of
+/// `backends`.
+fn smallest_ring_for(backends: u32) -> u32 {
+    u64::from(backends.max(1))
+        .checked_mul(u64::from(SLOTS_PER_BACKEND))
+        .and_then(|n| u32::try_from(n).ok())
+        .and_then(maglev::checked_next_prime)
+        .unwrap_or(abi::MAX_RING_SIZE)
+}
+
+/// A VIP must be an address clients can send to and this host can own:
+/// never unspecified, "this network", broadcast, multicast or reserved.
+/// Loopback is fine for L7 (`weir run` listens there) but not for L4: XDP
+/// never sees loopback traffic.
+fn check_vip(addr: &ServiceAddr, mode: ServiceModeName) -> Result<(), RegistryError> {
+    let v = addr.vip;
+    let why = if v.octets()[0] == 0 {
+        Some("is unspecified (0.0.0.0/8 names no host)")
+    } else if v.is_broadcast() {
+        Some("is the broadcast address")
+    } else if v.is_multicast() {
+        Some("is a multicast address")
+    } else if v.octets()[0] >= 240 {
+        Some("is reserved (240.0.0.0/4)")
+    } else if v.is_loopback() && mode == ServiceModeName::L4 {
+        Some("is a loopback address, which XDP never sees (use --mode l7 for a local proxy)")
+    } else {
+        None
+    };
+    match why {
+        Some(why) => Err(RegistryError::Invalid(format!(
+            "service {addr}: the VIP {v} {why}; a VIP must be a unicast address clients can reach"
+        ))),
+        None => Ok(()),
+    }
 }
 
 fn check_guard_rails(before: &State, after: &State, service_id: u32) -> Result<(), RegistryError> {
@@ -1169,6 +1221,131 @@ mod tests {
         assert!(plan(&s, &set(2), false).is_ok());
         let err = plan(&s, &set(3), false).unwrap_err().to_string();
         assert!(err.contains("at most 2"), "{err}");
+    }
+
+    #[test]
+    fn unusable_vips_are_refused() {
+        let add = |vip: [u8; 4], mode| Change::AddService {
+            addr: ServiceAddr {
+                vip: Ipv4Addr::from(vip),
+                port: 80,
+            },
+            mode,
+            ring_size: None,
+            max_remove_fraction: None,
+            min_backends: None,
+        };
+        for (vip, mode, why) in [
+            ([0, 0, 0, 0], ServiceModeName::L4, "unspecified"),
+            ([0, 0, 0, 0], ServiceModeName::L7, "unspecified"),
+            ([0, 1, 2, 3], ServiceModeName::L4, "unspecified"),
+            ([255, 255, 255, 255], ServiceModeName::L4, "broadcast"),
+            ([224, 0, 0, 1], ServiceModeName::L4, "multicast"),
+            ([239, 1, 2, 3], ServiceModeName::L7, "multicast"),
+            ([240, 0, 0, 1], ServiceModeName::L4, "reserved"),
+            ([127, 0, 0, 1], ServiceModeName::L4, "loopback"),
+        ] {
+            let e = plan(&State::default(), &add(vip, mode), false)
+                .expect_err(why)
+                .to_string();
+            assert!(e.contains(why) && e.contains("VIP"), "{vip:?} {mode}: {e}");
+        }
+        // `weir run` serves L7 services on loopback.
+        plan(
+            &State::default(),
+            &add([127, 0, 0, 1], ServiceModeName::L7),
+            false,
+        )
+        .unwrap();
+        plan(
+            &State::default(),
+            &add([198, 19, 0, 1], ServiceModeName::L4),
+            false,
+        )
+        .unwrap();
+    }
+
+    #[test]
+    fn a_backend_equal_to_its_service_is_a_loop() {
+        let s = with_backends(1, 1, 0.5);
+        let itself = BackendAddr {
+            addr: svc(80).vip,
+            port: 80,
+        };
+        for change in [
+            Change::AddBackend {
+                service: svc(80),
+                backend: itself,
+                weight: 1,
+            },
+            Change::SetBackends {
+                service: svc(80),
+                backends: vec![(be(1), 1), (itself, 1)],
+            },
+        ] {
+            let e = plan(&s, &change, true).unwrap_err().to_string();
+            assert!(e.contains("is the service") && e.contains("loop"), "{e}");
+        }
+        // L7: the VIP's host is fine on another port, not on the service's.
+        let l7 = ServiceAddr {
+            vip: Ipv4Addr::LOCALHOST,
+            port: 8080,
+        };
+        let s = plan(
+            &State::default(),
+            &Change::AddService {
+                addr: l7,
+                mode: ServiceModeName::L7,
+                ring_size: None,
+                max_remove_fraction: None,
+                min_backends: None,
+            },
+            false,
+        )
+        .unwrap()
+        .next;
+        let add = |port| Change::AddBackend {
+            service: l7,
+            backend: BackendAddr {
+                addr: Ipv4Addr::LOCALHOST,
+                port,
+            },
+            weight: 1,
+        };
+        assert!(
+            plan(&s, &add(8080), false)
+                .unwrap_err()
+                .to_string()
+                .contains("loop")
+        );
+        plan(&s, &add(9000), false).unwrap();
+    }
+
+    #[test]
+    fn a_ring_too_small_for_one_backend_is_refused_up_front() {
+        let add = |ring| Change::AddService {
+            addr: svc(80),
+            mode: ServiceModeName::L4,
+            ring_size: Some(ring),
+            max_remove_fraction: None,
+            min_backends: None,
+        };
+        for ring in [3, 31, 97] {
+            let e = plan(&State::default(), &add(ring), false)
+                .unwrap_err()
+                .to_string();
+            assert!(e.contains("between 101"), "{ring}: {e}");
+        }
+        // 101 holds exactly one backend.
+        let s = add_service(&State::default(), 101, 1, 1.0);
+        let set = |n: u8| Change::SetBackends {
+            service: svc(80),
+            backends: (1..=n).map(|i| (be(i), 1)).collect(),
+        };
+        plan(&s, &set(1), false).unwrap();
+        // The advice names the smallest ring that fits, not the default.
+        let e = plan(&s, &set(2), false).unwrap_err().to_string();
+        assert!(e.contains("at least 211)"), "{e}");
     }
 
     #[test]

@@ -48,5 +48,7 @@ impl TestInstance {
 impl Drop for TestInstance {
     fn drop(&mut self) {
         let _ = self.instance.destroy();
+        // `destroy` keeps the audit log; a throwaway instance leaves nothing.
+        let _ = std::fs::remove_dir_all(self.instance.state_dir());
     }
 }
