@@ -1213,8 +1213,8 @@ fn a_second_weir_run_for_the_same_instance_is_refused() {
 }
 
 /// Traffic touches the whole provided-buffer pool in turn; once a worker
-/// has been quiet for a second it gives the pool's memory back (DESIGN
-/// promise 5), and connections opened afterwards still relay every byte
+/// has been quiet for a second it gives the pool's memory back (idle
+/// connections hold no buffer memory), and connections opened afterwards still relay every byte
 /// intact through the re-faulted buffers.
 #[test]
 fn a_quiet_worker_gives_its_buffer_pool_back_and_still_relays() {

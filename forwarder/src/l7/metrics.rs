@@ -39,6 +39,10 @@ pub struct WorkerMetrics {
     pub registry_refresh_failing: AtomicBool,
     /// Backend sockets the ring's file table refused (answered 503).
     pub socket_register_errors: AtomicU64,
+    /// Failed rounds of freeing removed backends (they stay `removed`
+    /// meanwhile). Counted by the collector thread into the first worker's
+    /// set; every counter is summed over workers.
+    pub registry_collect_errors: AtomicU64,
     maps: Mutex<Maps>,
 }
 
@@ -161,6 +165,8 @@ pub struct Snapshot {
     pub registry_refresh_errors: u64,
     #[serde(default)]
     pub socket_register_errors: u64,
+    #[serde(default)]
+    pub registry_collect_errors: u64,
     /// backend -> [active, total]
     pub backends: BTreeMap<String, (u64, u64)>,
     pub handshakes: BTreeMap<String, u64>,
@@ -183,6 +189,7 @@ pub fn snapshot(workers: &[Arc<WorkerMetrics>]) -> Snapshot {
         s.closes_undelivered_to_backend += get(&w.closes_undelivered_to_backend);
         s.registry_refresh_errors += get(&w.registry_refresh_errors);
         s.socket_register_errors += get(&w.socket_register_errors);
+        s.registry_collect_errors += get(&w.registry_collect_errors);
         let m = w.maps.lock().unwrap_or_else(|e| e.into_inner()).clone();
         for (k, (a, t)) in m.backends {
             let e = s.backends.entry(k).or_default();
@@ -335,6 +342,12 @@ pub fn render(s: &Snapshot) -> String {
         "Backend sockets io_uring's file table refused (the client got 503).",
         vec![(String::new(), s.socket_register_errors)],
     );
+    metric(
+        "weir_l7_registry_collect_errors_total",
+        "counter",
+        "Failed rounds of freeing removed backends that nothing uses any more.",
+        vec![(String::new(), s.registry_collect_errors)],
+    );
     out
 }
 
@@ -452,6 +465,7 @@ mod tests {
         a.registry_refresh_errors.fetch_add(2, Ordering::Relaxed);
         b.registry_refresh_errors.fetch_add(1, Ordering::Relaxed);
         b.socket_register_errors.fetch_add(1, Ordering::Relaxed);
+        a.registry_collect_errors.fetch_add(4, Ordering::Relaxed);
         let s = snapshot(&[a, b]);
         assert_eq!(s.backends["127.0.0.1:9001"], (1, 2));
         assert_eq!(s.handshakes["404"], 2);
@@ -466,6 +480,7 @@ mod tests {
             "# TYPE weir_l7_drains_in_progress gauge",
             "weir_l7_registry_refresh_errors_total 3",
             "weir_l7_socket_register_errors_total 1",
+            "weir_l7_registry_collect_errors_total 4",
         ] {
             assert!(
                 text.lines().any(|l| l == line),

@@ -2014,7 +2014,13 @@ pub fn serve(
         }
     }
     listening(&bound);
-    let collector = collect_removed(&settings, metrics_stop.clone());
+    let collector = collect_removed(&settings, metrics[0].clone(), metrics_stop.clone());
+    if let Err(e) = &collector {
+        eprintln!(
+            "weir: cannot start the thread that frees removed backends ({e}); they stay \
+             `removed` until `weir run` restarts"
+        );
+    }
     let mut result = Ok(());
     for h in handles {
         let r = h
@@ -2035,9 +2041,11 @@ pub fn serve(
 
 /// Every second, frees removed backends that neither flows nor L7
 /// connections use any more: a drained backend leaves the registry once its
-/// last connection is gone.
+/// last connection is gone. A failed round is counted in `metrics` and
+/// logged once per failing spell (and once when it works again).
 fn collect_removed(
     settings: &Settings,
+    metrics: Arc<WorkerMetrics>,
     stop: Arc<AtomicBool>,
 ) -> io::Result<std::thread::JoinHandle<()>> {
     let instance =
@@ -2046,14 +2054,34 @@ fn collect_removed(
         .name("weir-collect".into())
         .spawn(move || {
             let mut last = Instant::now();
+            let mut failing = false;
             while !stop.load(Ordering::Relaxed) {
                 std::thread::sleep(Duration::from_millis(50));
                 if last.elapsed() < Duration::from_secs(1) {
                     continue;
                 }
                 last = Instant::now();
-                if let Ok(mut registry) = crate::registry::Registry::open(&instance) {
-                    let _ = registry.collect("weir run");
+                let collected = crate::registry::Registry::open(&instance)
+                    .and_then(|mut registry| registry.collect("weir run"));
+                match collected {
+                    Ok(_) if failing => {
+                        failing = false;
+                        eprintln!("weir: freeing removed backends works again");
+                    }
+                    Ok(_) => {}
+                    Err(e) => {
+                        metrics
+                            .registry_collect_errors
+                            .fetch_add(1, Ordering::Relaxed);
+                        if !failing {
+                            failing = true;
+                            eprintln!(
+                                "weir: freeing removed backends failed; they stay `removed` \
+                                 until it works (counted in \
+                                 weir_l7_registry_collect_errors_total): {e}"
+                            );
+                        }
+                    }
                 }
             }
         })
@@ -2072,8 +2100,8 @@ mod tests {
         assert!(!seeds.contains(&0));
     }
 
-    /// Every connection costs at least this much memory; keep it small
-    /// (DESIGN promise 5: idle connections cost almost nothing).
+    /// Every connection costs at least this much memory; keep it small:
+    /// idle connections must cost almost nothing.
     #[test]
     fn a_connection_slot_stays_small() {
         let size = size_of::<Option<super::Conn>>();

@@ -49,7 +49,7 @@ impl BackendAddr {
     }
 }
 
-/// Guard-rail defaults (issue: `max_remove_fraction` 0.5, `min_backends` 1).
+/// Guard-rail defaults: `max_remove_fraction` 0.5, `min_backends` 1.
 pub const DEFAULT_MAX_REMOVE_PERMILLE: u32 = 500;
 pub const DEFAULT_MIN_BACKENDS: u32 = 1;
 pub const DEFAULT_RING_SIZE: u32 = 65537;
