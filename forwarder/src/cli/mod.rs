@@ -967,6 +967,10 @@ fn stats(reg: &Registry, instance: &Instance, json: bool) -> Result<()> {
             "  weir's Closes never written: to clients {} to backends {}",
             l7.closes_undelivered_to_client, l7.closes_undelivered_to_backend
         );
+        println!(
+            "  errors: registry refresh {} freeing removed backends {} backend socket register {}",
+            l7.registry_refresh_errors, l7.registry_collect_errors, l7.socket_register_errors
+        );
     }
     if let Some(d) = decap {
         println!("decap:");
