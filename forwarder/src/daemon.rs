@@ -11,7 +11,8 @@ use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use aya::maps::MapInfo;
-use weir_ebpf::abi;
+
+use crate::registry::maps::Maps;
 
 /// How often a running daemon compares the pins with the maps it serves.
 pub const WATCH_INTERVAL: Duration = Duration::from_millis(250);
@@ -26,10 +27,10 @@ pub struct MapIds {
 }
 
 impl MapIds {
-    /// Reads the id behind every pin of the balancer's maps under `dir`.
+    /// Reads the id behind every pin under `dir` that the registry reads.
     pub fn read(dir: &Path) -> Result<Self, String> {
         let mut ids = Vec::new();
-        for name in abi::maps::LB {
+        for name in Maps::OPENED {
             let path = dir.join(name);
             let info = MapInfo::from_pin(&path).map_err(|e| {
                 format!("pinned map {} is gone or unreadable ({e})", path.display())

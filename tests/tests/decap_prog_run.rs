@@ -7,7 +7,7 @@ use std::net::Ipv4Addr;
 
 use aya::Ebpf;
 use aya::programs::SchedClassifier;
-use common::TestInstance;
+use common::{TestInstance, require_root};
 use weir::dataplane::decap_sources::{self, Prefix};
 use weir_ebpf::abi;
 use weir_testbed::packet::{self, ETH_LEN, IP_LEN, Segment};
@@ -22,15 +22,6 @@ const CLIENT: Ipv4Addr = Ipv4Addr::new(198, 18, 1, 2);
 const VIP: Ipv4Addr = Ipv4Addr::new(198, 19, 0, 10);
 const OTHER_VIP: Ipv4Addr = Ipv4Addr::new(198, 19, 0, 11);
 
-fn must_be_root() {
-    // SAFETY: geteuid has no preconditions.
-    assert_eq!(
-        unsafe { libc::geteuid() },
-        0,
-        "BPF_PROG_RUN needs root: run the tests as root"
-    );
-}
-
 fn prefix(s: &str) -> Prefix {
     s.parse().unwrap()
 }
@@ -43,7 +34,7 @@ struct Bed {
 
 impl Bed {
     fn new(tag: &str) -> Self {
-        must_be_root();
+        require_root();
         let inst = TestInstance::new(tag);
         let ebpf = weir::dataplane::load_decap_program(&inst.instance).expect("load decap");
         Self { ebpf, inst }

@@ -146,7 +146,7 @@ fn ipip_from_a_source_not_allowed_is_not_delivered() {
     // The client forges IPIP as if it were a balancer; then the LB sends.
     send_ipip(&client_path, backend, forged_client, vip, b"forged");
     send_ipip(&lb_path, backend, forged_client, vip, b"from the lb");
-    let got = received(&rx, Duration::from_millis(500));
+    let got = received(&rx, Duration::from_millis(1500));
     assert_eq!(
         got,
         [(forged_client, b"from the lb".to_vec())],
@@ -173,7 +173,7 @@ fn ipip_from_a_source_not_allowed_is_not_delivered() {
     );
     send_ipip(&client_path, backend, forged_client, vip, b"allowed now");
     assert_eq!(
-        received(&rx, Duration::from_millis(500)),
+        received(&rx, Duration::from_millis(1500)),
         [(forged_client, b"allowed now".to_vec())]
     );
     let list = w(&be, &["--json", "decap", "list"]);
@@ -201,7 +201,7 @@ fn ipip_from_a_source_not_allowed_is_not_delivered() {
         "{err}"
     );
     send_ipip(&client_path, backend, forged_client, vip, b"still allowed");
-    assert_eq!(received(&rx, Duration::from_millis(500)).len(), 1);
+    assert_eq!(received(&rx, Duration::from_millis(1500)).len(), 1);
 
     let revoked = w(
         &be,
@@ -221,7 +221,7 @@ fn ipip_from_a_source_not_allowed_is_not_delivered() {
     send_ipip(&client_path, backend, forged_client, vip, b"forged again");
     send_ipip(&lb_path, backend, forged_client, vip, b"lb again");
     assert_eq!(
-        received(&rx, Duration::from_millis(500)),
+        received(&rx, Duration::from_millis(1500)),
         [(forged_client, b"lb again".to_vec())]
     );
     assert_eq!(decap_counter(&instance, "decap_drop_source"), 2);

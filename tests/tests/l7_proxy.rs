@@ -8,7 +8,7 @@ use std::net::{Ipv4Addr, SocketAddr, TcpStream};
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
-use common::{TestInstance, require_root};
+use common::{TestInstance, free_port, require_root};
 use weir::l7::frame::{self, FrameHeader, Opcode};
 use weir::registry::{ApplyOptions, BackendAddr, Change, ServiceAddr, ServiceModeName};
 use weir_testbed::workspace_bin;
@@ -26,14 +26,6 @@ const DEAD: ServiceAddr = ServiceAddr {
     vip: Ipv4Addr::new(198, 19, 0, 62),
     port: 80,
 };
-
-fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port()
-}
 
 /// weir run with `backends` echo servers behind SVC; everything is stopped
 /// and removed on drop.
@@ -1250,12 +1242,6 @@ fn a_quiet_worker_gives_its_buffer_pool_back_and_still_relays() {
     assert_eq!(r.summary.messages_echoed, r.summary.messages_sent);
 }
 
-/// Fails loudly where the other tests skip: what these check has no
-/// meaning without the real daemon.
-fn must_be_root() {
-    require_root();
-}
-
 fn metrics_text(port: u16) -> String {
     let (mut m, _) = raw_request(port, "GET /metrics HTTP/1.1\r\nHost: t\r\n\r\n");
     let mut text = String::new();
@@ -1387,7 +1373,7 @@ fn weir_side_socket(pid: u32, client: SocketAddr) -> TcpStream {
 /// TCP_NODELAY an echo on loopback takes well under a millisecond or two.
 #[test]
 fn sixteen_kib_echoes_are_not_held_by_delayed_acks() {
-    must_be_root();
+    require_root();
     let bed = Bed::new("l7nodelay", 1, "");
     let (mut s, head) = upgrade(bed.port, "/ws");
     assert!(head.starts_with("HTTP/1.1 101"), "{head}");
@@ -1404,7 +1390,7 @@ fn sixteen_kib_echoes_are_not_held_by_delayed_acks() {
     let per_message = started.elapsed() / n;
     eprintln!("{per_message:?} per 16 KiB echo");
     assert!(
-        per_message < Duration::from_millis(8),
+        per_message < Duration::from_millis(20),
         "{per_message:?} per 16 KiB echo: delayed-ACK stalls"
     );
     let pid = bed.weir.as_ref().unwrap().id();
@@ -1426,7 +1412,7 @@ fn close_payload(code: u16) -> Vec<u8> {
 /// fails the connection with 1002 on both sides. Valid ones pass as sent.
 #[test]
 fn invalid_close_codes_are_1002_and_valid_ones_pass() {
-    must_be_root();
+    require_root();
     let bed = Bed::new("l7codes", 0, "");
     let invalid = [0u16, 999, 1004, 1005, 1006, 1015, 1016, 2999, 5000, 65535];
     let valid = [1000u16, 1001, 1011, 3000, 4999];
@@ -1468,7 +1454,7 @@ fn invalid_close_codes_are_1002_and_valid_ones_pass() {
 
 #[test]
 fn a_backend_that_vanishes_mid_stream_closes_the_client_with_1014() {
-    must_be_root();
+    require_root();
     let bed = Bed::new("l7vanish", 0, "");
     // One answers the first frame, then shuts its socket (FIN); the other
     // resets it.
@@ -1524,7 +1510,7 @@ fn a_backend_that_vanishes_mid_stream_closes_the_client_with_1014() {
 
 #[test]
 fn routes_match_whole_segments_of_the_normalised_path() {
-    must_be_root();
+    require_root();
     let bed = Bed::new("l7route", 1, "");
     for (path, status) in [
         ("/ws", "101"),
@@ -1552,7 +1538,7 @@ fn routes_match_whole_segments_of_the_normalised_path() {
 /// it sends a backend; its Close on a client's protocol error is one.
 #[test]
 fn masks_on_frames_weir_sends_to_backends_are_random() {
-    must_be_root();
+    require_root();
     let bed = Bed::new("l7mask", 0, "");
     let n = 40;
     let (tx, rx) = std::sync::mpsc::channel::<[u8; 4]>();
@@ -1595,7 +1581,7 @@ fn masks_on_frames_weir_sends_to_backends_are_random() {
 /// bound.
 #[test]
 fn close_code_series_stay_bounded_whatever_clients_send() {
-    must_be_root();
+    require_root();
     let bed = Bed::new("l7series", 1, "");
     for i in 0..300u16 {
         let code = [3000, 4000, 5000][usize::from(i % 3)] + i;
@@ -1635,7 +1621,7 @@ fn close_code_series_stay_bounded_whatever_clients_send() {
 /// with it.
 #[test]
 fn a_departed_backends_metrics_series_goes() {
-    must_be_root();
+    require_root();
     let bed = Bed::new("l7departed", 2, "[drain]\nwindow = \"1s\"\n");
     let r = report(bed.clients(20, 1, None));
     assert_eq!(r.summary.connected, 20);
@@ -1672,7 +1658,7 @@ fn a_departed_backends_metrics_series_goes() {
 /// picked, and the log names it.
 #[test]
 fn a_listener_on_port_0_is_one_port_for_every_worker_and_logged() {
-    must_be_root();
+    require_root();
     let inst = TestInstance::new("l7port0");
     let dir = std::env::temp_dir().join(format!("weir-l7-{}", inst.name()));
     std::fs::create_dir_all(&dir).unwrap();
@@ -1747,7 +1733,7 @@ fn set_buffer(s: &TcpStream, option: libc::c_int, bytes: libc::c_int) {
 /// summary must not count it as a 1001 delivered.
 #[test]
 fn a_close_never_written_to_a_client_is_not_counted_as_sent() {
-    must_be_root();
+    require_root();
     let mut bed = Bed::new("l7unsent", 0, "");
     // On the client's first frame, 64 KiB of whole frames come back.
     let be = ws_fake_backend(

@@ -479,7 +479,7 @@ pub fn run(cli: Cli) -> Result<()> {
                         } else {
                             joined(&added)
                         },
-                        from.len() - added.len(),
+                        from.iter().collect::<std::collections::BTreeSet<_>>().len() - added.len(),
                         joined(&now)
                     )
                 },
@@ -703,7 +703,11 @@ fn run_daemon(path: Option<&std::path::Path>, flag: Option<&str>) -> Result<()> 
     let served = crate::l7::worker::serve(settings, stop.clone(), listening);
     // The watcher ends with the stop flag; a failed start set it too.
     stop.store(true, std::sync::atomic::Ordering::Relaxed);
-    let _ = watcher.join();
+    if watcher.join().is_err() {
+        // Without the watcher a replaced instance would go unnoticed:
+        // never end as if all had been well.
+        bail!("the map watcher thread panicked; `weir run` stopped");
+    }
     let totals = served.context("L7 workers")?;
     let upgraded = totals.handshakes.get("upgraded").copied().unwrap_or(0);
     let drained = totals
@@ -880,16 +884,26 @@ fn stats(reg: &Registry, instance: &Instance, json: bool) -> Result<()> {
     }
     let decap = dataplane::decap_counters(instance)?;
     // The daemon's L7 counters, written every second while `weir run` runs.
-    let l7: Option<crate::l7::metrics::Snapshot> =
-        std::fs::read(instance.state_dir().join("l7-stats.json"))
-            .ok()
-            .and_then(|b| serde_json::from_slice(&b).ok());
+    // No file: no `weir run` has served this instance. A file that does not
+    // parse is reported, not shown as "no L7 section".
+    let l7_path = instance.state_dir().join("l7-stats.json");
+    let l7: Option<crate::l7::metrics::Snapshot> = match std::fs::read(&l7_path) {
+        Ok(bytes) => Some(serde_json::from_slice(&bytes).with_context(|| {
+            format!(
+                "{} does not parse (written by another weir version?); the next `weir run` \
+                 rewrites it every second",
+                l7_path.display()
+            )
+        })?),
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => None,
+        Err(e) => return Err(e).with_context(|| format!("reading {}", l7_path.display())),
+    };
     let global: serde_json::Map<String, serde_json::Value> = abi::COUNTERS
         .iter()
         .zip(&counters)
         .map(|(n, v)| (n.to_string(), json!(v)))
         .collect();
-    let (attachments, unknown) = dataplane::attachments(instance);
+    let (attachments, unknown) = dataplane::attachments(instance)?;
     if json {
         let mut v = json!({
             "instance": instance.name(), "generation": generation,
@@ -1052,7 +1066,7 @@ fn print_attachments(
 }
 
 fn list_attachments(instance: &Instance, json: bool) -> Result<()> {
-    let (attachments, unknown) = dataplane::attachments(instance);
+    let (attachments, unknown) = dataplane::attachments(instance)?;
     if json {
         println!(
             "{}",

@@ -263,10 +263,19 @@ pub fn link_exists(id: u32) -> bool {
     }
 }
 
-/// Every pin of the instance: weir's attachments and anything else.
-pub fn scan(instance: &Instance) -> (Vec<Attachment>, Vec<Unknown>) {
-    let Ok(dir) = std::fs::read_dir(instance.link_dir()) else {
-        return (vec![], vec![]);
+/// Every pin of the instance: weir's attachments and anything else. No
+/// link directory means no attachment; any other error is an error, never
+/// an empty list (that would let a command act as if nothing were there).
+pub fn scan(instance: &Instance) -> io::Result<(Vec<Attachment>, Vec<Unknown>)> {
+    let dir = match std::fs::read_dir(instance.link_dir()) {
+        Ok(dir) => dir,
+        Err(e) if e.kind() == io::ErrorKind::NotFound => return Ok((vec![], vec![])),
+        Err(e) => {
+            return Err(io::Error::new(
+                e.kind(),
+                format!("reading {}: {e}", instance.link_dir().display()),
+            ));
+        }
     };
     let mut known = Vec::new();
     let mut unknown = Vec::new();
@@ -284,16 +293,16 @@ pub fn scan(instance: &Instance) -> (Vec<Attachment>, Vec<Unknown>) {
         (a.kind.name(), a.netns.0, a.ifindex).cmp(&(b.kind.name(), b.netns.0, b.ifindex))
     });
     unknown.sort_by(|a, b| a.name.cmp(&b.name));
-    (known, unknown)
+    Ok((known, unknown))
 }
 
 /// The attachment pinned for `key`, if any.
-pub fn find(instance: &Instance, key: Key) -> Option<Attachment> {
-    scan(instance).0.into_iter().find(|a| a.key() == key)
+pub fn find(instance: &Instance, key: Key) -> io::Result<Option<Attachment>> {
+    Ok(scan(instance)?.0.into_iter().find(|a| a.key() == key))
 }
 
-/// Asks the kernel whether `a` works. In the attachment's own namespace it
-/// also checks the device is still the one at that ifindex.
+/// Asks the kernel whether `a` works: whether its link is still attached,
+/// and to the ifindex the pin names.
 pub fn status(a: &Attachment) -> Status {
     let (state, detail) = match link_ifindex(&a.pin) {
         Err(e) => ("unreadable", Some(format!("{}: {e}", a.pin.display()))),
@@ -317,17 +326,6 @@ pub fn status(a: &Attachment) -> Status {
         detail,
         attachment: a.clone(),
     }
-}
-
-/// Removes a pin whose link no longer works (never a live one).
-pub fn remove_defunct(a: &Attachment) -> io::Result<()> {
-    if status(a).live {
-        return Err(io::Error::other(format!(
-            "{} is live; refusing to remove it",
-            a.pin.display()
-        )));
-    }
-    std::fs::remove_file(&a.pin)
 }
 
 #[cfg(test)]

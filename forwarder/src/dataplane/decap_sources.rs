@@ -143,14 +143,18 @@ pub fn allow(
                 }
             }
         }
-        if failure.is_some() {
-            for p in &done {
-                let _ = trie.remove(&p.key(vip));
-            }
+        if let Some(e) = failure {
+            let stuck: Vec<String> = done
+                .iter()
+                .filter(|p| trie.remove(&p.key(vip)).is_err())
+                .map(Prefix::to_string)
+                .collect();
+            return Err(left_behind(
+                e,
+                &stuck,
+                &format!("weir decap revoke --vip {vip} --from {}", stuck.join(",")),
+            ));
         }
-    }
-    if let Some(e) = failure {
-        return Err(e);
     }
     let after = entries(map)?;
     let missing: Vec<String> = sources
@@ -165,6 +169,22 @@ pub fn allow(
         });
     }
     Ok(new)
+}
+
+/// `error`, and if undoing the steps before it failed for `stuck`, which
+/// entries were left changed and the command that puts them right: a
+/// half-applied change is never reported as a plain failure.
+pub(super) fn left_behind(error: DataplaneError, stuck: &[String], fix: &str) -> DataplaneError {
+    if stuck.is_empty() {
+        return error;
+    }
+    DataplaneError::Kernel {
+        what: error.to_string(),
+        detail: format!(
+            "and undoing it failed for {}, which stay changed: run `{fix}`",
+            stuck.join(", ")
+        ),
+    }
 }
 
 fn full_hint(e: MapError) -> String {
@@ -221,14 +241,18 @@ pub fn revoke(
                 }
             }
         }
-        if failure.is_some() {
-            for p in &done {
-                let _ = trie.insert(&p.key(vip), 1, 0);
-            }
+        if let Some(e) = failure {
+            let stuck: Vec<String> = done
+                .iter()
+                .filter(|p| trie.insert(&p.key(vip), 1, 0).is_err())
+                .map(Prefix::to_string)
+                .collect();
+            return Err(left_behind(
+                e,
+                &stuck,
+                &format!("weir decap allow --vip {vip} --from {}", stuck.join(",")),
+            ));
         }
-    }
-    if let Some(e) = failure {
-        return Err(e);
     }
     let after = entries(map)?;
     let left: Vec<String> = gone

@@ -144,6 +144,39 @@ fn key_here(kind: Kind, dev: &str) -> Result<Key, DataplaneError> {
     })
 }
 
+/// The instance's pins, or an error naming the link directory.
+fn scan(
+    instance: &Instance,
+) -> Result<(Vec<Attachment>, Vec<attachment::Unknown>), DataplaneError> {
+    attachment::scan(instance).map_err(|e| kernel("listing attachments")(e.to_string()))
+}
+
+/// The live attachment pinned for `key`, if any.
+fn find_live(instance: &Instance, key: Key) -> Result<Option<Attachment>, DataplaneError> {
+    Ok(attachment::find(instance, key)
+        .map_err(|e| kernel("listing attachments")(e.to_string()))?
+        .filter(|a| attachment::status(a).live))
+}
+
+/// Undoes a pin made by a step that then failed with `error`. If the pin
+/// cannot be removed, the program may still be attached: the error says so
+/// and how to remove it, rather than imply nothing was attached.
+fn unpin_after(attachment: &Attachment, error: DataplaneError) -> DataplaneError {
+    match std::fs::remove_file(&attachment.pin) {
+        Ok(()) => error,
+        Err(e) => DataplaneError::Kernel {
+            what: error.to_string(),
+            detail: format!(
+                "and removing the new pin {} failed ({e}), so the program may still be \
+                 attached to {}: remove it with `rm {}`",
+                attachment.pin.display(),
+                attachment.dev,
+                attachment.pin.display()
+            ),
+        },
+    }
+}
+
 /// Makes room for a new link for `key`: refuses if a live one is pinned,
 /// and removes the pins of this namespace's earlier `dev` (same kind) whose
 /// links no longer work: the one at this ifindex, and any the kernel
@@ -151,7 +184,7 @@ fn key_here(kind: Kind, dev: &str) -> Result<Key, DataplaneError> {
 /// gets a new ifindex). Returns what it removed.
 fn clear_for(instance: &Instance, key: Key, dev: &str) -> Result<Vec<Status>, DataplaneError> {
     let mut removed = Vec::new();
-    for existing in attachment::scan(instance).0 {
+    for existing in scan(instance)?.0 {
         let same_key = existing.key() == key;
         let same_dev =
             existing.kind == key.kind && existing.netns == key.netns && existing.dev == dev;
@@ -202,15 +235,15 @@ fn pin_verified(
     };
     let status = attachment::status(&attachment);
     if !status.live {
-        let _ = std::fs::remove_file(&attachment.pin);
-        return Err(DataplaneError::Kernel {
+        let error = DataplaneError::Kernel {
             what: format!("attaching to {dev}"),
             detail: format!(
                 "the kernel does not report the new link on {dev} (ifindex {}): {}",
                 key.ifindex,
                 status.detail.unwrap_or_else(|| status.state.into())
             ),
-        });
+        };
+        return Err(unpin_after(&attachment, error));
     }
     Ok(attachment)
 }
@@ -225,9 +258,7 @@ pub fn attach(
     create: CreateOptions,
 ) -> Result<Attached, DataplaneError> {
     let key = key_here(Kind::Xdp, dev)?;
-    if let Some(existing) = attachment::find(instance, key)
-        && attachment::status(&existing).live
-    {
+    if find_live(instance, key)?.is_some() {
         return Err(DataplaneError::AlreadyAttached {
             instance: instance.name().into(),
             dev: dev.into(),
@@ -258,7 +289,7 @@ pub fn attach(
     }
     let mut registry = Registry::open_or_create(instance, create)?;
     let current = Ipv4Addr::from(registry.maps().config()?.lb_addr);
-    let others: Vec<String> = attachment::scan(instance)
+    let others: Vec<String> = scan(instance)?
         .0
         .iter()
         .filter(|a| a.kind == Kind::Xdp && a.key() != key)
@@ -322,8 +353,7 @@ pub fn attach(
                 .map_err(Into::into)
         });
     if let Err(e) = configured {
-        let _ = std::fs::remove_file(&attachment.pin);
-        return Err(e);
+        return Err(unpin_after(&attachment, e));
     }
     Ok(Attached {
         attachment,
@@ -343,9 +373,7 @@ pub fn attach_peer(instance: &Instance, dev: &str) -> Result<Attached, Dataplane
     if link.kind.as_deref() != Some("veth") {
         return Err(DataplaneError::NotVeth(dev.into()));
     }
-    if let Some(existing) = attachment::find(instance, key)
-        && attachment::status(&existing).live
-    {
+    if find_live(instance, key)?.is_some() {
         return Err(DataplaneError::AlreadyAttached {
             instance: instance.name().into(),
             dev: dev.into(),
@@ -393,11 +421,11 @@ pub fn attach_peer(instance: &Instance, dev: &str) -> Result<Attached, Dataplane
     // What the near end's check will read: the device runs XDP in the driver.
     let native = netlink::link(key.ifindex, None).is_ok_and(|l| l.native_xdp);
     if !native {
-        let _ = std::fs::remove_file(&attachment.pin);
-        return Err(DataplaneError::Kernel {
+        let error = DataplaneError::Kernel {
             what: format!("attaching native XDP to {dev}"),
             detail: "the link was made but the device reports no driver-mode XDP program".into(),
-        });
+        };
+        return Err(unpin_after(&attachment, error));
     }
     Ok(Attached {
         attachment,
@@ -449,7 +477,7 @@ fn detach_kind(instance: &Instance, kind: Kind, dev: &str) -> Result<Status, Dat
     })?;
     // This device's own pin; failing that, one this namespace made for an
     // earlier device of the same name that the kernel has since detached.
-    let (known, _) = attachment::scan(instance);
+    let (known, _) = scan(instance)?;
     let existing = known.iter().find(|a| a.key() == key).or_else(|| {
         known.iter().find(|a| {
             a.kind == kind
@@ -465,16 +493,24 @@ fn detach_kind(instance: &Instance, kind: Kind, dev: &str) -> Result<Status, Dat
         });
     };
     let status = attachment::status(existing);
-    let link_id = attachment::link_target(&existing.pin)
-        .ok()
-        .map(|(id, _)| id);
+    // A defunct link can still be read; an unreadable pin cannot be
+    // confirmed gone afterwards, so it is refused rather than reported
+    // as detached.
+    let (link_id, _) = attachment::link_target(&existing.pin).map_err(|e| {
+        kernel(format!(
+            "reading the link pinned at {}",
+            existing.pin.display()
+        ))(format!(
+            "{e}; it cannot be confirmed detached: remove the pin with `rm {}` and check \
+             `ip link show {dev}`",
+            existing.pin.display()
+        ))
+    })?;
     // Removing the pin drops the last reference to the link: the program
     // detaches.
     std::fs::remove_file(&existing.pin)
         .map_err(|e| kernel(format!("unpinning {}", existing.pin.display()))(e.to_string()))?;
-    if let Some(id) = link_id {
-        confirm_link_gone(dev, id)?;
-    }
+    confirm_link_gone(dev, link_id)?;
     Ok(status)
 }
 
@@ -503,9 +539,11 @@ fn confirm_link_gone(dev: &str, id: u32) -> Result<(), DataplaneError> {
 
 /// Every attachment of this instance with what the kernel says of it, and
 /// pins weir does not recognise.
-pub fn attachments(instance: &Instance) -> (Vec<Status>, Vec<attachment::Unknown>) {
-    let (known, unknown) = attachment::scan(instance);
-    (known.iter().map(attachment::status).collect(), unknown)
+pub fn attachments(
+    instance: &Instance,
+) -> Result<(Vec<Status>, Vec<attachment::Unknown>), DataplaneError> {
+    let (known, unknown) = scan(instance)?;
+    Ok((known.iter().map(attachment::status).collect(), unknown))
 }
 
 /// Removes every pin whose link the kernel has detached (its device or
@@ -513,7 +551,7 @@ pub fn attachments(instance: &Instance) -> (Vec<Status>, Vec<attachment::Unknown
 pub fn prune(instance: &Instance) -> Result<Vec<Status>, DataplaneError> {
     crate::instance::require_root()?;
     let mut removed = Vec::new();
-    for status in attachments(instance).0 {
+    for status in attachments(instance)?.0 {
         if status.state != "defunct" {
             continue;
         }
@@ -548,7 +586,7 @@ pub fn decap_attach(
     let mut ebpf = load_decap(instance)?;
     // Attach first (if this device has no working decap yet); the VIP is
     // added once that worked, and a failed VIP write undoes a fresh attach.
-    let live = attachment::find(instance, key).filter(|a| attachment::status(a).live);
+    let live = find_live(instance, key)?;
     let (attachment, attached_now, replaced) = match live {
         Some(existing) => (existing, false, Vec::new()),
         None => {
@@ -595,12 +633,8 @@ pub fn decap_attach(
             },
             sources,
         )),
-        Err(e) => {
-            if attached_now {
-                let _ = std::fs::remove_file(&attachment.pin);
-            }
-            Err(e)
-        }
+        Err(e) if attached_now => Err(unpin_after(&attachment, e)),
+        Err(e) => Err(e),
     }
 }
 
@@ -635,8 +669,12 @@ pub fn add_decap_vip(
         .map_mut(abi::maps::DECAP_SOURCES)
         .expect("object defines weir_dcap_sources");
     if let Err(e) = written {
-        let _ = decap_sources::revoke(sources, vip, &new);
-        return Err(e);
+        let stuck: Vec<String> = match decap_sources::revoke(sources, vip, &new) {
+            Ok(_) => Vec::new(),
+            Err(_) => new.iter().map(ToString::to_string).collect(),
+        };
+        let fix = format!("weir decap revoke --vip {vip} --from {}", stuck.join(","));
+        return Err(decap_sources::left_behind(e, &stuck, &fix));
     }
     Ok(decap_sources::sources_of(sources)?
         .remove(&vip)

@@ -407,6 +407,12 @@ pub const MAX_POOL_BYTES: u64 = 1 << 30;
 pub const MAX_FRAME_BYTES: u64 = 1 << 30;
 pub const MAX_LISTENERS: usize = 64;
 pub const MAX_ROUTES: usize = 1024;
+/// Listening sockets of all workers together (each worker has one per
+/// listener): they count against the process's open files, with clients.
+pub const MAX_LISTENER_SOCKETS: u64 = 4096;
+/// Receive buffer memory of all workers together (reserved address space;
+/// resident only while traffic uses it).
+pub const MAX_TOTAL_POOL_BYTES: u64 = 64 << 30;
 
 /// Reads and validates a configuration file.
 pub fn load(path: &Path) -> Result<Config, ConfigError> {
@@ -641,6 +647,34 @@ pub fn parse(text: &str, name: &str) -> Result<Config, ConfigError> {
             ),
         ));
     }
+    // Bounds across keys: each key may be in range while their product is
+    // not. `workers = 0` means one per core of the host checking.
+    let running = match workers {
+        0 => std::thread::available_parallelism().map_or(1, |n| n.get() as u64),
+        n => n,
+    };
+    let sockets = running * raw.listeners.len() as u64;
+    if sockets > MAX_LISTENER_SOCKETS {
+        return Err(at(
+            rt.workers.span(),
+            format!(
+                "runtime.workers ({running}) × {} [[listener]] tables = {sockets} listening \
+                 sockets: must be at most {MAX_LISTENER_SOCKETS}; use fewer workers or listeners",
+                raw.listeners.len()
+            ),
+        ));
+    }
+    if running * pool > MAX_TOTAL_POOL_BYTES {
+        return Err(at(
+            rt.workers.span(),
+            format!(
+                "runtime.workers ({running}) × runtime.buffers × runtime.buffer_size = {} MiB of \
+                 receive buffers: must be at most {} MiB; use fewer workers or a smaller pool",
+                (running * pool) >> 20,
+                MAX_TOTAL_POOL_BYTES >> 20
+            ),
+        ));
+    }
     let mut listeners = Vec::new();
     for rl in &raw.listeners {
         let listen = addr(&rl.listen, "listener.listen")?;
@@ -859,6 +893,34 @@ mod tests {
         )
         .unwrap();
         assert_eq!((ok.workers, ok.max_connections), (1024, 1 << 20));
+    }
+
+    #[test]
+    fn keys_in_range_are_also_bounded_together() {
+        let listeners: String = (0..8)
+            .map(|i| {
+                format!(
+                    "[[listener]]\nlisten = \"127.0.0.1:{}\"\n[[listener.route]]\nservice = \"198.19.0.1:80\"\n",
+                    2000 + i
+                )
+            })
+            .collect();
+        let e = err(&format!("[runtime]\nworkers = 1024\n{listeners}"));
+        assert!(
+            e.reason
+                .contains("runtime.workers (1024) × 8 [[listener]] tables = 8192"),
+            "{e}"
+        );
+        assert_eq!(e.line, 2, "{e}");
+        let e = err(&format!("{MIN}[runtime]\nworkers = 1024\nbuffers = 8192\n"));
+        assert!(e.reason.contains("= 131072 MiB of receive buffers"), "{e}");
+        assert!(
+            parse(
+                &format!("[runtime]\nworkers = 512\n{listeners}"),
+                "weir.toml"
+            )
+            .is_ok()
+        );
     }
 
     #[test]

@@ -162,6 +162,7 @@ pub struct Snapshot {
     pub closes_undelivered_to_client: u64,
     #[serde(default)]
     pub closes_undelivered_to_backend: u64,
+    #[serde(default)]
     pub registry_refresh_errors: u64,
     #[serde(default)]
     pub socket_register_errors: u64,

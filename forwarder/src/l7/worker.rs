@@ -2002,8 +2002,26 @@ pub fn serve(
         );
     }
     drop(tx);
+    let mut started = Ok(());
     for _ in 0..n {
         if let Ok(Err(e)) = rx.recv() {
+            started = Err(e);
+            break;
+        }
+    }
+    // Without the collector, drained backends would never leave the
+    // registry: that fails the start like a worker that cannot start.
+    let collector = started.and_then(|()| {
+        collect_removed(&settings, metrics[0].clone(), metrics_stop.clone()).map_err(|e| {
+            io::Error::new(
+                e.kind(),
+                format!("starting the thread that frees removed backends: {e}"),
+            )
+        })
+    });
+    let collector = match collector {
+        Ok(c) => c,
+        Err(e) => {
             stop.store(true, Ordering::Relaxed);
             for h in handles {
                 let _ = h.join();
@@ -2012,15 +2030,8 @@ pub fn serve(
             let _ = metrics_thread.join();
             return Err(e);
         }
-    }
+    };
     listening(&bound);
-    let collector = collect_removed(&settings, metrics[0].clone(), metrics_stop.clone());
-    if let Err(e) = &collector {
-        eprintln!(
-            "weir: cannot start the thread that frees removed backends ({e}); they stay \
-             `removed` until `weir run` restarts"
-        );
-    }
     let mut result = Ok(());
     for h in handles {
         let r = h
@@ -2033,8 +2044,10 @@ pub fn serve(
     }
     metrics_stop.store(true, Ordering::Relaxed);
     let _ = metrics_thread.join();
-    if let Ok(c) = collector {
-        let _ = c.join();
+    if collector.join().is_err() && result.is_ok() {
+        result = Err(io::Error::other(
+            "the thread that frees removed backends panicked",
+        ));
     }
     result.map(|()| super::metrics::snapshot(&metrics))
 }

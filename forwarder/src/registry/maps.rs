@@ -147,7 +147,22 @@ impl Maps {
         Ok(())
     }
 
-    /// Opens the pinned maps of an instance.
+    /// The pinned maps [`Maps::open`] uses: what a reader of the registry
+    /// depends on (an instance made by an older weir may lack others).
+    pub const OPENED: &[&str] = &[
+        abi::maps::SERVICES,
+        abi::maps::RINGS,
+        abi::maps::BACKENDS,
+        abi::maps::FLOWS,
+        abi::maps::CONFIG,
+        abi::maps::GENERATION,
+        abi::maps::STATS,
+        abi::maps::SERVICE_STATS,
+        abi::maps::BACKEND_STATS,
+        abi::maps::L7_CONNS,
+    ];
+
+    /// Opens the pinned maps of an instance ([`Maps::OPENED`]).
     pub fn open(dir: &Path) -> Result<Self, RegistryError> {
         let open = |name: &str| -> Result<Map, RegistryError> {
             let path = dir.join(name);

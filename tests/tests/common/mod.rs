@@ -22,6 +22,16 @@ fn unique(tag: &str) -> String {
 #[allow(unused_imports)] // not every test file needs it
 pub use weir_testbed::require_root;
 
+/// A loopback port nothing listens on right now (another process may
+/// still take it before the caller binds it; tests bind it at once).
+pub fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port()
+}
+
 /// A weir instance of its own, with a small flow table; destroyed on drop
 /// (which also detaches anything pinned under it).
 pub struct TestInstance {
