@@ -529,19 +529,7 @@ fn spawn_logged(topo: &mut Topology, program: &Path, args: &[&str], log: &Path) 
     Ok(pid)
 }
 
-/// `weir --instance NAME destroy`, then the state directory `destroy`
-/// keeps (the audit log): removes everything a bench instance made.
-pub fn destroy_argv(weir: &Path, instance: &str) -> Vec<String> {
-    let state_root = std::env::var("WEIR_STATE_DIR").unwrap_or_else(|_| "/var/lib/weir".into());
-    vec![
-        "sh".into(),
-        "-c".into(),
-        "\"$0\" --instance \"$1\" destroy; rm -rf -- \"$2/$1\"".into(),
-        weir.display().to_string(),
-        instance.into(),
-        state_root,
-    ]
-}
+pub use weir_testbed::scenario::destroy_argv;
 
 /// Runs a registered cleanup command now and forgets it.
 pub fn undo(argv: &[String]) {

@@ -109,25 +109,30 @@ impl L4Report {
     }
 }
 
+/// `weir --instance NAME destroy`, then the state directory `destroy`
+/// keeps (the audit log): removes everything a throwaway instance made.
+pub fn destroy_argv(weir: &Path, instance: &str) -> Vec<String> {
+    let state_root = std::env::var("WEIR_STATE_DIR").unwrap_or_else(|_| "/var/lib/weir".into());
+    vec![
+        "sh".into(),
+        "-c".into(),
+        "\"$0\" --instance \"$1\" destroy; rm -rf -- \"$2/$1\"".into(),
+        weir.display().to_string(),
+        instance.into(),
+        state_root,
+    ]
+}
+
 /// Removes the instance (detaching XDP and decap) and its state directory
-/// (`weir destroy` keeps the audit log; a throwaway instance leaves
-/// nothing) when dropped, and also when the process is interrupted
-/// (through the topology's cleanup).
-struct InstanceGuard {
+/// when dropped, and also when the process is interrupted (through the
+/// topology's cleanup).
+pub struct InstanceGuard {
     argv: Vec<String>,
 }
 
 impl InstanceGuard {
-    fn new(weir: &Path, instance: &str) -> Self {
-        let state_root = std::env::var("WEIR_STATE_DIR").unwrap_or_else(|_| "/var/lib/weir".into());
-        let argv = vec![
-            "sh".into(),
-            "-c".into(),
-            "\"$0\" --instance \"$1\" destroy; rm -rf -- \"$2/$1\"".into(),
-            weir.display().to_string(),
-            instance.into(),
-            state_root,
-        ];
+    pub fn new(weir: &Path, instance: &str) -> Self {
+        let argv = destroy_argv(weir, instance);
         crate::topology::register_cleanup_command(argv.clone());
         Self { argv }
     }

@@ -35,12 +35,7 @@ impl Weir {
             bin.display()
         );
         let instance = format!("at{}{tag}", std::process::id());
-        let destroy = vec![
-            bin.display().to_string(),
-            "--instance".into(),
-            instance.clone(),
-            "destroy".into(),
-        ];
+        let destroy = weir_testbed::scenario::destroy_argv(&bin, &instance);
         topology::register_cleanup_command(destroy.clone());
         Self {
             bin,

@@ -15,16 +15,6 @@ use weir_testbed::workspace_bin;
 
 const PORT: u16 = 9999;
 
-struct Destroy(std::path::PathBuf, String);
-
-impl Drop for Destroy {
-    fn drop(&mut self) {
-        let _ = std::process::Command::new(&self.0)
-            .args(["--instance", &self.1, "destroy"])
-            .output();
-    }
-}
-
 /// Sends one IPIP packet from inside `ns_path` to `backend`: the kernel
 /// adds the outer header (source: this namespace's address), the payload
 /// is an IPv4/UDP datagram from `inner_src` to `vip`:PORT carrying `tag`.
@@ -106,7 +96,7 @@ fn ipip_from_a_source_not_allowed_is_not_delivered() {
         client_addrs: 1,
     })
     .unwrap();
-    let _destroy = Destroy(weir.clone(), name.clone());
+    let _instance = weir_testbed::scenario::InstanceGuard::new(&weir, &name);
     let instance = Instance::new(&name).unwrap();
     let w = |ns: &str, args: &[&str]| -> String {
         let mut full = vec!["--instance", name.as_str()];

@@ -14,16 +14,6 @@ use weir_testbed::workspace_bin;
 const PORT: u16 = 8080;
 const BYTES: usize = 1 << 20;
 
-struct Destroy(std::path::PathBuf, String);
-
-impl Drop for Destroy {
-    fn drop(&mut self) {
-        let _ = std::process::Command::new(&self.0)
-            .args(["--instance", &self.1, "destroy"])
-            .output();
-    }
-}
-
 /// Accepts one connection within 20 s, reads it to the end (20 s without
 /// data ends it) and answers with the byte count.
 fn count_server(listener: TcpListener) -> std::thread::JoinHandle<std::io::Result<u64>> {
@@ -68,7 +58,7 @@ fn client_learns_the_tunnel_mtu_from_icmp_and_the_transfer_completes() {
         client_addrs: 1,
     })
     .unwrap();
-    let _destroy = Destroy(weir.clone(), name.clone());
+    let _instance = weir_testbed::scenario::InstanceGuard::new(&weir, &name);
     let w = |topo: &Topology, ns: &str, args: &[&str]| -> String {
         let mut full = vec!["--instance", name.as_str(), "--flows", "65536"];
         full.extend_from_slice(args);
