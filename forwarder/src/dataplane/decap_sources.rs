@@ -127,35 +127,7 @@ pub fn allow(
         .into_iter()
         .filter(|p| !before.contains(&(vip, *p)))
         .collect();
-    let mut done = Vec::new();
-    let mut failure = None;
-    {
-        let mut trie = trie(map)?;
-        for p in &new {
-            match trie.insert(&p.key(vip), 1, 0) {
-                Ok(()) => done.push(*p),
-                Err(e) => {
-                    failure = Some(DataplaneError::Kernel {
-                        what: format!("allowing {p} to send to {vip}"),
-                        detail: full_hint(e),
-                    });
-                    break;
-                }
-            }
-        }
-        if let Some(e) = failure {
-            let stuck: Vec<String> = done
-                .iter()
-                .filter(|p| trie.remove(&p.key(vip)).is_err())
-                .map(Prefix::to_string)
-                .collect();
-            return Err(left_behind(
-                e,
-                &stuck,
-                &format!("weir decap revoke --vip {vip} --from {}", stuck.join(",")),
-            ));
-        }
-    }
+    write_each(map, vip, &new, Write::Allow)?;
     let after = entries(map)?;
     let missing: Vec<String> = sources
         .iter()
@@ -169,6 +141,73 @@ pub fn allow(
         });
     }
     Ok(new)
+}
+
+/// One kind of allow-list write; its inverse undoes it.
+#[derive(Clone, Copy)]
+enum Write {
+    Allow,
+    Revoke,
+}
+
+impl Write {
+    fn apply(self, trie: &mut Trie<'_>, vip: Ipv4Addr, p: Prefix) -> Result<(), MapError> {
+        match self {
+            Write::Allow => trie.insert(&p.key(vip), 1, 0),
+            Write::Revoke => trie.remove(&p.key(vip)),
+        }
+    }
+
+    fn inverse(self) -> Self {
+        match self {
+            Write::Allow => Write::Revoke,
+            Write::Revoke => Write::Allow,
+        }
+    }
+
+    fn failed(self, vip: Ipv4Addr, p: Prefix, e: MapError) -> DataplaneError {
+        match self {
+            Write::Allow => DataplaneError::Kernel {
+                what: format!("allowing {p} to send to {vip}"),
+                detail: full_hint(e),
+            },
+            Write::Revoke => kernel(format!("revoking {p} for {vip}"))(e.to_string()),
+        }
+    }
+
+    /// The command that applies this write to `sources`.
+    fn command(self, vip: Ipv4Addr, sources: &[String]) -> String {
+        let verb = match self {
+            Write::Allow => "allow",
+            Write::Revoke => "revoke",
+        };
+        format!("weir decap {verb} --vip {vip} --from {}", sources.join(","))
+    }
+}
+
+/// Applies `write` to each of `sources` in turn, all or nothing: on a
+/// failure the ones written so far are undone, and any that cannot be are
+/// named in the error with the command that puts them right.
+fn write_each(
+    map: &mut Map,
+    vip: Ipv4Addr,
+    sources: &[Prefix],
+    write: Write,
+) -> Result<(), DataplaneError> {
+    let mut trie = trie(map)?;
+    for (i, p) in sources.iter().enumerate() {
+        if let Err(e) = write.apply(&mut trie, vip, *p) {
+            let error = write.failed(vip, *p, e);
+            let undo = write.inverse();
+            let stuck: Vec<String> = sources[..i]
+                .iter()
+                .filter(|done| undo.apply(&mut trie, vip, **done).is_err())
+                .map(Prefix::to_string)
+                .collect();
+            return Err(left_behind(error, &stuck, &undo.command(vip, &stuck)));
+        }
+    }
+    Ok(())
 }
 
 /// `error`, and if undoing the steps before it failed for `stuck`, which
@@ -228,32 +267,7 @@ pub fn revoke(
         .collect::<BTreeSet<_>>()
         .into_iter()
         .collect();
-    let mut done = Vec::new();
-    let mut failure = None;
-    {
-        let mut trie = trie(map)?;
-        for p in &gone {
-            match trie.remove(&p.key(vip)) {
-                Ok(()) => done.push(*p),
-                Err(e) => {
-                    failure = Some(kernel(format!("revoking {p} for {vip}"))(e.to_string()));
-                    break;
-                }
-            }
-        }
-        if let Some(e) = failure {
-            let stuck: Vec<String> = done
-                .iter()
-                .filter(|p| trie.insert(&p.key(vip), 1, 0).is_err())
-                .map(Prefix::to_string)
-                .collect();
-            return Err(left_behind(
-                e,
-                &stuck,
-                &format!("weir decap allow --vip {vip} --from {}", stuck.join(",")),
-            ));
-        }
-    }
+    write_each(map, vip, &gone, Write::Revoke)?;
     let after = entries(map)?;
     let left: Vec<String> = gone
         .iter()
