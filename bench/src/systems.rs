@@ -529,7 +529,7 @@ fn spawn_logged(topo: &mut Topology, program: &Path, args: &[&str], log: &Path) 
     Ok(pid)
 }
 
-pub use weir_testbed::scenario::destroy_argv;
+pub use weir_testbed::weir_cli::destroy_argv;
 
 /// Runs a registered cleanup command now and forgets it.
 pub fn undo(argv: &[String]) {

@@ -2,6 +2,8 @@
 //!
 //! - [`topology`]: network-namespace topologies (client, router, load balancer,
 //!   backends) built with `ip`, torn down on drop and on SIGINT/SIGTERM.
+//! - [`weir_cli`]: the `weir` command for one throwaway instance, run in a
+//!   topology's namespaces and destroyed with it.
 //! - [`wsload`]: the WebSocket load client behind the `weir-wsclient` binary,
 //!   and the JSON report types tests parse.
 //! - `weir-echo` (binary): WebSocket echo backend that names itself in the
@@ -13,6 +15,7 @@ pub mod packet;
 pub mod progrun;
 pub mod scenario;
 pub mod topology;
+pub mod weir_cli;
 pub mod wsload;
 
 /// Locates a binary built into the same target directory as the running

@@ -11,6 +11,7 @@ use anyhow::{Context, Result, bail};
 use serde::Serialize;
 
 use crate::topology::{Topology, TopologySpec};
+use crate::weir_cli::WeirCli;
 use crate::workspace_bin;
 use crate::wsload::LoadReport;
 
@@ -109,63 +110,22 @@ impl L4Report {
     }
 }
 
-/// `weir --instance NAME destroy`, then the state directory `destroy`
-/// keeps (the audit log): removes everything a throwaway instance made.
-pub fn destroy_argv(weir: &Path, instance: &str) -> Vec<String> {
-    let state_root = std::env::var("WEIR_STATE_DIR").unwrap_or_else(|_| "/var/lib/weir".into());
-    vec![
-        "sh".into(),
-        "-c".into(),
-        "\"$0\" --instance \"$1\" destroy; rm -rf -- \"$2/$1\"".into(),
-        weir.display().to_string(),
-        instance.into(),
-        state_root,
-    ]
-}
-
-/// Removes the instance (detaching XDP and decap) and its state directory
-/// when dropped, and also when the process is interrupted (through the
-/// topology's cleanup).
-pub struct InstanceGuard {
-    argv: Vec<String>,
-}
-
-impl InstanceGuard {
-    pub fn new(weir: &Path, instance: &str) -> Self {
-        let argv = destroy_argv(weir, instance);
-        crate::topology::register_cleanup_command(argv.clone());
-        Self { argv }
-    }
-}
-
-impl Drop for InstanceGuard {
-    fn drop(&mut self) {
-        let _ = std::process::Command::new(&self.argv[0])
-            .args(&self.argv[1..])
-            .output();
-        crate::topology::unregister_cleanup_command(&self.argv);
-    }
-}
-
 /// What both scenarios start from: a topology of four backends, each with
 /// an echo server, and a weir instance attached to the LB with XDP; the
 /// instance and the topology go when the stage ends (also on interrupt).
 struct Stage {
-    weir: PathBuf,
     client: PathBuf,
-    name: String,
     // Field order: the instance (detaching XDP) goes before the topology.
-    instance: InstanceGuard,
+    weir: WeirCli,
     topo: Topology,
     backends: BTreeMap<String, Ipv4Addr>,
 }
 
 impl Stage {
     fn new(instance: &str, opts: &L4Options) -> Result<Self> {
-        let weir = workspace_bin("weir");
         let echo = workspace_bin("weir-echo");
         let client = workspace_bin("weir-wsclient");
-        for bin in [&weir, &echo, &client] {
+        for bin in [&echo, &client] {
             if !bin.exists() {
                 bail!(
                     "{} is not built; run `cargo build --workspace` first",
@@ -173,12 +133,12 @@ impl Stage {
                 );
             }
         }
-        destroy_stale_instances(&weir);
+        destroy_stale_instances(&workspace_bin("weir"));
         let mut topo = Topology::build(TopologySpec {
             backends: 4,
             client_addrs: 1,
         })?;
-        let guard = InstanceGuard::new(&weir, instance);
+        let weir = WeirCli::new(instance)?;
         for i in 0..4 {
             let ns = topo.backend_ns[i].clone();
             let listen = format!("0.0.0.0:{PORT}");
@@ -193,44 +153,23 @@ impl Stage {
             .map(|i| (format!("b{i}"), topo.backend_addr(i)))
             .collect();
         let stage = Self {
-            weir,
             client,
-            name: instance.into(),
-            instance: guard,
+            weir,
             topo,
             backends,
         };
         // Native XDP_TX goes into the router's end of a veth: it needs a
         // program there, attached the way an operator would.
         if opts.xdp_mode == "native" {
-            stage.weir(
-                &stage.topo.router_ns,
-                &["attach-peer", "--dev", stage.topo.router_lb_dev()],
-            )?;
+            stage.weir.attach_peer(&stage.topo)?;
         }
-        let lb_addr = stage.topo.lb_addr().to_string();
-        stage.weir(
-            &stage.topo.lb_ns,
-            &[
-                "attach",
-                "--dev",
-                stage.topo.lb_dev(),
-                "--lb-addr",
-                &lb_addr,
-                "--mode",
-                &opts.xdp_mode,
-            ],
-        )?;
+        stage.weir.attach_lb(&stage.topo, &opts.xdp_mode)?;
         Ok(stage)
     }
 
     /// Runs `weir` for this stage's instance in namespace `ns`.
     fn weir(&self, ns: &str, args: &[&str]) -> Result<String> {
-        // A flow table sized for the demo, not for an edge host.
-        let mut full = vec!["--instance", self.name.as_str(), "--flows", "65536"];
-        full.extend_from_slice(args);
-        let out = self.topo.run_ok_in(ns, &self.weir, &full)?;
-        Ok(String::from_utf8_lossy(&out.stdout).trim().to_string())
+        self.weir.run(&self.topo, ns, args)
     }
 
     /// `weir` in the LB namespace.
@@ -262,13 +201,13 @@ impl Stage {
 
     /// Starts `weir args` in `ns`, tracked by the topology for cleanup.
     fn spawn(&mut self, ns: &str, args: &[&str]) -> Result<u32> {
-        let weir = self.weir.clone();
+        let weir = self.weir.bin().to_path_buf();
         self.topo.spawn_in(ns, &weir, args)
     }
 
     fn finish(self) -> Result<()> {
-        let Self { instance, topo, .. } = self;
-        drop(instance);
+        let Self { weir, topo, .. } = self;
+        drop(weir);
         topo.teardown()
     }
 }
@@ -295,22 +234,8 @@ pub fn run_l4(opts: &L4Options) -> Result<L4Report> {
     let vip = topo.vip();
     let service = format!("{vip}:{PORT}");
     // Backends decapsulate IPIP to the VIP, from the LB only.
-    let from = format!("{}/32", topo.lb_addr());
     for i in 0..4 {
-        let dev = topo.backend_dev(i);
-        stage.weir(
-            &topo.backend_ns[i],
-            &[
-                "decap",
-                "attach",
-                "--dev",
-                &dev,
-                "--vip",
-                &vip.to_string(),
-                "--from",
-                &from,
-            ],
-        )?;
+        stage.weir.decap_backend(topo, i)?;
     }
     stage.lb(&["service", "add", &service])?;
     let initial: Vec<String> = (0..3).map(|i| topo.backend_addr(i).to_string()).collect();

@@ -12,6 +12,7 @@ use std::time::{Duration, Instant};
 
 use serde_json::Value;
 use weir_testbed::topology::{self, Topology, TopologySpec};
+use weir_testbed::weir_cli::WeirCli;
 use weir_testbed::workspace_bin;
 use weir_testbed::wsload::LoadReport;
 
@@ -20,35 +21,25 @@ const PORT: u16 = 8080;
 /// One weir instance, destroyed (detaching everything) when dropped and
 /// when the test process is interrupted.
 struct Weir {
+    cli: WeirCli,
     bin: PathBuf,
     instance: String,
-    destroy: Vec<String>,
 }
 
 impl Weir {
     fn new(tag: &str) -> Self {
         weir_testbed::require_root();
-        let bin = workspace_bin("weir");
-        assert!(
-            bin.exists(),
-            "{} is not built; run `cargo build -p weir` first",
-            bin.display()
-        );
-        let instance = format!("at{}{tag}", std::process::id());
-        let destroy = weir_testbed::scenario::destroy_argv(&bin, &instance);
-        topology::register_cleanup_command(destroy.clone());
+        let cli = WeirCli::new(&format!("at{}{tag}", std::process::id())).expect("weir");
         Self {
-            bin,
-            instance,
-            destroy,
+            bin: cli.bin().to_path_buf(),
+            instance: cli.instance().to_string(),
+            cli,
         }
     }
 
     /// `weir --instance I args` in namespace `ns`, whatever its exit status.
     fn run(&self, topo: &Topology, ns: &str, args: &[&str]) -> Output {
-        let mut full = vec!["--instance", self.instance.as_str(), "--flows", "65536"];
-        full.extend_from_slice(args);
-        topo.run_in(ns, &self.bin, &full).expect("run weir")
+        self.cli.output(topo, ns, args).expect("run weir")
     }
 
     /// Like `run`, but the command must succeed; returns stdout.
@@ -84,15 +75,6 @@ impl Weir {
             .as_array()
             .unwrap_or_else(|| panic!("no attachment list: {listed}"))
             .clone()
-    }
-}
-
-impl Drop for Weir {
-    fn drop(&mut self) {
-        let _ = Command::new(&self.destroy[0])
-            .args(&self.destroy[1..])
-            .output();
-        topology::unregister_cleanup_command(&self.destroy);
     }
 }
 

@@ -11,7 +11,7 @@ use weir::instance::Instance;
 use weir_ebpf::abi;
 use weir_testbed::packet;
 use weir_testbed::topology::{Topology, TopologySpec, in_netns};
-use weir_testbed::workspace_bin;
+use weir_testbed::weir_cli::WeirCli;
 
 const PORT: u16 = 9999;
 
@@ -89,38 +89,18 @@ fn decap_counter(instance: &Instance, name: &str) -> u64 {
 #[test]
 fn ipip_from_a_source_not_allowed_is_not_delivered() {
     weir_testbed::require_root();
-    let weir = workspace_bin("weir");
-    let name = format!("ds{}", std::process::id());
     let topo = Topology::build(TopologySpec {
         backends: 1,
         client_addrs: 1,
     })
     .unwrap();
-    let _instance = weir_testbed::scenario::InstanceGuard::new(&weir, &name);
-    let instance = Instance::new(&name).unwrap();
-    let w = |ns: &str, args: &[&str]| -> String {
-        let mut full = vec!["--instance", name.as_str()];
-        full.extend_from_slice(args);
-        let out = topo.run_ok_in(ns, &weir, &full).unwrap();
-        String::from_utf8_lossy(&out.stdout).trim().to_string()
-    };
+    let weir = WeirCli::new(&format!("ds{}", std::process::id())).unwrap();
+    let instance = Instance::new(weir.instance()).unwrap();
+    let w = |ns: &str, args: &[&str]| -> String { weir.run(&topo, ns, args).unwrap() };
     let be = topo.backend_ns[0].clone();
     let vip = topo.vip();
     let backend = topo.backend_addr(0);
-    let lb = topo.lb_addr();
-    let attached = w(
-        &be,
-        &[
-            "decap",
-            "attach",
-            "--dev",
-            &topo.backend_dev(0),
-            "--vip",
-            &vip.to_string(),
-            "--from",
-            &format!("{lb}/32"),
-        ],
-    );
+    let attached = weir.decap_backend(&topo, 0).unwrap();
     assert!(
         attached.contains(" from 198.18.2.2/32 at tc ingress"),
         "{attached}"
@@ -174,16 +154,20 @@ fn ipip_from_a_source_not_allowed_is_not_delivered() {
     );
 
     // A revoke naming a source that is not on the list changes nothing.
-    let mut full = vec!["--instance", name.as_str()];
-    full.extend_from_slice(&[
-        "decap",
-        "revoke",
-        "--vip",
-        "198.19.0.10",
-        "--from",
-        "198.18.1.0/24,198.18.7.0/24",
-    ]);
-    let refused = topo.run_in(&be, &weir, &full).unwrap();
+    let refused = weir
+        .output(
+            &topo,
+            &be,
+            &[
+                "decap",
+                "revoke",
+                "--vip",
+                "198.19.0.10",
+                "--from",
+                "198.18.1.0/24,198.18.7.0/24",
+            ],
+        )
+        .unwrap();
     assert!(!refused.status.success());
     let err = String::from_utf8_lossy(&refused.stderr);
     assert!(

@@ -5,38 +5,22 @@
 use std::time::Duration;
 
 use weir_testbed::topology::{Topology, TopologySpec};
+use weir_testbed::weir_cli::WeirCli;
 use weir_testbed::workspace_bin;
 use weir_testbed::wsload::LoadReport;
 
 #[test]
 fn connections_work_with_an_empty_neighbour_table() {
     weir_testbed::require_root();
-    let weir = workspace_bin("weir");
-    let instance = format!("nb{}", std::process::id());
     let mut topo = Topology::build(TopologySpec {
         backends: 1,
         client_addrs: 1,
     })
     .unwrap();
-    struct Destroy<'a>(&'a std::path::Path, &'a str);
-    impl Drop for Destroy<'_> {
-        fn drop(&mut self) {
-            let _ = std::process::Command::new(self.0)
-                .args(["--instance", self.1, "destroy"])
-                .output();
-            // `destroy` keeps the audit log; a throwaway instance leaves nothing.
-            let _ = std::fs::remove_dir_all(format!("/var/lib/weir/{}", self.1));
-        }
-    }
-    let _destroy = Destroy(&weir, &instance);
+    let weir = WeirCli::new(&format!("nb{}", std::process::id())).unwrap();
     let vip = topo.vip().to_string();
     let service = format!("{vip}:8080");
     let (lb, be) = (topo.lb_ns.clone(), topo.backend_ns[0].clone());
-    let w = |topo: &Topology, ns: &str, args: &[&str]| {
-        let mut full = vec!["--instance", instance.as_str(), "--flows", "65536"];
-        full.extend_from_slice(args);
-        topo.run_ok_in(ns, &weir, &full).unwrap();
-    };
     topo.spawn_ready_in(
         &be,
         &workspace_bin("weir-echo"),
@@ -44,34 +28,11 @@ fn connections_work_with_an_empty_neighbour_table() {
         Duration::from_secs(10),
     )
     .unwrap();
-    w(
-        &topo,
-        &be,
-        &[
-            "decap",
-            "attach",
-            "--dev",
-            &topo.backend_dev(0),
-            "--vip",
-            &vip,
-            "--from",
-            &format!("{}/32", topo.lb_addr()),
-        ],
-    );
-    topo.attach_veth_peer_xdp().unwrap();
-    w(
-        &topo,
-        &lb,
-        &[
-            "attach",
-            "--dev",
-            topo.lb_dev(),
-            "--lb-addr",
-            &topo.lb_addr().to_string(),
-        ],
-    );
-    w(&topo, &lb, &["service", "add", &service]);
-    w(
+    weir.decap_backend(&topo, 0).unwrap();
+    weir.attach_peer(&topo).unwrap();
+    weir.attach_lb(&topo, "native").unwrap();
+    weir.run(&topo, &lb, &["service", "add", &service]).unwrap();
+    weir.run(
         &topo,
         &lb,
         &[
@@ -80,7 +41,8 @@ fn connections_work_with_an_empty_neighbour_table() {
             &service,
             &topo.backend_addr(0).to_string(),
         ],
-    );
+    )
+    .unwrap();
 
     // Route the backend through a second router address the LB has never
     // spoken to, so the LB has no neighbour entry for that next hop (and
@@ -119,10 +81,8 @@ fn connections_work_with_an_empty_neighbour_table() {
         .wait_output(Duration::from_secs(60))
         .unwrap();
     let report = LoadReport::from_json(&String::from_utf8_lossy(&out.stdout)).unwrap();
-    let stats = topo
-        .run_ok_in(&lb, &weir, &["--instance", &instance, "--json", "stats"])
-        .unwrap();
-    let stats: serde_json::Value = serde_json::from_slice(&stats.stdout).unwrap();
+    let stats = weir.run(&topo, &lb, &["--json", "stats"]).unwrap();
+    let stats: serde_json::Value = serde_json::from_str(&stats).unwrap();
     assert!(
         stats["xdp"]["pass_no_neigh"].as_u64().unwrap() >= 1,
         "the first packet met no neighbour: {stats}"

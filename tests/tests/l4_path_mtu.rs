@@ -9,7 +9,7 @@ use std::net::{SocketAddr, TcpListener, TcpStream};
 use std::time::{Duration, Instant};
 
 use weir_testbed::topology::{Topology, TopologySpec, in_netns};
-use weir_testbed::workspace_bin;
+use weir_testbed::weir_cli::WeirCli;
 
 const PORT: u16 = 8080;
 const BYTES: usize = 1 << 20;
@@ -51,20 +51,13 @@ fn count_server(listener: TcpListener) -> std::thread::JoinHandle<std::io::Resul
 #[test]
 fn client_learns_the_tunnel_mtu_from_icmp_and_the_transfer_completes() {
     weir_testbed::require_root();
-    let weir = workspace_bin("weir");
-    let name = format!("pm{}", std::process::id());
-    let mut topo = Topology::build(TopologySpec {
+    let topo = Topology::build(TopologySpec {
         backends: 1,
         client_addrs: 1,
     })
     .unwrap();
-    let _instance = weir_testbed::scenario::InstanceGuard::new(&weir, &name);
-    let w = |topo: &Topology, ns: &str, args: &[&str]| -> String {
-        let mut full = vec!["--instance", name.as_str(), "--flows", "65536"];
-        full.extend_from_slice(args);
-        let out = topo.run_ok_in(ns, &weir, &full).unwrap();
-        String::from_utf8_lossy(&out.stdout).trim().to_string()
-    };
+    let weir = WeirCli::new(&format!("pm{}", std::process::id())).unwrap();
+    let w = |ns: &str, args: &[&str]| -> String { weir.run(&topo, ns, args).unwrap() };
     let vip = topo.vip();
     let service = format!("{vip}:{PORT}");
     let (lb, be, client) = (
@@ -85,35 +78,11 @@ fn client_learns_the_tunnel_mtu_from_icmp_and_the_transfer_completes() {
     .unwrap();
     topo.run_ok_in(&topo.router_ns, "ethtool", &["-K", "r-cli", "gro", "off"])
         .unwrap();
-    topo.attach_veth_peer_xdp().unwrap();
+    weir.attach_peer(&topo).unwrap();
+    weir.decap_backend(&topo, 0).unwrap();
+    weir.attach_lb(&topo, "native").unwrap();
+    w(&lb, &["service", "add", &service]);
     w(
-        &topo,
-        &be,
-        &[
-            "decap",
-            "attach",
-            "--dev",
-            &topo.backend_dev(0),
-            "--vip",
-            &vip.to_string(),
-            "--from",
-            &format!("{}/32", topo.lb_addr()),
-        ],
-    );
-    w(
-        &topo,
-        &lb,
-        &[
-            "attach",
-            "--dev",
-            topo.lb_dev(),
-            "--lb-addr",
-            &topo.lb_addr().to_string(),
-        ],
-    );
-    w(&topo, &lb, &["service", "add", &service]);
-    w(
-        &topo,
         &lb,
         &[
             "backend",
@@ -146,7 +115,7 @@ fn client_learns_the_tunnel_mtu_from_icmp_and_the_transfer_completes() {
     stream.shutdown(std::net::Shutdown::Write).unwrap();
     let mut reply = [0u8; 8];
     let read = stream.read_exact(&mut reply);
-    let stats = w(&topo, &lb, &["--json", "stats"]);
+    let stats = w(&lb, &["--json", "stats"]);
     let stats: serde_json::Value = serde_json::from_str(&stats).unwrap();
     read.unwrap_or_else(|e| panic!("no reply from the backend ({e}): {stats}"));
     assert_eq!(u64::from_be_bytes(reply), BYTES as u64, "all bytes arrived");
