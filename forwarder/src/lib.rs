@@ -3,8 +3,9 @@
 //! - [`registry`]: services and backends in pinned BPF maps, changed only
 //!   through one validated, verified, audited API (Maglev builder inside).
 //! - [`dataplane`]: loads and attaches the XDP balancer and the tc decap.
-//! - [`daemon`]: what keeps `weir run` honest about the maps and the
-//!   listeners it serves.
+//! - [`daemon`]: `weir run` around its L7 workers: the checks that keep it
+//!   honest about the maps and listeners it serves, worker start-up, and the
+//!   collector that frees drained backends.
 //! - [`cli`]: the `weir` command line.
 //! - [`instance`]: where an instance's pins, lock and audit log live.
 

@@ -1,0 +1,166 @@
+//! `weir run` as a daemon: everything around the L7 workers that keeps the
+//! process honest about what it serves and frees what it no longer needs.
+//!
+//! - [`maps_watch`]: the pinned maps it started on are still the instance's;
+//! - [`listeners`]: nobody else listens on its addresses;
+//! - [`workers`]: starts and joins the io_uring workers and the metrics
+//!   endpoint;
+//! - [`collector`]: frees removed backends once nothing uses them.
+//!
+//! The health-checking agent to come is another daemon of this kind.
+
+pub mod collector;
+pub mod listeners;
+pub mod maps_watch;
+pub mod workers;
+
+use std::path::Path;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex};
+
+use anyhow::{Context, Result, bail};
+
+use crate::instance::Instance;
+use crate::registry::{Registry, ServiceModeName};
+pub use listeners::check_listener_free;
+pub use maps_watch::{MapIds, WATCH_INTERVAL, watch_maps};
+
+/// An error `weir run` has already logged when it happened; the process
+/// only has to exit non-zero.
+#[derive(Debug, thiserror::Error)]
+#[error("{0}")]
+pub struct AlreadyLogged(pub String);
+
+/// `weir run`: loads the configuration, checks that the instance exists
+/// and that nobody else serves it or its listeners, runs the workers until
+/// SIGTERM or SIGINT, and drains before exiting. It watches the instance's
+/// pinned maps meanwhile and stops (non-zero) if they are replaced.
+pub fn run(path: Option<&Path>, flag: Option<&str>) -> Result<()> {
+    let mut config = match path {
+        Some(p) => crate::l7::config::load(p)?,
+        None => crate::l7::config::parse(crate::l7::config::DEFAULT, "default configuration")?,
+    };
+    // The flag and the file must agree: serving another instance than the
+    // one an operator named is a silent misroute either way.
+    match (flag, &config.instance_set_at) {
+        (Some(f), Some(at)) if path.is_some() && f != config.instance => bail!(
+            "--instance {f} conflicts with instance = {:?} at {at}; drop one of them",
+            config.instance
+        ),
+        (Some(f), _) => config.instance = f.to_string(),
+        (None, _) => {}
+    }
+    let instance = Instance::new(&config.instance)?;
+    crate::instance::require_root()?;
+    if !instance
+        .pin_dir()
+        .join(weir_ebpf::abi::maps::SERVICES)
+        .exists()
+    {
+        let services: std::collections::BTreeSet<String> = config
+            .listeners
+            .iter()
+            .flat_map(|l| l.routes.iter().map(|r| r.service.to_string()))
+            .collect();
+        let first = services.iter().next().cloned().unwrap_or_default();
+        bail!(
+            "instance {name:?} does not exist; create it with its L7 service(s) first, e.g. \
+             `weir --instance {name} service add {first} --mode l7` (routes name: {})",
+            services.into_iter().collect::<Vec<_>>().join(", "),
+            name = instance.name(),
+        );
+    }
+    // One daemon per instance: a second would share the listeners
+    // (SO_REUSEPORT) and reset the first one's connection counts.
+    let Some(mut lock) = instance.try_daemon_lock()? else {
+        bail!(
+            "another `weir run` (pid {}) is serving instance {:?} ({} is locked); stop it first",
+            instance.daemon_pid(),
+            instance.name(),
+            instance.daemon_lock_path().display()
+        );
+    };
+    lock.write_pid()?;
+    // Identities before the workers open anything: whatever they open
+    // later is compared against these pins.
+    let ids = MapIds::read(&instance.pin_dir())
+        .map_err(anyhow::Error::msg)
+        .with_context(|| format!("instance {:?}", instance.name()))?;
+    for l in config.listeners.iter().filter(|l| !l.shared) {
+        check_listener_free(l.listen).map_err(anyhow::Error::msg)?;
+    }
+    let registry = Registry::open(&instance)?;
+    let missing: Vec<String> = {
+        let state = registry.state()?;
+        let mut missing: Vec<String> = config
+            .listeners
+            .iter()
+            .flat_map(|l| l.routes.iter().map(|r| r.service))
+            .filter(|s| {
+                state
+                    .services
+                    .get(s)
+                    .is_none_or(|e| e.mode != ServiceModeName::L7)
+            })
+            .map(|s| s.to_string())
+            .collect();
+        missing.sort();
+        missing.dedup();
+        missing
+    };
+    drop(registry);
+    let stop = Arc::new(AtomicBool::new(false));
+    for signal in [signal_hook::consts::SIGTERM, signal_hook::consts::SIGINT] {
+        signal_hook::flag::register(signal, stop.clone()).context("installing signal handlers")?;
+    }
+    let fault = Arc::new(Mutex::new(None));
+    let watcher = watch_maps(
+        instance.name().to_string(),
+        ids,
+        stop.clone(),
+        fault.clone(),
+        config.timeouts.shutdown,
+    )
+    .context("starting the map watcher")?;
+    let settings = crate::l7::worker::Settings {
+        config,
+        instance_dir: instance.pin_dir(),
+        state_dir: instance.state_dir(),
+    };
+    let name = instance.name().to_string();
+    let listening = |bound: &[std::net::SocketAddr]| {
+        let bound: Vec<String> = bound.iter().map(|a| a.to_string()).collect();
+        eprintln!("weir: running instance {name} on {}", bound.join(", "));
+        if !missing.is_empty() {
+            eprintln!(
+                "weir: warning: instance {name} has no L7 service {}: its routes answer 404 \
+                 until `weir --instance {name} service add SERVICE --mode l7`",
+                missing.join(", ")
+            );
+        }
+    };
+    let served = workers::serve(settings, stop.clone(), listening);
+    // The watcher ends with the stop flag; a failed start set it too.
+    stop.store(true, Ordering::Relaxed);
+    if watcher.join().is_err() {
+        // Without the watcher a replaced instance would go unnoticed:
+        // never end as if all had been well.
+        bail!("the map watcher thread panicked; `weir run` stopped");
+    }
+    let totals = served.context("L7 workers")?;
+    let upgraded = totals.handshakes.get("upgraded").copied().unwrap_or(0);
+    let drained = totals
+        .closes
+        .get("sent_to_client 1001")
+        .copied()
+        .unwrap_or(0);
+    eprintln!(
+        "weir: stopped after {} connections ({upgraded} upgraded, {drained} closed with 1001; Closes to clients never written: {})",
+        totals.accepted, totals.closes_undelivered_to_client
+    );
+    drop(lock);
+    if let Some(reason) = fault.lock().unwrap_or_else(|e| e.into_inner()).take() {
+        return Err(AlreadyLogged(reason).into());
+    }
+    Ok(())
+}

@@ -1,0 +1,125 @@
+//! The worker threads of `weir run`: one io_uring worker per core, the
+//! metrics endpoint and the collector, started together (one that cannot
+//! start fails the whole start) and joined together.
+
+use std::io;
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+
+use crate::l7::metrics::WorkerMetrics;
+use crate::l7::worker::{Settings, Worker, bind_listeners};
+use crate::registry::Maps;
+
+/// Runs `workers` workers (one per core when 0) and the metrics thread
+/// until `stop` is set and every connection has drained; returns the final
+/// counters. A worker that cannot start fails the whole start. Once every
+/// worker serves, `listening` gets the addresses the listeners are bound
+/// to (a configured port 0 resolved).
+pub fn serve(
+    settings: Settings,
+    stop: Arc<AtomicBool>,
+    listening: impl FnOnce(&[SocketAddr]),
+) -> io::Result<crate::l7::metrics::Snapshot> {
+    let n = match settings.config.workers {
+        0 => std::thread::available_parallelism().map_or(1, |n| n.get()),
+        n => n,
+    };
+    let (listener_fds, bound) = bind_listeners(&settings.config.listeners, n)?;
+    let metrics: Vec<Arc<WorkerMetrics>> =
+        (0..n).map(|_| Arc::new(WorkerMetrics::default())).collect();
+    // A starting daemon holds no connection: counts left by one that died
+    // would keep removed backends in the registry forever.
+    Maps::open(&settings.instance_dir)
+        .map_err(io::Error::other)?
+        .reset_l7_connections();
+    // The metrics endpoint first: a taken port fails the start, not the
+    // exit hours later.
+    let metrics_stop = Arc::new(AtomicBool::new(false));
+    let snapshot_file = settings.state_dir.join("l7-stats.json");
+    let _ = std::fs::create_dir_all(&settings.state_dir);
+    let metrics_thread = crate::l7::metrics::serve(
+        settings.config.metrics,
+        snapshot_file,
+        metrics.clone(),
+        metrics_stop.clone(),
+    )
+    .map_err(|e| io::Error::new(e.kind(), format!("metrics endpoint: {e}")))?;
+    let open = Arc::new(AtomicUsize::new(0));
+    let (tx, rx) = std::sync::mpsc::channel();
+    let mut handles = Vec::new();
+    for ((i, m), fds) in metrics.iter().enumerate().zip(listener_fds) {
+        let settings = settings.clone();
+        let stop = stop.clone();
+        let tx = tx.clone();
+        let m = m.clone();
+        let open = open.clone();
+        handles.push(
+            std::thread::Builder::new()
+                .name(format!("weir-worker-{i}"))
+                .spawn(move || -> io::Result<()> {
+                    let mut worker = match Worker::new(&settings, fds, stop, m, open) {
+                        Ok(w) => {
+                            let _ = tx.send(Ok(()));
+                            w
+                        }
+                        Err(e) => {
+                            let _ = tx.send(Err(io::Error::new(e.kind(), e.to_string())));
+                            return Err(e);
+                        }
+                    };
+                    worker.run()
+                })?,
+        );
+    }
+    drop(tx);
+    let mut started = Ok(());
+    for _ in 0..n {
+        if let Ok(Err(e)) = rx.recv() {
+            started = Err(e);
+            break;
+        }
+    }
+    // Without the collector, drained backends would never leave the
+    // registry: that fails the start like a worker that cannot start.
+    let collector = started.and_then(|()| {
+        super::collector::collect_removed(&settings, metrics[0].clone(), metrics_stop.clone())
+            .map_err(|e| {
+                io::Error::new(
+                    e.kind(),
+                    format!("starting the thread that frees removed backends: {e}"),
+                )
+            })
+    });
+    let collector = match collector {
+        Ok(c) => c,
+        Err(e) => {
+            stop.store(true, Ordering::Relaxed);
+            for h in handles {
+                let _ = h.join();
+            }
+            metrics_stop.store(true, Ordering::Relaxed);
+            let _ = metrics_thread.join();
+            return Err(e);
+        }
+    };
+    listening(&bound);
+    let mut result = Ok(());
+    for h in handles {
+        let r = h
+            .join()
+            .map_err(|_| io::Error::other("a worker panicked"))
+            .and_then(|r| r);
+        if result.is_ok() {
+            result = r;
+        }
+    }
+    metrics_stop.store(true, Ordering::Relaxed);
+    let _ = metrics_thread.join();
+    if collector.join().is_err() && result.is_ok() {
+        result = Err(io::Error::other(
+            "the thread that frees removed backends panicked",
+        ));
+    }
+    result.map(|()| crate::l7::metrics::snapshot(&metrics))
+}
