@@ -1,8 +1,6 @@
 //! The `weir` command line. Every command works without a daemon: it opens
 //! the instance's pinned maps, goes through the registry API and exits.
 
-pub mod parse;
-
 use std::net::Ipv4Addr;
 
 use anyhow::{Context, Result, bail};
@@ -13,7 +11,10 @@ use weir_ebpf::abi::{self, BackendState};
 use crate::dataplane::decap_sources::{self, Prefix};
 use crate::dataplane::{self, XdpMode};
 use crate::instance::Instance;
-use crate::registry::{ApplyOptions, Change, CreateOptions, Outcome, Registry, ServiceModeName};
+use crate::registry::{
+    ApplyOptions, BackendAddr, Change, CreateOptions, Outcome, Registry, ServiceAddr,
+    ServiceModeName,
+};
 
 #[derive(Parser, Debug)]
 #[command(name = "weir", version, about = "Load balancer for long-lived WebSocket traffic", long_about = None)]
@@ -143,7 +144,7 @@ pub enum BackendCmd {
     Add {
         #[command(flatten)]
         target: Target,
-        #[arg(long, default_value = "1", value_parser = parse::weight)]
+        #[arg(long, default_value = "1", value_parser = crate::registry::addr::parse_weight)]
         weight: u16,
     },
     /// Stop new connections to a backend; established ones stay.
@@ -165,7 +166,7 @@ pub enum BackendCmd {
     Weight {
         #[command(flatten)]
         target: Target,
-        #[arg(value_parser = parse::weight)]
+        #[arg(value_parser = crate::registry::addr::parse_weight)]
         weight: u16,
         #[arg(long)]
         force: bool,
@@ -335,7 +336,7 @@ pub fn run(cli: Cli) -> Result<()> {
                 max_remove_fraction,
                 min_backends,
             } => {
-                let addr = parse::service(&service).map_err(anyhow::Error::msg)?;
+                let addr = service.parse::<ServiceAddr>()?;
                 let mode = match mode {
                     ModeArg::L4 => ServiceModeName::L4,
                     ModeArg::L7 => ServiceModeName::L7,
@@ -351,7 +352,7 @@ pub fn run(cli: Cli) -> Result<()> {
                 report(json, &reg.apply(&change, opts(false, false))?);
             }
             ServiceCmd::Remove { service, force } => {
-                let addr = parse::service(&service).map_err(anyhow::Error::msg)?;
+                let addr = service.parse::<ServiceAddr>()?;
                 let mut reg = Registry::open(&instance)?;
                 report(
                     json,
@@ -366,7 +367,7 @@ pub fn run(cli: Cli) -> Result<()> {
         Command::Backend(cmd) => {
             let (change, force, dry_run) = match cmd {
                 BackendCmd::List { service } => {
-                    let addr = parse::service(&service).map_err(anyhow::Error::msg)?;
+                    let addr = service.parse::<ServiceAddr>()?;
                     let reg = Registry::open(&instance)?;
                     return list_backends(&reg, &addr, json);
                 }
@@ -412,10 +413,10 @@ pub fn run(cli: Cli) -> Result<()> {
                     dry_run,
                     force,
                 } => {
-                    let service = parse::service(&service).map_err(anyhow::Error::msg)?;
+                    let service = service.parse::<ServiceAddr>()?;
                     let backends = backends
                         .iter()
-                        .map(|b| parse::weighted_backend(b, &service))
+                        .map(|b| BackendAddr::parse_weighted_for(b, &service))
                         .collect::<Result<Vec<_>, _>>()
                         .map_err(anyhow::Error::msg)?;
                     (Change::SetBackends { service, backends }, force, dry_run)
@@ -587,8 +588,8 @@ pub fn run(cli: Cli) -> Result<()> {
 
 impl Target {
     fn parse(&self) -> Result<(crate::registry::ServiceAddr, crate::registry::BackendAddr)> {
-        let service = parse::service(&self.service).map_err(anyhow::Error::msg)?;
-        let backend = parse::backend(&self.backend, &service).map_err(anyhow::Error::msg)?;
+        let service = self.service.parse::<ServiceAddr>()?;
+        let backend = BackendAddr::parse_for(&self.backend, &service)?;
         Ok((service, backend))
     }
 }

@@ -483,7 +483,9 @@ pub fn parse(text: &str, name: &str) -> Result<Config, ConfigError> {
         })
     };
     let service = |s: &toml::Spanned<String>, key: &str| {
-        crate::cli::parse::service(s.get_ref()).map_err(|r| at(s.span(), format!("{key}: {r}")))
+        s.get_ref()
+            .parse::<ServiceAddr>()
+            .map_err(|r| at(s.span(), format!("{key}: {r}")))
     };
 
     let (instance, instance_set_at) = match &raw.instance {

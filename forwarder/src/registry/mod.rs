@@ -9,6 +9,7 @@
 //! generation → append an audit line. A failure at any step rolls back what
 //! was written, so a change is applied whole or not at all.
 
+pub mod addr;
 pub mod audit;
 pub mod maglev;
 pub mod maps;
@@ -22,6 +23,7 @@ use thiserror::Error;
 use weir_ebpf::abi::{self, BackendState};
 
 use crate::instance::{Instance, InstanceError};
+pub use addr::AddrError;
 pub use maps::Maps;
 pub use model::{BackendAddr, Change, DiffLine, ServiceAddr, ServiceModeName, State};
 
