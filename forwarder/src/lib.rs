@@ -14,4 +14,5 @@ pub mod daemon;
 pub mod dataplane;
 pub mod instance;
 pub mod l7;
+pub mod logs;
 pub mod registry;

@@ -85,6 +85,13 @@ pub enum Command {
         /// Configuration file (TOML); the embedded default without one.
         #[arg(long)]
         config: Option<std::path::PathBuf>,
+        /// How log lines are written to stderr: weir's text lines, or one
+        /// JSON object per line for log shippers.
+        #[arg(long, value_enum, default_value_t)]
+        log_format: crate::logs::Format,
+        /// The least severe events logged.
+        #[arg(long, value_enum, default_value_t)]
+        log_level: crate::logs::Verbosity,
     },
     /// Read every map back and check the rings match the backends.
     Check,
@@ -531,8 +538,17 @@ pub fn run(cli: Cli) -> Result<()> {
                 || format!("{} decap from {dev}", detached_verb(&was)),
             );
         }
-        Command::Run { config } => {
-            return crate::daemon::run(config.as_deref(), cli.instance.as_deref());
+        Command::Run {
+            config,
+            log_format,
+            log_level,
+        } => {
+            return crate::daemon::run(
+                config.as_deref(),
+                cli.instance.as_deref(),
+                log_format,
+                log_level,
+            );
         }
         Command::Config(ConfigCmd::Default) => print!("{}", crate::l7::config::DEFAULT),
         Command::Config(ConfigCmd::Check { file }) => {

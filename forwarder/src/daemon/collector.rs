@@ -37,7 +37,10 @@ pub fn collect_removed(
                 match collected {
                     Ok(_) if failing => {
                         failing = false;
-                        eprintln!("weir: freeing removed backends works again");
+                        tracing::info!(
+                            event = "collect_recovered",
+                            "freeing removed backends works again"
+                        );
                     }
                     Ok(_) => {}
                     Err(e) => {
@@ -46,10 +49,10 @@ pub fn collect_removed(
                             .fetch_add(1, Ordering::Relaxed);
                         if !failing {
                             failing = true;
-                            eprintln!(
-                                "weir: freeing removed backends failed; they stay `removed` \
-                                 until it works (counted in \
-                                 weir_l7_registry_collect_errors_total): {e}"
+                            tracing::warn!(
+                                event = "collect_failed",
+                                "freeing removed backends failed; they stay `removed` until it \
+                                 works (counted in weir_l7_registry_collect_errors_total): {e}"
                             );
                         }
                     }

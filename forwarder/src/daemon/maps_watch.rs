@@ -60,7 +60,7 @@ impl MapIds {
 }
 
 /// Compares the pins with `ids` every [`WATCH_INTERVAL`] until `stop` is
-/// set. On a difference it logs one line, records the reason in `fault`
+/// set. On a difference it logs one error, records the reason in `fault`
 /// and sets `stop`, so the workers refuse new clients and close the open
 /// ones within the shutdown window; the process then exits non-zero.
 /// Exiting beats re-opening the new maps: a supervisor restart or an
@@ -80,10 +80,10 @@ pub fn watch_maps(
                 std::thread::sleep(WATCH_INTERVAL);
                 if let Some(why) = ids.changed() {
                     let reason = format!("instance {instance}: {why}");
-                    eprintln!(
-                        "weir: error: {reason}; stopping (new clients are refused, open \
-                         connections close within {shutdown:?}); start `weir run` again to \
-                         serve the new instance"
+                    tracing::error!(
+                        event = "maps_replaced",
+                        "{reason}; stopping (new clients are refused, open connections close \
+                         within {shutdown:?}); start `weir run` again to serve the new instance"
                     );
                     *fault.lock().unwrap_or_else(|e| e.into_inner()) = Some(reason);
                     stop.store(true, Ordering::Relaxed);

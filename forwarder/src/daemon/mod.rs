@@ -21,6 +21,7 @@ use std::sync::{Arc, Mutex};
 use anyhow::{Context, Result, bail};
 
 use crate::instance::Instance;
+use crate::logs;
 use crate::registry::{Registry, ServiceModeName};
 pub use listeners::check_listener_free;
 pub use maps_watch::{MapIds, WATCH_INTERVAL, watch_maps};
@@ -31,11 +32,31 @@ pub use maps_watch::{MapIds, WATCH_INTERVAL, watch_maps};
 #[error("{0}")]
 pub struct AlreadyLogged(pub String);
 
-/// `weir run`: loads the configuration, checks that the instance exists
-/// and that nobody else serves it or its listeners, runs the workers until
-/// SIGTERM or SIGINT, and drains before exiting. It watches the instance's
-/// pinned maps meanwhile and stops (non-zero) if they are replaced.
-pub fn run(path: Option<&Path>, flag: Option<&str>) -> Result<()> {
+/// `weir run`: sets up its logs, then serves (see [`serve`]). Whatever
+/// stops it early is logged as the refusal it is (`event = "refused"`), in
+/// the log format asked for, so a log shipper sees a refused configuration
+/// as well as a human does.
+pub fn run(
+    path: Option<&Path>,
+    flag: Option<&str>,
+    format: logs::Format,
+    verbosity: logs::Verbosity,
+) -> Result<()> {
+    logs::init(format, verbosity).map_err(anyhow::Error::msg)?;
+    match serve(path, flag) {
+        Err(e) if e.downcast_ref::<AlreadyLogged>().is_none() => {
+            tracing::error!(event = "refused", "{e:#}");
+            Err(AlreadyLogged(format!("{e:#}")).into())
+        }
+        other => other,
+    }
+}
+
+/// Loads the configuration, checks that the instance exists and that
+/// nobody else serves it or its listeners, runs the workers until SIGTERM
+/// or SIGINT, and drains before exiting. It watches the instance's pinned
+/// maps meanwhile and stops (non-zero) if they are replaced.
+fn serve(path: Option<&Path>, flag: Option<&str>) -> Result<()> {
     let mut config = match path {
         Some(p) => crate::l7::config::load(p)?,
         None => crate::l7::config::parse(crate::l7::config::DEFAULT, "default configuration")?,
@@ -130,11 +151,16 @@ pub fn run(path: Option<&Path>, flag: Option<&str>) -> Result<()> {
     let name = instance.name().to_string();
     let listening = |bound: &[std::net::SocketAddr]| {
         let bound: Vec<String> = bound.iter().map(|a| a.to_string()).collect();
-        eprintln!("weir: running instance {name} on {}", bound.join(", "));
+        tracing::info!(
+            event = "started",
+            "running instance {name} on {}",
+            bound.join(", ")
+        );
         if !missing.is_empty() {
-            eprintln!(
-                "weir: warning: instance {name} has no L7 service {}: its routes answer 404 \
-                 until `weir --instance {name} service add SERVICE --mode l7`",
+            tracing::warn!(
+                event = "service_missing",
+                "instance {name} has no L7 service {}: its routes answer 404 until \
+                 `weir --instance {name} service add SERVICE --mode l7`",
                 missing.join(", ")
             );
         }
@@ -154,9 +180,12 @@ pub fn run(path: Option<&Path>, flag: Option<&str>) -> Result<()> {
         .get("sent_to_client 1001")
         .copied()
         .unwrap_or(0);
-    eprintln!(
-        "weir: stopped after {} connections ({upgraded} upgraded, {drained} closed with 1001; Closes to clients never written: {})",
-        totals.accepted, totals.closes_undelivered_to_client
+    tracing::info!(
+        event = "stopped",
+        "stopped after {} connections ({upgraded} upgraded, {drained} closed with 1001; Closes \
+         to clients never written: {})",
+        totals.accepted,
+        totals.closes_undelivered_to_client
     );
     drop(lock);
     if let Some(reason) = fault.lock().unwrap_or_else(|e| e.into_inner()).take() {
