@@ -2,7 +2,8 @@
 /*
  * Encapsulation: the outer IPv4 header (IPIP) that carries the client's
  * packet, unchanged, to the backend. Backends are IPv4, so the outer header
- * is too; the client's packet is the family parse_packet() found.
+ * is too, whatever the client's family; that family sets the outer
+ * header's protocol.
  */
 #ifndef WEIR_ENCAP_H
 #define WEIR_ENCAP_H
@@ -26,7 +27,16 @@ static __always_inline int encapsulate(struct xdp_md *ctx, const struct weir_pac
 	struct ethhdr *eth;
 	struct iphdr *outer;
 	void *data, *data_end;
+	__u8 protocol;
 
+	/* The outer header names what it carries. */
+	switch (pkt->family) {
+	case AF_INET:
+		protocol = IPPROTO_IPIP;
+		break;
+	default:
+		return -1;
+	}
 	if (bpf_xdp_adjust_head(ctx, 0 - (int)sizeof(struct iphdr)))
 		return -1;
 	data = (void *)(long)ctx->data;
@@ -43,8 +53,8 @@ static __always_inline int encapsulate(struct xdp_md *ctx, const struct weir_pac
 	eth->h_proto = bpf_htons(ETH_P_IP);
 	/* Never fragmented on the way (an oversized packet is answered with
 	 * ICMP instead), so the id can stay 0. */
-	ipv4_header_write(outer, pkt->tos, pkt->l3_len + sizeof(*outer), IP_DF, IPPROTO_IPIP,
-			  src, dst);
+	ipv4_header_write(outer, pkt->tos, pkt->l3_len + sizeof(*outer), IP_DF, protocol, src,
+			  dst);
 	return 0;
 }
 

@@ -64,7 +64,8 @@ static __always_inline int icmp_credit_taken(void)
  * the first 8 bytes after it, with next-hop MTU `mtu` minus the
  * encapsulation, and sends it back out the way it came. Only for packets
  * with DF, and only within this CPU's ICMP rate; anything else drops. */
-static __always_inline int too_big(struct xdp_md *ctx, const struct weir_packet *pkt, __u32 mtu)
+static __always_inline int frag_needed_ipv4(struct xdp_md *ctx, const struct weir_packet *pkt,
+					    __u32 mtu)
 {
 	void *data = (void *)(long)ctx->data;
 	void *data_end = (void *)(long)ctx->data_end;
@@ -78,7 +79,6 @@ static __always_inline int too_big(struct xdp_md *ctx, const struct weir_packet 
 	struct iphdr *ip;
 	__u32 len;
 
-	count(WEIR_CNT_DROP_FRAG_NEEDED);
 	if ((void *)(inner + 1) > data_end)
 		return drop(WEIR_CNT_DROP_ADJUST_HEAD);
 	if (!(inner->frag_off & bpf_htons(IP_DF)))
@@ -118,6 +118,19 @@ static __always_inline int too_big(struct xdp_md *ctx, const struct weir_packet 
 	icmp->checksum = inet_checksum(icmp, (sizeof(*icmp) + sizeof(struct iphdr) + 8) / 2);
 	count(WEIR_CNT_ICMP_FRAG_NEEDED);
 	return XDP_TX;
+}
+
+/* The packet is too big for the route once encapsulated: counted as not
+ * forwarded, and answered the way the client's family expects. */
+static __always_inline int too_big(struct xdp_md *ctx, const struct weir_packet *pkt, __u32 mtu)
+{
+	count(WEIR_CNT_DROP_FRAG_NEEDED);
+	switch (pkt->family) {
+	case AF_INET:
+		return frag_needed_ipv4(ctx, pkt, mtu);
+	default:
+		return XDP_DROP;
+	}
 }
 
 #endif /* WEIR_ICMP_TOO_BIG_H */
