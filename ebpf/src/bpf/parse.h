@@ -6,8 +6,9 @@
  * family parsed so far; anything else passes to the kernel as
  * WEIR_CNT_PASS_NOT_IPV4.
  *
- * The bounds-checked header accessors are shared with decap.bpf.c, which
- * reads the same Ethernet and IPv4 headers with its own counters.
+ * The header checks (within(), ipv4_*()) are shared with decap.bpf.c, which
+ * reads the same Ethernet and IPv4 headers and counts with its own
+ * counters; parsing itself counts nothing, it says why a packet passes.
  */
 #ifndef WEIR_PARSE_H
 #define WEIR_PARSE_H
@@ -37,7 +38,7 @@
 struct weir_packet {
 	struct weir_flow_key flow; /* also its key in weir_flows */
 	__u16 l3_len;              /* IP packet length, header included */
-	__u8 family;               /* AF_INET */
+	__u8 family;               /* AF_INET, the only one parsed so far */
 	__u8 tos;                  /* copied to the outer header */
 	__u8 syn;                  /* SYN without ACK: a new connection */
 };

@@ -88,7 +88,8 @@ static __always_inline int pick_backend(const struct weir_packet *pkt, struct we
 	struct weir_service *svc;
 	__u32 *known;
 
-	/* Only L4 services create entries, and a backend slot is not reused
+	/* Established packets follow their flow entry, whatever the ring says
+	 * now. Only L4 services create entries, and a backend slot is not reused
 	 * while an entry names it, so a live entry is all this path needs. A
 	 * SYN always asks the ring: a reused 5-tuple starts fresh. */
 	if (!pkt->syn) {
