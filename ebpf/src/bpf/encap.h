@@ -43,7 +43,7 @@ static __always_inline int encapsulate(struct xdp_md *ctx, const struct weir_pac
 	data_end = (void *)(long)ctx->data_end;
 	eth = data;
 	outer = (void *)(eth + 1);
-	if ((void *)(outer + 1) > data_end)
+	if (!within(outer, sizeof(*outer), data_end))
 		return -1;
 
 	/* Keep the received addresses until the next hop is known: a packet

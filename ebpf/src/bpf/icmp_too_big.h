@@ -79,7 +79,7 @@ static __always_inline int frag_needed_ipv4(struct xdp_md *ctx, const struct wei
 	struct iphdr *ip;
 	__u32 len;
 
-	if ((void *)(inner + 1) > data_end)
+	if (!within(inner, sizeof(*inner), data_end))
 		return drop(WEIR_CNT_DROP_ADJUST_HEAD);
 	if (!(inner->frag_off & bpf_htons(IP_DF)))
 		return drop(WEIR_CNT_ICMP_NOT_DF);
@@ -98,7 +98,7 @@ static __always_inline int frag_needed_ipv4(struct xdp_md *ctx, const struct wei
 		return drop(WEIR_CNT_DROP_ADJUST_HEAD);
 	data = (void *)(long)ctx->data;
 	data_end = (void *)(long)ctx->data_end;
-	if (data + WEIR_ICMP_FRAME_LEN > data_end)
+	if (!within(data, WEIR_ICMP_FRAME_LEN, data_end))
 		return drop(WEIR_CNT_DROP_ADJUST_HEAD);
 	eth = data;
 	ip = (void *)(eth + 1);

@@ -85,7 +85,7 @@ static __always_inline int transmit(struct xdp_md *ctx, __u32 backend_id, __be32
 	__u16 outer_len;
 	int rc;
 
-	if ((void *)(outer + 1) > data_end)
+	if (!within(outer, sizeof(*outer), data_end))
 		return drop(WEIR_CNT_DROP_ADJUST_HEAD);
 	nh = bpf_map_lookup_elem(&weir_nexthop, &slot);
 	if (!nh)
