@@ -8,6 +8,7 @@ const PROGRAMS: &[&str] = &["lb", "decap", "support"];
 fn main() {
     let src = Path::new("src/bpf");
     let out = PathBuf::from(std::env::var("OUT_DIR").expect("cargo sets OUT_DIR"));
+    // The whole directory: a change to any stage header rebuilds the programs.
     println!("cargo:rerun-if-changed={}", src.display());
     println!("cargo:rerun-if-env-changed=WEIR_CLANG");
 

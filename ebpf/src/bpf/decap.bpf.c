@@ -20,6 +20,7 @@
 
 #define WEIR_DECAP_MAPS
 #include "weir_abi.h"
+#include "parse.h"
 
 /* BPF_F_ADJ_ROOM_DECAP_L3_IPV4, newer than Debian 12's UAPI headers. */
 #define WEIR_ADJ_ROOM_DECAP_L3_IPV4 (1ULL << 7)
@@ -45,19 +46,18 @@ int weir_decap(struct __sk_buff *skb)
 	struct ethhdr *eth = data;
 	struct iphdr *outer, *inner;
 
-	if ((void *)(eth + 1) > data_end || eth->h_proto != bpf_htons(ETH_P_IP))
+	if (!within(eth, sizeof(*eth), data_end) || eth->h_proto != bpf_htons(ETH_P_IP))
 		return verdict(WEIR_DCAP_PASS_NOT_IPIP, TC_ACT_OK);
 	outer = (void *)(eth + 1);
-	if ((void *)(outer + 1) > data_end)
+	if (!within(outer, sizeof(*outer), data_end))
 		return verdict(WEIR_DCAP_PASS_MALFORMED, TC_ACT_OK);
 	if (outer->protocol != IPPROTO_IPIP)
 		return verdict(WEIR_DCAP_PASS_NOT_IPIP, TC_ACT_OK);
 	/* weir's encapsulation never uses IP options or fragments. */
-	if (outer->version != 4 || outer->ihl != 5 ||
-	    (outer->frag_off & bpf_htons(0x3fff)))
+	if (!ipv4_well_formed(outer) || ipv4_has_options(outer) || ipv4_is_fragment(outer))
 		return verdict(WEIR_DCAP_PASS_MALFORMED, TC_ACT_OK);
 	inner = (void *)(outer + 1);
-	if ((void *)(inner + 1) > data_end || inner->version != 4 || inner->ihl < 5)
+	if (!within(inner, sizeof(*inner), data_end) || !ipv4_well_formed(inner))
 		return verdict(WEIR_DCAP_PASS_MALFORMED, TC_ACT_OK);
 
 	key.vip = inner->daddr;
