@@ -13,6 +13,7 @@ use serde::Serialize;
 use crate::topology::{Topology, TopologySpec};
 use crate::weir_cli::WeirCli;
 use crate::workspace_bin;
+use crate::ws_client::Ending;
 use crate::wsload::LoadReport;
 
 pub const PORT: u16 = 8080;
@@ -434,7 +435,7 @@ impl L7Report {
         self.long_lived
             .connections
             .iter()
-            .filter(|c| c.close == "peer_close:1001")
+            .filter(|c| c.close == Ending::PeerClose(1001))
             .count()
     }
 
@@ -445,7 +446,7 @@ impl L7Report {
             .connections
             .iter()
             .chain(&self.after.connections)
-            .filter(|c| c.connected && c.close != "clean" && c.close != "peer_close:1001")
+            .filter(|c| c.connected && c.close != Ending::Clean && c.close != Ending::PeerClose(1001))
             .count()
     }
 }

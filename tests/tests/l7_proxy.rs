@@ -12,6 +12,7 @@ use common::{TestInstance, free_port, require_root};
 use weir::l7::frame::{self, FrameHeader, Opcode};
 use weir::registry::{ApplyOptions, BackendAddr, Change, ServiceAddr, ServiceModeName};
 use weir_testbed::workspace_bin;
+use weir_testbed::ws_client::Ending;
 use weir_testbed::wsload::LoadReport;
 
 const SVC: ServiceAddr = ServiceAddr {
@@ -509,11 +510,12 @@ fn drain_closes_exactly_the_drained_backends_clients_spread_over_the_window() {
     for c in &r.connections {
         let on_drained = c.backend.as_deref() == Some("e1");
         if on_drained {
-            assert_eq!(c.close, "peer_close:1001", "{c:?}");
+            assert_eq!(c.close, Ending::PeerClose(1001), "{c:?}");
             close_times.push(c.peer_close_unix_ms.unwrap() - started);
         } else {
             assert_eq!(
-                c.close, "clean",
+                c.close,
+                Ending::Clean,
                 "a connection of another backend was touched: {c:?}"
             );
             assert!(c.error.is_none(), "{c:?}");
@@ -829,7 +831,7 @@ fn a_removed_backend_leaves_the_registry_after_its_last_connection() {
     let drained = r
         .connections
         .iter()
-        .filter(|c| c.close == "peer_close:1001")
+        .filter(|c| c.close == Ending::PeerClose(1001))
         .count();
     assert_eq!(
         drained,
@@ -891,20 +893,20 @@ fn churn_replacing_the_whole_set_fails_no_handshake_and_cuts_nothing() {
         let r = report(b);
         assert_eq!(r.summary.failed, 0, "failed handshakes: {:?}", r.summary);
         for c in &r.connections {
-            *closes.entry(c.close.clone()).or_insert(0) += 1;
+            *closes.entry(c.close).or_insert(0) += 1;
             backends.insert(c.backend.clone().unwrap_or_default());
             assert_eq!(c.mismatches, 0);
         }
     }
     let cut: usize = closes
         .iter()
-        .filter(|(k, _)| *k != "clean" && *k != "peer_close:1001")
+        .filter(|(k, _)| **k != Ending::Clean && **k != Ending::PeerClose(1001))
         .map(|(_, v)| v)
         .sum();
     assert_eq!(cut, 0, "connections cut: {closes:?}");
     assert_eq!(closes.values().sum::<usize>(), 400);
     assert!(
-        closes.get("peer_close:1001").copied().unwrap_or(0) > 0,
+        closes.get(&Ending::PeerClose(1001)).copied().unwrap_or(0) > 0,
         "some were drained: {closes:?}"
     );
     assert_eq!(backends.len(), 8, "every set served: {backends:?}");
