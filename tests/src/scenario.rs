@@ -446,7 +446,9 @@ impl L7Report {
             .connections
             .iter()
             .chain(&self.after.connections)
-            .filter(|c| c.connected && c.close != Ending::Clean && c.close != Ending::PeerClose(1001))
+            .filter(|c| {
+                c.connected && c.close != Ending::Clean && c.close != Ending::PeerClose(1001)
+            })
             .count()
     }
 }

@@ -384,7 +384,9 @@ impl Dialer {
                 .await
                 .map_err(|e| {
                     let why = match &e {
-                        tungstenite::Error::Http(resp) => Unupgraded::Status(resp.status().as_u16()),
+                        tungstenite::Error::Http(resp) => {
+                            Unupgraded::Status(resp.status().as_u16())
+                        }
                         _ => Unupgraded::Io,
                     };
                     fail(why, format!("websocket handshake: {}", describe(&e)))
@@ -413,11 +415,25 @@ pub enum Closed {
     Unanswered,
 }
 
+/// What our close handshake waits for.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum CloseUntil {
+    /// The peer's Close: the connection's work is done (the bench).
+    Reply,
+    /// The end of the connection after it, so that a reset after the
+    /// Close still counts (the tests).
+    End,
+}
+
 /// An ending other than a clean close, and what happened.
 pub type Failure = (Ending, String);
 
-/// Sends Close 1000 and reads until the connection ends, within `limit`.
-pub async fn close_handshake(ws: &mut Ws, limit: Duration) -> Result<Closed, Failure> {
+/// Sends Close 1000 and reads until `until`, within `limit`.
+pub async fn close_handshake(
+    ws: &mut Ws,
+    limit: Duration,
+    until: CloseUntil,
+) -> Result<Closed, Failure> {
     let outcome = tokio::time::timeout(limit, async {
         let frame = CloseFrame {
             code: CloseCode::Normal,
@@ -429,6 +445,9 @@ pub async fn close_handshake(ws: &mut Ws, limit: Duration) -> Result<Closed, Fai
         let mut answered = Closed::Unanswered;
         for _ in 0..10_000 {
             match ws.next().await {
+                Some(Ok(Message::Close(_))) if until == CloseUntil::Reply => {
+                    return Ok(Closed::Answered);
+                }
                 Some(Ok(Message::Close(_))) => answered = Closed::Answered,
                 Some(Ok(_)) => {} // late data or control frames
                 None | Some(Err(tungstenite::Error::ConnectionClosed)) => return Ok(answered),

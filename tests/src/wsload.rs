@@ -18,7 +18,7 @@ use tokio::time::{Instant, MissedTickBehavior};
 use tokio_tungstenite::tungstenite::Message;
 
 use crate::ws_client::{
-    self, Closed, Dialer, Ending, ReadyFile, Unupgraded, Ws, WsUrl, describe, truncate,
+    self, CloseUntil, Closed, Dialer, Ending, ReadyFile, Unupgraded, Ws, WsUrl, describe, truncate,
 };
 
 /// What to run.
@@ -522,7 +522,7 @@ impl Conn {
     }
 
     async fn close_phase(&self, ws: &mut Ws) {
-        match ws_client::close_handshake(ws, self.cfg.close_timeout).await {
+        match ws_client::close_handshake(ws, self.cfg.close_timeout, CloseUntil::End).await {
             Ok(Closed::Answered) => self.with(|r| r.close = Ending::Clean),
             Ok(Closed::Unanswered) => self.fail(Ending::Eof, "closed without a Close reply".into()),
             Err((ending, err)) => self.fail(ending, err),
