@@ -38,7 +38,7 @@ fn spanned<T>(value: T) -> Spanned<T> {
 
 /// A duration as the parser reads it, exactly (`1500ms`, `0.000250000s`).
 fn duration_text(d: Duration) -> String {
-    if d.subsec_nanos() % 1_000_000 == 0 {
+    if d.subsec_nanos().is_multiple_of(1_000_000) {
         format!("{}ms", d.as_millis())
     } else {
         format!("{}.{:09}s", d.as_secs(), d.subsec_nanos())
