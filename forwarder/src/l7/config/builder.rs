@@ -91,13 +91,11 @@ impl ConfigBuilder {
         self
     }
 
-    pub fn max_frame(mut self, bytes: u64) -> Self {
-        self.raw.limits.max_frame = spanned(bytes);
-        self
-    }
-
-    pub fn max_message(mut self, bytes: u64) -> Self {
-        self.raw.limits.max_message = spanned(bytes);
+    /// The frame and message size limits (a message takes one frame or
+    /// more, so the parser wants `max_message >= max_frame`).
+    pub fn frame_limits(mut self, max_frame: u64, max_message: u64) -> Self {
+        let l = &mut self.raw.limits;
+        (l.max_frame, l.max_message) = (spanned(max_frame), spanned(max_message));
         self
     }
 
@@ -173,8 +171,7 @@ mod tests {
             .metrics("127.0.0.1:9101".parse().unwrap())
             .timeout(Timeout::Shutdown, Duration::from_millis(1500))
             .timeout(Timeout::PingInterval, Duration::from_micros(250_500))
-            .max_frame(1 << 20)
-            .max_message(2 << 20)
+            .frame_limits(1 << 20, 2 << 20)
             .drain_window(Duration::from_secs(3))
             .service_drain("198.19.0.2:80", Duration::from_millis(500))
             .listener("127.0.0.1:8080".parse().unwrap())
