@@ -10,7 +10,9 @@
 //! - reconnection of long-lived connections that were closed or cut, as a
 //!   real client does after a 1001 or a reset.
 //!
-//! Every connection's ending is classified (see [`crate::results::Endings`]),
+//! Connections are dialled, closed and their endings classified by the
+//! testbed's [`weir_testbed::ws_client`], as in the tests' client; the
+//! endings are counted by name (see [`crate::results::Endings`]),
 //! and a per-second timeline of opens, failures and cuts is kept. The harness
 //! runs several generator processes (20,000 open files per process here)
 //! and merges their [`LoadResult`]s.
