@@ -11,6 +11,7 @@ use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use anyhow::{Context, Result};
+use clap::{ArgAction, Parser};
 use futures_util::{SinkExt, StreamExt};
 use serde::{Deserialize, Serialize};
 use tokio::sync::{Semaphore, watch};
@@ -21,57 +22,60 @@ use crate::ws_client::{
     self, CloseUntil, Closed, Dialer, Ending, ReadyFile, Unupgraded, Ws, WsUrl, describe, truncate,
 };
 
-/// What to run.
-#[derive(Clone, Debug)]
+/// What to run: also the command line of `weir-wsclient`, so a flag and
+/// the setting it sets are declared once.
+#[derive(Clone, Debug, Parser)]
+#[command(name = "weir-wsclient", about = "WebSocket load client for weir tests")]
 pub struct LoadConfig {
-    /// `ws://HOST:PORT/PATH`.
+    /// ws://HOST:PORT/PATH
+    #[arg(long)]
     pub url: String,
     /// Number of connections.
+    #[arg(long, default_value_t = 1)]
     pub connections: usize,
-    /// How long each connection talks after it connected; with `hold_file`
-    /// the upper bound.
+    /// Seconds each connection talks after it connected (the upper bound
+    /// with --hold-file).
+    #[arg(long = "duration-secs", default_value = "2", value_parser = seconds)]
     pub duration: Duration,
-    /// Time between messages on one connection.
+    /// Milliseconds between messages on a connection.
+    #[arg(long = "interval-ms", default_value = "100", value_parser = millis)]
     pub interval: Duration,
-    /// If set, connections talk until this path exists (at most `duration`).
+    /// Talk until this file exists (at most --duration-secs), then close.
+    #[arg(long)]
     pub hold_file: Option<PathBuf>,
-    /// If set, created once every connection attempt has finished (connected
-    /// or failed), so a test knows when the fleet is up.
+    /// Create this file once every connection attempt has finished
+    /// (connected or failed), so a test knows when the fleet is up.
+    #[arg(long)]
     pub ready_file: Option<PathBuf>,
-    /// Source addresses to bind, used round-robin by connection index.
+    /// Source address to bind; repeat to use several round-robin.
+    #[arg(long = "source")]
     pub sources: Vec<IpAddr>,
     /// Connection attempts in flight at once.
+    #[arg(long = "concurrency", default_value_t = 100)]
     pub connect_concurrency: usize,
-    /// Limit for TCP connect + WebSocket handshake.
+    /// Milliseconds allowed for TCP connect + WebSocket handshake.
+    #[arg(long = "connect-timeout-ms", default_value = "5000", value_parser = millis)]
     pub connect_timeout: Duration,
-    /// Limit for an echo to come back.
+    /// Milliseconds allowed for an echo to come back.
+    #[arg(long = "echo-timeout-ms", default_value = "5000", value_parser = millis)]
     pub echo_timeout: Duration,
-    /// Limit for the close handshake.
+    /// Milliseconds allowed for the close handshake.
+    #[arg(long = "close-timeout-ms", default_value = "5000", value_parser = millis)]
     pub close_timeout: Duration,
-    /// Extra bytes of padding in each text message.
+    /// Padding bytes added to each message.
+    #[arg(long, default_value_t = 0)]
     pub payload_bytes: usize,
     /// Print progress lines to stderr.
+    #[arg(long = "quiet", action = ArgAction::SetFalse, help = "No progress lines on stderr")]
     pub progress: bool,
 }
 
-impl Default for LoadConfig {
-    fn default() -> Self {
-        LoadConfig {
-            url: "ws://198.19.0.10:8080/".into(),
-            connections: 1,
-            duration: Duration::from_secs(2),
-            interval: Duration::from_millis(100),
-            hold_file: None,
-            ready_file: None,
-            sources: Vec::new(),
-            connect_concurrency: 100,
-            connect_timeout: Duration::from_secs(5),
-            echo_timeout: Duration::from_secs(5),
-            close_timeout: Duration::from_secs(5),
-            payload_bytes: 0,
-            progress: true,
-        }
-    }
+fn seconds(s: &str) -> Result<Duration, std::num::ParseIntError> {
+    s.parse().map(Duration::from_secs)
+}
+
+fn millis(s: &str) -> Result<Duration, std::num::ParseIntError> {
+    s.parse().map(Duration::from_millis)
 }
 
 impl LoadConfig {
@@ -604,13 +608,16 @@ mod tests {
             }
         });
         let cfg = LoadConfig {
-            url: format!("ws://{addr}/"),
-            connections: 3,
             duration: Duration::from_millis(300),
-            interval: Duration::from_millis(20),
-            sources: vec!["127.0.0.1".parse().unwrap()],
-            progress: false,
-            ..LoadConfig::default()
+            ..LoadConfig::parse_from([
+                "weir-wsclient",
+                "--url",
+                &format!("ws://{addr}/"),
+                "--connections=3",
+                "--interval-ms=20",
+                "--source=127.0.0.1",
+                "--quiet",
+            ])
         };
         let r = run(cfg).await.unwrap();
         server.abort();
