@@ -10,7 +10,9 @@
 //! - reconnection of long-lived connections that were closed or cut, as a
 //!   real client does after a 1001 or a reset.
 //!
-//! Every connection's ending is classified (see [`crate::results::Endings`]),
+//! Connections are dialled, closed and their endings classified by the
+//! testbed's [`weir_testbed::ws_client`], as in the tests' client; the
+//! endings are counted by name (see [`crate::results::Endings`]),
 //! and a per-second timeline of opens, failures and cuts is kept. The harness
 //! runs several generator processes (20,000 open files per process here)
 //! and merges their [`LoadResult`]s.
@@ -18,9 +20,9 @@
 use std::collections::BTreeMap;
 use std::net::{IpAddr, SocketAddr};
 use std::path::PathBuf;
-use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
-use std::time::{Duration, SystemTime, UNIX_EPOCH};
+use std::time::Duration;
 
 use anyhow::{Context, Result, anyhow, bail};
 use base64::Engine as _;
@@ -28,16 +30,17 @@ use futures_util::{SinkExt, StreamExt};
 use hdrhistogram::Histogram;
 use hdrhistogram::serialization::{Deserializer, Serializer, V2Serializer};
 use serde::{Deserialize, Serialize};
-use tokio::net::{TcpSocket, TcpStream};
 use tokio::sync::{Semaphore, watch};
 use tokio::time::{Instant, MissedTickBehavior};
-use tokio_tungstenite::WebSocketStream;
-use tokio_tungstenite::tungstenite::protocol::WebSocketConfig;
-use tokio_tungstenite::tungstenite::protocol::frame::CloseFrame;
-use tokio_tungstenite::tungstenite::protocol::frame::coding::CloseCode;
-use tokio_tungstenite::tungstenite::{self, Message};
+use tokio_tungstenite::tungstenite::Message;
+use weir_testbed::ws_client::{
+    self, CloseUntil, Dialer, Ending, ReadyFile, Ws, WsUrl, close_handshake,
+};
 
 use crate::results::{Endings, Latency, TimelinePoint};
+
+pub use weir_testbed::ws_client::ending_name as ending;
+pub use weir_testbed::ws_client::unix_ms;
 
 /// How long-lived connections talk.
 #[derive(Clone, Copy, Debug, PartialEq, Serialize, Deserialize)]
@@ -248,37 +251,10 @@ impl LoadResult {
     }
 }
 
-/// Ending names.
-pub mod ending {
-    /// We closed with 1000 and the peer answered.
-    pub const CLEAN: &str = "clean";
-    /// Prefix: the peer sent Close with this code.
-    pub const PEER_CLOSE: &str = "peer_close:";
-    pub const RESET: &str = "reset";
-    /// TCP ended without a Close frame.
-    pub const EOF: &str = "eof";
-    pub const TIMEOUT: &str = "timeout";
-    pub const ERROR: &str = "error";
-    /// Prefix: the upgrade failed (`handshake:503`, `handshake:io`,
-    /// `handshake:timeout`).
-    pub const HANDSHAKE: &str = "handshake:";
-    /// Still open when the run ended.
-    pub const OPEN: &str = "open";
-}
-
-/// Endings that count as a cut connection.
-pub fn is_cut(ending: &str) -> bool {
-    matches!(
-        ending,
-        ending::RESET | ending::EOF | ending::TIMEOUT | ending::ERROR
-    )
-}
-
-pub fn unix_ms() -> u64 {
-    SystemTime::now()
-        .duration_since(UNIX_EPOCH)
-        .map(|d| d.as_millis() as u64)
-        .unwrap_or(0)
+/// Whether an ending, by its name in [`Endings`], counts as a cut
+/// connection (see [`Ending::is_cut`]).
+pub fn is_cut(name: &str) -> bool {
+    name.parse::<Ending>().is_ok_and(Ending::is_cut)
 }
 
 /// User + system CPU seconds of this process so far.
@@ -338,8 +314,7 @@ impl Timeline {
 /// State shared by all connection tasks of one process.
 struct Shared {
     plan: Plan,
-    target: SocketAddr,
-    uri: String,
+    dialer: Dialer,
     open: AtomicU64,
     handshakes_ok: AtomicU64,
     handshakes_failed: AtomicU64,
@@ -347,7 +322,7 @@ struct Shared {
     echoed: AtomicU64,
     lost: AtomicU64,
     alive_at_end: AtomicU64,
-    attempts_done: AtomicUsize,
+    ready: ReadyFile,
     arrivals_late: AtomicU64,
     endings: Mutex<Endings>,
     latency: Mutex<Histogram<u64>>,
@@ -361,17 +336,16 @@ struct Shared {
 }
 
 impl Shared {
-    fn end(&self, backend: Option<String>, ending: &str) {
+    fn end(&self, backend: Option<String>, ending: Ending) {
         {
             let mut e = self.endings.lock().unwrap_or_else(|e| e.into_inner());
             *e.entry(ending.to_string()).or_default() += 1;
         }
-        if is_cut(ending) {
-            self.timeline.count(2);
-        } else if ending.starts_with(ending::PEER_CLOSE) {
-            self.timeline.count(3);
-        } else if ending.starts_with(ending::HANDSHAKE) {
-            self.timeline.count(1);
+        match ending {
+            e if e.is_cut() => self.timeline.count(2),
+            Ending::PeerClose(_) => self.timeline.count(3),
+            Ending::Unupgraded(_) => self.timeline.count(1),
+            _ => {}
         }
         if self.plan.record_connections {
             self.records
@@ -390,38 +364,18 @@ impl Shared {
     }
 
     fn attempt_done(&self) {
-        let done = self.attempts_done.fetch_add(1, Ordering::AcqRel) + 1;
-        if done == self.plan.connections
-            && let Some(p) = &self.plan.ready_file
-            && let Err(e) = std::fs::write(p, b"ready\n")
-        {
-            eprintln!("weir-load: cannot write {}: {e}", p.display());
-        }
+        self.ready.attempt_done(|| "ready\n".into());
     }
 }
 
-type Ws = WebSocketStream<TcpStream>;
-
-fn ws_config() -> WebSocketConfig {
-    WebSocketConfig::default()
-        .read_buffer_size(16 * 1024)
-        .write_buffer_size(0)
-        .max_message_size(Some(16 << 20))
-}
-
-/// Parses `ws://IP:PORT/PATH`.
+/// Parses `ws://IP:PORT/PATH`: the address and the URL with its path.
 pub fn parse_url(url: &str) -> Result<(SocketAddr, String)> {
-    let rest = url
-        .strip_prefix("ws://")
-        .ok_or_else(|| anyhow!("URL {url:?} must start with ws://"))?;
-    let (hostport, path) = match rest.find('/') {
-        Some(i) => (&rest[..i], &rest[i..]),
-        None => (rest, "/"),
-    };
-    let addr: SocketAddr = hostport
-        .parse()
-        .with_context(|| format!("URL {url:?}: {hostport:?} is not IP:PORT"))?;
-    Ok((addr, format!("ws://{hostport}{path}")))
+    let parsed: WsUrl = url.parse()?;
+    let addr = parsed
+        .ip_target()
+        .ok_or_else(|| anyhow!("URL {url:?}: {:?} is not an IP address", parsed.host))?;
+    let path = parsed.uri.path_and_query().map_or("/", |p| p.as_str());
+    Ok((addr, format!("ws://{addr}{path}")))
 }
 
 /// Runs a plan to its end and returns what happened. Bounded: every task
@@ -431,6 +385,12 @@ pub async fn run(plan: Plan) -> Result<LoadResult> {
         bail!("message_bytes must be at least 16");
     }
     let (target, uri) = parse_url(&plan.url)?;
+    let dialer = Dialer {
+        target,
+        uri: uri.parse().context("URL")?,
+        timeout: plan.connect_timeout,
+        read_buffer: 16 * 1024,
+    };
     let epoch = if plan.epoch_unix_ms == 0 {
         unix_ms()
     } else {
@@ -440,10 +400,10 @@ pub async fn run(plan: Plan) -> Result<LoadResult> {
         plan.duration + plan.connect_timeout + plan.echo_timeout + Duration::from_secs(30);
     let cpu0 = self_cpu_s();
     let start = Instant::now();
-    let (stop_tx, stop_rx) = watch::channel(false);
+    // The stop signal: the duration passed or the hold file appeared.
+    let (stop_rx, stopper) = ws_client::stop_signal(plan.hold_file.clone(), start + plan.duration);
     let shared = Arc::new(Shared {
-        target,
-        uri,
+        dialer,
         open: AtomicU64::new(0),
         handshakes_ok: AtomicU64::new(0),
         handshakes_failed: AtomicU64::new(0),
@@ -451,7 +411,7 @@ pub async fn run(plan: Plan) -> Result<LoadResult> {
         echoed: AtomicU64::new(0),
         lost: AtomicU64::new(0),
         alive_at_end: AtomicU64::new(0),
-        attempts_done: AtomicUsize::new(0),
+        ready: ReadyFile::new(plan.ready_file.clone(), plan.connections),
         arrivals_late: AtomicU64::new(0),
         endings: Mutex::new(Endings::new()),
         latency: Mutex::new(new_histogram()),
@@ -466,25 +426,8 @@ pub async fn run(plan: Plan) -> Result<LoadResult> {
         plan,
     });
     let plan = &shared.plan;
-    let talk_end = start + plan.duration;
     let hard_end = start + horizon;
 
-    // The stop signal: the duration passed or the hold file appeared.
-    let stopper = {
-        let hold = plan.hold_file.clone();
-        tokio::spawn(async move {
-            let mut tick = tokio::time::interval(Duration::from_millis(50));
-            while Instant::now() < talk_end {
-                tick.tick().await;
-                if let Some(p) = &hold
-                    && tokio::fs::try_exists(p).await.unwrap_or(false)
-                {
-                    break;
-                }
-            }
-            let _ = stop_tx.send(true);
-        })
-    };
     // One sample of open connections per second, for the timeline.
     let sampler = {
         let s = shared.clone();
@@ -561,42 +504,10 @@ async fn connect(
     s: &Shared,
     index: usize,
     scheduled: Instant,
-) -> Result<(Ws, Option<String>), String> {
-    let attempt = async {
-        let sock = TcpSocket::new_v4().map_err(|_| "handshake:io".to_string())?;
-        if !s.plan.sources.is_empty() {
-            let src = s.plan.sources[index % s.plan.sources.len()];
-            sock.bind(SocketAddr::new(src, 0))
-                .map_err(|_| "handshake:bind".to_string())?;
-        }
-        let tcp = sock
-            .connect(s.target)
-            .await
-            .map_err(|_| "handshake:connect".to_string())?;
-        let _ = tcp.set_nodelay(true);
-        match tokio_tungstenite::client_async_with_config(s.uri.as_str(), tcp, Some(ws_config()))
-            .await
-        {
-            Ok((ws, resp)) => {
-                let backend = resp
-                    .headers()
-                    .get("x-weir-backend")
-                    .and_then(|v| v.to_str().ok())
-                    .map(str::to_string);
-                Ok((ws, backend))
-            }
-            Err(tungstenite::Error::Http(resp)) => {
-                Err(format!("{}{}", ending::HANDSHAKE, resp.status().as_u16()))
-            }
-            Err(_) => Err(format!("{}io", ending::HANDSHAKE)),
-        }
-    };
-    let r = match tokio::time::timeout(s.plan.connect_timeout, attempt).await {
-        Ok(r) => r,
-        Err(_) => Err(format!("{}timeout", ending::HANDSHAKE)),
-    };
-    match &r {
-        Ok(_) => {
+) -> Result<(Ws, Option<String>), Ending> {
+    let source = (!s.plan.sources.is_empty()).then(|| s.plan.sources[index % s.plan.sources.len()]);
+    match s.dialer.dial(source).await {
+        Ok(c) => {
             s.handshakes_ok.fetch_add(1, Ordering::Relaxed);
             s.timeline.count(0);
             let us = scheduled.elapsed().as_micros().max(1) as u64;
@@ -605,12 +516,13 @@ async fn connect(
                 .lock()
                 .unwrap_or_else(|e| e.into_inner())
                 .record(us.min(120_000_000));
+            Ok((c.ws, c.backend))
         }
-        Err(_) => {
+        Err(e) => {
             s.handshakes_failed.fetch_add(1, Ordering::Relaxed);
+            Err(e.ending())
         }
     }
-    r
 }
 
 /// A message carrying its scheduled send time (ns since `t0`) and a
@@ -648,42 +560,23 @@ enum Stop {
     /// The run is over: close cleanly.
     Done,
     /// The connection ended with this ending.
-    Ended(String),
-}
-
-fn classify(e: &tungstenite::Error) -> String {
-    use tungstenite::Error as E;
-    match e {
-        E::ConnectionClosed | E::AlreadyClosed => ending::EOF.into(),
-        E::Protocol(tungstenite::error::ProtocolError::ResetWithoutClosingHandshake) => {
-            ending::EOF.into()
-        }
-        E::Io(io) if io.kind() == std::io::ErrorKind::ConnectionReset => ending::RESET.into(),
-        E::Io(io) if io.kind() == std::io::ErrorKind::UnexpectedEof => ending::EOF.into(),
-        E::Io(io) if io.kind() == std::io::ErrorKind::BrokenPipe => ending::RESET.into(),
-        _ => ending::ERROR.into(),
-    }
-}
-
-fn peer_close(frame: Option<&CloseFrame>) -> String {
-    let code = frame.map(|f| u16::from(f.code)).unwrap_or(1005);
-    format!("{}{code}", ending::PEER_CLOSE)
+    Ended(Ending),
 }
 
 /// Reads the next data message, answering nothing itself (tungstenite
 /// queues pong and close replies, flushed by the next send or close).
-async fn next_data(ws: &mut Ws) -> Result<Vec<u8>, String> {
+async fn next_data(ws: &mut Ws) -> Result<Vec<u8>, Ending> {
     loop {
         match ws.next().await {
             Some(Ok(Message::Binary(b))) => return Ok(b.to_vec()),
             Some(Ok(Message::Text(t))) => return Ok(t.as_bytes().to_vec()),
             Some(Ok(Message::Close(f))) => {
                 let _ = ws.flush().await;
-                return Err(peer_close(f.as_ref()));
+                return Err(Ending::peer_close(f.as_ref()));
             }
             Some(Ok(_)) => continue,
-            Some(Err(e)) => return Err(classify(&e)),
-            None => return Err(ending::EOF.into()),
+            Some(Err(e)) => return Err(Ending::of_error(&e)),
+            None => return Err(Ending::Eof),
         }
     }
 }
@@ -707,7 +600,7 @@ async fn long_lived(
         let (mut ws, backend) = match conn {
             Ok(c) => c,
             Err(e) => {
-                s.end(None, &e);
+                s.end(None, e);
                 if s.plan.reconnect && !s.stopped() {
                     tokio::time::sleep(Duration::from_millis(100)).await;
                     continue;
@@ -724,11 +617,11 @@ async fn long_lived(
         s.open.fetch_sub(1, Ordering::Relaxed);
         match outcome {
             Stop::Done => {
-                s.end(backend, ending::CLEAN);
+                s.end(backend, Ending::Clean);
                 return;
             }
             Stop::Ended(e) => {
-                s.end(backend, &e);
+                s.end(backend, e);
                 if !s.plan.reconnect || s.stopped() {
                     return;
                 }
@@ -739,29 +632,12 @@ async fn long_lived(
     }
 }
 
-/// Sends our Close 1000 and waits for the peer's Close.
+/// Sends our Close 1000 and waits for the peer's Close (or the end of
+/// the connection).
 async fn close_clean(s: &Shared, ws: &mut Ws) -> Stop {
-    match tokio::time::timeout(s.plan.echo_timeout, async {
-        ws.close(Some(CloseFrame {
-            code: CloseCode::Normal,
-            reason: "".into(),
-        }))
-        .await
-        .map_err(|e| classify(&e))?;
-        loop {
-            match ws.next().await {
-                Some(Ok(Message::Close(_))) | None => return Ok(()),
-                Some(Ok(_)) => continue,
-                Some(Err(tungstenite::Error::ConnectionClosed)) => return Ok(()),
-                Some(Err(e)) => return Err(classify(&e)),
-            }
-        }
-    })
-    .await
-    {
-        Ok(Ok(())) => Stop::Done,
-        Ok(Err(e)) => Stop::Ended(e),
-        Err(_) => Stop::Ended(ending::TIMEOUT.into()),
+    match close_handshake(ws, s.plan.echo_timeout, CloseUntil::Reply).await {
+        Ok(_) => Stop::Done,
+        Err((ending, _)) => Stop::Ended(ending),
     }
 }
 
@@ -771,7 +647,7 @@ async fn talk_closed(s: &Shared, ws: &mut Ws) -> Stop {
     while !s.stopped() {
         let now = Instant::now();
         if let Err(e) = ws.send(Message::binary(payload(s, now, seq, size))).await {
-            return Stop::Ended(classify(&e));
+            return Stop::Ended(Ending::of_error(&e));
         }
         s.sent.fetch_add(1, Ordering::Relaxed);
         seq += 1;
@@ -785,7 +661,7 @@ async fn talk_closed(s: &Shared, ws: &mut Ws) -> Stop {
             }
             Err(_) => {
                 s.lost.fetch_add(1, Ordering::Relaxed);
-                return Stop::Ended(ending::TIMEOUT.into());
+                return Stop::Ended(Ending::Timeout);
             }
         }
     }
@@ -797,13 +673,13 @@ async fn hold_idle(s: &Shared, ws: &mut Ws) -> Stop {
     tokio::select! {
         _ = stop.wait_for(|v| *v) => {}
         r = next_data(ws) => {
-            return Stop::Ended(r.err().unwrap_or_else(|| ending::ERROR.into()));
+            return Stop::Ended(r.err().unwrap_or(Ending::Error));
         }
     }
     // Prove the connection still carries data before closing it.
     let probe = payload(s, Instant::now(), 0, s.plan.message_bytes);
     if let Err(e) = ws.send(Message::binary(probe)).await {
-        return Stop::Ended(classify(&e));
+        return Stop::Ended(Ending::of_error(&e));
     }
     s.sent.fetch_add(1, Ordering::Relaxed);
     match tokio::time::timeout(s.plan.echo_timeout, next_data(ws)).await {
@@ -813,7 +689,7 @@ async fn hold_idle(s: &Shared, ws: &mut Ws) -> Stop {
             }
         }
         Ok(Err(e)) => return Stop::Ended(e),
-        Err(_) => return Stop::Ended(ending::TIMEOUT.into()),
+        Err(_) => return Stop::Ended(Ending::Timeout),
     }
     close_clean(s, ws).await
 }
@@ -845,7 +721,7 @@ async fn talk_open(s: &Arc<Shared>, ws: Ws, interval: Duration, phase: Duration)
                     .await
                 {
                     let _ = done_tx.send(true);
-                    return (tx, Err(classify(&e)));
+                    return (tx, Err(Ending::of_error(&e)));
                 }
                 seq += 1;
                 sent_here.fetch_add(1, Ordering::Relaxed);
@@ -874,11 +750,13 @@ async fn talk_open(s: &Arc<Shared>, ws: Ws, interval: Duration, phase: Duration)
                         record_echo(&s, &b, size);
                         got += 1;
                     }
-                    Ok(Some(Ok(Message::Close(f)))) => return (rx, Err(peer_close(f.as_ref()))),
+                    Ok(Some(Ok(Message::Close(f)))) => {
+                        return (rx, Err(Ending::peer_close(f.as_ref())));
+                    }
                     Ok(Some(Ok(_))) => {}
-                    Ok(Some(Err(e))) => return (rx, Err(classify(&e))),
-                    Ok(None) => return (rx, Err(ending::EOF.to_string())),
-                    Err(_) => return (rx, Err(ending::TIMEOUT.to_string())),
+                    Ok(Some(Err(e))) => return (rx, Err(Ending::of_error(&e))),
+                    Ok(None) => return (rx, Err(Ending::Eof)),
+                    Err(_) => return (rx, Err(Ending::Timeout)),
                 }
             }
         }
@@ -892,11 +770,11 @@ async fn talk_open(s: &Arc<Shared>, ws: Ws, interval: Duration, phase: Duration)
     }
     let mut ws = match tx.reunite(rx) {
         Ok(ws) => ws,
-        Err(_) => return Stop::Ended(ending::ERROR.into()),
+        Err(_) => return Stop::Ended(Ending::Error),
     };
     match (sent, read) {
         (_, Err(e)) => {
-            if e.starts_with(ending::PEER_CLOSE) {
+            if let Ending::PeerClose(_) = e {
                 let _ = ws.flush().await;
             }
             Stop::Ended(e)
@@ -936,7 +814,7 @@ async fn arrival(s: Arc<Shared>, index: usize, scheduled: Instant) {
     let (mut ws, backend) = match connect(&s, index, scheduled).await {
         Ok(c) => c,
         Err(e) => {
-            s.end(None, &e);
+            s.end(None, e);
             return;
         }
     };
@@ -947,7 +825,7 @@ async fn arrival(s: Arc<Shared>, index: usize, scheduled: Instant) {
     let outcome = loop {
         let now = Instant::now();
         if let Err(e) = ws.send(Message::binary(payload(&s, now, seq, size))).await {
-            break Stop::Ended(classify(&e));
+            break Stop::Ended(Ending::of_error(&e));
         }
         s.sent.fetch_add(1, Ordering::Relaxed);
         seq += 1;
@@ -961,7 +839,7 @@ async fn arrival(s: Arc<Shared>, index: usize, scheduled: Instant) {
             }
             Err(_) => {
                 s.lost.fetch_add(1, Ordering::Relaxed);
-                break Stop::Ended(ending::TIMEOUT.into());
+                break Stop::Ended(Ending::Timeout);
             }
         }
         if Instant::now() + s.plan.arrival_interval > until || s.stopped() {
@@ -971,8 +849,8 @@ async fn arrival(s: Arc<Shared>, index: usize, scheduled: Instant) {
     };
     s.open.fetch_sub(1, Ordering::Relaxed);
     match outcome {
-        Stop::Done => s.end(backend, ending::CLEAN),
-        Stop::Ended(e) => s.end(backend, &e),
+        Stop::Done => s.end(backend, Ending::Clean),
+        Stop::Ended(e) => s.end(backend, e),
     }
 }
 

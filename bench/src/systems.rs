@@ -10,12 +10,13 @@
 //! (SO_REUSEPORT), the same number for every system.
 
 use std::io::{BufRead, BufReader, Write};
-use std::net::SocketAddr;
+use std::net::{Ipv4Addr, SocketAddr};
 use std::os::unix::net::UnixStream;
 use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
 use anyhow::{Context, Result, bail, ensure};
+use weir::l7::config::{ConfigBuilder, Timeout};
 use weir_testbed::topology::{Topology, register_cleanup_command, unregister_cleanup_command};
 
 use crate::procs;
@@ -227,23 +228,18 @@ impl Running {
             self.weir_cmd(topo, &instance, &set)?;
             let window = self.spec.drain_window.unwrap_or(Duration::from_secs(30));
             let config = self.dir.join(format!("weir-{k}.toml"));
-            write(
-                &config,
-                &format!(
-                    "instance = \"{instance}\"\n\
-                     [runtime]\nworkers = {workers}\n\
-                     [metrics]\nlisten = \"127.0.0.1:{metrics}\"\n\
-                     [timeouts]\nidle = \"1h\"\nshutdown = \"5s\"\n\
-                     [drain]\nwindow = \"{window}ms\"\n\
-                     [[listener]]\nlisten = \"{svc}\"\nshared = {shared}\n\
-                     [[listener.route]]\nservice = \"{svc}\"\n",
-                    workers = self.spec.workers,
-                    metrics = 19100 + k,
-                    window = window.as_millis(),
-                    // Shards are separate instances on one address, on purpose.
-                    shared = self.spec.shards > 1,
-                ),
-            )?;
+            let file = ConfigBuilder::new()
+                .instance(&instance)
+                .workers(self.spec.workers as u64)
+                .metrics(SocketAddr::from((Ipv4Addr::LOCALHOST, 19100 + k as u16)))
+                .timeout(Timeout::Idle, Duration::from_secs(3600))
+                .timeout(Timeout::Shutdown, Duration::from_secs(5))
+                .drain_window(window)
+                .listener(self.spec.listen)
+                // Shards are separate instances on one address, on purpose.
+                .shared(self.spec.shards > 1)
+                .route("/", &svc);
+            write(&config, &file.to_string())?;
             let log = self.dir.join(format!("weir-{k}.log"));
             let pid = spawn_logged(
                 topo,

@@ -3,6 +3,8 @@
 
 use std::process::{Command, Output};
 
+use weir::l7::config::ConfigBuilder;
+
 const WEIR: &str = env!("CARGO_BIN_EXE_weir");
 const SVC: &str = "198.19.0.30:8080";
 
@@ -573,11 +575,11 @@ fn run_refuses_a_missing_instance_and_a_conflicting_flag() {
     let name = Inst::new("none");
     let path = write_config(
         "missing",
-        &format!(
-            "instance = \"{}\"\n[[listener]]\nlisten = \"127.0.0.1:1\"\n\
-             [[listener.route]]\nservice = \"198.19.0.30:8080\"\n",
-            file.0
-        ),
+        &ConfigBuilder::new()
+            .instance(&file.0)
+            .listener("127.0.0.1:1".parse().unwrap())
+            .route("/", SVC)
+            .to_string(),
     );
     let out = weir_bounded(&[
         "--instance",
@@ -636,10 +638,12 @@ fn run_on_a_taken_port_says_one_line_and_never_running() {
     let port = taken.local_addr().unwrap().port();
     let path = write_config(
         "taken",
-        &format!(
-            "[runtime]\nworkers = 1\nbuffers = 64\n[[listener]]\nlisten = \"127.0.0.1:{port}\"\n\
-             [[listener.route]]\nservice = \"127.0.0.1:18081\"\n"
-        ),
+        &ConfigBuilder::new()
+            .workers(1)
+            .buffers(64)
+            .listener(std::net::SocketAddr::from(([127, 0, 0, 1], port)))
+            .route("/", "127.0.0.1:18081")
+            .to_string(),
     );
     let out = weir_bounded(&[
         "--instance",

@@ -4,6 +4,9 @@
 //!   backends) built with `ip`, torn down on drop and on SIGINT/SIGTERM.
 //! - [`weir_cli`]: the `weir` command for one throwaway instance, run in a
 //!   topology's namespaces and destroyed with it.
+//! - [`ws_client`]: what every WebSocket load client shares (URL, connect,
+//!   how a connection ended, close handshake, hold and ready files); the
+//!   bench's generator uses it too.
 //! - [`wsload`]: the WebSocket load client behind the `weir-wsclient` binary,
 //!   and the JSON report types tests parse.
 //! - `weir-echo` (binary): WebSocket echo backend that names itself in the
@@ -16,6 +19,7 @@ pub mod progrun;
 pub mod scenario;
 pub mod topology;
 pub mod weir_cli;
+pub mod ws_client;
 pub mod wsload;
 
 /// Locates a binary built into the same target directory as the running

@@ -9,10 +9,12 @@ use std::time::{Duration, Instant};
 
 use anyhow::{Context, Result, bail};
 use serde::Serialize;
+use weir::l7::config::{ConfigBuilder, Timeout};
 
 use crate::topology::{Topology, TopologySpec};
 use crate::weir_cli::WeirCli;
 use crate::workspace_bin;
+use crate::ws_client::Ending;
 use crate::wsload::LoadReport;
 
 pub const PORT: u16 = 8080;
@@ -434,7 +436,7 @@ impl L7Report {
         self.long_lived
             .connections
             .iter()
-            .filter(|c| c.close == "peer_close:1001")
+            .filter(|c| c.close == Ending::PeerClose(1001))
             .count()
     }
 
@@ -445,7 +447,9 @@ impl L7Report {
             .connections
             .iter()
             .chain(&self.after.connections)
-            .filter(|c| c.connected && c.close != "clean" && c.close != "peer_close:1001")
+            .filter(|c| {
+                c.connected && c.close != Ending::Clean && c.close != Ending::PeerClose(1001)
+            })
             .count()
     }
 }
@@ -478,15 +482,15 @@ pub fn run_l7(opts: &L4Options) -> Result<L7Report> {
 
     let dir = tempdir(&instance)?;
     let config = dir.join("weir.toml");
-    std::fs::write(
-        &config,
-        format!(
-            "instance = \"{instance}\"\n[timeouts]\nshutdown = \"5s\"\n[drain]\nwindow = \"3s\"\n\
-             [[listener]]\nlisten = \"{service}\"\n[[listener.route]]\nservice = \"{service}\"\n"
-        ),
-    )?;
-    let run = stage.spawn(&lb_ns, &["run", "--config", config.to_str().unwrap()])?;
     let listen: std::net::SocketAddr = service.parse()?;
+    let file = ConfigBuilder::new()
+        .instance(&instance)
+        .timeout(Timeout::Shutdown, Duration::from_secs(5))
+        .drain_window(Duration::from_secs(3))
+        .listener(listen)
+        .route("/", &service);
+    std::fs::write(&config, file.to_string())?;
+    let run = stage.spawn(&lb_ns, &["run", "--config", config.to_str().unwrap()])?;
     if !stage
         .topo
         .wait_tcp(&stage.topo.client_ns, listen, Duration::from_secs(10))

@@ -4,98 +4,78 @@
 //! what tests parse from its stdout.
 
 use std::collections::BTreeMap;
-use std::net::{IpAddr, SocketAddr};
-use std::os::fd::AsRawFd;
+use std::net::IpAddr;
 use std::path::PathBuf;
 use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
-use anyhow::{Context, Result, anyhow, bail};
+use anyhow::{Context, Result};
+use clap::{ArgAction, Parser};
 use futures_util::{SinkExt, StreamExt};
 use serde::{Deserialize, Serialize};
-use tokio::net::{TcpSocket, TcpStream};
 use tokio::sync::{Semaphore, watch};
 use tokio::time::{Instant, MissedTickBehavior};
-use tokio_tungstenite::WebSocketStream;
-use tokio_tungstenite::tungstenite::protocol::WebSocketConfig;
-use tokio_tungstenite::tungstenite::protocol::frame::CloseFrame;
-use tokio_tungstenite::tungstenite::protocol::frame::coding::CloseCode;
-use tokio_tungstenite::tungstenite::{self, Message, http};
+use tokio_tungstenite::tungstenite::Message;
 
-/// Response header naming the backend that accepted the upgrade.
-pub const BACKEND_HEADER: &str = "x-weir-backend";
-/// Response header with the peer address the backend saw (`weir-echo`).
-pub const PEER_HEADER: &str = "x-weir-peer";
+use crate::ws_client::{
+    self, CloseUntil, Closed, Dialer, Ending, ReadyFile, Unupgraded, Ws, WsUrl, describe, truncate,
+};
 
-/// Close outcomes, as found in [`ConnResult::close`]. A server-initiated
-/// close is `peer_close:CODE` (e.g. `peer_close:1001` when draining).
-pub mod close {
-    /// We sent Close 1000 and the peer answered with Close.
-    pub const CLEAN: &str = "clean";
-    /// The connection ended without a close handshake (RST/EOF).
-    pub const RESET: &str = "reset";
-    /// No echo, or no close reply, in time (or the hard deadline hit).
-    pub const TIMEOUT: &str = "timeout";
-    /// Another error ended the connection.
-    pub const ERROR: &str = "error";
-    /// The connection was never established.
-    pub const NOT_CONNECTED: &str = "not_connected";
-    /// Prefix of server-initiated closes: `peer_close:CODE`.
-    pub const PEER_CLOSE_PREFIX: &str = "peer_close:";
-}
-
-/// What to run.
-#[derive(Clone, Debug)]
+/// What to run: also the command line of `weir-wsclient`, so a flag and
+/// the setting it sets are declared once.
+#[derive(Clone, Debug, Parser)]
+#[command(name = "weir-wsclient", about = "WebSocket load client for weir tests")]
 pub struct LoadConfig {
-    /// `ws://HOST:PORT/PATH`.
+    /// ws://HOST:PORT/PATH
+    #[arg(long)]
     pub url: String,
     /// Number of connections.
+    #[arg(long, default_value_t = 1)]
     pub connections: usize,
-    /// How long each connection talks after it connected; with `hold_file`
-    /// the upper bound.
+    /// Seconds each connection talks after it connected (the upper bound
+    /// with --hold-file).
+    #[arg(long = "duration-secs", default_value = "2", value_parser = seconds)]
     pub duration: Duration,
-    /// Time between messages on one connection.
+    /// Milliseconds between messages on a connection.
+    #[arg(long = "interval-ms", default_value = "100", value_parser = millis)]
     pub interval: Duration,
-    /// If set, connections talk until this path exists (at most `duration`).
+    /// Talk until this file exists (at most --duration-secs), then close.
+    #[arg(long)]
     pub hold_file: Option<PathBuf>,
-    /// If set, created once every connection attempt has finished (connected
-    /// or failed), so a test knows when the fleet is up.
+    /// Create this file once every connection attempt has finished
+    /// (connected or failed), so a test knows when the fleet is up.
+    #[arg(long)]
     pub ready_file: Option<PathBuf>,
-    /// Source addresses to bind, used round-robin by connection index.
+    /// Source address to bind; repeat to use several round-robin.
+    #[arg(long = "source")]
     pub sources: Vec<IpAddr>,
     /// Connection attempts in flight at once.
+    #[arg(long = "concurrency", default_value_t = 100)]
     pub connect_concurrency: usize,
-    /// Limit for TCP connect + WebSocket handshake.
+    /// Milliseconds allowed for TCP connect + WebSocket handshake.
+    #[arg(long = "connect-timeout-ms", default_value = "5000", value_parser = millis)]
     pub connect_timeout: Duration,
-    /// Limit for an echo to come back.
+    /// Milliseconds allowed for an echo to come back.
+    #[arg(long = "echo-timeout-ms", default_value = "5000", value_parser = millis)]
     pub echo_timeout: Duration,
-    /// Limit for the close handshake.
+    /// Milliseconds allowed for the close handshake.
+    #[arg(long = "close-timeout-ms", default_value = "5000", value_parser = millis)]
     pub close_timeout: Duration,
-    /// Extra bytes of padding in each text message.
+    /// Padding bytes added to each message.
+    #[arg(long, default_value_t = 0)]
     pub payload_bytes: usize,
     /// Print progress lines to stderr.
+    #[arg(long = "quiet", action = ArgAction::SetFalse, help = "No progress lines on stderr")]
     pub progress: bool,
 }
 
-impl Default for LoadConfig {
-    fn default() -> Self {
-        LoadConfig {
-            url: "ws://198.19.0.10:8080/".into(),
-            connections: 1,
-            duration: Duration::from_secs(2),
-            interval: Duration::from_millis(100),
-            hold_file: None,
-            ready_file: None,
-            sources: Vec::new(),
-            connect_concurrency: 100,
-            connect_timeout: Duration::from_secs(5),
-            echo_timeout: Duration::from_secs(5),
-            close_timeout: Duration::from_secs(5),
-            payload_bytes: 0,
-            progress: true,
-        }
-    }
+fn seconds(s: &str) -> Result<Duration, std::num::ParseIntError> {
+    s.parse().map(Duration::from_secs)
+}
+
+fn millis(s: &str) -> Result<Duration, std::num::ParseIntError> {
+    s.parse().map(Duration::from_millis)
 }
 
 impl LoadConfig {
@@ -126,8 +106,8 @@ pub struct ConnResult {
     pub echoed: u64,
     pub mismatches: u64,
     pub error: Option<String>,
-    /// One of [`close`]'s values.
-    pub close: String,
+    /// How the connection ended (`Ending::Error` until it is known).
+    pub close: Ending,
 }
 
 impl ConnResult {
@@ -135,7 +115,7 @@ impl ConnResult {
     /// our clean close handshake.
     pub fn is_broken(&self) -> bool {
         self.connected
-            && (self.error.is_some() || self.mismatches > 0 || self.close != close::CLEAN)
+            && (self.error.is_some() || self.mismatches > 0 || self.close != Ending::Clean)
     }
 }
 
@@ -193,31 +173,13 @@ impl LoadReport {
             s.messages_sent += c.sent;
             s.messages_echoed += c.echoed;
             s.mismatches += c.mismatches;
-            *s.closes.entry(c.close.clone()).or_default() += 1;
+            *s.closes.entry(c.close.to_string()).or_default() += 1;
         }
         LoadReport {
             connections,
             summary: s,
         }
     }
-}
-
-/// Host, port and the parsed URI of a `ws://` URL.
-pub fn parse_ws_url(url: &str) -> Result<(String, u16, http::Uri)> {
-    let uri: http::Uri = url.parse().with_context(|| format!("bad URL {url:?}"))?;
-    match uri.scheme_str() {
-        Some("ws") => {}
-        Some(other) => bail!("unsupported scheme {other:?} in {url:?} (only ws://)"),
-        None => bail!("URL {url:?} has no scheme (want ws://HOST:PORT/PATH)"),
-    }
-    let host = uri
-        .host()
-        .ok_or_else(|| anyhow!("URL {url:?} has no host"))?
-        .trim_start_matches('[')
-        .trim_end_matches(']')
-        .to_string();
-    let port = uri.port_u16().unwrap_or(80);
-    Ok((host, port, uri))
 }
 
 /// The text of message `seq` on connection `index`.
@@ -227,38 +189,22 @@ pub fn message_text(index: usize, seq: u64, pad: usize) -> String {
     s
 }
 
-fn client_ws_config() -> WebSocketConfig {
-    WebSocketConfig::default()
-        .read_buffer_size(8 * 1024)
-        .write_buffer_size(0)
-        .max_message_size(Some(16 << 20))
-}
-
 struct Shared {
     connected: AtomicUsize,
     failed: AtomicUsize,
-    attempts_done: AtomicUsize,
     echoed: AtomicU64,
-    ready_file: Option<PathBuf>,
-    total: usize,
+    ready: ReadyFile,
 }
 
 impl Shared {
     fn attempt_done(&self) {
-        let done = self.attempts_done.fetch_add(1, Ordering::AcqRel) + 1;
-        if done == self.total
-            && let Some(p) = &self.ready_file
-            && let Err(e) = std::fs::write(
-                p,
-                format!(
-                    "connected {} failed {}\n",
-                    self.connected.load(Ordering::Acquire),
-                    self.failed.load(Ordering::Acquire)
-                ),
+        self.ready.attempt_done(|| {
+            format!(
+                "connected {} failed {}\n",
+                self.connected.load(Ordering::Acquire),
+                self.failed.load(Ordering::Acquire)
             )
-        {
-            eprintln!("wsclient: cannot write ready file {}: {e}", p.display());
-        }
+        });
     }
 }
 
@@ -270,47 +216,18 @@ pub async fn run(cfg: LoadConfig) -> Result<LoadReport> {
     if cfg.connections == 0 {
         return Ok(LoadReport::from_results(Vec::new(), Duration::ZERO));
     }
-    let (host, port, uri) = parse_ws_url(&cfg.url)?;
-    let addrs: Vec<SocketAddr> = tokio::time::timeout(
-        Duration::from_secs(5),
-        tokio::net::lookup_host((host.as_str(), port)),
-    )
-    .await
-    .map_err(|_| anyhow!("resolving {host} timed out"))?
-    .with_context(|| format!("resolving {host}"))?
-    .collect();
-    let target = match cfg.sources.first() {
-        Some(src) => addrs.iter().find(|a| a.is_ipv4() == src.is_ipv4()),
-        None => addrs.first(),
-    }
-    .copied()
-    .ok_or_else(|| anyhow!("{host} has no address of the sources' family"))?;
+    let url: WsUrl = cfg.url.parse()?;
+    let target = url.resolve(cfg.sources.first().copied()).await?;
 
     let shared = Arc::new(Shared {
         connected: AtomicUsize::new(0),
         failed: AtomicUsize::new(0),
-        attempts_done: AtomicUsize::new(0),
         echoed: AtomicU64::new(0),
-        ready_file: cfg.ready_file.clone(),
-        total: cfg.connections,
+        ready: ReadyFile::new(cfg.ready_file.clone(), cfg.connections),
     });
-    let (stop_tx, stop_rx) = watch::channel(false);
     // Talking ends for everyone by here, leaving time for close handshakes.
     let talk_cap = start + cfg.duration + Duration::from_secs(20);
-
-    // Hold-file watcher.
-    let watcher = cfg.hold_file.clone().map(|path| {
-        tokio::spawn(async move {
-            let mut tick = tokio::time::interval(Duration::from_millis(50));
-            while Instant::now() < talk_cap {
-                tick.tick().await;
-                if tokio::fs::try_exists(&path).await.unwrap_or(false) {
-                    let _ = stop_tx.send(true);
-                    return;
-                }
-            }
-        })
-    });
+    let (stop_rx, watcher) = ws_client::stop_signal(cfg.hold_file.clone(), talk_cap);
 
     let progress = cfg.progress.then(|| {
         let shared = shared.clone();
@@ -338,15 +255,19 @@ pub async fn run(cfg: LoadConfig) -> Result<LoadReport> {
     });
 
     let sem = Arc::new(Semaphore::new(cfg.connect_concurrency.max(1)));
+    let dialer = Arc::new(Dialer {
+        target,
+        uri: url.uri,
+        timeout: cfg.connect_timeout,
+        read_buffer: 8 * 1024,
+    });
     let cfg = Arc::new(cfg);
-    let uri = Arc::new(uri);
     let mut states = Vec::with_capacity(cfg.connections);
     let mut tasks = Vec::with_capacity(cfg.connections);
     for index in 0..cfg.connections {
         let state = Arc::new(Mutex::new(ConnState {
             result: ConnResult {
                 index,
-                close: close::NOT_CONNECTED.into(),
                 ..ConnResult::default()
             },
             finished: false,
@@ -356,8 +277,7 @@ pub async fn run(cfg: LoadConfig) -> Result<LoadReport> {
         let conn = Conn {
             index,
             cfg: cfg.clone(),
-            uri: uri.clone(),
-            target,
+            dialer: dialer.clone(),
             source,
             sem: sem.clone(),
             stop: stop_rx.clone(),
@@ -375,9 +295,7 @@ pub async fn run(cfg: LoadConfig) -> Result<LoadReport> {
     for task in &tasks {
         task.abort();
     }
-    if let Some(w) = watcher {
-        w.abort();
-    }
+    watcher.abort();
     if let Some(p) = progress {
         p.abort();
     }
@@ -389,7 +307,7 @@ pub async fn run(cfg: LoadConfig) -> Result<LoadReport> {
                 if st.result.error.is_none() {
                     st.result.error = Some("hard deadline reached".into());
                 }
-                st.result.close = close::TIMEOUT.into();
+                st.result.close = Ending::Timeout;
             }
             st.result.clone()
         })
@@ -405,8 +323,7 @@ struct ConnState {
 struct Conn {
     index: usize,
     cfg: Arc<LoadConfig>,
-    uri: Arc<http::Uri>,
-    target: SocketAddr,
+    dialer: Arc<Dialer>,
     source: Option<IpAddr>,
     sem: Arc<Semaphore>,
     stop: watch::Receiver<bool>,
@@ -414,8 +331,6 @@ struct Conn {
     shared: Arc<Shared>,
     talk_cap: Instant,
 }
-
-type Ws = WebSocketStream<TcpStream>;
 
 /// How a connection's talk phase ended.
 enum TalkEnd {
@@ -431,9 +346,9 @@ impl Conn {
         f(&mut st.result)
     }
 
-    fn fail(&self, close_kind: &str, err: String) {
+    fn fail(&self, ending: Ending, err: String) {
         self.with(|r| {
-            r.close = close_kind.into();
+            r.close = ending;
             if r.error.is_none() {
                 r.error = Some(err);
             }
@@ -457,87 +372,32 @@ impl Conn {
 
     async fn connect_phase(&self) -> Option<Ws> {
         let Ok(_permit) = self.sem.acquire().await else {
-            self.fail(close::NOT_CONNECTED, "connect: semaphore closed".into());
+            self.fail(
+                Ending::Unupgraded(Unupgraded::Io),
+                "connect: semaphore closed".into(),
+            );
             return None;
         };
         let t0 = Instant::now();
-        let res = tokio::time::timeout(self.cfg.connect_timeout, self.connect()).await;
-        match res {
-            Ok(Ok((ws, resp, local))) => {
-                let header = |name: &str| {
-                    resp.headers()
-                        .get(name)
-                        .and_then(|v| v.to_str().ok())
-                        .map(str::to_string)
-                };
+        match self.dialer.dial(self.source).await {
+            Ok(c) => {
                 self.with(|r| {
                     r.connected = true;
                     r.connect_ms = Some(t0.elapsed().as_millis() as u64);
-                    r.local_addr = Some(local.to_string());
-                    r.backend = header(BACKEND_HEADER);
-                    r.peer_seen = header(PEER_HEADER);
-                    r.close = close::ERROR.into(); // until it ends some other way
+                    r.local_addr = Some(c.local.to_string());
+                    r.backend = c.backend;
+                    r.peer_seen = c.peer_seen;
+                    r.close = Ending::Error; // until it ends some other way
                 });
                 self.shared.connected.fetch_add(1, Ordering::Relaxed);
-                Some(ws)
+                Some(c.ws)
             }
-            Ok(Err(e)) => {
+            Err(e) => {
                 self.shared.failed.fetch_add(1, Ordering::Relaxed);
-                self.fail(close::NOT_CONNECTED, format!("connect: {e:#}"));
-                None
-            }
-            Err(_) => {
-                self.shared.failed.fetch_add(1, Ordering::Relaxed);
-                self.fail(
-                    close::NOT_CONNECTED,
-                    format!("connect: timed out after {:?}", self.cfg.connect_timeout),
-                );
+                self.fail(e.ending(), format!("connect: {e}"));
                 None
             }
         }
-    }
-
-    async fn connect(&self) -> Result<(Ws, tungstenite::handshake::client::Response, SocketAddr)> {
-        let socket = if self.target.is_ipv4() {
-            TcpSocket::new_v4()
-        } else {
-            TcpSocket::new_v6()
-        }
-        .context("socket")?;
-        if let Some(src) = self.source {
-            if src.is_ipv4() {
-                // Let connect() pick the port, so many connections can share
-                // ports across destinations instead of exhausting them.
-                let one: libc::c_int = 1;
-                // SAFETY: setsockopt with a valid fd and a c_int option value.
-                unsafe {
-                    libc::setsockopt(
-                        socket.as_raw_fd(),
-                        libc::IPPROTO_IP,
-                        libc::IP_BIND_ADDRESS_NO_PORT,
-                        (&one as *const libc::c_int).cast(),
-                        std::mem::size_of::<libc::c_int>() as libc::socklen_t,
-                    );
-                }
-            }
-            socket
-                .bind(SocketAddr::new(src, 0))
-                .with_context(|| format!("bind {src}"))?;
-        }
-        let stream = socket
-            .connect(self.target)
-            .await
-            .with_context(|| format!("tcp connect {}", self.target))?;
-        let _ = stream.set_nodelay(true);
-        let local = stream.local_addr().context("local_addr")?;
-        let (ws, resp) = tokio_tungstenite::client_async_with_config(
-            self.uri.as_ref().clone(),
-            stream,
-            Some(client_ws_config()),
-        )
-        .await
-        .map_err(|e| anyhow!("websocket handshake: {}", describe_ws_error(&e)))?;
-        Ok((ws, resp, local))
     }
 
     async fn talk(&self, ws: &mut Ws) -> TalkEnd {
@@ -596,12 +456,9 @@ impl Conn {
                         outstanding = None;
                     }),
                     Some(Ok(Message::Close(frame))) => {
-                        let code = frame.as_ref().map_or(1005, |f| u16::from(f.code));
-                        let now = std::time::SystemTime::now()
-                            .duration_since(std::time::UNIX_EPOCH)
-                            .map_or(0, |d| d.as_millis() as u64);
+                        let now = ws_client::unix_ms();
                         self.with(|r| {
-                            r.close = format!("{}{code}", close::PEER_CLOSE_PREFIX);
+                            r.close = Ending::peer_close(frame.as_ref());
                             r.peer_close_unix_ms = Some(now);
                             if outstanding.is_some() && r.error.is_none() {
                                 r.error = Some("peer closed with a message unanswered".into());
@@ -622,11 +479,11 @@ impl Conn {
                     }
                     Some(Ok(_)) => {} // ping (answered by tungstenite), pong, raw frame
                     Some(Err(e)) => {
-                        self.fail(classify_ws_error(&e), format!("read: {}", describe_ws_error(&e)));
+                        self.fail(Ending::of_error(&e), format!("read: {}", describe(&e)));
                         return TalkEnd::Over;
                     }
                     None => {
-                        self.fail(close::RESET, "connection ended without close".into());
+                        self.fail(Ending::Eof, "connection ended without close".into());
                         return TalkEnd::Over;
                     }
                 },
@@ -639,7 +496,7 @@ impl Conn {
                     }
                 }
                 _ = tokio::time::sleep_until(echo_deadline), if outstanding.is_some() => {
-                    self.fail(close::TIMEOUT, format!("no echo within {:?}", cfg.echo_timeout));
+                    self.fail(Ending::Timeout, format!("no echo within {:?}", cfg.echo_timeout));
                     return TalkEnd::Over;
                 }
                 _ = tokio::time::sleep_until(talk_deadline), if outstanding.is_none() => {
@@ -655,11 +512,11 @@ impl Conn {
                             outstanding = Some((text, Instant::now() + cfg.echo_timeout));
                         }
                         Ok(Err(e)) => {
-                            self.fail(classify_ws_error(&e), format!("send: {}", describe_ws_error(&e)));
+                            self.fail(Ending::of_error(&e), format!("send: {}", describe(&e)));
                             return TalkEnd::Over;
                         }
                         Err(_) => {
-                            self.fail(close::TIMEOUT, "send timed out".into());
+                            self.fail(Ending::Timeout, "send timed out".into());
                             return TalkEnd::Over;
                         }
                     }
@@ -669,108 +526,18 @@ impl Conn {
     }
 
     async fn close_phase(&self, ws: &mut Ws) {
-        let cfg = &self.cfg;
-        let frame = CloseFrame {
-            code: CloseCode::Normal,
-            reason: "".into(),
-        };
-        let outcome = tokio::time::timeout(cfg.close_timeout, async {
-            if let Err(e) = ws.close(Some(frame)).await {
-                return Err((
-                    classify_ws_error(&e),
-                    format!("close: {}", describe_ws_error(&e)),
-                ));
-            }
-            let mut got_close = false;
-            for _ in 0..10_000 {
-                match ws.next().await {
-                    Some(Ok(Message::Close(_))) => got_close = true,
-                    Some(Ok(_)) => {} // late data or control frames
-                    None | Some(Err(tungstenite::Error::ConnectionClosed)) => {
-                        return if got_close {
-                            Ok(())
-                        } else {
-                            Err((close::RESET, "closed without a Close reply".into()))
-                        };
-                    }
-                    Some(Err(e)) => {
-                        return Err((
-                            classify_ws_error(&e),
-                            format!("closing: {}", describe_ws_error(&e)),
-                        ));
-                    }
-                }
-            }
-            Err((close::ERROR, "too many frames while closing".into()))
-        })
-        .await;
-        match outcome {
-            Ok(Ok(())) => self.with(|r| r.close = close::CLEAN.into()),
-            Ok(Err((kind, err))) => self.fail(kind, err),
-            Err(_) => self.fail(
-                close::TIMEOUT,
-                format!(
-                    "close handshake not finished within {:?}",
-                    cfg.close_timeout
-                ),
-            ),
+        match ws_client::close_handshake(ws, self.cfg.close_timeout, CloseUntil::End).await {
+            Ok(Closed::Answered) => self.with(|r| r.close = Ending::Clean),
+            Ok(Closed::Unanswered) => self.fail(Ending::Eof, "closed without a Close reply".into()),
+            Err((ending, err)) => self.fail(ending, err),
         }
-    }
-}
-
-fn truncate(s: &str, max: usize) -> &str {
-    match s.char_indices().nth(max) {
-        Some((i, _)) => &s[..i],
-        None => s,
-    }
-}
-
-/// Maps an error that ended a connection to a close outcome.
-fn classify_ws_error(e: &tungstenite::Error) -> &'static str {
-    use std::io::ErrorKind;
-    use tungstenite::error::ProtocolError;
-    match e {
-        tungstenite::Error::Protocol(ProtocolError::ResetWithoutClosingHandshake) => close::RESET,
-        tungstenite::Error::Io(io) => match io.kind() {
-            ErrorKind::ConnectionReset
-            | ErrorKind::ConnectionAborted
-            | ErrorKind::BrokenPipe
-            | ErrorKind::UnexpectedEof => close::RESET,
-            ErrorKind::TimedOut => close::TIMEOUT,
-            _ => close::ERROR,
-        },
-        _ => close::ERROR,
-    }
-}
-
-fn describe_ws_error(e: &tungstenite::Error) -> String {
-    match e {
-        tungstenite::Error::Http(resp) => {
-            let body = resp
-                .body()
-                .as_deref()
-                .map(String::from_utf8_lossy)
-                .unwrap_or_default();
-            format!("HTTP {} {}", resp.status(), truncate(body.trim(), 200))
-        }
-        other => other.to_string(),
     }
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    #[test]
-    fn url_parsing() {
-        let (h, p, u) = parse_ws_url("ws://198.19.0.10:8080/chat?x=1").unwrap();
-        assert_eq!((h.as_str(), p), ("198.19.0.10", 8080));
-        assert_eq!(u.path(), "/chat");
-        let (h, p, _) = parse_ws_url("ws://127.0.0.1/").unwrap();
-        assert_eq!((h.as_str(), p), ("127.0.0.1", 80));
-        assert!(parse_ws_url("wss://127.0.0.1/").is_err());
-        assert!(parse_ws_url("127.0.0.1:80").is_err());
-    }
+    use tokio_tungstenite::tungstenite::{self, http};
 
     #[test]
     fn message_text_has_index_and_seq() {
@@ -785,7 +552,7 @@ mod tests {
             connected: true,
             sent: 5,
             echoed: 5,
-            close: close::CLEAN.into(),
+            close: Ending::Clean,
             ..ConnResult::default()
         };
         let drained = ConnResult {
@@ -794,13 +561,13 @@ mod tests {
             connected: true,
             sent: 3,
             echoed: 3,
-            close: "peer_close:1001".into(),
+            close: Ending::PeerClose(1001),
             ..ConnResult::default()
         };
         let failed = ConnResult {
             index: 2,
             error: Some("connect: refused".into()),
-            close: close::NOT_CONNECTED.into(),
+            close: Ending::Unupgraded(Unupgraded::Connect),
             ..ConnResult::default()
         };
         let r = LoadReport::from_results(vec![ok, drained, failed], Duration::from_millis(5));
@@ -828,7 +595,7 @@ mod tests {
                     let cb = |_: &tungstenite::handshake::server::Request,
                               mut resp: tungstenite::handshake::server::Response| {
                         resp.headers_mut()
-                            .insert(BACKEND_HEADER, http::HeaderValue::from_static("t0"));
+                            .insert(ws_client::BACKEND_HEADER, http::HeaderValue::from_static("t0"));
                         Ok(resp)
                     };
                     let mut ws = tokio_tungstenite::accept_hdr_async(s, cb).await.unwrap();
@@ -841,13 +608,16 @@ mod tests {
             }
         });
         let cfg = LoadConfig {
-            url: format!("ws://{addr}/"),
-            connections: 3,
             duration: Duration::from_millis(300),
-            interval: Duration::from_millis(20),
-            sources: vec!["127.0.0.1".parse().unwrap()],
-            progress: false,
-            ..LoadConfig::default()
+            ..LoadConfig::parse_from([
+                "weir-wsclient",
+                "--url",
+                &format!("ws://{addr}/"),
+                "--connections=3",
+                "--interval-ms=20",
+                "--source=127.0.0.1",
+                "--quiet",
+            ])
         };
         let r = run(cfg).await.unwrap();
         server.abort();

@@ -5,7 +5,7 @@
 mod common;
 
 use std::io::{Read, Write};
-use std::net::{Ipv4Addr, TcpStream};
+use std::net::{Ipv4Addr, SocketAddr, TcpStream};
 use std::path::PathBuf;
 use std::process::{Child, Command, ExitStatus, Stdio};
 use std::time::{Duration, Instant};
@@ -13,6 +13,7 @@ use std::time::{Duration, Instant};
 use aya::maps::Array;
 use common::{TestInstance, free_port, require_root};
 use weir::instance::Instance;
+use weir::l7::config::{ConfigBuilder, Timeout};
 use weir::registry::{
     ApplyOptions, BackendAddr, Change, CreateOptions, Registry, ServiceAddr, ServiceModeName,
 };
@@ -81,28 +82,26 @@ struct Daemon {
 
 impl Daemon {
     /// Starts `weir run --instance NAME` on `port`; the file names the
-    /// same instance if `in_file`. `listener_extra` goes into the
-    /// [[listener]] table.
-    fn start(instance: &str, port: u16, listener_extra: &str, in_file: bool) -> Self {
+    /// same instance if `in_file`; the listener is `shared` with other
+    /// processes or not.
+    fn start(instance: &str, port: u16, shared: bool, in_file: bool) -> Self {
         let dir = std::env::temp_dir().join(format!("weir-ctl-{instance}"));
         std::fs::create_dir_all(&dir).unwrap();
         let metrics_port = free_port();
         let config = dir.join("weir.toml");
-        std::fs::write(
-            &config,
-            format!(
-                "{}[runtime]\nworkers = 2\nbuffers = 64\n[metrics]\nlisten = \"127.0.0.1:{metrics_port}\"\n\
-                 [timeouts]\nshutdown = \"1s\"\n\
-                 [[listener]]\nlisten = \"127.0.0.1:{port}\"\n{listener_extra}\n\
-                 [[listener.route]]\nservice = \"{SVC}\"\n",
-                if in_file {
-                    format!("instance = \"{instance}\"\n")
-                } else {
-                    String::new()
-                }
-            ),
-        )
-        .unwrap();
+        let mut file = ConfigBuilder::new();
+        if in_file {
+            file = file.instance(instance);
+        }
+        let file = file
+            .workers(2)
+            .buffers(64)
+            .metrics(SocketAddr::from((Ipv4Addr::LOCALHOST, metrics_port)))
+            .timeout(Timeout::Shutdown, Duration::from_secs(1))
+            .listener(SocketAddr::from((Ipv4Addr::LOCALHOST, port)))
+            .shared(shared)
+            .route("/", SVC);
+        std::fs::write(&config, file.to_string()).unwrap();
         let stderr = dir.join("stderr");
         let child = Command::new(workspace_bin("weir"))
             .args(["--instance", instance, "run", "--config"])
@@ -201,7 +200,7 @@ fn destroy_is_refused_while_weir_run_serves_the_instance() {
     require_root();
     let inst = TestInstance::new("ctldestroy");
     declare(&inst.instance);
-    let mut daemon = Daemon::start(inst.name(), free_port(), "", true);
+    let mut daemon = Daemon::start(inst.name(), free_port(), false, true);
     assert!(
         daemon
             .log()
@@ -239,7 +238,7 @@ fn replace_maps_under_the_daemon(recreate: bool, expect: &str) {
     if recreate {
         declare(&fresh.instance);
     }
-    let mut daemon = Daemon::start(inst.name(), free_port(), "", true);
+    let mut daemon = Daemon::start(inst.name(), free_port(), false, true);
     let replaced = Instant::now();
     if recreate {
         for pin in std::fs::read_dir(fresh.instance.pin_dir()).unwrap() {
@@ -289,19 +288,17 @@ fn a_second_weir_run_on_the_same_listener_is_refused_unless_shared() {
     declare(&a.instance);
     declare(&b.instance);
     let port = free_port();
-    let first = Daemon::start(a.name(), port, "", true);
+    let first = Daemon::start(a.name(), port, false, true);
     let dir = std::env::temp_dir().join(format!("weir-ctl-{}", b.name()));
     std::fs::create_dir_all(&dir).unwrap();
     let config = dir.join("weir.toml");
-    std::fs::write(
-        &config,
-        format!(
-            "instance = \"{}\"\n[runtime]\nworkers = 1\nbuffers = 64\n[[listener]]\nlisten = \"127.0.0.1:{port}\"\n\
-             [[listener.route]]\nservice = \"{SVC}\"\n",
-            b.name()
-        ),
-    )
-    .unwrap();
+    let file = ConfigBuilder::new()
+        .instance(b.name())
+        .workers(1)
+        .buffers(64)
+        .listener(SocketAddr::from((Ipv4Addr::LOCALHOST, port)))
+        .route("/", SVC);
+    std::fs::write(&config, file.to_string()).unwrap();
     let out = weir(&[
         "--instance",
         b.name(),
@@ -324,8 +321,8 @@ fn a_second_weir_run_on_the_same_listener_is_refused_unless_shared() {
     // Shards on purpose: both say so. The second names its instance only
     // with the flag, which the running line confirms.
     let port = free_port();
-    let _first = Daemon::start(a.name(), port, "shared = true", true);
-    let second = Daemon::start(b.name(), port, "shared = true", false);
+    let _first = Daemon::start(a.name(), port, true, true);
+    let second = Daemon::start(b.name(), port, true, false);
     assert!(
         second
             .log()
@@ -340,7 +337,7 @@ fn registry_refresh_failures_are_counted_logged_once_and_exposed() {
     require_root();
     let inst = TestInstance::new("ctlrefresh");
     declare(&inst.instance);
-    let mut daemon = Daemon::start(inst.name(), free_port(), "", true);
+    let mut daemon = Daemon::start(inst.name(), free_port(), false, true);
     let errors = "weir_l7_registry_refresh_errors_total";
     assert_eq!(daemon.metric(errors), 0);
     // A backend slot with a state no writer produces: every re-read of the

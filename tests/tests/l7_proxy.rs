@@ -9,9 +9,11 @@ use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use common::{TestInstance, free_port, require_root};
+use weir::l7::config::{ConfigBuilder, Timeout};
 use weir::l7::frame::{self, FrameHeader, Opcode};
 use weir::registry::{ApplyOptions, BackendAddr, Change, ServiceAddr, ServiceModeName};
 use weir_testbed::workspace_bin;
+use weir_testbed::ws_client::Ending;
 use weir_testbed::wsload::LoadReport;
 
 const SVC: ServiceAddr = ServiceAddr {
@@ -39,25 +41,15 @@ struct Bed {
 }
 
 impl Bed {
-    fn new(tag: &str, backends: usize, extra: &str) -> Self {
-        Self::build(tag, backends, extra, "")
+    fn new(tag: &str, backends: usize) -> Self {
+        Self::configured(tag, backends, |c| c)
     }
 
-    /// Like `new`, with more lines for the [timeouts] table.
-    fn with_timeouts(tag: &str, backends: usize, timeouts: &str) -> Self {
-        Self::build(tag, backends, "", timeouts)
-    }
-
-    fn build(tag: &str, backends: usize, extra: &str, timeouts: &str) -> Self {
-        Self::build_with(tag, backends, extra, timeouts, 100_000)
-    }
-
-    fn build_with(
+    /// Like `new`, with the configuration changed by `edit`.
+    fn configured(
         tag: &str,
         backends: usize,
-        extra: &str,
-        timeouts: &str,
-        max_connections: usize,
+        edit: impl FnOnce(ConfigBuilder) -> ConfigBuilder,
     ) -> Self {
         let inst = TestInstance::new(tag);
         let dir = std::env::temp_dir().join(format!("weir-l7-{}", inst.name()));
@@ -122,38 +114,22 @@ impl Bed {
 
         let port = free_port();
         let metrics_port = free_port();
-        let config = format!(
-            r#"instance = "{}"
-[runtime]
-workers = 2
-buffers = 1024
-max_connections = {max_connections}
-[metrics]
-listen = "127.0.0.1:{metrics_port}"
-[timeouts]
-client_head = "1s"
-close = "1s"
-shutdown = "2s"
-backend_head = "1s"
-{timeouts}
-[limits]
-max_frame = 1048576
-max_message = 2097152
-{extra}
-[[listener]]
-listen = "127.0.0.1:{port}"
-[[listener.route]]
-path_prefix = "/ws"
-service = "{SVC}"
-[[listener.route]]
-path_prefix = "/empty"
-service = "{EMPTY}"
-[[listener.route]]
-path_prefix = "/dead"
-service = "{DEAD}"
-"#,
-            inst.name()
-        );
+        let ms = Duration::from_millis;
+        let config = ConfigBuilder::new()
+            .instance(inst.name())
+            .workers(2)
+            .buffers(1024)
+            .metrics(SocketAddr::from((Ipv4Addr::LOCALHOST, metrics_port)))
+            .timeout(Timeout::ClientHead, ms(1000))
+            .timeout(Timeout::Close, ms(1000))
+            .timeout(Timeout::Shutdown, ms(2000))
+            .timeout(Timeout::BackendHead, ms(1000))
+            .frame_limits(1 << 20, 2 << 20)
+            .listener(SocketAddr::from((Ipv4Addr::LOCALHOST, port)))
+            .route("/ws", SVC)
+            .route("/empty", EMPTY)
+            .route("/dead", DEAD);
+        let config = edit(config).to_string();
         let path = dir.join("weir.toml");
         std::fs::write(&path, config).unwrap();
         let weir = Command::new(workspace_bin("weir"))
@@ -317,7 +293,7 @@ fn close_code(payload: &[u8]) -> u16 {
 #[test]
 fn messages_of_every_kind_echo_through_weir() {
     require_root();
-    let bed = Bed::new("l7echo", 2, "");
+    let bed = Bed::new("l7echo", 2);
     let (mut s, head) = upgrade(bed.port, "/ws/chat");
     assert!(head.starts_with("HTTP/1.1 101"), "{head}");
     assert!(
@@ -370,7 +346,7 @@ fn messages_of_every_kind_echo_through_weir() {
 #[test]
 fn a_thousand_connections_echo() {
     require_root();
-    let bed = Bed::new("l7load", 3, "");
+    let bed = Bed::new("l7load", 3);
     let r = report(bed.clients(1000, 3, None));
     assert_eq!(r.summary.connected, 1000, "{:?}", r.summary);
     assert_eq!(r.summary.broken, 0, "{:?}", r.summary);
@@ -386,7 +362,7 @@ fn a_thousand_connections_echo() {
 #[test]
 fn handshake_rules_get_their_status() {
     require_root();
-    let bed = Bed::new("l7hs", 1, "");
+    let bed = Bed::new("l7hs", 1);
     let port = bed.port;
     let base =
         "Host: t\r\nUpgrade: websocket\r\nConnection: Upgrade\r\nSec-WebSocket-Version: 13\r\n";
@@ -453,7 +429,7 @@ fn handshake_rules_get_their_status() {
 #[test]
 fn frame_rules_get_their_close_code() {
     require_root();
-    let bed = Bed::new("l7fr", 1, "");
+    let bed = Bed::new("l7fr", 1);
     let mut cases: Vec<(&str, Vec<u8>, u16)> = Vec::new();
     let mut unmasked = Vec::new();
     FrameHeader::new(true, Opcode::Text, None, 2).write_to(&mut unmasked);
@@ -489,7 +465,7 @@ fn frame_rules_get_their_close_code() {
 #[test]
 fn drain_closes_exactly_the_drained_backends_clients_spread_over_the_window() {
     require_root();
-    let bed = Bed::new("l7drain", 3, "[drain]\nwindow = \"3s\"\n");
+    let bed = Bed::configured("l7drain", 3, |c| c.drain_window(Duration::from_secs(3)));
     let hold = bed.dir.join("hold");
     let clients = bed.clients(200, 30, Some(&hold));
     let ready = hold.with_extension("ready");
@@ -509,11 +485,12 @@ fn drain_closes_exactly_the_drained_backends_clients_spread_over_the_window() {
     for c in &r.connections {
         let on_drained = c.backend.as_deref() == Some("e1");
         if on_drained {
-            assert_eq!(c.close, "peer_close:1001", "{c:?}");
+            assert_eq!(c.close, Ending::PeerClose(1001), "{c:?}");
             close_times.push(c.peer_close_unix_ms.unwrap() - started);
         } else {
             assert_eq!(
-                c.close, "clean",
+                c.close,
+                Ending::Clean,
                 "a connection of another backend was touched: {c:?}"
             );
             assert!(c.error.is_none(), "{c:?}");
@@ -545,7 +522,7 @@ fn drain_closes_exactly_the_drained_backends_clients_spread_over_the_window() {
 #[test]
 fn sigterm_drains_every_client_and_exits_zero() {
     require_root();
-    let mut bed = Bed::new("l7term", 2, "");
+    let mut bed = Bed::new("l7term", 2);
     let hold = bed.dir.join("hold");
     let clients = bed.clients(50, 30, Some(&hold));
     let ready = hold.with_extension("ready");
@@ -595,7 +572,7 @@ fn fake_backend(behave: fn(TcpStream)) -> SocketAddr {
 #[test]
 fn silent_and_refusing_backends_get_504_and_their_own_answer() {
     require_root();
-    let bed = Bed::new("l7bad", 0, "");
+    let bed = Bed::new("l7bad", 0);
     let silent = fake_backend(|s| {
         std::thread::sleep(Duration::from_secs(5));
         drop(s);
@@ -649,7 +626,7 @@ fn silent_and_refusing_backends_get_504_and_their_own_answer() {
 #[test]
 fn a_registry_change_applies_to_the_very_next_connection() {
     require_root();
-    let bed = Bed::new("l7live", 2, "");
+    let bed = Bed::new("l7live", 2);
     let (first, second) = (bed.echoes[0].1, bed.echoes[1].1);
     let mut reg = bed.inst.registry();
     let force = || ApplyOptions {
@@ -691,7 +668,10 @@ fn a_registry_change_applies_to_the_very_next_connection() {
 fn quiet_clients_are_pinged_and_dead_ones_timed_out() {
     require_root();
     // Pings every 300 ms; gives up after 1 s without a frame.
-    let bed = Bed::with_timeouts("l7ping", 1, "ping_interval = \"300ms\"\nidle = \"1s\"\n");
+    let bed = Bed::configured("l7ping", 1, |c| {
+        c.timeout(Timeout::PingInterval, Duration::from_millis(300))
+            .timeout(Timeout::Idle, Duration::from_secs(1))
+    });
     let (mut s, head) = upgrade(bed.port, "/ws");
     assert!(head.starts_with("HTTP/1.1 101"), "{head}");
     let started = Instant::now();
@@ -721,7 +701,7 @@ fn quiet_clients_are_pinged_and_dead_ones_timed_out() {
 #[test]
 fn metrics_and_stats_report_what_happened() {
     require_root();
-    let bed = Bed::new("l7met", 1, "");
+    let bed = Bed::new("l7met", 1);
     let r = report(bed.clients(10, 1, None));
     assert_eq!(r.summary.connected, 10);
     let _ = raw_request(bed.port, "GET /nowhere HTTP/1.1\r\nHost: t\r\n\r\n");
@@ -785,7 +765,7 @@ fn metrics_and_stats_report_what_happened() {
 #[test]
 fn a_removed_backend_leaves_the_registry_after_its_last_connection() {
     require_root();
-    let bed = Bed::new("l7gone", 2, "[drain]\nwindow = \"1s\"\n");
+    let bed = Bed::configured("l7gone", 2, |c| c.drain_window(Duration::from_secs(1)));
     let hold = bed.dir.join("hold");
     let clients = bed.clients(20, 30, Some(&hold));
     let ready = hold.with_extension("ready");
@@ -829,7 +809,7 @@ fn a_removed_backend_leaves_the_registry_after_its_last_connection() {
     let drained = r
         .connections
         .iter()
-        .filter(|c| c.close == "peer_close:1001")
+        .filter(|c| c.close == Ending::PeerClose(1001))
         .count();
     assert_eq!(
         drained,
@@ -840,7 +820,7 @@ fn a_removed_backend_leaves_the_registry_after_its_last_connection() {
 #[test]
 fn churn_replacing_the_whole_set_fails_no_handshake_and_cuts_nothing() {
     require_root();
-    let mut bed = Bed::new("l7churn", 8, "[drain]\nwindow = \"1s\"\n");
+    let mut bed = Bed::configured("l7churn", 8, |c| c.drain_window(Duration::from_secs(1)));
     let sets: Vec<Vec<String>> = (0..4)
         .map(|k| {
             vec![
@@ -891,20 +871,20 @@ fn churn_replacing_the_whole_set_fails_no_handshake_and_cuts_nothing() {
         let r = report(b);
         assert_eq!(r.summary.failed, 0, "failed handshakes: {:?}", r.summary);
         for c in &r.connections {
-            *closes.entry(c.close.clone()).or_insert(0) += 1;
+            *closes.entry(c.close).or_insert(0) += 1;
             backends.insert(c.backend.clone().unwrap_or_default());
             assert_eq!(c.mismatches, 0);
         }
     }
     let cut: usize = closes
         .iter()
-        .filter(|(k, _)| *k != "clean" && *k != "peer_close:1001")
+        .filter(|(k, _)| **k != Ending::Clean && **k != Ending::PeerClose(1001))
         .map(|(_, v)| v)
         .sum();
     assert_eq!(cut, 0, "connections cut: {closes:?}");
     assert_eq!(closes.values().sum::<usize>(), 400);
     assert!(
-        closes.get("peer_close:1001").copied().unwrap_or(0) > 0,
+        closes.get(&Ending::PeerClose(1001)).copied().unwrap_or(0) > 0,
         "some were drained: {closes:?}"
     );
     assert_eq!(backends.len(), 8, "every set served: {backends:?}");
@@ -996,7 +976,7 @@ fn masked(fin: bool, rsv: u8, op: u8, payload: &[u8]) -> Vec<u8> {
 #[test]
 fn conformance_cases_give_the_same_results_through_weir_as_direct() {
     require_root();
-    let bed = Bed::new("l7conf", 1, "");
+    let bed = Bed::new("l7conf", 1);
     let direct = bed.echoes[0].1;
     let close_1000 = masked(true, 0, 0x8, &1000u16.to_be_bytes());
     let cat = |parts: &[Vec<u8>]| parts.concat();
@@ -1105,7 +1085,7 @@ fn conformance_cases_give_the_same_results_through_weir_as_direct() {
 fn over_the_connection_limit_clients_get_503() {
     require_root();
     // One connection for the whole process (both workers together).
-    let bed = Bed::build_with("l7limit", 1, "", "", 1);
+    let bed = Bed::configured("l7limit", 1, |c| c.max_connections(1));
     // The readiness probes of the bed have closed by now.
     std::thread::sleep(Duration::from_millis(200));
     let mut held = Vec::new();
@@ -1131,13 +1111,10 @@ fn over_the_connection_limit_clients_get_503() {
 fn the_drain_window_can_differ_per_service() {
     require_root();
     // The service's own window (0.5 s) wins over the global 30 s.
-    let bed = Bed::new(
-        "l7svcdrain",
-        2,
-        &format!(
-            "[drain]\nwindow = \"30s\"\n[[service]]\naddress = \"{SVC}\"\ndrain_window = \"500ms\"\n"
-        ),
-    );
+    let bed = Bed::configured("l7svcdrain", 2, |c| {
+        c.drain_window(Duration::from_secs(30))
+            .service_drain(SVC, Duration::from_millis(500))
+    });
     let (mut s, head) = upgrade(bed.port, "/ws");
     assert!(head.starts_with("HTTP/1.1 101"), "{head}");
     let name = head
@@ -1169,7 +1146,7 @@ fn the_drain_window_can_differ_per_service() {
 #[test]
 fn weirs_close_never_lands_inside_a_frame() {
     require_root();
-    let bed = Bed::new("l7midframe", 1, "");
+    let bed = Bed::new("l7midframe", 1);
     for _ in 0..5 {
         let (mut s, head) = upgrade(bed.port, "/ws");
         assert!(head.starts_with("HTTP/1.1 101"), "{head}");
@@ -1193,7 +1170,7 @@ fn weirs_close_never_lands_inside_a_frame() {
 #[test]
 fn a_second_weir_run_for_the_same_instance_is_refused() {
     require_root();
-    let bed = Bed::new("l7twice", 1, "");
+    let bed = Bed::new("l7twice", 1);
     let out = Command::new(workspace_bin("weir"))
         .args(["run", "--config"])
         .arg(bed.dir.join("weir.toml"))
@@ -1211,7 +1188,7 @@ fn a_second_weir_run_for_the_same_instance_is_refused() {
 #[test]
 fn a_quiet_worker_gives_its_buffer_pool_back_and_still_relays() {
     require_root();
-    let bed = Bed::new("l7pool", 1, "");
+    let bed = Bed::new("l7pool", 1);
     let releases = || -> u64 {
         let (mut m, _) = raw_request(bed.metrics_port, "GET /metrics HTTP/1.1\r\nHost: t\r\n\r\n");
         let mut text = String::new();
@@ -1374,7 +1351,7 @@ fn weir_side_socket(pid: u32, client: SocketAddr) -> TcpStream {
 #[test]
 fn sixteen_kib_echoes_are_not_held_by_delayed_acks() {
     require_root();
-    let bed = Bed::new("l7nodelay", 1, "");
+    let bed = Bed::new("l7nodelay", 1);
     let (mut s, head) = upgrade(bed.port, "/ws");
     assert!(head.starts_with("HTTP/1.1 101"), "{head}");
     s.set_nodelay(true).unwrap();
@@ -1413,7 +1390,7 @@ fn close_payload(code: u16) -> Vec<u8> {
 #[test]
 fn invalid_close_codes_are_1002_and_valid_ones_pass() {
     require_root();
-    let bed = Bed::new("l7codes", 0, "");
+    let bed = Bed::new("l7codes", 0);
     let invalid = [0u16, 999, 1004, 1005, 1006, 1015, 1016, 2999, 5000, 65535];
     let valid = [1000u16, 1001, 1011, 3000, 4999];
     // The backend reports the code of the Close it got, and answers it.
@@ -1455,7 +1432,7 @@ fn invalid_close_codes_are_1002_and_valid_ones_pass() {
 #[test]
 fn a_backend_that_vanishes_mid_stream_closes_the_client_with_1014() {
     require_root();
-    let bed = Bed::new("l7vanish", 0, "");
+    let bed = Bed::new("l7vanish", 0);
     // One answers the first frame, then shuts its socket (FIN); the other
     // resets it.
     let fin = ws_fake_backend(
@@ -1511,7 +1488,7 @@ fn a_backend_that_vanishes_mid_stream_closes_the_client_with_1014() {
 #[test]
 fn routes_match_whole_segments_of_the_normalised_path() {
     require_root();
-    let bed = Bed::new("l7route", 1, "");
+    let bed = Bed::new("l7route", 1);
     for (path, status) in [
         ("/ws", "101"),
         ("/ws/room?x=1", "101"),
@@ -1539,7 +1516,7 @@ fn routes_match_whole_segments_of_the_normalised_path() {
 #[test]
 fn masks_on_frames_weir_sends_to_backends_are_random() {
     require_root();
-    let bed = Bed::new("l7mask", 0, "");
+    let bed = Bed::new("l7mask", 0);
     let n = 40;
     let (tx, rx) = std::sync::mpsc::channel::<[u8; 4]>();
     let tx = std::sync::Mutex::new(tx);
@@ -1582,7 +1559,7 @@ fn masks_on_frames_weir_sends_to_backends_are_random() {
 #[test]
 fn close_code_series_stay_bounded_whatever_clients_send() {
     require_root();
-    let bed = Bed::new("l7series", 1, "");
+    let bed = Bed::new("l7series", 1);
     for i in 0..300u16 {
         let code = [3000, 4000, 5000][usize::from(i % 3)] + i;
         let (mut s, head) = upgrade(bed.port, "/ws");
@@ -1622,7 +1599,7 @@ fn close_code_series_stay_bounded_whatever_clients_send() {
 #[test]
 fn a_departed_backends_metrics_series_goes() {
     require_root();
-    let bed = Bed::new("l7departed", 2, "[drain]\nwindow = \"1s\"\n");
+    let bed = Bed::configured("l7departed", 2, |c| c.drain_window(Duration::from_secs(1)));
     let r = report(bed.clients(20, 1, None));
     assert_eq!(r.summary.connected, 20);
     let (kept, leaving) = (bed.echoes[0].1, bed.echoes[1].1);
@@ -1665,10 +1642,14 @@ fn a_listener_on_port_0_is_one_port_for_every_worker_and_logged() {
     let path = dir.join("weir.toml");
     std::fs::write(
         &path,
-        format!(
-            "instance = \"{}\"\n[runtime]\nworkers = 3\nbuffers = 64\n[timeouts]\nshutdown = \"1s\"\n[[listener]]\nlisten = \"127.0.0.1:0\"\n[[listener.route]]\nservice = \"{SVC}\"\n",
-            inst.name()
-        ),
+        ConfigBuilder::new()
+            .instance(inst.name())
+            .workers(3)
+            .buffers(64)
+            .timeout(Timeout::Shutdown, Duration::from_secs(1))
+            .listener(SocketAddr::from((Ipv4Addr::LOCALHOST, 0)))
+            .route("/", SVC)
+            .to_string(),
     )
     .unwrap();
     struct Killed(Child, std::path::PathBuf);
@@ -1734,7 +1715,7 @@ fn set_buffer(s: &TcpStream, option: libc::c_int, bytes: libc::c_int) {
 #[test]
 fn a_close_never_written_to_a_client_is_not_counted_as_sent() {
     require_root();
-    let mut bed = Bed::new("l7unsent", 0, "");
+    let mut bed = Bed::new("l7unsent", 0);
     // On the client's first frame, 64 KiB of whole frames come back.
     let be = ws_fake_backend(
         1,

@@ -7,6 +7,7 @@ use std::process::Command;
 use std::time::{Duration, Instant};
 
 use weir_testbed::topology::{Topology, TopologySpec, install_signal_cleanup};
+use weir_testbed::ws_client::Ending;
 use weir_testbed::wsload::LoadReport;
 
 const ECHO: &str = env!("CARGO_BIN_EXE_weir-echo");
@@ -190,7 +191,7 @@ fn topology_routes_echoes_and_cleans_up() {
     assert_eq!(s.messages_sent, s.messages_echoed, "{s:?}");
     assert!(t0.elapsed() < Duration::from_secs(15));
     for c in &report.connections {
-        assert_eq!(c.close, "clean", "{c:?}");
+        assert_eq!(c.close, Ending::Clean, "{c:?}");
         assert_eq!(c.mismatches, 0);
         let local = c.local_addr.as_deref().unwrap();
         let want = if c.index % 2 == 0 { &c0 } else { &c1 };

@@ -7,9 +7,12 @@ use std::net::SocketAddr;
 use std::path::Path;
 use std::time::Duration;
 
-use serde::Deserialize;
+use serde::{Deserialize, Serialize};
 
 use crate::registry::ServiceAddr;
+
+mod builder;
+pub use builder::{ConfigBuilder, Timeout};
 
 /// The embedded default: one listener on loopback routing everything to
 /// the L7 service 127.0.0.1:8080, whose backends come from the registry
@@ -152,8 +155,9 @@ fn under_prefix(target: &str, prefix: &str) -> bool {
     prefix.ends_with('/') || rest.is_empty() || rest.starts_with(['/', '?'])
 }
 
-// The file as written, with spans for the errors found after parsing.
-#[derive(Deserialize)]
+// The file as written, with spans for the errors found after parsing;
+// `ConfigBuilder` writes files through the same tables.
+#[derive(Deserialize, Serialize, Default)]
 #[serde(deny_unknown_fields)]
 struct RawConfig {
     instance: Option<toml::Spanned<String>>,
@@ -173,7 +177,7 @@ struct RawConfig {
     listeners: Vec<RawListener>,
 }
 
-#[derive(Deserialize)]
+#[derive(Deserialize, Serialize)]
 #[serde(deny_unknown_fields)]
 struct RawRuntime {
     #[serde(default = "default_workers")]
@@ -210,13 +214,13 @@ fn default_max_connections() -> toml::Spanned<u64> {
     toml::Spanned::new(0..0, 100_000)
 }
 
-#[derive(Deserialize, Default)]
+#[derive(Deserialize, Serialize, Default)]
 #[serde(deny_unknown_fields)]
 struct RawMetrics {
     listen: Option<toml::Spanned<String>>,
 }
 
-#[derive(Deserialize)]
+#[derive(Deserialize, Serialize)]
 #[serde(deny_unknown_fields)]
 struct RawTimeouts {
     #[serde(default = "d10s")]
@@ -271,7 +275,7 @@ fn d5m() -> toml::Spanned<String> {
     dur("5m")
 }
 
-#[derive(Deserialize)]
+#[derive(Deserialize, Serialize)]
 #[serde(deny_unknown_fields)]
 struct RawLimits {
     #[serde(default = "default_head")]
@@ -308,20 +312,20 @@ fn default_message() -> toml::Spanned<u64> {
     toml::Spanned::new(0..0, 64 << 20)
 }
 
-#[derive(Deserialize, Default)]
+#[derive(Deserialize, Serialize, Default)]
 #[serde(deny_unknown_fields)]
 struct RawDrain {
     window: Option<toml::Spanned<String>>,
 }
 
-#[derive(Deserialize)]
+#[derive(Deserialize, Serialize)]
 #[serde(deny_unknown_fields)]
 struct RawService {
     address: toml::Spanned<String>,
     drain_window: toml::Spanned<String>,
 }
 
-#[derive(Deserialize)]
+#[derive(Deserialize, Serialize)]
 #[serde(deny_unknown_fields)]
 struct RawListener {
     listen: toml::Spanned<String>,
@@ -331,7 +335,7 @@ struct RawListener {
     routes: Vec<RawRoute>,
 }
 
-#[derive(Deserialize)]
+#[derive(Deserialize, Serialize)]
 #[serde(deny_unknown_fields)]
 struct RawRoute {
     #[serde(default = "any_host")]

@@ -24,7 +24,7 @@ use tokio_tungstenite::tungstenite::http::HeaderValue;
 use tokio_tungstenite::tungstenite::protocol::WebSocketConfig;
 use tokio_tungstenite::tungstenite::protocol::frame::CloseFrame;
 use tokio_tungstenite::tungstenite::protocol::frame::coding::CloseCode;
-use weir_testbed::wsload::{BACKEND_HEADER, PEER_HEADER};
+use weir_testbed::ws_client::{BACKEND_HEADER, PEER_HEADER};
 
 #[derive(Parser, Debug)]
 #[command(name = "weir-echo", about = "WebSocket echo backend for weir tests")]
