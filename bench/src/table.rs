@@ -92,6 +92,18 @@ pub trait Measured {
     fn system(&self) -> &str;
 }
 
+/// Implements [`Measured`] for row types with a `system` field.
+macro_rules! measured {
+    ($($t:ty),*) => {$(
+        impl $crate::table::Measured for $t {
+            fn system(&self) -> &str {
+                &self.system
+            }
+        }
+    )*};
+}
+pub(crate) use measured;
+
 /// The row of `peer` measured under the same conditions (`key`) as a weir row.
 pub fn peer_row<'a, T: Measured, K: PartialEq>(
     rows: &'a [T],

@@ -51,21 +51,26 @@ fn every_committed_file_parses_complete() {
 fn report_renders_as_committed() {
     let md = weir_bench::report::markdown(&committed(), STEM);
     let want = std::fs::read_to_string(results_dir().join(format!("{STEM}-report.md"))).unwrap();
-    assert!(md == want, "the report differs from the committed one:\n{md}");
+    assert!(
+        md == want,
+        "the report differs from the committed one:\n{md}"
+    );
 }
 
 #[test]
 fn charts_render_as_committed() {
-    let dir = TempDir(std::env::temp_dir().join(format!(
-        "weir-bench-committed-{}",
-        std::process::id()
-    )));
+    let dir =
+        TempDir(std::env::temp_dir().join(format!("weir-bench-committed-{}", std::process::id())));
     let written = weir_bench::plot::write_svgs(&committed(), &dir.0, STEM).unwrap();
     assert_eq!(written.len(), 4, "{written:?}");
     for path in written {
         let name = path.file_name().unwrap();
         let svg = std::fs::read(&path).unwrap();
         let want = std::fs::read(results_dir().join(name)).unwrap();
-        assert!(svg == want, "{} differs from the committed one", name.display());
+        assert!(
+            svg == want,
+            "{} differs from the committed one",
+            name.display()
+        );
     }
 }

@@ -17,7 +17,7 @@ use crate::scenario::{Outcome, Scenario};
 use crate::stage::Bench;
 use crate::systems::{Kind, Method, Running};
 use crate::table::{
-    Measured, Table, fmt_int, fmt_kib, fmt_num, is_weir, median, peer_row, ratio, ratio_cells,
+    Table, fmt_int, fmt_kib, fmt_num, is_weir, measured, median, peer_row, ratio, ratio_cells,
 };
 
 /// Two panels (open connections, failures) need more height than one chart.
@@ -25,6 +25,7 @@ const CHURN_SIZE: (u32, u32) = (960, 820);
 
 pub struct Churn;
 
+/// One system changed one way, over the whole run.
 #[derive(Clone, Debug, Default, Serialize, Deserialize)]
 pub struct ChurnRow {
     /// System and method, e.g. `weir`, `haproxy-api`, `haproxy-reload`,
@@ -49,11 +50,7 @@ pub struct ChurnRow {
     pub timeline: Vec<TimelinePoint>,
 }
 
-impl Measured for ChurnRow {
-    fn system(&self) -> &str {
-        &self.system
-    }
-}
+measured!(ChurnRow);
 
 impl Scenario for Churn {
     const NAME: &'static str = "churn";

@@ -16,12 +16,13 @@ use crate::scenario::{Outcome, Scenario};
 use crate::stage::Bench;
 use crate::systems::{Kind, Running};
 use crate::table::{
-    L7_PEERS, Measured, Table, fmt_int, fmt_num, fmt_us, is_weir, or_dash, peer_row, ratio,
+    L7_PEERS, Table, fmt_int, fmt_num, fmt_us, is_weir, measured, or_dash, peer_row, ratio,
     ratio_cells,
 };
 
 pub struct Connrate;
 
+/// One step of a ramp: a rate offered for a few seconds.
 #[derive(Clone, Debug, Default, Serialize, Deserialize)]
 pub struct ConnrateStep {
     /// Handshakes per second offered.
@@ -39,6 +40,7 @@ pub struct ConnrateStep {
 /// handshakes queue instead of completing at the offered rate.
 pub const CLEAN_HANDSHAKE_P99_US: u64 = 500_000;
 
+/// One system's ramp.
 #[derive(Clone, Debug, Default, Serialize, Deserialize)]
 pub struct ConnrateRow {
     pub system: String,
@@ -59,11 +61,7 @@ pub struct ConnrateRow {
     pub stopped_by: String,
 }
 
-impl Measured for ConnrateRow {
-    fn system(&self) -> &str {
-        &self.system
-    }
-}
+measured!(ConnrateRow);
 
 impl Scenario for Connrate {
     const NAME: &'static str = "connrate";

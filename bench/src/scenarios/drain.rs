@@ -11,10 +11,11 @@ use crate::results::Endings;
 use crate::scenario::{Outcome, Scenario};
 use crate::stage::Bench;
 use crate::systems::{Kind, Method, Running};
-use crate::table::{Measured, Table, fmt_endings, fmt_int, fmt_ms, fmt_num, fmt_pct, or_dash};
+use crate::table::{Table, fmt_endings, fmt_int, fmt_ms, fmt_num, fmt_pct, measured, or_dash};
 
 pub struct Drain;
 
+/// One system removing the backend one way.
 #[derive(Clone, Debug, Default, Serialize, Deserialize)]
 pub struct DrainRow {
     pub system: String,
@@ -34,11 +35,7 @@ pub struct DrainRow {
     pub still_open: u64,
 }
 
-impl Measured for DrainRow {
-    fn system(&self) -> &str {
-        &self.system
-    }
-}
+measured!(DrainRow);
 
 impl Scenario for Drain {
     const NAME: &'static str = "drain";

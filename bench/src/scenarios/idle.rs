@@ -19,7 +19,7 @@ use crate::scenario::{Outcome, Scenario};
 use crate::stage::Bench;
 use crate::systems::{Kind, Running};
 use crate::table::{
-    L7_PEERS, Measured, Table, fmt_bytes, fmt_endings, fmt_int, fmt_kib, fmt_pct, is_weir,
+    L7_PEERS, Table, fmt_bytes, fmt_endings, fmt_int, fmt_kib, fmt_pct, is_weir, measured,
     peer_row, ratio, ratio_cells,
 };
 
@@ -29,6 +29,7 @@ const PER_PROCESS: usize = 9000;
 
 pub struct Idle;
 
+/// One system holding one count of idle connections.
 #[derive(Clone, Debug, Default, Serialize, Deserialize)]
 pub struct IdleRow {
     pub system: String,
@@ -54,11 +55,7 @@ pub struct IdleRow {
     pub endings: Endings,
 }
 
-impl Measured for IdleRow {
-    fn system(&self) -> &str {
-        &self.system
-    }
-}
+measured!(IdleRow);
 
 impl Scenario for Idle {
     const NAME: &'static str = "idle";
@@ -234,9 +231,11 @@ fn idle_row(b: &Bench, sys: &Running, n: usize, shards: usize) -> Result<IdleRow
         endings: r.endings,
     })
 }
+
 fn per(total: u64, n: usize) -> f64 {
     if n == 0 { 0.0 } else { total as f64 / n as f64 }
 }
+
 fn rss_chart(root: &Area, rows: &[&IdleRow]) -> Result<()> {
     let systems = systems(rows.iter().map(|r| r.system.as_str()));
     let x_max = max_of(rows.iter().map(|r| r.connections as f64)).max(1.0) * 1.08;

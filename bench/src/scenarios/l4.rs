@@ -13,7 +13,7 @@ use crate::scenario::{Outcome, Scenario};
 use crate::stage::Bench;
 use crate::systems::{Kind, Running, Spec};
 use crate::table::{
-    Measured, Table, fmt_cpu, fmt_f, fmt_int, fmt_num, is_weir, peer_row, ratio, ratio_cells,
+    Table, fmt_cpu, fmt_f, fmt_int, fmt_num, is_weir, measured, peer_row, ratio, ratio_cells,
 };
 use crate::tcpload::TcpResult;
 
@@ -26,6 +26,7 @@ const L4_PEER: &str = "haproxy-tcp";
 
 pub struct L4;
 
+/// One L4 path: bulk streams, then short connections.
 #[derive(Clone, Debug, Default, Serialize, Deserialize)]
 pub struct L4Row {
     pub system: String,
@@ -42,11 +43,7 @@ pub struct L4Row {
     pub softirq_s: f64,
 }
 
-impl Measured for L4Row {
-    fn system(&self) -> &str {
-        &self.system
-    }
-}
+measured!(L4Row);
 
 impl Scenario for L4 {
     const NAME: &'static str = "l4";

@@ -14,12 +14,13 @@ use crate::scenario::{Outcome, Scenario};
 use crate::stage::Bench;
 use crate::systems::{Kind, Running};
 use crate::table::{
-    CPU_SPLIT, L7_PEERS, Measured, Table, fmt_cpu, fmt_int, fmt_num, fmt_us, is_weir, peer_row,
+    CPU_SPLIT, L7_PEERS, Table, fmt_cpu, fmt_int, fmt_num, fmt_us, is_weir, measured, peer_row,
     ratio, ratio_cells,
 };
 
 pub struct Steady;
 
+/// One system (or `direct`) at one message size: both loops.
 #[derive(Clone, Debug, Default, Serialize, Deserialize)]
 pub struct SteadyRow {
     pub system: String,
@@ -42,11 +43,7 @@ pub struct SteadyRow {
     pub errors: u64,
 }
 
-impl Measured for SteadyRow {
-    fn system(&self) -> &str {
-        &self.system
-    }
-}
+measured!(SteadyRow);
 
 impl Scenario for Steady {
     const NAME: &'static str = "steady";
