@@ -18,84 +18,26 @@ use crate::systems::{Kind, Running, Spec, remove_dir};
 const ECHO_PORT: u16 = 8080;
 /// Where every L7 system listens: the VIP, on the lb's lo.
 const L7_PORT: u16 = 8081;
-/// Echo backends, one per backend namespace.
-pub(crate) const BACKENDS: usize = 8;
+const BACKENDS: usize = 8;
 const CLIENT_ADDRS: usize = 16;
 
-/// Sizes of a run.
+/// What every scenario's sizes share; each scenario has its own besides.
 #[derive(Clone, Debug)]
 pub struct Sizes {
+    /// Small sizes: every scenario in a few minutes.
     pub quick: bool,
+    /// Threads (weir, HAProxy) or worker processes (nginx) per proxy process.
     pub workers: usize,
-    pub steady_connections: usize,
-    pub steady_secs: u64,
-    /// Open-loop offered rate per message size.
-    pub steady_rates: Vec<(usize, f64)>,
-    pub idle_counts: Vec<usize>,
-    pub connrate_steps: Vec<f64>,
-    pub connrate_step_secs: u64,
-    pub churn_secs: u64,
-    pub churn_period_secs: u64,
-    pub churn_connections: usize,
-    pub churn_arrivals: f64,
-    /// How long an arriving connection lives: longer than the period, as
-    /// WebSockets do, so every backend set has connections when it goes.
-    pub churn_arrival_life_secs: u64,
-    /// Drain window during churn (weir's window, HAProxy's wait before
-    /// cutting): shorter than the period, so changes keep their pace.
-    pub churn_drain_secs: u64,
-    pub drain_connections: usize,
+    /// The drain window every L7 system is started with.
     pub drain_window: Duration,
-    pub l4_secs: f64,
-    pub l4_streams: usize,
 }
 
 impl Sizes {
     pub fn new(quick: bool) -> Sizes {
-        if quick {
-            Sizes {
-                quick,
-                workers: 2,
-                steady_connections: 50,
-                steady_secs: 3,
-                steady_rates: vec![(64, 10_000.0), (4096, 5_000.0), (16_384, 2_000.0)],
-                idle_counts: vec![10_000],
-                connrate_steps: vec![250.0, 500.0, 1000.0, 2000.0, 4000.0],
-                connrate_step_secs: 2,
-                churn_secs: 20,
-                churn_period_secs: 5,
-                churn_connections: 100,
-                churn_arrivals: 20.0,
-                churn_arrival_life_secs: 10,
-                churn_drain_secs: 2,
-                drain_connections: 200,
-                drain_window: Duration::from_secs(3),
-                l4_secs: 3.0,
-                l4_streams: 4,
-            }
-        } else {
-            Sizes {
-                quick,
-                workers: 2,
-                steady_connections: 200,
-                steady_secs: 15,
-                steady_rates: vec![(64, 20_000.0), (4096, 10_000.0), (16_384, 5_000.0)],
-                idle_counts: vec![10_000, 50_000, 100_000],
-                connrate_steps: vec![
-                    1000.0, 2000.0, 4000.0, 6000.0, 8000.0, 10_000.0, 12_000.0, 16_000.0,
-                ],
-                connrate_step_secs: 4,
-                churn_secs: 60,
-                churn_period_secs: 5,
-                churn_connections: 500,
-                churn_arrivals: 20.0,
-                churn_arrival_life_secs: 30,
-                churn_drain_secs: 2,
-                drain_connections: 1000,
-                drain_window: Duration::from_secs(10),
-                l4_secs: 10.0,
-                l4_streams: 8,
-            }
+        Sizes {
+            quick,
+            workers: 2,
+            drain_window: Duration::from_secs(if quick { 3 } else { 10 }),
         }
     }
 }

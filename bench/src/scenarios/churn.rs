@@ -23,6 +23,44 @@ use crate::table::{
 /// Two panels (open connections, failures) need more height than one chart.
 const CHURN_SIZE: (u32, u32) = (960, 820);
 
+/// Sizes of a full run, and of a quick one (`--quick`).
+struct Sizes {
+    churn_secs: u64,
+    churn_period_secs: u64,
+    churn_connections: usize,
+    churn_arrivals: f64,
+    /// How long an arriving connection lives: longer than the period, as
+    /// WebSockets do, so every backend set has connections when it goes.
+    churn_arrival_life_secs: u64,
+    /// Drain window during churn (weir's window, HAProxy's wait before
+    /// cutting): shorter than the period, so changes keep their pace.
+    churn_drain_secs: u64,
+}
+
+impl Sizes {
+    fn new(quick: bool) -> Sizes {
+        if quick {
+            Sizes {
+                churn_secs: 20,
+                churn_period_secs: 5,
+                churn_connections: 100,
+                churn_arrivals: 20.0,
+                churn_arrival_life_secs: 10,
+                churn_drain_secs: 2,
+            }
+        } else {
+            Sizes {
+                churn_secs: 60,
+                churn_period_secs: 5,
+                churn_connections: 500,
+                churn_arrivals: 20.0,
+                churn_arrival_life_secs: 30,
+                churn_drain_secs: 2,
+            }
+        }
+    }
+}
+
 pub struct Churn;
 
 /// One system changed one way, over the whole run.
@@ -66,7 +104,7 @@ impl Scenario for Churn {
     type Row = ChurnRow;
 
     fn run(b: &mut Bench) -> Result<Outcome<ChurnRow>> {
-        let s = b.sizes.clone();
+        let s = Sizes::new(b.sizes.quick);
         let mut out = Outcome::new(&[
             ("seconds", s.churn_secs.to_string()),
             ("replace_every_s", s.churn_period_secs.to_string()),
@@ -106,7 +144,7 @@ impl Scenario for Churn {
             }
             let (first, second) = (set_a.clone(), set_b.clone());
             match b.with_system(spec, "ch", |bench, sys| {
-                churn_row(bench, sys, method, &first, &second)
+                churn_row(bench, &s, sys, method, &first, &second)
             }) {
                 Ok(row) => out.rows.push(row),
                 Err(e) => out.notes.push(format!("{label}: {e:#}")),
@@ -189,12 +227,12 @@ impl Scenario for Churn {
 
 fn churn_row(
     b: &Bench,
+    s: &Sizes,
     sys: &mut Running,
     method: Method,
     set_a: &[SocketAddr],
     set_b: &[SocketAddr],
 ) -> Result<ChurnRow> {
-    let s = &b.sizes;
     let label = method.label(sys.spec.kind);
     std::thread::sleep(Duration::from_millis(300));
     let rss_before = procs::pss_kib(&sys.pids());

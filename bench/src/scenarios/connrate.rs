@@ -20,6 +20,30 @@ use crate::table::{
     ratio_cells,
 };
 
+/// Sizes of a full run, and of a quick one (`--quick`).
+struct Sizes {
+    connrate_steps: Vec<f64>,
+    connrate_step_secs: u64,
+}
+
+impl Sizes {
+    fn new(quick: bool) -> Sizes {
+        if quick {
+            Sizes {
+                connrate_steps: vec![250.0, 500.0, 1000.0, 2000.0, 4000.0],
+                connrate_step_secs: 2,
+            }
+        } else {
+            Sizes {
+                connrate_steps: vec![
+                    1000.0, 2000.0, 4000.0, 6000.0, 8000.0, 10_000.0, 12_000.0, 16_000.0,
+                ],
+                connrate_step_secs: 4,
+            }
+        }
+    }
+}
+
 pub struct Connrate;
 
 /// One step of a ramp: a rate offered for a few seconds.
@@ -76,7 +100,7 @@ impl Scenario for Connrate {
     type Row = ConnrateRow;
 
     fn run(b: &mut Bench) -> Result<Outcome<ConnrateRow>> {
-        let s = b.sizes.clone();
+        let s = Sizes::new(b.sizes.quick);
         let mut out = Outcome::new(&[
             ("steps", format!("{:?}", s.connrate_steps)),
             ("step_seconds", s.connrate_step_secs.to_string()),
@@ -87,7 +111,7 @@ impl Scenario for Connrate {
         ]);
         for kind in Kind::ALL {
             let spec = b.spec(kind, b.all_backends(), 1);
-            match b.with_system(spec, "cr", |b, sys| connrate_row(b, sys)) {
+            match b.with_system(spec, "cr", |b, sys| connrate_row(b, &s, sys)) {
                 Ok(row) => out.rows.push(row),
                 Err(e) => out.notes.push(format!("{}: {e:#}", kind.name())),
             }
@@ -165,8 +189,7 @@ impl Scenario for Connrate {
     }
 }
 
-fn connrate_row(b: &Bench, sys: &Running) -> Result<ConnrateRow> {
-    let s = &b.sizes;
+fn connrate_row(b: &Bench, s: &Sizes, sys: &Running) -> Result<ConnrateRow> {
     let name = sys.spec.kind.name();
     let mut row = ConnrateRow {
         system: name.into(),

@@ -13,6 +13,25 @@ use crate::stage::Bench;
 use crate::systems::{Kind, Method, Running};
 use crate::table::{Table, fmt_endings, fmt_int, fmt_ms, fmt_num, fmt_pct, measured, or_dash};
 
+/// Sizes of a full run, and of a quick one (`--quick`).
+struct Sizes {
+    drain_connections: usize,
+}
+
+impl Sizes {
+    fn new(quick: bool) -> Sizes {
+        if quick {
+            Sizes {
+                drain_connections: 200,
+            }
+        } else {
+            Sizes {
+                drain_connections: 1000,
+            }
+        }
+    }
+}
+
 pub struct Drain;
 
 /// One system removing the backend one way.
@@ -46,10 +65,10 @@ impl Scenario for Drain {
     type Row = DrainRow;
 
     fn run(b: &mut Bench) -> Result<Outcome<DrainRow>> {
-        let s = b.sizes.clone();
+        let s = Sizes::new(b.sizes.quick);
         let mut out = Outcome::new(&[
             ("connections", s.drain_connections.to_string()),
-            ("window_s", s.drain_window.as_secs_f64().to_string()),
+            ("window_s", b.sizes.drain_window.as_secs_f64().to_string()),
         ]);
         let cases = [
             (
@@ -76,7 +95,7 @@ impl Scenario for Drain {
         for (kind, method, how) in cases {
             let label = method.label(kind);
             let spec = b.spec(kind, vec![b.backend(0)], 1);
-            match b.with_system(spec, "dr", |b, sys| drain_row(b, sys, method, how)) {
+            match b.with_system(spec, "dr", |b, sys| drain_row(b, &s, sys, method, how)) {
                 Ok(row) => out.rows.push(row),
                 Err(e) => out.notes.push(format!("{label}: {e:#}")),
             }
@@ -143,8 +162,13 @@ impl Scenario for Drain {
     }
 }
 
-fn drain_row(b: &Bench, sys: &mut Running, method: Method, how: &str) -> Result<DrainRow> {
-    let s = &b.sizes;
+fn drain_row(
+    b: &Bench,
+    s: &Sizes,
+    sys: &mut Running,
+    method: Method,
+    how: &str,
+) -> Result<DrainRow> {
     let label = method.label(sys.spec.kind);
     let hold = b.scratch.join(format!("hold-drain-{label}"));
     let ready = b.scratch.join(format!("ready-drain-{label}"));
@@ -161,7 +185,7 @@ fn drain_row(b: &Bench, sys: &mut Running, method: Method, how: &str) -> Result<
     b.progress(&format!("{label}: b0 replaced by b1 ({how})"));
     sys.set_backends(&b.topo, &[b.backend(1)], method)?;
     // Wait for the window, and then some, before counting.
-    let settle = removed_at + (s.drain_window + Duration::from_secs(5)).as_millis() as u64;
+    let settle = removed_at + (b.sizes.drain_window + Duration::from_secs(5)).as_millis() as u64;
     std::thread::sleep(Duration::from_millis(
         settle.saturating_sub(load::unix_ms()),
     ));
@@ -205,7 +229,7 @@ fn drain_row(b: &Bench, sys: &mut Running, method: Method, how: &str) -> Result<
             .iter()
             .filter(|c| c.backend.as_deref() == Some("b0"))
             .count(),
-        window_s: s.drain_window.as_secs_f64(),
+        window_s: b.sizes.drain_window.as_secs_f64(),
         endings,
         first_close_ms: closes.first().copied(),
         median_close_ms: closes.get(closes.len() / 2).copied(),

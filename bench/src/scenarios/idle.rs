@@ -27,6 +27,25 @@ use crate::table::{
 /// 20,000 open files per process, two per proxied connection for peers).
 const PER_PROCESS: usize = 9000;
 
+/// Sizes of a full run, and of a quick one (`--quick`).
+struct Sizes {
+    idle_counts: Vec<usize>,
+}
+
+impl Sizes {
+    fn new(quick: bool) -> Sizes {
+        if quick {
+            Sizes {
+                idle_counts: vec![10_000],
+            }
+        } else {
+            Sizes {
+                idle_counts: vec![10_000, 50_000, 100_000],
+            }
+        }
+    }
+}
+
 pub struct Idle;
 
 /// One system holding one count of idle connections.
@@ -70,7 +89,7 @@ impl Scenario for Idle {
     type Row = IdleRow;
 
     fn run(b: &mut Bench) -> Result<Outcome<IdleRow>> {
-        let s = b.sizes.clone();
+        let s = Sizes::new(b.sizes.quick);
         let mut out = Outcome::new(&[
             ("counts", format!("{:?}", s.idle_counts)),
             ("per_process", PER_PROCESS.to_string()),

@@ -24,6 +24,28 @@ const HAPROXY_TCP_PORT: u16 = 9001;
 /// weir's peer.
 const L4_PEER: &str = "haproxy-tcp";
 
+/// Sizes of a full run, and of a quick one (`--quick`).
+struct Sizes {
+    l4_secs: f64,
+    l4_streams: usize,
+}
+
+impl Sizes {
+    fn new(quick: bool) -> Sizes {
+        if quick {
+            Sizes {
+                l4_secs: 3.0,
+                l4_streams: 4,
+            }
+        } else {
+            Sizes {
+                l4_secs: 10.0,
+                l4_streams: 8,
+            }
+        }
+    }
+}
+
 pub struct L4;
 
 /// One L4 path: bulk streams, then short connections.
@@ -53,7 +75,7 @@ impl Scenario for L4 {
     type Row = L4Row;
 
     fn run(b: &mut Bench) -> Result<Outcome<L4Row>> {
-        let s = b.sizes.clone();
+        let s = Sizes::new(b.sizes.quick);
         let mut out = Outcome::new(&[
             ("seconds", s.l4_secs.to_string()),
             ("streams", s.l4_streams.to_string()),
@@ -136,7 +158,8 @@ impl Scenario for L4 {
             set.extend(addrs.iter().map(String::as_str));
             lb(&set)?;
             let weir_target = SocketAddr::new(IpAddr::V4(vip), SINK_PORT);
-            out.rows.push(l4_measure(b, "weir-xdp", weir_target, None)?);
+            out.rows
+                .push(l4_measure(b, &s, "weir-xdp", weir_target, None)?);
 
             let backends: Vec<SocketAddr> = (0..4)
                 .map(|i| SocketAddr::new(IpAddr::V4(b.topo.backend_addr(i)), SINK_PORT))
@@ -145,13 +168,13 @@ impl Scenario for L4 {
                 kind: Kind::Haproxy,
                 listen: SocketAddr::new(IpAddr::V4(vip), HAPROXY_TCP_PORT),
                 backends,
-                workers: s.workers,
+                workers: b.sizes.workers,
                 shards: 1,
                 drain_window: None,
                 tcp_mode: true,
             };
             let row = b.with_system(spec, "l4", |b, sys| {
-                l4_measure(b, "haproxy-tcp", sys.spec.listen, Some(sys))
+                l4_measure(b, &s, "haproxy-tcp", sys.spec.listen, Some(sys))
             });
             match row {
                 Ok(row) => out.rows.push(row),
@@ -249,8 +272,13 @@ fn tcp_load(b: &Bench, mode: &str, target: SocketAddr, n: usize, secs: f64) -> R
     Ok(serde_json::from_slice(&out.stdout)?)
 }
 
-fn l4_measure(b: &Bench, name: &str, target: SocketAddr, sys: Option<&Running>) -> Result<L4Row> {
-    let s = &b.sizes;
+fn l4_measure(
+    b: &Bench,
+    s: &Sizes,
+    name: &str,
+    target: SocketAddr,
+    sys: Option<&Running>,
+) -> Result<L4Row> {
     b.progress(&format!(
         "{name}: {} bulk streams for {}s",
         s.l4_streams, s.l4_secs

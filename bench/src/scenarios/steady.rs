@@ -18,6 +18,32 @@ use crate::table::{
     ratio, ratio_cells,
 };
 
+/// Sizes of a full run, and of a quick one (`--quick`).
+struct Sizes {
+    /// Open loop's offered rate per message size.
+    steady_rates: Vec<(usize, f64)>,
+    steady_connections: usize,
+    steady_secs: u64,
+}
+
+impl Sizes {
+    fn new(quick: bool) -> Sizes {
+        if quick {
+            Sizes {
+                steady_connections: 50,
+                steady_secs: 3,
+                steady_rates: vec![(64, 10_000.0), (4096, 5_000.0), (16_384, 2_000.0)],
+            }
+        } else {
+            Sizes {
+                steady_connections: 200,
+                steady_secs: 15,
+                steady_rates: vec![(64, 20_000.0), (4096, 10_000.0), (16_384, 5_000.0)],
+            }
+        }
+    }
+}
+
 pub struct Steady;
 
 /// One system (or `direct`) at one message size: both loops.
@@ -58,12 +84,12 @@ impl Scenario for Steady {
     type Row = SteadyRow;
 
     fn run(b: &mut Bench) -> Result<Outcome<SteadyRow>> {
-        let s = b.sizes.clone();
+        let s = Sizes::new(b.sizes.quick);
         let mut out = Outcome::new(&[
             ("connections", s.steady_connections.to_string()),
             ("seconds_per_phase", s.steady_secs.to_string()),
             ("open_rates", format!("{:?}", s.steady_rates)),
-            ("workers", s.workers.to_string()),
+            ("workers", b.sizes.workers.to_string()),
         ]);
         // `direct`: the generator against one echo backend, no proxy: what
         // the load side can do on its own.
@@ -74,9 +100,9 @@ impl Scenario for Steady {
             let rows = match kind {
                 Some(k) => {
                     let spec = b.spec(k, b.all_backends(), 1);
-                    b.with_system(spec, "st", |b, sys| system_rows(b, name, Some(sys)))
+                    b.with_system(spec, "st", |b, sys| system_rows(b, &s, name, Some(sys)))
                 }
-                None => system_rows(b, name, None),
+                None => system_rows(b, &s, name, None),
             };
             match rows {
                 Ok(rows) => out.rows.extend(rows),
@@ -198,8 +224,12 @@ impl Scenario for Steady {
     }
 }
 
-fn system_rows(b: &Bench, name: &str, running: Option<&mut Running>) -> Result<Vec<SteadyRow>> {
-    let s = &b.sizes;
+fn system_rows(
+    b: &Bench,
+    s: &Sizes,
+    name: &str,
+    running: Option<&mut Running>,
+) -> Result<Vec<SteadyRow>> {
     let running = running.map(|r| &*r);
     let mut rows = Vec::new();
     for &(bytes, rate) in &s.steady_rates {
