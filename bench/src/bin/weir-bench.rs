@@ -44,17 +44,14 @@ fn main() -> Result<()> {
     let scenarios: Vec<&catalog::Entry> = if args.scenarios.is_empty() {
         catalog::ALL.iter().collect()
     } else {
-        let known = || {
-            let names: Vec<&str> = catalog::ALL.iter().map(|e| e.name).collect();
-            names.join(", ")
-        };
-        let mut picked = Vec::new();
-        for s in &args.scenarios {
-            let e = catalog::find(s);
-            ensure!(e.is_some(), "unknown scenario {s:?}; known: {}", known());
-            picked.extend(e);
-        }
-        picked
+        let known: Vec<&str> = catalog::ALL.iter().map(|e| e.name).collect();
+        args.scenarios
+            .iter()
+            .map(|s| {
+                catalog::find(s)
+                    .with_context(|| format!("unknown scenario {s:?}; known: {}", known.join(", ")))
+            })
+            .collect::<Result<_>>()?
     };
     weir_testbed::raise_nofile_limit(20_000);
     weir_testbed::topology::install_signal_cleanup();
