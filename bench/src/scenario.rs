@@ -13,6 +13,8 @@ use crate::chart::Chart;
 use crate::stage::Bench;
 use crate::table::Measured;
 
+/// A bench scenario. It holds no state: the bench it runs on is passed in,
+/// and what it measured lives in its rows.
 pub trait Scenario {
     /// On the command line, in file names, as the JSON `scenario`, and the
     /// key of its rows in the result file.
