@@ -6,14 +6,25 @@
 //! - [`procs`]: CPU and memory of process trees, read from /proc;
 //! - [`systems`]: weir, HAProxy and nginx started with equivalent
 //!   configurations, and each one's way of changing backends;
-//! - [`scenarios`]: steady, idle, connrate, churn, drain, l4;
-//! - [`results`], [`report`], [`plot`]: JSON, Markdown and SVG.
+//! - [`stage`]: the topology, echo backends and sizes a run shares, and
+//!   how a scenario drives load and measures it;
+//! - [`scenario`]: what a scenario is; [`scenarios`]: steady, idle,
+//!   connrate, churn, drain, l4, each with its run, rows, check, report
+//!   section and chart; [`catalog`]: all of them, and the result file;
+//! - [`results`]: the measurements rows are made of and the run's facts;
+//! - [`report`] with [`table`], and [`plot`] with [`chart`]: Markdown and
+//!   SVG.
 
+pub mod catalog;
+pub mod chart;
 pub mod load;
 pub mod plot;
 pub mod procs;
 pub mod report;
 pub mod results;
+pub mod scenario;
 pub mod scenarios;
+pub mod stage;
 pub mod systems;
+pub mod table;
 pub mod tcpload;

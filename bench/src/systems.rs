@@ -115,7 +115,7 @@ impl Running {
         ));
         let _ = std::fs::remove_dir_all(&dir);
         std::fs::create_dir_all(&dir)?;
-        register_cleanup_command(crate::scenarios::remove_dir(&dir));
+        register_cleanup_command(remove_dir(&dir));
         let servers: Vec<(String, SocketAddr)> = spec
             .backends
             .iter()
@@ -492,7 +492,7 @@ impl Running {
         for inst in &self.instances {
             undo(&destroy_argv(&self.weir, inst));
         }
-        undo(&crate::scenarios::remove_dir(&self.dir));
+        undo(&remove_dir(&self.dir));
     }
 }
 
@@ -533,6 +533,11 @@ pub fn undo(argv: &[String]) {
         .args(&argv[1..])
         .output();
     unregister_cleanup_command(argv);
+}
+
+/// `rm -rf DIR`, for the interrupt cleanup.
+pub fn remove_dir(dir: &Path) -> Vec<String> {
+    vec!["rm".into(), "-rf".into(), dir.display().to_string()]
 }
 
 /// `kill -KILL -- -PGID`: ends a system's whole process group.

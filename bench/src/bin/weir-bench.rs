@@ -7,8 +7,8 @@ use std::path::PathBuf;
 
 use anyhow::{Context, Result, bail, ensure};
 use clap::Parser;
-use weir_bench::results::ScenarioResult;
-use weir_bench::scenarios::{self, Bench, Sizes};
+use weir_bench::catalog::{self, ScenarioResult};
+use weir_bench::stage::{self, Bench, Sizes};
 
 #[derive(Parser)]
 #[command(
@@ -41,22 +41,22 @@ fn main() -> Result<()> {
             bail!("{prog} is missing: install the Debian package {pkg} (cargo xtask bench does)");
         }
     }
-    let scenarios: Vec<String> = if args.scenarios.is_empty() {
-        scenarios::ALL.iter().map(|s| s.to_string()).collect()
+    let scenarios: Vec<&catalog::Entry> = if args.scenarios.is_empty() {
+        catalog::ALL.iter().collect()
     } else {
-        args.scenarios.clone()
+        let known: Vec<&str> = catalog::ALL.iter().map(|e| e.name).collect();
+        args.scenarios
+            .iter()
+            .map(|s| {
+                catalog::find(s)
+                    .with_context(|| format!("unknown scenario {s:?}; known: {}", known.join(", ")))
+            })
+            .collect::<Result<_>>()?
     };
-    for s in &scenarios {
-        ensure!(
-            scenarios::ALL.contains(&s.as_str()),
-            "unknown scenario {s:?}; known: {}",
-            scenarios::ALL.join(", ")
-        );
-    }
     weir_testbed::raise_nofile_limit(20_000);
     weir_testbed::topology::install_signal_cleanup();
     let sizes = Sizes::new(args.quick);
-    let info = scenarios::run_info(args.quick, sizes.workers);
+    let info = stage::run_info(args.quick, sizes.workers);
     let out_dir = args
         .out
         .unwrap_or_else(|| PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("results"));
@@ -70,16 +70,16 @@ fn main() -> Result<()> {
     let mut bench = Bench::new(sizes, info)?;
     let mut results: Vec<ScenarioResult> = Vec::new();
     let mut failures = Vec::new();
-    for s in &scenarios {
-        match bench.run(s) {
+    for s in scenarios {
+        match s.run(&mut bench) {
             Ok(r) => {
-                let path = out_dir.join(format!("{stem}-{s}.json"));
+                let path = out_dir.join(format!("{stem}-{}.json", s.name));
                 std::fs::write(&path, serde_json::to_string_pretty(&r)? + "\n")?;
                 eprintln!("wrote {}", path.display());
-                failures.extend(scenarios::check(&r));
+                failures.extend(catalog::check(&r));
                 results.push(r);
             }
-            Err(e) => failures.push(format!("{s}: {e:#}")),
+            Err(e) => failures.push(format!("{}: {e:#}", s.name)),
         }
     }
     bench.finish()?;

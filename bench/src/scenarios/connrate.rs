@@ -1,0 +1,319 @@
+//! Connection rate ramp: new connections per second (handshake, one echo,
+//! close) offered in rising steps until a system fails, falls behind or
+//! queues handshakes; the highest clean rate and its CPU cost.
+
+use std::time::Duration;
+
+use anyhow::Result;
+use plotters::element::DashedPathElement;
+use plotters::prelude::*;
+use serde::{Deserialize, Serialize};
+
+use crate::chart::{Area, Chart, Colors, FONT, SIZE, finite, legend, max_of, short};
+use crate::load::{self, Talk};
+use crate::results::{CpuSplit, Endings, Latency};
+use crate::scenario::{Outcome, Scenario};
+use crate::stage::Bench;
+use crate::systems::{Kind, Running};
+use crate::table::{
+    L7_PEERS, Table, fmt_int, fmt_num, fmt_us, is_weir, measured, or_dash, peer_row, ratio,
+    ratio_cells,
+};
+
+/// Sizes of a full run, and of a quick one (`--quick`).
+struct Sizes {
+    connrate_steps: Vec<f64>,
+    connrate_step_secs: u64,
+}
+
+impl Sizes {
+    fn new(quick: bool) -> Sizes {
+        if quick {
+            Sizes {
+                connrate_steps: vec![250.0, 500.0, 1000.0, 2000.0, 4000.0],
+                connrate_step_secs: 2,
+            }
+        } else {
+            Sizes {
+                connrate_steps: vec![
+                    1000.0, 2000.0, 4000.0, 6000.0, 8000.0, 10_000.0, 12_000.0, 16_000.0,
+                ],
+                connrate_step_secs: 4,
+            }
+        }
+    }
+}
+
+pub struct Connrate;
+
+/// One step of a ramp: a rate offered for a few seconds.
+#[derive(Clone, Debug, Default, Serialize, Deserialize)]
+pub struct ConnrateStep {
+    /// Handshakes per second offered.
+    pub target: f64,
+    /// Handshakes per second completed.
+    pub achieved: f64,
+    pub ok: u64,
+    pub failed: u64,
+    pub handshake: Latency,
+    pub cpu: CpuSplit,
+    pub endings: Endings,
+}
+
+/// A connection-rate step whose handshake p99 exceeds this is saturated:
+/// handshakes queue instead of completing at the offered rate.
+pub const CLEAN_HANDSHAKE_P99_US: u64 = 500_000;
+
+/// One system's ramp.
+#[derive(Clone, Debug, Default, Serialize, Deserialize)]
+pub struct ConnrateRow {
+    pub system: String,
+    pub steps: Vec<ConnrateStep>,
+    /// Highest completed rate of a clean step: no failure, at least 90%
+    /// of the offer completed, the generator on time, handshake p99 under
+    /// [`CLEAN_HANDSHAKE_P99_US`].
+    pub max_clean_rate: f64,
+    /// Handshakes per proxy CPU second in that step: the cost of a
+    /// connection, which does not depend on how much CPU the generator and
+    /// the backends left the proxy on this shared machine.
+    #[serde(default)]
+    pub handshakes_per_cpu_s: f64,
+    /// Why the ramp stopped: `errors`, `generator` (it could not offer the
+    /// rate: the proxy was not the limit), `saturated` (completed well under
+    /// the offer, or handshakes queued past the p99 limit) or `cap` (the
+    /// ramp's last step passed).
+    pub stopped_by: String,
+}
+
+measured!(ConnrateRow);
+
+impl Scenario for Connrate {
+    const NAME: &'static str = "connrate";
+    const TITLE: &'static str = "Connection rate ramp";
+    const SYSTEMS: &'static [&'static str] = &["weir", "haproxy", "nginx"];
+    const CHART: Option<Chart<ConnrateRow>> = Some(Chart {
+        file: "connrate",
+        size: SIZE,
+        draw: ramp_chart,
+    });
+
+    type Row = ConnrateRow;
+
+    fn run(b: &mut Bench) -> Result<Outcome<ConnrateRow>> {
+        let s = Sizes::new(b.sizes.quick);
+        let mut out = Outcome::new(&[
+            ("steps", format!("{:?}", s.connrate_steps)),
+            ("step_seconds", s.connrate_step_secs.to_string()),
+            (
+                "per_connection",
+                "handshake, one 64 B echo, close 1000".into(),
+            ),
+        ]);
+        for kind in Kind::ALL {
+            let spec = b.spec(kind, b.all_backends(), 1);
+            match b.with_system(spec, "cr", |b, sys| connrate_row(b, &s, sys)) {
+                Ok(row) => out.rows.push(row),
+                Err(e) => out.notes.push(format!("{}: {e:#}", kind.name())),
+            }
+        }
+        Ok(out)
+    }
+
+    fn faults(rows: &[ConnrateRow]) -> Vec<String> {
+        let mut bad = Vec::new();
+        for x in rows {
+            if x.steps.iter().all(|s| s.ok == 0) {
+                bad.push(format!("connrate: {} completed no handshake", x.system));
+            }
+        }
+        bad
+    }
+
+    fn section(out: &mut String, rows: &[ConnrateRow]) {
+        let mut t = Table::new(&[
+            "system",
+            "steps",
+            "max clean handshakes/s",
+            "weir/haproxy",
+            "weir/nginx",
+            "handshakes per proxy CPU s",
+            "weir/haproxy (per CPU s)",
+            "weir/nginx (per CPU s)",
+            "stopped by",
+            "last step: offered / achieved / failed",
+            "handshake p99 at max clean",
+        ])
+        .left(&["stopped by"]);
+        for r in rows {
+            let w = is_weir(&r.system);
+            let find = |p: &str| peer_row(rows, |_| (), p, &());
+            let mut cells = vec![
+                r.system.clone(),
+                fmt_int(r.steps.len() as u64),
+                fmt_num(r.max_clean_rate),
+            ];
+            cells.extend(ratio_cells(w, &L7_PEERS, find, |p| {
+                ratio(r.max_clean_rate, p.max_clean_rate)
+            }));
+            cells.push(fmt_num(r.handshakes_per_cpu_s));
+            cells.extend(ratio_cells(w, &L7_PEERS, find, |p| {
+                ratio(r.handshakes_per_cpu_s, p.handshakes_per_cpu_s)
+            }));
+            cells.push(or_dash(&r.stopped_by).to_string());
+            cells.push(match r.steps.last() {
+                Some(s) => format!(
+                    "{} / {} / {}",
+                    fmt_num(s.target),
+                    fmt_num(s.achieved),
+                    fmt_int(s.failed)
+                ),
+                None => "–".into(),
+            });
+            let best = r.steps.iter().find(|s| s.achieved == r.max_clean_rate);
+            cells.push(match best {
+                Some(s) if s.handshake.samples > 0 => fmt_us(s.handshake.p99_us),
+                _ => "–".into(),
+            });
+            t.row(cells);
+        }
+        t.write(out);
+        out.push_str(
+            "\nA clean step has no failure, completes at least 90% of the offer with the \
+             generator on time, and keeps the handshake p99 under 500 ms. `stopped by`: \
+             `errors` (a step failed), `generator` (could not offer the rate), `saturated` \
+             (completed well under the offer, or handshakes queued), `cap` (ramp ended). On a \
+             small machine the proxy, the generator and the backends share the cores, so the \
+             highest clean rate is partly the machine's; handshakes per proxy CPU second is \
+             the proxy's own cost.\n",
+        );
+    }
+}
+
+fn connrate_row(b: &Bench, s: &Sizes, sys: &Running) -> Result<ConnrateRow> {
+    let name = sys.spec.kind.name();
+    let mut row = ConnrateRow {
+        system: name.into(),
+        stopped_by: "cap".into(),
+        ..ConnrateRow::default()
+    };
+    for &target in &s.connrate_steps {
+        b.progress(&format!(
+            "{name}: {target} handshakes/s for {}s",
+            s.connrate_step_secs
+        ));
+        let mut plan = b.plan(0, Talk::Closed, 64, s.connrate_step_secs as f64);
+        plan.arrivals_per_sec = target;
+        plan.connect_timeout = Duration::from_secs(3);
+        plan.echo_timeout = Duration::from_secs(3);
+        let (r, cpu) = b.measure(Some(sys), &plan, 2)?;
+        let step = ConnrateStep {
+            target,
+            achieved: r.handshakes_ok as f64 / s.connrate_step_secs as f64,
+            ok: r.handshakes_ok,
+            failed: r.handshakes_failed + r.cut(),
+            handshake: load::latency_of(&load::decode_histogram(&r.handshake)?),
+            cpu,
+            endings: r.endings.clone(),
+        };
+        let offered = target * s.connrate_step_secs as f64;
+        let late = r.arrivals_late as f64 > 0.02 * offered;
+        let failed = step.failed > 0;
+        let saturated =
+            step.achieved < 0.9 * target || step.handshake.p99_us > CLEAN_HANDSHAKE_P99_US;
+        if !failed && !saturated && !late && step.achieved > row.max_clean_rate {
+            row.max_clean_rate = step.achieved;
+            row.handshakes_per_cpu_s = if step.cpu.proxy_s > 0.0 {
+                step.ok as f64 / step.cpu.proxy_s
+            } else {
+                0.0
+            };
+        }
+        row.steps.push(step);
+        if failed || saturated || late {
+            row.stopped_by = if failed {
+                "errors"
+            } else if late {
+                "generator"
+            } else {
+                "saturated"
+            }
+            .into();
+            break;
+        }
+        // Let the step's TIME_WAIT and backlog drain.
+        std::thread::sleep(Duration::from_millis(500));
+    }
+    Ok(row)
+}
+
+fn ramp_chart(root: &Area, rows: &[&ConnrateRow]) -> Result<()> {
+    let max = max_of(
+        rows.iter()
+            .flat_map(|r| r.steps.iter().flat_map(|s| [s.target, s.achieved])),
+    )
+    .max(1.0)
+        * 1.05;
+    let mut chart = ChartBuilder::on(root)
+        .caption(
+            "Connection rate ramp: completed vs offered handshakes (× = step with failures)",
+            (FONT, 22),
+        )
+        .margin(15)
+        .x_label_area_size(45)
+        .y_label_area_size(80)
+        .build_cartesian_2d(0f64..max, 0f64..max)?;
+    chart
+        .configure_mesh()
+        .x_desc("offered handshakes/s")
+        .y_desc("completed handshakes/s")
+        .x_label_formatter(&|x| short(*x))
+        .y_label_formatter(&|y| short(*y))
+        .label_style((FONT, 14))
+        .axis_desc_style((FONT, 16))
+        .draw()?;
+
+    let ideal = RGBColor(150, 150, 150).stroke_width(1);
+    chart
+        .draw_series(DashedLineSeries::new(
+            vec![(0.0, 0.0), (max, max)],
+            6,
+            4,
+            ideal,
+        ))?
+        .label("completed = offered")
+        .legend(move |(x, y)| DashedPathElement::new(vec![(x, y), (x + 20, y)], 5, 3, ideal));
+
+    let mut colors = Colors::default();
+    for r in rows {
+        let color = colors.get(&r.system);
+        let points = finite(r.steps.iter().map(|s| (s.target, s.achieved)));
+        chart
+            .draw_series(LineSeries::new(points, color.stroke_width(2)))?
+            .label(format!(
+                "{} (max clean {}/s, stopped: {})",
+                r.system,
+                short(r.max_clean_rate),
+                if r.stopped_by.is_empty() {
+                    "–"
+                } else {
+                    &r.stopped_by
+                }
+            ))
+            .legend(move |(x, y)| {
+                PathElement::new(vec![(x, y), (x + 20, y)], color.stroke_width(2))
+            });
+        let steps = r
+            .steps
+            .iter()
+            .filter(|s| s.target.is_finite() && s.achieved.is_finite());
+        chart.draw_series(steps.map(|s| {
+            let p = (s.target, s.achieved);
+            if s.failed > 0 {
+                Cross::new(p, 6, color.stroke_width(2)).into_dyn()
+            } else {
+                Circle::new(p, 4, color.filled()).into_dyn()
+            }
+        }))?;
+    }
+    legend(&mut chart, SeriesLabelPosition::UpperLeft)
+}

@@ -1,0 +1,367 @@
+//! The stage every scenario plays on: one namespace topology with the echo
+//! backends, the run's sizes and facts, and the ways a scenario starts a
+//! system, drives load through it and measures what that cost.
+
+use std::net::{IpAddr, SocketAddr};
+use std::path::{Path, PathBuf};
+use std::time::{Duration, Instant};
+
+use anyhow::{Context, Result, bail, ensure};
+use weir_testbed::topology::{Proc, Topology, TopologySpec};
+
+use crate::load::{self, LoadResult, Plan, Talk};
+use crate::procs;
+use crate::results::{CpuSplit, RunInfo};
+use crate::systems::{Kind, Running, Spec, remove_dir};
+
+/// Port of the echo backends (WebSocket).
+const ECHO_PORT: u16 = 8080;
+/// Where every L7 system listens: the VIP, on the lb's lo.
+const L7_PORT: u16 = 8081;
+const BACKENDS: usize = 8;
+const CLIENT_ADDRS: usize = 16;
+
+/// What every scenario's sizes share; each scenario has its own besides.
+#[derive(Clone, Debug)]
+pub struct Sizes {
+    /// Small sizes: every scenario in a few minutes.
+    pub quick: bool,
+    /// Threads (weir, HAProxy) or worker processes (nginx) per proxy process.
+    pub workers: usize,
+    /// The drain window every L7 system is started with.
+    pub drain_window: Duration,
+}
+
+impl Sizes {
+    pub fn new(quick: bool) -> Sizes {
+        Sizes {
+            quick,
+            workers: 2,
+            drain_window: Duration::from_secs(if quick { 3 } else { 10 }),
+        }
+    }
+}
+
+/// The shared stage: topology, echo backends, and the run's facts.
+pub struct Bench {
+    pub topo: Topology,
+    pub sizes: Sizes,
+    pub info: RunInfo,
+    echo_pids: Vec<u32>,
+    started: Instant,
+    /// Hold and ready files of held connections.
+    pub(crate) scratch: PathBuf,
+    /// The load generator (`weir-load`).
+    pub(crate) load_bin: PathBuf,
+    /// The current scenario, for progress lines.
+    scenario: String,
+}
+
+impl Bench {
+    pub fn new(sizes: Sizes, info: RunInfo) -> Result<Bench> {
+        let started = Instant::now();
+        let load_bin = weir_testbed::workspace_bin("weir-load");
+        let echo = weir_testbed::workspace_bin("weir-echo");
+        for b in [&load_bin, &echo, &weir_testbed::workspace_bin("weir")] {
+            ensure!(
+                b.exists(),
+                "{} is not built (cargo build --release --workspace --bins)",
+                b.display()
+            );
+        }
+        let mut topo = Topology::build(TopologySpec {
+            backends: BACKENDS,
+            client_addrs: CLIENT_ADDRS,
+        })?;
+        // Room for 100k connections: wide port ranges, big accept queues,
+        // and reuse of TIME_WAIT ports for the proxies' backend connections.
+        let wide = [
+            "net.ipv4.ip_local_port_range=1024 65535",
+            "net.core.somaxconn=16384",
+            "net.ipv4.tcp_max_syn_backlog=16384",
+            "net.ipv4.tcp_tw_reuse=1",
+        ];
+        let mut all = vec![topo.client_ns.clone(), topo.lb_ns.clone()];
+        all.extend(topo.backend_ns.iter().cloned());
+        for ns in &all {
+            for s in wide {
+                topo.run_ok_in(ns, "sysctl", &["-q", "-w", s])?;
+            }
+        }
+        // The L7 systems listen on the VIP, which the lb host owns.
+        let lb_ns = topo.lb_ns.clone();
+        topo.run_ok_in(
+            &lb_ns,
+            "ip",
+            &["addr", "add", &format!("{}/32", topo.vip()), "dev", "lo"],
+        )?;
+        let mut echo_pids = Vec::new();
+        for i in 0..BACKENDS {
+            let ns = topo.backend_ns[i].clone();
+            let (pid, _) = topo.spawn_ready_in(
+                &ns,
+                &echo,
+                &[
+                    "--listen",
+                    &format!("0.0.0.0:{ECHO_PORT}"),
+                    "--name",
+                    &format!("b{i}"),
+                ],
+                Duration::from_secs(10),
+            )?;
+            echo_pids.push(pid);
+        }
+        let scratch = std::env::temp_dir().join(format!("weir-bench-{}", std::process::id()));
+        std::fs::create_dir_all(&scratch)?;
+        weir_testbed::topology::register_cleanup_command(remove_dir(&scratch));
+        Ok(Bench {
+            topo,
+            sizes,
+            info,
+            echo_pids,
+            started,
+            scratch,
+            load_bin,
+            scenario: String::new(),
+        })
+    }
+
+    pub fn finish(self) -> Result<()> {
+        crate::systems::undo(&remove_dir(&self.scratch));
+        self.topo.teardown()
+    }
+
+    pub(crate) fn progress(&self, what: &str) {
+        eprintln!(
+            "[{:>6.1}s] {}: {what}",
+            self.started.elapsed().as_secs_f64(),
+            self.scenario
+        );
+    }
+
+    pub(crate) fn backend(&self, i: usize) -> SocketAddr {
+        SocketAddr::new(IpAddr::V4(self.topo.backend_addr(i)), ECHO_PORT)
+    }
+
+    fn listen(&self) -> SocketAddr {
+        SocketAddr::new(IpAddr::V4(self.topo.vip()), L7_PORT)
+    }
+
+    pub(crate) fn url(&self) -> String {
+        format!("ws://{}/", self.listen())
+    }
+
+    pub(crate) fn spec(&self, kind: Kind, backends: Vec<SocketAddr>, shards: usize) -> Spec {
+        Spec {
+            kind,
+            listen: self.listen(),
+            backends,
+            workers: self.sizes.workers,
+            shards,
+            drain_window: Some(self.sizes.drain_window),
+            tcp_mode: false,
+        }
+    }
+
+    pub(crate) fn all_backends(&self) -> Vec<SocketAddr> {
+        (0..BACKENDS).map(|i| self.backend(i)).collect()
+    }
+
+    pub(crate) fn sources(&self) -> Vec<IpAddr> {
+        self.topo
+            .client_addrs()
+            .into_iter()
+            .map(IpAddr::V4)
+            .collect()
+    }
+
+    /// Starts a system, runs `f` with it, and stops it whatever `f` did.
+    pub(crate) fn with_system<T>(
+        &mut self,
+        spec: Spec,
+        tag: &str,
+        f: impl FnOnce(&Bench, &mut Running) -> Result<T>,
+    ) -> Result<T> {
+        let mut sys = Running::start(&mut self.topo, spec, tag)?;
+        let r = f(self, &mut sys);
+        sys.stop(&mut self.topo);
+        r
+    }
+
+    /// Starts the generator processes of `plan`, split `processes` ways.
+    pub(crate) fn start_load(&self, plan: &Plan, processes: usize) -> Result<Vec<Proc>> {
+        let processes = processes.max(1);
+        let sources = self.sources();
+        let mut procs = Vec::new();
+        for k in 0..processes {
+            let mut p = plan.clone();
+            p.connections =
+                plan.connections / processes + usize::from(k < plan.connections % processes);
+            p.arrivals_per_sec = plan.arrivals_per_sec / processes as f64;
+            if let Talk::Open(rate) = plan.talk {
+                p.talk = Talk::Open(rate * p.connections as f64 / plan.connections.max(1) as f64);
+            }
+            p.sources = sources.iter().skip(k).step_by(processes).copied().collect();
+            if p.sources.is_empty() {
+                p.sources = sources.clone();
+            }
+            p.ready_file = plan.ready_file.as_ref().map(|f| with_suffix(f, k));
+            if p.connections == 0 && p.arrivals_per_sec == 0.0 {
+                continue;
+            }
+            let json = serde_json::to_string(&p)?;
+            procs.push(self.topo.start_in(
+                &self.topo.client_ns,
+                &self.load_bin,
+                &["ws", "--plan", &json, "--threads", "1"],
+            )?);
+        }
+        Ok(procs)
+    }
+
+    /// Starts `plan` (it names a hold and a ready file) split `processes`
+    /// ways and waits until every process finished connecting; returns the
+    /// processes and their ready files. Past `limit` the hold file ends
+    /// them and this fails.
+    pub(crate) fn start_held(
+        &self,
+        plan: &Plan,
+        processes: usize,
+        limit: Duration,
+    ) -> Result<(Vec<Proc>, Vec<PathBuf>)> {
+        let ready = plan
+            .ready_file
+            .as_ref()
+            .context("a held plan names a ready file")?;
+        let hold = plan
+            .hold_file
+            .as_ref()
+            .context("a held plan names a hold file")?;
+        let clients = self.start_load(plan, processes)?;
+        let files: Vec<PathBuf> = (0..processes.max(1))
+            .map(|k| with_suffix(ready, k))
+            .collect();
+        let deadline = Instant::now() + limit;
+        while !files.iter().all(|f| f.exists()) {
+            if Instant::now() > deadline {
+                let _ = std::fs::write(hold, b"x");
+                bail!(
+                    "{} connections did not finish connecting in {limit:?}",
+                    plan.connections
+                );
+            }
+            std::thread::sleep(Duration::from_millis(100));
+        }
+        Ok((clients, files))
+    }
+
+    pub(crate) fn wait_load(procs: Vec<Proc>, limit: Duration) -> Result<LoadResult> {
+        let mut parts = Vec::new();
+        for p in procs {
+            let out = p.wait_output(limit)?;
+            ensure!(
+                out.status.success(),
+                "weir-load failed ({}): {}",
+                out.status,
+                String::from_utf8_lossy(&out.stderr)
+            );
+            parts.push(
+                serde_json::from_slice::<LoadResult>(&out.stdout)
+                    .context("parsing weir-load's result")?,
+            );
+        }
+        LoadResult::merge(&parts)
+    }
+
+    /// Runs a plan to its end, measuring the proxy's and the backends' CPU.
+    pub(crate) fn measure(
+        &self,
+        sys: Option<&Running>,
+        plan: &Plan,
+        processes: usize,
+    ) -> Result<(LoadResult, CpuSplit)> {
+        let proxy_pids = sys.map(Running::pids).unwrap_or_default();
+        let p0 = procs::cpu_by_pid(&proxy_pids);
+        let b0 = procs::cpu_s(&self.echo_pids);
+        let t0 = Instant::now();
+        let running = self.start_load(plan, processes)?;
+        let r = Self::wait_load(running, plan.duration + Duration::from_secs(90))?;
+        let wall = t0.elapsed().as_secs_f64();
+        let proxy_pids = sys.map(Running::pids).unwrap_or_default();
+        let split = CpuSplit {
+            proxy_s: procs::cpu_delta(&p0, &procs::cpu_by_pid(&proxy_pids)),
+            generator_s: r.cpu_s,
+            backends_s: procs::cpu_s(&self.echo_pids) - b0,
+            wall_s: wall,
+        };
+        Ok((r, split))
+    }
+
+    pub(crate) fn plan(&self, connections: usize, talk: Talk, bytes: usize, secs: f64) -> Plan {
+        Plan {
+            url: self.url(),
+            connections,
+            talk,
+            message_bytes: bytes,
+            duration: Duration::from_secs_f64(secs),
+            epoch_unix_ms: load::unix_ms(),
+            ..Plan::default()
+        }
+    }
+
+    /// Names the scenario that runs next, for progress lines.
+    pub(crate) fn begin(&mut self, scenario: &str) {
+        self.scenario = scenario.to_string();
+    }
+}
+
+fn with_suffix(p: &Path, k: usize) -> PathBuf {
+    let mut s = p.as_os_str().to_owned();
+    s.push(format!(".{k}"));
+    PathBuf::from(s)
+}
+
+/// Facts about the machine and the peers.
+pub fn run_info(quick: bool, workers: usize) -> RunInfo {
+    let cmd = |prog: &str, args: &[&str]| -> String {
+        std::process::Command::new(prog)
+            .args(args)
+            .output()
+            .ok()
+            .map(|o| {
+                let text = if o.stdout.is_empty() {
+                    o.stderr
+                } else {
+                    o.stdout
+                };
+                String::from_utf8_lossy(&text)
+                    .lines()
+                    .next()
+                    .unwrap_or("")
+                    .trim()
+                    .to_string()
+            })
+            .unwrap_or_else(|| "unknown".into())
+    };
+    RunInfo {
+        date: weir::registry::audit::rfc3339(load::unix_ms() / 1000),
+        quick,
+        kernel: cmd("uname", &["-r"]),
+        cpus: std::thread::available_parallelism()
+            .map(|n| n.get())
+            .unwrap_or(1),
+        weir_commit: cmd(
+            "git",
+            &[
+                "-C",
+                env!("CARGO_MANIFEST_DIR"),
+                "rev-parse",
+                "--short",
+                "HEAD",
+            ],
+        ),
+        haproxy_version: cmd("haproxy", &["-v"]),
+        nginx_version: cmd("nginx", &["-v"]),
+        workers,
+    }
+}
