@@ -18,8 +18,7 @@
 //! and merges their [`LoadResult`]s.
 
 use std::collections::BTreeMap;
-use std::net::{IpAddr, SocketAddr};
-use std::path::PathBuf;
+use std::net::SocketAddr;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
@@ -34,7 +33,7 @@ use tokio::sync::{Semaphore, watch};
 use tokio::time::{Instant, MissedTickBehavior};
 use tokio_tungstenite::tungstenite::Message;
 use weir_testbed::ws_client::{
-    self, CloseUntil, Dialer, Ending, ReadyFile, Ws, WsUrl, close_handshake,
+    self, CloseUntil, Dialer, Ending, Fleet, ReadyFile, Ws, WsUrl, close_handshake,
 };
 
 use crate::results::{Endings, Latency, TimelinePoint};
@@ -57,22 +56,13 @@ pub enum Talk {
 /// What one generator process does.
 #[derive(Clone, Debug, Serialize, Deserialize)]
 pub struct Plan {
-    /// `ws://ADDR:PORT/PATH` (an IP address: the bench never resolves).
-    pub url: String,
-    /// Source addresses, used round-robin.
-    pub sources: Vec<IpAddr>,
-    /// Long-lived connections.
-    pub connections: usize,
+    /// The long-lived connections (the URL is an IP address: the bench
+    /// never resolves). Flattened: the plan's JSON keeps its keys.
+    #[serde(flatten)]
+    pub fleet: Fleet,
     pub talk: Talk,
     /// Binary message size (at least 16: the send time and sequence).
     pub message_bytes: usize,
-    /// How long the long-lived connections talk (or are held) and arrivals
-    /// arrive; with `hold_file`, the upper bound.
-    pub duration: Duration,
-    /// Ends the run early once this file exists (idle hold).
-    pub hold_file: Option<PathBuf>,
-    /// Written once every long-lived connection attempt finished.
-    pub ready_file: Option<PathBuf>,
     /// New connections per second (0: none).
     pub arrivals_per_sec: f64,
     /// How long an arrival talks (one message per `arrival_interval`)
@@ -81,10 +71,6 @@ pub struct Plan {
     pub arrival_interval: Duration,
     /// Reopen long-lived connections that were closed or cut (churn).
     pub reconnect: bool,
-    /// Handshakes of long-lived connections in flight at once.
-    pub connect_concurrency: usize,
-    pub connect_timeout: Duration,
-    pub echo_timeout: Duration,
     /// Unix time (ms) the timeline counts from; processes of one run share it.
     pub epoch_unix_ms: u64,
     /// Keep a record per connection in the result.
@@ -94,21 +80,23 @@ pub struct Plan {
 impl Default for Plan {
     fn default() -> Self {
         Plan {
-            url: String::new(),
-            sources: Vec::new(),
-            connections: 0,
+            fleet: Fleet {
+                url: String::new(),
+                sources: Vec::new(),
+                connections: 0,
+                duration: Duration::from_secs(5),
+                hold_file: None,
+                ready_file: None,
+                connect_concurrency: 200,
+                connect_timeout: Duration::from_secs(10),
+                echo_timeout: Duration::from_secs(10),
+            },
             talk: Talk::Closed,
             message_bytes: 64,
-            duration: Duration::from_secs(5),
-            hold_file: None,
-            ready_file: None,
             arrivals_per_sec: 0.0,
             arrival_life: Duration::ZERO,
             arrival_interval: Duration::from_millis(100),
             reconnect: false,
-            connect_concurrency: 200,
-            connect_timeout: Duration::from_secs(10),
-            echo_timeout: Duration::from_secs(10),
             epoch_unix_ms: 0,
             record_connections: false,
         }
@@ -384,11 +372,11 @@ pub async fn run(plan: Plan) -> Result<LoadResult> {
     if plan.message_bytes < 16 {
         bail!("message_bytes must be at least 16");
     }
-    let (target, uri) = parse_url(&plan.url)?;
+    let (target, uri) = parse_url(&plan.fleet.url)?;
     let dialer = Dialer {
         target,
         uri: uri.parse().context("URL")?,
-        timeout: plan.connect_timeout,
+        timeout: plan.fleet.connect_timeout,
         read_buffer: 16 * 1024,
     };
     let epoch = if plan.epoch_unix_ms == 0 {
@@ -396,12 +384,15 @@ pub async fn run(plan: Plan) -> Result<LoadResult> {
     } else {
         plan.epoch_unix_ms
     };
-    let horizon =
-        plan.duration + plan.connect_timeout + plan.echo_timeout + Duration::from_secs(30);
+    let horizon = plan.fleet.duration
+        + plan.fleet.connect_timeout
+        + plan.fleet.echo_timeout
+        + Duration::from_secs(30);
     let cpu0 = self_cpu_s();
     let start = Instant::now();
     // The stop signal: the duration passed or the hold file appeared.
-    let (stop_rx, stopper) = ws_client::stop_signal(plan.hold_file.clone(), start + plan.duration);
+    let (stop_rx, stopper) =
+        ws_client::stop_signal(plan.fleet.hold_file.clone(), start + plan.fleet.duration);
     let shared = Arc::new(Shared {
         dialer,
         open: AtomicU64::new(0),
@@ -411,7 +402,7 @@ pub async fn run(plan: Plan) -> Result<LoadResult> {
         echoed: AtomicU64::new(0),
         lost: AtomicU64::new(0),
         alive_at_end: AtomicU64::new(0),
-        ready: ReadyFile::new(plan.ready_file.clone(), plan.connections),
+        ready: ReadyFile::new(plan.fleet.ready_file.clone(), plan.fleet.connections),
         arrivals_late: AtomicU64::new(0),
         endings: Mutex::new(Endings::new()),
         latency: Mutex::new(new_histogram()),
@@ -443,21 +434,21 @@ pub async fn run(plan: Plan) -> Result<LoadResult> {
     };
 
     let mut tasks = Vec::new();
-    let sem = Arc::new(Semaphore::new(plan.connect_concurrency.max(1)));
+    let sem = Arc::new(Semaphore::new(plan.fleet.connect_concurrency.max(1)));
     let per_conn_interval = match plan.talk {
-        Talk::Open(rate) if rate > 0.0 => {
-            Some(Duration::from_secs_f64(plan.connections as f64 / rate))
-        }
+        Talk::Open(rate) if rate > 0.0 => Some(Duration::from_secs_f64(
+            plan.fleet.connections as f64 / rate,
+        )),
         Talk::Open(_) => bail!("an open-loop rate must be above 0"),
         _ => None,
     };
-    for i in 0..plan.connections {
+    for i in 0..plan.fleet.connections {
         let s = shared.clone();
         let sem = sem.clone();
         // Spread open-loop senders over one period so they do not all fire
         // in the same instant.
         let phase = per_conn_interval
-            .map(|p| p.mul_f64(i as f64 / plan.connections.max(1) as f64))
+            .map(|p| p.mul_f64(i as f64 / plan.fleet.connections.max(1) as f64))
             .unwrap_or_default();
         tasks.push(tokio::spawn(async move {
             long_lived(s, i, sem, per_conn_interval, phase).await;
@@ -505,7 +496,8 @@ async fn connect(
     index: usize,
     scheduled: Instant,
 ) -> Result<(Ws, Option<String>), Ending> {
-    let source = (!s.plan.sources.is_empty()).then(|| s.plan.sources[index % s.plan.sources.len()]);
+    let source = (!s.plan.fleet.sources.is_empty())
+        .then(|| s.plan.fleet.sources[index % s.plan.fleet.sources.len()]);
     match s.dialer.dial(source).await {
         Ok(c) => {
             s.handshakes_ok.fetch_add(1, Ordering::Relaxed);
@@ -635,7 +627,7 @@ async fn long_lived(
 /// Sends our Close 1000 and waits for the peer's Close (or the end of
 /// the connection).
 async fn close_clean(s: &Shared, ws: &mut Ws) -> Stop {
-    match close_handshake(ws, s.plan.echo_timeout, CloseUntil::Reply).await {
+    match close_handshake(ws, s.plan.fleet.echo_timeout, CloseUntil::Reply).await {
         Ok(_) => Stop::Done,
         Err((ending, _)) => Stop::Ended(ending),
     }
@@ -651,7 +643,7 @@ async fn talk_closed(s: &Shared, ws: &mut Ws) -> Stop {
         }
         s.sent.fetch_add(1, Ordering::Relaxed);
         seq += 1;
-        match tokio::time::timeout(s.plan.echo_timeout, next_data(ws)).await {
+        match tokio::time::timeout(s.plan.fleet.echo_timeout, next_data(ws)).await {
             Ok(Ok(data)) => {
                 record_echo(s, &data, size);
             }
@@ -682,7 +674,7 @@ async fn hold_idle(s: &Shared, ws: &mut Ws) -> Stop {
         return Stop::Ended(Ending::of_error(&e));
     }
     s.sent.fetch_add(1, Ordering::Relaxed);
-    match tokio::time::timeout(s.plan.echo_timeout, next_data(ws)).await {
+    match tokio::time::timeout(s.plan.fleet.echo_timeout, next_data(ws)).await {
         Ok(Ok(data)) => {
             if record_echo(s, &data, s.plan.message_bytes) {
                 s.alive_at_end.fetch_add(1, Ordering::Relaxed);
@@ -742,7 +734,7 @@ async fn talk_open(s: &Arc<Shared>, ws: Ws, interval: Duration, phase: Duration)
                     return (rx, Ok(got));
                 }
                 let next = tokio::select! {
-                    m = tokio::time::timeout(s.plan.echo_timeout, rx.next()) => m,
+                    m = tokio::time::timeout(s.plan.fleet.echo_timeout, rx.next()) => m,
                     _ = done_rx.changed(), if !sender_done => continue,
                 };
                 match next {
@@ -801,7 +793,7 @@ async fn arrivals(s: Arc<Shared>) {
             s.arrivals_late.fetch_add(1, Ordering::Relaxed);
         }
         let s2 = s.clone();
-        let index = s.plan.connections + n;
+        let index = s.plan.fleet.connections + n;
         n += 1;
         tasks.spawn(async move { arrival(s2, index, scheduled).await });
         // Reap finished ones so the set stays small.
@@ -829,7 +821,7 @@ async fn arrival(s: Arc<Shared>, index: usize, scheduled: Instant) {
         }
         s.sent.fetch_add(1, Ordering::Relaxed);
         seq += 1;
-        match tokio::time::timeout(s.plan.echo_timeout, next_data(&mut ws)).await {
+        match tokio::time::timeout(s.plan.fleet.echo_timeout, next_data(&mut ws)).await {
             Ok(Ok(d)) => {
                 record_echo(&s, &d, size);
             }
@@ -857,6 +849,26 @@ async fn arrival(s: Arc<Shared>, index: usize, scheduled: Instant) {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// weir-load reads its plan as JSON: the shared fleet settings sit at
+    /// the top level, as they did before they were shared.
+    #[test]
+    fn a_plan_round_trips_through_json_with_the_fleet_flattened() {
+        let mut plan = Plan::default();
+        plan.fleet.url = "ws://198.18.0.1:80/".into();
+        plan.fleet.connections = 7;
+        plan.fleet.hold_file = Some("/tmp/hold".into());
+        plan.talk = Talk::Open(12.5);
+        let json: serde_json::Value = serde_json::to_value(&plan).unwrap();
+        assert_eq!(json["url"], "ws://198.18.0.1:80/");
+        assert_eq!(json["connections"], 7);
+        assert!(json.get("fleet").is_none(), "{json}");
+        let back: Plan = serde_json::from_value(json).unwrap();
+        assert_eq!(back.fleet.connections, 7);
+        assert_eq!(back.fleet.hold_file, plan.fleet.hold_file);
+        assert_eq!(back.fleet.echo_timeout, plan.fleet.echo_timeout);
+        assert_eq!(back.talk, Talk::Open(12.5));
+    }
 
     #[test]
     fn urls_need_an_ip_and_port() {

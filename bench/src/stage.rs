@@ -195,18 +195,20 @@ impl Bench {
         let mut procs = Vec::new();
         for k in 0..processes {
             let mut p = plan.clone();
-            p.connections =
-                plan.connections / processes + usize::from(k < plan.connections % processes);
+            p.fleet.connections = plan.fleet.connections / processes
+                + usize::from(k < plan.fleet.connections % processes);
             p.arrivals_per_sec = plan.arrivals_per_sec / processes as f64;
             if let Talk::Open(rate) = plan.talk {
-                p.talk = Talk::Open(rate * p.connections as f64 / plan.connections.max(1) as f64);
+                p.talk = Talk::Open(
+                    rate * p.fleet.connections as f64 / plan.fleet.connections.max(1) as f64,
+                );
             }
-            p.sources = sources.iter().skip(k).step_by(processes).copied().collect();
-            if p.sources.is_empty() {
-                p.sources = sources.clone();
+            p.fleet.sources = sources.iter().skip(k).step_by(processes).copied().collect();
+            if p.fleet.sources.is_empty() {
+                p.fleet.sources = sources.clone();
             }
-            p.ready_file = plan.ready_file.as_ref().map(|f| with_suffix(f, k));
-            if p.connections == 0 && p.arrivals_per_sec == 0.0 {
+            p.fleet.ready_file = plan.fleet.ready_file.as_ref().map(|f| with_suffix(f, k));
+            if p.fleet.connections == 0 && p.arrivals_per_sec == 0.0 {
                 continue;
             }
             let json = serde_json::to_string(&p)?;
@@ -230,10 +232,12 @@ impl Bench {
         limit: Duration,
     ) -> Result<(Vec<Proc>, Vec<PathBuf>)> {
         let ready = plan
+            .fleet
             .ready_file
             .as_ref()
             .context("a held plan names a ready file")?;
         let hold = plan
+            .fleet
             .hold_file
             .as_ref()
             .context("a held plan names a hold file")?;
@@ -247,7 +251,7 @@ impl Bench {
                 let _ = std::fs::write(hold, b"x");
                 bail!(
                     "{} connections did not finish connecting in {limit:?}",
-                    plan.connections
+                    plan.fleet.connections
                 );
             }
             std::thread::sleep(Duration::from_millis(100));
@@ -285,7 +289,7 @@ impl Bench {
         let b0 = procs::cpu_s(&self.echo_pids);
         let t0 = Instant::now();
         let running = self.start_load(plan, processes)?;
-        let r = Self::wait_load(running, plan.duration + Duration::from_secs(90))?;
+        let r = Self::wait_load(running, plan.fleet.duration + Duration::from_secs(90))?;
         let wall = t0.elapsed().as_secs_f64();
         let proxy_pids = sys.map(Running::pids).unwrap_or_default();
         let split = CpuSplit {
@@ -298,15 +302,16 @@ impl Bench {
     }
 
     pub(crate) fn plan(&self, connections: usize, talk: Talk, bytes: usize, secs: f64) -> Plan {
-        Plan {
-            url: self.url(),
-            connections,
+        let mut plan = Plan {
             talk,
             message_bytes: bytes,
-            duration: Duration::from_secs_f64(secs),
             epoch_unix_ms: load::unix_ms(),
             ..Plan::default()
-        }
+        };
+        plan.fleet.url = self.url();
+        plan.fleet.connections = connections;
+        plan.fleet.duration = Duration::from_secs_f64(secs);
+        plan
     }
 
     /// Names the scenario that runs next, for progress lines.

@@ -33,6 +33,51 @@ pub const BACKEND_HEADER: &str = "x-weir-backend";
 /// Response header with the peer address the backend saw (`weir-echo`).
 pub const PEER_HEADER: &str = "x-weir-peer";
 
+/// The long-lived connections a load client opens and holds, said the same
+/// way to both clients: `weir-wsclient` takes it as flags, `weir-load` as
+/// part of its JSON plan.
+#[derive(Clone, Debug, clap::Args, Serialize, Deserialize)]
+pub struct Fleet {
+    /// ws://HOST:PORT/PATH
+    #[arg(long)]
+    pub url: String,
+    /// Source address to bind; repeat to use several round-robin.
+    #[arg(long = "source")]
+    pub sources: Vec<IpAddr>,
+    /// Number of long-lived connections.
+    #[arg(long, default_value_t = 1)]
+    pub connections: usize,
+    /// Seconds the connections talk (or are held) after they connected;
+    /// the upper bound with --hold-file.
+    #[arg(long = "duration-secs", default_value = "2", value_parser = seconds)]
+    pub duration: Duration,
+    /// Ends the talking early once this file exists.
+    #[arg(long)]
+    pub hold_file: Option<PathBuf>,
+    /// Created once every connection attempt has finished (connected or
+    /// failed), so a harness knows when the fleet is up.
+    #[arg(long)]
+    pub ready_file: Option<PathBuf>,
+    /// Connection attempts in flight at once.
+    #[arg(long = "concurrency", default_value_t = 100)]
+    pub connect_concurrency: usize,
+    /// Milliseconds allowed for TCP connect + WebSocket handshake.
+    #[arg(long = "connect-timeout-ms", default_value = "5000", value_parser = millis)]
+    pub connect_timeout: Duration,
+    /// Milliseconds allowed for an echo to come back.
+    #[arg(long = "echo-timeout-ms", default_value = "5000", value_parser = millis)]
+    pub echo_timeout: Duration,
+}
+
+fn seconds(s: &str) -> Result<Duration, std::num::ParseIntError> {
+    s.parse().map(Duration::from_secs)
+}
+
+/// Milliseconds as a command-line value.
+pub fn millis(s: &str) -> Result<Duration, std::num::ParseIntError> {
+    s.parse().map(Duration::from_millis)
+}
+
 /// A client WebSocket over plain TCP.
 pub type Ws = WebSocketStream<TcpStream>;
 

@@ -5,7 +5,6 @@
 
 use std::collections::BTreeMap;
 use std::net::IpAddr;
-use std::path::PathBuf;
 use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
@@ -19,7 +18,8 @@ use tokio::time::{Instant, MissedTickBehavior};
 use tokio_tungstenite::tungstenite::Message;
 
 use crate::ws_client::{
-    self, CloseUntil, Closed, Dialer, Ending, ReadyFile, Unupgraded, Ws, WsUrl, describe, truncate,
+    self, CloseUntil, Closed, Dialer, Ending, Fleet, ReadyFile, Unupgraded, Ws, WsUrl, describe,
+    millis, truncate,
 };
 
 /// What to run: also the command line of `weir-wsclient`, so a flag and
@@ -27,38 +27,11 @@ use crate::ws_client::{
 #[derive(Clone, Debug, Parser)]
 #[command(name = "weir-wsclient", about = "WebSocket load client for weir tests")]
 pub struct LoadConfig {
-    /// ws://HOST:PORT/PATH
-    #[arg(long)]
-    pub url: String,
-    /// Number of connections.
-    #[arg(long, default_value_t = 1)]
-    pub connections: usize,
-    /// Seconds each connection talks after it connected (the upper bound
-    /// with --hold-file).
-    #[arg(long = "duration-secs", default_value = "2", value_parser = seconds)]
-    pub duration: Duration,
+    #[command(flatten)]
+    pub fleet: Fleet,
     /// Milliseconds between messages on a connection.
     #[arg(long = "interval-ms", default_value = "100", value_parser = millis)]
     pub interval: Duration,
-    /// Talk until this file exists (at most --duration-secs), then close.
-    #[arg(long)]
-    pub hold_file: Option<PathBuf>,
-    /// Create this file once every connection attempt has finished
-    /// (connected or failed), so a test knows when the fleet is up.
-    #[arg(long)]
-    pub ready_file: Option<PathBuf>,
-    /// Source address to bind; repeat to use several round-robin.
-    #[arg(long = "source")]
-    pub sources: Vec<IpAddr>,
-    /// Connection attempts in flight at once.
-    #[arg(long = "concurrency", default_value_t = 100)]
-    pub connect_concurrency: usize,
-    /// Milliseconds allowed for TCP connect + WebSocket handshake.
-    #[arg(long = "connect-timeout-ms", default_value = "5000", value_parser = millis)]
-    pub connect_timeout: Duration,
-    /// Milliseconds allowed for an echo to come back.
-    #[arg(long = "echo-timeout-ms", default_value = "5000", value_parser = millis)]
-    pub echo_timeout: Duration,
     /// Milliseconds allowed for the close handshake.
     #[arg(long = "close-timeout-ms", default_value = "5000", value_parser = millis)]
     pub close_timeout: Duration,
@@ -70,18 +43,10 @@ pub struct LoadConfig {
     pub progress: bool,
 }
 
-fn seconds(s: &str) -> Result<Duration, std::num::ParseIntError> {
-    s.parse().map(Duration::from_secs)
-}
-
-fn millis(s: &str) -> Result<Duration, std::num::ParseIntError> {
-    s.parse().map(Duration::from_millis)
-}
-
 impl LoadConfig {
     /// The whole run ends by this long after start, whatever happens.
     pub fn hard_limit(&self) -> Duration {
-        self.duration + Duration::from_secs(30)
+        self.fleet.duration + Duration::from_secs(30)
     }
 }
 
@@ -213,25 +178,25 @@ impl Shared {
 pub async fn run(cfg: LoadConfig) -> Result<LoadReport> {
     let start = Instant::now();
     let hard_deadline = start + cfg.hard_limit();
-    if cfg.connections == 0 {
+    if cfg.fleet.connections == 0 {
         return Ok(LoadReport::from_results(Vec::new(), Duration::ZERO));
     }
-    let url: WsUrl = cfg.url.parse()?;
-    let target = url.resolve(cfg.sources.first().copied()).await?;
+    let url: WsUrl = cfg.fleet.url.parse()?;
+    let target = url.resolve(cfg.fleet.sources.first().copied()).await?;
 
     let shared = Arc::new(Shared {
         connected: AtomicUsize::new(0),
         failed: AtomicUsize::new(0),
         echoed: AtomicU64::new(0),
-        ready: ReadyFile::new(cfg.ready_file.clone(), cfg.connections),
+        ready: ReadyFile::new(cfg.fleet.ready_file.clone(), cfg.fleet.connections),
     });
     // Talking ends for everyone by here, leaving time for close handshakes.
-    let talk_cap = start + cfg.duration + Duration::from_secs(20);
-    let (stop_rx, watcher) = ws_client::stop_signal(cfg.hold_file.clone(), talk_cap);
+    let talk_cap = start + cfg.fleet.duration + Duration::from_secs(20);
+    let (stop_rx, watcher) = ws_client::stop_signal(cfg.fleet.hold_file.clone(), talk_cap);
 
     let progress = cfg.progress.then(|| {
         let shared = shared.clone();
-        let total = cfg.connections;
+        let total = cfg.fleet.connections;
         tokio::spawn(async move {
             let mut tick = tokio::time::interval(Duration::from_secs(1));
             tick.tick().await;
@@ -254,17 +219,17 @@ pub async fn run(cfg: LoadConfig) -> Result<LoadReport> {
         })
     });
 
-    let sem = Arc::new(Semaphore::new(cfg.connect_concurrency.max(1)));
+    let sem = Arc::new(Semaphore::new(cfg.fleet.connect_concurrency.max(1)));
     let dialer = Arc::new(Dialer {
         target,
         uri: url.uri,
-        timeout: cfg.connect_timeout,
+        timeout: cfg.fleet.connect_timeout,
         read_buffer: 8 * 1024,
     });
     let cfg = Arc::new(cfg);
-    let mut states = Vec::with_capacity(cfg.connections);
-    let mut tasks = Vec::with_capacity(cfg.connections);
-    for index in 0..cfg.connections {
+    let mut states = Vec::with_capacity(cfg.fleet.connections);
+    let mut tasks = Vec::with_capacity(cfg.fleet.connections);
+    for index in 0..cfg.fleet.connections {
         let state = Arc::new(Mutex::new(ConnState {
             result: ConnResult {
                 index,
@@ -273,7 +238,8 @@ pub async fn run(cfg: LoadConfig) -> Result<LoadReport> {
             finished: false,
         }));
         states.push(state.clone());
-        let source = (!cfg.sources.is_empty()).then(|| cfg.sources[index % cfg.sources.len()]);
+        let source = (!cfg.fleet.sources.is_empty())
+            .then(|| cfg.fleet.sources[index % cfg.fleet.sources.len()]);
         let conn = Conn {
             index,
             cfg: cfg.clone(),
@@ -402,7 +368,7 @@ impl Conn {
 
     async fn talk(&self, ws: &mut Ws) -> TalkEnd {
         let cfg = &self.cfg;
-        let talk_deadline = (Instant::now() + cfg.duration).min(self.talk_cap);
+        let talk_deadline = (Instant::now() + cfg.fleet.duration).min(self.talk_cap);
         let mut stop = self.stop.clone();
         let mut stopped = *stop.borrow();
         let mut watching = true;
@@ -496,7 +462,7 @@ impl Conn {
                     }
                 }
                 _ = tokio::time::sleep_until(echo_deadline), if outstanding.is_some() => {
-                    self.fail(Ending::Timeout, format!("no echo within {:?}", cfg.echo_timeout));
+                    self.fail(Ending::Timeout, format!("no echo within {:?}", cfg.fleet.echo_timeout));
                     return TalkEnd::Over;
                 }
                 _ = tokio::time::sleep_until(talk_deadline), if outstanding.is_none() => {
@@ -505,11 +471,11 @@ impl Conn {
                 _ = ticker.tick(), if outstanding.is_none() && !stopped => {
                     let text = message_text(self.index, seq, cfg.payload_bytes);
                     seq += 1;
-                    let sent = tokio::time::timeout(cfg.echo_timeout, ws.send(Message::text(text.clone()))).await;
+                    let sent = tokio::time::timeout(cfg.fleet.echo_timeout, ws.send(Message::text(text.clone()))).await;
                     match sent {
                         Ok(Ok(())) => {
                             self.with(|r| r.sent += 1);
-                            outstanding = Some((text, Instant::now() + cfg.echo_timeout));
+                            outstanding = Some((text, Instant::now() + cfg.fleet.echo_timeout));
                         }
                         Ok(Err(e)) => {
                             self.fail(Ending::of_error(&e), format!("send: {}", describe(&e)));
@@ -607,18 +573,16 @@ mod tests {
                 });
             }
         });
-        let cfg = LoadConfig {
-            duration: Duration::from_millis(300),
-            ..LoadConfig::parse_from([
-                "weir-wsclient",
-                "--url",
-                &format!("ws://{addr}/"),
-                "--connections=3",
-                "--interval-ms=20",
-                "--source=127.0.0.1",
-                "--quiet",
-            ])
-        };
+        let mut cfg = LoadConfig::parse_from([
+            "weir-wsclient",
+            "--url",
+            &format!("ws://{addr}/"),
+            "--connections=3",
+            "--interval-ms=20",
+            "--source=127.0.0.1",
+            "--quiet",
+        ]);
+        cfg.fleet.duration = Duration::from_millis(300);
         let r = run(cfg).await.unwrap();
         server.abort();
         assert_eq!(r.summary.connected, 3, "{r:?}");

@@ -203,8 +203,8 @@ fn connrate_row(b: &Bench, s: &Sizes, sys: &Running) -> Result<ConnrateRow> {
         ));
         let mut plan = b.plan(0, Talk::Closed, 64, s.connrate_step_secs as f64);
         plan.arrivals_per_sec = target;
-        plan.connect_timeout = Duration::from_secs(3);
-        plan.echo_timeout = Duration::from_secs(3);
+        plan.fleet.connect_timeout = Duration::from_secs(3);
+        plan.fleet.echo_timeout = Duration::from_secs(3);
         let (r, cpu) = b.measure(Some(sys), &plan, 2)?;
         let step = ConnrateStep {
             target,

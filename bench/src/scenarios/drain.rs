@@ -175,8 +175,8 @@ fn drain_row(
     let _ = std::fs::remove_file(&hold);
     let n = s.drain_connections;
     let mut plan = b.plan(n, Talk::Open(n as f64), 64, 120.0);
-    plan.hold_file = Some(hold.clone());
-    plan.ready_file = Some(ready.clone());
+    plan.fleet.hold_file = Some(hold.clone());
+    plan.fleet.ready_file = Some(ready.clone());
     plan.record_connections = true;
     b.progress(&format!("{label}: {n} connections on b0"));
     let (clients, ready_files) = b.start_held(&plan, 1, Duration::from_secs(60))?;

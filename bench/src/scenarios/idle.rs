@@ -208,9 +208,9 @@ fn idle_row(b: &Bench, sys: &Running, n: usize, shards: usize) -> Result<IdleRow
         let ready = b.scratch.join(format!("ready-idle-{name}-{n}-{half}"));
         let count = if half == 0 { n / 2 } else { n - n / 2 };
         let mut plan = b.plan(count, Talk::Idle, 64, 600.0);
-        plan.hold_file = Some(hold.clone());
-        plan.ready_file = Some(ready.clone());
-        plan.connect_concurrency = 100;
+        plan.fleet.hold_file = Some(hold.clone());
+        plan.fleet.ready_file = Some(ready.clone());
+        plan.fleet.connect_concurrency = 100;
         let gens = count.div_ceil(PER_PROCESS);
         let (started, files) = b.start_held(&plan, gens, Duration::from_secs(300))?;
         clients.extend(started);

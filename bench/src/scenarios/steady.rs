@@ -247,7 +247,7 @@ fn system_rows(
             bytes,
             s.steady_secs as f64,
         );
-        plan.url = url.clone();
+        plan.fleet.url = url.clone();
         let (closed, closed_cpu) = b.measure(running, &plan, 2)?;
         b.progress(&format!("{name}, {bytes} B, open loop at {rate} msgs/s"));
         let mut plan = b.plan(
@@ -256,7 +256,7 @@ fn system_rows(
             bytes,
             s.steady_secs as f64,
         );
-        plan.url = url;
+        plan.fleet.url = url;
         let (open, open_cpu) = b.measure(running, &plan, 2)?;
         let lat = load::latency_of(&load::decode_histogram(&open.latency)?);
         let closed_rate = closed.echoed as f64 / s.steady_secs as f64;

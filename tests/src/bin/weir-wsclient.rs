@@ -10,19 +10,19 @@ use weir_testbed::wsload::{self, LoadConfig};
 
 fn main() {
     let cfg = LoadConfig::parse();
-    if cfg.duration > Duration::from_secs(24 * 3600) {
+    if cfg.fleet.duration > Duration::from_secs(24 * 3600) {
         eprintln!("weir-wsclient: --duration-secs must be at most 86400");
         std::process::exit(2);
     }
-    if cfg.connections > 19_000 {
+    if cfg.fleet.connections > 19_000 {
         eprintln!("weir-wsclient: --connections must be at most 19000 (open-file limit)");
         std::process::exit(2);
     }
-    let have = weir_testbed::raise_nofile_limit(cfg.connections as u64 + 256);
-    if (have as usize) < cfg.connections + 32 {
+    let have = weir_testbed::raise_nofile_limit(cfg.fleet.connections as u64 + 256);
+    if (have as usize) < cfg.fleet.connections + 32 {
         eprintln!(
             "weir-wsclient: warning: open-file limit {have} is low for {} connections",
-            cfg.connections
+            cfg.fleet.connections
         );
     }
 
