@@ -9,6 +9,7 @@ pub mod frame;
 pub mod handshake;
 pub mod metrics;
 pub mod relay;
+pub mod socket;
 pub mod table;
 pub mod view;
 pub mod worker;

@@ -12,13 +12,14 @@
 
 use std::collections::{HashMap, VecDeque};
 use std::io;
-use std::net::{IpAddr, SocketAddr};
+use std::net::{Shutdown, SocketAddr};
 use std::os::fd::{AsRawFd, FromRawFd, OwnedFd, RawFd};
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::{Duration, Instant};
 
 use io_uring::{IoUring, cqueue, opcode, squeue, types};
+use socket2::SockAddr;
 
 use super::bufring::BufRing;
 use super::config::{Config, Listener};
@@ -27,6 +28,7 @@ use super::frame::{self, Direction, Limits as FrameLimits};
 use super::handshake::{self, BackendResponse, Reject, UpgradeRequest};
 use super::metrics::{CloseSeen, WorkerMetrics};
 use super::relay::Scanner;
+use super::socket;
 use super::table::Table;
 use super::view::RegistryView;
 use crate::registry::{Maps, ServiceAddr};
@@ -98,170 +100,6 @@ pub struct Settings {
     pub instance_dir: std::path::PathBuf,
     /// Where the L7 counters are written for `weir stats`.
     pub state_dir: std::path::PathBuf,
-}
-
-/// Opens a listening socket with SO_REUSEPORT, so each worker has its own
-/// and the kernel spreads connections across them. TCP_NODELAY is set on
-/// the listener so that every accepted client socket inherits it: weir
-/// writes a message to a client in as many sends as it took receives, and
-/// with Nagle on, the last small piece of each would wait for the client's
-/// delayed ACK (40 ms on Linux).
-pub fn reuseport_listener(addr: SocketAddr) -> io::Result<OwnedFd> {
-    let family = if addr.is_ipv4() {
-        libc::AF_INET
-    } else {
-        libc::AF_INET6
-    };
-    // SAFETY: plain socket calls on a descriptor we own; results checked.
-    unsafe {
-        let fd = libc::socket(family, libc::SOCK_STREAM | libc::SOCK_CLOEXEC, 0);
-        if fd < 0 {
-            return Err(io::Error::last_os_error());
-        }
-        let owned = OwnedFd::from_raw_fd(fd);
-        let one: libc::c_int = 1;
-        for (level, opt) in [
-            (libc::SOL_SOCKET, libc::SO_REUSEADDR),
-            (libc::SOL_SOCKET, libc::SO_REUSEPORT),
-            (libc::IPPROTO_TCP, libc::TCP_NODELAY),
-        ] {
-            if libc::setsockopt(fd, level, opt, (&one as *const libc::c_int).cast(), 4) != 0 {
-                return Err(io::Error::last_os_error());
-            }
-        }
-        let (sa, len) = sockaddr(addr);
-        if libc::bind(fd, (&sa as *const libc::sockaddr_storage).cast(), len) != 0 {
-            return Err(io::Error::last_os_error());
-        }
-        if libc::listen(fd, 4096) != 0 {
-            return Err(io::Error::last_os_error());
-        }
-        Ok(owned)
-    }
-}
-
-/// The address a socket is bound to.
-fn local_addr(fd: RawFd) -> io::Result<SocketAddr> {
-    // SAFETY: getsockname fills the storage we pass, up to its size.
-    let mut ss: libc::sockaddr_storage = unsafe { std::mem::zeroed() };
-    let mut len = size_of::<libc::sockaddr_storage>() as libc::socklen_t;
-    let rc = unsafe {
-        libc::getsockname(
-            fd,
-            (&mut ss as *mut libc::sockaddr_storage).cast(),
-            &mut len,
-        )
-    };
-    if rc != 0 {
-        return Err(io::Error::last_os_error());
-    }
-    from_storage(&ss).ok_or_else(|| io::Error::other("listener bound to a non-IP address"))
-}
-
-/// Binds the listeners of `workers` workers: per worker, one socket per
-/// configured listener, in configuration order. A listener on port 0 gets
-/// its port from the kernel once, for the first worker; the others bind the
-/// same port (SO_REUSEPORT), so every worker serves the one address that is
-/// logged. Returns the sockets and the addresses they listen on.
-pub fn bind_listeners(
-    listeners: &[Listener],
-    workers: usize,
-) -> io::Result<(Vec<Vec<OwnedFd>>, Vec<SocketAddr>)> {
-    let mut per_worker: Vec<Vec<OwnedFd>> = (0..workers).map(|_| Vec::new()).collect();
-    let mut bound = Vec::new();
-    for l in listeners {
-        let listening = |addr: SocketAddr| {
-            reuseport_listener(addr)
-                .map_err(|e| io::Error::new(e.kind(), format!("listening on {addr}: {e}")))
-        };
-        let first = listening(l.listen)?;
-        let addr = local_addr(first.as_raw_fd())?;
-        let mut fds = vec![first];
-        for _ in 1..workers {
-            fds.push(listening(addr)?);
-        }
-        for (w, fd) in per_worker.iter_mut().zip(fds) {
-            w.push(fd);
-        }
-        bound.push(addr);
-    }
-    Ok((per_worker, bound))
-}
-
-fn sockaddr(addr: SocketAddr) -> (libc::sockaddr_storage, libc::socklen_t) {
-    // SAFETY: sockaddr_storage is plain data; we fill the variant we use.
-    let mut ss: libc::sockaddr_storage = unsafe { std::mem::zeroed() };
-    let len = match addr {
-        SocketAddr::V4(a) => {
-            let sin = libc::sockaddr_in {
-                sin_family: libc::AF_INET as libc::sa_family_t,
-                sin_port: a.port().to_be(),
-                sin_addr: libc::in_addr {
-                    s_addr: u32::from_ne_bytes(a.ip().octets()),
-                },
-                sin_zero: [0; 8],
-            };
-            // SAFETY: sockaddr_in fits in sockaddr_storage.
-            unsafe { std::ptr::write((&mut ss as *mut libc::sockaddr_storage).cast(), sin) };
-            size_of::<libc::sockaddr_in>()
-        }
-        SocketAddr::V6(a) => {
-            let sin6 = libc::sockaddr_in6 {
-                sin6_family: libc::AF_INET6 as libc::sa_family_t,
-                sin6_port: a.port().to_be(),
-                sin6_flowinfo: 0,
-                sin6_addr: libc::in6_addr {
-                    s6_addr: a.ip().octets(),
-                },
-                sin6_scope_id: a.scope_id(),
-            };
-            // SAFETY: sockaddr_in6 fits in sockaddr_storage.
-            unsafe { std::ptr::write((&mut ss as *mut libc::sockaddr_storage).cast(), sin6) };
-            size_of::<libc::sockaddr_in6>()
-        }
-    };
-    (ss, len as libc::socklen_t)
-}
-
-fn peer_addr(fd: RawFd) -> Option<SocketAddr> {
-    // SAFETY: getpeername fills the storage we pass, up to its size.
-    let mut ss: libc::sockaddr_storage = unsafe { std::mem::zeroed() };
-    let mut len = size_of::<libc::sockaddr_storage>() as libc::socklen_t;
-    let rc = unsafe {
-        libc::getpeername(
-            fd,
-            (&mut ss as *mut libc::sockaddr_storage).cast(),
-            &mut len,
-        )
-    };
-    if rc != 0 {
-        return None;
-    }
-    from_storage(&ss)
-}
-
-fn from_storage(ss: &libc::sockaddr_storage) -> Option<SocketAddr> {
-    match ss.ss_family as i32 {
-        libc::AF_INET => {
-            // SAFETY: the kernel wrote a sockaddr_in.
-            let sin: libc::sockaddr_in =
-                unsafe { std::ptr::read((ss as *const libc::sockaddr_storage).cast()) };
-            Some(SocketAddr::new(
-                IpAddr::from(sin.sin_addr.s_addr.to_ne_bytes()),
-                u16::from_be(sin.sin_port),
-            ))
-        }
-        libc::AF_INET6 => {
-            // SAFETY: the kernel wrote a sockaddr_in6.
-            let sin6: libc::sockaddr_in6 =
-                unsafe { std::ptr::read((ss as *const libc::sockaddr_storage).cast()) };
-            Some(SocketAddr::new(
-                IpAddr::from(sin6.sin6_addr.s6_addr),
-                u16::from_be(sin6.sin6_port),
-            ))
-        }
-        _ => None,
-    }
 }
 
 /// A seed from the kernel's random pool (getrandom(2)), per worker. Never
@@ -371,7 +209,7 @@ struct Handshake {
     tried: Vec<u32>,
     /// The address a connect in flight points at: it must stay put until
     /// the connect completes.
-    backend_addr: Option<Box<(libc::sockaddr_storage, libc::socklen_t)>>,
+    backend_addr: Option<Box<SockAddr>>,
     /// The last connect attempt was cancelled for taking too long.
     timed_out: bool,
 }
@@ -713,8 +551,7 @@ impl Worker {
             return;
         }
         self.refresh_view();
-        let peer =
-            peer_addr(client.as_raw_fd()).unwrap_or_else(|| SocketAddr::from(([0, 0, 0, 0], 0)));
+        let peer = socket::peer_addr(&client).unwrap_or_else(|| SocketAddr::from(([0, 0, 0, 0], 0)));
         let idx = self
             .free
             .pop()
@@ -956,14 +793,7 @@ impl Worker {
             };
             return self.reject(idx, reject);
         };
-        let family = if addr.is_ipv4() {
-            libc::AF_INET
-        } else {
-            libc::AF_INET6
-        };
-        // SAFETY: a plain socket call; checked.
-        let fd = unsafe { libc::socket(family, libc::SOCK_STREAM | libc::SOCK_CLOEXEC, 0) };
-        if fd < 0 {
+        let Ok(fd) = socket::backend_socket(addr) else {
             return self.reject(
                 idx,
                 Reject {
@@ -971,21 +801,7 @@ impl Worker {
                     reason: "out of sockets",
                 },
             );
-        }
-        let one: libc::c_int = 1;
-        // SAFETY: setsockopt on our socket.
-        unsafe {
-            libc::setsockopt(
-                fd,
-                libc::IPPROTO_TCP,
-                libc::TCP_NODELAY,
-                (&one as *const libc::c_int).cast(),
-                4,
-            )
         };
-        // SAFETY: we own the new descriptor; it moves into the ring's
-        // table and the process' copy is closed.
-        let fd = unsafe { OwnedFd::from_raw_fd(fd) };
         let Some(slot) = self.slots.pop() else {
             return self.reject(
                 idx,
@@ -1037,12 +853,8 @@ impl Worker {
         let hs = c.hs.as_mut().expect("a handshaking connection");
         hs.timed_out = false;
         hs.tried.push(id);
-        let sa = hs.backend_addr.insert(Box::new(sockaddr(addr)));
-        let entry = opcode::Connect::new(
-            types::Fixed(slot),
-            (&sa.0 as *const libc::sockaddr_storage).cast(),
-            sa.1,
-        )
+        let sa = hs.backend_addr.insert(Box::new(socket::raw_addr(addr)));
+        let entry = opcode::Connect::new(types::Fixed(slot), sa.as_ptr().cast(), sa.len())
         .build()
         .user_data(ud(OP_CONNECT, idx, c.generation));
         self.push(entry);
@@ -1376,8 +1188,8 @@ impl Worker {
                 }
             }
         }
-        // SAFETY: shutdown on our own socket ends its operations.
-        unsafe { libc::shutdown(c.client.as_raw_fd(), libc::SHUT_RDWR) };
+        // Shutting the socket ends its operations.
+        socket::shut(&c.client, Shutdown::Both);
         self.count_undelivered(true, unsent[0]);
         self.count_undelivered(false, unsent[1]);
         for bid in bids {
@@ -1478,10 +1290,7 @@ impl Worker {
                 if queue.finish && !queue.shut {
                     queue.shut = true;
                     match target {
-                        // SAFETY: shutdown on our own socket.
-                        Target::Fd(fd) => unsafe {
-                            libc::shutdown(fd, libc::SHUT_WR);
-                        },
+                        Target::Fd(_) => socket::shut(&c.client, Shutdown::Write),
                         Target::Slot(_) => self.shut_backend(idx, libc::SHUT_WR),
                     }
                 }
@@ -1896,8 +1705,8 @@ impl Worker {
         self.accepting = false;
         self.shutdown_deadline = Some(Instant::now() + self.config.timeouts.shutdown);
         for (fd, _) in &self.listeners {
-            // SAFETY: shutdown on our own listening socket ends the accept.
-            unsafe { libc::shutdown(fd.as_raw_fd(), libc::SHUT_RDWR) };
+            // Shutting the listening socket ends the accept.
+            socket::shut(fd, Shutdown::Both);
         }
         let now_ms = self.start.elapsed().as_millis() as u64;
         let window = (self.config.timeouts.shutdown.as_millis() as u64) * 3 / 4;
