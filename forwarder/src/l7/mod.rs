@@ -4,10 +4,12 @@
 
 pub mod bufring;
 pub mod config;
+pub mod conn;
 pub mod drain;
 pub mod frame;
 pub mod handshake;
 pub mod metrics;
+pub mod op;
 pub mod relay;
 pub mod socket;
 pub mod table;
