@@ -13,5 +13,6 @@ pub mod op;
 pub mod relay;
 pub mod socket;
 pub mod table;
+pub mod upstream;
 pub mod view;
 pub mod worker;

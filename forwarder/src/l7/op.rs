@@ -34,20 +34,34 @@ impl ConnId {
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum Op {
     /// Multishot accept on listener number `listener`.
-    Accept { listener: u32 },
+    Accept {
+        listener: u32,
+    },
     /// The worker's periodic timeout.
     Tick,
     /// Multishot receive from one side into the provided buffers.
-    Recv { conn: ConnId, side: Side },
-    Send { conn: ConnId, side: Side },
+    Recv {
+        conn: ConnId,
+        side: Side,
+    },
+    Send {
+        conn: ConnId,
+        side: Side,
+    },
     /// The connect to the backend.
-    Connect { conn: ConnId },
+    Connect {
+        conn: ConnId,
+    },
     /// A shutdown of the backend socket (a direct descriptor, which only
     /// the ring can reach).
-    Shutdown { conn: ConnId },
+    Shutdown {
+        conn: ConnId,
+    },
     /// A cancel of another operation of this connection; nothing waits
     /// for its completion.
-    Cancel { conn: ConnId },
+    Cancel {
+        conn: ConnId,
+    },
 }
 
 const ACCEPT: u8 = 1;
@@ -245,7 +259,10 @@ mod tests {
     fn generations_wrap_at_24_bits_and_skip_0() {
         assert_eq!(ConnId::next_generation(1), 2);
         assert_eq!(ConnId::next_generation(GENERATION_MASK), 0x1);
-        assert_eq!(ConnId::next_generation(GENERATION_MASK - 1), GENERATION_MASK);
+        assert_eq!(
+            ConnId::next_generation(GENERATION_MASK - 1),
+            GENERATION_MASK
+        );
         // A generation past 24 bits is cut, never spilling into the slot.
         let op = Op::Send {
             conn: ConnId {
@@ -310,8 +327,8 @@ mod tests {
         assert_eq!(c.result.unwrap(), 100);
         assert_eq!(c.buffer, Some(37));
         assert!(c.more);
-        let c = Completion::new(Op::Connect { conn }.user_data(), -libc::ETIMEDOUT, 0)
-            .expect("known");
+        let c =
+            Completion::new(Op::Connect { conn }.user_data(), -libc::ETIMEDOUT, 0).expect("known");
         assert_eq!(c.buffer, None);
         assert!(!c.more);
         assert_eq!(c.result.unwrap_err().raw_os_error(), Some(libc::ETIMEDOUT));
