@@ -1048,3 +1048,6 @@ impl Conn {
         }
     }
 }
+
+#[cfg(test)]
+mod tests;
