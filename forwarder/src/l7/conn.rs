@@ -19,13 +19,14 @@
 //! what is queued and waits for both peers to end their streams.
 
 use std::collections::VecDeque;
+use std::io;
 use std::net::SocketAddr;
 use std::time::Instant;
 
 use super::config::{Config, Listener};
 use super::frame::{self, Direction, Limits as FrameLimits};
 use super::handshake::{self, BackendResponse, Reject, UpgradeRequest};
-use super::relay::Scanner;
+use super::relay::{Fed, Scanner};
 use super::upstream::Attempts;
 use crate::registry::ServiceAddr;
 
@@ -371,8 +372,6 @@ impl Conn {
         self.hs.as_mut().expect("a handshaking connection")
     }
 
-    // ---- what the worker asks
-
     /// The service the request was routed to.
     pub fn service(&self) -> Option<ServiceAddr> {
         self.service
@@ -493,32 +492,23 @@ impl Conn {
         if peer.is(IN_FLIGHT) {
             return None;
         }
-        match peer.segs.front() {
-            None => {
-                if peer.is(FINISH) && !peer.is(SHUT) {
-                    peer.set(SHUT, true);
-                    return Some(Transmit::Finish);
-                }
-                None
+        if peer.segs.is_empty() {
+            if peer.is(FINISH) && !peer.is(SHUT) {
+                peer.set(SHUT, true);
+                return Some(Transmit::Finish);
             }
-            Some(_) => {
-                peer.set(IN_FLIGHT, true);
-                match peer.segs.front() {
-                    Some(Seg::Buf { bid, start, end }) => Some(Transmit::Buf {
-                        bid: *bid,
-                        start: *start,
-                        len: end - start,
-                    }),
-                    Some(Seg::Owned { data, offset, .. }) => {
-                        Some(Transmit::Bytes(&data[*offset..]))
-                    }
-                    None => unreachable!("checked above"),
-                }
-            }
+            return None;
         }
+        peer.set(IN_FLIGHT, true);
+        Some(match peer.segs.front()? {
+            Seg::Buf { bid, start, end } => Transmit::Buf {
+                bid: *bid,
+                start: *start,
+                len: end - start,
+            },
+            Seg::Owned { data, offset, .. } => Transmit::Bytes(&data[*offset..]),
+        })
     }
-
-    // ---- events
 
     /// A receive from `side` completed; `more`: it stays armed.
     pub fn handle_recv(&mut self, cx: &mut Cx, side: Side, received: Received, more: bool) {
@@ -575,7 +565,7 @@ impl Conn {
 
     /// A send to `side` completed with `result` (bytes written, or the
     /// send failed: the peer is gone).
-    pub fn handle_sent(&mut self, cx: &mut Cx, side: Side, result: Result<u32, ()>) {
+    pub fn handle_sent(&mut self, cx: &mut Cx, side: Side, result: io::Result<u32>) {
         let aborted = self.aborted;
         let peer = self.peer(side);
         peer.set(IN_FLIGHT, false);
@@ -742,8 +732,6 @@ impl Conn {
         }
     }
 
-    // ---- the handshake
-
     fn try_request(&mut self, cx: &mut Cx) {
         let limits = handshake::Limits {
             max_head: cx.config.limits.max_head_bytes,
@@ -820,10 +808,8 @@ impl Conn {
         }
     }
 
-    // ---- relaying
-
     /// Reports what passed in one read.
-    fn count_fed(cx: &mut Cx, from: Side, fed: &super::relay::Fed) {
+    fn count_fed(cx: &mut Cx, from: Side, fed: &Fed) {
         cx.out.events.push(Event::Relayed {
             from,
             frames: fed.frames,

@@ -321,8 +321,7 @@ impl Worker {
         match c.op {
             Op::Recv { side, .. } => self.on_recv(id.idx, side, c),
             Op::Send { side, .. } => {
-                let result = c.result.map_err(drop);
-                self.with_conn(id.idx, |conn, cx, _| conn.handle_sent(cx, side, result));
+                self.with_conn(id.idx, |conn, cx, _| conn.handle_sent(cx, side, c.result));
             }
             Op::Connect { .. } => {
                 self.entry(id.idx).connect_to = None;
@@ -341,7 +340,7 @@ impl Worker {
     /// Calls into connection `idx` with the time, its routes and a fresh
     /// mask; what it reports lands in `self.out`.
     fn with_conn<R>(&mut self, idx: u32, f: impl FnOnce(&mut Conn, &mut Cx, &BufRing) -> R) -> R {
-        let mask = self.rng.next().to_ne_bytes();
+        let mask = self.rng.next_u32().to_ne_bytes();
         let e = self.conns[idx as usize].as_mut().expect("live connection");
         let mut cx = Cx {
             now: Instant::now(),
@@ -412,33 +411,37 @@ impl Worker {
     }
 
     fn on_recv(&mut self, idx: u32, side: Side, c: Completion) {
-        let received = match &c.result {
-            Ok(0) => Received::Eof,
-            Ok(_) => Received::Data {
-                bid: c.buffer.expect("a receive with data names its buffer"),
-                bytes: &[],
-            },
-            Err(e) => match e.raw_os_error() {
-                Some(libc::ENOBUFS) => {
-                    self.metrics
-                        .buffer_exhausted
-                        .fetch_add(1, Ordering::Relaxed);
-                    Received::NoBuffers
-                }
-                Some(libc::ECANCELED) => Received::Cancelled,
-                _ => Received::Eof,
-            },
-        };
-        let len = c.result.as_ref().map_or(0, |n| *n as usize);
+        let Completion {
+            result,
+            buffer,
+            more,
+            ..
+        } = c;
+        if result
+            .as_ref()
+            .is_err_and(|e| e.raw_os_error() == Some(libc::ENOBUFS))
+        {
+            self.metrics
+                .buffer_exhausted
+                .fetch_add(1, Ordering::Relaxed);
+        }
         self.with_conn(idx, |conn, cx, bufs| {
-            let received = match received {
-                Received::Data { bid, .. } => Received::Data {
-                    bid,
-                    bytes: bufs.buffer(bid, len),
+            let received = match result {
+                Ok(0) => Received::Eof,
+                Ok(n) => {
+                    let bid = buffer.expect("a receive with data names its buffer");
+                    Received::Data {
+                        bid,
+                        bytes: bufs.buffer(bid, n as usize),
+                    }
+                }
+                Err(e) => match e.raw_os_error() {
+                    Some(libc::ENOBUFS) => Received::NoBuffers,
+                    Some(libc::ECANCELED) => Received::Cancelled,
+                    _ => Received::Eof,
                 },
-                other => other,
             };
-            conn.handle_recv(cx, side, received, c.more)
+            conn.handle_recv(cx, side, received, more)
         });
     }
 
@@ -612,7 +615,7 @@ impl Worker {
     /// Connects connection `idx` to the next backend for `service`, or
     /// refuses the client when there is none or no socket for it.
     fn connect(&mut self, idx: u32, service: ServiceAddr) {
-        let random = [self.rng.next(), self.rng.next()];
+        let random = [self.rng.next_u32(), self.rng.next_u32()];
         let e = self.conns[idx as usize].as_ref().expect("live connection");
         let attempts = e.conn.attempts().expect("a handshaking connection");
         let picked = self.upstream.pick(&service, attempts, random);

@@ -4,6 +4,7 @@
 //! or when a test lets a slow peer take them) and records its orders.
 
 use std::collections::BTreeMap;
+use std::io;
 use std::time::Duration;
 
 use super::*;
@@ -657,7 +658,7 @@ fn a_failed_send_drops_the_queue_and_cuts_the_connection() {
         h.conn.poll_transmit(Side::Client),
         Some(Transmit::Buf { .. })
     ));
-    h.call(|c, cx| c.handle_sent(cx, Side::Client, Err(())));
+    h.call(|c, cx| c.handle_sent(cx, Side::Client, Err(io::ErrorKind::BrokenPipe.into())));
     assert!(h.conn.is_aborted());
     assert_eq!(
         h.actions(),
