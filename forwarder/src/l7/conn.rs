@@ -25,7 +25,7 @@ use std::time::Instant;
 
 use super::config::{Config, Listener};
 use super::frame::{self, Direction, Limits as FrameLimits};
-use super::handshake::{self, BackendResponse, Reject, UpgradeRequest};
+use super::handshake::{self, BackendResponse, Reject, UpgradeRequest, reject};
 use super::relay::{Fed, Scanner};
 use super::upstream::Attempts;
 use crate::registry::ServiceAddr;
@@ -669,13 +669,7 @@ impl Conn {
     /// The worker stops: a connection still in its handshake is refused.
     pub fn handle_shutdown(&mut self, cx: &mut Cx) {
         if self.is_handshaking() {
-            self.reject(
-                cx,
-                Reject {
-                    status: 503,
-                    reason: "shutting down",
-                },
-            );
+            self.reject(cx, reject(503, "shutting down"));
         }
     }
 
@@ -706,13 +700,7 @@ impl Conn {
             return;
         }
         match self.phase {
-            Phase::ClientHead => self.reject(
-                cx,
-                Reject {
-                    status: 408,
-                    reason: "the request head took too long",
-                },
-            ),
+            Phase::ClientHead => self.reject(cx, reject(408, "the request head took too long")),
             Phase::Connecting => {
                 // The cancelled connect fails; another backend is tried.
                 self.hs().attempts.time_out();
@@ -721,10 +709,7 @@ impl Conn {
             }
             Phase::BackendHead => self.reject(
                 cx,
-                Reject {
-                    status: 504,
-                    reason: "backend did not answer the handshake in time",
-                },
+                reject(504, "backend did not answer the handshake in time"),
             ),
             // Relay has a deadline only while weir closes it (a peer
             // stuck mid-frame); pass-through has one for the answer.
@@ -743,13 +728,7 @@ impl Conn {
             Err(reject) => return self.reject(cx, reject),
         };
         let Some(service) = cx.routes.route(&req.host, &req.path) else {
-            return self.reject(
-                cx,
-                Reject {
-                    status: 404,
-                    reason: "no route for this host and path",
-                },
-            );
+            return self.reject(cx, reject(404, "no route for this host and path"));
         };
         self.service = Some(service);
         let hs = self.hs();
@@ -985,13 +964,9 @@ impl Conn {
             }
             Phase::ClientHead | Phase::Connecting | Phase::BackendHead => match from {
                 Side::Client => self.abort(cx),
-                Side::Backend => self.reject(
-                    cx,
-                    Reject {
-                        status: 502,
-                        reason: "backend closed during the handshake",
-                    },
-                ),
+                Side::Backend => {
+                    self.reject(cx, reject(502, "backend closed during the handshake"))
+                }
             },
         }
     }

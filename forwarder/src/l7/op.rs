@@ -104,25 +104,17 @@ impl Op {
             idx,
             generation: (user_data >> 40) as u32,
         };
-        Some(match user_data as u8 {
+        let tag = user_data as u8;
+        let side = if matches!(tag, RECV_CLIENT | SEND_CLIENT) {
+            Side::Client
+        } else {
+            Side::Backend
+        };
+        Some(match tag {
             ACCEPT => Self::Accept { listener: idx },
             TICK => Self::Tick,
-            RECV_CLIENT => Self::Recv {
-                conn,
-                side: Side::Client,
-            },
-            RECV_BACKEND => Self::Recv {
-                conn,
-                side: Side::Backend,
-            },
-            SEND_CLIENT => Self::Send {
-                conn,
-                side: Side::Client,
-            },
-            SEND_BACKEND => Self::Send {
-                conn,
-                side: Side::Backend,
-            },
+            RECV_CLIENT | RECV_BACKEND => Self::Recv { conn, side },
+            SEND_CLIENT | SEND_BACKEND => Self::Send { conn, side },
             CONNECT => Self::Connect { conn },
             SHUTDOWN => Self::Shutdown { conn },
             CANCEL => Self::Cancel { conn },

@@ -9,29 +9,17 @@ use std::collections::HashMap;
 use std::io;
 use std::net::SocketAddr;
 
-use super::handshake::Reject;
+use super::handshake::{Reject, reject};
 use super::view::RegistryView;
 use crate::registry::ServiceAddr;
 
 /// Connect attempts per connection (each on another backend).
 pub const MAX_ATTEMPTS: usize = 3;
 
-const NO_SERVICE: Reject = Reject {
-    status: 503,
-    reason: "no such L7 service in the registry",
-};
-const NO_BACKEND: Reject = Reject {
-    status: 503,
-    reason: "no healthy backend",
-};
-const TIMED_OUT: Reject = Reject {
-    status: 504,
-    reason: "backend did not answer in time",
-};
-const REFUSED: Reject = Reject {
-    status: 502,
-    reason: "backend refused the connection",
-};
+const NO_SERVICE: Reject = reject(503, "no such L7 service in the registry");
+const NO_BACKEND: Reject = reject(503, "no healthy backend");
+const TIMED_OUT: Reject = reject(504, "backend did not answer in time");
+const REFUSED: Reject = reject(502, "backend refused the connection");
 
 /// The connect attempts of one connection.
 #[derive(Debug, Default)]

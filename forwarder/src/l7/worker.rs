@@ -24,7 +24,7 @@ use super::config::{Config, Listener};
 use super::conn::{Action, Conn, Cx, Event, Output, Received, Side, Transmit};
 use super::drain::DrainQueue;
 use super::frame;
-use super::handshake::Reject;
+use super::handshake::{Reject, reject};
 use super::metrics::{CloseSeen, WorkerMetrics};
 use super::op::{Completion, ConnId, Op, Target};
 use super::socket;
@@ -398,13 +398,7 @@ impl Worker {
         });
         if over {
             self.with_conn(idx, |conn, cx, _| {
-                conn.handle_reject(
-                    cx,
-                    Reject {
-                        status: 503,
-                        reason: "over the connection limit",
-                    },
-                )
+                conn.handle_reject(cx, reject(503, "over the connection limit"))
             });
         }
         self.drive(idx);
@@ -619,7 +613,6 @@ impl Worker {
         let e = self.conns[idx as usize].as_ref().expect("live connection");
         let attempts = e.conn.attempts().expect("a handshaking connection");
         let picked = self.upstream.pick(&service, attempts, random);
-        let reject = |status, reason| Reject { status, reason };
         let (id, addr) = match picked {
             Ok(picked) => picked,
             Err(r) => return self.refuse(idx, r),

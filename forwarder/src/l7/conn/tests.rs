@@ -9,7 +9,7 @@ use std::time::Duration;
 
 use super::*;
 use crate::l7::config;
-use crate::l7::frame::{FrameHeader, Opcode};
+use crate::l7::frame::Opcode;
 use crate::l7::handshake::accept_key;
 
 const KEY: &str = "dGhlIHNhbXBsZSBub25jZQ==";
@@ -31,14 +31,7 @@ fn config(extra: &str) -> Config {
 }
 
 fn frame(op: Opcode, payload: &[u8], mask: Option<[u8; 4]>) -> Vec<u8> {
-    let mut out = Vec::new();
-    FrameHeader::new(true, op, mask, payload.len() as u64).write_to(&mut out);
-    let mut p = payload.to_vec();
-    if let Some(m) = mask {
-        frame::apply_mask(&mut p, m, 0);
-    }
-    out.extend_from_slice(&p);
-    out
+    frame::whole_frame(op, true, payload, mask)
 }
 
 fn upgraded_head() -> Vec<u8> {
@@ -98,18 +91,21 @@ impl Harness {
         h
     }
 
-    /// Calls into the connection as the worker does, then carries out
-    /// what it asks for.
-    fn call(&mut self, f: impl FnOnce(&mut Conn, &mut Cx)) {
-        let routes = self.config.listeners[0].clone();
+    /// Calls into the connection as the worker does.
+    fn enter(&mut self, f: impl FnOnce(&mut Conn, &mut Cx)) {
         let mut cx = Cx {
             now: self.now,
             config: &self.config,
-            routes: &routes,
+            routes: &self.config.listeners[0],
             mask: MASK,
             out: &mut self.out,
         };
         f(&mut self.conn, &mut cx);
+    }
+
+    /// Calls into the connection, then carries out what it asks for.
+    fn call(&mut self, f: impl FnOnce(&mut Conn, &mut Cx)) {
+        self.enter(f);
         self.settle();
     }
 
@@ -151,15 +147,7 @@ impl Harness {
                 len
             }
         };
-        let routes = self.config.listeners[0].clone();
-        let mut cx = Cx {
-            now: self.now,
-            config: &self.config,
-            routes: &routes,
-            mask: MASK,
-            out: &mut self.out,
-        };
-        self.conn.handle_sent(&mut cx, side, Ok(n));
+        self.enter(|c, cx| c.handle_sent(cx, side, Ok(n)));
         true
     }
 
@@ -372,57 +360,45 @@ fn a_drain_closes_at_a_frame_boundary_then_shakes_hands_and_shuts() {
     h.assert_no_buffer_held();
 }
 
+/// Either peer may start the close handshake: its Close passes, the
+/// answer passes back, and the end of each stream shuts the write side
+/// towards the other peer.
 #[test]
-fn the_client_starts_the_close_handshake() {
-    let mut h = Harness::relaying(config(""));
-    let close = frame::close_frame(1000, "bye", Some(CLIENT_MASK));
-    h.recv(Side::Client, &close);
-    assert_eq!(h.wire(Side::Backend), close);
-    let answer = frame::close_frame(1000, "", None);
-    h.recv(Side::Backend, &answer);
-    assert_eq!(h.wire(Side::Client), answer);
-    // The backend ends its stream first: the client's write side shuts.
-    h.eof(Side::Backend);
-    assert_eq!(h.shut, [true, false]);
-    h.eof(Side::Client);
-    assert_eq!(h.shut, [true, true]);
-    assert!(h.conn.is_finished());
-    let seen: Vec<Event> = h
-        .events()
-        .into_iter()
-        .filter(|e| matches!(e, Event::CloseSeen { .. }))
-        .collect();
-    assert_eq!(
-        seen,
-        [
-            Event::CloseSeen {
-                from: Side::Client,
-                code: 1000
-            },
-            Event::CloseSeen {
-                from: Side::Backend,
-                code: 1000
-            }
-        ]
-    );
-    h.assert_no_buffer_held();
-}
-
-#[test]
-fn the_backend_starts_the_close_handshake() {
-    let mut h = Harness::relaying(config(""));
-    let close = frame::close_frame(1001, "restart", None);
-    h.recv(Side::Backend, &close);
-    assert_eq!(h.wire(Side::Client), close);
-    let answer = frame::close_frame(1001, "", Some(CLIENT_MASK));
-    h.recv(Side::Client, &answer);
-    assert_eq!(h.wire(Side::Backend), answer);
-    h.eof(Side::Client);
-    assert_eq!(h.shut, [false, true]);
-    h.eof(Side::Backend);
-    assert_eq!(h.shut, [true, true]);
-    assert!(h.conn.is_finished());
-    h.assert_no_buffer_held();
+fn either_side_starts_the_close_handshake() {
+    let close = |from: Side, reason| {
+        frame::close_frame(1000, reason, (from == Side::Client).then_some(CLIENT_MASK))
+    };
+    for first in [Side::Client, Side::Backend] {
+        let (second, mut h) = (first.other(), Harness::relaying(config("")));
+        h.recv(first, &close(first, "bye"));
+        assert_eq!(h.wire(second), close(first, "bye"));
+        h.recv(second, &close(second, ""));
+        assert_eq!(h.wire(first), close(second, ""));
+        h.eof(second);
+        assert!(h.shut[ix(first)] && !h.shut[ix(second)], "{first:?}");
+        h.eof(first);
+        assert_eq!(h.shut, [true, true]);
+        assert!(h.conn.is_finished());
+        let seen: Vec<Event> = h
+            .events()
+            .into_iter()
+            .filter(|e| matches!(e, Event::CloseSeen { .. }))
+            .collect();
+        assert_eq!(
+            seen,
+            [
+                Event::CloseSeen {
+                    from: first,
+                    code: 1000
+                },
+                Event::CloseSeen {
+                    from: second,
+                    code: 1000
+                }
+            ]
+        );
+        h.assert_no_buffer_held();
+    }
 }
 
 #[test]
