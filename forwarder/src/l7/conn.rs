@@ -307,6 +307,8 @@ const CANCEL_CONNECT: u8 = 2;
 const ABORT_CLIENT: u8 = 4;
 const ABORT_BACKEND: u8 = 8;
 
+/// One proxied connection, from the accepted client socket to the end of
+/// both streams (see the module docs).
 pub struct Conn {
     phase: Phase,
     /// Some until the connection relays.

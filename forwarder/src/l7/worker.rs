@@ -74,6 +74,8 @@ pub struct Worker {
     config: Config,
     tick: Box<types::Timespec>,
     start: Instant,
+    /// When the completions being handled were reaped.
+    now: Instant,
     rng: Rng,
     stop: Arc<AtomicBool>,
     accepting: bool,
@@ -177,6 +179,7 @@ impl Worker {
             drains: DrainQueue::new(),
             tick: Box::new(types::Timespec::from(Duration::from_millis(50))),
             start: Instant::now(),
+            now: Instant::now(),
             rng,
             config,
             stop,
@@ -217,6 +220,9 @@ impl Worker {
                 .completion()
                 .map(|c| (c.user_data(), c.result(), c.flags()))
                 .collect();
+            // One clock read per batch: connections see the time their
+            // completions were reaped.
+            self.now = Instant::now();
             for (user_data, res, flags) in completions {
                 self.complete(user_data, res, flags);
             }
@@ -343,7 +349,7 @@ impl Worker {
         let mask = self.rng.next_u32().to_ne_bytes();
         let e = self.conns[idx as usize].as_mut().expect("live connection");
         let mut cx = Cx {
-            now: Instant::now(),
+            now: self.now,
             config: &self.config,
             routes: &self.listeners[usize::from(e.listener)].1,
             mask,
@@ -387,7 +393,7 @@ impl Worker {
             self.open.fetch_sub(1, Ordering::Relaxed);
         }
         self.conns[idx as usize] = Some(Entry {
-            conn: Conn::new(Instant::now(), &self.config, peer),
+            conn: Conn::new(self.now, &self.config, peer),
             generation,
             listener: listener as u16,
             client,
@@ -741,7 +747,7 @@ impl Worker {
                 self.arm_accept(i);
             }
         }
-        if self.shutdown_deadline.is_some_and(|d| Instant::now() >= d) {
+        if self.shutdown_deadline.is_some_and(|d| self.now >= d) {
             // Past `shutdown`: whatever is still open is cut.
             for idx in self.open_conns() {
                 self.with_conn(idx, |conn, cx, _| conn.handle_abort(cx));
@@ -823,7 +829,7 @@ impl Worker {
     /// window.
     fn shutdown(&mut self) {
         self.accepting = false;
-        self.shutdown_deadline = Some(Instant::now() + self.config.timeouts.shutdown);
+        self.shutdown_deadline = Some(self.now + self.config.timeouts.shutdown);
         for (fd, _) in &self.listeners {
             // Shutting the listening socket ends the accept.
             socket::shut(fd, Shutdown::Both);
