@@ -8,7 +8,8 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 
 use crate::l7::metrics::WorkerMetrics;
-use crate::l7::worker::{Settings, Worker, bind_listeners};
+use crate::l7::socket::bind_listeners;
+use crate::l7::worker::{Settings, Worker};
 use crate::registry::Maps;
 
 /// Runs `workers` workers (one per core when 0) and the metrics thread

@@ -473,8 +473,13 @@ pub fn ping_frame(payload: &[u8], mask: Option<[u8; 4]>) -> Vec<u8> {
 }
 
 fn control_frame(opcode: Opcode, payload: &[u8], mask: Option<[u8; 4]>) -> Vec<u8> {
+    whole_frame(opcode, true, payload, mask)
+}
+
+/// A whole frame: header and `payload`, masked with `mask` if given.
+pub fn whole_frame(opcode: Opcode, fin: bool, payload: &[u8], mask: Option<[u8; 4]>) -> Vec<u8> {
     let mut out = Vec::with_capacity(MAX_HEADER_LEN + payload.len());
-    FrameHeader::new(true, opcode, mask, payload.len() as u64).write_to(&mut out);
+    FrameHeader::new(fin, opcode, mask, payload.len() as u64).write_to(&mut out);
     let start = out.len();
     out.extend_from_slice(payload);
     if let Some(mask) = mask {

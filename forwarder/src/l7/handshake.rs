@@ -43,7 +43,8 @@ pub struct Reject {
     pub reason: &'static str,
 }
 
-const fn reject(status: u16, reason: &'static str) -> Reject {
+/// A refusal with `status` and `reason`, usable in constants.
+pub const fn reject(status: u16, reason: &'static str) -> Reject {
     Reject { status, reason }
 }
 

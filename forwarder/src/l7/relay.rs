@@ -187,27 +187,16 @@ impl Scanner {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::l7::frame::{FrameHeader, Opcode, close_frame, ping_frame};
-
-    fn data_frame(op: Opcode, fin: bool, payload: &[u8], mask: Option<[u8; 4]>) -> Vec<u8> {
-        let mut out = Vec::new();
-        FrameHeader::new(fin, op, mask, payload.len() as u64).write_to(&mut out);
-        let mut p = payload.to_vec();
-        if let Some(m) = mask {
-            frame::apply_mask(&mut p, m, 0);
-        }
-        out.extend_from_slice(&p);
-        out
-    }
+    use crate::l7::frame::{Opcode, close_frame, ping_frame, whole_frame};
 
     /// A client stream: text, fragmented binary with a ping between, a big
     /// frame (16-bit length), and a Close 1000.
     fn client_stream() -> Vec<u8> {
         let m = Some([1, 2, 3, 4]);
-        let mut s = data_frame(Opcode::Text, true, b"hello", m);
-        s.extend(data_frame(Opcode::Binary, false, &[7; 300], m));
+        let mut s = whole_frame(Opcode::Text, true, b"hello", m);
+        s.extend(whole_frame(Opcode::Binary, false, &[7; 300], m));
         s.extend(ping_frame(b"p", m));
-        s.extend(data_frame(Opcode::Continuation, true, &[8; 70_000], m));
+        s.extend(whole_frame(Opcode::Continuation, true, &[8; 70_000], m));
         s.extend(close_frame(1000, "bye", m));
         s
     }
@@ -247,11 +236,16 @@ mod tests {
 
     #[test]
     fn a_bad_frame_stops_at_the_last_good_byte() {
-        let good = data_frame(Opcode::Text, true, b"ok", Some([9, 9, 9, 9]));
+        let good = whole_frame(Opcode::Text, true, b"ok", Some([9, 9, 9, 9]));
         let mut stream = good.clone();
         // Unmasked from a client: 1002.
-        stream.extend(data_frame(Opcode::Text, true, b"bad", None));
-        stream.extend(data_frame(Opcode::Text, true, b"never", Some([1, 1, 1, 1])));
+        stream.extend(whole_frame(Opcode::Text, true, b"bad", None));
+        stream.extend(whole_frame(
+            Opcode::Text,
+            true,
+            b"never",
+            Some([1, 1, 1, 1]),
+        ));
         for size in [1, 2, 5, 8, 64] {
             let (out, _, _, v) = relay(&stream, size);
             assert_eq!(out, good, "size {size}");
@@ -269,14 +263,14 @@ mod tests {
                 max_message: 1000,
             },
         );
-        let frame = data_frame(Opcode::Binary, true, &[0; 1001], None);
+        let frame = whole_frame(Opcode::Binary, true, &[0; 1001], None);
         let fed = s.feed(&frame);
         assert_eq!((fed.pass, fed.violation.map(|v| v.code)), (0, Some(1009)));
     }
 
     #[test]
     fn boundaries_are_known_for_injection() {
-        let stream = data_frame(Opcode::Binary, true, &[5; 100], Some([1, 2, 3, 4]));
+        let stream = whole_frame(Opcode::Binary, true, &[5; 100], Some([1, 2, 3, 4]));
         let mut s = Scanner::new(Direction::ClientToServer, false, Limits::default());
         assert!(s.at_boundary());
         s.feed(&stream[..1]);
@@ -298,7 +292,7 @@ mod tests {
         let fed = s.feed(&close_frame(1001, "", None));
         assert_eq!(fed.closes, [1001]);
         assert!(s.closed());
-        let fed = s.feed(&data_frame(Opcode::Text, true, b"late", None));
+        let fed = s.feed(&whole_frame(Opcode::Text, true, b"late", None));
         assert_eq!(
             (fed.pass, fed.violation),
             (0, None),
@@ -307,14 +301,18 @@ mod tests {
         // In the same read as the Close: the Close passes, the rest not.
         let mut s = Scanner::new(Direction::ServerToClient, false, Limits::default());
         let close = close_frame(1000, "", None);
-        let both = [close.clone(), data_frame(Opcode::Text, true, b"late", None)].concat();
+        let both = [
+            close.clone(),
+            whole_frame(Opcode::Text, true, b"late", None),
+        ]
+        .concat();
         let fed = s.feed(&both);
         assert_eq!((fed.pass, fed.violation), (close.len(), None));
     }
 
     #[test]
     fn a_close_with_an_invalid_code_never_passes() {
-        let good = data_frame(Opcode::Text, true, b"ok", Some([9, 9, 9, 9]));
+        let good = whole_frame(Opcode::Text, true, b"ok", Some([9, 9, 9, 9]));
         for code in [0u16, 999, 1004, 1005, 1006, 1015, 1016, 2999, 5000] {
             let mut stream = good.clone();
             stream.extend(close_frame(code, "bye", Some([0xaa, 0xbb, 0xcc, 0xdd])));
@@ -392,7 +390,7 @@ mod tests {
             noise in proptest::collection::vec(proptest::prelude::any::<u8>(), 0..60),
             cut in 1usize..20,
         ) {
-            let mut data = data_frame(Opcode::Text, true, b"hi", Some([1, 2, 3, 4]));
+            let mut data = whole_frame(Opcode::Text, true, b"hi", Some([1, 2, 3, 4]));
             for code in &codes {
                 data.extend(close_frame(*code, "r", Some([5, 6, 7, 8])));
             }

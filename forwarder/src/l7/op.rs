@@ -1,0 +1,329 @@
+//! The io_uring operations a worker submits, and what their completions
+//! mean. Each operation travels as a 64-bit `user_data` tag: which
+//! operation, on which connection slot, of which generation of that slot
+//! (a completion for a connection that was freed and whose slot was reused
+//! must not reach the new one).
+
+use std::io;
+use std::os::fd::RawFd;
+
+use io_uring::{cqueue, opcode, squeue, types};
+
+use super::conn::Side;
+
+/// Generations wrap at 24 bits: what fits in the tag next to a 32-bit slot
+/// and an 8-bit operation.
+pub const GENERATION_MASK: u32 = 0xff_ffff;
+
+/// A connection slot and the generation of the connection in it.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct ConnId {
+    pub idx: u32,
+    pub generation: u32,
+}
+
+impl ConnId {
+    /// The generation after `generation`, skipping 0 (which never names a
+    /// connection).
+    pub fn next_generation(generation: u32) -> u32 {
+        (generation.wrapping_add(1) & GENERATION_MASK).max(1)
+    }
+}
+
+/// One operation in flight.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Op {
+    /// Multishot accept on listener number `listener`.
+    Accept {
+        listener: u32,
+    },
+    /// The worker's periodic timeout.
+    Tick,
+    /// Multishot receive from one side into the provided buffers.
+    Recv {
+        conn: ConnId,
+        side: Side,
+    },
+    Send {
+        conn: ConnId,
+        side: Side,
+    },
+    /// The connect to the backend.
+    Connect {
+        conn: ConnId,
+    },
+    /// A shutdown of the backend socket (a direct descriptor, which only
+    /// the ring can reach).
+    Shutdown {
+        conn: ConnId,
+    },
+    /// A cancel of another operation of this connection; nothing waits
+    /// for its completion.
+    Cancel {
+        conn: ConnId,
+    },
+}
+
+const ACCEPT: u8 = 1;
+const RECV_CLIENT: u8 = 2;
+const RECV_BACKEND: u8 = 3;
+const SEND_CLIENT: u8 = 4;
+const SEND_BACKEND: u8 = 5;
+const CONNECT: u8 = 6;
+const TICK: u8 = 7;
+const CANCEL: u8 = 8;
+const SHUTDOWN: u8 = 9;
+
+fn tag(op: u8, idx: u32, generation: u32) -> u64 {
+    (u64::from(generation & GENERATION_MASK) << 40) | (u64::from(idx) << 8) | u64::from(op)
+}
+
+impl Op {
+    pub fn user_data(self) -> u64 {
+        let on = |op, c: ConnId| tag(op, c.idx, c.generation);
+        let by_side = |side, client, backend| match side {
+            Side::Client => client,
+            Side::Backend => backend,
+        };
+        match self {
+            Self::Accept { listener } => tag(ACCEPT, listener, 0),
+            Self::Tick => tag(TICK, 0, 0),
+            Self::Recv { conn, side } => on(by_side(side, RECV_CLIENT, RECV_BACKEND), conn),
+            Self::Send { conn, side } => on(by_side(side, SEND_CLIENT, SEND_BACKEND), conn),
+            Self::Connect { conn } => on(CONNECT, conn),
+            Self::Shutdown { conn } => on(SHUTDOWN, conn),
+            Self::Cancel { conn } => on(CANCEL, conn),
+        }
+    }
+
+    /// The operation a completion's `user_data` names; None for a tag no
+    /// operation of weir's carries.
+    pub fn decode(user_data: u64) -> Option<Self> {
+        let idx = (user_data >> 8) as u32;
+        let conn = ConnId {
+            idx,
+            generation: (user_data >> 40) as u32,
+        };
+        let tag = user_data as u8;
+        let side = if matches!(tag, RECV_CLIENT | SEND_CLIENT) {
+            Side::Client
+        } else {
+            Side::Backend
+        };
+        Some(match tag {
+            ACCEPT => Self::Accept { listener: idx },
+            TICK => Self::Tick,
+            RECV_CLIENT | RECV_BACKEND => Self::Recv { conn, side },
+            SEND_CLIENT | SEND_BACKEND => Self::Send { conn, side },
+            CONNECT => Self::Connect { conn },
+            SHUTDOWN => Self::Shutdown { conn },
+            CANCEL => Self::Cancel { conn },
+            _ => return None,
+        })
+    }
+
+    /// The connection this operation belongs to, if any.
+    pub fn conn(self) -> Option<ConnId> {
+        match self {
+            Self::Accept { .. } | Self::Tick => None,
+            Self::Recv { conn, .. }
+            | Self::Send { conn, .. }
+            | Self::Connect { conn }
+            | Self::Shutdown { conn }
+            | Self::Cancel { conn } => Some(conn),
+        }
+    }
+
+    /// Whether this operation keeps its connection alive until it
+    /// completes: it points into the connection's memory or sockets.
+    /// A cancel points at nothing of the connection.
+    pub fn holds_conn(self) -> bool {
+        self.conn().is_some() && !matches!(self, Self::Cancel { .. })
+    }
+}
+
+/// A completion, decoded.
+pub struct Completion {
+    pub op: Op,
+    /// What the operation returned: a count or descriptor, or the error.
+    pub result: io::Result<u32>,
+    /// The provided buffer the kernel filled, if it picked one.
+    pub buffer: Option<u16>,
+    /// A multishot operation goes on after this completion.
+    pub more: bool,
+}
+
+impl Completion {
+    /// None for a completion no operation of weir's asked for.
+    pub fn new(user_data: u64, res: i32, flags: u32) -> Option<Self> {
+        Some(Self {
+            op: Op::decode(user_data)?,
+            result: result(res),
+            buffer: cqueue::buffer_select(flags),
+            more: cqueue::more(flags),
+        })
+    }
+}
+
+/// A completion's result code as a Rust result: negative is an errno.
+pub fn result(res: i32) -> io::Result<u32> {
+    if res < 0 {
+        Err(io::Error::from_raw_os_error(-res))
+    } else {
+        Ok(res as u32)
+    }
+}
+
+/// A socket as io_uring sees it: a plain descriptor (clients: weir needs
+/// their address) or a slot of the ring's registered-file table (backends:
+/// they cost no entry in the process' descriptor table, which is capped).
+#[derive(Clone, Copy)]
+pub enum Target {
+    Fd(RawFd),
+    Slot(u32),
+}
+
+impl Target {
+    pub fn recv(self, bgid: u16) -> squeue::Entry {
+        match self {
+            Self::Fd(fd) => opcode::RecvMulti::new(types::Fd(fd), bgid).build(),
+            Self::Slot(s) => opcode::RecvMulti::new(types::Fixed(s), bgid).build(),
+        }
+    }
+
+    pub fn send(self, ptr: *const u8, len: u32) -> squeue::Entry {
+        match self {
+            Self::Fd(fd) => opcode::Send::new(types::Fd(fd), ptr, len)
+                .flags(libc::MSG_NOSIGNAL)
+                .build(),
+            Self::Slot(s) => opcode::Send::new(types::Fixed(s), ptr, len)
+                .flags(libc::MSG_NOSIGNAL)
+                .build(),
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn every_op(conn: ConnId) -> Vec<Op> {
+        let mut ops = vec![
+            Op::Accept { listener: 7 },
+            Op::Tick,
+            Op::Connect { conn },
+            Op::Shutdown { conn },
+            Op::Cancel { conn },
+        ];
+        for side in [Side::Client, Side::Backend] {
+            ops.push(Op::Recv { conn, side });
+            ops.push(Op::Send { conn, side });
+        }
+        ops
+    }
+
+    #[test]
+    fn every_op_round_trips_and_no_two_share_a_tag() {
+        for conn in [
+            ConnId {
+                idx: 0,
+                generation: 1,
+            },
+            ConnId {
+                idx: u32::MAX,
+                generation: GENERATION_MASK,
+            },
+            ConnId {
+                idx: 123_456,
+                generation: 0x5a_5a5a,
+            },
+        ] {
+            let ops = every_op(conn);
+            let tags: std::collections::BTreeSet<u64> = ops.iter().map(|o| o.user_data()).collect();
+            assert_eq!(tags.len(), ops.len());
+            for op in ops {
+                assert_eq!(Op::decode(op.user_data()), Some(op), "{op:?}");
+            }
+        }
+    }
+
+    #[test]
+    fn generations_wrap_at_24_bits_and_skip_0() {
+        assert_eq!(ConnId::next_generation(1), 2);
+        assert_eq!(ConnId::next_generation(GENERATION_MASK), 0x1);
+        assert_eq!(
+            ConnId::next_generation(GENERATION_MASK - 1),
+            GENERATION_MASK
+        );
+        // A generation past 24 bits is cut, never spilling into the slot.
+        let op = Op::Send {
+            conn: ConnId {
+                idx: 9,
+                generation: 0x0100_0002,
+            },
+            side: Side::Client,
+        };
+        assert_eq!(
+            Op::decode(op.user_data()).and_then(Op::conn),
+            Some(ConnId {
+                idx: 9,
+                generation: 2
+            })
+        );
+    }
+
+    #[test]
+    fn unknown_tags_are_refused() {
+        assert_eq!(Op::decode(0), None);
+        assert_eq!(Op::decode(0xff), None);
+        assert_eq!(Op::decode(tag(10, 1, 1)), None);
+    }
+
+    #[test]
+    fn only_operations_on_a_connection_hold_it() {
+        let conn = ConnId {
+            idx: 3,
+            generation: 4,
+        };
+        let held: Vec<bool> = every_op(conn).into_iter().map(Op::holds_conn).collect();
+        assert_eq!(
+            held,
+            [false, false, true, true, false, true, true, true, true]
+        );
+    }
+
+    #[test]
+    fn results_become_errors_or_counts() {
+        assert_eq!(result(42).unwrap(), 42);
+        assert_eq!(result(0).unwrap(), 0);
+        let e = result(-libc::ECONNREFUSED).unwrap_err();
+        assert_eq!(e.raw_os_error(), Some(libc::ECONNREFUSED));
+        assert_eq!(e.kind(), io::ErrorKind::ConnectionRefused);
+    }
+
+    /// A receive's completion names its buffer and whether the multishot
+    /// receive goes on (IORING_CQE_F_BUFFER = 1, IORING_CQE_F_MORE = 2,
+    /// the buffer id above bit 16).
+    #[test]
+    fn a_completion_carries_its_buffer_and_more() {
+        let conn = ConnId {
+            idx: 5,
+            generation: 6,
+        };
+        let recv = Op::Recv {
+            conn,
+            side: Side::Backend,
+        };
+        let c = Completion::new(recv.user_data(), 100, 1 | 2 | (37 << 16)).expect("known");
+        assert_eq!(c.op, recv);
+        assert_eq!(c.result.unwrap(), 100);
+        assert_eq!(c.buffer, Some(37));
+        assert!(c.more);
+        let c =
+            Completion::new(Op::Connect { conn }.user_data(), -libc::ETIMEDOUT, 0).expect("known");
+        assert_eq!(c.buffer, None);
+        assert!(!c.more);
+        assert_eq!(c.result.unwrap_err().raw_os_error(), Some(libc::ETIMEDOUT));
+        assert!(Completion::new(0, 0, 0).is_none());
+    }
+}
