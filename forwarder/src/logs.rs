@@ -113,6 +113,14 @@ impl Visit for Fields {
         }
     }
 
+    /// `suppressed = 0` says nothing to a reader; JSON keeps it.
+    fn record_u64(&mut self, field: &Field, value: u64) {
+        match field.name() {
+            "suppressed" if value == 0 => {}
+            name => self.rest.push(format!("{name}={value}")),
+        }
+    }
+
     fn record_debug(&mut self, field: &Field, value: &dyn fmt::Debug) {
         match field.name() {
             "message" => self.message = format!("{value:?}"),

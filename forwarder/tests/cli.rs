@@ -543,6 +543,23 @@ fn config_check_and_run_bound_every_value() {
         let out = weir_bounded(&args);
         assert_one_line_error(&out, &want, &format!("weir {args:?}"));
     }
+    // For a log shipper, the refusal is one JSON object at level ERROR.
+    let out = weir_bounded(&[
+        "run",
+        "--log-format",
+        "json",
+        "--config",
+        path.to_str().unwrap(),
+    ]);
+    assert!(!out.status.success());
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    let lines: Vec<&str> = stderr.lines().collect();
+    assert_eq!(lines.len(), 1, "{stderr}");
+    let line: serde_json::Value = serde_json::from_str(lines[0]).expect("a JSON line");
+    assert_eq!(line["level"], "ERROR", "{line}");
+    assert_eq!(line["event"], "refused", "{line}");
+    let message = line["message"].as_str().unwrap_or_default();
+    assert!(message.starts_with(&want), "{line}");
     // Fractional durations are durations.
     let path = write_config(
         "fraction",

@@ -51,6 +51,16 @@ impl Bed {
         backends: usize,
         edit: impl FnOnce(ConfigBuilder) -> ConfigBuilder,
     ) -> Self {
+        Self::with_run_args(tag, backends, edit, &[])
+    }
+
+    /// Like `configured`, with `run_args` added to `weir run`.
+    fn with_run_args(
+        tag: &str,
+        backends: usize,
+        edit: impl FnOnce(ConfigBuilder) -> ConfigBuilder,
+        run_args: &[&str],
+    ) -> Self {
         let inst = TestInstance::new(tag);
         let dir = std::env::temp_dir().join(format!("weir-l7-{}", inst.name()));
         std::fs::create_dir_all(&dir).unwrap();
@@ -135,6 +145,7 @@ impl Bed {
         let weir = Command::new(workspace_bin("weir"))
             .args(["run", "--config"])
             .arg(&path)
+            .args(run_args)
             .stderr(std::fs::File::create(dir.join("weir.log")).unwrap())
             .spawn()
             .unwrap();
@@ -178,6 +189,40 @@ impl Bed {
             .stderr(Stdio::null())
             .spawn()
             .unwrap()
+    }
+
+    /// What weir run wrote to stderr so far.
+    fn log(&self) -> String {
+        std::fs::read_to_string(self.dir.join("weir.log")).unwrap_or_default()
+    }
+
+    /// Waits until weir run's log has a line containing `text`.
+    fn wait_for_log(&self, text: &str, limit: Duration) {
+        let deadline = Instant::now() + limit;
+        while !self.log().contains(text) {
+            assert!(
+                Instant::now() < deadline,
+                "no {text:?} within {limit:?} in:\n{}",
+                self.log()
+            );
+            std::thread::sleep(Duration::from_millis(50));
+        }
+    }
+
+    /// SIGTERM to weir run; it must exit 0 within `limit`.
+    fn stop(&mut self, limit: Duration) {
+        let mut weir = self.weir.take().expect("weir run is running");
+        // SAFETY: a plain kill(2) of the child this bed started.
+        unsafe { libc::kill(weir.id() as libc::pid_t, libc::SIGTERM) };
+        let deadline = Instant::now() + limit;
+        let status = loop {
+            if let Some(status) = weir.try_wait().unwrap() {
+                break status;
+            }
+            assert!(Instant::now() < deadline, "weir run did not stop");
+            std::thread::sleep(Duration::from_millis(20));
+        };
+        assert!(status.success(), "{status}: {}", self.log());
     }
 
     fn weir_cli(&self, args: &[&str]) {
@@ -508,6 +553,18 @@ fn drain_closes_exactly_the_drained_backends_clients_spread_over_the_window() {
         last - first
     );
     assert!(last <= 3000 + 1000, "last close {last} ms after the drain");
+    // The drain is logged where it starts and where its last connection
+    // went (each worker logs its own share).
+    bed.wait_for_log(
+        &format!("weir: drain of backend {drained} ended: "),
+        Duration::from_secs(5),
+    );
+    assert!(
+        bed.log()
+            .contains(&format!("weir: drain of backend {drained} started: ")),
+        "{}",
+        bed.log()
+    );
     let in_first_half = close_times
         .iter()
         .filter(|t| **t - first < (last - first) / 2)
@@ -1782,4 +1839,131 @@ fn a_close_never_written_to_a_client_is_not_counted_as_sent() {
         "{summary}"
     );
     drop(s);
+}
+
+/// weir run's log lines as JSON objects, each checked for the fields a log
+/// shipper relies on.
+fn json_lines(log: &str) -> Vec<serde_json::Value> {
+    log.lines()
+        .map(|l| {
+            let v: serde_json::Value =
+                serde_json::from_str(l).unwrap_or_else(|e| panic!("not JSON ({e}): {l}"));
+            for key in ["timestamp", "level", "message", "event"] {
+                assert!(v.get(key).is_some(), "no {key} in {l}");
+            }
+            v
+        })
+        .collect()
+}
+
+fn events<'a>(lines: &'a [serde_json::Value], event: &str) -> Vec<&'a serde_json::Value> {
+    lines.iter().filter(|v| v["event"] == event).collect()
+}
+
+#[test]
+fn logs_are_json_when_asked_at_their_levels_and_rate_limited_per_connection() {
+    require_root();
+    let mut bed = Bed::with_run_args(
+        "l7logs",
+        2,
+        |c| {
+            c.max_connections(3)
+                .drain_window(Duration::from_millis(300))
+        },
+        &["--log-format", "json"],
+    );
+    // The readiness probes of the bed have closed by now.
+    std::thread::sleep(Duration::from_millis(200));
+    // A refusing backend, many times: every failure counted, few logged.
+    for _ in 0..30 {
+        let (_, head) = upgrade(bed.port, "/dead");
+        assert!(head.starts_with("HTTP/1.1 502 "), "{head}");
+    }
+    // The connection limit, many times.
+    let mut held = Vec::new();
+    for _ in 0..3 {
+        let (s, head) = upgrade(bed.port, "/ws");
+        assert!(head.starts_with("HTTP/1.1 101 "), "{head}");
+        held.push((s, head));
+    }
+    for _ in 0..20 {
+        let (_, head) = upgrade(bed.port, "/ws");
+        assert!(head.starts_with("HTTP/1.1 503 "), "{head}");
+    }
+    let metrics = metrics_text(bed.metrics_port);
+    let refused = metrics
+        .lines()
+        .find_map(|l| l.strip_prefix("weir_l7_backend_connect_failures_total{reason=\"refused\"} "))
+        .and_then(|v| v.parse::<u64>().ok())
+        .unwrap_or_else(|| panic!("no refused count in {metrics}"));
+    assert!(refused >= 30, "{refused} refusals counted");
+    // A drain of the backend the first held connection is on. The raw
+    // client never answers the Close: weir ends it after `close`.
+    let name = held[0]
+        .1
+        .lines()
+        .find_map(|l| l.strip_prefix("x-weir-backend: "))
+        .expect("weir-echo names itself")
+        .trim()
+        .to_string();
+    let index: usize = name.trim_start_matches('e').parse().unwrap();
+    let drained = bed.echoes[index].1;
+    bed.weir_cli(&["backend", "drain", &SVC.to_string(), &drained.to_string()]);
+    bed.wait_for_log("\"drain_ended\"", Duration::from_secs(5));
+    bed.stop(Duration::from_secs(6));
+    drop(held);
+
+    let log = bed.log();
+    let lines = json_lines(&log);
+    let one = |event: &str, level: &str| {
+        let found = events(&lines, event);
+        assert!(!found.is_empty(), "no {event} in\n{log}");
+        for v in &found {
+            assert_eq!(v["level"], level, "{v}");
+        }
+        found
+    };
+    one("started", "INFO");
+    one("stopped", "INFO");
+    let refusals = one("backend_refused", "WARN");
+    assert!(
+        refusals.iter().all(|v| v["backend"] == "127.0.0.1:1"),
+        "{refusals:?}"
+    );
+    // Five per worker per window, two workers: not one line per refusal.
+    assert!(
+        refusals.len() <= 10,
+        "{} lines for 30 refusals",
+        refusals.len()
+    );
+    let limits = one("connection_limit", "WARN");
+    assert!(limits.len() <= 10, "{} lines for 20 refusals", limits.len());
+    assert!(
+        limits.iter().all(|v| v["max_connections"] == 3),
+        "{limits:?}"
+    );
+    let drained = drained.to_string();
+    for event in ["drain_started", "drain_ended"] {
+        let found = one(event, "INFO");
+        assert!(
+            found.iter().all(|v| v["backend"] == drained.as_str()),
+            "{found:?}"
+        );
+    }
+}
+
+#[test]
+fn the_log_level_leaves_out_what_is_less_severe() {
+    require_root();
+    let mut bed = Bed::with_run_args("l7loglevel", 1, |c| c, &["--log-level", "warn"]);
+    let (_, head) = upgrade(bed.port, "/dead");
+    assert!(head.starts_with("HTTP/1.1 502 "), "{head}");
+    bed.wait_for_log(
+        "weir: warning: backend 127.0.0.1:1 refused the connection",
+        Duration::from_secs(5),
+    );
+    bed.stop(Duration::from_secs(6));
+    let log = bed.log();
+    assert!(!log.contains("running instance"), "info logged: {log}");
+    assert!(!log.contains("stopped after"), "info logged: {log}");
 }

@@ -39,6 +39,11 @@ pub struct WorkerMetrics {
     pub registry_refresh_failing: AtomicBool,
     /// Backend sockets the ring's file table refused (answered 503).
     pub socket_register_errors: AtomicU64,
+    /// Connects to a backend that failed (refused, unreachable...) or were
+    /// cut for taking longer than the connect timeout; another backend is
+    /// tried after each.
+    pub backend_connect_refused: AtomicU64,
+    pub backend_connect_timeouts: AtomicU64,
     /// Failed rounds of freeing removed backends (they stay `removed`
     /// meanwhile). Counted by the collector thread into the first worker's
     /// set; every counter is summed over workers.
@@ -168,6 +173,10 @@ pub struct Snapshot {
     pub socket_register_errors: u64,
     #[serde(default)]
     pub registry_collect_errors: u64,
+    #[serde(default)]
+    pub backend_connect_refused: u64,
+    #[serde(default)]
+    pub backend_connect_timeouts: u64,
     /// backend -> [active, total]
     pub backends: BTreeMap<String, (u64, u64)>,
     pub handshakes: BTreeMap<String, u64>,
@@ -191,6 +200,8 @@ pub fn snapshot(workers: &[Arc<WorkerMetrics>]) -> Snapshot {
         s.registry_refresh_errors += get(&w.registry_refresh_errors);
         s.socket_register_errors += get(&w.socket_register_errors);
         s.registry_collect_errors += get(&w.registry_collect_errors);
+        s.backend_connect_refused += get(&w.backend_connect_refused);
+        s.backend_connect_timeouts += get(&w.backend_connect_timeouts);
         let m = w.maps.lock().unwrap_or_else(|e| e.into_inner()).clone();
         for (k, (a, t)) in m.backends {
             let e = s.backends.entry(k).or_default();
@@ -349,6 +360,15 @@ pub fn render(s: &Snapshot) -> String {
         "Failed rounds of freeing removed backends that nothing uses any more.",
         vec![(String::new(), s.registry_collect_errors)],
     );
+    metric(
+        "weir_l7_backend_connect_failures_total",
+        "counter",
+        "Connects to backends that failed or timed out (another backend was tried).",
+        vec![
+            ("{reason=\"refused\"}".into(), s.backend_connect_refused),
+            ("{reason=\"timeout\"}".into(), s.backend_connect_timeouts),
+        ],
+    );
     out
 }
 
@@ -467,6 +487,8 @@ mod tests {
         b.registry_refresh_errors.fetch_add(1, Ordering::Relaxed);
         b.socket_register_errors.fetch_add(1, Ordering::Relaxed);
         a.registry_collect_errors.fetch_add(4, Ordering::Relaxed);
+        a.backend_connect_refused.fetch_add(2, Ordering::Relaxed);
+        b.backend_connect_timeouts.fetch_add(1, Ordering::Relaxed);
         let s = snapshot(&[a, b]);
         assert_eq!(s.backends["127.0.0.1:9001"], (1, 2));
         assert_eq!(s.handshakes["404"], 2);
@@ -482,6 +504,8 @@ mod tests {
             "weir_l7_registry_refresh_errors_total 3",
             "weir_l7_socket_register_errors_total 1",
             "weir_l7_registry_collect_errors_total 4",
+            "weir_l7_backend_connect_failures_total{reason=\"refused\"} 2",
+            "weir_l7_backend_connect_failures_total{reason=\"timeout\"} 1",
         ] {
             assert!(
                 text.lines().any(|l| l == line),

@@ -31,6 +31,7 @@ use super::socket;
 use super::table::Table;
 use super::upstream::{Rng, Upstream};
 use super::view::RegistryView;
+use crate::logs::RateLimit;
 use crate::registry::{Maps, ServiceAddr};
 
 /// What a worker needs from the configuration.
@@ -97,6 +98,38 @@ pub struct Worker {
     metric_backends: HashMap<SocketAddr, u32>,
     /// What connections report, emptied after every call into one.
     out: Output,
+    /// Log lines that happen per connection, rate-limited.
+    chatter: Chatter,
+    /// Drains of stopped backends in progress on this worker, by backend
+    /// id: logged when they start and when their last connection is gone.
+    draining: HashMap<u32, DrainLog>,
+}
+
+/// Rate limits of the per-connection log lines: a few per window each,
+/// then a count of what was left out.
+struct Chatter {
+    backend_failed: RateLimit,
+    over_limit: RateLimit,
+}
+
+impl Default for Chatter {
+    fn default() -> Self {
+        let limit = || RateLimit::new(5, Duration::from_secs(10));
+        Self {
+            backend_failed: limit(),
+            over_limit: limit(),
+        }
+    }
+}
+
+/// A drain of one backend's connections on this worker.
+struct DrainLog {
+    addr: SocketAddr,
+    started: Instant,
+    /// Connections it covered.
+    total: u32,
+    /// Of those, still open.
+    open: u32,
 }
 
 /// When to give the buffer pool's memory back: after it was quiet (no
@@ -195,6 +228,8 @@ impl Worker {
             },
             metric_backends: HashMap::new(),
             out: Output::default(),
+            chatter: Chatter::default(),
+            draining: HashMap::new(),
         })
     }
 
@@ -403,6 +438,16 @@ impl Worker {
             over_limit: over,
         });
         if over {
+            if let Some(suppressed) = self.chatter.over_limit.admit(self.now) {
+                tracing::warn!(
+                    event = "connection_limit",
+                    worker = %worker_name(),
+                    max_connections = self.config.max_connections,
+                    suppressed,
+                    "connection limit reached: new clients get 503 until connections close \
+                     (counted in weir_l7_handshakes_total{{status=\"503\"}})"
+                );
+            }
             self.with_conn(idx, |conn, cx, _| {
                 conn.handle_reject(cx, reject(503, "over the connection limit"))
             });
@@ -561,10 +606,17 @@ impl Worker {
                 if !active {
                     let e = self.entry(idx);
                     let (generation, service) = (e.generation, e.conn.service());
+                    let addr = e.conn.backend().map(|b| b.addr);
                     let now_ms = self.start.elapsed().as_millis() as u64;
-                    let window = drain_window(&self.config, service).as_millis() as u64;
-                    self.drains
-                        .schedule(now_ms, window, vec![(idx, generation)]);
+                    let window = drain_window(&self.config, service);
+                    self.drains.schedule(
+                        now_ms,
+                        window.as_millis() as u64,
+                        vec![(idx, generation)],
+                    );
+                    if let Some(addr) = addr {
+                        self.drain_started(backend, addr, 1, window);
+                    }
                 }
             }
             Event::Rejected { status, .. } => m.handshake(Some(status)),
@@ -572,7 +624,39 @@ impl Worker {
                 m.connected(addr);
                 self.metric_backends.insert(addr, backend);
             }
-            Event::ConnectFailed { backend, .. } => {
+            Event::ConnectFailed {
+                backend,
+                addr,
+                timed_out,
+            } => {
+                let counter = if timed_out {
+                    &m.backend_connect_timeouts
+                } else {
+                    &m.backend_connect_refused
+                };
+                counter.fetch_add(1, Ordering::Relaxed);
+                if let Some(suppressed) = self.chatter.backend_failed.admit(self.now) {
+                    if timed_out {
+                        tracing::warn!(
+                            event = "backend_timeout",
+                            worker = %worker_name(),
+                            backend = %addr,
+                            suppressed,
+                            "backend {addr} did not accept the connection within {:?}; trying \
+                             another (counted in weir_l7_backend_connect_failures_total)",
+                            self.config.timeouts.connect
+                        );
+                    } else {
+                        tracing::warn!(
+                            event = "backend_refused",
+                            worker = %worker_name(),
+                            backend = %addr,
+                            suppressed,
+                            "backend {addr} refused the connection; trying another (counted in \
+                             weir_l7_backend_connect_failures_total)"
+                        );
+                    }
+                }
                 // Its slot goes back (no other operation uses it).
                 if let Some(slot) = self.entry(idx).slot.take() {
                     let _ = self.ring.submitter().register_files_update(slot, &[-1]);
@@ -643,10 +727,11 @@ impl Worker {
                 .fetch_add(1, Ordering::Relaxed)
                 == 0
             {
-                eprintln!(
-                    "weir: {}: cannot register a backend socket with io_uring ({err}); such \
-                     clients get 503 (counted in weir_l7_socket_register_errors_total)",
-                    worker_name()
+                tracing::error!(
+                    event = "socket_register_failed",
+                    worker = %worker_name(),
+                    "cannot register a backend socket with io_uring ({err}); such clients get \
+                     503 (counted in weir_l7_socket_register_errors_total)"
                 );
             }
             return self.refuse(idx, reject(503, "cannot register the backend socket"));
@@ -688,6 +773,7 @@ impl Worker {
             if backend.connected {
                 self.metrics.disconnected(backend.addr);
             }
+            self.drain_progress(backend.id);
         }
         if let Some(slot) = e.slot {
             // Nothing is in flight: the socket closes with its last reference.
@@ -709,16 +795,21 @@ impl Worker {
     fn schedule_drains(&mut self, stopped: &BTreeSet<u32>) {
         let now_ms = self.start.elapsed().as_millis() as u64;
         let mut by_service: BTreeMap<ServiceAddr, Vec<(u32, u32)>> = BTreeMap::new();
+        let mut by_backend: BTreeMap<u32, (SocketAddr, ServiceAddr, u32)> = BTreeMap::new();
         for (i, e) in self.conns.iter().enumerate() {
             let Some(e) = e else { continue };
             if e.conn.is_relaying()
-                && e.conn.backend().is_some_and(|b| stopped.contains(&b.id))
+                && let Some(backend) = e.conn.backend().filter(|b| stopped.contains(&b.id))
                 && let Some(service) = e.conn.service()
             {
                 by_service
                     .entry(service)
                     .or_default()
                     .push((i as u32, e.generation));
+                by_backend
+                    .entry(backend.id)
+                    .or_insert((backend.addr, service, 0))
+                    .2 += 1;
             }
         }
         for (service, conns) in by_service {
@@ -726,6 +817,57 @@ impl Worker {
             self.drains
                 .schedule(now_ms, window.as_millis() as u64, conns);
         }
+        for (id, (addr, service, n)) in by_backend {
+            self.drain_started(id, addr, n, drain_window(&self.config, Some(service)));
+        }
+    }
+
+    /// Logs a drain of `n` more connections to backend `id`; one already
+    /// in progress takes them in.
+    fn drain_started(&mut self, id: u32, addr: SocketAddr, n: u32, window: Duration) {
+        if let Some(d) = self.draining.get_mut(&id) {
+            d.total += n;
+            d.open += n;
+            return;
+        }
+        tracing::info!(
+            event = "drain_started",
+            worker = %worker_name(),
+            backend = %addr,
+            connections = n,
+            "drain of backend {addr} started: Close 1001 to {n} connection(s), spread over \
+             {window:?}"
+        );
+        self.draining.insert(
+            id,
+            DrainLog {
+                addr,
+                started: self.now,
+                total: n,
+                open: n,
+            },
+        );
+    }
+
+    /// A connection to backend `id` is gone: the last one of a drain ends it.
+    fn drain_progress(&mut self, id: u32) {
+        let Some(d) = self.draining.get_mut(&id) else {
+            return;
+        };
+        d.open = d.open.saturating_sub(1);
+        if d.open > 0 {
+            return;
+        }
+        let d = self.draining.remove(&id).expect("present");
+        let (addr, total) = (d.addr, d.total);
+        tracing::info!(
+            event = "drain_ended",
+            worker = %worker_name(),
+            backend = %addr,
+            connections = total,
+            "drain of backend {addr} ended: its {total} connection(s) closed in {} ms",
+            self.now.saturating_duration_since(d.started).as_millis()
+        );
     }
 
     fn on_tick(&mut self) {
@@ -804,7 +946,11 @@ impl Worker {
         match self.upstream.view_mut().refresh() {
             Ok(changes) => {
                 if failing.swap(false, Ordering::Relaxed) {
-                    eprintln!("weir: {}: registry refresh works again", worker_name());
+                    tracing::info!(
+                        event = "registry_refresh_recovered",
+                        worker = %worker_name(),
+                        "registry refresh works again"
+                    );
                 }
                 if let Some(changes) = changes {
                     self.schedule_drains(&changes.stopped);
@@ -815,10 +961,11 @@ impl Worker {
                     .registry_refresh_errors
                     .fetch_add(1, Ordering::Relaxed);
                 if !failing.swap(true, Ordering::Relaxed) {
-                    eprintln!(
-                        "weir: {}: registry refresh failed, routing on the last good state \
-                         until it works (counted in weir_l7_registry_refresh_errors_total): {e}",
-                        worker_name()
+                    tracing::warn!(
+                        event = "registry_refresh_failed",
+                        worker = %worker_name(),
+                        "registry refresh failed, routing on the last good state until it works \
+                         (counted in weir_l7_registry_refresh_errors_total): {e}"
                     );
                 }
             }
@@ -844,6 +991,17 @@ impl Worker {
             .filter(|(_, e)| e.conn.is_relaying())
             .map(|(i, e)| (i, e.generation))
             .collect();
+        if !relaying.is_empty() {
+            tracing::info!(
+                event = "shutdown_drain_started",
+                worker = %worker_name(),
+                connections = relaying.len(),
+                "stopping: Close 1001 to {} connection(s), spread over {window} ms; what is \
+                 still open after {:?} is cut",
+                relaying.len(),
+                self.config.timeouts.shutdown
+            );
+        }
         self.drains.schedule(now_ms, window, relaying);
         for idx in self.open_conns() {
             self.with_conn(idx, |conn, cx, _| conn.handle_shutdown(cx));
