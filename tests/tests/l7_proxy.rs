@@ -1943,13 +1943,29 @@ fn logs_are_json_when_asked_at_their_levels_and_rate_limited_per_connection() {
         "{limits:?}"
     );
     let drained = drained.to_string();
-    for event in ["drain_started", "drain_ended"] {
+    let mut per_worker = std::collections::BTreeMap::<String, (u64, u64)>::new();
+    for (event, started) in [("drain_started", true), ("drain_ended", false)] {
         let found = one(event, "INFO");
         assert!(
             found.iter().all(|v| v["backend"] == drained.as_str()),
             "{found:?}"
         );
+        for v in found {
+            let n = v["connections"].as_u64().expect("a count");
+            let counts = per_worker.entry(v["worker"].to_string()).or_default();
+            if started {
+                counts.0 += n;
+            } else {
+                counts.1 += n;
+            }
+        }
     }
+    // Each worker's drain ends with the connections it started with.
+    for (worker, (started, ended)) in &per_worker {
+        assert_eq!(started, ended, "{worker}: {log}");
+    }
+    // Debug lines are below the default level.
+    assert!(events(&lines, "handshake_refused").is_empty(), "{log}");
 }
 
 #[test]
@@ -1966,4 +1982,16 @@ fn the_log_level_leaves_out_what_is_less_severe() {
     let log = bed.log();
     assert!(!log.contains("running instance"), "info logged: {log}");
     assert!(!log.contains("stopped after"), "info logged: {log}");
+    drop(bed);
+
+    // At debug, each refused handshake is named too.
+    let mut bed = Bed::with_run_args("l7logdebug", 1, |c| c, &["--log-level", "debug"]);
+    let (_, head) = upgrade(bed.port, "/dead");
+    assert!(head.starts_with("HTTP/1.1 502 "), "{head}");
+    bed.wait_for_log(
+        "weir: debug: refused a client with 502",
+        Duration::from_secs(5),
+    );
+    bed.stop(Duration::from_secs(6));
+    assert!(bed.log().contains("running instance"), "{}", bed.log());
 }

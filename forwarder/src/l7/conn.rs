@@ -389,7 +389,8 @@ impl Conn {
         self.hs.as_ref().map(|hs| &hs.attempts)
     }
 
-    /// Relaying frames, and not being closed by weir.
+    /// In the relay phase (weir's own Close may be on its way: see
+    /// [`Conn::is_draining`]).
     pub fn is_relaying(&self) -> bool {
         self.phase == Phase::Relay
     }
@@ -404,6 +405,7 @@ impl Conn {
         !matches!(self.phase, Phase::Relay | Phase::Closing)
     }
 
+    #[cfg(test)]
     pub fn is_aborted(&self) -> bool {
         self.aborted
     }
@@ -420,7 +422,9 @@ impl Conn {
     }
 
     /// When [`Conn::handle_timeout`] has something to do at the latest
-    /// (besides idle and keepalive checks, which the tick makes).
+    /// (besides idle and keepalive checks). The worker calls it on its
+    /// 50 ms tick for every connection instead; a driver with a timer
+    /// would sleep until this.
     pub fn poll_timeout(&self) -> Option<Instant> {
         self.deadline
     }
@@ -593,6 +597,10 @@ impl Conn {
                 if *start >= *end {
                     cx.out.recycle.push(*bid);
                     peer.pop_sent();
+                    // A buffer went back to the pool: reads that found it
+                    // empty may try again now rather than at the tick.
+                    self.client.set(STARVED, false);
+                    self.server.set(STARVED, false);
                 }
             }
             Some(Seg::Owned {
@@ -669,8 +677,9 @@ impl Conn {
     }
 
     /// The worker stops: a connection still in its handshake is refused.
+    /// One passing a backend's refusal through already has its answer.
     pub fn handle_shutdown(&mut self, cx: &mut Cx) {
-        if self.is_handshaking() {
+        if self.is_handshaking() && self.phase != Phase::PassThrough {
             self.reject(cx, reject(503, "shutting down"));
         }
     }

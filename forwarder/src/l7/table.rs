@@ -54,6 +54,14 @@ impl<T> Table<T> {
     pub fn iter(&self) -> impl Iterator<Item = &Option<T>> {
         self.chunks.iter().flat_map(|c| c.iter()).take(self.len)
     }
+
+    /// Every slot in order, to change.
+    pub fn iter_mut(&mut self) -> impl Iterator<Item = &mut Option<T>> {
+        self.chunks
+            .iter_mut()
+            .flat_map(|c| c.iter_mut())
+            .take(self.len)
+    }
 }
 
 impl<T> Index<usize> for Table<T> {
@@ -98,6 +106,13 @@ mod tests {
         assert_eq!(t.iter().filter(|s| s.is_some()).count(), 3 * CHUNK + 5);
         t[5] = None;
         assert_eq!(t.iter().flatten().count(), 3 * CHUNK + 4);
+        for (i, slot) in t.iter_mut().enumerate() {
+            if let Some(v) = slot {
+                *v = i as u64;
+            }
+        }
+        assert_eq!(t.iter_mut().count(), t.len());
+        assert_eq!(t[3 * CHUNK + 2], Some(3 * CHUNK as u64 + 2));
     }
 
     #[test]

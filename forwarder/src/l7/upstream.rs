@@ -31,6 +31,7 @@ pub struct Attempts {
 }
 
 impl Attempts {
+    #[cfg(test)]
     pub fn tried(&self) -> &[u32] {
         &self.tried
     }

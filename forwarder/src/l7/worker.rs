@@ -60,6 +60,9 @@ struct Entry {
     inflight: u32,
     /// Refused for `max_connections`: not counted in `open`.
     over_limit: bool,
+    /// Counted in a drain of its backend ([`Worker::draining`]), so that
+    /// its end counts there once.
+    in_drain: bool,
 }
 
 pub struct Worker {
@@ -110,6 +113,9 @@ pub struct Worker {
 struct Chatter {
     backend_failed: RateLimit,
     over_limit: RateLimit,
+    /// Debug level: handshakes refused, WebSockets weir closes.
+    refused: RateLimit,
+    closing: RateLimit,
 }
 
 impl Default for Chatter {
@@ -118,6 +124,8 @@ impl Default for Chatter {
         Self {
             backend_failed: limit(),
             over_limit: limit(),
+            refused: limit(),
+            closing: limit(),
         }
     }
 }
@@ -436,6 +444,7 @@ impl Worker {
             connect_to: None,
             inflight: 0,
             over_limit: over,
+            in_drain: false,
         });
         if over {
             if let Some(suppressed) = self.chatter.over_limit.admit(self.now) {
@@ -605,6 +614,7 @@ impl Worker {
                     .is_some_and(|b| b.state == weir_ebpf::abi::BackendState::Active);
                 if !active {
                     let e = self.entry(idx);
+                    e.in_drain = true;
                     let (generation, service) = (e.generation, e.conn.service());
                     let addr = e.conn.backend().map(|b| b.addr);
                     let now_ms = self.start.elapsed().as_millis() as u64;
@@ -619,7 +629,20 @@ impl Worker {
                     }
                 }
             }
-            Event::Rejected { status, .. } => m.handshake(Some(status)),
+            Event::Rejected { status, reason } => {
+                m.handshake(Some(status));
+                if tracing::enabled!(tracing::Level::DEBUG)
+                    && let Some(suppressed) = self.chatter.refused.admit(self.now)
+                {
+                    tracing::debug!(
+                        event = "handshake_refused",
+                        worker = %worker_name(),
+                        status,
+                        suppressed,
+                        "refused a client with {status}: {reason}"
+                    );
+                }
+            }
             Event::Connected { backend, addr } => {
                 m.connected(addr);
                 self.metric_backends.insert(addr, backend);
@@ -692,7 +715,19 @@ impl Worker {
                 counter.fetch_add(count, Ordering::Relaxed);
             }
             // Counted where it ends (the Close sent, or the connection cut).
-            Event::Closing { .. } => {}
+            Event::Closing { code, reason } => {
+                if tracing::enabled!(tracing::Level::DEBUG)
+                    && let Some(suppressed) = self.chatter.closing.admit(self.now)
+                {
+                    tracing::debug!(
+                        event = "closing",
+                        worker = %worker_name(),
+                        code,
+                        suppressed,
+                        "closing a WebSocket with {code}: {reason}"
+                    );
+                }
+            }
         }
     }
 
@@ -773,7 +808,9 @@ impl Worker {
             if backend.connected {
                 self.metrics.disconnected(backend.addr);
             }
-            self.drain_progress(backend.id);
+            if e.in_drain {
+                self.drain_progress(backend.id);
+            }
         }
         if let Some(slot) = e.slot {
             // Nothing is in flight: the socket closes with its last reference.
@@ -796,12 +833,16 @@ impl Worker {
         let now_ms = self.start.elapsed().as_millis() as u64;
         let mut by_service: BTreeMap<ServiceAddr, Vec<(u32, u32)>> = BTreeMap::new();
         let mut by_backend: BTreeMap<u32, (SocketAddr, ServiceAddr, u32)> = BTreeMap::new();
-        for (i, e) in self.conns.iter().enumerate() {
+        for (i, e) in self.conns.iter_mut().enumerate() {
             let Some(e) = e else { continue };
+            // One already counted (its backend stopped before) is drained
+            // on the earlier schedule.
             if e.conn.is_relaying()
+                && !e.in_drain
                 && let Some(backend) = e.conn.backend().filter(|b| stopped.contains(&b.id))
                 && let Some(service) = e.conn.service()
             {
+                e.in_drain = true;
                 by_service
                     .entry(service)
                     .or_default()

@@ -590,7 +590,8 @@ fn reading_stops_at_the_high_water_mark_and_resumes_when_sends_complete() {
     let mut h = Harness::relaying(config(""));
     h.auto_send = false;
     let msg = frame(Opcode::Text, b"x", None);
-    // One send is in flight, the rest waits: HIGH_WATER queued buffers.
+    // The client reads nothing (no send completes): buffers queue up to
+    // HIGH_WATER.
     for _ in 0..HIGH_WATER - 1 {
         h.recv(Side::Backend, &msg);
     }
@@ -621,6 +622,20 @@ fn an_empty_pool_pauses_reading_until_the_tick() {
     h.call(|c, cx| c.handle_recv(cx, Side::Client, Received::NoBuffers, false));
     assert!(h.actions().is_empty(), "re-arming now would spin");
     h.advance(Duration::from_millis(50));
+    assert_eq!(h.actions(), [Action::Recv(Side::Client)]);
+}
+
+#[test]
+fn a_buffer_sent_and_given_back_lets_a_starved_read_try_again() {
+    let mut h = Harness::relaying(config(""));
+    h.auto_send = false;
+    h.recv(Side::Backend, &frame(Opcode::Text, b"a", None));
+    h.call(|c, cx| c.handle_recv(cx, Side::Client, Received::NoBuffers, false));
+    assert!(h.actions().is_empty(), "re-arming now would spin");
+    let Some(Transmit::Buf { len, .. }) = h.conn.poll_transmit(Side::Client) else {
+        panic!("the backend's frame goes to the client");
+    };
+    h.call(|c, cx| c.handle_sent(cx, Side::Client, Ok(len)));
     assert_eq!(h.actions(), [Action::Recv(Side::Client)]);
 }
 
@@ -675,4 +690,19 @@ fn the_worker_shutting_down_refuses_handshakes_only() {
         "a relaying one drains instead"
     );
     assert!(h.conn.is_relaying());
+    // A backend's refusal on its way to the client is not answered twice.
+    let mut h = Harness::new(config(""));
+    h.recv(Side::Client, REQUEST.as_bytes());
+    h.connecting(BACKEND.0);
+    h.call(|c, cx| c.handle_connected(cx, true));
+    let refusal = b"HTTP/1.1 403 Forbidden\r\nContent-Length: 4\r\n\r\nno";
+    h.recv(Side::Backend, refusal);
+    h.call(|c, cx| c.handle_shutdown(cx));
+    h.recv(Side::Backend, b"pe");
+    h.eof(Side::Backend);
+    let out = String::from_utf8(h.wire(Side::Client)).unwrap();
+    assert_eq!(
+        out,
+        "HTTP/1.1 403 Forbidden\r\nContent-Length: 4\r\n\r\nnope"
+    );
 }
