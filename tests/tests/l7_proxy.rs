@@ -219,10 +219,28 @@ impl Bed {
             if let Some(status) = weir.try_wait().unwrap() {
                 break status;
             }
-            assert!(Instant::now() < deadline, "weir run did not stop");
+            assert!(
+                Instant::now() < deadline,
+                "weir did not exit within {limit:?} of SIGTERM"
+            );
             std::thread::sleep(Duration::from_millis(20));
         };
         assert!(status.success(), "{status}: {}", self.log());
+    }
+
+    /// `n` clients that talk for at most `secs`, held until the returned
+    /// hold file exists; returns once every one of them has connected (or
+    /// failed to).
+    fn held_clients(&self, n: usize, secs: u64) -> (Child, std::path::PathBuf) {
+        let hold = self.dir.join("hold");
+        let clients = self.clients(n, secs, Some(&hold));
+        let ready = hold.with_extension("ready");
+        let deadline = Instant::now() + Duration::from_secs(20);
+        while !ready.exists() {
+            assert!(Instant::now() < deadline, "clients never connected");
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        (clients, hold)
     }
 
     fn weir_cli(&self, args: &[&str]) {
@@ -511,14 +529,7 @@ fn frame_rules_get_their_close_code() {
 fn drain_closes_exactly_the_drained_backends_clients_spread_over_the_window() {
     require_root();
     let bed = Bed::configured("l7drain", 3, |c| c.drain_window(Duration::from_secs(3)));
-    let hold = bed.dir.join("hold");
-    let clients = bed.clients(200, 30, Some(&hold));
-    let ready = hold.with_extension("ready");
-    let deadline = Instant::now() + Duration::from_secs(20);
-    while !ready.exists() {
-        assert!(Instant::now() < deadline, "clients never connected");
-        std::thread::sleep(Duration::from_millis(20));
-    }
+    let (clients, hold) = bed.held_clients(200, 30);
     let drained = bed.echoes[1].1;
     let started = unix_ms();
     bed.weir_cli(&["backend", "drain", &SVC.to_string(), &drained.to_string()]);
@@ -580,29 +591,8 @@ fn drain_closes_exactly_the_drained_backends_clients_spread_over_the_window() {
 fn sigterm_drains_every_client_and_exits_zero() {
     require_root();
     let mut bed = Bed::new("l7term", 2);
-    let hold = bed.dir.join("hold");
-    let clients = bed.clients(50, 30, Some(&hold));
-    let ready = hold.with_extension("ready");
-    let deadline = Instant::now() + Duration::from_secs(20);
-    while !ready.exists() {
-        assert!(Instant::now() < deadline, "clients never connected");
-        std::thread::sleep(Duration::from_millis(20));
-    }
-    let mut weir = bed.weir.take().unwrap();
-    let started = Instant::now();
-    // SAFETY: signalling the child we started.
-    unsafe { libc::kill(weir.id() as libc::pid_t, libc::SIGTERM) };
-    let status = loop {
-        if let Some(s) = weir.try_wait().unwrap() {
-            break s;
-        }
-        assert!(
-            started.elapsed() < Duration::from_secs(6),
-            "weir did not exit within the shutdown timeout"
-        );
-        std::thread::sleep(Duration::from_millis(20));
-    };
-    assert!(status.success(), "{status}");
+    let (clients, hold) = bed.held_clients(50, 30);
+    bed.stop(Duration::from_secs(6));
     std::fs::write(&hold, b"done").unwrap();
     let r = report(clients);
     assert_eq!(r.summary.connected, 50);
@@ -823,14 +813,7 @@ fn metrics_and_stats_report_what_happened() {
 fn a_removed_backend_leaves_the_registry_after_its_last_connection() {
     require_root();
     let bed = Bed::configured("l7gone", 2, |c| c.drain_window(Duration::from_secs(1)));
-    let hold = bed.dir.join("hold");
-    let clients = bed.clients(20, 30, Some(&hold));
-    let ready = hold.with_extension("ready");
-    let deadline = Instant::now() + Duration::from_secs(20);
-    while !ready.exists() {
-        assert!(Instant::now() < deadline, "clients never connected");
-        std::thread::sleep(Duration::from_millis(20));
-    }
+    let (clients, hold) = bed.held_clients(20, 30);
     let (kept, leaving) = (bed.echoes[0].1, bed.echoes[1].1);
     bed.weir_cli(&[
         "backend",
@@ -1813,22 +1796,8 @@ fn a_close_never_written_to_a_client_is_not_counted_as_sent() {
     send(&mut s, true, Opcode::Text, b"go");
     std::thread::sleep(Duration::from_millis(300));
 
-    let mut weir = bed.weir.take().unwrap();
-    // SAFETY: signalling the child we started.
-    unsafe { libc::kill(weir.id() as libc::pid_t, libc::SIGTERM) };
-    let started = Instant::now();
-    let status = loop {
-        if let Some(st) = weir.try_wait().unwrap() {
-            break st;
-        }
-        assert!(
-            started.elapsed() < Duration::from_secs(6),
-            "weir did not exit within the shutdown timeout"
-        );
-        std::thread::sleep(Duration::from_millis(20));
-    };
-    assert!(status.success(), "{status}");
-    let log = std::fs::read_to_string(bed.dir.join("weir.log")).unwrap();
+    bed.stop(Duration::from_secs(6));
+    let log = bed.log();
     let summary = log
         .lines()
         .find(|l| l.starts_with("weir: stopped after"))
