@@ -47,7 +47,8 @@ pub struct Fleet {
     /// Number of long-lived connections.
     #[arg(long, default_value_t = 1)]
     pub connections: usize,
-    /// Seconds the connections talk (or are held) after they connected;
+    /// Seconds the connections talk (or are held): after each connected
+    /// for the tests' client, from the start for the bench's generator;
     /// the upper bound with --hold-file.
     #[arg(long = "duration-secs", default_value = "2", value_parser = seconds)]
     pub duration: Duration,
@@ -58,7 +59,7 @@ pub struct Fleet {
     /// failed), so a harness knows when the fleet is up.
     #[arg(long)]
     pub ready_file: Option<PathBuf>,
-    /// Connection attempts in flight at once.
+    /// Handshakes of the long-lived connections in flight at once.
     #[arg(long = "concurrency", default_value_t = 100)]
     pub connect_concurrency: usize,
     /// Milliseconds allowed for TCP connect + WebSocket handshake.

@@ -273,7 +273,13 @@ pub async fn run(cfg: LoadConfig) -> Result<LoadReport> {
                 if st.result.error.is_none() {
                     st.result.error = Some("hard deadline reached".into());
                 }
-                st.result.close = Ending::Timeout;
+                // One that never connected failed its handshake; one that
+                // did was cut.
+                st.result.close = if st.result.connected {
+                    Ending::Timeout
+                } else {
+                    Ending::Unupgraded(Unupgraded::Timeout)
+                };
             }
             st.result.clone()
         })
@@ -456,8 +462,8 @@ impl Conn {
                 res = stop.changed(), if !stopped && watching => {
                     match res {
                         Ok(()) => stopped = *stop.borrow(),
-                        // No hold file, or its window is over: the talk
-                        // deadline (never later than the window) ends talking.
+                        // The signal's task is gone (it sends `true` before it
+                        // ends): the talk deadline ends talking.
                         Err(_) => watching = false,
                     }
                 }

@@ -2,8 +2,8 @@
 /*
  * Encapsulation: the outer IPv4 header (IPIP) that carries the client's
  * packet, unchanged, to the backend. Backends are IPv4, so the outer header
- * is too, whatever the client's family; that family sets the outer
- * header's protocol.
+ * is too; the client's family sets the outer header's protocol (IPv4 only,
+ * so far: parse.h passes every other family to the kernel).
  */
 #ifndef WEIR_ENCAP_H
 #define WEIR_ENCAP_H

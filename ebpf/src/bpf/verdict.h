@@ -2,7 +2,9 @@
 /*
  * How weir_lb ends a packet: every verdict and every reason for passing or
  * dropping moves one of weir_abi.h's counters (weir_stats), so `weir stats`
- * can say why the balancer left a packet alone. Include weir_abi.h with
+ * can say why the balancer left a packet alone. (The branches kept for a
+ * second address family count as the nearest IPv4 reason until that family
+ * is parsed.) Include weir_abi.h with
  * WEIR_LB_MAPS defined first.
  */
 #ifndef WEIR_VERDICT_H

@@ -26,7 +26,7 @@ pub enum Timeout {
 }
 
 /// A configuration file under construction; [`fmt::Display`] gives its
-/// TOML. Unset keys keep the parser's defaults.
+/// TOML. Unset keys are written with the parser's own defaults.
 #[derive(Default)]
 pub struct ConfigBuilder {
     raw: RawConfig,
