@@ -1940,27 +1940,24 @@ fn logs_are_json_when_asked_at_their_levels_and_rate_limited_per_connection() {
 #[test]
 fn the_log_level_leaves_out_what_is_less_severe() {
     require_root();
-    let mut bed = Bed::with_run_args("l7loglevel", 1, |c| c, &["--log-level", "warn"]);
-    let (_, head) = upgrade(bed.port, "/dead");
-    assert!(head.starts_with("HTTP/1.1 502 "), "{head}");
-    bed.wait_for_log(
+    // weir run at `level`, one client refused by a dead backend: the log
+    // once `expect` is in it and weir run stopped.
+    let log_at = |level: &str, expect: &str| {
+        let mut bed =
+            Bed::with_run_args(&format!("l7log{level}"), 1, |c| c, &["--log-level", level]);
+        let (_, head) = upgrade(bed.port, "/dead");
+        assert!(head.starts_with("HTTP/1.1 502 "), "{head}");
+        bed.wait_for_log(expect, Duration::from_secs(5));
+        bed.stop(Duration::from_secs(6));
+        bed.log()
+    };
+    let log = log_at(
+        "warn",
         "weir: warning: backend 127.0.0.1:1 refused the connection",
-        Duration::from_secs(5),
     );
-    bed.stop(Duration::from_secs(6));
-    let log = bed.log();
     assert!(!log.contains("running instance"), "info logged: {log}");
     assert!(!log.contains("stopped after"), "info logged: {log}");
-    drop(bed);
-
     // At debug, each refused handshake is named too.
-    let mut bed = Bed::with_run_args("l7logdebug", 1, |c| c, &["--log-level", "debug"]);
-    let (_, head) = upgrade(bed.port, "/dead");
-    assert!(head.starts_with("HTTP/1.1 502 "), "{head}");
-    bed.wait_for_log(
-        "weir: debug: refused a client with 502",
-        Duration::from_secs(5),
-    );
-    bed.stop(Duration::from_secs(6));
-    assert!(bed.log().contains("running instance"), "{}", bed.log());
+    let log = log_at("debug", "weir: debug: refused a client with 502");
+    assert!(log.contains("running instance"), "{log}");
 }

@@ -832,7 +832,9 @@ impl Worker {
     fn schedule_drains(&mut self, stopped: &BTreeSet<u32>) {
         let now_ms = self.start.elapsed().as_millis() as u64;
         let mut by_service: BTreeMap<ServiceAddr, Vec<(u32, u32)>> = BTreeMap::new();
-        let mut by_backend: BTreeMap<u32, (SocketAddr, ServiceAddr, u32)> = BTreeMap::new();
+        // Backend id -> its address, the drain window of the first service
+        // seen with it, and its connections here.
+        let mut by_backend: BTreeMap<u32, (SocketAddr, Duration, u32)> = BTreeMap::new();
         for (i, e) in self.conns.iter_mut().enumerate() {
             let Some(e) = e else { continue };
             // One already counted (its backend stopped before) is drained
@@ -849,7 +851,7 @@ impl Worker {
                     .push((i as u32, e.generation));
                 by_backend
                     .entry(backend.id)
-                    .or_insert((backend.addr, service, 0))
+                    .or_insert_with(|| (backend.addr, drain_window(&self.config, Some(service)), 0))
                     .2 += 1;
             }
         }
@@ -858,8 +860,8 @@ impl Worker {
             self.drains
                 .schedule(now_ms, window.as_millis() as u64, conns);
         }
-        for (id, (addr, service, n)) in by_backend {
-            self.drain_started(id, addr, n, drain_window(&self.config, Some(service)));
+        for (id, (addr, window, n)) in by_backend {
+            self.drain_started(id, addr, n, window);
         }
     }
 
