@@ -61,6 +61,18 @@ impl Bed {
         edit: impl FnOnce(ConfigBuilder) -> ConfigBuilder,
         run_args: &[&str],
     ) -> Self {
+        Self::spawn(tag, backends, edit, run_args, None)
+    }
+
+    /// Like `with_run_args`; `nofile`, when given, is `weir run`'s
+    /// open-files limit (soft and hard).
+    fn spawn(
+        tag: &str,
+        backends: usize,
+        edit: impl FnOnce(ConfigBuilder) -> ConfigBuilder,
+        run_args: &[&str],
+        nofile: Option<u64>,
+    ) -> Self {
         let inst = TestInstance::new(tag);
         let dir = std::env::temp_dir().join(format!("weir-l7-{}", inst.name()));
         std::fs::create_dir_all(&dir).unwrap();
@@ -142,13 +154,30 @@ impl Bed {
         let config = edit(config).to_string();
         let path = dir.join("weir.toml");
         std::fs::write(&path, config).unwrap();
-        let weir = Command::new(workspace_bin("weir"))
-            .args(["run", "--config"])
+        let mut weir = Command::new(workspace_bin("weir"));
+        weir.args(["run", "--config"])
             .arg(&path)
             .args(run_args)
-            .stderr(std::fs::File::create(dir.join("weir.log")).unwrap())
-            .spawn()
-            .unwrap();
+            .stderr(std::fs::File::create(dir.join("weir.log")).unwrap());
+        if let Some(n) = nofile {
+            use std::os::unix::process::CommandExt;
+            let limit = libc::rlimit {
+                rlim_cur: n,
+                rlim_max: n,
+            };
+            // SAFETY: setrlimit is async-signal-safe; the struct outlives
+            // the call.
+            unsafe {
+                weir.pre_exec(move || {
+                    if libc::setrlimit(libc::RLIMIT_NOFILE, &limit) == 0 {
+                        Ok(())
+                    } else {
+                        Err(std::io::Error::last_os_error())
+                    }
+                })
+            };
+        }
+        let weir = weir.spawn().unwrap();
         let deadline = Instant::now() + Duration::from_secs(10);
         while TcpStream::connect(("127.0.0.1", port)).is_err() {
             assert!(Instant::now() < deadline, "weir run did not listen");
@@ -1147,6 +1176,50 @@ fn over_the_connection_limit_clients_get_503() {
     );
 }
 
+/// Client sockets are direct descriptors in their worker's io_uring file
+/// table, which the kernel caps at the open-files limit. With the limit at
+/// 64, one worker's table has 64 slots, 16 of them kept for armed accepts:
+/// it relays 24 connections (a client and a backend slot each). The next
+/// clients get 503, not a wait in the listen queue nor a reset; the start
+/// warned of it; a slot freed by a client that leaves serves the next.
+#[test]
+fn a_full_file_table_answers_503_and_a_freed_slot_serves_the_next() {
+    require_root();
+    let bed = Bed::spawn("l7table", 1, |c| c.workers(1), &[], Some(64));
+    // The readiness probes of the bed have closed by now.
+    std::thread::sleep(Duration::from_millis(300));
+    let mut held = Vec::new();
+    for i in 0..24 {
+        let (s, head) = upgrade(bed.port, "/ws");
+        assert!(head.starts_with("HTTP/1.1 101"), "connection {i}: {head}");
+        held.push(s);
+    }
+    for i in 0..3 {
+        let (_s, head) = upgrade(bed.port, "/ws");
+        assert!(head.starts_with("HTTP/1.1 503"), "client {i} over: {head}");
+    }
+    let log = bed.log();
+    assert!(
+        log.contains("1 worker(s) hold at most 24 connections"),
+        "{log}"
+    );
+    assert!(log.contains("io_uring file table is full"), "{log}");
+    // One leaves: its two slots come back once weir has closed them.
+    drop(held.pop());
+    let deadline = Instant::now() + Duration::from_secs(5);
+    loop {
+        let (s, head) = upgrade(bed.port, "/ws");
+        if head.starts_with("HTTP/1.1 101") {
+            held.push(s);
+            break;
+        }
+        assert!(head.starts_with("HTTP/1.1 503"), "{head}");
+        assert!(Instant::now() < deadline, "no slot came back");
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    assert_eq!(held.len(), 24);
+}
+
 #[test]
 fn the_drain_window_can_differ_per_service() {
     require_root();
@@ -1344,10 +1417,11 @@ impl Bed {
     }
 }
 
-/// weir's own socket for the client connection from `client`, borrowed
-/// from the weir process with pidfd_getfd(2): the same socket, to ask or
-/// to set.
-fn weir_side_socket(pid: u32, client: SocketAddr) -> TcpStream {
+/// weir's listening sockets on `port` (one per worker), borrowed from the
+/// weir process with pidfd_getfd(2): the same sockets, to ask or to set.
+/// Its connections' sockets are io_uring direct descriptors, in no
+/// descriptor table; they inherit the listener's options when accepted.
+fn weir_listeners(pid: u32, port: u16) -> Vec<TcpStream> {
     use std::os::fd::FromRawFd;
     // SAFETY: plain syscalls; results checked.
     let pidfd = unsafe { libc::syscall(libc::SYS_pidfd_open, pid as libc::pid_t, 0) } as i32;
@@ -1358,6 +1432,7 @@ fn weir_side_socket(pid: u32, client: SocketAddr) -> TcpStream {
     );
     // SAFETY: we own the new descriptor.
     let _pidfd = unsafe { std::os::fd::OwnedFd::from_raw_fd(pidfd) };
+    let mut found = Vec::new();
     for entry in std::fs::read_dir(format!("/proc/{pid}/fd"))
         .unwrap()
         .flatten()
@@ -1377,11 +1452,16 @@ fn weir_side_socket(pid: u32, client: SocketAddr) -> TcpStream {
         }
         // SAFETY: a socket descriptor we now own.
         let sock = unsafe { TcpStream::from_raw_fd(fd) };
-        if sock.peer_addr().ok() == Some(client) {
-            return sock;
+        let listening = sock.peer_addr().is_err();
+        if listening && sock.local_addr().is_ok_and(|a| a.port() == port) {
+            found.push(sock);
         }
     }
-    panic!("weir (pid {pid}) holds no socket connected to {client}");
+    assert!(
+        !found.is_empty(),
+        "weir (pid {pid}) listens on no port {port}"
+    );
+    found
 }
 
 /// weir writes a message to a client in as many sends as it read it in.
@@ -1411,12 +1491,12 @@ fn sixteen_kib_echoes_are_not_held_by_delayed_acks() {
         "{per_message:?} per 16 KiB echo: delayed-ACK stalls"
     );
     let pid = bed.weir.as_ref().unwrap().id();
-    assert!(
-        weir_side_socket(pid, s.local_addr().unwrap())
-            .nodelay()
-            .unwrap(),
-        "weir's accepted client socket has Nagle on"
-    );
+    for listener in weir_listeners(pid, bed.port) {
+        assert!(
+            listener.nodelay().unwrap(),
+            "weir's listener has Nagle on, and so do the clients it accepts"
+        );
+    }
 }
 
 fn close_payload(code: u16) -> Vec<u8> {
@@ -1709,15 +1789,18 @@ fn a_listener_on_port_0_is_one_port_for_every_worker_and_logged() {
             .unwrap(),
         dir,
     );
+    // Three workers hold fewer than the default max_connections under
+    // this machine's open-files limit: a warning may come first.
+    let mut stderr = BufReader::new(weir.0.stderr.as_mut().unwrap());
     let mut line = String::new();
-    BufReader::new(weir.0.stderr.as_mut().unwrap())
-        .read_line(&mut line)
-        .unwrap();
+    while !line.contains("running instance") {
+        line.clear();
+        assert_ne!(stderr.read_line(&mut line).unwrap(), 0, "weir ended");
+    }
     let addr: SocketAddr = line
-        .trim()
-        .rsplit(' ')
-        .next()
-        .and_then(|a| a.parse().ok())
+        .split_once(" on ")
+        .and_then(|(_, rest)| rest.split_once(": "))
+        .and_then(|(addr, _)| addr.parse().ok())
         .unwrap_or_else(|| panic!("no address in {line:?}"));
     assert_ne!(addr.port(), 0, "the log names the real port: {line:?}");
     // Three listening sockets of this process on that port, one per
@@ -1773,6 +1856,14 @@ fn a_close_never_written_to_a_client_is_not_counted_as_sent() {
         }),
     );
     bed.set_backends(&[be]);
+    // Both ends of the path to the client take little: the client's
+    // receive buffer and weir's send buffer for it (set on weir's
+    // listeners, whose options its accepted sockets inherit), so most of
+    // the burst stays queued inside weir.
+    let pid = bed.weir.as_ref().unwrap().id();
+    for listener in weir_listeners(pid, bed.port) {
+        set_buffer(&listener, libc::SO_SNDBUF, 4096);
+    }
     let mut s = TcpStream::connect(("127.0.0.1", bed.port)).unwrap();
     s.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
     s.write_all(b"GET /ws HTTP/1.1\r\nHost: t\r\nUpgrade: websocket\r\nConnection: Upgrade\r\nSec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\nSec-WebSocket-Version: 13\r\n\r\n").unwrap();
@@ -1783,16 +1874,7 @@ fn a_close_never_written_to_a_client_is_not_counted_as_sent() {
         head.push(byte[0]);
     }
     assert!(head.starts_with(b"HTTP/1.1 101"));
-    // Both ends of the path to the client take little: the client's
-    // receive buffer and weir's send buffer for it (set on weir's own
-    // socket), so most of the burst stays queued inside weir.
     set_buffer(&s, libc::SO_RCVBUF, 4096);
-    let pid = bed.weir.as_ref().unwrap().id();
-    set_buffer(
-        &weir_side_socket(pid, s.local_addr().unwrap()),
-        libc::SO_SNDBUF,
-        4096,
-    );
     send(&mut s, true, Opcode::Text, b"go");
     std::thread::sleep(Duration::from_millis(300));
 

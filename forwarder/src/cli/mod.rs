@@ -858,8 +858,8 @@ fn stats(reg: &Registry, instance: &Instance, json: bool) -> Result<()> {
             l7.closes_undelivered_to_client, l7.closes_undelivered_to_backend
         );
         println!(
-            "  errors: registry refresh {} freeing removed backends {} backend socket register {}",
-            l7.registry_refresh_errors, l7.registry_collect_errors, l7.socket_register_errors
+            "  errors: registry refresh {} freeing removed backends {} backend sockets {}",
+            l7.registry_refresh_errors, l7.registry_collect_errors, l7.backend_socket_errors
         );
     }
     if let Some(d) = decap {

@@ -149,12 +149,14 @@ fn serve(path: Option<&Path>, flag: Option<&str>) -> Result<()> {
         state_dir: instance.state_dir(),
     };
     let name = instance.name().to_string();
-    let listening = |bound: &[std::net::SocketAddr]| {
+    let listening = |bound: &[std::net::SocketAddr], sizing: &crate::l7::files::Sizing| {
         let bound: Vec<String> = bound.iter().map(|a| a.to_string()).collect();
         tracing::info!(
             event = "started",
-            "running instance {name} on {}",
-            bound.join(", ")
+            "running instance {name} on {}: {} worker(s), up to {} connections",
+            bound.join(", "),
+            sizing.workers,
+            sizing.capacity
         );
         if !missing.is_empty() {
             tracing::warn!(

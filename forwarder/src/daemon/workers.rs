@@ -7,12 +7,14 @@ use std::net::SocketAddr;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 
+use crate::l7::files::{self, Sizing};
 use crate::l7::metrics::WorkerMetrics;
 use crate::l7::socket::bind_listeners;
 use crate::l7::worker::{Settings, Worker};
 use crate::registry::Maps;
 
-/// Runs `workers` workers (one per core when 0) and the metrics thread
+/// Runs the workers ([`files::size`] says how many: one per core, or more
+/// where the open-files limit caps their tables) and the metrics thread
 /// until `stop` is set and every connection has drained; returns the final
 /// counters. A worker that cannot start fails the whole start. Once every
 /// worker serves, `listening` gets the addresses the listeners are bound
@@ -20,12 +22,20 @@ use crate::registry::Maps;
 pub fn serve(
     settings: Settings,
     stop: Arc<AtomicBool>,
-    listening: impl FnOnce(&[SocketAddr]),
+    listening: impl FnOnce(&[SocketAddr], &Sizing),
 ) -> io::Result<crate::l7::metrics::Snapshot> {
-    let n = match settings.config.workers {
-        0 => std::thread::available_parallelism().map_or(1, |n| n.get()),
-        n => n,
-    };
+    let config = &settings.config;
+    let cores = std::thread::available_parallelism().map_or(1, |n| n.get());
+    let nofile = open_files_limit();
+    let sizing = files::size(
+        config.max_connections as u64,
+        config.workers,
+        cores,
+        nofile,
+        config.listeners.len(),
+    );
+    warn_capacity(&sizing, config.max_connections as u64, nofile);
+    let n = sizing.workers;
     let (listener_fds, bound) = bind_listeners(&settings.config.listeners, n)?;
     let metrics: Vec<Arc<WorkerMetrics>> =
         (0..n).map(|_| Arc::new(WorkerMetrics::default())).collect();
@@ -59,7 +69,7 @@ pub fn serve(
             std::thread::Builder::new()
                 .name(format!("weir-worker-{i}"))
                 .spawn(move || -> io::Result<()> {
-                    let mut worker = match Worker::new(&settings, fds, stop, m, open) {
+                    let mut worker = match Worker::new(&settings, sizing, fds, stop, m, open) {
                         Ok(w) => {
                             let _ = tx.send(Ok(()));
                             w
@@ -104,7 +114,7 @@ pub fn serve(
             return Err(e);
         }
     };
-    listening(&bound);
+    listening(&bound, &sizing);
     let mut result = Ok(());
     for h in handles {
         let r = h
@@ -123,4 +133,43 @@ pub fn serve(
         ));
     }
     result.map(|()| crate::l7::metrics::snapshot(&metrics))
+}
+
+/// Raises the soft open-files limit to the hard one and returns it: it
+/// caps each worker's registered-file table.
+fn open_files_limit() -> u64 {
+    let mut limit = libc::rlimit {
+        rlim_cur: 0,
+        rlim_max: 0,
+    };
+    // SAFETY: getrlimit and setrlimit read and fill the struct we pass.
+    unsafe {
+        libc::getrlimit(libc::RLIMIT_NOFILE, &mut limit);
+        if limit.rlim_cur < limit.rlim_max {
+            let raised = libc::rlimit {
+                rlim_cur: limit.rlim_max,
+                rlim_max: limit.rlim_max,
+            };
+            if libc::setrlimit(libc::RLIMIT_NOFILE, &raised) == 0 {
+                limit = raised;
+            }
+        }
+    }
+    limit.rlim_cur
+}
+
+/// Warns when the workers hold fewer connections than `max_connections`
+/// (the start line says how many they hold otherwise).
+fn warn_capacity(sizing: &Sizing, max_connections: u64, nofile: u64) {
+    if sizing.capacity < max_connections {
+        tracing::warn!(
+            event = "capacity",
+            "{} worker(s) hold at most {} connections here, fewer than \
+             runtime.max_connections ({max_connections}): each worker's io_uring file table is \
+             capped at the open-files limit ({nofile}); clients beyond get 503. Set \
+             runtime.workers = 0 to run as many as it takes, or raise the limit",
+            sizing.workers,
+            sizing.capacity
+        );
+    }
 }

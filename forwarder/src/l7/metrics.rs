@@ -37,8 +37,8 @@ pub struct WorkerMetrics {
     /// Set while the worker's refresh keeps failing, so it logs once per
     /// failing spell rather than on every accept.
     pub registry_refresh_failing: AtomicBool,
-    /// Backend sockets the ring's file table refused (answered 503).
-    pub socket_register_errors: AtomicU64,
+    /// Backend sockets io_uring could not create or set up (answered 503).
+    pub backend_socket_errors: AtomicU64,
     /// Connects to a backend that failed (refused, unreachable...) or were
     /// cut for taking longer than the connect timeout; another backend is
     /// tried after each.
@@ -170,7 +170,7 @@ pub struct Snapshot {
     #[serde(default)]
     pub registry_refresh_errors: u64,
     #[serde(default)]
-    pub socket_register_errors: u64,
+    pub backend_socket_errors: u64,
     #[serde(default)]
     pub registry_collect_errors: u64,
     #[serde(default)]
@@ -198,7 +198,7 @@ pub fn snapshot(workers: &[Arc<WorkerMetrics>]) -> Snapshot {
         s.closes_undelivered_to_client += get(&w.closes_undelivered_to_client);
         s.closes_undelivered_to_backend += get(&w.closes_undelivered_to_backend);
         s.registry_refresh_errors += get(&w.registry_refresh_errors);
-        s.socket_register_errors += get(&w.socket_register_errors);
+        s.backend_socket_errors += get(&w.backend_socket_errors);
         s.registry_collect_errors += get(&w.registry_collect_errors);
         s.backend_connect_refused += get(&w.backend_connect_refused);
         s.backend_connect_timeouts += get(&w.backend_connect_timeouts);
@@ -349,10 +349,10 @@ pub fn render(s: &Snapshot) -> String {
         vec![(String::new(), s.registry_refresh_errors)],
     );
     metric(
-        "weir_l7_socket_register_errors_total",
+        "weir_l7_backend_socket_errors_total",
         "counter",
-        "Backend sockets io_uring's file table refused (the client got 503).",
-        vec![(String::new(), s.socket_register_errors)],
+        "Backend sockets io_uring could not create or set up (the client got 503).",
+        vec![(String::new(), s.backend_socket_errors)],
     );
     metric(
         "weir_l7_registry_collect_errors_total",
@@ -485,7 +485,7 @@ mod tests {
         a.frames_c2b.fetch_add(3, Ordering::Relaxed);
         a.registry_refresh_errors.fetch_add(2, Ordering::Relaxed);
         b.registry_refresh_errors.fetch_add(1, Ordering::Relaxed);
-        b.socket_register_errors.fetch_add(1, Ordering::Relaxed);
+        b.backend_socket_errors.fetch_add(1, Ordering::Relaxed);
         a.registry_collect_errors.fetch_add(4, Ordering::Relaxed);
         a.backend_connect_refused.fetch_add(2, Ordering::Relaxed);
         b.backend_connect_timeouts.fetch_add(1, Ordering::Relaxed);
@@ -502,7 +502,7 @@ mod tests {
             "weir_l7_frames_total{direction=\"client_to_backend\"} 3",
             "# TYPE weir_l7_drains_in_progress gauge",
             "weir_l7_registry_refresh_errors_total 3",
-            "weir_l7_socket_register_errors_total 1",
+            "weir_l7_backend_socket_errors_total 1",
             "weir_l7_registry_collect_errors_total 4",
             "weir_l7_backend_connect_failures_total{reason=\"refused\"} 2",
             "weir_l7_backend_connect_failures_total{reason=\"timeout\"} 1",

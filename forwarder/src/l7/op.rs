@@ -5,7 +5,6 @@
 //! must not reach the new one).
 
 use std::io;
-use std::os::fd::RawFd;
 
 use io_uring::{cqueue, opcode, squeue, types};
 
@@ -33,9 +32,11 @@ impl ConnId {
 /// One operation in flight.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum Op {
-    /// Multishot accept on listener number `listener`.
+    /// An accept into a registered-file slot, by its entry in the worker's
+    /// table of armed accepts (which holds the slot and the address the
+    /// kernel writes the client's into).
     Accept {
-        listener: u32,
+        accept: u32,
     },
     /// The worker's periodic timeout.
     Tick,
@@ -52,10 +53,26 @@ pub enum Op {
     Connect {
         conn: ConnId,
     },
-    /// A shutdown of the backend socket (a direct descriptor, which only
+    /// A shutdown of one side's socket (a direct descriptor, which only
     /// the ring can reach).
     Shutdown {
         conn: ConnId,
+        side: Side,
+    },
+    /// The backend socket's creation, linked before its option and its
+    /// connect; it completes only when it fails.
+    Socket {
+        conn: ConnId,
+    },
+    /// TCP_NODELAY on the new backend socket, linked before its connect;
+    /// it completes only when it fails.
+    NoDelay {
+        conn: ConnId,
+    },
+    /// The close of a registered-file slot; the slot is free again when
+    /// it completes.
+    Close {
+        slot: u32,
     },
     /// A cancel of another operation of this connection; nothing waits
     /// for its completion.
@@ -72,7 +89,11 @@ const SEND_BACKEND: u8 = 5;
 const CONNECT: u8 = 6;
 const TICK: u8 = 7;
 const CANCEL: u8 = 8;
-const SHUTDOWN: u8 = 9;
+const SHUTDOWN_BACKEND: u8 = 9;
+const SHUTDOWN_CLIENT: u8 = 10;
+const SOCKET: u8 = 11;
+const NODELAY: u8 = 12;
+const CLOSE: u8 = 13;
 
 fn tag(op: u8, idx: u32, generation: u32) -> u64 {
     (u64::from(generation & GENERATION_MASK) << 40) | (u64::from(idx) << 8) | u64::from(op)
@@ -86,12 +107,17 @@ impl Op {
             Side::Backend => backend,
         };
         match self {
-            Self::Accept { listener } => tag(ACCEPT, listener, 0),
+            Self::Accept { accept } => tag(ACCEPT, accept, 0),
+            Self::Close { slot } => tag(CLOSE, slot, 0),
             Self::Tick => tag(TICK, 0, 0),
             Self::Recv { conn, side } => on(by_side(side, RECV_CLIENT, RECV_BACKEND), conn),
             Self::Send { conn, side } => on(by_side(side, SEND_CLIENT, SEND_BACKEND), conn),
             Self::Connect { conn } => on(CONNECT, conn),
-            Self::Shutdown { conn } => on(SHUTDOWN, conn),
+            Self::Shutdown { conn, side } => {
+                on(by_side(side, SHUTDOWN_CLIENT, SHUTDOWN_BACKEND), conn)
+            }
+            Self::Socket { conn } => on(SOCKET, conn),
+            Self::NoDelay { conn } => on(NODELAY, conn),
             Self::Cancel { conn } => on(CANCEL, conn),
         }
     }
@@ -105,18 +131,21 @@ impl Op {
             generation: (user_data >> 40) as u32,
         };
         let tag = user_data as u8;
-        let side = if matches!(tag, RECV_CLIENT | SEND_CLIENT) {
+        let side = if matches!(tag, RECV_CLIENT | SEND_CLIENT | SHUTDOWN_CLIENT) {
             Side::Client
         } else {
             Side::Backend
         };
         Some(match tag {
-            ACCEPT => Self::Accept { listener: idx },
+            ACCEPT => Self::Accept { accept: idx },
+            CLOSE => Self::Close { slot: idx },
             TICK => Self::Tick,
             RECV_CLIENT | RECV_BACKEND => Self::Recv { conn, side },
             SEND_CLIENT | SEND_BACKEND => Self::Send { conn, side },
             CONNECT => Self::Connect { conn },
-            SHUTDOWN => Self::Shutdown { conn },
+            SHUTDOWN_CLIENT | SHUTDOWN_BACKEND => Self::Shutdown { conn, side },
+            SOCKET => Self::Socket { conn },
+            NODELAY => Self::NoDelay { conn },
             CANCEL => Self::Cancel { conn },
             _ => return None,
         })
@@ -125,20 +154,28 @@ impl Op {
     /// The connection this operation belongs to, if any.
     pub fn conn(self) -> Option<ConnId> {
         match self {
-            Self::Accept { .. } | Self::Tick => None,
+            Self::Accept { .. } | Self::Tick | Self::Close { .. } => None,
             Self::Recv { conn, .. }
             | Self::Send { conn, .. }
             | Self::Connect { conn }
-            | Self::Shutdown { conn }
+            | Self::Shutdown { conn, .. }
+            | Self::Socket { conn }
+            | Self::NoDelay { conn }
             | Self::Cancel { conn } => Some(conn),
         }
     }
 
     /// Whether this operation keeps its connection alive until it
     /// completes: it points into the connection's memory or sockets.
-    /// A cancel points at nothing of the connection.
+    /// A cancel points at nothing of the connection; the socket's creation
+    /// and its option complete only on failure, and the connect linked
+    /// after them completes in any case.
     pub fn holds_conn(self) -> bool {
-        self.conn().is_some() && !matches!(self, Self::Cancel { .. })
+        self.conn().is_some()
+            && !matches!(
+                self,
+                Self::Cancel { .. } | Self::Socket { .. } | Self::NoDelay { .. }
+            )
     }
 }
 
@@ -174,33 +211,18 @@ pub fn result(res: i32) -> io::Result<u32> {
     }
 }
 
-/// A socket as io_uring sees it: a plain descriptor (clients: weir needs
-/// their address) or a slot of the ring's registered-file table (backends:
-/// they cost no entry in the process' descriptor table, which is capped).
-#[derive(Clone, Copy)]
-pub enum Target {
-    Fd(RawFd),
-    Slot(u32),
+/// A multishot receive on a registered-file slot into the provided
+/// buffers of group `bgid`.
+pub fn recv(slot: u32, bgid: u16) -> squeue::Entry {
+    opcode::RecvMulti::new(types::Fixed(slot), bgid).build()
 }
 
-impl Target {
-    pub fn recv(self, bgid: u16) -> squeue::Entry {
-        match self {
-            Self::Fd(fd) => opcode::RecvMulti::new(types::Fd(fd), bgid).build(),
-            Self::Slot(s) => opcode::RecvMulti::new(types::Fixed(s), bgid).build(),
-        }
-    }
-
-    pub fn send(self, ptr: *const u8, len: u32) -> squeue::Entry {
-        match self {
-            Self::Fd(fd) => opcode::Send::new(types::Fd(fd), ptr, len)
-                .flags(libc::MSG_NOSIGNAL)
-                .build(),
-            Self::Slot(s) => opcode::Send::new(types::Fixed(s), ptr, len)
-                .flags(libc::MSG_NOSIGNAL)
-                .build(),
-        }
-    }
+/// A send of `len` bytes at `ptr` on a registered-file slot; they must stay
+/// put until it completes.
+pub fn send(slot: u32, ptr: *const u8, len: u32) -> squeue::Entry {
+    opcode::Send::new(types::Fixed(slot), ptr, len)
+        .flags(libc::MSG_NOSIGNAL)
+        .build()
 }
 
 #[cfg(test)]
@@ -209,15 +231,18 @@ mod tests {
 
     fn every_op(conn: ConnId) -> Vec<Op> {
         let mut ops = vec![
-            Op::Accept { listener: 7 },
+            Op::Accept { accept: 7 },
             Op::Tick,
+            Op::Close { slot: 19_999 },
             Op::Connect { conn },
-            Op::Shutdown { conn },
+            Op::Socket { conn },
+            Op::NoDelay { conn },
             Op::Cancel { conn },
         ];
         for side in [Side::Client, Side::Backend] {
             ops.push(Op::Recv { conn, side });
             ops.push(Op::Send { conn, side });
+            ops.push(Op::Shutdown { conn, side });
         }
         ops
     }
@@ -276,7 +301,7 @@ mod tests {
     fn unknown_tags_are_refused() {
         assert_eq!(Op::decode(0), None);
         assert_eq!(Op::decode(0xff), None);
-        assert_eq!(Op::decode(tag(10, 1, 1)), None);
+        assert_eq!(Op::decode(tag(14, 1, 1)), None);
     }
 
     #[test]
@@ -288,7 +313,9 @@ mod tests {
         let held: Vec<bool> = every_op(conn).into_iter().map(Op::holds_conn).collect();
         assert_eq!(
             held,
-            [false, false, true, true, false, true, true, true, true]
+            [
+                false, false, false, true, false, false, false, true, true, true, true, true, true
+            ]
         );
     }
 

@@ -1,11 +1,12 @@
-//! Socket setup for the L7 workers, on socket2: the listeners every worker
-//! binds, the backend sockets it connects, and the addresses io_uring needs
-//! as raw `sockaddr`s.
+//! Socket setup for the L7 workers: the listeners every worker binds (on
+//! socket2), the option every backend socket gets through the ring, and the
+//! addresses io_uring reads and writes as raw `sockaddr`s.
 
 use std::io;
 use std::net::{Shutdown, SocketAddr};
 use std::os::fd::{AsFd, OwnedFd};
 
+use io_uring::{IoUring, opcode, squeue, types};
 use socket2::{Domain, SockAddr, SockRef, Socket, Type};
 
 use super::config::Listener;
@@ -67,17 +68,96 @@ fn local_addr(socket: &impl AsFd) -> io::Result<SocketAddr> {
         .ok_or_else(|| io::Error::other("listener bound to a non-IP address"))
 }
 
-/// The address of a connected socket's peer; None once it is gone.
-pub fn peer_addr(socket: &impl AsFd) -> Option<SocketAddr> {
-    SockRef::from(socket).peer_addr().ok()?.as_socket()
+/// The address an accept wrote: the client's.
+pub fn sockaddr(storage: &libc::sockaddr_storage, len: libc::socklen_t) -> Option<SocketAddr> {
+    let len = len as usize;
+    match i32::from(storage.ss_family) {
+        libc::AF_INET if len >= size_of::<libc::sockaddr_in>() => {
+            // SAFETY: the family says the storage holds a sockaddr_in, and
+            // sockaddr_storage is aligned for every sockaddr.
+            let sin =
+                unsafe { &*(storage as *const libc::sockaddr_storage).cast::<libc::sockaddr_in>() };
+            let ip = std::net::Ipv4Addr::from(u32::from_be(sin.sin_addr.s_addr));
+            Some(SocketAddr::from((ip, u16::from_be(sin.sin_port))))
+        }
+        libc::AF_INET6 if len >= size_of::<libc::sockaddr_in6>() => {
+            // SAFETY: as above, for sockaddr_in6.
+            let sin6 = unsafe {
+                &*(storage as *const libc::sockaddr_storage).cast::<libc::sockaddr_in6>()
+            };
+            let ip = std::net::Ipv6Addr::from(sin6.sin6_addr.s6_addr);
+            Some(SocketAddr::V6(std::net::SocketAddrV6::new(
+                ip,
+                u16::from_be(sin6.sin6_port),
+                sin6.sin6_flowinfo,
+                sin6.sin6_scope_id,
+            )))
+        }
+        _ => None,
+    }
 }
 
-/// A socket for connecting to a backend at `addr`, with TCP_NODELAY for
-/// the same reason as on client sockets (see [`reuseport_listener`]).
-pub fn backend_socket(addr: SocketAddr) -> io::Result<OwnedFd> {
-    let socket = Socket::new(Domain::for_address(addr), Type::STREAM.cloexec(), None)?;
-    socket.set_tcp_nodelay(true)?;
-    Ok(socket.into())
+/// TCP_NODELAY's value; the kernel reads it when the option is set, which
+/// for a linked operation is after the submitting call returned.
+static NODELAY_ON: libc::c_int = 1;
+
+/// TCP_NODELAY on the socket in `slot`, for the same reason as on client
+/// sockets (see [`reuseport_listener`]).
+pub fn nodelay(slot: u32) -> squeue::Entry {
+    opcode::SetSockOpt::new(
+        types::Fixed(slot),
+        libc::IPPROTO_TCP as u32,
+        libc::TCP_NODELAY as u32,
+        (&raw const NODELAY_ON).cast(),
+        size_of::<libc::c_int>() as u32,
+    )
+    .build()
+}
+
+/// Creates a socket in `slot` of `ring`'s table, sets TCP_NODELAY on it and
+/// closes it, all through the ring, as a worker does for every backend:
+/// a kernel without these operations (Linux before 6.7) refuses the start
+/// here rather than every client later.
+pub fn check_ring_sockets(ring: &mut IoUring, slot: u32) -> io::Result<()> {
+    let steps = ["create a socket", "set TCP_NODELAY", "close the socket"];
+    let dest = types::DestinationSlot::try_from_slot_target(slot)
+        .map_err(|_| io::Error::other(format!("slot {slot} out of range")))?;
+    let chain = [
+        opcode::Socket::new(libc::AF_INET, libc::SOCK_STREAM, 0)
+            .file_index(Some(dest))
+            .build()
+            .flags(squeue::Flags::IO_LINK)
+            .user_data(0),
+        nodelay(slot).user_data(1),
+    ];
+    let close = [opcode::Close::new(types::Fixed(slot)).build().user_data(2)];
+    let mut results = [None; 3];
+    for (batch, expected) in [(&chain[..], 2), (&close[..], 1)] {
+        // SAFETY: the entries point only at the static option value.
+        unsafe { ring.submission().push_multiple(batch) }
+            .map_err(|_| io::Error::other("the submission queue is full"))?;
+        ring.submit_and_wait(expected)?;
+        for c in ring.completion() {
+            results[c.user_data() as usize % 3] = Some(c.result());
+        }
+    }
+    for (step, res) in steps.iter().zip(results) {
+        match res {
+            Some(res) if res >= 0 => {}
+            Some(res) => {
+                return Err(io::Error::new(
+                    io::Error::from_raw_os_error(-res).kind(),
+                    format!(
+                        "io_uring cannot {step} ({}): weir run needs Linux 6.7 or later \
+                         (IORING_OP_SOCKET, SOCKET_URING_OP_SETSOCKOPT)",
+                        io::Error::from_raw_os_error(-res)
+                    ),
+                ));
+            }
+            None => return Err(io::Error::other(format!("io_uring did not {step}"))),
+        }
+    }
+    Ok(())
 }
 
 /// `addr` as the `sockaddr` a connect operation reads; it must stay put
@@ -114,17 +194,43 @@ mod tests {
             assert_eq!(local_addr(&w[0]).unwrap(), bound[0]);
         }
         let client = std::net::TcpStream::connect(bound[0]).expect("connect");
-        assert_eq!(peer_addr(&client), Some(bound[0]));
+        assert_eq!(client.peer_addr().unwrap(), bound[0]);
         shut(&client, Shutdown::Both);
         let mut buf = [0u8; 1];
         assert_eq!(std::io::Read::read(&mut &client, &mut buf).unwrap(), 0);
     }
 
+    /// What an accept writes reads back as the address, for both
+    /// families; a length the kernel would never write gives none.
     #[test]
-    fn a_backend_socket_has_nodelay_and_a_raw_address_round_trips() {
-        let addr: SocketAddr = "[::1]:8080".parse().unwrap();
-        let fd = backend_socket(addr).expect("socket");
-        assert!(SockRef::from(&fd).tcp_nodelay().unwrap());
-        assert_eq!(raw_addr(addr).as_socket(), Some(addr));
+    fn an_accepted_address_reads_back() {
+        for addr in ["198.18.0.7:40000", "[2001:db8::1]:443"] {
+            let addr: SocketAddr = addr.parse().unwrap();
+            let raw = raw_addr(addr);
+            // SAFETY: all zeroes is a valid sockaddr_storage, and the copy
+            // stays within both.
+            let mut storage: libc::sockaddr_storage = unsafe { std::mem::zeroed() };
+            unsafe {
+                std::ptr::copy_nonoverlapping(
+                    raw.as_ptr().cast::<u8>(),
+                    (&raw mut storage).cast::<u8>(),
+                    raw.len() as usize,
+                )
+            };
+            assert_eq!(sockaddr(&storage, raw.len()), Some(addr));
+        }
+        // SAFETY: all zeroes is a valid sockaddr_storage.
+        let empty: libc::sockaddr_storage = unsafe { std::mem::zeroed() };
+        assert_eq!(sockaddr(&empty, 0), None);
+    }
+
+    /// The kernel here has the operations every backend socket needs.
+    #[test]
+    fn the_ring_creates_and_sets_up_sockets() {
+        let mut ring = IoUring::new(8).expect("io_uring");
+        ring.submitter().register_files_sparse(4).expect("table");
+        check_ring_sockets(&mut ring, 3).expect("socket operations");
+        // The slot is empty again: a second round works the same.
+        check_ring_sockets(&mut ring, 3).expect("socket operations again");
     }
 }

@@ -50,6 +50,11 @@ impl<T> Table<T> {
         (i < self.len).then(|| &self.chunks[i / CHUNK][i % CHUNK])
     }
 
+    /// Slot `i` to change, or None past the end.
+    pub fn get_mut(&mut self, i: usize) -> Option<&mut Option<T>> {
+        (i < self.len).then(|| &mut self.chunks[i / CHUNK][i % CHUNK])
+    }
+
     /// Every slot in order.
     pub fn iter(&self) -> impl Iterator<Item = &Option<T>> {
         self.chunks.iter().flat_map(|c| c.iter()).take(self.len)

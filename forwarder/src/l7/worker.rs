@@ -11,7 +11,7 @@
 use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::io;
 use std::net::{Shutdown, SocketAddr};
-use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
+use std::os::fd::{AsRawFd, OwnedFd};
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::time::{Duration, Instant};
@@ -23,10 +23,11 @@ use super::bufring::BufRing;
 use super::config::{Config, Listener};
 use super::conn::{Action, Conn, Cx, Event, Output, Received, Side, Transmit};
 use super::drain::DrainQueue;
+use super::files::{Sizing, Slots};
 use super::frame;
 use super::handshake::{Reject, reject};
 use super::metrics::{CloseSeen, WorkerMetrics};
-use super::op::{Completion, ConnId, Op, Target};
+use super::op::{self, Completion, ConnId, Op};
 use super::socket;
 use super::table::Table;
 use super::upstream::{Rng, Upstream};
@@ -50,9 +51,10 @@ struct Entry {
     generation: u32,
     /// The listener it came in on (a configuration has a handful).
     listener: u16,
-    client: OwnedFd,
-    /// The backend socket's slot in the ring's registered-file table.
-    slot: Option<u32>,
+    /// The client socket's slot in the ring's registered-file table.
+    client: u32,
+    /// The backend socket's slot, while it has one.
+    backend: Option<u32>,
     /// The address a connect in flight points at: it must stay put until
     /// the connect completes.
     connect_to: Option<Box<SockAddr>>,
@@ -63,6 +65,21 @@ struct Entry {
     /// Counted in a drain of its backend ([`Worker::draining`]), so that
     /// its end counts there once.
     in_drain: bool,
+    /// The backend socket's creation or its option failed (the connect
+    /// linked after them then completes cancelled): the errno.
+    socket_failed: Option<i32>,
+}
+
+/// One accept kept armed on a listener, into a slot of the table; the
+/// kernel writes the client's address here.
+struct Accept {
+    listener: u16,
+    /// The slot its client lands in, while armed.
+    slot: Option<u32>,
+    /// Failed for a reason that would fail again at once: the tick re-arms.
+    paused: bool,
+    addr: libc::sockaddr_storage,
+    len: libc::socklen_t,
 }
 
 pub struct Worker {
@@ -85,14 +102,16 @@ pub struct Worker {
     accepting: bool,
     metrics: Arc<WorkerMetrics>,
     /// Free slots of the registered-file table.
-    slots: Vec<u32>,
+    slots: Slots,
+    /// Its size.
+    table: u32,
+    /// The accepts armed on every listener. Never resized: the kernel
+    /// writes into its elements.
+    accepts: Box<[Accept]>,
     /// After SIGTERM: what is still open at this point is cut.
     shutdown_deadline: Option<Instant>,
     /// Connections across all workers, for `max_connections`.
     open: Arc<AtomicUsize>,
-    /// Listeners whose accept stopped for lack of descriptors; the tick
-    /// re-arms them.
-    accept_paused: Vec<bool>,
     /// The buffer pool's memory can be given back only when the kernel
     /// fills buffers inside our own `io_uring_enter` (DEFER_TASKRUN).
     pool: PoolRelease,
@@ -113,6 +132,7 @@ pub struct Worker {
 struct Chatter {
     backend_failed: RateLimit,
     over_limit: RateLimit,
+    out_of_slots: RateLimit,
     /// Debug level: handshakes refused, WebSockets weir closes.
     refused: RateLimit,
     closing: RateLimit,
@@ -124,6 +144,7 @@ impl Default for Chatter {
         Self {
             backend_failed: limit(),
             over_limit: limit(),
+            out_of_slots: limit(),
             refused: limit(),
             closing: limit(),
         }
@@ -168,6 +189,7 @@ impl Worker {
     /// has them), the buffers, the listeners and the registry view.
     pub fn new(
         settings: &Settings,
+        sizing: Sizing,
         listener_fds: Vec<OwnedFd>,
         stop: Arc<AtomicBool>,
         metrics: Arc<WorkerMetrics>,
@@ -180,31 +202,33 @@ impl Worker {
             .setup_defer_taskrun()
             .build(entries);
         let defer_taskrun = deferred.is_ok();
-        let ring = deferred
+        let mut ring = deferred
             .or_else(|_| IoUring::builder().setup_coop_taskrun().build(entries))
             .or_else(|_| IoUring::new(entries))
             .map_err(|e| io::Error::new(e.kind(), format!("io_uring is not available: {e}")))?;
         let bufs = BufRing::new(&ring, 0, config.buffers, config.buffer_size)?;
-        // A sparse table of direct descriptors for backend sockets; the
-        // kernel caps it at RLIMIT_NOFILE per ring.
-        let mut limit = libc::rlimit {
-            rlim_cur: 0,
-            rlim_max: 0,
-        };
-        // SAFETY: getrlimit fills the struct we pass.
-        unsafe { libc::getrlimit(libc::RLIMIT_NOFILE, &mut limit) };
-        let table = (limit.rlim_cur as u32).clamp(64, 65536);
+        let table = sizing.slots;
         ring.submitter().register_files_sparse(table).map_err(|e| {
             io::Error::new(
                 e.kind(),
-                format!("registering {table} direct descriptors: {e}"),
+                format!("registering a table of {table} direct descriptors: {e}"),
             )
         })?;
-        let slots: Vec<u32> = (0..table).rev().collect();
-        let accept_paused = vec![false; config.listeners.len()];
+        socket::check_ring_sockets(&mut ring, table - 1)?;
         let listeners: Vec<(OwnedFd, Listener)> = listener_fds
             .into_iter()
             .zip(config.listeners.iter().cloned())
+            .collect();
+        let per_listener = sizing.accepts_per_listener as usize;
+        let accepts = (0..listeners.len() * per_listener)
+            .map(|i| Accept {
+                listener: (i / per_listener) as u16,
+                slot: None,
+                paused: false,
+                // SAFETY: all zeroes is a valid (empty) sockaddr_storage.
+                addr: unsafe { std::mem::zeroed() },
+                len: 0,
+            })
             .collect();
         let maps = Maps::open(&settings.instance_dir).map_err(io::Error::other)?;
         let view = RegistryView::open(maps).map_err(io::Error::other)?;
@@ -226,10 +250,11 @@ impl Worker {
             stop,
             accepting: true,
             metrics,
-            slots,
+            slots: Slots::new(table),
+            table,
+            accepts,
             shutdown_deadline: None,
             open,
-            accept_paused,
             pool: PoolRelease {
                 enabled: defer_taskrun,
                 ..PoolRelease::default()
@@ -243,9 +268,7 @@ impl Worker {
 
     /// Runs until the stop flag is set and every connection is gone.
     pub fn run(&mut self) -> io::Result<()> {
-        for i in 0..self.listeners.len() {
-            self.arm_accept(i);
-        }
+        self.arm_accepts();
         self.arm_tick();
         loop {
             match self.ring.submit_and_wait(1) {
@@ -300,6 +323,27 @@ impl Worker {
         }
     }
 
+    /// Submits linked operations together: a chain cut by a full queue
+    /// would be submitted in two parts, and the kernel ends a link at the
+    /// end of a submission.
+    fn submit_chain(&mut self, chain: [(Op, squeue::Entry); 3]) {
+        let entries = chain.map(|(op, entry)| {
+            if op.holds_conn()
+                && let Some(id) = op.conn()
+            {
+                self.entry(id.idx).inflight += 1;
+            }
+            entry.user_data(op.user_data())
+        });
+        loop {
+            // SAFETY: as in `push`.
+            if unsafe { self.ring.submission().push_multiple(&entries) }.is_ok() {
+                return;
+            }
+            let _ = self.ring.submit();
+        }
+    }
+
     /// Submits `op`. The one place that counts a connection's operations
     /// in flight (the other is where a completion ends one, in
     /// [`Worker::complete`]).
@@ -319,16 +363,41 @@ impl Worker {
         self.submit(Op::Tick, tick);
     }
 
-    fn arm_accept(&mut self, listener: usize) {
-        let fd = self.listeners[listener].0.as_raw_fd();
-        let entry = opcode::AcceptMulti::new(types::Fd(fd))
-            .flags(libc::SOCK_CLOEXEC)
-            .build();
+    /// Arms every accept that is not armed, paused or waiting for a slot,
+    /// while slots last: run after anything that frees a slot, so that a
+    /// full table still accepts (and refuses with 503) rather than leave
+    /// clients waiting in the listen queue.
+    fn arm_accepts(&mut self) {
+        if !self.accepting {
+            return;
+        }
+        for i in 0..self.accepts.len() {
+            let a = &self.accepts[i];
+            if a.slot.is_some() || a.paused {
+                continue;
+            }
+            let Some(slot) = self.slots.take() else {
+                return;
+            };
+            let fd = self.listeners[usize::from(a.listener)].0.as_raw_fd();
+            let a = &mut self.accepts[i];
+            a.slot = Some(slot);
+            a.len = size_of::<libc::sockaddr_storage>() as libc::socklen_t;
+            let dest = types::DestinationSlot::try_from_slot_target(slot).expect("slot in range");
+            let entry =
+                opcode::Accept::new(types::Fd(fd), (&raw mut a.addr).cast(), &raw mut a.len)
+                    .file_index(Some(dest))
+                    .build();
+            self.submit(Op::Accept { accept: i as u32 }, entry);
+        }
+    }
+
+    /// Closes the descriptor in `slot`; the slot is free once that
+    /// completes.
+    fn close_slot(&mut self, slot: u32) {
         self.submit(
-            Op::Accept {
-                listener: listener as u32,
-            },
-            entry,
+            Op::Close { slot },
+            opcode::Close::new(types::Fixed(slot)).build(),
         );
     }
 
@@ -337,28 +406,34 @@ impl Worker {
             return;
         };
         let id = match c.op {
-            Op::Accept { listener } => return self.on_accept(listener as usize, c),
+            Op::Accept { accept } => return self.on_accept(accept as usize, c),
             Op::Tick => {
                 self.arm_tick();
                 return self.on_tick();
             }
+            Op::Close { slot } => {
+                self.slots.give(slot);
+                return self.arm_accepts();
+            }
             Op::Cancel { .. } => return,
+            // Posted only on failure, before the connect's own completion.
+            Op::Socket { conn } | Op::NoDelay { conn } => {
+                if let Some(e) = self.live(conn) {
+                    e.socket_failed = c.result.err().and_then(|e| e.raw_os_error());
+                }
+                return;
+            }
             Op::Recv { conn, .. }
             | Op::Send { conn, .. }
             | Op::Connect { conn }
-            | Op::Shutdown { conn } => conn,
+            | Op::Shutdown { conn, .. } => conn,
         };
         // A receive that picked a buffer owns it, whatever happened to its
         // connection since.
         if c.buffer.is_some() {
             self.bufs.taken();
         }
-        let live = self
-            .conns
-            .get(id.idx as usize)
-            .and_then(|e| e.as_ref())
-            .is_some_and(|e| e.generation == id.generation);
-        if !live {
+        if self.live(id).is_none() {
             if let Some(bid) = c.buffer {
                 self.bufs.recycle(bid);
             }
@@ -373,9 +448,14 @@ impl Worker {
                 self.with_conn(id.idx, |conn, cx, _| conn.handle_sent(cx, side, c.result));
             }
             Op::Connect { .. } => {
-                self.entry(id.idx).connect_to = None;
-                let connected = c.result.is_ok();
-                self.with_conn(id.idx, |conn, cx, _| conn.handle_connected(cx, connected));
+                let e = self.entry(id.idx);
+                e.connect_to = None;
+                if let Some(errno) = e.socket_failed.take() {
+                    self.socket_failed(id.idx, errno);
+                } else {
+                    let connected = c.result.is_ok();
+                    self.with_conn(id.idx, |conn, cx, _| conn.handle_connected(cx, connected));
+                }
             }
             _ => {}
         }
@@ -384,6 +464,14 @@ impl Worker {
 
     fn entry(&mut self, idx: u32) -> &mut Entry {
         self.conns[idx as usize].as_mut().expect("live connection")
+    }
+
+    /// The connection `id` names, if it is still the one in its slot.
+    fn live(&mut self, id: ConnId) -> Option<&mut Entry> {
+        self.conns
+            .get_mut(id.idx as usize)
+            .and_then(|e| e.as_mut())
+            .filter(|e| e.generation == id.generation)
     }
 
     /// Calls into connection `idx` with the time, its routes and a fresh
@@ -401,29 +489,30 @@ impl Worker {
         f(&mut e.conn, &mut cx, &self.bufs)
     }
 
-    fn on_accept(&mut self, listener: usize, c: Completion) {
-        let out_of_files = c
-            .result
-            .as_ref()
-            .is_err_and(|e| matches!(e.raw_os_error(), Some(libc::EMFILE | libc::ENFILE)));
-        if !c.more && self.accepting {
-            if out_of_files {
-                // Re-arming now would spin: the tick tries again.
-                self.accept_paused[listener] = true;
-            } else {
-                self.arm_accept(listener);
-            }
+    fn on_accept(&mut self, accept: usize, c: Completion) {
+        let a = &mut self.accepts[accept];
+        let slot = a.slot.take().expect("an armed accept holds its slot");
+        let peer = socket::sockaddr(&a.addr, a.len);
+        if let Err(e) = c.result {
+            // Nothing landed in the slot.
+            self.slots.give(slot);
+            // A client that gave up in the queue, or a signal: go on. Any
+            // other failure would repeat at once: the tick re-arms.
+            let transient = matches!(
+                e.raw_os_error(),
+                Some(libc::ECONNABORTED | libc::EINTR | libc::EAGAIN)
+            );
+            self.accepts[accept].paused = !transient && self.accepting;
+            return self.arm_accepts();
         }
-        let Ok(fd) = c.result else { return };
-        // SAFETY: the kernel handed us this new descriptor.
-        let client = unsafe { OwnedFd::from_raw_fd(fd as i32) };
         self.metrics.accepted.fetch_add(1, Ordering::Relaxed);
         if !self.accepting {
-            return;
+            return self.close_slot(slot);
         }
+        // Re-armed before this client takes a slot for its backend.
+        self.arm_accepts();
         self.refresh_view();
-        let peer =
-            socket::peer_addr(&client).unwrap_or_else(|| SocketAddr::from(([0, 0, 0, 0], 0)));
+        let peer = peer.unwrap_or_else(|| SocketAddr::from(([0, 0, 0, 0], 0)));
         let idx = self
             .free
             .pop()
@@ -438,13 +527,14 @@ impl Worker {
         self.conns[idx as usize] = Some(Entry {
             conn: Conn::new(self.now, &self.config, peer),
             generation,
-            listener: listener as u16,
-            client,
-            slot: None,
+            listener: self.accepts[accept].listener,
+            client: slot,
+            backend: None,
             connect_to: None,
             inflight: 0,
             over_limit: over,
             in_drain: false,
+            socket_failed: None,
         });
         if over {
             if let Some(suppressed) = self.chatter.over_limit.admit(self.now) {
@@ -520,19 +610,18 @@ impl Worker {
                     self.submit(Op::Cancel { conn: id }, cancel.build());
                 }
                 Action::Recv(side) => {
-                    let target = match side {
-                        Side::Client => Target::Fd(e.client.as_raw_fd()),
-                        Side::Backend => Target::Slot(e.slot.expect("a connected backend")),
+                    let slot = match side {
+                        Side::Client => e.client,
+                        Side::Backend => e.backend.expect("a connected backend"),
                     };
                     let bgid = self.bufs.bgid();
-                    self.submit(Op::Recv { conn: id, side }, target.recv(bgid));
+                    self.submit(Op::Recv { conn: id, side }, op::recv(slot, bgid));
                 }
                 Action::CancelRecv(side) => {
                     let cancel = opcode::AsyncCancel::new(Op::Recv { conn: id, side }.user_data());
                     self.submit(Op::Cancel { conn: id }, cancel.build());
                 }
-                Action::Abort(Side::Client) => socket::shut(&e.client, Shutdown::Both),
-                Action::Abort(Side::Backend) => self.shut_backend(idx, libc::SHUT_RDWR),
+                Action::Abort(side) => self.shut(idx, side, libc::SHUT_RDWR),
             }
         }
         self.transmit(idx, Side::Client);
@@ -543,10 +632,10 @@ impl Worker {
     /// Starts the next send towards one side of `idx`, if it has one.
     fn transmit(&mut self, idx: u32, side: Side) {
         let e = self.conns[idx as usize].as_mut().expect("live connection");
-        let target = match side {
-            Side::Client => Target::Fd(e.client.as_raw_fd()),
-            Side::Backend => match e.slot {
-                Some(slot) => Target::Slot(slot),
+        let slot = match side {
+            Side::Client => e.client,
+            Side::Backend => match e.backend {
+                Some(slot) => slot,
                 None => return,
             },
         };
@@ -557,32 +646,32 @@ impl Worker {
                 (buf[start as usize..].as_ptr(), len)
             }
             Some(Transmit::Bytes(bytes)) => (bytes.as_ptr(), bytes.len() as u32),
-            Some(Transmit::Finish) => {
-                match side {
-                    Side::Client => socket::shut(&e.client, Shutdown::Write),
-                    Side::Backend => self.shut_backend(idx, libc::SHUT_WR),
-                }
-                return;
-            }
+            Some(Transmit::Finish) => return self.shut(idx, side, libc::SHUT_WR),
         };
         let conn = ConnId {
             idx,
             generation: e.generation,
         };
-        self.submit(Op::Send { conn, side }, target.send(ptr, len));
+        self.submit(Op::Send { conn, side }, op::send(slot, ptr, len));
     }
 
-    /// Shuts the backend socket (a direct descriptor: through the ring; the
-    /// operation counts as in flight, so the slot is not freed under it).
-    fn shut_backend(&mut self, idx: u32, how: i32) {
+    /// Shuts one side's socket (through the ring; the operation counts as
+    /// in flight, so the slot is not closed under it).
+    fn shut(&mut self, idx: u32, side: Side, how: i32) {
         let e = self.entry(idx);
-        let Some(slot) = e.slot else { return };
+        let slot = match side {
+            Side::Client => e.client,
+            Side::Backend => match e.backend {
+                Some(slot) => slot,
+                None => return,
+            },
+        };
         let conn = ConnId {
             idx,
             generation: e.generation,
         };
         let shut = opcode::Shutdown::new(types::Fixed(slot), how).build();
-        self.submit(Op::Shutdown { conn }, shut);
+        self.submit(Op::Shutdown { conn, side }, shut);
     }
 
     /// Gives back the buffers connection `idx` let go of and turns what it
@@ -680,10 +769,9 @@ impl Worker {
                         );
                     }
                 }
-                // Its slot goes back (no other operation uses it).
-                if let Some(slot) = self.entry(idx).slot.take() {
-                    let _ = self.ring.submitter().register_files_update(slot, &[-1]);
-                    self.slots.push(slot);
+                // Its socket closes (no other operation uses it).
+                if let Some(slot) = self.entry(idx).backend.take() {
+                    self.close_slot(slot);
                 }
                 self.upstream.release(backend);
             }
@@ -742,40 +830,24 @@ impl Worker {
             Ok(picked) => picked,
             Err(r) => return self.refuse(idx, r),
         };
-        let Ok(fd) = socket::backend_socket(addr) else {
-            return self.refuse(idx, reject(503, "out of sockets"));
-        };
-        let Some(slot) = self.slots.pop() else {
-            return self.refuse(idx, reject(503, "out of backend socket slots"));
-        };
-        // The descriptor moves into the ring's table; the process' copy
-        // closes when `fd` drops.
-        if let Err(err) = self
-            .ring
-            .submitter()
-            .register_files_update(slot, &[fd.as_raw_fd()])
-        {
-            self.slots.push(slot);
-            if self
-                .metrics
-                .socket_register_errors
-                .fetch_add(1, Ordering::Relaxed)
-                == 0
-            {
-                tracing::error!(
-                    event = "socket_register_failed",
+        let Some(slot) = self.slots.take() else {
+            if let Some(suppressed) = self.chatter.out_of_slots.admit(self.now) {
+                tracing::warn!(
+                    event = "connection_slots_full",
                     worker = %worker_name(),
-                    "cannot register a backend socket with io_uring ({err}); such clients get \
-                     503 (counted in weir_l7_socket_register_errors_total)"
+                    slots = self.table,
+                    suppressed,
+                    "this worker's io_uring file table is full: new clients get 503 until \
+                     connections close (counted in weir_l7_handshakes_total{{status=\"503\"}}); \
+                     raise the open-files limit or set runtime.workers = 0"
                 );
             }
-            return self.refuse(idx, reject(503, "cannot register the backend socket"));
-        }
-        drop(fd);
+            return self.refuse(idx, reject(503, "out of connection slots"));
+        };
         self.upstream.hold(id);
         self.with_conn(idx, |conn, cx, _| conn.handle_connecting(cx, id, addr));
         let e = self.entry(idx);
-        e.slot = Some(slot);
+        e.backend = Some(slot);
         let to = e.connect_to.insert(Box::new(socket::raw_addr(addr)));
         let connect =
             opcode::Connect::new(types::Fixed(slot), to.as_ptr().cast(), to.len()).build();
@@ -783,7 +855,43 @@ impl Worker {
             idx,
             generation: e.generation,
         };
-        self.submit(Op::Connect { conn }, connect);
+        let domain = if addr.is_ipv4() {
+            libc::AF_INET
+        } else {
+            libc::AF_INET6
+        };
+        let dest = types::DestinationSlot::try_from_slot_target(slot).expect("slot in range");
+        let socket = opcode::Socket::new(domain, libc::SOCK_STREAM, 0)
+            .file_index(Some(dest))
+            .build();
+        let nodelay = socket::nodelay(slot);
+        // Only failures of the first two complete: the connect's completion
+        // says how the chain went.
+        let linked = squeue::Flags::IO_LINK | squeue::Flags::SKIP_SUCCESS;
+        self.submit_chain([
+            (Op::Socket { conn }, socket.flags(linked)),
+            (Op::NoDelay { conn }, nodelay.flags(linked)),
+            (Op::Connect { conn }, connect),
+        ]);
+    }
+
+    /// The backend socket of `idx` could not be made: its client gets 503.
+    fn socket_failed(&mut self, idx: u32, errno: i32) {
+        if self
+            .metrics
+            .backend_socket_errors
+            .fetch_add(1, Ordering::Relaxed)
+            == 0
+        {
+            tracing::error!(
+                event = "backend_socket_failed",
+                worker = %worker_name(),
+                "cannot open a backend socket through io_uring ({}); such clients get 503 \
+                 (counted in weir_l7_backend_socket_errors_total)",
+                io::Error::from_raw_os_error(errno)
+            );
+        }
+        self.refuse(idx, reject(503, "cannot open a backend socket"));
     }
 
     fn refuse(&mut self, idx: u32, reject: Reject) {
@@ -812,10 +920,10 @@ impl Worker {
                 self.drain_progress(backend.id);
             }
         }
-        if let Some(slot) = e.slot {
-            // Nothing is in flight: the socket closes with its last reference.
-            let _ = self.ring.submitter().register_files_update(slot, &[-1]);
-            self.slots.push(slot);
+        // Nothing is in flight: the sockets close with their last reference.
+        self.close_slot(e.client);
+        if let Some(slot) = e.backend {
+            self.close_slot(slot);
         }
         self.free.push(idx);
     }
@@ -926,11 +1034,11 @@ impl Worker {
         if self.stop.load(Ordering::Relaxed) && self.accepting {
             self.shutdown();
         }
-        for i in 0..self.accept_paused.len() {
-            if self.accept_paused[i] && self.accepting {
-                self.accept_paused[i] = false;
-                self.arm_accept(i);
+        if self.accepts.iter().any(|a| a.paused) {
+            for a in self.accepts.iter_mut() {
+                a.paused = false;
             }
+            self.arm_accepts();
         }
         if self.shutdown_deadline.is_some_and(|d| self.now >= d) {
             // Past `shutdown`: whatever is still open is cut.
