@@ -421,12 +421,25 @@ impl Conn {
                     && (self.backend.is_none() || self.server.is(EOF))))
     }
 
-    /// When [`Conn::handle_timeout`] has something to do at the latest
-    /// (besides idle and keepalive checks). The worker calls it on its
-    /// 50 ms tick for every connection instead; a driver with a timer
-    /// would sleep until this.
-    pub fn poll_timeout(&self) -> Option<Instant> {
-        self.deadline
+    /// When [`Conn::handle_timeout`] has something to do next: a deadline
+    /// of the phase, the idle timeout, the next keepalive ping, or (a read
+    /// that found no buffer) at once. The worker files the connection in
+    /// its timer wheel under this; between now and then the connection
+    /// needs no tick.
+    pub fn poll_timeout(&self, config: &Config) -> Option<Instant> {
+        if self.client.is(STARVED) || self.server.is(STARVED) {
+            // Any time not after now: the next tick.
+            return Some(self.last_activity);
+        }
+        let mut next = self.deadline;
+        let mut at = |t: Instant| next = Some(next.map_or(t, |n| n.min(t)));
+        if self.phase == Phase::Relay && self.pending_close.is_none() {
+            at(self.last_activity + config.timeouts.idle);
+            if let Some(every) = config.timeouts.ping_interval {
+                at(self.last_activity.max(self.last_ping) + every);
+            }
+        }
+        next
     }
 
     /// The next order for the worker.

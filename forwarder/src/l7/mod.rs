@@ -17,6 +17,7 @@ pub mod op;
 pub mod relay;
 pub mod socket;
 pub mod table;
+pub mod timers;
 pub mod upstream;
 pub mod view;
 pub mod worker;

@@ -30,6 +30,7 @@ use super::metrics::{CloseSeen, WorkerMetrics};
 use super::op::{self, Completion, ConnId, Op};
 use super::socket;
 use super::table::Table;
+use super::timers::{self, Wheel};
 use super::upstream::{Rng, Upstream};
 use super::view::RegistryView;
 use crate::logs::RateLimit;
@@ -68,6 +69,8 @@ struct Entry {
     /// The backend socket's creation or its option failed (the connect
     /// linked after them then completes cancelled): the errno.
     socket_failed: Option<i32>,
+    /// The tick it is filed under in the timer wheel, or UNFILED.
+    timer: u32,
 }
 
 /// One accept kept armed on a listener, into a slot of the table; the
@@ -94,6 +97,12 @@ pub struct Worker {
     drains: DrainQueue<(u32, u32)>,
     config: Config,
     tick: Box<types::Timespec>,
+    /// When connections next need their timeout handled.
+    wheel: Wheel,
+    /// What the wheel handed out on this tick (kept for its storage).
+    due: Vec<(timers::Key, u32)>,
+    /// Ticks since the drain gauge was last counted.
+    gauge_ticks: u32,
     start: Instant,
     /// When the completions being handled were reaped.
     now: Instant,
@@ -184,6 +193,13 @@ impl PoolRelease {
 /// One second of 50 ms ticks.
 const POOL_QUIET_TICKS: u32 = 20;
 
+/// How often the worker wakes for timeouts, drains and the registry.
+const TICK: Duration = Duration::from_millis(50);
+
+/// The timer wheel's horizon: 1024 ticks, 51.2 s. Idle timeouts further
+/// away are looked at once per horizon.
+const WHEEL_TICKS: usize = 1024;
+
 impl Worker {
     /// Sets up the ring (SINGLE_ISSUER and DEFER_TASKRUN where the kernel
     /// has them), the buffers, the listeners and the registry view.
@@ -242,7 +258,10 @@ impl Worker {
             next_generation: 1,
             upstream: Upstream::new(view),
             drains: DrainQueue::new(),
-            tick: Box::new(types::Timespec::from(Duration::from_millis(50))),
+            tick: Box::new(types::Timespec::from(TICK)),
+            wheel: Wheel::new(Instant::now(), TICK, WHEEL_TICKS),
+            due: Vec::new(),
+            gauge_ticks: 0,
             start: Instant::now(),
             now: Instant::now(),
             rng,
@@ -535,6 +554,7 @@ impl Worker {
             over_limit: over,
             in_drain: false,
             socket_failed: None,
+            timer: timers::UNFILED,
         });
         if over {
             if let Some(suppressed) = self.chatter.over_limit.admit(self.now) {
@@ -626,7 +646,21 @@ impl Worker {
         }
         self.transmit(idx, Side::Client);
         self.transmit(idx, Side::Backend);
-        self.maybe_free(idx);
+        if !self.maybe_free(idx) {
+            self.file_timer(idx);
+        }
+    }
+
+    /// Files connection `idx` in the timer wheel if it needs its timeout
+    /// handled sooner than where it is filed.
+    fn file_timer(&mut self, idx: u32) {
+        let e = self.conns[idx as usize].as_mut().expect("live connection");
+        let Some(at) = e.conn.poll_timeout(&self.config) else {
+            return;
+        };
+        if e.timer == timers::UNFILED || self.wheel.tick_for(at) < e.timer {
+            e.timer = self.wheel.file((idx, e.generation), at);
+        }
     }
 
     /// Starts the next send towards one side of `idx`, if it has one.
@@ -646,7 +680,15 @@ impl Worker {
                 (buf[start as usize..].as_ptr(), len)
             }
             Some(Transmit::Bytes(bytes)) => (bytes.as_ptr(), bytes.len() as u32),
-            Some(Transmit::Finish) => return self.shut(idx, side, libc::SHUT_WR),
+            // A connection done with both peers closes its sockets right
+            // after this: the close sends the FIN, and a shutdown (which
+            // io_uring always hands to a kernel worker thread) is saved.
+            Some(Transmit::Finish) => {
+                if !(e.conn.is_finished() && e.inflight == 0) {
+                    self.shut(idx, side, libc::SHUT_WR);
+                }
+                return;
+            }
         };
         let conn = ConnId {
             idx,
@@ -899,13 +941,14 @@ impl Worker {
     }
 
     /// Frees the slot once both peers are done with it and no operation
-    /// of it is in flight (so the kernel touches none of its memory).
-    fn maybe_free(&mut self, idx: u32) {
+    /// of it is in flight (so the kernel touches none of its memory);
+    /// says whether it did.
+    fn maybe_free(&mut self, idx: u32) -> bool {
         let Some(e) = self.conns[idx as usize].as_ref() else {
-            return;
+            return true;
         };
         if !e.conn.is_finished() || e.inflight > 0 {
-            return;
+            return false;
         }
         let e = self.conns[idx as usize].take().expect("checked");
         if !e.over_limit {
@@ -926,6 +969,7 @@ impl Worker {
             self.close_slot(slot);
         }
         self.free.push(idx);
+        true
     }
 
     /// The live connections' slots.
@@ -1062,19 +1106,48 @@ impl Worker {
                 self.drive(idx);
             }
         }
-        let pending = self
-            .conns
-            .iter()
-            .flatten()
-            .filter(|e| e.conn.is_draining())
-            .count();
-        self.metrics
-            .drains_in_progress
-            .store((self.drains.len() + pending) as u64, Ordering::Relaxed);
-        for idx in self.open_conns() {
-            self.with_conn(idx, |conn, cx, _| conn.handle_timeout(cx));
-            self.drive(idx);
+        // The gauge visits every connection: once a second, not per tick.
+        self.gauge_ticks += 1;
+        if self.gauge_ticks >= POOL_QUIET_TICKS {
+            self.gauge_ticks = 0;
+            let pending = self
+                .conns
+                .iter()
+                .flatten()
+                .filter(|e| e.conn.is_draining())
+                .count();
+            self.metrics
+                .drains_in_progress
+                .store((self.drains.len() + pending) as u64, Ordering::Relaxed);
         }
+        let mut due = std::mem::take(&mut self.due);
+        self.wheel.advance(self.now, &mut due);
+        for ((idx, generation), tick) in due.drain(..) {
+            let Some(e) = self
+                .conns
+                .get_mut(idx as usize)
+                .and_then(|e| e.as_mut())
+                .filter(|e| e.generation == generation)
+            else {
+                continue;
+            };
+            // Filed again, sooner, since: this filing is stale.
+            if e.timer != tick {
+                continue;
+            }
+            e.timer = timers::UNFILED;
+            let now = self.now;
+            if e.conn
+                .poll_timeout(&self.config)
+                .is_some_and(|at| at <= now)
+            {
+                self.with_conn(idx, |conn, cx, _| conn.handle_timeout(cx));
+                self.drive(idx);
+            } else {
+                self.file_timer(idx);
+            }
+        }
+        self.due = due;
     }
 
     /// Drops the metrics series of backends that left the registry. A

@@ -170,9 +170,18 @@ impl Harness {
         self.call(|c, cx| c.handle_recv(cx, side, Received::Eof, false));
     }
 
+    /// Moves the clock on and, as the worker's timer wheel does, handles
+    /// the timeout only if the connection said it would be due by then.
     fn advance(&mut self, by: Duration) {
         self.now += by;
-        self.call(|c, cx| c.handle_timeout(cx));
+        let now = self.now;
+        if self
+            .conn
+            .poll_timeout(&self.config)
+            .is_some_and(|at| at <= now)
+        {
+            self.call(|c, cx| c.handle_timeout(cx));
+        }
     }
 
     fn wire(&mut self, side: Side) -> Vec<u8> {
@@ -227,7 +236,10 @@ fn a_client_upgrades_and_frames_pass_both_ways_from_the_receive_buffers() {
     let mut h = Harness::new(config(""));
     // Nothing is read before weir asked to.
     assert_eq!(h.actions(), [Action::Recv(Side::Client)]);
-    assert_eq!(h.conn.poll_timeout(), Some(h.now + Duration::from_secs(10)));
+    assert_eq!(
+        h.conn.poll_timeout(&h.config),
+        Some(h.now + Duration::from_secs(10))
+    );
     // The request comes in two reads; a frame follows before the backend
     // answered.
     let (a, b) = REQUEST.as_bytes().split_at(20);
@@ -282,7 +294,11 @@ fn a_client_upgrades_and_frames_pass_both_ways_from_the_receive_buffers() {
             },
         ]
     );
-    assert_eq!(h.conn.poll_timeout(), None, "no deadline while relaying");
+    assert_eq!(
+        h.conn.poll_timeout(&h.config),
+        Some(h.now + Duration::from_secs(300)),
+        "while relaying only the idle timeout"
+    );
 
     // Relaying: each read goes out from its own buffer.
     let sent_before = h.zero_copy_sends;
@@ -313,7 +329,10 @@ fn a_drain_closes_at_a_frame_boundary_then_shakes_hands_and_shuts() {
     assert_eq!(h.wire(Side::Client), big[..50]);
     h.call(|c, cx| c.handle_close(cx, frame::CLOSE_GOING_AWAY, "going away"));
     assert!(h.conn.is_draining());
-    assert_eq!(h.conn.poll_timeout(), Some(h.now + Duration::from_secs(5)));
+    assert_eq!(
+        h.conn.poll_timeout(&h.config),
+        Some(h.now + Duration::from_secs(5))
+    );
     // The backend gets its Close now (the client's frames are at a
     // boundary); the client only once its frame is whole.
     assert_eq!(
@@ -485,7 +504,7 @@ fn connects_that_take_too_long_are_cut_then_504() {
         h.connecting(id);
         h.advance(Duration::from_secs(3));
         assert_eq!(h.actions(), [Action::CancelConnect]);
-        assert_eq!(h.conn.poll_timeout(), None, "cut once");
+        assert_eq!(h.conn.poll_timeout(&h.config), None, "cut once");
         // The cancelled connect completes with an error.
         h.call(|c, cx| c.handle_connected(cx, false));
         assert!(matches!(
@@ -567,6 +586,36 @@ fn a_quiet_client_is_pinged_between_frames() {
     // Once per interval.
     h.advance(Duration::from_millis(500));
     assert!(h.wire(Side::Client).is_empty());
+}
+
+/// The timeout the worker files a connection under is the soonest thing
+/// it waits for: its phase's deadline, the idle timeout, the next ping, or
+/// at once for a read that found no buffer.
+#[test]
+fn the_timeout_is_the_soonest_thing_waited_for() {
+    let mut h = Harness::relaying(config("[timeouts]\nping_interval = \"2s\""));
+    let start = h.now;
+    assert_eq!(
+        h.conn.poll_timeout(&h.config),
+        Some(start + Duration::from_secs(2))
+    );
+    h.advance(Duration::from_secs(2));
+    assert_eq!(h.wire(Side::Client), frame::ping_frame(b"weir", None));
+    assert_eq!(
+        h.conn.poll_timeout(&h.config),
+        Some(start + Duration::from_secs(4))
+    );
+    // A read without a buffer wants the next tick.
+    h.call(|c, cx| c.handle_recv(cx, Side::Backend, Received::NoBuffers, false));
+    assert!(h.conn.poll_timeout(&h.config).is_some_and(|at| at <= h.now));
+    h.advance(Duration::from_millis(50));
+    assert_eq!(h.actions(), [Action::Recv(Side::Backend)]);
+    // Closing: the close deadline, not the idle timeout nor pings.
+    h.call(|c, cx| c.handle_close(cx, frame::CLOSE_GOING_AWAY, "going away"));
+    assert_eq!(
+        h.conn.poll_timeout(&h.config),
+        Some(h.now + Duration::from_secs(5))
+    );
 }
 
 #[test]
