@@ -22,7 +22,7 @@ pub const DEFAULT: &str = r#"# weir run: the embedded default configuration.
 instance = "default"
 
 [runtime]
-workers = 0              # 0: one per core; at most 1024
+workers = 0              # 0: one per core, more if max_connections needs more io_uring file tables; at most 1024
 buffers = 4096           # provided receive buffers per worker (a power of two, at most 32768)
 buffer_size = 16384      # bytes per buffer (1024..=1048576)
 max_connections = 100000 # per process (1..=1048576); over it new clients get 503
@@ -510,7 +510,7 @@ pub fn parse(text: &str, name: &str) -> Result<Config, ConfigError> {
         "runtime.workers",
         0,
         MAX_WORKERS,
-        " (0: one per core)",
+        " (0: one per core, or as many as max_connections needs)",
     )?;
     let buffers = *rt.buffers.get_ref();
     if !buffers.is_power_of_two() || buffers > crate::l7::bufring::MAX_ENTRIES as u32 {
