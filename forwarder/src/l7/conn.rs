@@ -148,6 +148,11 @@ pub enum Transmit<'a> {
     Bytes(&'a [u8]),
     /// Nothing more goes to this side: shut its write direction.
     Finish,
+    /// This side's close handshake is done (its Close came, one went to
+    /// it) and everything for it is sent: close its socket, which sends the
+    /// FIN, and stop reading it. Nothing it sends after its Close counts,
+    /// so weir need not wait for the end of its stream.
+    Close,
 }
 
 /// The backend a connection uses.
@@ -491,6 +496,15 @@ impl Conn {
         connected && self.peer_ref(side.other()).segs.len() < HIGH_WATER / 2
     }
 
+    /// Whether `side` sent its Close and got one: relayed from the other
+    /// peer, or weir's own.
+    fn close_handshake_done(&self, side: Side) -> bool {
+        let peer = self.peer_ref(side);
+        matches!(self.phase, Phase::Relay | Phase::Closing)
+            && peer.scanner_closed()
+            && (peer.is(CLOSED) || self.peer_ref(side.other()).scanner_closed())
+    }
+
     /// Whether the receive from `side` must stop: the other peer cannot
     /// take its data.
     fn overflowing(&self, side: Side) -> bool {
@@ -507,6 +521,7 @@ impl Conn {
         if self.aborted || (side == Side::Backend && self.backend.is_none()) {
             return None;
         }
+        let done = self.close_handshake_done(side);
         let peer = self.peer(side);
         if peer.is(IN_FLIGHT) {
             return None;
@@ -514,6 +529,10 @@ impl Conn {
         if peer.segs.is_empty() {
             if peer.is(FINISH) && !peer.is(SHUT) {
                 peer.set(SHUT, true);
+                if done {
+                    peer.set(EOF, true);
+                    return Some(Transmit::Close);
+                }
                 return Some(Transmit::Finish);
             }
             return None;
@@ -537,6 +556,10 @@ impl Conn {
             p.set(CANCELLING, false);
         }
         let (bid, bytes) = match received {
+            // Read just before weir closed this side: past its Close.
+            Received::Data { bid, .. } if self.peer_ref(side).is(EOF) => {
+                return cx.out.recycle.push(bid);
+            }
             Received::Data { bid, bytes } => (bid, bytes),
             Received::NoBuffers => {
                 self.peer(side).set(STARVED, true);
@@ -979,8 +1002,13 @@ impl Conn {
         match self.phase {
             Phase::Relay | Phase::PassThrough | Phase::Closing => {
                 // Half-close: what was read goes out, then the write side of
-                // the other peer shuts.
-                self.peer(from.other()).set(FINISH, true);
+                // the other peer shuts; or, once its close handshake is
+                // done, its socket closes and nothing more is read from it.
+                let other = from.other();
+                self.peer(other).set(FINISH, true);
+                if self.close_handshake_done(other) {
+                    self.peer(other).set(EOF, true);
+                }
                 if self.phase != Phase::Closing && self.client.is(EOF) && self.server.is(EOF) {
                     self.phase = Phase::Closing;
                     self.deadline = Some(cx.now + cx.config.timeouts.close);

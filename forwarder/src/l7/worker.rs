@@ -52,8 +52,9 @@ struct Entry {
     generation: u32,
     /// The listener it came in on (a configuration has a handful).
     listener: u16,
-    /// The client socket's slot in the ring's registered-file table.
-    client: u32,
+    /// The client socket's slot in the ring's registered-file table,
+    /// until weir closes it.
+    client: Option<u32>,
     /// The backend socket's slot, while it has one.
     backend: Option<u32>,
     /// The address a connect in flight points at: it must stay put until
@@ -71,6 +72,16 @@ struct Entry {
     socket_failed: Option<i32>,
     /// The tick it is filed under in the timer wheel, or UNFILED.
     timer: u32,
+}
+
+impl Entry {
+    /// The slot of one side's socket, while it has one.
+    fn slot(&self, side: Side) -> Option<u32> {
+        match side {
+            Side::Client => self.client,
+            Side::Backend => self.backend,
+        }
+    }
 }
 
 /// One accept kept armed on a listener, into a slot of the table; the
@@ -547,7 +558,7 @@ impl Worker {
             conn: Conn::new(self.now, &self.config, peer),
             generation,
             listener: self.accepts[accept].listener,
-            client: slot,
+            client: Some(slot),
             backend: None,
             connect_to: None,
             inflight: 0,
@@ -630,10 +641,7 @@ impl Worker {
                     self.submit(Op::Cancel { conn: id }, cancel.build());
                 }
                 Action::Recv(side) => {
-                    let slot = match side {
-                        Side::Client => e.client,
-                        Side::Backend => e.backend.expect("a connected backend"),
-                    };
+                    let slot = e.slot(side).expect("a socket to read");
                     let bgid = self.bufs.bgid();
                     self.submit(Op::Recv { conn: id, side }, op::recv(slot, bgid));
                 }
@@ -666,13 +674,7 @@ impl Worker {
     /// Starts the next send towards one side of `idx`, if it has one.
     fn transmit(&mut self, idx: u32, side: Side) {
         let e = self.conns[idx as usize].as_mut().expect("live connection");
-        let slot = match side {
-            Side::Client => e.client,
-            Side::Backend => match e.backend {
-                Some(slot) => slot,
-                None => return,
-            },
-        };
+        let Some(slot) = e.slot(side) else { return };
         let (ptr, len) = match e.conn.poll_transmit(side) {
             None => return,
             Some(Transmit::Buf { bid, start, len }) => {
@@ -683,12 +685,17 @@ impl Worker {
             // A connection done with both peers closes its sockets right
             // after this: the close sends the FIN, and a shutdown (which
             // io_uring always hands to a kernel worker thread) is saved.
+            // A connection done with both peers closes its sockets once its
+            // operations in flight complete: the close sends the FIN, and a
+            // shutdown (which io_uring always hands to a kernel thread) is
+            // saved.
             Some(Transmit::Finish) => {
-                if !(e.conn.is_finished() && e.inflight == 0) {
+                if !e.conn.is_finished() {
                     self.shut(idx, side, libc::SHUT_WR);
                 }
                 return;
             }
+            Some(Transmit::Close) => return self.close_side(idx, side),
         };
         let conn = ConnId {
             idx,
@@ -697,17 +704,30 @@ impl Worker {
         self.submit(Op::Send { conn, side }, op::send(slot, ptr, len));
     }
 
+    /// Closes one side's socket before the connection is done (its close
+    /// handshake is): its receive is cancelled, so that the close drops the
+    /// last reference and sends the FIN now.
+    fn close_side(&mut self, idx: u32, side: Side) {
+        let e = self.entry(idx);
+        let slot = match side {
+            Side::Client => e.client.take(),
+            Side::Backend => e.backend.take(),
+        };
+        let Some(slot) = slot else { return };
+        let conn = ConnId {
+            idx,
+            generation: e.generation,
+        };
+        let cancel = opcode::AsyncCancel::new(Op::Recv { conn, side }.user_data());
+        self.submit(Op::Cancel { conn }, cancel.build());
+        self.close_slot(slot);
+    }
+
     /// Shuts one side's socket (through the ring; the operation counts as
     /// in flight, so the slot is not closed under it).
     fn shut(&mut self, idx: u32, side: Side, how: i32) {
         let e = self.entry(idx);
-        let slot = match side {
-            Side::Client => e.client,
-            Side::Backend => match e.backend {
-                Some(slot) => slot,
-                None => return,
-            },
-        };
+        let Some(slot) = e.slot(side) else { return };
         let conn = ConnId {
             idx,
             generation: e.generation,
@@ -964,8 +984,7 @@ impl Worker {
             }
         }
         // Nothing is in flight: the sockets close with their last reference.
-        self.close_slot(e.client);
-        if let Some(slot) = e.backend {
+        for slot in [e.client, e.backend].into_iter().flatten() {
             self.close_slot(slot);
         }
         self.free.push(idx);
