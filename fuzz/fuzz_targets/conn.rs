@@ -93,15 +93,32 @@ impl Player {
             if self.sending[ix(side)].is_some() {
                 continue;
             }
-            match self.conn.poll_transmit(side) {
-                None | Some(Transmit::Finish) => {}
-                Some(Transmit::Buf { bid, start, len }) => {
-                    let size = self.pool[&bid];
-                    assert!((start + len) as usize <= size, "a send past its buffer");
-                    self.sending[ix(side)] = Some(len);
+            let pool = &self.pool;
+            let piece = |t: Transmit<'_>| match t {
+                Transmit::Buf { bid, start, len } => {
+                    assert!((start + len) as usize <= pool[&bid], "a send past its buffer");
+                    len
                 }
-                Some(Transmit::Bytes(b)) => self.sending[ix(side)] = Some(b.len() as u32),
-            }
+                Transmit::Bytes(b) => b.len() as u32,
+                Transmit::Finish | Transmit::Close => panic!("not a piece of data"),
+            };
+            let first = match self.conn.poll_transmit(side) {
+                None | Some(Transmit::Finish) => continue,
+                // The worker cancels the receive and closes the socket.
+                Some(Transmit::Close) => {
+                    if std::mem::take(&mut self.armed[ix(side)]) {
+                        return self.call(|c, cx| {
+                            c.handle_recv(cx, side, Received::Cancelled, false)
+                        });
+                    }
+                    continue;
+                }
+                Some(t) => piece(t),
+            };
+            // As the worker does, what is queued behind goes along.
+            let mut total = first;
+            self.conn.gather(side, 7, |t| total += piece(t));
+            self.sending[ix(side)] = Some(total);
         }
     }
 
@@ -180,8 +197,12 @@ fuzz_target!(|input: &[u8]| {
                 }
             }
             10 => {
+                // As the worker's timer wheel does: only when it is due.
                 p.now += Duration::from_millis(u64::from(op >> 4) * 700);
-                p.call(|c, cx| c.handle_timeout(cx));
+                let now = p.now;
+                if p.conn.poll_timeout(&p.config).is_some_and(|at| at <= now) {
+                    p.call(|c, cx| c.handle_timeout(cx));
+                }
             }
             11 => p.call(|c, cx| c.handle_close(cx, 1001, "going away")),
             12 => p.call(|c, cx| c.handle_shutdown(cx)),

@@ -23,14 +23,40 @@ pub struct MapIds {
     ids: Vec<(&'static str, u32)>,
 }
 
+/// What a look at the pins found.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum Pins {
+    /// They name the maps this process serves.
+    Same,
+    /// A pin is gone or names another map: why.
+    Replaced(String),
+    /// A pin is there but could not be read now (out of descriptors or
+    /// memory, say): why. Not a reason to stop; the next look may work.
+    Unreadable(String),
+}
+
 impl MapIds {
     /// Reads the id behind every pin under `dir` that the registry reads.
     pub fn read(dir: &Path) -> Result<Self, String> {
+        Self::look(dir).map_err(|p| match p {
+            Pins::Replaced(why) | Pins::Unreadable(why) => why,
+            Pins::Same => unreachable!("look fails only with a reason"),
+        })
+    }
+
+    fn look(dir: &Path) -> Result<Self, Pins> {
         let mut ids = Vec::new();
         for name in Maps::OPENED {
             let path = dir.join(name);
             let info = MapInfo::from_pin(&path).map_err(|e| {
-                format!("pinned map {} is gone or unreadable ({e})", path.display())
+                if path.exists() {
+                    Pins::Unreadable(format!("pinned map {} is unreadable ({e})", path.display()))
+                } else {
+                    Pins::Replaced(format!(
+                        "pinned map {} is gone: the instance was destroyed",
+                        path.display()
+                    ))
+                }
             })?;
             ids.push((*name, info.id()));
         }
@@ -40,21 +66,21 @@ impl MapIds {
         })
     }
 
-    /// Why the pins no longer name these maps, if they do not.
-    pub fn changed(&self) -> Option<String> {
-        let now = match Self::read(&self.dir) {
+    /// Whether the pins still name these maps.
+    pub fn check(&self) -> Pins {
+        let now = match Self::look(&self.dir) {
             Ok(now) => now,
-            Err(e) => return Some(format!("{e}: the instance was destroyed")),
+            Err(p) => return p,
         };
         self.ids
             .iter()
             .zip(&now.ids)
             .find(|(a, b)| a.1 != b.1)
-            .map(|((name, was), (_, is))| {
-                format!(
+            .map_or(Pins::Same, |((name, was), (_, is))| {
+                Pins::Replaced(format!(
                     "the pinned map {name} is now map id {is}, this process serves map id {was}: \
                      the instance was destroyed and created again"
-                )
+                ))
             })
     }
 }
@@ -62,7 +88,10 @@ impl MapIds {
 /// Compares the pins with `ids` every [`WATCH_INTERVAL`] until `stop` is
 /// set. On a difference it logs one error, records the reason in `fault`
 /// and sets `stop`, so the workers refuse new clients and close the open
-/// ones within the shutdown window; the process then exits non-zero.
+/// ones within the shutdown window; the process then exits non-zero. Pins
+/// that are there but cannot be read now are logged once per spell (and
+/// once when they can again) and looked at again: a process short of
+/// descriptors must not take itself down for it.
 /// Exiting beats re-opening the new maps: a supervisor restart or an
 /// operator picks the new instance up explicitly, and a registry that was
 /// replaced behind weir's back is never followed silently.
@@ -76,19 +105,74 @@ pub fn watch_maps(
     std::thread::Builder::new()
         .name("weir-map-watch".into())
         .spawn(move || {
+            let mut unreadable = false;
             while !stop.load(Ordering::Relaxed) {
                 std::thread::sleep(WATCH_INTERVAL);
-                if let Some(why) = ids.changed() {
-                    let reason = format!("instance {instance}: {why}");
-                    tracing::error!(
-                        event = "maps_replaced",
-                        "{reason}; stopping (new clients are refused, open connections close \
-                         within {shutdown:?}); start `weir run` again to serve the new instance"
-                    );
-                    *fault.lock().unwrap_or_else(|e| e.into_inner()) = Some(reason);
-                    stop.store(true, Ordering::Relaxed);
-                    return;
-                }
+                let why = match ids.check() {
+                    Pins::Same => {
+                        if std::mem::take(&mut unreadable) {
+                            tracing::info!(
+                                event = "maps_check_recovered",
+                                "instance {instance}: its pins can be read again and name the \
+                                 maps this process serves"
+                            );
+                        }
+                        continue;
+                    }
+                    Pins::Unreadable(why) => {
+                        if !std::mem::replace(&mut unreadable, true) {
+                            tracing::warn!(
+                                event = "maps_check_failed",
+                                "instance {instance}: {why}; serving on and checking again every \
+                                 {WATCH_INTERVAL:?}"
+                            );
+                        }
+                        continue;
+                    }
+                    Pins::Replaced(why) => why,
+                };
+                let reason = format!("instance {instance}: {why}");
+                tracing::error!(
+                    event = "maps_replaced",
+                    "{reason}; stopping (new clients are refused, open connections close \
+                     within {shutdown:?}); start `weir run` again to serve the new instance"
+                );
+                *fault.lock().unwrap_or_else(|e| e.into_inner()) = Some(reason);
+                stop.store(true, Ordering::Relaxed);
+                return;
             }
         })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A pin that is there but cannot be read (here: a plain file, not a
+    /// map; in the field: a process out of descriptors) is not a destroyed
+    /// instance. A pin that is gone is.
+    #[test]
+    fn an_unreadable_pin_is_not_a_destroyed_instance() {
+        let dir = std::env::temp_dir().join(format!("weir-pins-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        for name in Maps::OPENED {
+            std::fs::write(dir.join(name), b"not a map").unwrap();
+        }
+        let ids = MapIds {
+            dir: dir.clone(),
+            ids: Maps::OPENED.iter().map(|n| (*n, 1)).collect(),
+        };
+        assert!(
+            matches!(ids.check(), Pins::Unreadable(ref why) if why.contains("unreadable")),
+            "{:?}",
+            ids.check()
+        );
+        std::fs::remove_file(dir.join(Maps::OPENED[0])).unwrap();
+        assert!(
+            matches!(ids.check(), Pins::Replaced(ref why) if why.contains("destroyed")),
+            "{:?}",
+            ids.check()
+        );
+        std::fs::remove_dir_all(&dir).unwrap();
+    }
 }

@@ -232,6 +232,8 @@ struct Peer {
     scanner: Option<Scanner>,
     /// `RECV` (a receive from it is armed), `EOF`... (the consts above).
     flags: u16,
+    /// Segments at the front of `segs` that a send in flight carries.
+    sending: u8,
 }
 
 impl Peer {
@@ -247,7 +249,7 @@ impl Peer {
         }
     }
 
-    /// Drops the segment that was sent. An emptied queue also lets go of
+    /// Drops the front segment, which was sent. An emptied queue also lets go of
     /// its storage: an idle connection then holds no heap memory for its
     /// queues (a few hundred bytes each otherwise, times every idle
     /// connection), at the price of one allocation when it talks again.
@@ -538,6 +540,7 @@ impl Conn {
             return None;
         }
         peer.set(IN_FLIGHT, true);
+        peer.sending = 1;
         Some(match peer.segs.front()? {
             Seg::Buf { bid, start, end } => Transmit::Buf {
                 bid: *bid,
@@ -546,6 +549,29 @@ impl Conn {
             },
             Seg::Owned { data, offset, .. } => Transmit::Bytes(&data[*offset..]),
         })
+    }
+
+    /// After [`Conn::poll_transmit`] gave the first piece of a send to
+    /// `side`: the pieces queued behind it, up to `max` more, which the
+    /// same send may carry (one gathering send instead of one each). Those
+    /// taken are in flight with the first until [`Conn::handle_sent`].
+    pub fn gather(&mut self, side: Side, max: usize, mut take: impl FnMut(Transmit<'_>)) {
+        let peer = self.peer(side);
+        if !peer.is(IN_FLIGHT) || peer.sending != 1 {
+            return;
+        }
+        let more = peer.segs.len().saturating_sub(1).min(max);
+        for seg in peer.segs.iter().skip(1).take(more) {
+            take(match seg {
+                Seg::Buf { bid, start, end } => Transmit::Buf {
+                    bid: *bid,
+                    start: *start,
+                    len: end - start,
+                },
+                Seg::Owned { data, offset, .. } => Transmit::Bytes(&data[*offset..]),
+            });
+        }
+        peer.sending += more as u8;
     }
 
     /// A receive from `side` completed; `more`: it stays armed.
@@ -611,6 +637,9 @@ impl Conn {
         let aborted = self.aborted;
         let peer = self.peer(side);
         peer.set(IN_FLIGHT, false);
+        // The send carried the first `carried` segments, in order; it may
+        // have taken only part of them.
+        let carried = std::mem::take(&mut peer.sending);
         let sent = match result {
             Ok(n) if !aborted => n,
             _ => {
@@ -627,32 +656,46 @@ impl Conn {
                 return;
             }
         };
-        match peer.segs.front_mut() {
-            Some(Seg::Buf { bid, start, end }) => {
-                *start += sent;
-                if *start >= *end {
-                    cx.out.recycle.push(*bid);
-                    peer.pop_sent();
-                    // A buffer went back to the pool: reads that found it
-                    // empty may try again now rather than at the tick.
-                    self.client.set(STARVED, false);
-                    self.server.set(STARVED, false);
-                }
+        let mut sent = sent as usize;
+        let mut returned = false;
+        for _ in 0..carried {
+            if sent == 0 {
+                break;
             }
-            Some(Seg::Owned {
-                data,
-                offset,
-                close,
-            }) => {
-                *offset += sent as usize;
-                if *offset >= data.len() {
-                    if let Some(code) = *close {
-                        cx.out.events.push(Event::CloseSent { to: side, code });
+            match peer.segs.front_mut() {
+                Some(Seg::Buf { bid, start, end }) => {
+                    let took = sent.min((*end - *start) as usize);
+                    *start += took as u32;
+                    sent -= took;
+                    if *start >= *end {
+                        cx.out.recycle.push(*bid);
+                        peer.pop_sent();
+                        returned = true;
                     }
-                    peer.pop_sent();
                 }
+                Some(Seg::Owned {
+                    data,
+                    offset,
+                    close,
+                }) => {
+                    let took = sent.min(data.len() - *offset);
+                    *offset += took;
+                    sent -= took;
+                    if *offset >= data.len() {
+                        if let Some(code) = *close {
+                            cx.out.events.push(Event::CloseSent { to: side, code });
+                        }
+                        peer.pop_sent();
+                    }
+                }
+                None => break,
             }
-            None => {}
+        }
+        if returned {
+            // A buffer went back to the pool: reads that found it empty
+            // may try again now rather than at the tick.
+            self.client.set(STARVED, false);
+            self.server.set(STARVED, false);
         }
     }
 
@@ -976,7 +1019,11 @@ impl Conn {
         for side in [Side::Client, Side::Backend] {
             let peer = self.peer(side);
             // A segment being sent stays until its send completes.
-            let keep = usize::from(peer.is(IN_FLIGHT));
+            let keep = if peer.is(IN_FLIGHT) {
+                usize::from(peer.sending)
+            } else {
+                0
+            };
             let count = peer.drop_from(keep, &mut cx.out.recycle);
             if count > 0 {
                 cx.out

@@ -49,6 +49,12 @@ pub enum Op {
         conn: ConnId,
         side: Side,
     },
+    /// A send gathering several queued pieces (sendmsg with an iovec the
+    /// worker keeps until it completes).
+    SendMsg {
+        conn: ConnId,
+        side: Side,
+    },
     /// The connect to the backend.
     Connect {
         conn: ConnId,
@@ -94,6 +100,8 @@ const SHUTDOWN_CLIENT: u8 = 10;
 const SOCKET: u8 = 11;
 const NODELAY: u8 = 12;
 const CLOSE: u8 = 13;
+const SENDMSG_CLIENT: u8 = 14;
+const SENDMSG_BACKEND: u8 = 15;
 
 fn tag(op: u8, idx: u32, generation: u32) -> u64 {
     (u64::from(generation & GENERATION_MASK) << 40) | (u64::from(idx) << 8) | u64::from(op)
@@ -112,6 +120,9 @@ impl Op {
             Self::Tick => tag(TICK, 0, 0),
             Self::Recv { conn, side } => on(by_side(side, RECV_CLIENT, RECV_BACKEND), conn),
             Self::Send { conn, side } => on(by_side(side, SEND_CLIENT, SEND_BACKEND), conn),
+            Self::SendMsg { conn, side } => {
+                on(by_side(side, SENDMSG_CLIENT, SENDMSG_BACKEND), conn)
+            }
             Self::Connect { conn } => on(CONNECT, conn),
             Self::Shutdown { conn, side } => {
                 on(by_side(side, SHUTDOWN_CLIENT, SHUTDOWN_BACKEND), conn)
@@ -131,7 +142,10 @@ impl Op {
             generation: (user_data >> 40) as u32,
         };
         let tag = user_data as u8;
-        let side = if matches!(tag, RECV_CLIENT | SEND_CLIENT | SHUTDOWN_CLIENT) {
+        let side = if matches!(
+            tag,
+            RECV_CLIENT | SEND_CLIENT | SENDMSG_CLIENT | SHUTDOWN_CLIENT
+        ) {
             Side::Client
         } else {
             Side::Backend
@@ -142,6 +156,7 @@ impl Op {
             TICK => Self::Tick,
             RECV_CLIENT | RECV_BACKEND => Self::Recv { conn, side },
             SEND_CLIENT | SEND_BACKEND => Self::Send { conn, side },
+            SENDMSG_CLIENT | SENDMSG_BACKEND => Self::SendMsg { conn, side },
             CONNECT => Self::Connect { conn },
             SHUTDOWN_CLIENT | SHUTDOWN_BACKEND => Self::Shutdown { conn, side },
             SOCKET => Self::Socket { conn },
@@ -157,6 +172,7 @@ impl Op {
             Self::Accept { .. } | Self::Tick | Self::Close { .. } => None,
             Self::Recv { conn, .. }
             | Self::Send { conn, .. }
+            | Self::SendMsg { conn, .. }
             | Self::Connect { conn }
             | Self::Shutdown { conn, .. }
             | Self::Socket { conn }
@@ -217,6 +233,14 @@ pub fn recv(slot: u32, bgid: u16) -> squeue::Entry {
     opcode::RecvMulti::new(types::Fixed(slot), bgid).build()
 }
 
+/// A sendmsg of `msg` (several pieces) on a registered-file slot; the
+/// header, its iovec and the bytes must stay put until it completes.
+pub fn send_msg(slot: u32, msg: *const libc::msghdr) -> squeue::Entry {
+    opcode::SendMsg::new(types::Fixed(slot), msg)
+        .flags(libc::MSG_NOSIGNAL as u32)
+        .build()
+}
+
 /// A send of `len` bytes at `ptr` on a registered-file slot; they must stay
 /// put until it completes.
 pub fn send(slot: u32, ptr: *const u8, len: u32) -> squeue::Entry {
@@ -242,6 +266,7 @@ mod tests {
         for side in [Side::Client, Side::Backend] {
             ops.push(Op::Recv { conn, side });
             ops.push(Op::Send { conn, side });
+            ops.push(Op::SendMsg { conn, side });
             ops.push(Op::Shutdown { conn, side });
         }
         ops
@@ -301,7 +326,7 @@ mod tests {
     fn unknown_tags_are_refused() {
         assert_eq!(Op::decode(0), None);
         assert_eq!(Op::decode(0xff), None);
-        assert_eq!(Op::decode(tag(14, 1, 1)), None);
+        assert_eq!(Op::decode(tag(16, 1, 1)), None);
     }
 
     #[test]
@@ -314,7 +339,8 @@ mod tests {
         assert_eq!(
             held,
             [
-                false, false, false, true, false, false, false, true, true, true, true, true, true
+                false, false, false, true, false, false, false, true, true, true, true, true, true,
+                true, true
             ]
         );
     }

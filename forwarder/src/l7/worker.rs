@@ -84,6 +84,22 @@ impl Entry {
     }
 }
 
+/// Pieces one send may gather.
+const MAX_GATHER: usize = 8;
+
+/// The header and iovec of a gathering send in flight.
+struct Gather {
+    msg: libc::msghdr,
+    iov: [libc::iovec; MAX_GATHER],
+}
+
+impl Gather {
+    fn boxed() -> Box<Self> {
+        // SAFETY: all zeroes is a valid msghdr and iovec.
+        Box::new(unsafe { std::mem::zeroed() })
+    }
+}
+
 /// One accept kept armed on a listener, into a slot of the table; the
 /// kernel writes the client's address here.
 struct Accept {
@@ -140,6 +156,14 @@ pub struct Worker {
     metric_backends: HashMap<SocketAddr, u32>,
     /// What connections report, emptied after every call into one.
     out: Output,
+    /// Gathering sends in flight, by connection slot and side; they
+    /// point into their box until they complete.
+    gathers: HashMap<u64, Box<Gather>>,
+    /// Boxes of sends that completed, for the next ones: the boxes move
+    /// between here and `gathers`, and a send in flight points into its
+    /// own, so each stays one allocation.
+    #[allow(clippy::vec_box)]
+    spare_gathers: Vec<Box<Gather>>,
     /// Log lines that happen per connection, rate-limited.
     chatter: Chatter,
     /// Drains of stopped backends in progress on this worker, by backend
@@ -291,6 +315,8 @@ impl Worker {
             },
             metric_backends: HashMap::new(),
             out: Output::default(),
+            gathers: HashMap::new(),
+            spare_gathers: Vec::new(),
             chatter: Chatter::default(),
             draining: HashMap::new(),
         })
@@ -344,8 +370,9 @@ impl Worker {
 
     fn push(&mut self, entry: squeue::Entry) {
         loop {
-            // SAFETY: every pointer an entry carries lives in an Entry, the
-            // buffer ring or `self.tick`, all kept until its completion.
+            // SAFETY: every pointer an entry carries lives in an Entry, an
+            // Accept, a Gather, the buffer ring or `self.tick`, all kept
+            // until its completion.
             if unsafe { self.ring.submission().push(&entry) }.is_ok() {
                 return;
             }
@@ -453,6 +480,13 @@ impl Worker {
                 }
                 return;
             }
+            Op::SendMsg { conn, side } => {
+                // Its iovec is free again, whatever became of its connection.
+                if let Some(g) = self.gathers.remove(&gather_key(conn.idx, side)) {
+                    self.spare_gathers.push(g);
+                }
+                conn
+            }
             Op::Recv { conn, .. }
             | Op::Send { conn, .. }
             | Op::Connect { conn }
@@ -474,7 +508,7 @@ impl Worker {
         }
         match c.op {
             Op::Recv { side, .. } => self.on_recv(id.idx, side, c),
-            Op::Send { side, .. } => {
+            Op::Send { side, .. } | Op::SendMsg { side, .. } => {
                 self.with_conn(id.idx, |conn, cx, _| conn.handle_sent(cx, side, c.result));
             }
             Op::Connect { .. } => {
@@ -701,7 +735,37 @@ impl Worker {
             idx,
             generation: e.generation,
         };
-        self.submit(Op::Send { conn, side }, op::send(slot, ptr, len));
+        // What is queued behind goes in the same send.
+        let mut g = self.spare_gathers.pop().unwrap_or_else(Gather::boxed);
+        g.iov[0] = libc::iovec {
+            iov_base: ptr as *mut libc::c_void,
+            iov_len: len as usize,
+        };
+        let mut n = 1;
+        let bufs = &self.bufs;
+        e.conn.gather(side, MAX_GATHER - 1, |piece| {
+            let bytes = match piece {
+                Transmit::Buf { bid, start, len } => {
+                    &bufs.buffer(bid, (start + len) as usize)[start as usize..]
+                }
+                Transmit::Bytes(bytes) => bytes,
+                Transmit::Finish | Transmit::Close => unreachable!("only data is gathered"),
+            };
+            g.iov[n] = libc::iovec {
+                iov_base: bytes.as_ptr() as *mut libc::c_void,
+                iov_len: bytes.len(),
+            };
+            n += 1;
+        });
+        if n == 1 {
+            self.spare_gathers.push(g);
+            return self.submit(Op::Send { conn, side }, op::send(slot, ptr, len));
+        }
+        g.msg.msg_iov = g.iov.as_mut_ptr();
+        g.msg.msg_iovlen = n;
+        let entry = op::send_msg(slot, &raw const g.msg);
+        self.gathers.insert(gather_key(idx, side), g);
+        self.submit(Op::SendMsg { conn, side }, entry);
     }
 
     /// Closes one side's socket before the connection is done (its close
@@ -1251,6 +1315,11 @@ impl Worker {
             self.drive(idx);
         }
     }
+}
+
+/// Which gathering send a connection slot and side have in flight.
+fn gather_key(idx: u32, side: Side) -> u64 {
+    (u64::from(idx) << 1) | u64::from(side == Side::Backend)
 }
 
 /// The drain window of a service: its own, or the default.

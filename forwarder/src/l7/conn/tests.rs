@@ -63,8 +63,12 @@ struct Harness {
     shut: [bool; 2],
     /// Sockets weir closed once their close handshake was done.
     closed: [bool; 2],
-    /// Sends taken straight from a receive buffer.
+    /// Pieces sent straight from a receive buffer.
     zero_copy_sends: usize,
+    /// Send operations, each carrying one piece or gathering several.
+    sends: usize,
+    /// Pieces a send gathers behind its first (the worker's: 7).
+    gather: usize,
     actions: Vec<Action>,
     events: Vec<Event>,
     /// Peers take every send at once; off, sends wait for `deliver`.
@@ -85,6 +89,8 @@ impl Harness {
             wire: Default::default(),
             shut: [false; 2],
             closed: [false; 2],
+            sends: 0,
+            gather: 7,
             zero_copy_sends: 0,
             actions: Vec::new(),
             events: Vec::new(),
@@ -155,7 +161,25 @@ impl Harness {
                 len
             }
         };
-        self.enter(|c, cx| c.handle_sent(cx, side, Ok(n)));
+        // As the worker does, what is queued behind goes in the same send.
+        let (pool, wire) = (&self.pool, &mut self.wire[ix(side)]);
+        let mut n = n as usize;
+        let mut zero_copy = 0;
+        self.conn.gather(side, self.gather, |piece| {
+            let bytes = match piece {
+                Transmit::Buf { bid, start, len } => {
+                    zero_copy += 1;
+                    &pool[&bid][start as usize..(start + len) as usize]
+                }
+                Transmit::Bytes(b) => b,
+                other => panic!("gathered {other:?}"),
+            };
+            wire.extend_from_slice(bytes);
+            n += bytes.len();
+        });
+        self.zero_copy_sends += zero_copy;
+        self.sends += 1;
+        self.enter(|c, cx| c.handle_sent(cx, side, Ok(n as u32)));
         true
     }
 
@@ -630,6 +654,47 @@ fn the_timeout_is_the_soonest_thing_waited_for() {
     );
 }
 
+/// Pieces queued while a send is in flight go out together in the next
+/// one, straight from their buffers; a send that takes only part of them
+/// leaves the rest, from the right byte, for the one after.
+#[test]
+fn queued_pieces_go_out_in_one_gathering_send() {
+    let mut h = Harness::relaying(config(""));
+    h.auto_send = false;
+    let msgs: Vec<Vec<u8>> = (0..4u8)
+        .map(|i| frame(Opcode::Binary, &[i; 10], None))
+        .collect();
+    for m in &msgs {
+        h.recv(Side::Backend, m);
+    }
+    let all = msgs.concat();
+    // By hand, as the worker does it: the first piece, then three more.
+    let Some(Transmit::Buf { len, .. }) = h.conn.poll_transmit(Side::Client) else {
+        panic!("the first buffer is sent from where it was read");
+    };
+    assert_eq!(len as usize, msgs[0].len());
+    let mut gathered = Vec::new();
+    h.conn
+        .gather(Side::Client, 7, |p| gathered.push(format!("{p:?}")));
+    assert_eq!(gathered.len(), 3, "{gathered:?}");
+    assert_eq!(
+        h.conn.poll_transmit(Side::Client),
+        None,
+        "one send at a time"
+    );
+    // The socket takes the first piece and half of the second.
+    let taken = msgs[0].len() + 6;
+    h.enter(|c, cx| c.handle_sent(cx, Side::Client, Ok(taken as u32)));
+    h.settle();
+    assert_eq!(h.out.recycle.len(), 0);
+    // The rest goes in one more send, from the seventh byte of the second.
+    let sends = h.sends;
+    h.deliver(Side::Client, 1);
+    assert_eq!(h.wire(Side::Client), all[taken..]);
+    assert_eq!(h.sends, sends + 1);
+    h.assert_no_buffer_held();
+}
+
 #[test]
 fn peers_that_do_not_finish_closing_are_cut() {
     let mut h = Harness::relaying(config(""));
@@ -650,6 +715,8 @@ fn peers_that_do_not_finish_closing_are_cut() {
 fn reading_stops_at_the_high_water_mark_and_resumes_when_sends_complete() {
     let mut h = Harness::relaying(config(""));
     h.auto_send = false;
+    // One piece a send, to count the queue down piece by piece.
+    h.gather = 0;
     let msg = frame(Opcode::Text, b"x", None);
     // The client reads nothing (no send completes): buffers queue up to
     // HIGH_WATER.
