@@ -105,7 +105,7 @@ impl Bench {
                     "--listen",
                     &format!("0.0.0.0:{ECHO_PORT}"),
                     "--name",
-                    &format!("b{i}"),
+                    &backend_name(i),
                 ],
                 Duration::from_secs(10),
             )?;
@@ -336,6 +336,11 @@ impl Bench {
     pub(crate) fn begin(&mut self, scenario: &str) {
         self.scenario = scenario.to_string();
     }
+}
+
+/// What echo backend `i` calls itself in its 101 (`x-weir-backend`).
+pub(crate) fn backend_name(i: usize) -> String {
+    format!("b{i}")
 }
 
 /// The file of generator process `k` of several that share `p`.

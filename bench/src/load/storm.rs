@@ -250,3 +250,106 @@ fn abort(ws: Ws) {
     }
     drop(ws);
 }
+
+#[cfg(test)]
+mod tests {
+    use std::sync::Arc;
+    use std::sync::atomic::AtomicU64;
+
+    use futures_util::{SinkExt, StreamExt};
+    use tokio::net::TcpListener;
+    use tokio_tungstenite::tungstenite::{Error, Message};
+
+    use super::*;
+    use crate::load::{Plan, Talk, run, unix_ms};
+
+    /// An echo server that counts the connections it accepted and the ones
+    /// that ended with a reset.
+    async fn echo_server() -> (std::net::SocketAddr, Arc<AtomicU64>, Arc<AtomicU64>) {
+        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        let (accepted, resets) = (Arc::new(AtomicU64::new(0)), Arc::new(AtomicU64::new(0)));
+        let (a, r) = (accepted.clone(), resets.clone());
+        tokio::spawn(async move {
+            while let Ok((tcp, _)) = listener.accept().await {
+                a.fetch_add(1, Ordering::Relaxed);
+                let r = r.clone();
+                tokio::spawn(async move {
+                    let Ok(mut ws) = tokio_tungstenite::accept_async(tcp).await else {
+                        return;
+                    };
+                    while let Some(m) = ws.next().await {
+                        match m {
+                            Ok(m @ Message::Binary(_)) => {
+                                if ws.send(m).await.is_err() {
+                                    return;
+                                }
+                            }
+                            Ok(_) => {}
+                            Err(Error::Io(e))
+                                if e.kind() == std::io::ErrorKind::ConnectionReset =>
+                            {
+                                r.fetch_add(1, Ordering::Relaxed);
+                                return;
+                            }
+                            Err(_) => return,
+                        }
+                    }
+                });
+            }
+        });
+        (addr, accepted, resets)
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn every_connection_is_reset_at_the_instant_and_comes_back() {
+        let (addr, accepted, resets) = echo_server().await;
+        let dir = std::env::temp_dir().join(format!("weir-storm-test-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let file = |name: &str| dir.join(name);
+        let mut plan = Plan {
+            talk: Talk::Idle,
+            ..Plan::default()
+        };
+        plan.fleet.url = format!("ws://{addr}/");
+        plan.fleet.connections = 20;
+        plan.fleet.duration = Duration::from_secs(30);
+        plan.fleet.hold_file = Some(file("hold"));
+        plan.fleet.ready_file = Some(file("ready"));
+        plan.storm = Some(StormPlan {
+            signal_file: file("at"),
+            done_file: file("done"),
+            give_up: Duration::from_secs(10),
+        });
+        let load = tokio::spawn(run(plan));
+        let wait_for = |f: PathBuf| async move {
+            let deadline = Instant::now() + Duration::from_secs(20);
+            while !f.exists() {
+                assert!(Instant::now() < deadline, "{} never appeared", f.display());
+                tokio::time::sleep(Duration::from_millis(10)).await;
+            }
+        };
+        wait_for(file("ready")).await;
+        assert_eq!(accepted.load(Ordering::Relaxed), 20);
+        let at_ms = unix_ms() + 200;
+        std::fs::write(file("at"), format!("{at_ms}\n")).unwrap();
+        wait_for(file("done")).await;
+        assert!(unix_ms() >= at_ms, "done before the instant");
+        std::fs::write(file("hold"), b"done").unwrap();
+        let r = load.await.unwrap().unwrap();
+        let _ = std::fs::remove_dir_all(&dir);
+
+        let storm = r.storm.expect("a storm result");
+        assert_eq!(storm.dropped, 20);
+        assert_eq!(storm.back_us.len(), 20);
+        assert!(storm.back_us.windows(2).all(|w| w[0] <= w[1]));
+        assert!(storm.failures.is_empty(), "{:?}", storm.failures);
+        assert_eq!(storm.gave_up, 0);
+        // The old connections ended with a reset, not a close; the new ones
+        // answered the final ping.
+        assert_eq!(resets.load(Ordering::Relaxed), 20);
+        assert_eq!(accepted.load(Ordering::Relaxed), 40);
+        assert_eq!(r.alive_at_end, 20);
+        assert_eq!(r.handshakes_ok, 40);
+    }
+}

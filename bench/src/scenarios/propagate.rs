@@ -18,7 +18,7 @@ use serde::{Deserialize, Serialize};
 
 use crate::load::{self, ConnRecord, Talk};
 use crate::scenario::{Outcome, Scenario};
-use crate::stage::Bench;
+use crate::stage::{Bench, backend_name};
 use crate::systems::{Kind, Method};
 use crate::table::{Table, fmt_f, fmt_int, measured};
 
@@ -105,10 +105,16 @@ impl Scenario for Propagate {
             ),
             ("per_connection", "handshake, one 64 B echo, close".into()),
         ]);
-        let sets: Vec<Vec<SocketAddr>> = (0..SETS)
-            .map(|k| (0..SET_SIZE).map(|i| b.backend(k * SET_SIZE + i)).collect())
+        // Backend indices of each set.
+        let sets: Vec<Vec<usize>> = (0..SETS)
+            .map(|k| (k * SET_SIZE..(k + 1) * SET_SIZE).collect())
             .collect();
-        let mut spec = b.spec(Kind::Weir, sets[0].clone(), 1);
+        let addrs = |b: &Bench, set: &[usize]| -> Vec<SocketAddr> {
+            set.iter().map(|&i| b.backend(i)).collect()
+        };
+        let names =
+            |set: &[usize]| -> Vec<String> { set.iter().map(|&i| backend_name(i)).collect() };
+        let mut spec = b.spec(Kind::Weir, addrs(b, &sets[0]), 1);
         spec.drain_window = Some(PERIOD / 2);
         match b.with_system(spec, "pg", |b, sys| {
             let name = sys.spec.kind.name();
@@ -132,12 +138,13 @@ impl Scenario for Propagate {
             for k in 1..=s.switches {
                 let at = started + PERIOD * k as u32;
                 std::thread::sleep(at.saturating_duration_since(Instant::now()));
-                let took = sys.set_backends(&b.topo, &sets[k % SETS], Method::WeirCli)?;
+                let took =
+                    sys.set_backends(&b.topo, &addrs(b, &sets[k % SETS]), Method::WeirCli)?;
                 changes.push(Change {
                     returned_us: load::unix_us(),
                     command_ms: took.as_secs_f64() * 1e3,
-                    old: names(b, &sets[(k - 1) % SETS]),
-                    new: names(b, &sets[k % SETS]),
+                    old: names(&sets[(k - 1) % SETS]),
+                    new: names(&sets[k % SETS]),
                 });
             }
             let r = Bench::wait_load(clients, plan.fleet.duration + Duration::from_secs(60))?;
@@ -223,14 +230,6 @@ struct Change {
     command_ms: f64,
     old: Vec<String>,
     new: Vec<String>,
-}
-
-/// The backends' names (weir-echo's `--name`, `b<i>`).
-fn names(b: &Bench, set: &[SocketAddr]) -> Vec<String> {
-    set.iter()
-        .filter_map(|a| (0..8).find(|&i| b.backend(i) == *a))
-        .map(|i| format!("b{i}"))
-        .collect()
 }
 
 fn row(system: &str, workers: usize, changes: &[Change], records: &[ConnRecord]) -> PropagateRow {
