@@ -60,9 +60,9 @@ pub struct Propagate;
 pub struct Switch {
     /// The command's wall time.
     pub command_ms: f64,
-    /// Start of the last connection that reached the old set, ms after the
-    /// command returned; 0 when none started after it.
-    pub last_old_ms: f64,
+    /// Start of the last connection that reached the old set, ms relative
+    /// to the command's return (negative: before it returned).
+    pub last_old_ms: Option<f64>,
     /// Start of the first connection that reached the new set, ms relative
     /// to the return (negative: it started while the command ran).
     pub first_new_ms: Option<f64>,
@@ -77,6 +77,8 @@ pub struct PropagateRow {
     pub system: String,
     pub workers: usize,
     pub switches: Vec<Switch>,
+    /// The figure of the goal, over the switches: how long after the
+    /// return the old set was still given (0 when it was not).
     pub max_last_old_ms: f64,
     pub p99_last_old_ms: f64,
     /// Connections that reached a backend, and the ones that did not.
@@ -185,11 +187,13 @@ impl Scenario for Propagate {
             "last old-set start after the return: max",
             "p99",
             "goal (≤ 10 ms)",
+            "last old-set start: median",
             "first new-set start: median",
             "command ms (median)",
             "connections (failed)",
         ]);
         for r in rows {
+            let mut last: Vec<f64> = r.switches.iter().filter_map(|s| s.last_old_ms).collect();
             let mut first: Vec<f64> = r.switches.iter().filter_map(|s| s.first_new_ms).collect();
             let mut command: Vec<f64> = r.switches.iter().map(|s| s.command_ms).collect();
             t.row(vec![
@@ -203,6 +207,7 @@ impl Scenario for Propagate {
                 } else {
                     "not met".into()
                 },
+                median_f(&mut last).map_or("–".into(), |m| format!("{} ms", fmt_f(m, 2))),
                 median_f(&mut first).map_or("–".into(), |m| format!("{} ms", fmt_f(m, 2))),
                 median_f(&mut command).map_or("–".into(), |m| fmt_f(m, 1)),
                 format!("{} ({})", fmt_int(r.identified), fmt_int(r.failed)),
@@ -214,9 +219,10 @@ impl Scenario for Propagate {
              new connections (handshake, one echo, close) arrive from 16 source addresses \
              and many ports, spread over both workers by SO_REUSEPORT; each backend names \
              itself in its 101. Per switch: the start of the last connection that still \
-             reached the old set, relative to the instant `weir backend set` returned (0 if \
-             none started after it), and of the first that reached the new set (negative: \
-             it started while the command ran and was accepted after the change). A worker \
+             reached the old set, relative to the instant `weir backend set` returned, and of \
+             the first that reached the new set (negative: it started while the command ran); \
+             the goal's figure is the first of these when positive, 0 otherwise. The gap \
+             between the two medians is when, within the command, the workers switched. A worker \
              reads the registry's generation counter on every accept and re-reads the maps \
              when it moved, so the bound is the command's own: once it returns, every \
              connection accepted after that goes by the new set.\n",
@@ -249,9 +255,7 @@ fn row(system: &str, workers: usize, changes: &[Change], records: &[ConnRecord])
                 .iter()
                 .filter(|(_, b)| in_set(&c.old, b))
                 .map(|(rel, _)| *rel)
-                .max()
-                .unwrap_or(0)
-                .max(0);
+                .max();
             let first_new = near
                 .iter()
                 .filter(|(_, b)| in_set(&c.new, b))
@@ -259,13 +263,16 @@ fn row(system: &str, workers: usize, changes: &[Change], records: &[ConnRecord])
                 .min();
             Switch {
                 command_ms: c.command_ms,
-                last_old_ms: last_old as f64 / 1e3,
+                last_old_ms: last_old.map(|us| us as f64 / 1e3),
                 first_new_ms: first_new.map(|us| us as f64 / 1e3),
                 connections: near.len() as u64,
             }
         })
         .collect();
-    let mut last: Vec<f64> = switches.iter().map(|s| s.last_old_ms).collect();
+    let mut last: Vec<f64> = switches
+        .iter()
+        .map(|s| s.last_old_ms.unwrap_or(0.0).max(0.0))
+        .collect();
     last.sort_by(f64::total_cmp);
     let p99 = match last.len() {
         0 => 0.0,
@@ -338,16 +345,19 @@ mod tests {
         ];
         let r = row("weir", 2, &changes, &records);
         assert_eq!(r.switches.len(), 2);
-        assert_eq!(r.switches[0].last_old_ms, 3.0);
+        assert_eq!(r.switches[0].last_old_ms, Some(3.0));
         assert_eq!(r.switches[0].first_new_ms, Some(-1.0));
         assert_eq!(r.switches[0].connections, 4);
-        assert_eq!(r.switches[1].last_old_ms, 0.0);
+        assert_eq!(r.switches[1].last_old_ms, Some(-0.5));
         assert_eq!(r.switches[1].first_new_ms, Some(0.1));
         assert_eq!(r.max_last_old_ms, 3.0);
         assert_eq!(r.p99_last_old_ms, 3.0);
         assert_eq!((r.identified, r.failed), (7, 1));
         let mut out = String::new();
         Propagate::section(&mut out, &[r]);
-        assert!(out.contains("| 3.00 ms | 3.00 ms | met |"), "{out}");
+        assert!(
+            out.contains("| 3.00 ms | 3.00 ms | met | 3.00 ms | 0.10 ms |"),
+            "{out}"
+        );
     }
 }
