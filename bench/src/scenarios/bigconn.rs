@@ -6,10 +6,12 @@
 use std::time::Duration;
 
 use anyhow::Result;
-use plotters::prelude::*;
+use plotters::prelude::SeriesLabelPosition;
 use serde::{Deserialize, Serialize};
 
-use crate::chart::{Area, Chart, Colors, FONT, SIZE, finite, legend, marker, max_of, short};
+use crate::chart::{
+    Area, Chart, Colors, SIZE, finite, labelled_line, legend, linear_axes, marker, max_of, short,
+};
 use crate::load::Talk;
 use crate::procs;
 use crate::results::Endings;
@@ -25,6 +27,8 @@ use crate::table::{
 /// weir's connection limit here: above what the steps ask, so the process,
 /// not the setting, is what stops it.
 const WEIR_MAX_CONNECTIONS: u64 = 130_000;
+/// Why a row stopped when the proxy process was gone after a step.
+const EXITED: &str = "exited";
 /// A step is held when at least this share of what it asked is open.
 const HELD_SHARE: f64 = 0.99;
 
@@ -66,7 +70,9 @@ pub struct BigconnRow {
     pub steps: Vec<BigconnStep>,
     /// Connections that answered a ping at the end, after the last step.
     pub alive_at_end: u64,
-    /// `refused` (a step was not held) or `cap` (the last step was held).
+    /// `refused` (a step was not held), `exited` (the proxy process was
+    /// gone after a step; that step's memory is 0) or `cap` (the last step
+    /// was held).
     pub stopped_by: String,
 }
 
@@ -76,9 +82,12 @@ impl BigconnRow {
         self.steps.iter().map(|s| s.held).max().unwrap_or(0)
     }
 
-    /// The last step that was held, if any.
+    /// The last step that was held and measured, if any.
     fn last_held(&self) -> Option<&BigconnStep> {
-        self.steps.iter().rev().find(|s| is_held(s))
+        self.steps
+            .iter()
+            .rev()
+            .find(|s| is_held(s) && s.pss_kib > 0)
     }
 }
 
@@ -135,7 +144,12 @@ impl Scenario for Bigconn {
             if x.most_held() == 0 {
                 bad.push(format!("bigconn: {} held no connection", x.system));
             }
-            if x.steps.iter().any(|s| s.pss_kib == 0) {
+            // A process that exited has no memory left to read.
+            let measured = match x.stopped_by.as_str() {
+                EXITED => &x.steps[..x.steps.len().saturating_sub(1)],
+                _ => &x.steps[..],
+            };
+            if measured.iter().any(|s| s.pss_kib == 0) {
                 bad.push(format!("bigconn: {}'s memory was not measured", x.system));
             }
         }
@@ -225,7 +239,8 @@ impl Scenario for Bigconn {
         t.write(out);
         out.push_str(
             "\nOne proxy process per system, idle WebSockets added step by step until a step \
-             is not held (99% of what it asked open). weir runs with `max_connections = \
+             is not held (99% of what it asked open) or the process exited (`exited`: its \
+             memory reads 0 and \"alive at end\" tells what survived). weir runs with `max_connections = \
              130000`; HAProxy and nginx keep the bench's limits (`maxconn 9500`, \
              `worker_connections 19000`), which the 20,000 open files per process bound \
              anyway: a proxied connection costs them two. Memory is PSS over the system's \
@@ -286,7 +301,8 @@ fn bigconn_row(b: &Bench, sys: &Running, steps: &[usize]) -> Result<BigconnRow> 
         };
         // Let lazily freed memory settle before reading it.
         std::thread::sleep(Duration::from_secs(2));
-        let pss = procs::pss_kib(&sys.pids());
+        let pids = sys.pids();
+        let pss = procs::pss_kib(&pids);
         let held = prev_held + step.open;
         let s = BigconnStep {
             asked,
@@ -306,6 +322,10 @@ fn bigconn_row(b: &Bench, sys: &Running, steps: &[usize]) -> Result<BigconnRow> 
         let held_step = is_held(&s);
         row.steps.push(s);
         (prev_asked, prev_held, prev_pss) = (asked, held, pss);
+        if pids.is_empty() {
+            row.stopped_by = EXITED.into();
+            break;
+        }
         if !held_step {
             row.stopped_by = "refused".into();
             break;
@@ -336,24 +356,12 @@ fn memory_chart(root: &Area, rows: &[&BigconnRow]) -> Result<()> {
     )
     .max(1.0)
         * 1.15;
-    let mut chart = ChartBuilder::on(root)
-        .caption(
-            "One process: memory against idle connections held",
-            (FONT, 22),
-        )
-        .margin(15)
-        .x_label_area_size(45)
-        .y_label_area_size(80)
-        .build_cartesian_2d(0f64..x_max, 0f64..y_max)?;
-    chart
-        .configure_mesh()
-        .x_desc("connections held")
-        .y_desc("PSS, MiB")
-        .x_label_formatter(&|x| short(*x))
-        .y_label_formatter(&|y| short(*y))
-        .label_style((FONT, 14))
-        .axis_desc_style((FONT, 16))
-        .draw()?;
+    let mut chart = linear_axes(
+        root,
+        "One process: memory against idle connections held",
+        (x_max, y_max),
+        ("connections held", "PSS, MiB"),
+    )?;
     let mut colors = Colors::default();
     for r in rows {
         let color = colors.get(&r.system);
@@ -361,17 +369,13 @@ fn memory_chart(root: &Area, rows: &[&BigconnRow]) -> Result<()> {
             std::iter::once((0.0, mib(r.base_pss_kib)))
                 .chain(r.steps.iter().map(|s| (s.held as f64, mib(s.pss_kib)))),
         );
-        chart
-            .draw_series(LineSeries::new(points.clone(), color.stroke_width(2)))?
-            .label(format!(
-                "{} (most held {}, stopped: {})",
-                r.system,
-                short(r.most_held() as f64),
-                r.stopped_by
-            ))
-            .legend(move |(x, y)| {
-                PathElement::new(vec![(x, y), (x + 20, y)], color.stroke_width(2))
-            });
+        let label = format!(
+            "{} (most held {}, stopped: {})",
+            r.system,
+            short(r.most_held() as f64),
+            r.stopped_by
+        );
+        labelled_line(&mut chart, points.clone(), color, label)?;
         chart.draw_series(points.into_iter().map(|p| marker(p, 0, color)))?;
     }
     legend(&mut chart, SeriesLabelPosition::UpperLeft)
@@ -403,8 +407,29 @@ mod tests {
         assert_eq!(row.last_held().unwrap().asked, 10_000);
         assert!(is_held(&step(100, 99, 0.0)) && !is_held(&step(100, 98, 0.0)));
         let mut out = String::new();
-        Bigconn::section(&mut out, &[row]);
+        Bigconn::section(&mut out, std::slice::from_ref(&row));
         assert!(out.contains("| weir | 0 | 19,000 |"), "{out}");
         assert!(out.contains("19,000 (95.0%)"), "{out}");
+        assert!(Bigconn::faults(std::slice::from_ref(&row)).is_empty());
+    }
+
+    #[test]
+    fn only_a_process_that_exited_may_leave_a_step_unmeasured() {
+        let mut gone = step(20_000, 20_000, 0.0);
+        gone.pss_kib = 0;
+        let mut row = BigconnRow {
+            system: "weir".into(),
+            steps: vec![step(10_000, 10_000, 500.0), gone],
+            stopped_by: EXITED.into(),
+            ..BigconnRow::default()
+        };
+        assert!(Bigconn::faults(std::slice::from_ref(&row)).is_empty());
+        // The step the process left is not the last held one.
+        assert_eq!(row.last_held().unwrap().asked, 10_000);
+        row.stopped_by = "cap".into();
+        assert_eq!(
+            Bigconn::faults(&[row]),
+            vec!["bigconn: weir's memory was not measured".to_string()]
+        );
     }
 }

@@ -10,10 +10,12 @@ use std::path::PathBuf;
 use std::time::{Duration, Instant};
 
 use anyhow::{Context, Result};
-use plotters::prelude::*;
+use plotters::prelude::SeriesLabelPosition;
 use serde::{Deserialize, Serialize};
 
-use crate::chart::{Area, Chart, Colors, FONT, SIZE, finite, legend, max_of, short};
+use crate::chart::{
+    Area, Chart, Colors, SIZE, finite, labelled_line, legend, linear_axes, max_of, short,
+};
 use crate::load::{self, StormPlan, Talk};
 use crate::procs;
 use crate::results::Endings;
@@ -303,24 +305,15 @@ fn curve(back_us: &[u64]) -> Vec<(f64, u64)> {
 fn curve_chart(root: &Area, rows: &[&StormRow]) -> Result<()> {
     let x_max = max_of(rows.iter().flat_map(|r| r.curve.iter().map(|p| p.0))).max(1.0) * 1.05;
     let y_max = max_of(rows.iter().map(|r| r.dropped as f64)).max(1.0) * 1.08;
-    let mut chart = ChartBuilder::on(root)
-        .caption(
-            "Reconnect storm: connections back after all were dropped",
-            (FONT, 22),
-        )
-        .margin(15)
-        .x_label_area_size(45)
-        .y_label_area_size(80)
-        .build_cartesian_2d(0f64..x_max, 0f64..y_max)?;
-    chart
-        .configure_mesh()
-        .x_desc("ms since the drop")
-        .y_desc("connections back (upgraded, one echo answered)")
-        .x_label_formatter(&|x| short(*x))
-        .y_label_formatter(&|y| short(*y))
-        .label_style((FONT, 14))
-        .axis_desc_style((FONT, 16))
-        .draw()?;
+    let mut chart = linear_axes(
+        root,
+        "Reconnect storm: connections back after all were dropped",
+        (x_max, y_max),
+        (
+            "ms since the drop",
+            "connections back (upgraded, one echo answered)",
+        ),
+    )?;
     let mut colors = Colors::default();
     for r in rows {
         let color = colors.get(&r.system);
@@ -340,12 +333,7 @@ fn curve_chart(root: &Area, rows: &[&StormRow]) -> Result<()> {
                 short(r.dropped as f64)
             )
         };
-        chart
-            .draw_series(LineSeries::new(points, color.stroke_width(2)))?
-            .label(label)
-            .legend(move |(x, y)| {
-                PathElement::new(vec![(x, y), (x + 20, y)], color.stroke_width(2))
-            });
+        labelled_line(&mut chart, points, color, label)?;
     }
     legend(&mut chart, SeriesLabelPosition::LowerRight)
 }
