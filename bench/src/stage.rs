@@ -332,6 +332,16 @@ impl Bench {
         plan
     }
 
+    /// Connection requests the lb namespace's listeners dropped so far
+    /// (full accept queues): see [`procs::listen_drops`].
+    pub(crate) fn lb_listen_drops(&self) -> Result<u64> {
+        let out = self
+            .topo
+            .run_ok_in(&self.topo.lb_ns, "cat", &["/proc/net/netstat"])?;
+        procs::listen_drops(&String::from_utf8_lossy(&out.stdout))
+            .context("no TcpExt ListenDrops in the lb namespace's /proc/net/netstat")
+    }
+
     /// Names the scenario that runs next, for progress lines.
     pub(crate) fn begin(&mut self, scenario: &str) {
         self.scenario = scenario.to_string();

@@ -61,6 +61,11 @@ pub struct StormRow {
     /// its connections back or given up.
     pub proxy_cpu_s: f64,
     pub generator_cpu_s: f64,
+    /// Connection requests the proxy's listeners dropped meanwhile (full
+    /// accept queues): each costs its client a SYN retransmission, 1 s or
+    /// more.
+    #[serde(default)]
+    pub listen_drops: u64,
     /// Connections back over time: (ms since the drop, connections back).
     pub curve: Vec<(f64, u64)>,
     /// Connections that answered a ping at the end of the run.
@@ -145,6 +150,7 @@ impl Scenario for Storm {
             "weir/haproxy (CPU)",
             "weir/nginx (CPU)",
             "generator CPU s",
+            "listen drops",
             "failed attempts",
             "alive at end",
         ])
@@ -175,6 +181,7 @@ impl Scenario for Storm {
                 ratio(p.proxy_cpu_s, r.proxy_cpu_s)
             }));
             cells.push(fmt_f(r.generator_cpu_s, 2));
+            cells.push(fmt_int(r.listen_drops));
             cells.push(if r.failures.is_empty() && r.gave_up == 0 {
                 "none".into()
             } else {
@@ -193,8 +200,10 @@ impl Scenario for Storm {
              sooner or spent less. Failed attempts by ending: `handshake:STATUS` (answered \
              without upgrading), `handshake:connect` (refused), `handshake:timeout`, \
              `handshake:io` (reset during the handshake), `reset`/`eof`/`timeout` of the \
-             first echo. The generator shares the cores: its CPU is shown beside the \
-             proxy's.\n",
+             first echo. \"listen drops\" are connection requests the lb host's kernel \
+             dropped because a listener's accept queue was full (TcpExt ListenDrops): each \
+             costs its client a SYN retransmission. The generator shares the cores: its CPU \
+             is shown beside the proxy's.\n",
         );
     }
 }
@@ -242,6 +251,7 @@ fn storm_row(b: &Bench, sys: &Running, n: usize, shards: usize) -> Result<StormR
     std::thread::sleep(Duration::from_millis(at_ms.saturating_sub(load::unix_ms())));
     let p0 = procs::cpu_by_pid(&sys.pids());
     let g0 = procs::cpu_by_pid(&procs::tree(&gens));
+    let drops0 = b.lb_listen_drops()?;
     b.progress(&format!("{name}: {up} open, all dropped now"));
     let limit = Instant::now() + GIVE_UP + Duration::from_secs(15);
     while !done_files.iter().all(|f| f.exists()) && Instant::now() < limit {
@@ -249,6 +259,7 @@ fn storm_row(b: &Bench, sys: &Running, n: usize, shards: usize) -> Result<StormR
     }
     let proxy_cpu_s = procs::cpu_delta(&p0, &procs::cpu_by_pid(&sys.pids()));
     let generator_cpu_s = procs::cpu_delta(&g0, &procs::cpu_by_pid(&procs::tree(&gens)));
+    let listen_drops = b.lb_listen_drops()?.saturating_sub(drops0);
 
     std::fs::write(&hold, b"done")?;
     let r = Bench::wait_load(clients, Duration::from_secs(300));
@@ -279,6 +290,7 @@ fn storm_row(b: &Bench, sys: &Running, n: usize, shards: usize) -> Result<StormR
         gave_up: storm.gave_up,
         proxy_cpu_s,
         generator_cpu_s,
+        listen_drops,
         curve: curve(&storm.back_us),
         alive_at_end: r.alive_at_end,
     };
