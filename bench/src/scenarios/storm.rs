@@ -30,6 +30,10 @@ use crate::table::{
 
 /// How long a dropped client keeps trying to come back.
 const GIVE_UP: Duration = Duration::from_secs(60);
+/// A client's limit for connect + handshake: long enough that a slow
+/// answer on this shared machine is not retried (which would add load),
+/// short enough to show a proxy that does not answer.
+const CONNECT_TIMEOUT: Duration = Duration::from_secs(10);
 /// Points of the reconnect curve kept per system.
 const CURVE_POINTS: usize = 200;
 
@@ -104,7 +108,9 @@ impl Scenario for Storm {
             (
                 "reconnect",
                 format!(
-                    "at once, no pacing; a failed attempt retried at once for up to {} s",
+                    "at once, no pacing, {} s to connect and upgrade; a failed attempt retried \
+                     at once for up to {} s",
+                    CONNECT_TIMEOUT.as_secs(),
                     GIVE_UP.as_secs()
                 ),
             ),
@@ -227,7 +233,7 @@ fn storm_row(b: &Bench, sys: &Running, n: usize, shards: usize) -> Result<StormR
     plan.fleet.hold_file = Some(hold.clone());
     plan.fleet.ready_file = Some(ready);
     plan.fleet.connect_concurrency = 100;
-    plan.fleet.connect_timeout = Duration::from_secs(5);
+    plan.fleet.connect_timeout = CONNECT_TIMEOUT;
     plan.storm = Some(StormPlan {
         signal_file: signal.clone(),
         done_file: done.clone(),
