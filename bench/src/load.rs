@@ -8,7 +8,9 @@
 //! - arrivals: new connections opened at a fixed rate, each doing a
 //!   handshake, talking for a while (or one echo) and closing;
 //! - reconnection of long-lived connections that were closed or cut, as a
-//!   real client does after a 1001 or a reset.
+//!   real client does after a 1001 or a reset;
+//! - a reconnect storm: every idle connection dropped at one instant and
+//!   dialled again at once (`storm`).
 //!
 //! Connections are dialled, closed and their endings classified by the
 //! testbed's [`weir_testbed::ws_client`], as in the tests' client; the
