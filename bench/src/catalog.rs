@@ -13,12 +13,15 @@ use serde::{Deserialize, Serialize};
 use crate::chart::{Area, Chart};
 use crate::results::RunInfo;
 use crate::scenario::Scenario;
+use crate::scenarios::bigconn::{Bigconn, BigconnRow};
 use crate::scenarios::churn::{Churn, ChurnRow};
 use crate::scenarios::connrate::{Connrate, ConnrateRow};
 use crate::scenarios::drain::{Drain, DrainRow};
 use crate::scenarios::idle::{Idle, IdleRow};
 use crate::scenarios::l4::{L4, L4Row};
+use crate::scenarios::propagate::{Propagate, PropagateRow};
 use crate::scenarios::steady::{Steady, SteadyRow};
+use crate::scenarios::storm::{Storm, StormRow};
 use crate::stage::Bench;
 use crate::table::Measured;
 
@@ -41,6 +44,12 @@ pub struct ScenarioResult {
     pub drain: Vec<DrainRow>,
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub l4: Vec<L4Row>,
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub storm: Vec<StormRow>,
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub bigconn: Vec<BigconnRow>,
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub propagate: Vec<PropagateRow>,
     /// Problems seen (a system that failed to start, a sanity check).
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub notes: Vec<String>,
@@ -71,14 +80,20 @@ rows_in_field!(
     churn: ChurnRow,
     drain: DrainRow,
     l4: L4Row,
+    storm: StormRow,
+    bigconn: BigconnRow,
+    propagate: PropagateRow,
 );
 
 /// The scenarios, in the order a run and the report take them.
-pub static ALL: [Entry; 6] = [
+pub static ALL: [Entry; 9] = [
     Entry::of::<Steady>(),
     Entry::of::<Idle>(),
+    Entry::of::<Bigconn>(),
     Entry::of::<Connrate>(),
+    Entry::of::<Storm>(),
     Entry::of::<Churn>(),
+    Entry::of::<Propagate>(),
     Entry::of::<Drain>(),
     Entry::of::<L4>(),
 ];

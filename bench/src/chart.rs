@@ -5,6 +5,7 @@
 
 use anyhow::Result;
 use plotters::coord::Shift;
+use plotters::coord::types::RangedCoordf64;
 use plotters::prelude::*;
 
 use crate::results::WEIR;
@@ -22,6 +23,46 @@ pub struct Chart<R> {
     pub file: &'static str,
     pub size: (u32, u32),
     pub draw: fn(&Area, &[&R]) -> Result<()>,
+}
+
+/// A chart on linear axes from 0 to `max` (x, y), described by `desc`
+/// (x, y), numbers written by [`short`]: the frame of most line charts.
+pub fn linear_axes<'b>(
+    root: &Area<'b>,
+    caption: &str,
+    max: (f64, f64),
+    desc: (&str, &str),
+) -> Result<ChartContext<'b, SVGBackend<'b>, Cartesian2d<RangedCoordf64, RangedCoordf64>>> {
+    let mut chart = ChartBuilder::on(root)
+        .caption(caption, (FONT, 22))
+        .margin(15)
+        .x_label_area_size(45)
+        .y_label_area_size(80)
+        .build_cartesian_2d(0f64..max.0, 0f64..max.1)?;
+    chart
+        .configure_mesh()
+        .x_desc(desc.0)
+        .y_desc(desc.1)
+        .x_label_formatter(&|x| short(*x))
+        .y_label_formatter(&|y| short(*y))
+        .label_style((FONT, 14))
+        .axis_desc_style((FONT, 16))
+        .draw()?;
+    Ok(chart)
+}
+
+/// One system's line, with its legend entry.
+pub fn labelled_line<'a, X: Ranged<ValueType = f64>, Y: Ranged<ValueType = f64>>(
+    chart: &mut ChartContext<'a, SVGBackend<'a>, Cartesian2d<X, Y>>,
+    points: Vec<(f64, f64)>,
+    color: RGBColor,
+    label: String,
+) -> Result<()> {
+    chart
+        .draw_series(LineSeries::new(points, color.stroke_width(2)))?
+        .label(label)
+        .legend(move |(x, y)| PathElement::new(vec![(x, y), (x + 20, y)], color.stroke_width(2)));
+    Ok(())
 }
 
 pub fn legend<'a, X: Ranged, Y: Ranged>(

@@ -9,8 +9,8 @@
 //! - [`stage`]: the topology, echo backends and sizes a run shares, and
 //!   how a scenario drives load and measures it;
 //! - [`scenario`]: what a scenario is; [`scenarios`]: steady, idle,
-//!   connrate, churn, drain, l4, each with its run, rows, check, report
-//!   section and chart; [`catalog`]: all of them, and the result file;
+//!   bigconn, connrate, storm, churn, propagate, drain, l4, each with its
+//!   run, rows, check, report section and chart; [`catalog`]: all of them, and the result file;
 //! - [`results`]: the measurements rows are made of and the run's facts;
 //! - [`report`] with [`table`], and [`plot`] with [`chart`]: Markdown and
 //!   SVG.

@@ -8,7 +8,9 @@
 //! - arrivals: new connections opened at a fixed rate, each doing a
 //!   handshake, talking for a while (or one echo) and closing;
 //! - reconnection of long-lived connections that were closed or cut, as a
-//!   real client does after a 1001 or a reset.
+//!   real client does after a 1001 or a reset;
+//! - a reconnect storm: every idle connection dropped at one instant and
+//!   dialled again at once (`storm`).
 //!
 //! Connections are dialled, closed and their endings classified by the
 //! testbed's [`weir_testbed::ws_client`], as in the tests' client; the
@@ -37,6 +39,11 @@ use weir_testbed::ws_client::{
 };
 
 use crate::results::{Endings, Latency, TimelinePoint};
+
+mod storm;
+
+use storm::{Ride, StormState};
+pub use storm::{StormPlan, StormResult};
 
 pub use weir_testbed::ws_client::ending_name as ending;
 pub use weir_testbed::ws_client::unix_ms;
@@ -75,6 +82,9 @@ pub struct Plan {
     pub epoch_unix_ms: u64,
     /// Keep a record per connection in the result.
     pub record_connections: bool,
+    /// A reconnect storm of the long-lived idle connections (the `storm`
+    /// scenario).
+    pub storm: Option<StormPlan>,
 }
 
 impl Default for Plan {
@@ -99,6 +109,7 @@ impl Default for Plan {
             reconnect: false,
             epoch_unix_ms: 0,
             record_connections: false,
+            storm: None,
         }
     }
 }
@@ -108,6 +119,9 @@ impl Default for Plan {
 pub struct ConnRecord {
     /// `x-weir-backend` of the 101 response (weir-echo names itself).
     pub backend: Option<String>,
+    /// Unix µs the dial began.
+    #[serde(default)]
+    pub started_unix_us: u64,
     pub ending: String,
     /// Unix ms of the ending.
     pub ended_unix_ms: u64,
@@ -139,6 +153,31 @@ pub struct LoadResult {
     pub arrivals_late: u64,
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub connections: Vec<ConnRecord>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub storm: Option<StormResult>,
+}
+
+/// What a generator process writes to its ready file once every first
+/// connection attempt finished: how many are open and how the others
+/// ended, so a harness can count a step of connections as it is taken.
+#[derive(Clone, Debug, Default, Serialize, Deserialize)]
+pub struct Ready {
+    pub open: u64,
+    pub endings: Endings,
+}
+
+impl Ready {
+    /// Adds the ready files of several processes.
+    pub fn merge(parts: &[Ready]) -> Ready {
+        let mut out = Ready::default();
+        for p in parts {
+            out.open += p.open;
+            for (k, v) in &p.endings {
+                *out.endings.entry(k.clone()).or_default() += v;
+            }
+        }
+        out
+    }
 }
 
 pub fn new_histogram() -> Histogram<u64> {
@@ -184,6 +223,10 @@ impl LoadResult {
         let mut lat = new_histogram();
         let mut hs = new_histogram();
         let mut timeline: BTreeMap<u64, TimelinePoint> = BTreeMap::new();
+        let storms: Vec<&StormResult> = parts.iter().filter_map(|p| p.storm.as_ref()).collect();
+        if !storms.is_empty() {
+            out.storm = Some(StormResult::merge(&storms));
+        }
         for p in parts {
             out.handshakes_ok += p.handshakes_ok;
             out.handshakes_failed += p.handshakes_failed;
@@ -237,6 +280,14 @@ impl LoadResult {
             .map(|(_, v)| v)
             .sum()
     }
+}
+
+/// Microseconds since the Unix epoch: one clock for every generator
+/// process and the harness.
+pub fn unix_us() -> u64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.as_micros() as u64)
 }
 
 /// Whether an ending, by its name in [`Endings`], counts as a cut
@@ -321,10 +372,11 @@ struct Shared {
     stop: watch::Receiver<bool>,
     /// Reference point of message timestamps.
     t0: std::time::Instant,
+    storm: Option<StormState>,
 }
 
 impl Shared {
-    fn end(&self, backend: Option<String>, ending: Ending) {
+    fn end(&self, backend: Option<String>, started_unix_us: u64, ending: Ending) {
         {
             let mut e = self.endings.lock().unwrap_or_else(|e| e.into_inner());
             *e.entry(ending.to_string()).or_default() += 1;
@@ -341,6 +393,7 @@ impl Shared {
                 .unwrap_or_else(|e| e.into_inner())
                 .push(ConnRecord {
                     backend,
+                    started_unix_us,
                     ending: ending.to_string(),
                     ended_unix_ms: unix_ms(),
                 });
@@ -352,7 +405,17 @@ impl Shared {
     }
 
     fn attempt_done(&self) {
-        self.ready.attempt_done(|| "ready\n".into());
+        self.ready.attempt_done(|| {
+            let ready = Ready {
+                open: self.open.load(Ordering::Relaxed),
+                endings: self
+                    .endings
+                    .lock()
+                    .unwrap_or_else(|e| e.into_inner())
+                    .clone(),
+            };
+            serde_json::to_string(&ready).unwrap_or_default() + "\n"
+        });
     }
 }
 
@@ -393,6 +456,13 @@ pub async fn run(plan: Plan) -> Result<LoadResult> {
     // The stop signal: the duration passed or the hold file appeared.
     let (stop_rx, stopper) =
         ws_client::stop_signal(plan.fleet.hold_file.clone(), start + plan.fleet.duration);
+    let (storm, storm_tx) = match &plan.storm {
+        Some(p) => {
+            let (state, tx) = StormState::new(p.clone());
+            (Some(state), Some(tx))
+        }
+        None => (None, None),
+    };
     let shared = Arc::new(Shared {
         dialer,
         open: AtomicU64::new(0),
@@ -414,6 +484,7 @@ pub async fn run(plan: Plan) -> Result<LoadResult> {
         ),
         stop: stop_rx,
         t0: std::time::Instant::now(),
+        storm,
         plan,
     });
     let plan = &shared.plan;
@@ -434,6 +505,14 @@ pub async fn run(plan: Plan) -> Result<LoadResult> {
     };
 
     let mut tasks = Vec::new();
+    if let Some(tx) = storm_tx {
+        let s = shared.clone();
+        tasks.push(tokio::spawn(async move {
+            if let Some(storm) = &s.storm {
+                storm.signal(tx, &s.open, s.stop.clone()).await;
+            }
+        }));
+    }
     let sem = Arc::new(Semaphore::new(plan.fleet.connect_concurrency.max(1)));
     let per_conn_interval = match plan.talk {
         Talk::Open(rate) if rate > 0.0 => Some(Duration::from_secs_f64(
@@ -485,6 +564,7 @@ pub async fn run(plan: Plan) -> Result<LoadResult> {
         talk_s,
         arrivals_late: s.arrivals_late.load(Ordering::Relaxed),
         connections: std::mem::take(&mut *s.records.lock().unwrap_or_else(|e| e.into_inner())),
+        storm: s.storm.as_ref().map(StormState::result),
     };
     Ok(result)
 }
@@ -581,26 +661,43 @@ async fn long_lived(
     phase: Duration,
 ) {
     let mut first = true;
+    let mut storm_pending = s.storm.is_some();
     loop {
         let permit = sem.acquire().await;
+        let mut started = unix_us();
         let conn = connect(&s, index, Instant::now()).await;
         drop(permit);
+        // Counted before the ready file is written, which reports them.
+        match &conn {
+            Ok(_) => {
+                s.open.fetch_add(1, Ordering::Relaxed);
+            }
+            Err(e) => s.end(None, started, *e),
+        }
         if first {
             s.attempt_done();
             first = false;
         }
-        let (mut ws, backend) = match conn {
-            Ok(c) => c,
-            Err(e) => {
-                s.end(None, e);
-                if s.plan.reconnect && !s.stopped() {
-                    tokio::time::sleep(Duration::from_millis(100)).await;
-                    continue;
-                }
-                return;
+        let Ok((mut ws, mut backend)) = conn else {
+            if s.plan.reconnect && !s.stopped() {
+                tokio::time::sleep(Duration::from_millis(100)).await;
+                continue;
             }
+            return;
         };
-        s.open.fetch_add(1, Ordering::Relaxed);
+        if let Some(storm) = s.storm.as_ref().filter(|_| storm_pending) {
+            storm_pending = false;
+            match storm::ride(&s, storm, index, ws).await {
+                Ride::Calm(w) => ws = w,
+                Ride::Back(w, b, at) => (ws, backend, started) = (w, b, at),
+                Ride::Ended(e) => {
+                    s.open.fetch_sub(1, Ordering::Relaxed);
+                    s.end(backend, started, e);
+                    return;
+                }
+                Ride::GaveUp => return,
+            }
+        }
         let outcome = match (s.plan.talk, interval) {
             (Talk::Closed, _) => talk_closed(&s, &mut ws).await,
             (Talk::Open(_), Some(iv)) => talk_open(&s, ws, iv, phase).await,
@@ -609,11 +706,11 @@ async fn long_lived(
         s.open.fetch_sub(1, Ordering::Relaxed);
         match outcome {
             Stop::Done => {
-                s.end(backend, Ending::Clean);
+                s.end(backend, started, Ending::Clean);
                 return;
             }
             Stop::Ended(e) => {
-                s.end(backend, e);
+                s.end(backend, started, e);
                 if !s.plan.reconnect || s.stopped() {
                     return;
                 }
@@ -636,29 +733,37 @@ async fn close_clean(s: &Shared, ws: &mut Ws) -> Stop {
     }
 }
 
-async fn talk_closed(s: &Shared, ws: &mut Ws) -> Stop {
+/// Sends one message now and waits for its echo; an echo that never came
+/// counts as lost. Whether the echo matched what was sent.
+async fn echo_once(s: &Shared, ws: &mut Ws, seq: u64) -> Result<bool, Ending> {
     let size = s.plan.message_bytes;
+    if let Err(e) = ws
+        .send(Message::binary(payload(s, Instant::now(), seq, size)))
+        .await
+    {
+        return Err(Ending::of_error(&e));
+    }
+    s.sent.fetch_add(1, Ordering::Relaxed);
+    match tokio::time::timeout(s.plan.fleet.echo_timeout, next_data(ws)).await {
+        Ok(Ok(data)) => Ok(record_echo(s, &data, size)),
+        Ok(Err(e)) => {
+            s.lost.fetch_add(1, Ordering::Relaxed);
+            Err(e)
+        }
+        Err(_) => {
+            s.lost.fetch_add(1, Ordering::Relaxed);
+            Err(Ending::Timeout)
+        }
+    }
+}
+
+async fn talk_closed(s: &Shared, ws: &mut Ws) -> Stop {
     let mut seq = 0u64;
     while !s.stopped() {
-        let now = Instant::now();
-        if let Err(e) = ws.send(Message::binary(payload(s, now, seq, size))).await {
-            return Stop::Ended(Ending::of_error(&e));
+        if let Err(e) = echo_once(s, ws, seq).await {
+            return Stop::Ended(e);
         }
-        s.sent.fetch_add(1, Ordering::Relaxed);
         seq += 1;
-        match tokio::time::timeout(s.plan.fleet.echo_timeout, next_data(ws)).await {
-            Ok(Ok(data)) => {
-                record_echo(s, &data, size);
-            }
-            Ok(Err(e)) => {
-                s.lost.fetch_add(1, Ordering::Relaxed);
-                return Stop::Ended(e);
-            }
-            Err(_) => {
-                s.lost.fetch_add(1, Ordering::Relaxed);
-                return Stop::Ended(Ending::Timeout);
-            }
-        }
     }
     close_clean(s, ws).await
 }
@@ -806,37 +911,22 @@ async fn arrivals(s: Arc<Shared>) {
 }
 
 async fn arrival(s: Arc<Shared>, index: usize, scheduled: Instant) {
+    let started = unix_us();
     let (mut ws, backend) = match connect(&s, index, scheduled).await {
         Ok(c) => c,
         Err(e) => {
-            s.end(None, e);
+            s.end(None, started, e);
             return;
         }
     };
     s.open.fetch_add(1, Ordering::Relaxed);
-    let size = s.plan.message_bytes;
     let until = Instant::now() + s.plan.arrival_life;
     let mut seq = 0u64;
     let outcome = loop {
-        let now = Instant::now();
-        if let Err(e) = ws.send(Message::binary(payload(&s, now, seq, size))).await {
-            break Stop::Ended(Ending::of_error(&e));
+        if let Err(e) = echo_once(&s, &mut ws, seq).await {
+            break Stop::Ended(e);
         }
-        s.sent.fetch_add(1, Ordering::Relaxed);
         seq += 1;
-        match tokio::time::timeout(s.plan.fleet.echo_timeout, next_data(&mut ws)).await {
-            Ok(Ok(d)) => {
-                record_echo(&s, &d, size);
-            }
-            Ok(Err(e)) => {
-                s.lost.fetch_add(1, Ordering::Relaxed);
-                break Stop::Ended(e);
-            }
-            Err(_) => {
-                s.lost.fetch_add(1, Ordering::Relaxed);
-                break Stop::Ended(Ending::Timeout);
-            }
-        }
         if Instant::now() + s.plan.arrival_interval > until || s.stopped() {
             break close_clean(&s, &mut ws).await;
         }
@@ -844,8 +934,8 @@ async fn arrival(s: Arc<Shared>, index: usize, scheduled: Instant) {
     };
     s.open.fetch_sub(1, Ordering::Relaxed);
     match outcome {
-        Stop::Done => s.end(backend, Ending::Clean),
-        Stop::Ended(e) => s.end(backend, e),
+        Stop::Done => s.end(backend, started, Ending::Clean),
+        Stop::Ended(e) => s.end(backend, started, e),
     }
 }
 

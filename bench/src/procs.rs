@@ -130,6 +130,16 @@ pub fn softirq_s() -> f64 {
         .unwrap_or(0.0)
 }
 
+/// `TcpExt: ListenDrops` of a `/proc/net/netstat`: connection requests
+/// dropped because a listener's accept queue was full (or for lack of
+/// memory), counted per network namespace.
+pub fn listen_drops(netstat: &str) -> Option<u64> {
+    let mut lines = netstat.lines().filter(|l| l.starts_with("TcpExt:"));
+    let (names, values) = (lines.next()?, lines.next()?);
+    let i = names.split_whitespace().position(|n| n == "ListenDrops")?;
+    values.split_whitespace().nth(i)?.parse().ok()
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -160,5 +170,17 @@ mod tests {
         assert!(!tree(&[me]).contains(&child.id()));
         assert!(kernel_socket_bytes() > 0);
         assert!(softirq_s() >= 0.0);
+    }
+
+    #[test]
+    fn listen_drops_are_read_by_name() {
+        let netstat = "TcpExt: SyncookiesSent ListenOverflows ListenDrops\n\
+                       TcpExt: 0 7 9\n\
+                       IpExt: InNoRoutes\n\
+                       IpExt: 0\n";
+        assert_eq!(listen_drops(netstat), Some(9));
+        assert_eq!(listen_drops("IpExt: InNoRoutes\nIpExt: 0\n"), None);
+        let own = std::fs::read_to_string("/proc/net/netstat").unwrap();
+        assert!(listen_drops(&own).is_some());
     }
 }

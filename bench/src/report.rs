@@ -106,12 +106,15 @@ fn files_line(out: &mut String, scenario: &str, stem: &str) {
 mod tests {
     use super::*;
     use crate::results::{CpuSplit, Endings, Latency, TimelinePoint};
+    use crate::scenarios::bigconn::{BigconnRow, BigconnStep};
     use crate::scenarios::churn::ChurnRow;
     use crate::scenarios::connrate::{ConnrateRow, ConnrateStep};
     use crate::scenarios::drain::DrainRow;
     use crate::scenarios::idle::IdleRow;
     use crate::scenarios::l4::L4Row;
+    use crate::scenarios::propagate::{PropagateRow, Switch};
     use crate::scenarios::steady::SteadyRow;
+    use crate::scenarios::storm::StormRow;
 
     fn endings(pairs: &[(&str, u64)]) -> Endings {
         pairs.iter().map(|(k, v)| (k.to_string(), *v)).collect()
@@ -269,8 +272,59 @@ mod tests {
                 ..Default::default()
             },
         ];
+        let mut storm = base("storm");
+        storm.storm = [("weir", 1_000.0, 0.5), ("haproxy", 2_000.0, 1.5)]
+            .iter()
+            .map(|&(s, ms, cpu)| StormRow {
+                system: s.into(),
+                connections: 2_000,
+                dropped: 2_000,
+                back: 2_000,
+                all_back_ms: ms,
+                proxy_cpu_s: cpu,
+                curve: vec![(0.0, 0), (ms, 2_000)],
+                ..Default::default()
+            })
+            .collect();
+
+        let mut bigconn = base("bigconn");
+        let step = |asked, held, bytes_per_conn| BigconnStep {
+            asked,
+            held,
+            pss_kib: 10_000,
+            bytes_per_conn,
+            ..Default::default()
+        };
+        bigconn.bigconn = [
+            ("weir", 19_000, 500.0, 480.0),
+            ("nginx", 9_500, 20_000.0, 19_000.0),
+        ]
+        .iter()
+        .map(|&(s, held, first, second)| BigconnRow {
+            system: s.into(),
+            // The second step is not held: the first is the last held.
+            steps: vec![step(10_000, 10_000, first), step(20_000, held, second)],
+            stopped_by: "refused".into(),
+            ..Default::default()
+        })
+        .collect();
+
+        let mut propagate = base("propagate");
+        propagate.propagate = vec![PropagateRow {
+            system: "weir".into(),
+            workers: 2,
+            switches: vec![Switch {
+                command_ms: 5.0,
+                connections: 100,
+                ..Default::default()
+            }],
+            identified: 100,
+            ..Default::default()
+        }];
         // Out of order on purpose: the report sorts sections.
-        vec![l4, drain, churn, connrate, idle, steady]
+        vec![
+            l4, propagate, drain, churn, storm, connrate, bigconn, idle, steady,
+        ]
     }
 
     /// The cells of the table row whose first cell is `system` and that
@@ -357,6 +411,21 @@ mod tests {
         let c = row_cells(&md, "## Backend drain", "weir", "100");
         assert_eq!(c[4], "90 (90.0%)");
         assert_eq!(c[8], "–");
+
+        // Storm: haproxy took 2,000 ms and 1.5 CPU s, weir 1,000 and 0.5;
+        // nginx missing.
+        let c = row_cells(&md, "## Reconnect storm", "weir", "1,000 ms");
+        assert_eq!(&c[4..6], ["2.00×", "–"]);
+        assert_eq!(&c[8..10], ["3.00×", "–"]);
+
+        // Bigconn: weir held 19,000 against nginx's 10,000, at 500 B per
+        // connection against 20,000 B at the last held step.
+        let c = row_cells(&md, "## Idle connections held", "weir", "19,000");
+        assert_eq!(&c[3..5], ["–", "1.90×"]);
+        assert_eq!(c[5], "500 B");
+        assert_eq!(&c[6..8], ["–", "40.0×"]);
+        let c = row_cells(&md, "## Idle connections held", "weir", "19,000 (95.0%)");
+        assert_eq!(&c[6..8], ["–", "39.6×"]);
 
         // L4: 30 / 20 Gbit/s; peer conns/s is 0 so its ratio is missing.
         let c = row_cells(&md, "## L4", "weir", "30.00");

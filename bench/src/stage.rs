@@ -9,7 +9,7 @@ use std::time::{Duration, Instant};
 use anyhow::{Context, Result, bail, ensure};
 use weir_testbed::topology::{Proc, Topology, TopologySpec};
 
-use crate::load::{self, LoadResult, Plan, Talk};
+use crate::load::{self, LoadResult, Plan, Ready, Talk};
 use crate::procs;
 use crate::results::{CpuSplit, RunInfo};
 use crate::systems::{Kind, Running, Spec, remove_dir};
@@ -105,7 +105,7 @@ impl Bench {
                     "--listen",
                     &format!("0.0.0.0:{ECHO_PORT}"),
                     "--name",
-                    &format!("b{i}"),
+                    &backend_name(i),
                 ],
                 Duration::from_secs(10),
             )?;
@@ -160,6 +160,7 @@ impl Bench {
             shards,
             drain_window: Some(self.sizes.drain_window),
             tcp_mode: false,
+            max_connections: None,
         }
     }
 
@@ -208,6 +209,9 @@ impl Bench {
                 p.fleet.sources = sources.clone();
             }
             p.fleet.ready_file = plan.fleet.ready_file.as_ref().map(|f| with_suffix(f, k));
+            if let Some(storm) = &mut p.storm {
+                storm.done_file = with_suffix(&storm.done_file, k);
+            }
             if p.fleet.connections == 0 && p.arrivals_per_sec == 0.0 {
                 continue;
             }
@@ -257,6 +261,20 @@ impl Bench {
             std::thread::sleep(Duration::from_millis(100));
         }
         Ok((clients, files))
+    }
+
+    /// What the processes wrote to their ready files, added up.
+    pub(crate) fn read_ready(files: &[PathBuf]) -> Result<Ready> {
+        let mut parts = Vec::new();
+        for f in files {
+            let text = std::fs::read_to_string(f)
+                .with_context(|| format!("reading ready file {}", f.display()))?;
+            parts.push(
+                serde_json::from_str(&text)
+                    .with_context(|| format!("parsing ready file {}", f.display()))?,
+            );
+        }
+        Ok(Ready::merge(&parts))
     }
 
     pub(crate) fn wait_load(procs: Vec<Proc>, limit: Duration) -> Result<LoadResult> {
@@ -314,13 +332,29 @@ impl Bench {
         plan
     }
 
+    /// Connection requests the lb namespace's listeners dropped so far
+    /// (full accept queues): see [`procs::listen_drops`].
+    pub(crate) fn lb_listen_drops(&self) -> Result<u64> {
+        let out = self
+            .topo
+            .run_ok_in(&self.topo.lb_ns, "cat", &["/proc/net/netstat"])?;
+        procs::listen_drops(&String::from_utf8_lossy(&out.stdout))
+            .context("no TcpExt ListenDrops in the lb namespace's /proc/net/netstat")
+    }
+
     /// Names the scenario that runs next, for progress lines.
     pub(crate) fn begin(&mut self, scenario: &str) {
         self.scenario = scenario.to_string();
     }
 }
 
-fn with_suffix(p: &Path, k: usize) -> PathBuf {
+/// What echo backend `i` calls itself in its 101 (`x-weir-backend`).
+pub(crate) fn backend_name(i: usize) -> String {
+    format!("b{i}")
+}
+
+/// The file of generator process `k` of several that share `p`.
+pub(crate) fn with_suffix(p: &Path, k: usize) -> PathBuf {
     let mut s = p.as_os_str().to_owned();
     s.push(format!(".{k}"));
     PathBuf::from(s)

@@ -82,6 +82,10 @@ pub struct Spec {
     pub drain_window: Option<Duration>,
     /// HAProxy in TCP mode (the L4 peer) instead of HTTP.
     pub tcp_mode: bool,
+    /// weir's `max_connections` per process; None: its default. The peers'
+    /// limits are their configurations' (HAProxy `maxconn`, nginx
+    /// `worker_connections`).
+    pub max_connections: Option<u64>,
 }
 
 /// A server as HAProxy and nginx configurations name it.
@@ -228,7 +232,11 @@ impl Running {
             self.weir_cmd(topo, &instance, &set)?;
             let window = self.spec.drain_window.unwrap_or(Duration::from_secs(30));
             let config = self.dir.join(format!("weir-{k}.toml"));
-            let file = ConfigBuilder::new()
+            let mut file = ConfigBuilder::new();
+            if let Some(n) = self.spec.max_connections {
+                file = file.max_connections(n);
+            }
+            let file = file
                 .instance(&instance)
                 .workers(self.spec.workers as u64)
                 .metrics(SocketAddr::from((Ipv4Addr::LOCALHOST, 19100 + k as u16)))

@@ -8,16 +8,19 @@ use std::path::{Path, PathBuf};
 use weir_bench::catalog::{self, ScenarioResult};
 
 const STEM: &str = "2026-11-27";
+/// The scenarios that run had; scenarios added since have no file of it.
+const SCENARIOS: [&str; 6] = ["steady", "idle", "connrate", "churn", "drain", "l4"];
 
 fn results_dir() -> PathBuf {
     Path::new(env!("CARGO_MANIFEST_DIR")).join("results")
 }
 
 fn committed() -> Vec<ScenarioResult> {
-    catalog::ALL
+    SCENARIOS
         .iter()
-        .map(|e| {
-            let path = results_dir().join(format!("{STEM}-{}.json", e.name));
+        .map(|name| {
+            assert!(catalog::find(name).is_some(), "{name} is not a scenario");
+            let path = results_dir().join(format!("{STEM}-{name}.json"));
             let text = std::fs::read_to_string(&path)
                 .unwrap_or_else(|err| panic!("reading {}: {err}", path.display()));
             serde_json::from_str(&text)

@@ -25,7 +25,12 @@ use crate::table::{
 
 /// Connections one generator or proxy process is given at most (below the
 /// 20,000 open files per process, two per proxied connection for peers).
-const PER_PROCESS: usize = 9000;
+pub(crate) const PER_PROCESS: usize = 9000;
+
+/// Processes (proxy shards, or generators) that `n` connections need.
+pub(crate) fn processes_for(n: usize) -> usize {
+    n.div_ceil(PER_PROCESS)
+}
 
 /// Sizes of a full run, and of a quick one (`--quick`).
 struct Sizes {
@@ -95,7 +100,7 @@ impl Scenario for Idle {
             ("per_process", PER_PROCESS.to_string()),
         ]);
         for &n in &s.idle_counts {
-            let shards = n.div_ceil(PER_PROCESS);
+            let shards = processes_for(n);
             for kind in Kind::ALL {
                 let spec = b.spec(kind, b.all_backends(), shards);
                 let row = b.with_system(spec, "id", |b, sys| idle_row(b, sys, n, shards));
@@ -211,7 +216,7 @@ fn idle_row(b: &Bench, sys: &Running, n: usize, shards: usize) -> Result<IdleRow
         plan.fleet.hold_file = Some(hold.clone());
         plan.fleet.ready_file = Some(ready.clone());
         plan.fleet.connect_concurrency = 100;
-        let gens = count.div_ceil(PER_PROCESS);
+        let gens = processes_for(count);
         let (started, files) = b.start_held(&plan, gens, Duration::from_secs(300))?;
         clients.extend(started);
         ready_files.extend(files);

@@ -1,9 +1,12 @@
 //! One module per scenario, each implementing [`crate::scenario::Scenario`];
 //! [`crate::catalog`] lists them in report order.
 
+pub mod bigconn;
 pub mod churn;
 pub mod connrate;
 pub mod drain;
 pub mod idle;
 pub mod l4;
+pub mod propagate;
 pub mod steady;
+pub mod storm;
