@@ -18,6 +18,7 @@ use crate::scenarios::connrate::{Connrate, ConnrateRow};
 use crate::scenarios::drain::{Drain, DrainRow};
 use crate::scenarios::idle::{Idle, IdleRow};
 use crate::scenarios::l4::{L4, L4Row};
+use crate::scenarios::push::{Push, PushRow};
 use crate::scenarios::steady::{Steady, SteadyRow};
 use crate::stage::Bench;
 use crate::table::Measured;
@@ -31,6 +32,8 @@ pub struct ScenarioResult {
     pub params: BTreeMap<String, String>,
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub steady: Vec<SteadyRow>,
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub push: Vec<PushRow>,
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub idle: Vec<IdleRow>,
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
@@ -66,6 +69,7 @@ macro_rules! rows_in_field {
 
 rows_in_field!(
     steady: SteadyRow,
+    push: PushRow,
     idle: IdleRow,
     connrate: ConnrateRow,
     churn: ChurnRow,
@@ -74,8 +78,9 @@ rows_in_field!(
 );
 
 /// The scenarios, in the order a run and the report take them.
-pub static ALL: [Entry; 6] = [
+pub static ALL: [Entry; 7] = [
     Entry::of::<Steady>(),
+    Entry::of::<Push>(),
     Entry::of::<Idle>(),
     Entry::of::<Connrate>(),
     Entry::of::<Churn>(),

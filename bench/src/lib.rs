@@ -8,7 +8,7 @@
 //!   configurations, and each one's way of changing backends;
 //! - [`stage`]: the topology, echo backends and sizes a run shares, and
 //!   how a scenario drives load and measures it;
-//! - [`scenario`]: what a scenario is; [`scenarios`]: steady, idle,
+//! - [`scenario`]: what a scenario is; [`scenarios`]: steady, push, idle,
 //!   connrate, churn, drain, l4, each with its run, rows, check, report
 //!   section and chart; [`catalog`]: all of them, and the result file;
 //! - [`results`]: the measurements rows are made of and the run's facts;

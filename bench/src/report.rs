@@ -141,6 +141,7 @@ mod tests {
                 generator_s: 3.0,
                 backends_s: 0.5,
                 wall_s: 10.0,
+                softirq_s: 0.0,
             },
             cpu_s_per_million: cpu_per_m,
             open_rate: 10_000.0,

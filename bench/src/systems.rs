@@ -136,12 +136,14 @@ impl Running {
             Kind::Haproxy => r.start_haproxy(topo),
             Kind::Nginx => r.start_nginx(topo),
         };
+        // A loopback listener is reached from its own namespace.
+        let from = if r.spec.listen.ip().is_loopback() {
+            topo.lb_ns.clone()
+        } else {
+            topo.client_ns.clone()
+        };
         let listening = started.and_then(|()| {
-            if topo.wait_tcp(
-                &topo.client_ns.clone(),
-                r.spec.listen,
-                Duration::from_secs(15),
-            ) {
+            if topo.wait_tcp(&from, r.spec.listen, Duration::from_secs(15)) {
                 Ok(())
             } else {
                 let logs = r.logs();

@@ -16,7 +16,7 @@ use weir_bench::stage::{self, Bench, Sizes};
     about = "weir against HAProxy and nginx, side by side"
 )]
 struct Args {
-    /// Scenarios to run (steady, idle, connrate, churn, drain, l4); all if none.
+    /// Scenarios to run (steady, push, idle, connrate, churn, drain, l4); all if none.
     scenarios: Vec<String>,
     /// Small sizes (idle: 10k only, short phases): every scenario in a few
     /// minutes; completeness and sanity are checked, not speed.

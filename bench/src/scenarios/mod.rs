@@ -6,4 +6,5 @@ pub mod connrate;
 pub mod drain;
 pub mod idle;
 pub mod l4;
+pub mod push;
 pub mod steady;
