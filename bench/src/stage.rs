@@ -248,6 +248,7 @@ impl Bench {
             shards,
             drain_window: Some(self.sizes.drain_window),
             tcp_mode: false,
+            large_messages: false,
         }
     }
 

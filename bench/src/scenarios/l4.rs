@@ -172,6 +172,7 @@ impl Scenario for L4 {
                 shards: 1,
                 drain_window: None,
                 tcp_mode: true,
+                large_messages: false,
             };
             let row = b.with_system(spec, "l4", |b, sys| {
                 l4_measure(b, &s, "haproxy-tcp", sys.spec.listen, Some(sys))

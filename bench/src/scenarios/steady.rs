@@ -110,7 +110,8 @@ impl Scenario for Steady {
                     let name = kind.map(Kind::name).unwrap_or("direct");
                     let rows = match kind {
                         Some(k) => {
-                            let spec = b.spec(k, b.all_backends(), 1);
+                            let mut spec = b.spec(k, b.all_backends(), 1);
+                            spec.large_messages = true;
                             b.with_system(spec, "st", |b, sys| system_rows(b, &s, name, Some(sys)))
                         }
                         None => system_rows(b, &s, name, None),
