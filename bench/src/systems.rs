@@ -83,7 +83,8 @@ pub struct Spec {
     /// HAProxy in TCP mode (the L4 peer) instead of HTTP.
     pub tcp_mode: bool,
     /// The scenario relays messages of up to 16 KiB: nginx gets
-    /// `proxy_buffer_size 16k`, the relay buffer weir and HAProxy have by
+    /// `proxy_buffer_size 16k` (and a busy limit it accepts with it), the
+    /// relay buffer weir and HAProxy have by
     /// default. nginx's own default, one page, reads and writes a 4 KiB
     /// message with its frame header in two pieces each way (and 16 KiB in
     /// five); kept elsewhere, as it is nginx's best case for idle memory.
@@ -344,7 +345,7 @@ impl Running {
              \x20       }}\n    }}\n}}\n",
             listen = self.spec.listen,
             buffer = if self.spec.large_messages {
-                "            proxy_buffer_size 16k;\n"
+                "            proxy_buffer_size 16k;\n            proxy_busy_buffers_size 16k;\n"
             } else {
                 ""
             },
