@@ -1,5 +1,6 @@
 //! weir's benchmark harness: weir, HAProxy and nginx measured side by side
-//! on one namespace topology, in one run (`cargo xtask bench`).
+//! on one namespace topology (`steady` also on loopback), in one run
+//! (`cargo xtask bench`).
 //!
 //! - [`load`] and [`tcpload`]: the load generator (`weir-load`), run as
 //!   several processes;

@@ -985,6 +985,31 @@ mod tests {
         assert_eq!(back.talk, Talk::Open(12.5));
     }
 
+    /// A fixed total rate is split with the connections; other talk is not.
+    #[test]
+    fn a_share_of_the_connections_gets_a_share_of_the_rate() {
+        assert_eq!(Talk::Open(100.0).share(0.25), Talk::Open(25.0));
+        let push = Talk::Push {
+            rate: 100.0,
+            seconds: 3.0,
+        };
+        assert_eq!(
+            push.share(0.5),
+            Talk::Push {
+                rate: 50.0,
+                seconds: 3.0
+            }
+        );
+        assert_eq!(Talk::Closed.share(0.5), Talk::Closed);
+        let mut plan = Plan {
+            talk: push,
+            start_file: Some("/tmp/start".into()),
+            ..Plan::default()
+        };
+        let back: Plan = serde_json::from_str(&serde_json::to_string(&plan).unwrap()).unwrap();
+        assert_eq!((back.talk, back.start_file), (push, plan.start_file.take()));
+    }
+
     #[test]
     fn urls_need_an_ip_address_and_the_port_defaults_to_80() {
         let (a, u) = parse_url("ws://198.19.0.10:8081/x").unwrap();

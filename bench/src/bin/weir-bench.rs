@@ -1,5 +1,6 @@
 //! weir-bench: runs the scenarios (all by default) for weir, HAProxy and
-//! nginx on one namespace topology and writes, per scenario,
+//! nginx on one namespace topology (`steady` also on loopback) and writes,
+//! per scenario,
 //! `<out>/<date>[-quick]-<scenario>.json`, plus a Markdown report and SVG
 //! plots. `cargo xtask bench [SCENARIO...] [--quick]` builds and runs it.
 
