@@ -247,7 +247,11 @@ mod tests {
                 .iter()
                 .enumerate()
                 .map(|(i, s)| SteadyRow {
-                    topology: if i < 3 { Net::Namespaces } else { Net::Loopback },
+                    topology: if i < 3 {
+                        Net::Namespaces
+                    } else {
+                        Net::Loopback
+                    },
                     ..steady(s, 10.0)
                 })
                 .collect(),

@@ -158,6 +158,7 @@ mod tests {
             },
             open_cpu: CpuSplit::default(),
             errors: 0,
+            ..SteadyRow::default()
         }
     }
 
@@ -188,27 +189,31 @@ mod tests {
         steady.notes = vec!["nginx worker count capped".into()];
 
         let mut push = base("push");
-        push.push = [("weir", 500, 4.0), ("haproxy", 1_000, 8.0), ("nginx", 250, 2.0)]
-            .iter()
-            .map(|&(system, p99, cpu)| PushRow {
-                system: system.into(),
-                connections: 1_000,
-                frame_bytes: 64,
-                rate: 20_000.0,
-                expected: 200_000,
-                received: 200_000,
-                latency: Latency {
-                    p50_us: 100,
-                    p90_us: 200,
-                    p99_us: p99,
-                    p999_us: p99 * 3,
-                    max_us: 40_000,
-                    samples: 200_000,
-                },
-                cpu_s_per_million: cpu,
-                ..Default::default()
-            })
-            .collect();
+        push.push = [
+            ("weir", 500, 4.0),
+            ("haproxy", 1_000, 8.0),
+            ("nginx", 250, 2.0),
+        ]
+        .iter()
+        .map(|&(system, p99, cpu)| PushRow {
+            system: system.into(),
+            connections: 1_000,
+            frame_bytes: 64,
+            rate: 20_000.0,
+            expected: 200_000,
+            received: 200_000,
+            latency: Latency {
+                p50_us: 100,
+                p90_us: 200,
+                p99_us: p99,
+                p999_us: p99 * 3,
+                max_us: 40_000,
+                samples: 200_000,
+            },
+            cpu_s_per_million: cpu,
+            ..Default::default()
+        })
+        .collect();
 
         let mut idle = base("idle");
         idle.idle = ["weir", "haproxy", "nginx"]

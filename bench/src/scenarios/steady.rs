@@ -40,7 +40,11 @@ impl Sizes {
             Sizes {
                 steady_connections: 200,
                 steady_secs: 15,
-                steady_rates: vec![(64, 20_000.0), (4096, 10_000.0), (16_384, 5_000.0)],
+                // 16 KiB at 4k msgs/s: every system carried 5k (≥ 99%) in
+                // a quick run at 200 connections, but HAProxy's closed loop
+                // on the namespaces then managed only 6.3k and the direct
+                // path 9.7k, so 5k measured queueing more than relaying.
+                steady_rates: vec![(64, 20_000.0), (4096, 10_000.0), (16_384, 4_000.0)],
             }
         }
     }
@@ -128,7 +132,8 @@ impl Scenario for Steady {
 
     fn faults(rows: &[SteadyRow]) -> Vec<String> {
         let mut bad = Vec::new();
-        // Every system on every network the run measured.
+        // Every system on every network the run measured (one missing
+        // everywhere is the catalogue's "no result").
         for net in Net::ALL {
             let on_net: Vec<&str> = rows
                 .iter()
@@ -139,7 +144,8 @@ impl Scenario for Steady {
                 continue;
             }
             for system in Self::SYSTEMS {
-                if !on_net.contains(system) {
+                let anywhere = rows.iter().any(|r| r.system == *system);
+                if anywhere && !on_net.contains(system) {
                     bad.push(format!("steady: no {} result for {system}", net.name()));
                 }
             }
