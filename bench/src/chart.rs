@@ -144,7 +144,7 @@ pub fn percentile_chart(root: &Area, caption: &str, rows: &[PercentileLine]) -> 
     let all: Vec<f64> = rows
         .iter()
         .filter(|r| measured(r))
-        .flat_map(|r| value(r))
+        .flat_map(&value)
         .collect();
     let (lo, hi) = if all.is_empty() {
         (1.0, 1000.0)
