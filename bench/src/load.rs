@@ -383,6 +383,16 @@ impl Shared {
         }
     }
 
+    /// Counts an echo (or pushed frame) that arrived intact after `us`.
+    fn received(&self, us: u64) {
+        self.echoed.fetch_add(1, Ordering::Relaxed);
+        let _ = self
+            .latency
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .record(us.clamp(1, 120_000_000));
+    }
+
     fn stopped(&self) -> bool {
         *self.stop.borrow()
     }
@@ -584,13 +594,7 @@ fn record_echo(s: &Shared, data: &[u8], size: usize) -> bool {
     }
     let ns = u64::from_le_bytes(data[..8].try_into().expect("8 bytes"));
     let sent = s.t0 + Duration::from_nanos(ns);
-    let us = sent.elapsed().as_micros().max(1) as u64;
-    s.echoed.fetch_add(1, Ordering::Relaxed);
-    let _ = s
-        .latency
-        .lock()
-        .unwrap_or_else(|e| e.into_inner())
-        .record(us.min(120_000_000));
+    s.received(sent.elapsed().as_micros() as u64);
     true
 }
 
@@ -792,13 +796,7 @@ fn record_push(s: &Shared, data: &[u8], size: usize) {
         s.lost.fetch_add(1, Ordering::Relaxed);
         return;
     };
-    let us = (push::realtime_ns().saturating_sub(due_ns) / 1000).max(1);
-    s.echoed.fetch_add(1, Ordering::Relaxed);
-    let _ = s
-        .latency
-        .lock()
-        .unwrap_or_else(|e| e.into_inner())
-        .record(us.min(120_000_000));
+    s.received(push::realtime_ns().saturating_sub(due_ns) / 1000);
 }
 
 /// Open loop on one connection: a sender on a fixed schedule and a reader

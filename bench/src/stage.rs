@@ -273,6 +273,36 @@ impl Bench {
         r
     }
 
+    /// Runs `rows` for `direct` (no proxy: the generator against one echo
+    /// backend, what the load side can do on its own), then for each
+    /// system started from `spec`, one after the other; returns the rows,
+    /// and a note for each system that failed.
+    pub(crate) fn direct_and_systems<R>(
+        &mut self,
+        tag: &str,
+        spec: impl Fn(Spec) -> Spec,
+        mut rows: impl FnMut(&Bench, &str, Option<&mut Running>) -> Result<Vec<R>>,
+    ) -> (Vec<R>, Vec<String>) {
+        let (mut all, mut notes) = (Vec::new(), Vec::new());
+        let mut systems: Vec<Option<Kind>> = vec![None];
+        systems.extend(Kind::ALL.map(Some));
+        for kind in systems {
+            let name = kind.map(Kind::name).unwrap_or("direct");
+            let measured = match kind {
+                Some(k) => {
+                    let s = spec(self.spec(k, self.all_backends(), 1));
+                    self.with_system(s, tag, |b, sys| rows(b, name, Some(sys)))
+                }
+                None => rows(self, name, None),
+            };
+            match measured {
+                Ok(r) => all.extend(r),
+                Err(e) => notes.push(format!("{name} on {}: {e:#}", self.net.name())),
+            }
+        }
+        (all, notes)
+    }
+
     /// Starts the generator processes of `plan`, split `processes` ways.
     pub(crate) fn start_load(&self, plan: &Plan, processes: usize) -> Result<Vec<Proc>> {
         let processes = processes.max(1);

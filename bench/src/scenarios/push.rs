@@ -18,7 +18,7 @@ use crate::load::{self, Talk};
 use crate::results::{CpuSplit, Latency, per_million};
 use crate::scenario::{Outcome, Scenario};
 use crate::stage::Bench;
-use crate::systems::{Kind, Running};
+use crate::systems::Running;
 use crate::table::{
     CPU_SPLIT, L7_PEERS, Table, fmt_cpu, fmt_int, fmt_num, is_weir, latency_cells, measured,
     peer_row, ratio, ratio_cells, sampled,
@@ -105,22 +105,13 @@ impl Scenario for Push {
             ("frame_bytes", s.frame_bytes.to_string()),
             ("workers", b.sizes.workers.to_string()),
         ]);
-        let mut systems: Vec<Option<Kind>> = vec![None];
-        systems.extend(Kind::ALL.map(Some));
-        for kind in systems {
-            let name = kind.map(Kind::name).unwrap_or("direct");
-            let rows = match kind {
-                Some(k) => {
-                    let spec = b.spec(k, b.all_backends(), 1);
-                    b.with_system(spec, "pu", |b, sys| system_rows(b, &s, name, Some(sys)))
-                }
-                None => system_rows(b, &s, name, None),
-            };
-            match rows {
-                Ok(rows) => out.rows.extend(rows),
-                Err(e) => out.notes.push(format!("{name}: {e:#}")),
-            }
-        }
+        let (rows, notes) = b.direct_and_systems(
+            "pu",
+            |spec| spec,
+            |b, name, sys| system_rows(b, &s, name, sys),
+        );
+        out.rows = rows;
+        out.notes = notes;
         Ok(out)
     }
 

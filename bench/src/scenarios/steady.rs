@@ -14,7 +14,7 @@ use crate::load::{self, Talk};
 use crate::results::{CpuSplit, Latency, per_million};
 use crate::scenario::{Outcome, Scenario};
 use crate::stage::{Bench, Net};
-use crate::systems::{Kind, Running};
+use crate::systems::{Running, Spec};
 use crate::table::{
     CPU_SPLIT, L7_PEERS, Table, fmt_cpu, fmt_f, fmt_int, fmt_num, fmt_ratio, is_weir,
     latency_cells, measured, peer_row, ratio, ratio_cells, sampled,
@@ -104,28 +104,19 @@ impl Scenario for Steady {
             ("open_rates", format!("{:?}", s.steady_rates)),
             ("workers", b.sizes.workers.to_string()),
         ]);
-        // `direct`: the generator against one echo backend, no proxy: what
-        // the load side can do on its own.
-        let mut systems: Vec<Option<Kind>> = vec![None];
-        systems.extend(Kind::ALL.map(Some));
         for net in Net::ALL {
-            b.with_net(net, |b| {
-                for &kind in &systems {
-                    let name = kind.map(Kind::name).unwrap_or("direct");
-                    let rows = match kind {
-                        Some(k) => {
-                            let mut spec = b.spec(k, b.all_backends(), 1);
-                            spec.large_messages = true;
-                            b.with_system(spec, "st", |b, sys| system_rows(b, &s, name, Some(sys)))
-                        }
-                        None => system_rows(b, &s, name, None),
-                    };
-                    match rows {
-                        Ok(rows) => out.rows.extend(rows),
-                        Err(e) => out.notes.push(format!("{name} on {}: {e:#}", net.name())),
-                    }
-                }
+            let (rows, notes) = b.with_net(net, |b| {
+                b.direct_and_systems(
+                    "st",
+                    |spec| Spec {
+                        large_messages: true,
+                        ..spec
+                    },
+                    |b, name, sys| system_rows(b, &s, name, sys),
+                )
             });
+            out.rows.extend(rows);
+            out.notes.extend(notes);
         }
         Ok(out)
     }
