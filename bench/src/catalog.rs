@@ -20,6 +20,7 @@ use crate::scenarios::drain::{Drain, DrainRow};
 use crate::scenarios::idle::{Idle, IdleRow};
 use crate::scenarios::l4::{L4, L4Row};
 use crate::scenarios::propagate::{Propagate, PropagateRow};
+use crate::scenarios::push::{Push, PushRow};
 use crate::scenarios::steady::{Steady, SteadyRow};
 use crate::scenarios::storm::{Storm, StormRow};
 use crate::stage::Bench;
@@ -34,6 +35,8 @@ pub struct ScenarioResult {
     pub params: BTreeMap<String, String>,
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub steady: Vec<SteadyRow>,
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub push: Vec<PushRow>,
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub idle: Vec<IdleRow>,
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
@@ -75,6 +78,7 @@ macro_rules! rows_in_field {
 
 rows_in_field!(
     steady: SteadyRow,
+    push: PushRow,
     idle: IdleRow,
     connrate: ConnrateRow,
     churn: ChurnRow,
@@ -86,8 +90,9 @@ rows_in_field!(
 );
 
 /// The scenarios, in the order a run and the report take them.
-pub static ALL: [Entry; 9] = [
+pub static ALL: [Entry; 10] = [
     Entry::of::<Steady>(),
+    Entry::of::<Push>(),
     Entry::of::<Idle>(),
     Entry::of::<Bigconn>(),
     Entry::of::<Connrate>(),
@@ -214,6 +219,7 @@ where
 mod tests {
     use super::*;
     use crate::results::CpuSplit;
+    use crate::stage::Net;
 
     fn steady(system: &str, rate: f64) -> SteadyRow {
         SteadyRow {
@@ -246,6 +252,64 @@ mod tests {
         r.steady.push(steady("nginx", 0.0));
         assert_eq!(check(&r).len(), 1, "{:?}", check(&r));
         assert!(check(&r)[0].contains("nginx moved no messages"));
+    }
+
+    #[test]
+    fn check_wants_every_system_on_every_topology_measured() {
+        let mut r = ScenarioResult {
+            scenario: "steady".into(),
+            steady: ["weir", "haproxy", "nginx", "weir", "haproxy"]
+                .iter()
+                .enumerate()
+                .map(|(i, s)| SteadyRow {
+                    topology: if i < 3 {
+                        Net::Namespaces
+                    } else {
+                        Net::Loopback
+                    },
+                    ..steady(s, 10.0)
+                })
+                .collect(),
+            ..ScenarioResult::default()
+        };
+        assert_eq!(
+            check(&r),
+            vec!["steady: no loopback result for nginx".to_string()]
+        );
+        r.steady.retain(|x| x.topology == Net::Namespaces);
+        assert!(check(&r).is_empty(), "{:?}", check(&r));
+    }
+
+    #[test]
+    fn check_wants_frames_pushed_through_every_system() {
+        let row = |system: &str, received, proxy_s| PushRow {
+            system: system.into(),
+            rate: 5_000.0,
+            expected: 100,
+            received,
+            cpu: CpuSplit {
+                proxy_s,
+                ..CpuSplit::default()
+            },
+            ..PushRow::default()
+        };
+        let r = ScenarioResult {
+            scenario: "push".into(),
+            push: vec![
+                row("direct", 100, 0.0),
+                row("weir", 100, 1.0),
+                row("haproxy", 0, 1.0),
+                row("nginx", 100, 0.0),
+            ],
+            ..ScenarioResult::default()
+        };
+        assert_eq!(
+            check(&r),
+            vec![
+                "push: haproxy delivered no frames at 5000 frames/s".to_string(),
+                "push: nginx's CPU time was not measured".to_string(),
+            ]
+        );
     }
 
     #[test]

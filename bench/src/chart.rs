@@ -1,14 +1,14 @@
 //! What every chart shares: plotters' SVG backend (no system fonts needed:
 //! text is left to the SVG viewer), the size and font, fixed colours per
 //! system so weir and its peers look the same in every chart, markers,
-//! legends and axis labels.
+//! legends, axis labels, and the latency percentile chart scenarios share.
 
 use anyhow::Result;
 use plotters::coord::Shift;
 use plotters::coord::types::RangedCoordf64;
 use plotters::prelude::*;
 
-use crate::results::WEIR;
+use crate::results::{Latency, WEIR};
 
 /// Size of a chart unless its scenario needs more room.
 pub const SIZE: (u32, u32) = (960, 600);
@@ -159,6 +159,95 @@ pub fn finite(points: impl Iterator<Item = (f64, f64)>) -> Vec<(f64, f64)> {
 /// Largest finite value, 0 for none, so an empty chart still gets a range.
 pub fn max_of(values: impl Iterator<Item = f64>) -> f64 {
     values.filter(|v| v.is_finite()).fold(0.0, f64::max)
+}
+
+const PERCENTILES: [&str; 5] = ["p50", "p90", "p99", "p99.9", "max"];
+
+/// One line of a percentile chart: a system's latency under one set of
+/// conditions.
+pub struct PercentileLine<'a> {
+    pub system: &'a str,
+    pub label: String,
+    pub latency: &'a Latency,
+}
+
+/// Latency percentiles (p50 to max) on a log scale, one line each. Lines
+/// of one system (message sizes, rates) share its hue, lighter and with
+/// another marker, so systems stay recognisable.
+pub fn percentile_chart(root: &Area, caption: &str, rows: &[PercentileLine]) -> Result<()> {
+    let value = |r: &PercentileLine| {
+        let l = r.latency;
+        [l.p50_us, l.p90_us, l.p99_us, l.p999_us, l.max_us].map(|v| v.max(1) as f64)
+    };
+    // Rows without samples measured nothing: plotting them would draw a
+    // fake 1 µs line, so they only get a legend entry.
+    let measured = |r: &PercentileLine| r.latency.samples > 0;
+    let all: Vec<f64> = rows
+        .iter()
+        .filter(|r| measured(r))
+        .flat_map(&value)
+        .collect();
+    let (lo, hi) = if all.is_empty() {
+        (1.0, 1000.0)
+    } else {
+        let lo = all.iter().copied().fold(f64::MAX, f64::min);
+        (lo, max_of(all.into_iter()))
+    };
+    let (lo, hi) = ((lo / 1.5).max(0.5), hi * 1.5);
+
+    let mut chart = ChartBuilder::on(root)
+        .caption(caption, (FONT, 22))
+        .margin(15)
+        .x_label_area_size(45)
+        .y_label_area_size(80)
+        .build_cartesian_2d(-0.3f64..4.3, (lo..hi).log_scale())?;
+    chart
+        .configure_mesh()
+        .x_desc("percentile")
+        .x_labels(PERCENTILES.len())
+        .disable_x_mesh()
+        .y_desc("latency (log scale)")
+        .x_label_formatter(&|x| {
+            // Only whole positions are percentiles.
+            if (x - x.round()).abs() > 1e-6 || *x < 0.0 {
+                return String::new();
+            }
+            PERCENTILES
+                .get(x.round() as usize)
+                .copied()
+                .unwrap_or("")
+                .to_string()
+        })
+        .y_label_formatter(&|y| short_us(*y))
+        .label_style((FONT, 14))
+        .axis_desc_style((FONT, 16))
+        .draw()?;
+
+    let mut colors = Colors::default();
+    for (i, r) in rows.iter().enumerate() {
+        let k = rows[..i].iter().filter(|x| x.system == r.system).count();
+        let total = rows.iter().filter(|x| x.system == r.system).count();
+        let color = lighten(colors.get(r.system), k as f64 / (total as f64 + 1.0));
+        let mut label = r.label.clone();
+        let points: Vec<(f64, f64)> = if measured(r) {
+            value(r)
+                .into_iter()
+                .enumerate()
+                .map(|(i, v)| (i as f64, v))
+                .collect()
+        } else {
+            label.push_str(" (no samples)");
+            Vec::new()
+        };
+        chart
+            .draw_series(LineSeries::new(points.clone(), color.stroke_width(2)))?
+            .label(label)
+            .legend(move |(x, y)| {
+                PathElement::new(vec![(x, y), (x + 20, y)], color.stroke_width(2))
+            });
+        chart.draw_series(points.into_iter().map(|p| marker(p, k, color)))?;
+    }
+    legend(&mut chart, SeriesLabelPosition::UpperLeft)
 }
 
 /// Axis numbers: `12k`, `1.5M`.

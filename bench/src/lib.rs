@@ -1,5 +1,6 @@
 //! weir's benchmark harness: weir, HAProxy and nginx measured side by side
-//! on one namespace topology, in one run (`cargo xtask bench`).
+//! on one namespace topology (`steady` also on loopback), in one run
+//! (`cargo xtask bench`).
 //!
 //! - [`load`] and [`tcpload`]: the load generator (`weir-load`), run as
 //!   several processes;
@@ -8,7 +9,7 @@
 //!   configurations, and each one's way of changing backends;
 //! - [`stage`]: the topology, echo backends and sizes a run shares, and
 //!   how a scenario drives load and measures it;
-//! - [`scenario`]: what a scenario is; [`scenarios`]: steady, idle,
+//! - [`scenario`]: what a scenario is; [`scenarios`]: steady, push, idle,
 //!   bigconn, connrate, storm, churn, propagate, drain, l4, each with its
 //!   run, rows, check, report section and chart; [`catalog`]: all of them, and the result file;
 //! - [`results`]: the measurements rows are made of and the run's facts;

@@ -4,7 +4,9 @@
 //! - long-lived connections that talk in closed loop (send, wait for the
 //!   echo, send again), in open loop (a fixed total rate, each message's
 //!   latency measured from the time it was *scheduled*, so a stalled proxy
-//!   cannot hide its stall: no coordinated omission), or stay idle;
+//!   cannot hide its stall: no coordinated omission), take server push
+//!   (the backend sends on a schedule, see [`weir_testbed::push`]), or
+//!   stay idle;
 //! - arrivals: new connections opened at a fixed rate, each doing a
 //!   handshake, talking for a while (or one echo) and closing;
 //! - reconnection of long-lived connections that were closed or cut, as a
@@ -21,6 +23,7 @@
 
 use std::collections::BTreeMap;
 use std::net::SocketAddr;
+use std::path::PathBuf;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
@@ -34,6 +37,7 @@ use serde::{Deserialize, Serialize};
 use tokio::sync::{Semaphore, watch};
 use tokio::time::{Instant, MissedTickBehavior};
 use tokio_tungstenite::tungstenite::Message;
+use weir_testbed::push::{self, PushRequest};
 use weir_testbed::ws_client::{
     self, CloseUntil, Dialer, Ending, Fleet, ReadyFile, Ws, WsUrl, close_handshake,
 };
@@ -55,9 +59,29 @@ pub enum Talk {
     Closed,
     /// A fixed total rate (messages/s over all long-lived connections).
     Open(f64),
+    /// Server push: once the plan's start file exists, each connection asks
+    /// its backend for `seconds` of frames at its share of `rate` (frames/s
+    /// over all long-lived connections) and records each frame's delivery
+    /// latency from the time the backend was due to send it.
+    Push { rate: f64, seconds: f64 },
     /// Nothing after the handshake; a ping at the end proves the
     /// connection is still alive.
     Idle,
+}
+
+impl Talk {
+    /// The same talk for `fraction` of the connections: a fixed total rate
+    /// is split with them.
+    pub fn share(self, fraction: f64) -> Talk {
+        match self {
+            Talk::Open(rate) => Talk::Open(rate * fraction),
+            Talk::Push { rate, seconds } => Talk::Push {
+                rate: rate * fraction,
+                seconds,
+            },
+            other => other,
+        }
+    }
 }
 
 /// What one generator process does.
@@ -85,6 +109,11 @@ pub struct Plan {
     /// A reconnect storm of the long-lived idle connections (the `storm`
     /// scenario).
     pub storm: Option<StormPlan>,
+    /// Long-lived connections that take server push wait for this file, so
+    /// a harness can measure from the first frame, after every connection
+    /// is up.
+    #[serde(default)]
+    pub start_file: Option<PathBuf>,
 }
 
 impl Default for Plan {
@@ -110,6 +139,7 @@ impl Default for Plan {
             epoch_unix_ms: 0,
             record_connections: false,
             storm: None,
+            start_file: None,
         }
     }
 }
@@ -132,14 +162,18 @@ pub struct ConnRecord {
 pub struct LoadResult {
     pub handshakes_ok: u64,
     pub handshakes_failed: u64,
+    /// Messages sent; with push, frames asked of the backends.
     pub sent: u64,
+    /// Echoes received; with push, frames received.
     pub echoed: u64,
-    /// Echoes whose payload did not match, plus echoes never received.
+    /// Echoes (or pushed frames) whose payload did not match, plus those
+    /// never received.
     pub lost: u64,
     /// Long-lived connections that answered the final ping (idle).
     pub alive_at_end: u64,
     pub endings: Endings,
-    /// Message latency, µs (V2-serialized hdrhistogram, base64).
+    /// Message latency (with push: delivery latency), µs (V2-serialized
+    /// hdrhistogram, base64).
     pub latency: String,
     /// Handshake latency, µs, from scheduled start to 101.
     pub handshake: String,
@@ -370,6 +404,8 @@ struct Shared {
     timeline: Timeline,
     /// Long-lived connections stop talking when this turns true.
     stop: watch::Receiver<bool>,
+    /// Server push starts when this turns true (the start file appeared).
+    start: watch::Receiver<bool>,
     /// Reference point of message timestamps.
     t0: std::time::Instant,
     storm: Option<StormState>,
@@ -398,6 +434,16 @@ impl Shared {
                     ended_unix_ms: unix_ms(),
                 });
         }
+    }
+
+    /// Counts an echo (or pushed frame) that arrived intact after `us`.
+    fn received(&self, us: u64) {
+        self.echoed.fetch_add(1, Ordering::Relaxed);
+        let _ = self
+            .latency
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .record(us.clamp(1, 120_000_000));
     }
 
     fn stopped(&self) -> bool {
@@ -463,6 +509,15 @@ pub async fn run(plan: Plan) -> Result<LoadResult> {
         }
         None => (None, None),
     };
+    // Without a start file, push starts at once.
+    let (start_rx, starter) = ws_client::stop_signal(
+        plan.start_file.clone(),
+        if plan.start_file.is_some() {
+            start + horizon
+        } else {
+            start
+        },
+    );
     let shared = Arc::new(Shared {
         dialer,
         open: AtomicU64::new(0),
@@ -483,6 +538,7 @@ pub async fn run(plan: Plan) -> Result<LoadResult> {
             (horizon.as_secs() as usize) + (unix_ms().saturating_sub(epoch) / 1000) as usize + 2,
         ),
         stop: stop_rx,
+        start: start_rx,
         t0: std::time::Instant::now(),
         storm,
         plan,
@@ -515,17 +571,17 @@ pub async fn run(plan: Plan) -> Result<LoadResult> {
     }
     let sem = Arc::new(Semaphore::new(plan.fleet.connect_concurrency.max(1)));
     let per_conn_interval = match plan.talk {
-        Talk::Open(rate) if rate > 0.0 => Some(Duration::from_secs_f64(
+        Talk::Open(rate) | Talk::Push { rate, .. } if rate > 0.0 => Some(Duration::from_secs_f64(
             plan.fleet.connections as f64 / rate,
         )),
-        Talk::Open(_) => bail!("an open-loop rate must be above 0"),
+        Talk::Open(_) | Talk::Push { .. } => bail!("an open-loop or push rate must be above 0"),
         _ => None,
     };
     for i in 0..plan.fleet.connections {
         let s = shared.clone();
         let sem = sem.clone();
-        // Spread open-loop senders over one period so they do not all fire
-        // in the same instant.
+        // Spread open-loop senders (and pushing backends) over one period so
+        // they do not all fire in the same instant.
         let phase = per_conn_interval
             .map(|p| p.mul_f64(i as f64 / plan.fleet.connections.max(1) as f64))
             .unwrap_or_default();
@@ -544,6 +600,7 @@ pub async fn run(plan: Plan) -> Result<LoadResult> {
         t.abort();
     }
     stopper.abort();
+    starter.abort();
     sampler.abort();
     let talk_s = start.elapsed().as_secs_f64();
     let last_second = shared.timeline.second();
@@ -617,13 +674,7 @@ fn record_echo(s: &Shared, data: &[u8], size: usize) -> bool {
     }
     let ns = u64::from_le_bytes(data[..8].try_into().expect("8 bytes"));
     let sent = s.t0 + Duration::from_nanos(ns);
-    let us = sent.elapsed().as_micros().max(1) as u64;
-    s.echoed.fetch_add(1, Ordering::Relaxed);
-    let _ = s
-        .latency
-        .lock()
-        .unwrap_or_else(|e| e.into_inner())
-        .record(us.min(120_000_000));
+    s.received(sent.elapsed().as_micros() as u64);
     true
 }
 
@@ -701,6 +752,9 @@ async fn long_lived(
         let outcome = match (s.plan.talk, interval) {
             (Talk::Closed, _) => talk_closed(&s, &mut ws).await,
             (Talk::Open(_), Some(iv)) => talk_open(&s, ws, iv, phase).await,
+            (Talk::Push { seconds, .. }, Some(iv)) => {
+                talk_push(&s, &mut ws, iv, phase, seconds).await
+            }
             _ => hold_idle(&s, &mut ws).await,
         };
         s.open.fetch_sub(1, Ordering::Relaxed);
@@ -792,6 +846,62 @@ async fn hold_idle(s: &Shared, ws: &mut Ws) -> Stop {
         Err(_) => return Stop::Ended(Ending::Timeout),
     }
     close_clean(s, ws).await
+}
+
+/// Server push on one connection: once the start signal came, asks the
+/// backend for `seconds` of frames every `interval`, the first after
+/// `phase`, and takes them all (or counts the rest lost when the
+/// connection ends or goes quiet for the echo timeout).
+async fn talk_push(
+    s: &Shared,
+    ws: &mut Ws,
+    interval: Duration,
+    phase: Duration,
+    seconds: f64,
+) -> Stop {
+    let mut go = s.start.clone();
+    let mut stop = s.stop.clone();
+    let started = tokio::select! {
+        r = go.wait_for(|v| *v) => r.is_ok(),
+        _ = stop.wait_for(|v| *v) => false,
+    };
+    if !started {
+        return close_clean(s, ws).await;
+    }
+    let size = s.plan.message_bytes;
+    let req = PushRequest {
+        rate: 1.0 / interval.as_secs_f64(),
+        size,
+        count: (seconds / interval.as_secs_f64()).round().max(1.0) as u64,
+        delay: phase,
+    };
+    if let Err(e) = ws.send(Message::text(req.to_string())).await {
+        return Stop::Ended(Ending::of_error(&e));
+    }
+    s.sent.fetch_add(req.count, Ordering::Relaxed);
+    for got in 0..req.count {
+        let ending = match tokio::time::timeout(s.plan.fleet.echo_timeout, next_data(ws)).await {
+            Ok(Ok(data)) => {
+                record_push(s, &data, size);
+                continue;
+            }
+            Ok(Err(e)) => e,
+            Err(_) => Ending::Timeout,
+        };
+        s.lost.fetch_add(req.count - got, Ordering::Relaxed);
+        return Stop::Ended(ending);
+    }
+    close_clean(s, ws).await
+}
+
+/// Records a pushed frame's delivery latency: now minus the time the
+/// backend was due to send it (both CLOCK_REALTIME).
+fn record_push(s: &Shared, data: &[u8], size: usize) {
+    let Some((due_ns, _)) = push::read_frame(data, size) else {
+        s.lost.fetch_add(1, Ordering::Relaxed);
+        return;
+    };
+    s.received(push::realtime_ns().saturating_sub(due_ns) / 1000);
 }
 
 /// Open loop on one connection: a sender on a fixed schedule and a reader
@@ -961,6 +1071,31 @@ mod tests {
         assert_eq!(back.fleet.hold_file, plan.fleet.hold_file);
         assert_eq!(back.fleet.echo_timeout, plan.fleet.echo_timeout);
         assert_eq!(back.talk, Talk::Open(12.5));
+    }
+
+    /// A fixed total rate is split with the connections; other talk is not.
+    #[test]
+    fn a_share_of_the_connections_gets_a_share_of_the_rate() {
+        assert_eq!(Talk::Open(100.0).share(0.25), Talk::Open(25.0));
+        let push = Talk::Push {
+            rate: 100.0,
+            seconds: 3.0,
+        };
+        assert_eq!(
+            push.share(0.5),
+            Talk::Push {
+                rate: 50.0,
+                seconds: 3.0
+            }
+        );
+        assert_eq!(Talk::Closed.share(0.5), Talk::Closed);
+        let mut plan = Plan {
+            talk: push,
+            start_file: Some("/tmp/start".into()),
+            ..Plan::default()
+        };
+        let back: Plan = serde_json::from_str(&serde_json::to_string(&plan).unwrap()).unwrap();
+        assert_eq!((back.talk, back.start_file), (push, plan.start_file.take()));
     }
 
     #[test]

@@ -59,6 +59,7 @@ mod tests {
     use crate::scenarios::churn::ChurnRow;
     use crate::scenarios::connrate::{ConnrateRow, ConnrateStep};
     use crate::scenarios::idle::IdleRow;
+    use crate::scenarios::push::PushRow;
     use crate::scenarios::steady::SteadyRow;
 
     fn results() -> Vec<ScenarioResult> {
@@ -147,7 +148,27 @@ mod tests {
                 .collect(),
             ..Default::default()
         };
-        vec![steady, idle, churn, connrate]
+        let push = ScenarioResult {
+            scenario: "push".into(),
+            push: [("weir", 5_000.0, 400), ("nginx", 5_000.0, 600)]
+                .iter()
+                .map(|&(s, rate, p99)| PushRow {
+                    system: s.into(),
+                    rate,
+                    latency: Latency {
+                        p50_us: p99 / 4,
+                        p90_us: p99 / 2,
+                        p99_us: p99,
+                        p999_us: p99 * 2,
+                        max_us: p99 * 5,
+                        samples: 1000,
+                    },
+                    ..Default::default()
+                })
+                .collect(),
+            ..Default::default()
+        };
+        vec![steady, push, idle, churn, connrate]
     }
 
     /// Removes the test's directory even when an assertion fails; set
@@ -175,7 +196,7 @@ mod tests {
         );
         let written = write_svgs(&results(), &dir.0, "test").unwrap();
 
-        let expect: [(&str, &[&str]); 4] = [
+        let expect: [(&str, &[&str]); 5] = [
             (
                 "steady",
                 &[
@@ -187,6 +208,7 @@ mod tests {
                     "p99.9",
                 ],
             ),
+            ("push", &["weir 5,000 frames/s", "nginx 5,000 frames/s"]),
             ("idle", &["weir", "haproxy", "nginx"]),
             ("connrate", &["weir", "haproxy"]),
             ("churn", &["weir", "haproxy-reload", "nginx-reload"]),

@@ -113,8 +113,10 @@ mod tests {
     use crate::scenarios::idle::IdleRow;
     use crate::scenarios::l4::L4Row;
     use crate::scenarios::propagate::{PropagateRow, Switch};
+    use crate::scenarios::push::PushRow;
     use crate::scenarios::steady::SteadyRow;
     use crate::scenarios::storm::StormRow;
+    use crate::stage::Net;
 
     fn endings(pairs: &[(&str, u64)]) -> Endings {
         pairs.iter().map(|(k, v)| (k.to_string(), *v)).collect()
@@ -144,6 +146,7 @@ mod tests {
                 generator_s: 3.0,
                 backends_s: 0.5,
                 wall_s: 10.0,
+                softirq_s: 0.0,
             },
             cpu_s_per_million: cpu_per_m,
             open_rate: 10_000.0,
@@ -158,6 +161,7 @@ mod tests {
             },
             open_cpu: CpuSplit::default(),
             errors: 0,
+            ..SteadyRow::default()
         }
     }
 
@@ -176,7 +180,43 @@ mod tests {
             // No peer measured at this size: ratios must be "–".
             steady_row("weir", 4096, 80_000.0, 5.0, 900),
         ];
+        // On loopback weir's peer is HAProxy on loopback only.
+        for (system, msgs, cpu) in [("weir", 150_000.0, 1.0), ("haproxy", 100_000.0, 2.0)] {
+            steady.steady.push(SteadyRow {
+                topology: Net::Loopback,
+                softirq_s_per_million: cpu * 1.5,
+                ..steady_row(system, 64, msgs, cpu, 500)
+            });
+        }
+        steady.steady[0].softirq_s_per_million = 3.0;
         steady.notes = vec!["nginx worker count capped".into()];
+
+        let mut push = base("push");
+        push.push = [
+            ("weir", 500, 4.0),
+            ("haproxy", 1_000, 8.0),
+            ("nginx", 250, 2.0),
+        ]
+        .iter()
+        .map(|&(system, p99, cpu)| PushRow {
+            system: system.into(),
+            connections: 1_000,
+            frame_bytes: 64,
+            rate: 20_000.0,
+            expected: 200_000,
+            received: 200_000,
+            latency: Latency {
+                p50_us: 100,
+                p90_us: 200,
+                p99_us: p99,
+                p999_us: p99 * 3,
+                max_us: 40_000,
+                samples: 200_000,
+            },
+            cpu_s_per_million: cpu,
+            ..Default::default()
+        })
+        .collect();
 
         let mut idle = base("idle");
         idle.idle = ["weir", "haproxy", "nginx"]
@@ -323,7 +363,7 @@ mod tests {
         }];
         // Out of order on purpose: the report sorts sections.
         vec![
-            l4, propagate, drain, churn, storm, connrate, bigconn, idle, steady,
+            l4, propagate, drain, churn, storm, connrate, bigconn, idle, push, steady,
         ]
     }
 
@@ -378,21 +418,36 @@ mod tests {
         // Steady closed loop: weir 200k vs 100k / 50k msgs/s; CPU per M 2
         // vs 4 / 8 means 2× / 4× messages per CPU second.
         let c = row_cells(&md, "### Closed loop", "weir", "200,000");
-        assert_eq!(c[4], "2.00×");
-        assert_eq!(c[5], "4.00×");
-        assert_eq!(c[7], "500,000");
-        assert_eq!(c[8], "2.00×");
-        assert_eq!(c[9], "4.00×");
-        assert_eq!(c[10], "1.50 / 3.00 / 0.50 (10.0 s)");
+        assert_eq!(c[1], "namespaces");
+        assert_eq!(c[5], "2.00×");
+        assert_eq!(c[6], "4.00×");
+        assert_eq!(c[8], "500,000");
+        assert_eq!(c[9], "2.00×");
+        assert_eq!(c[10], "4.00×");
+        assert_eq!(c[11], "1.50 / 3.00 / 0.50 (10.0 s)");
         // The 4096-byte weir row has no peers.
         let c = row_cells(&md, "### Closed loop", "weir", "4,096");
-        assert_eq!(&c[4..6], ["–", "–"]);
+        assert_eq!(&c[5..7], ["–", "–"]);
         // Peer rows carry no ratio.
         let c = row_cells(&md, "### Closed loop", "haproxy", "64");
-        assert_eq!(&c[4..6], ["", ""]);
+        assert_eq!(&c[5..7], ["", ""]);
         // Open loop p99: 800 / 400 and 1600 / 400.
         let c = row_cells(&md, "### Open loop", "weir", "400 µs");
-        assert_eq!(&c[11..13], ["2.00×", "4.00×"]);
+        assert_eq!(&c[12..14], ["2.00×", "4.00×"]);
+        // A loopback peer is not weir's peer on the namespaces.
+        let c = row_cells(&md, "### Closed loop", "weir", "loopback");
+        assert_eq!(&c[5..7], ["1.50×", "–"]);
+        // Both topologies measured: cost per message side by side,
+        // namespaces (2 s per M) against loopback (1 s per M).
+        let c = row_cells(&md, "### Loopback against namespaces", "weir", "64");
+        assert_eq!(&c[2..5], ["2.00", "1.00", "2.00×"]);
+        assert_eq!(&c[5..7], ["3.00", "1.50"]);
+
+        // Push: p99 1000 / 500 and 250 / 500, p99.9 likewise; CPU per
+        // frame 8 / 4 and 2 / 4.
+        let c = row_cells(&md, "## Server push", "weir", "20,000");
+        assert_eq!(&c[11..15], ["2.00×", "0.50×", "2.00×", "0.50×"]);
+        assert_eq!(&c[16..18], ["2.00×", "0.50×"]);
 
         // Idle: peer bytes per conn over weir's.
         let c = row_cells(&md, "## Idle", "weir", "10,000");

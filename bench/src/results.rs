@@ -44,6 +44,22 @@ pub struct CpuSplit {
     pub generator_s: f64,
     pub backends_s: f64,
     pub wall_s: f64,
+    /// Softirq CPU seconds of the whole machine (/proc/stat), where the
+    /// kernel carries packets across veth, the router and lo. This kernel
+    /// samples CPU time by tick without IRQ time accounting, so a tick
+    /// that lands in softirq counts here *and* in the process it
+    /// interrupted (often the sender of the packets).
+    #[serde(default)]
+    pub softirq_s: f64,
+}
+
+/// CPU seconds per million messages (or frames); 0 when none went by.
+pub fn per_million(cpu_s: f64, count: u64) -> f64 {
+    if count > 0 {
+        cpu_s / count as f64 * 1e6
+    } else {
+        0.0
+    }
 }
 
 /// How connections ended, by kind: `clean`, `peer_close:CODE`, `reset`,

@@ -1,12 +1,14 @@
 //! The stage every scenario plays on: one namespace topology with the echo
-//! backends, the run's sizes and facts, and the ways a scenario starts a
-//! system, drives load through it and measures what that cost.
+//! backends (and the same backends again on loopback, see [`Net`]), the
+//! run's sizes and facts, and the ways a scenario starts a system, drives
+//! load through it and measures what that cost.
 
-use std::net::{IpAddr, SocketAddr};
+use std::net::{IpAddr, Ipv4Addr, SocketAddr};
 use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
 use anyhow::{Context, Result, bail, ensure};
+use serde::{Deserialize, Serialize};
 use weir_testbed::topology::{Proc, Topology, TopologySpec};
 
 use crate::load::{self, LoadResult, Plan, Ready, Talk};
@@ -20,6 +22,61 @@ const ECHO_PORT: u16 = 8080;
 const L7_PORT: u16 = 8081;
 const BACKENDS: usize = 8;
 const CLIENT_ADDRS: usize = 16;
+
+/// Which network a scenario's traffic crosses.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Net {
+    /// The test bed's topology: client, router, LB and backends each in a
+    /// namespace, joined by veth pairs; the router forwards.
+    #[default]
+    Namespaces,
+    /// Client, proxy and backends all in the LB namespace on 127.0.0.0/8,
+    /// over lo: no veth, no forwarding.
+    Loopback,
+}
+
+impl Net {
+    pub const ALL: [Net; 2] = [Net::Namespaces, Net::Loopback];
+
+    pub fn name(self) -> &'static str {
+        match self {
+            Net::Namespaces => "namespaces",
+            Net::Loopback => "loopback",
+        }
+    }
+
+    fn listen(self, topo: &Topology) -> SocketAddr {
+        match self {
+            Net::Namespaces => SocketAddr::new(IpAddr::V4(topo.vip()), L7_PORT),
+            Net::Loopback => SocketAddr::from((Ipv4Addr::LOCALHOST, L7_PORT)),
+        }
+    }
+
+    fn backend(self, topo: &Topology, i: usize) -> SocketAddr {
+        match self {
+            Net::Namespaces => SocketAddr::new(IpAddr::V4(topo.backend_addr(i)), ECHO_PORT),
+            Net::Loopback => SocketAddr::from((Ipv4Addr::new(127, 0, 0, 10 + i as u8), ECHO_PORT)),
+        }
+    }
+
+    fn sources(self, topo: &Topology) -> Vec<IpAddr> {
+        match self {
+            Net::Namespaces => topo.client_addrs().into_iter().map(IpAddr::V4).collect(),
+            Net::Loopback => (0..CLIENT_ADDRS)
+                .map(|k| IpAddr::V4(Ipv4Addr::new(127, 0, 0, 100 + k as u8)))
+                .collect(),
+        }
+    }
+
+    /// Where the load generator runs.
+    fn client_ns(self, topo: &Topology) -> &str {
+        match self {
+            Net::Namespaces => &topo.client_ns,
+            Net::Loopback => &topo.lb_ns,
+        }
+    }
+}
 
 /// What every scenario's sizes share; each scenario has its own besides.
 #[derive(Clone, Debug)]
@@ -47,7 +104,11 @@ pub struct Bench {
     pub topo: Topology,
     pub sizes: Sizes,
     pub info: RunInfo,
+    /// The network scenarios use now ([`Bench::with_net`] changes it).
+    net: Net,
+    /// The echo backends on the namespace topology and on loopback.
     echo_pids: Vec<u32>,
+    loop_echo_pids: Vec<u32>,
     started: Instant,
     /// Hold and ready files of held connections.
     pub(crate) scratch: PathBuf,
@@ -96,20 +157,25 @@ impl Bench {
             &["addr", "add", &format!("{}/32", topo.vip()), "dev", "lo"],
         )?;
         let mut echo_pids = Vec::new();
+        let mut loop_echo_pids = Vec::new();
         for i in 0..BACKENDS {
             let ns = topo.backend_ns[i].clone();
-            let (pid, _) = topo.spawn_ready_in(
-                &ns,
-                &echo,
-                &[
-                    "--listen",
-                    &format!("0.0.0.0:{ECHO_PORT}"),
-                    "--name",
-                    &backend_name(i),
-                ],
-                Duration::from_secs(10),
-            )?;
-            echo_pids.push(pid);
+            for (ns, listen, pids) in [
+                (
+                    &ns,
+                    SocketAddr::from((Ipv4Addr::UNSPECIFIED, ECHO_PORT)),
+                    &mut echo_pids,
+                ),
+                (&lb_ns, Net::Loopback.backend(&topo, i), &mut loop_echo_pids),
+            ] {
+                let (pid, _) = topo.spawn_ready_in(
+                    ns,
+                    &echo,
+                    &["--listen", &listen.to_string(), "--name", &backend_name(i)],
+                    Duration::from_secs(10),
+                )?;
+                pids.push(pid);
+            }
         }
         let scratch = std::env::temp_dir().join(format!("weir-bench-{}", std::process::id()));
         std::fs::create_dir_all(&scratch)?;
@@ -118,7 +184,9 @@ impl Bench {
             topo,
             sizes,
             info,
+            net: Net::Namespaces,
             echo_pids,
+            loop_echo_pids,
             started,
             scratch,
             load_bin,
@@ -139,12 +207,32 @@ impl Bench {
         );
     }
 
+    /// Runs `f` with scenarios' traffic on `net`: listen address,
+    /// backends, client sources and the generator's namespace.
+    pub(crate) fn with_net<T>(&mut self, net: Net, f: impl FnOnce(&mut Bench) -> T) -> T {
+        let was = std::mem::replace(&mut self.net, net);
+        let r = f(self);
+        self.net = was;
+        r
+    }
+
+    pub(crate) fn net(&self) -> Net {
+        self.net
+    }
+
     pub(crate) fn backend(&self, i: usize) -> SocketAddr {
-        SocketAddr::new(IpAddr::V4(self.topo.backend_addr(i)), ECHO_PORT)
+        self.net.backend(&self.topo, i)
     }
 
     fn listen(&self) -> SocketAddr {
-        SocketAddr::new(IpAddr::V4(self.topo.vip()), L7_PORT)
+        self.net.listen(&self.topo)
+    }
+
+    fn echo_pids(&self) -> &[u32] {
+        match self.net {
+            Net::Namespaces => &self.echo_pids,
+            Net::Loopback => &self.loop_echo_pids,
+        }
     }
 
     pub(crate) fn url(&self) -> String {
@@ -161,6 +249,7 @@ impl Bench {
             drain_window: Some(self.sizes.drain_window),
             tcp_mode: false,
             max_connections: None,
+            large_messages: false,
         }
     }
 
@@ -169,11 +258,7 @@ impl Bench {
     }
 
     pub(crate) fn sources(&self) -> Vec<IpAddr> {
-        self.topo
-            .client_addrs()
-            .into_iter()
-            .map(IpAddr::V4)
-            .collect()
+        self.net.sources(&self.topo)
     }
 
     /// Starts a system, runs `f` with it, and stops it whatever `f` did.
@@ -189,6 +274,36 @@ impl Bench {
         r
     }
 
+    /// Runs `rows` for `direct` (no proxy: the generator against one echo
+    /// backend, what the load side can do on its own), then for each
+    /// system started from `spec`, one after the other; returns the rows,
+    /// and a note for each system that failed.
+    pub(crate) fn direct_and_systems<R>(
+        &mut self,
+        tag: &str,
+        spec: impl Fn(Spec) -> Spec,
+        mut rows: impl FnMut(&Bench, &str, Option<&mut Running>) -> Result<Vec<R>>,
+    ) -> (Vec<R>, Vec<String>) {
+        let (mut all, mut notes) = (Vec::new(), Vec::new());
+        let mut systems: Vec<Option<Kind>> = vec![None];
+        systems.extend(Kind::ALL.map(Some));
+        for kind in systems {
+            let name = kind.map(Kind::name).unwrap_or("direct");
+            let measured = match kind {
+                Some(k) => {
+                    let s = spec(self.spec(k, self.all_backends(), 1));
+                    self.with_system(s, tag, |b, sys| rows(b, name, Some(sys)))
+                }
+                None => rows(self, name, None),
+            };
+            match measured {
+                Ok(r) => all.extend(r),
+                Err(e) => notes.push(format!("{name} on {}: {e:#}", self.net.name())),
+            }
+        }
+        (all, notes)
+    }
+
     /// Starts the generator processes of `plan`, split `processes` ways.
     pub(crate) fn start_load(&self, plan: &Plan, processes: usize) -> Result<Vec<Proc>> {
         let processes = processes.max(1);
@@ -199,11 +314,9 @@ impl Bench {
             p.fleet.connections = plan.fleet.connections / processes
                 + usize::from(k < plan.fleet.connections % processes);
             p.arrivals_per_sec = plan.arrivals_per_sec / processes as f64;
-            if let Talk::Open(rate) = plan.talk {
-                p.talk = Talk::Open(
-                    rate * p.fleet.connections as f64 / plan.fleet.connections.max(1) as f64,
-                );
-            }
+            p.talk = plan
+                .talk
+                .share(p.fleet.connections as f64 / plan.fleet.connections.max(1) as f64);
             p.fleet.sources = sources.iter().skip(k).step_by(processes).copied().collect();
             if p.fleet.sources.is_empty() {
                 p.fleet.sources = sources.clone();
@@ -217,7 +330,7 @@ impl Bench {
             }
             let json = serde_json::to_string(&p)?;
             procs.push(self.topo.start_in(
-                &self.topo.client_ns,
+                self.net.client_ns(&self.topo),
                 &self.load_bin,
                 &["ws", "--plan", &json, "--threads", "1"],
             )?);
@@ -302,21 +415,39 @@ impl Bench {
         plan: &Plan,
         processes: usize,
     ) -> Result<(LoadResult, CpuSplit)> {
-        let proxy_pids = sys.map(Running::pids).unwrap_or_default();
-        let p0 = procs::cpu_by_pid(&proxy_pids);
-        let b0 = procs::cpu_s(&self.echo_pids);
-        let t0 = Instant::now();
+        let mark = CpuMark::take(self, sys);
         let running = self.start_load(plan, processes)?;
         let r = Self::wait_load(running, plan.fleet.duration + Duration::from_secs(90))?;
-        let wall = t0.elapsed().as_secs_f64();
-        let proxy_pids = sys.map(Running::pids).unwrap_or_default();
-        let split = CpuSplit {
-            proxy_s: procs::cpu_delta(&p0, &procs::cpu_by_pid(&proxy_pids)),
-            generator_s: r.cpu_s,
-            backends_s: procs::cpu_s(&self.echo_pids) - b0,
-            wall_s: wall,
-        };
+        let split = mark.split(self, sys, &r);
         Ok((r, split))
+    }
+
+    /// Runs a push plan (it names ready, hold and start files) split
+    /// `processes` ways: connects every connection first, then measures
+    /// from the start file to the end of the load, so the handshakes are
+    /// not part of the cost.
+    pub(crate) fn measure_from_start(
+        &self,
+        sys: Option<&Running>,
+        plan: &Plan,
+        processes: usize,
+        limit: Duration,
+    ) -> Result<(LoadResult, CpuSplit)> {
+        let start = plan
+            .start_file
+            .as_ref()
+            .context("a plan measured from its start names a start file")?;
+        let (clients, ready) = self.start_held(plan, processes, Duration::from_secs(120))?;
+        let mark = CpuMark::take(self, sys);
+        let go = std::fs::write(start, b"go").context("writing the start file");
+        let measured = go.and_then(|()| Self::wait_load(clients, limit)).map(|r| {
+            let split = mark.split(self, sys, &r);
+            (r, split)
+        });
+        for f in ready.iter().chain([start]) {
+            let _ = std::fs::remove_file(f);
+        }
+        measured
     }
 
     pub(crate) fn plan(&self, connections: usize, talk: Talk, bytes: usize, secs: f64) -> Plan {
@@ -345,6 +476,38 @@ impl Bench {
     /// Names the scenario that runs next, for progress lines.
     pub(crate) fn begin(&mut self, scenario: &str) {
         self.scenario = scenario.to_string();
+    }
+}
+
+/// CPU counters at the start of a measurement.
+struct CpuMark {
+    proxy: std::collections::BTreeMap<u32, f64>,
+    backends_s: f64,
+    softirq_s: f64,
+    at: Instant,
+}
+
+impl CpuMark {
+    fn take(b: &Bench, sys: Option<&Running>) -> CpuMark {
+        CpuMark {
+            proxy: procs::cpu_by_pid(&sys.map(Running::pids).unwrap_or_default()),
+            backends_s: procs::cpu_s(b.echo_pids()),
+            softirq_s: procs::softirq_s(),
+            at: Instant::now(),
+        }
+    }
+
+    /// Where the CPU went since the mark; the generator's is what its
+    /// processes reported.
+    fn split(&self, b: &Bench, sys: Option<&Running>, r: &LoadResult) -> CpuSplit {
+        let proxy_pids = sys.map(Running::pids).unwrap_or_default();
+        CpuSplit {
+            proxy_s: procs::cpu_delta(&self.proxy, &procs::cpu_by_pid(&proxy_pids)),
+            generator_s: r.cpu_s,
+            backends_s: procs::cpu_s(b.echo_pids()) - self.backends_s,
+            wall_s: self.at.elapsed().as_secs_f64(),
+            softirq_s: procs::softirq_s() - self.softirq_s,
+        }
     }
 }
 

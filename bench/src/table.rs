@@ -4,7 +4,7 @@
 //! did better (for metrics where lower is better, such as CPU, memory,
 //! latency and disruption, the peer's value is divided by weir's).
 
-use crate::results::{CpuSplit, Endings, WEIR};
+use crate::results::{CpuSplit, Endings, Latency, WEIR};
 
 /// Peers weir is compared with in the HTTP/WebSocket scenarios.
 pub const L7_PEERS: [&str; 2] = ["haproxy", "nginx"];
@@ -256,6 +256,30 @@ pub fn fmt_cpu(c: &CpuSplit) -> String {
         fmt_f(c.backends_s, 2),
         fmt_f(c.wall_s, 1)
     )
+}
+
+/// Cells p50, p90, p99, p99.9 and max; `–` when nothing was sampled,
+/// since the zeros of an empty histogram are not a latency.
+pub fn latency_cells(l: &Latency) -> Vec<String> {
+    [l.p50_us, l.p90_us, l.p99_us, l.p999_us, l.max_us]
+        .iter()
+        .map(|&v| {
+            if l.samples == 0 {
+                "–".into()
+            } else {
+                fmt_us(v)
+            }
+        })
+        .collect()
+}
+
+/// One percentile for ratios: 0 (shown as –) when nothing was sampled.
+pub fn sampled(l: &Latency, percentile: impl Fn(&Latency) -> u64) -> f64 {
+    if l.samples == 0 {
+        0.0
+    } else {
+        percentile(l) as f64
+    }
 }
 
 /// Most frequent ending first, so the normal case leads.

@@ -9,13 +9,16 @@
 //!   bench's generator uses it too.
 //! - [`wsload`]: the WebSocket load client behind the `weir-wsclient` binary,
 //!   and the JSON report types tests parse.
+//! - [`push`]: server push as `weir-echo` does it on request: frames on a
+//!   schedule, each stamped with the time it was due.
 //! - `weir-echo` (binary): WebSocket echo backend that names itself in the
-//!   `x-weir-backend` response header.
+//!   `x-weir-backend` response header, and pushes on request.
 
 use std::path::{Path, PathBuf};
 
 pub mod packet;
 pub mod progrun;
+pub mod push;
 pub mod scenario;
 pub mod topology;
 pub mod weir_cli;

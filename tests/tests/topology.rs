@@ -357,3 +357,77 @@ fn thousand_connections_through_the_router() {
     assert_eq!(s.messages_sent, s.messages_echoed, "{s:?}");
     assert_eq!(s.per_backend.get("b0"), Some(&1000));
 }
+
+/// weir-echo pushes on request: `count` frames on its schedule, stamped
+/// with the times they were due, in order; a malformed request gets Close
+/// 1008 instead. No namespaces: the host's loopback.
+#[test]
+fn weir_echo_pushes_frames_on_request() {
+    use futures_util::{SinkExt, StreamExt};
+    use tokio_tungstenite::tungstenite::Message;
+    use weir_testbed::push::{PushRequest, read_frame, realtime_ns};
+    use weir_testbed::ws_client::Dialer;
+
+    root_or_fail();
+    let mut echo = Command::new(ECHO)
+        .args(["--listen", "127.0.0.1:0", "--name", "pusher"])
+        .stdout(std::process::Stdio::piped())
+        .spawn()
+        .expect("start weir-echo");
+    let mut line = String::new();
+    std::io::BufRead::read_line(
+        &mut std::io::BufReader::new(echo.stdout.take().unwrap()),
+        &mut line,
+    )
+    .unwrap();
+    let addr: std::net::SocketAddr = line.trim().strip_prefix("ready ").unwrap().parse().unwrap();
+    let dialer = Dialer {
+        target: addr,
+        uri: format!("ws://{addr}/").parse().unwrap(),
+        timeout: Duration::from_secs(5),
+        read_buffer: 8 * 1024,
+    };
+    let rt = tokio::runtime::Runtime::new().unwrap();
+    let outcome = rt.block_on(async {
+        let mut ws = dialer.dial(None).await.expect("dial").ws;
+        let req = PushRequest {
+            rate: 100.0,
+            size: 48,
+            count: 20,
+            delay: Duration::from_millis(30),
+        };
+        let asked = realtime_ns();
+        ws.send(Message::text(req.to_string())).await.unwrap();
+        let mut stamps = Vec::new();
+        while stamps.len() < 20 {
+            let msg = tokio::time::timeout(Duration::from_secs(5), ws.next()).await;
+            let Ok(Some(Ok(Message::Binary(b)))) = msg else {
+                panic!("expected a frame, got {msg:?}");
+            };
+            let (stamp, seq) = read_frame(&b, 48).expect("a well-formed frame");
+            assert_eq!(seq, stamps.len() as u64);
+            assert!(realtime_ns() >= stamp, "frame {seq} came before it was due");
+            stamps.push(stamp);
+        }
+        assert!(stamps[0] >= asked + 30_000_000, "the delay was not kept");
+        for w in stamps.windows(2) {
+            assert_eq!(w[1] - w[0], 10_000_000);
+        }
+        // Nothing more than asked for.
+        let extra = tokio::time::timeout(Duration::from_millis(100), ws.next()).await;
+        assert!(extra.is_err(), "{extra:?}");
+
+        let mut bad = dialer.dial(None).await.expect("dial").ws;
+        bad.send(Message::text("push rate=0 size=48 count=1"))
+            .await
+            .unwrap();
+        let msg = tokio::time::timeout(Duration::from_secs(5), bad.next()).await;
+        let Ok(Some(Ok(Message::Close(Some(frame))))) = msg else {
+            panic!("expected Close, got {msg:?}");
+        };
+        u16::from(frame.code)
+    });
+    let _ = echo.kill();
+    let _ = echo.wait();
+    assert_eq!(outcome, 1008);
+}

@@ -1,5 +1,6 @@
 //! weir-bench: runs the scenarios (all by default) for weir, HAProxy and
-//! nginx on one namespace topology and writes, per scenario,
+//! nginx on one namespace topology (`steady` also on loopback) and writes,
+//! per scenario,
 //! `<out>/<date>[-quick]-<scenario>.json`, plus a Markdown report and SVG
 //! plots. `cargo xtask bench [SCENARIO...] [--quick]` builds and runs it.
 
@@ -16,8 +17,8 @@ use weir_bench::stage::{self, Bench, Sizes};
     about = "weir against HAProxy and nginx, side by side"
 )]
 struct Args {
-    /// Scenarios to run (steady, idle, bigconn, connrate, storm, churn,
-    /// propagate, drain, l4); all if none.
+    /// Scenarios to run (steady, push, idle, bigconn, connrate, storm,
+    /// churn, propagate, drain, l4); all if none.
     scenarios: Vec<String>,
     /// Small sizes (idle: 10k only, short phases): every scenario in a few
     /// minutes; completeness and sanity are checked, not speed.

@@ -173,6 +173,7 @@ impl Scenario for L4 {
                 drain_window: None,
                 tcp_mode: true,
                 max_connections: None,
+                large_messages: false,
             };
             let row = b.with_system(spec, "l4", |b, sys| {
                 l4_measure(b, &s, "haproxy-tcp", sys.spec.listen, Some(sys))
@@ -294,8 +295,8 @@ fn l4_measure(
         generator_s: bulk.cpu_s,
         backends_s: 0.0,
         wall_s: t0.elapsed().as_secs_f64(),
+        softirq_s: procs::softirq_s() - soft0,
     };
-    let softirq = procs::softirq_s() - soft0;
     b.progress(&format!(
         "{name}: short connections, 64 in flight, {}s",
         s.l4_secs
@@ -307,7 +308,7 @@ fn l4_measure(
         bulk_gbit_s: bulk.bytes as f64 * 8.0 / bulk.seconds.max(1e-9) / 1e9,
         conns_per_sec: conns.ok as f64 / conns.seconds.max(1e-9),
         conn_errors: conns.errors + bulk.errors,
+        softirq_s: bulk_cpu.softirq_s,
         bulk_cpu,
-        softirq_s: softirq,
     })
 }

@@ -8,5 +8,6 @@ pub mod drain;
 pub mod idle;
 pub mod l4;
 pub mod propagate;
+pub mod push;
 pub mod steady;
 pub mod storm;

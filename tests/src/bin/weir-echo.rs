@@ -2,8 +2,10 @@
 //!
 //! Echoes text and binary messages, answers pings, completes close
 //! handshakes, and names itself in the `x-weir-backend` header of its 101
-//! response (plus `x-weir-peer`: the client address it saw). `GET /health`
-//! answers 200. Prints `ready ADDR...` on stdout once listening. On SIGTERM or
+//! response (plus `x-weir-peer`: the client address it saw). A text
+//! message `push rate=.. size=.. count=.. delay_us=..` is not echoed: it
+//! starts server push on that connection (see [`weir_testbed::push`]); a
+//! malformed one gets Close 1008. `GET /health` answers 200. Prints `ready ADDR...` on stdout once listening. On SIGTERM or
 //! SIGINT it stops accepting, sends Close 1001 to every open connection,
 //! waits up to `--shutdown-grace-ms` for them to end, and exits 0.
 
@@ -24,6 +26,7 @@ use tokio_tungstenite::tungstenite::http::HeaderValue;
 use tokio_tungstenite::tungstenite::protocol::WebSocketConfig;
 use tokio_tungstenite::tungstenite::protocol::frame::CloseFrame;
 use tokio_tungstenite::tungstenite::protocol::frame::coding::CloseCode;
+use weir_testbed::push::{PushRequest, Pusher};
 use weir_testbed::ws_client::{BACKEND_HEADER, PEER_HEADER};
 
 #[derive(Parser, Debug)]
@@ -50,6 +53,7 @@ struct Stats {
     active: AtomicUsize,
     accepted: AtomicU64,
     messages: AtomicU64,
+    pushed: AtomicU64,
     health: AtomicU64,
     probes: AtomicU64,
     handshake_errors: AtomicU64,
@@ -119,6 +123,7 @@ async fn serve(args: Args) -> Result<()> {
             active: AtomicUsize::new(0),
             accepted: AtomicU64::new(0),
             messages: AtomicU64::new(0),
+            pushed: AtomicU64::new(0),
             health: AtomicU64::new(0),
             probes: AtomicU64::new(0),
             handshake_errors: AtomicU64::new(0),
@@ -167,10 +172,11 @@ async fn serve(args: Args) -> Result<()> {
     }
     let s = &ctx.stats;
     eprintln!(
-        "weir-echo {}: exiting: accepted {} messages {} health {} probes {} handshake_errors {} still_open {}",
+        "weir-echo {}: exiting: accepted {} messages {} pushed {} health {} probes {} handshake_errors {} still_open {}",
         ctx.name,
         s.accepted.load(Ordering::Relaxed),
         s.messages.load(Ordering::Relaxed),
+        s.pushed.load(Ordering::Relaxed),
         s.health.load(Ordering::Relaxed),
         s.probes.load(Ordering::Relaxed),
         s.handshake_errors.load(Ordering::Relaxed),
@@ -334,11 +340,34 @@ async fn handle(
             }))
             .await;
     }
+    // The push this connection asked for, while it lasts.
+    let mut push: Option<Pusher> = None;
     // Bounded: the loop ends when the peer goes away; on shutdown the process
     // exits after the grace period whatever the peer does.
     loop {
         tokio::select! {
             msg = ws.next() => match msg {
+                Some(Ok(Message::Text(t))) if t.starts_with("push ") && !shutting_down => {
+                    ctx.stats.messages.fetch_add(1, Ordering::Relaxed);
+                    let started = t
+                        .parse::<PushRequest>()
+                        .and_then(|req| Pusher::start(req).context("arming the push timer"));
+                    match started {
+                        Ok(p) => push = Some(p),
+                        Err(e) => {
+                            if ctx.verbose {
+                                eprintln!("weir-echo {}: {peer}: {e:#}", ctx.name);
+                            }
+                            shutting_down = true;
+                            let _ = ws
+                                .close(Some(CloseFrame {
+                                    code: CloseCode::Policy,
+                                    reason: format!("{e:#}").into(),
+                                }))
+                                .await;
+                        }
+                    }
+                }
                 Some(Ok(m @ (Message::Text(_) | Message::Binary(_)))) => {
                     ctx.stats.messages.fetch_add(1, Ordering::Relaxed);
                     if shutting_down {
@@ -362,6 +391,25 @@ async fn handle(
                 }
                 None => break,
             },
+            frame = async { push.as_mut().expect("guarded").next().await },
+                if push.as_ref().is_some_and(|p| !p.done()) && !shutting_down =>
+            {
+                match frame {
+                    Ok(f) => {
+                        if let Err(e) = ws.send(Message::binary(f)).await {
+                            if ctx.verbose {
+                                eprintln!("weir-echo {}: {peer}: push: {e}", ctx.name);
+                            }
+                            break;
+                        }
+                        ctx.stats.pushed.fetch_add(1, Ordering::Relaxed);
+                    }
+                    Err(e) => {
+                        eprintln!("weir-echo {}: {peer}: push timer: {e}", ctx.name);
+                        push = None;
+                    }
+                }
+            }
             res = shutdown.changed(), if !shutting_down => {
                 if res.is_ok() && *shutdown.borrow() {
                     shutting_down = true;
