@@ -116,7 +116,8 @@ impl Scenario for Bigconn {
             ("weir_max_connections", WEIR_MAX_CONNECTIONS.to_string()),
             (
                 "processes",
-                "one proxy process: weir run, HAProxy (master + one worker), nginx \
+                "one proxy process: weir run (workers = 0: as many rings as the connections \
+                 need under the open-files limit), HAProxy (master + one worker), nginx \
                  (worker_processes 1)"
                     .into(),
             ),
@@ -124,7 +125,13 @@ impl Scenario for Bigconn {
         for kind in Kind::ALL {
             let mut spec = b.spec(kind, b.all_backends(), 1);
             match kind {
-                Kind::Weir => spec.max_connections = Some(WEIR_MAX_CONNECTIONS),
+                // `workers = 0`: as many io_uring rings as the connections
+                // need, each ring's file table being capped at the
+                // open-files limit (threads of the one process).
+                Kind::Weir => {
+                    spec.max_connections = Some(WEIR_MAX_CONNECTIONS);
+                    spec.workers = 0;
+                }
                 // nginx's workers are processes: one, so the count is its.
                 Kind::Nginx => spec.workers = 1,
                 Kind::Haproxy => {}
