@@ -286,7 +286,27 @@ struct {
 } weir_backends SEC(".maps");
 
 /* weir_flows: client 5-tuple -> backend id. Non-SYN packets consult it
- * first, so established connections stay put whatever the ring says. */
+ * first, so established connections stay put whatever the ring says.
+ *
+ * One table for every CPU, with the kernel's common LRU. RSS may move a
+ * flow to another CPU in the middle of a connection (a queue's interrupt
+ * moved, the indirection table rewritten); that CPU finds the same entry,
+ * so the flow stays on its backend even if the ring changed since its SYN.
+ * The per-CPU layouts were measured (weir-bench-l4, 2 CPUs) and rejected:
+ * - BPF_F_NO_COMMON_LRU (shared hash, one LRU list per CPU) inserts no
+ *   faster here, one CPU or both at once, table full or not, and gives
+ *   each CPU max_entries / possible CPUs: a CPU that RSS hands more flows
+ *   evicts its own while the others have room.
+ * - One LRU per CPU (an array of maps, as Katran has) or an
+ *   LRU_PERCPU_HASH: the second CPU finds no entry (or a zero value) and
+ *   re-picks from the ring. Maglev names the same backend only while the
+ *   backend set is unchanged; after a change since the flow's SYN, the
+ *   flows whose slot moved (about 1/N when one of N backends changes) go
+ *   to a backend that knows nothing of them and answers RST. WebSockets
+ *   outlive many changes, so an interrupt moved by irqbalance would cut
+ *   connections: not acceptable for weir.
+ * What a new flow's insert costs is cache misses (its hash bucket, an
+ * element never used before, the LRU lists' upkeep), not the lock. */
 struct {
 	__uint(type, BPF_MAP_TYPE_LRU_HASH);
 	__uint(max_entries, WEIR_DEFAULT_FLOWS);
