@@ -118,9 +118,10 @@ struct weir_lb_config {
  * for a backend, reused for WEIR_NEXTHOP_TTL_NS so that the lookup (the
  * costliest step of the fast path) runs a few times a second per backend
  * instead of once per packet. Valid only for the same ingress device and
- * backend address. */
+ * backend address. The deadline is in jiffies (weir_nexthop_ttl_jiffies
+ * says why). */
 struct weir_nexthop {
-	__u64 expires_ns; /* bpf_ktime_get_coarse_ns() deadline */
+	__u64 expires_jiffies; /* bpf_jiffies64() deadline */
 	__be32 daddr;     /* backend address this entry resolves */
 	__u32 ingress_ifindex;
 	__u32 egress_ifindex;
@@ -383,6 +384,13 @@ struct {
 	__type(value, struct weir_backend_stats);
 	__uint(pinning, LIBBPF_PIN_BY_NAME);
 } weir_be_stats SEC(".maps");
+
+/* WEIR_NEXTHOP_TTL_NS in jiffies, set by `weir` when it loads the program,
+ * from the kernel's tick length (the resolution of the coarse clocks). The
+ * next-hop cache counts in jiffies because bpf_jiffies64() is inlined to a
+ * load, where a nanosecond clock is a helper call on every packet. The
+ * default is right for HZ=250. */
+const volatile __u64 weir_nexthop_ttl_jiffies = 25;
 
 /* weir_icmp_bucket[0]: see struct weir_icmp_bucket. */
 struct {
