@@ -155,6 +155,29 @@ fn check_encapsulated(bed: &Bed, input: &[u8], output: &[u8]) -> Ipv4Addr {
     enc.outer_dst
 }
 
+/// Sends an ACK of each `(client port, backend)` flow and checks that it
+/// reaches the backend its SYN reached. Returns how many of those flows the
+/// installed ring would now send elsewhere (a test of stickiness needs
+/// some).
+fn acks_follow_their_flows(bed: &mut Bed, flows: &[(u16, Ipv4Addr)]) -> usize {
+    let mut moved_in_ring = 0;
+    for (sport, first) in flows {
+        let ack = Segment::ack(CLIENT, *sport, VIP, PORT);
+        let input = ack.frame();
+        let (verdict, out) = bed.run(&input);
+        assert_eq!(verdict, XDP_TX);
+        assert_eq!(
+            check_encapsulated(bed, &input, &out),
+            *first,
+            "flow {sport} stayed on its backend"
+        );
+        if bed.ring_choice(&ack) != *first {
+            moved_in_ring += 1;
+        }
+    }
+    moved_in_ring
+}
+
 #[test]
 fn syn_is_encapsulated_to_the_ring_backend() {
     require_root();
@@ -204,21 +227,7 @@ fn established_flow_stays_when_the_ring_changes() {
         },
     );
 
-    let mut moved_in_ring = 0;
-    for (sport, first) in &flows {
-        let ack = Segment::ack(CLIENT, *sport, VIP, PORT);
-        let input = ack.frame();
-        let (verdict, out) = bed.run(&input);
-        assert_eq!(verdict, XDP_TX);
-        assert_eq!(
-            check_encapsulated(&bed, &input, &out),
-            *first,
-            "flow {sport} stayed on its backend"
-        );
-        if bed.ring_choice(&ack) != *first {
-            moved_in_ring += 1;
-        }
-    }
+    let moved_in_ring = acks_follow_their_flows(&mut bed, &flows);
     assert!(
         moved_in_ring > 20,
         "the ring change moved {moved_in_ring} of 200 slots: the test needs some"
@@ -265,21 +274,7 @@ fn flow_moved_to_another_cpu_stays_on_its_backend() {
     );
 
     pin_to_cpu(1);
-    let mut moved_in_ring = 0;
-    for (sport, first) in &flows {
-        let ack = Segment::ack(CLIENT, *sport, VIP, PORT);
-        let input = ack.frame();
-        let (verdict, out) = bed.run(&input);
-        assert_eq!(verdict, XDP_TX);
-        assert_eq!(
-            check_encapsulated(&bed, &input, &out),
-            *first,
-            "flow {sport} stayed on its backend on CPU 1"
-        );
-        if bed.ring_choice(&ack) != *first {
-            moved_in_ring += 1;
-        }
-    }
+    let moved_in_ring = acks_follow_their_flows(&mut bed, &flows);
     assert!(
         moved_in_ring > 20,
         "the ring change moved {moved_in_ring} of 100 flows: the test needs some"

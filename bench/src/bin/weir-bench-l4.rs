@@ -68,29 +68,64 @@ struct XdpResult {
     round: u32,
     backends: u32,
     ring_size: u32,
-    syn_new_flow: Timing,
-    /// One established flow's packet, over and over.
-    established_one_flow: Timing,
-    /// One packet of each of `flows` established flows.
-    established_spread: Timing,
-    /// A bare `return XDP_TX`, in the SYN loop.
-    floor: Timing,
+    /// Starting from an empty table; the spread packets are one of each of
+    /// the `flows` flows the SYNs made, in the order they were made.
+    #[serde(flatten)]
+    empty_table: Packets,
     flows: u32,
     /// The same packets with `table_flows` flows in the table.
     full_table: FullTable,
 }
 
+/// The packets timed in one table state.
+#[derive(Serialize)]
+struct Packets {
+    syn_new_flow: Timing,
+    /// One established flow's packet, over and over.
+    established_one_flow: Timing,
+    /// One packet of each of many established flows.
+    established_spread: Timing,
+    /// A bare `return XDP_TX`, in the same loop.
+    floor: Timing,
+}
+
+impl Packets {
+    fn summary(&self) -> String {
+        let t = |t: &Timing| format!("{:.0}/{:.0}", t.mean, t.p50);
+        format!(
+            "SYN new flow {}, established one flow {}, spread {}, floor {}",
+            t(&self.syn_new_flow),
+            t(&self.established_one_flow),
+            t(&self.established_spread),
+            t(&self.floor)
+        )
+    }
+
+    /// A row of the printed table.
+    fn row(&self, x: &XdpResult) -> String {
+        let t = |t: &Timing| format!("{:.0} / {:.0}", t.mean, t.p50);
+        format!(
+            "| {} | {} | {} | {} | {} | {} | {} |",
+            x.round,
+            x.backends,
+            x.ring_size,
+            t(&self.syn_new_flow),
+            t(&self.established_one_flow),
+            t(&self.established_spread),
+            t(&self.floor)
+        )
+    }
+}
+
 /// Timings once the flow table is full of other flows: the SYNs add
-/// `runs` more, so the table ends with `table_flows` + `runs` entries.
+/// `runs` more, so the table ends with `table_flows` + `runs` entries. The
+/// spread packets visit `runs` table flows in a scattered order, and the
+/// floor runs after each packet.
 #[derive(Serialize)]
 struct FullTable {
     table_flows: u32,
-    syn_new_flow: Timing,
-    established_one_flow: Timing,
-    /// One packet of each of `runs` table flows, in a scattered order.
-    established_spread: Timing,
-    /// A bare `return XDP_TX` after each of those packets.
-    floor: Timing,
+    #[serde(flatten)]
+    packets: Packets,
 }
 
 #[derive(Serialize)]
@@ -120,28 +155,13 @@ fn main() -> Result<()> {
     for (round, backends) in (1..=args.rounds).flat_map(|r| [(r, 10u32), (r, 100)]) {
         let r = bench_xdp(round, backends, args.runs, args.table_flows)?;
         eprintln!(
-            "round {round} xdp {backends:>3} backends M=65537 (mean/p50 ns): SYN new flow {:.0}/{:.0}, established one flow {:.0}/{:.0}, spread {:.0}/{:.0}, floor {:.0}/{:.0}",
-            r.syn_new_flow.mean,
-            r.syn_new_flow.p50,
-            r.established_one_flow.mean,
-            r.established_one_flow.p50,
-            r.established_spread.mean,
-            r.established_spread.p50,
-            r.floor.mean,
-            r.floor.p50
+            "round {round} xdp {backends:>3} backends M=65537 (mean/p50 ns): {}",
+            r.empty_table.summary()
         );
-        let f = &r.full_table;
         eprintln!(
-            "round {round} xdp {backends:>3} backends, {} flows in the table: SYN new flow {:.0}/{:.0}, established one flow {:.0}/{:.0}, spread {:.0}/{:.0}, floor {:.0}/{:.0}",
-            f.table_flows,
-            f.syn_new_flow.mean,
-            f.syn_new_flow.p50,
-            f.established_one_flow.mean,
-            f.established_one_flow.p50,
-            f.established_spread.mean,
-            f.established_spread.p50,
-            f.floor.mean,
-            f.floor.p50
+            "round {round} xdp {backends:>3} backends, {} flows in the table: {}",
+            r.full_table.table_flows,
+            r.full_table.packets.summary()
         );
         xdp.push(r);
     }
@@ -405,17 +425,21 @@ fn bench_xdp(round: u32, backends: u32, runs: u32, table_flows: u32) -> Result<X
         round,
         backends,
         ring_size: 65537,
-        syn_new_flow: syn.stats(),
-        established_one_flow: hot.stats(),
-        established_spread: spread.stats(),
-        floor: floor_t.stats(),
+        empty_table: Packets {
+            syn_new_flow: syn.stats(),
+            established_one_flow: hot.stats(),
+            established_spread: spread.stats(),
+            floor: floor_t.stats(),
+        },
         flows: runs,
         full_table: FullTable {
             table_flows,
-            syn_new_flow: full_syn.stats(),
-            established_one_flow: full_hot.stats(),
-            established_spread: full_spread.stats(),
-            floor: full_floor.stats(),
+            packets: Packets {
+                syn_new_flow: full_syn.stats(),
+                established_one_flow: full_hot.stats(),
+                established_spread: full_spread.stats(),
+                floor: full_floor.stats(),
+            },
         },
     })
 }
@@ -502,18 +526,8 @@ fn print_table(r: &Report) {
         r.xdp.first().map_or(0, |x| x.flows)
     );
     println!("|---:|---:|---:|---:|---:|---:|---:|");
-    let t = |t: &Timing| format!("{:.0} / {:.0}", t.mean, t.p50);
     for x in &r.xdp {
-        println!(
-            "| {} | {} | {} | {} | {} | {} | {} |",
-            x.round,
-            x.backends,
-            x.ring_size,
-            t(&x.syn_new_flow),
-            t(&x.established_one_flow),
-            t(&x.established_spread),
-            t(&x.floor)
-        );
+        println!("{}", x.empty_table.row(x));
     }
     println!(
         "\nThe same with {} flows in the table first, a floor run after each packet\n",
@@ -524,17 +538,7 @@ fn print_table(r: &Report) {
     );
     println!("|---:|---:|---:|---:|---:|---:|---:|");
     for x in &r.xdp {
-        let f = &x.full_table;
-        println!(
-            "| {} | {} | {} | {} | {} | {} | {} |",
-            x.round,
-            x.backends,
-            x.ring_size,
-            t(&f.syn_new_flow),
-            t(&f.established_one_flow),
-            t(&f.established_spread),
-            t(&f.floor)
-        );
+        println!("{}", x.full_table.packets.row(x));
     }
     println!("\n| `weir backend set` | ring | from empty (ms) | one replaced (ms) |");
     println!("|---:|---:|---:|---:|");
