@@ -17,6 +17,9 @@ pub const IPIP_OVERHEAD: u32 = 20;
 pub const NEXTHOP_SLOTS: u32 = 4096;
 /// How long a cached FIB result is reused.
 pub const NEXTHOP_TTL_NS: u64 = 100_000_000;
+/// The program's global that holds [`NEXTHOP_TTL_NS`] in jiffies, set when
+/// the program is loaded.
+pub const NEXTHOP_TTL_GLOBAL: &str = "weir_nexthop_ttl_jiffies";
 /// ICMP "fragmentation needed" replies per second per CPU (token bucket
 /// refill rate).
 pub const ICMP_RATE: u32 = 1000;
@@ -184,7 +187,7 @@ pub struct LbConfig {
 #[repr(C)]
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub struct Nexthop {
-    pub expires_ns: u64,
+    pub expires_jiffies: u64,
     pub daddr: [u8; 4],
     pub ingress_ifindex: u32,
     pub egress_ifindex: u32,

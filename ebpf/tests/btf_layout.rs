@@ -134,7 +134,7 @@ fn lb_structs_match_btf() {
         (
             "weir_nexthop",
             layout!(abi::Nexthop {
-                expires_ns,
+                expires_jiffies,
                 daddr,
                 ingress_ifindex,
                 egress_ifindex,
@@ -265,6 +265,7 @@ fn constants_match_header() {
     assert_eq!(define(&h, "WEIR_NO_BACKEND"), abi::NO_BACKEND as u64);
     assert_eq!(define(&h, "WEIR_MAX_RING_SIZE"), abi::MAX_RING_SIZE as u64);
     assert_eq!(define(&h, "WEIR_IPIP_OVERHEAD"), abi::IPIP_OVERHEAD as u64);
+    assert_eq!(define(&h, "WEIR_NEXTHOP_TTL_NS"), abi::NEXTHOP_TTL_NS);
     assert_eq!(
         define(&h, "WEIR_BACKEND_F_USED"),
         abi::BACKEND_F_USED as u64

@@ -80,12 +80,7 @@ impl ProgRunNetns {
         );
         // Per-CPU state (next-hop cache, counters) must stay on one CPU for
         // a test's expectations about it to hold: pin this thread.
-        // SAFETY: a zeroed cpu_set_t with one bit set, for this thread (0).
-        unsafe {
-            let mut set: libc::cpu_set_t = std::mem::zeroed();
-            libc::CPU_SET(0, &mut set);
-            libc::sched_setaffinity(0, size_of::<libc::cpu_set_t>(), &set);
-        }
+        pin_to_cpu(0);
         let file = std::fs::File::open(&path).expect("open netns");
         // SAFETY: setns on this thread only, with a namespace fd we own.
         let rc = unsafe { libc::setns(file.as_raw_fd(), libc::CLONE_NEWNET) };
@@ -112,6 +107,24 @@ impl ProgRunNetns {
         guard.mac = mac;
         guard
     }
+}
+
+/// Moves the calling thread to `cpu` and keeps it there. BPF_PROG_RUN runs
+/// an XDP program on the calling thread's CPU, so this is how a test sends
+/// a packet "received" on another CPU.
+pub fn pin_to_cpu(cpu: usize) {
+    // SAFETY: a zeroed cpu_set_t with one bit set, for this thread (0).
+    let rc = unsafe {
+        let mut set: libc::cpu_set_t = std::mem::zeroed();
+        libc::CPU_SET(cpu, &mut set);
+        libc::sched_setaffinity(0, size_of::<libc::cpu_set_t>(), &set)
+    };
+    assert_eq!(
+        rc,
+        0,
+        "pinning to CPU {cpu}: {}",
+        std::io::Error::last_os_error()
+    );
 }
 
 impl Drop for ProgRunNetns {

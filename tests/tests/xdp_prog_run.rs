@@ -11,7 +11,7 @@ use common::{TestInstance, require_root};
 use weir::registry::{ApplyOptions, BackendAddr, Change, Registry, ServiceAddr, ServiceModeName};
 use weir_ebpf::abi::{self, FlowKey};
 use weir_testbed::packet::{self, ETH_LEN, IP_LEN, Segment};
-use weir_testbed::progrun::{NEXT_HOP_MAC, ProgRunNetns, run_xdp};
+use weir_testbed::progrun::{NEXT_HOP_MAC, ProgRunNetns, pin_to_cpu, run_xdp};
 
 const XDP_DROP: u32 = 1;
 const XDP_PASS: u32 = 2;
@@ -52,7 +52,7 @@ struct Bed {
     ebpf: Ebpf,
     reg: Registry,
     ns: ProgRunNetns,
-    _inst: TestInstance,
+    inst: TestInstance,
 }
 
 impl Bed {
@@ -89,7 +89,7 @@ impl Bed {
             ebpf,
             reg,
             ns,
-            _inst: inst,
+            inst,
         }
     }
 
@@ -155,6 +155,29 @@ fn check_encapsulated(bed: &Bed, input: &[u8], output: &[u8]) -> Ipv4Addr {
     enc.outer_dst
 }
 
+/// Sends an ACK of each `(client port, backend)` flow and checks that it
+/// reaches the backend its SYN reached. Returns how many of those flows the
+/// installed ring would now send elsewhere (a test of stickiness needs
+/// some).
+fn acks_follow_their_flows(bed: &mut Bed, flows: &[(u16, Ipv4Addr)]) -> usize {
+    let mut moved_in_ring = 0;
+    for (sport, first) in flows {
+        let ack = Segment::ack(CLIENT, *sport, VIP, PORT);
+        let input = ack.frame();
+        let (verdict, out) = bed.run(&input);
+        assert_eq!(verdict, XDP_TX);
+        assert_eq!(
+            check_encapsulated(bed, &input, &out),
+            *first,
+            "flow {sport} stayed on its backend"
+        );
+        if bed.ring_choice(&ack) != *first {
+            moved_in_ring += 1;
+        }
+    }
+    moved_in_ring
+}
+
 #[test]
 fn syn_is_encapsulated_to_the_ring_backend() {
     require_root();
@@ -204,21 +227,7 @@ fn established_flow_stays_when_the_ring_changes() {
         },
     );
 
-    let mut moved_in_ring = 0;
-    for (sport, first) in &flows {
-        let ack = Segment::ack(CLIENT, *sport, VIP, PORT);
-        let input = ack.frame();
-        let (verdict, out) = bed.run(&input);
-        assert_eq!(verdict, XDP_TX);
-        assert_eq!(
-            check_encapsulated(&bed, &input, &out),
-            *first,
-            "flow {sport} stayed on its backend"
-        );
-        if bed.ring_choice(&ack) != *first {
-            moved_in_ring += 1;
-        }
-    }
+    let moved_in_ring = acks_follow_their_flows(&mut bed, &flows);
     assert!(
         moved_in_ring > 20,
         "the ring change moved {moved_in_ring} of 200 slots: the test needs some"
@@ -235,6 +244,48 @@ fn established_flow_stays_when_the_ring_changes() {
         packet::parse_encapsulated(&out).unwrap().outer_dst,
         bed.ring_choice(&syn)
     );
+}
+
+/// RSS may move a flow to another CPU in the middle of a connection (a
+/// queue's interrupt moved, the indirection table rewritten). weir_flows is
+/// one table for every CPU, so the packet finds its entry there too, also
+/// after the ring has changed: the flow stays on its backend.
+#[test]
+fn flow_moved_to_another_cpu_stays_on_its_backend() {
+    require_root();
+    assert!(
+        std::thread::available_parallelism().map_or(0, usize::from) >= 2,
+        "this test sends a flow's packets on two CPUs"
+    );
+    let mut bed = Bed::new("cpu", 3);
+    // SYNs on CPU 0, where Bed pinned this thread.
+    let mut flows = Vec::new();
+    for sport in 49000..49100 {
+        let (verdict, out) = bed.run(&Segment::syn(CLIENT, sport, VIP, PORT).frame());
+        assert_eq!(verdict, XDP_TX);
+        flows.push((sport, packet::parse_encapsulated(&out).unwrap().outer_dst));
+    }
+    apply(
+        &mut bed.reg,
+        Change::SetBackends {
+            service: svc(),
+            backends: vec![(backend(0), 1), (backend(3), 4), (backend(4), 4)],
+        },
+    );
+
+    pin_to_cpu(1);
+    let moved_in_ring = acks_follow_their_flows(&mut bed, &flows);
+    assert!(
+        moved_in_ring > 20,
+        "the ring change moved {moved_in_ring} of 100 flows: the test needs some"
+    );
+    assert_eq!(bed.counter("flow_miss"), 0, "every ACK found its flow");
+    // The per-CPU counters show where the packets ran.
+    let path = bed.inst.instance.pin_dir().join(abi::maps::STATS);
+    let map = aya::maps::Map::from_map_data(aya::maps::MapData::from_pin(path).unwrap()).unwrap();
+    let stats: aya::maps::PerCpuArray<_, u64> = aya::maps::PerCpuArray::try_from(map).unwrap();
+    let tx = stats.get(&abi::counter_index("tx").unwrap(), 0).unwrap();
+    assert_eq!((tx[0], tx[1]), (100, 100), "SYNs on CPU 0, ACKs on CPU 1");
 }
 
 #[test]

@@ -6,7 +6,9 @@
 //!   `repeat` > 1 would rerun the program on the buffer it already rewrote
 //!   (the second run sees an encapsulated packet and takes a cheap exit),
 //!   so every run is a single run; the kernel's `duration` is averaged and
-//!   every return code and output length is checked.
+//!   every return code and output length is checked. The same packets are
+//!   timed again once the flow table holds `--table-flows` flows, with a
+//!   floor run after each packet.
 //! - Wall time of the `weir backend set` command with 1, 100 and 10,000
 //!   backends (the real binary, as an operator runs it).
 //!
@@ -42,6 +44,9 @@ struct Args {
     /// every round is reported).
     #[arg(long, default_value_t = 3)]
     rounds: u32,
+    /// Flows in the table before the full-table timings.
+    #[arg(long, default_value_t = 100_000)]
+    table_flows: u32,
     /// Repetitions of each `weir backend set` timing (median reported).
     #[arg(long, default_value_t = 5)]
     set_repeats: usize,
@@ -63,14 +68,64 @@ struct XdpResult {
     round: u32,
     backends: u32,
     ring_size: u32,
+    /// Starting from an empty table; the spread packets are one of each of
+    /// the `flows` flows the SYNs made, in the order they were made.
+    #[serde(flatten)]
+    empty_table: Packets,
+    flows: u32,
+    /// The same packets with `table_flows` flows in the table.
+    full_table: FullTable,
+}
+
+/// The packets timed in one table state.
+#[derive(Serialize)]
+struct Packets {
     syn_new_flow: Timing,
     /// One established flow's packet, over and over.
     established_one_flow: Timing,
-    /// One packet of each of `flows` established flows.
+    /// One packet of each of many established flows.
     established_spread: Timing,
-    /// A bare `return XDP_TX`, in the SYN loop.
+    /// A bare `return XDP_TX`, in the same loop.
     floor: Timing,
-    flows: u32,
+}
+
+impl Packets {
+    fn summary(&self) -> String {
+        let t = |t: &Timing| format!("{:.0}/{:.0}", t.mean, t.p50);
+        format!(
+            "SYN new flow {}, established one flow {}, spread {}, floor {}",
+            t(&self.syn_new_flow),
+            t(&self.established_one_flow),
+            t(&self.established_spread),
+            t(&self.floor)
+        )
+    }
+
+    /// A row of the printed table.
+    fn row(&self, x: &XdpResult) -> String {
+        let t = |t: &Timing| format!("{:.0} / {:.0}", t.mean, t.p50);
+        format!(
+            "| {} | {} | {} | {} | {} | {} | {} |",
+            x.round,
+            x.backends,
+            x.ring_size,
+            t(&self.syn_new_flow),
+            t(&self.established_one_flow),
+            t(&self.established_spread),
+            t(&self.floor)
+        )
+    }
+}
+
+/// Timings once the flow table is full of other flows: the SYNs add
+/// `runs` more, so the table ends with `table_flows` + `runs` entries. The
+/// spread packets visit `runs` table flows in a scattered order, and the
+/// floor runs after each packet.
+#[derive(Serialize)]
+struct FullTable {
+    table_flows: u32,
+    #[serde(flatten)]
+    packets: Packets,
 }
 
 #[derive(Serialize)]
@@ -98,17 +153,15 @@ fn main() -> Result<()> {
     );
     let mut xdp = Vec::new();
     for (round, backends) in (1..=args.rounds).flat_map(|r| [(r, 10u32), (r, 100)]) {
-        let r = bench_xdp(round, backends, args.runs)?;
+        let r = bench_xdp(round, backends, args.runs, args.table_flows)?;
         eprintln!(
-            "round {round} xdp {backends:>3} backends M=65537 (mean/p50 ns): SYN new flow {:.0}/{:.0}, established one flow {:.0}/{:.0}, spread {:.0}/{:.0}, floor {:.0}/{:.0}",
-            r.syn_new_flow.mean,
-            r.syn_new_flow.p50,
-            r.established_one_flow.mean,
-            r.established_one_flow.p50,
-            r.established_spread.mean,
-            r.established_spread.p50,
-            r.floor.mean,
-            r.floor.p50
+            "round {round} xdp {backends:>3} backends M=65537 (mean/p50 ns): {}",
+            r.empty_table.summary()
+        );
+        eprintln!(
+            "round {round} xdp {backends:>3} backends, {} flows in the table: {}",
+            r.full_table.table_flows,
+            r.full_table.packets.summary()
         );
         xdp.push(r);
     }
@@ -216,7 +269,7 @@ fn checked(
     Ok(run)
 }
 
-fn bench_xdp(round: u32, backends: u32, runs: u32) -> Result<XdpResult> {
+fn bench_xdp(round: u32, backends: u32, runs: u32, table_flows: u32) -> Result<XdpResult> {
     let inst = Scratch(Instance::new(&format!(
         "bench{}x{backends}",
         std::process::id()
@@ -269,7 +322,11 @@ fn bench_xdp(round: u32, backends: u32, runs: u32) -> Result<XdpResult> {
             (i & 0xffff) as u16,
         )
     };
-    ensure!(runs <= 32 << 16, "at most {} runs", 32 << 16);
+    ensure!(
+        runs.max(table_flows) + runs <= 32 << 16,
+        "at most {} runs and table flows",
+        32 << 16
+    );
     let ifindex = ns.ifindex;
 
     // SYN of a new flow: every run a tuple never seen before. The floor runs
@@ -306,17 +363,89 @@ fn bench_xdp(round: u32, backends: u32, runs: u32) -> Result<XdpResult> {
         misses == 0,
         "{misses} established packets missed their flow"
     );
+
+    // Full table: SYNs (untimed) until it holds `table_flows` flows, then
+    // each timed packet followed by the floor.
+    for i in runs..table_flows {
+        let (src, sport) = tuple(i);
+        checked(
+            lb_prog,
+            &Segment::syn(src, sport, VIP, PORT).frame(),
+            ifindex,
+            20,
+            "SYN",
+        )?;
+    }
+    let table_flows = table_flows.max(runs);
+    let mut full_floor = Samples::default();
+    let mut with_floor = |frame: &[u8], what: &str, into: &mut Samples| -> Result<()> {
+        into.push(&checked(lb_prog, frame, ifindex, 20, what)?);
+        full_floor.push(&checked(floor_prog, frame, ifindex, 0, "floor")?);
+        Ok(())
+    };
+    let mut full_syn = Samples::default();
+    for i in table_flows..table_flows + runs {
+        let (src, sport) = tuple(i);
+        with_floor(
+            &Segment::syn(src, sport, VIP, PORT).frame(),
+            "SYN",
+            &mut full_syn,
+        )?;
+    }
+    let mut full_hot = Samples::default();
+    for _ in 0..runs {
+        with_floor(&hot_frame, "ACK", &mut full_hot)?;
+    }
+    // A stride coprime with the table's size visits distinct flows in an
+    // order unrelated to their insertion.
+    let stride = (7919..)
+        .find(|s| gcd(*s, table_flows) == 1)
+        .expect("some stride is coprime");
+    let mut full_spread = Samples::default();
+    for i in 0..runs {
+        let (src, sport) = tuple((i as u64 * stride as u64 % table_flows as u64) as u32);
+        with_floor(
+            &Segment::ack(src, sport, VIP, PORT).frame(),
+            "ACK",
+            &mut full_spread,
+        )?;
+    }
+    let counters = reg.maps().counters()?;
+    let (made, misses) = (
+        counters[abi::counter_index("flow_new").unwrap() as usize],
+        counters[abi::counter_index("flow_miss").unwrap() as usize],
+    );
+    ensure!(
+        made == (table_flows + runs) as u64 && misses == 0,
+        "full table: {made} new flows for {} SYNs, {misses} established packets missed their flow",
+        table_flows + runs
+    );
     drop(ns);
     Ok(XdpResult {
         round,
         backends,
         ring_size: 65537,
-        syn_new_flow: syn.stats(),
-        established_one_flow: hot.stats(),
-        established_spread: spread.stats(),
-        floor: floor_t.stats(),
+        empty_table: Packets {
+            syn_new_flow: syn.stats(),
+            established_one_flow: hot.stats(),
+            established_spread: spread.stats(),
+            floor: floor_t.stats(),
+        },
         flows: runs,
+        full_table: FullTable {
+            table_flows,
+            packets: Packets {
+                syn_new_flow: full_syn.stats(),
+                established_one_flow: full_hot.stats(),
+                established_spread: full_spread.stats(),
+                floor: full_floor.stats(),
+            },
+        },
     })
+}
+
+fn gcd(a: u32, b: u32) -> u32 {
+    if b == 0 { a } else { gcd(b, a % b) }
 }
 
 fn weir_cli(instance: &str, args: &[String]) -> Result<Duration> {
@@ -397,18 +526,19 @@ fn print_table(r: &Report) {
         r.xdp.first().map_or(0, |x| x.flows)
     );
     println!("|---:|---:|---:|---:|---:|---:|---:|");
-    let t = |t: &Timing| format!("{:.0} / {:.0}", t.mean, t.p50);
     for x in &r.xdp {
-        println!(
-            "| {} | {} | {} | {} | {} | {} | {} |",
-            x.round,
-            x.backends,
-            x.ring_size,
-            t(&x.syn_new_flow),
-            t(&x.established_one_flow),
-            t(&x.established_spread),
-            t(&x.floor)
-        );
+        println!("{}", x.empty_table.row(x));
+    }
+    println!(
+        "\nThe same with {} flows in the table first, a floor run after each packet\n",
+        r.xdp.first().map_or(0, |x| x.full_table.table_flows)
+    );
+    println!(
+        "| round | backends | M | SYN, new flow | established, one flow | established, scattered | floor: bare XDP_TX |"
+    );
+    println!("|---:|---:|---:|---:|---:|---:|---:|");
+    for x in &r.xdp {
+        println!("{}", x.full_table.packets.row(x));
     }
     println!("\n| `weir backend set` | ring | from empty (ms) | one replaced (ms) |");
     println!("|---:|---:|---:|---:|");

@@ -58,16 +58,18 @@ static __always_inline int resolve(struct xdp_md *ctx, struct weir_nexthop *nh,
 		fib.mtu_result : 0xffff;
 	nh->daddr = dst;
 	nh->ingress_ifindex = ctx->ingress_ifindex;
-	nh->expires_ns = bpf_ktime_get_coarse_ns() + WEIR_NEXTHOP_TTL_NS;
+	nh->expires_jiffies = bpf_jiffies64() + weir_nexthop_ttl_jiffies;
 	return BPF_FIB_LKUP_RET_SUCCESS;
 }
 
-/* The cache entry resolves `dst` for this ingress device and has not
- * expired. */
+/* The cache entry resolves `dst` for this ingress device and expires
+ * within one TTL from now. A deadline further away than that is stale too:
+ * an entry a different clock wrote (nanoseconds, before the cache counted
+ * in jiffies) must not live on. */
 static __always_inline int nexthop_fresh(const struct weir_nexthop *nh, struct xdp_md *ctx, __be32 dst)
 {
 	return nh->daddr == dst && nh->ingress_ifindex == ctx->ingress_ifindex &&
-	       bpf_ktime_get_coarse_ns() < nh->expires_ns;
+	       nh->expires_jiffies - bpf_jiffies64() - 1 < weir_nexthop_ttl_jiffies;
 }
 
 /* Sends the encapsulated packet to its next hop, from the cache when it is

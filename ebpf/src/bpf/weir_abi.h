@@ -118,9 +118,10 @@ struct weir_lb_config {
  * for a backend, reused for WEIR_NEXTHOP_TTL_NS so that the lookup (the
  * costliest step of the fast path) runs a few times a second per backend
  * instead of once per packet. Valid only for the same ingress device and
- * backend address. */
+ * backend address. The deadline is in jiffies (weir_nexthop_ttl_jiffies
+ * says why). */
 struct weir_nexthop {
-	__u64 expires_ns; /* bpf_ktime_get_coarse_ns() deadline */
+	__u64 expires_jiffies; /* bpf_jiffies64() deadline */
 	__be32 daddr;     /* backend address this entry resolves */
 	__u32 ingress_ifindex;
 	__u32 egress_ifindex;
@@ -286,7 +287,27 @@ struct {
 } weir_backends SEC(".maps");
 
 /* weir_flows: client 5-tuple -> backend id. Non-SYN packets consult it
- * first, so established connections stay put whatever the ring says. */
+ * first, so established connections stay put whatever the ring says.
+ *
+ * One table for every CPU, with the kernel's common LRU. RSS may move a
+ * flow to another CPU in the middle of a connection (a queue's interrupt
+ * moved, the indirection table rewritten); that CPU finds the same entry,
+ * so the flow stays on its backend even if the ring changed since its SYN.
+ * The per-CPU layouts were measured (weir-bench-l4, 2 CPUs) and rejected:
+ * - BPF_F_NO_COMMON_LRU (shared hash, one LRU list per CPU) inserts no
+ *   faster here, one CPU or both at once, table full or not, and gives
+ *   each CPU max_entries / possible CPUs: a CPU that RSS hands more flows
+ *   evicts its own while the others have room.
+ * - One LRU per CPU (an array of maps, as Katran has) or an
+ *   LRU_PERCPU_HASH: the second CPU finds no entry (or a zero value) and
+ *   re-picks from the ring. Maglev names the same backend only while the
+ *   backend set is unchanged; after a change since the flow's SYN, the
+ *   flows whose slot moved (about 1/N when one of N backends changes) go
+ *   to a backend that knows nothing of them and answers RST. WebSockets
+ *   outlive many changes, so an interrupt moved by irqbalance would cut
+ *   connections: not acceptable for weir.
+ * What a new flow's insert costs is cache misses (its hash bucket, an
+ * element never used before, the LRU lists' upkeep), not the lock. */
 struct {
 	__uint(type, BPF_MAP_TYPE_LRU_HASH);
 	__uint(max_entries, WEIR_DEFAULT_FLOWS);
@@ -363,6 +384,13 @@ struct {
 	__type(value, struct weir_backend_stats);
 	__uint(pinning, LIBBPF_PIN_BY_NAME);
 } weir_be_stats SEC(".maps");
+
+/* WEIR_NEXTHOP_TTL_NS in jiffies, set by `weir` when it loads the program,
+ * from the kernel's tick length (the resolution of the coarse clocks). The
+ * next-hop cache counts in jiffies because bpf_jiffies64() is inlined to a
+ * load, where a nanosecond clock is a helper call on every packet. The
+ * default is right for HZ=250. */
+const volatile __u64 weir_nexthop_ttl_jiffies = 25;
 
 /* weir_icmp_bucket[0]: see struct weir_icmp_bucket. */
 struct {

@@ -106,8 +106,10 @@ fn ipv4_conf(dev: &str, key: &str) -> bool {
 /// BPF_PROG_RUN tests and benches.
 pub fn load_lb(instance: &Instance) -> Result<Ebpf, DataplaneError> {
     Registry::open_or_create(instance, CreateOptions::default())?;
+    let ttl = nexthop_ttl_jiffies();
     let mut ebpf = EbpfLoader::new()
         .default_map_pin_directory(instance.pin_dir())
+        .override_global(abi::NEXTHOP_TTL_GLOBAL, &ttl, true)
         .load(weir_ebpf::lb_object())
         .map_err(|e| kernel("loading the XDP object")(e.to_string()))?;
     let program: &mut Xdp = ebpf
@@ -119,6 +121,23 @@ pub fn load_lb(instance: &Instance) -> Result<Ebpf, DataplaneError> {
         kernel("the kernel refused the XDP program (is BPF/XDP enabled?)")(one_line(&e))
     })?;
     Ok(ebpf)
+}
+
+/// [`abi::NEXTHOP_TTL_NS`] in this kernel's jiffies. The coarse clocks
+/// advance once a jiffy, so their resolution is its length.
+fn nexthop_ttl_jiffies() -> u64 {
+    let mut res = libc::timespec {
+        tv_sec: 0,
+        tv_nsec: 0,
+    };
+    // SAFETY: clock_getres writes one timespec into `res`.
+    let rc = unsafe { libc::clock_getres(libc::CLOCK_MONOTONIC_COARSE, &mut res) };
+    // HZ=250, the program's default, if the kernel does not say.
+    let tick_ns = match rc {
+        0 => (res.tv_sec as u64 * 1_000_000_000 + res.tv_nsec as u64).max(1),
+        _ => 4_000_000,
+    };
+    abi::NEXTHOP_TTL_NS.div_ceil(tick_ns)
 }
 
 /// What an attach command did.
@@ -719,4 +738,14 @@ pub fn load_decap_program(instance: &Instance) -> Result<Ebpf, DataplaneError> {
         .load()
         .map_err(|e| kernel("the kernel refused the decap program")(one_line(&e)))?;
     Ok(ebpf)
+}
+
+#[cfg(test)]
+mod tests {
+    #[test]
+    fn nexthop_ttl_is_100_ms_of_this_kernels_jiffies() {
+        // HZ is one of these (Kconfig's choices).
+        let ttl = super::nexthop_ttl_jiffies();
+        assert!([10, 25, 30, 100].contains(&ttl), "100 ms is {ttl} jiffies?");
+    }
 }
