@@ -61,15 +61,15 @@ struct Entry {
     /// the connect completes.
     connect_to: Option<Box<SockAddr>>,
     /// Operations submitted and not completed yet.
-    inflight: u32,
+    inflight: u16,
     /// Refused for `max_connections`: not counted in `open`.
     over_limit: bool,
     /// Counted in a drain of its backend ([`Worker::draining`]), so that
     /// its end counts there once.
     in_drain: bool,
     /// The backend socket's creation or its option failed (the connect
-    /// linked after them then completes cancelled): the errno.
-    socket_failed: Option<i32>,
+    /// linked after them then completes cancelled).
+    socket_failed: bool,
     /// The tick it is filed under in the timer wheel, or UNFILED.
     timer: u32,
 }
@@ -476,7 +476,13 @@ impl Worker {
             // Posted only on failure, before the connect's own completion.
             Op::Socket { conn } | Op::NoDelay { conn } => {
                 if let Some(e) = self.live(conn) {
-                    e.socket_failed = c.result.err().and_then(|e| e.raw_os_error());
+                    e.socket_failed = true;
+                    // The option after a socket that failed is cancelled:
+                    // one failure, counted once.
+                    let error = c.result.err();
+                    if error.as_ref().and_then(io::Error::raw_os_error) != Some(libc::ECANCELED) {
+                        self.count_socket_failure(error);
+                    }
                 }
                 return;
             }
@@ -514,8 +520,8 @@ impl Worker {
             Op::Connect { .. } => {
                 let e = self.entry(id.idx);
                 e.connect_to = None;
-                if let Some(errno) = e.socket_failed.take() {
-                    self.socket_failed(id.idx, errno);
+                if std::mem::take(&mut e.socket_failed) {
+                    self.refuse(id.idx, reject(503, "cannot open a backend socket"));
                 } else {
                     let connected = c.result.is_ok();
                     self.with_conn(id.idx, |conn, cx, _| conn.handle_connected(cx, connected));
@@ -598,7 +604,7 @@ impl Worker {
             inflight: 0,
             over_limit: over,
             in_drain: false,
-            socket_failed: None,
+            socket_failed: false,
             timer: timers::UNFILED,
         });
         if over {
@@ -1001,8 +1007,9 @@ impl Worker {
         ]);
     }
 
-    /// The backend socket of `idx` could not be made: its client gets 503.
-    fn socket_failed(&mut self, idx: u32, errno: i32) {
+    /// A backend socket could not be made (its client gets 503 when its
+    /// connect completes).
+    fn count_socket_failure(&self, error: Option<io::Error>) {
         if self
             .metrics
             .backend_socket_errors
@@ -1014,10 +1021,9 @@ impl Worker {
                 worker = %worker_name(),
                 "cannot open a backend socket through io_uring ({}); such clients get 503 \
                  (counted in weir_l7_backend_socket_errors_total)",
-                io::Error::from_raw_os_error(errno)
+                error.map_or_else(|| "no error code".to_string(), |e| e.to_string())
             );
         }
-        self.refuse(idx, reject(503, "cannot open a backend socket"));
     }
 
     fn refuse(&mut self, idx: u32, reject: Reject) {
