@@ -1,13 +1,14 @@
 //! The registry against real pinned maps: writers serialize, refused
 //! changes change nothing, read-back mismatches are errors and roll back,
-//! removed backends are freed only once no flow uses them.
+//! removed backends are freed only once no flow uses them, new backends
+//! start with zero counters.
 
 mod common;
 
 use std::net::Ipv4Addr;
 use std::process::Command;
 
-use aya::maps::{Array, HashMap, Map, MapData};
+use aya::maps::{Array, HashMap, Map, MapData, PerCpuArray, PerCpuValues};
 use common::{TestInstance, require_root};
 use weir::registry::{
     ApplyOptions, BackendAddr, Change, Registry, RegistryError, ServiceAddr, ServiceModeName,
@@ -495,4 +496,45 @@ fn removed_backends_are_freed_only_without_flows() {
         .unwrap();
     assert_eq!(id, 4);
     reg.check().unwrap();
+}
+
+#[test]
+fn new_backends_start_with_zero_counters() {
+    require_root();
+    let inst = TestInstance::new("fresh");
+    let mut reg = inst.registry();
+    add_service(&mut reg);
+
+    // Leftover counters on every CPU of slots 0..4, as a previous user of
+    // the slots would have left them.
+    let path = inst.instance.pin_dir().join(abi::maps::BACKEND_STATS);
+    let mut map = Map::from_map_data(MapData::from_pin(path).unwrap()).unwrap();
+    let mut stats: PerCpuArray<&mut MapData, abi::BackendStats> =
+        PerCpuArray::try_from(&mut map).unwrap();
+    let cpus = aya::util::nr_cpus().unwrap();
+    for id in 0..4 {
+        let stale = abi::BackendStats {
+            packets: 7,
+            bytes: 700,
+            new_flows: 1,
+        };
+        stats
+            .set(id, PerCpuValues::try_from(vec![stale; cpus]).unwrap(), 0)
+            .unwrap();
+    }
+
+    // Three new backends take slots 0..3, which start from zero; slot 3 is
+    // not handed out and keeps what it had.
+    set_backends(&mut reg, 3);
+    for id in 0..3 {
+        assert_eq!(
+            reg.maps().backend_stats(id).unwrap(),
+            abi::BackendStats::default(),
+            "slot {id}"
+        );
+    }
+    assert_eq!(
+        reg.maps().backend_stats(3).unwrap().packets,
+        7 * cpus as u64
+    );
 }

@@ -283,40 +283,42 @@ impl Maps {
             .map_err(map_err("weir_services"))
     }
 
-    /// Writes backend slot `id`; `None` frees it (kept marked as used for the
-    /// quarantine).
-    pub fn write_backend(
+    /// Writes backend slots, all in one syscall; `None` frees a slot (kept
+    /// marked as used for the quarantine).
+    pub fn write_backends(
         &mut self,
-        id: u32,
-        entry: Option<&BackendEntry>,
+        slots: &[(u32, Option<&BackendEntry>)],
     ) -> Result<(), RegistryError> {
-        let value = match entry {
-            Some(b) => abi::Backend {
-                addr: b.addr.addr.octets(),
-                port: b.addr.port.to_be_bytes(),
-                weight: b.weight,
-                service_id: b.service_id,
-                state: b.state as u32,
-                flags: abi::BACKEND_F_USED,
-            },
-            None => abi::Backend {
-                flags: abi::BACKEND_F_USED,
-                ..Default::default()
-            },
-        };
-        let mut backends: Array<&mut MapData, abi::Backend> =
-            Array::try_from(&mut self.backends).map_err(map_err("weir_backends"))?;
-        backends.set(id, value, 0).map_err(map_err("weir_backends"))
+        let (ids, values): (Vec<u32>, Vec<abi::Backend>) = slots
+            .iter()
+            .map(|(id, entry)| {
+                let value = match entry {
+                    Some(b) => abi::Backend {
+                        addr: b.addr.addr.octets(),
+                        port: b.addr.port.to_be_bytes(),
+                        weight: b.weight,
+                        service_id: b.service_id,
+                        state: b.state as u32,
+                        flags: abi::BACKEND_F_USED,
+                    },
+                    None => abi::Backend {
+                        flags: abi::BACKEND_F_USED,
+                        ..Default::default()
+                    },
+                };
+                (*id, value)
+            })
+            .unzip();
+        update_batch(map_data(&self.backends), "weir_backends", &ids, &values)
     }
 
-    /// Zeroes a backend slot's counters before the slot serves a new backend.
-    pub fn reset_backend_stats(&mut self, id: u32) -> Result<(), RegistryError> {
+    /// Zeroes backend slots' counters (one syscall) before the slots serve
+    /// new backends.
+    pub fn reset_backend_stats(&mut self, ids: &[u32]) -> Result<(), RegistryError> {
         let cpus = nr_cpus().map_err(|(p, e)| RegistryError::Kernel(format!("{p}: {e}")))?;
-        let mut stats: PerCpuArray<&mut MapData, abi::BackendStats> =
-            PerCpuArray::try_from(&mut self.be_stats).map_err(map_err("weir_be_stats"))?;
-        let zero = PerCpuValues::try_from(vec![abi::BackendStats::default(); cpus])
-            .map_err(|e| RegistryError::Kernel(e.to_string()))?;
-        stats.set(id, zero, 0).map_err(map_err("weir_be_stats"))
+        // Per-CPU values: each key's value once per possible CPU.
+        let zero = vec![abi::BackendStats::default(); ids.len() * cpus];
+        update_batch(map_data(&self.be_stats), "weir_be_stats", ids, &zero)
     }
 
     pub fn reset_service_stats(&mut self, id: u32) -> Result<(), RegistryError> {
@@ -560,7 +562,7 @@ impl GenerationWatch {
 /// `BPF_MAP_LOOKUP_BATCH` from enum bpf_cmd.
 const BPF_MAP_LOOKUP_BATCH: libc::c_long = 24;
 
-/// The `batch` member of `union bpf_attr`.
+/// The `batch` member of `union bpf_attr` (lookup and update).
 #[repr(C)]
 #[derive(Default)]
 struct BatchAttr {
@@ -572,6 +574,75 @@ struct BatchAttr {
     map_fd: u32,
     elem_flags: u64,
     flags: u64,
+}
+
+/// `BPF_MAP_UPDATE_BATCH` from enum bpf_cmd.
+const BPF_MAP_UPDATE_BATCH: libc::c_long = 26;
+
+/// Writes `values` at `keys` of an array map with one syscall, where one
+/// syscall per key would cost a change of 10,000 backends milliseconds.
+/// `values` is in the kernel's layout: one value per key, or, for a per-CPU
+/// map, one per key and possible CPU (values a multiple of 8 bytes).
+fn update_batch<V: Copy>(
+    map: &MapData,
+    name: &'static str,
+    keys: &[u32],
+    values: &[V],
+) -> Result<(), RegistryError> {
+    if keys.is_empty() {
+        return Ok(());
+    }
+    let info = map.info().map_err(map_err(name))?;
+    let per_cpu = matches!(info.map_type(), Ok(aya::maps::MapType::PerCpuArray));
+    let per_key = if per_cpu {
+        nr_cpus().map_err(|(p, e)| RegistryError::Kernel(format!("{p}: {e}")))?
+    } else {
+        1
+    };
+    if info.key_size() as usize != size_of::<u32>()
+        || info.value_size() as usize != size_of::<V>()
+        || (per_cpu && !size_of::<V>().is_multiple_of(8))
+        || values.len() != keys.len() * per_key
+    {
+        return Err(RegistryError::Map(
+            name,
+            format!(
+                "a batch of {} keys and {} values of {} bytes does not fit the map's layout",
+                keys.len(),
+                values.len(),
+                size_of::<V>()
+            ),
+        ));
+    }
+    let mut attr = BatchAttr {
+        keys: keys.as_ptr() as u64,
+        values: values.as_ptr() as u64,
+        count: keys.len() as u32,
+        map_fd: map.fd().as_fd().as_raw_fd() as u32,
+        ..Default::default()
+    };
+    // SAFETY: the kernel reads `count` keys and `count` values in the map's
+    // layout, which the buffers were checked against above.
+    let rc = unsafe {
+        libc::syscall(
+            libc::SYS_bpf,
+            BPF_MAP_UPDATE_BATCH,
+            &mut attr as *mut BatchAttr,
+            size_of::<BatchAttr>() as u32,
+        )
+    };
+    if rc < 0 {
+        return Err(RegistryError::Map(
+            name,
+            format!(
+                "BPF_MAP_UPDATE_BATCH of {} entries ({} written): {}",
+                keys.len(),
+                attr.count,
+                std::io::Error::last_os_error()
+            ),
+        ));
+    }
+    Ok(())
 }
 
 /// Calls `f` for every flow entry, reading thousands per syscall. A flow

@@ -339,16 +339,20 @@ impl Registry {
         }
         // 2. Backends that will be active (new, reactivated, reweighted),
         //    before any ring names them; new slots with fresh counters.
+        let mut fresh = Vec::new();
+        let mut slots = Vec::new();
         for (id, b) in &next.backends {
             let prev = before.backends.get(id);
             if b.state == BackendState::Active && prev != Some(b) {
                 if prev.is_none() {
-                    self.maps.reset_backend_stats(*id)?;
+                    fresh.push(*id);
                 }
                 undo.push(Undo::Backend(*id, prev.cloned()));
-                self.maps.write_backend(*id, Some(b))?;
+                slots.push((*id, Some(b)));
             }
         }
+        self.maps.reset_backend_stats(&fresh)?;
+        self.maps.write_backends(&slots)?;
         // 3. New tables, each swapped in with one outer-map update.
         for &service_id in &plan.rings {
             let table = match next.services.values().find(|s| s.id == service_id) {
@@ -372,16 +376,17 @@ impl Registry {
         }
         // 5. Backends leaving active (after no ring names them any more),
         //    other changes, and freed slots.
+        let mut slots = Vec::new();
         for (id, b) in &before.backends {
             match next.backends.get(id) {
                 Some(n) if n == b || n.state == BackendState::Active => {}
                 n => {
                     undo.push(Undo::Backend(*id, Some(b.clone())));
-                    self.maps.write_backend(*id, n)?;
+                    slots.push((*id, n));
                 }
             }
         }
-        Ok(())
+        self.maps.write_backends(&slots)
     }
 
     fn rollback(&mut self, undo: Vec<Undo>) -> Result<(), RegistryError> {
@@ -389,7 +394,7 @@ impl Registry {
             match step {
                 Undo::Service(addr, Some(svc)) => self.maps.write_service(&addr, &svc)?,
                 Undo::Service(addr, None) => self.maps.delete_service(&addr)?,
-                Undo::Backend(id, prev) => self.maps.write_backend(id, prev.as_ref())?,
+                Undo::Backend(id, prev) => self.maps.write_backends(&[(id, prev.as_ref())])?,
                 Undo::Ring(id, Some(prev)) => {
                     self.maps.swap_ring(id, &prev)?;
                 }
