@@ -538,3 +538,48 @@ fn new_backends_start_with_zero_counters() {
         7 * cpus as u64
     );
 }
+
+#[test]
+fn a_ring_that_reads_back_wrong_is_an_error_and_rolls_back() {
+    require_root();
+    let inst = TestInstance::new("ringcheck");
+    let mut reg = inst.registry();
+    add_service(&mut reg);
+    set_backends(&mut reg, 3);
+    let before = observe(&reg);
+    let id = reg.state().unwrap().service(&svc()).unwrap().id;
+
+    // Something else scribbles on one slot of the new table once it is
+    // installed.
+    let tamper: Box<dyn FnOnce(&mut weir::registry::Maps)> = Box::new(move |maps| {
+        let table = maps.ring_table(id).unwrap().unwrap();
+        let mut map = Map::from_map_data(table).unwrap();
+        let mut ring: Array<&mut MapData, u32> = Array::try_from(&mut map).unwrap();
+        let owner = ring.get(&5, 0).unwrap();
+        ring.set(5, owner ^ 1, 0).unwrap();
+    });
+    let err = reg
+        .apply(
+            &Change::AddBackend {
+                service: svc(),
+                backend: backend(3),
+                weight: 1,
+            },
+            ApplyOptions {
+                before_verify: Some(tamper),
+                ..opts()
+            },
+        )
+        .unwrap_err();
+    assert!(matches!(err, RegistryError::ReadBack(_)), "got {err}");
+    assert!(
+        err.to_string().contains("1 of 65537 slots differ"),
+        "says how much differs: {err}"
+    );
+    let (state, rings, generation, audit) = observe(&reg);
+    assert!(rings == before.1, "ring rolled back");
+    assert_eq!(state.backends, before.0.backends, "new backend rolled back");
+    assert_eq!(generation, before.2, "no generation bump");
+    assert_eq!(audit, before.3, "no audit line");
+    reg.check().unwrap();
+}

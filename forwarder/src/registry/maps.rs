@@ -386,6 +386,24 @@ impl Maps {
         }
     }
 
+    /// Compares a service's installed table with `expected` where it lies
+    /// (through mmap, no copy): `None` if no table is installed, else how
+    /// many slots differ (a different length counts as differing slots).
+    pub fn ring_differences(
+        &self,
+        service_id: u32,
+        expected: &[u32],
+    ) -> Result<Option<usize>, RegistryError> {
+        let Some(table) = self.ring_table(service_id)? else {
+            return Ok(None);
+        };
+        let (entries, view) = map_table(&table)?;
+        let differ = (0..entries.min(expected.len()))
+            .filter(|&i| view.read::<u32>(i) != expected[i])
+            .count();
+        Ok(Some(differ + entries.abs_diff(expected.len())))
+    }
+
     /// Reads a service's installed table back (through mmap).
     pub fn read_ring(&self, service_id: u32) -> Result<Option<Vec<u32>>, RegistryError> {
         let Some(table) = self.ring_table(service_id)? else {
@@ -719,11 +737,17 @@ fn for_each_flow(
 
 /// Reads a whole ring table through mmap.
 pub fn read_table(table: &MapData) -> Result<Vec<u32>, RegistryError> {
+    let (entries, view) = map_table(table)?;
+    Ok((0..entries).map(|i| view.read::<u32>(i)).collect())
+}
+
+/// A ring table's slot count and a read-only view of it.
+fn map_table(table: &MapData) -> Result<(usize, Mmap), RegistryError> {
     let info = table.info().map_err(map_err("ring table"))?;
     let entries = info.max_entries();
     let view = Mmap::map(table.fd().as_fd(), entries, size_of::<u32>(), false)
         .map_err(|e| RegistryError::Kernel(format!("mmap of a ring table: {e}")))?;
-    Ok((0..entries as usize).map(|i| view.read::<u32>(i)).collect())
+    Ok((entries as usize, view))
 }
 
 pub fn service_key(addr: &ServiceAddr) -> abi::ServiceKey {

@@ -436,11 +436,9 @@ impl Registry {
             )));
         }
         for (service_id, expected) in tables {
-            match self.maps.read_ring(*service_id)? {
-                Some(t) if &t == expected => {}
-                Some(t) => {
-                    let wrong = t.iter().zip(expected).filter(|(a, b)| a != b).count()
-                        + t.len().abs_diff(expected.len());
+            match self.maps.ring_differences(*service_id, expected)? {
+                Some(0) => {}
+                Some(wrong) => {
                     return Err(RegistryError::ReadBack(format!(
                         "ring of service id {service_id}: {wrong} of {} slots differ",
                         expected.len()
