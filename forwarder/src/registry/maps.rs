@@ -333,25 +333,39 @@ impl Maps {
     /// Builds a new table map holding `table`, filled completely through
     /// mmap before anyone can see it.
     pub fn new_ring_table(table: &[u32]) -> Result<MapData, RegistryError> {
+        let map = Self::create_ring_table(table.len() as u32)?;
+        Self::fill_ring_table(&map, table)?;
+        Ok(map)
+    }
+
+    /// Creates a zeroed table map of `slots` slots for
+    /// [`Maps::fill_ring_table`]; no packet sees it before it is swapped in.
+    pub fn create_ring_table(slots: u32) -> Result<MapData, RegistryError> {
         let obj = aya_obj::Map::new_from_params(
             BPF_MAP_TYPE_ARRAY,
             size_of::<u32>() as u32,
             size_of::<u32>() as u32,
-            table.len() as u32,
+            slots,
             abi::RING_MAP_FLAGS,
         );
-        let map = MapData::create(obj, "weir_ring", None).map_err(|e| {
-            RegistryError::Kernel(format!(
-                "creating a ring table of {} slots: {e}",
+        MapData::create(obj, "weir_ring", None).map_err(|e| {
+            RegistryError::Kernel(format!("creating a ring table of {slots} slots: {e}"))
+        })
+    }
+
+    /// Writes `table` into a table map of exactly its size, through mmap.
+    pub fn fill_ring_table(map: &MapData, table: &[u32]) -> Result<(), RegistryError> {
+        let (slots, mut view) = map_table(map, true)?;
+        if slots != table.len() {
+            return Err(RegistryError::Kernel(format!(
+                "a table of {} slots does not fit a ring map of {slots}",
                 table.len()
-            ))
-        })?;
-        let mut view = Mmap::map(map.fd().as_fd(), table.len() as u32, size_of::<u32>(), true)
-            .map_err(|e| RegistryError::Kernel(format!("mmap of a new ring table: {e}")))?;
+            )));
+        }
         for (slot, id) in table.iter().enumerate() {
             view.write(slot, *id);
         }
-        Ok(map)
+        Ok(())
     }
 
     /// Swaps service `service_id`'s table for `table` with one update of the
@@ -397,7 +411,7 @@ impl Maps {
         let Some(table) = self.ring_table(service_id)? else {
             return Ok(None);
         };
-        let (entries, view) = map_table(&table)?;
+        let (entries, view) = map_table(&table, false)?;
         let differ = (0..entries.min(expected.len()))
             .filter(|&i| view.read::<u32>(i) != expected[i])
             .count();
@@ -737,15 +751,15 @@ fn for_each_flow(
 
 /// Reads a whole ring table through mmap.
 pub fn read_table(table: &MapData) -> Result<Vec<u32>, RegistryError> {
-    let (entries, view) = map_table(table)?;
+    let (entries, view) = map_table(table, false)?;
     Ok((0..entries).map(|i| view.read::<u32>(i)).collect())
 }
 
-/// A ring table's slot count and a read-only view of it.
-fn map_table(table: &MapData) -> Result<(usize, Mmap), RegistryError> {
+/// A ring table's slot count and a view of it.
+fn map_table(table: &MapData, writable: bool) -> Result<(usize, Mmap), RegistryError> {
     let info = table.info().map_err(map_err("ring table"))?;
     let entries = info.max_entries();
-    let view = Mmap::map(table.fd().as_fd(), entries, size_of::<u32>(), false)
+    let view = Mmap::map(table.fd().as_fd(), entries, size_of::<u32>(), writable)
         .map_err(|e| RegistryError::Kernel(format!("mmap of a ring table: {e}")))?;
     Ok((entries as usize, view))
 }

@@ -339,27 +339,46 @@ impl Registry {
         }
         // 2. Backends that will be active (new, reactivated, reweighted),
         //    before any ring names them; new slots with fresh counters.
-        let mut fresh = Vec::new();
-        let mut slots = Vec::new();
-        for (id, b) in &next.backends {
-            let prev = before.backends.get(id);
-            if b.state == BackendState::Active && prev != Some(b) {
-                if prev.is_none() {
-                    fresh.push(*id);
-                }
-                undo.push(Undo::Backend(*id, prev.cloned()));
-                slots.push((*id, Some(b)));
-            }
-        }
-        self.maps.reset_backend_stats(&fresh)?;
-        self.maps.write_backends(&slots)?;
+        //    Meanwhile the new tables, pure computation, are built on other
+        //    threads: a table of 1,000,003 slots takes tens of milliseconds.
+        //    A service that goes away gets a one-slot table of NO_BACKEND.
+        let sizes: Vec<(u32, Option<u32>)> = plan
+            .rings
+            .iter()
+            .map(|&id| {
+                let svc = next.services.values().find(|s| s.id == id);
+                (id, svc.map(|s| s.ring_size))
+            })
+            .collect();
+        let (written, built) = std::thread::scope(|scope| {
+            let builds: Vec<_> = sizes
+                .iter()
+                .map(|&(id, size)| {
+                    scope.spawn(move || match size {
+                        Some(size) => next.ring_for(id, size),
+                        None => Ok(vec![abi::NO_BACKEND]),
+                    })
+                })
+                .collect();
+            let written = self
+                .write_active_backends(before, next, undo)
+                .and_then(|()| {
+                    // Empty maps, zeroed by the kernel, while the tables build.
+                    sizes
+                        .iter()
+                        .map(|&(_, size)| Maps::create_ring_table(size.unwrap_or(1)))
+                        .collect::<Result<Vec<_>, _>>()
+                });
+            let built: Vec<_> = builds
+                .into_iter()
+                .map(|b| b.join().unwrap_or_else(|p| std::panic::resume_unwind(p)))
+                .collect();
+            (written, built)
+        });
         // 3. New tables, each swapped in with one outer-map update.
-        for &service_id in &plan.rings {
-            let table = match next.services.values().find(|s| s.id == service_id) {
-                Some(svc) => next.ring_for(service_id, svc.ring_size)?,
-                None => vec![abi::NO_BACKEND],
-            };
-            let map = Maps::new_ring_table(&table)?;
+        for ((map, table), &(service_id, _)) in written?.into_iter().zip(built).zip(&sizes) {
+            let table = table?;
+            Maps::fill_ring_table(&map, &table)?;
             let previous = self.maps.swap_ring(service_id, &map)?;
             undo.push(Undo::Ring(service_id, previous));
             tables.insert(service_id, table);
@@ -386,6 +405,30 @@ impl Registry {
                 }
             }
         }
+        self.maps.write_backends(&slots)
+    }
+
+    /// Writes the backends that will be active and differ from `before`
+    /// (new slots with fresh counters), one batch each.
+    fn write_active_backends(
+        &mut self,
+        before: &State,
+        next: &State,
+        undo: &mut Vec<Undo>,
+    ) -> Result<(), RegistryError> {
+        let mut fresh = Vec::new();
+        let mut slots = Vec::new();
+        for (id, b) in &next.backends {
+            let prev = before.backends.get(id);
+            if b.state == BackendState::Active && prev != Some(b) {
+                if prev.is_none() {
+                    fresh.push(*id);
+                }
+                undo.push(Undo::Backend(*id, prev.cloned()));
+                slots.push((*id, Some(b)));
+            }
+        }
+        self.maps.reset_backend_stats(&fresh)?;
         self.maps.write_backends(&slots)
     }
 
