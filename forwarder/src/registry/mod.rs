@@ -6,9 +6,9 @@
 //! lock → read → validate and plan (pure, in [`model`]) → write new backend
 //! slots (the new Maglev tables build on other threads meanwhile) → fill the
 //! tables and swap each in with one map update → write the remaining
-//! entries → read everything back and verify → bump the
-//! generation → append an audit line. A failure at any step rolls back what
-//! was written, so a change is applied whole or not at all.
+//! entries → read everything back and verify → bump the generation → append
+//! an audit line. A failure at any step rolls back what was written, so a
+//! change is applied whole or not at all.
 
 pub mod addr;
 pub mod audit;
