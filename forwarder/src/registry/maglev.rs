@@ -11,7 +11,7 @@
 //! first, then identity order. Backends of equal weight share their times,
 //! so a min-heap holds one entry per distinct weight: a build costs
 //! `O(M log C)` heap work (`C` distinct weights; none when all are equal)
-//! plus `O(M log M)` Maglev probing (about half the usual, see
+//! plus `O(M log M)` Maglev probing (half the usual probes, see
 //! `FreeSlots`), never `O(M · N)`. Everybody claims at time 0, so each
 //! backend with a positive weight owns a slot, and a backend's count `c`
 //! obeys `q - N·w/W <= c <= q + 1`, where `q = M·w/W` is its fair share and
@@ -269,8 +269,10 @@ fn fill(active: &[&Member], size: u32) -> Vec<u32> {
 /// costs about `M / free` probes per claim, which dominates once the table
 /// is nearly full; comparing every free slot's distance along the walk
 /// costs `free` steps. The fill steps while `free² > M` and compares after,
-/// which halves the work of a large table (`M·ln M` probes become about
-/// `M·ln √M`).
+/// which halves the probes of a large table (`M·ln M` become about
+/// `M·ln √M`); the probes saved, late ones that almost always hit a taken
+/// slot, are the cheapest, so a table of 1,000,003 slots for 10,000
+/// backends builds about 17% faster (29 → 24 ms here).
 struct FreeSlots {
     m: u64,
     count: u32,
