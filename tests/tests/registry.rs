@@ -1,7 +1,8 @@
 //! The registry against real pinned maps: writers serialize, refused
 //! changes change nothing, read-back mismatches are errors and roll back,
 //! removed backends are freed only once no flow uses them, new backends
-//! start with zero counters.
+//! start with zero counters, a ring that reads back wrong is refused, a
+//! large ring is installed as built.
 
 mod common;
 
@@ -581,5 +582,54 @@ fn a_ring_that_reads_back_wrong_is_an_error_and_rolls_back() {
     assert_eq!(state.backends, before.0.backends, "new backend rolled back");
     assert_eq!(generation, before.2, "no generation bump");
     assert_eq!(audit, before.3, "no audit line");
+    reg.check().unwrap();
+}
+
+#[test]
+fn a_large_ring_is_built_installed_and_read_back() {
+    require_root();
+    let inst = TestInstance::new("bigring");
+    let mut reg = inst.registry();
+    // Large enough that its map is created on a second thread while the
+    // table builds.
+    let big = ServiceAddr {
+        vip: VIP,
+        port: 445,
+    };
+    let service = |reg: &mut Registry, change: Change| reg.apply(&change, opts()).unwrap();
+    service(
+        &mut reg,
+        Change::AddService {
+            addr: big,
+            mode: ServiceModeName::L4,
+            ring_size: Some(524_287),
+            max_remove_fraction: None,
+            min_backends: None,
+        },
+    );
+    let backends = (0..3)
+        .map(|i| {
+            let b = BackendAddr {
+                addr: backend(i).addr,
+                port: 445,
+            };
+            (b, 1)
+        })
+        .collect();
+    service(
+        &mut reg,
+        Change::SetBackends {
+            service: big,
+            backends,
+        },
+    );
+    let state = reg.state().unwrap();
+    let id = state.service(&big).unwrap().id;
+    let ring = reg.maps().read_ring(id).unwrap().unwrap();
+    assert_eq!(ring.len(), 524_287);
+    assert!(
+        ring == state.ring_for(id, 524_287).unwrap(),
+        "installed as built"
+    );
     reg.check().unwrap();
 }

@@ -4,11 +4,11 @@
 //!
 //! Every change, from the CLI or the daemon, goes through [`Registry::apply`]:
 //! lock → read → validate and plan (pure, in [`model`]) → write new backend
-//! slots (the new Maglev tables build on other threads meanwhile) → fill the
-//! tables and swap each in with one map update → write the remaining
-//! entries → read everything back and verify → bump the generation → append
-//! an audit line. A failure at any step rolls back what was written, so a
-//! change is applied whole or not at all.
+//! slots → build the new Maglev tables (a second thread creates their maps
+//! meanwhile) → fill them and swap each in with one map update → write the
+//! remaining entries → read everything back and verify → bump the generation
+//! → append an audit line. A failure at any step rolls back what was
+//! written, so a change is applied whole or not at all.
 
 pub mod addr;
 pub mod audit;
@@ -61,6 +61,11 @@ pub enum RegistryError {
     #[error("audit log {0}: {1}")]
     Audit(String, std::io::Error),
 }
+
+/// Ring slots in one change from which their empty maps are created on a
+/// second thread while the tables build. Smaller tables build in a few
+/// milliseconds, less than a new thread may wait for a CPU on a busy host.
+const PARALLEL_RING_SLOTS: u64 = 500_000;
 
 /// How long a writer may spend reading the flow table under the lock.
 const FLOW_SCAN_LIMIT: std::time::Duration = std::time::Duration::from_secs(2);
@@ -339,10 +344,9 @@ impl Registry {
             }
         }
         // 2. Backends that will be active (new, reactivated, reweighted),
-        //    before any ring names them; new slots with fresh counters.
-        //    Meanwhile the new tables, pure computation, are built on other
-        //    threads: a table of 1,000,003 slots takes tens of milliseconds.
-        //    A service that goes away gets a one-slot table of NO_BACKEND.
+        //    before any ring names them; new slots with fresh counters. Then
+        //    the new tables are built; a service that goes away gets a
+        //    one-slot table of NO_BACKEND.
         let sizes: Vec<(u32, Option<u32>)> = plan
             .rings
             .iter()
@@ -351,34 +355,41 @@ impl Registry {
                 (id, svc.map(|s| s.ring_size))
             })
             .collect();
-        let (written, built) = std::thread::scope(|scope| {
-            let builds: Vec<_> = sizes
+        let create = || {
+            sizes
                 .iter()
-                .map(|&(id, size)| {
-                    scope.spawn(move || match size {
-                        Some(size) => next.ring_for(id, size),
-                        None => Ok(vec![abi::NO_BACKEND]),
-                    })
-                })
-                .collect();
-            let written = self
+                .map(|&(_, size)| Maps::create_ring_table(size.unwrap_or(1)))
+                .collect::<Result<Vec<_>, _>>()
+        };
+        let slots: u64 = sizes.iter().map(|(_, s)| u64::from(s.unwrap_or(1))).sum();
+        let (built, created) = std::thread::scope(|scope| {
+            // A large build takes tens of milliseconds: meanwhile another
+            // thread creates the empty maps (the kernel zeroes 8 MB for
+            // 1,000,003 slots). The build stays on this thread, which is
+            // running already, where a new one may wait to be scheduled.
+            let creating = (slots >= PARALLEL_RING_SLOTS).then(|| scope.spawn(&create));
+            let built = self
                 .write_active_backends(before, next, undo)
                 .and_then(|()| {
-                    // Empty maps, zeroed by the kernel, while the tables build.
                     sizes
                         .iter()
-                        .map(|&(_, size)| Maps::create_ring_table(size.unwrap_or(1)))
+                        .map(|&(id, size)| match size {
+                            Some(size) => next.ring_for(id, size),
+                            None => Ok(vec![abi::NO_BACKEND]),
+                        })
                         .collect::<Result<Vec<_>, _>>()
                 });
-            let built: Vec<_> = builds
-                .into_iter()
-                .map(|b| b.join().unwrap_or_else(|p| std::panic::resume_unwind(p)))
-                .collect();
-            (written, built)
+            let created =
+                creating.map(|c| c.join().unwrap_or_else(|p| std::panic::resume_unwind(p)));
+            (built, created)
         });
+        let built = built?;
+        let maps = match created {
+            Some(maps) => maps?,
+            None => create()?,
+        };
         // 3. New tables, each swapped in with one outer-map update.
-        for ((map, table), &(service_id, _)) in written?.into_iter().zip(built).zip(&sizes) {
-            let table = table?;
+        for ((map, table), &(service_id, _)) in maps.into_iter().zip(built).zip(&sizes) {
             Maps::fill_ring_table(&map, &table)?;
             let previous = self.maps.swap_ring(service_id, &map)?;
             undo.push(Undo::Ring(service_id, previous));
