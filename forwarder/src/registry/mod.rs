@@ -367,7 +367,7 @@ impl Registry {
             // thread creates the empty maps (the kernel zeroes 8 MB for
             // 1,000,003 slots). The build stays on this thread, which is
             // running already, where a new one may wait to be scheduled.
-            let creating = (slots >= PARALLEL_RING_SLOTS).then(|| scope.spawn(&create));
+            let creating = (slots >= PARALLEL_RING_SLOTS).then(|| scope.spawn(create));
             let built = self
                 .write_active_backends(before, next, undo)
                 .and_then(|()| {
