@@ -655,24 +655,36 @@ fn update_batch<V: Copy>(
     };
     // SAFETY: the kernel reads `count` keys and `count` values in the map's
     // layout, which the buffers were checked against above.
+    unsafe { bpf_batch(BPF_MAP_UPDATE_BATCH, &mut attr) }.map_err(|e| {
+        RegistryError::Map(
+            name,
+            format!(
+                "BPF_MAP_UPDATE_BATCH of {} entries ({} written): {e}",
+                keys.len(),
+                attr.count
+            ),
+        )
+    })
+}
+
+/// Runs one batch command of the bpf syscall.
+///
+/// # Safety
+/// `attr`'s buffers must hold what the command reads and have room for what
+/// it writes.
+unsafe fn bpf_batch(cmd: libc::c_long, attr: &mut BatchAttr) -> std::io::Result<()> {
+    // SAFETY: the caller vouches for the buffers; the attribute is passed
+    // with its size.
     let rc = unsafe {
         libc::syscall(
             libc::SYS_bpf,
-            BPF_MAP_UPDATE_BATCH,
-            &mut attr as *mut BatchAttr,
+            cmd,
+            attr as *mut BatchAttr,
             size_of::<BatchAttr>() as u32,
         )
     };
     if rc < 0 {
-        return Err(RegistryError::Map(
-            name,
-            format!(
-                "BPF_MAP_UPDATE_BATCH of {} entries ({} written): {}",
-                keys.len(),
-                attr.count,
-                std::io::Error::last_os_error()
-            ),
-        ));
+        return Err(std::io::Error::last_os_error());
     }
     Ok(())
 }
@@ -713,15 +725,7 @@ fn for_each_flow(
         };
         // SAFETY: the kernel writes at most `count` keys and values into
         // buffers of that many elements, and 4 bytes into `cursor_out`.
-        let rc = unsafe {
-            libc::syscall(
-                libc::SYS_bpf,
-                BPF_MAP_LOOKUP_BATCH,
-                &mut attr as *mut BatchAttr,
-                size_of::<BatchAttr>() as u32,
-            )
-        };
-        let err = (rc < 0).then(std::io::Error::last_os_error);
+        let err = unsafe { bpf_batch(BPF_MAP_LOOKUP_BATCH, &mut attr) }.err();
         match err.as_ref().and_then(std::io::Error::raw_os_error) {
             Some(libc::ENOSPC) if attr.count == 0 => {
                 // One hash bucket holds more entries than the buffer.
