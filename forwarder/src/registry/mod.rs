@@ -361,13 +361,13 @@ impl Registry {
                 .map(|&(_, size)| Maps::create_ring_table(size.unwrap_or(1)))
                 .collect::<Result<Vec<_>, _>>()
         };
-        let slots: u64 = sizes.iter().map(|(_, s)| u64::from(s.unwrap_or(1))).sum();
+        let total_slots: u64 = sizes.iter().map(|(_, s)| u64::from(s.unwrap_or(1))).sum();
         let (built, created) = std::thread::scope(|scope| {
             // A large build takes tens of milliseconds: meanwhile another
             // thread creates the empty maps (the kernel zeroes 8 MB for
             // 1,000,003 slots). The build stays on this thread, which is
             // running already, where a new one may wait to be scheduled.
-            let creating = (slots >= PARALLEL_RING_SLOTS).then(|| scope.spawn(create));
+            let creating = (total_slots >= PARALLEL_RING_SLOTS).then(|| scope.spawn(create));
             let built = self
                 .write_active_backends(before, next, undo)
                 .and_then(|()| {
