@@ -1,13 +1,15 @@
 //! The registry against real pinned maps: writers serialize, refused
 //! changes change nothing, read-back mismatches are errors and roll back,
-//! removed backends are freed only once no flow uses them.
+//! removed backends are freed only once no flow uses them, new backends
+//! start with zero counters, a ring that reads back wrong is refused, a
+//! large ring is installed as built.
 
 mod common;
 
 use std::net::Ipv4Addr;
 use std::process::Command;
 
-use aya::maps::{Array, HashMap, Map, MapData};
+use aya::maps::{Array, HashMap, Map, MapData, PerCpuArray, PerCpuValues};
 use common::{TestInstance, require_root};
 use weir::registry::{
     ApplyOptions, BackendAddr, Change, Registry, RegistryError, ServiceAddr, ServiceModeName,
@@ -105,7 +107,9 @@ fn drop_flow(inst: &TestInstance, key: &abi::FlowKey) {
 }
 
 /// Everything an observer can see: state, rings, generation, audit log.
-fn observe(reg: &Registry) -> (weir::registry::State, Vec<Option<Vec<u32>>>, u64, String) {
+type Observed = (weir::registry::State, Vec<Option<Vec<u32>>>, u64, String);
+
+fn observe(reg: &Registry) -> Observed {
     let state = reg.state().unwrap();
     let rings = state
         .services
@@ -114,6 +118,32 @@ fn observe(reg: &Registry) -> (weir::registry::State, Vec<Option<Vec<u32>>>, u64
         .collect();
     let audit = std::fs::read_to_string(reg.instance().audit_log()).unwrap_or_default();
     (state, rings, reg.maps().generation().unwrap(), audit)
+}
+
+/// Applies `change` with `tamper` run between the writes and the read-back;
+/// checks the read-back refused it and left the rings, the generation and
+/// the audit log as in `before`. Returns the error.
+fn refused_by_the_read_back(
+    reg: &mut Registry,
+    change: Change,
+    tamper: weir::registry::VerifyHook,
+    before: &Observed,
+) -> RegistryError {
+    let err = reg
+        .apply(
+            &change,
+            ApplyOptions {
+                before_verify: Some(tamper),
+                ..opts()
+            },
+        )
+        .unwrap_err();
+    assert!(matches!(err, RegistryError::ReadBack(_)), "got {err}");
+    let (_, rings, generation, audit) = observe(reg);
+    assert!(rings == before.1, "rings rolled back");
+    assert_eq!(generation, before.2, "no generation bump");
+    assert_eq!(audit, before.3, "no audit line");
+    err
 }
 
 #[test]
@@ -378,7 +408,7 @@ fn read_back_mismatch_is_an_error_and_rolls_back() {
     let before = observe(&reg);
 
     // Something else scribbles on slot 1 between our writes and the check.
-    let tamper: Box<dyn FnOnce(&mut weir::registry::Maps)> = Box::new(|maps| {
+    let tamper: weir::registry::VerifyHook = Box::new(|maps| {
         let mut backends: Array<&mut MapData, abi::Backend> =
             Array::try_from(maps.backends_map_mut()).unwrap();
         let mut b = backends.get(&1, 0).unwrap();
@@ -390,25 +420,13 @@ fn read_back_mismatch_is_an_error_and_rolls_back() {
         backend: backend(3),
         weight: 2,
     };
-    let err = reg
-        .apply(
-            &change,
-            ApplyOptions {
-                before_verify: Some(tamper),
-                ..opts()
-            },
-        )
-        .unwrap_err();
-    assert!(matches!(err, RegistryError::ReadBack(_)), "got {err}");
+    let err = refused_by_the_read_back(&mut reg, change, tamper, &before);
     assert!(
         err.to_string().contains("slot 1"),
         "names what differs: {err}"
     );
 
-    let (state, rings, generation, audit) = observe(&reg);
-    assert_eq!(generation, before.2, "no generation bump");
-    assert_eq!(audit, before.3, "no audit line");
-    assert_eq!(rings, before.1, "ring rolled back");
+    let state = reg.state().unwrap();
     assert!(
         !state.backends.values().any(|b| b.addr == backend(3)),
         "new backend rolled back"
@@ -494,5 +512,132 @@ fn removed_backends_are_freed_only_without_flows() {
         .map(|(id, _)| *id)
         .unwrap();
     assert_eq!(id, 4);
+    reg.check().unwrap();
+}
+
+#[test]
+fn new_backends_start_with_zero_counters() {
+    require_root();
+    let inst = TestInstance::new("fresh");
+    let mut reg = inst.registry();
+    add_service(&mut reg);
+
+    // Leftover counters on every CPU of slots 0..4, as a previous user of
+    // the slots would have left them.
+    let path = inst.instance.pin_dir().join(abi::maps::BACKEND_STATS);
+    let mut map = Map::from_map_data(MapData::from_pin(path).unwrap()).unwrap();
+    let mut stats: PerCpuArray<&mut MapData, abi::BackendStats> =
+        PerCpuArray::try_from(&mut map).unwrap();
+    let cpus = aya::util::nr_cpus().unwrap();
+    for id in 0..4 {
+        let stale = abi::BackendStats {
+            packets: 7,
+            bytes: 700,
+            new_flows: 1,
+        };
+        stats
+            .set(id, PerCpuValues::try_from(vec![stale; cpus]).unwrap(), 0)
+            .unwrap();
+    }
+
+    // Three new backends take slots 0..3, which start from zero; slot 3 is
+    // not handed out and keeps what it had.
+    set_backends(&mut reg, 3);
+    for id in 0..3 {
+        assert_eq!(
+            reg.maps().backend_stats(id).unwrap(),
+            abi::BackendStats::default(),
+            "slot {id}"
+        );
+    }
+    assert_eq!(
+        reg.maps().backend_stats(3).unwrap().packets,
+        7 * cpus as u64
+    );
+}
+
+#[test]
+fn a_ring_that_reads_back_wrong_is_an_error_and_rolls_back() {
+    require_root();
+    let inst = TestInstance::new("ringcheck");
+    let mut reg = inst.registry();
+    add_service(&mut reg);
+    set_backends(&mut reg, 3);
+    let before = observe(&reg);
+    let id = reg.state().unwrap().service(&svc()).unwrap().id;
+
+    // Something else scribbles on one slot of the new table once it is
+    // installed.
+    let tamper: weir::registry::VerifyHook = Box::new(move |maps| {
+        let table = maps.ring_table(id).unwrap().unwrap();
+        let mut map = Map::from_map_data(table).unwrap();
+        let mut ring: Array<&mut MapData, u32> = Array::try_from(&mut map).unwrap();
+        let owner = ring.get(&5, 0).unwrap();
+        ring.set(5, owner ^ 1, 0).unwrap();
+    });
+    let change = Change::AddBackend {
+        service: svc(),
+        backend: backend(3),
+        weight: 1,
+    };
+    let err = refused_by_the_read_back(&mut reg, change, tamper, &before);
+    assert!(
+        err.to_string().contains("1 of 65537 slots differ"),
+        "says how much differs: {err}"
+    );
+    assert_eq!(
+        reg.state().unwrap().backends,
+        before.0.backends,
+        "new backend rolled back"
+    );
+    reg.check().unwrap();
+}
+
+#[test]
+fn a_large_ring_is_built_installed_and_read_back() {
+    require_root();
+    let inst = TestInstance::new("bigring");
+    let mut reg = inst.registry();
+    // Large enough that its map is created on a second thread while the
+    // table builds.
+    let big = ServiceAddr {
+        vip: VIP,
+        port: 445,
+    };
+    let service = |reg: &mut Registry, change: Change| reg.apply(&change, opts()).unwrap();
+    service(
+        &mut reg,
+        Change::AddService {
+            addr: big,
+            mode: ServiceModeName::L4,
+            ring_size: Some(524_287),
+            max_remove_fraction: None,
+            min_backends: None,
+        },
+    );
+    let backends = (0..3)
+        .map(|i| {
+            let b = BackendAddr {
+                addr: backend(i).addr,
+                port: 445,
+            };
+            (b, 1)
+        })
+        .collect();
+    service(
+        &mut reg,
+        Change::SetBackends {
+            service: big,
+            backends,
+        },
+    );
+    let state = reg.state().unwrap();
+    let id = state.service(&big).unwrap().id;
+    let ring = reg.maps().read_ring(id).unwrap().unwrap();
+    assert_eq!(ring.len(), 524_287);
+    assert!(
+        ring == state.ring_for(id, 524_287).unwrap(),
+        "installed as built"
+    );
     reg.check().unwrap();
 }

@@ -1,6 +1,7 @@
 //! The `weir` command line. Every command works without a daemon: it opens
 //! the instance's pinned maps, goes through the registry API and exits.
 
+use std::fmt::Write as _;
 use std::net::Ipv4Addr;
 
 use anyhow::{Context, Result, bail};
@@ -651,16 +652,20 @@ fn report(json: bool, outcome: &Outcome) {
         println!("{}", serde_json::to_string(outcome).expect("serializable"));
         return;
     }
+    // One write for the whole diff, not one per line (stdout flushes at
+    // every newline): a set of 10,000 backends prints 10,000 lines.
+    let mut out = String::new();
     for line in &outcome.diff {
-        println!("{line}");
+        let _ = writeln!(out, "{line}");
     }
     if outcome.diff.is_empty() {
-        println!("no change");
+        out.push_str("no change\n");
     } else if outcome.applied {
-        println!("applied (generation {})", outcome.generation);
+        let _ = writeln!(out, "applied (generation {})", outcome.generation);
     } else {
-        println!("dry run: nothing applied");
+        out.push_str("dry run: nothing applied\n");
     }
+    print!("{out}");
 }
 
 fn list_services(reg: &Registry, json: bool) -> Result<()> {

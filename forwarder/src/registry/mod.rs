@@ -4,10 +4,11 @@
 //!
 //! Every change, from the CLI or the daemon, goes through [`Registry::apply`]:
 //! lock → read → validate and plan (pure, in [`model`]) → write new backend
-//! slots → fill new Maglev tables and swap each in with one map update →
-//! write the remaining entries → read everything back and verify → bump the
-//! generation → append an audit line. A failure at any step rolls back what
-//! was written, so a change is applied whole or not at all.
+//! slots → build the new Maglev tables (a second thread creates their maps
+//! meanwhile) → fill them and swap each in with one map update → write the
+//! remaining entries → read everything back and verify → bump the generation
+//! → append an audit line. A failure at any step rolls back what was
+//! written, so a change is applied whole or not at all.
 
 pub mod addr;
 pub mod audit;
@@ -60,6 +61,11 @@ pub enum RegistryError {
     #[error("audit log {0}: {1}")]
     Audit(String, std::io::Error),
 }
+
+/// Ring slots in one change from which their empty maps are created on a
+/// second thread while the tables build. Smaller tables build in a few
+/// milliseconds, less than a new thread may wait for a CPU on a busy host.
+const PARALLEL_RING_SLOTS: u64 = 500_000;
 
 /// How long a writer may spend reading the flow table under the lock.
 const FLOW_SCAN_LIMIT: std::time::Duration = std::time::Duration::from_secs(2);
@@ -338,24 +344,53 @@ impl Registry {
             }
         }
         // 2. Backends that will be active (new, reactivated, reweighted),
-        //    before any ring names them; new slots with fresh counters.
-        for (id, b) in &next.backends {
-            let prev = before.backends.get(id);
-            if b.state == BackendState::Active && prev != Some(b) {
-                if prev.is_none() {
-                    self.maps.reset_backend_stats(*id)?;
-                }
-                undo.push(Undo::Backend(*id, prev.cloned()));
-                self.maps.write_backend(*id, Some(b))?;
-            }
-        }
+        //    before any ring names them; new slots with fresh counters. Then
+        //    the new tables are built; a service that goes away gets a
+        //    one-slot table of NO_BACKEND.
+        let sizes: Vec<(u32, Option<u32>)> = plan
+            .rings
+            .iter()
+            .map(|&id| {
+                let svc = next.services.values().find(|s| s.id == id);
+                (id, svc.map(|s| s.ring_size))
+            })
+            .collect();
+        let create = || {
+            sizes
+                .iter()
+                .map(|&(_, size)| Maps::create_ring_table(size.unwrap_or(1)))
+                .collect::<Result<Vec<_>, _>>()
+        };
+        let total_slots: u64 = sizes.iter().map(|(_, s)| u64::from(s.unwrap_or(1))).sum();
+        let (built, created) = std::thread::scope(|scope| {
+            // A large build takes tens of milliseconds: meanwhile another
+            // thread creates the empty maps (the kernel zeroes 8 MB for
+            // 1,000,003 slots). The build stays on this thread, which is
+            // running already, where a new one may wait to be scheduled.
+            let creating = (total_slots >= PARALLEL_RING_SLOTS).then(|| scope.spawn(create));
+            let built = self
+                .write_active_backends(before, next, undo)
+                .and_then(|()| {
+                    sizes
+                        .iter()
+                        .map(|&(id, size)| match size {
+                            Some(size) => next.ring_for(id, size),
+                            None => Ok(vec![abi::NO_BACKEND]),
+                        })
+                        .collect::<Result<Vec<_>, _>>()
+                });
+            let created =
+                creating.map(|c| c.join().unwrap_or_else(|p| std::panic::resume_unwind(p)));
+            (built, created)
+        });
+        let built = built?;
+        let maps = match created {
+            Some(maps) => maps?,
+            None => create()?,
+        };
         // 3. New tables, each swapped in with one outer-map update.
-        for &service_id in &plan.rings {
-            let table = match next.services.values().find(|s| s.id == service_id) {
-                Some(svc) => next.ring_for(service_id, svc.ring_size)?,
-                None => vec![abi::NO_BACKEND],
-            };
-            let map = Maps::new_ring_table(&table)?;
+        for ((map, table), &(service_id, _)) in maps.into_iter().zip(built).zip(&sizes) {
+            Maps::fill_ring_table(&map, &table)?;
             let previous = self.maps.swap_ring(service_id, &map)?;
             undo.push(Undo::Ring(service_id, previous));
             tables.insert(service_id, table);
@@ -372,16 +407,41 @@ impl Registry {
         }
         // 5. Backends leaving active (after no ring names them any more),
         //    other changes, and freed slots.
+        let mut slots = Vec::new();
         for (id, b) in &before.backends {
             match next.backends.get(id) {
                 Some(n) if n == b || n.state == BackendState::Active => {}
                 n => {
                     undo.push(Undo::Backend(*id, Some(b.clone())));
-                    self.maps.write_backend(*id, n)?;
+                    slots.push((*id, n));
                 }
             }
         }
-        Ok(())
+        self.maps.write_backends(&slots)
+    }
+
+    /// Writes the backends that will be active and differ from `before`
+    /// (new slots with fresh counters), one batch each.
+    fn write_active_backends(
+        &mut self,
+        before: &State,
+        next: &State,
+        undo: &mut Vec<Undo>,
+    ) -> Result<(), RegistryError> {
+        let mut fresh = Vec::new();
+        let mut slots = Vec::new();
+        for (id, b) in &next.backends {
+            let prev = before.backends.get(id);
+            if b.state == BackendState::Active && prev != Some(b) {
+                if prev.is_none() {
+                    fresh.push(*id);
+                }
+                undo.push(Undo::Backend(*id, prev.cloned()));
+                slots.push((*id, Some(b)));
+            }
+        }
+        self.maps.reset_backend_stats(&fresh)?;
+        self.maps.write_backends(&slots)
     }
 
     fn rollback(&mut self, undo: Vec<Undo>) -> Result<(), RegistryError> {
@@ -389,7 +449,7 @@ impl Registry {
             match step {
                 Undo::Service(addr, Some(svc)) => self.maps.write_service(&addr, &svc)?,
                 Undo::Service(addr, None) => self.maps.delete_service(&addr)?,
-                Undo::Backend(id, prev) => self.maps.write_backend(id, prev.as_ref())?,
+                Undo::Backend(id, prev) => self.maps.write_backends(&[(id, prev.as_ref())])?,
                 Undo::Ring(id, Some(prev)) => {
                     self.maps.swap_ring(id, &prev)?;
                 }
@@ -431,11 +491,9 @@ impl Registry {
             )));
         }
         for (service_id, expected) in tables {
-            match self.maps.read_ring(*service_id)? {
-                Some(t) if &t == expected => {}
-                Some(t) => {
-                    let wrong = t.iter().zip(expected).filter(|(a, b)| a != b).count()
-                        + t.len().abs_diff(expected.len());
+            match self.maps.ring_differences(*service_id, expected)? {
+                Some(0) => {}
+                Some(wrong) => {
                     return Err(RegistryError::ReadBack(format!(
                         "ring of service id {service_id}: {wrong} of {} slots differ",
                         expected.len()
