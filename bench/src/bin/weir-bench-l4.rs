@@ -206,12 +206,14 @@ fn main() -> Result<()> {
     Ok(())
 }
 
-/// Removes the instance on drop.
+/// Removes the instance on drop, its state directory (the audit log
+/// `destroy` keeps) too: it was a throwaway.
 struct Scratch(Instance);
 
 impl Drop for Scratch {
     fn drop(&mut self) {
         let _ = self.0.destroy();
+        let _ = std::fs::remove_dir_all(self.0.state_dir());
     }
 }
 
