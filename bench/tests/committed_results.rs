@@ -1,4 +1,4 @@
-//! The committed results of a full run (`bench/results/2026-11-27-*`) still
+//! The committed results of a full run (`bench/results/2026-12-06-*`) still
 //! parse, and rendering them again gives the committed report and charts
 //! byte for byte: a change to the result files, the report or the charts
 //! shows up here, not in the next bench run.
@@ -7,9 +7,20 @@ use std::path::{Path, PathBuf};
 
 use weir_bench::catalog::{self, ScenarioResult};
 
-const STEM: &str = "2026-11-27";
+const STEM: &str = "2026-12-06";
 /// The scenarios that run had; scenarios added since have no file of it.
-const SCENARIOS: [&str; 6] = ["steady", "idle", "connrate", "churn", "drain", "l4"];
+const SCENARIOS: [&str; 10] = [
+    "steady",
+    "push",
+    "idle",
+    "bigconn",
+    "connrate",
+    "storm",
+    "churn",
+    "propagate",
+    "drain",
+    "l4",
+];
 
 fn results_dir() -> PathBuf {
     Path::new(env!("CARGO_MANIFEST_DIR")).join("results")
@@ -65,7 +76,7 @@ fn charts_render_as_committed() {
     let dir =
         TempDir(std::env::temp_dir().join(format!("weir-bench-committed-{}", std::process::id())));
     let written = weir_bench::plot::write_svgs(&committed(), &dir.0, STEM).unwrap();
-    assert_eq!(written.len(), 4, "{written:?}");
+    assert_eq!(written.len(), 7, "{written:?}");
     for path in written {
         let name = path.file_name().unwrap();
         let svg = std::fs::read(&path).unwrap();
