@@ -249,9 +249,9 @@ impl Peer {
         }
     }
 
-    /// Drops the front segment, which was sent. An emptied queue also lets go of
-    /// its storage: an idle connection then holds no heap memory for its
-    /// queues (a few hundred bytes each otherwise, times every idle
+    /// Drops the front segment, which was sent. An emptied queue also lets
+    /// go of its storage: an idle connection then holds no heap memory for
+    /// its queues (a few hundred bytes each otherwise, times every idle
     /// connection), at the price of one allocation when it talks again.
     fn pop_sent(&mut self) {
         self.segs.pop_front();
