@@ -82,9 +82,13 @@ impl Player {
                     return self.call(|c, cx| c.handle_connecting(cx, id, addr));
                 }
                 Action::CancelConnect => {}
+                // The worker cancels every operation on the socket and
+                // closes it; a send in flight completes when the script says.
                 Action::Abort(side) => {
                     if std::mem::take(&mut self.armed[ix(side)]) {
-                        return self.call(|c, cx| c.handle_recv(cx, side, Received::Eof, false));
+                        return self.call(|c, cx| {
+                            c.handle_recv(cx, side, Received::Cancelled, false)
+                        });
                     }
                 }
             }
@@ -188,7 +192,8 @@ fuzz_target!(|input: &[u8]| {
             3 => p.receive(Side::Client, REQUEST),
             4 => p.receive(Side::Backend, answer.as_bytes()),
             5 | 6 => p.sent(side, op >> 4),
-            7 => p.end_recv(side, Received::Eof),
+            7 if op & 0x40 == 0 => p.end_recv(side, Received::Eof),
+            7 => p.end_recv(side, Received::Reset),
             8 => p.end_recv(side, Received::NoBuffers),
             9 => {
                 if std::mem::take(&mut p.connecting) {

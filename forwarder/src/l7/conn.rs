@@ -113,8 +113,11 @@ pub enum Received<'a> {
     /// Bytes in provided buffer `bid`; the connection owns the buffer from
     /// here on (it queues it, or hands it back through [`Output`]).
     Data { bid: u16, bytes: &'a [u8] },
-    /// The peer ended its stream, or the socket failed.
+    /// The peer ended its stream.
     Eof,
+    /// The socket failed (the peer reset it): its stream ended, and
+    /// nothing more can reach the peer.
+    Reset,
     /// The buffer pool was empty: data waits in the socket; reading
     /// resumes at the next [`Conn::handle_timeout`].
     NoBuffers,
@@ -148,10 +151,10 @@ pub enum Transmit<'a> {
     Bytes(&'a [u8]),
     /// Nothing more goes to this side: shut its write direction.
     Finish,
-    /// This side's close handshake is done (its Close came, one went to
-    /// it) and everything for it is sent: close its socket, which sends the
-    /// FIN, and stop reading it. Nothing it sends after its Close counts,
-    /// so weir need not wait for the end of its stream.
+    /// Everything for this side is sent and nothing more read from it
+    /// could matter (its close handshake is done, or its socket or its
+    /// client's failed): close its socket, which sends the FIN, and stop
+    /// reading it, rather than shut it and wait for the end of its stream.
     Close,
 }
 
@@ -222,6 +225,8 @@ const IN_FLIGHT: u16 = 1 << 6;
 const FINISH: u16 = 1 << 7;
 /// Its write side is shut.
 const SHUT: u16 = 1 << 8;
+/// Its socket failed: what is queued for it can never go.
+const GONE: u16 = 1 << 9;
 
 /// What weir knows of one peer: what goes to it, and what comes from it.
 #[derive(Default)]
@@ -498,13 +503,19 @@ impl Conn {
         connected && self.peer_ref(side.other()).segs.len() < HIGH_WATER / 2
     }
 
-    /// Whether `side` sent its Close and got one: relayed from the other
-    /// peer, or weir's own.
-    fn close_handshake_done(&self, side: Side) -> bool {
+    /// Whether nothing more read from `side` could matter once what is
+    /// queued for it is sent, so that weir closes its socket rather than
+    /// shut it and wait for its end: it sent its Close and got one (relayed
+    /// from the other peer, or weir's own); or its socket failed; or it is
+    /// the backend of a client whose socket failed, with no one left to
+    /// read what it would send.
+    fn done_reading(&self, side: Side) -> bool {
         let peer = self.peer_ref(side);
-        matches!(self.phase, Phase::Relay | Phase::Closing)
+        let other = self.peer_ref(side.other());
+        let handshake = matches!(self.phase, Phase::Relay | Phase::Closing)
             && peer.scanner_closed()
-            && (peer.is(CLOSED) || self.peer_ref(side.other()).scanner_closed())
+            && (peer.is(CLOSED) || other.scanner_closed());
+        handshake || peer.is(GONE) || (side == Side::Backend && other.is(GONE))
     }
 
     /// Whether the receive from `side` must stop: the other peer cannot
@@ -523,7 +534,7 @@ impl Conn {
         if self.aborted || (side == Side::Backend && self.backend.is_none()) {
             return None;
         }
-        let done = self.close_handshake_done(side);
+        let done = self.done_reading(side);
         let peer = self.peer(side);
         if peer.is(IN_FLIGHT) {
             return None;
@@ -596,6 +607,24 @@ impl Conn {
             Received::Cancelled => return,
             Received::Eof => {
                 self.peer(side).set(EOF, true);
+                return self.on_eof(cx, side);
+            }
+            Received::Reset => {
+                let p = self.peer(side);
+                p.set(EOF, true);
+                p.set(GONE, true);
+                // A segment being sent stays until its send completes.
+                let keep = if p.is(IN_FLIGHT) {
+                    usize::from(p.sending)
+                } else {
+                    0
+                };
+                let count = p.drop_from(keep, &mut cx.out.recycle);
+                if count > 0 {
+                    cx.out
+                        .events
+                        .push(Event::ClosesUndelivered { to: side, count });
+                }
                 return self.on_eof(cx, side);
             }
         };
@@ -1053,7 +1082,7 @@ impl Conn {
                 // done, its socket closes and nothing more is read from it.
                 let other = from.other();
                 self.peer(other).set(FINISH, true);
-                if self.close_handshake_done(other) {
+                if self.done_reading(other) {
                     self.peer(other).set(EOF, true);
                 }
                 if self.phase != Phase::Closing && self.client.is(EOF) && self.server.is(EOF) {

@@ -653,7 +653,7 @@ impl Worker {
                 Err(e) => match e.raw_os_error() {
                     Some(libc::ENOBUFS) => Received::NoBuffers,
                     Some(libc::ECANCELED) => Received::Cancelled,
-                    _ => Received::Eof,
+                    _ => Received::Reset,
                 },
             };
             conn.handle_recv(cx, side, received, more)
@@ -689,7 +689,7 @@ impl Worker {
                     let cancel = opcode::AsyncCancel::new(Op::Recv { conn: id, side }.user_data());
                     self.submit(Op::Cancel { conn: id }, cancel.build());
                 }
-                Action::Abort(side) => self.shut(idx, side, libc::SHUT_RDWR),
+                Action::Abort(side) => self.close_side(idx, side),
             }
         }
         self.transmit(idx, Side::Client);
@@ -774,9 +774,11 @@ impl Worker {
         self.submit(Op::SendMsg { conn, side }, entry);
     }
 
-    /// Closes one side's socket before the connection is done (its close
-    /// handshake is): its receive is cancelled, so that the close drops the
-    /// last reference and sends the FIN now.
+    /// Closes one side's socket before the connection is done (nothing
+    /// more read from it matters, or the connection is cut): every
+    /// operation on it is cancelled, so that each completes and the close
+    /// drops the last reference and sends the FIN now. A shutdown would
+    /// do the same through a kernel thread.
     fn close_side(&mut self, idx: u32, side: Side) {
         let e = self.entry(idx);
         let slot = match side {
@@ -788,8 +790,11 @@ impl Worker {
             idx,
             generation: e.generation,
         };
-        let cancel = opcode::AsyncCancel::new(Op::Recv { conn, side }.user_data());
-        self.submit(Op::Cancel { conn }, cancel.build());
+        let every_op = types::CancelBuilder::fd(types::Fixed(slot)).all();
+        self.submit(
+            Op::Cancel { conn },
+            opcode::AsyncCancel2::new(every_op).build(),
+        );
         self.close_slot(slot);
     }
 

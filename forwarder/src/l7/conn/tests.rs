@@ -456,6 +456,37 @@ fn either_side_starts_the_close_handshake() {
     }
 }
 
+/// A client whose socket fails (reset) mid-relay: what waited for it is
+/// dropped (a Close of weir's among it counted undelivered), what it had
+/// sent still reaches the backend, and then the backend's socket is closed
+/// rather than shut, since no one is left to read what it would send; the
+/// connection is done without waiting for the backend's end.
+#[test]
+fn a_client_reset_closes_the_backend_after_what_it_sent() {
+    let mut h = Harness::relaying(config(""));
+    h.auto_send = false;
+    let up = frame(Opcode::Binary, &[5; 30], Some(CLIENT_MASK));
+    h.recv(Side::Client, &up);
+    h.recv(Side::Backend, &frame(Opcode::Text, b"to the client", None));
+    h.call(|c, cx| c.handle_close(cx, frame::CLOSE_GOING_AWAY, "going away"));
+    h.call(|c, cx| c.handle_recv(cx, Side::Client, Received::Reset, false));
+    assert!(h.events().contains(&Event::ClosesUndelivered {
+        to: Side::Client,
+        count: 1
+    }));
+    assert!(
+        !h.conn.is_finished(),
+        "the backend still has its data to get"
+    );
+    // One send with the frame and weir's Close behind it, then the close.
+    h.deliver(Side::Backend, 2);
+    assert!(h.wire(Side::Backend).starts_with(&up));
+    assert!(h.closed[ix(Side::Backend)], "closed, not shut");
+    assert!(h.conn.is_finished());
+    assert!(h.wire(Side::Client).is_empty());
+    h.assert_no_buffer_held();
+}
+
 #[test]
 fn a_backend_that_vanishes_between_frames_closes_the_client_with_1014() {
     let mut h = Harness::relaying(config(""));
