@@ -689,7 +689,7 @@ impl Worker {
                     let cancel = opcode::AsyncCancel::new(Op::Recv { conn: id, side }.user_data());
                     self.submit(Op::Cancel { conn: id }, cancel.build());
                 }
-                Action::Abort(side) => self.close_side(idx, side),
+                Action::Abort(side) => self.close_side(idx, side, true),
             }
         }
         self.transmit(idx, Side::Client);
@@ -735,7 +735,7 @@ impl Worker {
                 }
                 return;
             }
-            Some(Transmit::Close) => return self.close_side(idx, side),
+            Some(Transmit::Close) => return self.close_side(idx, side, false),
         };
         let conn = ConnId {
             idx,
@@ -775,11 +775,13 @@ impl Worker {
     }
 
     /// Closes one side's socket before the connection is done (nothing
-    /// more read from it matters, or the connection is cut): every
-    /// operation on it is cancelled, so that each completes and the close
-    /// drops the last reference and sends the FIN now. A shutdown would
-    /// do the same through a kernel thread.
-    fn close_side(&mut self, idx: u32, side: Side) {
+    /// more read from it matters, or, `cut`, the connection is cut): its
+    /// operations are cancelled (the receive; when cut, sends and the
+    /// connect too), so that each completes and the close drops the last
+    /// reference and sends the FIN now. A shutdown would do the same
+    /// through a kernel thread. Cancels go by tag, which the kernel finds
+    /// by hash; by descriptor it would scan every request in flight.
+    fn close_side(&mut self, idx: u32, side: Side, cut: bool) {
         let e = self.entry(idx);
         let slot = match side {
             Side::Client => e.client.take(),
@@ -790,11 +792,16 @@ impl Worker {
             idx,
             generation: e.generation,
         };
-        let every_op = types::CancelBuilder::fd(types::Fixed(slot)).all();
-        self.submit(
-            Op::Cancel { conn },
-            opcode::AsyncCancel2::new(every_op).build(),
-        );
+        let ops = [
+            Some(Op::Recv { conn, side }),
+            cut.then_some(Op::Send { conn, side }),
+            cut.then_some(Op::SendMsg { conn, side }),
+            (cut && side == Side::Backend).then_some(Op::Connect { conn }),
+        ];
+        for op in ops.into_iter().flatten() {
+            let cancel = opcode::AsyncCancel::new(op.user_data());
+            self.submit(Op::Cancel { conn }, cancel.build());
+        }
         self.close_slot(slot);
     }
 
