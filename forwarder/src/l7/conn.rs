@@ -265,9 +265,15 @@ impl Peer {
         }
     }
 
-    /// Drops what is queued from `keep` on; returns the Closes of weir's
-    /// among it.
-    fn drop_from(&mut self, keep: usize, recycle: &mut Vec<u16>) -> u64 {
+    /// Drops what is queued for this peer, except the segments a send in
+    /// flight carries (the kernel may still read them; they go when it
+    /// completes); returns the Closes of weir's among what was dropped.
+    fn drop_unsent(&mut self, recycle: &mut Vec<u16>) -> u64 {
+        let keep = if self.is(IN_FLIGHT) {
+            usize::from(self.sending)
+        } else {
+            0
+        };
         let mut closes = 0;
         for seg in self.segs.drain(keep.min(self.segs.len())..) {
             closes += u64::from(seg.undelivered_close());
@@ -613,18 +619,7 @@ impl Conn {
                 let p = self.peer(side);
                 p.set(EOF, true);
                 p.set(GONE, true);
-                // A segment being sent stays until its send completes.
-                let keep = if p.is(IN_FLIGHT) {
-                    usize::from(p.sending)
-                } else {
-                    0
-                };
-                let count = p.drop_from(keep, &mut cx.out.recycle);
-                if count > 0 {
-                    cx.out
-                        .events
-                        .push(Event::ClosesUndelivered { to: side, count });
-                }
+                self.drop_queue(cx, side);
                 return self.on_eof(cx, side);
             }
         };
@@ -673,12 +668,7 @@ impl Conn {
             Ok(n) if !aborted => n,
             _ => {
                 // The peer is gone: drop what was queued for it.
-                let count = peer.drop_from(0, &mut cx.out.recycle);
-                if count > 0 {
-                    cx.out
-                        .events
-                        .push(Event::ClosesUndelivered { to: side, count });
-                }
+                self.drop_queue(cx, side);
                 if !self.aborted {
                     self.abort(cx);
                 }
@@ -1046,21 +1036,20 @@ impl Conn {
         self.phase = Phase::Closing;
         self.aborted = true;
         for side in [Side::Client, Side::Backend] {
-            let peer = self.peer(side);
-            // A segment being sent stays until its send completes.
-            let keep = if peer.is(IN_FLIGHT) {
-                usize::from(peer.sending)
-            } else {
-                0
-            };
-            let count = peer.drop_from(keep, &mut cx.out.recycle);
-            if count > 0 {
-                cx.out
-                    .events
-                    .push(Event::ClosesUndelivered { to: side, count });
-            }
+            self.drop_queue(cx, side);
         }
         self.orders |= ABORT_CLIENT | ABORT_BACKEND;
+    }
+
+    /// Drops what waits for `side` and can never go, counting weir's own
+    /// Closes among it as undelivered.
+    fn drop_queue(&mut self, cx: &mut Cx, side: Side) {
+        let count = self.peer(side).drop_unsent(&mut cx.out.recycle);
+        if count > 0 {
+            cx.out
+                .events
+                .push(Event::ClosesUndelivered { to: side, count });
+        }
     }
 
     fn on_eof(&mut self, cx: &mut Cx, from: Side) {
