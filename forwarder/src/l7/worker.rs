@@ -226,7 +226,10 @@ impl PoolRelease {
 }
 
 /// One second of 50 ms ticks.
-const POOL_QUIET_TICKS: u32 = 20;
+const SECOND_TICKS: u32 = 20;
+
+/// The pool is given back after a quiet second.
+const POOL_QUIET_TICKS: u32 = SECOND_TICKS;
 
 /// How often the worker wakes for timeouts, drains and the registry.
 const TICK: Duration = Duration::from_millis(50);
@@ -385,11 +388,7 @@ impl Worker {
     /// end of a submission.
     fn submit_chain(&mut self, chain: [(Op, squeue::Entry); 3]) {
         let entries = chain.map(|(op, entry)| {
-            if op.holds_conn()
-                && let Some(id) = op.conn()
-            {
-                self.entry(id.idx).inflight += 1;
-            }
+            self.count_in_flight(op);
             entry.user_data(op.user_data())
         });
         loop {
@@ -401,16 +400,21 @@ impl Worker {
         }
     }
 
-    /// Submits `op`. The one place that counts a connection's operations
-    /// in flight (the other is where a completion ends one, in
-    /// [`Worker::complete`]).
+    /// Submits `op`.
     fn submit(&mut self, op: Op, entry: squeue::Entry) {
+        self.count_in_flight(op);
+        self.push(entry.user_data(op.user_data()));
+    }
+
+    /// The one place that counts a connection's operations in flight, for
+    /// every submission (the other is where a completion ends one, in
+    /// [`Worker::complete`]).
+    fn count_in_flight(&mut self, op: Op) {
         if op.holds_conn()
             && let Some(id) = op.conn()
         {
             self.entry(id.idx).inflight += 1;
         }
-        self.push(entry.user_data(op.user_data()));
     }
 
     /// A one-shot timeout, re-armed on every tick (multishot timeouts need
@@ -538,10 +542,7 @@ impl Worker {
 
     /// The connection `id` names, if it is still the one in its slot.
     fn live(&mut self, id: ConnId) -> Option<&mut Entry> {
-        self.conns
-            .get_mut(id.idx as usize)
-            .and_then(|e| e.as_mut())
-            .filter(|e| e.generation == id.generation)
+        live_in(&mut self.conns, id)
     }
 
     /// Calls into connection `idx` with the time, its routes and a fresh
@@ -722,16 +723,13 @@ impl Worker {
                 (buf[start as usize..].as_ptr(), len)
             }
             Some(Transmit::Bytes(bytes)) => (bytes.as_ptr(), bytes.len() as u32),
-            // A connection done with both peers closes its sockets right
-            // after this: the close sends the FIN, and a shutdown (which
-            // io_uring always hands to a kernel worker thread) is saved.
             // A connection done with both peers closes its sockets once its
             // operations in flight complete: the close sends the FIN, and a
             // shutdown (which io_uring always hands to a kernel thread) is
             // saved.
             Some(Transmit::Finish) => {
                 if !e.conn.is_finished() {
-                    self.shut(idx, side, libc::SHUT_WR);
+                    self.shut_write(idx, side);
                 }
                 return;
             }
@@ -741,14 +739,11 @@ impl Worker {
             idx,
             generation: e.generation,
         };
-        // What is queued behind goes in the same send.
-        let mut g = self.spare_gathers.pop().unwrap_or_else(Gather::boxed);
-        g.iov[0] = libc::iovec {
-            iov_base: ptr as *mut libc::c_void,
-            iov_len: len as usize,
-        };
+        // What is queued behind goes in the same send; a box for its iovec
+        // is taken only then.
+        let mut gather: Option<Box<Gather>> = None;
         let mut n = 1;
-        let bufs = &self.bufs;
+        let (bufs, spare) = (&self.bufs, &mut self.spare_gathers);
         e.conn.gather(side, MAX_GATHER - 1, |piece| {
             let bytes = match piece {
                 Transmit::Buf { bid, start, len } => {
@@ -757,16 +752,23 @@ impl Worker {
                 Transmit::Bytes(bytes) => bytes,
                 Transmit::Finish | Transmit::Close => unreachable!("only data is gathered"),
             };
+            let g = gather.get_or_insert_with(|| {
+                let mut g = spare.pop().unwrap_or_else(Gather::boxed);
+                g.iov[0] = libc::iovec {
+                    iov_base: ptr as *mut libc::c_void,
+                    iov_len: len as usize,
+                };
+                g
+            });
             g.iov[n] = libc::iovec {
                 iov_base: bytes.as_ptr() as *mut libc::c_void,
                 iov_len: bytes.len(),
             };
             n += 1;
         });
-        if n == 1 {
-            self.spare_gathers.push(g);
+        let Some(mut g) = gather else {
             return self.submit(Op::Send { conn, side }, op::send(slot, ptr, len));
-        }
+        };
         g.msg.msg_iov = g.iov.as_mut_ptr();
         g.msg.msg_iovlen = n;
         let entry = op::send_msg(slot, &raw const g.msg);
@@ -805,16 +807,17 @@ impl Worker {
         self.close_slot(slot);
     }
 
-    /// Shuts one side's socket (through the ring; the operation counts as
-    /// in flight, so the slot is not closed under it).
-    fn shut(&mut self, idx: u32, side: Side, how: i32) {
+    /// Shuts the write side of one side's socket: the FIN of a half-close
+    /// or a refusal, where the peer may still send (through the ring; the
+    /// operation counts as in flight, so the slot is not closed under it).
+    fn shut_write(&mut self, idx: u32, side: Side) {
         let e = self.entry(idx);
         let Some(slot) = e.slot(side) else { return };
         let conn = ConnId {
             idx,
             generation: e.generation,
         };
-        let shut = opcode::Shutdown::new(types::Fixed(slot), how).build();
+        let shut = opcode::Shutdown::new(types::Fixed(slot), libc::SHUT_WR).build();
         self.submit(Op::Shutdown { conn, side }, shut);
     }
 
@@ -1196,10 +1199,8 @@ impl Worker {
         let now_ms = self.start.elapsed().as_millis() as u64;
         for (idx, generation) in self.drains.due(now_ms) {
             if self
-                .conns
-                .get(idx as usize)
-                .and_then(|e| e.as_ref())
-                .is_some_and(|e| e.generation == generation && e.conn.is_relaying())
+                .live(ConnId { idx, generation })
+                .is_some_and(|e| e.conn.is_relaying())
             {
                 self.with_conn(idx, |conn, cx, _| {
                     conn.handle_close(cx, frame::CLOSE_GOING_AWAY, "going away")
@@ -1209,7 +1210,7 @@ impl Worker {
         }
         // The gauge visits every connection: once a second, not per tick.
         self.gauge_ticks += 1;
-        if self.gauge_ticks >= POOL_QUIET_TICKS {
+        if self.gauge_ticks >= SECOND_TICKS {
             self.gauge_ticks = 0;
             let pending = self
                 .conns
@@ -1224,12 +1225,8 @@ impl Worker {
         let mut due = std::mem::take(&mut self.due);
         self.wheel.advance(self.now, &mut due);
         for ((idx, generation), tick) in due.drain(..) {
-            let Some(e) = self
-                .conns
-                .get_mut(idx as usize)
-                .and_then(|e| e.as_mut())
-                .filter(|e| e.generation == generation)
-            else {
+            // The table alone, not `self.live`: the config is read below.
+            let Some(e) = live_in(&mut self.conns, ConnId { idx, generation }) else {
                 continue;
             };
             // Filed again, sooner, since: this filing is stale.
@@ -1333,6 +1330,15 @@ impl Worker {
             self.drive(idx);
         }
     }
+}
+
+/// The connection `id` names in `conns`, if it is still the one in its
+/// slot.
+fn live_in(conns: &mut Table<Entry>, id: ConnId) -> Option<&mut Entry> {
+    conns
+        .get_mut(id.idx as usize)
+        .and_then(|e| e.as_mut())
+        .filter(|e| e.generation == id.generation)
 }
 
 /// Which gathering send a connection slot and side have in flight.
