@@ -35,24 +35,34 @@ pub enum Pins {
     Unreadable(String),
 }
 
+/// Why a pin could not be read.
+enum PinError {
+    /// It is not there.
+    Gone(String),
+    /// It is there, but reading it failed.
+    Unreadable(String),
+}
+
 impl MapIds {
     /// Reads the id behind every pin under `dir` that the registry reads.
     pub fn read(dir: &Path) -> Result<Self, String> {
-        Self::look(dir).map_err(|p| match p {
-            Pins::Replaced(why) | Pins::Unreadable(why) => why,
-            Pins::Same => unreachable!("look fails only with a reason"),
+        Self::look(dir).map_err(|e| match e {
+            PinError::Gone(why) | PinError::Unreadable(why) => why,
         })
     }
 
-    fn look(dir: &Path) -> Result<Self, Pins> {
+    fn look(dir: &Path) -> Result<Self, PinError> {
         let mut ids = Vec::new();
         for name in Maps::OPENED {
             let path = dir.join(name);
             let info = MapInfo::from_pin(&path).map_err(|e| {
                 if path.exists() {
-                    Pins::Unreadable(format!("pinned map {} is unreadable ({e})", path.display()))
+                    PinError::Unreadable(format!(
+                        "pinned map {} is unreadable ({e})",
+                        path.display()
+                    ))
                 } else {
-                    Pins::Replaced(format!(
+                    PinError::Gone(format!(
                         "pinned map {} is gone: the instance was destroyed",
                         path.display()
                     ))
@@ -70,7 +80,8 @@ impl MapIds {
     pub fn check(&self) -> Pins {
         let now = match Self::look(&self.dir) {
             Ok(now) => now,
-            Err(p) => return p,
+            Err(PinError::Gone(why)) => return Pins::Replaced(why),
+            Err(PinError::Unreadable(why)) => return Pins::Unreadable(why),
         };
         self.ids
             .iter()
@@ -92,6 +103,7 @@ impl MapIds {
 /// that are there but cannot be read now are logged once per spell (and
 /// once when they can again) and looked at again: a process short of
 /// descriptors must not take itself down for it.
+///
 /// Exiting beats re-opening the new maps: a supervisor restart or an
 /// operator picks the new instance up explicitly, and a registry that was
 /// replaced behind weir's back is never followed silently.
