@@ -144,6 +144,7 @@ mod tests {
                     max_clean_rate: 2000.0,
                     handshakes_per_cpu_s: 5000.0,
                     stopped_by: "errors".into(),
+                    at_share: None,
                 })
                 .collect(),
             ..Default::default()

@@ -249,6 +249,16 @@ mod tests {
                 max_clean_rate: 3000.0,
                 handshakes_per_cpu_s: 6000.0,
                 stopped_by: "cap".into(),
+                at_share: Some(ConnrateStep {
+                    target: 2400.0,
+                    achieved: 2400.0,
+                    ok: 24_000,
+                    cpu: CpuSplit {
+                        proxy_s: 3.0,
+                        ..Default::default()
+                    },
+                    ..Default::default()
+                }),
             },
             ConnrateRow {
                 system: "haproxy".into(),
@@ -256,6 +266,16 @@ mod tests {
                 max_clean_rate: 1000.0,
                 handshakes_per_cpu_s: 4000.0,
                 stopped_by: "errors".into(),
+                at_share: Some(ConnrateStep {
+                    target: 2400.0,
+                    achieved: 2400.0,
+                    ok: 24_000,
+                    cpu: CpuSplit {
+                        proxy_s: 6.0,
+                        ..Default::default()
+                    },
+                    ..Default::default()
+                }),
             },
         ];
 
@@ -456,6 +476,12 @@ mod tests {
         // Connrate: nginx missing.
         let c = row_cells(&md, "## Connection rate", "weir", "3,000");
         assert_eq!(&c[3..5], ["3.00×", "–"]);
+        // Its equal-rate step: 24,000 handshakes on 3 CPU s against
+        // HAProxy's 6; no latency sampled, so no latency ratio.
+        let c = row_cells(&md, "### At 80%", "weir", "2,400 / 2,400 / 0");
+        assert_eq!(&c[7..11], ["–", "–", "–", "–"]);
+        assert_eq!(c[11], "8,000");
+        assert_eq!(&c[12..14], ["2.00×", "–"]);
 
         // Churn: one column per peer method; disruption 2 vs 4 / 40 / 0.
         assert!(md.contains("| weir/haproxy-api | weir/haproxy-reload | weir/nginx-reload |"));

@@ -16,14 +16,15 @@ use crate::scenario::{Outcome, Scenario};
 use crate::stage::Bench;
 use crate::systems::{Kind, Running};
 use crate::table::{
-    L7_PEERS, Table, fmt_int, fmt_num, fmt_us, is_weir, measured, or_dash, peer_row, ratio,
-    ratio_cells,
+    CPU_SPLIT, L7_PEERS, Table, fmt_cpu, fmt_int, fmt_num, fmt_us, is_weir, latency_cells,
+    measured, or_dash, peer_row, ratio, ratio_cells, sampled,
 };
 
 /// Sizes of a full run, and of a quick one (`--quick`).
 struct Sizes {
     connrate_steps: Vec<f64>,
     connrate_step_secs: u64,
+    share_step_secs: u64,
 }
 
 impl Sizes {
@@ -32,6 +33,7 @@ impl Sizes {
             Sizes {
                 connrate_steps: vec![250.0, 500.0, 1000.0, 2000.0, 4000.0],
                 connrate_step_secs: 2,
+                share_step_secs: 3,
             }
         } else {
             Sizes {
@@ -39,6 +41,7 @@ impl Sizes {
                     1000.0, 2000.0, 4000.0, 6000.0, 8000.0, 10_000.0, 12_000.0, 16_000.0,
                 ],
                 connrate_step_secs: 4,
+                share_step_secs: 10,
             }
         }
     }
@@ -83,7 +86,16 @@ pub struct ConnrateRow {
     /// the offer, or handshakes queued past the p99 limit) or `cap` (the
     /// ramp's last step passed).
     pub stopped_by: String,
+    /// One longer step at [`AT_SHARE`] of weir's highest clean rate, the
+    /// same offer for every system: handshake latency and cost compared at
+    /// one rate, where the ramp's own maxima differ between systems.
+    #[serde(default)]
+    pub at_share: Option<ConnrateStep>,
 }
+
+/// Share of weir's highest clean rate offered to every system in the
+/// equal-rate step.
+pub const AT_SHARE: f64 = 0.8;
 
 measured!(ConnrateRow);
 
@@ -109,12 +121,38 @@ impl Scenario for Connrate {
                 "handshake, one 64 B echo, close 1000".into(),
             ),
         ]);
+        // weir's ramp runs first: its highest clean rate sets the offer of
+        // every system's equal-rate step.
+        let mut share_rate = None;
         for kind in Kind::ALL {
             let spec = b.spec(kind, b.all_backends(), 1);
-            match b.with_system(spec, "cr", |b, sys| connrate_row(b, &s, sys)) {
+            let measured = b.with_system(spec, "cr", |b, sys| {
+                let mut row = connrate_row(b, &s, sys)?;
+                if kind == Kind::Weir && row.max_clean_rate > 0.0 {
+                    share_rate = Some((row.max_clean_rate * AT_SHARE / 10.0).round() * 10.0);
+                }
+                if let Some(rate) = share_rate {
+                    std::thread::sleep(Duration::from_secs(2));
+                    b.progress(&format!(
+                        "{}: {rate} handshakes/s for {}s ({:.0}% of weir's highest clean rate)",
+                        kind.name(),
+                        s.share_step_secs,
+                        AT_SHARE * 100.0
+                    ));
+                    row.at_share = Some(step(b, sys, rate, s.share_step_secs)?.0);
+                }
+                Ok(row)
+            });
+            match measured {
                 Ok(row) => out.rows.push(row),
                 Err(e) => out.notes.push(format!("{}: {e:#}", kind.name())),
             }
+        }
+        if share_rate.is_none() {
+            out.notes.push(
+                "no equal-rate step: weir had no clean step, so there is no rate to compare at"
+                    .into(),
+            );
         }
         Ok(out)
     }
@@ -186,6 +224,7 @@ impl Scenario for Connrate {
              highest clean rate is partly the machine's; handshakes per proxy CPU second is \
              the proxy's own cost.\n",
         );
+        share_section(out, rows);
     }
 }
 
@@ -201,22 +240,7 @@ fn connrate_row(b: &Bench, s: &Sizes, sys: &Running) -> Result<ConnrateRow> {
             "{name}: {target} handshakes/s for {}s",
             s.connrate_step_secs
         ));
-        let mut plan = b.plan(0, Talk::Closed, 64, s.connrate_step_secs as f64);
-        plan.arrivals_per_sec = target;
-        plan.fleet.connect_timeout = Duration::from_secs(3);
-        plan.fleet.echo_timeout = Duration::from_secs(3);
-        let (r, cpu) = b.measure(Some(sys), &plan, 2)?;
-        let step = ConnrateStep {
-            target,
-            achieved: r.handshakes_ok as f64 / s.connrate_step_secs as f64,
-            ok: r.handshakes_ok,
-            failed: r.handshakes_failed + r.cut(),
-            handshake: load::latency_of(&load::decode_histogram(&r.handshake)?),
-            cpu,
-            endings: r.endings.clone(),
-        };
-        let offered = target * s.connrate_step_secs as f64;
-        let late = r.arrivals_late as f64 > 0.02 * offered;
+        let (step, late) = step(b, sys, target, s.connrate_step_secs)?;
         let failed = step.failed > 0;
         let saturated =
             step.achieved < 0.9 * target || step.handshake.p99_us > CLEAN_HANDSHAKE_P99_US;
@@ -244,6 +268,104 @@ fn connrate_row(b: &Bench, s: &Sizes, sys: &Running) -> Result<ConnrateRow> {
         std::thread::sleep(Duration::from_millis(500));
     }
     Ok(row)
+}
+
+/// The equal-rate step: every system offered the same share of weir's
+/// highest clean rate.
+fn share_section(out: &mut String, rows: &[ConnrateRow]) {
+    let Some(rate) = rows
+        .iter()
+        .find_map(|r| r.at_share.as_ref().map(|s| s.target))
+    else {
+        return;
+    };
+    out.push_str(&format!(
+        "\n### At {:.0}% of weir's highest clean rate: {} handshakes/s for every system\n\n",
+        AT_SHARE * 100.0,
+        fmt_num(rate)
+    ));
+    let mut t = Table::new(&[
+        "system",
+        "offered / achieved / failed",
+        "handshake p50",
+        "p90",
+        "p99",
+        "p99.9",
+        "max",
+        "weir/haproxy (p99)",
+        "weir/nginx (p99)",
+        "weir/haproxy (p99.9)",
+        "weir/nginx (p99.9)",
+        "handshakes per proxy CPU s",
+        "weir/haproxy (per CPU s)",
+        "weir/nginx (per CPU s)",
+        CPU_SPLIT,
+    ])
+    .left(&[CPU_SPLIT]);
+    let per_cpu = |s: &ConnrateStep| {
+        if s.cpu.proxy_s > 0.0 {
+            s.ok as f64 / s.cpu.proxy_s
+        } else {
+            0.0
+        }
+    };
+    for r in rows {
+        let Some(s) = &r.at_share else { continue };
+        let w = is_weir(&r.system);
+        let find = |p: &str| peer_row(rows, |_| (), p, &()).and_then(|p| p.at_share.as_ref());
+        let mut cells = vec![
+            r.system.clone(),
+            format!(
+                "{} / {} / {}",
+                fmt_num(s.target),
+                fmt_num(s.achieved),
+                fmt_int(s.failed)
+            ),
+        ];
+        cells.extend(latency_cells(&s.handshake));
+        let percentiles: [fn(&Latency) -> u64; 2] = [|l| l.p99_us, |l| l.p999_us];
+        for pick in percentiles {
+            cells.extend(ratio_cells(w, &L7_PEERS, find, |p| {
+                ratio(sampled(&p.handshake, pick), sampled(&s.handshake, pick))
+            }));
+        }
+        cells.push(fmt_num(per_cpu(s)));
+        cells.extend(ratio_cells(w, &L7_PEERS, find, |p| {
+            ratio(per_cpu(s), per_cpu(p))
+        }));
+        cells.push(fmt_cpu(&s.cpu));
+        t.row(cells);
+    }
+    t.write(out);
+    out.push_str(&format!(
+        "\nEvery system gets the same offer, {:.0}% of the highest rate weir completed \
+         cleanly in its ramp, for longer than a ramp step. Latency ratios are peer ÷ weir; \
+         handshakes per proxy CPU second at one rate compare the cost of a connection \
+         without the batching a higher rate allows.\n",
+        AT_SHARE * 100.0
+    ));
+}
+
+/// Offers `target` new connections per second for `secs` seconds; the step,
+/// and whether the generator fell behind its schedule (then the step says
+/// more about the load side than about the proxy).
+fn step(b: &Bench, sys: &Running, target: f64, secs: u64) -> Result<(ConnrateStep, bool)> {
+    let mut plan = b.plan(0, Talk::Closed, 64, secs as f64);
+    plan.arrivals_per_sec = target;
+    plan.fleet.connect_timeout = Duration::from_secs(3);
+    plan.fleet.echo_timeout = Duration::from_secs(3);
+    let (r, cpu) = b.measure(Some(sys), &plan, 2)?;
+    let step = ConnrateStep {
+        target,
+        achieved: r.handshakes_ok as f64 / secs as f64,
+        ok: r.handshakes_ok,
+        failed: r.handshakes_failed + r.cut(),
+        handshake: load::latency_of(&load::decode_histogram(&r.handshake)?),
+        cpu,
+        endings: r.endings.clone(),
+    };
+    let late = r.arrivals_late as f64 > 0.02 * target * secs as f64;
+    Ok((step, late))
 }
 
 fn ramp_chart(root: &Area, rows: &[&ConnrateRow]) -> Result<()> {
