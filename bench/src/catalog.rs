@@ -19,6 +19,7 @@ use crate::scenarios::connrate::{Connrate, ConnrateRow};
 use crate::scenarios::drain::{Drain, DrainRow};
 use crate::scenarios::idle::{Idle, IdleRow};
 use crate::scenarios::l4::{L4, L4Row};
+use crate::scenarios::micro::{Micro, MicroRow};
 use crate::scenarios::propagate::{Propagate, PropagateRow};
 use crate::scenarios::push::{Push, PushRow};
 use crate::scenarios::steady::{Steady, SteadyRow};
@@ -47,6 +48,8 @@ pub struct ScenarioResult {
     pub drain: Vec<DrainRow>,
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub l4: Vec<L4Row>,
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub micro: Vec<MicroRow>,
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub storm: Vec<StormRow>,
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
@@ -84,13 +87,14 @@ rows_in_field!(
     churn: ChurnRow,
     drain: DrainRow,
     l4: L4Row,
+    micro: MicroRow,
     storm: StormRow,
     bigconn: BigconnRow,
     propagate: PropagateRow,
 );
 
 /// The scenarios, in the order a run and the report take them.
-pub static ALL: [Entry; 10] = [
+pub static ALL: [Entry; 11] = [
     Entry::of::<Steady>(),
     Entry::of::<Push>(),
     Entry::of::<Idle>(),
@@ -101,6 +105,7 @@ pub static ALL: [Entry; 10] = [
     Entry::of::<Propagate>(),
     Entry::of::<Drain>(),
     Entry::of::<L4>(),
+    Entry::of::<Micro>(),
 ];
 
 pub fn find(name: &str) -> Option<&'static Entry> {

@@ -6,6 +6,7 @@
 use std::fmt::Write as _;
 
 use crate::catalog::{self, ScenarioResult};
+use crate::goals;
 use crate::plot;
 use crate::results::RunInfo;
 use crate::table::or_dash;
@@ -18,6 +19,7 @@ pub fn markdown(results: &[ScenarioResult], stem: &str) -> String {
         return out;
     };
     heading(&mut out, &first.info);
+    goals::section(&mut out, results);
 
     let mut sorted: Vec<&ScenarioResult> = results.iter().collect();
     sorted.sort_by_key(|r| {
@@ -105,6 +107,7 @@ fn files_line(out: &mut String, scenario: &str, stem: &str) {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::micro::{FullTable, Packets, SetResult, Timing, XdpResult};
     use crate::results::{CpuSplit, Endings, Latency, TimelinePoint};
     use crate::scenarios::bigconn::{BigconnRow, BigconnStep};
     use crate::scenarios::churn::ChurnRow;
@@ -112,6 +115,7 @@ mod tests {
     use crate::scenarios::drain::DrainRow;
     use crate::scenarios::idle::IdleRow;
     use crate::scenarios::l4::L4Row;
+    use crate::scenarios::micro::MicroRow;
     use crate::scenarios::propagate::{PropagateRow, Switch};
     use crate::scenarios::push::PushRow;
     use crate::scenarios::steady::SteadyRow;
@@ -381,9 +385,42 @@ mod tests {
             identified: 100,
             ..Default::default()
         }];
+        let mut micro = base("micro");
+        let ns = |mean: f64| Timing {
+            mean,
+            p50: mean,
+            runs: 100,
+        };
+        // SYN 8× and 10× the floor, established 1.5×.
+        let packets = |syn: f64| Packets {
+            syn_new_flow: ns(syn),
+            established_one_flow: ns(60.0),
+            established_spread: ns(200.0),
+            floor: ns(40.0),
+        };
+        micro.micro = vec![MicroRow {
+            system: "weir".into(),
+            xdp: vec![XdpResult {
+                round: 1,
+                backends: 10,
+                ring_size: 65537,
+                empty_table: packets(320.0),
+                flows: 100,
+                full_table: FullTable {
+                    table_flows: 1000,
+                    packets: packets(400.0),
+                },
+            }],
+            backend_set: vec![SetResult {
+                backends: 10_000,
+                ring_size: 1_000_003,
+                initial_ms: 90.0,
+                change_ms: 120.0,
+            }],
+        }];
         // Out of order on purpose: the report sorts sections.
         vec![
-            l4, propagate, drain, churn, storm, connrate, bigconn, idle, push, steady,
+            micro, l4, propagate, drain, churn, storm, connrate, bigconn, idle, push, steady,
         ]
     }
 
@@ -404,6 +441,68 @@ mod tests {
             .expect("row")
     }
 
+    /// The cells of the goals table's row whose goal starts with `prefix`.
+    fn goal(md: &str, prefix: &str) -> Vec<String> {
+        let start = md.find("## Goals").expect("goals section");
+        let end = md[start..].find("\n## Steady").expect("goals end") + start;
+        md[start..end]
+            .lines()
+            .filter(|l| l.starts_with(&format!("| {prefix}")))
+            .map(|l| {
+                l.trim_matches('|')
+                    .split(" | ")
+                    .map(|c| c.trim().to_string())
+                    .collect::<Vec<_>>()
+            })
+            .next()
+            .unwrap_or_else(|| panic!("no goal {prefix}"))
+    }
+
+    #[test]
+    fn goals_are_judged_from_the_rows_of_the_run() {
+        let md = markdown(&all_scenarios(), "2026-11-27");
+        // 500k msgs per CPU s against HAProxy's 250k: exactly 2×.
+        let g = goal(
+            &md,
+            "msgs per proxy CPU s ≥ 2× the best peer: 64 B, namespaces",
+        );
+        assert_eq!(&g[1..], ["500,000", "250,000", "2.00×", "met"]);
+        // p99 400 µs against HAProxy's 800; every p99.9 is 2 ms.
+        let g = goal(&md, "echo p99 and p99.9 ≤ the best peer's: 64 B");
+        assert_eq!(&g[3..], ["2.00×", "met"]);
+        // Push: nginx's p99 is half of weir's.
+        let g = goal(&md, "push p99 and p99.9 ≤ the best peer's");
+        assert_eq!(&g[3..], ["0.50×", "not met"]);
+        // 6,000 handshakes per CPU s against HAProxy's 4,000; at one rate
+        // 8,000 against 4,000; no handshake latency was sampled.
+        let g = goal(&md, "handshakes per proxy CPU s ≥ 1.5× the best peer (each");
+        assert_eq!(&g[3..], ["1.50×", "met"]);
+        let g = goal(
+            &md,
+            "handshakes per proxy CPU s ≥ 1.5× the best peer (all at 2,400",
+        );
+        assert_eq!(&g[1..], ["8,000", "4,000", "2.00×", "met"]);
+        let g = goal(&md, "handshake p99 at 80%");
+        assert_eq!(&g[1..], ["–", "–", "–", "not met"]);
+        // 19,000 held is short of 100,000.
+        let g = goal(&md, "≥ 100,000 idle WebSockets");
+        assert_eq!(g[4], "not met");
+        // SYN at 8× and 10× the floor, established at 1.5×, `backend set`
+        // 90 ms from empty but 120 ms for one replaced.
+        let g = goal(&md, "XDP SYN");
+        assert_eq!(
+            &g[1..],
+            ["8.00×–10.0× the floor", "no peer", "–", "not met"]
+        );
+        let g = goal(&md, "XDP established");
+        assert_eq!(g[4], "met");
+        let g = goal(&md, "`backend set`");
+        assert_eq!(&g[1..], ["90.0 / 120.0 ms", "no peer", "–", "not met"]);
+        let g = goal(&md, "a CLI change seen");
+        assert_eq!(g[4], "met");
+        assert!(md.contains("met.\n"), "no count of goals met");
+    }
+
     #[test]
     fn every_scenario_gets_a_table_in_order() {
         let md = markdown(&all_scenarios(), "2026-11-27");
@@ -422,7 +521,13 @@ mod tests {
             let body = &md[at..];
             let end = body[3..].find("\n## ").map_or(body.len(), |e| e + 3);
             let body = &body[..end];
-            assert!(body.contains("\n| system |"), "no table for {s}");
+            // The micro-benchmarks measure weir alone, by round.
+            let table = if s == "micro" {
+                "\n| round |"
+            } else {
+                "\n| system |"
+            };
+            assert!(body.contains(table), "no table for {s}");
             assert!(body.contains("`seconds=10`"), "no params for {s}");
             for f in plot::files_for(s, "2026-11-27") {
                 assert!(body.contains(&f), "section {s} does not name {f}");

@@ -83,7 +83,7 @@ impl BigconnRow {
     }
 
     /// The last step that was held and measured, if any.
-    fn last_held(&self) -> Option<&BigconnStep> {
+    pub fn last_held(&self) -> Option<&BigconnStep> {
         self.steps
             .iter()
             .rev()

@@ -7,6 +7,7 @@ pub mod connrate;
 pub mod drain;
 pub mod idle;
 pub mod l4;
+pub mod micro;
 pub mod propagate;
 pub mod push;
 pub mod steady;

@@ -23,7 +23,7 @@ use crate::systems::{Kind, Method};
 use crate::table::{Table, fmt_f, fmt_int, measured};
 
 /// The goal: every worker sees a change within this.
-const GOAL_MS: f64 = 10.0;
+pub const GOAL_MS: f64 = 10.0;
 /// Time between switches.
 const PERIOD: Duration = Duration::from_secs(1);
 /// Backends per set; the sets take turns, so a set rests three periods
