@@ -10,6 +10,8 @@
 //! Backend side: [`parse_response`] checks the backend's 101 and its
 //! `Sec-WebSocket-Accept`; any other answer goes back to the client as is.
 
+use std::io::Write as _;
+
 use base64::Engine;
 use base64::engine::general_purpose::STANDARD as B64;
 use sha1::{Digest, Sha1};
@@ -147,6 +149,39 @@ fn has_token(values: &[&[u8]], token: &str) -> bool {
         .any(|v| tokens(v).any(|t| t.eq_ignore_ascii_case(token.as_bytes())))
 }
 
+/// The header names a backend's 101 may not pass on: hop-by-hop.
+const HOP_BY_HOP: &[&str] = &[
+    "connection",
+    "keep-alive",
+    "proxy-connection",
+    "te",
+    "trailer",
+    "transfer-encoding",
+    "upgrade",
+];
+
+/// Whether `name` is one of `names` (lower case), ignoring case: no
+/// lower-cased copy per header.
+fn named(name: &str, names: &[&str]) -> bool {
+    names.iter().any(|n| name.eq_ignore_ascii_case(n))
+}
+
+/// The tokens of every Connection header: the names a peer declares
+/// hop-by-hop.
+fn connection_tokens<'a>(headers: &[httparse::Header<'a>]) -> Vec<&'a [u8]> {
+    headers
+        .iter()
+        .filter(|h| h.name.eq_ignore_ascii_case("connection"))
+        .flat_map(|h| tokens(h.value))
+        .collect()
+}
+
+fn listed_in(name: &str, listed: &[&[u8]]) -> bool {
+    listed
+        .iter()
+        .any(|t| t.eq_ignore_ascii_case(name.as_bytes()))
+}
+
 /// All values of a header (names compare case-insensitively).
 fn values<'a>(headers: &[httparse::Header<'a>], name: &str) -> Vec<&'a [u8]> {
     headers
@@ -266,17 +301,10 @@ pub fn parse_request(buf: &[u8], limits: &Limits) -> Result<Option<UpgradeReques
     }
 
     // Names the client lists in Connection are hop-by-hop too.
-    let listed: Vec<String> = values(headers, "connection")
-        .iter()
-        .flat_map(|v| tokens(v))
-        .map(|t| String::from_utf8_lossy(t).to_ascii_lowercase())
-        .collect();
+    let listed = connection_tokens(headers);
     let forwarded: Vec<(String, Vec<u8>)> = headers
         .iter()
-        .filter(|h| {
-            let name = h.name.to_ascii_lowercase();
-            !REGENERATED.contains(&name.as_str()) && !listed.contains(&name)
-        })
+        .filter(|h| !named(h.name, REGENERATED) && !listed_in(h.name, &listed))
         .map(|h| (h.name.to_string(), h.value.to_vec()))
         .collect();
 
@@ -329,7 +357,10 @@ pub fn normalize_target(target: &str) -> Option<String> {
 /// The request weir sends to the backend for `req` from client address
 /// `client`, which arrived over `proto` ("http" or "https").
 pub fn forward_request(req: &UpgradeRequest, client: std::net::IpAddr, proto: &str) -> Vec<u8> {
-    let mut out = format!("GET {} HTTP/1.1\r\n", req.path).into_bytes();
+    let mut out = Vec::with_capacity(512);
+    out.extend_from_slice(b"GET ");
+    out.extend_from_slice(req.path.as_bytes());
+    out.extend_from_slice(b" HTTP/1.1\r\n");
     let mut line = |name: &str, value: &[u8]| {
         out.extend_from_slice(name.as_bytes());
         out.extend_from_slice(b": ");
@@ -350,13 +381,16 @@ pub fn forward_request(req: &UpgradeRequest, client: std::net::IpAddr, proto: &s
     for (name, value) in &req.headers {
         line(name, value);
     }
-    let xff = match &req.forwarded_for {
-        Some(prev) => format!("{prev}, {client}"),
-        None => client.to_string(),
-    };
-    line("X-Forwarded-For", xff.as_bytes());
-    line("X-Forwarded-Proto", proto.as_bytes());
-    out.extend_from_slice(b"\r\n");
+    out.extend_from_slice(b"X-Forwarded-For: ");
+    if let Some(prev) = &req.forwarded_for {
+        out.extend_from_slice(prev.as_bytes());
+        out.extend_from_slice(b", ");
+    }
+    // Writing into a Vec cannot fail.
+    let _ = write!(out, "{client}\r\n");
+    out.extend_from_slice(b"X-Forwarded-Proto: ");
+    out.extend_from_slice(proto.as_bytes());
+    out.extend_from_slice(b"\r\n\r\n");
     out
 }
 
@@ -451,27 +485,12 @@ pub fn parse_response(
         })
     });
 
-    let listed: Vec<String> = values(headers, "connection")
-        .iter()
-        .flat_map(|v| tokens(v))
-        .map(|t| String::from_utf8_lossy(t).to_ascii_lowercase())
-        .collect();
+    let listed = connection_tokens(headers);
     let mut head =
         b"HTTP/1.1 101 Switching Protocols\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n"
             .to_vec();
     for h in headers.iter() {
-        let name = h.name.to_ascii_lowercase();
-        let hop = matches!(
-            name.as_str(),
-            "connection"
-                | "keep-alive"
-                | "proxy-connection"
-                | "te"
-                | "trailer"
-                | "transfer-encoding"
-                | "upgrade"
-        );
-        if hop || listed.contains(&name) {
+        if named(h.name, HOP_BY_HOP) || listed_in(h.name, &listed) {
             continue;
         }
         head.extend_from_slice(h.name.as_bytes());

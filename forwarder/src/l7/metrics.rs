@@ -51,14 +51,17 @@ pub struct WorkerMetrics {
     maps: Mutex<Maps>,
 }
 
-#[derive(Default, Clone, Serialize, Deserialize, Debug, PartialEq)]
+/// Keyed by values, not their text: a connection counts into these
+/// several times, and formatting a key each time was a string allocation
+/// per count. [`snapshot`] names them.
+#[derive(Default, Clone, Debug)]
 struct Maps {
     /// backend address -> (active, total)
-    backends: BTreeMap<String, (u64, u64)>,
-    /// "upgraded" or the HTTP status weir answered
-    handshakes: BTreeMap<String, u64>,
-    /// "direction code" -> count, the code as [`close_code_label`] names it
-    closes: BTreeMap<String, u64>,
+    backends: BTreeMap<SocketAddr, (u64, u64)>,
+    /// `None` upgraded, else the HTTP status weir answered
+    handshakes: BTreeMap<Option<u16>, u64>,
+    /// (direction, the code as [`close_code_label`] names it) -> count
+    closes: BTreeMap<(CloseSeen, &'static str), u64>,
 }
 
 /// The label a close code is counted under. Peers choose codes freely, so
@@ -79,7 +82,7 @@ pub fn close_code_label(code: u16) -> &'static str {
 }
 
 /// Close codes by who sent them to whom.
-#[derive(Clone, Copy, Debug)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord)]
 pub enum CloseSeen {
     FromClient,
     FromBackend,
@@ -105,7 +108,7 @@ impl WorkerMetrics {
 
     pub fn connected(&self, backend: SocketAddr) {
         self.with(|m| {
-            let e = m.backends.entry(backend.to_string()).or_default();
+            let e = m.backends.entry(backend).or_default();
             e.0 += 1;
             e.1 += 1;
         });
@@ -113,7 +116,7 @@ impl WorkerMetrics {
 
     pub fn disconnected(&self, backend: SocketAddr) {
         self.with(|m| {
-            if let Some(e) = m.backends.get_mut(&backend.to_string()) {
+            if let Some(e) = m.backends.get_mut(&backend) {
                 e.0 = e.0.saturating_sub(1);
             }
         });
@@ -123,11 +126,10 @@ impl WorkerMetrics {
     /// going do not grow `/metrics` forever. False (kept) while this worker
     /// still has a connection to it.
     pub fn forget_backend(&self, backend: SocketAddr) -> bool {
-        let key = backend.to_string();
         let mut gone = false;
         self.with(|m| {
-            if m.backends.get(&key).is_none_or(|e| e.0 == 0) {
-                m.backends.remove(&key);
+            if m.backends.get(&backend).is_none_or(|e| e.0 == 0) {
+                m.backends.remove(&backend);
                 gone = true;
             }
         });
@@ -136,18 +138,13 @@ impl WorkerMetrics {
 
     /// A handshake ended: `None` upgraded, `Some(status)` refused.
     pub fn handshake(&self, status: Option<u16>) {
-        let key = status.map_or_else(|| "upgraded".to_string(), |s| s.to_string());
-        self.with(|m| *m.handshakes.entry(key).or_default() += 1);
+        self.with(|m| *m.handshakes.entry(status).or_default() += 1);
     }
 
     /// Counts a Close: one seen from a peer, or one of weir's own once it
     /// was written to the peer's socket.
     pub fn close(&self, seen: CloseSeen, code: u16) {
-        self.with(|m| {
-            *m.closes
-                .entry(format!("{} {}", seen.label(), close_code_label(code)))
-                .or_default() += 1
-        });
+        self.with(|m| *m.closes.entry((seen, close_code_label(code))).or_default() += 1);
     }
 }
 
@@ -204,15 +201,18 @@ pub fn snapshot(workers: &[Arc<WorkerMetrics>]) -> Snapshot {
         s.backend_connect_timeouts += get(&w.backend_connect_timeouts);
         let m = w.maps.lock().unwrap_or_else(|e| e.into_inner()).clone();
         for (k, (a, t)) in m.backends {
-            let e = s.backends.entry(k).or_default();
+            let e = s.backends.entry(k.to_string()).or_default();
             e.0 += a;
             e.1 += t;
         }
         for (k, v) in m.handshakes {
-            *s.handshakes.entry(k).or_default() += v;
+            let key = k.map_or_else(|| "upgraded".to_string(), |s| s.to_string());
+            *s.handshakes.entry(key).or_default() += v;
         }
-        for (k, v) in m.closes {
-            *s.closes.entry(k).or_default() += v;
+        for ((seen, code), v) in m.closes {
+            *s.closes
+                .entry(format!("{} {code}", seen.label()))
+                .or_default() += v;
         }
     }
     s

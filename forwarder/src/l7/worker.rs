@@ -169,6 +169,8 @@ pub struct Worker {
     /// Drains of stopped backends in progress on this worker, by backend
     /// id: logged when they start and when their last connection is gone.
     draining: HashMap<u32, DrainLog>,
+    /// The completions of the batch being handled (kept for its capacity).
+    reaped: Vec<(u64, i32, u32)>,
 }
 
 /// Rate limits of the per-connection log lines: a few per window each,
@@ -322,6 +324,7 @@ impl Worker {
             spare_gathers: Vec::new(),
             chatter: Chatter::default(),
             draining: HashMap::new(),
+            reaped: Vec::new(),
         })
     }
 
@@ -340,17 +343,21 @@ impl Worker {
                     ) => {}
                 Err(e) => return Err(e),
             }
-            let completions: Vec<(u64, i32, u32)> = self
-                .ring
-                .completion()
-                .map(|c| (c.user_data(), c.result(), c.flags()))
-                .collect();
+            // Copied out so that handling one may submit more; the vector
+            // is kept across batches, not allocated per wake-up.
+            let mut reaped = std::mem::take(&mut self.reaped);
+            reaped.extend(
+                self.ring
+                    .completion()
+                    .map(|c| (c.user_data(), c.result(), c.flags())),
+            );
             // One clock read per batch: connections see the time their
             // completions were reaped.
             self.now = Instant::now();
-            for (user_data, res, flags) in completions {
+            for (user_data, res, flags) in reaped.drain(..) {
                 self.complete(user_data, res, flags);
             }
+            self.reaped = reaped;
             // Only here: every completion the kernel posted is accounted
             // for, so `in_use` is exact.
             if self.pool.due() && self.ring.completion().is_empty() {
