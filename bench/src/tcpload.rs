@@ -13,6 +13,8 @@ use anyhow::{Context, Result};
 use serde::{Deserialize, Serialize};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
+use weir_testbed::ws_client::bind_address_no_port;
+
 use crate::load::self_cpu_s;
 
 #[derive(Clone, Debug, Default, Serialize, Deserialize)]
@@ -32,6 +34,7 @@ fn connect_from(source: Option<IpAddr>, to: SocketAddr) -> Result<std::net::TcpS
     use socket2::{Domain, Socket, Type};
     let sock = Socket::new(Domain::for_address(to), Type::STREAM, None).context("socket")?;
     if let Some(src) = source {
+        bind_address_no_port(&sock);
         sock.bind(&SocketAddr::new(src, 0).into())
             .with_context(|| format!("bind {src}"))?;
     }
@@ -110,6 +113,9 @@ pub fn conns(
                     let one = async {
                         let sock = tokio::net::TcpSocket::new_v4()?;
                         if let Some(src) = src {
+                            // The system measured second must not inherit
+                            // the first one's TIME_WAIT ports.
+                            bind_address_no_port(&sock);
                             sock.bind(SocketAddr::new(src, 0))?;
                         }
                         let mut s = sock.connect(target).await?;

@@ -393,19 +393,7 @@ impl Dialer {
         .map_err(|e| fail(Unupgraded::Io, format!("socket: {e}")))?;
         if let Some(src) = source {
             if src.is_ipv4() {
-                // Let connect() pick the port, so many connections can share
-                // ports across destinations instead of exhausting them.
-                let one: libc::c_int = 1;
-                // SAFETY: setsockopt with a valid fd and a c_int option value.
-                unsafe {
-                    libc::setsockopt(
-                        socket.as_raw_fd(),
-                        libc::IPPROTO_IP,
-                        libc::IP_BIND_ADDRESS_NO_PORT,
-                        (&one as *const libc::c_int).cast(),
-                        std::mem::size_of::<libc::c_int>() as libc::socklen_t,
-                    );
-                }
+                bind_address_no_port(&socket);
             }
             socket
                 .bind(SocketAddr::new(src, 0))
@@ -572,9 +560,47 @@ pub fn unix_ms() -> u64 {
         .map_or(0, |d| d.as_millis() as u64)
 }
 
+/// Lets connect() pick the port of a socket bound to a source address
+/// (IP_BIND_ADDRESS_NO_PORT), so many connections share ports across
+/// destinations. Without it, bind() must find a port no socket on that
+/// address holds, TIME_WAIT ones included: after a few hundred thousand
+/// short connections from one address, each bind searches a full range.
+/// Best effort: a kernel without it binds as before.
+pub fn bind_address_no_port(socket: &impl AsRawFd) {
+    let one: libc::c_int = 1;
+    // SAFETY: setsockopt with a valid fd and a c_int option value.
+    unsafe {
+        libc::setsockopt(
+            socket.as_raw_fd(),
+            libc::IPPROTO_IP,
+            libc::IP_BIND_ADDRESS_NO_PORT,
+            (&one as *const libc::c_int).cast(),
+            std::mem::size_of::<libc::c_int>() as libc::socklen_t,
+        );
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_source_bound_without_a_port_gets_one_at_connect() {
+        let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        let sock =
+            socket2::Socket::new(socket2::Domain::IPV4, socket2::Type::STREAM, None).unwrap();
+        bind_address_no_port(&sock);
+        sock.bind(&"127.0.0.2:0".parse::<SocketAddr>().unwrap().into())
+            .unwrap();
+        // No port taken by the bind: nothing for a TIME_WAIT pile to block.
+        let bound = sock.local_addr().unwrap().as_socket().unwrap();
+        assert_eq!(bound, "127.0.0.2:0".parse().unwrap());
+        sock.connect(&listener.local_addr().unwrap().into())
+            .unwrap();
+        let connected = sock.local_addr().unwrap().as_socket().unwrap();
+        assert_eq!(connected.ip(), "127.0.0.2".parse::<IpAddr>().unwrap());
+        assert_ne!(connected.port(), 0);
+    }
 
     #[test]
     fn url_parsing() {
