@@ -9,7 +9,7 @@ use weir_bench::catalog::{self, ScenarioResult};
 
 const STEM: &str = "2026-12-06";
 /// The scenarios that run had; scenarios added since have no file of it.
-const SCENARIOS: [&str; 10] = [
+const SCENARIOS: [&str; 11] = [
     "steady",
     "push",
     "idle",
@@ -20,6 +20,7 @@ const SCENARIOS: [&str; 10] = [
     "propagate",
     "drain",
     "l4",
+    "micro",
 ];
 
 fn results_dir() -> PathBuf {
