@@ -8,7 +8,7 @@ use crate::results::Latency;
 use crate::scenarios::bigconn::BigconnRow;
 use crate::scenarios::connrate::{AT_SHARE, ConnrateRow, ConnrateStep};
 use crate::scenarios::micro::{
-    ESTABLISHED_GOAL, MicroRow, SET_GOAL_BACKENDS, SET_GOAL_MS, SYN_GOAL,
+    ESTABLISHED_GOAL, MicroRow, SET_GOAL_BACKENDS, SET_GOAL_MS, SYN_GOAL, set_goal_met,
 };
 use crate::scenarios::propagate::{GOAL_MS, PropagateRow};
 use crate::scenarios::push::PushRow;
@@ -164,17 +164,10 @@ fn size(bytes: usize) -> String {
 }
 
 fn steady(lines: &mut Vec<Line>, rows: &[SteadyRow]) {
-    let per_cpu = |r: &SteadyRow| {
-        if r.cpu_s_per_million > 0.0 {
-            1e6 / r.cpu_s_per_million
-        } else {
-            0.0
-        }
-    };
     for w in rows.iter().filter(|r| is_weir(&r.system)) {
         let same = |r: &&SteadyRow| r.topology == w.topology && r.message_bytes == w.message_bytes;
         let best = peers(rows, |r| &r.system, |r| same(&r))
-            .map(per_cpu)
+            .map(SteadyRow::msgs_per_cpu_s)
             .filter(|v| *v > 0.0)
             .reduce(f64::max);
         lines.push(lead_line(
@@ -183,7 +176,7 @@ fn steady(lines: &mut Vec<Line>, rows: &[SteadyRow]) {
                 size(w.message_bytes),
                 w.topology.name()
             ),
-            per_cpu(w),
+            w.msgs_per_cpu_s(),
             best,
             MSG_CPU_GOAL,
         ));
@@ -237,13 +230,6 @@ fn connrate(lines: &mut Vec<Line>, rows: &[ConnrateRow]) {
         best,
         HANDSHAKE_CPU_GOAL,
     ));
-    let per_cpu = |s: &ConnrateStep| {
-        if s.cpu.proxy_s > 0.0 {
-            s.ok as f64 / s.cpu.proxy_s
-        } else {
-            0.0
-        }
-    };
     let shares = || peers(rows, |r| &r.system, |_| true).filter_map(|r| r.at_share.as_ref());
     let Some(ws) = &w.at_share else {
         lines.push(missing(format!(
@@ -258,8 +244,11 @@ fn connrate(lines: &mut Vec<Line>, rows: &[ConnrateRow]) {
              handshakes/s)",
             fmt_num(ws.target)
         ),
-        per_cpu(ws),
-        shares().map(per_cpu).filter(|v| *v > 0.0).reduce(f64::max),
+        ws.handshakes_per_cpu_s(),
+        shares()
+            .map(ConnrateStep::handshakes_per_cpu_s)
+            .filter(|v| *v > 0.0)
+            .reduce(f64::max),
         HANDSHAKE_CPU_GOAL,
     ));
     let best = shares()
@@ -342,7 +331,7 @@ fn micro(lines: &mut Vec<Line>, rows: &[MicroRow]) {
             weir: format!("{} / {} ms", fmt_f(s.initial_ms, 1), fmt_f(s.change_ms, 1)),
             best_peer: "no peer".into(),
             ratio: None,
-            met: s.initial_ms <= SET_GOAL_MS && s.change_ms <= SET_GOAL_MS,
+            met: set_goal_met(s),
         },
         None => missing(goal),
     });

@@ -35,18 +35,40 @@ const XDP_TX: u32 = 3;
 const VIP: Ipv4Addr = Ipv4Addr::new(198, 19, 0, 10);
 const PORT: u16 = 8080;
 
-/// How much to measure.
-#[derive(Clone, Debug)]
+/// How much to measure: `weir-bench-l4`'s options, and the `micro`
+/// scenario's sizes.
+#[derive(Clone, Debug, clap::Args)]
 pub struct Params {
     /// Timed runs per measurement.
+    #[arg(long, default_value_t = Params::FULL.runs)]
     pub runs: u32,
     /// Rounds of the XDP measurements (the machine drifts between rounds;
     /// every round is reported).
+    #[arg(long, default_value_t = Params::FULL.rounds)]
     pub rounds: u32,
     /// Flows in the table before the full-table timings.
+    #[arg(long, default_value_t = Params::FULL.table_flows)]
     pub table_flows: u32,
     /// Repetitions of each `weir backend set` timing (median reported).
+    #[arg(long, default_value_t = Params::FULL.set_repeats)]
     pub set_repeats: usize,
+}
+
+impl Params {
+    /// A full run's sizes, and the tool's defaults.
+    pub const FULL: Params = Params {
+        runs: 100_000,
+        rounds: 3,
+        table_flows: 100_000,
+        set_repeats: 5,
+    };
+    /// A quick run's (`--quick`).
+    pub const QUICK: Params = Params {
+        runs: 10_000,
+        rounds: 1,
+        table_flows: 20_000,
+        set_repeats: 1,
+    };
 }
 
 /// Nanoseconds per run, from the kernel's own measurement.
@@ -69,6 +91,17 @@ pub struct XdpResult {
     pub flows: u32,
     /// The same packets with `table_flows` flows in the table.
     pub full_table: FullTable,
+}
+
+impl XdpResult {
+    /// The packets of both table states, each with the flows the table
+    /// held first (0: empty).
+    pub fn tables(&self) -> [(u32, &Packets); 2] {
+        [
+            (0, &self.empty_table),
+            (self.full_table.table_flows, &self.full_table.packets),
+        ]
+    }
 }
 
 /// The packets timed in one table state.
@@ -168,7 +201,7 @@ pub fn run(args: &Params, progress: impl Fn(&str)) -> Result<Report> {
         ));
         backend_set.push(r);
     }
-    let report = Report {
+    Ok(Report {
         date: weir::registry::audit::rfc3339(
             std::time::SystemTime::now()
                 .duration_since(std::time::UNIX_EPOCH)?
@@ -186,9 +219,9 @@ pub fn run(args: &Params, progress: impl Fn(&str)) -> Result<Report> {
             .into(),
         xdp,
         backend_set,
-    };
-    Ok(report)
+    })
 }
+
 /// Removes the instance on drop, its state directory (the audit log
 /// `destroy` keeps) too: it was a throwaway.
 struct Scratch(Instance);

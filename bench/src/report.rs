@@ -242,6 +242,17 @@ mod tests {
             .collect();
 
         let mut connrate = base("connrate");
+        // The equal-rate step: 24,000 handshakes on `proxy_s` CPU seconds.
+        let share = |proxy_s: f64| ConnrateStep {
+            target: 2400.0,
+            achieved: 2400.0,
+            ok: 24_000,
+            cpu: CpuSplit {
+                proxy_s,
+                ..Default::default()
+            },
+            ..Default::default()
+        };
         connrate.connrate = vec![
             ConnrateRow {
                 system: "weir".into(),
@@ -253,16 +264,7 @@ mod tests {
                 max_clean_rate: 3000.0,
                 handshakes_per_cpu_s: 6000.0,
                 stopped_by: "cap".into(),
-                at_share: Some(ConnrateStep {
-                    target: 2400.0,
-                    achieved: 2400.0,
-                    ok: 24_000,
-                    cpu: CpuSplit {
-                        proxy_s: 3.0,
-                        ..Default::default()
-                    },
-                    ..Default::default()
-                }),
+                at_share: Some(share(3.0)),
             },
             ConnrateRow {
                 system: "haproxy".into(),
@@ -270,16 +272,7 @@ mod tests {
                 max_clean_rate: 1000.0,
                 handshakes_per_cpu_s: 4000.0,
                 stopped_by: "errors".into(),
-                at_share: Some(ConnrateStep {
-                    target: 2400.0,
-                    achieved: 2400.0,
-                    ok: 24_000,
-                    cpu: CpuSplit {
-                        proxy_s: 6.0,
-                        ..Default::default()
-                    },
-                    ..Default::default()
-                }),
+                at_share: Some(share(6.0)),
             },
         ];
 

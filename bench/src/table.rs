@@ -133,6 +133,25 @@ pub fn ratio_cells<T>(
         .collect()
 }
 
+/// Ratio cells of one row's tail latency, p99 then p99.9, one per peer
+/// each, oriented peer ÷ weir (lower is better); blank for peer rows.
+pub fn tail_ratio_cells<'a>(
+    is_weir_row: bool,
+    peers: &[&str],
+    peer_latency: impl Fn(&str) -> Option<&'a Latency>,
+    weir: &Latency,
+) -> Vec<String> {
+    let percentiles: [fn(&Latency) -> u64; 2] = [|l| l.p99_us, |l| l.p999_us];
+    percentiles
+        .into_iter()
+        .flat_map(|pick| {
+            ratio_cells(is_weir_row, peers, &peer_latency, |p| {
+                ratio(sampled(p, pick), sampled(weir, pick))
+            })
+        })
+        .collect()
+}
+
 pub fn or_dash(s: &str) -> &str {
     if s.is_empty() { "–" } else { s }
 }

@@ -17,7 +17,7 @@ use crate::stage::Bench;
 use crate::systems::{Kind, Running};
 use crate::table::{
     CPU_SPLIT, L7_PEERS, Table, fmt_cpu, fmt_int, fmt_num, fmt_us, is_weir, latency_cells,
-    measured, or_dash, peer_row, ratio, ratio_cells, sampled,
+    measured, or_dash, peer_row, ratio, ratio_cells, tail_ratio_cells,
 };
 
 /// Sizes of a full run, and of a quick one (`--quick`).
@@ -61,6 +61,18 @@ pub struct ConnrateStep {
     pub handshake: Latency,
     pub cpu: CpuSplit,
     pub endings: Endings,
+}
+
+impl ConnrateStep {
+    /// Handshakes completed per proxy CPU second: the cost of a
+    /// connection. 0 when no CPU was read.
+    pub fn handshakes_per_cpu_s(&self) -> f64 {
+        if self.cpu.proxy_s > 0.0 {
+            self.ok as f64 / self.cpu.proxy_s
+        } else {
+            0.0
+        }
+    }
 }
 
 /// A connection-rate step whose handshake p99 exceeds this is saturated:
@@ -246,11 +258,7 @@ fn connrate_row(b: &Bench, s: &Sizes, sys: &Running) -> Result<ConnrateRow> {
             step.achieved < 0.9 * target || step.handshake.p99_us > CLEAN_HANDSHAKE_P99_US;
         if !failed && !saturated && !late && step.achieved > row.max_clean_rate {
             row.max_clean_rate = step.achieved;
-            row.handshakes_per_cpu_s = if step.cpu.proxy_s > 0.0 {
-                step.ok as f64 / step.cpu.proxy_s
-            } else {
-                0.0
-            };
+            row.handshakes_per_cpu_s = step.handshakes_per_cpu_s();
         }
         row.steps.push(step);
         if failed || saturated || late {
@@ -302,13 +310,6 @@ fn share_section(out: &mut String, rows: &[ConnrateRow]) {
         CPU_SPLIT,
     ])
     .left(&[CPU_SPLIT]);
-    let per_cpu = |s: &ConnrateStep| {
-        if s.cpu.proxy_s > 0.0 {
-            s.ok as f64 / s.cpu.proxy_s
-        } else {
-            0.0
-        }
-    };
     for r in rows {
         let Some(s) = &r.at_share else { continue };
         let w = is_weir(&r.system);
@@ -323,15 +324,15 @@ fn share_section(out: &mut String, rows: &[ConnrateRow]) {
             ),
         ];
         cells.extend(latency_cells(&s.handshake));
-        let percentiles: [fn(&Latency) -> u64; 2] = [|l| l.p99_us, |l| l.p999_us];
-        for pick in percentiles {
-            cells.extend(ratio_cells(w, &L7_PEERS, find, |p| {
-                ratio(sampled(&p.handshake, pick), sampled(&s.handshake, pick))
-            }));
-        }
-        cells.push(fmt_num(per_cpu(s)));
+        cells.extend(tail_ratio_cells(
+            w,
+            &L7_PEERS,
+            |p| find(p).map(|x| &x.handshake),
+            &s.handshake,
+        ));
+        cells.push(fmt_num(s.handshakes_per_cpu_s()));
         cells.extend(ratio_cells(w, &L7_PEERS, find, |p| {
-            ratio(per_cpu(s), per_cpu(p))
+            ratio(s.handshakes_per_cpu_s(), p.handshakes_per_cpu_s())
         }));
         cells.push(fmt_cpu(&s.cpu));
         t.row(cells);

@@ -20,24 +20,6 @@ pub const SET_GOAL_MS: f64 = 100.0;
 /// Backends in the set the goal is about.
 pub const SET_GOAL_BACKENDS: usize = 10_000;
 
-fn params(quick: bool) -> Params {
-    if quick {
-        Params {
-            runs: 10_000,
-            rounds: 1,
-            table_flows: 20_000,
-            set_repeats: 1,
-        }
-    } else {
-        Params {
-            runs: 100_000,
-            rounds: 3,
-            table_flows: 100_000,
-            set_repeats: 5,
-        }
-    }
-}
-
 pub struct Micro;
 
 /// Everything one run measured; weir is the only system.
@@ -57,8 +39,8 @@ impl MicroRow {
         let ratios: Vec<f64> = self
             .xdp
             .iter()
-            .flat_map(|x| [&x.empty_table, &x.full_table.packets])
-            .filter_map(|p| ratio(packet(p).mean, p.floor.mean))
+            .flat_map(XdpResult::tables)
+            .filter_map(|(_, p)| ratio(packet(p).mean, p.floor.mean))
             .collect();
         let lo = ratios.iter().copied().reduce(f64::min)?;
         let hi = ratios.iter().copied().reduce(f64::max)?;
@@ -73,6 +55,12 @@ impl MicroRow {
     }
 }
 
+/// Whether a `backend set` timing meets the goal, from empty and for one
+/// replaced.
+pub fn set_goal_met(s: &micro::SetResult) -> bool {
+    s.initial_ms <= SET_GOAL_MS && s.change_ms <= SET_GOAL_MS
+}
+
 impl Scenario for Micro {
     const NAME: &'static str = "micro";
     const TITLE: &'static str = "XDP cost per packet and `weir backend set` time";
@@ -81,7 +69,11 @@ impl Scenario for Micro {
     type Row = MicroRow;
 
     fn run(b: &mut Bench) -> Result<Outcome<MicroRow>> {
-        let p = params(b.sizes.quick);
+        let p = if b.sizes.quick {
+            Params::QUICK
+        } else {
+            Params::FULL
+        };
         let mut out = Outcome::new(&[
             ("runs", p.runs.to_string()),
             ("rounds", p.rounds.to_string()),
@@ -100,17 +92,15 @@ impl Scenario for Micro {
     fn faults(rows: &[MicroRow]) -> Vec<String> {
         let mut bad = Vec::new();
         for r in rows {
-            let timings = r.xdp.iter().flat_map(|x| {
-                [&x.empty_table, &x.full_table.packets].map(|p| {
-                    [
-                        &p.syn_new_flow,
-                        &p.established_one_flow,
-                        &p.established_spread,
-                        &p.floor,
-                    ]
-                })
+            let timings = r.xdp.iter().flat_map(XdpResult::tables).flat_map(|(_, p)| {
+                [
+                    &p.syn_new_flow,
+                    &p.established_one_flow,
+                    &p.established_spread,
+                    &p.floor,
+                ]
             });
-            if r.xdp.is_empty() || timings.flatten().any(|t| t.runs == 0 || t.mean <= 0.0) {
+            if r.xdp.is_empty() || timings.into_iter().any(|t| t.runs == 0 || t.mean <= 0.0) {
                 bad.push("micro: an XDP packet kind was not timed".into());
             }
             if r.goal_set().is_none() {
@@ -137,10 +127,7 @@ impl Scenario for Micro {
             "floor: bare XDP_TX (ns)",
         ]);
         for x in &r.xdp {
-            for (flows, p) in [
-                (0, &x.empty_table),
-                (x.full_table.table_flows, &x.full_table.packets),
-            ] {
+            for (flows, p) in x.tables() {
                 let mut cells = vec![
                     x.round.to_string(),
                     fmt_int(u64::from(x.backends)),
@@ -187,7 +174,7 @@ impl Scenario for Micro {
         .left(&["goal"]);
         for s in &r.backend_set {
             let goal = if s.backends == SET_GOAL_BACKENDS {
-                let met = s.initial_ms <= SET_GOAL_MS && s.change_ms <= SET_GOAL_MS;
+                let met = set_goal_met(s);
                 format!(
                     "≤ {} ms both: {}",
                     fmt_f(SET_GOAL_MS, 0),

@@ -21,7 +21,7 @@ use crate::stage::Bench;
 use crate::systems::Running;
 use crate::table::{
     CPU_SPLIT, L7_PEERS, Table, fmt_cpu, fmt_int, fmt_num, is_weir, latency_cells, measured,
-    peer_row, ratio, ratio_cells, sampled,
+    peer_row, ratio, ratio_cells, tail_ratio_cells,
 };
 
 /// Sizes of a full run, and of a quick one (`--quick`).
@@ -169,12 +169,12 @@ impl Scenario for Push {
                 fmt_int(r.received),
             ];
             cells.extend(latency_cells(l));
-            let percentiles: [fn(&Latency) -> u64; 2] = [|l| l.p99_us, |l| l.p999_us];
-            for percentile in percentiles {
-                cells.extend(ratio_cells(w, &L7_PEERS, find, |p| {
-                    ratio(sampled(&p.latency, percentile), sampled(l, percentile))
-                }));
-            }
+            cells.extend(tail_ratio_cells(
+                w,
+                &L7_PEERS,
+                |p| find(p).map(|x| &x.latency),
+                l,
+            ));
             cells.push(fmt_num(r.cpu_s_per_million));
             cells.extend(ratio_cells(w, &L7_PEERS, find, |p| {
                 ratio(p.cpu_s_per_million, r.cpu_s_per_million)

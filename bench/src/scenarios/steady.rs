@@ -84,6 +84,17 @@ pub struct SteadyRow {
 
 measured!(SteadyRow);
 
+impl SteadyRow {
+    /// Closed-loop messages per proxy CPU second; 0 when no CPU was read.
+    pub fn msgs_per_cpu_s(&self) -> f64 {
+        if self.cpu_s_per_million > 0.0 {
+            1e6 / self.cpu_s_per_million
+        } else {
+            0.0
+        }
+    }
+}
+
 impl Scenario for Steady {
     const NAME: &'static str = "steady";
     const TITLE: &'static str = "Steady echo";
@@ -159,7 +170,6 @@ impl Scenario for Steady {
 
     fn section(out: &mut String, rows: &[SteadyRow]) {
         let key = |r: &SteadyRow| (r.topology, r.message_bytes, r.connections);
-        let per_cpu_s = |r: &SteadyRow| 1e6 / r.cpu_s_per_million;
 
         out.push_str("### Closed loop: throughput and CPU\n\n");
         let mut t = Table::new(&[
@@ -193,7 +203,7 @@ impl Scenario for Steady {
             }));
             cells.push(fmt_num(r.cpu_s_per_million));
             cells.push(if r.cpu_s_per_million > 0.0 {
-                fmt_num(per_cpu_s(r))
+                fmt_num(r.msgs_per_cpu_s())
             } else {
                 "–".into()
             });
