@@ -12,6 +12,7 @@
 pub mod cli;
 pub mod daemon;
 pub mod dataplane;
+pub mod health;
 pub mod instance;
 pub mod l7;
 pub mod logs;
