@@ -10,6 +10,7 @@
 //! - [`instance`]: where an instance's pins, lock and audit log live.
 
 pub mod cli;
+pub mod config_file;
 pub mod daemon;
 pub mod dataplane;
 pub mod health;

@@ -9,6 +9,8 @@ use std::time::Duration;
 
 use serde::{Deserialize, Serialize};
 
+use crate::config_file::{self, Source};
+pub use crate::config_file::{ConfigError, MAX_DURATION, parse_duration};
 use crate::registry::ServiceAddr;
 
 mod builder;
@@ -57,16 +59,6 @@ host = "*"
 path_prefix = "/"
 service = "127.0.0.1:8080"
 "#;
-
-/// A refused configuration: where and why.
-#[derive(Debug, thiserror::Error)]
-#[error("{source_name}:{line}:{column}: {reason}")]
-pub struct ConfigError {
-    pub source_name: String,
-    pub line: usize,
-    pub column: usize,
-    pub reason: String,
-}
 
 /// The validated configuration.
 #[derive(Clone, Debug, PartialEq)]
@@ -352,54 +344,6 @@ fn root_prefix() -> toml::Spanned<String> {
     toml::Spanned::new(0..0, "/".into())
 }
 
-/// Parses a duration: a number, which may have a fraction, and a unit
-/// `ms`, `s`, `m` or `h` (`250ms`, `1.5s`, `5m`, `0.5h`).
-pub fn parse_duration(s: &str) -> Result<Duration, String> {
-    let s = s.trim();
-    let split = s
-        .find(|c: char| !c.is_ascii_digit() && c != '.')
-        .unwrap_or(s.len());
-    let (num, unit) = s.split_at(split);
-    let nanos_per_unit: u128 = match unit {
-        "ms" => 1_000_000,
-        "s" => 1_000_000_000,
-        "m" => 60_000_000_000,
-        "h" => 3_600_000_000_000,
-        _ if num.is_empty() => {
-            return Err(format!(
-                "{s:?} is not a duration: write a number and a unit ms, s, m or h, \
-                 e.g. 250ms, 1.5s, 5m"
-            ));
-        }
-        _ => {
-            return Err(format!(
-                "{s:?}: the unit must be ms, s, m or h (e.g. 250ms, 1.5s, 5m)"
-            ));
-        }
-    };
-    let (whole, fraction) = num.split_once('.').unwrap_or((num, "0"));
-    let digits = |d: &str| !d.is_empty() && d.bytes().all(|b| b.is_ascii_digit());
-    if !digits(whole) || !digits(fraction) || fraction.len() > 9 {
-        return Err(format!(
-            "{s:?} is not a duration: write a number (at most 9 decimals) and a unit ms, s, m \
-             or h, e.g. 250ms, 1.5s, 5m"
-        ));
-    }
-    let too_long = || format!("{s:?} is too long");
-    let whole: u128 = whole.parse().map_err(|_| too_long())?;
-    let fraction: u128 = format!("{fraction:0<9}").parse().map_err(|_| too_long())?;
-    let nanos = whole
-        .checked_mul(nanos_per_unit)
-        .and_then(|n| n.checked_add(fraction * nanos_per_unit / 1_000_000_000))
-        .ok_or_else(too_long)?;
-    u64::try_from(nanos)
-        .map(Duration::from_nanos)
-        .map_err(|_| too_long())
-}
-
-/// The longest duration any setting takes; longer ones are surely typos
-/// (and some would overflow the clock arithmetic).
-pub const MAX_DURATION: Duration = Duration::from_secs(24 * 3600);
 /// The shortest keepalive ping interval.
 pub const MIN_PING_INTERVAL: Duration = Duration::from_millis(100);
 /// Upper bounds of the numeric settings: beyond them a process runs out of
@@ -420,88 +364,21 @@ pub const MAX_TOTAL_POOL_BYTES: u64 = 64 << 30;
 
 /// Reads and validates a configuration file.
 pub fn load(path: &Path) -> Result<Config, ConfigError> {
-    let text = std::fs::read_to_string(path).map_err(|e| ConfigError {
-        source_name: path.display().to_string(),
-        line: 0,
-        column: 0,
-        reason: format!("cannot read: {e}"),
-    })?;
-    parse(&text, &path.display().to_string())
+    parse(&config_file::read(path)?, &path.display().to_string())
 }
 
 /// Parses and validates configuration text; `name` appears in errors.
 pub fn parse(text: &str, name: &str) -> Result<Config, ConfigError> {
-    let at = |span: std::ops::Range<usize>, reason: String| {
-        let upto = &text[..span.start.min(text.len())];
-        let line = upto.matches('\n').count() + 1;
-        let column = upto.len() - upto.rfind('\n').map_or(0, |i| i + 1) + 1;
-        ConfigError {
-            source_name: name.into(),
-            line,
-            column,
-            reason,
-        }
-    };
-    let raw: RawConfig = toml::from_str(text).map_err(|e| {
-        let reason = e.message().to_string();
-        at(e.span().unwrap_or(0..0), reason)
-    })?;
-
-    // Every error names the key as written (`table.key`), the value, and
-    // what is allowed.
-    let duration = |s: &toml::Spanned<String>, key: &str, min: Duration| {
-        let value = parse_duration(s.get_ref()).map_err(|r| at(s.span(), format!("{key}: {r}")))?;
-        if value < min || value > MAX_DURATION {
-            let low = if min.is_zero() {
-                "0s".to_string()
-            } else {
-                format!("{min:?}")
-            };
-            return Err(at(
-                s.span(),
-                format!("{key} = {:?}: must be from {low} to 24h", s.get_ref()),
-            ));
-        }
-        Ok(value)
-    };
-    let range = |v: &toml::Spanned<u64>, key: &str, min: u64, max: u64, note: &str| {
-        let value = *v.get_ref();
-        if (min..=max).contains(&value) {
-            Ok(value)
-        } else {
-            Err(at(
-                v.span(),
-                format!("{key} = {value}: must be {min}..={max}{note}"),
-            ))
-        }
-    };
-    let addr = |s: &toml::Spanned<String>, key: &str| {
-        s.get_ref().parse::<SocketAddr>().map_err(|_| {
-            at(
-                s.span(),
-                format!(
-                    "{key} = {:?}: must be IP:PORT, e.g. 127.0.0.1:8080 or [::1]:8080",
-                    s.get_ref()
-                ),
-            )
-        })
-    };
-    let service = |s: &toml::Spanned<String>, key: &str| {
-        s.get_ref()
-            .parse::<ServiceAddr>()
-            .map_err(|r| at(s.span(), format!("{key}: {r}")))
-    };
+    let src = Source::new(text, name);
+    let at = |span, reason| src.error(span, reason);
+    let raw: RawConfig = src.parse()?;
+    let duration = |s, key, min| src.duration(s, key, min);
+    let range = |v, key, min, max, note| src.range(v, key, min, max, note);
+    let addr = |s, key| src.addr(s, key);
+    let service = |s, key| src.service(s, key);
 
     let (instance, instance_set_at) = match &raw.instance {
-        Some(i) => {
-            crate::instance::Instance::new(i.get_ref())
-                .map_err(|e| at(i.span(), format!("instance: {e}")))?;
-            let place = at(i.span(), String::new());
-            (
-                i.get_ref().clone(),
-                Some(format!("{}:{}", place.source_name, place.line)),
-            )
-        }
+        Some(i) => (src.instance(i)?, Some(src.place(i.span()))),
         None => ("default".to_string(), None),
     };
     let rt = &raw.runtime;
@@ -777,31 +654,6 @@ mod tests {
         assert_eq!(c.timeouts.ping_interval, None);
         assert_eq!(c.drain_window, Duration::from_secs(30));
         assert_eq!(c.metrics, Some("127.0.0.1:9100".parse().unwrap()));
-    }
-
-    #[test]
-    fn durations() {
-        assert_eq!(parse_duration("250ms"), Ok(Duration::from_millis(250)));
-        assert_eq!(parse_duration("10s"), Ok(Duration::from_secs(10)));
-        assert_eq!(parse_duration("5m"), Ok(Duration::from_secs(300)));
-        assert_eq!(parse_duration("1h"), Ok(Duration::from_secs(3600)));
-        for bad in ["", "s", "10", "10x", "-1s", "99999999999999999999h"] {
-            assert!(parse_duration(bad).is_err(), "{bad}");
-        }
-    }
-
-    #[test]
-    fn durations_take_fractions() {
-        assert_eq!(parse_duration("1.5s"), Ok(Duration::from_millis(1500)));
-        assert_eq!(parse_duration("0.25m"), Ok(Duration::from_secs(15)));
-        assert_eq!(parse_duration("2.5ms"), Ok(Duration::from_micros(2500)));
-        assert_eq!(parse_duration("0.5h"), Ok(Duration::from_secs(1800)));
-        for bad in [".5s", "1.s", "1.2.3s", "1.0000000001s"] {
-            let e = parse_duration(bad).expect_err(bad);
-            assert!(e.contains("e.g. 250ms, 1.5s, 5m"), "{bad}: {e}");
-        }
-        let e = parse_duration("1.5 sec").unwrap_err();
-        assert!(e.contains("unit must be ms, s, m or h"), "{e}");
     }
 
     /// Every key with a range: the error names the key, the value, the
