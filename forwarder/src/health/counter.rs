@@ -37,9 +37,19 @@ impl Counter {
     /// failure the run of passes.
     pub fn record(&mut self, passed: bool) -> Option<BackendHealth> {
         let (run, reset, need, target) = if passed {
-            (&mut self.passes, &mut self.fails, self.rise, BackendHealth::Healthy)
+            (
+                &mut self.passes,
+                &mut self.fails,
+                self.rise,
+                BackendHealth::Healthy,
+            )
         } else {
-            (&mut self.fails, &mut self.passes, self.fall, BackendHealth::Unhealthy)
+            (
+                &mut self.fails,
+                &mut self.passes,
+                self.fall,
+                BackendHealth::Unhealthy,
+            )
         };
         *reset = 0;
         if self.health == target {
@@ -80,10 +90,18 @@ mod tests {
     #[test]
     fn healthy_falls_only_after_fall_consecutive_failures() {
         let mut c = Counter::new(2, 2, Healthy);
-        assert_eq!(run(&mut c, "-+-+-+"), [None; 6], "interleaved passes reset the run");
+        assert_eq!(
+            run(&mut c, "-+-+-+"),
+            [None; 6],
+            "interleaved passes reset the run"
+        );
         assert_eq!(c.health(), Healthy);
         assert_eq!(run(&mut c, "--"), [None, Some(Unhealthy)]);
-        assert_eq!(run(&mut c, "---"), [None; 3], "no transition to where it is");
+        assert_eq!(
+            run(&mut c, "---"),
+            [None; 3],
+            "no transition to where it is"
+        );
     }
 
     #[test]
@@ -91,7 +109,11 @@ mod tests {
         let mut c = Counter::new(3, 1, Unhealthy);
         assert_eq!(run(&mut c, "++-++"), [None; 5]);
         assert_eq!(run(&mut c, "+"), [Some(Healthy)]);
-        assert_eq!(run(&mut c, "-"), [Some(Unhealthy)], "fall 1: one failure is enough");
+        assert_eq!(
+            run(&mut c, "-"),
+            [Some(Unhealthy)],
+            "fall 1: one failure is enough"
+        );
     }
 
     #[test]

@@ -123,7 +123,10 @@ mod tests {
             assert!(offset < SECOND, "{k}: {offset:?}");
             per_tenth[(offset.as_millis() / 100) as usize] += 1;
         }
-        assert!(per_tenth.iter().all(|&n| (90..=110).contains(&n)), "{per_tenth:?}");
+        assert!(
+            per_tenth.iter().all(|&n| (90..=110).contains(&n)),
+            "{per_tenth:?}"
+        );
     }
 
     #[test]
@@ -158,10 +161,17 @@ mod tests {
         let now = Instant::now();
         let jitter = Duration::from_millis(200);
         let mut s = Schedule::new(SECOND, jitter);
-        for (random, want) in [(0, SECOND), (u32::MAX / 2, SECOND + jitter / 2), (u32::MAX, SECOND + jitter)] {
+        for (random, want) in [
+            (0, SECOND),
+            (u32::MAX / 2, SECOND + jitter / 2),
+            (u32::MAX, SECOND + jitter),
+        ] {
             s.reschedule(7, now, random);
             let at = s.next_due().unwrap() - now;
-            assert!(at.abs_diff(want) < Duration::from_micros(1), "{random}: {at:?}");
+            assert!(
+                at.abs_diff(want) < Duration::from_micros(1),
+                "{random}: {at:?}"
+            );
             assert!(at < SECOND + jitter);
         }
         assert_eq!(s.len(), 1, "rescheduling replaces the old time");

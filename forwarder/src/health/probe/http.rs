@@ -72,8 +72,14 @@ mod tests {
     #[test]
     fn the_request_is_a_closing_get_of_the_path() {
         let (_, request) = probe(200);
-        assert!(request.starts_with("GET /healthz?deep=1 HTTP/1.1\r\n"), "{request}");
-        assert!(request.contains("\r\nHost: 198.18.0.5:8080\r\n"), "{request}");
+        assert!(
+            request.starts_with("GET /healthz?deep=1 HTTP/1.1\r\n"),
+            "{request}"
+        );
+        assert!(
+            request.contains("\r\nHost: 198.18.0.5:8080\r\n"),
+            "{request}"
+        );
         assert!(request.contains("\r\nConnection: close\r\n"), "{request}");
         assert!(request.ends_with("\r\n\r\n"));
         let named = Check::Http {
@@ -84,7 +90,11 @@ mod tests {
         let Step::Send(r) = Probe::new(&named, "198.18.0.5:80", [0; 32]).connected() else {
             panic!()
         };
-        assert!(String::from_utf8(r).unwrap().contains("\r\nHost: app.example\r\n"));
+        assert!(
+            String::from_utf8(r)
+                .unwrap()
+                .contains("\r\nHost: app.example\r\n")
+        );
     }
 
     #[test]

@@ -175,7 +175,10 @@ mod tests {
         let req = handshake::parse_request(&request, &handshake::Limits::default())
             .expect("the upgrade is one weir run itself accepts")
             .expect("complete");
-        assert_eq!((req.path.as_str(), req.host.as_str()), ("/ws", "198.18.0.7:9000"));
+        assert_eq!(
+            (req.path.as_str(), req.host.as_str()),
+            ("/ws", "198.18.0.7:9000")
+        );
         (p, req.key)
     }
 
@@ -221,7 +224,10 @@ mod tests {
             panic!("the matching pong is answered with a close");
         };
         let (op, body, _) = sent_frame(&close);
-        assert_eq!((op, frame::close_code(&body, None)), (Opcode::Close, Some(1001)));
+        assert_eq!(
+            (op, frame::close_code(&body, None)),
+            (Opcode::Close, Some(1001))
+        );
         assert_eq!(
             p.received(&server(Opcode::Close, &1000u16.to_be_bytes())),
             Step::Done(Outcome::PASSED)
@@ -293,8 +299,15 @@ mod tests {
         assert_eq!(p.received(&server(Opcode::Ping, b"yours")), Step::Wait);
         assert_eq!(p.received(&server(Opcode::Pong, b"stale")), Step::Wait);
         assert_eq!(p.received(&server(Opcode::Text, b"hello")), Step::Wait);
-        assert!(matches!(p.received(&server(Opcode::Pong, &payload)), Step::Send(_)));
-        assert_eq!(p.timed_out(), Outcome::new(HealthReason::Timeout, 0), "pong seen: the close is late");
+        assert!(matches!(
+            p.received(&server(Opcode::Pong, &payload)),
+            Step::Send(_)
+        ));
+        assert_eq!(
+            p.timed_out(),
+            Outcome::new(HealthReason::Timeout, 0),
+            "pong seen: the close is late"
+        );
     }
 
     #[test]
@@ -308,7 +321,11 @@ mod tests {
         );
         let (mut p, key) = started();
         assert_eq!(p.received(&switching(&key)[..20]), Step::Wait);
-        assert_eq!(p.timed_out(), Outcome::new(HealthReason::Timeout, 0), "not upgraded yet");
+        assert_eq!(
+            p.timed_out(),
+            Outcome::new(HealthReason::Timeout, 0),
+            "not upgraded yet"
+        );
     }
 
     #[test]
@@ -317,18 +334,27 @@ mod tests {
         let masked = frame::whole_frame(Opcode::Pong, true, b"ping-42!", Some([1, 2, 3, 4]));
         assert_eq!(
             p.received(&masked),
-            Step::Done(Outcome::new(HealthReason::BadFrame, frame::CLOSE_PROTOCOL_ERROR))
+            Step::Done(Outcome::new(
+                HealthReason::BadFrame,
+                frame::CLOSE_PROTOCOL_ERROR
+            ))
         );
         let (mut p, _) = pinged();
         assert_eq!(
             p.received(&[0x83, 0x00]),
-            Step::Done(Outcome::new(HealthReason::BadFrame, frame::CLOSE_PROTOCOL_ERROR)),
+            Step::Done(Outcome::new(
+                HealthReason::BadFrame,
+                frame::CLOSE_PROTOCOL_ERROR
+            )),
             "reserved opcode"
         );
         let (mut p, _) = pinged();
         assert_eq!(
             p.received(&[0x82, 0x7E, 0x00, 0x05]),
-            Step::Done(Outcome::new(HealthReason::BadFrame, frame::CLOSE_PROTOCOL_ERROR)),
+            Step::Done(Outcome::new(
+                HealthReason::BadFrame,
+                frame::CLOSE_PROTOCOL_ERROR
+            )),
             "non-minimal length"
         );
     }
