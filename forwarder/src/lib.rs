@@ -17,4 +17,5 @@ pub mod health;
 pub mod instance;
 pub mod l7;
 pub mod logs;
+pub mod prometheus;
 pub mod registry;

@@ -94,9 +94,24 @@ pub enum Command {
         #[arg(long, value_enum, default_value_t)]
         log_level: crate::logs::Verbosity,
     },
+    /// Check the health of backends and write it to the registry; free
+    /// removed backends once nothing uses them. Runs until SIGTERM.
+    Agent {
+        /// Configuration file (TOML); the embedded default without one
+        /// (`weir config default --agent`).
+        #[arg(long)]
+        config: Option<std::path::PathBuf>,
+        /// How log lines are written to stderr: weir's text lines, or one
+        /// JSON object per line for log shippers.
+        #[arg(long, value_enum, default_value_t)]
+        log_format: crate::logs::Format,
+        /// The least severe events logged.
+        #[arg(long, value_enum, default_value_t)]
+        log_level: crate::logs::Verbosity,
+    },
     /// Read every map back and check the rings match the backends.
     Check,
-    /// The `weir run` configuration.
+    /// The `weir run` (or, with --agent, `weir agent`) configuration.
     #[command(subcommand)]
     Config(ConfigCmd),
     /// Remove the instance: detach its programs and delete its maps.
@@ -196,9 +211,18 @@ pub enum BackendCmd {
 #[derive(Subcommand, Debug)]
 pub enum ConfigCmd {
     /// Print the embedded default configuration.
-    Default,
+    Default {
+        /// `weir agent`'s instead of `weir run`'s.
+        #[arg(long)]
+        agent: bool,
+    },
     /// Validate a configuration file (file, line and reason on error).
-    Check { file: std::path::PathBuf },
+    Check {
+        file: std::path::PathBuf,
+        /// A `weir agent` configuration instead of a `weir run` one.
+        #[arg(long)]
+        agent: bool,
+    },
 }
 
 #[derive(Subcommand, Debug)]
@@ -551,8 +575,33 @@ pub fn run(cli: Cli) -> Result<()> {
                 log_level,
             );
         }
-        Command::Config(ConfigCmd::Default) => print!("{}", crate::l7::config::DEFAULT),
-        Command::Config(ConfigCmd::Check { file }) => {
+        Command::Agent {
+            config,
+            log_format,
+            log_level,
+        } => {
+            return crate::daemon::agent::run(
+                config.as_deref(),
+                cli.instance.as_deref(),
+                log_format,
+                log_level,
+            );
+        }
+        Command::Config(ConfigCmd::Default { agent: false }) => {
+            print!("{}", crate::l7::config::DEFAULT)
+        }
+        Command::Config(ConfigCmd::Default { agent: true }) => {
+            print!("{}", crate::daemon::agent::config::DEFAULT)
+        }
+        Command::Config(ConfigCmd::Check { file, agent: true }) => {
+            let config = crate::daemon::agent::config::load(&file)?;
+            say(
+                json,
+                json!({"ok": true, "checks": config.checks.len()}),
+                || format!("{}: ok ({} check(s))", file.display(), config.checks.len()),
+            );
+        }
+        Command::Config(ConfigCmd::Check { file, agent: false }) => {
             let config = crate::l7::config::load(&file)?;
             say(
                 json,
@@ -863,8 +912,8 @@ fn stats(reg: &Registry, instance: &Instance, json: bool) -> Result<()> {
             l7.closes_undelivered_to_client, l7.closes_undelivered_to_backend
         );
         println!(
-            "  errors: registry refresh {} freeing removed backends {} backend sockets {}",
-            l7.registry_refresh_errors, l7.registry_collect_errors, l7.backend_socket_errors
+            "  errors: registry refresh {} backend sockets {}",
+            l7.registry_refresh_errors, l7.backend_socket_errors
         );
     }
     if let Some(d) = decap {

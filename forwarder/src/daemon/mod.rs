@@ -1,15 +1,18 @@
-//! `weir run` as a daemon: everything around the L7 workers that keeps the
-//! process honest about what it serves and frees what it no longer needs.
+//! weir's two daemons and the plumbing they share (one process per
+//! instance through a lock file, SIGTERM/SIGINT, logs, a watch on the
+//! pinned maps, refusals logged as such):
 //!
-//! - [`maps_watch`]: the pinned maps it started on are still the instance's;
-//! - [`listeners`]: nobody else listens on its addresses;
-//! - [`workers`]: starts and joins the io_uring workers and the metrics
-//!   endpoint;
-//! - [`collector`]: frees removed backends once nothing uses them.
-//!
-//! The health-checking agent to come is another daemon of this kind.
+//! - `weir run` ([`run`]): everything around the L7 workers that keeps the
+//!   process honest about what it serves;
+//!   - [`listeners`]: nobody else listens on its addresses;
+//!   - [`workers`]: starts and joins the io_uring workers and the metrics
+//!     endpoint;
+//! - [`agent`]: `weir agent`, the control-plane work that needs a process:
+//!   health checks and freeing removed backends once nothing uses them;
+//! - [`maps_watch`]: the pinned maps a daemon started on are still the
+//!   instance's.
 
-pub mod collector;
+pub mod agent;
 pub mod listeners;
 pub mod maps_watch;
 pub mod workers;
@@ -32,23 +35,50 @@ pub use maps_watch::{MapIds, WATCH_INTERVAL, watch_maps};
 #[error("{0}")]
 pub struct AlreadyLogged(pub String);
 
-/// `weir run`: sets up its logs, then serves (see [`serve`]). Whatever
-/// stops it early is logged as the refusal it is (`event = "refused"`), in
-/// the log format asked for, so a log shipper sees a refused configuration
-/// as well as a human does.
+/// `weir run`: sets up its logs, then serves (see [`serve`]).
 pub fn run(
     path: Option<&Path>,
     flag: Option<&str>,
     format: logs::Format,
     verbosity: logs::Verbosity,
 ) -> Result<()> {
+    logged(format, verbosity, || serve(path, flag))
+}
+
+/// Sets up a daemon's logs, then runs `serve`. Whatever stops it early is
+/// logged as the refusal it is (`event = "refused"`), in the log format
+/// asked for, so a log shipper sees a refused configuration as well as a
+/// human does.
+pub fn logged(
+    format: logs::Format,
+    verbosity: logs::Verbosity,
+    serve: impl FnOnce() -> Result<()>,
+) -> Result<()> {
     logs::init(format, verbosity).map_err(anyhow::Error::msg)?;
-    match serve(path, flag) {
+    match serve() {
         Err(e) if e.downcast_ref::<AlreadyLogged>().is_none() => {
             tracing::error!(event = "refused", "{e:#}");
             Err(AlreadyLogged(format!("{e:#}")).into())
         }
         other => other,
+    }
+}
+
+/// The instance a daemon serves: `--instance` or the file's `instance`.
+/// The flag and a file that sets the key must agree: serving another
+/// instance than the one an operator named is a silent misroute either way.
+pub fn instance_named(
+    flag: Option<&str>,
+    from_file: bool,
+    configured: &str,
+    set_at: Option<&str>,
+) -> Result<String> {
+    match (flag, set_at) {
+        (Some(f), Some(at)) if from_file && f != configured => bail!(
+            "--instance {f} conflicts with instance = {configured:?} at {at}; drop one of them"
+        ),
+        (Some(f), _) => Ok(f.to_string()),
+        (None, _) => Ok(configured.to_string()),
     }
 }
 
@@ -61,16 +91,12 @@ fn serve(path: Option<&Path>, flag: Option<&str>) -> Result<()> {
         Some(p) => crate::l7::config::load(p)?,
         None => crate::l7::config::parse(crate::l7::config::DEFAULT, "default configuration")?,
     };
-    // The flag and the file must agree: serving another instance than the
-    // one an operator named is a silent misroute either way.
-    match (flag, &config.instance_set_at) {
-        (Some(f), Some(at)) if path.is_some() && f != config.instance => bail!(
-            "--instance {f} conflicts with instance = {:?} at {at}; drop one of them",
-            config.instance
-        ),
-        (Some(f), _) => config.instance = f.to_string(),
-        (None, _) => {}
-    }
+    config.instance = instance_named(
+        flag,
+        path.is_some(),
+        &config.instance,
+        config.instance_set_at.as_deref(),
+    )?;
     let instance = Instance::new(&config.instance)?;
     crate::instance::require_root()?;
     if !instance
@@ -140,7 +166,11 @@ fn serve(path: Option<&Path>, flag: Option<&str>) -> Result<()> {
         ids,
         stop.clone(),
         fault.clone(),
-        config.timeouts.shutdown,
+        format!(
+            "new clients are refused, open connections close within {:?}; start `weir run` \
+             again to serve the new instance",
+            config.timeouts.shutdown
+        ),
     )
     .context("starting the map watcher")?;
     let settings = crate::l7::worker::Settings {

@@ -1,6 +1,6 @@
-//! The worker threads of `weir run`: one io_uring worker per core, the
-//! metrics endpoint and the collector, started together (one that cannot
-//! start fails the whole start) and joined together.
+//! The worker threads of `weir run`: one io_uring worker per core and the
+//! metrics endpoint, started together (one that cannot start fails the
+//! whole start) and joined together.
 
 use std::io;
 use std::net::SocketAddr;
@@ -91,29 +91,15 @@ pub fn serve(
             break;
         }
     }
-    // Without the collector, drained backends would never leave the
-    // registry: that fails the start like a worker that cannot start.
-    let collector = started.and_then(|()| {
-        super::collector::collect_removed(&settings, metrics[0].clone(), metrics_stop.clone())
-            .map_err(|e| {
-                io::Error::new(
-                    e.kind(),
-                    format!("starting the thread that frees removed backends: {e}"),
-                )
-            })
-    });
-    let collector = match collector {
-        Ok(c) => c,
-        Err(e) => {
-            stop.store(true, Ordering::Relaxed);
-            for h in handles {
-                let _ = h.join();
-            }
-            metrics_stop.store(true, Ordering::Relaxed);
-            let _ = metrics_thread.join();
-            return Err(e);
+    if let Err(e) = started {
+        stop.store(true, Ordering::Relaxed);
+        for h in handles {
+            let _ = h.join();
         }
-    };
+        metrics_stop.store(true, Ordering::Relaxed);
+        let _ = metrics_thread.join();
+        return Err(e);
+    }
     listening(&bound, &sizing);
     let mut result = Ok(());
     for h in handles {
@@ -127,11 +113,6 @@ pub fn serve(
     }
     metrics_stop.store(true, Ordering::Relaxed);
     let _ = metrics_thread.join();
-    if collector.join().is_err() && result.is_ok() {
-        result = Err(io::Error::other(
-            "the thread that frees removed backends panicked",
-        ));
-    }
     result.map(|()| crate::l7::metrics::snapshot(&metrics))
 }
 

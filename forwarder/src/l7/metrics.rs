@@ -44,10 +44,6 @@ pub struct WorkerMetrics {
     /// tried after each.
     pub backend_connect_refused: AtomicU64,
     pub backend_connect_timeouts: AtomicU64,
-    /// Failed rounds of freeing removed backends (they stay `removed`
-    /// meanwhile). Counted by the collector thread into the first worker's
-    /// set; every counter is summed over workers.
-    pub registry_collect_errors: AtomicU64,
     maps: Mutex<Maps>,
 }
 
@@ -169,8 +165,6 @@ pub struct Snapshot {
     #[serde(default)]
     pub backend_socket_errors: u64,
     #[serde(default)]
-    pub registry_collect_errors: u64,
-    #[serde(default)]
     pub backend_connect_refused: u64,
     #[serde(default)]
     pub backend_connect_timeouts: u64,
@@ -196,7 +190,6 @@ pub fn snapshot(workers: &[Arc<WorkerMetrics>]) -> Snapshot {
         s.closes_undelivered_to_backend += get(&w.closes_undelivered_to_backend);
         s.registry_refresh_errors += get(&w.registry_refresh_errors);
         s.backend_socket_errors += get(&w.backend_socket_errors);
-        s.registry_collect_errors += get(&w.registry_collect_errors);
         s.backend_connect_refused += get(&w.backend_connect_refused);
         s.backend_connect_timeouts += get(&w.backend_connect_timeouts);
         let m = w.maps.lock().unwrap_or_else(|e| e.into_inner()).clone();
@@ -222,10 +215,7 @@ pub fn snapshot(workers: &[Arc<WorkerMetrics>]) -> Snapshot {
 pub fn render(s: &Snapshot) -> String {
     let mut out = String::new();
     let mut metric = |name: &str, kind: &str, help: &str, rows: Vec<(String, u64)>| {
-        out.push_str(&format!("# HELP {name} {help}\n# TYPE {name} {kind}\n"));
-        for (labels, v) in rows {
-            out.push_str(&format!("{name}{labels} {v}\n"));
-        }
+        crate::prometheus::family(&mut out, name, kind, help, rows)
     };
     metric(
         "weir_l7_accepted_total",
@@ -355,12 +345,6 @@ pub fn render(s: &Snapshot) -> String {
         vec![(String::new(), s.backend_socket_errors)],
     );
     metric(
-        "weir_l7_registry_collect_errors_total",
-        "counter",
-        "Failed rounds of freeing removed backends that nothing uses any more.",
-        vec![(String::new(), s.registry_collect_errors)],
-    );
-    metric(
         "weir_l7_backend_connect_failures_total",
         "counter",
         "Connects to backends that failed or timed out (another backend was tried).",
@@ -384,46 +368,40 @@ pub fn serve(
     if let Some(l) = &listener {
         l.set_nonblocking(true)?;
     }
-    std::thread::Builder::new().name("weir-metrics".into()).spawn(move || {
-        let mut last_write = std::time::Instant::now() - Duration::from_secs(2);
-        loop {
-            let done = stop.load(Ordering::Relaxed);
-            if last_write.elapsed() >= Duration::from_secs(1) || done {
-                let snap = snapshot(&workers);
-                if let Ok(json) = serde_json::to_vec(&snap) {
-                    let tmp = snapshot_file.with_extension("tmp");
-                    if std::fs::write(&tmp, json).is_ok() {
-                        let _ = std::fs::rename(&tmp, &snapshot_file);
+    std::thread::Builder::new()
+        .name("weir-metrics".into())
+        .spawn(move || {
+            let mut last_write = std::time::Instant::now() - Duration::from_secs(2);
+            loop {
+                let done = stop.load(Ordering::Relaxed);
+                if last_write.elapsed() >= Duration::from_secs(1) || done {
+                    let snap = snapshot(&workers);
+                    if let Ok(json) = serde_json::to_vec(&snap) {
+                        let tmp = snapshot_file.with_extension("tmp");
+                        if std::fs::write(&tmp, json).is_ok() {
+                            let _ = std::fs::rename(&tmp, &snapshot_file);
+                        }
                     }
+                    last_write = std::time::Instant::now();
                 }
-                last_write = std::time::Instant::now();
+                if done {
+                    return;
+                }
+                if let Some(l) = &listener
+                    && let Ok((mut s, _)) = l.accept()
+                {
+                    let _ = s.set_nonblocking(false);
+                    let _ = s.set_read_timeout(Some(Duration::from_secs(2)));
+                    let mut req = [0u8; 1024];
+                    let n = s.read(&mut req).unwrap_or(0);
+                    let _ = s.write_all(&crate::prometheus::answer(&req[..n], || {
+                        render(&snapshot(&workers))
+                    }));
+                    continue;
+                }
+                std::thread::sleep(Duration::from_millis(20));
             }
-            if done {
-                return;
-            }
-            if let Some(l) = &listener
-                && let Ok((mut s, _)) = l.accept()
-            {
-                let _ = s.set_nonblocking(false);
-                let _ = s.set_read_timeout(Some(Duration::from_secs(2)));
-                let mut req = [0u8; 1024];
-                let n = s.read(&mut req).unwrap_or(0);
-                let ok = req[..n].starts_with(b"GET /metrics ");
-                let (status, body) = if ok {
-                    ("200 OK", render(&snapshot(&workers)))
-                } else {
-                    ("404 Not Found", "try /metrics\n".to_string())
-                };
-                let _ = write!(
-                    s,
-                    "HTTP/1.1 {status}\r\nContent-Type: text/plain; version=0.0.4\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{body}",
-                    body.len()
-                );
-                continue;
-            }
-            std::thread::sleep(Duration::from_millis(20));
-        }
-    })
+        })
 }
 
 #[cfg(test)]
@@ -486,7 +464,6 @@ mod tests {
         a.registry_refresh_errors.fetch_add(2, Ordering::Relaxed);
         b.registry_refresh_errors.fetch_add(1, Ordering::Relaxed);
         b.backend_socket_errors.fetch_add(1, Ordering::Relaxed);
-        a.registry_collect_errors.fetch_add(4, Ordering::Relaxed);
         a.backend_connect_refused.fetch_add(2, Ordering::Relaxed);
         b.backend_connect_timeouts.fetch_add(1, Ordering::Relaxed);
         let s = snapshot(&[a, b]);
@@ -503,7 +480,6 @@ mod tests {
             "# TYPE weir_l7_drains_in_progress gauge",
             "weir_l7_registry_refresh_errors_total 3",
             "weir_l7_backend_socket_errors_total 1",
-            "weir_l7_registry_collect_errors_total 4",
             "weir_l7_backend_connect_failures_total{reason=\"refused\"} 2",
             "weir_l7_backend_connect_failures_total{reason=\"timeout\"} 1",
         ] {
