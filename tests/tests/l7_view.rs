@@ -52,6 +52,7 @@ fn picks_follow_weights_load_and_changes() {
             ring_size: None,
             max_remove_fraction: None,
             min_backends: None,
+            panic_threshold: None,
         },
         opts(),
     )
@@ -145,6 +146,7 @@ fn picks_follow_weights_load_and_changes() {
             ring_size: None,
             max_remove_fraction: None,
             min_backends: None,
+            panic_threshold: None,
         },
         opts(),
     )
