@@ -246,3 +246,224 @@ impl Checks {
         }
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use std::time::Duration;
+
+    use weir_ebpf::abi::HealthReason;
+
+    use super::*;
+    use crate::registry::model::plan;
+
+    const SECOND: Duration = Duration::from_secs(1);
+
+    fn svc() -> ServiceAddr {
+        "198.19.0.10:80".parse().unwrap()
+    }
+
+    fn be(i: u8) -> BackendAddr {
+        BackendAddr {
+            addr: std::net::Ipv4Addr::new(198, 18, 10, i),
+            port: 80,
+        }
+    }
+
+    /// The service with backends 1..=n active and healthy (as a running
+    /// agent would have left them).
+    fn state(n: u8) -> State {
+        let add = Change::AddService {
+            addr: svc(),
+            mode: ServiceModeName::L7,
+            ring_size: None,
+            max_remove_fraction: None,
+            min_backends: None,
+            panic_threshold: None,
+        };
+        let s = plan(&State::default(), &add, false).unwrap().next;
+        let set = Change::SetBackends {
+            service: svc(),
+            backends: (1..=n).map(|i| (be(i), 1)).collect(),
+        };
+        let mut s = plan(&s, &set, false).unwrap().next;
+        for b in s.backends.values_mut() {
+            b.health = BackendHealth::Healthy;
+        }
+        s
+    }
+
+    fn set_backend(
+        s: &mut State,
+        i: u8,
+        f: impl FnOnce(&mut crate::registry::model::BackendEntry),
+    ) {
+        f(s.backends.values_mut().find(|b| b.addr == be(i)).unwrap());
+    }
+
+    use crate::registry::Change;
+
+    fn config(fall: u32) -> CheckConfig {
+        CheckConfig {
+            service: svc(),
+            check: Check::Tcp,
+            interval: SECOND,
+            jitter: Duration::ZERO,
+            timeout: SECOND / 2,
+            rise: 2,
+            fall,
+        }
+    }
+
+    fn due(c: &mut Checks, now: Instant) -> Vec<Job> {
+        std::iter::from_fn(|| c.pop_due(now)).collect()
+    }
+
+    const REFUSED: Outcome = Outcome::new(HealthReason::Refused, 111);
+
+    #[test]
+    fn active_backends_are_checked_once_per_interval() {
+        let now = Instant::now();
+        let mut s = state(3);
+        set_backend(&mut s, 3, |b| b.state = BackendState::Draining);
+        let mut c = Checks::new(&[config(2)]);
+        let synced = c.sync(&s, now, || 0);
+        assert_eq!(synced.found, [svc()]);
+        let jobs = due(&mut c, now);
+        let checked: Vec<BackendAddr> = jobs.iter().map(|j| j.backend).collect();
+        assert_eq!(checked, [be(1), be(2)], "draining backends are not checked");
+        assert_eq!(jobs[0].mode, ServiceModeName::L7);
+        assert!(
+            due(&mut c, now + 10 * SECOND).is_empty(),
+            "in flight until finished"
+        );
+        for j in &jobs {
+            assert_eq!(
+                c.finished(j, Outcome::PASSED, 0, 1),
+                None,
+                "healthy stays healthy"
+            );
+        }
+        assert!(due(&mut c, now + SECOND - Duration::from_millis(1)).is_empty());
+        assert_eq!(due(&mut c, now + SECOND).len(), 2);
+    }
+
+    #[test]
+    fn fall_failures_make_one_pending_update_until_applied() {
+        let now = Instant::now();
+        let s = state(2);
+        let mut c = Checks::new(&[config(2)]);
+        c.sync(&s, now, || 0);
+        let mut t = now;
+        let mut updates = vec![];
+        for _ in 0..2 {
+            for j in due(&mut c, t) {
+                let outcome = if j.backend == be(1) {
+                    REFUSED
+                } else {
+                    Outcome::PASSED
+                };
+                updates.extend(c.finished(&j, outcome, 0, 42));
+            }
+            t += SECOND;
+        }
+        let want = HealthUpdate {
+            service: svc(),
+            backend: be(1),
+            health: BackendHealth::Unhealthy,
+            reason: HealthReason::Refused,
+            detail: 111,
+            at_ms: 42,
+        };
+        assert_eq!(updates, [want]);
+        assert_eq!(c.pending(), [want]);
+        // Not applied yet: a read that still says healthy does not undo it.
+        c.sync(&s, t, || 0);
+        assert_eq!(c.pending(), [want]);
+        c.applied(&[want]);
+        assert!(c.pending().is_empty());
+    }
+
+    #[test]
+    fn a_restarted_agent_resumes_from_the_registry() {
+        let now = Instant::now();
+        let mut s = state(1);
+        set_backend(&mut s, 1, |b| b.health = BackendHealth::Unhealthy);
+        let mut c = Checks::new(&[config(2)]);
+        c.sync(&s, now, || 0);
+        let j = due(&mut c, now).pop().unwrap();
+        assert_eq!(c.finished(&j, REFUSED, 0, 1), None, "already unhealthy");
+        let j = due(&mut c, now + SECOND).pop().unwrap();
+        assert_eq!(c.finished(&j, Outcome::PASSED, 0, 1), None, "rise is 2");
+        let j = due(&mut c, now + 2 * SECOND).pop().unwrap();
+        assert_eq!(
+            c.finished(&j, Outcome::PASSED, 0, 1).map(|u| u.health),
+            Some(BackendHealth::Healthy)
+        );
+    }
+
+    #[test]
+    fn a_health_the_registry_changed_meanwhile_restarts_the_count() {
+        let now = Instant::now();
+        let mut s = state(1);
+        let mut c = Checks::new(&[config(2)]);
+        c.sync(&s, now, || 0);
+        let j = due(&mut c, now).pop().unwrap();
+        assert_eq!(c.finished(&j, REFUSED, 0, 1), None, "one of two failures");
+        // Removed and added again: the registry says unknown now.
+        set_backend(&mut s, 1, |b| b.health = BackendHealth::Unknown);
+        c.sync(&s, now, || 0);
+        let j = due(&mut c, now + SECOND).pop().unwrap();
+        assert_eq!(
+            c.finished(&j, REFUSED, 0, 1),
+            None,
+            "the count started over"
+        );
+    }
+
+    #[test]
+    fn backends_and_services_that_leave_are_dropped_with_their_updates() {
+        let now = Instant::now();
+        let s = state(2);
+        let mut c = Checks::new(&[config(1)]);
+        c.sync(&s, now, || 0);
+        let jobs = due(&mut c, now);
+        for j in &jobs {
+            c.finished(j, REFUSED, 0, 1);
+        }
+        assert_eq!(c.pending().len(), 2);
+        let mut drained = s.clone();
+        set_backend(&mut drained, 2, |b| b.state = BackendState::Removed);
+        c.sync(&drained, now, || 0);
+        assert_eq!(
+            c.pending().len(),
+            1,
+            "the removed backend's update is dropped"
+        );
+        assert_eq!(due(&mut c, now + SECOND).len(), 1);
+        let synced = c.sync(&State::default(), now, || 0);
+        assert_eq!(synced.missing, [svc()]);
+        assert!(c.pending().is_empty());
+        assert_eq!(c.next_due(), None);
+        // A result of a check started before the service left counts for
+        // nothing.
+        assert_eq!(c.finished(&jobs[0], REFUSED, 0, 1), None);
+        assert_eq!(c.sync(&s, now, || 0).found, [svc()]);
+    }
+
+    #[test]
+    fn first_checks_of_new_targets_spread_and_unrun_checks_come_back() {
+        let now = Instant::now();
+        let mut c = Checks::new(&[config(2)]);
+        let mut randoms = [0, u32::MAX / 2].into_iter();
+        c.sync(&state(2), now, || randoms.next().unwrap());
+        assert_eq!(
+            due(&mut c, now).len(),
+            1,
+            "the second is due half an interval later"
+        );
+        let j = c.pop_due(now + SECOND / 2).unwrap();
+        c.not_run(&j, 0);
+        assert_eq!(c.next_due(), Some(now + SECOND / 2 + SECOND));
+        assert!(c.pending().is_empty());
+    }
+}

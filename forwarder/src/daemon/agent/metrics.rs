@@ -19,7 +19,7 @@ pub struct Metrics {
     /// Finished checks by service, check type and outcome (a reason name).
     pub checks: BTreeMap<(ServiceAddr, &'static str, &'static str), u64>,
     /// Applied health transitions by service and new health.
-    pub transitions: BTreeMap<(ServiceAddr, &'static str), u64>,
+    pub transitions: BTreeMap<(ServiceAddr, String), u64>,
     /// Checks not run because the L4 probe path is not attached.
     pub probe_path_skipped: BTreeMap<ServiceAddr, u64>,
     /// Checks that failed on the agent's side (no socket): not counted
@@ -203,4 +203,78 @@ pub fn serve(listener: TcpListener, metrics: Arc<Mutex<Metrics>>) -> std::io::Re
         }
     });
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use weir_ebpf::abi::{BackendHealth, HealthReason};
+
+    use super::*;
+    use crate::registry::ServiceModeName;
+    use crate::registry::model::{Change, plan};
+
+    #[test]
+    fn health_panic_and_counters_are_rendered() {
+        let svc: ServiceAddr = "198.19.0.10:80".parse().unwrap();
+        let add = Change::AddService {
+            addr: svc,
+            mode: ServiceModeName::L7,
+            ring_size: None,
+            max_remove_fraction: None,
+            min_backends: None,
+            panic_threshold: None,
+        };
+        let mut state = plan(&State::default(), &add, false).unwrap().next;
+        let b = BackendAddr {
+            addr: std::net::Ipv4Addr::new(198, 18, 10, 1),
+            port: 80,
+        };
+        let add = Change::AddBackend {
+            service: svc,
+            backend: b,
+            weight: 1,
+        };
+        state = plan(&state, &add, false).unwrap().next;
+        for e in state.backends.values_mut() {
+            e.health = BackendHealth::Unhealthy;
+            e.health_reason = HealthReason::NotUpgraded;
+        }
+        for s in state.services.values_mut() {
+            (s.panic, s.panics) = (true, 3);
+        }
+        let mut m = Metrics::default();
+        m.read(&state, &[svc, "198.19.0.11:80".parse().unwrap()]);
+        m.checks.insert((svc, "websocket", "not_upgraded"), 5);
+        m.transitions.insert((svc, "unhealthy".into()), 1);
+        m.probe_path_skipped.insert(svc, 7);
+        (
+            m.check_errors,
+            m.apply_errors,
+            m.collect_errors,
+            m.in_flight,
+        ) = (1, 2, 4, 9);
+        let text = m.render();
+        for line in [
+            "weir_agent_checks_total{service=\"198.19.0.10:80\",type=\"websocket\",outcome=\"not_upgraded\"} 5",
+            "weir_agent_transitions_total{service=\"198.19.0.10:80\",to=\"unhealthy\"} 1",
+            "weir_agent_backend_health{service=\"198.19.0.10:80\",backend=\"198.18.10.1:80\",state=\"active\",health=\"unhealthy\",reason=\"not_upgraded\"} 1",
+            "weir_agent_service_panic{service=\"198.19.0.10:80\"} 1",
+            "weir_agent_service_panics_total{service=\"198.19.0.10:80\"} 3",
+            "weir_agent_probe_path_skipped_total{service=\"198.19.0.10:80\"} 7",
+            "weir_agent_check_errors_total 1",
+            "weir_agent_apply_errors_total 2",
+            "weir_agent_collect_errors_total 4",
+            "weir_agent_checks_in_flight 9",
+            "# TYPE weir_agent_backend_health gauge",
+        ] {
+            assert!(
+                text.lines().any(|l| l == line),
+                "missing {line:?} in\n{text}"
+            );
+        }
+        assert!(
+            !text.contains("198.19.0.11"),
+            "a service the registry lacks has no rows"
+        );
+    }
 }

@@ -32,6 +32,7 @@ use std::time::{Duration, Instant, SystemTime};
 
 use anyhow::{Context, Result, bail};
 use tokio::task::JoinSet;
+use weir_ebpf::abi::BackendHealth;
 
 use crate::health::probe::{Outcome, Seed};
 use crate::instance::Instance;
@@ -140,6 +141,7 @@ fn serve(path: Option<&Path>, flag: Option<&str>) -> Result<()> {
         collector: Collector::default(),
         rng,
         probe_path: None,
+        lb_addr: std::net::Ipv4Addr::UNSPECIFIED,
         failing_apply: false,
     };
     let ran = runtime.block_on(async {
@@ -176,6 +178,8 @@ struct Agent {
     rng: Rng,
     /// Whether the L4 probe path was attached at the last look.
     probe_path: Option<bool>,
+    /// The LB address `weir attach` set: the source of L4 checks.
+    lb_addr: std::net::Ipv4Addr,
     /// The last apply failed (logged once per failing spell).
     failing_apply: bool,
 }
@@ -302,6 +306,13 @@ impl Agent {
         self.metrics().read(&state, &services);
         if self.checks.any_l4() {
             self.look_at_probe_path();
+            match self.registry.maps().config() {
+                Ok(config) => self.lb_addr = config.lb_addr.into(),
+                Err(e) => tracing::warn!(
+                    event = "registry_read_failed",
+                    "reading the LB address for L4 checks: {e}"
+                ),
+            }
         }
     }
 
@@ -345,6 +356,7 @@ impl Agent {
             ServiceModeName::L4 if self.probe_path == Some(true) => Some(Route::Marked {
                 vip: std::net::SocketAddr::from((job.service.vip, job.service.port)),
                 mark: crate::dataplane::probe::mark_for(job.id),
+                source: self.lb_addr,
             }),
             ServiceModeName::L4 => None,
         }
@@ -445,29 +457,29 @@ impl Agent {
                 *self
                     .metrics()
                     .transitions
-                    .entry((*service, to.name()))
+                    .entry((*service, to.clone()))
                     .or_default() += 1;
-                let message = format!("{line}");
                 let (service, backend) = (service.to_string(), backend.to_string());
-                if *to == weir_ebpf::abi::BackendHealth::Unhealthy {
+                let (from, to, reason) = (from.as_str(), to.as_str(), reason.as_str());
+                if to == BackendHealth::Unhealthy.name() {
                     tracing::warn!(
                         event = "health",
                         service,
                         backend,
-                        from = from.name(),
-                        to = to.name(),
-                        reason = reason.name(),
-                        "{message}"
+                        from,
+                        to,
+                        reason,
+                        "{line}"
                     );
                 } else {
                     tracing::info!(
                         event = "health",
                         service,
                         backend,
-                        from = from.name(),
-                        to = to.name(),
-                        reason = reason.name(),
-                        "{message}"
+                        from,
+                        to,
+                        reason,
+                        "{line}"
                     );
                 }
             }

@@ -16,10 +16,16 @@ use crate::health::probe::{Check, Outcome, Probe, Seed, Step};
 pub enum Route {
     /// To the backend itself (L7 services: `weir run` connects there too).
     Direct(SocketAddr),
-    /// To the service's VIP with `SO_MARK` set: the L4 probe path sends
-    /// the packets to the backend the mark names, encapsulated as a
-    /// client's are.
-    Marked { vip: SocketAddr, mark: u32 },
+    /// To the service's VIP with `SO_MARK` set, from the LB address (the
+    /// outer source `weir attach` set): the L4 probe path sends the packets
+    /// to the backend the mark names, encapsulated as a client's are. A VIP
+    /// that is an address of this host is reached through `lo` whatever
+    /// the source, so the source is bound, not left to the route.
+    Marked {
+        vip: SocketAddr,
+        mark: u32,
+        source: std::net::Ipv4Addr,
+    },
 }
 
 impl Route {
@@ -48,8 +54,11 @@ pub async fn run(
     // would otherwise leave as many sockets in TIME_WAIT on this host.
     let options = socket2::SockRef::from(&socket);
     options.set_linger(Some(Duration::ZERO))?;
-    if let Route::Marked { mark, .. } = route {
+    if let Route::Marked { mark, source, .. } = route {
         options.set_mark(mark)?;
+        if !source.is_unspecified() {
+            socket.bind(SocketAddr::from((source, 0)))?;
+        }
     }
     let mut probe = Probe::new(check, &addr.to_string(), seed);
     Ok(
