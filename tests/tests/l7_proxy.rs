@@ -273,6 +273,19 @@ impl Bed {
         (clients, hold)
     }
 
+    /// A `weir agent` for the instance that only frees removed backends
+    /// (no checks); the caller stops it.
+    fn agent(&self) -> Child {
+        let path = self.dir.join("agent.toml");
+        std::fs::write(&path, format!("instance = \"{}\"\n", self.inst.name())).unwrap();
+        Command::new(workspace_bin("weir"))
+            .args(["agent", "--config"])
+            .arg(&path)
+            .stderr(std::fs::File::create(self.dir.join("agent.log")).unwrap())
+            .spawn()
+            .unwrap()
+    }
+
     fn weir_cli(&self, args: &[&str]) {
         let out = Command::new(workspace_bin("weir"))
             .args(["--instance", self.inst.name()])
@@ -843,6 +856,8 @@ fn metrics_and_stats_report_what_happened() {
 fn a_removed_backend_leaves_the_registry_after_its_last_connection() {
     require_root();
     let bed = Bed::configured("l7gone", 2, |c| c.drain_window(Duration::from_secs(1)));
+    // Freeing removed backends is `weir agent`'s work.
+    let mut agent = bed.agent();
     let (clients, hold) = bed.held_clients(20, 30);
     let (kept, leaving) = (bed.echoes[0].1, bed.echoes[1].1);
     bed.weir_cli(&[
@@ -874,6 +889,8 @@ fn a_removed_backend_leaves_the_registry_after_its_last_connection() {
         std::thread::sleep(Duration::from_millis(100));
     }
     assert_eq!(state_of(kept), Some("active"));
+    agent.kill().unwrap();
+    agent.wait().unwrap();
     std::fs::write(&hold, b"done").unwrap();
     let r = report(clients);
     let drained = r
