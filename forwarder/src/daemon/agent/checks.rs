@@ -213,8 +213,7 @@ impl Checks {
             detail: outcome.detail,
             at_ms,
         };
-        self.pending
-            .insert((job.service, job.backend), update.clone());
+        self.pending.insert((job.service, job.backend), update);
         Some(update)
     }
 
@@ -234,7 +233,7 @@ impl Checks {
 
     /// The transitions waiting to be applied.
     pub fn pending(&self) -> Vec<HealthUpdate> {
-        self.pending.values().cloned().collect()
+        self.pending.values().copied().collect()
     }
 
     /// The registry has these transitions now.

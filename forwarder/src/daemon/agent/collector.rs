@@ -5,7 +5,7 @@
 //! an agent, removed backends stay `removed` until a `weir backend` command
 //! collects them (every applied change does, in its lock).
 
-use crate::registry::Registry;
+use crate::registry::{Registry, RegistryError};
 
 /// One collector; it remembers whether the last round failed, so a failing
 /// spell is logged once (and once when it ends), not every second.
@@ -15,9 +15,10 @@ pub struct Collector {
 }
 
 impl Collector {
-    /// One round: frees what can be freed. `Err` is logged here already;
-    /// the caller counts it. The freed backends are logged with the diff.
-    pub fn round(&mut self, registry: &mut Registry) -> Result<(), ()> {
+    /// One round: frees what can be freed, and logs the backends freed. An
+    /// error is logged here already (once per failing spell); the caller
+    /// counts it.
+    pub fn round(&mut self, registry: &mut Registry) -> Result<(), RegistryError> {
         match registry.collect("weir agent") {
             Ok(outcome) => {
                 if std::mem::take(&mut self.failing) {
@@ -39,7 +40,7 @@ impl Collector {
                          (counted in weir_agent_collect_errors_total): {e}"
                     );
                 }
-                Err(())
+                Err(e)
             }
         }
     }

@@ -25,6 +25,7 @@ pub mod config;
 pub mod metrics;
 pub mod probing;
 
+use std::collections::HashMap;
 use std::path::Path;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
@@ -119,10 +120,9 @@ fn serve(path: Option<&Path>, flag: Option<&str>) -> Result<()> {
         ids,
         stop.clone(),
         fault.clone(),
-        format!(
-            "checks stop, the registry keeps the health it has; start `weir agent` again to \
-             check the new instance"
-        ),
+        "checks stop, the registry keeps the health it has; start `weir agent` again to check \
+         the new instance"
+            .to_string(),
     )
     .context("starting the map watcher")?;
     let runtime = tokio::runtime::Builder::new_current_thread()
@@ -143,6 +143,7 @@ fn serve(path: Option<&Path>, flag: Option<&str>) -> Result<()> {
         probe_path: None,
         lb_addr: std::net::Ipv4Addr::UNSPECIFIED,
         failing_apply: false,
+        not_started_log: logs::RateLimit::new(5, Duration::from_secs(10)),
     };
     let ran = runtime.block_on(async {
         if let Some(l) = metrics_listener {
@@ -182,6 +183,9 @@ struct Agent {
     lb_addr: std::net::Ipv4Addr,
     /// The last apply failed (logged once per failing spell).
     failing_apply: bool,
+    /// Checks the agent could not start come in bursts (out of
+    /// descriptors): a few lines per burst, not one per backend.
+    not_started_log: logs::RateLimit,
 }
 
 impl Agent {
@@ -203,7 +207,8 @@ impl Agent {
             },
             self.config.collect_interval
         );
-        let mut running: JoinSet<(Job, std::io::Result<Outcome>)> = JoinSet::new();
+        let mut running: JoinSet<std::io::Result<Outcome>> = JoinSet::new();
+        let mut jobs: HashMap<tokio::task::Id, Job> = HashMap::new();
         let start = Instant::now();
         let (mut next_read, mut next_flush, mut next_collect) = (start, start, start);
         let mut seen_generation = None;
@@ -241,10 +246,10 @@ impl Agent {
                     }
                 };
                 let seed = self.seed();
-                running.spawn(async move {
-                    let outcome = probing::run(&job.check, route, job.timeout, seed).await;
-                    (job, outcome)
-                });
+                let (check, timeout) = (job.check.clone(), job.timeout);
+                let task =
+                    running.spawn(async move { probing::run(&check, route, timeout, seed).await });
+                jobs.insert(task.id(), job);
             }
             self.metrics().in_flight = running.len() as u64;
             let mut wake = next_read.min(next_flush).min(next_collect).min(now + TICK);
@@ -254,7 +259,15 @@ impl Agent {
                 wake = wake.min(due);
             }
             tokio::select! {
-                Some(done) = running.join_next() => self.done(done),
+                Some(done) = running.join_next_with_id() => {
+                    let (id, outcome) = match done {
+                        Ok((id, outcome)) => (id, Ok(outcome)),
+                        Err(e) => (e.id(), Err(e)),
+                    };
+                    if let Some(job) = jobs.remove(&id) {
+                        self.done(job, outcome);
+                    }
+                }
                 () = tokio::time::sleep_until(wake.into()) => {}
             }
         }
@@ -362,26 +375,31 @@ impl Agent {
         }
     }
 
-    /// A check task ended.
-    fn done(&mut self, done: Result<(Job, std::io::Result<Outcome>), tokio::task::JoinError>) {
-        let (job, outcome) = match done {
-            Ok(done) => done,
-            Err(e) => {
-                // A panicked check: counted as the agent's failure; its
-                // target is lost from the schedule until the next read
-                // re-adds it.
+    /// A check task ended: its result counts, or, if the agent could not
+    /// run it (no socket; a panicked task), it is due again and nothing
+    /// counts against the backend.
+    fn done(&mut self, job: Job, result: Result<std::io::Result<Outcome>, tokio::task::JoinError>) {
+        let outcome = match result {
+            Ok(Ok(outcome)) => outcome,
+            Ok(Err(e)) => {
                 self.metrics().check_errors += 1;
-                tracing::error!(event = "check_panicked", "a check task failed: {e}");
+                if let Some(suppressed) = self.not_started_log.admit(Instant::now()) {
+                    tracing::warn!(
+                        event = "check_not_started",
+                        suppressed,
+                        "could not check {} of {}: {e}",
+                        job.backend,
+                        job.service
+                    );
+                }
+                self.checks.not_run(&job, self.rng.next_u32());
                 return;
             }
-        };
-        let outcome = match outcome {
-            Ok(outcome) => outcome,
             Err(e) => {
                 self.metrics().check_errors += 1;
-                tracing::warn!(
-                    event = "check_not_started",
-                    "could not check {} of {}: {e}",
+                tracing::error!(
+                    event = "check_failed",
+                    "the check of {} of {} failed in the agent: {e}",
                     job.backend,
                     job.service
                 );
