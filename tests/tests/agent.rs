@@ -5,15 +5,15 @@
 
 mod common;
 
-use std::io::{BufRead, BufReader, Read, Write};
+use std::io::{Read, Write};
 use std::net::{Ipv4Addr, SocketAddr, TcpListener, TcpStream};
 use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Stdio};
+use std::process::{Child, Command};
 use std::time::{Duration, Instant};
 
 use common::{TestInstance, free_port, require_root};
 use weir::registry::{ApplyOptions, BackendAddr, Change, ServiceAddr, ServiceModeName};
-use weir_testbed::workspace_bin;
+use weir_testbed::{spawn_echo as echo, workspace_bin};
 
 const SVC: ServiceAddr = ServiceAddr {
     vip: Ipv4Addr::new(198, 19, 0, 70),
@@ -25,27 +25,6 @@ const TCP_SVC: ServiceAddr = ServiceAddr {
 };
 /// Checks every 200 ms: fall (2) × interval + jitter (10%) is 440 ms.
 const INTERVAL: Duration = Duration::from_millis(200);
-
-/// An echo backend on `listen` (port 0: any).
-fn echo(listen: &str, name: &str) -> (Child, SocketAddr) {
-    let mut child = Command::new(workspace_bin("weir-echo"))
-        .args(["--listen", listen, "--name", name])
-        .stdout(Stdio::piped())
-        .stderr(Stdio::null())
-        .spawn()
-        .unwrap();
-    let mut line = String::new();
-    BufReader::new(child.stdout.as_mut().unwrap())
-        .read_line(&mut line)
-        .unwrap();
-    let addr = line
-        .split_whitespace()
-        .nth(1)
-        .expect("ready ADDR")
-        .parse()
-        .unwrap();
-    (child, addr)
-}
 
 fn backend(a: SocketAddr) -> BackendAddr {
     match a {

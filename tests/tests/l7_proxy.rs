@@ -78,23 +78,7 @@ impl Bed {
         std::fs::create_dir_all(&dir).unwrap();
         let mut echoes = Vec::new();
         for i in 0..backends {
-            let mut child = Command::new(workspace_bin("weir-echo"))
-                .args(["--listen", "127.0.0.1:0", "--name", &format!("e{i}")])
-                .stdout(Stdio::piped())
-                .stderr(Stdio::null())
-                .spawn()
-                .unwrap();
-            let mut line = String::new();
-            BufReader::new(child.stdout.as_mut().unwrap())
-                .read_line(&mut line)
-                .unwrap();
-            let addr: SocketAddr = line
-                .split_whitespace()
-                .nth(1)
-                .expect("ready ADDR")
-                .parse()
-                .unwrap();
-            echoes.push((child, addr));
+            echoes.push(weir_testbed::spawn_echo("127.0.0.1:0", &format!("e{i}")));
         }
         let mut reg = inst.registry();
         let force = || ApplyOptions {

@@ -82,33 +82,10 @@ pub enum Command {
     #[command(subcommand)]
     Decap(DecapCmd),
     /// Run the L7 WebSocket proxy (io_uring workers) until SIGTERM.
-    Run {
-        /// Configuration file (TOML); the embedded default without one.
-        #[arg(long)]
-        config: Option<std::path::PathBuf>,
-        /// How log lines are written to stderr: weir's text lines, or one
-        /// JSON object per line for log shippers.
-        #[arg(long, value_enum, default_value_t)]
-        log_format: crate::logs::Format,
-        /// The least severe events logged.
-        #[arg(long, value_enum, default_value_t)]
-        log_level: crate::logs::Verbosity,
-    },
+    Run(DaemonArgs),
     /// Check the health of backends and write it to the registry; free
     /// removed backends once nothing uses them. Runs until SIGTERM.
-    Agent {
-        /// Configuration file (TOML); the embedded default without one
-        /// (`weir config default --agent`).
-        #[arg(long)]
-        config: Option<std::path::PathBuf>,
-        /// How log lines are written to stderr: weir's text lines, or one
-        /// JSON object per line for log shippers.
-        #[arg(long, value_enum, default_value_t)]
-        log_format: crate::logs::Format,
-        /// The least severe events logged.
-        #[arg(long, value_enum, default_value_t)]
-        log_level: crate::logs::Verbosity,
-    },
+    Agent(DaemonArgs),
     /// Read every map back and check the rings match the backends.
     Check,
     /// The `weir run` (or, with --agent, `weir agent`) configuration.
@@ -116,6 +93,22 @@ pub enum Command {
     Config(ConfigCmd),
     /// Remove the instance: detach its programs and delete its maps.
     Destroy,
+}
+
+/// What `weir run` and `weir agent` take.
+#[derive(Args, Debug)]
+pub struct DaemonArgs {
+    /// Configuration file (TOML); the embedded default without one (`weir
+    /// config default [--agent]` prints it).
+    #[arg(long)]
+    config: Option<std::path::PathBuf>,
+    /// How log lines are written to stderr: weir's text lines, or one
+    /// JSON object per line for log shippers.
+    #[arg(long, value_enum, default_value_t)]
+    log_format: crate::logs::Format,
+    /// The least severe events logged.
+    #[arg(long, value_enum, default_value_t)]
+    log_level: crate::logs::Verbosity,
 }
 
 #[derive(Subcommand, Debug)]
@@ -569,28 +562,20 @@ pub fn run(cli: Cli) -> Result<()> {
                 || format!("{} decap from {dev}", detached_verb(&was)),
             );
         }
-        Command::Run {
-            config,
-            log_format,
-            log_level,
-        } => {
+        Command::Run(a) => {
             return crate::daemon::run(
-                config.as_deref(),
+                a.config.as_deref(),
                 cli.instance.as_deref(),
-                log_format,
-                log_level,
+                a.log_format,
+                a.log_level,
             );
         }
-        Command::Agent {
-            config,
-            log_format,
-            log_level,
-        } => {
+        Command::Agent(a) => {
             return crate::daemon::agent::run(
-                config.as_deref(),
+                a.config.as_deref(),
                 cli.instance.as_deref(),
-                log_format,
-                log_level,
+                a.log_format,
+                a.log_level,
             );
         }
         Command::Config(ConfigCmd::Default { agent: false }) => {

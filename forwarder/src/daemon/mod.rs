@@ -64,22 +64,30 @@ pub fn logged(
     }
 }
 
-/// The instance a daemon serves: `--instance` or the file's `instance`.
-/// The flag and a file that sets the key must agree: serving another
-/// instance than the one an operator named is a silent misroute either way.
-pub fn instance_named(
+/// The instance a daemon serves: `--instance` or the file's `instance`,
+/// and whether its maps exist. The flag and a file that sets the key must
+/// agree: serving another instance than the one an operator named is a
+/// silent misroute either way. Daemons run as root only.
+pub fn instance_for(
     flag: Option<&str>,
     from_file: bool,
     configured: &str,
     set_at: Option<&str>,
-) -> Result<String> {
-    match (flag, set_at) {
+) -> Result<(Instance, bool)> {
+    let name = match (flag, set_at) {
         (Some(f), Some(at)) if from_file && f != configured => bail!(
             "--instance {f} conflicts with instance = {configured:?} at {at}; drop one of them"
         ),
-        (Some(f), _) => Ok(f.to_string()),
-        (None, _) => Ok(configured.to_string()),
-    }
+        (Some(f), _) => f,
+        (None, _) => configured,
+    };
+    let instance = Instance::new(name)?;
+    crate::instance::require_root()?;
+    let exists = instance
+        .pin_dir()
+        .join(weir_ebpf::abi::maps::SERVICES)
+        .exists();
+    Ok((instance, exists))
 }
 
 /// Loads the configuration, checks that the instance exists and that
@@ -91,19 +99,14 @@ fn serve(path: Option<&Path>, flag: Option<&str>) -> Result<()> {
         Some(p) => crate::l7::config::load(p)?,
         None => crate::l7::config::parse(crate::l7::config::DEFAULT, "default configuration")?,
     };
-    config.instance = instance_named(
+    let (instance, exists) = instance_for(
         flag,
         path.is_some(),
         &config.instance,
         config.instance_set_at.as_deref(),
     )?;
-    let instance = Instance::new(&config.instance)?;
-    crate::instance::require_root()?;
-    if !instance
-        .pin_dir()
-        .join(weir_ebpf::abi::maps::SERVICES)
-        .exists()
-    {
+    config.instance = instance.name().to_string();
+    if !exists {
         let services: std::collections::BTreeSet<String> = config
             .listeners
             .iter()

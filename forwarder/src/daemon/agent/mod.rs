@@ -71,23 +71,17 @@ pub fn run(
 /// metrics address and runs the checks until stopped. Everything that can
 /// be refused is refused before the first check.
 fn serve(path: Option<&Path>, flag: Option<&str>) -> Result<()> {
-    let mut config = match path {
+    let config = match path {
         Some(p) => config::load(p)?,
         None => config::parse(config::DEFAULT, "default configuration")?,
     };
-    config.instance = super::instance_named(
+    let (instance, exists) = super::instance_for(
         flag,
         path.is_some(),
         &config.instance,
         config.instance_set_at.as_deref(),
     )?;
-    let instance = Instance::new(&config.instance)?;
-    crate::instance::require_root()?;
-    if !instance
-        .pin_dir()
-        .join(weir_ebpf::abi::maps::SERVICES)
-        .exists()
-    {
+    if !exists {
         bail!(
             "instance {:?} does not exist; create it with its services first (`weir --instance \
              {} service add ...`)",
@@ -479,26 +473,24 @@ impl Agent {
                     .or_default() += 1;
                 let (service, backend) = (service.to_string(), backend.to_string());
                 let (from, to, reason) = (from.as_str(), to.as_str(), reason.as_str());
+                macro_rules! health {
+                    ($level:expr) => {
+                        tracing::event!(
+                            $level,
+                            event = "health",
+                            service,
+                            backend,
+                            from,
+                            to,
+                            reason,
+                            "{line}"
+                        )
+                    };
+                }
                 if to == BackendHealth::Unhealthy.name() {
-                    tracing::warn!(
-                        event = "health",
-                        service,
-                        backend,
-                        from,
-                        to,
-                        reason,
-                        "{line}"
-                    );
+                    health!(tracing::Level::WARN);
                 } else {
-                    tracing::info!(
-                        event = "health",
-                        service,
-                        backend,
-                        from,
-                        to,
-                        reason,
-                        "{line}"
-                    );
+                    health!(tracing::Level::INFO);
                 }
             }
             DiffLine::PanicStarted { .. } => tracing::warn!(event = "panic_started", "{line}"),
