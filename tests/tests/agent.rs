@@ -56,6 +56,14 @@ fn answers_500() -> SocketAddr {
 
 /// An instance with `services` (L7), each with `backends`.
 fn instance(tag: &str, services: &[(ServiceAddr, Vec<SocketAddr>)]) -> TestInstance {
+    instance_of(tag, ServiceModeName::L7, services)
+}
+
+fn instance_of(
+    tag: &str,
+    mode: ServiceModeName,
+    services: &[(ServiceAddr, Vec<SocketAddr>)],
+) -> TestInstance {
     let inst = TestInstance::new(tag);
     let mut reg = inst.registry();
     let force = || ApplyOptions {
@@ -65,7 +73,7 @@ fn instance(tag: &str, services: &[(ServiceAddr, Vec<SocketAddr>)]) -> TestInsta
     for (svc, backends) in services {
         let add = Change::AddService {
             addr: *svc,
-            mode: ServiceModeName::L7,
+            mode,
             ring_size: None,
             max_remove_fraction: None,
             min_backends: None,
@@ -327,6 +335,47 @@ fn a_backend_answering_500_fails_the_websocket_check_and_passes_the_tcp_one() {
         let _ = c.kill();
         let _ = c.wait();
     }
+    let _ = std::fs::remove_dir_all(&dir);
+}
+
+/// An L4 check goes through the probe path; where it is not attached (no
+/// `weir attach` here), the checks do not run and the backends keep their
+/// health: a missing probe path must not empty a fleet.
+#[test]
+fn without_the_probe_path_l4_checks_wait_and_health_stays() {
+    require_root();
+    let l4 = ServiceAddr {
+        vip: Ipv4Addr::new(198, 19, 0, 72),
+        port: 80,
+    };
+    let b: SocketAddr = "198.18.0.72:80".parse().unwrap();
+    let inst = instance_of("agl4", ServiceModeName::L4, &[(l4, vec![b])]);
+    let dir = temp_dir(&inst);
+    let metrics = free_port();
+    let agent = Agent::start(&inst, &dir, &check_config(l4, "tcp", metrics));
+    agent.wait_for("probe_path_missing");
+    std::thread::sleep(5 * INTERVAL);
+    let r = row(&inst, l4, b);
+    assert_eq!(
+        (&r["health"], &r["health_reason"]),
+        (&"unknown".into(), &"none".into()),
+        "{r}"
+    );
+    let text = scrape(metrics);
+    let skipped = text
+        .lines()
+        .find_map(|l| {
+            l.strip_prefix(&format!(
+                "weir_agent_probe_path_skipped_total{{service=\"{l4}\"}} "
+            ))
+        })
+        .unwrap_or_else(|| panic!("no skipped checks counted:\n{text}"));
+    assert!(skipped.parse::<u64>().unwrap() >= 3, "{text}");
+    assert!(
+        !text.contains("weir_agent_checks_total{"),
+        "no check ran: {text}"
+    );
+    drop(agent);
     let _ = std::fs::remove_dir_all(&dir);
 }
 
