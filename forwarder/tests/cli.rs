@@ -433,6 +433,52 @@ fn config_default_prints_a_valid_config_and_check_reports_line_and_reason() {
     let _ = std::fs::remove_dir_all(&dir);
 }
 
+/// `weir config default --agent` prints a configuration `config check
+/// --agent` and the agent accept; a bad one is refused at its line.
+#[test]
+fn the_agents_default_config_checks_and_a_bad_one_names_its_line() {
+    let out = Command::new(WEIR)
+        .args(["config", "default", "--agent"])
+        .output()
+        .unwrap();
+    assert!(out.status.success());
+    let text = String::from_utf8(out.stdout).unwrap();
+    assert!(text.contains("[[check]]"), "{text}");
+    let good = write_config("agent-good", &text);
+    let check = Command::new(WEIR)
+        .args(["--json", "config", "check", "--agent"])
+        .arg(&good)
+        .output()
+        .unwrap();
+    assert!(
+        check.status.success(),
+        "{}",
+        String::from_utf8_lossy(&check.stderr)
+    );
+    assert_eq!(
+        String::from_utf8_lossy(&check.stdout).trim(),
+        r#"{"checks":1,"ok":true}"#
+    );
+    let bad_text = text.replace("rise = 2", "rise = 0");
+    let line = bad_text
+        .lines()
+        .position(|l| l.starts_with("rise ="))
+        .unwrap()
+        + 1;
+    let bad = write_config("agent-bad", &bad_text);
+    let check = Command::new(WEIR)
+        .args(["config", "check", "--agent"])
+        .arg(&bad)
+        .output()
+        .unwrap();
+    assert_one_line_error(&check, &format!("weir.toml:{line}:"), "bad agent config");
+    let err = String::from_utf8_lossy(&check.stderr);
+    assert!(err.contains("check.rise = 0: must be 1..=100"), "{err}");
+    for path in [good, bad] {
+        let _ = std::fs::remove_dir_all(path.parent().unwrap());
+    }
+}
+
 /// The registry refuses what cannot work: a VIP nobody can send to, a
 /// backend that is the service itself, a ring too small for one backend;
 /// IPv6 is named as IPv6.
