@@ -23,6 +23,10 @@ const TCP_SVC: ServiceAddr = ServiceAddr {
     vip: Ipv4Addr::new(198, 19, 0, 71),
     port: 80,
 };
+const HTTP_SVC: ServiceAddr = ServiceAddr {
+    vip: Ipv4Addr::new(198, 19, 0, 73),
+    port: 80,
+};
 /// Checks every 200 ms: fall (2) × interval + jitter (10%) is 440 ms.
 const INTERVAL: Duration = Duration::from_millis(200);
 
@@ -115,9 +119,19 @@ impl Agent {
 
     /// Waits until the agent logged `event`.
     fn wait_for(&self, event: &str) {
+        let event = format!("\"event\":\"{event}\"");
+        self.wait_line(|l| l.contains(&event));
+    }
+
+    /// Waits for a log line `want` accepts, and returns it.
+    fn wait_line(&self, want: impl Fn(&str) -> bool) -> String {
         let deadline = Instant::now() + Duration::from_secs(10);
-        while !self.log().contains(&format!("\"event\":\"{event}\"")) {
-            assert!(Instant::now() < deadline, "no {event} in:\n{}", self.log());
+        loop {
+            let log = self.log();
+            if let Some(line) = log.lines().find(|l| want(l)) {
+                return line.to_string();
+            }
+            assert!(Instant::now() < deadline, "not logged:\n{log}");
             std::thread::sleep(Duration::from_millis(20));
         }
     }
@@ -229,27 +243,32 @@ fn a_killed_backend_leaves_the_ring_after_fall_checks_and_returns_after_rise() {
     for a in &addrs[..2] {
         assert_eq!(row(&inst, SVC, *a)["health"], "healthy");
     }
-    let log = agent.log();
-    let line = log
-        .lines()
-        .find(|l| {
-            l.contains("\"event\":\"health\"")
-                && l.contains(&victim.to_string())
-                && l.contains("\"to\":\"unhealthy\"")
-        })
-        .unwrap_or_else(|| panic!("no transition logged:\n{log}"));
-    let line: serde_json::Value = serde_json::from_str(line).unwrap();
+    // Logged right after the change is applied.
+    let line = agent.wait_line(|l| {
+        l.contains("\"event\":\"health\"")
+            && l.contains(&victim.to_string())
+            && l.contains("\"to\":\"unhealthy\"")
+    });
+    let line: serde_json::Value = serde_json::from_str(&line).unwrap();
     assert_eq!(
         (&line["from"], &line["to"], &line["reason"]),
         (&"healthy".into(), &"unhealthy".into(), &"refused".into()),
         "{line}"
     );
 
-    let text = scrape(metrics);
+    // The agent reads the registry back right after its change.
     let unhealthy = format!(
         "weir_agent_backend_health{{service=\"{SVC}\",backend=\"{victim}\",state=\"active\",\
          health=\"unhealthy\",reason=\"refused\"}} 1"
     );
+    let deadline = Instant::now() + Duration::from_secs(2);
+    let text = loop {
+        let text = scrape(metrics);
+        if text.lines().any(|l| l == unhealthy) || Instant::now() > deadline {
+            break text;
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    };
     assert!(text.lines().any(|l| l == unhealthy), "{text}");
     assert!(
         text.contains(&format!(
@@ -285,7 +304,7 @@ fn a_killed_backend_leaves_the_ring_after_fall_checks_and_returns_after_rise() {
 }
 
 #[test]
-fn a_backend_answering_500_fails_the_websocket_check_and_passes_the_tcp_one() {
+fn a_backend_answering_500_fails_the_websocket_and_http_checks_and_passes_the_tcp_one() {
     require_root();
     let mut echoes: Vec<(Child, SocketAddr)> = (0..2)
         .map(|i| echo("127.0.0.1:0", &format!("e{i}")))
@@ -293,10 +312,16 @@ fn a_backend_answering_500_fails_the_websocket_check_and_passes_the_tcp_one() {
     let bad = answers_500();
     let mut set: Vec<SocketAddr> = echoes.iter().map(|e| e.1).collect();
     set.push(bad);
-    let inst = instance("ag500", &[(SVC, set.clone()), (TCP_SVC, set)]);
+    let inst = instance(
+        "ag500",
+        &[(SVC, set.clone()), (TCP_SVC, set.clone()), (HTTP_SVC, set)],
+    );
     let dir = temp_dir(&inst);
+    // weir-echo answers `GET /health` with 200.
     let both = format!(
-        "{}[[check]]\nservice = \"{TCP_SVC}\"\ntype = \"tcp\"\ninterval = \"200ms\"\n",
+        "{}[[check]]\nservice = \"{TCP_SVC}\"\ntype = \"tcp\"\ninterval = \"200ms\"\n\
+         [[check]]\nservice = \"{HTTP_SVC}\"\ntype = \"http\"\npath = \"/health\"\n\
+         interval = \"200ms\"\n",
         check_config(SVC, "websocket", free_port())
     );
     let agent = Agent::start(&inst, &dir, &both);
@@ -308,9 +333,17 @@ fn a_backend_answering_500_fails_the_websocket_check_and_passes_the_tcp_one() {
         "{r}"
     );
     wait_health(&inst, TCP_SVC, bad, "healthy");
+    wait_health(&inst, HTTP_SVC, bad, "unhealthy");
+    let r = row(&inst, HTTP_SVC, bad);
+    assert_eq!(
+        (&r["health_reason"], &r["health_detail"]),
+        (&"status".into(), &500.into()),
+        "{r}"
+    );
     for (_, e) in &echoes {
-        wait_health(&inst, SVC, *e, "healthy");
-        wait_health(&inst, TCP_SVC, *e, "healthy");
+        for svc in [SVC, TCP_SVC, HTTP_SVC] {
+            wait_health(&inst, svc, *e, "healthy");
+        }
     }
     // A restarted agent resumes from the registry: no transition of its
     // own, the health and its time stay.
