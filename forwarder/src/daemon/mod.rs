@@ -228,3 +228,27 @@ fn serve(path: Option<&Path>, flag: Option<&str>) -> Result<()> {
     }
     Ok(())
 }
+
+/// Raises the soft open-files limit to the hard one and returns it: it
+/// caps `weir run`'s connections (each worker's registered-file table) and
+/// `weir agent`'s checks in flight.
+pub fn raise_open_files_limit() -> u64 {
+    let mut limit = libc::rlimit {
+        rlim_cur: 0,
+        rlim_max: 0,
+    };
+    // SAFETY: getrlimit and setrlimit read and fill the struct we pass.
+    unsafe {
+        libc::getrlimit(libc::RLIMIT_NOFILE, &mut limit);
+        if limit.rlim_cur < limit.rlim_max {
+            let raised = libc::rlimit {
+                rlim_cur: limit.rlim_max,
+                rlim_max: limit.rlim_max,
+            };
+            if libc::setrlimit(libc::RLIMIT_NOFILE, &raised) == 0 {
+                limit = raised;
+            }
+        }
+    }
+    limit.rlim_cur
+}

@@ -26,7 +26,7 @@ pub fn serve(
 ) -> io::Result<crate::l7::metrics::Snapshot> {
     let config = &settings.config;
     let cores = std::thread::available_parallelism().map_or(1, |n| n.get());
-    let nofile = open_files_limit();
+    let nofile = super::raise_open_files_limit();
     let sizing = files::size(
         config.max_connections as u64,
         config.workers,
@@ -114,29 +114,6 @@ pub fn serve(
     metrics_stop.store(true, Ordering::Relaxed);
     let _ = metrics_thread.join();
     result.map(|()| crate::l7::metrics::snapshot(&metrics))
-}
-
-/// Raises the soft open-files limit to the hard one and returns it: it
-/// caps each worker's registered-file table.
-fn open_files_limit() -> u64 {
-    let mut limit = libc::rlimit {
-        rlim_cur: 0,
-        rlim_max: 0,
-    };
-    // SAFETY: getrlimit and setrlimit read and fill the struct we pass.
-    unsafe {
-        libc::getrlimit(libc::RLIMIT_NOFILE, &mut limit);
-        if limit.rlim_cur < limit.rlim_max {
-            let raised = libc::rlimit {
-                rlim_cur: limit.rlim_max,
-                rlim_max: limit.rlim_max,
-            };
-            if libc::setrlimit(libc::RLIMIT_NOFILE, &raised) == 0 {
-                limit = raised;
-            }
-        }
-    }
-    limit.rlim_cur
 }
 
 /// Warns when the workers hold fewer connections than `max_connections`

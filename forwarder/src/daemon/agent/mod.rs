@@ -48,8 +48,11 @@ use metrics::Metrics;
 use probing::Route;
 
 /// Checks running at once: thousands of backends are checked in turn
-/// without as many sockets open together.
+/// without as many sockets open together. Fewer where the open-files limit
+/// is lower (with room for the agent's own descriptors).
 pub const MAX_IN_FLIGHT: usize = 1000;
+/// Descriptors the agent keeps for itself (maps, metrics, logs).
+const OWN_FILES: u64 = 64;
 /// How often the registry is read again when its generation did not move.
 const READ_INTERVAL: Duration = Duration::from_secs(1);
 /// How long transitions gather before they are applied as one change.
@@ -138,6 +141,9 @@ fn serve(path: Option<&Path>, flag: Option<&str>) -> Result<()> {
         lb_addr: std::net::Ipv4Addr::UNSPECIFIED,
         failing_apply: false,
         not_started_log: logs::RateLimit::new(5, Duration::from_secs(10)),
+        in_flight_cap: usize::try_from(super::raise_open_files_limit().saturating_sub(OWN_FILES))
+            .unwrap_or(usize::MAX)
+            .clamp(1, MAX_IN_FLIGHT),
     };
     let ran = runtime.block_on(async {
         if let Some(l) = metrics_listener {
@@ -180,6 +186,9 @@ struct Agent {
     /// Checks the agent could not start come in bursts (out of
     /// descriptors): a few lines per burst, not one per backend.
     not_started_log: logs::RateLimit,
+    /// At most this many checks at once: [`MAX_IN_FLIGHT`], or fewer as
+    /// the open-files limit allows.
+    in_flight_cap: usize,
 }
 
 impl Agent {
@@ -192,13 +201,14 @@ impl Agent {
             .collect();
         tracing::info!(
             event = "started",
-            "checking instance {}: {}; freeing removed backends every {:?}",
+            "checking instance {}: {}, up to {} at once; freeing removed backends every {:?}",
             self.instance.name(),
             if services.is_empty() {
                 "no services (no [[check]])".to_string()
             } else {
                 format!("the backends of {}", services.join(", "))
             },
+            self.in_flight_cap,
             self.config.collect_interval
         );
         let mut running: JoinSet<std::io::Result<Outcome>> = JoinSet::new();
@@ -224,7 +234,7 @@ impl Agent {
                     self.metrics().collect_errors += 1;
                 }
             }
-            while running.len() < MAX_IN_FLIGHT
+            while running.len() < self.in_flight_cap
                 && let Some(job) = self.checks.pop_due(now)
             {
                 let route = match self.route(&job) {
@@ -247,7 +257,7 @@ impl Agent {
             }
             self.metrics().in_flight = running.len() as u64;
             let mut wake = next_read.min(next_flush).min(next_collect).min(now + TICK);
-            if running.len() < MAX_IN_FLIGHT
+            if running.len() < self.in_flight_cap
                 && let Some(due) = self.checks.next_due()
             {
                 wake = wake.min(due);
