@@ -14,6 +14,7 @@ pub mod frame;
 pub mod handshake;
 pub mod metrics;
 pub mod op;
+pub mod outlier;
 pub mod relay;
 pub mod socket;
 pub mod table;
