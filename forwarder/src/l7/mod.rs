@@ -9,6 +9,7 @@ pub mod bufring;
 pub mod config;
 pub mod conn;
 pub mod drain;
+pub mod ejections;
 pub mod files;
 pub mod frame;
 pub mod handshake;

@@ -207,20 +207,14 @@ impl Detector {
         })
     }
 
-    /// Whether `id` is out of choice at `now`.
+    /// Whether `id` is out of choice at `now` (the workers read the
+    /// table's atomics instead).
+    #[cfg(test)]
     pub fn is_ejected(&self, id: u32, now: Instant) -> bool {
         self.records
             .get(&id)
             .and_then(|r| r.ejected)
             .is_some_and(|(_, until)| now < until)
-    }
-
-    /// When the next ejection ends.
-    pub fn next_return(&self) -> Option<Instant> {
-        self.records
-            .values()
-            .filter_map(|r| r.ejected.map(|(_, until)| until))
-            .min()
     }
 
     /// Forgets the backends `keep` says are gone (they left the registry,
@@ -369,7 +363,6 @@ mod tests {
         let t = Instant::now();
         let mut d = Detector::new(settings(1, 100));
         fail(&mut d, 1, 4, 1, t);
-        assert_eq!(d.next_return(), Some(t + Duration::from_secs(10)));
         assert_eq!(d.poll_returned(t + Duration::from_secs(9)), None);
         let back = t + Duration::from_secs(10);
         assert!(!d.is_ejected(1, back), "usable at once, polled or not");
@@ -383,7 +376,6 @@ mod tests {
             })
         );
         assert_eq!(d.poll_returned(back), None, "returned once");
-        assert_eq!(d.next_return(), None);
     }
 
     #[test]
