@@ -127,8 +127,13 @@ fn picks_follow_weights_load_and_changes() {
     assert_eq!(seen.len(), 3, "{seen:?}");
     let others: Vec<u32> = (0..3).filter(|id| *id != first).collect();
     for r in draws(100) {
-        let (id, _) = view.pick(&svc(), r, &others, |_| 0, |id| id == first).unwrap();
-        assert_eq!(id, first, "the only one left untried is tried, ejected or not");
+        let (id, _) = view
+            .pick(&svc(), r, &others, |_| 0, |id| id == first)
+            .unwrap();
+        assert_eq!(
+            id, first,
+            "the only one left untried is tried, ejected or not"
+        );
     }
 
     // A drain is seen through the generation and never picked again.
@@ -149,7 +154,10 @@ fn picks_follow_weights_load_and_changes() {
     }
     // All gone: no backend (503).
     let remaining: Vec<u32> = (0..3).filter(|id| *id != loaded).collect();
-    assert!(view.pick(&svc(), [1, 2], &remaining, |_| 0, |_| false).is_none());
+    assert!(
+        view.pick(&svc(), [1, 2], &remaining, |_| 0, |_| false)
+            .is_none()
+    );
     reg.apply(
         &Change::SetBackends {
             service: svc(),
