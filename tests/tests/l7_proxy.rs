@@ -2259,6 +2259,33 @@ fn at_most_the_configured_share_of_a_services_backends_is_ejected() {
     };
     assert_eq!(count(out), 2, "nothing after its ejection");
     assert_eq!(count(kept), 28);
+    // weir stats shows the same, from the snapshot written every second.
+    std::thread::sleep(Duration::from_millis(1200));
+    let stats = |json: bool| {
+        let mut cmd = Command::new(workspace_bin("weir"));
+        cmd.args(["--instance", bed.inst.name()]);
+        if json {
+            cmd.arg("--json");
+        }
+        let out = cmd.arg("stats").output().unwrap();
+        assert!(out.status.success(), "{out:?}");
+        String::from_utf8(out.stdout).unwrap()
+    };
+    let json: serde_json::Value = serde_json::from_str(&stats(true)).unwrap();
+    let rows = json["l7"]["outliers"].as_array().expect("outlier rows");
+    let row = |be: SocketAddr| {
+        rows.iter()
+            .find(|r| r["backend"] == be.to_string().as_str())
+            .unwrap_or_else(|| panic!("no {be} in {rows:?}"))
+    };
+    assert_eq!(row(out)["ejected"], true);
+    assert_eq!(row(kept)["ejected"], false);
+    assert!(row(kept)["refused"].as_u64() >= Some(1), "{rows:?}");
+    let text = stats(false);
+    assert!(
+        text.contains(&format!("outlier {out:<22} of {SVC}: ejected ejections 1")),
+        "{text}"
+    );
     let lines = json_lines(&bed.log());
     assert_eq!(events(&lines, "outlier_ejected").len(), 1, "{}", bed.log());
     let refused = events(&lines, "outlier_ejection_refused");
