@@ -8,7 +8,7 @@ use std::net::{Ipv4Addr, SocketAddr, TcpStream};
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
-use common::{TestInstance, free_port, require_root};
+use common::{TestInstance, free_port, require_root, weir};
 use weir::l7::config::{ConfigBuilder, Outlier, Timeout};
 use weir::l7::frame::{self, FrameHeader, Opcode};
 use weir::registry::{ApplyOptions, BackendAddr, Change, ServiceAddr, ServiceModeName};
@@ -1355,6 +1355,21 @@ fn recv_frame(s: &mut TcpStream) -> std::io::Result<(FrameHeader, Vec<u8>)> {
     Ok((header, payload))
 }
 
+/// A fake backend's read of the request head weir forwards (byte by byte,
+/// so nothing after it is taken); `None` if the stream ended first.
+fn request_head(s: &mut TcpStream) -> Option<Vec<u8>> {
+    s.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
+    let mut head = Vec::new();
+    let mut byte = [0u8; 1];
+    while !head.ends_with(b"\r\n\r\n") {
+        if s.read(&mut byte).unwrap_or(0) == 0 {
+            return None;
+        }
+        head.push(byte[0]);
+    }
+    Some(head)
+}
+
 /// What a backend does with a connection after its 101.
 type Behave = std::sync::Arc<dyn Fn(TcpStream) + Send + Sync>;
 
@@ -1367,15 +1382,9 @@ fn ws_fake_backend(n: usize, behave: Behave) -> SocketAddr {
         for mut s in l.incoming().take(n).flatten() {
             let behave = behave.clone();
             std::thread::spawn(move || {
-                s.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
-                let mut head = Vec::new();
-                let mut byte = [0u8; 1];
-                while !head.ends_with(b"\r\n\r\n") {
-                    if s.read(&mut byte).unwrap_or(0) == 0 {
-                        return;
-                    }
-                    head.push(byte[0]);
-                }
+                let Some(head) = request_head(&mut s) else {
+                    return;
+                };
                 let text = String::from_utf8_lossy(&head).into_owned();
                 let key = text
                     .lines()
@@ -2070,14 +2079,8 @@ fn failing_backend() -> (SocketAddr, std::sync::Arc<std::sync::atomic::AtomicUsi
         for mut s in l.incoming().flatten() {
             count.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
             std::thread::spawn(move || {
-                s.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
-                let mut head = Vec::new();
-                let mut byte = [0u8; 1];
-                while !head.ends_with(b"\r\n\r\n") {
-                    if s.read(&mut byte).unwrap_or(0) == 0 {
-                        return;
-                    }
-                    head.push(byte[0]);
+                if request_head(&mut s).is_none() {
+                    return;
                 }
                 let _ = s.write_all(
                     b"HTTP/1.1 500 Internal Server Error\r\nContent-Length: 0\r\nConnection: close\r\n\r\n",
@@ -2086,6 +2089,26 @@ fn failing_backend() -> (SocketAddr, std::sync::Arc<std::sync::atomic::AtomicUsi
         }
     });
     (addr, accepted)
+}
+
+impl Bed {
+    /// `echoes` echo servers, JSON logs, and outlier detection that ejects
+    /// a backend after `consecutive` failures for `base_ejection` (doubled
+    /// per ejection up to a minute), at most half of a service's backends.
+    fn ejecting(tag: &str, echoes: usize, consecutive: u32, base_ejection: Duration) -> Self {
+        let outlier = Outlier {
+            consecutive,
+            base_ejection,
+            max_ejection: Duration::from_secs(60),
+            max_ejected_percent: 50,
+        };
+        Self::with_run_args(
+            tag,
+            echoes,
+            |c| c.outlier(outlier),
+            &["--log-format", "json"],
+        )
+    }
 }
 
 /// The value of the series `name{service=SVC,backend=backend}`.
@@ -2107,18 +2130,7 @@ fn status_of(head: &str) -> u16 {
 #[test]
 fn a_backend_answering_500_is_ejected_then_returns_for_twice_as_long() {
     require_root();
-    let outlier = Outlier {
-        consecutive: 3,
-        base_ejection: Duration::from_secs(1),
-        max_ejection: Duration::from_secs(10),
-        max_ejected_percent: 50,
-    };
-    let bed = Bed::with_run_args(
-        "l7outl",
-        1,
-        |c| c.outlier(outlier),
-        &["--log-format", "json"],
-    );
+    let bed = Bed::ejecting("l7outl", 1, 3, Duration::from_secs(1));
     let (bad, accepted) = failing_backend();
     let accepted = || accepted.load(std::sync::atomic::Ordering::SeqCst);
     bed.set_backends(&[bed.echoes[0].1, bad]);
@@ -2218,18 +2230,7 @@ fn a_backend_answering_500_is_ejected_then_returns_for_twice_as_long() {
 #[test]
 fn at_most_the_configured_share_of_a_services_backends_is_ejected() {
     require_root();
-    let outlier = Outlier {
-        consecutive: 2,
-        base_ejection: Duration::from_secs(30),
-        max_ejection: Duration::from_secs(60),
-        max_ejected_percent: 50,
-    };
-    let bed = Bed::with_run_args(
-        "l7outs",
-        0,
-        |c| c.outlier(outlier),
-        &["--log-format", "json"],
-    );
+    let bed = Bed::ejecting("l7outs", 0, 2, Duration::from_secs(30));
     let (a, a_accepted) = failing_backend();
     let (b, b_accepted) = failing_backend();
     bed.set_backends(&[a, b]);
@@ -2331,40 +2332,17 @@ fn a_bad_outlier_table_is_refused_with_file_and_line() {
     ] {
         std::fs::write(&path, format!("{table}{listener}")).unwrap();
         let want = format!("{}:{line}:", path.display());
-        let check = Command::new(workspace_bin("weir"))
-            .args(["config", "check"])
-            .arg(&path)
-            .output()
-            .unwrap();
-        let stderr = String::from_utf8_lossy(&check.stderr);
-        assert!(!check.status.success(), "{table}");
-        assert!(
-            stderr.contains(&want) && stderr.contains(reason),
-            "{table}: {stderr}"
-        );
-        // weir run refuses it at start, before it serves anything.
-        let mut run = Command::new(workspace_bin("weir"))
-            .args(["run", "--config"])
-            .arg(&path)
-            .stdout(Stdio::null())
-            .stderr(Stdio::piped())
-            .spawn()
-            .unwrap();
-        let deadline = Instant::now() + Duration::from_secs(10);
-        while run.try_wait().unwrap().is_none() {
-            if Instant::now() > deadline {
-                let _ = run.kill();
-                break;
-            }
-            std::thread::sleep(Duration::from_millis(20));
+        let path = path.to_str().unwrap();
+        // `config check`, and weir run at start, before it serves anything.
+        for args in [["config", "check", path], ["run", "--config", path]] {
+            let out = weir(&args);
+            let stderr = String::from_utf8_lossy(&out.stderr);
+            assert!(!out.status.success(), "{table}: {args:?} succeeded");
+            assert!(
+                stderr.contains(&want) && stderr.contains(reason),
+                "{table}: {args:?}: {stderr}"
+            );
         }
-        let out = run.wait_with_output().unwrap();
-        let stderr = String::from_utf8_lossy(&out.stderr);
-        assert!(!out.status.success(), "{table}: weir run served");
-        assert!(
-            stderr.contains(&want) && stderr.contains(reason),
-            "{table}: {stderr}"
-        );
     }
     let _ = std::fs::remove_dir_all(&dir);
 }

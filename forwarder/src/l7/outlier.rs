@@ -308,6 +308,14 @@ mod tests {
             .flatten()
     }
 
+    fn ejected(v: Option<Verdict>) -> bool {
+        matches!(v, Some(Verdict::Ejected { .. }))
+    }
+
+    fn refused(v: Option<Verdict>) -> bool {
+        matches!(v, Some(Verdict::Refused { .. }))
+    }
+
     fn ejected_for(v: Option<Verdict>) -> Duration {
         match v {
             Some(Verdict::Ejected { duration, .. }) => duration,
@@ -443,10 +451,7 @@ mod tests {
         let t = Instant::now();
         let mut d = Detector::new(settings(1, 50));
         // Two of two fail: one goes, the other is refused.
-        assert!(matches!(
-            fail(&mut d, 1, 2, 1, t),
-            Some(Verdict::Ejected { .. })
-        ));
+        assert!(ejected(fail(&mut d, 1, 2, 1, t)));
         assert_eq!(
             fail(&mut d, 2, 2, 1, t),
             Some(Verdict::Refused {
@@ -482,10 +487,7 @@ mod tests {
         let t = Instant::now();
         let mut d = Detector::new(settings(1, 50));
         // One backend of one: 50% of it is none.
-        assert!(matches!(
-            fail(&mut d, 1, 1, 1, t),
-            Some(Verdict::Refused { .. })
-        ));
+        assert!(refused(fail(&mut d, 1, 1, 1, t)));
         // Another service has its own share.
         let other = Subject {
             service: ServiceAddr {
@@ -494,28 +496,16 @@ mod tests {
             },
             ..subject(3, 2)
         };
-        assert!(matches!(
-            d.handle_failure(other, t),
-            Some(Verdict::Ejected { .. })
-        ));
-        assert!(matches!(
-            fail(&mut d, 4, 2, 1, t),
-            Some(Verdict::Ejected { .. })
-        ));
+        assert!(ejected(d.handle_failure(other, t)));
+        assert!(ejected(fail(&mut d, 4, 2, 1, t)));
         // 100%: every backend may go.
         let mut all = Detector::new(settings(1, 100));
         for id in 1..=3 {
-            assert!(matches!(
-                fail(&mut all, id, 3, 1, t),
-                Some(Verdict::Ejected { .. })
-            ));
+            assert!(ejected(fail(&mut all, id, 3, 1, t)));
         }
         // 0%: none.
         let mut none = Detector::new(settings(1, 0));
-        assert!(matches!(
-            fail(&mut none, 1, 100, 1, t),
-            Some(Verdict::Refused { .. })
-        ));
+        assert!(refused(fail(&mut none, 1, 100, 1, t)));
     }
 
     #[test]
