@@ -2228,6 +2228,47 @@ fn a_backend_answering_500_is_ejected_then_returns_for_twice_as_long() {
 }
 
 #[test]
+fn refused_connects_eject_a_backend_while_its_clients_go_on_to_another() {
+    require_root();
+    let bed = Bed::ejecting("l7outr", 1, 3, Duration::from_secs(30));
+    // Nothing listens on port 1: every connect there is refused.
+    let dead = SocketAddr::from((Ipv4Addr::LOCALHOST, 1));
+    bed.set_backends(&[bed.echoes[0].1, dead]);
+    let refused = || {
+        let text = metrics_text(bed.metrics_port);
+        text.lines()
+            .find_map(|l| {
+                l.strip_prefix("weir_l7_backend_connect_failures_total{reason=\"refused\"} ")
+            })
+            .and_then(|v| v.parse::<u64>().ok())
+            .unwrap_or_else(|| panic!("no refused count in {text}"))
+    };
+    let mut tries = 0;
+    while refused() < 3 {
+        tries += 1;
+        assert!(tries < 200, "the dead backend was never tried");
+        let (_, head) = upgrade(bed.port, "/ws");
+        assert_eq!(status_of(&head), 101, "retried on the echo: {head}");
+    }
+    for _ in 0..30 {
+        let (_, head) = upgrade(bed.port, "/ws");
+        assert_eq!(status_of(&head), 101, "{head}");
+    }
+    assert_eq!(refused(), 3, "no connect tried on it once ejected");
+    let text = metrics_text(bed.metrics_port);
+    assert_eq!(
+        outlier_series(&text, "weir_l7_outlier_ejected", dead),
+        Some(1),
+        "{text}"
+    );
+    let lines = json_lines(&bed.log());
+    let ejected = events(&lines, "outlier_ejected");
+    assert_eq!(ejected.len(), 1, "{}", bed.log());
+    assert_eq!(ejected[0]["backend"], "127.0.0.1:1");
+    assert_eq!(ejected[0]["failures"], 3);
+}
+
+#[test]
 fn at_most_the_configured_share_of_a_services_backends_is_ejected() {
     require_root();
     let bed = Bed::ejecting("l7outs", 0, 2, Duration::from_secs(30));
