@@ -64,9 +64,9 @@ pub enum Event {
     /// Connected to the backend.
     Connected { backend: u32, addr: SocketAddr },
     /// The backend failed the upgrade: it answered with a server error
-    /// (5xx), badly, not in time, or closed; `status` is what the client
-    /// got. A 4xx is the client's request refused, not this.
-    UpgradeFailed { backend: u32, status: u16 },
+    /// (5xx), badly, not in time, or closed. A 4xx is the client's request
+    /// refused, not this.
+    UpgradeFailed { backend: u32 },
     /// A connect failed (refused, or cut for taking too long); the
     /// backend's socket is of no more use and another may be tried.
     ConnectFailed {
@@ -821,7 +821,7 @@ impl Conn {
                 self.orders |= CANCEL_CONNECT;
             }
             Phase::BackendHead => {
-                self.upgrade_failed(cx, 504);
+                self.upgrade_failed(cx);
                 self.reject(
                     cx,
                     reject(504, "backend did not answer the handshake in time"),
@@ -864,12 +864,12 @@ impl Conn {
         match handshake::parse_response(&hs.head, key, &limits) {
             Ok(None) => {}
             Err(reject) => {
-                self.upgrade_failed(cx, reject.status);
+                self.upgrade_failed(cx);
                 self.reject(cx, reject)
             }
             Ok(Some(BackendResponse::Other { status, .. })) => {
                 if status >= 500 {
-                    self.upgrade_failed(cx, status);
+                    self.upgrade_failed(cx);
                 }
                 let head = std::mem::take(&mut self.hs().head);
                 self.client.segs.push_back(Seg::owned(head));
@@ -910,12 +910,9 @@ impl Conn {
     }
 
     /// Reports that the backend in use failed the upgrade.
-    fn upgrade_failed(&self, cx: &mut Cx, status: u16) {
+    fn upgrade_failed(&self, cx: &mut Cx) {
         if let Some(b) = self.backend {
-            cx.out.events.push(Event::UpgradeFailed {
-                backend: b.id,
-                status,
-            });
+            cx.out.events.push(Event::UpgradeFailed { backend: b.id });
         }
     }
 
@@ -1105,7 +1102,7 @@ impl Conn {
             Phase::ClientHead | Phase::Connecting | Phase::BackendHead => match from {
                 Side::Client => self.abort(cx),
                 Side::Backend => {
-                    self.upgrade_failed(cx, 502);
+                    self.upgrade_failed(cx);
                     self.reject(cx, reject(502, "backend closed during the handshake"))
                 }
             },

@@ -933,7 +933,7 @@ impl Worker {
                 self.upstream.release(backend);
                 self.outlier_failure(idx, backend, addr);
             }
-            Event::UpgradeFailed { backend, .. } => {
+            Event::UpgradeFailed { backend } => {
                 if let Some(b) = self.entry(idx).conn.backend() {
                     self.outlier_failure(idx, backend, b.addr);
                 }
