@@ -11,7 +11,7 @@ use std::process::{Child, Command, ExitStatus, Stdio};
 use std::time::{Duration, Instant};
 
 use aya::maps::Array;
-use common::{TestInstance, free_port, require_root, weir};
+use common::{TestInstance, free_port, require_root};
 use weir::instance::Instance;
 use weir::l7::config::{ConfigBuilder, Timeout};
 use weir::registry::{
@@ -50,6 +50,26 @@ fn declare(instance: &Instance) {
         )],
     };
     reg.apply(&set, opts()).unwrap();
+}
+
+/// Runs `weir args` for at most 20 s: a `weir run` that should have been
+/// refused but serves is killed, and the test fails on its output.
+fn weir(args: &[&str]) -> std::process::Output {
+    let mut child = Command::new(workspace_bin("weir"))
+        .args(args)
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let deadline = Instant::now() + Duration::from_secs(20);
+    while child.try_wait().unwrap().is_none() {
+        if Instant::now() > deadline {
+            let _ = child.kill();
+            break;
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    child.wait_with_output().unwrap()
 }
 
 /// A running `weir run`; its stderr goes to a file the test reads.

@@ -8,7 +8,7 @@ use std::net::{Ipv4Addr, SocketAddr, TcpStream};
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
-use common::{TestInstance, free_port, require_root, weir};
+use common::{TestInstance, free_port, require_root};
 use weir::l7::config::{ConfigBuilder, Outlier, Timeout};
 use weir::l7::frame::{self, FrameHeader, Opcode};
 use weir::registry::{ApplyOptions, BackendAddr, Change, ServiceAddr, ServiceModeName};
@@ -2127,6 +2127,14 @@ fn status_of(head: &str) -> u16 {
         .unwrap_or_else(|| panic!("no status in {head:?}"))
 }
 
+/// `n` clients one after the other, each answered with `status`.
+fn answered_with(port: u16, n: usize, status: u16) {
+    for _ in 0..n {
+        let (_, head) = upgrade(port, "/ws");
+        assert_eq!(status_of(&head), status, "{head}");
+    }
+}
+
 #[test]
 fn a_backend_answering_500_is_ejected_then_returns_for_twice_as_long() {
     require_root();
@@ -2155,10 +2163,7 @@ fn a_backend_answering_500_is_ejected_then_returns_for_twice_as_long() {
     assert_eq!(fail_until(3), 3, "each of its connections answered 500");
     let ejected_at = Instant::now();
     // Ejected: clients keep connecting, none reaches it.
-    for _ in 0..30 {
-        let (_, head) = upgrade(bed.port, "/ws");
-        assert_eq!(status_of(&head), 101, "{head}");
-    }
+    answered_with(bed.port, 30, 101);
     assert_eq!(accepted(), 3, "no new connection was tried on it");
     let text = metrics_text(bed.metrics_port);
     assert_eq!(
@@ -2214,10 +2219,7 @@ fn a_backend_answering_500_is_ejected_then_returns_for_twice_as_long() {
         "{ejections:?}"
     );
     assert_eq!(returns[0]["duration_ms"], 1000);
-    for _ in 0..10 {
-        let (_, head) = upgrade(bed.port, "/ws");
-        assert_eq!(status_of(&head), 101, "{head}");
-    }
+    answered_with(bed.port, 10, 101);
     assert_eq!(accepted(), 6);
     let text = metrics_text(bed.metrics_port);
     assert_eq!(
@@ -2250,10 +2252,7 @@ fn refused_connects_eject_a_backend_while_its_clients_go_on_to_another() {
         let (_, head) = upgrade(bed.port, "/ws");
         assert_eq!(status_of(&head), 101, "retried on the echo: {head}");
     }
-    for _ in 0..30 {
-        let (_, head) = upgrade(bed.port, "/ws");
-        assert_eq!(status_of(&head), 101, "{head}");
-    }
+    answered_with(bed.port, 30, 101);
     assert_eq!(refused(), 3, "no connect tried on it once ejected");
     let text = metrics_text(bed.metrics_port);
     assert_eq!(
@@ -2277,10 +2276,7 @@ fn at_most_the_configured_share_of_a_services_backends_is_ejected() {
     bed.set_backends(&[a, b]);
     // Both fail every upgrade: one is ejected, the other stays in choice
     // (and clients keep getting its answer, never a 503 for ejection).
-    for _ in 0..30 {
-        let (_, head) = upgrade(bed.port, "/ws");
-        assert_eq!(status_of(&head), 500, "{head}");
-    }
+    answered_with(bed.port, 30, 500);
     let text = metrics_text(bed.metrics_port);
     let series = |name, backend| outlier_series(&text, name, backend).unwrap_or(0);
     let ejected: Vec<SocketAddr> = [a, b]
@@ -2340,50 +2336,4 @@ fn at_most_the_configured_share_of_a_services_backends_is_ejected() {
         ),
         (Some(1), Some(2))
     );
-}
-
-#[test]
-fn a_bad_outlier_table_is_refused_with_file_and_line() {
-    require_root();
-    let dir = std::env::temp_dir().join(format!("weir-l7-outlier-conf-{}", std::process::id()));
-    std::fs::create_dir_all(&dir).unwrap();
-    let path = dir.join("weir.toml");
-    // By hand: the builder writes every table, valid.
-    let listener = format!(
-        "[[listener]]\nlisten = \"127.0.0.1:{}\"\n[[listener.route]]\nservice = \"{SVC}\"\n",
-        free_port()
-    );
-    for (table, line, reason) in [
-        (
-            "[outlier]\nmax_ejected_percent = 150\n",
-            2,
-            "outlier.max_ejected_percent = 150: must be 0..=100",
-        ),
-        (
-            "[outlier]\nconsecutive = 3\nbase_ejection = \"0s\"\n",
-            3,
-            "outlier.base_ejection = \"0s\": must be from 1ms",
-        ),
-        (
-            "[outlier]\nbase_ejection = \"1m\"\nmax_ejection = \"10s\"\n",
-            3,
-            "outlier.max_ejection = \"10s\": must be from 60s",
-        ),
-        ("[outlier]\nwindow = \"10s\"\n", 2, "unknown field `window`"),
-    ] {
-        std::fs::write(&path, format!("{table}{listener}")).unwrap();
-        let want = format!("{}:{line}:", path.display());
-        let path = path.to_str().unwrap();
-        // `config check`, and weir run at start, before it serves anything.
-        for args in [["config", "check", path], ["run", "--config", path]] {
-            let out = weir(&args);
-            let stderr = String::from_utf8_lossy(&out.stderr);
-            assert!(!out.status.success(), "{table}: {args:?} succeeded");
-            assert!(
-                stderr.contains(&want) && stderr.contains(reason),
-                "{table}: {args:?}: {stderr}"
-            );
-        }
-    }
-    let _ = std::fs::remove_dir_all(&dir);
 }

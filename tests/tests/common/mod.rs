@@ -62,23 +62,3 @@ impl Drop for TestInstance {
         let _ = std::fs::remove_dir_all(self.instance.state_dir());
     }
 }
-
-/// Runs `weir args` for at most 20 s: a `weir run` that should have been
-/// refused but serves is killed, and the test fails on its output.
-pub fn weir(args: &[&str]) -> std::process::Output {
-    let mut child = std::process::Command::new(weir_testbed::workspace_bin("weir"))
-        .args(args)
-        .stdout(std::process::Stdio::piped())
-        .stderr(std::process::Stdio::piped())
-        .spawn()
-        .unwrap();
-    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(20);
-    while child.try_wait().unwrap().is_none() {
-        if std::time::Instant::now() > deadline {
-            let _ = child.kill();
-            break;
-        }
-        std::thread::sleep(std::time::Duration::from_millis(20));
-    }
-    child.wait_with_output().unwrap()
-}
