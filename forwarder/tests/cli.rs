@@ -637,6 +637,51 @@ fn config_check_and_run_bound_every_value() {
     let _ = std::fs::remove_dir_all(path.parent().unwrap());
 }
 
+/// A bad `[outlier]` table is refused by `config check` and at the start of
+/// `weir run` alike, with the file, the line and the reason.
+#[test]
+fn config_check_and_run_refuse_a_bad_outlier_table() {
+    let listener = "[[listener]]\nlisten = \"127.0.0.1:1\"\n[[listener.route]]\n\
+                    service = \"198.19.0.30:8080\"\n";
+    for (tag, table, want) in [
+        (
+            "percent",
+            "[outlier]\nmax_ejected_percent = 150\n",
+            "2:23: outlier.max_ejected_percent = 150: must be 0..=100",
+        ),
+        (
+            "base",
+            "[outlier]\nconsecutive = 3\nbase_ejection = \"0s\"\n",
+            "3:17: outlier.base_ejection = \"0s\": must be from 1ms to 24h",
+        ),
+        (
+            "max",
+            "[outlier]\nbase_ejection = \"1m\"\nmax_ejection = \"10s\"\n",
+            "3:16: outlier.max_ejection = \"10s\": must be from 60s to 24h",
+        ),
+        (
+            "count",
+            "[outlier]\nconsecutive = 5000\n",
+            "2:15: outlier.consecutive = 5000: must be 0..=1000 (0: off)",
+        ),
+        (
+            "unknown",
+            "[outlier]\nwindow = \"10s\"\n",
+            "2:1: unknown field `window`",
+        ),
+    ] {
+        let path = write_config(&format!("outlier-{tag}"), &format!("{table}{listener}"));
+        let want = format!("{}:{want}", path.display());
+        for args in [&["config", "check"][..], &["run", "--config"][..]] {
+            let mut args = args.to_vec();
+            args.push(path.to_str().unwrap());
+            let out = weir_bounded(&args);
+            assert_one_line_error(&out, &want, &format!("weir {args:?}"));
+        }
+        let _ = std::fs::remove_dir_all(path.parent().unwrap());
+    }
+}
+
 /// `weir run` never creates an instance (it would serve 503 to everyone
 /// from an empty registry), and `--instance` never silently loses to the
 /// file's `instance`.

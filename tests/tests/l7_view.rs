@@ -80,7 +80,7 @@ fn picks_follow_weights_load_and_changes() {
     // Equal load: choices follow the weights 1:1:2.
     let mut count: BTreeMap<u16, u32> = BTreeMap::new();
     for r in draws(8000) {
-        let (_, addr) = view.pick(&svc(), r, &[], |_| 0).unwrap();
+        let (_, addr) = view.pick(&svc(), r, &[], |_| 0, |_| false).unwrap();
         *count.entry(addr.port()).or_default() += 1;
     }
     let share = |p: u16| count[&p] as f64 / 8000.0;
@@ -97,7 +97,13 @@ fn picks_follow_weights_load_and_changes() {
     let mut to_loaded = 0;
     for r in draws(4000) {
         let (id, _) = view
-            .pick(&svc(), r, &[], |id| if id == loaded { 1000 } else { 1 })
+            .pick(
+                &svc(),
+                r,
+                &[],
+                |id| if id == loaded { 1000 } else { 1 },
+                |_| false,
+            )
             .unwrap();
         to_loaded += u32::from(id == loaded);
     }
@@ -109,8 +115,33 @@ fn picks_follow_weights_load_and_changes() {
     // Exclusions (a failed connect) are skipped.
     let first = id_of(9001, &view);
     for r in draws(500) {
-        let (id, _) = view.pick(&svc(), r, &[first], |_| 0).unwrap();
+        let (id, _) = view.pick(&svc(), r, &[first], |_| 0, |_| false).unwrap();
         assert_ne!(id, first);
+    }
+
+    // Ejected backends are passed over while another is usable.
+    assert_eq!(view.active_backends(&svc()), 3);
+    for r in draws(500) {
+        let (id, _) = view.pick(&svc(), r, &[], |_| 0, |id| id == first).unwrap();
+        assert_ne!(id, first);
+    }
+    // When every usable one is ejected, the ring is as it is: ejection
+    // alone never refuses a client.
+    let mut seen = std::collections::BTreeSet::new();
+    for r in draws(500) {
+        let (id, _) = view.pick(&svc(), r, &[], |_| 0, |_| true).unwrap();
+        seen.insert(id);
+    }
+    assert_eq!(seen.len(), 3, "{seen:?}");
+    let others: Vec<u32> = (0..3).filter(|id| *id != first).collect();
+    for r in draws(100) {
+        let (id, _) = view
+            .pick(&svc(), r, &others, |_| 0, |id| id == first)
+            .unwrap();
+        assert_eq!(
+            id, first,
+            "the only one left untried is tried, ejected or not"
+        );
     }
 
     // A drain is seen through the generation and never picked again.
@@ -124,13 +155,17 @@ fn picks_follow_weights_load_and_changes() {
     .unwrap();
     let changes = view.refresh().unwrap().expect("generation moved");
     assert_eq!(changes.stopped.into_iter().collect::<Vec<_>>(), [loaded]);
+    assert_eq!(view.active_backends(&svc()), 2);
     for r in draws(2000) {
-        let (id, _) = view.pick(&svc(), r, &[], |_| 0).unwrap();
+        let (id, _) = view.pick(&svc(), r, &[], |_| 0, |_| false).unwrap();
         assert_ne!(id, loaded);
     }
     // All gone: no backend (503).
     let remaining: Vec<u32> = (0..3).filter(|id| *id != loaded).collect();
-    assert!(view.pick(&svc(), [1, 2], &remaining, |_| 0).is_none());
+    assert!(
+        view.pick(&svc(), [1, 2], &remaining, |_| 0, |_| false)
+            .is_none()
+    );
     reg.apply(
         &Change::SetBackends {
             service: svc(),
@@ -140,7 +175,7 @@ fn picks_follow_weights_load_and_changes() {
     )
     .unwrap();
     view.refresh().unwrap().unwrap();
-    assert!(view.pick(&svc(), [1, 2], &[], |_| 0).is_none());
+    assert!(view.pick(&svc(), [1, 2], &[], |_| 0, |_| false).is_none());
     // L4 services are not the workers' business.
     let l4 = ServiceAddr {
         vip: Ipv4Addr::new(198, 19, 0, 41),
@@ -231,7 +266,7 @@ fn unhealthy_backends_get_no_new_connections_and_are_drained_only_where_asked() 
     assert_eq!(drained.stopped, BTreeSet::from([sick]), "drain_unhealthy");
     for view in [&keep, &drain] {
         for r in draws(1000) {
-            let (id, _) = view.pick(&svc(), r, &[], |_| 0).unwrap();
+            let (id, _) = view.pick(&svc(), r, &[], |_| 0, |_| false).unwrap();
             assert_ne!(id, sick, "no new connection to an unhealthy backend");
         }
     }
@@ -249,7 +284,7 @@ fn unhealthy_backends_get_no_new_connections_and_are_drained_only_where_asked() 
     assert!(keep.refresh().unwrap().unwrap().stopped.is_empty());
     assert!(drain.refresh().unwrap().unwrap().stopped.is_empty());
     let picked: BTreeSet<u32> = draws(1000)
-        .map(|r| keep.pick(&svc(), r, &[], |_| 0).unwrap().0)
+        .map(|r| keep.pick(&svc(), r, &[], |_| 0, |_| false).unwrap().0)
         .collect();
     assert_eq!(picked.len(), 4, "in panic every active backend serves");
     let state = reg.state().unwrap();

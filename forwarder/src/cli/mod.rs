@@ -994,6 +994,16 @@ fn stats(reg: &Registry, instance: &Instance, json: bool) -> Result<()> {
             "  errors: registry refresh {} backend sockets {}",
             l7.registry_refresh_errors, l7.backend_socket_errors
         );
+        for o in &l7.outliers {
+            println!(
+                "  outlier {:<22} of {}: {} ejections {} refused {}",
+                o.backend,
+                o.service,
+                if o.ejected { "ejected" } else { "in choice" },
+                o.ejections,
+                o.refused
+            );
+        }
     }
     if let Some(d) = decap {
         println!("decap:");

@@ -6,7 +6,9 @@ use std::io;
 use std::net::SocketAddr;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+use std::time::Instant;
 
+use crate::l7::ejections::Ejections;
 use crate::l7::files::{self, Sizing};
 use crate::l7::metrics::WorkerMetrics;
 use crate::l7::socket::bind_listeners;
@@ -39,6 +41,9 @@ pub fn serve(
     let (listener_fds, bound) = bind_listeners(&settings.config.listeners, n)?;
     let metrics: Vec<Arc<WorkerMetrics>> =
         (0..n).map(|_| Arc::new(WorkerMetrics::default())).collect();
+    // One outlier table for the process: an ejection holds for every
+    // worker.
+    let outliers = Arc::new(Ejections::new(config.outlier, Instant::now()));
     // A starting daemon holds no connection: counts left by one that died
     // would keep removed backends in the registry forever.
     Maps::open(&settings.instance_dir)
@@ -53,6 +58,7 @@ pub fn serve(
         settings.config.metrics,
         snapshot_file,
         metrics.clone(),
+        outliers.clone(),
         metrics_stop.clone(),
     )
     .map_err(|e| io::Error::new(e.kind(), format!("metrics endpoint: {e}")))?;
@@ -65,20 +71,22 @@ pub fn serve(
         let tx = tx.clone();
         let m = m.clone();
         let open = open.clone();
+        let outliers = outliers.clone();
         handles.push(
             std::thread::Builder::new()
                 .name(format!("weir-worker-{i}"))
                 .spawn(move || -> io::Result<()> {
-                    let mut worker = match Worker::new(&settings, sizing, fds, stop, m, open) {
-                        Ok(w) => {
-                            let _ = tx.send(Ok(()));
-                            w
-                        }
-                        Err(e) => {
-                            let _ = tx.send(Err(io::Error::new(e.kind(), e.to_string())));
-                            return Err(e);
-                        }
-                    };
+                    let mut worker =
+                        match Worker::new(&settings, sizing, fds, stop, m, open, outliers) {
+                            Ok(w) => {
+                                let _ = tx.send(Ok(()));
+                                w
+                            }
+                            Err(e) => {
+                                let _ = tx.send(Err(io::Error::new(e.kind(), e.to_string())));
+                                return Err(e);
+                            }
+                        };
                     worker.run()
                 })?,
         );
@@ -113,7 +121,7 @@ pub fn serve(
     }
     metrics_stop.store(true, Ordering::Relaxed);
     let _ = metrics_thread.join();
-    result.map(|()| crate::l7::metrics::snapshot(&metrics))
+    result.map(|()| crate::l7::metrics::snapshot_with_outliers(&metrics, &outliers, Instant::now()))
 }
 
 /// Warns when the workers hold fewer connections than `max_connections`

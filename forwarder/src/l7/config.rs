@@ -50,6 +50,17 @@ max_message = 67108864
 [drain]
 window = "30s"           # drained connections close spread over this
 
+# Passive outlier detection: a backend whose connects fail or time out, or
+# that answers the upgrade with a 5xx (or badly, or not in time), this many
+# times in a row leaves this process's choices for base_ejection, doubled at
+# each ejection up to max_ejection, and returns on its own. Per process: not
+# shared between weir run processes.
+[outlier]
+consecutive = 5          # failures in a row that eject (0..=1000; 0: off)
+base_ejection = "10s"    # the first ejection's length (1ms..=24h)
+max_ejection = "5m"      # the longest (base_ejection..=24h)
+max_ejected_percent = 50 # at most this share of a service's active backends is ejected (0..=100)
+
 # Per-service overrides:
 # [[service]]
 # address = "127.0.0.1:8080"
@@ -88,7 +99,20 @@ pub struct Config {
     /// removed backend's. Elsewhere they stay: the check may be wrong, the
     /// connection may be fine.
     pub drain_unhealthy: Vec<ServiceAddr>,
+    pub outlier: Outlier,
     pub listeners: Vec<Listener>,
+}
+
+/// Passive outlier detection (`[outlier]`, see [`crate::l7::outlier`]).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Outlier {
+    /// Failures in a row that eject a backend; 0: detection is off.
+    pub consecutive: u32,
+    pub base_ejection: Duration,
+    pub max_ejection: Duration,
+    /// At most this share (in percent) of a service's active backends is
+    /// ejected at a time.
+    pub max_ejected_percent: u8,
 }
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -175,6 +199,8 @@ struct RawConfig {
     limits: RawLimits,
     #[serde(default)]
     drain: RawDrain,
+    #[serde(default)]
+    outlier: RawOutlier,
     #[serde(default, rename = "service")]
     services: Vec<RawService>,
     #[serde(rename = "listener")]
@@ -324,6 +350,37 @@ struct RawDrain {
 
 #[derive(Deserialize, Serialize)]
 #[serde(deny_unknown_fields)]
+struct RawOutlier {
+    #[serde(default = "default_consecutive")]
+    consecutive: toml::Spanned<u64>,
+    #[serde(default = "d10s")]
+    base_ejection: toml::Spanned<String>,
+    #[serde(default = "d5m")]
+    max_ejection: toml::Spanned<String>,
+    #[serde(default = "default_ejected_percent")]
+    max_ejected_percent: toml::Spanned<u64>,
+}
+
+impl Default for RawOutlier {
+    fn default() -> Self {
+        Self {
+            consecutive: default_consecutive(),
+            base_ejection: d10s(),
+            max_ejection: d5m(),
+            max_ejected_percent: default_ejected_percent(),
+        }
+    }
+}
+
+fn default_consecutive() -> toml::Spanned<u64> {
+    toml::Spanned::new(0..0, 5)
+}
+fn default_ejected_percent() -> toml::Spanned<u64> {
+    toml::Spanned::new(0..0, 50)
+}
+
+#[derive(Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
 struct RawService {
     address: toml::Spanned<String>,
     drain_window: Option<toml::Spanned<String>>,
@@ -367,6 +424,9 @@ pub const MAX_CONNECTIONS: u64 = 1 << 20;
 pub const MAX_POOL_BYTES: u64 = 1 << 30;
 pub const MAX_FRAME_BYTES: u64 = 1 << 30;
 pub const MAX_LISTENERS: usize = 64;
+/// More failures in a row than this before an ejection would be no
+/// detection at all.
+pub const MAX_CONSECUTIVE: u64 = 1000;
 pub const MAX_ROUTES: usize = 1024;
 /// Listening sockets of all workers together (each worker has one per
 /// listener): they count against the process's open files, with clients.
@@ -541,6 +601,35 @@ pub fn parse(text: &str, name: &str) -> Result<Config, ConfigError> {
             drain_unhealthy.push(addr);
         }
     }
+    let o = &raw.outlier;
+    let base_ejection = duration(&o.base_ejection, "outlier.base_ejection", positive)?;
+    let outlier = Outlier {
+        consecutive: range(
+            &o.consecutive,
+            "outlier.consecutive",
+            0,
+            MAX_CONSECUTIVE,
+            " (0: off)",
+        )? as u32,
+        base_ejection,
+        max_ejection: duration(&o.max_ejection, "outlier.max_ejection", base_ejection).map_err(
+            |e| ConfigError {
+                reason: format!(
+                    "{} (from outlier.base_ejection = {:?})",
+                    e.reason,
+                    o.base_ejection.get_ref()
+                ),
+                ..e
+            },
+        )?,
+        max_ejected_percent: range(
+            &o.max_ejected_percent,
+            "outlier.max_ejected_percent",
+            0,
+            100,
+            "",
+        )? as u8,
+    };
     let metrics = raw
         .metrics
         .listen
@@ -667,6 +756,7 @@ pub fn parse(text: &str, name: &str) -> Result<Config, ConfigError> {
         drain_window,
         service_drain,
         drain_unhealthy,
+        outlier,
         listeners,
     })
 }
@@ -686,6 +776,15 @@ mod tests {
         assert_eq!(c.drain_window, Duration::from_secs(30));
         assert_eq!(c.metrics, Some("127.0.0.1:9100".parse().unwrap()));
         assert!(c.drain_unhealthy.is_empty(), "unhealthy: stay by default");
+        assert_eq!(
+            c.outlier,
+            Outlier {
+                consecutive: 5,
+                base_ejection: Duration::from_secs(10),
+                max_ejection: Duration::from_secs(300),
+                max_ejected_percent: 50,
+            }
+        );
     }
 
     #[test]
@@ -702,6 +801,29 @@ mod tests {
             c.service_drain,
             [("198.19.0.3:80".parse().unwrap(), Duration::from_secs(5))]
         );
+    }
+
+    #[test]
+    fn outlier_detection_can_be_off_and_unknown_keys_are_refused() {
+        let c = parse(&format!("{MIN}[outlier]\nconsecutive = 0\n"), "weir.toml").unwrap();
+        assert_eq!(c.outlier.consecutive, 0);
+        let c = parse(
+            &format!("{MIN}[outlier]\nbase_ejection = \"1s\"\nmax_ejection = \"1s\"\n"),
+            "weir.toml",
+        )
+        .unwrap();
+        assert_eq!(
+            c.outlier.max_ejection,
+            Duration::from_secs(1),
+            "max may equal base"
+        );
+        let e = err(&format!(
+            "{MIN}[outlier]\nconsecutive = 5\ninterval = \"1s\"\n"
+        ));
+        assert_eq!(e.line, 7, "{e}");
+        assert!(e.reason.contains("interval"), "{e}");
+        let e = err(&format!("{MIN}[outlier]\nconsecutive = -1\n"));
+        assert_eq!(e.line, 6, "{e}");
     }
 
     /// Every key with a range: the error names the key, the value, the
@@ -781,6 +903,26 @@ mod tests {
                 "[limits]\nmax_head_bytes = 1\n",
                 "limits.max_head_bytes = 1: must be 512..=65536",
             ),
+            (
+                "[outlier]\nconsecutive = 1001\n",
+                "outlier.consecutive = 1001: must be 0..=1000 (0: off)",
+            ),
+            (
+                "[outlier]\nbase_ejection = \"0s\"\n",
+                "outlier.base_ejection = \"0s\": must be from 1ms to 24h",
+            ),
+            (
+                "[outlier]\nbase_ejection = \"1m\"\nmax_ejection = \"30s\"\n",
+                "outlier.max_ejection = \"30s\": must be from 60s to 24h (from outlier.base_ejection = \"1m\")",
+            ),
+            (
+                "[outlier]\nmax_ejection = \"2d\"\n",
+                "outlier.max_ejection: \"2d\": the unit must be",
+            ),
+            (
+                "[outlier]\nmax_ejected_percent = 101\n",
+                "outlier.max_ejected_percent = 101: must be 0..=100",
+            ),
         ];
         for (table, want) in cases {
             let e = err(&format!("{MIN}{table}"));
@@ -857,6 +999,7 @@ mod tests {
         let d = parse(DEFAULT, "default").unwrap();
         assert_eq!(c.timeouts, d.timeouts);
         assert_eq!(c.limits, d.limits);
+        assert_eq!(c.outlier, d.outlier);
         assert_eq!(c.listeners[0].routes[0].host, "*");
         assert_eq!(c.metrics, None);
     }

@@ -15,6 +15,8 @@ use std::time::Duration;
 
 use serde::{Deserialize, Serialize};
 
+use super::ejections::Ejections;
+
 /// One worker's counters.
 #[derive(Default)]
 pub struct WorkerMetrics {
@@ -172,6 +174,44 @@ pub struct Snapshot {
     pub backends: BTreeMap<String, (u64, u64)>,
     pub handshakes: BTreeMap<String, u64>,
     pub closes: BTreeMap<String, u64>,
+    /// Outlier detection's record of the backends that failed, per
+    /// process (not per worker).
+    #[serde(default)]
+    pub outliers: Vec<OutlierRow>,
+}
+
+/// One backend as outlier detection sees it.
+#[derive(Clone, Serialize, Deserialize, Debug, PartialEq, Eq, PartialOrd, Ord)]
+pub struct OutlierRow {
+    pub service: String,
+    pub backend: String,
+    /// Out of choice now.
+    pub ejected: bool,
+    pub ejections: u64,
+    /// Ejections refused for `max_ejected_percent`.
+    pub refused: u64,
+}
+
+/// The snapshot of `workers` with outlier detection's rows at `now`.
+pub fn snapshot_with_outliers(
+    workers: &[Arc<WorkerMetrics>],
+    outliers: &Ejections,
+    now: std::time::Instant,
+) -> Snapshot {
+    let mut s = snapshot(workers);
+    s.outliers = outliers
+        .rows(now)
+        .into_iter()
+        .map(|r| OutlierRow {
+            service: r.service.to_string(),
+            backend: r.addr.to_string(),
+            ejected: r.ejected,
+            ejections: r.ejections_total,
+            refused: r.refused_total,
+        })
+        .collect();
+    s.outliers.sort();
+    s
 }
 
 pub fn snapshot(workers: &[Arc<WorkerMetrics>]) -> Snapshot {
@@ -353,6 +393,35 @@ pub fn render(s: &Snapshot) -> String {
             ("{reason=\"timeout\"}".into(), s.backend_connect_timeouts),
         ],
     );
+    let outlier_labels =
+        |r: &OutlierRow| format!("{{service=\"{}\",backend=\"{}\"}}", r.service, r.backend);
+    metric(
+        "weir_l7_outlier_ejections_total",
+        "counter",
+        "Times outlier detection took a backend out of this process's choices.",
+        s.outliers
+            .iter()
+            .map(|r| (outlier_labels(r), r.ejections))
+            .collect(),
+    );
+    metric(
+        "weir_l7_outlier_ejected",
+        "gauge",
+        "1 while outlier detection keeps a backend out of this process's choices.",
+        s.outliers
+            .iter()
+            .map(|r| (outlier_labels(r), u64::from(r.ejected)))
+            .collect(),
+    );
+    metric(
+        "weir_l7_outlier_ejections_refused_total",
+        "counter",
+        "Ejections refused because outlier.max_ejected_percent of the service's backends were out.",
+        s.outliers
+            .iter()
+            .map(|r| (outlier_labels(r), r.refused))
+            .collect(),
+    );
     out
 }
 
@@ -362,6 +431,7 @@ pub fn serve(
     addr: Option<SocketAddr>,
     snapshot_file: std::path::PathBuf,
     workers: Vec<Arc<WorkerMetrics>>,
+    outliers: Arc<Ejections>,
     stop: Arc<AtomicBool>,
 ) -> std::io::Result<std::thread::JoinHandle<()>> {
     let listener = addr.map(TcpListener::bind).transpose()?;
@@ -375,7 +445,8 @@ pub fn serve(
             loop {
                 let done = stop.load(Ordering::Relaxed);
                 if last_write.elapsed() >= Duration::from_secs(1) || done {
-                    let snap = snapshot(&workers);
+                    let snap =
+                        snapshot_with_outliers(&workers, &outliers, std::time::Instant::now());
                     if let Ok(json) = serde_json::to_vec(&snap) {
                         let tmp = snapshot_file.with_extension("tmp");
                         if std::fs::write(&tmp, json).is_ok() {
@@ -395,7 +466,11 @@ pub fn serve(
                     let mut req = [0u8; 1024];
                     let n = s.read(&mut req).unwrap_or(0);
                     let _ = s.write_all(&crate::prometheus::answer(&req[..n], || {
-                        render(&snapshot(&workers))
+                        render(&snapshot_with_outliers(
+                            &workers,
+                            &outliers,
+                            std::time::Instant::now(),
+                        ))
                     }));
                     continue;
                 }
@@ -437,6 +512,46 @@ mod tests {
         );
     }
 
+    /// The rows come from the process's table, not summed per worker.
+    #[test]
+    fn outlier_rows_come_from_the_shared_table() {
+        let settings = crate::l7::config::Outlier {
+            consecutive: 1,
+            base_ejection: Duration::from_secs(10),
+            max_ejection: Duration::from_secs(60),
+            max_ejected_percent: 100,
+        };
+        let now = std::time::Instant::now();
+        let table = Ejections::new(settings, now);
+        let backend: SocketAddr = "127.0.0.1:9003".parse().unwrap();
+        table.failed(
+            crate::l7::outlier::Subject {
+                id: 4,
+                addr: backend,
+                service: "198.19.0.1:80".parse().unwrap(),
+                active: 2,
+            },
+            now,
+        );
+        let workers = [
+            Arc::new(WorkerMetrics::default()),
+            Arc::new(WorkerMetrics::default()),
+        ];
+        let s = snapshot_with_outliers(&workers, &table, now);
+        assert_eq!(
+            s.outliers,
+            [OutlierRow {
+                service: "198.19.0.1:80".into(),
+                backend: "127.0.0.1:9003".into(),
+                ejected: true,
+                ejections: 1,
+                refused: 0,
+            }]
+        );
+        let later = snapshot_with_outliers(&workers, &table, now + Duration::from_secs(10));
+        assert!(!later.outliers[0].ejected, "back after its time");
+    }
+
     #[test]
     fn a_backend_series_goes_only_once_its_connections_did() {
         let m = WorkerMetrics::default();
@@ -466,7 +581,14 @@ mod tests {
         b.backend_socket_errors.fetch_add(1, Ordering::Relaxed);
         a.backend_connect_refused.fetch_add(2, Ordering::Relaxed);
         b.backend_connect_timeouts.fetch_add(1, Ordering::Relaxed);
-        let s = snapshot(&[a, b]);
+        let mut s = snapshot(&[a, b]);
+        s.outliers.push(OutlierRow {
+            service: "198.19.0.1:80".into(),
+            backend: "127.0.0.1:9002".into(),
+            ejected: true,
+            ejections: 2,
+            refused: 3,
+        });
         assert_eq!(s.backends["127.0.0.1:9001"], (1, 2));
         assert_eq!(s.handshakes["404"], 2);
         let text = render(&s);
@@ -482,6 +604,9 @@ mod tests {
             "weir_l7_backend_socket_errors_total 1",
             "weir_l7_backend_connect_failures_total{reason=\"refused\"} 2",
             "weir_l7_backend_connect_failures_total{reason=\"timeout\"} 1",
+            "weir_l7_outlier_ejections_total{service=\"198.19.0.1:80\",backend=\"127.0.0.1:9002\"} 2",
+            "weir_l7_outlier_ejected{service=\"198.19.0.1:80\",backend=\"127.0.0.1:9002\"} 1",
+            "weir_l7_outlier_ejections_refused_total{service=\"198.19.0.1:80\",backend=\"127.0.0.1:9002\"} 3",
         ] {
             assert!(
                 text.lines().any(|l| l == line),

@@ -30,6 +30,8 @@ pub struct BackendView {
 struct ServiceView {
     /// The ring: slot -> backend id.
     ring: Vec<u32>,
+    /// The backends in the ring, each once.
+    members: Vec<u32>,
 }
 
 /// What a refresh found.
@@ -93,7 +95,13 @@ impl RegistryView {
                 continue;
             }
             let ring = self.maps.read_ring(svc.id)?.unwrap_or_default();
-            services.insert(*addr, ServiceView { ring });
+            let members: BTreeSet<u32> = ring
+                .iter()
+                .copied()
+                .filter(|id| *id != NO_BACKEND)
+                .collect();
+            let members = members.into_iter().collect();
+            services.insert(*addr, ServiceView { ring, members });
         }
         let mut serving = BTreeSet::new();
         for (addr, svc) in &state.services {
@@ -141,29 +149,42 @@ impl RegistryView {
         self.backends.get(&id)
     }
 
+    /// How many active backends `service` has (what bounds the share of
+    /// them outlier detection may eject).
+    pub fn active_backends(&self, service: &ServiceAddr) -> u32 {
+        self.services.get(service).map_or(0, |svc| {
+            svc.members.iter().filter(|id| self.is_active(**id)).count() as u32
+        })
+    }
+
+    fn is_active(&self, id: u32) -> bool {
+        self.backends
+            .get(&id)
+            .is_some_and(|b| b.state == BackendState::Active)
+    }
+
     /// Picks a backend of `service` for a new connection: two ring slots
     /// drawn with `random` (two independent 32-bit values), the less loaded
     /// by `live(id)` per unit of weight wins. `exclude` lists backends
-    /// already tried for this connection. `None`: no active backend (503).
+    /// already tried for this connection. Backends `avoid` names (ejected
+    /// by outlier detection) are passed over as long as another is usable;
+    /// when none is, the pick is as if nothing were avoided. `None`: no
+    /// active backend (503).
     pub fn pick(
         &self,
         service: &ServiceAddr,
         random: [u32; 2],
         exclude: &[u32],
         live: impl Fn(u32) -> u32,
+        avoid: impl Fn(u32) -> bool,
     ) -> Option<(u32, SocketAddr)> {
         let svc = self.services.get(service)?;
         if svc.ring.is_empty() {
             return None;
         }
-        let usable = |id: u32| {
-            id != NO_BACKEND
-                && !exclude.contains(&id)
-                && self
-                    .backends
-                    .get(&id)
-                    .is_some_and(|b| b.state == BackendState::Active)
-        };
+        let candidate = |id: u32| id != NO_BACKEND && !exclude.contains(&id) && self.is_active(id);
+        let shun = svc.members.iter().any(|id| candidate(*id) && !avoid(*id));
+        let usable = |id: u32| candidate(id) && !(shun && avoid(id));
         let n = svc.ring.len();
         // Each draw walks forward from its slot to the first usable backend,
         // so excluded backends do not make a draw fail.
