@@ -413,7 +413,7 @@ fn without_the_probe_path_l4_checks_wait_and_health_stays() {
 }
 
 #[test]
-fn a_second_agent_is_refused_with_the_first_ones_pid() {
+fn a_second_agent_is_refused_with_the_first_ones_pid_and_sigterm_stops_it() {
     require_root();
     let inst = instance("agtwo", &[]);
     let dir = temp_dir(&inst);
@@ -432,7 +432,19 @@ fn a_second_agent_is_refused_with_the_first_ones_pid() {
         )),
         "{err}"
     );
-    drop(first);
+    // SIGTERM stops it cleanly; then the instance may have an agent again.
+    let mut first = first;
+    // SAFETY: kill(2) on the pid of a child this test started.
+    assert_eq!(
+        unsafe { libc::kill(first.child.id() as i32, libc::SIGTERM) },
+        0
+    );
+    let status = first.child.wait().unwrap();
+    assert!(status.success(), "{status}: {}", first.log());
+    first.wait_for("stopped");
+    let second = Agent::start(&inst, &dir, "");
+    second.wait_for("started");
+    drop(second);
     let _ = std::fs::remove_dir_all(&dir);
 }
 
