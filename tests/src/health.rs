@@ -113,9 +113,14 @@ pub fn run_health(opts: &L4Options, l7: bool) -> Result<HealthReport> {
         format!(
             "instance = \"{instance}\"\n\
              [metrics]\nlisten = \"127.0.0.1:9101\"\n\
-             [[check]]\nservice = \"{service}\"\ntype = \"{}\"\npath = \"/\"\n\
+             [[check]]\nservice = \"{service}\"\n{}\
              interval = \"{}ms\"\njitter = \"10%\"\ntimeout = \"{}ms\"\nrise = {RISE}\nfall = {FALL}\n",
-            if l7 { "websocket" } else { "tcp" },
+            // A tcp check takes no path: the agent refuses one.
+            if l7 {
+                "type = \"websocket\"\npath = \"/\"\n"
+            } else {
+                "type = \"tcp\"\n"
+            },
             INTERVAL.as_millis(),
             TIMEOUT.as_millis()
         ),
