@@ -255,34 +255,61 @@ pub fn run(cli: Cli) -> Result<()> {
     match cli.command {
         Command::Attach { dev, lb_addr, mode } => {
             let done = dataplane::attach(&instance, &dev, lb_addr, mode, create)?;
-            let a = &done.attachment;
+            let a = &done.xdp.attachment;
+            let probe = &done.probe;
             say(
                 json,
                 json!({"attached": dev, "lb_addr": lb_addr.to_string(), "mode": a.mode,
                        "ifindex": a.ifindex, "netns": a.netns.label(),
-                       "replaced": done.replaced}),
+                       "replaced": done.xdp.replaced,
+                       "probe": {"dev": probe.attachment.dev, "attached_now": probe.attached_now,
+                                 "replaced": probe.replaced}}),
                 || {
                     format!(
                         "attached weir ({}) to {dev} (ifindex {}, {} mode, netns {}), \
-                         encapsulating from {lb_addr}{}",
+                         encapsulating from {lb_addr}{}; health checks marked {:#x}/{:#x} go \
+                         through {} ({}){}",
                         instance.name(),
                         a.ifindex,
                         a.mode.name(),
                         a.netns.label(),
-                        replaced_note(&done.replaced)
+                        replaced_note(&done.xdp.replaced),
+                        abi::PROBE_MARK_BASE,
+                        abi::PROBE_MARK_MASK,
+                        probe.attachment.dev,
+                        if probe.attached_now {
+                            "attached now"
+                        } else {
+                            "already attached"
+                        },
+                        replaced_note(&probe.replaced)
                     )
                 },
             );
         }
         Command::Detach { dev } => {
-            let was = dataplane::detach(&instance, &dev)?;
-            say(json, json!({"detached": dev, "was": was.state}), || {
-                format!(
-                    "{} weir ({}) from {dev}",
-                    detached_verb(&was),
-                    instance.name()
-                )
-            });
+            let (was, probe) = dataplane::detach(&instance, &dev)?;
+            say(
+                json,
+                json!({"detached": dev, "was": was.state,
+                       "probe_was": probe.as_ref().map(|p| p.state)}),
+                || {
+                    let mut line = format!(
+                        "{} weir ({}) from {dev}",
+                        detached_verb(&was),
+                        instance.name()
+                    );
+                    if let Some(p) = &probe {
+                        let _ = write!(
+                            line,
+                            "; {} its probe path ({}) with its rule and route",
+                            detached_verb(p),
+                            p.attachment.dev
+                        );
+                    }
+                    line
+                },
+            );
         }
         Command::AttachPeer { dev } => {
             let done = dataplane::attach_peer(&instance, &dev)?;
@@ -578,7 +605,9 @@ pub fn run(cli: Cli) -> Result<()> {
             if !instance.pin_dir().exists() {
                 bail!("instance {:?} does not exist", instance.name());
             }
+            let routed = dataplane::probe::routed(&instance)?;
             instance.destroy()?;
+            let stuck = routed.release()?;
             if instance.pin_dir().exists() {
                 bail!(
                     "instance {:?}: {} is still there after destroy; remove it by hand",
@@ -589,13 +618,25 @@ pub fn run(cli: Cli) -> Result<()> {
             let audit = instance.audit_log();
             say(
                 json,
-                json!({"destroyed": instance.name(), "audit_log": audit.display().to_string()}),
+                json!({"destroyed": instance.name(), "audit_log": audit.display().to_string(),
+                       "probe_routing_left_in": stuck}),
                 || {
-                    format!(
+                    let mut line = format!(
                         "removed instance {} (its audit log stays at {})",
                         instance.name(),
                         audit.display()
-                    )
+                    );
+                    if !stuck.is_empty() {
+                        let _ = write!(
+                            line,
+                            "; the probe rule and route stay in namespaces it cannot enter ({}): \
+                             run `ip rule del pref {} ; ip route flush table {}` there",
+                            stuck.join(", "),
+                            dataplane::probe::RULE_PRIORITY,
+                            dataplane::probe::TABLE
+                        );
+                    }
+                    line
                 },
             );
         }
@@ -764,6 +805,7 @@ fn stats(reg: &Registry, instance: &Instance, json: bool) -> Result<()> {
         }));
     }
     let decap = dataplane::decap_counters(instance)?;
+    let probe = dataplane::probe::counters(instance)?;
     // The daemon's L7 counters, written every second while `weir run` runs.
     // No file: no `weir run` has served this instance. A file that does not
     // parse is reported, not shown as "no L7 section".
@@ -798,6 +840,13 @@ fn stats(reg: &Registry, instance: &Instance, json: bool) -> Result<()> {
             v["decap"] = abi::DECAP_COUNTERS
                 .iter()
                 .zip(d)
+                .map(|(n, v)| (n.to_string(), json!(v)))
+                .collect();
+        }
+        if let Some(p) = &probe {
+            v["probe"] = abi::PROBE_COUNTERS
+                .iter()
+                .zip(p)
                 .map(|(n, v)| (n.to_string(), json!(v)))
                 .collect();
         }
@@ -871,6 +920,12 @@ fn stats(reg: &Registry, instance: &Instance, json: bool) -> Result<()> {
         println!("decap:");
         for (name, value) in abi::DECAP_COUNTERS.iter().zip(&d) {
             println!("  {name:<20} {value}");
+        }
+    }
+    if let Some(p) = probe {
+        println!("probe:");
+        for (name, value) in abi::PROBE_COUNTERS.iter().zip(&p) {
+            println!("  {name:<26} {value}");
         }
     }
     Ok(())
