@@ -529,7 +529,11 @@ fn stats_shows_an_attachment_whose_namespace_is_gone_as_defunct() {
     assert_eq!(probe.len(), 1, "weir attach adds the probe path: {all:?}");
     assert_eq!(
         (&probe[0]["dev"], &probe[0]["mode"], &probe[0]["live"]),
-        (&Value::from("lo"), &Value::from("tc_egress"), &Value::from(true)),
+        (
+            &Value::from("lo"),
+            &Value::from("tc_egress"),
+            &Value::from(true)
+        ),
         "{all:?}"
     );
     let before = w.attached_besides_probe(&topo, &topo.router_ns);

@@ -104,7 +104,8 @@ struct Stage {
 
 impl Stage {
     /// Two backends, each with an echo server on the VIP and its own
-    /// address and decap from the LB; an L4 service of both.
+    /// address and decap from the LB; native XDP on the LB (the way
+    /// operators attach it, peer program included); an L4 service of both.
     fn new(tag: &str) -> Stage {
         weir_testbed::require_root();
         let mut topo = Topology::build(TopologySpec {
@@ -129,7 +130,8 @@ impl Stage {
             .unwrap();
             weir.decap_backend(&topo, i).unwrap();
         }
-        let said = weir.attach_lb(&topo, "generic").unwrap();
+        weir.attach_peer(&topo).unwrap();
+        let said = weir.attach_lb(&topo, "native").unwrap();
         assert!(said.contains("health checks marked"), "{said}");
         let service = format!("{}:{PORT}", topo.vip());
         let lb = topo.lb_ns.clone();
