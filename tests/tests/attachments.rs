@@ -191,19 +191,7 @@ fn decap(w: &Weir, topo: &Topology, i: usize) -> String {
 
 /// Starts an echo server named `b<i>` in backend `i`'s namespace.
 fn echo(topo: &mut Topology, i: usize) {
-    let ns = topo.backend_ns[i].clone();
-    topo.spawn_ready_in(
-        &ns,
-        &workspace_bin("weir-echo"),
-        &[
-            "--listen",
-            &format!("0.0.0.0:{PORT}"),
-            "--name",
-            &format!("b{i}"),
-        ],
-        Duration::from_secs(10),
-    )
-    .unwrap();
+    topo.start_echo(i, PORT).unwrap();
 }
 
 /// Declares the VIP service on the LB with backends `0..n`.

@@ -17,7 +17,6 @@ use weir::dataplane::probe;
 use weir::instance::Instance;
 use weir_testbed::topology::{Topology, TopologySpec, in_netns};
 use weir_testbed::weir_cli::WeirCli;
-use weir_testbed::workspace_bin;
 
 const PORT: u16 = 8080;
 /// Long enough for a handshake through the namespaces; a probe that
@@ -115,19 +114,7 @@ impl Stage {
         .unwrap();
         let weir = WeirCli::new(&format!("pr{}{tag}", std::process::id())).unwrap();
         for i in 0..2 {
-            let ns = topo.backend_ns[i].clone();
-            topo.spawn_ready_in(
-                &ns,
-                &workspace_bin("weir-echo"),
-                &[
-                    "--listen",
-                    &format!("0.0.0.0:{PORT}"),
-                    "--name",
-                    &format!("b{i}"),
-                ],
-                Duration::from_secs(10),
-            )
-            .unwrap();
+            topo.start_echo(i, PORT).unwrap();
             weir.decap_backend(&topo, i).unwrap();
         }
         weir.attach_peer(&topo).unwrap();

@@ -29,6 +29,7 @@
 #include "weir_abi.h"
 #include "parse.h"
 #include "encap.h"
+#include "nexthop.h"
 
 char LICENSE[] SEC("license") = "Dual BSD/GPL";
 
@@ -54,12 +55,7 @@ static __always_inline int egress_ifindex(struct __sk_buff *skb, __be32 src, __b
 	struct bpf_fib_lookup fib = {};
 	int rc;
 
-	fib.family = AF_INET;
-	fib.l4_protocol = IPPROTO_IPIP;
-	fib.tot_len = outer_len;
-	fib.ipv4_src = src;
-	fib.ipv4_dst = dst;
-	fib.ifindex = skb->ifindex;
+	fib_params_outer(&fib, src, dst, outer_len, skb->ifindex);
 	/* An input-style lookup with mark 0: the probe rule does not match,
 	 * so this is the route clients' packets take to the backend.
 	 * bpf_redirect_neigh resolves the neighbour itself. */
