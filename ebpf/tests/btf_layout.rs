@@ -105,7 +105,10 @@ fn lb_structs_match_btf() {
                 pad,
                 flags,
                 min_backends,
-                max_remove_permille
+                max_remove_permille,
+                panic_permille,
+                panics,
+                panic_since_ms
             }),
         ),
         (
@@ -116,7 +119,11 @@ fn lb_structs_match_btf() {
                 weight,
                 service_id,
                 state,
-                flags
+                flags,
+                health,
+                health_reason,
+                health_detail,
+                health_since_ms
             }),
         ),
         (
@@ -231,14 +238,33 @@ fn counters_match_header_enums() {
     assert_eq!(enum_members(&h, "weir_probe_counter", "WEIR_PROBE_"), probe);
     assert_eq!(
         enum_members(&h, "weir_backend_state", "WEIR_BACKEND_"),
-        ["empty", "active", "draining", "removed", "down"]
+        ["empty", "active", "draining", "removed"]
     );
-    for (i, s) in ["empty", "active", "draining", "removed", "down"]
+    for (i, s) in ["empty", "active", "draining", "removed"]
         .iter()
         .enumerate()
     {
         assert_eq!(abi::BackendState::from_raw(i as u32).unwrap().name(), *s);
     }
+    assert_eq!(
+        abi::BackendState::from_raw(4),
+        None,
+        "4 (the retired \"down\") is never written"
+    );
+    assert_eq!(
+        enum_members(&h, "weir_backend_health", "WEIR_HEALTH_"),
+        ["unknown", "healthy", "unhealthy"]
+    );
+    for (i, s) in ["unknown", "healthy", "unhealthy"].iter().enumerate() {
+        assert_eq!(abi::BackendHealth::from_raw(i as u8).unwrap().name(), *s);
+    }
+    let reasons: Vec<&str> = abi::HealthReason::ALL.iter().map(|r| r.name()).collect();
+    assert_eq!(enum_members(&h, "weir_health_reason", "WEIR_HR_"), reasons);
+    for (i, r) in abi::HealthReason::ALL.iter().enumerate() {
+        assert_eq!(abi::HealthReason::from_raw(i as u8), Some(*r));
+        assert_eq!(*r as usize, i);
+    }
+    assert_eq!(abi::HealthReason::from_raw(13), None);
 }
 
 fn define(header: &str, name: &str) -> u64 {
@@ -274,6 +300,10 @@ fn constants_match_header() {
     assert_eq!(
         define(&h, "WEIR_BACKEND_F_USED"),
         abi::BACKEND_F_USED as u64
+    );
+    assert_eq!(
+        define(&h, "WEIR_SERVICE_F_PANIC"),
+        abi::SERVICE_F_PANIC as u64
     );
     assert_eq!(define(&h, "WEIR_ICMP_RATE"), abi::ICMP_RATE as u64);
     assert_eq!(define(&h, "WEIR_ICMP_BURST"), abi::ICMP_BURST as u64);

@@ -112,6 +112,16 @@ fn bad_input_is_refused_with_one_line_and_changes_nothing() {
         ),
         (&["backend", "add", SVC, "198.18.50.1"], "already active"),
         (
+            &[
+                "service",
+                "add",
+                "198.19.0.31:80",
+                "--panic-threshold",
+                "1.5",
+            ],
+            "panic-threshold 1.5 must be between 0 and 1",
+        ),
+        (
             &["backend", "add", SVC, "backend-host"],
             "not an IPv4 address",
         ),
@@ -679,4 +689,65 @@ fn run_on_a_taken_port_says_one_line_and_never_running() {
     );
     assert!(!String::from_utf8_lossy(&out.stderr).contains("running"));
     let _ = std::fs::remove_dir_all(path.parent().unwrap());
+}
+
+#[test]
+fn lists_show_intent_and_health_apart() {
+    require_root();
+    let inst = Inst::new("health");
+    inst.ok(&[
+        "--flows",
+        "4096",
+        "service",
+        "add",
+        SVC,
+        "--panic-threshold",
+        "0.25",
+    ]);
+    inst.ok(&["backend", "set", SVC, "198.18.50.1", "198.18.50.2"]);
+    inst.ok(&["backend", "drain", SVC, "198.18.50.2"]);
+    let rows: Vec<serde_json::Value> =
+        serde_json::from_str(&inst.ok(&["--json", "backend", "list", SVC])).unwrap();
+    let pairs: Vec<(&str, &str, &str)> = rows
+        .iter()
+        .map(|r| {
+            (
+                r["state"].as_str().unwrap(),
+                r["health"].as_str().unwrap(),
+                r["health_reason"].as_str().unwrap(),
+            )
+        })
+        .collect();
+    assert_eq!(
+        pairs,
+        [
+            ("active", "unknown", "none"),
+            ("draining", "unknown", "none")
+        ]
+    );
+    assert!(rows[0]["health_since"].is_null(), "never checked");
+    let text = inst.ok(&["backend", "list", SVC]);
+    assert!(text.lines().next().unwrap().ends_with("HEALTH"), "{text}");
+    let services: Vec<serde_json::Value> =
+        serde_json::from_str(&inst.ok(&["--json", "service", "list"])).unwrap();
+    let s = &services[0];
+    assert_eq!(
+        (
+            &s["panic_threshold"],
+            &s["panic"],
+            &s["panics"],
+            &s["healthy"],
+            &s["in_ring"]
+        ),
+        (
+            &serde_json::json!(0.25),
+            &serde_json::json!(false),
+            &serde_json::json!(0),
+            &serde_json::json!(1),
+            &serde_json::json!(1)
+        )
+    );
+    let stats: serde_json::Value = serde_json::from_str(&inst.ok(&["--json", "stats"])).unwrap();
+    assert_eq!(stats["services"][0]["panic"], false);
+    assert_eq!(stats["services"][0]["backends"][0]["health"], "unknown");
 }

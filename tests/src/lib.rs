@@ -16,6 +16,7 @@
 
 use std::path::{Path, PathBuf};
 
+pub mod health;
 pub mod packet;
 pub mod progrun;
 pub mod push;

@@ -108,6 +108,7 @@ impl Bed {
                 ring_size: None,
                 max_remove_fraction: None,
                 min_backends: None,
+                panic_threshold: None,
             };
             reg.apply(&change, force()).unwrap();
         }

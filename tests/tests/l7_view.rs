@@ -1,15 +1,18 @@
 //! The L7 workers' view of the registry, against real pinned maps: weighted
-//! power-of-two choices, exclusions, and changes seen through the
-//! generation counter.
+//! power-of-two choices, exclusions, changes seen through the generation
+//! counter, and what observed health does to new and live connections.
 
 mod common;
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, BTreeSet};
 use std::net::Ipv4Addr;
 
 use common::{TestInstance, require_root};
 use weir::l7::view::RegistryView;
-use weir::registry::{ApplyOptions, BackendAddr, Change, Maps, ServiceAddr, ServiceModeName};
+use weir::registry::{
+    ApplyOptions, BackendAddr, Change, HealthUpdate, Maps, ServiceAddr, ServiceModeName,
+};
+use weir_ebpf::abi::{BackendHealth, HealthReason};
 
 fn svc() -> ServiceAddr {
     ServiceAddr {
@@ -52,6 +55,7 @@ fn picks_follow_weights_load_and_changes() {
             ring_size: None,
             max_remove_fraction: None,
             min_backends: None,
+            panic_threshold: None,
         },
         opts(),
     )
@@ -65,7 +69,11 @@ fn picks_follow_weights_load_and_changes() {
         opts(),
     )
     .unwrap();
-    let mut view = RegistryView::open(Maps::open(&inst.instance.pin_dir()).unwrap()).unwrap();
+    let mut view = RegistryView::open(
+        Maps::open(&inst.instance.pin_dir()).unwrap(),
+        BTreeSet::new(),
+    )
+    .unwrap();
     assert!(view.has_service(&svc()));
     assert_eq!(view.refresh().unwrap(), None, "nothing changed");
 
@@ -145,10 +153,107 @@ fn picks_follow_weights_load_and_changes() {
             ring_size: None,
             max_remove_fraction: None,
             min_backends: None,
+            panic_threshold: None,
         },
         opts(),
     )
     .unwrap();
     view.refresh().unwrap();
     assert!(!view.has_service(&l4));
+}
+
+#[test]
+fn unhealthy_backends_get_no_new_connections_and_are_drained_only_where_asked() {
+    require_root();
+    let inst = TestInstance::new("viewhealth");
+    let mut reg = inst.registry();
+    reg.apply(
+        &Change::AddService {
+            addr: svc(),
+            mode: ServiceModeName::L7,
+            ring_size: None,
+            max_remove_fraction: None,
+            min_backends: None,
+            panic_threshold: None,
+        },
+        ApplyOptions::default(),
+    )
+    .unwrap();
+    let set = (1..=4).map(|i| (be(i), 1)).collect();
+    reg.apply(
+        &Change::SetBackends {
+            service: svc(),
+            backends: set,
+        },
+        ApplyOptions::default(),
+    )
+    .unwrap();
+    let open = |drain: bool| {
+        let services = if drain {
+            BTreeSet::from([svc()])
+        } else {
+            BTreeSet::new()
+        };
+        RegistryView::open(Maps::open(&inst.instance.pin_dir()).unwrap(), services).unwrap()
+    };
+    let (mut keep, mut drain) = (open(false), open(true));
+    let id_of = |port: u16, v: &RegistryView| {
+        (0..4)
+            .find(|id| v.backend(*id).unwrap().addr.port() == port)
+            .unwrap()
+    };
+    let mark = |reg: &mut weir::registry::Registry, i: &[u8], health| {
+        let updates = i
+            .iter()
+            .map(|&i| HealthUpdate {
+                service: svc(),
+                backend: be(i),
+                health,
+                reason: HealthReason::Refused,
+                detail: 111,
+                at_ms: 1,
+            })
+            .collect();
+        reg.apply(
+            &Change::SetHealth { updates },
+            ApplyOptions {
+                command: "test agent".into(),
+                ..Default::default()
+            },
+        )
+        .unwrap()
+    };
+    let sick = id_of(9001, &keep);
+    mark(&mut reg, &[1], BackendHealth::Unhealthy);
+    let kept = keep.refresh().unwrap().expect("generation moved");
+    assert!(kept.stopped.is_empty(), "live connections stay by default");
+    let drained = drain.refresh().unwrap().expect("generation moved");
+    assert_eq!(drained.stopped, BTreeSet::from([sick]), "drain_unhealthy");
+    for view in [&keep, &drain] {
+        for r in draws(1000) {
+            let (id, _) = view.pick(&svc(), r, &[], |_| 0).unwrap();
+            assert_ne!(id, sick, "no new connection to an unhealthy backend");
+        }
+    }
+
+    // Panic: three of four unhealthy, all four serve again; nothing more
+    // is drained, and the sick one takes new connections.
+    let outcome = mark(&mut reg, &[2, 3], BackendHealth::Unhealthy);
+    assert!(
+        outcome.diff.iter().any(|d| d
+            .to_string()
+            .contains("panics: 1 of 4 active backends healthy")),
+        "{:?}",
+        outcome.diff
+    );
+    assert!(keep.refresh().unwrap().unwrap().stopped.is_empty());
+    assert!(drain.refresh().unwrap().unwrap().stopped.is_empty());
+    let picked: BTreeSet<u32> = draws(1000)
+        .map(|r| keep.pick(&svc(), r, &[], |_| 0).unwrap().0)
+        .collect();
+    assert_eq!(picked.len(), 4, "in panic every active backend serves");
+    let state = reg.state().unwrap();
+    let entry = state.service(&svc()).unwrap();
+    assert!(entry.panic && entry.panics == 1 && entry.panic_since_ms > 0);
+    reg.check().unwrap();
 }

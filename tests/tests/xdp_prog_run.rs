@@ -68,6 +68,7 @@ impl Bed {
                 ring_size: Some(65537),
                 max_remove_fraction: None,
                 min_backends: None,
+                panic_threshold: None,
             },
         );
         let set: Vec<_> = (0..backends).map(|i| (backend(i), 1)).collect();
@@ -384,6 +385,7 @@ fn everything_else_passes_untouched() {
             ring_size: None,
             max_remove_fraction: None,
             min_backends: None,
+            panic_threshold: None,
         },
     );
 

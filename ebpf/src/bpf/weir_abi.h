@@ -60,7 +60,37 @@ enum weir_backend_state {
 	WEIR_BACKEND_DRAINING = 2, /* out of the ring: keeps its flows */
 	WEIR_BACKEND_REMOVED = 3,  /* removed by the operator; still serves its
 				    * flows until the registry frees the slot */
-	WEIR_BACKEND_DOWN = 4,     /* failed health checks: out of the ring */
+	/* 4 was "down" before observed health became a field of its own
+	 * (weir_backend.health); nothing ever wrote it. Kept unused. */
+};
+
+/* Observed health, written by `weir agent` only; operator intent stays in
+ * `state` and neither overwrites the other. The data path never reads it:
+ * the registry decides ring membership (active and not unhealthy, unless
+ * the service is in panic) and writes only the ring. */
+enum weir_backend_health {
+	WEIR_HEALTH_UNKNOWN = 0,   /* not checked (yet): counts as healthy */
+	WEIR_HEALTH_HEALTHY = 1,
+	WEIR_HEALTH_UNHEALTHY = 2, /* out of the ring unless its service panics */
+};
+
+/* Why the last health transition happened (weir_backend.health_reason);
+ * health_detail carries the HTTP status or errno where one applies. The
+ * names `weir backend list` prints are in abi.rs (HealthReason). */
+enum weir_health_reason {
+	WEIR_HR_NONE = 0,            /* no check result yet */
+	WEIR_HR_PASSED = 1,          /* rise checks passed */
+	WEIR_HR_REFUSED = 2,         /* connect refused or reset (detail: errno) */
+	WEIR_HR_CONNECT_TIMEOUT = 3, /* no answer to the SYN in time */
+	WEIR_HR_TIMEOUT = 4,         /* connected, the check did not finish */
+	WEIR_HR_RESET = 5,           /* closed or reset during the check */
+	WEIR_HR_STATUS = 6,          /* HTTP check: other status (detail) */
+	WEIR_HR_NOT_UPGRADED = 7,    /* WebSocket check: not 101 (detail) */
+	WEIR_HR_BAD_HANDSHAKE = 8,   /* malformed answer or wrong Accept */
+	WEIR_HR_NO_PONG = 9,         /* upgraded, the ping went unanswered */
+	WEIR_HR_BAD_FRAME = 10,      /* WebSocket protocol error */
+	WEIR_HR_UNREACHABLE = 11,    /* no route (detail: errno) */
+	WEIR_HR_PROBE_PATH = 12,     /* L4 probe path not attached */
 };
 
 /* Backend flag: the slot has held a backend once. A slot that was used is
@@ -87,7 +117,16 @@ struct weir_service {
 	__u32 flags;
 	__u32 min_backends;        /* refuse to leave fewer active backends */
 	__u32 max_remove_permille; /* refuse to remove more, per mille */
+	/* Panic: below this healthy share (per mille) of the active backends,
+	 * or when leaving the unhealthy ones out would break the guard rails,
+	 * health is not trusted and every active backend stays in the ring. */
+	__u32 panic_permille;
+	__u32 panics;          /* panic episodes so far */
+	__u64 panic_since_ms;  /* CLOCK_REALTIME ms the last episode began */
 };
+
+/* weir_service flag: in panic now (see panic_permille). */
+#define WEIR_SERVICE_F_PANIC 1u
 
 /* weir_backends value (array indexed by backend id). */
 struct weir_backend {
@@ -95,8 +134,12 @@ struct weir_backend {
 	__be16 port;
 	__u16 weight;
 	__u32 service_id;
-	__u32 state; /* enum weir_backend_state */
+	__u32 state; /* enum weir_backend_state: operator intent */
 	__u32 flags; /* WEIR_BACKEND_F_* */
+	__u8 health;         /* enum weir_backend_health: observed */
+	__u8 health_reason;  /* enum weir_health_reason of the last transition */
+	__u16 health_detail; /* HTTP status or errno, else 0 */
+	__u64 health_since_ms; /* CLOCK_REALTIME ms of the last transition */
 };
 
 /* weir_flows key: the client's 5-tuple as received. */

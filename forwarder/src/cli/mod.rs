@@ -120,6 +120,10 @@ pub enum ServiceCmd {
         /// Refuse changes that leave fewer active backends (without --force).
         #[arg(long)]
         min_backends: Option<u32>,
+        /// Below this healthy share of the active backends, health checks
+        /// are not trusted: every active backend stays in the ring (panic).
+        #[arg(long)]
+        panic_threshold: Option<f64>,
     },
     /// Remove a service.
     Remove {
@@ -370,6 +374,7 @@ pub fn run(cli: Cli) -> Result<()> {
                 ring_size,
                 max_remove_fraction,
                 min_backends,
+                panic_threshold,
             } => {
                 let addr = service.parse::<ServiceAddr>()?;
                 let mode = match mode {
@@ -383,6 +388,7 @@ pub fn run(cli: Cli) -> Result<()> {
                     ring_size,
                     max_remove_fraction,
                     min_backends,
+                    panic_threshold,
                 };
                 report(json, &reg.apply(&change, opts(false, false))?);
             }
@@ -716,12 +722,16 @@ fn list_services(reg: &Registry, json: bool) -> Result<()> {
         .iter()
         .map(|(addr, s)| {
             let count = |st: BackendState| state.backends_of(s.id).filter(|(_, b)| b.state == st).count();
-            json!({
+            let m = state.membership(s);
+            let mut row = json!({
                 "service": addr.to_string(), "id": s.id, "mode": s.mode, "ring_size": s.ring_size,
                 "active": count(BackendState::Active), "draining": count(BackendState::Draining),
-                "removed": count(BackendState::Removed),
+                "removed": count(BackendState::Removed), "healthy": m.healthy,
+                "in_ring": m.members.len(),
                 "min_backends": s.min_backends, "max_remove_fraction": s.max_remove_permille as f64 / 1000.0,
-            })
+            });
+            merge(&mut row, panic_json(s));
+            row
         })
         .collect();
     if json {
@@ -729,22 +739,90 @@ fn list_services(reg: &Registry, json: bool) -> Result<()> {
         return Ok(());
     }
     println!(
-        "{:<22} {:>4} {:<4} {:>9} {:>6} {:>8} {:>7}",
-        "SERVICE", "ID", "MODE", "RING", "ACTIVE", "DRAINING", "REMOVED"
+        "{:<22} {:>4} {:<4} {:>9} {:>6} {:>7} {:>7} {:>8} {:>7} {:<5}",
+        "SERVICE",
+        "ID",
+        "MODE",
+        "RING",
+        "ACTIVE",
+        "HEALTHY",
+        "IN RING",
+        "DRAINING",
+        "REMOVED",
+        "PANIC"
     );
     for r in rows {
         println!(
-            "{:<22} {:>4} {:<4} {:>9} {:>6} {:>8} {:>7}",
+            "{:<22} {:>4} {:<4} {:>9} {:>6} {:>7} {:>7} {:>8} {:>7} {:<5}",
             cell(&r["service"]),
             cell(&r["id"]),
             cell(&r["mode"]),
             cell(&r["ring_size"]),
             cell(&r["active"]),
+            cell(&r["healthy"]),
+            cell(&r["in_ring"]),
             cell(&r["draining"]),
-            cell(&r["removed"])
+            cell(&r["removed"]),
+            panic_cell(&r)
         );
     }
     Ok(())
+}
+
+/// A service's panic fields, for `service list` and `stats`.
+fn panic_json(s: &crate::registry::model::ServiceEntry) -> serde_json::Value {
+    json!({
+        "panic_threshold": s.panic_permille as f64 / 1000.0, "panic": s.panic,
+        "panics": s.panics, "panic_since": time_json(s.panic_since_ms),
+    })
+}
+
+/// A backend's observed health, for `backend list` and `stats`.
+fn health_json(b: &crate::registry::model::BackendEntry) -> serde_json::Value {
+    json!({
+        "health": b.health.name(), "health_reason": b.health_reason.name(),
+        "health_detail": b.health_detail, "health_since": time_json(b.health_since_ms),
+    })
+}
+
+/// RFC 3339 for a stored time, null for "never".
+fn time_json(ms: u64) -> serde_json::Value {
+    match ms {
+        0 => serde_json::Value::Null,
+        ms => json!(crate::registry::audit::rfc3339(ms / 1000)),
+    }
+}
+
+fn merge(row: &mut serde_json::Value, more: serde_json::Value) {
+    if let (Some(row), serde_json::Value::Object(more)) = (row.as_object_mut(), more) {
+        row.extend(more);
+    }
+}
+
+/// "yes (3)" while in panic, else the count of past episodes.
+fn panic_cell(r: &serde_json::Value) -> String {
+    match r["panic"].as_bool() {
+        Some(true) => format!("yes ({})", r["panics"]),
+        _ => format!("no ({})", r["panics"]),
+    }
+}
+
+/// "unhealthy (refused 111) since 2026-12-06T19:00:00Z" or "unknown".
+fn health_cell(r: &serde_json::Value) -> String {
+    let health = r["health"].as_str().unwrap_or("");
+    let reason = r["health_reason"].as_str().unwrap_or("none");
+    let mut out = health.to_string();
+    if reason != "none" {
+        out.push_str(&format!(" ({reason}"));
+        match r["health_detail"].as_u64() {
+            Some(d) if d != 0 => out.push_str(&format!(" {d})")),
+            _ => out.push(')'),
+        }
+    }
+    if let Some(since) = r["health_since"].as_str() {
+        out.push_str(&format!(" since {since}"));
+    }
+    out
 }
 
 fn list_backends(reg: &Registry, addr: &crate::registry::ServiceAddr, json: bool) -> Result<()> {
@@ -755,29 +833,39 @@ fn list_backends(reg: &Registry, addr: &crate::registry::ServiceAddr, json: bool
     for (id, b) in state.backends_of(svc.id) {
         let slots = ring.iter().filter(|x| **x == id).count();
         let st = reg.maps().backend_stats(id)?;
-        rows.push(json!({
+        let mut row = json!({
             "id": id, "backend": b.addr.to_string(), "weight": b.weight, "state": b.state.name(),
             "ring_slots": slots, "new_flows": st.new_flows, "packets": st.packets, "bytes": st.bytes,
-        }));
+        });
+        merge(&mut row, health_json(b));
+        rows.push(row);
     }
     if json {
         println!("{}", serde_json::Value::Array(rows));
         return Ok(());
     }
+    if svc.panic {
+        println!(
+            "service {addr} is in panic since {}: health is not trusted, every active backend is \
+             in the ring",
+            time_json(svc.panic_since_ms).as_str().unwrap_or("?")
+        );
+    }
     println!(
-        "{:>6} {:<22} {:>6} {:<9} {:>9} {:>10} {:>12}",
+        "{:>6} {:<22} {:>6} {:<9} {:>9} {:>10} {:>12}  HEALTH",
         "ID", "BACKEND", "WEIGHT", "STATE", "SLOTS", "NEW FLOWS", "PACKETS"
     );
     for r in rows {
         println!(
-            "{:>6} {:<22} {:>6} {:<9} {:>9} {:>10} {:>12}",
+            "{:>6} {:<22} {:>6} {:<9} {:>9} {:>10} {:>12}  {}",
             cell(&r["id"]),
             cell(&r["backend"]),
             cell(&r["weight"]),
             cell(&r["state"]),
             cell(&r["ring_slots"]),
             cell(&r["new_flows"]),
-            cell(&r["packets"])
+            cell(&r["packets"]),
+            health_cell(&r)
         );
     }
     Ok(())
@@ -793,16 +881,20 @@ fn stats(reg: &Registry, instance: &Instance, json: bool) -> Result<()> {
         let mut backends = Vec::new();
         for (id, b) in state.backends_of(s.id) {
             let bs = reg.maps().backend_stats(id)?;
-            backends.push(json!({
+            let mut row = json!({
                 "id": id, "backend": b.addr.to_string(), "state": b.state.name(),
                 "packets": bs.packets, "bytes": bs.bytes, "new_flows": bs.new_flows,
-            }));
+            });
+            merge(&mut row, health_json(b));
+            backends.push(row);
         }
-        services.push(json!({
+        let mut row = json!({
             "service": addr.to_string(), "mode": s.mode, "packets": st.packets, "bytes": st.bytes,
             "new_flows": st.new_flows, "syn_repeats": st.syn_repeats, "flow_misses": st.flow_misses,
             "no_backend": st.no_backend, "passed_l7": st.passed_l7, "backends": backends,
-        }));
+        });
+        merge(&mut row, panic_json(s));
+        services.push(row);
     }
     let decap = dataplane::decap_counters(instance)?;
     let probe = dataplane::probe::counters(instance)?;
@@ -863,7 +955,7 @@ fn stats(reg: &Registry, instance: &Instance, json: bool) -> Result<()> {
     }
     for s in &services {
         println!(
-            "service {} ({}): packets {} bytes {} new_flows {} flow_misses {} no_backend {} passed_l7 {}",
+            "service {} ({}): packets {} bytes {} new_flows {} flow_misses {} no_backend {} passed_l7 {} panic {}",
             s["service"].as_str().unwrap_or(""),
             s["mode"].as_str().unwrap_or(""),
             s["packets"],
@@ -871,16 +963,18 @@ fn stats(reg: &Registry, instance: &Instance, json: bool) -> Result<()> {
             s["new_flows"],
             s["flow_misses"],
             s["no_backend"],
-            s["passed_l7"]
+            s["passed_l7"],
+            panic_cell(s)
         );
         for b in s["backends"].as_array().into_iter().flatten() {
             println!(
-                "  backend {:<22} {:<9} packets {} bytes {} new_flows {}",
+                "  backend {:<22} {:<9} packets {} bytes {} new_flows {} health {}",
                 b["backend"].as_str().unwrap_or(""),
                 b["state"].as_str().unwrap_or(""),
                 b["packets"],
                 b["bytes"],
-                b["new_flows"]
+                b["new_flows"],
+                health_cell(b)
             );
         }
     }

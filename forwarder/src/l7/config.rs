@@ -48,6 +48,13 @@ max_message = 67108864
 [drain]
 window = "30s"           # drained connections close spread over this
 
+# Per-service overrides:
+# [[service]]
+# address = "127.0.0.1:8080"
+# drain_window = "5s"
+# drain_unhealthy = true # close (1001) connections to a backend weir agent
+#                        # finds unhealthy; by default they stay
+
 [[listener]]
 listen = "127.0.0.1:8080"
 # shared = true          # only when several weir run serve this address on purpose
@@ -84,6 +91,11 @@ pub struct Config {
     pub drain_window: Duration,
     /// Per-service drain windows that differ from `drain_window`.
     pub service_drain: Vec<(ServiceAddr, Duration)>,
+    /// Services whose connections to a backend that `weir agent` found
+    /// unhealthy (and that left the ring) are drained with 1001 like a
+    /// removed backend's. Elsewhere they stay: the check may be wrong, the
+    /// connection may be fine.
+    pub drain_unhealthy: Vec<ServiceAddr>,
     pub listeners: Vec<Listener>,
 }
 
@@ -322,7 +334,8 @@ struct RawDrain {
 #[serde(deny_unknown_fields)]
 struct RawService {
     address: toml::Spanned<String>,
-    drain_window: toml::Spanned<String>,
+    drain_window: Option<toml::Spanned<String>>,
+    drain_unhealthy: Option<bool>,
 }
 
 #[derive(Deserialize, Serialize)]
@@ -623,16 +636,33 @@ pub fn parse(text: &str, name: &str) -> Result<Config, ConfigError> {
         ));
     }
     let mut service_drain: Vec<(ServiceAddr, Duration)> = Vec::new();
+    let mut drain_unhealthy = Vec::new();
+    let mut listed: Vec<ServiceAddr> = Vec::new();
     for s in &raw.services {
         let addr = service(&s.address, "service.address")?;
-        if service_drain.iter().any(|(a, _)| *a == addr) {
+        if listed.contains(&addr) {
             return Err(at(
                 s.address.span(),
                 format!("service.address = \"{addr}\" is listed twice"),
             ));
         }
-        let window = duration(&s.drain_window, "service.drain_window", Duration::ZERO)?;
-        service_drain.push((addr, window));
+        listed.push(addr);
+        if s.drain_window.is_none() && s.drain_unhealthy.is_none() {
+            return Err(at(
+                s.address.span(),
+                format!(
+                    "[[service]] {addr} sets nothing: give it drain_window and/or \
+                     drain_unhealthy"
+                ),
+            ));
+        }
+        if let Some(w) = &s.drain_window {
+            let window = duration(w, "service.drain_window", Duration::ZERO)?;
+            service_drain.push((addr, window));
+        }
+        if s.drain_unhealthy == Some(true) {
+            drain_unhealthy.push(addr);
+        }
     }
     let metrics = raw
         .metrics
@@ -759,6 +789,7 @@ pub fn parse(text: &str, name: &str) -> Result<Config, ConfigError> {
         limits,
         drain_window,
         service_drain,
+        drain_unhealthy,
         listeners,
     })
 }
@@ -777,6 +808,23 @@ mod tests {
         assert_eq!(c.timeouts.ping_interval, None);
         assert_eq!(c.drain_window, Duration::from_secs(30));
         assert_eq!(c.metrics, Some("127.0.0.1:9100".parse().unwrap()));
+        assert!(c.drain_unhealthy.is_empty(), "unhealthy: stay by default");
+    }
+
+    #[test]
+    fn services_set_a_drain_window_and_drain_unhealthy_apart() {
+        let text = DEFAULT.replace(
+            "# Per-service overrides:",
+            "[[service]]\naddress = \"198.19.0.2:80\"\ndrain_unhealthy = true\n\
+             [[service]]\naddress = \"198.19.0.3:80\"\ndrain_window = \"5s\"\n\
+             drain_unhealthy = false\n",
+        );
+        let c = parse(&text, "t").unwrap();
+        assert_eq!(c.drain_unhealthy, ["198.19.0.2:80".parse().unwrap()]);
+        assert_eq!(
+            c.service_drain,
+            [("198.19.0.3:80".parse().unwrap(), Duration::from_secs(5))]
+        );
     }
 
     #[test]
@@ -852,6 +900,14 @@ mod tests {
             (
                 "[drain]\nwindow = \"48h\"\n",
                 "drain.window = \"48h\": must be from 0s to 24h",
+            ),
+            (
+                "[[service]]\naddress = \"127.0.0.1:8080\"\n",
+                "[[service]] 127.0.0.1:8080 sets nothing: give it drain_window and/or drain_unhealthy",
+            ),
+            (
+                "[[service]]\naddress = \"127.0.0.1:8080\"\ndrain_unhealthy = \"yes\"\n",
+                "invalid type: string \"yes\", expected a boolean",
             ),
             (
                 "[timeouts]\nping_interval = \"1ms\"\n",

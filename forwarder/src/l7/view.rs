@@ -35,8 +35,7 @@ struct ServiceView {
 /// What a refresh found.
 #[derive(Clone, Debug, Default, PartialEq, Eq)]
 pub struct Changes {
-    /// Backends that were active and are not any more: drain their
-    /// connections.
+    /// Backends that served and do not any more: drain their connections.
     pub stopped: BTreeSet<u32>,
 }
 
@@ -46,11 +45,17 @@ pub struct RegistryView {
     seen: u64,
     services: HashMap<ServiceAddr, ServiceView>,
     backends: HashMap<u32, BackendView>,
+    /// Services whose connections to unhealthy backends are drained.
+    drain_unhealthy: BTreeSet<ServiceAddr>,
+    /// Backends whose connections may stay: active, and, in a
+    /// `drain_unhealthy` service, in the ring (an unhealthy backend kept
+    /// by a panic still serves).
+    serving: BTreeSet<u32>,
 }
 
 impl RegistryView {
     /// Opens the instance's maps read-only and loads the current state.
-    pub fn open(maps: Maps) -> Result<Self, RegistryError> {
+    pub fn open(maps: Maps, drain_unhealthy: BTreeSet<ServiceAddr>) -> Result<Self, RegistryError> {
         let watch = maps.generation_watch()?;
         let mut view = Self {
             maps,
@@ -58,6 +63,8 @@ impl RegistryView {
             seen: u64::MAX,
             services: HashMap::new(),
             backends: HashMap::new(),
+            drain_unhealthy,
+            serving: BTreeSet::new(),
         };
         view.reload()?;
         Ok(view)
@@ -68,19 +75,11 @@ impl RegistryView {
         if self.watch.get() == self.seen {
             return Ok(None);
         }
-        let before: BTreeSet<u32> = self.active().collect();
+        let before = std::mem::take(&mut self.serving);
         self.reload()?;
-        let after: BTreeSet<u32> = self.active().collect();
         Ok(Some(Changes {
-            stopped: before.difference(&after).copied().collect(),
+            stopped: before.difference(&self.serving).copied().collect(),
         }))
-    }
-
-    fn active(&self) -> impl Iterator<Item = u32> + '_ {
-        self.backends
-            .iter()
-            .filter(|(_, b)| b.state == BackendState::Active)
-            .map(|(id, _)| *id)
     }
 
     fn reload(&mut self) -> Result<(), RegistryError> {
@@ -96,6 +95,20 @@ impl RegistryView {
             let ring = self.maps.read_ring(svc.id)?.unwrap_or_default();
             services.insert(*addr, ServiceView { ring });
         }
+        let mut serving = BTreeSet::new();
+        for (addr, svc) in &state.services {
+            if self.drain_unhealthy.contains(addr) {
+                serving.extend(state.membership(svc).members);
+            } else {
+                serving.extend(
+                    state
+                        .backends_of(svc.id)
+                        .filter(|(_, b)| b.state == BackendState::Active)
+                        .map(|(id, _)| id),
+                );
+            }
+        }
+        self.serving = serving;
         self.backends = state
             .backends
             .iter()

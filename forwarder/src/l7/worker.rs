@@ -287,7 +287,8 @@ impl Worker {
             })
             .collect();
         let maps = Maps::open(&settings.instance_dir).map_err(io::Error::other)?;
-        let view = RegistryView::open(maps).map_err(io::Error::other)?;
+        let drain_unhealthy = settings.config.drain_unhealthy.iter().copied().collect();
+        let view = RegistryView::open(maps, drain_unhealthy).map_err(io::Error::other)?;
         let rng = Rng::from_os()?;
         Ok(Self {
             ring,

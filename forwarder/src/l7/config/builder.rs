@@ -109,7 +109,19 @@ impl ConfigBuilder {
     pub fn service_drain(mut self, service: impl fmt::Display, d: Duration) -> Self {
         self.raw.services.push(RawService {
             address: spanned(service.to_string()),
-            drain_window: spanned(duration_text(d)),
+            drain_window: Some(spanned(duration_text(d))),
+            drain_unhealthy: None,
+        });
+        self
+    }
+
+    /// A `[[service]]` table: drain connections to backends found
+    /// unhealthy.
+    pub fn drain_unhealthy(mut self, service: impl fmt::Display) -> Self {
+        self.raw.services.push(RawService {
+            address: spanned(service.to_string()),
+            drain_window: None,
+            drain_unhealthy: Some(true),
         });
         self
     }
