@@ -28,6 +28,7 @@
 #define WEIR_PROBE_MAPS
 #include "weir_abi.h"
 #include "parse.h"
+#include "pick.h"
 #include "encap.h"
 #include "nexthop.h"
 
@@ -89,7 +90,7 @@ int weir_probe(struct __sk_buff *skb)
 		return TC_ACT_OK;
 
 	be = bpf_map_lookup_elem(&weir_backends, &id);
-	if (!be || be->state == WEIR_BACKEND_EMPTY)
+	if (!be || !serves_flows(be))
 		return verdict(WEIR_PROBE_DROP_UNKNOWN_BACKEND, TC_ACT_SHOT);
 
 	data = (void *)(long)skb->data;

@@ -294,7 +294,8 @@ struct weir_decap_source {
 enum weir_probe_counter {
 	WEIR_PROBE_ENCAPSULATED = 0,   /* sent to its backend inside IPIP */
 	WEIR_PROBE_DROP_MALFORMED,     /* not plain IPv4 TCP (options, short) */
-	WEIR_PROBE_DROP_UNKNOWN_BACKEND, /* the mark names an empty slot */
+	WEIR_PROBE_DROP_UNKNOWN_BACKEND, /* the mark names no backend that
+					  * serves flows (an empty slot) */
 	WEIR_PROBE_DROP_NO_SERVICE,    /* destination is no service's VIP:port */
 	WEIR_PROBE_DROP_NOT_L4,        /* an L7 service: weir run, not XDP,
 					* carries its clients */

@@ -22,9 +22,9 @@
 use std::net::Ipv4Addr;
 use std::path::Path;
 
-use aya::EbpfLoader;
 use aya::maps::{Array, MapData};
-use aya::programs::TcAttachType;
+use aya::programs::{SchedClassifier, TcAttachType};
+use aya::{Ebpf, EbpfLoader};
 use weir_ebpf::abi;
 
 use super::attachment::{self, Key, Kind, Netns, Status};
@@ -211,10 +211,7 @@ pub(super) fn attach(
                     ),
                 });
             }
-            let mut ebpf = EbpfLoader::new()
-                .default_map_pin_directory(instance.pin_dir())
-                .load(weir_ebpf::probe_object())
-                .map_err(|e| kernel("loading the probe object")(e.to_string()))?;
+            let mut ebpf = load_object(instance)?;
             let (attachment, replaced) = super::attach_tc(
                 instance,
                 &mut ebpf,
@@ -326,6 +323,30 @@ fn enter_netns(path: &Path) -> Result<(), DataplaneError> {
         ));
     }
     Ok(())
+}
+
+/// The probe object against the instance's pinned maps, its program not
+/// loaded yet.
+fn load_object(instance: &Instance) -> Result<Ebpf, DataplaneError> {
+    EbpfLoader::new()
+        .default_map_pin_directory(instance.pin_dir())
+        .load(weir_ebpf::probe_object())
+        .map_err(|e| kernel("loading the probe object")(e.to_string()))
+}
+
+/// Loads the probe object and its program into the kernel, not attached:
+/// for BPF_PROG_RUN tests.
+pub fn load_program(instance: &Instance) -> Result<Ebpf, DataplaneError> {
+    let mut ebpf = load_object(instance)?;
+    let program: &mut SchedClassifier = ebpf
+        .program_mut(weir_ebpf::PROBE_PROGRAM)
+        .expect("object defines weir_probe")
+        .try_into()
+        .map_err(|e: aya::programs::ProgramError| kernel("weir_probe")(e.to_string()))?;
+    program
+        .load()
+        .map_err(|e| kernel("the kernel refused weir_probe")(super::one_line(&e)))?;
+    Ok(ebpf)
 }
 
 /// Probe counters, summed over CPUs, in `abi::PROBE_COUNTERS` order;
