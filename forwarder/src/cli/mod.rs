@@ -260,33 +260,42 @@ pub fn run(cli: Cli) -> Result<()> {
         Command::Attach { dev, lb_addr, mode } => {
             let done = dataplane::attach(&instance, &dev, lb_addr, mode, create)?;
             let a = &done.xdp.attachment;
-            let probe = &done.probe;
+            let probe = done.probe.as_ref().map(|p| {
+                json!({"dev": p.attachment.dev, "attached_now": p.attached_now,
+                       "replaced": p.replaced})
+            });
             say(
                 json,
                 json!({"attached": dev, "lb_addr": lb_addr.to_string(), "mode": a.mode,
                        "ifindex": a.ifindex, "netns": a.netns.label(),
-                       "replaced": done.xdp.replaced,
-                       "probe": {"dev": probe.attachment.dev, "attached_now": probe.attached_now,
-                                 "replaced": probe.replaced}}),
+                       "replaced": done.xdp.replaced, "probe": probe}),
                 || {
+                    let probe = match &done.probe {
+                        Some(p) => format!(
+                            "; health checks marked {:#x}/{:#x} go through {} ({}){}",
+                            abi::PROBE_MARK_BASE,
+                            abi::PROBE_MARK_MASK,
+                            p.attachment.dev,
+                            if p.attached_now {
+                                "attached now"
+                            } else {
+                                "already attached"
+                            },
+                            replaced_note(&p.replaced)
+                        ),
+                        None => format!(
+                            "; no probe path for health checks: {lb_addr} is not an address \
+                             of this host, so backends' answers would not come here"
+                        ),
+                    };
                     format!(
                         "attached weir ({}) to {dev} (ifindex {}, {} mode, netns {}), \
-                         encapsulating from {lb_addr}{}; health checks marked {:#x}/{:#x} go \
-                         through {} ({}){}",
+                         encapsulating from {lb_addr}{}{probe}",
                         instance.name(),
                         a.ifindex,
                         a.mode.name(),
                         a.netns.label(),
                         replaced_note(&done.xdp.replaced),
-                        abi::PROBE_MARK_BASE,
-                        abi::PROBE_MARK_MASK,
-                        probe.attachment.dev,
-                        if probe.attached_now {
-                            "attached now"
-                        } else {
-                            "already attached"
-                        },
-                        replaced_note(&probe.replaced)
                     )
                 },
             );

@@ -153,11 +153,12 @@ pub struct Attached {
 }
 
 /// What `attach` did: the balancer on the device, and the probe path on
-/// `lo` (kept when another device of the namespace already had it).
+/// `lo` (kept when another device of the namespace already had it; none
+/// when the LB address is not an address of this namespace).
 #[derive(Debug)]
 pub struct AttachedLb {
     pub xdp: Attached,
-    pub probe: Attached,
+    pub probe: Option<Attached>,
 }
 
 /// This namespace's identity for `dev`.
@@ -278,8 +279,9 @@ fn pin_verified(
 }
 
 /// Attaches the balancer to `dev`, with `lb_addr` as the outer source of
-/// encapsulated packets, and the probe path beside it; if the probe path
-/// cannot be set up, the balancer is detached again.
+/// encapsulated packets, and the probe path beside it when `lb_addr` is an
+/// address of this namespace; if the probe path cannot be set up, the
+/// balancer is detached again.
 pub fn attach(
     instance: &Instance,
     dev: &str,

@@ -51,6 +51,7 @@ const RTAX_MTU: u16 = 2;
 const RTPROT_STATIC: u8 = 4;
 const RT_SCOPE_LINK: u8 = 253;
 const RTN_UNICAST: u8 = 1;
+const RTN_LOCAL: u8 = 2;
 const FRA_PRIORITY: u16 = 6;
 const FRA_FWMARK: u16 = 10;
 const FRA_TABLE: u16 = 15;
@@ -346,32 +347,60 @@ fn absent_is_false(done: io::Result<()>) -> io::Result<bool> {
     }
 }
 
+/// The kernel's answer to "where does a packet to `dst` go".
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct RouteTo {
+    /// `dst` is an address of this namespace.
+    pub local: bool,
+    /// The output device's ifindex.
+    pub oif: Option<u32>,
+    /// The source address the kernel chose.
+    pub src: Option<std::net::Ipv4Addr>,
+}
+
 /// Where the kernel sends a locally generated packet to `dst` that carries
-/// `mark`: the output device's ifindex and the source address it chose.
-pub fn route_get(
-    dst: std::net::Ipv4Addr,
-    mark: u32,
-) -> io::Result<(Option<u32>, Option<std::net::Ipv4Addr>)> {
+/// `mark`.
+pub fn route_get(dst: std::net::Ipv4Addr, mark: u32) -> io::Result<RouteTo> {
     let mut body = vec![0u8; RTMSG];
     body[0] = libc::AF_INET as u8;
     body[1] = 32;
     push_attr(&mut body, RTA_DST, &dst.octets());
     push_attr(&mut body, RTA_MARK, &mark.to_ne_bytes());
     let answer = request(RTM_GETROUTE, &body, RTM_NEWROUTE)?;
-    let mut oif = None;
-    let mut src = None;
+    let mut route = RouteTo {
+        local: answer.get(7) == Some(&RTN_LOCAL),
+        oif: None,
+        src: None,
+    };
     for (ty, value) in attrs(answer.get(RTMSG..).unwrap_or(&[])) {
         match ty {
-            RTA_OIF => oif = u32_of(value),
+            RTA_OIF => route.oif = u32_of(value),
             RTA_PREFSRC => {
-                src = value
+                route.src = value
                     .get(0..4)
                     .map(|b| std::net::Ipv4Addr::new(b[0], b[1], b[2], b[3]))
             }
             _ => {}
         }
     }
-    Ok((oif, src))
+    Ok(route)
+}
+
+/// Whether `addr` is an address of this namespace (one without any route
+/// is not).
+pub fn is_local(addr: std::net::Ipv4Addr) -> io::Result<bool> {
+    match route_get(addr, 0) {
+        Ok(route) => Ok(route.local),
+        Err(e)
+            if matches!(
+                e.raw_os_error(),
+                Some(libc::ENETUNREACH | libc::EHOSTUNREACH)
+            ) =>
+        {
+            Ok(false)
+        }
+        Err(e) => Err(e),
+    }
 }
 
 /// The id this namespace gives the namespace `ns_fd` refers to, if it has

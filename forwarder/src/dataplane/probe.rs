@@ -102,12 +102,13 @@ fn route(loopback: u32, lb_addr: Ipv4Addr, uplink_mtu: u32) -> DeviceRoute {
 /// Why the kernel does not route a marked packet through `lo` from
 /// `lb_addr`, if it does not.
 fn routing_problem(lb_addr: Ipv4Addr, loopback: u32) -> Result<Option<String>, DataplaneError> {
-    let (oif, src) = netlink::route_get(SAMPLE_DST, abi::PROBE_MARK_BASE).map_err(|e| {
-        kernel(format!(
-            "asking the kernel where a packet marked {:#x} goes",
-            abi::PROBE_MARK_BASE
-        ))(e.to_string())
-    })?;
+    let netlink::RouteTo { oif, src, .. } = netlink::route_get(SAMPLE_DST, abi::PROBE_MARK_BASE)
+        .map_err(|e| {
+            kernel(format!(
+                "asking the kernel where a packet marked {:#x} goes",
+                abi::PROBE_MARK_BASE
+            ))(e.to_string())
+        })?;
     if oif != Some(loopback) {
         return Ok(Some(format!(
             "a packet marked {:#x} leaves by ifindex {} instead of lo: the rule `ip rule \
@@ -191,11 +192,19 @@ fn other_prober(instance: &Instance, key: Key) -> Result<Option<String>, Datapla
 /// Attaches `weir_probe` at tc egress of `lo` (kept when it is already live
 /// for this instance: one serves every uplink) and sets up its routing
 /// from `lb_addr`, with room for the outer header within `uplink_mtu`.
+/// `None` when `lb_addr` is no address of this namespace: the backends'
+/// answers to checks would not come here, so there is no path to set up.
 pub(super) fn attach(
     instance: &Instance,
     lb_addr: Ipv4Addr,
     uplink_mtu: u32,
-) -> Result<Attached, DataplaneError> {
+) -> Result<Option<Attached>, DataplaneError> {
+    let local = netlink::is_local(lb_addr).map_err(|e| {
+        kernel(format!("asking the kernel whether {lb_addr} is local"))(e.to_string())
+    })?;
+    if !local {
+        return Ok(None);
+    }
     let key = key_here(Kind::Probe, LOOPBACK)?;
     let live = find_live(instance, key)?;
     let (attachment, attached_now, replaced) = match live {
@@ -230,11 +239,11 @@ pub(super) fn attach(
         let _ = remove_routing(key.ifindex);
         return Err(super::unpin_after(&attachment, e));
     }
-    Ok(Attached {
+    Ok(Some(Attached {
         attachment,
         attached_now,
         replaced,
-    })
+    }))
 }
 
 /// Removes the probe path from this namespace once no balancer of this
