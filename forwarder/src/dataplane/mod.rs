@@ -387,9 +387,8 @@ pub fn attach(
     if let Err(e) = configured {
         return Err(unpin_after(&attachment, e));
     }
-    let probe = netlink::link(key.ifindex, None)
-        .map_err(|e| kernel(format!("reading the MTU of {dev}"))(e.to_string()))
-        .and_then(|link| probe::attach(instance, lb_addr, link.mtu));
+    let probe =
+        uplink_mtu(instance, key.netns).and_then(|mtu| probe::attach(instance, lb_addr, mtu));
     match probe {
         Ok(probe) => Ok(AttachedLb {
             xdp: Attached {
@@ -401,6 +400,21 @@ pub fn attach(
         }),
         Err(e) => Err(unpin_after(&attachment, e)),
     }
+}
+
+/// The smallest MTU of the devices this instance balances on in `netns`
+/// (this one): a check leaves by whichever the FIB names.
+fn uplink_mtu(instance: &Instance, netns: Netns) -> Result<u32, DataplaneError> {
+    let mut smallest = u32::MAX;
+    for a in scan(instance)?.0 {
+        if a.kind != Kind::Xdp || a.netns != netns || !attachment::status(&a).live {
+            continue;
+        }
+        let link = netlink::link(a.ifindex, None)
+            .map_err(|e| kernel(format!("reading the MTU of {}", a.dev))(e.to_string()))?;
+        smallest = smallest.min(link.mtu);
+    }
+    Ok(smallest)
 }
 
 /// Gives the far end of a veth (`dev`, in this namespace) weir's
