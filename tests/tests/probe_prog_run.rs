@@ -9,9 +9,9 @@ use std::net::Ipv4Addr;
 
 use aya::Ebpf;
 use aya::programs::SchedClassifier;
-use common::{TestInstance, require_root};
+use common::{TestInstance, apply, require_root};
 use weir::dataplane::probe;
-use weir::registry::{ApplyOptions, BackendAddr, Change, Registry, ServiceAddr, ServiceModeName};
+use weir::registry::{BackendAddr, Change, Registry, ServiceAddr, ServiceModeName};
 use weir_ebpf::abi;
 use weir_testbed::packet::{self, ETH_LEN, IP_LEN, Segment};
 use weir_testbed::progrun::{ProgRunNetns, run_tc_marked};
@@ -34,17 +34,6 @@ const L7: u16 = 9090;
 
 fn service(port: u16) -> ServiceAddr {
     ServiceAddr { vip: VIP, port }
-}
-
-fn apply(reg: &mut Registry, change: Change) {
-    reg.apply(
-        &change,
-        ApplyOptions {
-            force: true,
-            ..Default::default()
-        },
-    )
-    .expect("apply");
 }
 
 struct Bed {

@@ -633,17 +633,11 @@ fn attach_tc(
     dev: &str,
 ) -> Result<(Attachment, Vec<Status>), DataplaneError> {
     let (mode, hook) = match direction {
+        TcAttachType::Ingress => (Mode::TcIngress, "ingress"),
         TcAttachType::Egress => (Mode::TcEgress, "egress"),
-        _ => (Mode::TcIngress, "ingress"),
+        TcAttachType::Custom(_) => panic!("weir attaches tc programs at ingress or egress"),
     };
-    let classifier: &mut SchedClassifier = ebpf
-        .program_mut(program)
-        .unwrap_or_else(|| panic!("object defines {program}"))
-        .try_into()
-        .map_err(|e: aya::programs::ProgramError| kernel(program)(e.to_string()))?;
-    classifier
-        .load()
-        .map_err(|e| kernel(format!("the kernel refused {program}"))(one_line(&e)))?;
+    let classifier = load_classifier(ebpf, program)?;
     let replaced = clear_for(instance, key, dev)?;
     let id = classifier
         .attach_with_options(
@@ -803,15 +797,24 @@ fn percpu_counters(
 /// program into the kernel, not attached: for BPF_PROG_RUN tests.
 pub fn load_decap_program(instance: &Instance) -> Result<Ebpf, DataplaneError> {
     let mut ebpf = load_decap(instance)?;
-    let program: &mut SchedClassifier = ebpf
-        .program_mut(weir_ebpf::DECAP_PROGRAM)
-        .expect("object defines weir_decap")
-        .try_into()
-        .map_err(|e: aya::programs::ProgramError| kernel("weir_decap")(e.to_string()))?;
-    program
-        .load()
-        .map_err(|e| kernel("the kernel refused the decap program")(one_line(&e)))?;
+    load_classifier(&mut ebpf, weir_ebpf::DECAP_PROGRAM)?;
     Ok(ebpf)
+}
+
+/// Loads the tc program `program` of `ebpf` into the kernel.
+fn load_classifier<'a>(
+    ebpf: &'a mut Ebpf,
+    program: &str,
+) -> Result<&'a mut SchedClassifier, DataplaneError> {
+    let classifier: &mut SchedClassifier = ebpf
+        .program_mut(program)
+        .unwrap_or_else(|| panic!("object defines {program}"))
+        .try_into()
+        .map_err(|e: aya::programs::ProgramError| kernel(program)(e.to_string()))?;
+    classifier
+        .load()
+        .map_err(|e| kernel(format!("the kernel refused {program}"))(one_line(&e)))?;
+    Ok(classifier)
 }
 
 #[cfg(test)]

@@ -23,7 +23,7 @@ use std::net::Ipv4Addr;
 use std::path::Path;
 
 use aya::maps::{Array, MapData};
-use aya::programs::{SchedClassifier, TcAttachType};
+use aya::programs::TcAttachType;
 use aya::{Ebpf, EbpfLoader};
 use weir_ebpf::abi;
 
@@ -347,14 +347,7 @@ fn load_object(instance: &Instance) -> Result<Ebpf, DataplaneError> {
 /// for BPF_PROG_RUN tests.
 pub fn load_program(instance: &Instance) -> Result<Ebpf, DataplaneError> {
     let mut ebpf = load_object(instance)?;
-    let program: &mut SchedClassifier = ebpf
-        .program_mut(weir_ebpf::PROBE_PROGRAM)
-        .expect("object defines weir_probe")
-        .try_into()
-        .map_err(|e: aya::programs::ProgramError| kernel("weir_probe")(e.to_string()))?;
-    program
-        .load()
-        .map_err(|e| kernel("the kernel refused weir_probe")(super::one_line(&e)))?;
+    super::load_classifier(&mut ebpf, weir_ebpf::PROBE_PROGRAM)?;
     Ok(ebpf)
 }
 
