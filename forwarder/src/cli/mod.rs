@@ -938,18 +938,10 @@ fn stats(reg: &Registry, instance: &Instance, json: bool) -> Result<()> {
             v["l7"] = serde_json::to_value(l7)?;
         }
         if let Some(d) = &decap {
-            v["decap"] = abi::DECAP_COUNTERS
-                .iter()
-                .zip(d)
-                .map(|(n, v)| (n.to_string(), json!(v)))
-                .collect();
+            v["decap"] = named_counters(abi::DECAP_COUNTERS, d);
         }
         if let Some(p) = &probe {
-            v["probe"] = abi::PROBE_COUNTERS
-                .iter()
-                .zip(p)
-                .map(|(n, v)| (n.to_string(), json!(v)))
-                .collect();
+            v["probe"] = named_counters(abi::PROBE_COUNTERS, p);
         }
         println!("{v}");
         return Ok(());
@@ -1020,18 +1012,30 @@ fn stats(reg: &Registry, instance: &Instance, json: bool) -> Result<()> {
         );
     }
     if let Some(d) = decap {
-        println!("decap:");
-        for (name, value) in abi::DECAP_COUNTERS.iter().zip(&d) {
-            println!("  {name:<20} {value}");
-        }
+        print_counters("decap", abi::DECAP_COUNTERS, &d);
     }
     if let Some(p) = probe {
-        println!("probe:");
-        for (name, value) in abi::PROBE_COUNTERS.iter().zip(&p) {
-            println!("  {name:<26} {value}");
-        }
+        print_counters("probe", abi::PROBE_COUNTERS, &p);
     }
     Ok(())
+}
+
+/// A program's counters by name, for `--json`.
+fn named_counters(names: &[&str], values: &[u64]) -> serde_json::Value {
+    names
+        .iter()
+        .zip(values)
+        .map(|(n, v)| (n.to_string(), json!(v)))
+        .collect()
+}
+
+/// A program's counters under `title`, one a line, values aligned.
+fn print_counters(title: &str, names: &[&str], values: &[u64]) {
+    println!("{title}:");
+    let width = names.iter().map(|n| n.len()).max().unwrap_or(0);
+    for (name, value) in names.iter().zip(values) {
+        println!("  {name:<width$} {value}");
+    }
 }
 
 /// "; replaced a defunct attachment (...)" for each pin an attach replaced.
