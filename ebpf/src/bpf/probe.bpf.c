@@ -38,13 +38,18 @@ char LICENSE[] SEC("license") = "Dual BSD/GPL";
 #define WEIR_PROBE_HEADERS \
 	(sizeof(struct ethhdr) + sizeof(struct iphdr) + sizeof(struct tcphdr))
 
-static __always_inline int verdict(enum weir_probe_counter counter, int action)
+static __always_inline void probe_count(enum weir_probe_counter counter)
 {
 	__u64 *value = bpf_map_lookup_elem(&weir_probe_stats, &counter);
 
 	if (value)
 		*value += 1;
-	return action;
+}
+
+static __always_inline int probe_drop(enum weir_probe_counter reason)
+{
+	probe_count(reason);
+	return TC_ACT_SHOT;
 }
 
 /* The interface the FIB sends `dst` out of, for an encapsulated packet of
@@ -91,24 +96,24 @@ int weir_probe(struct __sk_buff *skb)
 
 	be = bpf_map_lookup_elem(&weir_backends, &id);
 	if (!be || !serves_flows(be))
-		return verdict(WEIR_PROBE_DROP_UNKNOWN_BACKEND, TC_ACT_SHOT);
+		return probe_drop(WEIR_PROBE_DROP_UNKNOWN_BACKEND);
 
 	data = (void *)(long)skb->data;
 	data_end = (void *)(long)skb->data_end;
 	if (!within(data, WEIR_PROBE_HEADERS, data_end)) {
 		if (bpf_skb_pull_data(skb, WEIR_PROBE_HEADERS))
-			return verdict(WEIR_PROBE_DROP_MALFORMED, TC_ACT_SHOT);
+			return probe_drop(WEIR_PROBE_DROP_MALFORMED);
 		data = (void *)(long)skb->data;
 		data_end = (void *)(long)skb->data_end;
 	}
 	if (!within(data, WEIR_PROBE_HEADERS, data_end) ||
 	    ((struct ethhdr *)data)->h_proto != bpf_htons(ETH_P_IP))
-		return verdict(WEIR_PROBE_DROP_MALFORMED, TC_ACT_SHOT);
+		return probe_drop(WEIR_PROBE_DROP_MALFORMED);
 	ip = data + sizeof(struct ethhdr);
 	tcp = (void *)(ip + 1);
 	if (!ipv4_well_formed(ip) || ipv4_has_options(ip) || ipv4_is_fragment(ip) ||
 	    ip->protocol != IPPROTO_TCP)
-		return verdict(WEIR_PROBE_DROP_MALFORMED, TC_ACT_SHOT);
+		return probe_drop(WEIR_PROBE_DROP_MALFORMED);
 
 	/* The service the probe is addressed to, as weir_lb finds it for a
 	 * client: the check is of this backend in this service. */
@@ -117,40 +122,40 @@ int weir_probe(struct __sk_buff *skb)
 	key.proto = IPPROTO_TCP;
 	svc = bpf_map_lookup_elem(&weir_services, &key);
 	if (!svc)
-		return verdict(WEIR_PROBE_DROP_NO_SERVICE, TC_ACT_SHOT);
+		return probe_drop(WEIR_PROBE_DROP_NO_SERVICE);
 	if (svc->mode != WEIR_MODE_L4)
-		return verdict(WEIR_PROBE_DROP_NOT_L4, TC_ACT_SHOT);
+		return probe_drop(WEIR_PROBE_DROP_NOT_L4);
 	if (svc->id != be->service_id)
-		return verdict(WEIR_PROBE_DROP_OTHER_SERVICE, TC_ACT_SHOT);
+		return probe_drop(WEIR_PROBE_DROP_OTHER_SERVICE);
 
 	cfg = bpf_map_lookup_elem(&weir_config, &cfg_key);
 	if (!cfg || !cfg->lb_addr)
-		return verdict(WEIR_PROBE_DROP_NO_CONFIG, TC_ACT_SHOT);
+		return probe_drop(WEIR_PROBE_DROP_NO_CONFIG);
 	src = cfg->lb_addr;
 	if (ip->saddr != src)
-		return verdict(WEIR_PROBE_DROP_SOURCE, TC_ACT_SHOT);
+		return probe_drop(WEIR_PROBE_DROP_SOURCE);
 	dst = be->addr;
 	tos = ip->tos;
 	inner_len = bpf_ntohs(ip->tot_len);
 	if (inner_len > 0xffff - WEIR_IPIP_OVERHEAD)
-		return verdict(WEIR_PROBE_DROP_TOO_BIG, TC_ACT_SHOT);
+		return probe_drop(WEIR_PROBE_DROP_TOO_BIG);
 
 	ifindex = egress_ifindex(skb, src, dst,
 				 skb->gso_size ? 0 : inner_len + WEIR_IPIP_OVERHEAD);
 	if (ifindex < 0)
-		return verdict(-ifindex, TC_ACT_SHOT);
+		return probe_drop(-ifindex);
 
 	if (bpf_skb_adjust_room(skb, sizeof(struct iphdr), BPF_ADJ_ROOM_MAC,
 				BPF_F_ADJ_ROOM_ENCAP_L3_IPV4))
-		return verdict(WEIR_PROBE_DROP_NO_ROOM, TC_ACT_SHOT);
+		return probe_drop(WEIR_PROBE_DROP_NO_ROOM);
 	data = (void *)(long)skb->data;
 	data_end = (void *)(long)skb->data_end;
 	outer = data + sizeof(struct ethhdr);
 	if (!within(outer, sizeof(*outer), data_end))
-		return verdict(WEIR_PROBE_DROP_NO_ROOM, TC_ACT_SHOT);
+		return probe_drop(WEIR_PROBE_DROP_NO_ROOM);
 	outer_header_write(outer, IPPROTO_IPIP, tos, inner_len, src, dst);
 	/* The route to the backend must not take the probe rule (back to lo). */
 	skb->mark = 0;
-	verdict(WEIR_PROBE_ENCAPSULATED, TC_ACT_OK);
+	probe_count(WEIR_PROBE_ENCAPSULATED);
 	return bpf_redirect_neigh(ifindex, NULL, 0, 0);
 }
