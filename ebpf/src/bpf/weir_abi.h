@@ -3,8 +3,8 @@
  * The kernel/user ABI of weir: every map, every value layout and every
  * counter shared between the BPF programs (lb.bpf.c, decap.bpf.c,
  * probe.bpf.c) and the userspace registry. The Rust mirror lives in
- * ebpf/src/abi.rs and is checked
- * against this header's BTF by `cargo test -p weir-ebpf`.
+ * ebpf/src/abi.rs and is checked against this header's BTF by
+ * `cargo test -p weir-ebpf`.
  *
  * All maps are pinned by name under /sys/fs/bpf/weir/<instance>/, so the
  * `weir` CLI, the daemon and the attached programs share one registry.
