@@ -29,6 +29,10 @@ pub const ICMP_BURST: u32 = 100;
 pub const ICMP_FRAME_LEN: u32 = 70;
 /// Capacity of `weir_dcap_sources`.
 pub const MAX_DECAP_SOURCES: u32 = 4096;
+/// The probe path's socket marks: `PROBE_MARK_BASE + backend id` under
+/// `PROBE_MARK_MASK` (the id is in the low 16 bits).
+pub const PROBE_MARK_BASE: u32 = 0x7765_0000;
+pub const PROBE_MARK_MASK: u32 = 0xffff_0000;
 /// `BPF_F_MMAPABLE`.
 pub const BPF_F_MMAPABLE: u32 = 1 << 10;
 /// `BPF_F_INNER_MAP`.
@@ -59,6 +63,7 @@ pub mod maps {
     pub const DECAP_STATS: &str = "weir_dcap_stats";
     pub const ICMP_BUCKET: &str = "weir_icmp_bucket";
     pub const DECAP_SOURCES: &str = "weir_dcap_sources";
+    pub const PROBE_STATS: &str = "weir_probe_stats";
     /// Maps of the balancer object.
     pub const LB: &[&str] = &[
         SERVICES,
@@ -399,6 +404,21 @@ pub const DECAP_COUNTERS: &[&str] = &[
     "decap_pass_malformed",
     "decap_drop_adjust",
     "decap_drop_source",
+];
+
+/// `enum weir_probe_counter`, in order.
+pub const PROBE_COUNTERS: &[&str] = &[
+    "probe_encapsulated",
+    "probe_drop_malformed",
+    "probe_drop_unknown_backend",
+    "probe_drop_no_service",
+    "probe_drop_not_l4",
+    "probe_drop_other_service",
+    "probe_drop_no_config",
+    "probe_drop_source",
+    "probe_drop_no_room",
+    "probe_drop_no_route",
+    "probe_drop_too_big",
 ];
 
 /// Index of a counter in [`COUNTERS`].

@@ -231,6 +231,11 @@ fn counters_match_header_enums() {
         .map(|c| c.strip_prefix("decap_").unwrap().to_string())
         .collect();
     assert_eq!(enum_members(&h, "weir_decap_counter", "WEIR_DCAP_"), decap);
+    let probe: Vec<String> = abi::PROBE_COUNTERS
+        .iter()
+        .map(|c| c.strip_prefix("probe_").unwrap().to_string())
+        .collect();
+    assert_eq!(enum_members(&h, "weir_probe_counter", "WEIR_PROBE_"), probe);
     assert_eq!(
         enum_members(&h, "weir_backend_state", "WEIR_BACKEND_"),
         ["empty", "active", "draining", "removed"]
@@ -309,6 +314,14 @@ fn constants_match_header() {
     assert_eq!(
         define(&h, "WEIR_MAX_DECAP_SOURCES"),
         abi::MAX_DECAP_SOURCES as u64
+    );
+    assert_eq!(
+        define(&h, "WEIR_PROBE_MARK_BASE"),
+        abi::PROBE_MARK_BASE as u64
+    );
+    assert_eq!(
+        define(&h, "WEIR_PROBE_MARK_MASK"),
+        abi::PROBE_MARK_MASK as u64
     );
     assert!(h.contains("#define WEIR_RING_MAP_FLAGS ((1U << 12) | (1U << 10))"));
     assert_eq!(abi::RING_MAP_FLAGS, (1 << 12) | (1 << 10));

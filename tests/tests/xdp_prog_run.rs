@@ -7,8 +7,8 @@ use std::net::Ipv4Addr;
 
 use aya::Ebpf;
 use aya::programs::Xdp;
-use common::{TestInstance, require_root};
-use weir::registry::{ApplyOptions, BackendAddr, Change, Registry, ServiceAddr, ServiceModeName};
+use common::{TestInstance, apply, require_root};
+use weir::registry::{BackendAddr, Change, Registry, ServiceAddr, ServiceModeName};
 use weir_ebpf::abi::{self, FlowKey};
 use weir_testbed::packet::{self, ETH_LEN, IP_LEN, Segment};
 use weir_testbed::progrun::{NEXT_HOP_MAC, ProgRunNetns, pin_to_cpu, run_xdp};
@@ -34,17 +34,6 @@ fn backend(i: u8) -> BackendAddr {
         addr: Ipv4Addr::new(198, 18, 10, 10 + i),
         port: PORT,
     }
-}
-
-fn apply(reg: &mut Registry, change: Change) {
-    reg.apply(
-        &change,
-        ApplyOptions {
-            force: true,
-            ..Default::default()
-        },
-    )
-    .expect("apply");
 }
 
 struct Bed {

@@ -1,9 +1,10 @@
 /* SPDX-License-Identifier: (GPL-2.0-only OR BSD-2-Clause) */
 /*
  * The kernel/user ABI of weir: every map, every value layout and every
- * counter shared between the BPF programs (lb.bpf.c, decap.bpf.c) and the
- * userspace registry. The Rust mirror lives in ebpf/src/abi.rs and is checked
- * against this header's BTF by `cargo test -p weir-ebpf`.
+ * counter shared between the BPF programs (lb.bpf.c, decap.bpf.c,
+ * probe.bpf.c) and the userspace registry. The Rust mirror lives in
+ * ebpf/src/abi.rs and is checked against this header's BTF by
+ * `cargo test -p weir-ebpf`.
  *
  * All maps are pinned by name under /sys/fs/bpf/weir/<instance>/, so the
  * `weir` CLI, the daemon and the attached programs share one registry.
@@ -275,11 +276,53 @@ struct weir_decap_source {
 	__be32 saddr;
 };
 
+/* The probe path (probe.bpf.c, tc egress of the LB host's `lo`): a packet
+ * whose mark is WEIR_PROBE_MARK_BASE + a backend id is a health check of
+ * that backend. The agent sets the mark per socket (SO_MARK) and connects
+ * to the service's VIP:port; `weir attach` routes such packets to `lo`
+ * (a policy rule on the mark), where the program sends them to the backend
+ * inside the same IPIP header weir_lb gives a client's packet. The low 16
+ * bits hold the id (ids are below WEIR_MAX_BACKENDS); the high 16 bits must
+ * equal the base's under the mask. */
+#define WEIR_PROBE_MARK_BASE 0x77650000u
+#define WEIR_PROBE_MARK_MASK 0xffff0000u
+
+/* Probe counters (per CPU), weir_probe_stats[enum weir_probe_counter]. Only
+ * marked packets are counted; every other packet passes untouched. A marked
+ * packet that cannot go the way a client's would is dropped (counted by
+ * reason), never passed: the check must fail, not reach something else. */
+enum weir_probe_counter {
+	WEIR_PROBE_ENCAPSULATED = 0,   /* sent to its backend inside IPIP */
+	WEIR_PROBE_DROP_MALFORMED,     /* not plain IPv4 TCP (options, short) */
+	WEIR_PROBE_DROP_UNKNOWN_BACKEND, /* the mark names no backend that
+					  * serves flows (an empty slot) */
+	WEIR_PROBE_DROP_NO_SERVICE,    /* destination is no service's VIP:port */
+	WEIR_PROBE_DROP_NOT_L4,        /* an L7 service: weir run, not XDP,
+					* carries its clients */
+	WEIR_PROBE_DROP_OTHER_SERVICE, /* the backend serves another service */
+	WEIR_PROBE_DROP_NO_CONFIG,     /* no LB address yet (weir attach) */
+	WEIR_PROBE_DROP_SOURCE,        /* inner source is not the LB address:
+					* the backend's answer would go
+					* elsewhere (bind the probe socket to
+					* it when the VIP is local) */
+	WEIR_PROBE_DROP_NO_ROOM,       /* bpf_skb_adjust_room failed */
+	WEIR_PROBE_DROP_NO_ROUTE,      /* no route to the backend */
+	WEIR_PROBE_DROP_TOO_BIG,       /* larger than the route MTU once
+					* encapsulated */
+	WEIR_PROBE_MAX,
+};
+
 /*
  * Map definitions. A program includes this header with WEIR_LB_MAPS (the
  * XDP balancer) or WEIR_DECAP_MAPS (the backend-side decap program) defined
  * and gets exactly the maps it uses. Every map is pinned by name.
+ * WEIR_PROBE_MAPS (the probe program, on the LB host) gets the balancer's
+ * maps, of which it reads weir_services, weir_backends and weir_config, and
+ * its own counters.
  */
+#ifdef WEIR_PROBE_MAPS
+#define WEIR_LB_MAPS
+#endif
 #if defined(WEIR_LB_MAPS) || defined(WEIR_DECAP_MAPS)
 #include <bpf/bpf_helpers.h>
 #ifndef LIBBPF_PIN_BY_NAME
@@ -497,5 +540,16 @@ struct {
 	__uint(pinning, LIBBPF_PIN_BY_NAME);
 } weir_dcap_sources SEC(".maps");
 #endif /* WEIR_DECAP_MAPS */
+
+#ifdef WEIR_PROBE_MAPS
+/* weir_probe_stats[enum weir_probe_counter], per CPU. */
+struct {
+	__uint(type, BPF_MAP_TYPE_PERCPU_ARRAY);
+	__uint(max_entries, WEIR_PROBE_MAX);
+	__type(key, __u32);
+	__type(value, __u64);
+	__uint(pinning, LIBBPF_PIN_BY_NAME);
+} weir_probe_stats SEC(".maps");
+#endif /* WEIR_PROBE_MAPS */
 
 #endif /* WEIR_ABI_H */

@@ -276,34 +276,70 @@ pub fn run(cli: Cli) -> Result<()> {
     match cli.command {
         Command::Attach { dev, lb_addr, mode } => {
             let done = dataplane::attach(&instance, &dev, lb_addr, mode, create)?;
-            let a = &done.attachment;
+            let a = &done.xdp.attachment;
+            let probe = done.probe.as_ref().map(|p| {
+                json!({"dev": p.attachment.dev, "attached_now": p.attached_now,
+                       "replaced": p.replaced})
+            });
             say(
                 json,
                 json!({"attached": dev, "lb_addr": lb_addr.to_string(), "mode": a.mode,
                        "ifindex": a.ifindex, "netns": a.netns.label(),
-                       "replaced": done.replaced}),
+                       "replaced": done.xdp.replaced, "probe": probe}),
                 || {
+                    let probe = match &done.probe {
+                        Some(p) => format!(
+                            "; health checks marked {:#x}/{:#x} go through {} ({}){}",
+                            abi::PROBE_MARK_BASE,
+                            abi::PROBE_MARK_MASK,
+                            p.attachment.dev,
+                            if p.attached_now {
+                                "attached now"
+                            } else {
+                                "already attached"
+                            },
+                            replaced_note(&p.replaced)
+                        ),
+                        None => format!(
+                            "; no probe path for health checks: {lb_addr} is not an address \
+                             of this host, so backends' answers would not come here"
+                        ),
+                    };
                     format!(
                         "attached weir ({}) to {dev} (ifindex {}, {} mode, netns {}), \
-                         encapsulating from {lb_addr}{}",
+                         encapsulating from {lb_addr}{}{probe}",
                         instance.name(),
                         a.ifindex,
                         a.mode.name(),
                         a.netns.label(),
-                        replaced_note(&done.replaced)
+                        replaced_note(&done.xdp.replaced),
                     )
                 },
             );
         }
         Command::Detach { dev } => {
-            let was = dataplane::detach(&instance, &dev)?;
-            say(json, json!({"detached": dev, "was": was.state}), || {
-                format!(
-                    "{} weir ({}) from {dev}",
-                    detached_verb(&was),
-                    instance.name()
-                )
-            });
+            let (was, probe) = dataplane::detach(&instance, &dev)?;
+            say(
+                json,
+                json!({"detached": dev, "was": was.state,
+                       "probe_was": probe.as_ref().map(|p| p.state)}),
+                || {
+                    let mut line = format!(
+                        "{} weir ({}) from {dev}",
+                        detached_verb(&was),
+                        instance.name()
+                    );
+                    if let Some(p) = &probe {
+                        let _ = write!(
+                            line,
+                            "; {} its probe path ({}) with its rule and route",
+                            detached_verb(p),
+                            p.attachment.dev
+                        );
+                    }
+                    line
+                },
+            );
         }
         Command::AttachPeer { dev } => {
             let done = dataplane::attach_peer(&instance, &dev)?;
@@ -618,7 +654,9 @@ pub fn run(cli: Cli) -> Result<()> {
             if !instance.pin_dir().exists() {
                 bail!("instance {:?} does not exist", instance.name());
             }
+            let routed = dataplane::probe::routed(&instance)?;
             instance.destroy()?;
+            let stuck = routed.release()?;
             if instance.pin_dir().exists() {
                 bail!(
                     "instance {:?}: {} is still there after destroy; remove it by hand",
@@ -629,13 +667,25 @@ pub fn run(cli: Cli) -> Result<()> {
             let audit = instance.audit_log();
             say(
                 json,
-                json!({"destroyed": instance.name(), "audit_log": audit.display().to_string()}),
+                json!({"destroyed": instance.name(), "audit_log": audit.display().to_string(),
+                       "probe_routing_left_in": stuck}),
                 || {
-                    format!(
+                    let mut line = format!(
                         "removed instance {} (its audit log stays at {})",
                         instance.name(),
                         audit.display()
-                    )
+                    );
+                    if !stuck.is_empty() {
+                        let _ = write!(
+                            line,
+                            "; the probe rule and route stay in namespaces it cannot enter ({}): \
+                             run `ip rule del pref {} ; ip route flush table {}` there",
+                            stuck.join(", "),
+                            dataplane::probe::RULE_PRIORITY,
+                            dataplane::probe::TABLE
+                        );
+                    }
+                    line
                 },
             );
         }
@@ -890,6 +940,7 @@ fn stats(reg: &Registry, instance: &Instance, json: bool) -> Result<()> {
         services.push(row);
     }
     let decap = dataplane::decap_counters(instance)?;
+    let probe = dataplane::probe::counters(instance)?;
     // The daemon's L7 counters, written every second while `weir run` runs.
     // No file: no `weir run` has served this instance. A file that does not
     // parse is reported, not shown as "no L7 section".
@@ -921,11 +972,10 @@ fn stats(reg: &Registry, instance: &Instance, json: bool) -> Result<()> {
             v["l7"] = serde_json::to_value(l7)?;
         }
         if let Some(d) = &decap {
-            v["decap"] = abi::DECAP_COUNTERS
-                .iter()
-                .zip(d)
-                .map(|(n, v)| (n.to_string(), json!(v)))
-                .collect();
+            v["decap"] = named_counters(abi::DECAP_COUNTERS, d);
+        }
+        if let Some(p) = &probe {
+            v["probe"] = named_counters(abi::PROBE_COUNTERS, p);
         }
         println!("{v}");
         return Ok(());
@@ -1006,12 +1056,30 @@ fn stats(reg: &Registry, instance: &Instance, json: bool) -> Result<()> {
         }
     }
     if let Some(d) = decap {
-        println!("decap:");
-        for (name, value) in abi::DECAP_COUNTERS.iter().zip(&d) {
-            println!("  {name:<20} {value}");
-        }
+        print_counters("decap", abi::DECAP_COUNTERS, &d);
+    }
+    if let Some(p) = probe {
+        print_counters("probe", abi::PROBE_COUNTERS, &p);
     }
     Ok(())
+}
+
+/// A program's counters by name, for `--json`.
+fn named_counters(names: &[&str], values: &[u64]) -> serde_json::Value {
+    names
+        .iter()
+        .zip(values)
+        .map(|(n, v)| (n.to_string(), json!(v)))
+        .collect()
+}
+
+/// A program's counters under `title`, one a line, values aligned.
+fn print_counters(title: &str, names: &[&str], values: &[u64]) {
+    println!("{title}:");
+    let width = names.iter().map(|n| n.len()).max().unwrap_or(0);
+    for (name, value) in names.iter().zip(values) {
+        println!("  {name:<width$} {value}");
+    }
 }
 
 /// "; replaced a defunct attachment (...)" for each pin an attach replaced.
