@@ -2,10 +2,14 @@
 //! namespace topology, attaches the XDP balancer, declares an L4 service,
 //! keeps 100 WebSocket connections talking through the VIP while a backend
 //! is drained, a fourth added and a weight changed, then prints what
-//! happened. Cleans up after itself, also when interrupted.
+//! happened; then the same for an L7 service through `weir run`, and then
+//! `weir agent` looking after the fleet on its own (a backend killed and
+//! restarted, three of four killed, the agent killed). Cleans up after
+//! itself, also when interrupted.
 
 use std::process::ExitCode;
 
+use weir_testbed::health::{HealthReport, run_health};
 use weir_testbed::scenario::{L4Options, L4Report, L7Report, run_l4, run_l7};
 use weir_testbed::topology::install_signal_cleanup;
 
@@ -41,7 +45,18 @@ fn main() -> ExitCode {
             false
         }
     };
-    if l4_ok && l7_ok {
+    println!(
+        "\nweir demo, part 3: weir agent checks the L4 backends through the tunnel; one dies and \
+         returns, three die (panic), the agent is killed and restarted\n"
+    );
+    let health_ok = match run_health(&opts, false) {
+        Ok(report) => summarize_health(&report),
+        Err(e) => {
+            eprintln!("weir-demo: error: {e:#}");
+            false
+        }
+    };
+    if l4_ok && l7_ok && health_ok {
         ExitCode::SUCCESS
     } else {
         ExitCode::FAILURE
@@ -155,6 +170,75 @@ fn summarize_l7(r: &L7Report) -> bool {
     if ok {
         println!(
             "RESULT: L7 backend replaced live: 0 failed handshakes, {drained} drained with 1001, 0 cut"
+        );
+    } else {
+        println!("RESULT: FAILED");
+    }
+    ok
+}
+
+fn summarize_health(r: &HealthReport) -> bool {
+    let row = &r.detected_row;
+    println!(
+        "\n== b3's server killed: unhealthy after {:.1} s ({} {}), state still {}, ring slots {}",
+        r.detect.as_secs_f64(),
+        row["health_reason"].as_str().unwrap_or("?"),
+        row["health_detail"],
+        row["state"].as_str().unwrap_or("?"),
+        row["ring_slots"]
+    );
+    let out = &r.while_out.summary;
+    println!(
+        "   new connections meanwhile: {}/{} connected, per backend {:?}",
+        out.connected, out.connections, out.per_backend
+    );
+    println!(
+        "== b3 restarted: healthy after {:.1} s; new connections then: {:?}",
+        r.recover.as_secs_f64(),
+        r.after_return.summary.per_backend
+    );
+    let decap_ok = match &r.decap {
+        Some((t, _, direct)) => {
+            println!(
+                "== b2's decap detached: unhealthy after {:.1} s although its own address answers: {direct}",
+                t.as_secs_f64()
+            );
+            *direct
+        }
+        None => false,
+    };
+    let svc = &r.panic_service;
+    println!(
+        "== b1-b3 killed: panic {}, {} of {} healthy, {} in the ring (episodes {})",
+        svc["panic"], svc["healthy"], svc["active"], svc["in_ring"], svc["panics"]
+    );
+    let unchanged = serde_json::to_string(&r.before_agent_kill).ok()
+        == serde_json::to_string(&r.after_agent_kill).ok();
+    let w = &r.without_agent.summary;
+    println!(
+        "== agent killed (SIGKILL): registry unchanged: {unchanged}; new connections without it: {}/{}",
+        w.connected, w.connections
+    );
+    println!(
+        "== agent started again: all healthy after {:.1} s, panic {}",
+        r.converge.as_secs_f64(),
+        r.converged_service["panic"]
+    );
+    let ok = !out.per_backend.contains_key("b3")
+        && out.connected == out.connections
+        && r.after_return.summary.per_backend.contains_key("b3")
+        && decap_ok
+        && svc["panic"] == true
+        && unchanged
+        && w.connected == w.connections
+        && r.converged_service["panic"] == false;
+    println!();
+    if ok {
+        println!(
+            "RESULT: the fleet looked after itself: dead backend out in {:.1} s and back in {:.1} s, \
+             panic kept all four, the agent's death changed nothing",
+            r.detect.as_secs_f64(),
+            r.recover.as_secs_f64()
         );
     } else {
         println!("RESULT: FAILED");
