@@ -21,6 +21,8 @@ const ECHO_PORT: u16 = 8080;
 /// Where every L7 system listens: the VIP, on the lb's lo.
 const L7_PORT: u16 = 8081;
 const BACKENDS: usize = 8;
+/// Where an echo backend listens in its own namespace.
+const ECHO_ANY: SocketAddr = SocketAddr::new(IpAddr::V4(Ipv4Addr::UNSPECIFIED), ECHO_PORT);
 const CLIENT_ADDRS: usize = 16;
 
 /// Which network a scenario's traffic crosses.
@@ -160,22 +162,9 @@ impl Bench {
         let mut loop_echo_pids = Vec::new();
         for i in 0..BACKENDS {
             let ns = topo.backend_ns[i].clone();
-            for (ns, listen, pids) in [
-                (
-                    &ns,
-                    SocketAddr::from((Ipv4Addr::UNSPECIFIED, ECHO_PORT)),
-                    &mut echo_pids,
-                ),
-                (&lb_ns, Net::Loopback.backend(&topo, i), &mut loop_echo_pids),
-            ] {
-                let (pid, _) = topo.spawn_ready_in(
-                    ns,
-                    &echo,
-                    &["--listen", &listen.to_string(), "--name", &backend_name(i)],
-                    Duration::from_secs(10),
-                )?;
-                pids.push(pid);
-            }
+            echo_pids.push(spawn_echo(&mut topo, &ns, ECHO_ANY, i)?);
+            let listen = Net::Loopback.backend(&topo, i);
+            loop_echo_pids.push(spawn_echo(&mut topo, &lb_ns, listen, i)?);
         }
         let scratch = std::env::temp_dir().join(format!("weir-bench-{}", std::process::id()));
         std::fs::create_dir_all(&scratch)?;
@@ -216,6 +205,28 @@ impl Bench {
         r
     }
 
+    /// Kills echo backend `i` of the namespace topology with SIGKILL, as a
+    /// crash does: its connections end without a Close and its port
+    /// refuses connections until [`Bench::restart_backend`].
+    pub(crate) fn kill_backend(&mut self, i: usize) -> Result<()> {
+        let pid = self.echo_pids[i];
+        ensure!(
+            self.topo.signal_child(pid, libc::SIGKILL),
+            "echo backend {i} (pid {pid}) is not running"
+        );
+        // Reaps it; the TERM this sends first finds it dead.
+        self.topo.stop_child(pid, Duration::from_secs(1));
+        Ok(())
+    }
+
+    /// Starts echo backend `i` of the namespace topology again, as the
+    /// bench first started it.
+    pub(crate) fn restart_backend(&mut self, i: usize) -> Result<()> {
+        let ns = self.topo.backend_ns[i].clone();
+        self.echo_pids[i] = spawn_echo(&mut self.topo, &ns, ECHO_ANY, i)?;
+        Ok(())
+    }
+
     pub(crate) fn net(&self) -> Net {
         self.net
     }
@@ -250,6 +261,7 @@ impl Bench {
             tcp_mode: false,
             max_connections: None,
             large_messages: false,
+            health_checks: false,
         }
     }
 
@@ -509,6 +521,17 @@ impl CpuMark {
             softirq_s: procs::softirq_s() - self.softirq_s,
         }
     }
+}
+
+/// Starts echo backend `i` in `ns` on `listen` and waits until it listens.
+fn spawn_echo(topo: &mut Topology, ns: &str, listen: SocketAddr, i: usize) -> Result<u32> {
+    let (pid, _) = topo.spawn_ready_in(
+        ns,
+        &weir_testbed::workspace_bin("weir-echo"),
+        &["--listen", &listen.to_string(), "--name", &backend_name(i)],
+        Duration::from_secs(10),
+    )?;
+    Ok(pid)
 }
 
 /// What echo backend `i` calls itself in its 101 (`x-weir-backend`).
