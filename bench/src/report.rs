@@ -639,8 +639,9 @@ mod tests {
         // the server was down; weir none, so no ratio.
         let c = row_cells(&md, "## Backend failure", "haproxy", "120");
         assert_eq!(&c[3..6], ["120", "20", "2,100 ms"]);
+        assert_eq!(c[9], "– / –");
         let c = row_cells(&md, "## Backend failure", "weir", "3,000");
-        assert_eq!(&c[10..12], ["–", "–"]);
+        assert_eq!(&c[11..13], ["–", "–"]);
         assert!(md.contains("weir: 0 failed handshakes (0 after detection) against HAProxy's 120"));
 
         // L4: 30 / 20 Gbit/s; peer conns/s is 0 so its ratio is missing.

@@ -99,10 +99,15 @@ pub struct FailureRow {
     /// Upgraded connections that ended without their echo and close
     /// (the ones on the backend when it died).
     pub cut: u64,
-    /// From the kill until the system said the backend was down (weir:
-    /// its agent's transition time; HAProxy: the server DOWN in its
-    /// state); None when it says nothing (nginx) or never did.
+    /// From the kill until the system said the backend was down, read
+    /// every [`POLL`] (weir: unhealthy in its registry, where its agent
+    /// writes; HAProxy: the server DOWN in its state); None when it says
+    /// nothing (nginx) or never did.
     pub detected_ms: Option<u64>,
+    /// The transition time the system recorded, from the kill (weir:
+    /// `health_since`, which counts whole seconds, so it may read up to
+    /// 999 ms early, even before the kill).
+    pub recorded_down_ms: Option<i64>,
     /// From the kill until the system stopped sending clients'
     /// connections to the dead backend, as that backend saw them: the end
     /// of the last bin with more refused attempts than a health check.
@@ -112,8 +117,10 @@ pub struct FailureRow {
     pub failed_after_detection: u64,
     /// Connection attempts the dead backend refused, checks included.
     pub refused: u64,
-    /// From the restart until the system said the backend was up.
+    /// From the restart until the system said the backend was up, read as
+    /// [`FailureRow::detected_ms`] is, and the time it recorded.
     pub up_ms: Option<u64>,
+    pub recorded_up_ms: Option<i64>,
     /// From the restart until a client's connection was served by it.
     pub back_in_use_ms: Option<u64>,
     /// Connections the victim served before the kill: it was in use.
@@ -219,6 +226,7 @@ impl Scenario for Failure {
             "stopped sending",
             "refused attempts",
             "said up",
+            "recorded down / up",
             "back in use",
             "weir/haproxy",
             "weir/nginx",
@@ -238,6 +246,11 @@ impl Scenario for Failure {
                 fmt_ms(r.stop_ms),
                 fmt_int(r.refused),
                 fmt_ms(r.up_ms),
+                format!(
+                    "{} / {}",
+                    fmt_signed_ms(r.recorded_down_ms),
+                    fmt_signed_ms(r.recorded_up_ms)
+                ),
                 fmt_ms(r.back_in_use_ms),
             ];
             cells.extend(ratio_cells(is_weir(&r.system), &L7_PEERS, find, |p| {
@@ -262,9 +275,10 @@ impl Scenario for Failure {
         }
         out.push_str(
             "\nDetected and stopped sending count from the kill; said up and back in use from \
-             the restart. Detected is the system's own word (weir: its agent's transition in \
-             the registry; HAProxy: the server DOWN in `show servers state`, read every \
-             100 ms); nginx keeps its failure counts to itself. Stopped sending is the dead \
+             the restart. Detected and said up are the system's own word, read every 100 ms \
+             (weir: its registry's health, which its agent writes; HAProxy: the server's state \
+             in `show servers state`); nginx keeps its failure counts to itself. Recorded: the \
+             transition times the system stored (weir's `health_since`, in whole seconds). Stopped sending is the dead \
              backend's view: the end of the last 100 ms with more refused connection attempts \
              than one health check. Failed after detection counts connections started after \
              the system's detection, or after it stopped sending where it says nothing. \
@@ -273,14 +287,30 @@ impl Scenario for Failure {
     }
 }
 
+/// Milliseconds that may be negative (a time recorded in whole seconds).
+fn fmt_signed_ms(ms: Option<i64>) -> String {
+    match ms {
+        Some(ms) if ms < 0 => format!("-{}", fmt_ms(Some(ms.unsigned_abs()))),
+        other => fmt_ms(other.map(|ms| ms as u64)),
+    }
+}
+
 /// The moments of one run, in unix ms, and what the system said.
 #[derive(Default)]
 struct Moments {
     kill: u64,
     restart: u64,
-    /// The system's own word: down since, up since.
-    down_since: Option<u64>,
-    up_since: Option<u64>,
+    /// The system's own word: down, then up again.
+    down: Option<Said>,
+    up: Option<Said>,
+}
+
+/// When the system was first read saying a state, and the time it
+/// recorded for the transition, where it records one.
+#[derive(Clone, Copy, Default)]
+struct Said {
+    read: u64,
+    recorded: Option<u64>,
 }
 
 fn failure_row(b: &mut Bench, s: &Sizes, sys: &Running) -> Result<FailureRow> {
@@ -310,8 +340,8 @@ fn failure_row(b: &mut Bench, s: &Sizes, sys: &Running) -> Result<FailureRow> {
     let watched = watch(b, sys, victim, true, m.kill + s.down_secs * 1000);
     m.restart = load::unix_ms();
     b.restart_backend(VICTIM)?;
-    m.down_since = watched?;
-    m.up_since = watch(
+    m.down = watched?;
+    m.up = watch(
         b,
         sys,
         victim,
@@ -341,15 +371,15 @@ fn sleep_until(unix_ms: u64) {
 }
 
 /// Reads the system's view of `backend` every [`POLL`] until `until`
-/// (unix ms); returns when it first said `down` (its own transition time
-/// where it records one), None if it never did or says nothing.
+/// (unix ms); returns when it first said `down`, None if it never did or
+/// says nothing.
 fn watch(
     b: &Bench,
     sys: &Running,
     backend: std::net::SocketAddr,
     down: bool,
     until: u64,
-) -> Result<Option<u64>> {
+) -> Result<Option<Said>> {
     let mut seen = None;
     while load::unix_ms() < until {
         let asked = load::unix_ms();
@@ -357,7 +387,10 @@ fn watch(
             && let Some(v) = sys.health_of(&b.topo, backend)?
             && v.down == down
         {
-            seen = Some(v.since_unix_ms.unwrap_or(asked));
+            seen = Some(Said {
+                read: asked,
+                recorded: v.since_unix_ms,
+            });
         }
         sleep_until((asked + POLL.as_millis() as u64).min(until));
     }
@@ -389,6 +422,10 @@ fn row_of(
         .filter(|t| (m.kill..m.restart).contains(t))
         .collect();
     let since_kill = |t: u64| t.saturating_sub(m.kill);
+    let recorded = |said: Option<Said>, from: u64| {
+        said.and_then(|x| x.recorded)
+            .map(|t| t as i64 - from as i64)
+    };
     let mut row = FailureRow {
         system: kind.name().into(),
         watch: watch_of(kind).into(),
@@ -399,10 +436,12 @@ fn row_of(
         handshakes_failed: failed.len() as u64,
         failures,
         cut: conns.iter().filter(|c| load::is_cut(&c.ending)).count() as u64,
-        detected_ms: m.down_since.map(since_kill),
+        detected_ms: m.down.map(|x| since_kill(x.read)),
+        recorded_down_ms: recorded(m.down, m.kill),
         stop_ms: stopped_sending(&down, m.kill, m.restart),
         refused: down.len() as u64,
-        up_ms: m.up_since.map(|t| t.saturating_sub(m.restart)),
+        up_ms: m.up.map(|x| x.read.saturating_sub(m.restart)),
+        recorded_up_ms: recorded(m.up, m.restart),
         back_in_use_ms: conns
             .iter()
             .filter(|c| c.backend.as_deref() == Some(victim.as_str()) && started(c) >= m.restart)
@@ -643,8 +682,14 @@ mod tests {
         let m = Moments {
             kill: epoch + 2_000,
             restart: epoch + 7_000,
-            down_since: Some(epoch + 4_000),
-            up_since: Some(epoch + 9_000),
+            down: Some(Said {
+                read: epoch + 4_000,
+                recorded: Some(epoch + 1_000),
+            }),
+            up: Some(Said {
+                read: epoch + 9_000,
+                recorded: None,
+            }),
         };
         let conns = vec![
             record(Some("b0"), epoch + 100, "clean"),
@@ -667,6 +712,9 @@ mod tests {
         assert_eq!(row.cut, 1);
         assert_eq!(row.served_before_kill, 2);
         assert_eq!(row.detected_ms, Some(2_000));
+        // Recorded in whole seconds: it may read before the kill.
+        assert_eq!(row.recorded_down_ms, Some(-1_000));
+        assert_eq!(row.recorded_up_ms, None);
         assert_eq!(row.stop_ms, Some(300));
         assert_eq!(row.failed_after_detection, 1);
         assert_eq!(row.refused, 30);
@@ -679,8 +727,8 @@ mod tests {
 
         // A system that says nothing: detection is when it stopped sending.
         let quiet = Moments {
-            down_since: None,
-            up_since: None,
+            down: None,
+            up: None,
             ..m
         };
         let row = row_of(Kind::Weir, &s, epoch, &quiet, &conns, &refused);
