@@ -341,13 +341,11 @@ fn failure_row(b: &mut Bench, s: &Sizes, sys: &Running) -> Result<FailureRow> {
     m.restart = load::unix_ms();
     b.restart_backend(VICTIM)?;
     m.down = watched?;
-    m.up = watch(
-        b,
-        sys,
-        victim,
-        false,
-        epoch + s.total_secs() * 1000 - POLL.as_millis() as u64,
-    )?;
+    // Up means something only from a system that said down.
+    let end = epoch + s.total_secs() * 1000 - POLL.as_millis() as u64;
+    if m.down.is_some() {
+        m.up = watch(b, sys, victim, false, end)?;
+    }
     let r = Bench::wait_load(clients, Duration::from_secs(s.total_secs() + 60))?;
     let refused = refusals.finish()?;
     let row = row_of(sys.spec.kind, s, epoch, &m, &r.connections, &refused);
