@@ -280,18 +280,32 @@ impl Running {
                 .shared(self.spec.shards > 1)
                 .route("/", &svc);
             write(&config, &file.to_string())?;
-            let log = self.dir.join(format!("weir-{k}.log"));
-            let pid = spawn_logged(
-                topo,
-                &self.weir.clone(),
-                &["run", "--config", config.to_str().context("utf-8 path")?],
-                &log,
-            )?;
-            self.roots.push(pid);
+            self.spawn_weir(topo, "run", &config, &format!("weir-{k}.log"))?;
             if self.spec.health_checks {
                 self.start_weir_agent(topo, &instance, k)?;
             }
         }
+        Ok(())
+    }
+
+    /// Starts `weir SUBCOMMAND --config CONFIG`, its output in `log` in the
+    /// system's directory, as one of its roots.
+    fn spawn_weir(
+        &mut self,
+        topo: &mut Topology,
+        subcommand: &str,
+        config: &Path,
+        log: &str,
+    ) -> Result<()> {
+        let config = config.to_str().context("utf-8 path")?;
+        let log = self.dir.join(log);
+        let pid = spawn_logged(
+            topo,
+            &self.weir.clone(),
+            &[subcommand, "--config", config],
+            &log,
+        )?;
+        self.roots.push(pid);
         Ok(())
     }
 
@@ -309,15 +323,7 @@ impl Running {
                 svc = self.spec.listen,
             ),
         )?;
-        let log = self.dir.join(format!("agent-{k}.log"));
-        let pid = spawn_logged(
-            topo,
-            &self.weir.clone(),
-            &["agent", "--config", config.to_str().context("utf-8 path")?],
-            &log,
-        )?;
-        self.roots.push(pid);
-        Ok(())
+        self.spawn_weir(topo, "agent", &config, &format!("agent-{k}.log"))
     }
 
     fn haproxy_config(&self, k: usize) -> String {
