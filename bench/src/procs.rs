@@ -24,6 +24,17 @@ fn stat(pid: u32) -> Option<(u32, u64)> {
     Some((ppid, ut + st))
 }
 
+/// Whether `pid` runs: it exists and has not exited (a zombie has).
+pub fn running(pid: u32) -> bool {
+    std::fs::read_to_string(format!("/proc/{pid}/stat"))
+        .ok()
+        .and_then(|s| {
+            let state = s[s.rfind(')')? + 2..].chars().next()?;
+            Some(state != 'Z' && state != 'X')
+        })
+        .unwrap_or(false)
+}
+
 /// `roots` and all their descendants that are alive now.
 pub fn tree(roots: &[u32]) -> Vec<u32> {
     let mut children: BTreeMap<u32, Vec<u32>> = BTreeMap::new();
@@ -194,6 +205,24 @@ mod tests {
         assert_eq!(listen_drops("IpExt: InNoRoutes\nIpExt: 0\n"), None);
         let own = std::fs::read_to_string("/proc/net/netstat").unwrap();
         assert!(listen_drops(&own).is_some());
+    }
+
+    #[test]
+    fn a_child_runs_until_it_exits() {
+        let mut child = std::process::Command::new("sleep")
+            .arg("5")
+            .spawn()
+            .unwrap();
+        assert!(running(child.id()));
+        child.kill().unwrap();
+        // Killed but not reaped: a zombie, which does not run.
+        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(5);
+        while running(child.id()) && std::time::Instant::now() < deadline {
+            std::thread::sleep(std::time::Duration::from_millis(10));
+        }
+        assert!(!running(child.id()));
+        child.wait().unwrap();
+        assert!(!running(child.id()));
     }
 
     #[test]

@@ -189,6 +189,13 @@ impl Running {
         // Every shard must be up: SO_REUSEPORT spreads new connections
         // over the listeners that exist.
         std::thread::sleep(Duration::from_millis(300));
+        // A process beside the listeners (weir's agent) may have refused
+        // its configuration.
+        if let Some(pid) = r.roots.iter().copied().find(|p| !procs::running(*p)) {
+            let (name, logs) = (r.spec.kind.name(), r.logs());
+            r.stop(topo);
+            bail!("{name} process {pid} exited: {logs}");
+        }
         Ok(r)
     }
 
