@@ -463,7 +463,7 @@ fn row_of(
 /// How each system watches its backends here.
 fn watch_of(kind: Kind) -> &'static str {
     match kind {
-        Kind::Weir => "weir agent (defaults: WebSocket check), weir run's outlier detection",
+        Kind::Weir => "weir agent (defaults, WebSocket check), weir run (defaults)",
         Kind::Haproxy => "check inter 1s fall 2 rise 2 (TCP connect)",
         Kind::Nginx => "max_fails=1 fail_timeout=10s (passive, per worker)",
     }
