@@ -231,7 +231,10 @@ mod tests {
             ("idle", &["weir", "haproxy", "nginx"]),
             ("connrate", &["weir", "haproxy"]),
             ("churn", &["weir", "haproxy-reload", "nginx-reload"]),
-            ("failure", &["weir", "haproxy", "kill", "restart"]),
+            (
+                "failure",
+                &["weir (0 failed)", "haproxy (300 failed)", "kill", "restart"],
+            ),
         ];
         assert_eq!(written.len(), expect.len());
         for ((scenario, names), path) in expect.iter().zip(&written) {

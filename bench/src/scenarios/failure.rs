@@ -575,24 +575,34 @@ fn timeline_chart(root: &Area, rows: &[&FailureRow]) -> Result<()> {
     .max(1.0)
         * 1.02;
     type Bins = fn(&FailureRow) -> &Vec<u32>;
-    let series: [(&str, &str, Bins); 2] = [
-        ("failed handshakes per 100 ms", "failed handshakes", |r| {
-            &r.failed_bins
-        }),
+    // Caption, axis, values, and what a legend entry counts.
+    let series: [(&str, &str, Bins, &str); 2] = [
+        (
+            "failed handshakes per 100 ms",
+            "failed handshakes",
+            |r| &r.failed_bins,
+            "failed",
+        ),
         (
             "connection attempts the killed backend refused per 100 ms (health checks included)",
             "refused attempts",
             |r| &r.refused_bins,
+            "refused",
         ),
     ];
-    for ((caption, y_desc, values), panel) in series.into_iter().zip(&panels) {
+    for ((caption, y_desc, values, counted), panel) in series.into_iter().zip(&panels) {
         let y_max = max_of(
             rows.iter()
                 .flat_map(|r| values(r).iter().map(|v| *v as f64)),
         )
         .max(1.0)
             * 1.15;
-        let mut chart = linear_axes(panel, caption, (t_max, y_max), ("seconds", y_desc))?;
+        let mut chart = linear_axes(
+            panel,
+            caption,
+            (t_max, y_max),
+            ("seconds since the load started", y_desc),
+        )?;
         // The schedule is every system's: mark it once, from the first row.
         if let Some(r) = rows.first() {
             for (what, ms) in [("kill", r.kill_ms), ("restart", r.restart_ms)] {
@@ -618,7 +628,10 @@ fn timeline_chart(root: &Area, rows: &[&FailureRow]) -> Result<()> {
                     .enumerate()
                     .map(|(i, v)| (secs(i), *v as f64)),
             );
-            labelled_line(&mut chart, points, colors.get(&r.system), r.system.clone())?;
+            // Lines at zero hide under the axis: the legend says so.
+            let total: u32 = values(r).iter().sum();
+            let label = format!("{} ({} {counted})", r.system, fmt_int(u64::from(total)));
+            labelled_line(&mut chart, points, colors.get(&r.system), label)?;
         }
         legend(&mut chart, SeriesLabelPosition::UpperRight)?;
     }
