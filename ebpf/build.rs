@@ -3,7 +3,7 @@
 use std::path::{Path, PathBuf};
 use std::process::Command;
 
-const PROGRAMS: &[&str] = &["lb", "decap", "support"];
+const PROGRAMS: &[&str] = &["lb", "decap", "probe", "support"];
 
 fn main() {
     let src = Path::new("src/bpf");

@@ -304,6 +304,7 @@ fn bench_xdp(round: u32, backends: u32, runs: u32, table_flows: u32) -> Result<X
             ring_size: Some(65537),
             max_remove_fraction: None,
             min_backends: None,
+            panic_threshold: None,
         },
         force(),
     )?;

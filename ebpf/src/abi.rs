@@ -29,6 +29,10 @@ pub const ICMP_BURST: u32 = 100;
 pub const ICMP_FRAME_LEN: u32 = 70;
 /// Capacity of `weir_dcap_sources`.
 pub const MAX_DECAP_SOURCES: u32 = 4096;
+/// The probe path's socket marks: `PROBE_MARK_BASE + backend id` under
+/// `PROBE_MARK_MASK` (the id is in the low 16 bits).
+pub const PROBE_MARK_BASE: u32 = 0x7765_0000;
+pub const PROBE_MARK_MASK: u32 = 0xffff_0000;
 /// `BPF_F_MMAPABLE`.
 pub const BPF_F_MMAPABLE: u32 = 1 << 10;
 /// `BPF_F_INNER_MAP`.
@@ -37,6 +41,8 @@ pub const BPF_F_INNER_MAP: u32 = 1 << 12;
 pub const RING_MAP_FLAGS: u32 = BPF_F_INNER_MAP | BPF_F_MMAPABLE;
 /// `WEIR_BACKEND_F_USED`: the slot has held a backend (quarantine).
 pub const BACKEND_F_USED: u32 = 1;
+/// `WEIR_SERVICE_F_PANIC`: the service is in panic (health not trusted).
+pub const SERVICE_F_PANIC: u32 = 1;
 /// IPPROTO_TCP.
 pub const PROTO_TCP: u8 = 6;
 
@@ -57,6 +63,7 @@ pub mod maps {
     pub const DECAP_STATS: &str = "weir_dcap_stats";
     pub const ICMP_BUCKET: &str = "weir_icmp_bucket";
     pub const DECAP_SOURCES: &str = "weir_dcap_sources";
+    pub const PROBE_STATS: &str = "weir_probe_stats";
     /// Maps of the balancer object.
     pub const LB: &[&str] = &[
         SERVICES,
@@ -102,7 +109,6 @@ pub enum BackendState {
     Active = 1,
     Draining = 2,
     Removed = 3,
-    Down = 4,
 }
 
 impl BackendState {
@@ -112,7 +118,6 @@ impl BackendState {
             1 => Some(Self::Active),
             2 => Some(Self::Draining),
             3 => Some(Self::Removed),
-            4 => Some(Self::Down),
             _ => None,
         }
     }
@@ -123,7 +128,99 @@ impl BackendState {
             Self::Active => "active",
             Self::Draining => "draining",
             Self::Removed => "removed",
-            Self::Down => "down",
+        }
+    }
+}
+
+/// `enum weir_backend_health`: observed by `weir agent`, apart from the
+/// operator's [`BackendState`].
+#[repr(u8)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub enum BackendHealth {
+    /// Not checked (yet); counts as healthy so a fresh agent ejects nothing.
+    #[default]
+    Unknown = 0,
+    Healthy = 1,
+    Unhealthy = 2,
+}
+
+impl BackendHealth {
+    pub fn from_raw(raw: u8) -> Option<Self> {
+        match raw {
+            0 => Some(Self::Unknown),
+            1 => Some(Self::Healthy),
+            2 => Some(Self::Unhealthy),
+            _ => None,
+        }
+    }
+
+    pub fn name(self) -> &'static str {
+        match self {
+            Self::Unknown => "unknown",
+            Self::Healthy => "healthy",
+            Self::Unhealthy => "unhealthy",
+        }
+    }
+}
+
+/// `enum weir_health_reason`: why the last health transition happened.
+#[repr(u8)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub enum HealthReason {
+    #[default]
+    None = 0,
+    Passed = 1,
+    Refused = 2,
+    ConnectTimeout = 3,
+    Timeout = 4,
+    Reset = 5,
+    Status = 6,
+    NotUpgraded = 7,
+    BadHandshake = 8,
+    NoPong = 9,
+    BadFrame = 10,
+    Unreachable = 11,
+    ProbePath = 12,
+}
+
+impl HealthReason {
+    /// Every reason, in ABI order.
+    pub const ALL: [Self; 13] = [
+        Self::None,
+        Self::Passed,
+        Self::Refused,
+        Self::ConnectTimeout,
+        Self::Timeout,
+        Self::Reset,
+        Self::Status,
+        Self::NotUpgraded,
+        Self::BadHandshake,
+        Self::NoPong,
+        Self::BadFrame,
+        Self::Unreachable,
+        Self::ProbePath,
+    ];
+
+    pub fn from_raw(raw: u8) -> Option<Self> {
+        Self::ALL.get(usize::from(raw)).copied()
+    }
+
+    /// The name `weir backend list` and `/metrics` show.
+    pub fn name(self) -> &'static str {
+        match self {
+            Self::None => "none",
+            Self::Passed => "passed",
+            Self::Refused => "refused",
+            Self::ConnectTimeout => "connect_timeout",
+            Self::Timeout => "timeout",
+            Self::Reset => "reset",
+            Self::Status => "status",
+            Self::NotUpgraded => "not_upgraded",
+            Self::BadHandshake => "bad_handshake",
+            Self::NoPong => "no_pong",
+            Self::BadFrame => "bad_frame",
+            Self::Unreachable => "unreachable",
+            Self::ProbePath => "probe_path",
         }
     }
 }
@@ -149,6 +246,9 @@ pub struct Service {
     pub flags: u32,
     pub min_backends: u32,
     pub max_remove_permille: u32,
+    pub panic_permille: u32,
+    pub panics: u32,
+    pub panic_since_ms: u64,
 }
 
 /// `struct weir_backend`. Address and port in network byte order.
@@ -161,6 +261,10 @@ pub struct Backend {
     pub service_id: u32,
     pub state: u32,
     pub flags: u32,
+    pub health: u8,
+    pub health_reason: u8,
+    pub health_detail: u16,
+    pub health_since_ms: u64,
 }
 
 /// `struct weir_flow_key`. Fields in network byte order.
@@ -300,6 +404,21 @@ pub const DECAP_COUNTERS: &[&str] = &[
     "decap_pass_malformed",
     "decap_drop_adjust",
     "decap_drop_source",
+];
+
+/// `enum weir_probe_counter`, in order.
+pub const PROBE_COUNTERS: &[&str] = &[
+    "probe_encapsulated",
+    "probe_drop_malformed",
+    "probe_drop_unknown_backend",
+    "probe_drop_no_service",
+    "probe_drop_not_l4",
+    "probe_drop_other_service",
+    "probe_drop_no_config",
+    "probe_drop_source",
+    "probe_drop_no_room",
+    "probe_drop_no_route",
+    "probe_drop_too_big",
 ];
 
 /// Index of a counter in [`COUNTERS`].

@@ -26,6 +26,14 @@ pub fn decap_object() -> &'static [u8] {
     &DECAP_OBJECT.0
 }
 
+static PROBE_OBJECT: &Aligned<[u8]> =
+    &Aligned(*include_bytes!(concat!(env!("OUT_DIR"), "/probe.bpf.o")));
+
+/// The tc egress probe object (program `weir_probe`).
+pub fn probe_object() -> &'static [u8] {
+    &PROBE_OBJECT.0
+}
+
 static SUPPORT_OBJECT: &Aligned<[u8]> =
     &Aligned(*include_bytes!(concat!(env!("OUT_DIR"), "/support.bpf.o")));
 
@@ -44,3 +52,5 @@ pub const TX_FLOOR_PROGRAM: &str = "weir_tx_floor";
 pub const LB_PROGRAM: &str = "weir_lb";
 /// Program name of the decapsulator in [`decap_object`].
 pub const DECAP_PROGRAM: &str = "weir_decap";
+/// Program name of the probe encapsulator in [`probe_object`].
+pub const PROBE_PROGRAM: &str = "weir_probe";

@@ -105,7 +105,10 @@ fn lb_structs_match_btf() {
                 pad,
                 flags,
                 min_backends,
-                max_remove_permille
+                max_remove_permille,
+                panic_permille,
+                panics,
+                panic_since_ms
             }),
         ),
         (
@@ -116,7 +119,11 @@ fn lb_structs_match_btf() {
                 weight,
                 service_id,
                 state,
-                flags
+                flags,
+                health,
+                health_reason,
+                health_detail,
+                health_since_ms
             }),
         ),
         (
@@ -224,16 +231,40 @@ fn counters_match_header_enums() {
         .map(|c| c.strip_prefix("decap_").unwrap().to_string())
         .collect();
     assert_eq!(enum_members(&h, "weir_decap_counter", "WEIR_DCAP_"), decap);
+    let probe: Vec<String> = abi::PROBE_COUNTERS
+        .iter()
+        .map(|c| c.strip_prefix("probe_").unwrap().to_string())
+        .collect();
+    assert_eq!(enum_members(&h, "weir_probe_counter", "WEIR_PROBE_"), probe);
     assert_eq!(
         enum_members(&h, "weir_backend_state", "WEIR_BACKEND_"),
-        ["empty", "active", "draining", "removed", "down"]
+        ["empty", "active", "draining", "removed"]
     );
-    for (i, s) in ["empty", "active", "draining", "removed", "down"]
+    for (i, s) in ["empty", "active", "draining", "removed"]
         .iter()
         .enumerate()
     {
         assert_eq!(abi::BackendState::from_raw(i as u32).unwrap().name(), *s);
     }
+    assert_eq!(
+        abi::BackendState::from_raw(4),
+        None,
+        "4 (the retired \"down\") is never written"
+    );
+    assert_eq!(
+        enum_members(&h, "weir_backend_health", "WEIR_HEALTH_"),
+        ["unknown", "healthy", "unhealthy"]
+    );
+    for (i, s) in ["unknown", "healthy", "unhealthy"].iter().enumerate() {
+        assert_eq!(abi::BackendHealth::from_raw(i as u8).unwrap().name(), *s);
+    }
+    let reasons: Vec<&str> = abi::HealthReason::ALL.iter().map(|r| r.name()).collect();
+    assert_eq!(enum_members(&h, "weir_health_reason", "WEIR_HR_"), reasons);
+    for (i, r) in abi::HealthReason::ALL.iter().enumerate() {
+        assert_eq!(abi::HealthReason::from_raw(i as u8), Some(*r));
+        assert_eq!(*r as usize, i);
+    }
+    assert_eq!(abi::HealthReason::from_raw(13), None);
 }
 
 fn define(header: &str, name: &str) -> u64 {
@@ -270,6 +301,10 @@ fn constants_match_header() {
         define(&h, "WEIR_BACKEND_F_USED"),
         abi::BACKEND_F_USED as u64
     );
+    assert_eq!(
+        define(&h, "WEIR_SERVICE_F_PANIC"),
+        abi::SERVICE_F_PANIC as u64
+    );
     assert_eq!(define(&h, "WEIR_ICMP_RATE"), abi::ICMP_RATE as u64);
     assert_eq!(define(&h, "WEIR_ICMP_BURST"), abi::ICMP_BURST as u64);
     assert_eq!(
@@ -279,6 +314,14 @@ fn constants_match_header() {
     assert_eq!(
         define(&h, "WEIR_MAX_DECAP_SOURCES"),
         abi::MAX_DECAP_SOURCES as u64
+    );
+    assert_eq!(
+        define(&h, "WEIR_PROBE_MARK_BASE"),
+        abi::PROBE_MARK_BASE as u64
+    );
+    assert_eq!(
+        define(&h, "WEIR_PROBE_MARK_MASK"),
+        abi::PROBE_MARK_MASK as u64
     );
     assert!(h.contains("#define WEIR_RING_MAP_FLAGS ((1U << 12) | (1U << 10))"));
     assert_eq!(abi::RING_MAP_FLAGS, (1 << 12) | (1 << 10));

@@ -91,10 +91,25 @@ impl Instance {
         self.state_dir().join("daemon.lock")
     }
 
+    /// Held (flock) by the `weir agent` of this instance; it holds that
+    /// process' pid. Beside `weir run`'s: the two run side by side.
+    pub fn agent_lock_path(&self) -> PathBuf {
+        self.state_dir().join("agent.lock")
+    }
+
     /// Takes the daemon lock without waiting. `Ok(None)`: another process
     /// holds it; [`Instance::daemon_pid`] says which.
     pub fn try_daemon_lock(&self) -> Result<Option<DaemonLock>, InstanceError> {
-        let path = self.daemon_lock_path();
+        self.try_lock_file(self.daemon_lock_path())
+    }
+
+    /// Takes the agent lock without waiting. `Ok(None)`: another agent
+    /// holds it; [`Instance::agent_pid`] says which.
+    pub fn try_agent_lock(&self) -> Result<Option<DaemonLock>, InstanceError> {
+        self.try_lock_file(self.agent_lock_path())
+    }
+
+    fn try_lock_file(&self, path: PathBuf) -> Result<Option<DaemonLock>, InstanceError> {
         let dir = self.state_dir();
         std::fs::create_dir_all(&dir).map_err(io_err(&dir))?;
         let file = std::fs::OpenOptions::new()
@@ -118,11 +133,12 @@ impl Instance {
     /// The pid the serving `weir run` wrote into the daemon lock (`"?"`
     /// if it could not be read, e.g. a `weir destroy` holds the lock).
     pub fn daemon_pid(&self) -> String {
-        std::fs::read_to_string(self.daemon_lock_path())
-            .ok()
-            .map(|s| s.trim().to_string())
-            .filter(|s| !s.is_empty())
-            .unwrap_or_else(|| "?".into())
+        pid_in(&self.daemon_lock_path())
+    }
+
+    /// The pid the running `weir agent` wrote into the agent lock.
+    pub fn agent_pid(&self) -> String {
+        pid_in(&self.agent_lock_path())
     }
 
     /// Checks privileges, mounts bpffs if missing and creates the
@@ -194,7 +210,11 @@ impl Instance {
             }
         }
         let state = self.state_dir();
-        let keep = [self.audit_log(), self.daemon_lock_path()];
+        let keep = [
+            self.audit_log(),
+            self.daemon_lock_path(),
+            self.agent_lock_path(),
+        ];
         let entries = match std::fs::read_dir(&state) {
             Ok(entries) => entries,
             Err(e) if e.kind() == io::ErrorKind::NotFound => return Ok(()),
@@ -226,7 +246,7 @@ impl Instance {
 }
 
 /// Held by the one `weir run` serving an instance (and by `weir destroy`
-/// while it removes the instance).
+/// while it removes the instance), or by its one `weir agent`.
 pub struct DaemonLock {
     file: File,
     path: PathBuf,
@@ -244,6 +264,15 @@ impl DaemonLock {
 /// Held while a writer changes the registry.
 pub struct LockGuard {
     _file: File,
+}
+
+/// The pid written in a lock file, `"?"` when there is none to read.
+fn pid_in(path: &Path) -> String {
+    std::fs::read_to_string(path)
+        .ok()
+        .map(|s| s.trim().to_string())
+        .filter(|s| !s.is_empty())
+        .unwrap_or_else(|| "?".into())
 }
 
 pub fn require_root() -> Result<(), InstanceError> {

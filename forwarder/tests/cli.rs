@@ -112,6 +112,16 @@ fn bad_input_is_refused_with_one_line_and_changes_nothing() {
         ),
         (&["backend", "add", SVC, "198.18.50.1"], "already active"),
         (
+            &[
+                "service",
+                "add",
+                "198.19.0.31:80",
+                "--panic-threshold",
+                "1.5",
+            ],
+            "panic-threshold 1.5 must be between 0 and 1",
+        ),
+        (
             &["backend", "add", SVC, "backend-host"],
             "not an IPv4 address",
         ),
@@ -423,6 +433,52 @@ fn config_default_prints_a_valid_config_and_check_reports_line_and_reason() {
     let _ = std::fs::remove_dir_all(&dir);
 }
 
+/// `weir config default --agent` prints a configuration `config check
+/// --agent` and the agent accept; a bad one is refused at its line.
+#[test]
+fn the_agents_default_config_checks_and_a_bad_one_names_its_line() {
+    let out = Command::new(WEIR)
+        .args(["config", "default", "--agent"])
+        .output()
+        .unwrap();
+    assert!(out.status.success());
+    let text = String::from_utf8(out.stdout).unwrap();
+    assert!(text.contains("[[check]]"), "{text}");
+    let good = write_config("agent-good", &text);
+    let check = Command::new(WEIR)
+        .args(["--json", "config", "check", "--agent"])
+        .arg(&good)
+        .output()
+        .unwrap();
+    assert!(
+        check.status.success(),
+        "{}",
+        String::from_utf8_lossy(&check.stderr)
+    );
+    assert_eq!(
+        String::from_utf8_lossy(&check.stdout).trim(),
+        r#"{"checks":1,"ok":true}"#
+    );
+    let bad_text = text.replace("rise = 2", "rise = 0");
+    let line = bad_text
+        .lines()
+        .position(|l| l.starts_with("rise ="))
+        .unwrap()
+        + 1;
+    let bad = write_config("agent-bad", &bad_text);
+    let check = Command::new(WEIR)
+        .args(["config", "check", "--agent"])
+        .arg(&bad)
+        .output()
+        .unwrap();
+    assert_one_line_error(&check, &format!("weir.toml:{line}:"), "bad agent config");
+    let err = String::from_utf8_lossy(&check.stderr);
+    assert!(err.contains("check.rise = 0: must be 1..=100"), "{err}");
+    for path in [good, bad] {
+        let _ = std::fs::remove_dir_all(path.parent().unwrap());
+    }
+}
+
 /// The registry refuses what cannot work: a VIP nobody can send to, a
 /// backend that is the service itself, a ring too small for one backend;
 /// IPv6 is named as IPv6.
@@ -581,6 +637,51 @@ fn config_check_and_run_bound_every_value() {
     let _ = std::fs::remove_dir_all(path.parent().unwrap());
 }
 
+/// A bad `[outlier]` table is refused by `config check` and at the start of
+/// `weir run` alike, with the file, the line and the reason.
+#[test]
+fn config_check_and_run_refuse_a_bad_outlier_table() {
+    let listener = "[[listener]]\nlisten = \"127.0.0.1:1\"\n[[listener.route]]\n\
+                    service = \"198.19.0.30:8080\"\n";
+    for (tag, table, want) in [
+        (
+            "percent",
+            "[outlier]\nmax_ejected_percent = 150\n",
+            "2:23: outlier.max_ejected_percent = 150: must be 0..=100",
+        ),
+        (
+            "base",
+            "[outlier]\nconsecutive = 3\nbase_ejection = \"0s\"\n",
+            "3:17: outlier.base_ejection = \"0s\": must be from 1ms to 24h",
+        ),
+        (
+            "max",
+            "[outlier]\nbase_ejection = \"1m\"\nmax_ejection = \"10s\"\n",
+            "3:16: outlier.max_ejection = \"10s\": must be from 60s to 24h",
+        ),
+        (
+            "count",
+            "[outlier]\nconsecutive = 5000\n",
+            "2:15: outlier.consecutive = 5000: must be 0..=1000 (0: off)",
+        ),
+        (
+            "unknown",
+            "[outlier]\nwindow = \"10s\"\n",
+            "2:1: unknown field `window`",
+        ),
+    ] {
+        let path = write_config(&format!("outlier-{tag}"), &format!("{table}{listener}"));
+        let want = format!("{}:{want}", path.display());
+        for args in [&["config", "check"][..], &["run", "--config"][..]] {
+            let mut args = args.to_vec();
+            args.push(path.to_str().unwrap());
+            let out = weir_bounded(&args);
+            assert_one_line_error(&out, &want, &format!("weir {args:?}"));
+        }
+        let _ = std::fs::remove_dir_all(path.parent().unwrap());
+    }
+}
+
 /// `weir run` never creates an instance (it would serve 503 to everyone
 /// from an empty registry), and `--instance` never silently loses to the
 /// file's `instance`.
@@ -679,4 +780,65 @@ fn run_on_a_taken_port_says_one_line_and_never_running() {
     );
     assert!(!String::from_utf8_lossy(&out.stderr).contains("running"));
     let _ = std::fs::remove_dir_all(path.parent().unwrap());
+}
+
+#[test]
+fn lists_show_intent_and_health_apart() {
+    require_root();
+    let inst = Inst::new("health");
+    inst.ok(&[
+        "--flows",
+        "4096",
+        "service",
+        "add",
+        SVC,
+        "--panic-threshold",
+        "0.25",
+    ]);
+    inst.ok(&["backend", "set", SVC, "198.18.50.1", "198.18.50.2"]);
+    inst.ok(&["backend", "drain", SVC, "198.18.50.2"]);
+    let rows: Vec<serde_json::Value> =
+        serde_json::from_str(&inst.ok(&["--json", "backend", "list", SVC])).unwrap();
+    let pairs: Vec<(&str, &str, &str)> = rows
+        .iter()
+        .map(|r| {
+            (
+                r["state"].as_str().unwrap(),
+                r["health"].as_str().unwrap(),
+                r["health_reason"].as_str().unwrap(),
+            )
+        })
+        .collect();
+    assert_eq!(
+        pairs,
+        [
+            ("active", "unknown", "none"),
+            ("draining", "unknown", "none")
+        ]
+    );
+    assert!(rows[0]["health_since"].is_null(), "never checked");
+    let text = inst.ok(&["backend", "list", SVC]);
+    assert!(text.lines().next().unwrap().ends_with("HEALTH"), "{text}");
+    let services: Vec<serde_json::Value> =
+        serde_json::from_str(&inst.ok(&["--json", "service", "list"])).unwrap();
+    let s = &services[0];
+    assert_eq!(
+        (
+            &s["panic_threshold"],
+            &s["panic"],
+            &s["panics"],
+            &s["healthy"],
+            &s["in_ring"]
+        ),
+        (
+            &serde_json::json!(0.25),
+            &serde_json::json!(false),
+            &serde_json::json!(0),
+            &serde_json::json!(1),
+            &serde_json::json!(1)
+        )
+    );
+    let stats: serde_json::Value = serde_json::from_str(&inst.ok(&["--json", "stats"])).unwrap();
+    assert_eq!(stats["services"][0]["panic"], false);
+    assert_eq!(stats["services"][0]["backends"][0]["health"], "unknown");
 }

@@ -16,6 +16,7 @@
 
 use std::path::{Path, PathBuf};
 
+pub mod health;
 pub mod packet;
 pub mod progrun;
 pub mod push;
@@ -63,6 +64,28 @@ pub fn workspace_bin(name: &str) -> PathBuf {
         }
     }
     guess.unwrap_or_else(|| PathBuf::from(name))
+}
+
+/// A `weir-echo` on `listen` in this namespace (port 0: any), named
+/// `name`; returns it once it is ready, with the address it listens on.
+pub fn spawn_echo(listen: &str, name: &str) -> (std::process::Child, std::net::SocketAddr) {
+    use std::io::BufRead;
+    let mut child = std::process::Command::new(workspace_bin("weir-echo"))
+        .args(["--listen", listen, "--name", name])
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::null())
+        .spawn()
+        .expect("start weir-echo");
+    let mut line = String::new();
+    std::io::BufReader::new(child.stdout.as_mut().expect("piped"))
+        .read_line(&mut line)
+        .expect("weir-echo says it is ready");
+    let addr = line
+        .split_whitespace()
+        .nth(1)
+        .and_then(|a| a.parse().ok())
+        .unwrap_or_else(|| panic!("weir-echo: expected `ready ADDR`, got {line:?}"));
+    (child, addr)
 }
 
 fn is_executable_file(p: &Path) -> bool {

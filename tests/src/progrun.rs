@@ -181,15 +181,35 @@ pub struct TcRun {
     pub verdict: u32,
     /// The packet as the program left it.
     pub output: Vec<u8>,
+    /// The skb's mark as the program left it.
+    pub mark: u32,
 }
 
 /// Runs the tc program `prog` once on `frame`.
 pub fn run_tc(prog: &mut aya::programs::SchedClassifier, frame: &[u8]) -> anyhow::Result<TcRun> {
+    run_tc_marked(prog, frame, 0)
+}
+
+/// Runs the tc program `prog` once on `frame`, an skb that carries `mark`
+/// (as a socket's SO_MARK gives its packets) and leaves by `lo`.
+pub fn run_tc_marked(
+    prog: &mut aya::programs::SchedClassifier,
+    frame: &[u8],
+    mark: u32,
+) -> anyhow::Result<TcRun> {
     use aya::programs::{TestRun, TestRunOptions};
+    /// Offset of `mark` in struct __sk_buff (after len and pkt_type).
+    const MARK: usize = 8;
     let mut output = vec![0u8; frame.len() + 256];
+    let mut ctx = [0u8; MARK + 4];
+    ctx[MARK..].copy_from_slice(&mark.to_ne_bytes());
+    // Room for the whole struct __sk_buff the kernel writes back.
+    let mut ctx_out = [0u8; 512];
     let opts = TestRunOptions {
         data_in: Some(frame),
         data_out: Some(&mut output),
+        ctx_in: Some(&ctx),
+        ctx_out: Some(&mut ctx_out),
         ..TestRunOptions::default()
     };
     let r = prog.test_run(opts)?;
@@ -197,5 +217,6 @@ pub fn run_tc(prog: &mut aya::programs::SchedClassifier, frame: &[u8]) -> anyhow
     Ok(TcRun {
         verdict: r.return_value,
         output,
+        mark: u32::from_ne_bytes(ctx_out[MARK..MARK + 4].try_into().expect("4 bytes")),
     })
 }

@@ -115,16 +115,19 @@ impl L4Report {
 /// What both scenarios start from: a topology of four backends, each with
 /// an echo server, and a weir instance attached to the LB with XDP; the
 /// instance and the topology go when the stage ends (also on interrupt).
-struct Stage {
-    client: PathBuf,
+pub(crate) struct Stage {
+    pub(crate) client: PathBuf,
+    echo: PathBuf,
     // Field order: the instance (detaching XDP) goes before the topology.
-    weir: WeirCli,
-    topo: Topology,
-    backends: BTreeMap<String, Ipv4Addr>,
+    pub(crate) weir: WeirCli,
+    pub(crate) topo: Topology,
+    pub(crate) backends: BTreeMap<String, Ipv4Addr>,
+    /// The echo server of each backend, by index.
+    echo_pids: Vec<u32>,
 }
 
 impl Stage {
-    fn new(instance: &str, opts: &L4Options) -> Result<Self> {
+    pub(crate) fn new(instance: &str, opts: &L4Options) -> Result<Self> {
         let echo = workspace_bin("weir-echo");
         let client = workspace_bin("weir-wsclient");
         for bin in [&echo, &client] {
@@ -136,30 +139,26 @@ impl Stage {
             }
         }
         destroy_stale_instances(&workspace_bin("weir"));
-        let mut topo = Topology::build(TopologySpec {
+        let topo = Topology::build(TopologySpec {
             backends: 4,
             client_addrs: 1,
         })?;
         let weir = WeirCli::new(instance)?;
-        for i in 0..4 {
-            let ns = topo.backend_ns[i].clone();
-            let listen = format!("0.0.0.0:{PORT}");
-            topo.spawn_ready_in(
-                &ns,
-                &echo,
-                &["--listen", &listen, "--name", &format!("b{i}")],
-                Duration::from_secs(10),
-            )?;
-        }
         let backends = (0..4)
             .map(|i| (format!("b{i}"), topo.backend_addr(i)))
             .collect();
-        let stage = Self {
+        let mut stage = Self {
             client,
+            echo,
             weir,
             topo,
             backends,
+            echo_pids: Vec::new(),
         };
+        for i in 0..4 {
+            let pid = stage.start_echo(i)?;
+            stage.echo_pids.push(pid);
+        }
         // Native XDP_TX goes into the router's end of a veth: it needs a
         // program there, attached the way an operator would.
         if opts.xdp_mode == "native" {
@@ -169,18 +168,51 @@ impl Stage {
         Ok(stage)
     }
 
+    /// Starts backend `i`'s echo server (named `b{i}`) and waits until it
+    /// listens.
+    fn start_echo(&mut self, i: usize) -> Result<u32> {
+        let ns = self.topo.backend_ns[i].clone();
+        let listen = format!("0.0.0.0:{PORT}");
+        let (pid, _) = self.topo.spawn_ready_in(
+            &ns,
+            &self.echo,
+            &["--listen", &listen, "--name", &format!("b{i}")],
+            Duration::from_secs(10),
+        )?;
+        Ok(pid)
+    }
+
+    /// Kills backend `i`'s echo server with SIGKILL, as a crash would: its
+    /// port refuses from then on.
+    pub(crate) fn kill_echo(&mut self, i: usize) {
+        let pid = self.echo_pids[i];
+        self.topo.signal_child(pid, libc::SIGKILL);
+        self.topo.stop_child(pid, Duration::from_secs(5));
+    }
+
+    /// Starts backend `i`'s echo server again.
+    pub(crate) fn restart_echo(&mut self, i: usize) -> Result<()> {
+        self.echo_pids[i] = self.start_echo(i)?;
+        Ok(())
+    }
+
     /// Runs `weir` for this stage's instance in namespace `ns`.
     fn weir(&self, ns: &str, args: &[&str]) -> Result<String> {
         self.weir.run(&self.topo, ns, args)
     }
 
     /// `weir` in the LB namespace.
-    fn lb(&self, args: &[&str]) -> Result<String> {
+    pub(crate) fn lb(&self, args: &[&str]) -> Result<String> {
         self.weir(&self.topo.lb_ns, args)
     }
 
     /// Opens `n` new connections that talk for 2 s, and returns their report.
-    fn new_clients(&self, url: &str, opts: &L4Options, what: &str) -> Result<LoadReport> {
+    pub(crate) fn new_clients(
+        &self,
+        url: &str,
+        opts: &L4Options,
+        what: &str,
+    ) -> Result<LoadReport> {
         let n = opts.new_connections.to_string();
         let interval = opts.interval.as_millis().to_string();
         let run = self.topo.start_in(
@@ -202,19 +234,19 @@ impl Stage {
     }
 
     /// Starts `weir args` in `ns`, tracked by the topology for cleanup.
-    fn spawn(&mut self, ns: &str, args: &[&str]) -> Result<u32> {
+    pub(crate) fn spawn(&mut self, ns: &str, args: &[&str]) -> Result<u32> {
         let weir = self.weir.bin().to_path_buf();
         self.topo.spawn_in(ns, &weir, args)
     }
 
-    fn finish(self) -> Result<()> {
+    pub(crate) fn finish(self) -> Result<()> {
         let Self { weir, topo, .. } = self;
         drop(weir);
         topo.teardown()
     }
 }
 
-fn log(verbose: bool, start: Instant, msg: &str) {
+pub(crate) fn log(verbose: bool, start: Instant, msg: &str) {
     if verbose {
         eprintln!("[{:>6.1}s] {msg}", start.elapsed().as_secs_f64());
     }
@@ -349,7 +381,7 @@ fn destroy_stale_instances(weir: &Path) {
 
 /// Starts the long-lived clients in the client namespace and waits until
 /// every one has connected (or failed); they talk until `hold` exists.
-fn start_long_lived(
+pub(crate) fn start_long_lived(
     topo: &Topology,
     client: &Path,
     url: &str,
@@ -383,7 +415,7 @@ fn start_long_lived(
     Ok((proc, hold))
 }
 
-fn parse_report(out: std::process::Output, what: &str) -> Result<LoadReport> {
+pub(crate) fn parse_report(out: std::process::Output, what: &str) -> Result<LoadReport> {
     let text = String::from_utf8_lossy(&out.stdout);
     LoadReport::from_json(&text).with_context(|| {
         format!(
@@ -394,7 +426,7 @@ fn parse_report(out: std::process::Output, what: &str) -> Result<LoadReport> {
     })
 }
 
-fn tempdir(tag: &str) -> Result<PathBuf> {
+pub(crate) fn tempdir(tag: &str) -> Result<PathBuf> {
     let dir = std::env::temp_dir().join(format!("weir-{tag}"));
     let _ = std::fs::remove_dir_all(&dir);
     std::fs::create_dir_all(&dir)?;

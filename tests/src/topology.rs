@@ -1081,6 +1081,18 @@ impl Topology {
         }
     }
 
+    /// Starts `weir-echo` named `b<i>` on `0.0.0.0:port` in backend `i`'s
+    /// namespace and waits until it listens; returns its pid.
+    pub fn start_echo(&mut self, i: usize, port: u16) -> Result<u32> {
+        let ns = self.backend_ns[i].clone();
+        let listen = format!("0.0.0.0:{port}");
+        let name = format!("b{i}");
+        let echo = crate::workspace_bin("weir-echo");
+        let args = ["--listen", listen.as_str(), "--name", name.as_str()];
+        let (pid, _) = self.spawn_ready_in(&ns, &echo, &args, Duration::from_secs(10))?;
+        Ok(pid)
+    }
+
     /// Starts a program inside `ns` with stdout and stderr captured, e.g.
     /// `weir-wsclient` in hold-file mode; collect with [`Proc::wait_output`].
     /// The returned [`Proc`] is owned by the caller (killed on its drop) and

@@ -68,6 +68,12 @@ impl Weir {
             .clone()
     }
 
+    /// [`Weir::attached`] without the probe path, which `weir attach`
+    /// adds on the LB's `lo` beside each balancer.
+    fn attached_besides_probe(&self, topo: &Topology, ns: &str) -> Vec<Value> {
+        without_probe(self.attached(topo, ns))
+    }
+
     /// The attachments `weir attachments` lists (no registry needed).
     fn listed(&self, topo: &Topology, ns: &str) -> Vec<Value> {
         let listed = self.json(topo, ns, &["attachments"]);
@@ -76,6 +82,13 @@ impl Weir {
             .unwrap_or_else(|| panic!("no attachment list: {listed}"))
             .clone()
     }
+}
+
+fn without_probe(attachments: Vec<Value>) -> Vec<Value> {
+    attachments
+        .into_iter()
+        .filter(|a| a["kind"] != "probe")
+        .collect()
 }
 
 fn ip(topo: &Topology, ns: &str, args: &[&str]) {
@@ -178,19 +191,7 @@ fn decap(w: &Weir, topo: &Topology, i: usize) -> String {
 
 /// Starts an echo server named `b<i>` in backend `i`'s namespace.
 fn echo(topo: &mut Topology, i: usize) {
-    let ns = topo.backend_ns[i].clone();
-    topo.spawn_ready_in(
-        &ns,
-        &workspace_bin("weir-echo"),
-        &[
-            "--listen",
-            &format!("0.0.0.0:{PORT}"),
-            "--name",
-            &format!("b{i}"),
-        ],
-        Duration::from_secs(10),
-    )
-    .unwrap();
+    topo.start_echo(i, PORT).unwrap();
 }
 
 /// Declares the VIP service on the LB with backends `0..n`.
@@ -311,7 +312,7 @@ fn four_namespaces_with_the_same_device_name_each_get_decap() {
             "{out}"
         );
     }
-    let after = w.attached(&topo, &topo.lb_ns);
+    let after = w.attached_besides_probe(&topo, &topo.lb_ns);
     assert_eq!(after.len(), 5, "4 decap + 1 xdp: {after:?}");
     for a in after {
         assert_eq!(a["live"], true, "{a}");
@@ -324,7 +325,7 @@ fn four_namespaces_with_the_same_device_name_each_get_decap() {
     recreate_eth0(&topo, 3, None);
     let out = w.ok(&topo, &b3, &["decap", "detach", "--dev", "eth0"]);
     assert!(out.contains("removed the defunct attachment"), "{out}");
-    let after = w.attached(&topo, &topo.lb_ns);
+    let after = w.attached_besides_probe(&topo, &topo.lb_ns);
     assert_eq!(after.len(), 4, "3 decap + 1 xdp: {after:?}");
     let gone = w.run(&topo, &b3, &["decap", "detach", "--dev", "eth0"]);
     assert!(!gone.status.success(), "nothing is left to detach");
@@ -511,7 +512,19 @@ fn stats_shows_an_attachment_whose_namespace_is_gone_as_defunct() {
             "generic",
         ],
     );
-    let before = w.attached(&topo, &topo.router_ns);
+    let all = w.attached(&topo, &topo.router_ns);
+    let probe: Vec<&Value> = all.iter().filter(|a| a["kind"] == "probe").collect();
+    assert_eq!(probe.len(), 1, "weir attach adds the probe path: {all:?}");
+    assert_eq!(
+        (&probe[0]["dev"], &probe[0]["mode"], &probe[0]["live"]),
+        (
+            &Value::from("lo"),
+            &Value::from("tc_egress"),
+            &Value::from(true)
+        ),
+        "{all:?}"
+    );
+    let before = w.attached_besides_probe(&topo, &topo.router_ns);
     assert_eq!(before.len(), 1, "{before:?}");
     assert_eq!(before[0]["live"], true, "{before:?}");
     assert_eq!(before[0]["mode"], "generic", "{before:?}");
@@ -521,7 +534,7 @@ fn stats_shows_an_attachment_whose_namespace_is_gone_as_defunct() {
     // The kernel tears a namespace down in the background.
     let deadline = Instant::now() + Duration::from_secs(20);
     let gone = loop {
-        let now = w.attached(&topo, &topo.router_ns);
+        let now = w.attached_besides_probe(&topo, &topo.router_ns);
         if now.first().is_some_and(|a| a["live"] == false) || Instant::now() > deadline {
             break now;
         }
@@ -545,10 +558,7 @@ fn stats_shows_an_attachment_whose_namespace_is_gone_as_defunct() {
     assert!(err.contains("attachments --prune"), "{err}");
 
     let pruned = w.json(&topo, &topo.router_ns, &["attachments", "--prune"]);
-    assert_eq!(
-        pruned["pruned"].as_array().map(Vec::len),
-        Some(1),
-        "{pruned}"
-    );
+    let pruned = without_probe(pruned["pruned"].as_array().cloned().unwrap_or_default());
+    assert_eq!(pruned.len(), 1, "{pruned:?}");
     assert!(w.attached(&topo, &topo.router_ns).is_empty());
 }

@@ -37,6 +37,7 @@ fn declare(instance: &Instance) {
         ring_size: None,
         max_remove_fraction: None,
         min_backends: None,
+        panic_threshold: None,
     };
     reg.apply(&add, opts()).unwrap();
     let set = Change::SetBackends {

@@ -9,7 +9,7 @@ use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use common::{TestInstance, free_port, require_root};
-use weir::l7::config::{ConfigBuilder, Timeout};
+use weir::l7::config::{ConfigBuilder, Outlier, Timeout};
 use weir::l7::frame::{self, FrameHeader, Opcode};
 use weir::registry::{ApplyOptions, BackendAddr, Change, ServiceAddr, ServiceModeName};
 use weir_testbed::workspace_bin;
@@ -78,23 +78,7 @@ impl Bed {
         std::fs::create_dir_all(&dir).unwrap();
         let mut echoes = Vec::new();
         for i in 0..backends {
-            let mut child = Command::new(workspace_bin("weir-echo"))
-                .args(["--listen", "127.0.0.1:0", "--name", &format!("e{i}")])
-                .stdout(Stdio::piped())
-                .stderr(Stdio::null())
-                .spawn()
-                .unwrap();
-            let mut line = String::new();
-            BufReader::new(child.stdout.as_mut().unwrap())
-                .read_line(&mut line)
-                .unwrap();
-            let addr: SocketAddr = line
-                .split_whitespace()
-                .nth(1)
-                .expect("ready ADDR")
-                .parse()
-                .unwrap();
-            echoes.push((child, addr));
+            echoes.push(weir_testbed::spawn_echo("127.0.0.1:0", &format!("e{i}")));
         }
         let mut reg = inst.registry();
         let force = || ApplyOptions {
@@ -108,6 +92,7 @@ impl Bed {
                 ring_size: None,
                 max_remove_fraction: None,
                 min_backends: None,
+                panic_threshold: None,
             };
             reg.apply(&change, force()).unwrap();
         }
@@ -270,6 +255,19 @@ impl Bed {
             std::thread::sleep(Duration::from_millis(20));
         }
         (clients, hold)
+    }
+
+    /// A `weir agent` for the instance that only frees removed backends
+    /// (no checks); the caller stops it.
+    fn agent(&self) -> Child {
+        let path = self.dir.join("agent.toml");
+        std::fs::write(&path, format!("instance = \"{}\"\n", self.inst.name())).unwrap();
+        Command::new(workspace_bin("weir"))
+            .args(["agent", "--config"])
+            .arg(&path)
+            .stderr(std::fs::File::create(self.dir.join("agent.log")).unwrap())
+            .spawn()
+            .unwrap()
     }
 
     fn weir_cli(&self, args: &[&str]) {
@@ -842,6 +840,8 @@ fn metrics_and_stats_report_what_happened() {
 fn a_removed_backend_leaves_the_registry_after_its_last_connection() {
     require_root();
     let bed = Bed::configured("l7gone", 2, |c| c.drain_window(Duration::from_secs(1)));
+    // Freeing removed backends is `weir agent`'s work.
+    let mut agent = bed.agent();
     let (clients, hold) = bed.held_clients(20, 30);
     let (kept, leaving) = (bed.echoes[0].1, bed.echoes[1].1);
     bed.weir_cli(&[
@@ -873,6 +873,8 @@ fn a_removed_backend_leaves_the_registry_after_its_last_connection() {
         std::thread::sleep(Duration::from_millis(100));
     }
     assert_eq!(state_of(kept), Some("active"));
+    agent.kill().unwrap();
+    agent.wait().unwrap();
     std::fs::write(&hold, b"done").unwrap();
     let r = report(clients);
     let drained = r
@@ -1355,6 +1357,21 @@ fn recv_frame(s: &mut TcpStream) -> std::io::Result<(FrameHeader, Vec<u8>)> {
     Ok((header, payload))
 }
 
+/// A fake backend's read of the request head weir forwards (byte by byte,
+/// so nothing after it is taken); `None` if the stream ended first.
+fn request_head(s: &mut TcpStream) -> Option<Vec<u8>> {
+    s.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
+    let mut head = Vec::new();
+    let mut byte = [0u8; 1];
+    while !head.ends_with(b"\r\n\r\n") {
+        if s.read(&mut byte).unwrap_or(0) == 0 {
+            return None;
+        }
+        head.push(byte[0]);
+    }
+    Some(head)
+}
+
 /// What a backend does with a connection after its 101.
 type Behave = std::sync::Arc<dyn Fn(TcpStream) + Send + Sync>;
 
@@ -1367,15 +1384,9 @@ fn ws_fake_backend(n: usize, behave: Behave) -> SocketAddr {
         for mut s in l.incoming().take(n).flatten() {
             let behave = behave.clone();
             std::thread::spawn(move || {
-                s.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
-                let mut head = Vec::new();
-                let mut byte = [0u8; 1];
-                while !head.ends_with(b"\r\n\r\n") {
-                    if s.read(&mut byte).unwrap_or(0) == 0 {
-                        return;
-                    }
-                    head.push(byte[0]);
-                }
+                let Some(head) = request_head(&mut s) else {
+                    return;
+                };
                 let text = String::from_utf8_lossy(&head).into_owned();
                 let key = text
                     .lines()
@@ -2057,4 +2068,274 @@ fn the_log_level_leaves_out_what_is_less_severe() {
     // At debug, each refused handshake is named too.
     let log = log_at("debug", "weir: debug: refused a client with 502");
     assert!(log.contains("running instance"), "{log}");
+}
+
+/// A backend that accepts TCP and answers every upgrade with 500; counts
+/// the connections it accepted.
+fn failing_backend() -> (SocketAddr, std::sync::Arc<std::sync::atomic::AtomicUsize>) {
+    let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let addr = l.local_addr().unwrap();
+    let accepted = std::sync::Arc::new(std::sync::atomic::AtomicUsize::new(0));
+    let count = accepted.clone();
+    std::thread::spawn(move || {
+        for mut s in l.incoming().flatten() {
+            count.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+            std::thread::spawn(move || {
+                if request_head(&mut s).is_none() {
+                    return;
+                }
+                let _ = s.write_all(
+                    b"HTTP/1.1 500 Internal Server Error\r\nContent-Length: 0\r\nConnection: close\r\n\r\n",
+                );
+            });
+        }
+    });
+    (addr, accepted)
+}
+
+impl Bed {
+    /// `echoes` echo servers, JSON logs, and outlier detection that ejects
+    /// a backend after `consecutive` failures for `base_ejection` (doubled
+    /// per ejection up to a minute), at most half of a service's backends.
+    fn ejecting(tag: &str, echoes: usize, consecutive: u32, base_ejection: Duration) -> Self {
+        let outlier = Outlier {
+            consecutive,
+            base_ejection,
+            max_ejection: Duration::from_secs(60),
+            max_ejected_percent: 50,
+        };
+        Self::with_run_args(
+            tag,
+            echoes,
+            |c| c.outlier(outlier),
+            &["--log-format", "json"],
+        )
+    }
+}
+
+/// The value of the series `name{service=SVC,backend=backend}`.
+fn outlier_series(text: &str, name: &str, backend: SocketAddr) -> Option<u64> {
+    let series = format!("{name}{{service=\"{SVC}\",backend=\"{backend}\"}} ");
+    text.lines()
+        .find_map(|l| l.strip_prefix(&series))
+        .and_then(|v| v.parse().ok())
+}
+
+/// The status line's code of a handshake answer.
+fn status_of(head: &str) -> u16 {
+    head.split_whitespace()
+        .nth(1)
+        .and_then(|s| s.parse().ok())
+        .unwrap_or_else(|| panic!("no status in {head:?}"))
+}
+
+/// `n` clients one after the other, each answered with `status`.
+fn answered_with(port: u16, n: usize, status: u16) {
+    for _ in 0..n {
+        let (_, head) = upgrade(port, "/ws");
+        assert_eq!(status_of(&head), status, "{head}");
+    }
+}
+
+#[test]
+fn a_backend_answering_500_is_ejected_then_returns_for_twice_as_long() {
+    require_root();
+    let bed = Bed::ejecting("l7outl", 1, 3, Duration::from_secs(1));
+    let (bad, accepted) = failing_backend();
+    let accepted = || accepted.load(std::sync::atomic::Ordering::SeqCst);
+    bed.set_backends(&[bed.echoes[0].1, bad]);
+    // Clients until the bad backend failed three times in a row (the
+    // good one's 101s in between are its own).
+    let fail_until = |n: usize| {
+        let mut failed = 0;
+        for _ in 0..200 {
+            if accepted() >= n {
+                break;
+            }
+            let (_, head) = upgrade(bed.port, "/ws");
+            match status_of(&head) {
+                101 => {}
+                500 => failed += 1,
+                other => panic!("{other}: {head}"),
+            }
+        }
+        assert_eq!(accepted(), n, "the bad backend was tried");
+        failed
+    };
+    assert_eq!(fail_until(3), 3, "each of its connections answered 500");
+    let ejected_at = Instant::now();
+    // Ejected: clients keep connecting, none reaches it.
+    answered_with(bed.port, 30, 101);
+    assert_eq!(accepted(), 3, "no new connection was tried on it");
+    let text = metrics_text(bed.metrics_port);
+    assert_eq!(
+        outlier_series(&text, "weir_l7_outlier_ejections_total", bad),
+        Some(1),
+        "{text}"
+    );
+    assert_eq!(
+        outlier_series(&text, "weir_l7_outlier_ejected", bad),
+        Some(1),
+        "{text}"
+    );
+    // It returns on its own at the end of its time.
+    bed.wait_for_log("\"outlier_returned\"", Duration::from_secs(5));
+    assert!(
+        ejected_at.elapsed() >= Duration::from_millis(900),
+        "returned after {:?}",
+        ejected_at.elapsed()
+    );
+    let text = metrics_text(bed.metrics_port);
+    assert_eq!(
+        outlier_series(&text, "weir_l7_outlier_ejected", bad),
+        Some(0),
+        "{text}"
+    );
+    // Tried again; three more failures eject it for twice as long.
+    assert_eq!(fail_until(6), 3);
+    let lines_with = |event: &str| {
+        let lines = json_lines(&bed.log());
+        events(&lines, event)
+            .into_iter()
+            .cloned()
+            .collect::<Vec<_>>()
+    };
+    let deadline = Instant::now() + Duration::from_secs(5);
+    while lines_with("outlier_ejected").len() < 2 {
+        assert!(Instant::now() < deadline, "{}", bed.log());
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    let ejections = lines_with("outlier_ejected");
+    let returns = lines_with("outlier_returned");
+    for v in ejections.iter().chain(&returns) {
+        assert_eq!(v["backend"], bad.to_string().as_str(), "{v}");
+        assert_eq!(v["service"], SVC.to_string().as_str(), "{v}");
+    }
+    let durations: Vec<u64> = ejections
+        .iter()
+        .map(|v| v["duration_ms"].as_u64().unwrap())
+        .collect();
+    assert_eq!(durations, [1000, 2000]);
+    assert!(
+        ejections.iter().all(|v| v["failures"] == 3),
+        "{ejections:?}"
+    );
+    assert_eq!(returns[0]["duration_ms"], 1000);
+    answered_with(bed.port, 10, 101);
+    assert_eq!(accepted(), 6);
+    let text = metrics_text(bed.metrics_port);
+    assert_eq!(
+        outlier_series(&text, "weir_l7_outlier_ejections_total", bad),
+        Some(2),
+        "{text}"
+    );
+}
+
+#[test]
+fn refused_connects_eject_a_backend_while_its_clients_go_on_to_another() {
+    require_root();
+    let bed = Bed::ejecting("l7outr", 1, 3, Duration::from_secs(30));
+    // Nothing listens on port 1: every connect there is refused.
+    let dead = SocketAddr::from((Ipv4Addr::LOCALHOST, 1));
+    bed.set_backends(&[bed.echoes[0].1, dead]);
+    let refused = || {
+        let text = metrics_text(bed.metrics_port);
+        text.lines()
+            .find_map(|l| {
+                l.strip_prefix("weir_l7_backend_connect_failures_total{reason=\"refused\"} ")
+            })
+            .and_then(|v| v.parse::<u64>().ok())
+            .unwrap_or_else(|| panic!("no refused count in {text}"))
+    };
+    let mut tries = 0;
+    while refused() < 3 {
+        tries += 1;
+        assert!(tries < 200, "the dead backend was never tried");
+        let (_, head) = upgrade(bed.port, "/ws");
+        assert_eq!(status_of(&head), 101, "retried on the echo: {head}");
+    }
+    answered_with(bed.port, 30, 101);
+    assert_eq!(refused(), 3, "no connect tried on it once ejected");
+    let text = metrics_text(bed.metrics_port);
+    assert_eq!(
+        outlier_series(&text, "weir_l7_outlier_ejected", dead),
+        Some(1),
+        "{text}"
+    );
+    let lines = json_lines(&bed.log());
+    let ejected = events(&lines, "outlier_ejected");
+    assert_eq!(ejected.len(), 1, "{}", bed.log());
+    assert_eq!(ejected[0]["backend"], "127.0.0.1:1");
+    assert_eq!(ejected[0]["failures"], 3);
+}
+
+#[test]
+fn at_most_the_configured_share_of_a_services_backends_is_ejected() {
+    require_root();
+    let bed = Bed::ejecting("l7outs", 0, 2, Duration::from_secs(30));
+    let (a, a_accepted) = failing_backend();
+    let (b, b_accepted) = failing_backend();
+    bed.set_backends(&[a, b]);
+    // Both fail every upgrade: one is ejected, the other stays in choice
+    // (and clients keep getting its answer, never a 503 for ejection).
+    answered_with(bed.port, 30, 500);
+    let text = metrics_text(bed.metrics_port);
+    let series = |name, backend| outlier_series(&text, name, backend).unwrap_or(0);
+    let ejected: Vec<SocketAddr> = [a, b]
+        .into_iter()
+        .filter(|be| series("weir_l7_outlier_ejected", *be) == 1)
+        .collect();
+    assert_eq!(ejected.len(), 1, "two of two bad: one ejected\n{text}");
+    let (out, kept) = if ejected[0] == a { (a, b) } else { (b, a) };
+    assert_eq!(series("weir_l7_outlier_ejections_total", out), 1, "{text}");
+    assert_eq!(series("weir_l7_outlier_ejections_total", kept), 0, "{text}");
+    assert!(
+        series("weir_l7_outlier_ejections_refused_total", kept) >= 1,
+        "{text}"
+    );
+    let count = |be: SocketAddr| {
+        let n = if be == a { &a_accepted } else { &b_accepted };
+        n.load(std::sync::atomic::Ordering::SeqCst)
+    };
+    assert_eq!(count(out), 2, "nothing after its ejection");
+    assert_eq!(count(kept), 28);
+    // weir stats shows the same, from the snapshot written every second.
+    std::thread::sleep(Duration::from_millis(1200));
+    let stats = |json: bool| {
+        let mut cmd = Command::new(workspace_bin("weir"));
+        cmd.args(["--instance", bed.inst.name()]);
+        if json {
+            cmd.arg("--json");
+        }
+        let out = cmd.arg("stats").output().unwrap();
+        assert!(out.status.success(), "{out:?}");
+        String::from_utf8(out.stdout).unwrap()
+    };
+    let json: serde_json::Value = serde_json::from_str(&stats(true)).unwrap();
+    let rows = json["l7"]["outliers"].as_array().expect("outlier rows");
+    let row = |be: SocketAddr| {
+        rows.iter()
+            .find(|r| r["backend"] == be.to_string().as_str())
+            .unwrap_or_else(|| panic!("no {be} in {rows:?}"))
+    };
+    assert_eq!(row(out)["ejected"], true);
+    assert_eq!(row(kept)["ejected"], false);
+    assert!(row(kept)["refused"].as_u64() >= Some(1), "{rows:?}");
+    let text = stats(false);
+    assert!(
+        text.contains(&format!("outlier {out:<22} of {SVC}: ejected ejections 1")),
+        "{text}"
+    );
+    let lines = json_lines(&bed.log());
+    assert_eq!(events(&lines, "outlier_ejected").len(), 1, "{}", bed.log());
+    let refused = events(&lines, "outlier_ejection_refused");
+    assert_eq!(refused.len(), 1, "logged once per run of failures");
+    assert_eq!(refused[0]["backend"], kept.to_string().as_str());
+    assert_eq!(
+        (
+            refused[0]["ejected"].as_u64(),
+            refused[0]["active"].as_u64()
+        ),
+        (Some(1), Some(2))
+    );
 }

@@ -1,15 +1,18 @@
 //! The L7 workers' view of the registry, against real pinned maps: weighted
-//! power-of-two choices, exclusions, and changes seen through the
-//! generation counter.
+//! power-of-two choices, exclusions, changes seen through the generation
+//! counter, and what observed health does to new and live connections.
 
 mod common;
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, BTreeSet};
 use std::net::Ipv4Addr;
 
 use common::{TestInstance, require_root};
 use weir::l7::view::RegistryView;
-use weir::registry::{ApplyOptions, BackendAddr, Change, Maps, ServiceAddr, ServiceModeName};
+use weir::registry::{
+    ApplyOptions, BackendAddr, Change, HealthUpdate, Maps, ServiceAddr, ServiceModeName,
+};
+use weir_ebpf::abi::{BackendHealth, HealthReason};
 
 fn svc() -> ServiceAddr {
     ServiceAddr {
@@ -52,6 +55,7 @@ fn picks_follow_weights_load_and_changes() {
             ring_size: None,
             max_remove_fraction: None,
             min_backends: None,
+            panic_threshold: None,
         },
         opts(),
     )
@@ -65,14 +69,18 @@ fn picks_follow_weights_load_and_changes() {
         opts(),
     )
     .unwrap();
-    let mut view = RegistryView::open(Maps::open(&inst.instance.pin_dir()).unwrap()).unwrap();
+    let mut view = RegistryView::open(
+        Maps::open(&inst.instance.pin_dir()).unwrap(),
+        BTreeSet::new(),
+    )
+    .unwrap();
     assert!(view.has_service(&svc()));
     assert_eq!(view.refresh().unwrap(), None, "nothing changed");
 
     // Equal load: choices follow the weights 1:1:2.
     let mut count: BTreeMap<u16, u32> = BTreeMap::new();
     for r in draws(8000) {
-        let (_, addr) = view.pick(&svc(), r, &[], |_| 0).unwrap();
+        let (_, addr) = view.pick(&svc(), r, &[], |_| 0, |_| false).unwrap();
         *count.entry(addr.port()).or_default() += 1;
     }
     let share = |p: u16| count[&p] as f64 / 8000.0;
@@ -89,7 +97,13 @@ fn picks_follow_weights_load_and_changes() {
     let mut to_loaded = 0;
     for r in draws(4000) {
         let (id, _) = view
-            .pick(&svc(), r, &[], |id| if id == loaded { 1000 } else { 1 })
+            .pick(
+                &svc(),
+                r,
+                &[],
+                |id| if id == loaded { 1000 } else { 1 },
+                |_| false,
+            )
             .unwrap();
         to_loaded += u32::from(id == loaded);
     }
@@ -101,8 +115,33 @@ fn picks_follow_weights_load_and_changes() {
     // Exclusions (a failed connect) are skipped.
     let first = id_of(9001, &view);
     for r in draws(500) {
-        let (id, _) = view.pick(&svc(), r, &[first], |_| 0).unwrap();
+        let (id, _) = view.pick(&svc(), r, &[first], |_| 0, |_| false).unwrap();
         assert_ne!(id, first);
+    }
+
+    // Ejected backends are passed over while another is usable.
+    assert_eq!(view.active_backends(&svc()), 3);
+    for r in draws(500) {
+        let (id, _) = view.pick(&svc(), r, &[], |_| 0, |id| id == first).unwrap();
+        assert_ne!(id, first);
+    }
+    // When every usable one is ejected, the ring is as it is: ejection
+    // alone never refuses a client.
+    let mut seen = std::collections::BTreeSet::new();
+    for r in draws(500) {
+        let (id, _) = view.pick(&svc(), r, &[], |_| 0, |_| true).unwrap();
+        seen.insert(id);
+    }
+    assert_eq!(seen.len(), 3, "{seen:?}");
+    let others: Vec<u32> = (0..3).filter(|id| *id != first).collect();
+    for r in draws(100) {
+        let (id, _) = view
+            .pick(&svc(), r, &others, |_| 0, |id| id == first)
+            .unwrap();
+        assert_eq!(
+            id, first,
+            "the only one left untried is tried, ejected or not"
+        );
     }
 
     // A drain is seen through the generation and never picked again.
@@ -116,13 +155,17 @@ fn picks_follow_weights_load_and_changes() {
     .unwrap();
     let changes = view.refresh().unwrap().expect("generation moved");
     assert_eq!(changes.stopped.into_iter().collect::<Vec<_>>(), [loaded]);
+    assert_eq!(view.active_backends(&svc()), 2);
     for r in draws(2000) {
-        let (id, _) = view.pick(&svc(), r, &[], |_| 0).unwrap();
+        let (id, _) = view.pick(&svc(), r, &[], |_| 0, |_| false).unwrap();
         assert_ne!(id, loaded);
     }
     // All gone: no backend (503).
     let remaining: Vec<u32> = (0..3).filter(|id| *id != loaded).collect();
-    assert!(view.pick(&svc(), [1, 2], &remaining, |_| 0).is_none());
+    assert!(
+        view.pick(&svc(), [1, 2], &remaining, |_| 0, |_| false)
+            .is_none()
+    );
     reg.apply(
         &Change::SetBackends {
             service: svc(),
@@ -132,7 +175,7 @@ fn picks_follow_weights_load_and_changes() {
     )
     .unwrap();
     view.refresh().unwrap().unwrap();
-    assert!(view.pick(&svc(), [1, 2], &[], |_| 0).is_none());
+    assert!(view.pick(&svc(), [1, 2], &[], |_| 0, |_| false).is_none());
     // L4 services are not the workers' business.
     let l4 = ServiceAddr {
         vip: Ipv4Addr::new(198, 19, 0, 41),
@@ -145,10 +188,107 @@ fn picks_follow_weights_load_and_changes() {
             ring_size: None,
             max_remove_fraction: None,
             min_backends: None,
+            panic_threshold: None,
         },
         opts(),
     )
     .unwrap();
     view.refresh().unwrap();
     assert!(!view.has_service(&l4));
+}
+
+#[test]
+fn unhealthy_backends_get_no_new_connections_and_are_drained_only_where_asked() {
+    require_root();
+    let inst = TestInstance::new("viewhealth");
+    let mut reg = inst.registry();
+    reg.apply(
+        &Change::AddService {
+            addr: svc(),
+            mode: ServiceModeName::L7,
+            ring_size: None,
+            max_remove_fraction: None,
+            min_backends: None,
+            panic_threshold: None,
+        },
+        ApplyOptions::default(),
+    )
+    .unwrap();
+    let set = (1..=4).map(|i| (be(i), 1)).collect();
+    reg.apply(
+        &Change::SetBackends {
+            service: svc(),
+            backends: set,
+        },
+        ApplyOptions::default(),
+    )
+    .unwrap();
+    let open = |drain: bool| {
+        let services = if drain {
+            BTreeSet::from([svc()])
+        } else {
+            BTreeSet::new()
+        };
+        RegistryView::open(Maps::open(&inst.instance.pin_dir()).unwrap(), services).unwrap()
+    };
+    let (mut keep, mut drain) = (open(false), open(true));
+    let id_of = |port: u16, v: &RegistryView| {
+        (0..4)
+            .find(|id| v.backend(*id).unwrap().addr.port() == port)
+            .unwrap()
+    };
+    let mark = |reg: &mut weir::registry::Registry, i: &[u8], health| {
+        let updates = i
+            .iter()
+            .map(|&i| HealthUpdate {
+                service: svc(),
+                backend: be(i),
+                health,
+                reason: HealthReason::Refused,
+                detail: 111,
+                at_ms: 1,
+            })
+            .collect();
+        reg.apply(
+            &Change::SetHealth { updates },
+            ApplyOptions {
+                command: "test agent".into(),
+                ..Default::default()
+            },
+        )
+        .unwrap()
+    };
+    let sick = id_of(9001, &keep);
+    mark(&mut reg, &[1], BackendHealth::Unhealthy);
+    let kept = keep.refresh().unwrap().expect("generation moved");
+    assert!(kept.stopped.is_empty(), "live connections stay by default");
+    let drained = drain.refresh().unwrap().expect("generation moved");
+    assert_eq!(drained.stopped, BTreeSet::from([sick]), "drain_unhealthy");
+    for view in [&keep, &drain] {
+        for r in draws(1000) {
+            let (id, _) = view.pick(&svc(), r, &[], |_| 0, |_| false).unwrap();
+            assert_ne!(id, sick, "no new connection to an unhealthy backend");
+        }
+    }
+
+    // Panic: three of four unhealthy, all four serve again; nothing more
+    // is drained, and the sick one takes new connections.
+    let outcome = mark(&mut reg, &[2, 3], BackendHealth::Unhealthy);
+    assert!(
+        outcome.diff.iter().any(|d| d
+            .to_string()
+            .contains("panics: 1 of 4 active backends healthy")),
+        "{:?}",
+        outcome.diff
+    );
+    assert!(keep.refresh().unwrap().unwrap().stopped.is_empty());
+    assert!(drain.refresh().unwrap().unwrap().stopped.is_empty());
+    let picked: BTreeSet<u32> = draws(1000)
+        .map(|r| keep.pick(&svc(), r, &[], |_| 0, |_| false).unwrap().0)
+        .collect();
+    assert_eq!(picked.len(), 4, "in panic every active backend serves");
+    let state = reg.state().unwrap();
+    let entry = state.service(&svc()).unwrap();
+    assert!(entry.panic && entry.panics == 1 && entry.panic_since_ms > 0);
+    reg.check().unwrap();
 }

@@ -63,6 +63,7 @@ fn add_service(reg: &mut Registry) {
         ring_size: None,
         max_remove_fraction: None,
         min_backends: Some(2),
+        panic_threshold: None,
     };
     reg.apply(&change, opts()).unwrap();
 }
@@ -235,6 +236,7 @@ fn refused_changes_change_nothing() {
         ring_size: Some(251),
         max_remove_fraction: Some(0.5),
         min_backends: Some(2),
+        panic_threshold: None,
     };
     reg.apply(&change, opts()).unwrap();
     let set = vec![(small_backend(0), 1), (small_backend(1), 1)];
@@ -337,6 +339,7 @@ fn refused_changes_change_nothing() {
                 ring_size: None,
                 max_remove_fraction: None,
                 min_backends: None,
+                panic_threshold: None,
             },
             |e| matches!(e, RegistryError::ServiceExists(_)),
         ),
@@ -350,6 +353,7 @@ fn refused_changes_change_nothing() {
                 ring_size: Some(65536),
                 max_remove_fraction: None,
                 min_backends: None,
+                panic_threshold: None,
             },
             |e| matches!(e, RegistryError::Invalid(_)),
         ),
@@ -613,6 +617,7 @@ fn a_large_ring_is_built_installed_and_read_back() {
             ring_size: Some(524_287),
             max_remove_fraction: None,
             min_backends: None,
+            panic_threshold: None,
         },
     );
     let backends = (0..3)
@@ -636,7 +641,7 @@ fn a_large_ring_is_built_installed_and_read_back() {
     let ring = reg.maps().read_ring(id).unwrap().unwrap();
     assert_eq!(ring.len(), 524_287);
     assert!(
-        ring == state.ring_for(id, 524_287).unwrap(),
+        ring == state.ring_for(state.service(&big).unwrap()).unwrap(),
         "installed as built"
     );
     reg.check().unwrap();

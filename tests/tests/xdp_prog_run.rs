@@ -7,8 +7,8 @@ use std::net::Ipv4Addr;
 
 use aya::Ebpf;
 use aya::programs::Xdp;
-use common::{TestInstance, require_root};
-use weir::registry::{ApplyOptions, BackendAddr, Change, Registry, ServiceAddr, ServiceModeName};
+use common::{TestInstance, apply, require_root};
+use weir::registry::{BackendAddr, Change, Registry, ServiceAddr, ServiceModeName};
 use weir_ebpf::abi::{self, FlowKey};
 use weir_testbed::packet::{self, ETH_LEN, IP_LEN, Segment};
 use weir_testbed::progrun::{NEXT_HOP_MAC, ProgRunNetns, pin_to_cpu, run_xdp};
@@ -36,17 +36,6 @@ fn backend(i: u8) -> BackendAddr {
     }
 }
 
-fn apply(reg: &mut Registry, change: Change) {
-    reg.apply(
-        &change,
-        ApplyOptions {
-            force: true,
-            ..Default::default()
-        },
-    )
-    .expect("apply");
-}
-
 struct Bed {
     // Field order matters: the program goes before the instance and netns.
     ebpf: Ebpf,
@@ -68,6 +57,7 @@ impl Bed {
                 ring_size: Some(65537),
                 max_remove_fraction: None,
                 min_backends: None,
+                panic_threshold: None,
             },
         );
         let set: Vec<_> = (0..backends).map(|i| (backend(i), 1)).collect();
@@ -384,6 +374,7 @@ fn everything_else_passes_untouched() {
             ring_size: None,
             max_remove_fraction: None,
             min_backends: None,
+            panic_threshold: None,
         },
     );
 

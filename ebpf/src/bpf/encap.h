@@ -1,9 +1,10 @@
 /* SPDX-License-Identifier: (GPL-2.0-only OR BSD-2-Clause) */
 /*
  * Encapsulation: the outer IPv4 header (IPIP) that carries the client's
- * packet, unchanged, to the backend. Backends are IPv4, so the outer header
- * is too; the client's family sets the outer header's protocol (IPv4 only,
- * so far: parse.h passes every other family to the kernel).
+ * packet, unchanged, to the backend (and, in probe.bpf.c, a health check
+ * the same way). Backends are IPv4, so the outer header is too; the
+ * client's family sets the outer header's protocol (IPv4 only, so far:
+ * parse.h passes every other family to the kernel).
  */
 #ifndef WEIR_ENCAP_H
 #define WEIR_ENCAP_H
@@ -17,6 +18,18 @@
 
 #include "ipv4_header.h"
 #include "parse.h"
+
+/* Writes the outer IPv4 header at `outer`, from `src` to `dst`, in front of
+ * `inner_len` bytes of `protocol` (IPPROTO_IPIP for IPv4): what weir_lb
+ * puts on a client's packet and the probe program on a health check, so a
+ * check travels as clients do. Never fragmented on the way (an oversized
+ * packet is answered with ICMP or dropped instead), so DF is set and the id
+ * can stay 0. */
+static __always_inline void outer_header_write(struct iphdr *outer, __u8 protocol, __u8 tos,
+					       __u16 inner_len, __be32 src, __be32 dst)
+{
+	ipv4_header_write(outer, tos, inner_len + sizeof(*outer), IP_DF, protocol, src, dst);
+}
 
 /* Prepend the outer IPv4 header from `src` to `dst`. On success the packet
  * is eth | outer ip | inner ip | tcp ..., still with the received Ethernet
@@ -51,10 +64,7 @@ static __always_inline int encapsulate(struct xdp_md *ctx, const struct weir_pac
 	 * header sits right behind the new one. */
 	__builtin_memcpy(eth, (void *)eth + sizeof(*outer), 2 * ETH_ALEN);
 	eth->h_proto = bpf_htons(ETH_P_IP);
-	/* Never fragmented on the way (an oversized packet is answered with
-	 * ICMP instead), so the id can stay 0. */
-	ipv4_header_write(outer, pkt->tos, pkt->l3_len + sizeof(*outer), IP_DF, protocol, src,
-			  dst);
+	outer_header_write(outer, protocol, pkt->tos, pkt->l3_len, src, dst);
 	return 0;
 }
 

@@ -23,6 +23,20 @@
 /* transmit(): the packet does not fit the route MTU. */
 #define WEIR_TOO_BIG (-1)
 
+/* The FIB question for an encapsulated packet: IPIP from `src` to `dst`,
+ * `outer_len` bytes, arriving on `ifindex`. probe.bpf.c asks it too, so a
+ * health check takes the route clients' packets take. */
+static __always_inline void fib_params_outer(struct bpf_fib_lookup *fib, __be32 src, __be32 dst,
+					     __u16 outer_len, __u32 ifindex)
+{
+	fib->family = AF_INET;
+	fib->l4_protocol = IPPROTO_IPIP;
+	fib->tot_len = outer_len;
+	fib->ipv4_src = src;
+	fib->ipv4_dst = dst;
+	fib->ifindex = ifindex;
+}
+
 /* Fills the next-hop cache entry for `dst` from the FIB. Returns the FIB
  * verdict for a packet of `outer_len` bytes. */
 static __always_inline int resolve(struct xdp_md *ctx, struct weir_nexthop *nh,
@@ -31,12 +45,7 @@ static __always_inline int resolve(struct xdp_md *ctx, struct weir_nexthop *nh,
 	struct bpf_fib_lookup fib = {};
 	int rc;
 
-	fib.family = AF_INET;
-	fib.l4_protocol = IPPROTO_IPIP;
-	fib.tot_len = outer_len;
-	fib.ipv4_src = src;
-	fib.ipv4_dst = dst;
-	fib.ifindex = ctx->ingress_ifindex;
+	fib_params_outer(&fib, src, dst, outer_len, ctx->ingress_ifindex);
 	count(WEIR_CNT_FIB_LOOKUP);
 	rc = bpf_fib_lookup(ctx, &fib, sizeof(fib), 0);
 	if (rc == BPF_FIB_LKUP_RET_FRAG_NEEDED)
@@ -49,11 +58,7 @@ static __always_inline int resolve(struct xdp_md *ctx, struct weir_nexthop *nh,
 	__builtin_memcpy(nh->smac, fib.smac, ETH_ALEN);
 	/* The FIB reports the route MTU only when a packet exceeds it: ask
 	 * once more with the largest size to learn it for the cache. */
-	fib.family = AF_INET;
-	fib.tot_len = 0xffff;
-	fib.ipv4_src = src;
-	fib.ipv4_dst = dst;
-	fib.ifindex = ctx->ingress_ifindex;
+	fib_params_outer(&fib, src, dst, 0xffff, ctx->ingress_ifindex);
 	nh->mtu = bpf_fib_lookup(ctx, &fib, sizeof(fib), 0) == BPF_FIB_LKUP_RET_FRAG_NEEDED ?
 		fib.mtu_result : 0xffff;
 	nh->daddr = dst;

@@ -71,13 +71,13 @@ static __always_inline int record_flow(const struct weir_flow_key *flow, __u32 b
 }
 
 /* A backend slot that still carries traffic: active ones take new flows,
- * draining and removed ones keep the flows they have. */
+ * draining and removed ones keep the flows they have. Health plays no part:
+ * a live connection to a backend that fails its check is not weir's to cut. */
 static __always_inline int serves_flows(const struct weir_backend *be)
 {
 	return be->state == WEIR_BACKEND_ACTIVE ||
 	       be->state == WEIR_BACKEND_DRAINING ||
-	       be->state == WEIR_BACKEND_REMOVED ||
-	       be->state == WEIR_BACKEND_DOWN;
+	       be->state == WEIR_BACKEND_REMOVED;
 }
 
 /* The backend `pkt` goes to, into `pick`: WEIR_PICKED, or the verdict for

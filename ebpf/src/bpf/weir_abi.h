@@ -1,9 +1,10 @@
 /* SPDX-License-Identifier: (GPL-2.0-only OR BSD-2-Clause) */
 /*
  * The kernel/user ABI of weir: every map, every value layout and every
- * counter shared between the BPF programs (lb.bpf.c, decap.bpf.c) and the
- * userspace registry. The Rust mirror lives in ebpf/src/abi.rs and is checked
- * against this header's BTF by `cargo test -p weir-ebpf`.
+ * counter shared between the BPF programs (lb.bpf.c, decap.bpf.c,
+ * probe.bpf.c) and the userspace registry. The Rust mirror lives in
+ * ebpf/src/abi.rs and is checked against this header's BTF by
+ * `cargo test -p weir-ebpf`.
  *
  * All maps are pinned by name under /sys/fs/bpf/weir/<instance>/, so the
  * `weir` CLI, the daemon and the attached programs share one registry.
@@ -59,7 +60,37 @@ enum weir_backend_state {
 	WEIR_BACKEND_DRAINING = 2, /* out of the ring: keeps its flows */
 	WEIR_BACKEND_REMOVED = 3,  /* removed by the operator; still serves its
 				    * flows until the registry frees the slot */
-	WEIR_BACKEND_DOWN = 4,     /* failed health checks: out of the ring */
+	/* 4 was "down" before observed health became a field of its own
+	 * (weir_backend.health); nothing ever wrote it. Kept unused. */
+};
+
+/* Observed health, written by `weir agent` only; operator intent stays in
+ * `state` and neither overwrites the other. The data path never reads it:
+ * the registry decides ring membership (active and not unhealthy, unless
+ * the service is in panic) and writes only the ring. */
+enum weir_backend_health {
+	WEIR_HEALTH_UNKNOWN = 0,   /* not checked (yet): counts as healthy */
+	WEIR_HEALTH_HEALTHY = 1,
+	WEIR_HEALTH_UNHEALTHY = 2, /* out of the ring unless its service panics */
+};
+
+/* Why the last health transition happened (weir_backend.health_reason);
+ * health_detail carries the HTTP status or errno where one applies. The
+ * names `weir backend list` prints are in abi.rs (HealthReason). */
+enum weir_health_reason {
+	WEIR_HR_NONE = 0,            /* no check result yet */
+	WEIR_HR_PASSED = 1,          /* rise checks passed */
+	WEIR_HR_REFUSED = 2,         /* connect refused or reset (detail: errno) */
+	WEIR_HR_CONNECT_TIMEOUT = 3, /* no answer to the SYN in time */
+	WEIR_HR_TIMEOUT = 4,         /* connected, the check did not finish */
+	WEIR_HR_RESET = 5,           /* closed or reset during the check */
+	WEIR_HR_STATUS = 6,          /* HTTP check: other status (detail) */
+	WEIR_HR_NOT_UPGRADED = 7,    /* WebSocket check: not 101 (detail) */
+	WEIR_HR_BAD_HANDSHAKE = 8,   /* malformed answer or wrong Accept */
+	WEIR_HR_NO_PONG = 9,         /* upgraded, the ping went unanswered */
+	WEIR_HR_BAD_FRAME = 10,      /* WebSocket protocol error */
+	WEIR_HR_UNREACHABLE = 11,    /* no route (detail: errno) */
+	WEIR_HR_PROBE_PATH = 12,     /* L4 probe path not attached */
 };
 
 /* Backend flag: the slot has held a backend once. A slot that was used is
@@ -86,7 +117,16 @@ struct weir_service {
 	__u32 flags;
 	__u32 min_backends;        /* refuse to leave fewer active backends */
 	__u32 max_remove_permille; /* refuse to remove more, per mille */
+	/* Panic: below this healthy share (per mille) of the active backends,
+	 * or when leaving the unhealthy ones out would break the guard rails,
+	 * health is not trusted and every active backend stays in the ring. */
+	__u32 panic_permille;
+	__u32 panics;          /* panic episodes so far */
+	__u64 panic_since_ms;  /* CLOCK_REALTIME ms the last episode began */
 };
+
+/* weir_service flag: in panic now (see panic_permille). */
+#define WEIR_SERVICE_F_PANIC 1u
 
 /* weir_backends value (array indexed by backend id). */
 struct weir_backend {
@@ -94,8 +134,12 @@ struct weir_backend {
 	__be16 port;
 	__u16 weight;
 	__u32 service_id;
-	__u32 state; /* enum weir_backend_state */
+	__u32 state; /* enum weir_backend_state: operator intent */
 	__u32 flags; /* WEIR_BACKEND_F_* */
+	__u8 health;         /* enum weir_backend_health: observed */
+	__u8 health_reason;  /* enum weir_health_reason of the last transition */
+	__u16 health_detail; /* HTTP status or errno, else 0 */
+	__u64 health_since_ms; /* CLOCK_REALTIME ms of the last transition */
 };
 
 /* weir_flows key: the client's 5-tuple as received. */
@@ -232,11 +276,53 @@ struct weir_decap_source {
 	__be32 saddr;
 };
 
+/* The probe path (probe.bpf.c, tc egress of the LB host's `lo`): a packet
+ * whose mark is WEIR_PROBE_MARK_BASE + a backend id is a health check of
+ * that backend. The agent sets the mark per socket (SO_MARK) and connects
+ * to the service's VIP:port; `weir attach` routes such packets to `lo`
+ * (a policy rule on the mark), where the program sends them to the backend
+ * inside the same IPIP header weir_lb gives a client's packet. The low 16
+ * bits hold the id (ids are below WEIR_MAX_BACKENDS); the high 16 bits must
+ * equal the base's under the mask. */
+#define WEIR_PROBE_MARK_BASE 0x77650000u
+#define WEIR_PROBE_MARK_MASK 0xffff0000u
+
+/* Probe counters (per CPU), weir_probe_stats[enum weir_probe_counter]. Only
+ * marked packets are counted; every other packet passes untouched. A marked
+ * packet that cannot go the way a client's would is dropped (counted by
+ * reason), never passed: the check must fail, not reach something else. */
+enum weir_probe_counter {
+	WEIR_PROBE_ENCAPSULATED = 0,   /* sent to its backend inside IPIP */
+	WEIR_PROBE_DROP_MALFORMED,     /* not plain IPv4 TCP (options, short) */
+	WEIR_PROBE_DROP_UNKNOWN_BACKEND, /* the mark names no backend that
+					  * serves flows (an empty slot) */
+	WEIR_PROBE_DROP_NO_SERVICE,    /* destination is no service's VIP:port */
+	WEIR_PROBE_DROP_NOT_L4,        /* an L7 service: weir run, not XDP,
+					* carries its clients */
+	WEIR_PROBE_DROP_OTHER_SERVICE, /* the backend serves another service */
+	WEIR_PROBE_DROP_NO_CONFIG,     /* no LB address yet (weir attach) */
+	WEIR_PROBE_DROP_SOURCE,        /* inner source is not the LB address:
+					* the backend's answer would go
+					* elsewhere (bind the probe socket to
+					* it when the VIP is local) */
+	WEIR_PROBE_DROP_NO_ROOM,       /* bpf_skb_adjust_room failed */
+	WEIR_PROBE_DROP_NO_ROUTE,      /* no route to the backend */
+	WEIR_PROBE_DROP_TOO_BIG,       /* larger than the route MTU once
+					* encapsulated */
+	WEIR_PROBE_MAX,
+};
+
 /*
  * Map definitions. A program includes this header with WEIR_LB_MAPS (the
  * XDP balancer) or WEIR_DECAP_MAPS (the backend-side decap program) defined
  * and gets exactly the maps it uses. Every map is pinned by name.
+ * WEIR_PROBE_MAPS (the probe program, on the LB host) gets the balancer's
+ * maps, of which it reads weir_services, weir_backends and weir_config, and
+ * its own counters.
  */
+#ifdef WEIR_PROBE_MAPS
+#define WEIR_LB_MAPS
+#endif
 #if defined(WEIR_LB_MAPS) || defined(WEIR_DECAP_MAPS)
 #include <bpf/bpf_helpers.h>
 #ifndef LIBBPF_PIN_BY_NAME
@@ -454,5 +540,16 @@ struct {
 	__uint(pinning, LIBBPF_PIN_BY_NAME);
 } weir_dcap_sources SEC(".maps");
 #endif /* WEIR_DECAP_MAPS */
+
+#ifdef WEIR_PROBE_MAPS
+/* weir_probe_stats[enum weir_probe_counter], per CPU. */
+struct {
+	__uint(type, BPF_MAP_TYPE_PERCPU_ARRAY);
+	__uint(max_entries, WEIR_PROBE_MAX);
+	__type(key, __u32);
+	__type(value, __u64);
+	__uint(pinning, LIBBPF_PIN_BY_NAME);
+} weir_probe_stats SEC(".maps");
+#endif /* WEIR_PROBE_MAPS */
 
 #endif /* WEIR_ABI_H */

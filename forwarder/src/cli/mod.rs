@@ -82,25 +82,33 @@ pub enum Command {
     #[command(subcommand)]
     Decap(DecapCmd),
     /// Run the L7 WebSocket proxy (io_uring workers) until SIGTERM.
-    Run {
-        /// Configuration file (TOML); the embedded default without one.
-        #[arg(long)]
-        config: Option<std::path::PathBuf>,
-        /// How log lines are written to stderr: weir's text lines, or one
-        /// JSON object per line for log shippers.
-        #[arg(long, value_enum, default_value_t)]
-        log_format: crate::logs::Format,
-        /// The least severe events logged.
-        #[arg(long, value_enum, default_value_t)]
-        log_level: crate::logs::Verbosity,
-    },
+    Run(DaemonArgs),
+    /// Check the health of backends and write it to the registry; free
+    /// removed backends once nothing uses them. Runs until SIGTERM.
+    Agent(DaemonArgs),
     /// Read every map back and check the rings match the backends.
     Check,
-    /// The `weir run` configuration.
+    /// The `weir run` (or, with --agent, `weir agent`) configuration.
     #[command(subcommand)]
     Config(ConfigCmd),
     /// Remove the instance: detach its programs and delete its maps.
     Destroy,
+}
+
+/// What `weir run` and `weir agent` take.
+#[derive(Args, Debug)]
+pub struct DaemonArgs {
+    /// Configuration file (TOML); the embedded default without one (`weir
+    /// config default [--agent]` prints it).
+    #[arg(long)]
+    config: Option<std::path::PathBuf>,
+    /// How log lines are written to stderr: weir's text lines, or one
+    /// JSON object per line for log shippers.
+    #[arg(long, value_enum, default_value_t)]
+    log_format: crate::logs::Format,
+    /// The least severe events logged.
+    #[arg(long, value_enum, default_value_t)]
+    log_level: crate::logs::Verbosity,
 }
 
 #[derive(Subcommand, Debug)]
@@ -120,6 +128,10 @@ pub enum ServiceCmd {
         /// Refuse changes that leave fewer active backends (without --force).
         #[arg(long)]
         min_backends: Option<u32>,
+        /// Below this healthy share of the active backends, health checks
+        /// are not trusted: every active backend stays in the ring (panic).
+        #[arg(long)]
+        panic_threshold: Option<f64>,
     },
     /// Remove a service.
     Remove {
@@ -196,9 +208,18 @@ pub enum BackendCmd {
 #[derive(Subcommand, Debug)]
 pub enum ConfigCmd {
     /// Print the embedded default configuration.
-    Default,
+    Default {
+        /// `weir agent`'s instead of `weir run`'s.
+        #[arg(long)]
+        agent: bool,
+    },
     /// Validate a configuration file (file, line and reason on error).
-    Check { file: std::path::PathBuf },
+    Check {
+        file: std::path::PathBuf,
+        /// A `weir agent` configuration instead of a `weir run` one.
+        #[arg(long)]
+        agent: bool,
+    },
 }
 
 #[derive(Subcommand, Debug)]
@@ -255,34 +276,70 @@ pub fn run(cli: Cli) -> Result<()> {
     match cli.command {
         Command::Attach { dev, lb_addr, mode } => {
             let done = dataplane::attach(&instance, &dev, lb_addr, mode, create)?;
-            let a = &done.attachment;
+            let a = &done.xdp.attachment;
+            let probe = done.probe.as_ref().map(|p| {
+                json!({"dev": p.attachment.dev, "attached_now": p.attached_now,
+                       "replaced": p.replaced})
+            });
             say(
                 json,
                 json!({"attached": dev, "lb_addr": lb_addr.to_string(), "mode": a.mode,
                        "ifindex": a.ifindex, "netns": a.netns.label(),
-                       "replaced": done.replaced}),
+                       "replaced": done.xdp.replaced, "probe": probe}),
                 || {
+                    let probe = match &done.probe {
+                        Some(p) => format!(
+                            "; health checks marked {:#x}/{:#x} go through {} ({}){}",
+                            abi::PROBE_MARK_BASE,
+                            abi::PROBE_MARK_MASK,
+                            p.attachment.dev,
+                            if p.attached_now {
+                                "attached now"
+                            } else {
+                                "already attached"
+                            },
+                            replaced_note(&p.replaced)
+                        ),
+                        None => format!(
+                            "; no probe path for health checks: {lb_addr} is not an address \
+                             of this host, so backends' answers would not come here"
+                        ),
+                    };
                     format!(
                         "attached weir ({}) to {dev} (ifindex {}, {} mode, netns {}), \
-                         encapsulating from {lb_addr}{}",
+                         encapsulating from {lb_addr}{}{probe}",
                         instance.name(),
                         a.ifindex,
                         a.mode.name(),
                         a.netns.label(),
-                        replaced_note(&done.replaced)
+                        replaced_note(&done.xdp.replaced),
                     )
                 },
             );
         }
         Command::Detach { dev } => {
-            let was = dataplane::detach(&instance, &dev)?;
-            say(json, json!({"detached": dev, "was": was.state}), || {
-                format!(
-                    "{} weir ({}) from {dev}",
-                    detached_verb(&was),
-                    instance.name()
-                )
-            });
+            let (was, probe) = dataplane::detach(&instance, &dev)?;
+            say(
+                json,
+                json!({"detached": dev, "was": was.state,
+                       "probe_was": probe.as_ref().map(|p| p.state)}),
+                || {
+                    let mut line = format!(
+                        "{} weir ({}) from {dev}",
+                        detached_verb(&was),
+                        instance.name()
+                    );
+                    if let Some(p) = &probe {
+                        let _ = write!(
+                            line,
+                            "; {} its probe path ({}) with its rule and route",
+                            detached_verb(p),
+                            p.attachment.dev
+                        );
+                    }
+                    line
+                },
+            );
         }
         Command::AttachPeer { dev } => {
             let done = dataplane::attach_peer(&instance, &dev)?;
@@ -343,6 +400,7 @@ pub fn run(cli: Cli) -> Result<()> {
                 ring_size,
                 max_remove_fraction,
                 min_backends,
+                panic_threshold,
             } => {
                 let addr = service.parse::<ServiceAddr>()?;
                 let mode = match mode {
@@ -356,6 +414,7 @@ pub fn run(cli: Cli) -> Result<()> {
                     ring_size,
                     max_remove_fraction,
                     min_backends,
+                    panic_threshold,
                 };
                 report(json, &reg.apply(&change, opts(false, false))?);
             }
@@ -539,20 +598,37 @@ pub fn run(cli: Cli) -> Result<()> {
                 || format!("{} decap from {dev}", detached_verb(&was)),
             );
         }
-        Command::Run {
-            config,
-            log_format,
-            log_level,
-        } => {
+        Command::Run(a) => {
             return crate::daemon::run(
-                config.as_deref(),
+                a.config.as_deref(),
                 cli.instance.as_deref(),
-                log_format,
-                log_level,
+                a.log_format,
+                a.log_level,
             );
         }
-        Command::Config(ConfigCmd::Default) => print!("{}", crate::l7::config::DEFAULT),
-        Command::Config(ConfigCmd::Check { file }) => {
+        Command::Agent(a) => {
+            return crate::daemon::agent::run(
+                a.config.as_deref(),
+                cli.instance.as_deref(),
+                a.log_format,
+                a.log_level,
+            );
+        }
+        Command::Config(ConfigCmd::Default { agent: false }) => {
+            print!("{}", crate::l7::config::DEFAULT)
+        }
+        Command::Config(ConfigCmd::Default { agent: true }) => {
+            print!("{}", crate::daemon::agent::config::DEFAULT)
+        }
+        Command::Config(ConfigCmd::Check { file, agent: true }) => {
+            let config = crate::daemon::agent::config::load(&file)?;
+            say(
+                json,
+                json!({"ok": true, "checks": config.checks.len()}),
+                || format!("{}: ok ({} check(s))", file.display(), config.checks.len()),
+            );
+        }
+        Command::Config(ConfigCmd::Check { file, agent: false }) => {
             let config = crate::l7::config::load(&file)?;
             say(
                 json,
@@ -578,7 +654,9 @@ pub fn run(cli: Cli) -> Result<()> {
             if !instance.pin_dir().exists() {
                 bail!("instance {:?} does not exist", instance.name());
             }
+            let routed = dataplane::probe::routed(&instance)?;
             instance.destroy()?;
+            let stuck = routed.release()?;
             if instance.pin_dir().exists() {
                 bail!(
                     "instance {:?}: {} is still there after destroy; remove it by hand",
@@ -589,13 +667,25 @@ pub fn run(cli: Cli) -> Result<()> {
             let audit = instance.audit_log();
             say(
                 json,
-                json!({"destroyed": instance.name(), "audit_log": audit.display().to_string()}),
+                json!({"destroyed": instance.name(), "audit_log": audit.display().to_string(),
+                       "probe_routing_left_in": stuck}),
                 || {
-                    format!(
+                    let mut line = format!(
                         "removed instance {} (its audit log stays at {})",
                         instance.name(),
                         audit.display()
-                    )
+                    );
+                    if !stuck.is_empty() {
+                        let _ = write!(
+                            line,
+                            "; the probe rule and route stay in namespaces it cannot enter ({}): \
+                             run `ip rule del pref {} ; ip route flush table {}` there",
+                            stuck.join(", "),
+                            dataplane::probe::RULE_PRIORITY,
+                            dataplane::probe::TABLE
+                        );
+                    }
+                    line
                 },
             );
         }
@@ -675,12 +765,16 @@ fn list_services(reg: &Registry, json: bool) -> Result<()> {
         .iter()
         .map(|(addr, s)| {
             let count = |st: BackendState| state.backends_of(s.id).filter(|(_, b)| b.state == st).count();
-            json!({
+            let m = state.membership(s);
+            let mut row = json!({
                 "service": addr.to_string(), "id": s.id, "mode": s.mode, "ring_size": s.ring_size,
                 "active": count(BackendState::Active), "draining": count(BackendState::Draining),
-                "removed": count(BackendState::Removed),
+                "removed": count(BackendState::Removed), "healthy": m.healthy,
+                "in_ring": m.members.len(),
                 "min_backends": s.min_backends, "max_remove_fraction": s.max_remove_permille as f64 / 1000.0,
-            })
+            });
+            merge(&mut row, panic_json(s));
+            row
         })
         .collect();
     if json {
@@ -688,22 +782,90 @@ fn list_services(reg: &Registry, json: bool) -> Result<()> {
         return Ok(());
     }
     println!(
-        "{:<22} {:>4} {:<4} {:>9} {:>6} {:>8} {:>7}",
-        "SERVICE", "ID", "MODE", "RING", "ACTIVE", "DRAINING", "REMOVED"
+        "{:<22} {:>4} {:<4} {:>9} {:>6} {:>7} {:>7} {:>8} {:>7} {:<5}",
+        "SERVICE",
+        "ID",
+        "MODE",
+        "RING",
+        "ACTIVE",
+        "HEALTHY",
+        "IN RING",
+        "DRAINING",
+        "REMOVED",
+        "PANIC"
     );
     for r in rows {
         println!(
-            "{:<22} {:>4} {:<4} {:>9} {:>6} {:>8} {:>7}",
+            "{:<22} {:>4} {:<4} {:>9} {:>6} {:>7} {:>7} {:>8} {:>7} {:<5}",
             cell(&r["service"]),
             cell(&r["id"]),
             cell(&r["mode"]),
             cell(&r["ring_size"]),
             cell(&r["active"]),
+            cell(&r["healthy"]),
+            cell(&r["in_ring"]),
             cell(&r["draining"]),
-            cell(&r["removed"])
+            cell(&r["removed"]),
+            panic_cell(&r)
         );
     }
     Ok(())
+}
+
+/// A service's panic fields, for `service list` and `stats`.
+fn panic_json(s: &crate::registry::model::ServiceEntry) -> serde_json::Value {
+    json!({
+        "panic_threshold": s.panic_permille as f64 / 1000.0, "panic": s.panic,
+        "panics": s.panics, "panic_since": time_json(s.panic_since_ms),
+    })
+}
+
+/// A backend's observed health, for `backend list` and `stats`.
+fn health_json(b: &crate::registry::model::BackendEntry) -> serde_json::Value {
+    json!({
+        "health": b.health.name(), "health_reason": b.health_reason.name(),
+        "health_detail": b.health_detail, "health_since": time_json(b.health_since_ms),
+    })
+}
+
+/// RFC 3339 for a stored time, null for "never".
+fn time_json(ms: u64) -> serde_json::Value {
+    match ms {
+        0 => serde_json::Value::Null,
+        ms => json!(crate::registry::audit::rfc3339(ms / 1000)),
+    }
+}
+
+fn merge(row: &mut serde_json::Value, more: serde_json::Value) {
+    if let (Some(row), serde_json::Value::Object(more)) = (row.as_object_mut(), more) {
+        row.extend(more);
+    }
+}
+
+/// "yes (3)" while in panic, else the count of past episodes.
+fn panic_cell(r: &serde_json::Value) -> String {
+    match r["panic"].as_bool() {
+        Some(true) => format!("yes ({})", r["panics"]),
+        _ => format!("no ({})", r["panics"]),
+    }
+}
+
+/// "unhealthy (refused 111) since 2026-12-06T19:00:00Z" or "unknown".
+fn health_cell(r: &serde_json::Value) -> String {
+    let health = r["health"].as_str().unwrap_or("");
+    let reason = r["health_reason"].as_str().unwrap_or("none");
+    let mut out = health.to_string();
+    if reason != "none" {
+        out.push_str(&format!(" ({reason}"));
+        match r["health_detail"].as_u64() {
+            Some(d) if d != 0 => out.push_str(&format!(" {d})")),
+            _ => out.push(')'),
+        }
+    }
+    if let Some(since) = r["health_since"].as_str() {
+        out.push_str(&format!(" since {since}"));
+    }
+    out
 }
 
 fn list_backends(reg: &Registry, addr: &crate::registry::ServiceAddr, json: bool) -> Result<()> {
@@ -714,29 +876,39 @@ fn list_backends(reg: &Registry, addr: &crate::registry::ServiceAddr, json: bool
     for (id, b) in state.backends_of(svc.id) {
         let slots = ring.iter().filter(|x| **x == id).count();
         let st = reg.maps().backend_stats(id)?;
-        rows.push(json!({
+        let mut row = json!({
             "id": id, "backend": b.addr.to_string(), "weight": b.weight, "state": b.state.name(),
             "ring_slots": slots, "new_flows": st.new_flows, "packets": st.packets, "bytes": st.bytes,
-        }));
+        });
+        merge(&mut row, health_json(b));
+        rows.push(row);
     }
     if json {
         println!("{}", serde_json::Value::Array(rows));
         return Ok(());
     }
+    if svc.panic {
+        println!(
+            "service {addr} is in panic since {}: health is not trusted, every active backend is \
+             in the ring",
+            time_json(svc.panic_since_ms).as_str().unwrap_or("?")
+        );
+    }
     println!(
-        "{:>6} {:<22} {:>6} {:<9} {:>9} {:>10} {:>12}",
+        "{:>6} {:<22} {:>6} {:<9} {:>9} {:>10} {:>12}  HEALTH",
         "ID", "BACKEND", "WEIGHT", "STATE", "SLOTS", "NEW FLOWS", "PACKETS"
     );
     for r in rows {
         println!(
-            "{:>6} {:<22} {:>6} {:<9} {:>9} {:>10} {:>12}",
+            "{:>6} {:<22} {:>6} {:<9} {:>9} {:>10} {:>12}  {}",
             cell(&r["id"]),
             cell(&r["backend"]),
             cell(&r["weight"]),
             cell(&r["state"]),
             cell(&r["ring_slots"]),
             cell(&r["new_flows"]),
-            cell(&r["packets"])
+            cell(&r["packets"]),
+            health_cell(&r)
         );
     }
     Ok(())
@@ -752,18 +924,23 @@ fn stats(reg: &Registry, instance: &Instance, json: bool) -> Result<()> {
         let mut backends = Vec::new();
         for (id, b) in state.backends_of(s.id) {
             let bs = reg.maps().backend_stats(id)?;
-            backends.push(json!({
+            let mut row = json!({
                 "id": id, "backend": b.addr.to_string(), "state": b.state.name(),
                 "packets": bs.packets, "bytes": bs.bytes, "new_flows": bs.new_flows,
-            }));
+            });
+            merge(&mut row, health_json(b));
+            backends.push(row);
         }
-        services.push(json!({
+        let mut row = json!({
             "service": addr.to_string(), "mode": s.mode, "packets": st.packets, "bytes": st.bytes,
             "new_flows": st.new_flows, "syn_repeats": st.syn_repeats, "flow_misses": st.flow_misses,
             "no_backend": st.no_backend, "passed_l7": st.passed_l7, "backends": backends,
-        }));
+        });
+        merge(&mut row, panic_json(s));
+        services.push(row);
     }
     let decap = dataplane::decap_counters(instance)?;
+    let probe = dataplane::probe::counters(instance)?;
     // The daemon's L7 counters, written every second while `weir run` runs.
     // No file: no `weir run` has served this instance. A file that does not
     // parse is reported, not shown as "no L7 section".
@@ -795,11 +972,10 @@ fn stats(reg: &Registry, instance: &Instance, json: bool) -> Result<()> {
             v["l7"] = serde_json::to_value(l7)?;
         }
         if let Some(d) = &decap {
-            v["decap"] = abi::DECAP_COUNTERS
-                .iter()
-                .zip(d)
-                .map(|(n, v)| (n.to_string(), json!(v)))
-                .collect();
+            v["decap"] = named_counters(abi::DECAP_COUNTERS, d);
+        }
+        if let Some(p) = &probe {
+            v["probe"] = named_counters(abi::PROBE_COUNTERS, p);
         }
         println!("{v}");
         return Ok(());
@@ -814,7 +990,7 @@ fn stats(reg: &Registry, instance: &Instance, json: bool) -> Result<()> {
     }
     for s in &services {
         println!(
-            "service {} ({}): packets {} bytes {} new_flows {} flow_misses {} no_backend {} passed_l7 {}",
+            "service {} ({}): packets {} bytes {} new_flows {} flow_misses {} no_backend {} passed_l7 {} panic {}",
             s["service"].as_str().unwrap_or(""),
             s["mode"].as_str().unwrap_or(""),
             s["packets"],
@@ -822,16 +998,18 @@ fn stats(reg: &Registry, instance: &Instance, json: bool) -> Result<()> {
             s["new_flows"],
             s["flow_misses"],
             s["no_backend"],
-            s["passed_l7"]
+            s["passed_l7"],
+            panic_cell(s)
         );
         for b in s["backends"].as_array().into_iter().flatten() {
             println!(
-                "  backend {:<22} {:<9} packets {} bytes {} new_flows {}",
+                "  backend {:<22} {:<9} packets {} bytes {} new_flows {} health {}",
                 b["backend"].as_str().unwrap_or(""),
                 b["state"].as_str().unwrap_or(""),
                 b["packets"],
                 b["bytes"],
-                b["new_flows"]
+                b["new_flows"],
+                health_cell(b)
             );
         }
     }
@@ -863,17 +1041,45 @@ fn stats(reg: &Registry, instance: &Instance, json: bool) -> Result<()> {
             l7.closes_undelivered_to_client, l7.closes_undelivered_to_backend
         );
         println!(
-            "  errors: registry refresh {} freeing removed backends {} backend sockets {}",
-            l7.registry_refresh_errors, l7.registry_collect_errors, l7.backend_socket_errors
+            "  errors: registry refresh {} backend sockets {}",
+            l7.registry_refresh_errors, l7.backend_socket_errors
         );
-    }
-    if let Some(d) = decap {
-        println!("decap:");
-        for (name, value) in abi::DECAP_COUNTERS.iter().zip(&d) {
-            println!("  {name:<20} {value}");
+        for o in &l7.outliers {
+            println!(
+                "  outlier {:<22} of {}: {} ejections {} refused {}",
+                o.backend,
+                o.service,
+                if o.ejected { "ejected" } else { "in choice" },
+                o.ejections,
+                o.refused
+            );
         }
     }
+    if let Some(d) = decap {
+        print_counters("decap", abi::DECAP_COUNTERS, &d);
+    }
+    if let Some(p) = probe {
+        print_counters("probe", abi::PROBE_COUNTERS, &p);
+    }
     Ok(())
+}
+
+/// A program's counters by name, for `--json`.
+fn named_counters(names: &[&str], values: &[u64]) -> serde_json::Value {
+    names
+        .iter()
+        .zip(values)
+        .map(|(n, v)| (n.to_string(), json!(v)))
+        .collect()
+}
+
+/// A program's counters under `title`, one a line, values aligned.
+fn print_counters(title: &str, names: &[&str], values: &[u64]) {
+    println!("{title}:");
+    let width = names.iter().map(|n| n.len()).max().unwrap_or(0);
+    for (name, value) in names.iter().zip(values) {
+        println!("  {name:<width$} {value}");
+    }
 }
 
 /// "; replaced a defunct attachment (...)" for each pin an attach replaced.

@@ -1,6 +1,6 @@
-//! The identity of the pinned maps a `weir run` process started on: a
-//! destroyed or re-created instance is noticed and stops the daemon, never
-//! served silently from orphaned maps.
+//! The identity of the pinned maps a daemon (`weir run`, `weir agent`)
+//! started on: a destroyed or re-created instance is noticed and stops the
+//! daemon, never served or checked silently from orphaned maps.
 
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -98,8 +98,9 @@ impl MapIds {
 
 /// Compares the pins with `ids` every [`WATCH_INTERVAL`] until `stop` is
 /// set. On a difference it logs one error, records the reason in `fault`
-/// and sets `stop`, so the workers refuse new clients and close the open
-/// ones within the shutdown window; the process then exits non-zero. Pins
+/// and sets `stop` (for `weir run`: the workers refuse new clients and close
+/// the open ones within the shutdown window); the process then exits
+/// non-zero. `stopping` tells the operator what stopping does. Pins
 /// that are there but cannot be read now are logged once per spell (and
 /// once when they can again) and looked at again: a process short of
 /// descriptors must not take itself down for it.
@@ -112,7 +113,7 @@ pub fn watch_maps(
     ids: MapIds,
     stop: Arc<AtomicBool>,
     fault: Arc<Mutex<Option<String>>>,
-    shutdown: Duration,
+    stopping: String,
 ) -> std::io::Result<std::thread::JoinHandle<()>> {
     std::thread::Builder::new()
         .name("weir-map-watch".into())
@@ -144,11 +145,7 @@ pub fn watch_maps(
                     Pins::Replaced(why) => why,
                 };
                 let reason = format!("instance {instance}: {why}");
-                tracing::error!(
-                    event = "maps_replaced",
-                    "{reason}; stopping (new clients are refused, open connections close \
-                     within {shutdown:?}); start `weir run` again to serve the new instance"
-                );
+                tracing::error!(event = "maps_replaced", "{reason}; stopping ({stopping})");
                 *fault.lock().unwrap_or_else(|e| e.into_inner()) = Some(reason);
                 stop.store(true, Ordering::Relaxed);
                 return;

@@ -1,15 +1,18 @@
-//! `weir run` as a daemon: everything around the L7 workers that keeps the
-//! process honest about what it serves and frees what it no longer needs.
+//! weir's two daemons and the plumbing they share (one process per
+//! instance through a lock file, SIGTERM/SIGINT, logs, a watch on the
+//! pinned maps, refusals logged as such):
 //!
-//! - [`maps_watch`]: the pinned maps it started on are still the instance's;
-//! - [`listeners`]: nobody else listens on its addresses;
-//! - [`workers`]: starts and joins the io_uring workers and the metrics
-//!   endpoint;
-//! - [`collector`]: frees removed backends once nothing uses them.
-//!
-//! The health-checking agent to come is another daemon of this kind.
+//! - `weir run` ([`run`]): everything around the L7 workers that keeps the
+//!   process honest about what it serves;
+//!   - [`listeners`]: nobody else listens on its addresses;
+//!   - [`workers`]: starts and joins the io_uring workers and the metrics
+//!     endpoint;
+//! - [`agent`]: `weir agent`, the control-plane work that needs a process:
+//!   health checks and freeing removed backends once nothing uses them;
+//! - [`maps_watch`]: the pinned maps a daemon started on are still the
+//!   instance's.
 
-pub mod collector;
+pub mod agent;
 pub mod listeners;
 pub mod maps_watch;
 pub mod workers;
@@ -32,24 +35,59 @@ pub use maps_watch::{MapIds, WATCH_INTERVAL, watch_maps};
 #[error("{0}")]
 pub struct AlreadyLogged(pub String);
 
-/// `weir run`: sets up its logs, then serves (see [`serve`]). Whatever
-/// stops it early is logged as the refusal it is (`event = "refused"`), in
-/// the log format asked for, so a log shipper sees a refused configuration
-/// as well as a human does.
+/// `weir run`: sets up its logs, then serves (see [`serve`]).
 pub fn run(
     path: Option<&Path>,
     flag: Option<&str>,
     format: logs::Format,
     verbosity: logs::Verbosity,
 ) -> Result<()> {
+    logged(format, verbosity, || serve(path, flag))
+}
+
+/// Sets up a daemon's logs, then runs `serve`. Whatever stops it early is
+/// logged as the refusal it is (`event = "refused"`), in the log format
+/// asked for, so a log shipper sees a refused configuration as well as a
+/// human does.
+pub fn logged(
+    format: logs::Format,
+    verbosity: logs::Verbosity,
+    serve: impl FnOnce() -> Result<()>,
+) -> Result<()> {
     logs::init(format, verbosity).map_err(anyhow::Error::msg)?;
-    match serve(path, flag) {
+    match serve() {
         Err(e) if e.downcast_ref::<AlreadyLogged>().is_none() => {
             tracing::error!(event = "refused", "{e:#}");
             Err(AlreadyLogged(format!("{e:#}")).into())
         }
         other => other,
     }
+}
+
+/// The instance a daemon serves: `--instance` or the file's `instance`,
+/// and whether its maps exist. The flag and a file that sets the key must
+/// agree: serving another instance than the one an operator named is a
+/// silent misroute either way. Daemons run as root only.
+pub fn instance_for(
+    flag: Option<&str>,
+    from_file: bool,
+    configured: &str,
+    set_at: Option<&str>,
+) -> Result<(Instance, bool)> {
+    let name = match (flag, set_at) {
+        (Some(f), Some(at)) if from_file && f != configured => bail!(
+            "--instance {f} conflicts with instance = {configured:?} at {at}; drop one of them"
+        ),
+        (Some(f), _) => f,
+        (None, _) => configured,
+    };
+    let instance = Instance::new(name)?;
+    crate::instance::require_root()?;
+    let exists = instance
+        .pin_dir()
+        .join(weir_ebpf::abi::maps::SERVICES)
+        .exists();
+    Ok((instance, exists))
 }
 
 /// Loads the configuration, checks that the instance exists and that
@@ -61,23 +99,14 @@ fn serve(path: Option<&Path>, flag: Option<&str>) -> Result<()> {
         Some(p) => crate::l7::config::load(p)?,
         None => crate::l7::config::parse(crate::l7::config::DEFAULT, "default configuration")?,
     };
-    // The flag and the file must agree: serving another instance than the
-    // one an operator named is a silent misroute either way.
-    match (flag, &config.instance_set_at) {
-        (Some(f), Some(at)) if path.is_some() && f != config.instance => bail!(
-            "--instance {f} conflicts with instance = {:?} at {at}; drop one of them",
-            config.instance
-        ),
-        (Some(f), _) => config.instance = f.to_string(),
-        (None, _) => {}
-    }
-    let instance = Instance::new(&config.instance)?;
-    crate::instance::require_root()?;
-    if !instance
-        .pin_dir()
-        .join(weir_ebpf::abi::maps::SERVICES)
-        .exists()
-    {
+    let (instance, exists) = instance_for(
+        flag,
+        path.is_some(),
+        &config.instance,
+        config.instance_set_at.as_deref(),
+    )?;
+    config.instance = instance.name().to_string();
+    if !exists {
         let services: std::collections::BTreeSet<String> = config
             .listeners
             .iter()
@@ -140,7 +169,11 @@ fn serve(path: Option<&Path>, flag: Option<&str>) -> Result<()> {
         ids,
         stop.clone(),
         fault.clone(),
-        config.timeouts.shutdown,
+        format!(
+            "new clients are refused, open connections close within {:?}; start `weir run` \
+             again to serve the new instance",
+            config.timeouts.shutdown
+        ),
     )
     .context("starting the map watcher")?;
     let settings = crate::l7::worker::Settings {
@@ -194,4 +227,28 @@ fn serve(path: Option<&Path>, flag: Option<&str>) -> Result<()> {
         return Err(AlreadyLogged(reason).into());
     }
     Ok(())
+}
+
+/// Raises the soft open-files limit to the hard one and returns it: it
+/// caps `weir run`'s connections (each worker's registered-file table) and
+/// `weir agent`'s checks in flight.
+pub fn raise_open_files_limit() -> u64 {
+    let mut limit = libc::rlimit {
+        rlim_cur: 0,
+        rlim_max: 0,
+    };
+    // SAFETY: getrlimit and setrlimit read and fill the struct we pass.
+    unsafe {
+        libc::getrlimit(libc::RLIMIT_NOFILE, &mut limit);
+        if limit.rlim_cur < limit.rlim_max {
+            let raised = libc::rlimit {
+                rlim_cur: limit.rlim_max,
+                rlim_max: limit.rlim_max,
+            };
+            if libc::setrlimit(libc::RLIMIT_NOFILE, &raised) == 0 {
+                limit = raised;
+            }
+        }
+    }
+    limit.rlim_cur
 }

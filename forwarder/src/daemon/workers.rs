@@ -1,12 +1,14 @@
-//! The worker threads of `weir run`: one io_uring worker per core, the
-//! metrics endpoint and the collector, started together (one that cannot
-//! start fails the whole start) and joined together.
+//! The worker threads of `weir run`: one io_uring worker per core and the
+//! metrics endpoint, started together (one that cannot start fails the
+//! whole start) and joined together.
 
 use std::io;
 use std::net::SocketAddr;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+use std::time::Instant;
 
+use crate::l7::ejections::Ejections;
 use crate::l7::files::{self, Sizing};
 use crate::l7::metrics::WorkerMetrics;
 use crate::l7::socket::bind_listeners;
@@ -26,7 +28,7 @@ pub fn serve(
 ) -> io::Result<crate::l7::metrics::Snapshot> {
     let config = &settings.config;
     let cores = std::thread::available_parallelism().map_or(1, |n| n.get());
-    let nofile = open_files_limit();
+    let nofile = super::raise_open_files_limit();
     let sizing = files::size(
         config.max_connections as u64,
         config.workers,
@@ -39,6 +41,9 @@ pub fn serve(
     let (listener_fds, bound) = bind_listeners(&settings.config.listeners, n)?;
     let metrics: Vec<Arc<WorkerMetrics>> =
         (0..n).map(|_| Arc::new(WorkerMetrics::default())).collect();
+    // One outlier table for the process: an ejection holds for every
+    // worker.
+    let outliers = Arc::new(Ejections::new(config.outlier, Instant::now()));
     // A starting daemon holds no connection: counts left by one that died
     // would keep removed backends in the registry forever.
     Maps::open(&settings.instance_dir)
@@ -53,6 +58,7 @@ pub fn serve(
         settings.config.metrics,
         snapshot_file,
         metrics.clone(),
+        outliers.clone(),
         metrics_stop.clone(),
     )
     .map_err(|e| io::Error::new(e.kind(), format!("metrics endpoint: {e}")))?;
@@ -65,20 +71,22 @@ pub fn serve(
         let tx = tx.clone();
         let m = m.clone();
         let open = open.clone();
+        let outliers = outliers.clone();
         handles.push(
             std::thread::Builder::new()
                 .name(format!("weir-worker-{i}"))
                 .spawn(move || -> io::Result<()> {
-                    let mut worker = match Worker::new(&settings, sizing, fds, stop, m, open) {
-                        Ok(w) => {
-                            let _ = tx.send(Ok(()));
-                            w
-                        }
-                        Err(e) => {
-                            let _ = tx.send(Err(io::Error::new(e.kind(), e.to_string())));
-                            return Err(e);
-                        }
-                    };
+                    let mut worker =
+                        match Worker::new(&settings, sizing, fds, stop, m, open, outliers) {
+                            Ok(w) => {
+                                let _ = tx.send(Ok(()));
+                                w
+                            }
+                            Err(e) => {
+                                let _ = tx.send(Err(io::Error::new(e.kind(), e.to_string())));
+                                return Err(e);
+                            }
+                        };
                     worker.run()
                 })?,
         );
@@ -91,29 +99,15 @@ pub fn serve(
             break;
         }
     }
-    // Without the collector, drained backends would never leave the
-    // registry: that fails the start like a worker that cannot start.
-    let collector = started.and_then(|()| {
-        super::collector::collect_removed(&settings, metrics[0].clone(), metrics_stop.clone())
-            .map_err(|e| {
-                io::Error::new(
-                    e.kind(),
-                    format!("starting the thread that frees removed backends: {e}"),
-                )
-            })
-    });
-    let collector = match collector {
-        Ok(c) => c,
-        Err(e) => {
-            stop.store(true, Ordering::Relaxed);
-            for h in handles {
-                let _ = h.join();
-            }
-            metrics_stop.store(true, Ordering::Relaxed);
-            let _ = metrics_thread.join();
-            return Err(e);
+    if let Err(e) = started {
+        stop.store(true, Ordering::Relaxed);
+        for h in handles {
+            let _ = h.join();
         }
-    };
+        metrics_stop.store(true, Ordering::Relaxed);
+        let _ = metrics_thread.join();
+        return Err(e);
+    }
     listening(&bound, &sizing);
     let mut result = Ok(());
     for h in handles {
@@ -127,35 +121,7 @@ pub fn serve(
     }
     metrics_stop.store(true, Ordering::Relaxed);
     let _ = metrics_thread.join();
-    if collector.join().is_err() && result.is_ok() {
-        result = Err(io::Error::other(
-            "the thread that frees removed backends panicked",
-        ));
-    }
-    result.map(|()| crate::l7::metrics::snapshot(&metrics))
-}
-
-/// Raises the soft open-files limit to the hard one and returns it: it
-/// caps each worker's registered-file table.
-fn open_files_limit() -> u64 {
-    let mut limit = libc::rlimit {
-        rlim_cur: 0,
-        rlim_max: 0,
-    };
-    // SAFETY: getrlimit and setrlimit read and fill the struct we pass.
-    unsafe {
-        libc::getrlimit(libc::RLIMIT_NOFILE, &mut limit);
-        if limit.rlim_cur < limit.rlim_max {
-            let raised = libc::rlimit {
-                rlim_cur: limit.rlim_max,
-                rlim_max: limit.rlim_max,
-            };
-            if libc::setrlimit(libc::RLIMIT_NOFILE, &raised) == 0 {
-                limit = raised;
-            }
-        }
-    }
-    limit.rlim_cur
+    result.map(|()| crate::l7::metrics::snapshot_with_outliers(&metrics, &outliers, Instant::now()))
 }
 
 /// Warns when the workers hold fewer connections than `max_connections`

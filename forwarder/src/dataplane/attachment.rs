@@ -28,16 +28,19 @@ pub enum Kind {
     Decap,
     /// The pass-through XDP program on the far end of a veth.
     VethPeer,
+    /// The probe encapsulator (tc egress of `lo` on the LB host).
+    Probe,
 }
 
 impl Kind {
-    const ALL: [Kind; 3] = [Kind::Xdp, Kind::Decap, Kind::VethPeer];
+    const ALL: [Kind; 4] = [Kind::Xdp, Kind::Decap, Kind::VethPeer, Kind::Probe];
 
     pub fn name(self) -> &'static str {
         match self {
             Kind::Xdp => "xdp",
             Kind::Decap => "decap",
             Kind::VethPeer => "veth_peer",
+            Kind::Probe => "probe",
         }
     }
 }
@@ -49,16 +52,18 @@ pub enum Mode {
     Native,
     Generic,
     TcIngress,
+    TcEgress,
 }
 
 impl Mode {
-    const ALL: [Mode; 3] = [Mode::Native, Mode::Generic, Mode::TcIngress];
+    const ALL: [Mode; 4] = [Mode::Native, Mode::Generic, Mode::TcIngress, Mode::TcEgress];
 
     pub fn name(self) -> &'static str {
         match self {
             Mode::Native => "native",
             Mode::Generic => "generic",
             Mode::TcIngress => "tc_ingress",
+            Mode::TcEgress => "tc_egress",
         }
     }
 }

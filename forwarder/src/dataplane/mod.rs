@@ -2,13 +2,15 @@
 //! pinned under the instance directory, so they outlive the `weir` process:
 //! the XDP path keeps forwarding with no daemon, and `detach` is unpinning.
 //! A pin is trusted only once the kernel confirms its link is still on the
-//! device it names (see [`attachment`]).
+//! device it names (see [`attachment`]). Attaching the balancer also
+//! attaches the [`probe`] path the agent's L4 checks take.
 
 pub mod attachment;
 mod netlink;
 mod veth;
 
 pub mod decap_sources;
+pub mod probe;
 
 use std::net::Ipv4Addr;
 
@@ -150,6 +152,15 @@ pub struct Attached {
     pub replaced: Vec<Status>,
 }
 
+/// What `attach` did: the balancer on the device, and the probe path on
+/// `lo` (kept when another device of the namespace already had it; none
+/// when the LB address is not an address of this namespace).
+#[derive(Debug)]
+pub struct AttachedLb {
+    pub xdp: Attached,
+    pub probe: Option<Attached>,
+}
+
 /// This namespace's identity for `dev`.
 fn key_here(kind: Kind, dev: &str) -> Result<Key, DataplaneError> {
     let ifindex = ifindex(dev)?;
@@ -268,14 +279,16 @@ fn pin_verified(
 }
 
 /// Attaches the balancer to `dev`, with `lb_addr` as the outer source of
-/// encapsulated packets.
+/// encapsulated packets, and the probe path beside it when `lb_addr` is an
+/// address of this namespace; if the probe path cannot be set up, the
+/// balancer is detached again.
 pub fn attach(
     instance: &Instance,
     dev: &str,
     lb_addr: Ipv4Addr,
     mode: XdpMode,
     create: CreateOptions,
-) -> Result<Attached, DataplaneError> {
+) -> Result<AttachedLb, DataplaneError> {
     let key = key_here(Kind::Xdp, dev)?;
     if find_live(instance, key)?.is_some() {
         return Err(DataplaneError::AlreadyAttached {
@@ -374,11 +387,34 @@ pub fn attach(
     if let Err(e) = configured {
         return Err(unpin_after(&attachment, e));
     }
-    Ok(Attached {
-        attachment,
-        attached_now: true,
-        replaced,
-    })
+    let probe =
+        uplink_mtu(instance, key.netns).and_then(|mtu| probe::attach(instance, lb_addr, mtu));
+    match probe {
+        Ok(probe) => Ok(AttachedLb {
+            xdp: Attached {
+                attachment,
+                attached_now: true,
+                replaced,
+            },
+            probe,
+        }),
+        Err(e) => Err(unpin_after(&attachment, e)),
+    }
+}
+
+/// The smallest MTU of the devices this instance balances on in `netns`
+/// (this one): a check leaves by whichever the FIB names.
+fn uplink_mtu(instance: &Instance, netns: Netns) -> Result<u32, DataplaneError> {
+    let mut smallest = u32::MAX;
+    for a in scan(instance)?.0 {
+        if a.kind != Kind::Xdp || a.netns != netns || !attachment::status(&a).live {
+            continue;
+        }
+        let link = netlink::link(a.ifindex, None)
+            .map_err(|e| kernel(format!("reading the MTU of {}", a.dev))(e.to_string()))?;
+        smallest = smallest.min(link.mtu);
+    }
+    Ok(smallest)
 }
 
 /// Gives the far end of a veth (`dev`, in this namespace) weir's
@@ -475,9 +511,12 @@ fn one_line(e: &(dyn std::error::Error + 'static)) -> String {
 }
 
 /// Detaches the balancer from `dev` by removing its pinned link; returns
-/// what the link was (a defunct one is removed too, and says so).
-pub fn detach(instance: &Instance, dev: &str) -> Result<Status, DataplaneError> {
-    detach_kind(instance, Kind::Xdp, dev)
+/// what the link was (a defunct one is removed too, and says so), and what
+/// the probe path's was when this was the namespace's last balancer device.
+pub fn detach(instance: &Instance, dev: &str) -> Result<(Status, Option<Status>), DataplaneError> {
+    let xdp = detach_kind(instance, Kind::Xdp, dev)?;
+    let probe = probe::detach_unless_used(instance)?;
+    Ok((xdp, probe))
 }
 
 /// Removes the veth peer program from `dev`.
@@ -582,6 +621,45 @@ pub fn prune(instance: &Instance) -> Result<Vec<Status>, DataplaneError> {
     Ok(removed)
 }
 
+/// Loads `program` of `ebpf` and attaches it with TCX at `direction` of
+/// `dev`, pinned as `key` and confirmed by the kernel, after removing the
+/// pins of earlier links there that no longer work (returned).
+fn attach_tc(
+    instance: &Instance,
+    ebpf: &mut Ebpf,
+    program: &str,
+    direction: TcAttachType,
+    key: Key,
+    dev: &str,
+) -> Result<(Attachment, Vec<Status>), DataplaneError> {
+    let (mode, hook) = match direction {
+        TcAttachType::Ingress => (Mode::TcIngress, "ingress"),
+        TcAttachType::Egress => (Mode::TcEgress, "egress"),
+        TcAttachType::Custom(_) => panic!("weir attaches tc programs at ingress or egress"),
+    };
+    let classifier = load_classifier(ebpf, program)?;
+    let replaced = clear_for(instance, key, dev)?;
+    let id = classifier
+        .attach_with_options(
+            dev,
+            direction,
+            TcAttachOptions::TcxOrder(LinkOrder::default()),
+        )
+        .map_err(|e| {
+            kernel(format!(
+                "attaching {program} to tc {hook} of {dev} (needs TCX, kernel 6.6+)"
+            ))(one_line(&e))
+        })?;
+    let link = classifier
+        .take_link(id)
+        .map_err(|e| kernel("tc link")(e.to_string()))?;
+    let fd_link: FdLink = link
+        .try_into()
+        .map_err(|e: aya::programs::links::LinkError| kernel("tc link")(e.to_string()))?;
+    let attachment = pin_verified(fd_link, instance, key, mode, dev)?;
+    Ok((attachment, replaced))
+}
+
 fn load_decap(instance: &Instance) -> Result<Ebpf, DataplaneError> {
     instance.prepare()?;
     EbpfLoader::new()
@@ -609,33 +687,14 @@ pub fn decap_attach(
     let (attachment, attached_now, replaced) = match live {
         Some(existing) => (existing, false, Vec::new()),
         None => {
-            let program: &mut SchedClassifier = ebpf
-                .program_mut(weir_ebpf::DECAP_PROGRAM)
-                .expect("object defines weir_decap")
-                .try_into()
-                .map_err(|e: aya::programs::ProgramError| kernel("weir_decap")(e.to_string()))?;
-            program
-                .load()
-                .map_err(|e| kernel("the kernel refused the decap program")(one_line(&e)))?;
-            let replaced = clear_for(instance, key, dev)?;
-            let id = program
-                .attach_with_options(
-                    dev,
-                    TcAttachType::Ingress,
-                    TcAttachOptions::TcxOrder(LinkOrder::default()),
-                )
-                .map_err(|e| {
-                    kernel(format!(
-                        "attaching decap to tc ingress of {dev} (needs TCX, kernel 6.6+)"
-                    ))(one_line(&e))
-                })?;
-            let link = program
-                .take_link(id)
-                .map_err(|e| kernel("tc link")(e.to_string()))?;
-            let fd_link: FdLink = link
-                .try_into()
-                .map_err(|e: aya::programs::links::LinkError| kernel("tc link")(e.to_string()))?;
-            let attachment = pin_verified(fd_link, instance, key, Mode::TcIngress, dev)?;
+            let (attachment, replaced) = attach_tc(
+                instance,
+                &mut ebpf,
+                weir_ebpf::DECAP_PROGRAM,
+                TcAttachType::Ingress,
+                key,
+                dev,
+            )?;
             (attachment, true, replaced)
         }
     };
@@ -708,20 +767,29 @@ pub fn decap_detach(instance: &Instance, dev: &str) -> Result<Status, DataplaneE
 /// Decap counters, summed over CPUs, in `abi::DECAP_COUNTERS` order; `None`
 /// if this instance never attached a decapsulator.
 pub fn decap_counters(instance: &Instance) -> Result<Option<Vec<u64>>, DataplaneError> {
-    let path = instance.pin_dir().join(abi::maps::DECAP_STATS);
+    percpu_counters(instance, abi::maps::DECAP_STATS, abi::DECAP_COUNTERS.len())
+}
+
+/// The first `len` counters of the instance's pinned per-CPU array `map`,
+/// summed over CPUs; `None` if the program that makes it was never loaded.
+fn percpu_counters(
+    instance: &Instance,
+    map: &str,
+    len: usize,
+) -> Result<Option<Vec<u64>>, DataplaneError> {
+    let path = instance.pin_dir().join(map);
     if !path.exists() {
         return Ok(None);
     }
     let data =
         MapData::from_pin(&path).map_err(|e| kernel(path.display().to_string())(e.to_string()))?;
-    let map = aya::maps::Map::from_map_data(data)
-        .map_err(|e| kernel("weir_dcap_stats")(e.to_string()))?;
+    let data = aya::maps::Map::from_map_data(data).map_err(|e| kernel(map)(e.to_string()))?;
     let stats: PerCpuArray<&MapData, u64> =
-        PerCpuArray::try_from(&map).map_err(|e| kernel("weir_dcap_stats")(e.to_string()))?;
-    let values = (0..abi::DECAP_COUNTERS.len() as u32)
+        PerCpuArray::try_from(&data).map_err(|e| kernel(map)(e.to_string()))?;
+    let values = (0..len as u32)
         .map(|i| stats.get(&i, 0).map(|v| v.iter().sum()))
         .collect::<Result<Vec<u64>, _>>()
-        .map_err(|e| kernel("weir_dcap_stats")(e.to_string()))?;
+        .map_err(|e| kernel(map)(e.to_string()))?;
     Ok(Some(values))
 }
 
@@ -729,15 +797,24 @@ pub fn decap_counters(instance: &Instance) -> Result<Option<Vec<u64>>, Dataplane
 /// program into the kernel, not attached: for BPF_PROG_RUN tests.
 pub fn load_decap_program(instance: &Instance) -> Result<Ebpf, DataplaneError> {
     let mut ebpf = load_decap(instance)?;
-    let program: &mut SchedClassifier = ebpf
-        .program_mut(weir_ebpf::DECAP_PROGRAM)
-        .expect("object defines weir_decap")
-        .try_into()
-        .map_err(|e: aya::programs::ProgramError| kernel("weir_decap")(e.to_string()))?;
-    program
-        .load()
-        .map_err(|e| kernel("the kernel refused the decap program")(one_line(&e)))?;
+    load_classifier(&mut ebpf, weir_ebpf::DECAP_PROGRAM)?;
     Ok(ebpf)
+}
+
+/// Loads the tc program `program` of `ebpf` into the kernel.
+fn load_classifier<'a>(
+    ebpf: &'a mut Ebpf,
+    program: &str,
+) -> Result<&'a mut SchedClassifier, DataplaneError> {
+    let classifier: &mut SchedClassifier = ebpf
+        .program_mut(program)
+        .unwrap_or_else(|| panic!("object defines {program}"))
+        .try_into()
+        .map_err(|e: aya::programs::ProgramError| kernel(program)(e.to_string()))?;
+    classifier
+        .load()
+        .map_err(|e| kernel(format!("the kernel refused {program}"))(one_line(&e)))?;
+    Ok(classifier)
 }
 
 #[cfg(test)]

@@ -9,6 +9,8 @@ use std::time::Duration;
 
 use serde::{Deserialize, Serialize};
 
+use crate::config_file::{self, Source};
+pub use crate::config_file::{ConfigError, MAX_DURATION, parse_duration};
 use crate::registry::ServiceAddr;
 
 mod builder;
@@ -48,6 +50,24 @@ max_message = 67108864
 [drain]
 window = "30s"           # drained connections close spread over this
 
+# Passive outlier detection: a backend whose connects fail or time out, or
+# that answers the upgrade with a 5xx (or badly, or not in time), this many
+# times in a row leaves this process's choices for base_ejection, doubled at
+# each ejection up to max_ejection, and returns on its own. Per process: not
+# shared between weir run processes.
+[outlier]
+consecutive = 5          # failures in a row that eject (0..=1000; 0: off)
+base_ejection = "10s"    # the first ejection's length (1ms..=24h)
+max_ejection = "5m"      # the longest (base_ejection..=24h)
+max_ejected_percent = 50 # at most this share of a service's active backends is ejected (0..=100)
+
+# Per-service overrides:
+# [[service]]
+# address = "127.0.0.1:8080"
+# drain_window = "5s"
+# drain_unhealthy = true # close (1001) connections to a backend weir agent
+#                        # finds unhealthy; by default they stay
+
 [[listener]]
 listen = "127.0.0.1:8080"
 # shared = true          # only when several weir run serve this address on purpose
@@ -57,16 +77,6 @@ host = "*"
 path_prefix = "/"
 service = "127.0.0.1:8080"
 "#;
-
-/// A refused configuration: where and why.
-#[derive(Debug, thiserror::Error)]
-#[error("{source_name}:{line}:{column}: {reason}")]
-pub struct ConfigError {
-    pub source_name: String,
-    pub line: usize,
-    pub column: usize,
-    pub reason: String,
-}
 
 /// The validated configuration.
 #[derive(Clone, Debug, PartialEq)]
@@ -84,7 +94,25 @@ pub struct Config {
     pub drain_window: Duration,
     /// Per-service drain windows that differ from `drain_window`.
     pub service_drain: Vec<(ServiceAddr, Duration)>,
+    /// Services whose connections to a backend that `weir agent` found
+    /// unhealthy (and that left the ring) are drained with 1001 like a
+    /// removed backend's. Elsewhere they stay: the check may be wrong, the
+    /// connection may be fine.
+    pub drain_unhealthy: Vec<ServiceAddr>,
+    pub outlier: Outlier,
     pub listeners: Vec<Listener>,
+}
+
+/// Passive outlier detection (`[outlier]`, see [`crate::l7::outlier`]).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Outlier {
+    /// Failures in a row that eject a backend; 0: detection is off.
+    pub consecutive: u32,
+    pub base_ejection: Duration,
+    pub max_ejection: Duration,
+    /// At most this share (in percent) of a service's active backends is
+    /// ejected at a time.
+    pub max_ejected_percent: u8,
 }
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -171,6 +199,8 @@ struct RawConfig {
     limits: RawLimits,
     #[serde(default)]
     drain: RawDrain,
+    #[serde(default)]
+    outlier: RawOutlier,
     #[serde(default, rename = "service")]
     services: Vec<RawService>,
     #[serde(rename = "listener")]
@@ -320,9 +350,41 @@ struct RawDrain {
 
 #[derive(Deserialize, Serialize)]
 #[serde(deny_unknown_fields)]
+struct RawOutlier {
+    #[serde(default = "default_consecutive")]
+    consecutive: toml::Spanned<u64>,
+    #[serde(default = "d10s")]
+    base_ejection: toml::Spanned<String>,
+    #[serde(default = "d5m")]
+    max_ejection: toml::Spanned<String>,
+    #[serde(default = "default_ejected_percent")]
+    max_ejected_percent: toml::Spanned<u64>,
+}
+
+impl Default for RawOutlier {
+    fn default() -> Self {
+        Self {
+            consecutive: default_consecutive(),
+            base_ejection: d10s(),
+            max_ejection: d5m(),
+            max_ejected_percent: default_ejected_percent(),
+        }
+    }
+}
+
+fn default_consecutive() -> toml::Spanned<u64> {
+    toml::Spanned::new(0..0, 5)
+}
+fn default_ejected_percent() -> toml::Spanned<u64> {
+    toml::Spanned::new(0..0, 50)
+}
+
+#[derive(Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
 struct RawService {
     address: toml::Spanned<String>,
-    drain_window: toml::Spanned<String>,
+    drain_window: Option<toml::Spanned<String>>,
+    drain_unhealthy: Option<bool>,
 }
 
 #[derive(Deserialize, Serialize)]
@@ -352,54 +414,6 @@ fn root_prefix() -> toml::Spanned<String> {
     toml::Spanned::new(0..0, "/".into())
 }
 
-/// Parses a duration: a number, which may have a fraction, and a unit
-/// `ms`, `s`, `m` or `h` (`250ms`, `1.5s`, `5m`, `0.5h`).
-pub fn parse_duration(s: &str) -> Result<Duration, String> {
-    let s = s.trim();
-    let split = s
-        .find(|c: char| !c.is_ascii_digit() && c != '.')
-        .unwrap_or(s.len());
-    let (num, unit) = s.split_at(split);
-    let nanos_per_unit: u128 = match unit {
-        "ms" => 1_000_000,
-        "s" => 1_000_000_000,
-        "m" => 60_000_000_000,
-        "h" => 3_600_000_000_000,
-        _ if num.is_empty() => {
-            return Err(format!(
-                "{s:?} is not a duration: write a number and a unit ms, s, m or h, \
-                 e.g. 250ms, 1.5s, 5m"
-            ));
-        }
-        _ => {
-            return Err(format!(
-                "{s:?}: the unit must be ms, s, m or h (e.g. 250ms, 1.5s, 5m)"
-            ));
-        }
-    };
-    let (whole, fraction) = num.split_once('.').unwrap_or((num, "0"));
-    let digits = |d: &str| !d.is_empty() && d.bytes().all(|b| b.is_ascii_digit());
-    if !digits(whole) || !digits(fraction) || fraction.len() > 9 {
-        return Err(format!(
-            "{s:?} is not a duration: write a number (at most 9 decimals) and a unit ms, s, m \
-             or h, e.g. 250ms, 1.5s, 5m"
-        ));
-    }
-    let too_long = || format!("{s:?} is too long");
-    let whole: u128 = whole.parse().map_err(|_| too_long())?;
-    let fraction: u128 = format!("{fraction:0<9}").parse().map_err(|_| too_long())?;
-    let nanos = whole
-        .checked_mul(nanos_per_unit)
-        .and_then(|n| n.checked_add(fraction * nanos_per_unit / 1_000_000_000))
-        .ok_or_else(too_long)?;
-    u64::try_from(nanos)
-        .map(Duration::from_nanos)
-        .map_err(|_| too_long())
-}
-
-/// The longest duration any setting takes; longer ones are surely typos
-/// (and some would overflow the clock arithmetic).
-pub const MAX_DURATION: Duration = Duration::from_secs(24 * 3600);
 /// The shortest keepalive ping interval.
 pub const MIN_PING_INTERVAL: Duration = Duration::from_millis(100);
 /// Upper bounds of the numeric settings: beyond them a process runs out of
@@ -410,6 +424,9 @@ pub const MAX_CONNECTIONS: u64 = 1 << 20;
 pub const MAX_POOL_BYTES: u64 = 1 << 30;
 pub const MAX_FRAME_BYTES: u64 = 1 << 30;
 pub const MAX_LISTENERS: usize = 64;
+/// More failures in a row than this before an ejection would be no
+/// detection at all.
+pub const MAX_CONSECUTIVE: u64 = 1000;
 pub const MAX_ROUTES: usize = 1024;
 /// Listening sockets of all workers together (each worker has one per
 /// listener): they count against the process's open files, with clients.
@@ -420,88 +437,21 @@ pub const MAX_TOTAL_POOL_BYTES: u64 = 64 << 30;
 
 /// Reads and validates a configuration file.
 pub fn load(path: &Path) -> Result<Config, ConfigError> {
-    let text = std::fs::read_to_string(path).map_err(|e| ConfigError {
-        source_name: path.display().to_string(),
-        line: 0,
-        column: 0,
-        reason: format!("cannot read: {e}"),
-    })?;
-    parse(&text, &path.display().to_string())
+    parse(&config_file::read(path)?, &path.display().to_string())
 }
 
 /// Parses and validates configuration text; `name` appears in errors.
 pub fn parse(text: &str, name: &str) -> Result<Config, ConfigError> {
-    let at = |span: std::ops::Range<usize>, reason: String| {
-        let upto = &text[..span.start.min(text.len())];
-        let line = upto.matches('\n').count() + 1;
-        let column = upto.len() - upto.rfind('\n').map_or(0, |i| i + 1) + 1;
-        ConfigError {
-            source_name: name.into(),
-            line,
-            column,
-            reason,
-        }
-    };
-    let raw: RawConfig = toml::from_str(text).map_err(|e| {
-        let reason = e.message().to_string();
-        at(e.span().unwrap_or(0..0), reason)
-    })?;
-
-    // Every error names the key as written (`table.key`), the value, and
-    // what is allowed.
-    let duration = |s: &toml::Spanned<String>, key: &str, min: Duration| {
-        let value = parse_duration(s.get_ref()).map_err(|r| at(s.span(), format!("{key}: {r}")))?;
-        if value < min || value > MAX_DURATION {
-            let low = if min.is_zero() {
-                "0s".to_string()
-            } else {
-                format!("{min:?}")
-            };
-            return Err(at(
-                s.span(),
-                format!("{key} = {:?}: must be from {low} to 24h", s.get_ref()),
-            ));
-        }
-        Ok(value)
-    };
-    let range = |v: &toml::Spanned<u64>, key: &str, min: u64, max: u64, note: &str| {
-        let value = *v.get_ref();
-        if (min..=max).contains(&value) {
-            Ok(value)
-        } else {
-            Err(at(
-                v.span(),
-                format!("{key} = {value}: must be {min}..={max}{note}"),
-            ))
-        }
-    };
-    let addr = |s: &toml::Spanned<String>, key: &str| {
-        s.get_ref().parse::<SocketAddr>().map_err(|_| {
-            at(
-                s.span(),
-                format!(
-                    "{key} = {:?}: must be IP:PORT, e.g. 127.0.0.1:8080 or [::1]:8080",
-                    s.get_ref()
-                ),
-            )
-        })
-    };
-    let service = |s: &toml::Spanned<String>, key: &str| {
-        s.get_ref()
-            .parse::<ServiceAddr>()
-            .map_err(|r| at(s.span(), format!("{key}: {r}")))
-    };
+    let src = Source::new(text, name);
+    let at = |span, reason| src.error(span, reason);
+    let raw: RawConfig = src.parse()?;
+    let duration = |s, key, min| src.duration(s, key, min);
+    let range = |v, key, min, max, note| src.range(v, key, min, max, note);
+    let addr = |s, key| src.addr(s, key);
+    let service = |s, key| src.service(s, key);
 
     let (instance, instance_set_at) = match &raw.instance {
-        Some(i) => {
-            crate::instance::Instance::new(i.get_ref())
-                .map_err(|e| at(i.span(), format!("instance: {e}")))?;
-            let place = at(i.span(), String::new());
-            (
-                i.get_ref().clone(),
-                Some(format!("{}:{}", place.source_name, place.line)),
-            )
-        }
+        Some(i) => (src.instance(i)?, Some(src.place(i.span()))),
         None => ("default".to_string(), None),
     };
     let rt = &raw.runtime;
@@ -623,17 +573,63 @@ pub fn parse(text: &str, name: &str) -> Result<Config, ConfigError> {
         ));
     }
     let mut service_drain: Vec<(ServiceAddr, Duration)> = Vec::new();
+    let mut drain_unhealthy = Vec::new();
+    let mut listed: Vec<ServiceAddr> = Vec::new();
     for s in &raw.services {
         let addr = service(&s.address, "service.address")?;
-        if service_drain.iter().any(|(a, _)| *a == addr) {
+        if listed.contains(&addr) {
             return Err(at(
                 s.address.span(),
                 format!("service.address = \"{addr}\" is listed twice"),
             ));
         }
-        let window = duration(&s.drain_window, "service.drain_window", Duration::ZERO)?;
-        service_drain.push((addr, window));
+        listed.push(addr);
+        if s.drain_window.is_none() && s.drain_unhealthy.is_none() {
+            return Err(at(
+                s.address.span(),
+                format!(
+                    "[[service]] {addr} sets nothing: give it drain_window and/or \
+                     drain_unhealthy"
+                ),
+            ));
+        }
+        if let Some(w) = &s.drain_window {
+            let window = duration(w, "service.drain_window", Duration::ZERO)?;
+            service_drain.push((addr, window));
+        }
+        if s.drain_unhealthy == Some(true) {
+            drain_unhealthy.push(addr);
+        }
     }
+    let o = &raw.outlier;
+    let base_ejection = duration(&o.base_ejection, "outlier.base_ejection", positive)?;
+    let outlier = Outlier {
+        consecutive: range(
+            &o.consecutive,
+            "outlier.consecutive",
+            0,
+            MAX_CONSECUTIVE,
+            " (0: off)",
+        )? as u32,
+        base_ejection,
+        max_ejection: duration(&o.max_ejection, "outlier.max_ejection", base_ejection).map_err(
+            |e| ConfigError {
+                reason: format!(
+                    "{} (from outlier.base_ejection = {:?})",
+                    e.reason,
+                    o.base_ejection.get_ref()
+                ),
+                ..e
+            },
+        )?,
+        max_ejected_percent: range(
+            &o.max_ejected_percent,
+            "outlier.max_ejected_percent",
+            0,
+            100,
+            "",
+        )? as u8,
+    };
     let metrics = raw
         .metrics
         .listen
@@ -759,6 +755,8 @@ pub fn parse(text: &str, name: &str) -> Result<Config, ConfigError> {
         limits,
         drain_window,
         service_drain,
+        drain_unhealthy,
+        outlier,
         listeners,
     })
 }
@@ -777,31 +775,55 @@ mod tests {
         assert_eq!(c.timeouts.ping_interval, None);
         assert_eq!(c.drain_window, Duration::from_secs(30));
         assert_eq!(c.metrics, Some("127.0.0.1:9100".parse().unwrap()));
+        assert!(c.drain_unhealthy.is_empty(), "unhealthy: stay by default");
+        assert_eq!(
+            c.outlier,
+            Outlier {
+                consecutive: 5,
+                base_ejection: Duration::from_secs(10),
+                max_ejection: Duration::from_secs(300),
+                max_ejected_percent: 50,
+            }
+        );
     }
 
     #[test]
-    fn durations() {
-        assert_eq!(parse_duration("250ms"), Ok(Duration::from_millis(250)));
-        assert_eq!(parse_duration("10s"), Ok(Duration::from_secs(10)));
-        assert_eq!(parse_duration("5m"), Ok(Duration::from_secs(300)));
-        assert_eq!(parse_duration("1h"), Ok(Duration::from_secs(3600)));
-        for bad in ["", "s", "10", "10x", "-1s", "99999999999999999999h"] {
-            assert!(parse_duration(bad).is_err(), "{bad}");
-        }
+    fn services_set_a_drain_window_and_drain_unhealthy_apart() {
+        let text = DEFAULT.replace(
+            "# Per-service overrides:",
+            "[[service]]\naddress = \"198.19.0.2:80\"\ndrain_unhealthy = true\n\
+             [[service]]\naddress = \"198.19.0.3:80\"\ndrain_window = \"5s\"\n\
+             drain_unhealthy = false\n",
+        );
+        let c = parse(&text, "t").unwrap();
+        assert_eq!(c.drain_unhealthy, ["198.19.0.2:80".parse().unwrap()]);
+        assert_eq!(
+            c.service_drain,
+            [("198.19.0.3:80".parse().unwrap(), Duration::from_secs(5))]
+        );
     }
 
     #[test]
-    fn durations_take_fractions() {
-        assert_eq!(parse_duration("1.5s"), Ok(Duration::from_millis(1500)));
-        assert_eq!(parse_duration("0.25m"), Ok(Duration::from_secs(15)));
-        assert_eq!(parse_duration("2.5ms"), Ok(Duration::from_micros(2500)));
-        assert_eq!(parse_duration("0.5h"), Ok(Duration::from_secs(1800)));
-        for bad in [".5s", "1.s", "1.2.3s", "1.0000000001s"] {
-            let e = parse_duration(bad).expect_err(bad);
-            assert!(e.contains("e.g. 250ms, 1.5s, 5m"), "{bad}: {e}");
-        }
-        let e = parse_duration("1.5 sec").unwrap_err();
-        assert!(e.contains("unit must be ms, s, m or h"), "{e}");
+    fn outlier_detection_can_be_off_and_unknown_keys_are_refused() {
+        let c = parse(&format!("{MIN}[outlier]\nconsecutive = 0\n"), "weir.toml").unwrap();
+        assert_eq!(c.outlier.consecutive, 0);
+        let c = parse(
+            &format!("{MIN}[outlier]\nbase_ejection = \"1s\"\nmax_ejection = \"1s\"\n"),
+            "weir.toml",
+        )
+        .unwrap();
+        assert_eq!(
+            c.outlier.max_ejection,
+            Duration::from_secs(1),
+            "max may equal base"
+        );
+        let e = err(&format!(
+            "{MIN}[outlier]\nconsecutive = 5\ninterval = \"1s\"\n"
+        ));
+        assert_eq!(e.line, 7, "{e}");
+        assert!(e.reason.contains("interval"), "{e}");
+        let e = err(&format!("{MIN}[outlier]\nconsecutive = -1\n"));
+        assert_eq!(e.line, 6, "{e}");
     }
 
     /// Every key with a range: the error names the key, the value, the
@@ -854,6 +876,14 @@ mod tests {
                 "drain.window = \"48h\": must be from 0s to 24h",
             ),
             (
+                "[[service]]\naddress = \"127.0.0.1:8080\"\n",
+                "[[service]] 127.0.0.1:8080 sets nothing: give it drain_window and/or drain_unhealthy",
+            ),
+            (
+                "[[service]]\naddress = \"127.0.0.1:8080\"\ndrain_unhealthy = \"yes\"\n",
+                "invalid type: string \"yes\", expected a boolean",
+            ),
+            (
                 "[timeouts]\nping_interval = \"1ms\"\n",
                 "timeouts.ping_interval = \"1ms\": must be 0s (off) or from 100ms to 24h",
             ),
@@ -872,6 +902,26 @@ mod tests {
             (
                 "[limits]\nmax_head_bytes = 1\n",
                 "limits.max_head_bytes = 1: must be 512..=65536",
+            ),
+            (
+                "[outlier]\nconsecutive = 1001\n",
+                "outlier.consecutive = 1001: must be 0..=1000 (0: off)",
+            ),
+            (
+                "[outlier]\nbase_ejection = \"0s\"\n",
+                "outlier.base_ejection = \"0s\": must be from 1ms to 24h",
+            ),
+            (
+                "[outlier]\nbase_ejection = \"1m\"\nmax_ejection = \"30s\"\n",
+                "outlier.max_ejection = \"30s\": must be from 60s to 24h (from outlier.base_ejection = \"1m\")",
+            ),
+            (
+                "[outlier]\nmax_ejection = \"2d\"\n",
+                "outlier.max_ejection: \"2d\": the unit must be",
+            ),
+            (
+                "[outlier]\nmax_ejected_percent = 101\n",
+                "outlier.max_ejected_percent = 101: must be 0..=100",
             ),
         ];
         for (table, want) in cases {
@@ -949,6 +999,7 @@ mod tests {
         let d = parse(DEFAULT, "default").unwrap();
         assert_eq!(c.timeouts, d.timeouts);
         assert_eq!(c.limits, d.limits);
+        assert_eq!(c.outlier, d.outlier);
         assert_eq!(c.listeners[0].routes[0].host, "*");
         assert_eq!(c.metrics, None);
     }

@@ -63,6 +63,10 @@ pub enum Event {
     Rejected { status: u16, reason: &'static str },
     /// Connected to the backend.
     Connected { backend: u32, addr: SocketAddr },
+    /// The backend failed the upgrade: it answered with a server error
+    /// (5xx), badly, not in time, or closed. A 4xx is the client's request
+    /// refused, not this.
+    UpgradeFailed { backend: u32 },
     /// A connect failed (refused, or cut for taking too long); the
     /// backend's socket is of no more use and another may be tried.
     ConnectFailed {
@@ -816,10 +820,13 @@ impl Conn {
                 self.deadline = None;
                 self.orders |= CANCEL_CONNECT;
             }
-            Phase::BackendHead => self.reject(
-                cx,
-                reject(504, "backend did not answer the handshake in time"),
-            ),
+            Phase::BackendHead => {
+                self.upgrade_failed(cx);
+                self.reject(
+                    cx,
+                    reject(504, "backend did not answer the handshake in time"),
+                )
+            }
             // Relay has a deadline only while weir closes it (a peer
             // stuck mid-frame); pass-through has one for the answer.
             Phase::Closing | Phase::Relay | Phase::PassThrough => self.abort(cx),
@@ -856,8 +863,14 @@ impl Conn {
         let key = &hs.request.as_ref().expect("parsed").key;
         match handshake::parse_response(&hs.head, key, &limits) {
             Ok(None) => {}
-            Err(reject) => self.reject(cx, reject),
-            Ok(Some(BackendResponse::Other { .. })) => {
+            Err(reject) => {
+                self.upgrade_failed(cx);
+                self.reject(cx, reject)
+            }
+            Ok(Some(BackendResponse::Other { status, .. })) => {
+                if status >= 500 {
+                    self.upgrade_failed(cx);
+                }
                 let head = std::mem::take(&mut self.hs().head);
                 self.client.segs.push_back(Seg::owned(head));
                 self.phase = Phase::PassThrough;
@@ -893,6 +906,13 @@ impl Conn {
                     self.relay_owned(cx, Side::Client, early);
                 }
             }
+        }
+    }
+
+    /// Reports that the backend in use failed the upgrade.
+    fn upgrade_failed(&self, cx: &mut Cx) {
+        if let Some(b) = self.backend {
+            cx.out.events.push(Event::UpgradeFailed { backend: b.id });
         }
     }
 
@@ -1082,6 +1102,7 @@ impl Conn {
             Phase::ClientHead | Phase::Connecting | Phase::BackendHead => match from {
                 Side::Client => self.abort(cx),
                 Side::Backend => {
+                    self.upgrade_failed(cx);
                     self.reject(cx, reject(502, "backend closed during the handshake"))
                 }
             },

@@ -15,6 +15,8 @@ use std::time::Duration;
 
 use serde::{Deserialize, Serialize};
 
+use super::ejections::Ejections;
+
 /// One worker's counters.
 #[derive(Default)]
 pub struct WorkerMetrics {
@@ -44,10 +46,6 @@ pub struct WorkerMetrics {
     /// tried after each.
     pub backend_connect_refused: AtomicU64,
     pub backend_connect_timeouts: AtomicU64,
-    /// Failed rounds of freeing removed backends (they stay `removed`
-    /// meanwhile). Counted by the collector thread into the first worker's
-    /// set; every counter is summed over workers.
-    pub registry_collect_errors: AtomicU64,
     maps: Mutex<Maps>,
 }
 
@@ -169,8 +167,6 @@ pub struct Snapshot {
     #[serde(default)]
     pub backend_socket_errors: u64,
     #[serde(default)]
-    pub registry_collect_errors: u64,
-    #[serde(default)]
     pub backend_connect_refused: u64,
     #[serde(default)]
     pub backend_connect_timeouts: u64,
@@ -178,6 +174,44 @@ pub struct Snapshot {
     pub backends: BTreeMap<String, (u64, u64)>,
     pub handshakes: BTreeMap<String, u64>,
     pub closes: BTreeMap<String, u64>,
+    /// Outlier detection's record of the backends that failed, per
+    /// process (not per worker).
+    #[serde(default)]
+    pub outliers: Vec<OutlierRow>,
+}
+
+/// One backend as outlier detection sees it.
+#[derive(Clone, Serialize, Deserialize, Debug, PartialEq, Eq, PartialOrd, Ord)]
+pub struct OutlierRow {
+    pub service: String,
+    pub backend: String,
+    /// Out of choice now.
+    pub ejected: bool,
+    pub ejections: u64,
+    /// Ejections refused for `max_ejected_percent`.
+    pub refused: u64,
+}
+
+/// The snapshot of `workers` with outlier detection's rows at `now`.
+pub fn snapshot_with_outliers(
+    workers: &[Arc<WorkerMetrics>],
+    outliers: &Ejections,
+    now: std::time::Instant,
+) -> Snapshot {
+    let mut s = snapshot(workers);
+    s.outliers = outliers
+        .rows(now)
+        .into_iter()
+        .map(|r| OutlierRow {
+            service: r.service.to_string(),
+            backend: r.addr.to_string(),
+            ejected: r.ejected,
+            ejections: r.ejections_total,
+            refused: r.refused_total,
+        })
+        .collect();
+    s.outliers.sort();
+    s
 }
 
 pub fn snapshot(workers: &[Arc<WorkerMetrics>]) -> Snapshot {
@@ -196,7 +230,6 @@ pub fn snapshot(workers: &[Arc<WorkerMetrics>]) -> Snapshot {
         s.closes_undelivered_to_backend += get(&w.closes_undelivered_to_backend);
         s.registry_refresh_errors += get(&w.registry_refresh_errors);
         s.backend_socket_errors += get(&w.backend_socket_errors);
-        s.registry_collect_errors += get(&w.registry_collect_errors);
         s.backend_connect_refused += get(&w.backend_connect_refused);
         s.backend_connect_timeouts += get(&w.backend_connect_timeouts);
         let m = w.maps.lock().unwrap_or_else(|e| e.into_inner()).clone();
@@ -222,10 +255,7 @@ pub fn snapshot(workers: &[Arc<WorkerMetrics>]) -> Snapshot {
 pub fn render(s: &Snapshot) -> String {
     let mut out = String::new();
     let mut metric = |name: &str, kind: &str, help: &str, rows: Vec<(String, u64)>| {
-        out.push_str(&format!("# HELP {name} {help}\n# TYPE {name} {kind}\n"));
-        for (labels, v) in rows {
-            out.push_str(&format!("{name}{labels} {v}\n"));
-        }
+        crate::prometheus::family(&mut out, name, kind, help, rows)
     };
     metric(
         "weir_l7_accepted_total",
@@ -355,12 +385,6 @@ pub fn render(s: &Snapshot) -> String {
         vec![(String::new(), s.backend_socket_errors)],
     );
     metric(
-        "weir_l7_registry_collect_errors_total",
-        "counter",
-        "Failed rounds of freeing removed backends that nothing uses any more.",
-        vec![(String::new(), s.registry_collect_errors)],
-    );
-    metric(
         "weir_l7_backend_connect_failures_total",
         "counter",
         "Connects to backends that failed or timed out (another backend was tried).",
@@ -368,6 +392,35 @@ pub fn render(s: &Snapshot) -> String {
             ("{reason=\"refused\"}".into(), s.backend_connect_refused),
             ("{reason=\"timeout\"}".into(), s.backend_connect_timeouts),
         ],
+    );
+    let outlier_labels =
+        |r: &OutlierRow| format!("{{service=\"{}\",backend=\"{}\"}}", r.service, r.backend);
+    metric(
+        "weir_l7_outlier_ejections_total",
+        "counter",
+        "Times outlier detection took a backend out of this process's choices.",
+        s.outliers
+            .iter()
+            .map(|r| (outlier_labels(r), r.ejections))
+            .collect(),
+    );
+    metric(
+        "weir_l7_outlier_ejected",
+        "gauge",
+        "1 while outlier detection keeps a backend out of this process's choices.",
+        s.outliers
+            .iter()
+            .map(|r| (outlier_labels(r), u64::from(r.ejected)))
+            .collect(),
+    );
+    metric(
+        "weir_l7_outlier_ejections_refused_total",
+        "counter",
+        "Ejections refused because outlier.max_ejected_percent of the service's backends were out.",
+        s.outliers
+            .iter()
+            .map(|r| (outlier_labels(r), r.refused))
+            .collect(),
     );
     out
 }
@@ -378,52 +431,52 @@ pub fn serve(
     addr: Option<SocketAddr>,
     snapshot_file: std::path::PathBuf,
     workers: Vec<Arc<WorkerMetrics>>,
+    outliers: Arc<Ejections>,
     stop: Arc<AtomicBool>,
 ) -> std::io::Result<std::thread::JoinHandle<()>> {
     let listener = addr.map(TcpListener::bind).transpose()?;
     if let Some(l) = &listener {
         l.set_nonblocking(true)?;
     }
-    std::thread::Builder::new().name("weir-metrics".into()).spawn(move || {
-        let mut last_write = std::time::Instant::now() - Duration::from_secs(2);
-        loop {
-            let done = stop.load(Ordering::Relaxed);
-            if last_write.elapsed() >= Duration::from_secs(1) || done {
-                let snap = snapshot(&workers);
-                if let Ok(json) = serde_json::to_vec(&snap) {
-                    let tmp = snapshot_file.with_extension("tmp");
-                    if std::fs::write(&tmp, json).is_ok() {
-                        let _ = std::fs::rename(&tmp, &snapshot_file);
+    std::thread::Builder::new()
+        .name("weir-metrics".into())
+        .spawn(move || {
+            let mut last_write = std::time::Instant::now() - Duration::from_secs(2);
+            loop {
+                let done = stop.load(Ordering::Relaxed);
+                if last_write.elapsed() >= Duration::from_secs(1) || done {
+                    let snap =
+                        snapshot_with_outliers(&workers, &outliers, std::time::Instant::now());
+                    if let Ok(json) = serde_json::to_vec(&snap) {
+                        let tmp = snapshot_file.with_extension("tmp");
+                        if std::fs::write(&tmp, json).is_ok() {
+                            let _ = std::fs::rename(&tmp, &snapshot_file);
+                        }
                     }
+                    last_write = std::time::Instant::now();
                 }
-                last_write = std::time::Instant::now();
+                if done {
+                    return;
+                }
+                if let Some(l) = &listener
+                    && let Ok((mut s, _)) = l.accept()
+                {
+                    let _ = s.set_nonblocking(false);
+                    let _ = s.set_read_timeout(Some(Duration::from_secs(2)));
+                    let mut req = [0u8; 1024];
+                    let n = s.read(&mut req).unwrap_or(0);
+                    let _ = s.write_all(&crate::prometheus::answer(&req[..n], || {
+                        render(&snapshot_with_outliers(
+                            &workers,
+                            &outliers,
+                            std::time::Instant::now(),
+                        ))
+                    }));
+                    continue;
+                }
+                std::thread::sleep(Duration::from_millis(20));
             }
-            if done {
-                return;
-            }
-            if let Some(l) = &listener
-                && let Ok((mut s, _)) = l.accept()
-            {
-                let _ = s.set_nonblocking(false);
-                let _ = s.set_read_timeout(Some(Duration::from_secs(2)));
-                let mut req = [0u8; 1024];
-                let n = s.read(&mut req).unwrap_or(0);
-                let ok = req[..n].starts_with(b"GET /metrics ");
-                let (status, body) = if ok {
-                    ("200 OK", render(&snapshot(&workers)))
-                } else {
-                    ("404 Not Found", "try /metrics\n".to_string())
-                };
-                let _ = write!(
-                    s,
-                    "HTTP/1.1 {status}\r\nContent-Type: text/plain; version=0.0.4\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{body}",
-                    body.len()
-                );
-                continue;
-            }
-            std::thread::sleep(Duration::from_millis(20));
-        }
-    })
+        })
 }
 
 #[cfg(test)]
@@ -459,6 +512,46 @@ mod tests {
         );
     }
 
+    /// The rows come from the process's table, not summed per worker.
+    #[test]
+    fn outlier_rows_come_from_the_shared_table() {
+        let settings = crate::l7::config::Outlier {
+            consecutive: 1,
+            base_ejection: Duration::from_secs(10),
+            max_ejection: Duration::from_secs(60),
+            max_ejected_percent: 100,
+        };
+        let now = std::time::Instant::now();
+        let table = Ejections::new(settings, now);
+        let backend: SocketAddr = "127.0.0.1:9003".parse().unwrap();
+        table.failed(
+            crate::l7::outlier::Subject {
+                id: 4,
+                addr: backend,
+                service: "198.19.0.1:80".parse().unwrap(),
+                active: 2,
+            },
+            now,
+        );
+        let workers = [
+            Arc::new(WorkerMetrics::default()),
+            Arc::new(WorkerMetrics::default()),
+        ];
+        let s = snapshot_with_outliers(&workers, &table, now);
+        assert_eq!(
+            s.outliers,
+            [OutlierRow {
+                service: "198.19.0.1:80".into(),
+                backend: "127.0.0.1:9003".into(),
+                ejected: true,
+                ejections: 1,
+                refused: 0,
+            }]
+        );
+        let later = snapshot_with_outliers(&workers, &table, now + Duration::from_secs(10));
+        assert!(!later.outliers[0].ejected, "back after its time");
+    }
+
     #[test]
     fn a_backend_series_goes_only_once_its_connections_did() {
         let m = WorkerMetrics::default();
@@ -486,10 +579,16 @@ mod tests {
         a.registry_refresh_errors.fetch_add(2, Ordering::Relaxed);
         b.registry_refresh_errors.fetch_add(1, Ordering::Relaxed);
         b.backend_socket_errors.fetch_add(1, Ordering::Relaxed);
-        a.registry_collect_errors.fetch_add(4, Ordering::Relaxed);
         a.backend_connect_refused.fetch_add(2, Ordering::Relaxed);
         b.backend_connect_timeouts.fetch_add(1, Ordering::Relaxed);
-        let s = snapshot(&[a, b]);
+        let mut s = snapshot(&[a, b]);
+        s.outliers.push(OutlierRow {
+            service: "198.19.0.1:80".into(),
+            backend: "127.0.0.1:9002".into(),
+            ejected: true,
+            ejections: 2,
+            refused: 3,
+        });
         assert_eq!(s.backends["127.0.0.1:9001"], (1, 2));
         assert_eq!(s.handshakes["404"], 2);
         let text = render(&s);
@@ -503,9 +602,11 @@ mod tests {
             "# TYPE weir_l7_drains_in_progress gauge",
             "weir_l7_registry_refresh_errors_total 3",
             "weir_l7_backend_socket_errors_total 1",
-            "weir_l7_registry_collect_errors_total 4",
             "weir_l7_backend_connect_failures_total{reason=\"refused\"} 2",
             "weir_l7_backend_connect_failures_total{reason=\"timeout\"} 1",
+            "weir_l7_outlier_ejections_total{service=\"198.19.0.1:80\",backend=\"127.0.0.1:9002\"} 2",
+            "weir_l7_outlier_ejected{service=\"198.19.0.1:80\",backend=\"127.0.0.1:9002\"} 1",
+            "weir_l7_outlier_ejections_refused_total{service=\"198.19.0.1:80\",backend=\"127.0.0.1:9002\"} 3",
         ] {
             assert!(
                 text.lines().any(|l| l == line),

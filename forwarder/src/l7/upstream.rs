@@ -8,8 +8,12 @@
 use std::collections::HashMap;
 use std::io;
 use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::Instant;
 
+use super::ejections::Ejections;
 use super::handshake::{Reject, reject};
+use super::outlier::Subject;
 use super::view::RegistryView;
 use crate::registry::ServiceAddr;
 
@@ -63,20 +67,27 @@ impl Attempts {
     }
 }
 
-/// The worker's side of backend choice: the registry view and how many
+/// The worker's side of backend choice: the registry view, how many
 /// connections this worker holds per backend (which least-connections
-/// picks weigh, and which keep a removed backend in the registry).
+/// picks weigh, and which keep a removed backend in the registry), and the
+/// process's outlier table (whose ejected backends picks pass over).
 pub struct Upstream {
     view: RegistryView,
     live: HashMap<u32, u32>,
+    outliers: Arc<Ejections>,
 }
 
 impl Upstream {
-    pub fn new(view: RegistryView) -> Self {
+    pub fn new(view: RegistryView, outliers: Arc<Ejections>) -> Self {
         Self {
             view,
             live: HashMap::new(),
+            outliers,
         }
+    }
+
+    pub fn outliers(&self) -> &Ejections {
+        &self.outliers
     }
 
     pub fn view(&self) -> &RegistryView {
@@ -87,13 +98,15 @@ impl Upstream {
         &mut self.view
     }
 
-    /// The next backend to try for `service`, or the refusal when there is
-    /// none. `random` seeds the pick (Maglev/hash as the view does it).
+    /// The next backend to try for `service` at `now`, or the refusal when
+    /// there is none. `random` seeds the pick (Maglev/hash as the view does
+    /// it).
     pub fn pick(
         &self,
         service: &ServiceAddr,
         attempts: &Attempts,
         random: [u32; 2],
+        now: Instant,
     ) -> Result<(u32, SocketAddr), Reject> {
         if !self.view.has_service(service) {
             return Err(NO_SERVICE);
@@ -101,12 +114,34 @@ impl Upstream {
         if attempts.tried.len() >= MAX_ATTEMPTS {
             return Err(attempts.exhausted());
         }
-        let live = &self.live;
+        let (live, outliers) = (&self.live, &self.outliers);
         self.view
-            .pick(service, random, &attempts.tried, |id| {
-                live.get(&id).copied().unwrap_or(0)
-            })
+            .pick(
+                service,
+                random,
+                &attempts.tried,
+                |id| live.get(&id).copied().unwrap_or(0),
+                |id| outliers.is_ejected(id, now),
+            )
             .ok_or_else(|| attempts.exhausted())
+    }
+
+    /// A connection to backend `id` of `service` failed at `now` (its
+    /// connect, or its upgrade): outlier detection counts it.
+    pub fn failed(&self, service: ServiceAddr, id: u32, addr: SocketAddr, now: Instant) {
+        let active = self.view.active_backends(&service);
+        let subject = Subject {
+            id,
+            addr,
+            service,
+            active,
+        };
+        self.outliers.failed(subject, now);
+    }
+
+    /// Backend `id` upgraded a connection: its run of failures is over.
+    pub fn succeeded(&self, id: u32) {
+        self.outliers.succeeded(id);
     }
 
     /// A connection uses backend `id` from the pick on: a backend being

@@ -30,13 +30,14 @@ pub struct BackendView {
 struct ServiceView {
     /// The ring: slot -> backend id.
     ring: Vec<u32>,
+    /// The backends in the ring, each once.
+    members: Vec<u32>,
 }
 
 /// What a refresh found.
 #[derive(Clone, Debug, Default, PartialEq, Eq)]
 pub struct Changes {
-    /// Backends that were active and are not any more: drain their
-    /// connections.
+    /// Backends that served and do not any more: drain their connections.
     pub stopped: BTreeSet<u32>,
 }
 
@@ -46,11 +47,17 @@ pub struct RegistryView {
     seen: u64,
     services: HashMap<ServiceAddr, ServiceView>,
     backends: HashMap<u32, BackendView>,
+    /// Services whose connections to unhealthy backends are drained.
+    drain_unhealthy: BTreeSet<ServiceAddr>,
+    /// Backends whose connections may stay: active, and, in a
+    /// `drain_unhealthy` service, in the ring (an unhealthy backend kept
+    /// by a panic still serves).
+    serving: BTreeSet<u32>,
 }
 
 impl RegistryView {
     /// Opens the instance's maps read-only and loads the current state.
-    pub fn open(maps: Maps) -> Result<Self, RegistryError> {
+    pub fn open(maps: Maps, drain_unhealthy: BTreeSet<ServiceAddr>) -> Result<Self, RegistryError> {
         let watch = maps.generation_watch()?;
         let mut view = Self {
             maps,
@@ -58,6 +65,8 @@ impl RegistryView {
             seen: u64::MAX,
             services: HashMap::new(),
             backends: HashMap::new(),
+            drain_unhealthy,
+            serving: BTreeSet::new(),
         };
         view.reload()?;
         Ok(view)
@@ -68,19 +77,11 @@ impl RegistryView {
         if self.watch.get() == self.seen {
             return Ok(None);
         }
-        let before: BTreeSet<u32> = self.active().collect();
+        let before = std::mem::take(&mut self.serving);
         self.reload()?;
-        let after: BTreeSet<u32> = self.active().collect();
         Ok(Some(Changes {
-            stopped: before.difference(&after).copied().collect(),
+            stopped: before.difference(&self.serving).copied().collect(),
         }))
-    }
-
-    fn active(&self) -> impl Iterator<Item = u32> + '_ {
-        self.backends
-            .iter()
-            .filter(|(_, b)| b.state == BackendState::Active)
-            .map(|(id, _)| *id)
     }
 
     fn reload(&mut self) -> Result<(), RegistryError> {
@@ -94,8 +95,28 @@ impl RegistryView {
                 continue;
             }
             let ring = self.maps.read_ring(svc.id)?.unwrap_or_default();
-            services.insert(*addr, ServiceView { ring });
+            let members: BTreeSet<u32> = ring
+                .iter()
+                .copied()
+                .filter(|id| *id != NO_BACKEND)
+                .collect();
+            let members = members.into_iter().collect();
+            services.insert(*addr, ServiceView { ring, members });
         }
+        let mut serving = BTreeSet::new();
+        for (addr, svc) in &state.services {
+            if self.drain_unhealthy.contains(addr) {
+                serving.extend(state.membership(svc).members);
+            } else {
+                serving.extend(
+                    state
+                        .backends_of(svc.id)
+                        .filter(|(_, b)| b.state == BackendState::Active)
+                        .map(|(id, _)| id),
+                );
+            }
+        }
+        self.serving = serving;
         self.backends = state
             .backends
             .iter()
@@ -128,29 +149,42 @@ impl RegistryView {
         self.backends.get(&id)
     }
 
+    /// How many active backends `service` has (what bounds the share of
+    /// them outlier detection may eject).
+    pub fn active_backends(&self, service: &ServiceAddr) -> u32 {
+        self.services.get(service).map_or(0, |svc| {
+            svc.members.iter().filter(|id| self.is_active(**id)).count() as u32
+        })
+    }
+
+    fn is_active(&self, id: u32) -> bool {
+        self.backends
+            .get(&id)
+            .is_some_and(|b| b.state == BackendState::Active)
+    }
+
     /// Picks a backend of `service` for a new connection: two ring slots
     /// drawn with `random` (two independent 32-bit values), the less loaded
     /// by `live(id)` per unit of weight wins. `exclude` lists backends
-    /// already tried for this connection. `None`: no active backend (503).
+    /// already tried for this connection. Backends `avoid` names (ejected
+    /// by outlier detection) are passed over as long as another is usable;
+    /// when none is, the pick is as if nothing were avoided. `None`: no
+    /// active backend (503).
     pub fn pick(
         &self,
         service: &ServiceAddr,
         random: [u32; 2],
         exclude: &[u32],
         live: impl Fn(u32) -> u32,
+        avoid: impl Fn(u32) -> bool,
     ) -> Option<(u32, SocketAddr)> {
         let svc = self.services.get(service)?;
         if svc.ring.is_empty() {
             return None;
         }
-        let usable = |id: u32| {
-            id != NO_BACKEND
-                && !exclude.contains(&id)
-                && self
-                    .backends
-                    .get(&id)
-                    .is_some_and(|b| b.state == BackendState::Active)
-        };
+        let candidate = |id: u32| id != NO_BACKEND && !exclude.contains(&id) && self.is_active(id);
+        let shun = svc.members.iter().any(|id| candidate(*id) && !avoid(*id));
+        let usable = |id: u32| candidate(id) && !(shun && avoid(id));
         let n = svc.ring.len();
         // Each draw walks forward from its slot to the first usable backend,
         // so excluded backends do not make a draw fail.

@@ -23,6 +23,7 @@ use super::bufring::BufRing;
 use super::config::{Config, Listener};
 use super::conn::{Action, Conn, Cx, Event, Output, Received, Side, Transmit};
 use super::drain::DrainQueue;
+use super::ejections::Ejections;
 use super::files::{Sizing, Slots};
 use super::frame;
 use super::handshake::{Reject, reject};
@@ -250,6 +251,7 @@ impl Worker {
         stop: Arc<AtomicBool>,
         metrics: Arc<WorkerMetrics>,
         open: Arc<AtomicUsize>,
+        outliers: Arc<Ejections>,
     ) -> io::Result<Self> {
         let config = settings.config.clone();
         let entries = 4096;
@@ -287,7 +289,8 @@ impl Worker {
             })
             .collect();
         let maps = Maps::open(&settings.instance_dir).map_err(io::Error::other)?;
-        let view = RegistryView::open(maps).map_err(io::Error::other)?;
+        let drain_unhealthy = settings.config.drain_unhealthy.iter().copied().collect();
+        let view = RegistryView::open(maps, drain_unhealthy).map_err(io::Error::other)?;
         let rng = Rng::from_os()?;
         Ok(Self {
             ring,
@@ -296,7 +299,7 @@ impl Worker {
             conns: Table::default(),
             free: Vec::new(),
             next_generation: 1,
-            upstream: Upstream::new(view),
+            upstream: Upstream::new(view, outliers),
             drains: DrainQueue::new(),
             tick: Box::new(types::Timespec::from(TICK)),
             wheel: Wheel::new(Instant::now(), TICK, WHEEL_TICKS),
@@ -848,6 +851,7 @@ impl Worker {
         match event {
             Event::Upgraded { backend } => {
                 m.handshake(None);
+                self.upstream.succeeded(backend);
                 // The backend may have left while this connection was being
                 // set up: it drains like the others.
                 let active = self
@@ -928,6 +932,12 @@ impl Worker {
                     self.close_slot(slot);
                 }
                 self.upstream.release(backend);
+                self.outlier_failure(idx, backend, addr);
+            }
+            Event::UpgradeFailed { backend } => {
+                if let Some(b) = self.entry(idx).conn.backend() {
+                    self.outlier_failure(idx, backend, b.addr);
+                }
             }
             Event::Relayed {
                 from,
@@ -973,13 +983,21 @@ impl Worker {
         }
     }
 
+    /// Counts a failure of backend `id` at `addr`, which connection `idx`
+    /// saw, towards its ejection.
+    fn outlier_failure(&mut self, idx: u32, id: u32, addr: SocketAddr) {
+        if let Some(service) = self.entry(idx).conn.service() {
+            self.upstream.failed(service, id, addr, self.now);
+        }
+    }
+
     /// Connects connection `idx` to the next backend for `service`, or
     /// refuses the client when there is none or no socket for it.
     fn connect(&mut self, idx: u32, service: ServiceAddr) {
         let random = [self.rng.next_u32(), self.rng.next_u32()];
         let e = self.conns[idx as usize].as_ref().expect("live connection");
         let attempts = e.conn.attempts().expect("a handshaking connection");
-        let picked = self.upstream.pick(&service, attempts, random);
+        let picked = self.upstream.pick(&service, attempts, random, self.now);
         let (id, addr) = match picked {
             Ok(picked) => picked,
             Err(r) => return self.refuse(idx, r),
@@ -1203,6 +1221,7 @@ impl Worker {
             }
         }
         self.refresh_view();
+        self.upstream.outliers().poll_returns(self.now);
         let now_ms = self.start.elapsed().as_millis() as u64;
         for (idx, generation) in self.drains.due(now_ms) {
             if self
@@ -1283,6 +1302,10 @@ impl Worker {
                 }
                 if let Some(changes) = changes {
                     self.schedule_drains(&changes.stopped);
+                    let view = self.upstream.view();
+                    self.upstream
+                        .outliers()
+                        .forget(|id, addr| view.backend(id).is_some_and(|b| b.addr == addr));
                 }
             }
             Err(e) => {

@@ -53,6 +53,14 @@ pub fn append(
     file.sync_data()
 }
 
+/// Wall-clock milliseconds since the Unix epoch, as the registry stores
+/// times.
+pub fn now_ms() -> u64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map_or(0, |d| d.as_millis() as u64)
+}
+
 /// UTC timestamp, e.g. 2026-11-27T07:23:51Z (civil-from-days arithmetic).
 pub fn rfc3339(secs: u64) -> String {
     let days = (secs / 86_400) as i64;

@@ -8,7 +8,7 @@ use std::path::Path;
 
 use aya::maps::{Array, ArrayOfMaps, HashMap, Map, MapData, PerCpuArray, PerCpuValues};
 use aya::util::nr_cpus;
-use weir_ebpf::abi::{self, BackendState, ServiceMode};
+use weir_ebpf::abi::{self, BackendHealth, BackendState, HealthReason, ServiceMode};
 
 use super::RegistryError;
 use super::model::{BackendAddr, BackendEntry, ServiceAddr, ServiceEntry, State};
@@ -225,6 +225,10 @@ impl Maps {
                     ring_size: v.ring_size,
                     min_backends: v.min_backends,
                     max_remove_permille: v.max_remove_permille,
+                    panic_permille: v.panic_permille,
+                    panic: v.flags & abi::SERVICE_F_PANIC != 0,
+                    panics: v.panics,
+                    panic_since_ms: v.panic_since_ms,
                 },
             );
         }
@@ -239,6 +243,15 @@ impl Maps {
                 }
                 continue;
             }
+            let health = BackendHealth::from_raw(b.health).ok_or_else(|| {
+                RegistryError::Corrupt(format!("backend {id} has health {}", b.health))
+            })?;
+            let health_reason = HealthReason::from_raw(b.health_reason).ok_or_else(|| {
+                RegistryError::Corrupt(format!(
+                    "backend {id} has health reason {}",
+                    b.health_reason
+                ))
+            })?;
             state.backends.insert(
                 id,
                 BackendEntry {
@@ -249,6 +262,10 @@ impl Maps {
                     },
                     weight: b.weight,
                     state: state_raw,
+                    health,
+                    health_reason,
+                    health_detail: b.health_detail,
+                    health_since_ms: b.health_since_ms,
                 },
             );
         }
@@ -266,8 +283,12 @@ impl Maps {
             id: entry.id,
             ring_size: entry.ring_size,
             mode: ServiceMode::from(entry.mode) as u8,
+            flags: if entry.panic { abi::SERVICE_F_PANIC } else { 0 },
             min_backends: entry.min_backends,
             max_remove_permille: entry.max_remove_permille,
+            panic_permille: entry.panic_permille,
+            panics: entry.panics,
+            panic_since_ms: entry.panic_since_ms,
             ..Default::default()
         };
         services
@@ -300,6 +321,10 @@ impl Maps {
                         service_id: b.service_id,
                         state: b.state as u32,
                         flags: abi::BACKEND_F_USED,
+                        health: b.health as u8,
+                        health_reason: b.health_reason as u8,
+                        health_detail: b.health_detail,
+                        health_since_ms: b.health_since_ms,
                     },
                     None => abi::Backend {
                         flags: abi::BACKEND_F_USED,

@@ -26,7 +26,10 @@ use weir_ebpf::abi::{self, BackendState};
 use crate::instance::{Instance, InstanceError};
 pub use addr::AddrError;
 pub use maps::Maps;
-pub use model::{BackendAddr, Change, DiffLine, ServiceAddr, ServiceModeName, State};
+pub use model::{
+    BackendAddr, Change, DiffLine, HealthUpdate, Membership, PanicCause, ServiceAddr,
+    ServiceModeName, State,
+};
 
 #[derive(Debug, Error)]
 pub enum RegistryError {
@@ -189,6 +192,7 @@ impl Registry {
             cleared.quarantined = quarantined;
             plan = model::plan(&cleared, change, opts.force)?;
         }
+        plan.stamp_panics(audit::now_ms());
         let generation = self.maps.generation()?;
         if opts.dry_run || plan.diff.is_empty() {
             return Ok(Outcome {
@@ -347,21 +351,21 @@ impl Registry {
         //    before any ring names them; new slots with fresh counters. Then
         //    the new tables are built; a service that goes away gets a
         //    one-slot table of NO_BACKEND.
-        let sizes: Vec<(u32, Option<u32>)> = plan
+        let sizes: Vec<(u32, Option<&model::ServiceEntry>)> = plan
             .rings
             .iter()
-            .map(|&id| {
-                let svc = next.services.values().find(|s| s.id == id);
-                (id, svc.map(|s| s.ring_size))
-            })
+            .map(|&id| (id, next.services.values().find(|s| s.id == id)))
             .collect();
         let create = || {
             sizes
                 .iter()
-                .map(|&(_, size)| Maps::create_ring_table(size.unwrap_or(1)))
+                .map(|&(_, svc)| Maps::create_ring_table(svc.map_or(1, |s| s.ring_size)))
                 .collect::<Result<Vec<_>, _>>()
         };
-        let total_slots: u64 = sizes.iter().map(|(_, s)| u64::from(s.unwrap_or(1))).sum();
+        let total_slots: u64 = sizes
+            .iter()
+            .map(|(_, s)| u64::from(s.map_or(1, |s| s.ring_size)))
+            .sum();
         let (built, created) = std::thread::scope(|scope| {
             // A large build takes tens of milliseconds: meanwhile another
             // thread creates the empty maps (the kernel zeroes 8 MB for
@@ -373,8 +377,8 @@ impl Registry {
                 .and_then(|()| {
                     sizes
                         .iter()
-                        .map(|&(id, size)| match size {
-                            Some(size) => next.ring_for(id, size),
+                        .map(|&(_, svc)| match svc {
+                            Some(svc) => next.ring_for(svc),
                             None => Ok(vec![abi::NO_BACKEND]),
                         })
                         .collect::<Result<Vec<_>, _>>()
@@ -516,7 +520,7 @@ impl Registry {
         let tables = state
             .services
             .values()
-            .map(|s| Ok((s.id, state.ring_for(s.id, s.ring_size)?)))
+            .map(|s| Ok((s.id, state.ring_for(s)?)))
             .collect::<Result<BTreeMap<_, _>, RegistryError>>()?;
         self.verify(&state, &tables)
     }

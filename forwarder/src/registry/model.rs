@@ -8,7 +8,7 @@ use std::fmt;
 use std::net::Ipv4Addr;
 
 use serde::Serialize;
-use weir_ebpf::abi::{self, BackendState, ServiceMode};
+use weir_ebpf::abi::{self, BackendHealth, BackendState, HealthReason, ServiceMode};
 
 use super::RegistryError;
 use super::maglev;
@@ -52,6 +52,8 @@ impl BackendAddr {
 /// Guard-rail defaults: `max_remove_fraction` 0.5, `min_backends` 1.
 pub const DEFAULT_MAX_REMOVE_PERMILLE: u32 = 500;
 pub const DEFAULT_MIN_BACKENDS: u32 = 1;
+/// Panic below a healthy share of 50% of the active backends.
+pub const DEFAULT_PANIC_PERMILLE: u32 = 500;
 pub const DEFAULT_RING_SIZE: u32 = 65537;
 /// A ring needs at least 100 slots per backend to keep the shares fair.
 pub const SLOTS_PER_BACKEND: u32 = 100;
@@ -65,6 +67,15 @@ pub struct ServiceEntry {
     pub ring_size: u32,
     pub min_backends: u32,
     pub max_remove_permille: u32,
+    /// Below this healthy share (per mille) of the active backends the
+    /// service panics: health is not trusted, every active backend serves.
+    pub panic_permille: u32,
+    /// In panic now.
+    pub panic: bool,
+    /// Panic episodes so far.
+    pub panics: u32,
+    /// When the last episode began (CLOCK_REALTIME ms; 0: never).
+    pub panic_since_ms: u64,
 }
 
 /// Serializable service mode.
@@ -107,12 +118,48 @@ pub struct BackendEntry {
     pub service_id: u32,
     pub addr: BackendAddr,
     pub weight: u16,
+    /// Operator intent, set by the CLI.
     #[serde(serialize_with = "state_name")]
     pub state: BackendState,
+    /// Observed health, set by `weir agent`; never overwrites `state`.
+    #[serde(serialize_with = "health_name")]
+    pub health: BackendHealth,
+    /// Why the last health transition happened.
+    #[serde(serialize_with = "reason_name")]
+    pub health_reason: HealthReason,
+    /// The HTTP status or errno behind `health_reason`, else 0.
+    pub health_detail: u16,
+    /// When the last health transition happened (CLOCK_REALTIME ms; 0:
+    /// never).
+    pub health_since_ms: u64,
+}
+
+impl BackendEntry {
+    /// A backend as the operator adds it: active, health not known yet.
+    pub fn new(service_id: u32, addr: BackendAddr, weight: u16) -> Self {
+        Self {
+            service_id,
+            addr,
+            weight,
+            state: BackendState::Active,
+            health: BackendHealth::Unknown,
+            health_reason: HealthReason::None,
+            health_detail: 0,
+            health_since_ms: 0,
+        }
+    }
 }
 
 fn state_name<S: serde::Serializer>(s: &BackendState, ser: S) -> Result<S::Ok, S::Error> {
     ser.serialize_str(s.name())
+}
+
+fn health_name<S: serde::Serializer>(h: &BackendHealth, ser: S) -> Result<S::Ok, S::Error> {
+    ser.serialize_str(h.name())
+}
+
+fn reason_name<S: serde::Serializer>(r: &HealthReason, ser: S) -> Result<S::Ok, S::Error> {
+    ser.serialize_str(r.name())
 }
 
 /// Everything the registry holds, as read from (or to be written to) the
@@ -161,19 +208,105 @@ impl State {
             .count()
     }
 
-    /// The Maglev table a service must have for this state.
-    pub fn ring_for(&self, service_id: u32, ring_size: u32) -> Result<Vec<u32>, RegistryError> {
-        let members: Vec<maglev::Member> = self
-            .backends_of(service_id)
+    /// Which backends of a service take new connections: the active ones
+    /// that are not unhealthy, unless trusting health would leave too few
+    /// (then all active ones: panic).
+    pub fn membership(&self, svc: &ServiceEntry) -> Membership {
+        let active: Vec<(u32, &BackendEntry)> = self
+            .backends_of(svc.id)
             .filter(|(_, b)| b.state == BackendState::Active)
-            .map(|(id, b)| maglev::Member {
-                id,
-                identity: b.addr.identity(),
-                weight: b.weight as u32,
+            .collect();
+        let healthy: Vec<u32> = active
+            .iter()
+            .filter(|(_, b)| b.health != BackendHealth::Unhealthy)
+            .map(|(id, _)| *id)
+            .collect();
+        let (n_active, n_healthy) = (active.len() as u64, healthy.len() as u64);
+        let unhealthy = n_active - n_healthy;
+        let panic = if unhealthy == 0 {
+            None
+        } else if n_healthy * 1000 < u64::from(svc.panic_permille) * n_active {
+            Some(PanicCause::BelowThreshold)
+        } else if unhealthy * 1000 > u64::from(svc.max_remove_permille) * n_active
+            || n_healthy < u64::from(svc.min_backends)
+        {
+            Some(PanicCause::GuardRails)
+        } else {
+            None
+        };
+        let members = match panic {
+            Some(_) => active.iter().map(|(id, _)| *id).collect(),
+            None => healthy,
+        };
+        Membership {
+            members,
+            active: n_active as usize,
+            healthy: n_healthy as usize,
+            panic,
+        }
+    }
+
+    /// The Maglev table a service must have for this state.
+    pub fn ring_for(&self, svc: &ServiceEntry) -> Result<Vec<u32>, RegistryError> {
+        let members: Vec<maglev::Member> = self
+            .membership(svc)
+            .members
+            .into_iter()
+            .map(|id| {
+                let b = &self.backends[&id];
+                maglev::Member {
+                    id,
+                    identity: b.addr.identity(),
+                    weight: b.weight as u32,
+                }
             })
             .collect();
-        Ok(maglev::build(&members, ring_size)?)
+        Ok(maglev::build(&members, svc.ring_size)?)
     }
+}
+
+/// Why a service with unhealthy backends keeps them in its ring.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "snake_case")]
+pub enum PanicCause {
+    /// The healthy share fell below the service's panic threshold.
+    BelowThreshold,
+    /// Leaving the unhealthy ones out would break `max_remove_fraction` or
+    /// `min_backends`: the guard rails bind health as they bind operators.
+    GuardRails,
+}
+
+impl fmt::Display for PanicCause {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(match self {
+            Self::BelowThreshold => "healthy share below the panic threshold",
+            Self::GuardRails => "ejecting the unhealthy ones would break the guard rails",
+        })
+    }
+}
+
+/// The backends of a service that take new connections, and why.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Membership {
+    /// Backend ids in the ring.
+    pub members: Vec<u32>,
+    pub active: usize,
+    /// Active and not unhealthy (unknown counts as healthy).
+    pub healthy: usize,
+    pub panic: Option<PanicCause>,
+}
+
+/// One observed health transition (or confirmation) from `weir agent`.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct HealthUpdate {
+    pub service: ServiceAddr,
+    pub backend: BackendAddr,
+    pub health: BackendHealth,
+    pub reason: HealthReason,
+    /// HTTP status or errno behind `reason`, else 0.
+    pub detail: u16,
+    /// When the agent saw it (CLOCK_REALTIME ms).
+    pub at_ms: u64,
 }
 
 /// One operator (or discovery) request.
@@ -185,6 +318,7 @@ pub enum Change {
         ring_size: Option<u32>,
         max_remove_fraction: Option<f64>,
         min_backends: Option<u32>,
+        panic_threshold: Option<f64>,
     },
     RemoveService {
         addr: ServiceAddr,
@@ -216,6 +350,10 @@ pub enum Change {
     /// Frees removed backends that no flow references any more.
     Collect {
         unreferenced: BTreeSet<u32>,
+    },
+    /// Observed health from `weir agent`: never touches operator intent.
+    SetHealth {
+        updates: Vec<HealthUpdate>,
     },
 }
 
@@ -257,6 +395,27 @@ pub enum DiffLine {
         service: ServiceAddr,
         backend: BackendAddr,
         id: u32,
+    },
+    BackendHealth {
+        service: ServiceAddr,
+        backend: BackendAddr,
+        id: u32,
+        from: String,
+        to: String,
+        reason: String,
+        detail: u16,
+    },
+    /// The service stopped trusting health: every active backend serves.
+    PanicStarted {
+        service: ServiceAddr,
+        healthy: usize,
+        active: usize,
+        cause: PanicCause,
+    },
+    PanicEnded {
+        service: ServiceAddr,
+        healthy: usize,
+        active: usize,
     },
 }
 
@@ -308,6 +467,40 @@ impl fmt::Display for DiffLine {
             } => {
                 write!(f, "- {service} backend {backend} freed (id {id})")
             }
+            Self::BackendHealth {
+                service,
+                backend,
+                id,
+                from,
+                to,
+                reason,
+                detail,
+            } => {
+                write!(f, "~ {service} backend {backend}: {from} -> {to} ({reason}")?;
+                if *detail != 0 {
+                    write!(f, " {detail}")?;
+                }
+                write!(f, ") (id {id})")
+            }
+            Self::PanicStarted {
+                service,
+                healthy,
+                active,
+                cause,
+            } => write!(
+                f,
+                "! service {service} panics: {healthy} of {active} active backends healthy, \
+                 {cause}; all {active} stay in the ring"
+            ),
+            Self::PanicEnded {
+                service,
+                healthy,
+                active,
+            } => write!(
+                f,
+                "! service {service} ends its panic: {healthy} of {active} active backends \
+                 healthy; unhealthy ones leave the ring"
+            ),
         }
     }
 }
@@ -321,12 +514,28 @@ pub struct Plan {
     pub rings: BTreeSet<u32>,
 }
 
+impl Plan {
+    /// Dates the panic episodes this plan starts: the writer owns the clock.
+    pub fn stamp_panics(&mut self, now_ms: u64) {
+        for d in &self.diff {
+            if let DiffLine::PanicStarted { service, .. } = d
+                && let Some(svc) = self.next.services.get_mut(service)
+            {
+                svc.panic_since_ms = now_ms;
+            }
+        }
+    }
+}
+
 /// Validates `change` against `state` and the guard rails and computes the
 /// result. `force` overrides the guard rails (never validation).
 pub fn plan(state: &State, change: &Change, force: bool) -> Result<Plan, RegistryError> {
     let mut next = state.clone();
     let mut diff = Vec::new();
     let mut rings = BTreeSet::new();
+    // Services whose panic must be judged again: health changed even
+    // where the ring did not (a panic keeps the same members).
+    let mut judged = BTreeSet::new();
 
     match change {
         Change::AddService {
@@ -335,6 +544,7 @@ pub fn plan(state: &State, change: &Change, force: bool) -> Result<Plan, Registr
             ring_size,
             max_remove_fraction,
             min_backends,
+            panic_threshold,
         } => {
             if state.services.contains_key(addr) {
                 return Err(RegistryError::ServiceExists(*addr));
@@ -355,15 +565,13 @@ pub fn plan(state: &State, change: &Change, force: bool) -> Result<Plan, Registr
                     abi::MAX_RING_SIZE
                 )));
             }
-            let permille = match max_remove_fraction {
-                None => DEFAULT_MAX_REMOVE_PERMILLE,
-                Some(f) if (0.0..=1.0).contains(f) => (f * 1000.0).round() as u32,
-                Some(f) => {
-                    return Err(RegistryError::Invalid(format!(
-                        "max-remove-fraction {f} must be between 0 and 1"
-                    )));
-                }
-            };
+            let permille = permille_of(
+                *max_remove_fraction,
+                DEFAULT_MAX_REMOVE_PERMILLE,
+                "max-remove-fraction",
+            )?;
+            let panic_permille =
+                permille_of(*panic_threshold, DEFAULT_PANIC_PERMILLE, "panic-threshold")?;
             let used: BTreeSet<u32> = state.services.values().map(|s| s.id).collect();
             let id = (0..abi::MAX_SERVICES)
                 .find(|i| !used.contains(i))
@@ -376,6 +584,10 @@ pub fn plan(state: &State, change: &Change, force: bool) -> Result<Plan, Registr
                     ring_size,
                     min_backends: min_backends.unwrap_or(DEFAULT_MIN_BACKENDS),
                     max_remove_permille: permille,
+                    panic_permille,
+                    panic: false,
+                    panics: 0,
+                    panic_since_ms: 0,
                 },
             );
             diff.push(DiffLine::ServiceAdded {
@@ -518,10 +730,7 @@ pub fn plan(state: &State, change: &Change, force: bool) -> Result<Plan, Registr
                 .backends_of(svc.id)
                 .filter(|(_, b)| {
                     !seen.contains(&b.addr)
-                        && matches!(
-                            b.state,
-                            BackendState::Active | BackendState::Draining | BackendState::Down
-                        )
+                        && matches!(b.state, BackendState::Active | BackendState::Draining)
                 })
                 .map(|(id, _)| id)
                 .collect();
@@ -551,6 +760,9 @@ pub fn plan(state: &State, change: &Change, force: bool) -> Result<Plan, Registr
                 free_backend(&mut next, &mut diff, &service, id);
             }
         }
+        Change::SetHealth { updates } => {
+            judged = set_health(state, &mut next, &mut diff, &mut rings, updates)?;
+        }
     }
 
     if !force {
@@ -558,7 +770,99 @@ pub fn plan(state: &State, change: &Change, force: bool) -> Result<Plan, Registr
             check_guard_rails(state, &next, service_id)?;
         }
     }
+    judged.extend(&rings);
+    update_panic(&mut next, &mut diff, &judged);
     Ok(Plan { next, diff, rings })
+}
+
+fn permille_of(fraction: Option<f64>, default: u32, what: &str) -> Result<u32, RegistryError> {
+    match fraction {
+        None => Ok(default),
+        Some(f) if (0.0..=1.0).contains(&f) => Ok((f * 1000.0).round() as u32),
+        Some(f) => Err(RegistryError::Invalid(format!(
+            "{what} {f} must be between 0 and 1"
+        ))),
+    }
+}
+
+/// Records observed health and returns the services it touched. Only a
+/// service whose ring members change is rebuilt; a confirmation of the
+/// stored health changes nothing.
+fn set_health(
+    state: &State,
+    next: &mut State,
+    diff: &mut Vec<DiffLine>,
+    rings: &mut BTreeSet<u32>,
+    updates: &[HealthUpdate],
+) -> Result<BTreeSet<u32>, RegistryError> {
+    let mut touched = BTreeSet::new();
+    for u in updates {
+        let svc = state.service(&u.service)?;
+        let id = state
+            .find_backend(svc.id, &u.backend)
+            .ok_or(RegistryError::UnknownBackend(u.backend, u.service))?;
+        touched.insert(svc.id);
+        let b = next.backends.get_mut(&id).expect("found above");
+        if b.health == u.health {
+            continue;
+        }
+        diff.push(DiffLine::BackendHealth {
+            service: u.service,
+            backend: u.backend,
+            id,
+            from: b.health.name().into(),
+            to: u.health.name().into(),
+            reason: u.reason.name().into(),
+            detail: u.detail,
+        });
+        b.health = u.health;
+        b.health_reason = u.reason;
+        b.health_detail = u.detail;
+        b.health_since_ms = u.at_ms;
+    }
+    for &service_id in &touched {
+        let (_, svc) = state.service_by_id(service_id).expect("looked up above");
+        if state.membership(svc).members != next.membership(svc).members {
+            rings.insert(service_id);
+        }
+    }
+    Ok(touched)
+}
+
+/// Starts or ends the panic of each service in `judged`. The episode's
+/// start time is stamped by the writer, which owns the clock.
+fn update_panic(next: &mut State, diff: &mut Vec<DiffLine>, judged: &BTreeSet<u32>) {
+    let services: Vec<ServiceAddr> = next
+        .services
+        .iter()
+        .filter(|(_, s)| judged.contains(&s.id))
+        .map(|(a, _)| *a)
+        .collect();
+    for addr in services {
+        let m = next.membership(&next.services[&addr]);
+        let svc = next.services.get_mut(&addr).expect("listed above");
+        match (svc.panic, m.panic) {
+            (false, Some(cause)) => {
+                svc.panic = true;
+                svc.panics = svc.panics.saturating_add(1);
+                diff.push(DiffLine::PanicStarted {
+                    service: addr,
+                    healthy: m.healthy,
+                    active: m.active,
+                    cause,
+                });
+            }
+            (true, None) => {
+                svc.panic = false;
+                diff.push(DiffLine::PanicEnded {
+                    service: addr,
+                    healthy: m.healthy,
+                    active: m.active,
+                });
+            }
+            _ => {}
+        }
+    }
 }
 
 fn check_backend(
@@ -736,15 +1040,8 @@ fn add_backend(
             ))
         })?;
     next.used_free.remove(&id);
-    next.backends.insert(
-        id,
-        BackendEntry {
-            service_id: svc.id,
-            addr,
-            weight,
-            state: BackendState::Active,
-        },
-    );
+    next.backends
+        .insert(id, BackendEntry::new(svc.id, addr, weight));
     diff.push(DiffLine::BackendAdded {
         service: *service,
         backend: addr,
@@ -830,6 +1127,7 @@ mod tests {
             ring_size: Some(ring),
             max_remove_fraction: Some(frac),
             min_backends: Some(min),
+            panic_threshold: None,
         };
         plan(state, &change, false).unwrap().next
     }
@@ -867,6 +1165,7 @@ mod tests {
                 ring_size: None,
                 max_remove_fraction: None,
                 min_backends: None,
+                panic_threshold: None,
             };
             s = plan(&s, &change, false).unwrap().next;
         }
@@ -878,6 +1177,7 @@ mod tests {
             ring_size: None,
             max_remove_fraction: None,
             min_backends: None,
+            panic_threshold: None,
         };
         let next = plan(&p.next, &change, false).unwrap().next;
         let e = &next.services[&svc(90)];
@@ -901,6 +1201,7 @@ mod tests {
             ring_size: ring,
             max_remove_fraction: frac,
             min_backends: None,
+            panic_threshold: None,
         };
         assert!(matches!(
             plan(&s, &bad(None, None, 80), false),
@@ -1198,15 +1499,8 @@ mod tests {
             .0;
         assert_eq!(*id, 0);
         full.used_free.clear();
-        full.backends.insert(
-            abi::MAX_BACKENDS - 1,
-            BackendEntry {
-                service_id: 0,
-                addr: be(200),
-                weight: 1,
-                state: BackendState::Active,
-            },
-        );
+        full.backends
+            .insert(abi::MAX_BACKENDS - 1, BackendEntry::new(0, be(200), 1));
         let err = plan(&full, &add, true).unwrap_err().to_string();
         assert!(err.contains("slots are taken"), "{err}");
     }
@@ -1234,6 +1528,7 @@ mod tests {
             ring_size: None,
             max_remove_fraction: None,
             min_backends: None,
+            panic_threshold: None,
         };
         for (vip, mode, why) in [
             ([0, 0, 0, 0], ServiceModeName::L4, "unspecified"),
@@ -1299,6 +1594,7 @@ mod tests {
                 ring_size: None,
                 max_remove_fraction: None,
                 min_backends: None,
+                panic_threshold: None,
             },
             false,
         )
@@ -1329,6 +1625,7 @@ mod tests {
             ring_size: Some(ring),
             max_remove_fraction: None,
             min_backends: None,
+            panic_threshold: None,
         };
         for ring in [3, 31, 97] {
             let e = plan(&State::default(), &add(ring), false)
@@ -1372,7 +1669,7 @@ mod tests {
         )
         .unwrap()
         .next;
-        let ring = s.ring_for(0, 65537).unwrap();
+        let ring = s.ring_for(&s.services[&svc(80)]).unwrap();
         let count = |id: u32| ring.iter().filter(|x| **x == id).count() as f64;
         assert_eq!(count(2), 0.0, "draining backend owns no slot");
         assert!((count(1) / count(0) - 3.0).abs() < 0.03);
@@ -1409,5 +1706,304 @@ mod tests {
             plan(&cleared, &add, false).is_err(),
             "everything quarantined: refused"
         );
+    }
+
+    fn health(n: &[(u8, BackendHealth)]) -> Change {
+        Change::SetHealth {
+            updates: n
+                .iter()
+                .map(|&(i, health)| HealthUpdate {
+                    service: svc(80),
+                    backend: be(i),
+                    health,
+                    reason: match health {
+                        BackendHealth::Unhealthy => HealthReason::Refused,
+                        _ => HealthReason::Passed,
+                    },
+                    detail: if health == BackendHealth::Unhealthy {
+                        111
+                    } else {
+                        0
+                    },
+                    at_ms: 1_000 + u64::from(i),
+                })
+                .collect(),
+        }
+    }
+
+    fn ring_ids(s: &State) -> BTreeSet<u32> {
+        s.ring_for(&s.services[&svc(80)])
+            .unwrap()
+            .into_iter()
+            .collect()
+    }
+
+    fn id_of(s: &State, i: u8) -> u32 {
+        s.find_backend(0, &be(i)).unwrap()
+    }
+
+    #[test]
+    fn an_unhealthy_backend_leaves_the_ring_and_keeps_its_state() {
+        let s = with_backends(4, 1, 0.5);
+        assert!(
+            s.backends
+                .values()
+                .all(|b| b.health == BackendHealth::Unknown)
+        );
+        let p = plan(&s, &health(&[(2, BackendHealth::Unhealthy)]), false).unwrap();
+        assert_eq!(p.rings, BTreeSet::from([0]), "the ring is rebuilt");
+        let b = &p.next.backends[&id_of(&s, 2)];
+        assert_eq!(b.state, BackendState::Active, "operator intent untouched");
+        assert_eq!(b.health, BackendHealth::Unhealthy);
+        assert_eq!(b.health_reason, HealthReason::Refused);
+        assert_eq!(b.health_detail, 111);
+        assert_eq!(b.health_since_ms, 1_002);
+        assert_eq!(
+            p.diff,
+            [DiffLine::BackendHealth {
+                service: svc(80),
+                backend: be(2),
+                id: id_of(&s, 2),
+                from: "unknown".into(),
+                to: "unhealthy".into(),
+                reason: "refused".into(),
+                detail: 111,
+            }]
+        );
+        assert_eq!(
+            p.diff[0].to_string(),
+            format!(
+                "~ 198.19.0.10:80 backend 198.18.10.2:80: unknown -> unhealthy (refused 111) (id {})",
+                id_of(&s, 2)
+            )
+        );
+        let ring = ring_ids(&p.next);
+        assert!(!ring.contains(&id_of(&s, 2)));
+        assert_eq!(ring.len(), 3);
+        assert!(!p.next.services[&svc(80)].panic);
+
+        let back = plan(&p.next, &health(&[(2, BackendHealth::Healthy)]), false).unwrap();
+        assert_eq!(back.rings, BTreeSet::from([0]));
+        assert_eq!(ring_ids(&back.next).len(), 4, "it returns");
+        assert_eq!(
+            back.next.backends[&id_of(&s, 2)].health_reason,
+            HealthReason::Passed
+        );
+    }
+
+    #[test]
+    fn a_confirmation_rebuilds_nothing() {
+        let s = with_backends(3, 1, 0.5);
+        let all = [
+            (1, BackendHealth::Healthy),
+            (2, BackendHealth::Healthy),
+            (3, BackendHealth::Healthy),
+        ];
+        let p = plan(&s, &health(&all), false).unwrap();
+        assert_eq!(p.diff.len(), 3, "unknown -> healthy is a transition");
+        assert!(p.rings.is_empty(), "but the ring members stay the same");
+        let again = plan(&p.next, &health(&all), false).unwrap();
+        assert!(again.diff.is_empty() && again.rings.is_empty());
+        assert_eq!(again.next, p.next);
+    }
+
+    #[test]
+    fn an_update_for_an_unknown_backend_refuses_the_whole_change() {
+        let s = with_backends(2, 1, 0.5);
+        let err = plan(
+            &s,
+            &health(&[(1, BackendHealth::Unhealthy), (9, BackendHealth::Unhealthy)]),
+            false,
+        )
+        .unwrap_err();
+        assert!(
+            matches!(err, RegistryError::UnknownBackend(b, _) if b == be(9)),
+            "{err}"
+        );
+    }
+
+    #[test]
+    fn below_the_panic_threshold_every_active_backend_serves() {
+        let s = with_backends(4, 1, 1.0);
+        let p = plan(
+            &s,
+            &health(&[(1, BackendHealth::Unhealthy), (2, BackendHealth::Unhealthy)]),
+            false,
+        )
+        .unwrap();
+        assert_eq!(ring_ids(&p.next).len(), 2, "50% healthy is not below 50%");
+        assert!(!p.next.services[&svc(80)].panic);
+
+        let mut p = plan(&p.next, &health(&[(3, BackendHealth::Unhealthy)]), false).unwrap();
+        let svc_entry = &p.next.services[&svc(80)];
+        assert!(svc_entry.panic);
+        assert_eq!(svc_entry.panics, 1);
+        assert_eq!(ring_ids(&p.next).len(), 4, "all four stay in the ring");
+        assert_eq!(
+            p.next.membership(svc_entry).panic,
+            Some(PanicCause::BelowThreshold)
+        );
+        assert_eq!(
+            p.diff.last().unwrap(),
+            &DiffLine::PanicStarted {
+                service: svc(80),
+                healthy: 1,
+                active: 4,
+                cause: PanicCause::BelowThreshold,
+            }
+        );
+        p.stamp_panics(77_000);
+        assert_eq!(p.next.services[&svc(80)].panic_since_ms, 77_000);
+
+        // Still in panic: no second episode, no new start time.
+        let still = plan(&p.next, &health(&[(4, BackendHealth::Unhealthy)]), false).unwrap();
+        assert!(still.next.services[&svc(80)].panic);
+        assert_eq!(still.next.services[&svc(80)].panics, 1);
+        assert!(still.rings.is_empty(), "members unchanged: all four");
+
+        let over = plan(
+            &still.next,
+            &health(&[(1, BackendHealth::Healthy), (2, BackendHealth::Healthy)]),
+            false,
+        )
+        .unwrap();
+        let e = &over.next.services[&svc(80)];
+        assert!(!e.panic);
+        assert_eq!(e.panics, 1, "episodes are counted, not undone");
+        assert_eq!(ring_ids(&over.next).len(), 2);
+        assert!(over.diff.contains(&DiffLine::PanicEnded {
+            service: svc(80),
+            healthy: 2,
+            active: 4,
+        }));
+
+        let again = plan(&over.next, &health(&[(1, BackendHealth::Unhealthy)]), false).unwrap();
+        assert_eq!(again.next.services[&svc(80)].panics, 2);
+    }
+
+    #[test]
+    fn the_guard_rails_bind_health() {
+        // min_backends 3: two healthy of four is not below the 50% panic
+        // threshold, but would leave fewer than three in the ring.
+        let s = with_backends(4, 3, 1.0);
+        let p = plan(
+            &s,
+            &health(&[(1, BackendHealth::Unhealthy), (2, BackendHealth::Unhealthy)]),
+            false,
+        )
+        .unwrap();
+        let e = &p.next.services[&svc(80)];
+        assert!(e.panic);
+        assert_eq!(p.next.membership(e).panic, Some(PanicCause::GuardRails));
+        assert_eq!(ring_ids(&p.next).len(), 4);
+        // max_remove_fraction 0.25: one of four may go, two may not.
+        let s = with_backends(4, 1, 0.25);
+        let one = plan(&s, &health(&[(1, BackendHealth::Unhealthy)]), false).unwrap();
+        assert_eq!(ring_ids(&one.next).len(), 3);
+        let two = plan(&one.next, &health(&[(2, BackendHealth::Unhealthy)]), false).unwrap();
+        assert_eq!(
+            two.next.membership(&two.next.services[&svc(80)]).panic,
+            Some(PanicCause::GuardRails)
+        );
+        assert_eq!(ring_ids(&two.next).len(), 4);
+    }
+
+    #[test]
+    fn a_panic_threshold_of_zero_never_panics_on_share_alone() {
+        let s = add_service_with_panic(Some(0.0));
+        let set = (1..=4).map(|i| (be(i), 1)).collect();
+        let s = plan(
+            &s,
+            &Change::SetBackends {
+                service: svc(80),
+                backends: set,
+            },
+            false,
+        )
+        .unwrap()
+        .next;
+        let p = plan(
+            &s,
+            &health(&[
+                (1, BackendHealth::Unhealthy),
+                (2, BackendHealth::Unhealthy),
+                (3, BackendHealth::Unhealthy),
+            ]),
+            false,
+        )
+        .unwrap();
+        assert!(!p.next.services[&svc(80)].panic);
+        assert_eq!(ring_ids(&p.next).len(), 1);
+        let err = plan(&State::default(), &add_panic_change(Some(1.5)), false).unwrap_err();
+        assert!(
+            err.to_string()
+                .contains("panic-threshold 1.5 must be between 0 and 1"),
+            "{err}"
+        );
+    }
+
+    fn add_panic_change(panic_threshold: Option<f64>) -> Change {
+        Change::AddService {
+            addr: svc(80),
+            mode: ServiceModeName::L4,
+            ring_size: None,
+            max_remove_fraction: Some(1.0),
+            min_backends: Some(1),
+            panic_threshold,
+        }
+    }
+
+    fn add_service_with_panic(panic_threshold: Option<f64>) -> State {
+        let p = plan(&State::default(), &add_panic_change(panic_threshold), false).unwrap();
+        assert_eq!(
+            p.next.services[&svc(80)].panic_permille,
+            panic_threshold.map_or(DEFAULT_PANIC_PERMILLE, |f| (f * 1000.0) as u32)
+        );
+        p.next
+    }
+
+    #[test]
+    fn operator_intent_and_health_never_overwrite_each_other() {
+        let s = with_backends(4, 1, 1.0);
+        let s = plan(&s, &health(&[(1, BackendHealth::Unhealthy)]), false)
+            .unwrap()
+            .next;
+        let drain = Change::DrainBackend {
+            service: svc(80),
+            backend: be(1),
+        };
+        let drained = plan(&s, &drain, false).unwrap().next;
+        let b = &drained.backends[&id_of(&s, 1)];
+        assert_eq!(
+            (b.state, b.health),
+            (BackendState::Draining, BackendHealth::Unhealthy)
+        );
+        let back = Change::AddBackend {
+            service: svc(80),
+            backend: be(1),
+            weight: 1,
+        };
+        let back = plan(&drained, &back, false).unwrap().next;
+        let b = &back.backends[&id_of(&s, 1)];
+        assert_eq!(
+            (b.state, b.health),
+            (BackendState::Active, BackendHealth::Unhealthy),
+            "reactivated, still unhealthy"
+        );
+        assert!(!ring_ids(&back).contains(&id_of(&s, 1)));
+        // Health of a draining backend is recorded; no ring changes.
+        let p = plan(&drained, &health(&[(1, BackendHealth::Healthy)]), false).unwrap();
+        assert!(p.rings.is_empty());
+        assert_eq!(p.next.backends[&id_of(&s, 1)].state, BackendState::Draining);
+        // A new backend starts unknown, which counts as healthy.
+        let add = Change::AddBackend {
+            service: svc(80),
+            backend: be(7),
+            weight: 1,
+        };
+        let added = plan(&back, &add, false).unwrap().next;
+        let id = id_of(&added, 7);
+        assert_eq!(added.backends[&id].health, BackendHealth::Unknown);
+        assert!(ring_ids(&added).contains(&id));
     }
 }

@@ -6,7 +6,7 @@
 use std::sync::atomic::{AtomicU32, Ordering};
 
 use weir::instance::Instance;
-use weir::registry::{CreateOptions, Registry};
+use weir::registry::{ApplyOptions, Change, CreateOptions, Registry};
 
 static COUNTER: AtomicU32 = AtomicU32::new(0);
 
@@ -30,6 +30,19 @@ pub fn free_port() -> u16 {
         .local_addr()
         .unwrap()
         .port()
+}
+
+/// Applies `change`, guard rails forced: the BPF_PROG_RUN tests set up
+/// whatever registry they need.
+pub fn apply(reg: &mut Registry, change: Change) {
+    reg.apply(
+        &change,
+        ApplyOptions {
+            force: true,
+            ..Default::default()
+        },
+    )
+    .expect("apply");
 }
 
 /// A weir instance of its own, with a small flow table; destroyed on drop

@@ -11,7 +11,7 @@ use std::time::Duration;
 
 use toml::Spanned;
 
-use super::{RawConfig, RawListener, RawRoute, RawService, any_host};
+use super::{Outlier, RawConfig, RawListener, RawRoute, RawService, any_host};
 
 /// A keepalive or deadline of the `[timeouts]` table.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -109,8 +109,30 @@ impl ConfigBuilder {
     pub fn service_drain(mut self, service: impl fmt::Display, d: Duration) -> Self {
         self.raw.services.push(RawService {
             address: spanned(service.to_string()),
-            drain_window: spanned(duration_text(d)),
+            drain_window: Some(spanned(duration_text(d))),
+            drain_unhealthy: None,
         });
+        self
+    }
+
+    /// A `[[service]]` table: drain connections to backends found
+    /// unhealthy.
+    pub fn drain_unhealthy(mut self, service: impl fmt::Display) -> Self {
+        self.raw.services.push(RawService {
+            address: spanned(service.to_string()),
+            drain_window: None,
+            drain_unhealthy: Some(true),
+        });
+        self
+    }
+
+    /// The `[outlier]` table.
+    pub fn outlier(mut self, outlier: Outlier) -> Self {
+        let o = &mut self.raw.outlier;
+        o.consecutive = spanned(u64::from(outlier.consecutive));
+        o.base_ejection = spanned(duration_text(outlier.base_ejection));
+        o.max_ejection = spanned(duration_text(outlier.max_ejection));
+        o.max_ejected_percent = spanned(u64::from(outlier.max_ejected_percent));
         self
     }
 
@@ -174,6 +196,12 @@ mod tests {
             .frame_limits(1 << 20, 2 << 20)
             .drain_window(Duration::from_secs(3))
             .service_drain("198.19.0.2:80", Duration::from_millis(500))
+            .outlier(Outlier {
+                consecutive: 3,
+                base_ejection: Duration::from_millis(1500),
+                max_ejection: Duration::from_secs(4),
+                max_ejected_percent: 34,
+            })
             .listener("127.0.0.1:8080".parse().unwrap())
             .route("/", "198.19.0.1:80")
             .route("/chat", "198.19.0.2:80")
@@ -198,6 +226,15 @@ mod tests {
         assert_eq!(c.drain_window, Duration::from_secs(3));
         assert_eq!(c.service_drain.len(), 1);
         assert_eq!(c.service_drain[0].1, Duration::from_millis(500));
+        assert_eq!(
+            c.outlier,
+            Outlier {
+                consecutive: 3,
+                base_ejection: Duration::from_millis(1500),
+                max_ejection: Duration::from_secs(4),
+                max_ejected_percent: 34,
+            }
+        );
         assert_eq!(c.listeners.len(), 2);
         assert!(!c.listeners[0].shared && c.listeners[1].shared);
         let svc = |l: usize, p| c.listeners[l].route("x", p).map(|s| s.to_string());
@@ -219,6 +256,7 @@ mod tests {
         assert_eq!(built.timeouts, default.timeouts);
         assert_eq!(built.limits, default.limits);
         assert_eq!(built.drain_window, default.drain_window);
+        assert_eq!(built.outlier, default.outlier);
         assert_eq!(built.listeners, default.listeners);
     }
 }

@@ -865,3 +865,53 @@ fn the_worker_shutting_down_refuses_handshakes_only() {
         "HTTP/1.1 403 Forbidden\r\nContent-Length: 4\r\n\r\nnope"
     );
 }
+
+/// What outlier detection hears of a backend's answer to the upgrade: a
+/// 5xx, a malformed answer, a close or silence fail it; a 4xx (the
+/// client's request refused) and a 101 do not.
+#[test]
+fn upgrade_failures_are_reported_for_outlier_detection() {
+    let failed = Event::UpgradeFailed { backend: BACKEND.0 };
+    let answered = |answer: &[u8]| {
+        let mut h = Harness::new(config(""));
+        h.recv(Side::Client, REQUEST.as_bytes());
+        h.connecting(BACKEND.0);
+        h.call(|c, cx| c.handle_connected(cx, true));
+        h.events();
+        h.recv(Side::Backend, answer);
+        h.events()
+            .into_iter()
+            .filter(|e| matches!(e, Event::UpgradeFailed { .. } | Event::Upgraded { .. }))
+            .collect::<Vec<_>>()
+    };
+    assert_eq!(
+        answered(b"HTTP/1.1 500 Internal Server Error\r\nContent-Length: 0\r\n\r\n"),
+        [failed]
+    );
+    assert_eq!(
+        answered(b"HTTP/1.1 503 Service Unavailable\r\n\r\n"),
+        [failed]
+    );
+    assert_eq!(answered(b"HTTP/1.1 403 Forbidden\r\n\r\n"), []);
+    assert_eq!(answered(b"nonsense\r\n\r\n"), [failed]);
+    assert_eq!(
+        answered(&upgraded_head()),
+        [Event::Upgraded { backend: BACKEND.0 }]
+    );
+
+    // Closed during the handshake.
+    let mut h = Harness::new(config(""));
+    h.recv(Side::Client, REQUEST.as_bytes());
+    h.connecting(BACKEND.0);
+    h.call(|c, cx| c.handle_connected(cx, true));
+    h.eof(Side::Backend);
+    assert!(h.events().contains(&failed));
+
+    // No answer in time.
+    let mut h = Harness::new(config(""));
+    h.recv(Side::Client, REQUEST.as_bytes());
+    h.connecting(BACKEND.0);
+    h.call(|c, cx| c.handle_connected(cx, true));
+    h.advance(Duration::from_secs(10));
+    assert!(h.events().contains(&failed));
+}

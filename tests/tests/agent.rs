@@ -1,0 +1,498 @@
+//! `weir agent` with real sockets on loopback: WebSocket echo backends
+//! (weir-echo) behind an L7 service, killed and started again; a backend
+//! that accepts TCP but answers every upgrade with 500; one agent per
+//! instance; bad configurations refused at start with the file and line.
+
+mod common;
+
+use std::io::{Read, Write};
+use std::net::{Ipv4Addr, SocketAddr, TcpListener, TcpStream};
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command};
+use std::time::{Duration, Instant};
+
+use common::{TestInstance, free_port, require_root};
+use weir::registry::{ApplyOptions, BackendAddr, Change, ServiceAddr, ServiceModeName};
+use weir_testbed::{spawn_echo as echo, workspace_bin};
+
+const SVC: ServiceAddr = ServiceAddr {
+    vip: Ipv4Addr::new(198, 19, 0, 70),
+    port: 80,
+};
+const TCP_SVC: ServiceAddr = ServiceAddr {
+    vip: Ipv4Addr::new(198, 19, 0, 71),
+    port: 80,
+};
+const HTTP_SVC: ServiceAddr = ServiceAddr {
+    vip: Ipv4Addr::new(198, 19, 0, 73),
+    port: 80,
+};
+/// Checks every 200 ms: fall (2) × interval + jitter (10%) is 440 ms.
+const INTERVAL: Duration = Duration::from_millis(200);
+
+fn backend(a: SocketAddr) -> BackendAddr {
+    match a {
+        SocketAddr::V4(v4) => BackendAddr {
+            addr: *v4.ip(),
+            port: v4.port(),
+        },
+        SocketAddr::V6(_) => unreachable!("backends listen on IPv4"),
+    }
+}
+
+/// A backend that accepts TCP and answers whatever comes with 500.
+fn answers_500() -> SocketAddr {
+    let l = TcpListener::bind("127.0.0.1:0").unwrap();
+    let addr = l.local_addr().unwrap();
+    std::thread::spawn(move || {
+        for s in l.incoming() {
+            let Ok(mut s) = s else { continue };
+            let _ = s.set_read_timeout(Some(Duration::from_secs(1)));
+            let mut buf = [0u8; 2048];
+            let _ = s.read(&mut buf);
+            let _ = s.write_all(
+                b"HTTP/1.1 500 Internal Server Error\r\nContent-Length: 0\r\nConnection: close\r\n\r\n",
+            );
+        }
+    });
+    addr
+}
+
+/// An instance with `services` (L7), each with `backends`.
+fn instance(tag: &str, services: &[(ServiceAddr, Vec<SocketAddr>)]) -> TestInstance {
+    instance_of(tag, ServiceModeName::L7, services)
+}
+
+fn instance_of(
+    tag: &str,
+    mode: ServiceModeName,
+    services: &[(ServiceAddr, Vec<SocketAddr>)],
+) -> TestInstance {
+    let inst = TestInstance::new(tag);
+    let mut reg = inst.registry();
+    let force = || ApplyOptions {
+        force: true,
+        ..Default::default()
+    };
+    for (svc, backends) in services {
+        let add = Change::AddService {
+            addr: *svc,
+            mode,
+            ring_size: None,
+            max_remove_fraction: None,
+            min_backends: None,
+            panic_threshold: None,
+        };
+        reg.apply(&add, force()).unwrap();
+        let set = Change::SetBackends {
+            service: *svc,
+            backends: backends.iter().map(|a| (backend(*a), 1)).collect(),
+        };
+        reg.apply(&set, force()).unwrap();
+    }
+    inst
+}
+
+/// A running `weir agent`; killed on drop.
+struct Agent {
+    child: Child,
+    log: PathBuf,
+}
+
+impl Agent {
+    fn start(inst: &TestInstance, dir: &Path, config: &str) -> Self {
+        let path = dir.join("agent.toml");
+        std::fs::write(&path, format!("instance = \"{}\"\n{config}", inst.name())).unwrap();
+        let log = dir.join(format!("agent-{}.log", free_port()));
+        let child = Command::new(workspace_bin("weir"))
+            .args(["agent", "--log-format", "json", "--config"])
+            .arg(&path)
+            .stderr(std::fs::File::create(&log).unwrap())
+            .spawn()
+            .unwrap();
+        Self { child, log }
+    }
+
+    fn log(&self) -> String {
+        std::fs::read_to_string(&self.log).unwrap_or_default()
+    }
+
+    /// Waits until the agent logged `event`.
+    fn wait_for(&self, event: &str) {
+        let event = format!("\"event\":\"{event}\"");
+        self.wait_line(|l| l.contains(&event));
+    }
+
+    /// Waits for a log line `want` accepts, and returns it.
+    fn wait_line(&self, want: impl Fn(&str) -> bool) -> String {
+        let deadline = Instant::now() + Duration::from_secs(10);
+        loop {
+            let log = self.log();
+            if let Some(line) = log.lines().find(|l| want(l)) {
+                return line.to_string();
+            }
+            assert!(Instant::now() < deadline, "not logged:\n{log}");
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+}
+
+impl Drop for Agent {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+fn check_config(svc: ServiceAddr, kind: &str, metrics: u16) -> String {
+    format!(
+        "[metrics]\nlisten = \"127.0.0.1:{metrics}\"\n[[check]]\nservice = \"{svc}\"\n\
+         type = \"{kind}\"\ninterval = \"{}ms\"\njitter = \"10%\"\ntimeout = \"150ms\"\nrise = 2\n\
+         fall = 2\n",
+        INTERVAL.as_millis()
+    )
+}
+
+fn temp_dir(inst: &TestInstance) -> PathBuf {
+    let dir = std::env::temp_dir().join(format!("weir-agent-{}", inst.name()));
+    std::fs::create_dir_all(&dir).unwrap();
+    dir
+}
+
+/// `weir backend list --json` of `svc`: the row of `b`.
+fn row(inst: &TestInstance, svc: ServiceAddr, b: SocketAddr) -> serde_json::Value {
+    let out = Command::new(workspace_bin("weir"))
+        .args(["--instance", inst.name(), "--json", "backend", "list"])
+        .arg(svc.to_string())
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let rows: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    rows.as_array()
+        .unwrap()
+        .iter()
+        .find(|r| r["backend"] == b.to_string())
+        .cloned()
+        .unwrap_or_else(|| panic!("{b} not listed: {rows}"))
+}
+
+/// Waits until `b`'s health is `health`; returns how long it took.
+fn wait_health(inst: &TestInstance, svc: ServiceAddr, b: SocketAddr, health: &str) -> Duration {
+    let start = Instant::now();
+    loop {
+        let r = row(inst, svc, b);
+        if r["health"] == health {
+            return start.elapsed();
+        }
+        assert!(
+            start.elapsed() < Duration::from_secs(10),
+            "{b} never {health}: {r}"
+        );
+        std::thread::sleep(Duration::from_millis(10));
+    }
+}
+
+fn scrape(port: u16) -> String {
+    let mut s = TcpStream::connect(("127.0.0.1", port)).unwrap();
+    s.write_all(b"GET /metrics HTTP/1.1\r\nHost: x\r\n\r\n")
+        .unwrap();
+    let mut out = String::new();
+    s.read_to_string(&mut out).unwrap();
+    out
+}
+
+#[test]
+fn a_killed_backend_leaves_the_ring_after_fall_checks_and_returns_after_rise() {
+    require_root();
+    let mut echoes: Vec<(Child, SocketAddr)> = (0..3)
+        .map(|i| echo("127.0.0.1:0", &format!("e{i}")))
+        .collect();
+    let addrs: Vec<SocketAddr> = echoes.iter().map(|e| e.1).collect();
+    let inst = instance("agkill", &[(SVC, addrs.clone())]);
+    let dir = temp_dir(&inst);
+    let metrics = free_port();
+    let agent = Agent::start(&inst, &dir, &check_config(SVC, "websocket", metrics));
+    for a in &addrs {
+        wait_health(&inst, SVC, *a, "healthy");
+    }
+    let victim = addrs[2];
+    let slots = row(&inst, SVC, victim)["ring_slots"].as_u64().unwrap();
+    assert!(slots > 0, "a healthy backend is in the ring");
+
+    echoes[2].0.kill().unwrap();
+    echoes[2].0.wait().unwrap();
+    let took = wait_health(&inst, SVC, victim, "unhealthy");
+    // fall × interval + jitter, plus one interval for the check in flight
+    // when it died and the agent's batching and registry round.
+    let bound = 2 * INTERVAL + INTERVAL / 10 + INTERVAL + Duration::from_millis(700);
+    assert!(
+        took < bound,
+        "unhealthy after {took:?}, more than {bound:?}"
+    );
+    let r = row(&inst, SVC, victim);
+    assert_eq!(r["health_reason"], "refused", "{r}");
+    assert_eq!(
+        r["ring_slots"], 0,
+        "an unhealthy backend leaves the ring: {r}"
+    );
+    assert!(r["health_since"].is_string(), "{r}");
+    for a in &addrs[..2] {
+        assert_eq!(row(&inst, SVC, *a)["health"], "healthy");
+    }
+    // Logged right after the change is applied.
+    let line = agent.wait_line(|l| {
+        l.contains("\"event\":\"health\"")
+            && l.contains(&victim.to_string())
+            && l.contains("\"to\":\"unhealthy\"")
+    });
+    let line: serde_json::Value = serde_json::from_str(&line).unwrap();
+    assert_eq!(
+        (&line["from"], &line["to"], &line["reason"]),
+        (&"healthy".into(), &"unhealthy".into(), &"refused".into()),
+        "{line}"
+    );
+
+    // The agent reads the registry back right after its change.
+    let unhealthy = format!(
+        "weir_agent_backend_health{{service=\"{SVC}\",backend=\"{victim}\",state=\"active\",\
+         health=\"unhealthy\",reason=\"refused\"}} 1"
+    );
+    let deadline = Instant::now() + Duration::from_secs(2);
+    let text = loop {
+        let text = scrape(metrics);
+        if text.lines().any(|l| l == unhealthy) || Instant::now() > deadline {
+            break text;
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    };
+    assert!(text.lines().any(|l| l == unhealthy), "{text}");
+    assert!(
+        text.contains(&format!(
+            "weir_agent_transitions_total{{service=\"{SVC}\",to=\"unhealthy\"}} 1"
+        )),
+        "{text}"
+    );
+    assert!(
+        text.contains(&format!(
+            "weir_agent_checks_total{{service=\"{SVC}\",type=\"websocket\",outcome=\"refused\"}}"
+        )),
+        "{text}"
+    );
+
+    // Back on the same address: healthy after rise passes.
+    let (child, _) = echo(&victim.to_string(), "e2-again");
+    echoes[2].0 = child;
+    let took = wait_health(&inst, SVC, victim, "healthy");
+    let bound = 2 * INTERVAL + INTERVAL / 10 + INTERVAL + Duration::from_millis(700);
+    assert!(
+        took < bound,
+        "healthy again after {took:?}, more than {bound:?}"
+    );
+    let r = row(&inst, SVC, victim);
+    assert!(r["ring_slots"].as_u64().unwrap() > 0, "{r}");
+    assert_eq!(r["health_reason"], "passed", "{r}");
+    drop(agent);
+    for (mut c, _) in echoes {
+        let _ = c.kill();
+        let _ = c.wait();
+    }
+    let _ = std::fs::remove_dir_all(&dir);
+}
+
+#[test]
+fn a_backend_answering_500_fails_the_websocket_and_http_checks_and_passes_the_tcp_one() {
+    require_root();
+    let mut echoes: Vec<(Child, SocketAddr)> = (0..2)
+        .map(|i| echo("127.0.0.1:0", &format!("e{i}")))
+        .collect();
+    let bad = answers_500();
+    let mut set: Vec<SocketAddr> = echoes.iter().map(|e| e.1).collect();
+    set.push(bad);
+    let inst = instance(
+        "ag500",
+        &[(SVC, set.clone()), (TCP_SVC, set.clone()), (HTTP_SVC, set)],
+    );
+    let dir = temp_dir(&inst);
+    // weir-echo answers `GET /health` with 200.
+    let both = format!(
+        "{}[[check]]\nservice = \"{TCP_SVC}\"\ntype = \"tcp\"\ninterval = \"200ms\"\n\
+         [[check]]\nservice = \"{HTTP_SVC}\"\ntype = \"http\"\npath = \"/health\"\n\
+         interval = \"200ms\"\n",
+        check_config(SVC, "websocket", free_port())
+    );
+    let agent = Agent::start(&inst, &dir, &both);
+    wait_health(&inst, SVC, bad, "unhealthy");
+    let r = row(&inst, SVC, bad);
+    assert_eq!(
+        (&r["health_reason"], &r["health_detail"]),
+        (&"not_upgraded".into(), &500.into()),
+        "{r}"
+    );
+    wait_health(&inst, TCP_SVC, bad, "healthy");
+    wait_health(&inst, HTTP_SVC, bad, "unhealthy");
+    let r = row(&inst, HTTP_SVC, bad);
+    assert_eq!(
+        (&r["health_reason"], &r["health_detail"]),
+        (&"status".into(), &500.into()),
+        "{r}"
+    );
+    for (_, e) in &echoes {
+        for svc in [SVC, TCP_SVC, HTTP_SVC] {
+            wait_health(&inst, svc, *e, "healthy");
+        }
+    }
+    // A restarted agent resumes from the registry: no transition of its
+    // own, the health and its time stay.
+    let since = row(&inst, SVC, bad)["health_since"].clone();
+    drop(agent);
+    let again = Agent::start(&inst, &dir, &both);
+    again.wait_for("started");
+    std::thread::sleep(5 * INTERVAL);
+    assert!(
+        !again.log().contains("\"event\":\"health\""),
+        "{}",
+        again.log()
+    );
+    let r = row(&inst, SVC, bad);
+    assert_eq!(
+        (&r["health"], &r["health_since"]),
+        (&"unhealthy".into(), &since),
+        "{r}"
+    );
+    drop(again);
+    for (c, _) in &mut echoes {
+        let _ = c.kill();
+        let _ = c.wait();
+    }
+    let _ = std::fs::remove_dir_all(&dir);
+}
+
+/// An L4 check goes through the probe path; where it is not attached (no
+/// `weir attach` here), the checks do not run and the backends keep their
+/// health: a missing probe path must not empty a fleet.
+#[test]
+fn without_the_probe_path_l4_checks_wait_and_health_stays() {
+    require_root();
+    let l4 = ServiceAddr {
+        vip: Ipv4Addr::new(198, 19, 0, 72),
+        port: 80,
+    };
+    let b: SocketAddr = "198.18.0.72:80".parse().unwrap();
+    let inst = instance_of("agl4", ServiceModeName::L4, &[(l4, vec![b])]);
+    let dir = temp_dir(&inst);
+    let metrics = free_port();
+    let agent = Agent::start(&inst, &dir, &check_config(l4, "tcp", metrics));
+    agent.wait_for("probe_path_missing");
+    std::thread::sleep(5 * INTERVAL);
+    let r = row(&inst, l4, b);
+    assert_eq!(
+        (&r["health"], &r["health_reason"]),
+        (&"unknown".into(), &"none".into()),
+        "{r}"
+    );
+    let text = scrape(metrics);
+    let skipped = text
+        .lines()
+        .find_map(|l| {
+            l.strip_prefix(&format!(
+                "weir_agent_probe_path_skipped_total{{service=\"{l4}\"}} "
+            ))
+        })
+        .unwrap_or_else(|| panic!("no skipped checks counted:\n{text}"));
+    assert!(skipped.parse::<u64>().unwrap() >= 3, "{text}");
+    assert!(
+        !text.contains("weir_agent_checks_total{"),
+        "no check ran: {text}"
+    );
+    drop(agent);
+    let _ = std::fs::remove_dir_all(&dir);
+}
+
+#[test]
+fn a_second_agent_is_refused_with_the_first_ones_pid_and_sigterm_stops_it() {
+    require_root();
+    let inst = instance("agtwo", &[]);
+    let dir = temp_dir(&inst);
+    let first = Agent::start(&inst, &dir, "");
+    first.wait_for("started");
+    let out = Command::new(workspace_bin("weir"))
+        .args(["--instance", inst.name(), "agent"])
+        .output()
+        .unwrap();
+    assert!(!out.status.success());
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        err.contains(&format!(
+            "another `weir agent` (pid {}) runs",
+            first.child.id()
+        )),
+        "{err}"
+    );
+    // SIGTERM stops it cleanly; then the instance may have an agent again.
+    let mut first = first;
+    // SAFETY: kill(2) on the pid of a child this test started.
+    assert_eq!(
+        unsafe { libc::kill(first.child.id() as i32, libc::SIGTERM) },
+        0
+    );
+    let status = first.child.wait().unwrap();
+    assert!(status.success(), "{status}: {}", first.log());
+    first.wait_for("stopped");
+    let second = Agent::start(&inst, &dir, "");
+    second.wait_for("started");
+    drop(second);
+    let _ = std::fs::remove_dir_all(&dir);
+}
+
+#[test]
+fn bad_configurations_are_refused_at_start_with_file_line_and_reason() {
+    require_root();
+    let inst = instance("agbad", &[]);
+    let dir = temp_dir(&inst);
+    let check = |rest: &str| format!("[[check]]\nservice = \"{SVC}\"\n{rest}");
+    let cases = [
+        (
+            check("type = \"icmp\"\n"),
+            4,
+            "check.type = \"icmp\": must be tcp, http or websocket",
+        ),
+        (
+            check("type = \"tcp\"\ninterval = \"0s\"\n"),
+            5,
+            "check.interval = \"0s\"",
+        ),
+        (check("type = \"tcp\"\nrise = 0\n"), 5, "check.rise = 0"),
+        (
+            check("type = \"http\"\npath = \"health\"\n"),
+            5,
+            "must start with /",
+        ),
+        (
+            "[metrics]\nlisten = \"192.0.2.1:9101\"\n".to_string(),
+            3,
+            "metrics.listen = \"192.0.2.1:9101\": cannot listen there",
+        ),
+    ];
+    for (text, line, reason) in cases {
+        let path = dir.join("bad.toml");
+        // The instance line comes first.
+        std::fs::write(&path, format!("instance = \"{}\"\n{text}", inst.name())).unwrap();
+        let out = Command::new(workspace_bin("weir"))
+            .args(["agent", "--config"])
+            .arg(&path)
+            .output()
+            .unwrap();
+        assert!(!out.status.success(), "{text}");
+        let err = String::from_utf8_lossy(&out.stderr);
+        let at = format!("{}:{line}:", path.display());
+        assert!(
+            err.contains(&at) && err.contains(reason),
+            "{text}\nwant {at} {reason}\n{err}"
+        );
+    }
+    let _ = std::fs::remove_dir_all(&dir);
+}
