@@ -21,8 +21,6 @@ const ECHO_PORT: u16 = 8080;
 /// Where every L7 system listens: the VIP, on the lb's lo.
 const L7_PORT: u16 = 8081;
 const BACKENDS: usize = 8;
-/// Where an echo backend listens in its own namespace.
-const ECHO_ANY: SocketAddr = SocketAddr::new(IpAddr::V4(Ipv4Addr::UNSPECIFIED), ECHO_PORT);
 const CLIENT_ADDRS: usize = 16;
 
 /// Which network a scenario's traffic crosses.
@@ -161,10 +159,15 @@ impl Bench {
         let mut echo_pids = Vec::new();
         let mut loop_echo_pids = Vec::new();
         for i in 0..BACKENDS {
-            let ns = topo.backend_ns[i].clone();
-            echo_pids.push(spawn_echo(&mut topo, &ns, ECHO_ANY, i)?);
-            let listen = Net::Loopback.backend(&topo, i);
-            loop_echo_pids.push(spawn_echo(&mut topo, &lb_ns, listen, i)?);
+            echo_pids.push(topo.start_echo(i, ECHO_PORT)?);
+            let listen = Net::Loopback.backend(&topo, i).to_string();
+            let (pid, _) = topo.spawn_ready_in(
+                &lb_ns,
+                &echo,
+                &["--listen", &listen, "--name", &backend_name(i)],
+                Duration::from_secs(10),
+            )?;
+            loop_echo_pids.push(pid);
         }
         let scratch = std::env::temp_dir().join(format!("weir-bench-{}", std::process::id()));
         std::fs::create_dir_all(&scratch)?;
@@ -222,8 +225,7 @@ impl Bench {
     /// Starts echo backend `i` of the namespace topology again, as the
     /// bench first started it.
     pub(crate) fn restart_backend(&mut self, i: usize) -> Result<()> {
-        let ns = self.topo.backend_ns[i].clone();
-        self.echo_pids[i] = spawn_echo(&mut self.topo, &ns, ECHO_ANY, i)?;
+        self.echo_pids[i] = self.topo.start_echo(i, ECHO_PORT)?;
         Ok(())
     }
 
@@ -521,17 +523,6 @@ impl CpuMark {
             softirq_s: procs::softirq_s() - self.softirq_s,
         }
     }
-}
-
-/// Starts echo backend `i` in `ns` on `listen` and waits until it listens.
-fn spawn_echo(topo: &mut Topology, ns: &str, listen: SocketAddr, i: usize) -> Result<u32> {
-    let (pid, _) = topo.spawn_ready_in(
-        ns,
-        &weir_testbed::workspace_bin("weir-echo"),
-        &["--listen", &listen.to_string(), "--name", &backend_name(i)],
-        Duration::from_secs(10),
-    )?;
-    Ok(pid)
 }
 
 /// What echo backend `i` calls itself in its 101 (`x-weir-backend`).
