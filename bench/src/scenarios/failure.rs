@@ -278,9 +278,9 @@ impl Scenario for Failure {
              the restart. Detected and said up are the system's own word, read every 100 ms \
              (weir: its registry's health, which its agent writes; HAProxy: the server's state \
              in `show servers state`); nginx keeps its failure counts to itself. Recorded: the \
-             transition times the system stored (weir's `health_since`, in whole seconds). Stopped sending is the dead \
-             backend's view: the end of the last 100 ms with more refused connection attempts \
-             than one health check. Failed after detection counts connections started after \
+             transition times the system stored (weir's `health_since`, in whole seconds). \
+             Stopped sending is the dead backend's view: the end of the last 100 ms with more \
+             refused connection attempts than one health check. Failed after detection counts connections started after \
              the system's detection, or after it stopped sending where it says nothing. \
              Ratios: peer's failed handshakes ÷ weir's; – when either had none.\n",
         );
@@ -307,7 +307,7 @@ struct Moments {
 
 /// When the system was first read saying a state, and the time it
 /// recorded for the transition, where it records one.
-#[derive(Clone, Copy, Default)]
+#[derive(Clone, Copy)]
 struct Said {
     read: u64,
     recorded: Option<u64>,
