@@ -17,6 +17,7 @@ use crate::scenarios::bigconn::{Bigconn, BigconnRow};
 use crate::scenarios::churn::{Churn, ChurnRow};
 use crate::scenarios::connrate::{Connrate, ConnrateRow};
 use crate::scenarios::drain::{Drain, DrainRow};
+use crate::scenarios::failure::{Failure, FailureRow};
 use crate::scenarios::idle::{Idle, IdleRow};
 use crate::scenarios::l4::{L4, L4Row};
 use crate::scenarios::micro::{Micro, MicroRow};
@@ -56,6 +57,8 @@ pub struct ScenarioResult {
     pub bigconn: Vec<BigconnRow>,
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub propagate: Vec<PropagateRow>,
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub failure: Vec<FailureRow>,
     /// Problems seen (a system that failed to start, a sanity check).
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub notes: Vec<String>,
@@ -91,10 +94,11 @@ rows_in_field!(
     storm: StormRow,
     bigconn: BigconnRow,
     propagate: PropagateRow,
+    failure: FailureRow,
 );
 
 /// The scenarios, in the order a run and the report take them.
-pub static ALL: [Entry; 11] = [
+pub static ALL: [Entry; 12] = [
     Entry::of::<Steady>(),
     Entry::of::<Push>(),
     Entry::of::<Idle>(),
@@ -104,6 +108,7 @@ pub static ALL: [Entry; 11] = [
     Entry::of::<Churn>(),
     Entry::of::<Propagate>(),
     Entry::of::<Drain>(),
+    Entry::of::<Failure>(),
     Entry::of::<L4>(),
     Entry::of::<Micro>(),
 ];

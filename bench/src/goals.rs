@@ -1,4 +1,5 @@
-//! The performance goals of issue 11, each checked against the run's own
+//! The performance goals of issue 11 (and issue 12's for a backend's
+//! failure), each checked against the run's own
 //! rows: what weir measured, the best peer in the same run, and whether
 //! the goal holds. The report puts this first, so that a run says by itself
 //! which goals it meets.
@@ -7,6 +8,7 @@ use crate::catalog::ScenarioResult;
 use crate::results::Latency;
 use crate::scenarios::bigconn::BigconnRow;
 use crate::scenarios::connrate::{AT_SHARE, ConnrateRow, ConnrateStep};
+use crate::scenarios::failure::FailureRow;
 use crate::scenarios::micro::{
     ESTABLISHED_GOAL, MicroRow, SET_GOAL_BACKENDS, SET_GOAL_MS, SYN_GOAL, set_goal_met,
 };
@@ -14,7 +16,7 @@ use crate::scenarios::propagate::{GOAL_MS, PropagateRow};
 use crate::scenarios::push::PushRow;
 use crate::scenarios::steady::SteadyRow;
 use crate::table::{
-    L7_PEERS, Table, fmt_bytes, fmt_f, fmt_int, fmt_num, fmt_ratio, fmt_us, is_weir,
+    L7_PEERS, Table, fmt_bytes, fmt_f, fmt_int, fmt_num, fmt_ratio, fmt_us, is_weir, ratio,
 };
 
 /// Idle connections one `weir run` process must hold.
@@ -56,12 +58,19 @@ pub fn section(out: &mut String, results: &[ScenarioResult]) {
     if let Some(rows) = rows(results, |r| &r.propagate) {
         propagate(&mut lines, rows);
     }
+    let issues = match rows(results, |r| &r.failure) {
+        Some(rows) => {
+            failure(&mut lines, rows);
+            "issues 11 and 12"
+        }
+        None => "issue 11",
+    };
     if lines.is_empty() {
         return;
     }
     let met = lines.iter().filter(|l| l.met).count();
     out.push_str(&format!(
-        "\n## Goals\n\nThe goals of issue 11, checked against this run's rows: {met} of {} met.\n\n",
+        "\n## Goals\n\nThe goals of {issues}, checked against this run's rows: {met} of {} met.\n\n",
         lines.len()
     ));
     let mut t = Table::new(&["goal", "weir", "best peer", "weir ÷ best peer", "verdict"]).left(&[
@@ -354,5 +363,30 @@ fn propagate(lines: &mut Vec<Line>, rows: &[PropagateRow]) {
         best_peer: "no peer".into(),
         ratio: None,
         met: !w.switches.is_empty() && w.max_last_old_ms <= GOAL_MS,
+    });
+}
+
+/// Issue 12's goal: a killed backend costs fewer failed handshakes than
+/// HAProxy with its usual checks, and none once weir knows.
+fn failure(lines: &mut Vec<Line>, rows: &[FailureRow]) {
+    let Some(w) = rows.iter().find(|r| is_weir(&r.system)) else {
+        return;
+    };
+    let goal = "a killed backend: fewer failed handshakes than HAProxy with its usual checks, \
+                and none after detection"
+        .to_string();
+    lines.push(match rows.iter().find(|r| r.system == "haproxy") {
+        Some(h) => Line {
+            goal,
+            weir: format!(
+                "{} failed, {} after detection",
+                fmt_int(w.handshakes_failed),
+                fmt_int(w.failed_after_detection)
+            ),
+            best_peer: format!("haproxy: {} failed", fmt_int(h.handshakes_failed)),
+            ratio: ratio(h.handshakes_failed as f64, w.handshakes_failed as f64),
+            met: w.handshakes_failed < h.handshakes_failed && w.failed_after_detection == 0,
+        },
+        None => missing(goal),
     });
 }

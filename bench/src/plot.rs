@@ -58,6 +58,7 @@ mod tests {
     use crate::results::{Latency, TimelinePoint};
     use crate::scenarios::churn::ChurnRow;
     use crate::scenarios::connrate::{ConnrateRow, ConnrateStep};
+    use crate::scenarios::failure::FailureRow;
     use crate::scenarios::idle::IdleRow;
     use crate::scenarios::push::PushRow;
     use crate::scenarios::steady::SteadyRow;
@@ -169,7 +170,24 @@ mod tests {
                 .collect(),
             ..Default::default()
         };
-        vec![steady, push, idle, churn, connrate]
+        let failure = ScenarioResult {
+            scenario: "failure".into(),
+            failure: [("weir", 0), ("haproxy", 12)]
+                .iter()
+                .map(|&(s, failed)| FailureRow {
+                    system: s.into(),
+                    kill_ms: 2_000,
+                    restart_ms: 7_000,
+                    failed_bins: (0..130)
+                        .map(|i| u32::from((20..45).contains(&i)) * failed)
+                        .collect(),
+                    refused_bins: (0..70).map(|i| u32::from(i >= 20) * 3).collect(),
+                    ..Default::default()
+                })
+                .collect(),
+            ..Default::default()
+        };
+        vec![steady, push, idle, churn, connrate, failure]
     }
 
     /// Removes the test's directory even when an assertion fails; set
@@ -197,7 +215,7 @@ mod tests {
         );
         let written = write_svgs(&results(), &dir.0, "test").unwrap();
 
-        let expect: [(&str, &[&str]); 5] = [
+        let expect: [(&str, &[&str]); 6] = [
             (
                 "steady",
                 &[
@@ -213,6 +231,10 @@ mod tests {
             ("idle", &["weir", "haproxy", "nginx"]),
             ("connrate", &["weir", "haproxy"]),
             ("churn", &["weir", "haproxy-reload", "nginx-reload"]),
+            (
+                "failure",
+                &["weir (0 failed)", "haproxy (300 failed)", "kill", "restart"],
+            ),
         ];
         assert_eq!(written.len(), expect.len());
         for ((scenario, names), path) in expect.iter().zip(&written) {

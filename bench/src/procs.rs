@@ -24,6 +24,17 @@ fn stat(pid: u32) -> Option<(u32, u64)> {
     Some((ppid, ut + st))
 }
 
+/// Whether `pid` runs: it exists and has not exited (a zombie has).
+pub fn running(pid: u32) -> bool {
+    std::fs::read_to_string(format!("/proc/{pid}/stat"))
+        .ok()
+        .and_then(|s| {
+            let state = s[s.rfind(')')? + 2..].chars().next()?;
+            Some(state != 'Z' && state != 'X')
+        })
+        .unwrap_or(false)
+}
+
 /// `roots` and all their descendants that are alive now.
 pub fn tree(roots: &[u32]) -> Vec<u32> {
     let mut children: BTreeMap<u32, Vec<u32>> = BTreeMap::new();
@@ -134,9 +145,21 @@ pub fn softirq_s() -> f64 {
 /// dropped because a listener's accept queue was full (or for lack of
 /// memory), counted per network namespace.
 pub fn listen_drops(netstat: &str) -> Option<u64> {
-    let mut lines = netstat.lines().filter(|l| l.starts_with("TcpExt:"));
+    net_counter(netstat, "TcpExt:", "ListenDrops")
+}
+
+/// `Tcp: OutRsts` of a `/proc/net/snmp`: resets sent, among them one for
+/// every connection attempt to a port nobody listens on.
+pub fn out_rsts(snmp: &str) -> Option<u64> {
+    net_counter(snmp, "Tcp:", "OutRsts")
+}
+
+/// One counter of a /proc/net/{snmp,netstat} file, where each group is a
+/// line of names followed by a line of values.
+fn net_counter(text: &str, group: &str, name: &str) -> Option<u64> {
+    let mut lines = text.lines().filter(|l| l.starts_with(group));
     let (names, values) = (lines.next()?, lines.next()?);
-    let i = names.split_whitespace().position(|n| n == "ListenDrops")?;
+    let i = names.split_whitespace().position(|n| n == name)?;
     values.split_whitespace().nth(i)?.parse().ok()
 }
 
@@ -182,5 +205,35 @@ mod tests {
         assert_eq!(listen_drops("IpExt: InNoRoutes\nIpExt: 0\n"), None);
         let own = std::fs::read_to_string("/proc/net/netstat").unwrap();
         assert!(listen_drops(&own).is_some());
+    }
+
+    #[test]
+    fn a_child_runs_until_it_exits() {
+        let mut child = std::process::Command::new("sleep")
+            .arg("5")
+            .spawn()
+            .unwrap();
+        assert!(running(child.id()));
+        child.kill().unwrap();
+        // Killed but not reaped: a zombie, which does not run.
+        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(5);
+        while running(child.id()) && std::time::Instant::now() < deadline {
+            std::thread::sleep(std::time::Duration::from_millis(10));
+        }
+        assert!(!running(child.id()));
+        child.wait().unwrap();
+        assert!(!running(child.id()));
+    }
+
+    #[test]
+    fn out_rsts_are_read_from_the_tcp_group() {
+        let snmp = "Ip: Forwarding DefaultTTL\n\
+                    Ip: 1 64\n\
+                    Tcp: RtoAlgorithm ActiveOpens OutRsts InCsumErrors\n\
+                    Tcp: 1 12 5 0\n";
+        assert_eq!(out_rsts(snmp), Some(5));
+        assert_eq!(out_rsts("Ip: Forwarding\nIp: 1\n"), None);
+        let own = std::fs::read_to_string("/proc/net/snmp").unwrap();
+        assert!(out_rsts(&own).is_some());
     }
 }

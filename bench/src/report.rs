@@ -113,6 +113,7 @@ mod tests {
     use crate::scenarios::churn::ChurnRow;
     use crate::scenarios::connrate::{ConnrateRow, ConnrateStep};
     use crate::scenarios::drain::DrainRow;
+    use crate::scenarios::failure::FailureRow;
     use crate::scenarios::idle::IdleRow;
     use crate::scenarios::l4::L4Row;
     use crate::scenarios::micro::MicroRow;
@@ -312,6 +313,20 @@ mod tests {
             still_open: 0,
         }];
 
+        let mut failure = base("failure");
+        failure.failure = [("weir", 0, 0), ("haproxy", 120, 20), ("nginx", 0, 0)]
+            .iter()
+            .map(|&(s, failed, after)| FailureRow {
+                system: s.into(),
+                handshakes_ok: 3_000,
+                handshakes_failed: failed,
+                failed_after_detection: after,
+                failures: endings(&[("handshake:503", failed)]),
+                detected_ms: Some(2_100),
+                ..Default::default()
+            })
+            .collect();
+
         let mut l4 = base("l4");
         l4.l4 = vec![
             L4Row {
@@ -413,7 +428,8 @@ mod tests {
         }];
         // Out of order on purpose: the report sorts sections.
         vec![
-            micro, l4, propagate, drain, churn, storm, connrate, bigconn, idle, push, steady,
+            micro, l4, failure, propagate, drain, churn, storm, connrate, bigconn, idle, push,
+            steady,
         ]
     }
 
@@ -493,6 +509,19 @@ mod tests {
         assert_eq!(&g[1..], ["90.0 / 120.0 ms", "no peer", "–", "not met"]);
         let g = goal(&md, "a CLI change seen");
         assert_eq!(g[4], "met");
+        // No failed handshake against HAProxy's 120: no ratio of a zero,
+        // and the goal is met.
+        let g = goal(&md, "a killed backend");
+        assert_eq!(
+            &g[1..],
+            [
+                "0 failed, 0 after detection",
+                "haproxy: 120 failed",
+                "–",
+                "met"
+            ]
+        );
+        assert!(md.contains("The goals of issues 11 and 12"));
         assert!(md.contains("met.\n"), "no count of goals met");
     }
 
@@ -605,6 +634,15 @@ mod tests {
         assert_eq!(&c[6..8], ["–", "40.0×"]);
         let c = row_cells(&md, "## Idle connections held", "weir", "19,000 (95.0%)");
         assert_eq!(&c[6..8], ["–", "39.6×"]);
+
+        // Failure: HAProxy failed 120 of its handshakes, 20 after it said
+        // the server was down; weir none, so no ratio.
+        let c = row_cells(&md, "## Backend failure", "haproxy", "120");
+        assert_eq!(&c[3..6], ["120", "20", "2,100 ms"]);
+        assert_eq!(c[9], "– / –");
+        let c = row_cells(&md, "## Backend failure", "weir", "3,000");
+        assert_eq!(&c[11..13], ["–", "–"]);
+        assert!(md.contains("weir: 0 failed handshakes (0 after detection) against HAProxy's 120"));
 
         // L4: 30 / 20 Gbit/s; peer conns/s is 0 so its ratio is missing.
         let c = row_cells(&md, "## L4", "weir", "30.00");

@@ -159,23 +159,15 @@ impl Bench {
         let mut echo_pids = Vec::new();
         let mut loop_echo_pids = Vec::new();
         for i in 0..BACKENDS {
-            let ns = topo.backend_ns[i].clone();
-            for (ns, listen, pids) in [
-                (
-                    &ns,
-                    SocketAddr::from((Ipv4Addr::UNSPECIFIED, ECHO_PORT)),
-                    &mut echo_pids,
-                ),
-                (&lb_ns, Net::Loopback.backend(&topo, i), &mut loop_echo_pids),
-            ] {
-                let (pid, _) = topo.spawn_ready_in(
-                    ns,
-                    &echo,
-                    &["--listen", &listen.to_string(), "--name", &backend_name(i)],
-                    Duration::from_secs(10),
-                )?;
-                pids.push(pid);
-            }
+            echo_pids.push(topo.start_echo(i, ECHO_PORT)?);
+            let listen = Net::Loopback.backend(&topo, i).to_string();
+            let (pid, _) = topo.spawn_ready_in(
+                &lb_ns,
+                &echo,
+                &["--listen", &listen, "--name", &backend_name(i)],
+                Duration::from_secs(10),
+            )?;
+            loop_echo_pids.push(pid);
         }
         let scratch = std::env::temp_dir().join(format!("weir-bench-{}", std::process::id()));
         std::fs::create_dir_all(&scratch)?;
@@ -216,6 +208,27 @@ impl Bench {
         r
     }
 
+    /// Kills echo backend `i` of the namespace topology with SIGKILL, as a
+    /// crash does: its connections end without a Close and its port
+    /// refuses connections until [`Bench::restart_backend`].
+    pub(crate) fn kill_backend(&mut self, i: usize) -> Result<()> {
+        let pid = self.echo_pids[i];
+        ensure!(
+            self.topo.signal_child(pid, libc::SIGKILL),
+            "echo backend {i} (pid {pid}) is not running"
+        );
+        // Reaps it; the TERM this sends first finds it dead.
+        self.topo.stop_child(pid, Duration::from_secs(1));
+        Ok(())
+    }
+
+    /// Starts echo backend `i` of the namespace topology again, as the
+    /// bench first started it.
+    pub(crate) fn restart_backend(&mut self, i: usize) -> Result<()> {
+        self.echo_pids[i] = self.topo.start_echo(i, ECHO_PORT)?;
+        Ok(())
+    }
+
     pub(crate) fn net(&self) -> Net {
         self.net
     }
@@ -250,6 +263,7 @@ impl Bench {
             tcp_mode: false,
             max_connections: None,
             large_messages: false,
+            health_checks: false,
         }
     }
 

@@ -1,8 +1,9 @@
 //! The systems under test, started in the topology's lb namespace with
 //! equivalent configurations: a WebSocket reverse proxy on one address to
 //! the same echo backends, the same worker count, timeouts for long-lived
-//! connections, no health checks (weir has none in its L7 path either), and
-//! no access logs. Each is changed the way its operators change it.
+//! connections, no access logs, and no health checks unless a scenario asks
+//! for them ([`Spec::health_checks`]: each system then notices a dead
+//! backend its usual way). Each is changed the way its operators change it.
 //!
 //! Where one process cannot hold the connections (20,000 open files per
 //! process here; a proxied connection costs HAProxy and nginx two), the
@@ -93,6 +94,22 @@ pub struct Spec {
     /// message with its frame header in two pieces each way (and 16 KiB in
     /// five); kept elsewhere, as it is nginx's best case for idle memory.
     pub large_messages: bool,
+    /// Each system watches its backends the way it usually does: weir runs
+    /// `weir agent` with its defaults beside `weir run`; HAProxy checks
+    /// every server (`check inter 1s fall 2 rise 2`, a TCP connect);
+    /// nginx, which has no active checks in its open source build, marks
+    /// a server failed after one error for 10 s (`max_fails=1
+    /// fail_timeout=10s`, per worker process).
+    pub health_checks: bool,
+}
+
+/// What a system says of one backend's health, for those that say.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct HealthView {
+    pub down: bool,
+    /// Unix ms of the last transition, when the system records it (weir's
+    /// registry does; HAProxy's `show servers state` counts whole seconds).
+    pub since_unix_ms: Option<u64>,
 }
 
 /// A server as HAProxy and nginx configurations name it.
@@ -172,6 +189,13 @@ impl Running {
         // Every shard must be up: SO_REUSEPORT spreads new connections
         // over the listeners that exist.
         std::thread::sleep(Duration::from_millis(300));
+        // A process beside the listeners (weir's agent) may have refused
+        // its configuration.
+        if let Some(pid) = r.roots.iter().copied().find(|p| !procs::running(*p)) {
+            let (name, logs) = (r.spec.kind.name(), r.logs());
+            r.stop(topo);
+            bail!("{name} process {pid} exited: {logs}");
+        }
         Ok(r)
     }
 
@@ -207,9 +231,15 @@ impl Running {
     }
 
     fn weir_cmd(&self, topo: &Topology, instance: &str, args: &[&str]) -> Result<()> {
+        self.weir_out(topo, instance, args).map(drop)
+    }
+
+    /// Runs a `weir` command on `instance` and returns its stdout.
+    fn weir_out(&self, topo: &Topology, instance: &str, args: &[&str]) -> Result<String> {
         let mut full = vec!["--instance", instance, "--flows", "65536"];
         full.extend_from_slice(args);
-        topo.run_ok_in(&topo.lb_ns, &self.weir, &full).map(drop)
+        let out = topo.run_ok_in(&topo.lb_ns, &self.weir, &full)?;
+        Ok(String::from_utf8_lossy(&out.stdout).into_owned())
     }
 
     fn start_weir(&mut self, topo: &mut Topology, tag: &str) -> Result<()> {
@@ -257,16 +287,50 @@ impl Running {
                 .shared(self.spec.shards > 1)
                 .route("/", &svc);
             write(&config, &file.to_string())?;
-            let log = self.dir.join(format!("weir-{k}.log"));
-            let pid = spawn_logged(
-                topo,
-                &self.weir.clone(),
-                &["run", "--config", config.to_str().context("utf-8 path")?],
-                &log,
-            )?;
-            self.roots.push(pid);
+            self.spawn_weir(topo, "run", &config, &format!("weir-{k}.log"))?;
+            if self.spec.health_checks {
+                self.start_weir_agent(topo, &instance, k)?;
+            }
         }
         Ok(())
+    }
+
+    /// Starts `weir SUBCOMMAND --config CONFIG`, its output in `log` in the
+    /// system's directory, as one of its roots.
+    fn spawn_weir(
+        &mut self,
+        topo: &mut Topology,
+        subcommand: &str,
+        config: &Path,
+        log: &str,
+    ) -> Result<()> {
+        let config = config.to_str().context("utf-8 path")?;
+        let log = self.dir.join(log);
+        let pid = spawn_logged(
+            topo,
+            &self.weir.clone(),
+            &[subcommand, "--config", config],
+            &log,
+        )?;
+        self.roots.push(pid);
+        Ok(())
+    }
+
+    /// `weir agent` for one shard's instance: its defaults, with the
+    /// service's backends checked (a WebSocket upgrade, ping and close,
+    /// what a client of the service needs).
+    fn start_weir_agent(&mut self, topo: &mut Topology, instance: &str, k: usize) -> Result<()> {
+        let config = self.dir.join(format!("agent-{k}.toml"));
+        write(
+            &config,
+            &format!(
+                "instance = \"{instance}\"\n\n[metrics]\nlisten = \"{metrics}\"\n\n\
+                 [[check]]\nservice = \"{svc}\"\ntype = \"websocket\"\n",
+                metrics = SocketAddr::from((Ipv4Addr::LOCALHOST, 19200 + k as u16)),
+                svc = self.spec.listen,
+            ),
+        )?;
+        self.spawn_weir(topo, "agent", &config, &format!("agent-{k}.log"))
     }
 
     fn haproxy_config(&self, k: usize) -> String {
@@ -288,8 +352,13 @@ impl Running {
              backend be\n    balance roundrobin\n",
             listen = self.spec.listen,
         );
+        let check = if self.spec.health_checks {
+            " check inter 1s fall 2 rise 2"
+        } else {
+            ""
+        };
         for (name, addr) in &self.servers {
-            c += &format!("    server {name} {addr}\n");
+            c += &format!("    server {name} {addr}{check}\n");
         }
         c
     }
@@ -338,8 +407,13 @@ impl Running {
              \x20   map $http_upgrade $connection_upgrade {{\n        default upgrade;\n        '' close;\n    }}\n\
              \x20   upstream be {{\n"
         );
+        let fails = if self.spec.health_checks {
+            " max_fails=1 fail_timeout=10s"
+        } else {
+            ""
+        };
         for (_, addr) in &self.servers {
-            c += &format!("        server {addr};\n");
+            c += &format!("        server {addr}{fails};\n");
         }
         c += &format!(
             "    }}\n    server {{\n        listen {listen} reuseport backlog=4096;\n\
@@ -432,6 +506,28 @@ impl Running {
             (k, m) => bail!("{} cannot change backends by {m:?}", k.name()),
         }
         Ok(t0.elapsed())
+    }
+
+    /// What the system itself says of `backend` now (the first shard's
+    /// view): weir's registry, where its agent records health; HAProxy's
+    /// server state. None where the system keeps no such state (nginx's
+    /// failure counts live in each worker) or has none yet.
+    pub fn health_of(&self, topo: &Topology, backend: SocketAddr) -> Result<Option<HealthView>> {
+        match self.spec.kind {
+            Kind::Weir => {
+                let Some(instance) = self.instances.first() else {
+                    return Ok(None);
+                };
+                let svc = self.spec.listen.to_string();
+                let out = self.weir_out(topo, instance, &["--json", "backend", "list", &svc])?;
+                weir_health(&out, backend)
+            }
+            Kind::Haproxy => {
+                let sock = self.dir.join("haproxy-0.sock");
+                haproxy_health(&haproxy_cmd(&sock, "show servers state be")?, backend).map(Some)
+            }
+            Kind::Nginx => Ok(None),
+        }
     }
 
     /// The servers after a change: survivors keep their names, joiners
@@ -574,6 +670,88 @@ fn shell_quote(s: &str) -> String {
     format!("'{}'", s.replace('\'', "'\\''"))
 }
 
+/// A backend's health in `weir backend list --json`; None when the
+/// registry has no health (an instance no agent ever checked still says
+/// `unknown`, which is not down).
+fn weir_health(json: &str, backend: SocketAddr) -> Result<Option<HealthView>> {
+    let rows: Vec<serde_json::Value> =
+        serde_json::from_str(json).context("parsing `weir backend list --json`")?;
+    let want = backend.to_string();
+    let row = rows
+        .iter()
+        .find(|r| r["backend"].as_str() == Some(want.as_str()))
+        .with_context(|| format!("`weir backend list` has no {want}"))?;
+    let Some(health) = row["health"].as_str() else {
+        return Ok(None);
+    };
+    Ok(Some(HealthView {
+        down: health == "unhealthy",
+        since_unix_ms: row["health_since"].as_str().and_then(unix_ms_of_rfc3339),
+    }))
+}
+
+/// A server's operational state in HAProxy's `show servers state`
+/// (`srv_op_state` 0 is stopped: down).
+fn haproxy_health(state: &str, backend: SocketAddr) -> Result<HealthView> {
+    let names: Vec<&str> = state
+        .lines()
+        .find_map(|l| l.strip_prefix("# "))
+        .context("`show servers state` has no header")?
+        .split_whitespace()
+        .collect();
+    let column = |name: &str| {
+        names
+            .iter()
+            .position(|n| *n == name)
+            .with_context(|| format!("`show servers state` has no {name}"))
+    };
+    let (addr, port, op) = (
+        column("srv_addr")?,
+        column("srv_port")?,
+        column("srv_op_state")?,
+    );
+    let (ip, port_s) = (backend.ip().to_string(), backend.port().to_string());
+    let row = state
+        .lines()
+        .filter(|l| !l.starts_with('#'))
+        .map(|l| l.split_whitespace().collect::<Vec<_>>())
+        .find(|f| f.get(addr) == Some(&ip.as_str()) && f.get(port) == Some(&port_s.as_str()))
+        .with_context(|| format!("HAProxy has no server {backend}"))?;
+    Ok(HealthView {
+        down: row.get(op) == Some(&"0"),
+        since_unix_ms: None,
+    })
+}
+
+/// Unix ms of an RFC 3339 UTC time (`2026-12-06T19:05:44Z`, optionally
+/// with a fraction of a second), as weir prints times.
+fn unix_ms_of_rfc3339(s: &str) -> Option<u64> {
+    let s = s.strip_suffix('Z').or_else(|| s.strip_suffix("+00:00"))?;
+    let (date, time) = s.split_once('T')?;
+    let num = |x: &str| x.parse::<i64>().ok();
+    let mut d = date.splitn(3, '-');
+    let (y, m, day) = (num(d.next()?)?, num(d.next()?)?, num(d.next()?)?);
+    let mut t = time.splitn(3, ':');
+    let (h, min, rest) = (num(t.next()?)?, num(t.next()?)?, t.next()?);
+    let (sec, frac) = rest.split_once('.').unwrap_or((rest, ""));
+    if !(1..=12).contains(&m)
+        || !(1..=31).contains(&day)
+        || !frac.bytes().all(|c| c.is_ascii_digit())
+    {
+        return None;
+    }
+    // Days since 1970-01-01 of a proleptic Gregorian date, counted in
+    // 400-year eras that start on 1 March.
+    let yy = if m <= 2 { y - 1 } else { y };
+    let era = yy.div_euclid(400);
+    let yoe = yy - era * 400;
+    let doy = (153 * ((m + 9) % 12) + 2) / 5 + day - 1;
+    let days = era * 146_097 + yoe * 365 + yoe / 4 - yoe / 100 + doy - 719_468;
+    let ms: i64 = format!("{frac:0<3}").get(..3)?.parse().ok()?;
+    let total = ((days * 24 + h) * 60 + min) * 60 + num(sec)?;
+    u64::try_from(total * 1000 + ms).ok()
+}
+
 /// One HAProxy Runtime API command; returns its answer.
 pub fn haproxy_cmd(sock: &Path, cmd: &str) -> Result<String> {
     let mut s =
@@ -592,4 +770,78 @@ pub fn haproxy_cmd(sock: &Path, cmd: &str) -> Result<String> {
         bail!("HAProxy refused `{cmd}`: {out}");
     }
     Ok(out)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn rfc3339_times_read_back_to_unix_ms() {
+        for secs in [0, 951_782_400, 1_795_765_431, 4_107_542_399] {
+            let text = weir::registry::audit::rfc3339(secs);
+            assert_eq!(unix_ms_of_rfc3339(&text), Some(secs * 1000), "{text}");
+        }
+        assert_eq!(
+            unix_ms_of_rfc3339("2026-11-27T07:43:51.25Z"),
+            Some(1_795_765_431_250)
+        );
+        assert_eq!(
+            unix_ms_of_rfc3339("2026-11-27T07:43:51.123456+00:00"),
+            Some(1_795_765_431_123)
+        );
+        for bad in [
+            "2026-11-27 07:43:51Z",
+            "2026-11-27T07:43:51",
+            "2026-11-27T07:43:51+01:00",
+            "2026-13-27T07:43:51Z",
+            "2026-11-27T07:43:51.x1Z",
+            "",
+        ] {
+            assert_eq!(unix_ms_of_rfc3339(bad), None, "{bad}");
+        }
+    }
+
+    #[test]
+    fn weir_health_is_read_from_backend_list() {
+        let b0: SocketAddr = "198.18.1.2:8080".parse().unwrap();
+        let list = r#"[
+            {"id": 1, "backend": "198.18.1.2:8080", "state": "active", "health": "unhealthy",
+             "health_reason": "refused", "health_since": "2026-11-27T07:43:51.5Z"},
+            {"id": 2, "backend": "198.18.1.3:8080", "state": "active", "health": "healthy",
+             "health_reason": "passed", "health_since": "2026-11-27T07:40:00Z"}
+        ]"#;
+        assert_eq!(
+            weir_health(list, b0).unwrap(),
+            Some(HealthView {
+                down: true,
+                since_unix_ms: Some(1_795_765_431_500)
+            })
+        );
+        let b1 = "198.18.1.3:8080".parse().unwrap();
+        assert!(!weir_health(list, b1).unwrap().unwrap().down);
+        // A registry without health says nothing; a missing backend is an
+        // error.
+        let plain = r#"[{"id": 1, "backend": "198.18.1.2:8080", "state": "active"}]"#;
+        assert_eq!(weir_health(plain, b0).unwrap(), None);
+        assert!(weir_health(plain, b1).is_err());
+    }
+
+    #[test]
+    fn haproxy_health_is_the_servers_operational_state() {
+        let state = "1\n\
+            # be_id be_name srv_id srv_name srv_addr srv_op_state srv_admin_state srv_uweight \
+            srv_iweight srv_time_since_last_change srv_check_status srv_check_result \
+            srv_check_health srv_check_state srv_agent_state bk_f_forced_id srv_f_forced_id \
+            srv_fqdn srv_port\n\
+            3 be 1 s0 198.18.1.2 0 0 1 1 4 7 1 0 6 0 0 0 - 8080\n\
+            3 be 2 s1 198.18.1.3 2 0 1 1 90 6 3 4 6 0 0 0 - 8080\n";
+        let down = haproxy_health(state, "198.18.1.2:8080".parse().unwrap()).unwrap();
+        assert!(down.down);
+        assert_eq!(down.since_unix_ms, None);
+        let up = haproxy_health(state, "198.18.1.3:8080".parse().unwrap()).unwrap();
+        assert!(!up.down);
+        assert!(haproxy_health(state, "198.18.1.4:8080".parse().unwrap()).is_err());
+        assert!(haproxy_health("1\n", "198.18.1.2:8080".parse().unwrap()).is_err());
+    }
 }

@@ -30,8 +30,8 @@ enum Task {
     /// Benchmark weir against HAProxy and nginx (release build); writes
     /// JSON, Markdown and SVG under bench/results/.
     Bench {
-        /// steady, idle, bigconn, connrate, storm, churn, propagate, drain, l4
-        /// (all if none).
+        /// steady, push, idle, bigconn, connrate, storm, churn, propagate,
+        /// drain, failure, l4, micro (all if none).
         scenarios: Vec<String>,
         /// Small sizes, every scenario in a few minutes (what CI runs).
         #[arg(long)]

@@ -174,6 +174,7 @@ impl Scenario for L4 {
                 tcp_mode: true,
                 max_connections: None,
                 large_messages: false,
+                health_checks: false,
             };
             let row = b.with_system(spec, "l4", |b, sys| {
                 l4_measure(b, &s, "haproxy-tcp", sys.spec.listen, Some(sys))

@@ -5,6 +5,7 @@ pub mod bigconn;
 pub mod churn;
 pub mod connrate;
 pub mod drain;
+pub mod failure;
 pub mod idle;
 pub mod l4;
 pub mod micro;
