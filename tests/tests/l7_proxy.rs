@@ -2339,3 +2339,77 @@ fn at_most_the_configured_share_of_a_services_backends_is_ejected() {
         (Some(1), Some(2))
     );
 }
+
+#[test]
+fn a_backend_the_agent_finds_healthy_returns_before_its_ejection_ends() {
+    require_root();
+    let bed = Bed::ejecting("l7outh", 1, 3, Duration::from_secs(60));
+    // A port nothing listens on yet: every connect there is refused.
+    let port = std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port();
+    let sick = SocketAddr::from((Ipv4Addr::LOCALHOST, port));
+    bed.set_backends(&[bed.echoes[0].1, sick]);
+    for _ in 0..200 {
+        let text = metrics_text(bed.metrics_port);
+        if outlier_series(&text, "weir_l7_outlier_ejected", sick) == Some(1) {
+            break;
+        }
+        let (_, head) = upgrade(bed.port, "/ws");
+        assert_eq!(status_of(&head), 101, "retried on the echo: {head}");
+    }
+    bed.wait_for_log("\"outlier_ejected\"", Duration::from_secs(5));
+    // It comes back (answering 500, which is enough to see it chosen) and
+    // a check finds it healthy: the registry says so, as weir agent would.
+    let listener = std::net::TcpListener::bind(sick).unwrap();
+    let accepted = std::sync::Arc::new(std::sync::atomic::AtomicUsize::new(0));
+    let count = accepted.clone();
+    std::thread::spawn(move || {
+        for mut s in listener.incoming().flatten() {
+            count.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+            if request_head(&mut s).is_some() {
+                let _ = s.write_all(b"HTTP/1.1 500 Oops\r\nContent-Length: 0\r\n\r\n");
+            }
+        }
+    });
+    answered_with(bed.port, 20, 101);
+    assert_eq!(
+        accepted.load(std::sync::atomic::Ordering::SeqCst),
+        0,
+        "still ejected before the check"
+    );
+    bed.inst
+        .registry()
+        .apply(
+            &Change::SetHealth {
+                updates: vec![weir::registry::HealthUpdate {
+                    service: SVC,
+                    backend: backend(sick),
+                    health: weir_ebpf::abi::BackendHealth::Healthy,
+                    reason: weir_ebpf::abi::HealthReason::Passed,
+                    detail: 0,
+                    at_ms: 1,
+                }],
+            },
+            ApplyOptions::default(),
+        )
+        .unwrap();
+    bed.wait_for_log("\"health_check\"", Duration::from_secs(5));
+    let lines = json_lines(&bed.log());
+    let back = events(&lines, "outlier_returned");
+    assert_eq!(back.len(), 1, "{}", bed.log());
+    assert_eq!(back[0]["by"], "health_check");
+    assert!(back[0]["duration_ms"].as_u64().unwrap() < 60_000);
+    for _ in 0..100 {
+        if accepted.load(std::sync::atomic::Ordering::SeqCst) > 0 {
+            break;
+        }
+        upgrade(bed.port, "/ws");
+    }
+    assert!(
+        accepted.load(std::sync::atomic::Ordering::SeqCst) > 0,
+        "chosen again long before its 60 s were up"
+    );
+}

@@ -166,6 +166,32 @@ impl Ejections {
         }
     }
 
+    /// `weir agent` found `id` healthy again: its ejection ends now.
+    pub fn checked_healthy(&self, id: u32, now: Instant) {
+        if self.out.load(Ordering::Relaxed) == 0 {
+            return;
+        }
+        let mut d = self.detector();
+        if let Some(Returned {
+            id,
+            addr,
+            service,
+            ejected_for,
+        }) = d.handle_checked_healthy(id, now)
+        {
+            self.clear(id);
+            tracing::info!(
+                event = "outlier_returned",
+                backend = %addr,
+                service = %service,
+                duration_ms = ejected_for.as_millis() as u64,
+                by = "health_check",
+                "backend {addr} of {service} returns after {ejected_for:?} of ejection: weir \
+                 agent found it healthy"
+            );
+        }
+    }
+
     /// Marks `id` as not ejected, if it was.
     fn clear(&self, id: u32) {
         if self.until_ms[id as usize].swap(0, Ordering::Relaxed) != 0 {

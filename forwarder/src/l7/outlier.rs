@@ -207,6 +207,24 @@ impl Detector {
         })
     }
 
+    /// The agent's checks found `id` healthy again: an ejection in force
+    /// ends now (the checks saw it answer; holding it out longer only
+    /// loads the others). Its level stays, so a backend that fails again
+    /// right away is ejected for longer.
+    pub fn handle_checked_healthy(&mut self, id: u32, now: Instant) -> Option<Returned> {
+        let r = self.records.get_mut(&id)?;
+        let (since, _) = r.ejected.filter(|(_, until)| now < *until)?;
+        r.ejected = None;
+        r.failures = 0;
+        r.clean_since = now;
+        Some(Returned {
+            id,
+            addr: r.addr,
+            service: r.service,
+            ejected_for: now.saturating_duration_since(since),
+        })
+    }
+
     /// Whether `id` is out of choice at `now` (the workers read the
     /// table's atomics instead).
     #[cfg(test)]
@@ -355,6 +373,25 @@ mod tests {
         // A success of a backend never seen failing is nothing to record.
         d.handle_success(9);
         assert_eq!(d.rows(t).count(), 1);
+    }
+
+    #[test]
+    fn a_healthy_check_ends_an_ejection_but_not_its_level() {
+        let t = Instant::now();
+        let mut d = Detector::new(settings(3, 100));
+        assert_eq!(d.handle_checked_healthy(1, t), None, "no record");
+        assert!(ejected(fail(&mut d, 1, 4, 3, t)));
+        let later = t + Duration::from_secs(2);
+        let r = d.handle_checked_healthy(1, later).expect("was ejected");
+        assert_eq!((r.id, r.ejected_for), (1, Duration::from_secs(2)));
+        assert!(!d.is_ejected(1, later));
+        assert_eq!(d.poll_returned(later + Duration::from_secs(60)), None);
+        assert_eq!(d.handle_checked_healthy(1, later), None, "once");
+        assert_eq!(
+            ejected_for(fail(&mut d, 1, 4, 3, later)),
+            Duration::from_secs(20),
+            "failing again right away: the next level"
+        );
     }
 
     #[test]

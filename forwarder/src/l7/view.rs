@@ -13,7 +13,7 @@
 use std::collections::{BTreeSet, HashMap};
 use std::net::{IpAddr, SocketAddr};
 
-use weir_ebpf::abi::{BackendState, NO_BACKEND};
+use weir_ebpf::abi::{BackendHealth, BackendState, NO_BACKEND};
 
 use crate::registry::maps::GenerationWatch;
 use crate::registry::{Maps, RegistryError, ServiceAddr, ServiceModeName};
@@ -24,6 +24,9 @@ pub struct BackendView {
     pub addr: SocketAddr,
     pub weight: u16,
     pub state: BackendState,
+    pub health: BackendHealth,
+    /// When `health` last changed (CLOCK_REALTIME ms).
+    pub health_since_ms: u64,
 }
 
 #[derive(Clone, Debug, Default)]
@@ -39,6 +42,9 @@ struct ServiceView {
 pub struct Changes {
     /// Backends that served and do not any more: drain their connections.
     pub stopped: BTreeSet<u32>,
+    /// Backends `weir agent` found healthy since the last refresh: an
+    /// outlier ejection of theirs ends.
+    pub healthy_again: BTreeSet<u32>,
 }
 
 pub struct RegistryView {
@@ -78,9 +84,26 @@ impl RegistryView {
             return Ok(None);
         }
         let before = std::mem::take(&mut self.serving);
+        let health_before: HashMap<u32, (BackendHealth, u64)> = self
+            .backends
+            .iter()
+            .map(|(id, b)| (*id, (b.health, b.health_since_ms)))
+            .collect();
         self.reload()?;
+        let healthy_again = self
+            .backends
+            .iter()
+            .filter(|(id, b)| {
+                b.health == BackendHealth::Healthy
+                    && health_before
+                        .get(id)
+                        .is_some_and(|was| *was != (b.health, b.health_since_ms))
+            })
+            .map(|(id, _)| *id)
+            .collect();
         Ok(Some(Changes {
             stopped: before.difference(&self.serving).copied().collect(),
+            healthy_again,
         }))
     }
 
@@ -125,6 +148,8 @@ impl RegistryView {
                     addr: SocketAddr::new(IpAddr::V4(b.addr.addr), b.addr.port),
                     weight: b.weight,
                     state: b.state,
+                    health: b.health,
+                    health_since_ms: b.health_since_ms,
                 };
                 (*id, view)
             })

@@ -1303,9 +1303,11 @@ impl Worker {
                 if let Some(changes) = changes {
                     self.schedule_drains(&changes.stopped);
                     let view = self.upstream.view();
-                    self.upstream
-                        .outliers()
-                        .forget(|id, addr| view.backend(id).is_some_and(|b| b.addr == addr));
+                    let outliers = self.upstream.outliers();
+                    outliers.forget(|id, addr| view.backend(id).is_some_and(|b| b.addr == addr));
+                    for id in &changes.healthy_again {
+                        outliers.checked_healthy(*id, self.now);
+                    }
                 }
             }
             Err(e) => {
