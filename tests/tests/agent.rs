@@ -496,3 +496,121 @@ fn bad_configurations_are_refused_at_start_with_file_line_and_reason() {
     }
     let _ = std::fs::remove_dir_all(&dir);
 }
+
+/// One agent, one thread, 2,000 backends: every one checked each second
+/// (at most 1,000 checks at once), all healthy within rise × interval
+/// after the first checks spread over one interval; when the port closes,
+/// all unhealthy within fall × interval, and the service panics instead of
+/// emptying.
+#[test]
+fn one_agent_checks_two_thousand_backends() {
+    require_root();
+    const N: usize = 2000;
+    // One listener on every loopback address: 127.x.y.z:port all reach it.
+    let listener = TcpListener::bind("0.0.0.0:0").unwrap();
+    let port = listener.local_addr().unwrap().port();
+    listener.set_nonblocking(true).unwrap();
+    let open = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(true));
+    let accepting = open.clone();
+    let acceptor = std::thread::spawn(move || {
+        while accepting.load(std::sync::atomic::Ordering::Relaxed) {
+            match listener.accept() {
+                Ok(_) => {}
+                Err(_) => std::thread::sleep(Duration::from_millis(1)),
+            }
+        }
+        // The listener closes here: connects are refused from now on.
+    });
+    let addrs: Vec<SocketAddr> = (0..N)
+        .map(|i| SocketAddr::from(([127, 1 + (i / 200) as u8, 0, 1 + (i % 200) as u8], port)))
+        .collect();
+    let inst = TestInstance::new("agscale");
+    let mut reg = inst.registry();
+    let force = || ApplyOptions {
+        force: true,
+        ..Default::default()
+    };
+    let ring = weir::registry::maglev::checked_next_prime(100 * N as u32 + 1).unwrap();
+    reg.apply(
+        &Change::AddService {
+            addr: TCP_SVC,
+            mode: ServiceModeName::L7,
+            ring_size: Some(ring),
+            max_remove_fraction: None,
+            min_backends: None,
+            panic_threshold: None,
+        },
+        force(),
+    )
+    .unwrap();
+    reg.apply(
+        &Change::SetBackends {
+            service: TCP_SVC,
+            backends: addrs.iter().map(|a| (backend(*a), 1)).collect(),
+        },
+        force(),
+    )
+    .unwrap();
+    let dir = temp_dir(&inst);
+    let metrics = free_port();
+    let _agent = Agent::start(
+        &inst,
+        &dir,
+        &format!(
+            "[metrics]\nlisten = \"127.0.0.1:{metrics}\"\n[[check]]\nservice = \"{TCP_SVC}\"\n\
+             type = \"tcp\"\ninterval = \"1s\"\njitter = \"10%\"\ntimeout = \"500ms\"\nrise = 2\n\
+             fall = 2\n"
+        ),
+    );
+    let count = |health: &str| -> usize {
+        let out = Command::new(workspace_bin("weir"))
+            .args(["--instance", inst.name(), "--json", "backend", "list"])
+            .arg(TCP_SVC.to_string())
+            .output()
+            .unwrap();
+        let rows: Vec<serde_json::Value> = serde_json::from_slice(&out.stdout).unwrap();
+        assert_eq!(rows.len(), N);
+        rows.iter().filter(|r| r["health"] == health).count()
+    };
+    let wait_all = |health: &str, limit: Duration| -> Duration {
+        let start = Instant::now();
+        loop {
+            let n = count(health);
+            if n == N {
+                return start.elapsed();
+            }
+            assert!(
+                start.elapsed() < limit,
+                "{n} of {N} {health} after {limit:?}"
+            );
+            std::thread::sleep(Duration::from_millis(100));
+        }
+    };
+    // First checks spread over one interval (1 s), then rise 2: the last
+    // backend is healthy about 2.1 s in; fall 2 takes at most 2.2 s. The
+    // rest of the 4 s is the registry round and this test's polling.
+    let up = wait_all("healthy", Duration::from_secs(4));
+    open.store(false, std::sync::atomic::Ordering::Relaxed);
+    acceptor.join().unwrap();
+    let down = wait_all("unhealthy", Duration::from_secs(4));
+    eprintln!(
+        "{N} backends: all healthy after {up:?}, all unhealthy {down:?} after the port closed"
+    );
+    let text = scrape(metrics);
+    let checks: u64 = text
+        .lines()
+        .filter(|l| l.starts_with("weir_agent_checks_total{"))
+        .filter_map(|l| l.rsplit(' ').next()?.parse::<u64>().ok())
+        .sum();
+    assert!(checks >= 4 * N as u64, "{checks} checks:\n{text}");
+    // Every check failing at once is what a broken check path looks like:
+    // the service panics and keeps all 2,000 in the ring.
+    let out = Command::new(workspace_bin("weir"))
+        .args(["--instance", inst.name(), "--json", "service", "list"])
+        .output()
+        .unwrap();
+    let services: Vec<serde_json::Value> = serde_json::from_slice(&out.stdout).unwrap();
+    let s = &services[0];
+    assert_eq!(s["panic"], true, "{s}");
+    assert_eq!(s["in_ring"], N, "{s}");
+}

@@ -871,10 +871,15 @@ fn health_cell(r: &serde_json::Value) -> String {
 fn list_backends(reg: &Registry, addr: &crate::registry::ServiceAddr, json: bool) -> Result<()> {
     let state = reg.state()?;
     let svc = state.service(addr)?;
-    let ring = reg.maps().read_ring(svc.id)?.unwrap_or_default();
+    // Slots per backend in one pass: a scan per backend would cost
+    // backends × ring size (2,000 × 200,003 took seconds).
+    let mut slots_of: std::collections::HashMap<u32, usize> = std::collections::HashMap::new();
+    for id in reg.maps().read_ring(svc.id)?.unwrap_or_default() {
+        *slots_of.entry(id).or_default() += 1;
+    }
     let mut rows = Vec::new();
     for (id, b) in state.backends_of(svc.id) {
-        let slots = ring.iter().filter(|x| **x == id).count();
+        let slots = slots_of.get(&id).copied().unwrap_or(0);
         let st = reg.maps().backend_stats(id)?;
         let mut row = json!({
             "id": id, "backend": b.addr.to_string(), "weight": b.weight, "state": b.state.name(),
