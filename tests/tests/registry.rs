@@ -646,3 +646,30 @@ fn a_large_ring_is_built_installed_and_read_back() {
     );
     reg.check().unwrap();
 }
+
+/// An instance whose backend table has another value layout (as one made
+/// by a weir from before observed health, 20-byte backends) is refused
+/// with what to run, never read through this weir's layout.
+#[test]
+fn an_instance_of_another_layout_is_refused_not_misread() {
+    require_root();
+    let inst = TestInstance::new("layout");
+    {
+        let mut reg = inst.registry();
+        add_service(&mut reg);
+    }
+    let pin = inst.instance.pin_dir().join(abi::maps::BACKENDS);
+    std::fs::remove_file(&pin).unwrap();
+    let old = aya_obj::Map::new_from_params(2, 4, 20, abi::MAX_BACKENDS, abi::BPF_F_MMAPABLE);
+    let map = MapData::create(old, "weir_backends", None).unwrap();
+    map.pin(&pin).unwrap();
+    let err = match weir::registry::Registry::open(&inst.instance) {
+        Ok(_) => panic!("a 20-byte backend table was opened"),
+        Err(e) => e.to_string(),
+    };
+    assert!(
+        err.contains("holds 20-byte values where this weir expects 32")
+            && err.contains("weir destroy"),
+        "{err}"
+    );
+}

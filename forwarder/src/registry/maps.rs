@@ -173,6 +173,27 @@ impl Maps {
                 .map_err(|e| RegistryError::Kernel(format!("{}: {e}", path.display())))
         };
         let backends = open(abi::maps::BACKENDS)?;
+        let services = open(abi::maps::SERVICES)?;
+        // An instance made by a weir with another layout (before observed
+        // health, weir_backend had 20 bytes) must not be read through this
+        // one's: say so instead of reading shifted fields.
+        for (map, name, want) in [
+            (&backends, abi::maps::BACKENDS, size_of::<abi::Backend>()),
+            (&services, abi::maps::SERVICES, size_of::<abi::Service>()),
+        ] {
+            let have = map_data(map)
+                .info()
+                .map_err(|e| RegistryError::Kernel(format!("reading {name}'s info: {e}")))?
+                .value_size() as usize;
+            if have != want {
+                return Err(RegistryError::Corrupt(format!(
+                    "{} holds {have}-byte values where this weir expects {want}: the instance was \
+                     made by another weir version; run the weir that made it, or `weir destroy` \
+                     and recreate it",
+                    dir.join(name).display()
+                )));
+            }
+        }
         let backends_view = Mmap::map(
             map_data(&backends).fd().as_fd(),
             abi::MAX_BACKENDS,
@@ -190,7 +211,7 @@ impl Maps {
         .map_err(|e| RegistryError::Kernel(format!("mmap of {}: {e}", abi::maps::L7_CONNS)))?;
         Ok(Self {
             l7_conns,
-            services: open(abi::maps::SERVICES)?,
+            services,
             rings: open(abi::maps::RINGS)?,
             backends,
             flows: open(abi::maps::FLOWS)?,
