@@ -90,6 +90,9 @@ pub fn run_health(opts: &L4Options, l7: bool) -> Result<HealthReport> {
     let mut set = vec!["backend", "set", service.as_str()];
     set.extend(all.iter().map(String::as_str));
     stage.lb(&set)?;
+    // weir run (L7) stops before the instance goes: it would write its
+    // state file into the removed state directory again.
+    let mut run = None;
     if l7 {
         let listen: SocketAddr = service.parse()?;
         let file = ConfigBuilder::new()
@@ -99,7 +102,7 @@ pub fn run_health(opts: &L4Options, l7: bool) -> Result<HealthReport> {
             .route("/", &service);
         let config = dir.join("weir.toml");
         std::fs::write(&config, file.to_string())?;
-        stage.spawn(&lb_ns, &["run", "--config", config.to_str().unwrap()])?;
+        run = Some(stage.spawn(&lb_ns, &["run", "--config", config.to_str().unwrap()])?);
         if !stage
             .topo
             .wait_tcp(&stage.topo.client_ns, listen, Duration::from_secs(10))
@@ -264,6 +267,9 @@ pub fn run_health(opts: &L4Options, l7: bool) -> Result<HealthReport> {
         &format!("agent started again: all healthy after {converge:?}"),
     );
     stage.topo.stop_child(agent, Duration::from_secs(5));
+    if let Some(run) = run {
+        stage.topo.stop_child(run, Duration::from_secs(10));
+    }
     let _ = std::fs::remove_dir_all(&dir);
     stage.finish()?;
     Ok(HealthReport {
