@@ -842,3 +842,51 @@ fn lists_show_intent_and_health_apart() {
     assert_eq!(stats["services"][0]["panic"], false);
     assert_eq!(stats["services"][0]["backends"][0]["health"], "unknown");
 }
+
+/// Two hosts fed the same backends in different orders (so with other
+/// backend ids) install rings with the same digest over slot → address;
+/// one more backend on one of them and the digests part.
+#[test]
+fn check_prints_a_ring_digest_hosts_can_compare() {
+    require_root();
+    let (a, b) = (Inst::new("dga"), Inst::new("dgb"));
+    for inst in [&a, &b] {
+        inst.ok(&["--flows", "4096", "service", "add", SVC]);
+    }
+    a.ok(&[
+        "backend",
+        "set",
+        SVC,
+        "198.18.50.1",
+        "198.18.50.2@3",
+        "198.18.50.3",
+    ]);
+    b.ok(&["backend", "add", SVC, "198.18.50.9"]);
+    b.ok(&["backend", "add", SVC, "198.18.50.3"]);
+    b.ok(&["backend", "add", SVC, "198.18.50.2", "--weight", "3"]);
+    b.ok(&["backend", "add", SVC, "198.18.50.1"]);
+    b.ok(&["backend", "remove", SVC, "198.18.50.9", "--force"]);
+    let digest = |inst: &Inst| -> (String, String) {
+        let v: serde_json::Value = serde_json::from_str(&inst.ok(&["--json", "check"])).unwrap();
+        assert_eq!(v["ok"], true, "{v}");
+        let s = &v["services"][0];
+        assert_eq!(s["service"], SVC, "{v}");
+        (
+            s["ring_digest"].as_str().unwrap().to_string(),
+            inst.ok(&["--json", "backend", "list", SVC]),
+        )
+    };
+    let (da, list_a) = digest(&a);
+    let (db, list_b) = digest(&b);
+    assert_ne!(
+        list_a, list_b,
+        "the hosts number their backends differently"
+    );
+    assert_eq!(da, db, "same addresses and weights: same ring");
+    assert!(
+        a.ok(&["check"]).contains(&format!("digest {da}")),
+        "the text form prints it too"
+    );
+    b.ok(&["backend", "add", SVC, "198.18.50.4"]);
+    assert_ne!(digest(&b).0, da, "another backend set: another ring");
+}

@@ -645,8 +645,19 @@ pub fn run(cli: Cli) -> Result<()> {
         Command::Check => {
             let reg = Registry::open(&instance)?;
             reg.check()?;
-            say(json, json!({"ok": true}), || {
-                "registry consistent: every ring matches its backends".into()
+            let digests = reg.ring_digests()?;
+            let services: Vec<serde_json::Value> = digests
+                .iter()
+                .map(|(s, size, d)| {
+                    json!({"service": s.to_string(), "ring_size": size, "ring_digest": d})
+                })
+                .collect();
+            say(json, json!({"ok": true, "services": services}), || {
+                let mut out = "registry consistent: every ring matches its backends".to_string();
+                for (s, size, d) in &digests {
+                    out.push_str(&format!("\n  {s:<22} ring {size:>8}  digest {d}"));
+                }
+                out
             });
         }
         Command::Destroy => {

@@ -12,6 +12,7 @@
 
 pub mod addr;
 pub mod audit;
+pub mod digest;
 pub mod maglev;
 pub mod maps;
 pub mod model;
@@ -511,6 +512,25 @@ impl Registry {
             }
         }
         Ok(())
+    }
+
+    /// Each service's installed ring as a digest over slot → backend
+    /// address ([`digest::ring_digest`]), with its size: equal on every
+    /// host that serves the same backend set.
+    pub fn ring_digests(&self) -> Result<Vec<(ServiceAddr, u32, String)>, RegistryError> {
+        let state = self.maps.read_state()?;
+        state
+            .services
+            .iter()
+            .map(|(addr, svc)| {
+                let ring = self.maps.read_ring(svc.id)?.unwrap_or_default();
+                Ok((
+                    *addr,
+                    svc.ring_size,
+                    digest::ring_digest(&ring, &state.backends),
+                ))
+            })
+            .collect()
     }
 
     /// Checks that the installed rings are exactly what the backends imply
