@@ -169,7 +169,7 @@ pub fn run_health(opts: &L4Options, l7: bool) -> Result<HealthReport> {
     );
 
     let url = format!("ws://{service}/");
-    let (long_lived, hold) = start_long_lived(&stage.topo, &stage.client, &url, opts, &dir)?;
+    let (long_lived, hold) = start_long_lived(&stage.topo, &stage.client, &url, opts, &dir, &[])?;
     std::thread::sleep(Duration::from_millis(500));
     stage.kill_echo(3);
     let limit = INTERVAL * (FALL + 1) + TIMEOUT + Duration::from_secs(2);

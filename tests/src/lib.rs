@@ -2,6 +2,8 @@
 //!
 //! - [`topology`]: network-namespace topologies (client, router, load balancer,
 //!   backends) built with `ip`, torn down on drop and on SIGINT/SIGTERM.
+//! - [`ecmp`]: two weir hosts behind an ECMP router; what survives when
+//!   one of them leaves the route.
 //! - [`weir_cli`]: the `weir` command for one throwaway instance, run in a
 //!   topology's namespaces and destroyed with it.
 //! - [`ws_client`]: what every WebSocket load client shares (URL, connect,
@@ -16,6 +18,7 @@
 
 use std::path::{Path, PathBuf};
 
+pub mod ecmp;
 pub mod health;
 pub mod packet;
 pub mod progrun;

@@ -288,7 +288,7 @@ pub fn run_l4(opts: &L4Options) -> Result<L4Report> {
     // Long-lived clients.
     let dir = tempdir(&opts.instance)?;
     let url = format!("ws://{service}/");
-    let (long_lived, hold) = start_long_lived(topo, &stage.client, &url, opts, &dir)?;
+    let (long_lived, hold) = start_long_lived(topo, &stage.client, &url, opts, &dir, &[])?;
     let interval = opts.interval.as_millis().to_string();
     log(
         opts.verbose,
@@ -380,37 +380,39 @@ fn destroy_stale_instances(weir: &Path) {
 }
 
 /// Starts the long-lived clients in the client namespace and waits until
-/// every one has connected (or failed); they talk until `hold` exists.
+/// every one has connected (or failed); they talk until `hold` exists. They
+/// spread over the source addresses `sources` (none: the default one).
 pub(crate) fn start_long_lived(
     topo: &Topology,
     client: &Path,
     url: &str,
     opts: &L4Options,
     dir: &Path,
+    sources: &[String],
 ) -> Result<(crate::topology::Proc, PathBuf)> {
     let hold = dir.join("hold");
     let ready = dir.join("ready");
     let conns = opts.connections.to_string();
     let interval = opts.interval.as_millis().to_string();
-    let proc = topo.start_in(
-        &topo.client_ns,
-        client,
-        &[
-            "--url",
-            url,
-            "--connections",
-            &conns,
-            "--duration-secs",
-            "120",
-            "--interval-ms",
-            &interval,
-            "--hold-file",
-            hold.to_str().unwrap(),
-            "--ready-file",
-            ready.to_str().unwrap(),
-            "--quiet",
-        ],
-    )?;
+    let mut args = vec![
+        "--url",
+        url,
+        "--connections",
+        &conns,
+        "--duration-secs",
+        "120",
+        "--interval-ms",
+        &interval,
+        "--hold-file",
+        hold.to_str().unwrap(),
+        "--ready-file",
+        ready.to_str().unwrap(),
+        "--quiet",
+    ];
+    for source in sources {
+        args.extend(["--source", source.as_str()]);
+    }
+    let proc = topo.start_in(&topo.client_ns, client, &args)?;
     wait_for(&ready, Duration::from_secs(60)).context("long-lived clients never became ready")?;
     Ok((proc, hold))
 }
@@ -536,7 +538,7 @@ pub fn run_l7(opts: &L4Options) -> Result<L7Report> {
     );
 
     let url = format!("ws://{service}/");
-    let (long_lived, hold) = start_long_lived(&stage.topo, &stage.client, &url, opts, &dir)?;
+    let (long_lived, hold) = start_long_lived(&stage.topo, &stage.client, &url, opts, &dir, &[])?;
     log(
         opts.verbose,
         start,

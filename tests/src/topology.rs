@@ -226,7 +226,7 @@ fn owner_pid_of_ns_name(name: &str) -> Option<u32> {
     if counter.is_empty() || !counter.bytes().all(|b| b.is_ascii_digit()) {
         return None;
     }
-    let role_ok = matches!(role, "c" | "r" | "l")
+    let role_ok = matches!(role, "c" | "r" | "l" | "m")
         || role
             .strip_prefix('b')
             .is_some_and(|n| !n.is_empty() && n.bytes().all(|b| b.is_ascii_digit()));
@@ -655,6 +655,9 @@ pub struct Topology {
     pub lb_ns: String,
     /// Backend namespaces, index i has 198.18.(10+i).2 and the VIP on lo.
     pub backend_ns: Vec<String>,
+    /// The second load balancer's namespace (198.18.3.2), once
+    /// [`Topology::add_second_lb`] made it.
+    pub lb2_ns: Option<String>,
     spec: TopologySpec,
     created: Vec<String>,
     children: Vec<Child>,
@@ -685,6 +688,7 @@ impl Topology {
             router_ns: format!("{id}-r"),
             lb_ns: format!("{id}-l"),
             backend_ns: (0..spec.backends).map(|i| format!("{id}-b{i}")).collect(),
+            lb2_ns: None,
             id,
             spec,
             created: Vec::new(),
@@ -712,6 +716,7 @@ impl Topology {
             self.lb_ns.clone(),
         ];
         v.extend(self.backend_ns.iter().cloned());
+        v.extend(self.lb2_ns.iter().cloned());
         v
     }
 
@@ -764,6 +769,21 @@ impl Topology {
     /// The router-side peer of the lb link (GRO on, so XDP_TX works).
     pub fn router_lb_dev(&self) -> &str {
         "r-lb"
+    }
+
+    /// The second load balancer's address: 198.18.3.2.
+    pub fn lb2_addr(&self) -> Ipv4Addr {
+        Ipv4Addr::new(198, 18, 3, 2)
+    }
+
+    /// The second load balancer's interface inside its namespace.
+    pub fn lb2_dev(&self) -> &str {
+        "lb1"
+    }
+
+    /// The router-side peer of the second lb link.
+    pub fn router_lb2_dev(&self) -> &str {
+        "r-lb1"
     }
 
     /// Backend `i`'s address: 198.18.(10+i).2.
@@ -931,6 +951,63 @@ impl Topology {
             &router_ns,
             &["route", "add", &format!("{VIP}/32"), "via", "198.18.2.2"],
         )?;
+        Ok(())
+    }
+
+    /// Adds a second load balancer namespace (`lb1` 198.18.3.2/24, MTU 9000,
+    /// linked like the first) and routes the VIP over both with an L4 hash
+    /// (`fib_multipath_hash_policy=1`), as an ECMP edge router does: each
+    /// TCP connection sticks to one of them. Returns the namespace.
+    pub fn add_second_lb(&mut self) -> Result<String> {
+        if let Some(ns) = &self.lb2_ns {
+            return Ok(ns.clone());
+        }
+        let ns = format!("{}-m", self.id);
+        let router_ns = self.router_ns.clone();
+        registry().namespaces.insert(ns.clone());
+        self.step(Command::new("ip").args(["netns", "add", &ns]))?;
+        self.created.push(ns.clone());
+        self.lb2_ns = Some(ns.clone());
+        self.ip(&ns, &["link", "set", "lo", "up"])?;
+        self.veth(&ns, "lb1", &router_ns, "r-lb1", 9000)?;
+        self.link_up_with_gro(&ns, "lb1", "198.18.3.2/24")?;
+        self.link_up_with_gro(&router_ns, "r-lb1", "198.18.3.1/24")?;
+        self.ip(&ns, &["route", "add", "default", "via", "198.18.3.1"])?;
+        self.sysctl(
+            &ns,
+            &[
+                "net.ipv4.ip_forward=1".into(),
+                "net.ipv4.conf.all.forwarding=1".into(),
+                "net.ipv4.conf.all.accept_local=1".into(),
+            ],
+        )?;
+        self.sysctl(
+            &router_ns,
+            &[
+                "net.ipv4.conf.r-lb1.rp_filter=0".into(),
+                "net.ipv4.fib_multipath_hash_policy=1".into(),
+            ],
+        )?;
+        let (lb1, lb2) = (self.lb_addr(), self.lb2_addr());
+        self.route_vip_via(&[lb1, lb2])?;
+        Ok(ns)
+    }
+
+    /// Replaces the router's VIP route: over every address in `via` (ECMP),
+    /// or through the one given, as a withdrawn BGP path leaves it.
+    pub fn route_vip_via(&self, via: &[Ipv4Addr]) -> Result<()> {
+        let vip = format!("{VIP}/32");
+        let hops: Vec<String> = via.iter().map(Ipv4Addr::to_string).collect();
+        let mut args = vec!["route", "replace", vip.as_str()];
+        match hops.as_slice() {
+            [one] => args.extend(["via", one.as_str()]),
+            many => {
+                for hop in many {
+                    args.extend(["nexthop", "via", hop.as_str()]);
+                }
+            }
+        }
+        self.run_ok_in(&self.router_ns, "ip", &args)?;
         Ok(())
     }
 
@@ -1207,6 +1284,7 @@ mod tests {
         assert_eq!(owner_pid_of_ns_name("wt123x4-c"), Some(123));
         assert_eq!(owner_pid_of_ns_name("wt123x4-b19"), Some(123));
         assert_eq!(owner_pid_of_ns_name("wt123x4-l"), Some(123));
+        assert_eq!(owner_pid_of_ns_name("wt123x4-m"), Some(123));
         assert_eq!(owner_pid_of_ns_name("wt123x4-b"), None);
         assert_eq!(owner_pid_of_ns_name("wt123x4-q"), None);
         assert_eq!(owner_pid_of_ns_name("wtx4-c"), None);
@@ -1216,7 +1294,9 @@ mod tests {
 
     #[test]
     fn interface_names_fit() {
-        for name in ["cli0", "r-cli", "lb0", "r-lb", "be19", "r-be19"] {
+        for name in [
+            "cli0", "r-cli", "lb0", "r-lb", "lb1", "r-lb1", "be19", "r-be19",
+        ] {
             assert!(name.len() <= 15, "{name}");
         }
     }

@@ -3,6 +3,7 @@
 //! host. The instance goes (pins, links, the audit log `destroy` keeps)
 //! when the [`WeirCli`] drops, and also when the process is interrupted.
 
+use std::net::Ipv4Addr;
 use std::path::{Path, PathBuf};
 use std::process::Output;
 
@@ -106,8 +107,20 @@ impl WeirCli {
     /// Backend `i` decapsulates IPIP to the topology's VIP at its device,
     /// from the LB's address only.
     pub fn decap_backend(&self, topo: &Topology, i: usize) -> Result<String> {
+        self.decap_backend_from(topo, i, &[topo.lb_addr()])
+    }
+
+    /// Backend `i` decapsulates IPIP to the topology's VIP at its device,
+    /// from each of these balancers.
+    pub fn decap_backend_from(
+        &self,
+        topo: &Topology,
+        i: usize,
+        lbs: &[Ipv4Addr],
+    ) -> Result<String> {
         let vip = topo.vip().to_string();
-        let from = format!("{}/32", topo.lb_addr());
+        let from: Vec<String> = lbs.iter().map(|a| format!("{a}/32")).collect();
+        let from = from.join(",");
         self.run(
             topo,
             &topo.backend_ns[i],
@@ -127,23 +140,36 @@ impl WeirCli {
     /// weir's pass-through program on the router's end of the LB link, so
     /// native XDP_TX from the LB wakes it (the way an operator does it).
     pub fn attach_peer(&self, topo: &Topology) -> Result<String> {
-        self.run(
-            topo,
-            &topo.router_ns,
-            &["attach-peer", "--dev", topo.router_lb_dev()],
-        )
+        self.attach_peer_at(topo, topo.router_lb_dev())
+    }
+
+    /// The pass-through program on router device `dev`.
+    pub fn attach_peer_at(&self, topo: &Topology, dev: &str) -> Result<String> {
+        self.run(topo, &topo.router_ns, &["attach-peer", "--dev", dev])
     }
 
     /// XDP on the LB's device, encapsulating from the LB's address.
     pub fn attach_lb(&self, topo: &Topology, mode: &str) -> Result<String> {
-        let lb_addr = topo.lb_addr().to_string();
+        self.attach_lb_at(topo, &topo.lb_ns, topo.lb_dev(), topo.lb_addr(), mode)
+    }
+
+    /// XDP on device `dev` of namespace `ns`, encapsulating from `lb_addr`.
+    pub fn attach_lb_at(
+        &self,
+        topo: &Topology,
+        ns: &str,
+        dev: &str,
+        lb_addr: Ipv4Addr,
+        mode: &str,
+    ) -> Result<String> {
+        let lb_addr = lb_addr.to_string();
         self.run(
             topo,
-            &topo.lb_ns,
+            ns,
             &[
                 "attach",
                 "--dev",
-                topo.lb_dev(),
+                dev,
                 "--lb-addr",
                 &lb_addr,
                 "--mode",

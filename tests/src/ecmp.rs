@@ -1,0 +1,332 @@
+//! Two weir hosts behind an ECMP router: long-lived WebSocket connections
+//! spread over both, then one host leaves the route (or loses its XDP
+//! program first) and the router moves its connections to the other, whose
+//! ring has never seen them. Maglev from addresses alone is what lets them
+//! live on: both rings send every slot to the same backend address. Also
+//! measures what that cannot keep: flows whose slot changed because a
+//! backend joined at the moment of the move.
+
+use std::collections::{BTreeMap, BTreeSet};
+use std::net::{Ipv4Addr, SocketAddrV4};
+use std::time::{Duration, Instant};
+
+use anyhow::{Context, Result, bail};
+use weir::instance::Instance;
+use weir::registry::Registry;
+use weir_ebpf::abi::{FlowKey, flow_hash};
+
+use crate::scenario::{L4Options, PORT, log, parse_report, start_long_lived, tempdir};
+use crate::topology::{Topology, TopologySpec};
+use crate::weir_cli::WeirCli;
+use crate::workspace_bin;
+use crate::wsload::ConnResult;
+
+/// Backends b0..b3 serve from the start; b4 joins in [`Failover::AddBackend`].
+const BACKENDS: usize = 5;
+const INITIAL: usize = 4;
+
+/// How the first LB loses its connections.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Failover {
+    /// The router withdraws its path (a BGP session going down).
+    Withdraw,
+    /// `weir detach` on it, then the router withdraws its path (its health
+    /// check failing), so its connections go nowhere for a moment first.
+    Detach,
+    /// A fifth backend joins both LBs, then the path is withdrawn.
+    AddBackend,
+}
+
+/// How to run it.
+#[derive(Clone, Debug)]
+pub struct EcmpOptions {
+    /// Prefix of the two instance names (unique per run).
+    pub instance: String,
+    pub connections: usize,
+    /// Client source addresses the connections spread over.
+    pub sources: usize,
+    pub interval: Duration,
+    /// Time traffic flows before and after the move.
+    pub settle: Duration,
+    pub verbose: bool,
+}
+
+impl Default for EcmpOptions {
+    fn default() -> Self {
+        Self {
+            instance: format!("ecmp-{}", std::process::id()),
+            connections: 200,
+            sources: 4,
+            interval: Duration::from_millis(100),
+            settle: Duration::from_secs(2),
+            verbose: false,
+        }
+    }
+}
+
+/// What happened.
+#[derive(Debug)]
+pub struct EcmpReport {
+    pub failover: Failover,
+    /// Both LBs' `weir check` digests, before any change.
+    pub digests: [String; 2],
+    pub connected: usize,
+    /// Connections that were on the first LB, which ECMP moved.
+    pub moved: usize,
+    /// Of those, the ones that kept echoing to the end.
+    pub survived: usize,
+    /// Connections that were on the second LB all along, and how many of
+    /// them kept echoing.
+    pub stayed: usize,
+    pub stayed_survived: usize,
+    /// Share of ring slots whose backend address changed between the ring
+    /// before the move and the second LB's ring after it (0 without a
+    /// change).
+    pub slot_share: f64,
+    /// Moved connections whose own slot changed: the ones Maglev cannot
+    /// keep.
+    pub predicted_broken: usize,
+    /// Non-SYN packets the second LB found no flow for (moved flows).
+    pub lb2_flow_misses: u64,
+}
+
+impl EcmpReport {
+    pub fn broken(&self) -> usize {
+        self.moved - self.survived
+    }
+}
+
+/// A ring as slot → backend address, read from the instance's pins.
+fn ring_addrs(instance: &str) -> Result<Vec<Option<SocketAddrV4>>> {
+    let reg = Registry::open(&Instance::new(instance)?)?;
+    let state = reg.maps().read_state()?;
+    let [(_, svc)] = state.services.iter().collect::<Vec<_>>()[..] else {
+        bail!("{instance}: expected one service");
+    };
+    let ring = reg.maps().read_ring(svc.id)?.unwrap_or_default();
+    Ok(ring
+        .iter()
+        .map(|id| {
+            state
+                .backends
+                .get(id)
+                .map(|b| SocketAddrV4::new(b.addr.addr, b.addr.port))
+        })
+        .collect())
+}
+
+/// The (source address, source port) of every flow in the instance's flow
+/// table: the connections that went through that LB.
+fn flow_sources(instance: &str) -> Result<BTreeSet<SocketAddrV4>> {
+    let path = Instance::new(instance)?
+        .pin_dir()
+        .join(weir_ebpf::abi::maps::FLOWS);
+    let data = aya::maps::MapData::from_pin(&path)
+        .with_context(|| format!("opening {}", path.display()))?;
+    let map = aya::maps::Map::from_map_data(data)?;
+    let flows: aya::maps::HashMap<_, FlowKey, u32> = aya::maps::HashMap::try_from(map)?;
+    let mut out = BTreeSet::new();
+    for key in flows.keys() {
+        let key = key?;
+        out.insert(SocketAddrV4::new(
+            Ipv4Addr::from(key.saddr),
+            u16::from_be_bytes(key.sport),
+        ));
+    }
+    Ok(out)
+}
+
+/// The flow key XDP sees for a client connection to the VIP.
+fn flow_key(src: SocketAddrV4, vip: Ipv4Addr) -> FlowKey {
+    FlowKey {
+        saddr: src.ip().octets(),
+        daddr: vip.octets(),
+        sport: src.port().to_be_bytes(),
+        dport: PORT.to_be_bytes(),
+        proto: 6,
+        pad: [0; 3],
+    }
+}
+
+fn survived(c: &ConnResult) -> bool {
+    c.connected && !c.is_broken() && c.echoed == c.sent && c.sent > 0
+}
+
+/// Runs one failover on a fresh topology (client, router, two LBs, five
+/// backends) and returns what happened; everything it made is removed
+/// before it returns.
+pub fn run_ecmp(opts: &EcmpOptions, failover: Failover) -> Result<EcmpReport> {
+    let start = Instant::now();
+    let client = workspace_bin("weir-wsclient");
+    let mut topo = Topology::build(TopologySpec {
+        backends: BACKENDS,
+        client_addrs: opts.sources,
+    })?;
+    let lb2_ns = topo.add_second_lb()?;
+    let names = [format!("{}a", opts.instance), format!("{}b", opts.instance)];
+    // Field order matters on the way out: the instances go before the
+    // topology (they detach from its devices).
+    let lbs = [WeirCli::new(&names[0])?, WeirCli::new(&names[1])?];
+    for i in 0..BACKENDS {
+        topo.start_echo(i, PORT)?;
+    }
+    let sites = [
+        (
+            topo.lb_ns.clone(),
+            topo.lb_dev(),
+            topo.router_lb_dev(),
+            topo.lb_addr(),
+        ),
+        (
+            lb2_ns.clone(),
+            topo.lb2_dev(),
+            topo.router_lb2_dev(),
+            topo.lb2_addr(),
+        ),
+    ];
+    for (weir, (ns, dev, peer, addr)) in lbs.iter().zip(&sites) {
+        weir.attach_peer_at(&topo, peer)?;
+        weir.attach_lb_at(&topo, ns, dev, *addr, "native")?;
+    }
+    let lb_addrs = [topo.lb_addr(), topo.lb2_addr()];
+    for i in 0..BACKENDS {
+        lbs[0].decap_backend_from(&topo, i, &lb_addrs)?;
+    }
+    let service = format!("{}:{PORT}", topo.vip());
+    let backend = |i: usize| format!("{}:{PORT}", topo.backend_addr(i));
+    // The same set in two orders: the backend ids differ between the hosts.
+    let orders: [Vec<usize>; 2] = [(0..INITIAL).collect(), (0..INITIAL).rev().collect()];
+    for ((weir, (ns, ..)), order) in lbs.iter().zip(&sites).zip(&orders) {
+        weir.run(&topo, ns, &["service", "add", &service])?;
+        let set: Vec<String> = order.iter().map(|&i| backend(i)).collect();
+        let mut args = vec!["backend", "set", service.as_str()];
+        args.extend(set.iter().map(String::as_str));
+        weir.run(&topo, ns, &args)?;
+    }
+    let mut digests = Vec::new();
+    for (weir, (ns, ..)) in lbs.iter().zip(&sites) {
+        let check: serde_json::Value =
+            serde_json::from_str(&weir.run(&topo, ns, &["--json", "check"])?)?;
+        let digest = check["services"][0]["ring_digest"]
+            .as_str()
+            .context("weir check printed no ring digest")?;
+        digests.push(digest.to_string());
+    }
+    let digests: [String; 2] = digests.try_into().expect("two LBs");
+    log(
+        opts.verbose,
+        start,
+        &format!(
+            "two LBs behind ECMP, b0-b3 in two orders; ring digests {} / {}",
+            &digests[0][..12],
+            &digests[1][..12]
+        ),
+    );
+    let ring_before = ring_addrs(&names[0])?;
+
+    let dir = tempdir(&opts.instance)?;
+    let url = format!("ws://{service}/");
+    let long_opts = L4Options {
+        connections: opts.connections,
+        interval: opts.interval,
+        ..Default::default()
+    };
+    let sources: Vec<String> = topo
+        .client_addrs()
+        .iter()
+        .map(Ipv4Addr::to_string)
+        .collect();
+    let (clients, hold) = start_long_lived(&topo, &client, &url, &long_opts, &dir, &sources)?;
+    std::thread::sleep(opts.settle);
+    let on_lb1 = flow_sources(&names[0])?;
+    log(
+        opts.verbose,
+        start,
+        &format!(
+            "{} connections open, {} through the first LB",
+            opts.connections,
+            on_lb1.len()
+        ),
+    );
+
+    let router_hop = [topo.lb2_addr()];
+    match failover {
+        Failover::Withdraw => topo.route_vip_via(&router_hop)?,
+        Failover::Detach => {
+            lbs[0].run(&topo, &topo.lb_ns, &["detach", "--dev", topo.lb_dev()])?;
+            std::thread::sleep(Duration::from_millis(500));
+            topo.route_vip_via(&router_hop)?;
+        }
+        Failover::AddBackend => {
+            for (weir, (ns, ..)) in lbs.iter().zip(&sites) {
+                weir.run(&topo, ns, &["backend", "add", &service, &backend(INITIAL)])?;
+            }
+            topo.route_vip_via(&router_hop)?;
+        }
+    }
+    log(
+        opts.verbose,
+        start,
+        &format!("{failover:?}: the router sends the VIP to the second LB only"),
+    );
+    std::thread::sleep(opts.settle);
+    let ring_after = ring_addrs(&names[1])?;
+    std::fs::write(&hold, b"done")?;
+    let report = parse_report(
+        clients.wait_output(Duration::from_secs(60))?,
+        "long-lived connections",
+    )?;
+    let stats: serde_json::Value =
+        serde_json::from_str(&lbs[1].run(&topo, &lb2_ns, &["--json", "stats"])?)?;
+
+    if ring_before.len() != ring_after.len() {
+        bail!(
+            "ring size changed: {} -> {}",
+            ring_before.len(),
+            ring_after.len()
+        );
+    }
+    let changed: Vec<bool> = ring_before
+        .iter()
+        .zip(&ring_after)
+        .map(|(a, b)| a != b)
+        .collect();
+    let slot_share = changed.iter().filter(|c| **c).count() as f64 / changed.len() as f64;
+    let mut counts = BTreeMap::<(bool, bool), usize>::new();
+    let mut predicted_broken = 0;
+    let mut connected = 0;
+    for c in &report.connections {
+        if !c.connected {
+            continue;
+        }
+        connected += 1;
+        let src: SocketAddrV4 = c
+            .local_addr
+            .as_deref()
+            .context("connection without a local address")?
+            .parse()?;
+        let moved = on_lb1.contains(&src);
+        let ok = survived(c);
+        *counts.entry((moved, ok)).or_default() += 1;
+        let slot = flow_hash(&flow_key(src, topo.vip())) as usize % changed.len();
+        if moved && changed[slot] {
+            predicted_broken += 1;
+        }
+    }
+    let n = |moved: bool, ok: bool| counts.get(&(moved, ok)).copied().unwrap_or(0);
+    let _ = std::fs::remove_dir_all(&dir);
+    drop(lbs);
+    topo.teardown()?;
+    Ok(EcmpReport {
+        failover,
+        digests,
+        connected,
+        moved: n(true, true) + n(true, false),
+        survived: n(true, true),
+        stayed: n(false, true) + n(false, false),
+        stayed_survived: n(false, true),
+        slot_share,
+        predicted_broken,
+        lb2_flow_misses: stats["xdp"]["flow_miss"].as_u64().unwrap_or(0),
+    })
+}
