@@ -861,6 +861,39 @@ impl Topology {
         Ok(())
     }
 
+    /// Creates namespace `ns` with its loopback up. It is registered before
+    /// creation, so an interrupt in between still deletes it.
+    fn add_namespace(&mut self, ns: &str) -> Result<()> {
+        registry().namespaces.insert(ns.to_string());
+        self.step(Command::new("ip").args(["netns", "add", ns]))?;
+        self.created.push(ns.to_string());
+        self.ip(ns, &["link", "set", "lo", "up"])?;
+        Ok(())
+    }
+
+    /// A load balancer's link to the router, MTU 9000: `dev` in `ns` has
+    /// 198.18.`net`.2/24, `router_dev` 198.18.`net`.1/24, the lb's default
+    /// route, and forwarding on.
+    fn lb_link(&mut self, ns: &str, dev: &str, router_dev: &str, net: u8) -> Result<()> {
+        let router_ns = self.router_ns.clone();
+        self.veth(ns, dev, &router_ns, router_dev, 9000)?;
+        self.link_up_with_gro(ns, dev, &format!("198.18.{net}.2/24"))?;
+        self.link_up_with_gro(&router_ns, router_dev, &format!("198.18.{net}.1/24"))?;
+        let gateway = format!("198.18.{net}.1");
+        self.ip(ns, &["route", "add", "default", "via", &gateway])?;
+        self.sysctl(
+            ns,
+            &[
+                "net.ipv4.ip_forward=1".into(),
+                "net.ipv4.conf.all.forwarding=1".into(),
+                // weir attach requires it: packets to unresolved next hops
+                // go to the kernel with this host's address as source.
+                "net.ipv4.conf.all.accept_local=1".into(),
+            ],
+        )?;
+        Ok(())
+    }
+
     fn setup(&mut self) -> Result<()> {
         let client_ns = self.client_ns.clone();
         let router_ns = self.router_ns.clone();
@@ -868,12 +901,7 @@ impl Topology {
         let backend_ns = self.backend_ns.clone();
 
         for ns in self.namespaces() {
-            // Registered before creation so an interrupt in between still
-            // deletes it.
-            registry().namespaces.insert(ns.clone());
-            self.step(Command::new("ip").args(["netns", "add", &ns]))?;
-            self.created.push(ns.clone());
-            self.ip(&ns, &["link", "set", "lo", "up"])?;
+            self.add_namespace(&ns)?;
         }
 
         // Client link, MTU 1500.
@@ -895,21 +923,7 @@ impl Topology {
             &["route", "add", "default", "via", "198.18.1.1"],
         )?;
 
-        // LB link, MTU 9000.
-        self.veth(&lb_ns, "lb0", &router_ns, "r-lb", 9000)?;
-        self.link_up_with_gro(&lb_ns, "lb0", "198.18.2.2/24")?;
-        self.link_up_with_gro(&router_ns, "r-lb", "198.18.2.1/24")?;
-        self.ip(&lb_ns, &["route", "add", "default", "via", "198.18.2.1"])?;
-        self.sysctl(
-            &lb_ns,
-            &[
-                "net.ipv4.ip_forward=1".into(),
-                "net.ipv4.conf.all.forwarding=1".into(),
-                // weir attach requires it: packets to unresolved next hops
-                // go to the kernel with this host's address as source.
-                "net.ipv4.conf.all.accept_local=1".into(),
-            ],
-        )?;
+        self.lb_link(&lb_ns, "lb0", "r-lb", 2)?;
 
         // Backends, MTU 9000, VIP on lo.
         let mut router_sysctls = vec![
@@ -964,27 +978,17 @@ impl Topology {
         }
         let ns = format!("{}-m", self.id);
         let router_ns = self.router_ns.clone();
-        registry().namespaces.insert(ns.clone());
-        self.step(Command::new("ip").args(["netns", "add", &ns]))?;
-        self.created.push(ns.clone());
         self.lb2_ns = Some(ns.clone());
-        self.ip(&ns, &["link", "set", "lo", "up"])?;
-        self.veth(&ns, "lb1", &router_ns, "r-lb1", 9000)?;
-        self.link_up_with_gro(&ns, "lb1", "198.18.3.2/24")?;
-        self.link_up_with_gro(&router_ns, "r-lb1", "198.18.3.1/24")?;
-        self.ip(&ns, &["route", "add", "default", "via", "198.18.3.1"])?;
-        self.sysctl(
-            &ns,
-            &[
-                "net.ipv4.ip_forward=1".into(),
-                "net.ipv4.conf.all.forwarding=1".into(),
-                "net.ipv4.conf.all.accept_local=1".into(),
-            ],
-        )?;
+        self.add_namespace(&ns)?;
+        let (dev, router_dev) = (
+            self.lb2_dev().to_string(),
+            self.router_lb2_dev().to_string(),
+        );
+        self.lb_link(&ns, &dev, &router_dev, 3)?;
         self.sysctl(
             &router_ns,
             &[
-                "net.ipv4.conf.r-lb1.rp_filter=0".into(),
+                format!("net.ipv4.conf.{router_dev}.rp_filter=0"),
                 "net.ipv4.fib_multipath_hash_policy=1".into(),
             ],
         )?;
