@@ -164,8 +164,8 @@ pub fn run_ecmp(opts: &EcmpOptions, failover: Failover) -> Result<EcmpReport> {
     })?;
     let lb2_ns = topo.add_second_lb()?;
     let names = [format!("{}a", opts.instance), format!("{}b", opts.instance)];
-    // Field order matters on the way out: the instances go before the
-    // topology (they detach from its devices).
+    // Declared after the topology, so they go first on the way out: they
+    // detach from its devices.
     let lbs = [WeirCli::new(&names[0])?, WeirCli::new(&names[1])?];
     for i in 0..BACKENDS {
         topo.start_echo(i, PORT)?;

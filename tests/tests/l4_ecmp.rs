@@ -5,8 +5,6 @@
 //! move, the moved connections that break are those whose ring slot
 //! changed, about the share of slots that changed.
 
-use std::time::Duration;
-
 use weir_testbed::ecmp::{EcmpOptions, EcmpReport, Failover, run_ecmp};
 
 fn print(r: &EcmpReport) {
@@ -31,10 +29,8 @@ fn connections_moved_between_lbs_survive() {
     let opts = EcmpOptions {
         instance: format!("ecmp{}", std::process::id()),
         connections: 200,
-        sources: 4,
-        interval: Duration::from_millis(100),
-        settle: Duration::from_secs(2),
         verbose: true,
+        ..EcmpOptions::default()
     };
     for failover in [Failover::Withdraw, Failover::Detach, Failover::AddBackend] {
         let r = run_ecmp(&opts, failover).expect("ECMP scenario runs");
