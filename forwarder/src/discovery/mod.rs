@@ -9,9 +9,11 @@
 //! loop through a channel of [`Report`]s, so a blocking watch never stalls
 //! the health checks.
 //!
-//! - [`file`]: a watched TOML or JSON file.
+//! - [`file`]: a watched TOML or JSON file;
+//! - [`ownership`]: which services a source owns, for the CLI's warning.
 
 pub mod file;
+pub mod ownership;
 
 use std::collections::BTreeMap;
 
