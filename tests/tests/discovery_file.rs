@@ -155,25 +155,37 @@ fn audit_lines(inst: &TestInstance, path: &Path) -> Vec<String> {
         .collect()
 }
 
-fn setup(tag: &str) -> (TestInstance, PathBuf, PathBuf) {
+/// Removes the test's directory on drop.
+struct Dir(PathBuf);
+
+impl Drop for Dir {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_dir_all(&self.0);
+    }
+}
+
+/// An instance, its file holding `text` and an agent that applied it.
+fn started(tag: &str, text: &str) -> (TestInstance, PathBuf, Agent, u16, Dir) {
     let inst = instance(tag);
     let dir = temp_dir(&inst);
     let path = dir.join("backends.toml");
-    (inst, dir, path)
+    replace(&path, text);
+    let (agent, port) = agent(&inst, &dir, &path);
+    agent.wait_for("started");
+    wait_reports(port, &path, "applied", 1);
+    (inst, path, agent, port, Dir(dir))
 }
 
 #[test]
 fn an_atomic_replace_applies_and_the_cli_warns_on_hand_edits() {
     require_root();
-    let (inst, dir, path) = setup("dfrep");
-    replace(
-        &path,
+    let (inst, path, agent, port, _dir) = started(
+        "dfrep",
         &file_text(&[
             (SVC, &["198.18.1.2:80", "198.18.1.3:80@3"]),
             (OTHER, &["198.18.2.2:80"]),
         ]),
     );
-    let (agent, port) = agent(&inst, &dir, &path);
     wait_active(&inst, SVC, &["198.18.1.2:80@1", "198.18.1.3:80@3"]);
     wait_active(&inst, OTHER, &["198.18.2.2:80@1"]);
     agent.wait_for("source_applied");
@@ -215,17 +227,14 @@ fn an_atomic_replace_applies_and_the_cli_warns_on_hand_edits() {
         audit.iter().any(|l| l.contains(" rev 2 ")),
         "the second revision is named in the audit log: {audit:?}"
     );
-    let _ = std::fs::remove_dir_all(&dir);
 }
 
 #[test]
 fn a_file_written_in_two_steps_applies_only_whole() {
     require_root();
-    let (inst, dir, path) = setup("dfpart");
-    replace(&path, &file_text(&[(SVC, &["198.18.1.2:80"])]));
-    let (_agent, port) = agent(&inst, &dir, &path);
+    let (inst, path, _agent, port, _dir) =
+        started("dfpart", &file_text(&[(SVC, &["198.18.1.2:80"])]));
     wait_active(&inst, SVC, &["198.18.1.2:80@1"]);
-    wait_reports(port, &path, "applied", 1);
 
     let whole = file_text(&[
         (SVC, &["198.18.1.2:80", "198.18.1.3:80"]),
@@ -267,20 +276,16 @@ fn a_file_written_in_two_steps_applies_only_whole() {
         &["198.18.1.2:80@1", "198.18.1.3:80@1", "198.18.1.6:80@1"],
     );
     assert_eq!(stale(port, &path), 0);
-    let _ = std::fs::remove_dir_all(&dir);
 }
 
 #[test]
 fn a_deleted_or_truncated_file_keeps_the_last_state_and_is_counted() {
     require_root();
-    let (inst, dir, path) = setup("dfgone");
-    replace(
-        &path,
+    let (inst, path, agent, port, _dir) = started(
+        "dfgone",
         &file_text(&[(SVC, &["198.18.1.2:80", "198.18.1.3:80"])]),
     );
-    let (agent, port) = agent(&inst, &dir, &path);
     wait_active(&inst, SVC, &["198.18.1.2:80@1", "198.18.1.3:80@1"]);
-    wait_reports(port, &path, "applied", 1);
     let audit = audit_lines(&inst, &path).len();
 
     std::fs::File::create(&path).unwrap();
@@ -304,17 +309,14 @@ fn a_deleted_or_truncated_file_keeps_the_last_state_and_is_counted() {
     replace(&path, &file_text(&[(SVC, &["198.18.1.2:80"])]));
     wait_active(&inst, SVC, &["198.18.1.2:80@1"]);
     assert_eq!(stale(port, &path), 0);
-    let _ = std::fs::remove_dir_all(&dir);
 }
 
 #[test]
 fn bad_syntax_is_refused_with_file_and_line_and_nothing_changes() {
     require_root();
-    let (inst, dir, path) = setup("dfbad");
-    replace(&path, &file_text(&[(SVC, &["198.18.1.2:80"])]));
-    let (agent, port) = agent(&inst, &dir, &path);
+    let (inst, path, agent, port, _dir) =
+        started("dfbad", &file_text(&[(SVC, &["198.18.1.2:80"])]));
     wait_active(&inst, SVC, &["198.18.1.2:80@1"]);
-    wait_reports(port, &path, "applied", 1);
 
     // Line 5: a backend that is not an address; OTHER, valid, must not
     // apply either.
@@ -335,24 +337,21 @@ fn bad_syntax_is_refused_with_file_and_line_and_nothing_changes() {
     assert_eq!(active(&inst, OTHER), Vec::<String>::new());
     assert_eq!(stale(port, &path), 1);
     assert_eq!(audit_lines(&inst, &path).len(), 1);
-    let _ = std::fs::remove_dir_all(&dir);
 }
 
 #[test]
 fn a_large_removal_is_refused_by_the_guard_rails_and_reported() {
     require_root();
-    let (inst, dir, path) = setup("dfguard");
     let four = [
         "198.18.1.2:80",
         "198.18.1.3:80",
         "198.18.1.4:80",
         "198.18.1.5:80",
     ];
-    replace(
-        &path,
+    let (inst, path, agent, port, _dir) = started(
+        "dfguard",
         &file_text(&[(SVC, &four), (OTHER, &["198.18.2.2:80"])]),
     );
-    let (agent, port) = agent(&inst, &dir, &path);
     let all = [
         "198.18.1.2:80@1",
         "198.18.1.3:80@1",
@@ -361,7 +360,6 @@ fn a_large_removal_is_refused_by_the_guard_rails_and_reported() {
     ];
     wait_active(&inst, SVC, &all);
     wait_active(&inst, OTHER, &["198.18.2.2:80@1"]);
-    wait_reports(port, &path, "applied", 1);
 
     // Three of four removed is more than the default half; OTHER's change
     // in the same revision does not apply either.
@@ -378,5 +376,4 @@ fn a_large_removal_is_refused_by_the_guard_rails_and_reported() {
     assert_eq!(active(&inst, SVC), all);
     assert_eq!(active(&inst, OTHER), ["198.18.2.2:80@1"]);
     assert_eq!(stale(port, &path), 1);
-    let _ = std::fs::remove_dir_all(&dir);
 }
