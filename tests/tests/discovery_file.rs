@@ -3,7 +3,7 @@
 //! deleted or truncated file keeps the last state and is counted; bad
 //! syntax is refused at its file and line; a large removal is refused by
 //! the guard rails and reported. The CLI warns on hand edits of a service
-//! the file owns.
+//! the file owns; a file in a missing directory is refused at start.
 
 mod common;
 
@@ -376,4 +376,21 @@ fn a_large_removal_is_refused_by_the_guard_rails_and_reported() {
     assert_eq!(active(&inst, SVC), all);
     assert_eq!(active(&inst, OTHER), ["198.18.2.2:80@1"]);
     assert_eq!(stale(port, &path), 1);
+}
+
+#[test]
+fn a_file_source_in_a_missing_directory_is_refused_at_start() {
+    require_root();
+    let inst = instance("dfnodir");
+    let dir = Dir(temp_dir(&inst));
+    let path = dir.0.join("missing").join("backends.toml");
+    let (mut agent, _port) = agent(&inst, &dir.0, &path);
+    let status = agent.child.wait().unwrap();
+    assert!(!status.success());
+    let log = agent.log();
+    assert!(
+        log.contains(&format!("starting the source {}", path.display()))
+            && log.contains(&format!("watching {}", dir.0.join("missing").display())),
+        "{log}"
+    );
 }
