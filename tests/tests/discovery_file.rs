@@ -189,6 +189,11 @@ fn an_atomic_replace_applies_and_the_cli_warns_on_hand_edits() {
     wait_active(&inst, SVC, &["198.18.1.2:80@1", "198.18.1.3:80@3"]);
     wait_active(&inst, OTHER, &["198.18.2.2:80@1"]);
     agent.wait_for("source_applied");
+    let line = agent.wait_line(|l| l.contains("\"event\":\"started\""));
+    assert!(
+        line.contains(&format!("backend sets from file {}", path.display())),
+        "{line}"
+    );
     let audit = audit_lines(&inst, &path);
     assert_eq!(audit.len(), 2, "one apply per service: {audit:?}");
 
