@@ -11,6 +11,7 @@ use weir_ebpf::abi::{self, BackendState};
 
 use crate::dataplane::decap_sources::{self, Prefix};
 use crate::dataplane::{self, XdpMode};
+use crate::discovery::ownership;
 use crate::instance::Instance;
 use crate::registry::{
     ApplyOptions, BackendAddr, Change, CreateOptions, Outcome, Registry, ServiceAddr,
@@ -432,7 +433,7 @@ pub fn run(cli: Cli) -> Result<()> {
             }
         },
         Command::Backend(cmd) => {
-            let (change, force, dry_run) = match cmd {
+            let (service, change, force, dry_run) = match cmd {
                 BackendCmd::List { service } => {
                     let addr = service.parse::<ServiceAddr>()?;
                     let reg = Registry::open(&instance)?;
@@ -441,6 +442,7 @@ pub fn run(cli: Cli) -> Result<()> {
                 BackendCmd::Add { target, weight } => {
                     let (service, backend) = target.parse()?;
                     (
+                        service,
                         Change::AddBackend {
                             service,
                             backend,
@@ -452,11 +454,21 @@ pub fn run(cli: Cli) -> Result<()> {
                 }
                 BackendCmd::Drain { target, force } => {
                     let (service, backend) = target.parse()?;
-                    (Change::DrainBackend { service, backend }, force, false)
+                    (
+                        service,
+                        Change::DrainBackend { service, backend },
+                        force,
+                        false,
+                    )
                 }
                 BackendCmd::Remove { target, force } => {
                     let (service, backend) = target.parse()?;
-                    (Change::RemoveBackend { service, backend }, force, false)
+                    (
+                        service,
+                        Change::RemoveBackend { service, backend },
+                        force,
+                        false,
+                    )
                 }
                 BackendCmd::Weight {
                     target,
@@ -465,6 +477,7 @@ pub fn run(cli: Cli) -> Result<()> {
                 } => {
                     let (service, backend) = target.parse()?;
                     (
+                        service,
                         Change::SetWeight {
                             service,
                             backend,
@@ -486,9 +499,17 @@ pub fn run(cli: Cli) -> Result<()> {
                         .map(|b| BackendAddr::parse_weighted_for(b, &service))
                         .collect::<Result<Vec<_>, _>>()
                         .map_err(anyhow::Error::msg)?;
-                    (Change::SetBackends { service, backends }, force, dry_run)
+                    (
+                        service,
+                        Change::SetBackends { service, backends },
+                        force,
+                        dry_run,
+                    )
                 }
             };
+            if let Some(source) = ownership::owner(&instance.state_dir(), &service) {
+                eprintln!("weir: warning: {}", ownership::warning(&service, &source));
+            }
             let mut reg = Registry::open(&instance)?;
             let outcome = reg.apply(&change, opts(force, dry_run))?;
             report(json, &outcome);

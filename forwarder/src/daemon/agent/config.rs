@@ -5,7 +5,7 @@
 //! address is refused at its line, not discovered later.
 
 use std::net::{SocketAddr, TcpListener};
-use std::path::Path;
+use std::path::{Path, PathBuf};
 use std::time::Duration;
 
 use serde::Deserialize;
@@ -41,6 +41,10 @@ jitter = "10%"             # up to this much more per interval, at random: a sha
 timeout = "500ms"          # one check, connect included; at most the interval
 rise = 2                   # consecutive passes that make a backend healthy (1..=100)
 fall = 2                   # consecutive failures that make it unhealthy (1..=100)
+
+# [[source]]               # backend sets from a watched file (TOML, or JSON by
+# type = "file"            # extension), applied whole through the registry on
+# path = "/etc/weir/backends.toml"  # each change; absolute, its directory must exist
 "#;
 
 /// The shortest check and collect interval: anything shorter floods
@@ -58,6 +62,15 @@ pub struct Config {
     pub metrics: Option<MetricsListen>,
     pub collect_interval: Duration,
     pub checks: Vec<CheckConfig>,
+    /// Where backend sets come from, besides the command line.
+    pub sources: Vec<SourceConfig>,
+}
+
+/// One `[[source]]`: a discovery source the agent applies.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum SourceConfig {
+    /// A watched TOML or JSON file ([`crate::discovery::file`]).
+    File { path: PathBuf },
 }
 
 /// Where `/metrics` listens, and where the file says so.
@@ -108,6 +121,18 @@ struct RawConfig {
     collect: RawCollect,
     #[serde(default, rename = "check")]
     checks: Vec<RawCheck>,
+    #[serde(default, rename = "source")]
+    sources: Vec<RawSource>,
+}
+
+/// Every type's keys in one table; each type refuses the keys it does not
+/// take.
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawSource {
+    #[serde(rename = "type")]
+    kind: toml::Spanned<String>,
+    path: Option<toml::Spanned<String>>,
 }
 
 #[derive(Deserialize, Default)]
@@ -185,13 +210,53 @@ pub fn parse(text: &str, name: &str) -> Result<Config, ConfigError> {
         places.push(src.place(rc.service.span()));
         checks.push(check);
     }
+    let mut sources: Vec<SourceConfig> = Vec::new();
+    for rs in &raw.sources {
+        let source = source(&src, rs)?;
+        if sources.contains(&source) {
+            return Err(src.error(
+                rs.kind.span(),
+                "source: listed twice; one [[source]] per file".into(),
+            ));
+        }
+        sources.push(source);
+    }
     Ok(Config {
         instance,
         instance_set_at,
         metrics,
         collect_interval,
         checks,
+        sources,
     })
+}
+
+fn source(src: &Source, rs: &RawSource) -> Result<SourceConfig, ConfigError> {
+    match rs.kind.get_ref().as_str() {
+        "file" => {
+            let Some(path) = &rs.path else {
+                return Err(src.error(
+                    rs.kind.span(),
+                    "source: a file source needs path = \"/etc/weir/backends.toml\"".into(),
+                ));
+            };
+            let p = Path::new(path.get_ref());
+            if !p.is_absolute() || p.file_name().is_none() {
+                return Err(src.error(
+                    path.span(),
+                    format!(
+                        "source.path = {:?}: must be an absolute path to a file",
+                        path.get_ref()
+                    ),
+                ));
+            }
+            Ok(SourceConfig::File { path: p.into() })
+        }
+        other => Err(src.error(
+            rs.kind.span(),
+            format!("source.type = {other:?}: must be \"file\""),
+        )),
+    }
 }
 
 fn check(src: &Source, rc: &RawCheck) -> Result<CheckConfig, ConfigError> {
@@ -577,6 +642,45 @@ mod tests {
                 e.to_string().starts_with(&format!("agent.toml:{line}:")),
                 "{e}"
             );
+        }
+    }
+
+    #[test]
+    fn sources_parse_and_bad_ones_are_refused_at_their_line() {
+        let c = parse(
+            "[[source]]\ntype = \"file\"\npath = \"/etc/weir/backends.toml\"\n",
+            "agent.toml",
+        )
+        .unwrap();
+        assert_eq!(
+            c.sources,
+            [SourceConfig::File {
+                path: "/etc/weir/backends.toml".into()
+            }]
+        );
+        for (text, line, reason) in [
+            ("[[source]]\ntype = \"consul\"\n", 2, "must be \"file\""),
+            ("[[source]]\ntype = \"file\"\n", 2, "needs path"),
+            (
+                "[[source]]\ntype = \"file\"\npath = \"backends.toml\"\n",
+                3,
+                "absolute path",
+            ),
+            (
+                "[[source]]\ntype = \"file\"\npath = \"/b.toml\"\nwatch = 1\n",
+                4,
+                "unknown field",
+            ),
+            (
+                "[[source]]\ntype = \"file\"\npath = \"/b.toml\"\n\
+                 [[source]]\ntype = \"file\"\npath = \"/b.toml\"\n",
+                5,
+                "listed twice",
+            ),
+        ] {
+            let e = err(text);
+            assert_eq!(e.line, line, "{e}");
+            assert!(e.reason.contains(reason), "{e}");
         }
     }
 
