@@ -1,5 +1,6 @@
 //! weir test bed.
 //!
+//! - [`etcd`]: a real 3-member etcd cluster on loopback (discovery tests).
 //! - [`topology`]: network-namespace topologies (client, router, load balancer,
 //!   backends) built with `ip`, torn down on drop and on SIGINT/SIGTERM.
 //! - [`weir_cli`]: the `weir` command for one throwaway instance, run in a
@@ -16,6 +17,7 @@
 
 use std::path::{Path, PathBuf};
 
+pub mod etcd;
 pub mod health;
 pub mod packet;
 pub mod progrun;
