@@ -7,6 +7,8 @@
 //!   honest about the maps and listeners it serves, worker start-up) and
 //!   `weir agent` (health checks, freeing removed backends), with the
 //!   plumbing they share.
+//! - [`discovery`]: backend sets from a source (a watched file, etcd) that
+//!   `weir agent` applies.
 //! - [`health`]: the pure core of the health checks (schedule, rise/fall,
 //!   the TCP, HTTP and WebSocket probes).
 //! - [`config_file`], [`prometheus`], [`logs`]: what both daemons' files,
@@ -18,6 +20,7 @@ pub mod cli;
 pub mod config_file;
 pub mod daemon;
 pub mod dataplane;
+pub mod discovery;
 pub mod health;
 pub mod instance;
 pub mod l7;
