@@ -157,7 +157,10 @@ impl EtcdCluster {
         let leader = status["leader"].as_u64();
         match (id, leader) {
             (Some(id), Some(leader)) => Ok((id, leader)),
-            _ => bail!("etcdctl status {}: no member or leader id in {v}", self.members[i].name),
+            _ => bail!(
+                "etcdctl status {}: no member or leader id in {v}",
+                self.members[i].name
+            ),
         }
     }
 

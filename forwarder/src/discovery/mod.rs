@@ -10,7 +10,9 @@
 //! the health checks.
 //!
 //! - [`file`]: a watched TOML or JSON file.
+//! - [`etcd`]: an etcd v3 key prefix, read at a revision and watched.
 
+pub mod etcd;
 pub mod file;
 
 use std::collections::BTreeMap;
