@@ -8,6 +8,7 @@
 //! Leader and health come from `etcdctl endpoint status` (Debian
 //! `etcd-client`), so the harness needs no client library of its own.
 
+use std::io::Write;
 use std::net::TcpListener;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
@@ -242,20 +243,39 @@ impl EtcdCluster {
 
     /// Runs `etcdctl` against every running member; its stdout.
     pub fn ctl(&self, args: &[&str]) -> Result<String> {
+        self.ctl_with_input(args, "")
+    }
+
+    /// Runs one transaction: `script` in `etcdctl txn`'s format (compares,
+    /// blank line, operations on success, blank line, on failure).
+    pub fn txn(&self, script: &str) -> Result<()> {
+        self.ctl_with_input(&["txn"], script).map(drop)
+    }
+
+    fn ctl_with_input(&self, args: &[&str], input: &str) -> Result<String> {
         let endpoints: Vec<String> = self
             .members
             .iter()
             .filter(|m| m.child.is_some())
             .map(Member::client_url)
             .collect();
-        let out = Command::new("etcdctl")
+        let mut child = Command::new("etcdctl")
             .env("ETCDCTL_API", "3")
             .args(["--dial-timeout", "2s", "--command-timeout", "5s"])
             .arg("--endpoints")
             .arg(endpoints.join(","))
             .args(args)
-            .output()
+            .stdin(Stdio::piped())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .spawn()
             .context("run etcdctl (Debian package etcd-client)")?;
+        child
+            .stdin
+            .take()
+            .context("etcdctl stdin")?
+            .write_all(input.as_bytes())?;
+        let out = child.wait_with_output()?;
         if !out.status.success() {
             bail!(
                 "etcdctl {}: {}",
