@@ -259,11 +259,21 @@ fn a_bad_value_refuses_its_revision_whole_and_is_reported() {
 
     // One transaction: a good add and a negative weight. Neither applies.
     let txn = format!(
-        "\nput {} {{}}\nput {} '{{\"weight\":-3}}'\n\n\n",
+        // etcdctl txn unquotes a double-quoted value as a Go string.
+        r#"
+put {} {{}}
+put {} "{{\"weight\":-3}}"
+
+
+"#,
         backend_key(5),
         backend_key(6)
     );
     cluster.txn(&txn).unwrap();
+    let stored = cluster
+        .ctl(&["get", "--print-value-only", "--", &backend_key(5)])
+        .unwrap();
+    assert_eq!(stored.trim(), "{}", "etcd committed the transaction");
     follower.until("a refusal", |f| !f.failed.is_empty());
     let reason = &follower.failed[0];
     assert!(
