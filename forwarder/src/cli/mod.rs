@@ -11,6 +11,7 @@ use weir_ebpf::abi::{self, BackendState};
 
 use crate::dataplane::decap_sources::{self, Prefix};
 use crate::dataplane::{self, XdpMode};
+use crate::discovery::ownership;
 use crate::instance::Instance;
 use crate::registry::{
     ApplyOptions, BackendAddr, Change, CreateOptions, Outcome, Registry, ServiceAddr,
@@ -489,6 +490,17 @@ pub fn run(cli: Cli) -> Result<()> {
                     (Change::SetBackends { service, backends }, force, dry_run)
                 }
             };
+            let (Change::AddBackend { service, .. }
+            | Change::DrainBackend { service, .. }
+            | Change::RemoveBackend { service, .. }
+            | Change::SetWeight { service, .. }
+            | Change::SetBackends { service, .. }) = &change
+            else {
+                unreachable!("every backend command changes one service's backends")
+            };
+            if let Some(source) = ownership::owner(&instance.state_dir(), service) {
+                eprintln!("weir: warning: {}", ownership::warning(service, &source));
+            }
             let mut reg = Registry::open(&instance)?;
             let outcome = reg.apply(&change, opts(force, dry_run))?;
             report(json, &outcome);

@@ -101,9 +101,7 @@ pub fn parse(text: &str, name: &str, format: Format) -> Result<Desired, ConfigEr
             let mut from = 0;
             let mut spanned = |s: String| {
                 let quoted = format!("\"{s}\"");
-                let start = text[from..]
-                    .find(&quoted)
-                    .map_or(from, |i| from + i + 1);
+                let start = text[from..].find(&quoted).map_or(from, |i| from + i + 1);
                 from = start;
                 toml::Spanned::new(start..start + s.len(), s)
             };
@@ -304,7 +302,7 @@ pub fn spawn(
         .name("weir-discovery-file".into())
         .spawn(move || {
             let mut counter = 0;
-            let mut send = |update| {
+            let send = |update| {
                 reports
                     .send(Report {
                         source: source.clone(),
@@ -374,7 +372,8 @@ mod tests {
 
     #[test]
     fn parses_json() {
-        let text = r#"{"service": [{"service": "198.19.0.10:80", "backends": ["198.18.1.2:80@2"]}]}"#;
+        let text =
+            r#"{"service": [{"service": "198.19.0.10:80", "backends": ["198.18.1.2:80@2"]}]}"#;
         let d = parse(text, "b.json", Format::Json).unwrap();
         assert_eq!(
             d.services[&svc("198.19.0.10:80")],
@@ -390,16 +389,18 @@ mod tests {
         assert!(e.line >= 3, "{e}");
         let bad = "[[service]]\nservice = \"198.19.0.10:80\"\nbackends = [\n  \"198.18.1.2:80\",\n  \"198.18.1.x:80\",\n]\n";
         let e = parse(bad, NAME, Format::Toml).unwrap_err();
-        assert_eq!((e.line, e.column), (5, 4), "{e}");
+        assert_eq!((e.line, e.column), (5, 3), "{e}");
         assert!(e.reason.contains("198.18.1.x"), "{e}");
-        let weight = "[[service]]\nservice = \"198.19.0.10:80\"\nbackends = [\"198.18.1.2:80@0\"]\n";
+        let weight =
+            "[[service]]\nservice = \"198.19.0.10:80\"\nbackends = [\"198.18.1.2:80@0\"]\n";
         let e = parse(weight, NAME, Format::Toml).unwrap_err();
         assert_eq!(e.line, 3, "{e}");
         let twice = "[[service]]\nservice = \"198.19.0.10:80\"\nbackends = []\n[[service]]\nservice = \"198.19.0.10:80\"\nbackends = []\n";
         let e = parse(twice, NAME, Format::Toml).unwrap_err();
         assert_eq!(e.line, 5, "{e}");
         assert!(e.reason.contains(&format!("{NAME}:2")), "{e}");
-        let json = "{\"service\": [\n {\"service\": \"198.19.0.10:80\",\n  \"backends\": [\"nope\"]}]}";
+        let json =
+            "{\"service\": [\n {\"service\": \"198.19.0.10:80\",\n  \"backends\": [\"nope\"]}]}";
         let e = parse(json, "b.json", Format::Json).unwrap_err();
         assert_eq!(e.line, 3, "{e}");
         let e = parse("{\"service\": [", "b.json", Format::Json).unwrap_err();
@@ -412,16 +413,35 @@ mod tests {
         std::fs::create_dir_all(&dir).unwrap();
         let path = dir.join("backends.toml");
         let mut counter = 0;
-        assert!(matches!(read(&path, NAME, &mut counter), Update::Empty { .. }));
+        assert!(matches!(
+            read(&path, NAME, &mut counter),
+            Update::Empty { .. }
+        ));
         std::fs::write(&path, "").unwrap();
-        assert!(matches!(read(&path, NAME, &mut counter), Update::Empty { .. }));
+        assert!(matches!(
+            read(&path, NAME, &mut counter),
+            Update::Empty { .. }
+        ));
         std::fs::write(&path, "# nothing yet\n").unwrap();
-        assert!(matches!(read(&path, NAME, &mut counter), Update::Empty { .. }));
-        std::fs::write(&path, "[[service]]\nservice = \"198.19.0.10:80\"\nbackends = []\n").unwrap();
-        assert!(matches!(read(&path, NAME, &mut counter), Update::Desired { .. }));
+        assert!(matches!(
+            read(&path, NAME, &mut counter),
+            Update::Empty { .. }
+        ));
+        std::fs::write(
+            &path,
+            "[[service]]\nservice = \"198.19.0.10:80\"\nbackends = []\n",
+        )
+        .unwrap();
+        assert!(matches!(
+            read(&path, NAME, &mut counter),
+            Update::Desired { .. }
+        ));
         assert_eq!(counter, 1);
         std::fs::write(&path, "[[service]\n").unwrap();
-        assert!(matches!(read(&path, NAME, &mut counter), Update::Failed { .. }));
+        assert!(matches!(
+            read(&path, NAME, &mut counter),
+            Update::Failed { .. }
+        ));
         std::fs::remove_dir_all(&dir).unwrap();
     }
 }

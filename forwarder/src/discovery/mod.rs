@@ -9,11 +9,13 @@
 //! loop through a channel of [`Report`]s, so a blocking watch never stalls
 //! the health checks.
 //!
-//! - [`file`]: a watched TOML or JSON file.
-//! - [`etcd`]: an etcd v3 key prefix, read at a revision and watched.
+//! - [`file`]: a watched TOML or JSON file;
+//! - [`etcd`]: an etcd v3 key prefix, read at a revision and watched;
+//! - [`ownership`]: which services a source owns, for the CLI's warning.
 
 pub mod etcd;
 pub mod file;
+pub mod ownership;
 
 use std::collections::BTreeMap;
 

@@ -5,12 +5,13 @@
 //! address is refused at its line, not discovered later.
 
 use std::net::{SocketAddr, TcpListener};
-use std::path::Path;
+use std::path::{Path, PathBuf};
 use std::time::Duration;
 
 use serde::Deserialize;
 
 use crate::config_file::{self, ConfigError, Source};
+use crate::discovery::etcd::EtcdConfig;
 use crate::health::probe::Check;
 use crate::registry::ServiceAddr;
 
@@ -58,6 +59,17 @@ pub struct Config {
     pub metrics: Option<MetricsListen>,
     pub collect_interval: Duration,
     pub checks: Vec<CheckConfig>,
+    /// Where backend sets come from, besides the command line.
+    pub sources: Vec<SourceConfig>,
+}
+
+/// One `[[source]]`: a discovery source the agent applies.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum SourceConfig {
+    /// A watched TOML or JSON file ([`crate::discovery::file`]).
+    File { path: PathBuf },
+    /// An etcd v3 key prefix ([`crate::discovery::etcd`]).
+    Etcd(EtcdConfig),
 }
 
 /// Where `/metrics` listens, and where the file says so.
@@ -108,6 +120,20 @@ struct RawConfig {
     collect: RawCollect,
     #[serde(default, rename = "check")]
     checks: Vec<RawCheck>,
+    #[serde(default, rename = "source")]
+    sources: Vec<RawSource>,
+}
+
+/// Every type's keys in one table; each type refuses the keys it does not
+/// take.
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawSource {
+    #[serde(rename = "type")]
+    kind: toml::Spanned<String>,
+    path: Option<toml::Spanned<String>>,
+    endpoints: Option<toml::Spanned<Vec<String>>>,
+    prefix: Option<toml::Spanned<String>>,
 }
 
 #[derive(Deserialize, Default)]
@@ -185,13 +211,108 @@ pub fn parse(text: &str, name: &str) -> Result<Config, ConfigError> {
         places.push(src.place(rc.service.span()));
         checks.push(check);
     }
+    let mut sources: Vec<SourceConfig> = Vec::new();
+    for rs in &raw.sources {
+        let source = source(&src, rs)?;
+        if sources.contains(&source) {
+            return Err(src.error(
+                rs.kind.span(),
+                "source: listed twice; one [[source]] per file".into(),
+            ));
+        }
+        sources.push(source);
+    }
     Ok(Config {
         instance,
         instance_set_at,
         metrics,
         collect_interval,
         checks,
+        sources,
     })
+}
+
+fn source(src: &Source, rs: &RawSource) -> Result<SourceConfig, ConfigError> {
+    match rs.kind.get_ref().as_str() {
+        "file" => {
+            for (key, span) in [
+                ("endpoints", rs.endpoints.as_ref().map(|e| e.span())),
+                ("prefix", rs.prefix.as_ref().map(|p| p.span())),
+            ] {
+                if let Some(span) = span {
+                    return Err(
+                        src.error(span, format!("source.{key}: a file source takes only path"))
+                    );
+                }
+            }
+            let Some(path) = &rs.path else {
+                return Err(src.error(
+                    rs.kind.span(),
+                    "source: a file source needs path = \"/etc/weir/backends.toml\"".into(),
+                ));
+            };
+            let p = Path::new(path.get_ref());
+            if !p.is_absolute() || p.file_name().is_none() {
+                return Err(src.error(
+                    path.span(),
+                    format!(
+                        "source.path = {:?}: must be an absolute path to a file",
+                        path.get_ref()
+                    ),
+                ));
+            }
+            Ok(SourceConfig::File { path: p.into() })
+        }
+        "etcd" => etcd_source(src, rs),
+        other => Err(src.error(
+            rs.kind.span(),
+            format!("source.type = {other:?}: must be \"file\" or \"etcd\""),
+        )),
+    }
+}
+
+/// `type = "etcd"`: plain-HTTP client URLs of the cluster's members and the
+/// instance's key prefix.
+fn etcd_source(src: &Source, rs: &RawSource) -> Result<SourceConfig, ConfigError> {
+    if let Some(path) = &rs.path {
+        return Err(src.error(
+            path.span(),
+            "source.path: an etcd source takes endpoints and prefix".into(),
+        ));
+    }
+    let (Some(endpoints), Some(prefix)) = (&rs.endpoints, &rs.prefix) else {
+        return Err(src.error(
+            rs.kind.span(),
+            "source: an etcd source needs endpoints = [\"http://127.0.0.1:2379\"] and \
+             prefix = \"/weir/<instance>/\""
+                .into(),
+        ));
+    };
+    if endpoints.get_ref().is_empty() {
+        return Err(src.error(endpoints.span(), "source.endpoints: empty".into()));
+    }
+    if let Some(bad) = endpoints
+        .get_ref()
+        .iter()
+        .find(|e| !e.starts_with("http://"))
+    {
+        return Err(src.error(
+            endpoints.span(),
+            format!("source.endpoints: {bad:?} is not an http:// URL (TLS is not supported)"),
+        ));
+    }
+    let p = prefix.get_ref();
+    if !p.starts_with('/') || !p.ends_with('/') {
+        // Ending in '/' keeps "/weir/a/" from also reading "/weir/ab/".
+        return Err(src.error(
+            prefix.span(),
+            format!("source.prefix = {p:?}: must start and end with '/'"),
+        ));
+    }
+    Ok(SourceConfig::Etcd(EtcdConfig {
+        endpoints: endpoints.get_ref().clone(),
+        prefix: p.clone(),
+    }))
 }
 
 fn check(src: &Source, rc: &RawCheck) -> Result<CheckConfig, ConfigError> {
@@ -577,6 +698,83 @@ mod tests {
                 e.to_string().starts_with(&format!("agent.toml:{line}:")),
                 "{e}"
             );
+        }
+    }
+
+    #[test]
+    fn sources_parse_and_bad_ones_are_refused_at_their_line() {
+        let c = parse(
+            "[[source]]\ntype = \"file\"\npath = \"/etc/weir/backends.toml\"\n",
+            "agent.toml",
+        )
+        .unwrap();
+        assert_eq!(
+            c.sources,
+            [SourceConfig::File {
+                path: "/etc/weir/backends.toml".into()
+            }]
+        );
+        let c = parse(
+            "[[source]]\ntype = \"etcd\"\nendpoints = [\"http://10.0.0.1:2379\", \
+             \"http://10.0.0.2:2379\"]\nprefix = \"/weir/default/\"\n",
+            "agent.toml",
+        )
+        .unwrap();
+        assert_eq!(
+            c.sources,
+            [SourceConfig::Etcd(EtcdConfig {
+                endpoints: vec!["http://10.0.0.1:2379".into(), "http://10.0.0.2:2379".into()],
+                prefix: "/weir/default/".into(),
+            })]
+        );
+        for (text, line, reason) in [
+            (
+                "[[source]]\ntype = \"consul\"\n",
+                2,
+                "must be \"file\" or \"etcd\"",
+            ),
+            ("[[source]]\ntype = \"etcd\"\n", 2, "needs endpoints"),
+            (
+                "[[source]]\ntype = \"etcd\"\nendpoints = [\"https://e:2379\"]\nprefix = \"/w/\"\n",
+                3,
+                "not an http:// URL",
+            ),
+            (
+                "[[source]]\ntype = \"etcd\"\nendpoints = [\"http://e:2379\"]\nprefix = \"/w\"\n",
+                4,
+                "start and end with '/'",
+            ),
+            (
+                "[[source]]\ntype = \"etcd\"\npath = \"/b.toml\"\n",
+                3,
+                "takes endpoints and prefix",
+            ),
+            (
+                "[[source]]\ntype = \"file\"\npath = \"/b.toml\"\nprefix = \"/w/\"\n",
+                4,
+                "takes only path",
+            ),
+            ("[[source]]\ntype = \"file\"\n", 2, "needs path"),
+            (
+                "[[source]]\ntype = \"file\"\npath = \"backends.toml\"\n",
+                3,
+                "absolute path",
+            ),
+            (
+                "[[source]]\ntype = \"file\"\npath = \"/b.toml\"\nwatch = 1\n",
+                4,
+                "unknown field",
+            ),
+            (
+                "[[source]]\ntype = \"file\"\npath = \"/b.toml\"\n\
+                 [[source]]\ntype = \"file\"\npath = \"/b.toml\"\n",
+                5,
+                "listed twice",
+            ),
+        ] {
+            let e = err(text);
+            assert_eq!(e.line, line, "{e}");
+            assert!(e.reason.contains(reason), "{e}");
         }
     }
 

@@ -30,9 +30,42 @@ pub struct Metrics {
     /// Failed rounds of freeing removed backends.
     pub collect_errors: u64,
     pub in_flight: u64,
+    /// Reports of each discovery source by what became of them
+    /// ([`SourceOutcome`]).
+    pub sources: BTreeMap<(String, SourceOutcome), u64>,
+    /// Sources whose last report was not applied: the registry keeps an
+    /// older revision (fail static).
+    pub stale: BTreeMap<String, bool>,
     /// From the last registry read.
     pub backends: Vec<BackendRow>,
     pub services: Vec<ServiceRow>,
+}
+
+/// What became of one report of a discovery source.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord)]
+pub enum SourceOutcome {
+    /// Every service it names is as it says.
+    Applied,
+    /// It named no service (empty, deleted): the last state is kept.
+    Empty,
+    /// Unreadable or malformed: refused, nothing changed.
+    Refused,
+    /// The guard rails refused a change it asked for: nothing changed.
+    Guard,
+    /// The registry refused a change otherwise (an unknown service, say).
+    Error,
+}
+
+impl SourceOutcome {
+    pub fn name(self) -> &'static str {
+        match self {
+            SourceOutcome::Applied => "applied",
+            SourceOutcome::Empty => "empty",
+            SourceOutcome::Refused => "refused",
+            SourceOutcome::Guard => "guard",
+            SourceOutcome::Error => "error",
+        }
+    }
 }
 
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -169,6 +202,27 @@ impl Metrics {
         );
         family(
             &mut out,
+            "weir_agent_source_reports_total",
+            "counter",
+            "Revisions a discovery source reported, by what became of them: applied, empty (last state kept), refused (malformed or unreadable), guard (refused by the guard rails), error.",
+            self.sources.iter().map(|((s, outcome), n)| {
+                (
+                    format!("{{source=\"{}\",outcome=\"{}\"}}", label(s), outcome.name()),
+                    *n,
+                )
+            }),
+        );
+        family(
+            &mut out,
+            "weir_agent_source_stale",
+            "gauge",
+            "1 while a discovery source's last report was not applied: the registry keeps the last state applied from it (fail static).",
+            self.stale
+                .iter()
+                .map(|(s, stale)| (format!("{{source=\"{}\"}}", label(s)), u64::from(*stale))),
+        );
+        family(
+            &mut out,
             "weir_agent_checks_in_flight",
             "gauge",
             "Checks running now.",
@@ -176,6 +230,13 @@ impl Metrics {
         );
         out
     }
+}
+
+/// A label value as Prometheus text takes it.
+fn label(s: &str) -> String {
+    s.replace('\\', "\\\\")
+        .replace('"', "\\\"")
+        .replace('\n', "\\n")
 }
 
 /// Serves `/metrics` on `listener` (bound at start) until the runtime

@@ -13,6 +13,8 @@
 //! - [`checks`]: targets, schedules, counters and transitions waiting;
 //! - [`probing`]: one check's socket I/O;
 //! - [`collector`]: frees removed backends;
+//! - [`sources`]: applies what discovery sources ([`crate::discovery`])
+//!   report;
 //! - [`metrics`]: counters and `/metrics`.
 //!
 //! One thread: a tokio current-thread runtime runs up to
@@ -24,6 +26,7 @@ pub mod collector;
 pub mod config;
 pub mod metrics;
 pub mod probing;
+pub mod sources;
 
 use std::collections::HashMap;
 use std::path::Path;
@@ -46,6 +49,7 @@ use collector::Collector;
 use config::Config;
 use metrics::Metrics;
 use probing::Route;
+use sources::Sources;
 
 /// Checks running at once: thousands of backends are checked in turn
 /// without as many sockets open together. Fewer where the open-files limit
@@ -126,10 +130,32 @@ fn serve(path: Option<&Path>, flag: Option<&str>) -> Result<()> {
         .enable_all()
         .build()
         .context("starting the agent's runtime")?;
+    let (reports_tx, reports) = tokio::sync::mpsc::unbounded_channel();
+    let mut source_threads = Vec::new();
+    for source in &config.sources {
+        match source {
+            config::SourceConfig::File { path } => source_threads.push(
+                crate::discovery::file::spawn(path.clone(), reports_tx.clone(), stop.clone())
+                    .with_context(|| format!("starting the source {}", path.display()))?,
+            ),
+            config::SourceConfig::Etcd(etcd) => source_threads.push(
+                crate::discovery::etcd::spawn(etcd.clone(), reports_tx.clone(), stop.clone())
+                    .with_context(|| {
+                        format!(
+                            "starting the source {}",
+                            crate::discovery::etcd::source_name(etcd)
+                        )
+                    })?,
+            ),
+        }
+    }
+    drop(reports_tx);
     let metrics = Arc::new(Mutex::new(Metrics::default()));
     let rng = Rng::from_os().context("seeding the agent's random numbers")?;
     let agent = Agent {
         checks: Checks::new(&config.checks),
+        sources: Sources::new(instance.state_dir()),
+        reports,
         config,
         instance,
         registry,
@@ -156,6 +182,11 @@ fn serve(path: Option<&Path>, flag: Option<&str>) -> Result<()> {
     if watcher.join().is_err() {
         bail!("the map watcher thread panicked; `weir agent` stopped");
     }
+    for thread in source_threads {
+        if thread.join().is_err() {
+            bail!("a discovery source's thread panicked; `weir agent` stopped");
+        }
+    }
     ran?;
     drop(lock);
     if let Some(reason) = fault.lock().unwrap_or_else(|e| e.into_inner()).take() {
@@ -174,6 +205,9 @@ struct Agent {
     registry: Registry,
     generation: GenerationWatch,
     checks: Checks,
+    sources: Sources,
+    /// What the discovery sources report, each on its own thread or task.
+    reports: tokio::sync::mpsc::UnboundedReceiver<crate::discovery::Report>,
     metrics: Arc<Mutex<Metrics>>,
     collector: Collector,
     rng: Rng,
@@ -271,6 +305,10 @@ impl Agent {
                     if let Some(job) = jobs.remove(&id) {
                         self.done(job, outcome);
                     }
+                }
+                Some(report) = self.reports.recv() => {
+                    let mut metrics = self.metrics.lock().unwrap_or_else(|e| e.into_inner());
+                    self.sources.report(report, &mut self.registry, &mut metrics);
                 }
                 () = tokio::time::sleep_until(wake.into()) => {}
             }
