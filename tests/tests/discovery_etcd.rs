@@ -47,6 +47,8 @@ struct Follower {
     stop: Arc<AtomicBool>,
     thread: Option<std::thread::JoinHandle<()>>,
     applied: Option<i64>,
+    /// Desired revisions reported (applied), counting repeats.
+    reported: u32,
     failed: Vec<String>,
     empty: u32,
 }
@@ -80,6 +82,7 @@ impl Follower {
             stop,
             thread: Some(thread),
             applied: None,
+            reported: 0,
             failed: Vec::new(),
             empty: 0,
         }
@@ -98,6 +101,7 @@ impl Follower {
                         self.registry.apply(&change, opts).expect("apply revision");
                     }
                     self.applied = Some(revision.parse().expect("numeric revision"));
+                    self.reported += 1;
                 }
                 Update::Empty { .. } => self.empty += 1,
                 Update::Failed { reason } => self.failed.push(reason),
@@ -242,8 +246,15 @@ fn all_members_stopped_keep_the_state_and_report_it_stale() {
     );
     assert_eq!(follower.registry.state().unwrap(), before);
 
-    // Back: a change made after the restart applies (the source resyncs).
+    // Back: the source reports the unchanged revision again (so the agent
+    // stops counting it stale), and a change made after the restart applies.
+    let reported = follower.reported;
+    let revision = follower.applied;
     cluster.restart_all().unwrap();
+    follower.until("the same revision reported again", |f| {
+        f.reported > reported
+    });
+    assert_eq!(follower.applied, revision);
     put_retrying(&cluster, &backend_key(5), "{}");
     follower.until_active(&[(1, 1), (2, 1), (3, 1), (4, 1), (5, 1)]);
 }

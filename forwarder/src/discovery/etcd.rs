@@ -193,6 +193,9 @@ struct Reporter {
     reports: UnboundedSender<Report>,
     stop: Arc<AtomicBool>,
     seen: i64,
+    /// A failure was reported since `seen`: report the next read even at
+    /// the same revision, so that the agent stops counting the source stale.
+    resend: bool,
 }
 
 impl Reporter {
@@ -211,10 +214,11 @@ impl Reporter {
     }
 
     /// Judges the keys at `revision` unless that revision was judged
-    /// already (a resync that found nothing new).
+    /// already and nothing failed since (a resync that found nothing new).
     fn judge(&mut self, kvs: &BTreeMap<Vec<u8>, Vec<u8>>, revision: i64) {
-        if revision != self.seen {
+        if revision != self.seen || self.resend {
             self.seen = revision;
+            self.resend = false;
             self.send(update(&self.config.prefix, kvs, revision));
         }
     }
@@ -295,6 +299,7 @@ impl Reporter {
             if !self.send(Update::Failed { reason }) {
                 return;
             }
+            self.resend = true;
             let until = tokio::time::Instant::now() + backoff;
             while tokio::time::Instant::now() < until && !self.stopped() {
                 tokio::time::sleep(STOP_POLL.min(backoff)).await;
@@ -321,6 +326,7 @@ pub fn spawn(
         reports,
         stop,
         seen: 0,
+        resend: false,
     };
     std::thread::Builder::new()
         .name("weir-discovery-etcd".into())
