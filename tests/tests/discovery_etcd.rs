@@ -3,22 +3,29 @@
 //! registry; killing the leader during a change still converges on the
 //! latest revision; with every member stopped the registry keeps its state
 //! and the source reports it stale; a bad value refuses its revision whole
-//! (named key and reason) and the next good one applies.
+//! (named key and reason) and the next good one applies. Last, the same
+//! through `weir agent`: its registry follows etcd, and while etcd is down
+//! it keeps its state and `/metrics` counts the source stale.
 
 mod common;
 
 use std::collections::BTreeMap;
+use std::io::{Read, Write};
+use std::net::TcpStream;
+use std::path::PathBuf;
+use std::process::{Child, Command};
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::{Duration, Instant};
 
-use common::{TestInstance, require_root};
+use common::{TestInstance, free_port, require_root};
 use tokio::sync::mpsc::{UnboundedReceiver, unbounded_channel};
 use weir::discovery::etcd::{self, EtcdConfig};
 use weir::discovery::{self, Report, Update};
 use weir::registry::{ApplyOptions, BackendAddr, Change, Registry, ServiceAddr, ServiceModeName};
 use weir_ebpf::abi::BackendState;
 use weir_testbed::etcd::EtcdCluster;
+use weir_testbed::workspace_bin;
 
 const PREFIX: &str = "/weir/test/";
 const SERVICE: &str = "198.19.0.30:80";
@@ -38,6 +45,22 @@ fn backend(i: u8) -> BackendAddr {
     BackendAddr::parse_for(&format!("198.18.30.{i}"), &svc()).unwrap()
 }
 
+/// Active backends of the service and their weights, as the registry
+/// holds them.
+fn active(registry: &Registry) -> BTreeMap<BackendAddr, u16> {
+    let state = registry.state().expect("read state");
+    let id = state.service(&svc()).expect("service").id;
+    state
+        .backends_of(id)
+        .filter(|(_, b)| b.state == BackendState::Active)
+        .map(|(_, b)| (b.addr, b.weight))
+        .collect()
+}
+
+fn backends(set: &[(u8, u16)]) -> BTreeMap<BackendAddr, u16> {
+    set.iter().map(|&(i, w)| (backend(i), w)).collect()
+}
+
 /// The source under test, applying what it reports the way `weir agent`
 /// does: each desired revision through `Registry::apply`, audited with the
 /// source and revision; failures and empty prefixes change nothing.
@@ -55,20 +78,7 @@ struct Follower {
 
 impl Follower {
     fn start(instance: &TestInstance, cluster: &EtcdCluster) -> Self {
-        let mut registry = instance.registry();
-        registry
-            .apply(
-                &Change::AddService {
-                    addr: svc(),
-                    mode: ServiceModeName::L4,
-                    ring_size: None,
-                    max_remove_fraction: None,
-                    min_backends: None,
-                    panic_threshold: None,
-                },
-                ApplyOptions::default(),
-            )
-            .expect("add service");
+        let registry = with_service(instance);
         let (tx, reports) = unbounded_channel();
         let stop = Arc::new(AtomicBool::new(false));
         let config = EtcdConfig {
@@ -109,16 +119,8 @@ impl Follower {
         }
     }
 
-    /// Active backends of the service and their weights, as the registry
-    /// holds them.
     fn active(&self) -> BTreeMap<BackendAddr, u16> {
-        let state = self.registry.state().expect("read state");
-        let id = state.service(&svc()).expect("service").id;
-        state
-            .backends_of(id)
-            .filter(|(_, b)| b.state == BackendState::Active)
-            .map(|(_, b)| (b.addr, b.weight))
-            .collect()
+        active(&self.registry)
     }
 
     /// Handles reports until `done` holds or [`CONVERGE`] passes.
@@ -142,7 +144,7 @@ impl Follower {
     }
 
     fn until_active(&mut self, want: &[(u8, u16)]) {
-        let want: BTreeMap<BackendAddr, u16> = want.iter().map(|&(i, w)| (backend(i), w)).collect();
+        let want = backends(want);
         self.until(&format!("backends {want:?}"), |f| f.active() == want);
     }
 }
@@ -154,6 +156,26 @@ impl Drop for Follower {
             let _ = thread.join();
         }
     }
+}
+
+/// The instance's registry, with the (empty) service the source fills:
+/// sources set backends of services an operator created.
+fn with_service(instance: &TestInstance) -> Registry {
+    let mut registry = instance.registry();
+    registry
+        .apply(
+            &Change::AddService {
+                addr: svc(),
+                mode: ServiceModeName::L4,
+                ring_size: None,
+                max_remove_fraction: None,
+                min_backends: None,
+                panic_threshold: None,
+            },
+            ApplyOptions::default(),
+        )
+        .expect("add service");
+    registry
 }
 
 /// A cluster with the service and backends 1..=n (weight 1) written.
@@ -305,4 +327,111 @@ put {} "{{\"weight\":-3}}"
     cluster.put(&backend_key(6), r#"{"weight":2}"#).unwrap();
     cluster.delete(&backend_key(7)).unwrap();
     follower.until_active(&[(1, 1), (2, 1), (3, 1), (4, 1), (5, 1), (6, 2)]);
+}
+
+/// `weir agent` with an etcd source; killed on drop.
+struct AgentProcess {
+    child: Child,
+    dir: PathBuf,
+}
+
+impl AgentProcess {
+    fn start(instance: &TestInstance, cluster: &EtcdCluster, metrics: u16) -> Self {
+        let dir = std::env::temp_dir().join(format!("weir-etcd-agent-{}", instance.name()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let endpoints: Vec<String> = cluster
+            .endpoints()
+            .iter()
+            .map(|e| format!("\"{e}\""))
+            .collect();
+        let config = dir.join("agent.toml");
+        std::fs::write(
+            &config,
+            format!(
+                "instance = \"{}\"\n[metrics]\nlisten = \"127.0.0.1:{metrics}\"\n[[source]]\n\
+                 type = \"etcd\"\nendpoints = [{}]\nprefix = \"{PREFIX}\"\n",
+                instance.name(),
+                endpoints.join(", ")
+            ),
+        )
+        .unwrap();
+        let child = Command::new(workspace_bin("weir"))
+            .args(["agent", "--log-format", "json", "--config"])
+            .arg(&config)
+            .stderr(std::fs::File::create(dir.join("agent.log")).unwrap())
+            .spawn()
+            .unwrap();
+        Self { child, dir }
+    }
+
+    fn log(&self) -> String {
+        std::fs::read_to_string(self.dir.join("agent.log")).unwrap_or_default()
+    }
+}
+
+impl Drop for AgentProcess {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+        let _ = std::fs::remove_dir_all(&self.dir);
+    }
+}
+
+/// `weir_agent_source_stale` of the etcd source from `/metrics`, if served.
+fn stale(metrics: u16) -> Option<u64> {
+    let mut conn = TcpStream::connect(("127.0.0.1", metrics)).ok()?;
+    conn.write_all(b"GET /metrics HTTP/1.1\r\nHost: x\r\n\r\n")
+        .ok()?;
+    let mut text = String::new();
+    conn.read_to_string(&mut text).ok()?;
+    text.lines()
+        .find(|l| l.starts_with("weir_agent_source_stale{source=\"etcd "))?
+        .rsplit(' ')
+        .next()?
+        .parse()
+        .ok()
+}
+
+fn until(what: &str, agent: &AgentProcess, mut done: impl FnMut() -> bool) {
+    let deadline = Instant::now() + CONVERGE;
+    while !done() {
+        assert!(
+            Instant::now() < deadline,
+            "{what} not reached within {CONVERGE:?}; agent log:\n{}",
+            agent.log()
+        );
+        std::thread::sleep(Duration::from_millis(50));
+    }
+}
+
+#[test]
+fn weir_agent_follows_etcd_and_keeps_its_state_while_etcd_is_down() {
+    require_root();
+    let mut cluster = seeded("agent", 4);
+    let instance = TestInstance::new("etcdagent");
+    let registry = with_service(&instance);
+    let metrics = free_port();
+    let agent = AgentProcess::start(&instance, &cluster, metrics);
+    until("the seeded backends", &agent, || {
+        active(&registry) == backends(&[(1, 1), (2, 1), (3, 1), (4, 1)])
+    });
+    cluster.put(&backend_key(5), r#"{"weight":2}"#).unwrap();
+    until("the added backend", &agent, || {
+        active(&registry) == backends(&[(1, 1), (2, 1), (3, 1), (4, 1), (5, 2)])
+    });
+    until("a fresh source", &agent, || stale(metrics) == Some(0));
+    let before = registry.state().unwrap();
+
+    cluster.stop_all().unwrap();
+    until("the source counted stale", &agent, || {
+        stale(metrics) == Some(1)
+    });
+    assert_eq!(registry.state().unwrap(), before, "fail static");
+    assert!(agent.log().contains("keeping the last applied state"));
+
+    cluster.restart_all().unwrap();
+    until("the source fresh again", &agent, || {
+        stale(metrics) == Some(0)
+    });
+    assert_eq!(registry.state().unwrap(), before);
 }
