@@ -190,6 +190,15 @@ fn seeded(tag: &str, n: u8) -> EtcdCluster {
     cluster
 }
 
+/// A cluster seeded with backends 1..=4 and a follower that applied them.
+fn following(tag: &str) -> (EtcdCluster, TestInstance, Follower) {
+    let cluster = seeded(tag, 4);
+    let instance = TestInstance::new(&format!("etcd{tag}"));
+    let mut follower = Follower::start(&instance, &cluster);
+    follower.until_active(&[(1, 1), (2, 1), (3, 1), (4, 1)]);
+    (cluster, instance, follower)
+}
+
 /// Retries a write while the cluster elects a new leader.
 fn put_retrying(cluster: &EtcdCluster, key: &str, value: &str) {
     let deadline = Instant::now() + CONVERGE;
@@ -202,10 +211,7 @@ fn put_retrying(cluster: &EtcdCluster, key: &str, value: &str) {
 #[test]
 fn add_remove_and_reweight_through_etcd_reach_the_registry() {
     require_root();
-    let cluster = seeded("arw", 4);
-    let instance = TestInstance::new("etcdarw");
-    let mut follower = Follower::start(&instance, &cluster);
-    follower.until_active(&[(1, 1), (2, 1), (3, 1), (4, 1)]);
+    let (cluster, instance, mut follower) = following("arw");
 
     cluster.put(&backend_key(5), r#"{"weight":2}"#).unwrap();
     follower.until_active(&[(1, 1), (2, 1), (3, 1), (4, 1), (5, 2)]);
@@ -229,10 +235,7 @@ fn add_remove_and_reweight_through_etcd_reach_the_registry() {
 #[test]
 fn leader_killed_during_a_change_converges_on_the_latest_revision() {
     require_root();
-    let mut cluster = seeded("leader", 4);
-    let instance = TestInstance::new("etcdleader");
-    let mut follower = Follower::start(&instance, &cluster);
-    follower.until_active(&[(1, 1), (2, 1), (3, 1), (4, 1)]);
+    let (mut cluster, _instance, mut follower) = following("leader");
 
     let leader = cluster.leader().unwrap();
     cluster.put(&backend_key(5), "{}").unwrap();
@@ -253,10 +256,7 @@ fn leader_killed_during_a_change_converges_on_the_latest_revision() {
 #[test]
 fn all_members_stopped_keep_the_state_and_report_it_stale() {
     require_root();
-    let mut cluster = seeded("stopall", 4);
-    let instance = TestInstance::new("etcdstop");
-    let mut follower = Follower::start(&instance, &cluster);
-    follower.until_active(&[(1, 1), (2, 1), (3, 1), (4, 1)]);
+    let (mut cluster, _instance, mut follower) = following("stop");
     let before = follower.registry.state().unwrap();
 
     cluster.stop_all().unwrap();
@@ -284,10 +284,7 @@ fn all_members_stopped_keep_the_state_and_report_it_stale() {
 #[test]
 fn a_bad_value_refuses_its_revision_whole_and_is_reported() {
     require_root();
-    let cluster = seeded("bad", 4);
-    let instance = TestInstance::new("etcdbad");
-    let mut follower = Follower::start(&instance, &cluster);
-    follower.until_active(&[(1, 1), (2, 1), (3, 1), (4, 1)]);
+    let (cluster, _instance, mut follower) = following("bad");
     let before = follower.registry.state().unwrap();
 
     // One transaction: a good add and a negative weight. Neither applies.
