@@ -123,8 +123,9 @@ impl EtcdCluster {
             .arg("new")
             .arg("--initial-cluster-token")
             .arg(self.dir.file_name().unwrap_or_default())
-            // Loopback: elect within a second instead of the WAN defaults.
-            .args(["--heartbeat-interval", "50", "--election-timeout", "500"])
+            // Loopback: a new leader within about a second of losing one,
+            // with room for a busy test host's scheduling delays.
+            .args(["--heartbeat-interval", "100", "--election-timeout", "1000"])
             .stdin(Stdio::null())
             .stdout(log.try_clone()?)
             .stderr(log)
