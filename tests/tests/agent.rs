@@ -6,11 +6,11 @@
 mod common;
 
 use std::io::{Read, Write};
-use std::net::{Ipv4Addr, SocketAddr, TcpListener, TcpStream};
-use std::path::{Path, PathBuf};
+use std::net::{Ipv4Addr, SocketAddr, TcpListener};
 use std::process::{Child, Command};
 use std::time::{Duration, Instant};
 
+use common::agent::{Agent, scrape, temp_dir};
 use common::{TestInstance, free_port, require_root};
 use weir::registry::{ApplyOptions, BackendAddr, Change, ServiceAddr, ServiceModeName};
 use weir_testbed::{spawn_echo as echo, workspace_bin};
@@ -93,57 +93,6 @@ fn instance_of(
     inst
 }
 
-/// A running `weir agent`; killed on drop.
-struct Agent {
-    child: Child,
-    log: PathBuf,
-}
-
-impl Agent {
-    fn start(inst: &TestInstance, dir: &Path, config: &str) -> Self {
-        let path = dir.join("agent.toml");
-        std::fs::write(&path, format!("instance = \"{}\"\n{config}", inst.name())).unwrap();
-        let log = dir.join(format!("agent-{}.log", free_port()));
-        let child = Command::new(workspace_bin("weir"))
-            .args(["agent", "--log-format", "json", "--config"])
-            .arg(&path)
-            .stderr(std::fs::File::create(&log).unwrap())
-            .spawn()
-            .unwrap();
-        Self { child, log }
-    }
-
-    fn log(&self) -> String {
-        std::fs::read_to_string(&self.log).unwrap_or_default()
-    }
-
-    /// Waits until the agent logged `event`.
-    fn wait_for(&self, event: &str) {
-        let event = format!("\"event\":\"{event}\"");
-        self.wait_line(|l| l.contains(&event));
-    }
-
-    /// Waits for a log line `want` accepts, and returns it.
-    fn wait_line(&self, want: impl Fn(&str) -> bool) -> String {
-        let deadline = Instant::now() + Duration::from_secs(10);
-        loop {
-            let log = self.log();
-            if let Some(line) = log.lines().find(|l| want(l)) {
-                return line.to_string();
-            }
-            assert!(Instant::now() < deadline, "not logged:\n{log}");
-            std::thread::sleep(Duration::from_millis(20));
-        }
-    }
-}
-
-impl Drop for Agent {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
-}
-
 fn check_config(svc: ServiceAddr, kind: &str, metrics: u16) -> String {
     format!(
         "[metrics]\nlisten = \"127.0.0.1:{metrics}\"\n[[check]]\nservice = \"{svc}\"\n\
@@ -151,12 +100,6 @@ fn check_config(svc: ServiceAddr, kind: &str, metrics: u16) -> String {
          fall = 2\n",
         INTERVAL.as_millis()
     )
-}
-
-fn temp_dir(inst: &TestInstance) -> PathBuf {
-    let dir = std::env::temp_dir().join(format!("weir-agent-{}", inst.name()));
-    std::fs::create_dir_all(&dir).unwrap();
-    dir
 }
 
 /// `weir backend list --json` of `svc`: the row of `b`.
@@ -194,15 +137,6 @@ fn wait_health(inst: &TestInstance, svc: ServiceAddr, b: SocketAddr, health: &st
         );
         std::thread::sleep(Duration::from_millis(10));
     }
-}
-
-fn scrape(port: u16) -> String {
-    let mut s = TcpStream::connect(("127.0.0.1", port)).unwrap();
-    s.write_all(b"GET /metrics HTTP/1.1\r\nHost: x\r\n\r\n")
-        .unwrap();
-    let mut out = String::new();
-    s.read_to_string(&mut out).unwrap();
-    out
 }
 
 #[test]

@@ -433,7 +433,7 @@ pub fn run(cli: Cli) -> Result<()> {
             }
         },
         Command::Backend(cmd) => {
-            let (change, force, dry_run) = match cmd {
+            let (service, change, force, dry_run) = match cmd {
                 BackendCmd::List { service } => {
                     let addr = service.parse::<ServiceAddr>()?;
                     let reg = Registry::open(&instance)?;
@@ -442,6 +442,7 @@ pub fn run(cli: Cli) -> Result<()> {
                 BackendCmd::Add { target, weight } => {
                     let (service, backend) = target.parse()?;
                     (
+                        service,
                         Change::AddBackend {
                             service,
                             backend,
@@ -453,11 +454,21 @@ pub fn run(cli: Cli) -> Result<()> {
                 }
                 BackendCmd::Drain { target, force } => {
                     let (service, backend) = target.parse()?;
-                    (Change::DrainBackend { service, backend }, force, false)
+                    (
+                        service,
+                        Change::DrainBackend { service, backend },
+                        force,
+                        false,
+                    )
                 }
                 BackendCmd::Remove { target, force } => {
                     let (service, backend) = target.parse()?;
-                    (Change::RemoveBackend { service, backend }, force, false)
+                    (
+                        service,
+                        Change::RemoveBackend { service, backend },
+                        force,
+                        false,
+                    )
                 }
                 BackendCmd::Weight {
                     target,
@@ -466,6 +477,7 @@ pub fn run(cli: Cli) -> Result<()> {
                 } => {
                     let (service, backend) = target.parse()?;
                     (
+                        service,
                         Change::SetWeight {
                             service,
                             backend,
@@ -487,19 +499,16 @@ pub fn run(cli: Cli) -> Result<()> {
                         .map(|b| BackendAddr::parse_weighted_for(b, &service))
                         .collect::<Result<Vec<_>, _>>()
                         .map_err(anyhow::Error::msg)?;
-                    (Change::SetBackends { service, backends }, force, dry_run)
+                    (
+                        service,
+                        Change::SetBackends { service, backends },
+                        force,
+                        dry_run,
+                    )
                 }
             };
-            let (Change::AddBackend { service, .. }
-            | Change::DrainBackend { service, .. }
-            | Change::RemoveBackend { service, .. }
-            | Change::SetWeight { service, .. }
-            | Change::SetBackends { service, .. }) = &change
-            else {
-                unreachable!("every backend command changes one service's backends")
-            };
-            if let Some(source) = ownership::owner(&instance.state_dir(), service) {
-                eprintln!("weir: warning: {}", ownership::warning(service, &source));
+            if let Some(source) = ownership::owner(&instance.state_dir(), &service) {
+                eprintln!("weir: warning: {}", ownership::warning(&service, &source));
             }
             let mut reg = Registry::open(&instance)?;
             let outcome = reg.apply(&change, opts(force, dry_run))?;

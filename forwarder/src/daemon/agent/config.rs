@@ -42,6 +42,10 @@ jitter = "10%"             # up to this much more per interval, at random: a sha
 timeout = "500ms"          # one check, connect included; at most the interval
 rise = 2                   # consecutive passes that make a backend healthy (1..=100)
 fall = 2                   # consecutive failures that make it unhealthy (1..=100)
+
+# [[source]]               # backend sets from a watched file (TOML, or JSON by
+# type = "file"            # extension), applied whole through the registry on
+# path = "/etc/weir/backends.toml"  # each change; absolute, its directory must exist
 "#;
 
 /// The shortest check and collect interval: anything shorter floods

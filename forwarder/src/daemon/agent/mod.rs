@@ -233,9 +233,17 @@ impl Agent {
             .iter()
             .map(|s| s.to_string())
             .collect();
+        let sources: Vec<String> = self
+            .config
+            .sources
+            .iter()
+            .map(|s| match s {
+                config::SourceConfig::File { path } => crate::discovery::file::source_name(path),
+            })
+            .collect();
         tracing::info!(
             event = "started",
-            "checking instance {}: {}, up to {} at once; freeing removed backends every {:?}",
+            "checking instance {}: {}, up to {} at once; freeing removed backends every {:?}{}",
             self.instance.name(),
             if services.is_empty() {
                 "no services (no [[check]])".to_string()
@@ -243,7 +251,12 @@ impl Agent {
                 format!("the backends of {}", services.join(", "))
             },
             self.in_flight_cap,
-            self.config.collect_interval
+            self.config.collect_interval,
+            if sources.is_empty() {
+                String::new()
+            } else {
+                format!("; backend sets from {}", sources.join(", "))
+            }
         );
         let mut running: JoinSet<std::io::Result<Outcome>> = JoinSet::new();
         let mut jobs: HashMap<tokio::task::Id, Job> = HashMap::new();

@@ -1,0 +1,80 @@
+//! A running `weir agent` for the tests that drive one: its own
+//! configuration file, its JSON log, its `/metrics`.
+
+use std::io::{Read, Write};
+use std::net::TcpStream;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command};
+use std::time::{Duration, Instant};
+
+use weir_testbed::workspace_bin;
+
+use super::{TestInstance, free_port};
+
+/// A running `weir agent`; killed on drop.
+pub struct Agent {
+    pub child: Child,
+    log: PathBuf,
+}
+
+impl Agent {
+    pub fn start(inst: &TestInstance, dir: &Path, config: &str) -> Self {
+        let path = dir.join("agent.toml");
+        std::fs::write(&path, format!("instance = \"{}\"\n{config}", inst.name())).unwrap();
+        let log = dir.join(format!("agent-{}.log", free_port()));
+        let child = Command::new(workspace_bin("weir"))
+            .args(["agent", "--log-format", "json", "--config"])
+            .arg(&path)
+            .stderr(std::fs::File::create(&log).unwrap())
+            .spawn()
+            .unwrap();
+        Self { child, log }
+    }
+
+    pub fn log(&self) -> String {
+        std::fs::read_to_string(&self.log).unwrap_or_default()
+    }
+
+    /// Waits until the agent logged `event`.
+    pub fn wait_for(&self, event: &str) {
+        let event = format!("\"event\":\"{event}\"");
+        self.wait_line(|l| l.contains(&event));
+    }
+
+    /// Waits for a log line `want` accepts, and returns it.
+    pub fn wait_line(&self, want: impl Fn(&str) -> bool) -> String {
+        let deadline = Instant::now() + Duration::from_secs(10);
+        loop {
+            let log = self.log();
+            if let Some(line) = log.lines().find(|l| want(l)) {
+                return line.to_string();
+            }
+            assert!(Instant::now() < deadline, "not logged:\n{log}");
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+}
+
+impl Drop for Agent {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+/// A directory of the instance's own for the agent's files and logs.
+pub fn temp_dir(inst: &TestInstance) -> PathBuf {
+    let dir = std::env::temp_dir().join(format!("weir-agent-{}", inst.name()));
+    std::fs::create_dir_all(&dir).unwrap();
+    dir
+}
+
+/// `/metrics` of an agent listening on `port`.
+pub fn scrape(port: u16) -> String {
+    let mut s = TcpStream::connect(("127.0.0.1", port)).unwrap();
+    s.write_all(b"GET /metrics HTTP/1.1\r\nHost: x\r\n\r\n")
+        .unwrap();
+    let mut out = String::new();
+    s.read_to_string(&mut out).unwrap();
+    out
+}
