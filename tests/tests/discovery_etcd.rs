@@ -10,14 +10,11 @@
 mod common;
 
 use std::collections::BTreeMap;
-use std::io::{Read, Write};
-use std::net::TcpStream;
-use std::path::PathBuf;
-use std::process::{Child, Command};
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::{Duration, Instant};
 
+use common::agent::{Agent, scrape, temp_dir};
 use common::{TestInstance, free_port, require_root};
 use tokio::sync::mpsc::{UnboundedReceiver, unbounded_channel};
 use weir::discovery::etcd::{self, EtcdConfig};
@@ -25,7 +22,6 @@ use weir::discovery::{self, Report, Update};
 use weir::registry::{ApplyOptions, BackendAddr, Change, Registry, ServiceAddr, ServiceModeName};
 use weir_ebpf::abi::BackendState;
 use weir_testbed::etcd::EtcdCluster;
-use weir_testbed::workspace_bin;
 
 const PREFIX: &str = "/weir/test/";
 const SERVICE: &str = "198.19.0.30:80";
@@ -326,62 +322,10 @@ put {} "{{\"weight\":-3}}"
     follower.until_active(&[(1, 1), (2, 1), (3, 1), (4, 1), (5, 1), (6, 2)]);
 }
 
-/// `weir agent` with an etcd source; killed on drop.
-struct AgentProcess {
-    child: Child,
-    dir: PathBuf,
-}
-
-impl AgentProcess {
-    fn start(instance: &TestInstance, cluster: &EtcdCluster, metrics: u16) -> Self {
-        let dir = std::env::temp_dir().join(format!("weir-etcd-agent-{}", instance.name()));
-        std::fs::create_dir_all(&dir).unwrap();
-        let endpoints: Vec<String> = cluster
-            .endpoints()
-            .iter()
-            .map(|e| format!("\"{e}\""))
-            .collect();
-        let config = dir.join("agent.toml");
-        std::fs::write(
-            &config,
-            format!(
-                "instance = \"{}\"\n[metrics]\nlisten = \"127.0.0.1:{metrics}\"\n[[source]]\n\
-                 type = \"etcd\"\nendpoints = [{}]\nprefix = \"{PREFIX}\"\n",
-                instance.name(),
-                endpoints.join(", ")
-            ),
-        )
-        .unwrap();
-        let child = Command::new(workspace_bin("weir"))
-            .args(["agent", "--log-format", "json", "--config"])
-            .arg(&config)
-            .stderr(std::fs::File::create(dir.join("agent.log")).unwrap())
-            .spawn()
-            .unwrap();
-        Self { child, dir }
-    }
-
-    fn log(&self) -> String {
-        std::fs::read_to_string(self.dir.join("agent.log")).unwrap_or_default()
-    }
-}
-
-impl Drop for AgentProcess {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-        let _ = std::fs::remove_dir_all(&self.dir);
-    }
-}
-
-/// `weir_agent_source_stale` of the etcd source from `/metrics`, if served.
+/// `weir_agent_source_stale` of the etcd source in `/metrics`.
 fn stale(metrics: u16) -> Option<u64> {
-    let mut conn = TcpStream::connect(("127.0.0.1", metrics)).ok()?;
-    conn.write_all(b"GET /metrics HTTP/1.1\r\nHost: x\r\n\r\n")
-        .ok()?;
-    let mut text = String::new();
-    conn.read_to_string(&mut text).ok()?;
-    text.lines()
+    scrape(metrics)
+        .lines()
         .find(|l| l.starts_with("weir_agent_source_stale{source=\"etcd "))?
         .rsplit(' ')
         .next()?
@@ -389,7 +333,7 @@ fn stale(metrics: u16) -> Option<u64> {
         .ok()
 }
 
-fn until(what: &str, agent: &AgentProcess, mut done: impl FnMut() -> bool) {
+fn until(what: &str, agent: &Agent, mut done: impl FnMut() -> bool) {
     let deadline = Instant::now() + CONVERGE;
     while !done() {
         assert!(
@@ -408,7 +352,17 @@ fn weir_agent_follows_etcd_and_keeps_its_state_while_etcd_is_down() {
     let instance = TestInstance::new("etcdagent");
     let registry = with_service(&instance);
     let metrics = free_port();
-    let agent = AgentProcess::start(&instance, &cluster, metrics);
+    let endpoints: Vec<String> = cluster
+        .endpoints()
+        .iter()
+        .map(|e| format!("\"{e}\""))
+        .collect();
+    let config = format!(
+        "[metrics]\nlisten = \"127.0.0.1:{metrics}\"\n[[source]]\ntype = \"etcd\"\n\
+         endpoints = [{}]\nprefix = \"{PREFIX}\"\n",
+        endpoints.join(", ")
+    );
+    let agent = Agent::start(&instance, &temp_dir(&instance), &config);
     until("the seeded backends", &agent, || {
         active(&registry) == backends(&[(1, 1), (2, 1), (3, 1), (4, 1)])
     });

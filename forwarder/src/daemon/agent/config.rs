@@ -46,6 +46,11 @@ fall = 2                   # consecutive failures that make it unhealthy (1..=10
 # [[source]]               # backend sets from a watched file (TOML, or JSON by
 # type = "file"            # extension), applied whole through the registry on
 # path = "/etc/weir/backends.toml"  # each change; absolute, its directory must exist
+
+# [[source]]               # backend sets from an etcd v3 key prefix, read at a
+# type = "etcd"            # revision, then watched; keys: services/<VIP:PORT> = {},
+# endpoints = ["http://127.0.0.1:2379"]  # backends/<VIP:PORT>/<ADDR[:PORT]> = {"weight": 3}
+# prefix = "/weir/default/"  # starts and ends with '/'
 "#;
 
 /// The shortest check and collect interval: anything shorter floods

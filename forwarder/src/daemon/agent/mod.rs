@@ -239,6 +239,7 @@ impl Agent {
             .iter()
             .map(|s| match s {
                 config::SourceConfig::File { path } => crate::discovery::file::source_name(path),
+                config::SourceConfig::Etcd(etcd) => crate::discovery::etcd::source_name(etcd),
             })
             .collect();
         tracing::info!(
