@@ -1,8 +1,8 @@
 //! The etcd discovery source against a real 3-member etcd cluster and a
 //! real registry: adds, removals and reweights written to etcd reach the
 //! registry; killing the leader during a change still converges on the
-//! latest revision; with every member stopped the registry keeps its state
-//! and the source reports it stale; a bad value refuses its revision whole
+//! latest revision; with every member stopped, or the prefix emptied, the
+//! registry keeps its state and the source reports it stale; a bad value refuses its revision whole
 //! (named key and reason) and the next good one applies. Last, the same
 //! through `weir agent`: its registry follows etcd, and while etcd is down
 //! it keeps its state and `/metrics` counts the source stale.
@@ -278,6 +278,13 @@ fn all_members_stopped_keep_the_state_and_report_it_stale() {
     assert_eq!(follower.applied, revision);
     put_retrying(&cluster, &backend_key(5), "{}");
     follower.until_active(&[(1, 1), (2, 1), (3, 1), (4, 1), (5, 1)]);
+
+    // An emptied prefix (a restore gone wrong) is reported empty: the
+    // registry keeps the last applied state too.
+    let before = follower.registry.state().unwrap();
+    cluster.ctl(&["del", "--prefix", "--", PREFIX]).unwrap();
+    follower.until("an empty report", |f| f.empty > 0);
+    assert_eq!(follower.registry.state().unwrap(), before);
 }
 
 #[test]
