@@ -2,10 +2,11 @@
 //! real registry: adds, removals and reweights written to etcd reach the
 //! registry; killing the leader during a change still converges on the
 //! latest revision; with every member stopped, or the prefix emptied, the
-//! registry keeps its state and the source reports it stale; a bad value refuses its revision whole
-//! (named key and reason) and the next good one applies. Last, the same
-//! through `weir agent`: its registry follows etcd, and while etcd is down
-//! it keeps its state and `/metrics` counts the source stale.
+//! registry keeps its state and the source reports it stale; a bad value
+//! refuses its revision whole (named key and reason) and the next good one
+//! applies. Last, the same through `weir agent`: its registry follows etcd,
+//! and while etcd is down it keeps its state and `/metrics` counts the
+//! source stale.
 
 mod common;
 
