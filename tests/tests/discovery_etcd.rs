@@ -209,9 +209,10 @@ fn put_retrying(cluster: &EtcdCluster, key: &str, value: &str) {
 fn add_remove_and_reweight_through_etcd_reach_the_registry() {
     require_root();
     let (cluster, instance, mut follower) = following("arw");
-    // Quiet for longer than the source's per-request timeout (5 s): the
-    // watch is a stream that timeout does not cut (no failure below).
-    std::thread::sleep(Duration::from_secs(6));
+    // Quiet for longer than the source's per-request timeout and two of its
+    // keep-alive pings: neither cuts the watch (no failure below; pings
+    // more often than etcd allows made it close the connection).
+    std::thread::sleep(Duration::from_secs(22));
 
     cluster.put(&backend_key(5), r#"{"weight":2}"#).unwrap();
     follower.until_active(&[(1, 1), (2, 1), (3, 1), (4, 1), (5, 2)]);

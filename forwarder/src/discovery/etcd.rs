@@ -94,6 +94,11 @@ enum SessionError {
 /// Reconnect backoff: first wait, then doubled up to the cap.
 const BACKOFF_MIN: Duration = Duration::from_millis(200);
 const BACKOFF_MAX: Duration = Duration::from_secs(5);
+/// HTTP/2 pings that find a silent member (a partition: a killed one
+/// closes its connections at once). etcd closes connections that ping more
+/// often than every 5 s (`--grpc-keepalive-min-time`), so not shorter.
+const KEEP_ALIVE: Duration = Duration::from_secs(10);
+const KEEP_ALIVE_TIMEOUT: Duration = Duration::from_secs(5);
 /// How often a waiting source looks at its stop flag.
 const STOP_POLL: Duration = Duration::from_millis(200);
 
@@ -229,7 +234,7 @@ impl Reporter {
         let options = ConnectOptions::new()
             .with_connect_timeout(Duration::from_secs(2))
             .with_timeout(Duration::from_secs(5))
-            .with_keep_alive(Duration::from_secs(1), Duration::from_secs(2))
+            .with_keep_alive(KEEP_ALIVE, KEEP_ALIVE_TIMEOUT)
             .with_require_leader(true);
         let mut client = Client::connect(&self.config.endpoints, Some(options)).await?;
         let prefix = self.config.prefix.clone();
