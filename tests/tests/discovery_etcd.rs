@@ -374,7 +374,8 @@ fn weir_agent_follows_etcd_and_keeps_its_state_while_etcd_is_down() {
          endpoints = [{}]\nprefix = \"{PREFIX}\"\n",
         endpoints.join(", ")
     );
-    let agent = Agent::start(&instance, &temp_dir(&instance), &config);
+    let dir = temp_dir(&instance);
+    let agent = Agent::start(&instance, &dir, &config);
     until("the seeded backends", &agent, || {
         active(&registry) == backends(&[(1, 1), (2, 1), (3, 1), (4, 1)])
     });
@@ -397,4 +398,7 @@ fn weir_agent_follows_etcd_and_keeps_its_state_while_etcd_is_down() {
         stale(metrics) == Some(0)
     });
     assert_eq!(registry.state().unwrap(), before);
+    // Kept when the test fails: the agent's log is there.
+    drop(agent);
+    std::fs::remove_dir_all(dir).unwrap();
 }
