@@ -1,5 +1,6 @@
 //! weir test bed.
 //!
+//! - [`etcd`]: a real 3-member etcd cluster on loopback (discovery tests).
 //! - [`topology`]: network-namespace topologies (client, router, load balancer,
 //!   backends) built with `ip`, torn down on drop and on SIGINT/SIGTERM.
 //! - [`ecmp`]: two weir hosts behind an ECMP router; what survives when
@@ -19,6 +20,7 @@
 use std::path::{Path, PathBuf};
 
 pub mod ecmp;
+pub mod etcd;
 pub mod health;
 pub mod packet;
 pub mod progrun;

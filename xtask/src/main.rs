@@ -50,6 +50,11 @@ const PACKAGES: &[(&str, &str)] = &[
     ("ethtool", "/usr/sbin/ethtool"),
     ("util-linux", "/usr/bin/nsenter"),
     ("procps", "/usr/sbin/sysctl"),
+    // etcd-client's build generates its gRPC code with protoc.
+    ("protobuf-compiler", "/usr/bin/protoc"),
+    // The etcd discovery tests run a real cluster and write through etcdctl.
+    ("etcd-server", "/usr/bin/etcd"),
+    ("etcd-client", "/usr/bin/etcdctl"),
 ];
 
 /// What the benchmark adds: the peers it measures weir against.

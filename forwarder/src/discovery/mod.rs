@@ -10,8 +10,10 @@
 //! the health checks.
 //!
 //! - [`file`]: a watched TOML or JSON file;
+//! - [`etcd`]: an etcd v3 key prefix, read at a revision and watched;
 //! - [`ownership`]: which services a source owns, for the CLI's warning.
 
+pub mod etcd;
 pub mod file;
 pub mod ownership;
 

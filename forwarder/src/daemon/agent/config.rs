@@ -11,6 +11,7 @@ use std::time::Duration;
 use serde::Deserialize;
 
 use crate::config_file::{self, ConfigError, Source};
+use crate::discovery::etcd::EtcdConfig;
 use crate::health::probe::Check;
 use crate::registry::ServiceAddr;
 
@@ -45,6 +46,11 @@ fall = 2                   # consecutive failures that make it unhealthy (1..=10
 # [[source]]               # backend sets from a watched file (TOML, or JSON by
 # type = "file"            # extension), applied whole through the registry on
 # path = "/etc/weir/backends.toml"  # each change; absolute, its directory must exist
+
+# [[source]]               # backend sets from an etcd v3 key prefix, read at a
+# type = "etcd"            # revision, then watched; keys: services/<VIP:PORT> = {},
+# endpoints = ["http://127.0.0.1:2379"]  # backends/<VIP:PORT>/<ADDR[:PORT]> = {"weight": 3}
+# prefix = "/weir/default/"  # starts and ends with '/'
 "#;
 
 /// The shortest check and collect interval: anything shorter floods
@@ -71,6 +77,8 @@ pub struct Config {
 pub enum SourceConfig {
     /// A watched TOML or JSON file ([`crate::discovery::file`]).
     File { path: PathBuf },
+    /// An etcd v3 key prefix ([`crate::discovery::etcd`]).
+    Etcd(EtcdConfig),
 }
 
 /// Where `/metrics` listens, and where the file says so.
@@ -133,6 +141,8 @@ struct RawSource {
     #[serde(rename = "type")]
     kind: toml::Spanned<String>,
     path: Option<toml::Spanned<String>>,
+    endpoints: Option<toml::Spanned<Vec<String>>>,
+    prefix: Option<toml::Spanned<String>>,
 }
 
 #[derive(Deserialize, Default)]
@@ -234,6 +244,16 @@ pub fn parse(text: &str, name: &str) -> Result<Config, ConfigError> {
 fn source(src: &Source, rs: &RawSource) -> Result<SourceConfig, ConfigError> {
     match rs.kind.get_ref().as_str() {
         "file" => {
+            for (key, span) in [
+                ("endpoints", rs.endpoints.as_ref().map(|e| e.span())),
+                ("prefix", rs.prefix.as_ref().map(|p| p.span())),
+            ] {
+                if let Some(span) = span {
+                    return Err(
+                        src.error(span, format!("source.{key}: a file source takes only path"))
+                    );
+                }
+            }
             let Some(path) = &rs.path else {
                 return Err(src.error(
                     rs.kind.span(),
@@ -252,11 +272,56 @@ fn source(src: &Source, rs: &RawSource) -> Result<SourceConfig, ConfigError> {
             }
             Ok(SourceConfig::File { path: p.into() })
         }
+        "etcd" => etcd_source(src, rs),
         other => Err(src.error(
             rs.kind.span(),
-            format!("source.type = {other:?}: must be \"file\""),
+            format!("source.type = {other:?}: must be \"file\" or \"etcd\""),
         )),
     }
+}
+
+/// `type = "etcd"`: plain-HTTP client URLs of the cluster's members and the
+/// instance's key prefix.
+fn etcd_source(src: &Source, rs: &RawSource) -> Result<SourceConfig, ConfigError> {
+    if let Some(path) = &rs.path {
+        return Err(src.error(
+            path.span(),
+            "source.path: an etcd source takes endpoints and prefix".into(),
+        ));
+    }
+    let (Some(endpoints), Some(prefix)) = (&rs.endpoints, &rs.prefix) else {
+        return Err(src.error(
+            rs.kind.span(),
+            "source: an etcd source needs endpoints = [\"http://127.0.0.1:2379\"] and \
+             prefix = \"/weir/<instance>/\""
+                .into(),
+        ));
+    };
+    if endpoints.get_ref().is_empty() {
+        return Err(src.error(endpoints.span(), "source.endpoints: empty".into()));
+    }
+    if let Some(bad) = endpoints
+        .get_ref()
+        .iter()
+        .find(|e| !e.starts_with("http://"))
+    {
+        return Err(src.error(
+            endpoints.span(),
+            format!("source.endpoints: {bad:?} is not an http:// URL (TLS is not supported)"),
+        ));
+    }
+    let p = prefix.get_ref();
+    if !p.starts_with('/') || !p.ends_with('/') {
+        // Ending in '/' keeps "/weir/a/" from also reading "/weir/ab/".
+        return Err(src.error(
+            prefix.span(),
+            format!("source.prefix = {p:?}: must start and end with '/'"),
+        ));
+    }
+    Ok(SourceConfig::Etcd(EtcdConfig {
+        endpoints: endpoints.get_ref().clone(),
+        prefix: p.clone(),
+    }))
 }
 
 fn check(src: &Source, rc: &RawCheck) -> Result<CheckConfig, ConfigError> {
@@ -658,8 +723,46 @@ mod tests {
                 path: "/etc/weir/backends.toml".into()
             }]
         );
+        let c = parse(
+            "[[source]]\ntype = \"etcd\"\nendpoints = [\"http://10.0.0.1:2379\", \
+             \"http://10.0.0.2:2379\"]\nprefix = \"/weir/default/\"\n",
+            "agent.toml",
+        )
+        .unwrap();
+        assert_eq!(
+            c.sources,
+            [SourceConfig::Etcd(EtcdConfig {
+                endpoints: vec!["http://10.0.0.1:2379".into(), "http://10.0.0.2:2379".into()],
+                prefix: "/weir/default/".into(),
+            })]
+        );
         for (text, line, reason) in [
-            ("[[source]]\ntype = \"consul\"\n", 2, "must be \"file\""),
+            (
+                "[[source]]\ntype = \"consul\"\n",
+                2,
+                "must be \"file\" or \"etcd\"",
+            ),
+            ("[[source]]\ntype = \"etcd\"\n", 2, "needs endpoints"),
+            (
+                "[[source]]\ntype = \"etcd\"\nendpoints = [\"https://e:2379\"]\nprefix = \"/w/\"\n",
+                3,
+                "not an http:// URL",
+            ),
+            (
+                "[[source]]\ntype = \"etcd\"\nendpoints = [\"http://e:2379\"]\nprefix = \"/w\"\n",
+                4,
+                "start and end with '/'",
+            ),
+            (
+                "[[source]]\ntype = \"etcd\"\npath = \"/b.toml\"\n",
+                3,
+                "takes endpoints and prefix",
+            ),
+            (
+                "[[source]]\ntype = \"file\"\npath = \"/b.toml\"\nprefix = \"/w/\"\n",
+                4,
+                "takes only path",
+            ),
             ("[[source]]\ntype = \"file\"\n", 2, "needs path"),
             (
                 "[[source]]\ntype = \"file\"\npath = \"backends.toml\"\n",

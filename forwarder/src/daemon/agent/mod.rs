@@ -138,6 +138,15 @@ fn serve(path: Option<&Path>, flag: Option<&str>) -> Result<()> {
                 crate::discovery::file::spawn(path.clone(), reports_tx.clone(), stop.clone())
                     .with_context(|| format!("starting the source {}", path.display()))?,
             ),
+            config::SourceConfig::Etcd(etcd) => source_threads.push(
+                crate::discovery::etcd::spawn(etcd.clone(), reports_tx.clone(), stop.clone())
+                    .with_context(|| {
+                        format!(
+                            "starting the source {}",
+                            crate::discovery::etcd::source_name(etcd)
+                        )
+                    })?,
+            ),
         }
     }
     drop(reports_tx);
@@ -230,6 +239,7 @@ impl Agent {
             .iter()
             .map(|s| match s {
                 config::SourceConfig::File { path } => crate::discovery::file::source_name(path),
+                config::SourceConfig::Etcd(etcd) => crate::discovery::etcd::source_name(etcd),
             })
             .collect();
         tracing::info!(
