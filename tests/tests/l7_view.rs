@@ -292,3 +292,71 @@ fn unhealthy_backends_get_no_new_connections_and_are_drained_only_where_asked() 
     assert!(entry.panic && entry.panics == 1 && entry.panic_since_ms > 0);
     reg.check().unwrap();
 }
+
+/// A re-read that fails leaves the view on its last good state, and the
+/// next good one still reports what stopped meanwhile (a drain is never
+/// lost to a failed refresh).
+#[test]
+fn a_failed_refresh_loses_no_drain() {
+    require_root();
+    let inst = TestInstance::new("viewfail");
+    let mut reg = inst.registry();
+    reg.apply(
+        &Change::AddService {
+            addr: svc(),
+            mode: ServiceModeName::L7,
+            ring_size: None,
+            max_remove_fraction: None,
+            min_backends: None,
+            panic_threshold: None,
+        },
+        ApplyOptions::default(),
+    )
+    .unwrap();
+    let set = (1..=3).map(|i| (be(i), 1)).collect();
+    reg.apply(
+        &Change::SetBackends {
+            service: svc(),
+            backends: set,
+        },
+        ApplyOptions::default(),
+    )
+    .unwrap();
+    let mut view = RegistryView::open(
+        Maps::open(&inst.instance.pin_dir()).unwrap(),
+        BTreeSet::new(),
+    )
+    .unwrap();
+    let drained = (0..3)
+        .find(|id| view.backend(*id).unwrap().addr.port() == 9002)
+        .unwrap();
+    reg.apply(
+        &Change::DrainBackend {
+            service: svc(),
+            backend: be(2),
+        },
+        ApplyOptions::default(),
+    )
+    .unwrap();
+    // A slot nobody uses reads as corrupt: the next re-read fails.
+    let pin = inst.instance.pin_dir().join(weir_ebpf::abi::maps::BACKENDS);
+    let mut slots: aya::maps::Array<_, weir_ebpf::abi::Backend> = aya::maps::Array::try_from(
+        aya::maps::Map::Array(aya::maps::MapData::from_pin(&pin).unwrap()),
+    )
+    .unwrap();
+    let bad = weir_ebpf::abi::Backend {
+        state: 9,
+        ..Default::default()
+    };
+    slots.set(100, bad, 0).unwrap();
+    assert!(view.refresh().is_err(), "a corrupt slot fails the re-read");
+    assert!(
+        view.pick(&svc(), [1, 2], &[], |_| 0, |_| false).is_some(),
+        "still routing on the last good state"
+    );
+    slots
+        .set(100, weir_ebpf::abi::Backend::default(), 0)
+        .unwrap();
+    let changes = view.refresh().unwrap().expect("generation moved");
+    assert_eq!(changes.stopped, BTreeSet::from([drained]));
+}

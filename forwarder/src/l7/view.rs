@@ -47,6 +47,14 @@ pub struct Changes {
     pub healthy_again: BTreeSet<u32>,
 }
 
+/// A state read from the registry, installed only once whole.
+struct Loaded {
+    generation: u64,
+    services: HashMap<ServiceAddr, ServiceView>,
+    backends: HashMap<u32, BackendView>,
+    serving: BTreeSet<u32>,
+}
+
 pub struct RegistryView {
     maps: Maps,
     watch: GenerationWatch,
@@ -79,35 +87,41 @@ impl RegistryView {
     }
 
     /// Re-reads the maps if the generation moved. Cheap when it did not.
+    /// A failed read changes nothing: the view stays on its last good
+    /// state, and the next refresh compares against that state.
     pub fn refresh(&mut self) -> Result<Option<Changes>, RegistryError> {
         if self.watch.get() == self.seen {
             return Ok(None);
         }
-        let before = std::mem::take(&mut self.serving);
-        let health_before: HashMap<u32, (BackendHealth, u64)> = self
-            .backends
-            .iter()
-            .map(|(id, b)| (*id, (b.health, b.health_since_ms)))
-            .collect();
-        self.reload()?;
-        let healthy_again = self
+        let next = self.load()?;
+        let healthy_again = next
             .backends
             .iter()
             .filter(|(id, b)| {
                 b.health == BackendHealth::Healthy
-                    && health_before
-                        .get(id)
-                        .is_some_and(|was| *was != (b.health, b.health_since_ms))
+                    && self.backends.get(id).is_some_and(|was| {
+                        (was.health, was.health_since_ms) != (b.health, b.health_since_ms)
+                    })
             })
             .map(|(id, _)| *id)
             .collect();
+        let stopped = self.serving.difference(&next.serving).copied().collect();
+        self.install(next);
         Ok(Some(Changes {
-            stopped: before.difference(&self.serving).copied().collect(),
+            stopped,
             healthy_again,
         }))
     }
 
     fn reload(&mut self) -> Result<(), RegistryError> {
+        let next = self.load()?;
+        self.install(next);
+        Ok(())
+    }
+
+    /// Reads the registry into a new state for the view; `self` is
+    /// untouched.
+    fn load(&self) -> Result<Loaded, RegistryError> {
         // Read the generation first: a change racing this read bumps it
         // again and the next refresh reloads.
         let generation = self.watch.get();
@@ -126,21 +140,27 @@ impl RegistryView {
             let members = members.into_iter().collect();
             services.insert(*addr, ServiceView { ring, members });
         }
-        let mut serving = BTreeSet::new();
-        for (addr, svc) in &state.services {
-            if self.drain_unhealthy.contains(addr) {
-                serving.extend(state.membership(svc).members);
-            } else {
-                serving.extend(
-                    state
-                        .backends_of(svc.id)
-                        .filter(|(_, b)| b.state == BackendState::Active)
-                        .map(|(id, _)| id),
-                );
-            }
-        }
-        self.serving = serving;
-        self.backends = state
+        // In a drain_unhealthy service a backend serves while its ring
+        // holds it (the registry left it out for failing its checks, or
+        // kept it in a panic); elsewhere while it is active.
+        let drained: HashMap<u32, &ServiceView> = state
+            .services
+            .iter()
+            .filter(|(addr, _)| self.drain_unhealthy.contains(addr))
+            .filter_map(|(addr, svc)| services.get(addr).map(|view| (svc.id, view)))
+            .collect();
+        let serving = state
+            .backends
+            .iter()
+            .filter(|(id, b)| {
+                b.state == BackendState::Active
+                    && drained
+                        .get(&b.service_id)
+                        .is_none_or(|view| view.members.binary_search(id).is_ok())
+            })
+            .map(|(id, _)| *id)
+            .collect();
+        let backends = state
             .backends
             .iter()
             .map(|(id, b)| {
@@ -154,9 +174,19 @@ impl RegistryView {
                 (*id, view)
             })
             .collect();
-        self.services = services;
-        self.seen = generation;
-        Ok(())
+        Ok(Loaded {
+            generation,
+            services,
+            backends,
+            serving,
+        })
+    }
+
+    fn install(&mut self, next: Loaded) {
+        self.seen = next.generation;
+        self.services = next.services;
+        self.backends = next.backends;
+        self.serving = next.serving;
     }
 
     /// Counts an L7 connection to backend `id` in the registry, where the
