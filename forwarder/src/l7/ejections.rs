@@ -148,22 +148,28 @@ impl Ejections {
     }
 
     fn handle_returns(&self, d: &mut Detector, now: Instant) {
-        while let Some(Returned {
+        while let Some(r) = d.poll_returned(now) {
+            self.returned(r, "time", "");
+        }
+    }
+
+    /// Ends `r`'s ejection in the table and logs why (`by`).
+    fn returned(&self, r: Returned, by: &'static str, why: &str) {
+        let Returned {
             id,
             addr,
             service,
             ejected_for,
-        }) = d.poll_returned(now)
-        {
-            self.clear(id);
-            tracing::info!(
-                event = "outlier_returned",
-                backend = %addr,
-                service = %service,
-                duration_ms = ejected_for.as_millis() as u64,
-                "backend {addr} of {service} returns after {ejected_for:?} of ejection"
-            );
-        }
+        } = r;
+        self.clear(id);
+        tracing::info!(
+            event = "outlier_returned",
+            backend = %addr,
+            service = %service,
+            duration_ms = ejected_for.as_millis() as u64,
+            by,
+            "backend {addr} of {service} returns after {ejected_for:?} of ejection{why}"
+        );
     }
 
     /// `weir agent` found `id` healthy again: its ejection ends now.
@@ -172,23 +178,8 @@ impl Ejections {
             return;
         }
         let mut d = self.detector();
-        if let Some(Returned {
-            id,
-            addr,
-            service,
-            ejected_for,
-        }) = d.handle_checked_healthy(id, now)
-        {
-            self.clear(id);
-            tracing::info!(
-                event = "outlier_returned",
-                backend = %addr,
-                service = %service,
-                duration_ms = ejected_for.as_millis() as u64,
-                by = "health_check",
-                "backend {addr} of {service} returns after {ejected_for:?} of ejection: weir \
-                 agent found it healthy"
-            );
+        if let Some(r) = d.handle_checked_healthy(id, now) {
+            self.returned(r, "health_check", ": weir agent found it healthy");
         }
     }
 
