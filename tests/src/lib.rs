@@ -1,5 +1,6 @@
 //! weir test bed.
 //!
+//! - [`agent`]: a running `weir agent` with its config, log and `/metrics`.
 //! - [`etcd`]: a real 3-member etcd cluster on loopback (discovery tests).
 //! - [`topology`]: network-namespace topologies (client, router, load balancer,
 //!   backends) built with `ip`, torn down on drop and on SIGINT/SIGTERM.
@@ -19,6 +20,7 @@
 
 use std::path::{Path, PathBuf};
 
+pub mod agent;
 pub mod ecmp;
 pub mod etcd;
 pub mod health;

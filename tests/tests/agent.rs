@@ -10,9 +10,9 @@ use std::net::{Ipv4Addr, SocketAddr, TcpListener};
 use std::process::{Child, Command};
 use std::time::{Duration, Instant};
 
-use common::agent::{Agent, scrape, temp_dir};
 use common::{TestInstance, free_port, require_root};
 use weir::registry::{ApplyOptions, BackendAddr, Change, ServiceAddr, ServiceModeName};
+use weir_testbed::agent::{Agent, scrape, temp_dir};
 use weir_testbed::{spawn_echo as echo, workspace_bin};
 
 const SVC: ServiceAddr = ServiceAddr {
@@ -147,9 +147,9 @@ fn a_killed_backend_leaves_the_ring_after_fall_checks_and_returns_after_rise() {
         .collect();
     let addrs: Vec<SocketAddr> = echoes.iter().map(|e| e.1).collect();
     let inst = instance("agkill", &[(SVC, addrs.clone())]);
-    let dir = temp_dir(&inst);
+    let dir = temp_dir(inst.name());
     let metrics = free_port();
-    let agent = Agent::start(&inst, &dir, &check_config(SVC, "websocket", metrics));
+    let agent = Agent::start(inst.name(), &dir, &check_config(SVC, "websocket", metrics));
     for a in &addrs {
         wait_health(&inst, SVC, *a, "healthy");
     }
@@ -250,7 +250,7 @@ fn a_backend_answering_500_fails_the_websocket_and_http_checks_and_passes_the_tc
         "ag500",
         &[(SVC, set.clone()), (TCP_SVC, set.clone()), (HTTP_SVC, set)],
     );
-    let dir = temp_dir(&inst);
+    let dir = temp_dir(inst.name());
     // weir-echo answers `GET /health` with 200.
     let both = format!(
         "{}[[check]]\nservice = \"{TCP_SVC}\"\ntype = \"tcp\"\ninterval = \"200ms\"\n\
@@ -258,7 +258,7 @@ fn a_backend_answering_500_fails_the_websocket_and_http_checks_and_passes_the_tc
          interval = \"200ms\"\n",
         check_config(SVC, "websocket", free_port())
     );
-    let agent = Agent::start(&inst, &dir, &both);
+    let agent = Agent::start(inst.name(), &dir, &both);
     wait_health(&inst, SVC, bad, "unhealthy");
     let r = row(&inst, SVC, bad);
     assert_eq!(
@@ -283,7 +283,7 @@ fn a_backend_answering_500_fails_the_websocket_and_http_checks_and_passes_the_tc
     // own, the health and its time stay.
     let since = row(&inst, SVC, bad)["health_since"].clone();
     drop(agent);
-    let again = Agent::start(&inst, &dir, &both);
+    let again = Agent::start(inst.name(), &dir, &both);
     again.wait_for("started");
     std::thread::sleep(5 * INTERVAL);
     assert!(
@@ -317,9 +317,9 @@ fn without_the_probe_path_l4_checks_wait_and_health_stays() {
     };
     let b: SocketAddr = "198.18.0.72:80".parse().unwrap();
     let inst = instance_of("agl4", ServiceModeName::L4, &[(l4, vec![b])]);
-    let dir = temp_dir(&inst);
+    let dir = temp_dir(inst.name());
     let metrics = free_port();
-    let agent = Agent::start(&inst, &dir, &check_config(l4, "tcp", metrics));
+    let agent = Agent::start(inst.name(), &dir, &check_config(l4, "tcp", metrics));
     agent.wait_for("probe_path_missing");
     std::thread::sleep(5 * INTERVAL);
     let r = row(&inst, l4, b);
@@ -350,8 +350,8 @@ fn without_the_probe_path_l4_checks_wait_and_health_stays() {
 fn a_second_agent_is_refused_with_the_first_ones_pid_and_sigterm_stops_it() {
     require_root();
     let inst = instance("agtwo", &[]);
-    let dir = temp_dir(&inst);
-    let first = Agent::start(&inst, &dir, "");
+    let dir = temp_dir(inst.name());
+    let first = Agent::start(inst.name(), &dir, "");
     first.wait_for("started");
     let out = Command::new(workspace_bin("weir"))
         .args(["--instance", inst.name(), "agent"])
@@ -376,7 +376,7 @@ fn a_second_agent_is_refused_with_the_first_ones_pid_and_sigterm_stops_it() {
     let status = first.child.wait().unwrap();
     assert!(status.success(), "{status}: {}", first.log());
     first.wait_for("stopped");
-    let second = Agent::start(&inst, &dir, "");
+    let second = Agent::start(inst.name(), &dir, "");
     second.wait_for("started");
     drop(second);
     let _ = std::fs::remove_dir_all(&dir);
@@ -386,7 +386,7 @@ fn a_second_agent_is_refused_with_the_first_ones_pid_and_sigterm_stops_it() {
 fn bad_configurations_are_refused_at_start_with_file_line_and_reason() {
     require_root();
     let inst = instance("agbad", &[]);
-    let dir = temp_dir(&inst);
+    let dir = temp_dir(inst.name());
     let check = |rest: &str| format!("[[check]]\nservice = \"{SVC}\"\n{rest}");
     let cases = [
         (
@@ -485,10 +485,10 @@ fn one_agent_checks_two_thousand_backends() {
         force(),
     )
     .unwrap();
-    let dir = temp_dir(&inst);
+    let dir = temp_dir(inst.name());
     let metrics = free_port();
     let _agent = Agent::start(
-        &inst,
+        inst.name(),
         &dir,
         &format!(
             "[metrics]\nlisten = \"127.0.0.1:{metrics}\"\n[[check]]\nservice = \"{TCP_SVC}\"\n\

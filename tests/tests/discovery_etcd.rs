@@ -15,13 +15,13 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::{Duration, Instant};
 
-use common::agent::{Agent, scrape, temp_dir};
 use common::{TestInstance, free_port, require_root};
 use tokio::sync::mpsc::{UnboundedReceiver, unbounded_channel};
 use weir::discovery::etcd::{self, EtcdConfig};
 use weir::discovery::{self, Report, Update};
 use weir::registry::{ApplyOptions, BackendAddr, Change, Registry, ServiceAddr, ServiceModeName};
 use weir_ebpf::abi::BackendState;
+use weir_testbed::agent::{Agent, scrape, temp_dir};
 use weir_testbed::etcd::EtcdCluster;
 
 const PREFIX: &str = "/weir/test/";
@@ -374,8 +374,8 @@ fn weir_agent_follows_etcd_and_keeps_its_state_while_etcd_is_down() {
          endpoints = [{}]\nprefix = \"{PREFIX}\"\n",
         endpoints.join(", ")
     );
-    let dir = temp_dir(&instance);
-    let agent = Agent::start(&instance, &dir, &config);
+    let dir = temp_dir(instance.name());
+    let agent = Agent::start(instance.name(), &dir, &config);
     until("the seeded backends", &agent, || {
         active(&registry) == backends(&[(1, 1), (2, 1), (3, 1), (4, 1)])
     });

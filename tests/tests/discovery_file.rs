@@ -13,9 +13,9 @@ use std::path::{Path, PathBuf};
 use std::process::Command;
 use std::time::{Duration, Instant};
 
-use common::agent::{Agent, scrape, temp_dir};
 use common::{TestInstance, free_port, require_root};
 use weir::registry::{ApplyOptions, Change, ServiceAddr, ServiceModeName};
+use weir_testbed::agent::{Agent, scrape, temp_dir};
 use weir_testbed::workspace_bin;
 
 const SVC: ServiceAddr = ServiceAddr {
@@ -101,7 +101,7 @@ fn agent(inst: &TestInstance, dir: &Path, path: &Path) -> (Agent, u16) {
         "[metrics]\nlisten = \"127.0.0.1:{metrics}\"\n[[source]]\ntype = \"file\"\npath = \"{}\"\n",
         path.display()
     );
-    (Agent::start(inst, dir, &config), metrics)
+    (Agent::start(inst.name(), dir, &config), metrics)
 }
 
 /// The value of the metrics row that starts with `row`, 0 if absent.
@@ -167,7 +167,7 @@ impl Drop for Dir {
 /// An instance, its file holding `text` and an agent that applied it.
 fn started(tag: &str, text: &str) -> (TestInstance, PathBuf, Agent, u16, Dir) {
     let inst = instance(tag);
-    let dir = temp_dir(&inst);
+    let dir = temp_dir(inst.name());
     let path = dir.join("backends.toml");
     replace(&path, text);
     let (agent, port) = agent(&inst, &dir, &path);
@@ -387,7 +387,7 @@ fn a_large_removal_is_refused_by_the_guard_rails_and_reported() {
 fn a_file_source_in_a_missing_directory_is_refused_at_start() {
     require_root();
     let inst = instance("dfnodir");
-    let dir = Dir(temp_dir(&inst));
+    let dir = Dir(temp_dir(inst.name()));
     let path = dir.0.join("missing").join("backends.toml");
     let (mut agent, _port) = agent(&inst, &dir.0, &path);
     let status = agent.child.wait().unwrap();

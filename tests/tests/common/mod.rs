@@ -8,8 +8,6 @@ use std::sync::atomic::{AtomicU32, Ordering};
 use weir::instance::Instance;
 use weir::registry::{ApplyOptions, Change, CreateOptions, Registry};
 
-pub mod agent;
-
 static COUNTER: AtomicU32 = AtomicU32::new(0);
 
 fn unique(tag: &str) -> String {

@@ -1,15 +1,15 @@
-//! A running `weir agent` for the tests that drive one: its own
-//! configuration file, its JSON log, its `/metrics`.
+//! A running `weir agent` for the tests and bench scenarios that drive
+//! one: its own configuration file, its JSON log, its `/metrics`. Test
+//! plumbing: it panics when the agent cannot be started or read.
 
 use std::io::{Read, Write};
 use std::net::TcpStream;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command};
+use std::sync::atomic::{AtomicU32, Ordering};
 use std::time::{Duration, Instant};
 
-use weir_testbed::workspace_bin;
-
-use super::{TestInstance, free_port};
+use crate::workspace_bin;
 
 /// A running `weir agent`; killed on drop.
 pub struct Agent {
@@ -18,10 +18,17 @@ pub struct Agent {
 }
 
 impl Agent {
-    pub fn start(inst: &TestInstance, dir: &Path, config: &str) -> Self {
+    /// Starts `weir agent` on `instance` with `config` (everything but the
+    /// instance line), writing its files into `dir`.
+    pub fn start(instance: &str, dir: &Path, config: &str) -> Self {
+        static STARTED: AtomicU32 = AtomicU32::new(0);
         let path = dir.join("agent.toml");
-        std::fs::write(&path, format!("instance = \"{}\"\n{config}", inst.name())).unwrap();
-        let log = dir.join(format!("agent-{}.log", free_port()));
+        std::fs::write(&path, format!("instance = \"{instance}\"\n{config}")).unwrap();
+        let log = dir.join(format!(
+            "agent-{}-{}.log",
+            std::process::id(),
+            STARTED.fetch_add(1, Ordering::Relaxed)
+        ));
         let child = Command::new(workspace_bin("weir"))
             .args(["agent", "--log-format", "json", "--config"])
             .arg(&path)
@@ -63,8 +70,8 @@ impl Drop for Agent {
 }
 
 /// A directory of the instance's own for the agent's files and logs.
-pub fn temp_dir(inst: &TestInstance) -> PathBuf {
-    let dir = std::env::temp_dir().join(format!("weir-agent-{}", inst.name()));
+pub fn temp_dir(instance: &str) -> PathBuf {
+    let dir = std::env::temp_dir().join(format!("weir-agent-{instance}"));
     std::fs::create_dir_all(&dir).unwrap();
     dir
 }
