@@ -5,6 +5,12 @@
 //! live on: both rings send every slot to the same backend address. Also
 //! measures what that cannot keep: flows whose slot changed because a
 //! backend joined at the moment of the move.
+//!
+//! Both hosts get their backends as an operator's fleet would: a `weir
+//! agent` each, watching the same etcd prefix. The first agent sees the
+//! backends arrive one by one in reverse order, the second starts once all
+//! are there, so the hosts number the same backends differently (ids are
+//! host-local) and only the addresses can make their rings agree.
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::net::{Ipv4Addr, SocketAddrV4};
@@ -15,6 +21,8 @@ use weir::instance::Instance;
 use weir::registry::Registry;
 use weir_ebpf::abi::{FlowKey, flow_hash};
 
+use crate::agent::{self, Agent};
+use crate::etcd::EtcdCluster;
 use crate::scenario::{L4Options, PORT, log, parse_report, start_long_lived, tempdir};
 use crate::topology::{Topology, TopologySpec};
 use crate::weir_cli::WeirCli;
@@ -70,6 +78,9 @@ pub struct EcmpReport {
     pub failover: Failover,
     /// Both LBs' `weir check` digests, before any change.
     pub digests: [String; 2],
+    /// The LBs gave at least one backend different ids (the premise: only
+    /// addresses can make the rings agree).
+    pub ids_differ: bool,
     pub connected: usize,
     /// Connections that were on the first LB, which ECMP moved.
     pub moved: usize,
@@ -93,6 +104,36 @@ pub struct EcmpReport {
 impl EcmpReport {
     pub fn broken(&self) -> usize {
         self.moved - self.survived
+    }
+}
+
+/// Backend address → the instance's id for it, for every backend.
+fn backend_ids(instance: &str) -> Result<BTreeMap<SocketAddrV4, u32>> {
+    let state = Registry::open(&Instance::new(instance)?)?.state()?;
+    Ok(state
+        .backends
+        .iter()
+        .map(|(id, b)| (SocketAddrV4::new(b.addr.addr, b.addr.port), *id))
+        .collect())
+}
+
+/// Waits until the instance's ring holds exactly the backends `want`
+/// (what its agent applies from etcd).
+fn wait_ring(instance: &str, want: &[SocketAddrV4], agent: &Agent) -> Result<()> {
+    let want: BTreeSet<Option<SocketAddrV4>> = want.iter().copied().map(Some).collect();
+    let deadline = Instant::now() + Duration::from_secs(30);
+    loop {
+        let ring = ring_addrs(instance).unwrap_or_default();
+        if ring.iter().copied().collect::<BTreeSet<_>>() == want {
+            return Ok(());
+        }
+        if Instant::now() > deadline {
+            bail!(
+                "{instance}: the ring never held {want:?} from etcd; agent log:\n{}",
+                agent.log()
+            );
+        }
+        std::thread::sleep(Duration::from_millis(20));
     }
 }
 
@@ -153,9 +194,10 @@ fn survived(c: &ConnResult) -> bool {
 }
 
 /// Runs one failover on a fresh topology (client, router, two LBs, five
-/// backends) and returns what happened; everything it made is removed
-/// before it returns.
-pub fn run_ecmp(opts: &EcmpOptions, failover: Failover) -> Result<EcmpReport> {
+/// backends), both LBs fed from `etcd` under a prefix of this run's own,
+/// and returns what happened; everything it made is removed before it
+/// returns.
+pub fn run_ecmp(opts: &EcmpOptions, failover: Failover, etcd: &EtcdCluster) -> Result<EcmpReport> {
     let start = Instant::now();
     let client = workspace_bin("weir-wsclient");
     let mut topo = Topology::build(TopologySpec {
@@ -193,16 +235,36 @@ pub fn run_ecmp(opts: &EcmpOptions, failover: Failover) -> Result<EcmpReport> {
         lbs[0].decap_backend_from(&topo, i, &lb_addrs)?;
     }
     let service = format!("{}:{PORT}", topo.vip());
-    let backend = |i: usize| format!("{}:{PORT}", topo.backend_addr(i));
-    // The same set in two orders: the backend ids differ between the hosts.
-    let orders: [Vec<usize>; 2] = [(0..INITIAL).collect(), (0..INITIAL).rev().collect()];
-    for ((weir, (ns, ..)), order) in lbs.iter().zip(&sites).zip(&orders) {
+    let backend = |i: usize| SocketAddrV4::new(topo.backend_addr(i), PORT);
+    let prefix = format!("/weir/{}-{failover:?}/", opts.instance);
+    let backend_key = |i: usize| format!("{prefix}backends/{service}/{}", backend(i));
+    etcd.put(&format!("{prefix}services/{service}"), "{}")?;
+    let endpoints: Vec<String> = etcd
+        .endpoints()
+        .iter()
+        .map(|e| format!("\"{e}\""))
+        .collect();
+    let agent_config = format!(
+        "[[source]]\ntype = \"etcd\"\nendpoints = [{}]\nprefix = \"{prefix}\"\n",
+        endpoints.join(", ")
+    );
+    let agent_dirs: Vec<_> = names.iter().map(|n| agent::temp_dir(n)).collect();
+    for (weir, (ns, ..)) in lbs.iter().zip(&sites) {
         weir.run(&topo, ns, &["service", "add", &service])?;
-        let set: Vec<String> = order.iter().map(|&i| backend(i)).collect();
-        let mut args = vec!["backend", "set", service.as_str()];
-        args.extend(set.iter().map(String::as_str));
-        weir.run(&topo, ns, &args)?;
     }
+    // The first LB's agent sees b3, b2, b1, b0 arrive one revision at a
+    // time; the second starts when all four are in etcd.
+    let first = Agent::start(&names[0], &agent_dirs[0], &agent_config);
+    let mut arrived = Vec::new();
+    for i in (0..INITIAL).rev() {
+        etcd.put(&backend_key(i), r#"{"weight":1}"#)?;
+        arrived.push(backend(i));
+        wait_ring(&names[0], &arrived, &first)?;
+    }
+    let second = Agent::start(&names[1], &agent_dirs[1], &agent_config);
+    wait_ring(&names[1], &arrived, &second)?;
+    let ids = [backend_ids(&names[0])?, backend_ids(&names[1])?];
+    let ids_differ = ids[0] != ids[1];
     let mut digests = Vec::new();
     for (weir, (ns, ..)) in lbs.iter().zip(&sites) {
         let check: serde_json::Value =
@@ -217,7 +279,7 @@ pub fn run_ecmp(opts: &EcmpOptions, failover: Failover) -> Result<EcmpReport> {
         opts.verbose,
         start,
         &format!(
-            "two LBs behind ECMP, b0-b3 in two orders; ring digests {} / {}",
+            "two LBs behind ECMP fed from etcd, b0-b3 in two orders; ring digests {} / {}",
             &digests[0][..12],
             &digests[1][..12]
         ),
@@ -258,9 +320,10 @@ pub fn run_ecmp(opts: &EcmpOptions, failover: Failover) -> Result<EcmpReport> {
             topo.route_vip_via(&router_hop)?;
         }
         Failover::AddBackend => {
-            for (weir, (ns, ..)) in lbs.iter().zip(&sites) {
-                weir.run(&topo, ns, &["backend", "add", &service, &backend(INITIAL)])?;
-            }
+            etcd.put(&backend_key(INITIAL), r#"{"weight":1}"#)?;
+            arrived.push(backend(INITIAL));
+            wait_ring(&names[0], &arrived, &first)?;
+            wait_ring(&names[1], &arrived, &second)?;
             topo.route_vip_via(&router_hop)?;
         }
     }
@@ -315,11 +378,16 @@ pub fn run_ecmp(opts: &EcmpOptions, failover: Failover) -> Result<EcmpReport> {
     }
     let n = |moved: bool, ok: bool| counts.get(&(moved, ok)).copied().unwrap_or(0);
     let _ = std::fs::remove_dir_all(&dir);
+    drop((first, second));
+    for d in &agent_dirs {
+        let _ = std::fs::remove_dir_all(d);
+    }
     drop(lbs);
     topo.teardown()?;
     Ok(EcmpReport {
         failover,
         digests,
+        ids_differ,
         connected,
         moved: n(true, true) + n(true, false),
         survived: n(true, true),
