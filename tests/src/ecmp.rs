@@ -78,6 +78,8 @@ pub struct EcmpReport {
     pub failover: Failover,
     /// Both LBs' `weir check` digests, before any change.
     pub digests: [String; 2],
+    /// The same, as each LB's agent exposes it on `/metrics`.
+    pub metric_digests: [String; 2],
     /// The LBs gave at least one backend different ids (the premise: only
     /// addresses can make the rings agree).
     pub ids_differ: bool,
@@ -134,6 +136,31 @@ fn wait_ring(instance: &str, want: &[SocketAddrV4], agent: &Agent) -> Result<()>
             );
         }
         std::thread::sleep(Duration::from_millis(20));
+    }
+}
+
+/// The ring digest of `service` in the `/metrics` of the agent on `port`
+/// (`weir_agent_ring_digest{service=..,digest=..} 1`), once it has one.
+fn metric_digest(port: u16, service: &str, agent: &Agent) -> Result<String> {
+    let want = format!("weir_agent_ring_digest{{service=\"{service}\",");
+    let deadline = Instant::now() + Duration::from_secs(10);
+    loop {
+        let text = agent::scrape(port);
+        let digest = text
+            .lines()
+            .find(|l| l.starts_with(&want))
+            .and_then(|l| l.split("digest=\"").nth(1))
+            .and_then(|d| d.split('"').next());
+        if let Some(d) = digest {
+            return Ok(d.to_string());
+        }
+        if Instant::now() > deadline {
+            bail!(
+                "no ring digest of {service} on /metrics:\n{text}\nagent log:\n{}",
+                agent.log()
+            );
+        }
+        std::thread::sleep(Duration::from_millis(50));
     }
 }
 
@@ -244,24 +271,29 @@ pub fn run_ecmp(opts: &EcmpOptions, failover: Failover, etcd: &EtcdCluster) -> R
         .iter()
         .map(|e| format!("\"{e}\""))
         .collect();
-    let agent_config = format!(
-        "[[source]]\ntype = \"etcd\"\nendpoints = [{}]\nprefix = \"{prefix}\"\n",
-        endpoints.join(", ")
-    );
+    let metrics = [crate::free_port()?, crate::free_port()?];
+    let agent_config = |lb: usize| {
+        format!(
+            "[metrics]\nlisten = \"127.0.0.1:{}\"\n[[source]]\ntype = \"etcd\"\n\
+             endpoints = [{}]\nprefix = \"{prefix}\"\n",
+            metrics[lb],
+            endpoints.join(", ")
+        )
+    };
     let agent_dirs: Vec<_> = names.iter().map(|n| agent::temp_dir(n)).collect();
     for (weir, (ns, ..)) in lbs.iter().zip(&sites) {
         weir.run(&topo, ns, &["service", "add", &service])?;
     }
     // The first LB's agent sees b3, b2, b1, b0 arrive one revision at a
     // time; the second starts when all four are in etcd.
-    let first = Agent::start(&names[0], &agent_dirs[0], &agent_config);
+    let first = Agent::start(&names[0], &agent_dirs[0], &agent_config(0));
     let mut arrived = Vec::new();
     for i in (0..INITIAL).rev() {
         etcd.put(&backend_key(i), r#"{"weight":1}"#)?;
         arrived.push(backend(i));
         wait_ring(&names[0], &arrived, &first)?;
     }
-    let second = Agent::start(&names[1], &agent_dirs[1], &agent_config);
+    let second = Agent::start(&names[1], &agent_dirs[1], &agent_config(1));
     wait_ring(&names[1], &arrived, &second)?;
     let ids = [backend_ids(&names[0])?, backend_ids(&names[1])?];
     let ids_differ = ids[0] != ids[1];
@@ -275,6 +307,10 @@ pub fn run_ecmp(opts: &EcmpOptions, failover: Failover, etcd: &EtcdCluster) -> R
         digests.push(digest.to_string());
     }
     let digests: [String; 2] = digests.try_into().expect("two LBs");
+    let metric_digests = [
+        metric_digest(metrics[0], &service, &first)?,
+        metric_digest(metrics[1], &service, &second)?,
+    ];
     log(
         opts.verbose,
         start,
@@ -387,6 +423,7 @@ pub fn run_ecmp(opts: &EcmpOptions, failover: Failover, etcd: &EtcdCluster) -> R
     Ok(EcmpReport {
         failover,
         digests,
+        metric_digests,
         ids_differ,
         connected,
         moved: n(true, true) + n(true, false),

@@ -9,12 +9,13 @@
 //! `etcd-client`), so the harness needs no client library of its own.
 
 use std::io::Write;
-use std::net::TcpListener;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
 use anyhow::{Context, Result, bail};
+
+use crate::free_port;
 
 /// Members in a test cluster: the smallest that survives losing one.
 pub const MEMBERS: usize = 3;
@@ -47,11 +48,6 @@ pub struct EtcdCluster {
     dir: PathBuf,
     members: Vec<Member>,
     initial_cluster: String,
-}
-
-/// A loopback port free right now (etcd binds it moments later).
-fn free_port() -> Result<u16> {
-    Ok(TcpListener::bind("127.0.0.1:0")?.local_addr()?.port())
 }
 
 impl EtcdCluster {

@@ -33,6 +33,14 @@ pub mod weir_cli;
 pub mod ws_client;
 pub mod wsload;
 
+/// A loopback port nothing listens on right now (another process may
+/// still take it before the caller binds it; callers bind it at once).
+pub fn free_port() -> anyhow::Result<u16> {
+    Ok(std::net::TcpListener::bind("127.0.0.1:0")?
+        .local_addr()?
+        .port())
+}
+
 /// Locates a binary built into the same target directory as the running
 /// executable (a test, a bench or a binary of this workspace), e.g. `weir`,
 /// `weir-echo` or `weir-wsclient`.

@@ -5,12 +5,14 @@
 //! registry keeps its state and the source reports it stale; a bad value
 //! refuses its revision whole (named key and reason) and the next good one
 //! applies. Last, the same through `weir agent`: its registry follows etcd,
-//! and while etcd is down it keeps its state and `/metrics` counts the
-//! source stale.
+//! and while etcd is down it keeps its state while `/metrics` and `weir
+//! stats` show the source stale (and `weir stats` says when the agent that
+//! follows it no longer runs).
 
 mod common;
 
 use std::collections::BTreeMap;
+use std::process::Command;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::{Duration, Instant};
@@ -23,6 +25,7 @@ use weir::registry::{ApplyOptions, BackendAddr, Change, Registry, ServiceAddr, S
 use weir_ebpf::abi::BackendState;
 use weir_testbed::agent::{Agent, scrape, temp_dir};
 use weir_testbed::etcd::EtcdCluster;
+use weir_testbed::workspace_bin;
 
 const PREFIX: &str = "/weir/test/";
 const SERVICE: &str = "198.19.0.30:80";
@@ -345,6 +348,26 @@ fn stale(metrics: u16) -> Option<u64> {
         .ok()
 }
 
+/// `weir stats` of the instance: its `sources` record (JSON) and the text.
+fn stats_sources(instance: &TestInstance) -> (serde_json::Value, String) {
+    let run = |json: bool| {
+        let mut cmd = Command::new(workspace_bin("weir"));
+        cmd.args(["--instance", instance.name()]);
+        if json {
+            cmd.arg("--json");
+        }
+        let out = cmd.arg("stats").output().unwrap();
+        assert!(
+            out.status.success(),
+            "{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        String::from_utf8(out.stdout).unwrap()
+    };
+    let v: serde_json::Value = serde_json::from_str(&run(true)).unwrap();
+    (v["sources"].clone(), run(false))
+}
+
 fn until(what: &str, agent: &Agent, mut done: impl FnMut() -> bool) {
     let deadline = Instant::now() + CONVERGE;
     while !done() {
@@ -385,6 +408,20 @@ fn weir_agent_follows_etcd_and_keeps_its_state_while_etcd_is_down() {
     });
     until("a fresh source", &agent, || stale(metrics) == Some(0));
     let before = registry.state().unwrap();
+    let (sources, text) = stats_sources(&instance);
+    assert_eq!(sources["agent_running"], true, "{sources}");
+    let source = &sources["sources"][0];
+    assert_eq!(source["stale"], false, "{sources}");
+    assert_eq!(
+        source["services"],
+        serde_json::json!([SERVICE]),
+        "{sources}"
+    );
+    let applied = source["applied_revision"].as_str().expect("a revision");
+    assert!(
+        text.contains(&format!(": fresh, revision {applied} applied ")),
+        "{text}"
+    );
 
     cluster.stop_all().unwrap();
     until("the source counted stale", &agent, || {
@@ -392,13 +429,38 @@ fn weir_agent_follows_etcd_and_keeps_its_state_while_etcd_is_down() {
     });
     assert_eq!(registry.state().unwrap(), before, "fail static");
     assert!(agent.log().contains("keeping the last applied state"));
+    let (sources, text) = stats_sources(&instance);
+    let source = &sources["sources"][0];
+    assert_eq!(source["stale"], true, "{sources}");
+    assert_eq!(source["last"], "refused", "{sources}");
+    assert_eq!(
+        source["applied_revision"].as_str(),
+        Some(applied),
+        "{sources}"
+    );
+    assert!(
+        !source["reason"].as_str().unwrap_or("").is_empty(),
+        "{sources}"
+    );
+    assert!(
+        text.contains("STALE since ")
+            && text.contains(&format!("keeping revision {applied} applied")),
+        "{text}"
+    );
 
     cluster.restart_all().unwrap();
     until("the source fresh again", &agent, || {
         stale(metrics) == Some(0)
     });
     assert_eq!(registry.state().unwrap(), before);
+    assert_eq!(stats_sources(&instance).0["sources"][0]["stale"], false);
     // Kept when the test fails: the agent's log is there.
     drop(agent);
+    let (sources, text) = stats_sources(&instance);
+    assert_eq!(sources["agent_running"], false, "{sources}");
+    assert!(
+        text.contains(", not running since its record of "),
+        "{text}"
+    );
     std::fs::remove_dir_all(dir).unwrap();
 }

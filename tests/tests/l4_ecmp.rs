@@ -47,6 +47,10 @@ fn connections_moved_between_lbs_survive() {
         print(&r);
         assert!(r.ids_differ, "the LBs numbered the backends alike: {r:?}");
         assert_eq!(r.digests[0], r.digests[1], "the LBs' rings differ");
+        assert_eq!(
+            r.metric_digests, r.digests,
+            "/metrics and `weir check` differ"
+        );
         assert_eq!(r.connected, 200, "{r:?}");
         // ECMP spread them: both LBs held a fair part.
         assert!(r.moved >= 40 && r.stayed >= 40, "{r:?}");

@@ -11,7 +11,7 @@ use weir_ebpf::abi::{self, BackendState};
 
 use crate::dataplane::decap_sources::{self, Prefix};
 use crate::dataplane::{self, XdpMode};
-use crate::discovery::ownership;
+use crate::discovery::status as source_status;
 use crate::instance::Instance;
 use crate::registry::{
     ApplyOptions, BackendAddr, Change, CreateOptions, Outcome, Registry, ServiceAddr,
@@ -507,8 +507,11 @@ pub fn run(cli: Cli) -> Result<()> {
                     )
                 }
             };
-            if let Some(source) = ownership::owner(&instance.state_dir(), &service) {
-                eprintln!("weir: warning: {}", ownership::warning(&service, &source));
+            if let Some(source) = source_status::owner(&instance.state_dir(), &service) {
+                eprintln!(
+                    "weir: warning: {}",
+                    source_status::warning(&service, &source)
+                );
             }
             let mut reg = Registry::open(&instance)?;
             let outcome = reg.apply(&change, opts(force, dry_run))?;
@@ -999,6 +1002,9 @@ fn stats(reg: &Registry, instance: &Instance, json: bool) -> Result<()> {
         .map(|(n, v)| (n.to_string(), json!(v)))
         .collect();
     let (attachments, unknown) = dataplane::attachments(instance)?;
+    // What `weir agent` last recorded of its discovery sources.
+    let sources = source_status::read(&instance.state_dir())
+        .with_context(|| "the agent rewrites it at its sources' next report".to_string())?;
     if json {
         let mut v = json!({
             "instance": instance.name(), "generation": generation,
@@ -1007,6 +1013,9 @@ fn stats(reg: &Registry, instance: &Instance, json: bool) -> Result<()> {
         });
         if let Some(l7) = &l7 {
             v["l7"] = serde_json::to_value(l7)?;
+        }
+        if let Some(record) = &sources {
+            v["sources"] = sources_json(record);
         }
         if let Some(d) = &decap {
             v["decap"] = named_counters(abi::DECAP_COUNTERS, d);
@@ -1098,7 +1107,83 @@ fn stats(reg: &Registry, instance: &Instance, json: bool) -> Result<()> {
     if let Some(p) = probe {
         print_counters("probe", abi::PROBE_COUNTERS, &p);
     }
+    if let Some(record) = &sources {
+        print_sources(&sources_json(record));
+    }
     Ok(())
+}
+
+/// The agent's record of its sources, with whether that agent still runs
+/// (when it does not, nothing follows them: the registry holds what they
+/// gave last).
+fn sources_json(record: &source_status::Record) -> serde_json::Value {
+    let sources: Vec<serde_json::Value> = record
+        .sources
+        .iter()
+        .map(|s| {
+            let ms = |t: Option<u64>| time_json(t.unwrap_or(0));
+            json!({
+                "source": s.source, "stale": s.stale, "last": s.last,
+                "stale_since": ms(s.stale_since_ms), "reason": s.reason,
+                "applied_revision": s.applied_revision, "applied_at": ms(s.applied_at_ms),
+                "services": s.services,
+            })
+        })
+        .collect();
+    json!({
+        "agent_pid": record.agent_pid,
+        "agent_running": source_status::agent_running(record),
+        "written": time_json(record.written_ms),
+        "sources": sources,
+    })
+}
+
+fn print_sources(v: &serde_json::Value) {
+    let running = v["agent_running"].as_bool() == Some(true);
+    println!(
+        "sources (weir agent pid {}{}):",
+        v["agent_pid"],
+        if running {
+            String::new()
+        } else {
+            format!(
+                ", not running since its record of {}: nothing follows these sources; the \
+                 registry keeps what they gave last",
+                v["written"].as_str().unwrap_or("?")
+            )
+        }
+    );
+    for s in v["sources"].as_array().into_iter().flatten() {
+        let applied = match (s["applied_revision"].as_str(), s["applied_at"].as_str()) {
+            (Some(rev), Some(at)) => format!("revision {rev} applied {at}"),
+            _ => "nothing applied from it yet".to_string(),
+        };
+        let services: Vec<&str> = s["services"]
+            .as_array()
+            .into_iter()
+            .flatten()
+            .filter_map(|x| x.as_str())
+            .collect();
+        let owns = if services.is_empty() {
+            String::new()
+        } else {
+            format!("; owns {}", services.join(", "))
+        };
+        if s["stale"].as_bool() == Some(true) {
+            println!(
+                "  {}: STALE since {} ({}), keeping {applied}: {}{owns}",
+                s["source"].as_str().unwrap_or(""),
+                s["stale_since"].as_str().unwrap_or("?"),
+                s["last"].as_str().unwrap_or(""),
+                s["reason"].as_str().unwrap_or("")
+            );
+        } else {
+            println!(
+                "  {}: fresh, {applied}{owns}",
+                s["source"].as_str().unwrap_or("")
+            );
+        }
+    }
 }
 
 /// A program's counters by name, for `--json`.

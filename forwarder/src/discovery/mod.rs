@@ -11,11 +11,12 @@
 //!
 //! - [`file`]: a watched TOML or JSON file;
 //! - [`etcd`]: an etcd v3 key prefix, read at a revision and watched;
-//! - [`ownership`]: which services a source owns, for the CLI's warning.
+//! - [`status`]: what each source last did and which services it owns, for
+//!   `weir stats` and the CLI's warning.
 
 pub mod etcd;
 pub mod file;
-pub mod ownership;
+pub mod status;
 
 use std::collections::BTreeMap;
 

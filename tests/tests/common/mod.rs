@@ -22,14 +22,9 @@ fn unique(tag: &str) -> String {
 #[allow(unused_imports)] // not every test file needs it
 pub use weir_testbed::require_root;
 
-/// A loopback port nothing listens on right now (another process may
-/// still take it before the caller binds it; tests bind it at once).
+/// A loopback port nothing listens on right now.
 pub fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port()
+    weir_testbed::free_port().expect("a free loopback port")
 }
 
 /// Applies `change`, guard rails forced: the BPF_PROG_RUN tests set up

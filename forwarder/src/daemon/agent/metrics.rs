@@ -39,6 +39,10 @@ pub struct Metrics {
     /// From the last registry read.
     pub backends: Vec<BackendRow>,
     pub services: Vec<ServiceRow>,
+    /// Every service's ring digest (service, ring size, digest), from the
+    /// last read after the generation moved: what operators compare across
+    /// hosts fed the same backends.
+    pub digests: Vec<(ServiceAddr, u32, String)>,
 }
 
 /// What became of one report of a discovery source.
@@ -157,6 +161,18 @@ impl Metrics {
             self.services
                 .iter()
                 .map(|s| (format!("{{service=\"{}\"}}", s.service), u64::from(s.panic))),
+        );
+        family(
+            &mut out,
+            "weir_agent_ring_digest",
+            "gauge",
+            "1 per service, labelled with its ring's digest over slot -> backend address (as `weir check` prints it): equal on every host fed the same backends.",
+            self.digests.iter().map(|(service, size, digest)| {
+                (
+                    format!("{{service=\"{service}\",ring_size=\"{size}\",digest=\"{digest}\"}}"),
+                    1,
+                )
+            }),
         );
         family(
             &mut out,
@@ -314,6 +330,7 @@ mod tests {
             m.collect_errors,
             m.in_flight,
         ) = (1, 2, 4, 9);
+        m.digests = vec![(svc, 65537, "ab12".into())];
         let text = m.render();
         for line in [
             "weir_agent_checks_total{service=\"198.19.0.10:80\",type=\"websocket\",outcome=\"not_upgraded\"} 5",
@@ -326,6 +343,7 @@ mod tests {
             "weir_agent_apply_errors_total 2",
             "weir_agent_collect_errors_total 4",
             "weir_agent_checks_in_flight 9",
+            "weir_agent_ring_digest{service=\"198.19.0.10:80\",ring_size=\"65537\",digest=\"ab12\"} 1",
             "# TYPE weir_agent_backend_health gauge",
         ] {
             assert!(

@@ -164,6 +164,7 @@ fn serve(path: Option<&Path>, flag: Option<&str>) -> Result<()> {
         collector: Collector::default(),
         rng,
         probe_path: None,
+        digested: None,
         lb_addr: std::net::Ipv4Addr::UNSPECIFIED,
         failing_apply: false,
         not_started_log: logs::RateLimit::new(5, Duration::from_secs(10)),
@@ -213,6 +214,8 @@ struct Agent {
     rng: Rng,
     /// Whether the L4 probe path was attached at the last look.
     probe_path: Option<bool>,
+    /// The generation the ring digests in the metrics were read at.
+    digested: Option<u64>,
     /// The LB address `weir attach` set: the source of L4 checks.
     lb_addr: std::net::Ipv4Addr,
     /// The last apply failed (logged once per failing spell).
@@ -373,6 +376,7 @@ impl Agent {
         }
         let services = self.checks.services();
         self.metrics().read(&state, &services);
+        self.digest_rings();
         if self.checks.any_l4() {
             self.look_at_probe_path();
             match self.registry.maps().config() {
@@ -382,6 +386,26 @@ impl Agent {
                     "reading the LB address for L4 checks: {e}"
                 ),
             }
+        }
+    }
+
+    /// Recomputes the ring digests when the generation moved since the
+    /// last time (a ring is up to millions of slots: not on every read).
+    fn digest_rings(&mut self) {
+        // Read first: a change racing the digests moves it again.
+        let generation = self.generation.get();
+        if self.digested == Some(generation) {
+            return;
+        }
+        match self.registry.ring_digests() {
+            Ok(digests) => {
+                self.metrics().digests = digests;
+                self.digested = Some(generation);
+            }
+            Err(e) => tracing::warn!(
+                event = "registry_read_failed",
+                "reading the rings for their digests: {e}"
+            ),
         }
     }
 

@@ -9,34 +9,40 @@
 //! apply; a failure between two applies, which planning did not foresee,
 //! is logged with the services already applied).
 
-use std::collections::{BTreeMap, BTreeSet};
+use std::collections::BTreeMap;
 use std::path::PathBuf;
 
 use super::metrics::{Metrics, SourceOutcome};
-use crate::discovery::{self, Desired, Report, Update, ownership};
+use crate::discovery::status::{self, SourceStatus};
+use crate::discovery::{self, Desired, Report, Update};
+use crate::registry::audit::now_ms;
 use crate::registry::{ApplyOptions, Change, Registry, RegistryError, ServiceAddr};
 
 /// What the agent remembers of its sources.
 pub struct Sources {
     state_dir: PathBuf,
-    /// The services each source named at its last applied revision.
-    named: BTreeMap<String, BTreeSet<ServiceAddr>>,
+    /// Each source's last report and the revision applied from it, as
+    /// recorded for `weir stats` and the CLI's ownership warning.
+    status: BTreeMap<String, SourceStatus>,
 }
 
 impl Sources {
     pub fn new(state_dir: PathBuf) -> Self {
         Self {
             state_dir,
-            named: BTreeMap::new(),
+            status: BTreeMap::new(),
         }
     }
 
     /// Applies, or refuses, one report.
     pub fn report(&mut self, report: Report, registry: &mut Registry, metrics: &mut Metrics) {
         let Report { source, update } = report;
-        let outcome = match update {
+        let (outcome, reason) = match update {
             Update::Desired { revision, desired } => {
-                self.apply(&source, &revision, &desired, registry)
+                match self.apply(&source, &revision, &desired, registry) {
+                    Ok(()) => (SourceOutcome::Applied, None),
+                    Err((outcome, reason)) => (outcome, Some(reason)),
+                }
             }
             Update::Empty { revision, reason } => {
                 tracing::warn!(
@@ -46,7 +52,10 @@ impl Sources {
                     "{reason}: keeping the backends applied from it last (fail static; counted \
                      in weir_agent_source_reports_total{{outcome=\"empty\"}})"
                 );
-                SourceOutcome::Empty
+                (
+                    SourceOutcome::Empty,
+                    Some(format!("revision {revision}: {reason}")),
+                )
             }
             Update::Failed { reason } => {
                 tracing::warn!(
@@ -54,7 +63,7 @@ impl Sources {
                     source,
                     "refused, nothing changes: {reason}"
                 );
-                SourceOutcome::Refused
+                (SourceOutcome::Refused, Some(reason))
             }
         };
         *metrics
@@ -63,16 +72,35 @@ impl Sources {
             .or_default() += 1;
         metrics
             .stale
-            .insert(source, outcome != SourceOutcome::Applied);
+            .insert(source.clone(), outcome != SourceOutcome::Applied);
+        let entry = self.status.entry(source.clone()).or_insert(SourceStatus {
+            source,
+            ..SourceStatus::default()
+        });
+        entry.last = outcome.name().to_string();
+        match reason {
+            None => {
+                entry.stale = false;
+                entry.stale_since_ms = None;
+                entry.reason = None;
+            }
+            Some(reason) => {
+                entry.stale_since_ms = entry.stale_since_ms.or(Some(now_ms()));
+                entry.stale = true;
+                entry.reason = Some(reason);
+            }
+        }
+        self.record();
     }
 
+    /// Applies a revision whole, or says why not.
     fn apply(
         &mut self,
         source: &str,
         revision: &str,
         desired: &Desired,
         registry: &mut Registry,
-    ) -> SourceOutcome {
+    ) -> Result<(), (SourceOutcome, String)> {
         // `changes` follows the order of `desired.services`.
         let changes: Vec<(ServiceAddr, Change)> = desired
             .services
@@ -87,7 +115,7 @@ impl Sources {
         };
         for (service, change) in &changes {
             if let Err(e) = registry.apply(change, opts(true)) {
-                return refused(source, revision, service, &e, "nothing changed");
+                return Err(refused(source, revision, service, &e, "nothing changed"));
             }
         }
         let mut applied: Vec<String> = Vec::new();
@@ -110,7 +138,7 @@ impl Sources {
                     } else {
                         format!("applied before it: {}", applied.join(", "))
                     };
-                    return refused(source, revision, service, &e, &done);
+                    return Err(refused(source, revision, service, &e, &done));
                 }
             }
         }
@@ -121,40 +149,46 @@ impl Sources {
             "applied: {} service(s), {changed} changed",
             changes.len()
         );
-        self.named.insert(
-            source.to_string(),
-            desired.services.keys().copied().collect(),
-        );
-        self.record();
-        SourceOutcome::Applied
+        let entry = self
+            .status
+            .entry(source.to_string())
+            .or_insert_with(|| SourceStatus {
+                source: source.to_string(),
+                ..SourceStatus::default()
+            });
+        entry.applied_revision = Some(revision.to_string());
+        entry.applied_at_ms = Some(now_ms());
+        entry.services = desired.services.keys().map(|s| s.to_string()).collect();
+        Ok(())
     }
 
-    /// Writes which source owns which service, for the CLI's warning.
+    /// Writes what each source did and owns, for `weir stats` and the
+    /// CLI's warning.
     fn record(&self) {
-        let owners: BTreeMap<ServiceAddr, String> = self
-            .named
-            .iter()
-            .flat_map(|(source, services)| services.iter().map(|s| (*s, source.clone())))
-            .collect();
-        if let Err(e) = ownership::record(&self.state_dir, &owners) {
+        let record = status::Record {
+            agent_pid: std::process::id(),
+            written_ms: now_ms(),
+            sources: self.status.values().cloned().collect(),
+        };
+        if let Err(e) = status::write(&self.state_dir, &record) {
             tracing::warn!(
-                event = "ownership_unrecorded",
-                "cannot record which services the sources own in {}: {e}; the CLI will not \
-                 warn about hand edits",
+                event = "sources_unrecorded",
+                "cannot record the sources' state in {}: {e}; `weir stats` will not show it and \
+                 the CLI will not warn about hand edits",
                 self.state_dir.display()
             );
         }
     }
 }
 
-/// Logs a refused revision and says how it counts.
+/// Logs a refused revision; how it counts and why.
 fn refused(
     source: &str,
     revision: &str,
     service: &ServiceAddr,
     e: &RegistryError,
     done: &str,
-) -> SourceOutcome {
+) -> (SourceOutcome, String) {
     let (outcome, how) = match e {
         RegistryError::Guard(_) => (
             SourceOutcome::Guard,
@@ -162,13 +196,16 @@ fn refused(
         ),
         _ => (SourceOutcome::Error, "refused by the registry"),
     };
+    let reason = format!(
+        "revision {revision}: the backends of {service} {how}: {e}; {done}, the registry keeps \
+         the last applied state"
+    );
     tracing::warn!(
         event = "source_refused",
         source,
         revision,
         outcome = outcome.name(),
-        "revision {revision}: the backends of {service} {how}: {e}; {done}, the registry keeps \
-         the last applied state"
+        "{reason}"
     );
-    outcome
+    (outcome, reason)
 }
