@@ -43,6 +43,9 @@ pub enum Failover {
     Detach,
     /// A fifth backend joins both LBs, then the path is withdrawn.
     AddBackend,
+    /// Every etcd member is stopped (both agents count their source
+    /// stale), then the path is withdrawn; etcd is restarted after.
+    EtcdDown,
 }
 
 /// How to run it.
@@ -164,6 +167,28 @@ fn metric_digest(port: u16, service: &str, agent: &Agent) -> Result<String> {
     }
 }
 
+/// Waits until the agent on `port` counts its source stale
+/// (`weir_agent_source_stale{..} 1`).
+fn wait_stale(port: u16, agent: &Agent) -> Result<()> {
+    let deadline = Instant::now() + Duration::from_secs(30);
+    loop {
+        let text = agent::scrape(port);
+        if text
+            .lines()
+            .any(|l| l.starts_with("weir_agent_source_stale{") && l.ends_with(" 1"))
+        {
+            return Ok(());
+        }
+        if Instant::now() > deadline {
+            bail!(
+                "the agent never counted etcd stale:\n{text}\nagent log:\n{}",
+                agent.log()
+            );
+        }
+        std::thread::sleep(Duration::from_millis(100));
+    }
+}
+
 /// A ring as slot → backend address, read from the instance's pins.
 fn ring_addrs(instance: &str) -> Result<Vec<Option<SocketAddrV4>>> {
     let reg = Registry::open(&Instance::new(instance)?)?;
@@ -224,7 +249,11 @@ fn survived(c: &ConnResult) -> bool {
 /// backends), both LBs fed from `etcd` under a prefix of this run's own,
 /// and returns what happened; everything it made is removed before it
 /// returns.
-pub fn run_ecmp(opts: &EcmpOptions, failover: Failover, etcd: &EtcdCluster) -> Result<EcmpReport> {
+pub fn run_ecmp(
+    opts: &EcmpOptions,
+    failover: Failover,
+    etcd: &mut EtcdCluster,
+) -> Result<EcmpReport> {
     let start = Instant::now();
     let client = workspace_bin("weir-wsclient");
     let mut topo = Topology::build(TopologySpec {
@@ -362,6 +391,13 @@ pub fn run_ecmp(opts: &EcmpOptions, failover: Failover, etcd: &EtcdCluster) -> R
             wait_ring(&names[1], &arrived, &second)?;
             topo.route_vip_via(&router_hop)?;
         }
+        Failover::EtcdDown => {
+            etcd.stop_all()?;
+            for (port, agent) in metrics.iter().zip([&first, &second]) {
+                wait_stale(*port, agent)?;
+            }
+            topo.route_vip_via(&router_hop)?;
+        }
     }
     log(
         opts.verbose,
@@ -370,6 +406,9 @@ pub fn run_ecmp(opts: &EcmpOptions, failover: Failover, etcd: &EtcdCluster) -> R
     );
     std::thread::sleep(opts.settle);
     let ring_after = ring_addrs(&names[1])?;
+    if failover == Failover::EtcdDown {
+        etcd.restart_all()?;
+    }
     std::fs::write(&hold, b"done")?;
     let report = parse_report(
         clients.wait_output(Duration::from_secs(60))?,

@@ -1,10 +1,12 @@
 //! Two weir hosts behind an ECMP router, each fed by its own `weir agent`
 //! from the same etcd cluster (a real 3-member one), the backends reaching
-//! them in other orders: their rings agree slot by slot, so when the router moves one
-//! host's connections to the other (path withdrawn, or XDP detached first),
-//! every one keeps echoing. With a backend joining at the moment of the
-//! move, the moved connections that break are those whose ring slot
-//! changed, about the share of slots that changed.
+//! them in other orders: their rings agree slot by slot, so when the
+//! router moves one host's connections to the other (path withdrawn, or
+//! XDP detached first), every one keeps echoing, also with every etcd
+//! member stopped before the move (the agents keep their state). With a
+//! backend joining at the moment of the move, the moved connections that
+//! break are those whose ring slot changed, about the share of slots that
+//! changed.
 
 use weir_testbed::ecmp::{EcmpOptions, EcmpReport, Failover, run_ecmp};
 use weir_testbed::etcd::EtcdCluster;
@@ -41,9 +43,14 @@ fn connections_moved_between_lbs_survive() {
         verbose: true,
         ..EcmpOptions::default()
     };
-    let etcd = EtcdCluster::start("ecmp").expect("etcd cluster");
-    for failover in [Failover::Withdraw, Failover::Detach, Failover::AddBackend] {
-        let r = run_ecmp(&opts, failover, &etcd).expect("ECMP scenario runs");
+    let mut etcd = EtcdCluster::start("ecmp").expect("etcd cluster");
+    for failover in [
+        Failover::Withdraw,
+        Failover::Detach,
+        Failover::AddBackend,
+        Failover::EtcdDown,
+    ] {
+        let r = run_ecmp(&opts, failover, &mut etcd).expect("ECMP scenario runs");
         print(&r);
         assert!(r.ids_differ, "the LBs numbered the backends alike: {r:?}");
         assert_eq!(r.digests[0], r.digests[1], "the LBs' rings differ");
