@@ -42,6 +42,26 @@ impl Agent {
         std::fs::read_to_string(&self.log).unwrap_or_default()
     }
 
+    /// Polls `probe` until it gives a value, for at most `limit`; the
+    /// error names `what` and carries the agent's log.
+    pub fn until<T>(
+        &self,
+        what: &str,
+        limit: Duration,
+        mut probe: impl FnMut() -> Option<T>,
+    ) -> anyhow::Result<T> {
+        let deadline = Instant::now() + limit;
+        loop {
+            if let Some(v) = probe() {
+                return Ok(v);
+            }
+            if Instant::now() > deadline {
+                anyhow::bail!("{what} within {limit:?}; agent log:\n{}", self.log());
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+
     /// Waits until the agent logged `event`.
     pub fn wait_for(&self, event: &str) {
         let event = format!("\"event\":\"{event}\"");

@@ -126,67 +126,50 @@ fn backend_ids(instance: &str) -> Result<BTreeMap<SocketAddrV4, u32>> {
 /// (what its agent applies from etcd).
 fn wait_ring(instance: &str, want: &[SocketAddrV4], agent: &Agent) -> Result<()> {
     let want: BTreeSet<Option<SocketAddrV4>> = want.iter().copied().map(Some).collect();
-    let deadline = Instant::now() + Duration::from_secs(30);
-    loop {
-        let ring = ring_addrs(instance).unwrap_or_default();
-        if ring.iter().copied().collect::<BTreeSet<_>>() == want {
-            return Ok(());
-        }
-        if Instant::now() > deadline {
-            bail!(
-                "{instance}: the ring never held {want:?} from etcd; agent log:\n{}",
-                agent.log()
-            );
-        }
-        std::thread::sleep(Duration::from_millis(20));
-    }
+    agent.until(
+        &format!("{instance}: the ring held no {want:?} from etcd"),
+        Duration::from_secs(30),
+        || {
+            let ring = ring_addrs(instance).unwrap_or_default();
+            (ring.into_iter().collect::<BTreeSet<_>>() == want).then_some(())
+        },
+    )
 }
 
 /// The ring digest of `service` in the `/metrics` of the agent on `port`
 /// (`weir_agent_ring_digest{service=..,digest=..} 1`), once it has one.
 fn metric_digest(port: u16, service: &str, agent: &Agent) -> Result<String> {
     let want = format!("weir_agent_ring_digest{{service=\"{service}\",");
-    let deadline = Instant::now() + Duration::from_secs(10);
-    loop {
-        let text = agent::scrape(port);
-        let digest = text
-            .lines()
-            .find(|l| l.starts_with(&want))
-            .and_then(|l| l.split("digest=\"").nth(1))
-            .and_then(|d| d.split('"').next());
-        if let Some(d) = digest {
-            return Ok(d.to_string());
-        }
-        if Instant::now() > deadline {
-            bail!(
-                "no ring digest of {service} on /metrics:\n{text}\nagent log:\n{}",
-                agent.log()
-            );
-        }
-        std::thread::sleep(Duration::from_millis(50));
-    }
+    agent.until(
+        &format!("no ring digest of {service} on /metrics"),
+        Duration::from_secs(10),
+        || {
+            let text = agent::scrape(port);
+            let line = text.lines().find(|l| l.starts_with(&want))?;
+            Some(
+                line.split("digest=\"")
+                    .nth(1)?
+                    .split('"')
+                    .next()?
+                    .to_string(),
+            )
+        },
+    )
 }
 
 /// Waits until the agent on `port` counts its source stale
 /// (`weir_agent_source_stale{..} 1`).
 fn wait_stale(port: u16, agent: &Agent) -> Result<()> {
-    let deadline = Instant::now() + Duration::from_secs(30);
-    loop {
-        let text = agent::scrape(port);
-        if text
-            .lines()
-            .any(|l| l.starts_with("weir_agent_source_stale{") && l.ends_with(" 1"))
-        {
-            return Ok(());
-        }
-        if Instant::now() > deadline {
-            bail!(
-                "the agent never counted etcd stale:\n{text}\nagent log:\n{}",
-                agent.log()
-            );
-        }
-        std::thread::sleep(Duration::from_millis(100));
-    }
+    agent.until(
+        "the agent counted etcd not stale",
+        Duration::from_secs(30),
+        || {
+            agent::scrape(port)
+                .lines()
+                .any(|l| l.starts_with("weir_agent_source_stale{") && l.ends_with(" 1"))
+                .then_some(())
+        },
+    )
 }
 
 /// A ring as slot → backend address, read from the instance's pins.
