@@ -216,6 +216,7 @@ impl Scenario for Discover {
             "weir run: median",
             "max",
             "joiner's share",
+            "resolution",
             "not seen in 30 s",
             "connections (failed)",
         ]);
@@ -244,6 +245,7 @@ impl Scenario for Discover {
                 ms(median_f(&mut weir_run)),
                 ms(max(&weir_run)),
                 fmt_pct(reached as f64, while_in as f64),
+                ms(resolution_ms(r.arrivals_per_sec, reached, while_in)),
                 fmt_int(r.unseen() as u64),
                 format!("{} ({})", fmt_int(r.identified), fmt_int(r.failed)),
             ]);
@@ -264,12 +266,19 @@ impl Scenario for Discover {
              the counter's bump and the poll); weir run is the start of the first connection it \
              sent to the joiner (negative: it started before the put returned). weir run reads \
              the counter on every accept, so that figure is the ring's plus the wait for the \
-             next connection that picks the joiner: 1/(rate × share) on average, about 2 ms at \
-             800 connections/s and the share shown (the joiner's part of the connections that \
-             arrived while it was in the ring). Seeded in: from the agent's start (reading the \
-             whole prefix) until the registry held every seeded backend.\n",
+             next connection that picks the joiner, resolution on average: 1/(rate × share), \
+             the share being the joiner's part of the connections that arrived while it was \
+             in the ring. Seeded in: from the agent's start (reading the whole prefix) until \
+             the registry held every seeded backend, read every millisecond.\n",
         );
     }
+}
+
+/// The mean wait for a connection that picks the joiner: what the weir
+/// run figure cannot resolve.
+fn resolution_ms(arrivals_per_sec: f64, reached: u64, while_in: u64) -> Option<f64> {
+    let share = reached as f64 / while_in as f64;
+    (reached > 0 && arrivals_per_sec > 0.0).then(|| 1e3 / (arrivals_per_sec * share))
 }
 
 /// The echo backends of the scenario, on the bench's topology.
@@ -505,7 +514,7 @@ fn measure(
                 tail(&agent.log())
             );
         }
-        std::thread::sleep(Duration::from_millis(5));
+        std::thread::sleep(Duration::from_millis(1));
     }
     setup.seed_ms = started.elapsed().as_secs_f64() * 1e3;
     let watch = maps.generation_watch()?;
@@ -833,7 +842,7 @@ mod tests {
         assert!(
             out.contains(
                 "| weir | 1,000 | 100,103 | 1.25 s | 2 | 2.0 ms | 3.0 ms | 4.5 ms | 4.5 ms | \
-                 4.4 ms | 4.4 ms | 66.7% | 1 | 8 (1) |"
+                 4.4 ms | 4.4 ms | 66.7% | 1.9 ms | 1 | 8 (1) |"
             ),
             "{out}"
         );
