@@ -438,24 +438,32 @@ fn size_row(
     let ring_size = maglev::ring_size_for(n + 1);
     let mut spec = b.spec(Kind::Weir, vec![echoes.seeded(0)?], 1);
     spec.ring_size = Some(ring_size);
-    let keys = Keys {
-        prefix: format!("/weir/bench/{n}/"),
-        service: spec.listen,
+    let mut feed = Feed {
+        echoes,
+        endpoints: cluster.endpoints(),
+        keys: Keys {
+            prefix: format!("/weir/bench/{n}/"),
+            service: spec.listen,
+        },
+        writer: Writer::connect(&cluster.endpoints())?,
+        joins: s.joins,
     };
-    let mut writer = Writer::connect(&cluster.endpoints())?;
-    let mut pairs = vec![(keys.service(), "{}".to_string())];
+    let mut pairs = vec![(feed.keys.service(), "{}".to_string())];
     for i in 0..n {
-        pairs.push((keys.backend(echoes.seeded(i)?), r#"{"weight":1}"#.into()));
+        pairs.push((
+            feed.keys.backend(echoes.seeded(i)?),
+            r#"{"weight":1}"#.into(),
+        ));
     }
-    writer.seed(&pairs)?;
+    feed.writer.seed(&pairs)?;
+    let setup = Setup {
+        backends: n,
+        ring_size,
+        arrivals_per_sec: ARRIVALS_PER_SEC,
+        seed_ms: 0.0,
+    };
     b.with_system(spec, &format!("dc{n}"), |b, sys| {
-        let setup = Setup {
-            backends: n,
-            ring_size,
-            arrivals_per_sec: ARRIVALS_PER_SEC,
-            seed_ms: 0.0,
-        };
-        measure(b, s, cluster, echoes, sys, &keys, &mut writer, setup)
+        measure(b, sys, &mut feed, setup)
     })
 }
 
@@ -467,49 +475,49 @@ struct Setup {
     seed_ms: f64,
 }
 
-#[allow(clippy::too_many_arguments)]
-fn measure(
-    b: &Bench,
-    s: &Sizes,
-    cluster: &EtcdCluster,
-    echoes: &Echoes,
-    sys: &Running,
-    keys: &Keys,
-    writer: &mut Writer,
-    mut setup: Setup,
-) -> Result<DiscoverRow> {
+/// One size's etcd side: the cluster's endpoints, the keys of its prefix,
+/// the client that writes them, and the joiners it adds.
+struct Feed<'a> {
+    echoes: &'a Echoes,
+    endpoints: Vec<String>,
+    keys: Keys,
+    writer: Writer,
+    joins: usize,
+}
+
+impl Feed<'_> {
+    /// The agent's configuration: this prefix of this cluster.
+    fn agent_config(&self) -> String {
+        let endpoints: Vec<String> = self.endpoints.iter().map(|e| format!("\"{e}\"")).collect();
+        format!(
+            "[[source]]\ntype = \"etcd\"\nendpoints = [{}]\nprefix = \"{}\"\n",
+            endpoints.join(", "),
+            self.keys.prefix
+        )
+    }
+}
+
+fn measure(b: &Bench, sys: &Running, feed: &mut Feed, mut setup: Setup) -> Result<DiscoverRow> {
     let n = setup.backends;
     let instance = sys
         .instances()
         .first()
         .context("weir run has no instance")?
         .clone();
-    let service: ServiceAddr = keys.service.to_string().parse()?;
     let dir = b.scratch.join(format!("discover-{n}"));
     std::fs::create_dir_all(&dir).with_context(|| format!("creating {}", dir.display()))?;
-    let endpoints: Vec<String> = cluster
-        .endpoints()
-        .iter()
-        .map(|e| format!("\"{e}\""))
-        .collect();
-    let config = format!(
-        "[[source]]\ntype = \"etcd\"\nendpoints = [{}]\nprefix = \"{}\"\n",
-        endpoints.join(", "),
-        keys.prefix
-    );
-    let registry = Registry::open(&Instance::new(&instance)?)?;
-    let maps = registry.maps();
+    let ring = Ring::open(&instance, feed.keys.service)?;
     b.progress(&format!(
         "weir, {n} backends: agent seeding from etcd ({ring_size} ring slots)",
         ring_size = setup.ring_size
     ));
     let started = Instant::now();
-    let agent = Agent::start(&instance, &dir, &config);
-    while active(maps, &service)? < n {
+    let agent = Agent::start(&instance, &dir, &feed.agent_config());
+    while ring.active()? < n {
         if started.elapsed() > BOUND {
             bail!(
                 "the registry held {} of {n} seeded backends after {} s; agent log:\n{}",
-                active(maps, &service)?,
+                ring.active()?,
                 BOUND.as_secs(),
                 tail(&agent.log())
             );
@@ -517,9 +525,8 @@ fn measure(
         std::thread::sleep(Duration::from_millis(1));
     }
     setup.seed_ms = started.elapsed().as_secs_f64() * 1e3;
-    let watch = maps.generation_watch()?;
 
-    let mut plan = b.plan(0, Talk::Closed, 64, joins_limit(s.joins).as_secs_f64());
+    let mut plan = b.plan(0, Talk::Closed, 64, joins_limit(feed.joins).as_secs_f64());
     plan.arrivals_per_sec = setup.arrivals_per_sec;
     plan.record_connections = true;
     plan.fleet.connect_timeout = Duration::from_secs(3);
@@ -528,23 +535,23 @@ fn measure(
     plan.fleet.hold_file = Some(hold.clone());
     b.progress(&format!(
         "weir, {n} backends: {} joins, {} new connections/s",
-        s.joins, setup.arrivals_per_sec
+        feed.joins, setup.arrivals_per_sec
     ));
     let clients = b.start_load(&plan, 2)?;
-    let marks = joins(s, echoes, keys, &service, n, maps, &watch, writer);
+    let marks = joins(feed, &ring, n);
     std::fs::write(&hold, b"x").with_context(|| format!("writing {}", hold.display()))?;
     let r = Bench::wait_load(clients, plan.fleet.duration + Duration::from_secs(60))?;
     let log = agent.log();
     drop(agent);
     let marks = marks.with_context(|| format!("agent log:\n{}", tail(&log)))?;
     let row = row(&setup, &marks, &applied_at(&log), &r.connections);
-    let mut ring: Vec<f64> = row.joins.iter().filter_map(|j| j.ring_ms).collect();
+    let mut in_ring: Vec<f64> = row.joins.iter().filter_map(|j| j.ring_ms).collect();
     let mut weir_run: Vec<f64> = row.joins.iter().filter_map(|j| j.weir_run_ms).collect();
     let med = |v: &mut [f64]| median_f(v).map_or("–".into(), |m| format!("{} ms", fmt_f(m, 1)));
     b.progress(&format!(
         "weir, {n} backends: seeded in {:.2} s; median XDP ring {}, weir run {}",
         setup.seed_ms / 1e3,
-        med(&mut ring),
+        med(&mut in_ring),
         med(&mut weir_run)
     ));
     Ok(row)
@@ -570,36 +577,27 @@ struct Mark {
     left_us: u64,
 }
 
-/// Every join and leave of one size, under the load.
-#[allow(clippy::too_many_arguments)]
-fn joins(
-    s: &Sizes,
-    echoes: &Echoes,
-    keys: &Keys,
-    service: &ServiceAddr,
-    n: usize,
-    maps: &Maps,
-    watch: &GenerationWatch,
-    writer: &mut Writer,
-) -> Result<Vec<Mark>> {
+/// Every join and leave of one size, under the load; a joiner weighs as
+/// much as the `n` seeded backends together.
+fn joins(feed: &mut Feed, ring: &Ring, n: usize) -> Result<Vec<Mark>> {
     std::thread::sleep(WARMUP);
     let weight = format!(r#"{{"weight":{}}}"#, u16::try_from(n)?);
     let mut marks = Vec::new();
-    for k in 1..=s.joins {
-        let addr = echoes.joiner(k);
+    for k in 1..=feed.joins {
+        let addr = feed.echoes.joiner(k);
         let backend = backend_addr(addr)?;
-        let key = keys.backend(addr);
-        let before = watch.get();
+        let key = feed.keys.backend(addr);
+        let before = ring.generation();
         let write_started_us = load::unix_us();
-        let revision = writer.put(&key, &weight)?;
+        let revision = feed.writer.put(&key, &weight)?;
         let returned_us = load::unix_us();
-        let ring_us = ring_change(maps, watch, before, service, &backend, true)?;
+        let ring_us = ring.change(before, &backend, true)?;
         std::thread::sleep(HOLD);
-        let before = watch.get();
+        let before = ring.generation();
         let left_us = load::unix_us();
-        writer.delete(&key)?;
+        feed.writer.delete(&key)?;
         ensure!(
-            ring_change(maps, watch, before, service, &backend, false)?.is_some(),
+            ring.change(before, &backend, false)?.is_some(),
             "{addr} was still in the ring {} s after its key was deleted",
             BOUND.as_secs()
         );
@@ -626,66 +624,87 @@ fn backend_addr(addr: SocketAddr) -> Result<BackendAddr> {
     }
 }
 
-/// Waits until the generation counter moved past `from` with `backend` in
-/// the service's ring (`held`) or out of it; the unix µs the counter was
-/// read moved, None after [`BOUND`].
-fn ring_change(
-    maps: &Maps,
-    watch: &GenerationWatch,
-    from: u64,
-    service: &ServiceAddr,
-    backend: &BackendAddr,
-    held: bool,
-) -> Result<Option<u64>> {
-    let deadline = Instant::now() + BOUND;
-    let mut seen = from;
-    loop {
-        let generation = watch.get();
-        if generation != seen {
-            let at = load::unix_us();
-            seen = generation;
-            if in_ring(maps, service, backend)? == held {
-                return Ok(Some(at));
+/// One service of weir's registry as the scenario watches it, through the
+/// instance's pinned maps: what XDP would route by.
+struct Ring {
+    registry: Registry,
+    watch: GenerationWatch,
+    service: ServiceAddr,
+}
+
+impl Ring {
+    fn open(instance: &str, service: SocketAddr) -> Result<Ring> {
+        let registry = Registry::open(&Instance::new(instance)?)?;
+        let watch = registry.maps().generation_watch()?;
+        Ok(Ring {
+            registry,
+            watch,
+            service: service.to_string().parse()?,
+        })
+    }
+
+    fn maps(&self) -> &Maps {
+        self.registry.maps()
+    }
+
+    fn generation(&self) -> u64 {
+        self.watch.get()
+    }
+
+    /// Waits until the generation counter moved past `from` with `backend`
+    /// in the service's ring (`held`) or out of it; the unix µs the counter
+    /// was read moved, None after [`BOUND`].
+    fn change(&self, from: u64, backend: &BackendAddr, held: bool) -> Result<Option<u64>> {
+        let deadline = Instant::now() + BOUND;
+        let mut seen = from;
+        loop {
+            let generation = self.generation();
+            if generation != seen {
+                let at = load::unix_us();
+                seen = generation;
+                if self.holds(backend)? == held {
+                    return Ok(Some(at));
+                }
             }
+            if Instant::now() > deadline {
+                return Ok(None);
+            }
+            std::thread::sleep(POLL);
         }
-        if Instant::now() > deadline {
-            return Ok(None);
+    }
+
+    /// Whether a slot of the service's ring names `backend`.
+    fn holds(&self, backend: &BackendAddr) -> Result<bool> {
+        let state = self.maps().read_state()?;
+        let svc = state
+            .services
+            .get(&self.service)
+            .with_context(|| format!("the registry has no service {}", self.service))?;
+        let ids: Vec<u32> = state
+            .backends
+            .iter()
+            .filter(|(_, b)| b.service_id == svc.id && b.addr == *backend)
+            .map(|(id, _)| *id)
+            .collect();
+        if ids.is_empty() {
+            return Ok(false);
         }
-        std::thread::sleep(POLL);
+        let ring = self.maps().read_ring(svc.id)?.unwrap_or_default();
+        Ok(ring.iter().any(|id| ids.contains(id)))
     }
-}
 
-/// Whether a slot of the service's ring names `backend`.
-fn in_ring(maps: &Maps, service: &ServiceAddr, backend: &BackendAddr) -> Result<bool> {
-    let state = maps.read_state()?;
-    let svc = state
-        .services
-        .get(service)
-        .with_context(|| format!("the registry has no service {service}"))?;
-    let ids: Vec<u32> = state
-        .backends
-        .iter()
-        .filter(|(_, b)| b.service_id == svc.id && b.addr == *backend)
-        .map(|(id, _)| *id)
-        .collect();
-    if ids.is_empty() {
-        return Ok(false);
+    /// Active backends of the service.
+    fn active(&self) -> Result<usize> {
+        let state = self.maps().read_state()?;
+        let Some(svc) = state.services.get(&self.service) else {
+            return Ok(0);
+        };
+        Ok(state
+            .backends
+            .values()
+            .filter(|b| b.service_id == svc.id && b.state == BackendState::Active)
+            .count())
     }
-    let ring = maps.read_ring(svc.id)?.unwrap_or_default();
-    Ok(ring.iter().any(|id| ids.contains(id)))
-}
-
-/// Active backends of the service in the registry.
-fn active(maps: &Maps, service: &ServiceAddr) -> Result<usize> {
-    let state = maps.read_state()?;
-    let Some(svc) = state.services.get(service) else {
-        return Ok(0);
-    };
-    Ok(state
-        .backends
-        .values()
-        .filter(|b| b.service_id == svc.id && b.state == BackendState::Active)
-        .count())
 }
 
 /// Unix µs of each `source_applied` line of the agent's JSON log, by the
