@@ -262,8 +262,8 @@ impl Scenario for Discover {
              column): agent applied is its `source_applied` log line for the put's revision; \
              XDP ring is when the service's ring in the pinned maps was first read holding the \
              joiner (the registry's generation counter is read every 200 µs and the ring once \
-             it moved: the ring is written before the counter, so this bounds it from above by \
-             the counter's bump and the poll); weir run is the start of the first connection it \
+             it moved; the registry writes the ring before it bumps the counter, so the figure \
+             is late by at most the time between the two and one poll); weir run is the start of the first connection it \
              sent to the joiner (negative: it started before the put returned). weir run reads \
              the counter on every accept, so that figure is the ring's plus the wait for the \
              next connection that picks the joiner, resolution on average: 1/(rate × share), \
