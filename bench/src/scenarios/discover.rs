@@ -13,9 +13,9 @@
 //!   the joiner (the registry writes the ring before it bumps the counter);
 //! - `weir run`: the start of the first connection it sent to the joiner,
 //!   among new connections arriving at a steady rate. The joiner weighs as
-//!   much as all the others together, so it takes at least half the new
-//!   connections and the figure's resolution stays near 1/(rate × share)
-//!   whatever the backend count.
+//!   much as all the others together, so it takes about half the new
+//!   connections whatever the backend count, and the figure's resolution,
+//!   1/(rate × share), stays near 2.5 ms at 800 connections/s.
 
 use std::collections::BTreeMap;
 use std::net::{IpAddr, SocketAddr};
