@@ -16,6 +16,7 @@ use crate::scenario::Scenario;
 use crate::scenarios::bigconn::{Bigconn, BigconnRow};
 use crate::scenarios::churn::{Churn, ChurnRow};
 use crate::scenarios::connrate::{Connrate, ConnrateRow};
+use crate::scenarios::discover::{Discover, DiscoverRow};
 use crate::scenarios::drain::{Drain, DrainRow};
 use crate::scenarios::failure::{Failure, FailureRow};
 use crate::scenarios::idle::{Idle, IdleRow};
@@ -59,6 +60,8 @@ pub struct ScenarioResult {
     pub propagate: Vec<PropagateRow>,
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub failure: Vec<FailureRow>,
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub discover: Vec<DiscoverRow>,
     /// Problems seen (a system that failed to start, a sanity check).
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub notes: Vec<String>,
@@ -95,10 +98,11 @@ rows_in_field!(
     bigconn: BigconnRow,
     propagate: PropagateRow,
     failure: FailureRow,
+    discover: DiscoverRow,
 );
 
 /// The scenarios, in the order a run and the report take them.
-pub static ALL: [Entry; 12] = [
+pub static ALL: [Entry; 13] = [
     Entry::of::<Steady>(),
     Entry::of::<Push>(),
     Entry::of::<Idle>(),
@@ -107,6 +111,7 @@ pub static ALL: [Entry; 12] = [
     Entry::of::<Storm>(),
     Entry::of::<Churn>(),
     Entry::of::<Propagate>(),
+    Entry::of::<Discover>(),
     Entry::of::<Drain>(),
     Entry::of::<Failure>(),
     Entry::of::<L4>(),

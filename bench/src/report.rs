@@ -112,6 +112,7 @@ mod tests {
     use crate::scenarios::bigconn::{BigconnRow, BigconnStep};
     use crate::scenarios::churn::ChurnRow;
     use crate::scenarios::connrate::{ConnrateRow, ConnrateStep};
+    use crate::scenarios::discover::{DiscoverRow, Join};
     use crate::scenarios::drain::DrainRow;
     use crate::scenarios::failure::FailureRow;
     use crate::scenarios::idle::IdleRow;
@@ -393,6 +394,21 @@ mod tests {
             identified: 100,
             ..Default::default()
         }];
+        let mut discover = base("discover");
+        discover.discover = vec![DiscoverRow {
+            system: "weir".into(),
+            backends: 1_000,
+            ring_size: 100_103,
+            joins: vec![Join {
+                ring_ms: Some(4.0),
+                weir_run_ms: Some(6.0),
+                while_in: 400,
+                reached: 300,
+                ..Default::default()
+            }],
+            identified: 1_000,
+            ..Default::default()
+        }];
         let mut micro = base("micro");
         let ns = |mean: f64| Timing {
             mean,
@@ -428,8 +444,8 @@ mod tests {
         }];
         // Out of order on purpose: the report sorts sections.
         vec![
-            micro, l4, failure, propagate, drain, churn, storm, connrate, bigconn, idle, push,
-            steady,
+            micro, l4, failure, discover, propagate, drain, churn, storm, connrate, bigconn, idle,
+            push, steady,
         ]
     }
 

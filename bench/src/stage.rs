@@ -264,6 +264,7 @@ impl Bench {
             max_connections: None,
             large_messages: false,
             health_checks: false,
+            ring_size: None,
         }
     }
 

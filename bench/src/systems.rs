@@ -101,6 +101,10 @@ pub struct Spec {
     /// a server failed after one error for 10 s (`max_fails=1
     /// fail_timeout=10s`, per worker process).
     pub health_checks: bool,
+    /// weir's `--ring-size` for the service; None: its default (65,537
+    /// slots, fair for 655 backends). A scenario that gives the service
+    /// more backends sizes the ring for them.
+    pub ring_size: Option<u32>,
 }
 
 /// What a system says of one backend's health, for those that say.
@@ -225,6 +229,12 @@ impl Running {
         }
     }
 
+    /// weir: the instance of each shard, whose registry a scenario may read
+    /// or feed besides the CLI; empty for the peers.
+    pub fn instances(&self) -> &[String] {
+        &self.instances
+    }
+
     /// Every live process of the system, old reload workers included.
     pub fn pids(&self) -> Vec<u32> {
         procs::tree(&self.roots)
@@ -252,19 +262,20 @@ impl Running {
             register_cleanup_command(destroy);
             self.instances.push(instance.clone());
             // Replacing the whole set is what the churn scenario does.
-            self.weir_cmd(
-                topo,
-                &instance,
-                &[
-                    "service",
-                    "add",
-                    &svc,
-                    "--mode",
-                    "l7",
-                    "--max-remove-fraction",
-                    "1",
-                ],
-            )?;
+            let mut add = vec![
+                "service".to_string(),
+                "add".into(),
+                svc.clone(),
+                "--mode".into(),
+                "l7".into(),
+                "--max-remove-fraction".into(),
+                "1".into(),
+            ];
+            if let Some(slots) = self.spec.ring_size {
+                add.extend(["--ring-size".into(), slots.to_string()]);
+            }
+            let add: Vec<&str> = add.iter().map(String::as_str).collect();
+            self.weir_cmd(topo, &instance, &add)?;
             let mut set = vec!["backend".to_string(), "set".into(), svc.clone()];
             set.extend(self.spec.backends.iter().map(|b| b.to_string()));
             let set: Vec<&str> = set.iter().map(String::as_str).collect();
@@ -726,6 +737,12 @@ fn haproxy_health(state: &str, backend: SocketAddr) -> Result<HealthView> {
 /// Unix ms of an RFC 3339 UTC time (`2026-12-06T19:05:44Z`, optionally
 /// with a fraction of a second), as weir prints times.
 fn unix_ms_of_rfc3339(s: &str) -> Option<u64> {
+    unix_us_of_rfc3339(s).map(|us| us / 1000)
+}
+
+/// Unix µs of an RFC 3339 UTC time, as [`unix_ms_of_rfc3339`] reads it:
+/// the timestamps of weir's JSON log lines carry microseconds.
+pub(crate) fn unix_us_of_rfc3339(s: &str) -> Option<u64> {
     let s = s.strip_suffix('Z').or_else(|| s.strip_suffix("+00:00"))?;
     let (date, time) = s.split_once('T')?;
     let num = |x: &str| x.parse::<i64>().ok();
@@ -747,9 +764,9 @@ fn unix_ms_of_rfc3339(s: &str) -> Option<u64> {
     let yoe = yy - era * 400;
     let doy = (153 * ((m + 9) % 12) + 2) / 5 + day - 1;
     let days = era * 146_097 + yoe * 365 + yoe / 4 - yoe / 100 + doy - 719_468;
-    let ms: i64 = format!("{frac:0<3}").get(..3)?.parse().ok()?;
+    let us: i64 = format!("{frac:0<6}").get(..6)?.parse().ok()?;
     let total = ((days * 24 + h) * 60 + min) * 60 + num(sec)?;
-    u64::try_from(total * 1000 + ms).ok()
+    u64::try_from(total * 1_000_000 + us).ok()
 }
 
 /// One HAProxy Runtime API command; returns its answer.
@@ -789,6 +806,14 @@ mod tests {
         assert_eq!(
             unix_ms_of_rfc3339("2026-11-27T07:43:51.123456+00:00"),
             Some(1_795_765_431_123)
+        );
+        assert_eq!(
+            unix_us_of_rfc3339("2026-11-27T07:43:51.123456Z"),
+            Some(1_795_765_431_123_456)
+        );
+        assert_eq!(
+            unix_us_of_rfc3339("2026-11-27T07:43:51.5Z"),
+            Some(1_795_765_431_500_000)
         );
         for bad in [
             "2026-11-27 07:43:51Z",

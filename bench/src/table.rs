@@ -165,6 +165,13 @@ pub fn median(v: &[u64]) -> Option<u64> {
     Some(v[v.len() / 2])
 }
 
+/// The median of measured values (the upper one of an even count); sorts
+/// `v` in place.
+pub fn median_f(v: &mut [f64]) -> Option<f64> {
+    v.sort_by(f64::total_cmp);
+    v.get(v.len() / 2).copied()
+}
+
 /// `1234567` → `1,234,567`.
 pub fn fmt_int(v: u64) -> String {
     group(&v.to_string())

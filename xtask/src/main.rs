@@ -31,7 +31,7 @@ enum Task {
     /// JSON, Markdown and SVG under bench/results/.
     Bench {
         /// steady, push, idle, bigconn, connrate, storm, churn, propagate,
-        /// drain, failure, l4, micro (all if none).
+        /// discover, drain, failure, l4, micro (all if none).
         scenarios: Vec<String>,
         /// Small sizes, every scenario in a few minutes (what CI runs).
         #[arg(long)]

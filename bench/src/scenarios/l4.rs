@@ -175,6 +175,7 @@ impl Scenario for L4 {
                 max_connections: None,
                 large_messages: false,
                 health_checks: false,
+                ring_size: None,
             };
             let row = b.with_system(spec, "l4", |b, sys| {
                 l4_measure(b, &s, "haproxy-tcp", sys.spec.listen, Some(sys))

@@ -4,6 +4,7 @@
 pub mod bigconn;
 pub mod churn;
 pub mod connrate;
+pub mod discover;
 pub mod drain;
 pub mod failure;
 pub mod idle;

@@ -20,7 +20,7 @@ use crate::load::{self, ConnRecord, Talk};
 use crate::scenario::{Outcome, Scenario};
 use crate::stage::{Bench, backend_name};
 use crate::systems::{Kind, Method};
-use crate::table::{Table, fmt_f, fmt_int, measured};
+use crate::table::{Table, fmt_f, fmt_int, measured, median_f};
 
 /// The goal: every worker sees a change within this.
 pub const GOAL_MS: f64 = 10.0;
@@ -287,11 +287,6 @@ fn row(system: &str, workers: usize, changes: &[Change], records: &[ConnRecord])
         identified: records.iter().filter(|r| r.backend.is_some()).count() as u64,
         failed: records.iter().filter(|r| r.backend.is_none()).count() as u64,
     }
-}
-
-fn median_f(v: &mut [f64]) -> Option<f64> {
-    v.sort_by(f64::total_cmp);
-    v.get(v.len() / 2).copied()
 }
 
 #[cfg(test)]
