@@ -3,11 +3,14 @@
 //! what it has.
 //!
 //! A revision is applied whole or not at all, as far as planning can tell:
-//! every service's [`Change::SetBackends`] is planned first (a dry run:
-//! validation and guard rails), and only when all pass are they applied,
-//! one [`Registry::apply`] each (the registry changes one service per
-//! apply; a failure between two applies, which planning did not foresee,
-//! is logged with the services already applied).
+//! when it names several services, every service's [`Change::SetBackends`]
+//! is planned first (a dry run: validation and guard rails), and only when
+//! all pass are they applied, one [`Registry::apply`] each (the registry
+//! changes one service per apply; a failure between two applies, which
+//! planning did not foresee, is logged with the services already applied).
+//! A revision of one service skips the dry run: its one apply is already
+//! whole or nothing, and planning a ring twice doubles the time a change
+//! takes to reach the data planes.
 
 use std::collections::BTreeMap;
 use std::path::PathBuf;
@@ -113,7 +116,7 @@ impl Sources {
             dry_run,
             ..Default::default()
         };
-        for (service, change) in &changes {
+        for (service, change) in changes.iter().filter(|_| changes.len() > 1) {
             if let Err(e) = registry.apply(change, opts(true)) {
                 return Err(refused(source, revision, service, &e, "nothing changed"));
             }
