@@ -13,6 +13,7 @@
 //!   instance's.
 
 pub mod agent;
+pub mod control;
 pub mod listeners;
 pub mod maps_watch;
 pub mod workers;
