@@ -1,7 +1,9 @@
 //! Shared pieces of the root integration tests: a throwaway weir instance,
-//! removed on drop.
+//! removed on drop, and a raw WebSocket client (`ws`).
 
 #![allow(dead_code)]
+
+pub mod ws;
 
 use std::sync::atomic::{AtomicU32, Ordering};
 
