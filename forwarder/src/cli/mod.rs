@@ -644,17 +644,15 @@ pub fn run(cli: Cli) -> Result<()> {
             let outcome = control::call(&path, control::Command::Reload, RELOAD_WITHIN)
                 .map_err(|e| anyhow::anyhow!("instance {:?}: {e}", instance.name()))?;
             match outcome {
-                control::Outcome::Reloaded { changes } => say(
-                    json,
-                    json!({"ok": true, "changes": changes}),
-                    || {
+                control::Outcome::Reloaded { changes } => {
+                    say(json, json!({"ok": true, "changes": changes}), || {
                         if changes.is_empty() {
                             "reloaded: nothing changed".into()
                         } else {
                             changes.join("\n")
                         }
-                    },
-                ),
+                    })
+                }
                 control::Outcome::Refused { reason } => bail!("reload refused: {reason}"),
             }
         }

@@ -264,7 +264,10 @@ mod tests {
     #[test]
     fn another_version_or_an_unknown_command_is_refused_with_a_reason() {
         let e = decode_request("{\"version\":2,\"command\":\"takeover\",\"fds\":3}").unwrap_err();
-        assert!(e.contains("version 2") && e.contains("speaks version 1"), "{e}");
+        assert!(
+            e.contains("version 2") && e.contains("speaks version 1"),
+            "{e}"
+        );
         let e = decode_request("{\"version\":1,\"command\":\"explode\"}").unwrap_err();
         assert!(e.contains("explode"), "{e}");
         assert!(decode_request("reload").is_err());

@@ -181,7 +181,8 @@ fn serve(path: Option<&Path>, flag: Option<&str>) -> Result<()> {
         ),
     )
     .context("starting the map watcher")?;
-    let mut reloads = reload::Reloads::listen(&instance, path.map(Path::to_path_buf), config.clone())?;
+    let mut reloads =
+        reload::Reloads::listen(&instance, path.map(Path::to_path_buf), config.clone())?;
     let settings = crate::l7::worker::Settings {
         config,
         instance_dir: instance.pin_dir(),

@@ -123,7 +123,8 @@ impl Reloads {
         let bound = workers.reload(next.clone(), &plan)?;
         for (l, at) in plan.added.iter().zip(bound) {
             if l.listen != at {
-                plan.changes.push(format!("listener {} bound to {at}", l.listen));
+                plan.changes
+                    .push(format!("listener {} bound to {at}", l.listen));
             }
         }
         self.running = next;

@@ -208,13 +208,9 @@ impl Running {
             None => None,
         };
         if let Some(listener) = metrics {
-            let endpoint = serve_metrics(
-                listener,
-                &self.snapshot_file,
-                &self.metrics,
-                &self.outliers,
-            )
-            .map_err(|e| e.to_string())?;
+            let endpoint =
+                serve_metrics(listener, &self.snapshot_file, &self.metrics, &self.outliers)
+                    .map_err(|e| e.to_string())?;
             std::mem::replace(&mut self.endpoint, endpoint).stop();
         }
         self.outliers.set_settings(config.outlier);
@@ -244,7 +240,11 @@ impl Running {
         }
         self.endpoint.stop();
         result.map(|()| {
-            crate::l7::metrics::snapshot_with_outliers(&self.metrics, &self.outliers, Instant::now())
+            crate::l7::metrics::snapshot_with_outliers(
+                &self.metrics,
+                &self.outliers,
+                Instant::now(),
+            )
         })
     }
 }

@@ -643,7 +643,9 @@ impl Worker {
 
     fn on_accept(&mut self, accept: u32, c: Completion) {
         let l = (accept / self.per_listener) as usize;
-        let listening = self.listeners[l].as_mut().expect("an armed accept's listener");
+        let listening = self.listeners[l]
+            .as_mut()
+            .expect("an armed accept's listener");
         let (removed, listener) = (listening.removed, listening.index);
         let a = &mut listening.accepts[(accept % self.per_listener) as usize];
         let slot = a.slot.take().expect("an armed accept holds its slot");
@@ -1292,7 +1294,12 @@ impl Worker {
         if self.stop.load(Ordering::Relaxed) && self.accepting {
             self.shutdown();
         }
-        let accepts = || self.listeners.iter().flatten().flat_map(|l| l.accepts.iter());
+        let accepts = || {
+            self.listeners
+                .iter()
+                .flatten()
+                .flat_map(|l| l.accepts.iter())
+        };
         if accepts().any(|a| a.paused) {
             for l in self.listeners.iter_mut().flatten() {
                 for a in l.accepts.iter_mut() {
@@ -1349,8 +1356,7 @@ impl Worker {
             }
             e.timer = timers::UNFILED;
             let now = self.now;
-            if e.conn.poll_timeout(&e.config).is_some_and(|at| at <= now)
-            {
+            if e.conn.poll_timeout(&e.config).is_some_and(|at| at <= now) {
                 self.with_conn(idx, |conn, cx, _| conn.handle_timeout(cx));
                 self.drive(idx);
             } else {

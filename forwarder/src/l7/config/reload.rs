@@ -3,7 +3,7 @@
 //! applies a [`ReloadPlan`] whole or not at all; a field baked into the
 //! workers' io_uring setup refuses the reload whole ([`NeedsRestart`]).
 
-use std::fmt::Debug;
+use std::fmt::{Debug, Display};
 use std::net::SocketAddr;
 use std::time::Duration;
 
@@ -60,10 +60,25 @@ pub fn plan_reload(old: &Config, new: &Config) -> Result<ReloadPlan, NeedsRestar
         plan.metrics = Some(new.metrics);
     }
     let (o, n) = (&old.timeouts, &new.timeouts);
-    changed(changes, "timeouts.client_head", o.client_head, n.client_head);
-    changed(changes, "timeouts.connect", o.connect, n.connect);
-    changed(changes, "timeouts.backend_head", o.backend_head, n.backend_head);
-    changed(changes, "timeouts.idle", o.idle, n.idle);
+    changed(
+        changes,
+        "timeouts.client_head",
+        shown(o.client_head),
+        shown(n.client_head),
+    );
+    changed(
+        changes,
+        "timeouts.connect",
+        shown(o.connect),
+        shown(n.connect),
+    );
+    changed(
+        changes,
+        "timeouts.backend_head",
+        shown(o.backend_head),
+        shown(n.backend_head),
+    );
+    changed(changes, "timeouts.idle", shown(o.idle), shown(n.idle));
     if o.ping_interval != n.ping_interval {
         changes.push(format!(
             "timeouts.ping_interval: {} -> {}",
@@ -71,8 +86,13 @@ pub fn plan_reload(old: &Config, new: &Config) -> Result<ReloadPlan, NeedsRestar
             ping(n.ping_interval)
         ));
     }
-    changed(changes, "timeouts.close", o.close, n.close);
-    changed(changes, "timeouts.shutdown", o.shutdown, n.shutdown);
+    changed(changes, "timeouts.close", shown(o.close), shown(n.close));
+    changed(
+        changes,
+        "timeouts.shutdown",
+        shown(o.shutdown),
+        shown(n.shutdown),
+    );
     let (o, n) = (&old.limits, &new.limits);
     changed(
         changes,
@@ -83,16 +103,26 @@ pub fn plan_reload(old: &Config, new: &Config) -> Result<ReloadPlan, NeedsRestar
     changed(changes, "limits.max_headers", o.max_headers, n.max_headers);
     changed(changes, "limits.max_frame", o.max_frame, n.max_frame);
     changed(changes, "limits.max_message", o.max_message, n.max_message);
-    changed(changes, "drain.window", old.drain_window, new.drain_window);
+    changed(
+        changes,
+        "drain.window",
+        shown(old.drain_window),
+        shown(new.drain_window),
+    );
     let (o, n) = (&old.outlier, &new.outlier);
     changed(changes, "outlier.consecutive", o.consecutive, n.consecutive);
     changed(
         changes,
         "outlier.base_ejection",
-        o.base_ejection,
-        n.base_ejection,
+        shown(o.base_ejection),
+        shown(n.base_ejection),
     );
-    changed(changes, "outlier.max_ejection", o.max_ejection, n.max_ejection);
+    changed(
+        changes,
+        "outlier.max_ejection",
+        shown(o.max_ejection),
+        shown(n.max_ejection),
+    );
     changed(
         changes,
         "outlier.max_ejected_percent",
@@ -115,9 +145,18 @@ fn fixed<T: PartialEq + Debug>(field: &'static str, was: &T, now: &T) -> Result<
     })
 }
 
-fn changed<T: PartialEq + Debug>(changes: &mut Vec<String>, key: &str, was: T, now: T) {
+fn changed<T: PartialEq + Display>(changes: &mut Vec<String>, key: &str, was: T, now: T) {
     if was != now {
-        changes.push(format!("{key}: {was:?} -> {now:?}"));
+        changes.push(format!("{key}: {was} -> {now}"));
+    }
+}
+
+/// A duration as the file may write it (`0s`, `300s`, `1.5s`, `100ms`).
+fn shown(d: Duration) -> String {
+    if d.is_zero() {
+        "0s".into()
+    } else {
+        format!("{d:?}")
     }
 }
 
@@ -126,7 +165,7 @@ fn or_off(addr: Option<SocketAddr>) -> String {
 }
 
 fn ping(every: Option<Duration>) -> String {
-    every.map_or_else(|| "off".into(), |d| format!("{d:?}"))
+    every.map_or_else(|| "off".into(), shown)
 }
 
 /// The `[[service]]` overrides, per service address.
@@ -142,20 +181,23 @@ fn services(changes: &mut Vec<String>, old: &Config, new: &Config) {
         .iter()
         .chain(&new.service_drain)
         .map(|(s, _)| *s)
-        .chain(old.drain_unhealthy.iter().chain(&new.drain_unhealthy).copied())
+        .chain(
+            old.drain_unhealthy
+                .iter()
+                .chain(&new.drain_unhealthy)
+                .copied(),
+        )
         .collect();
     all.sort();
     all.dedup();
     for s in all {
         let (was, now) = (window(old, &s), window(new, &s));
         if was != now {
-            let shown = |w: Option<Duration>| {
-                w.map_or_else(|| "drain.window".into(), |w| format!("{w:?}"))
-            };
+            let window = |w: Option<Duration>| w.map_or_else(|| "drain.window".into(), shown);
             changes.push(format!(
                 "service {s} drain_window: {} -> {}",
-                shown(was),
-                shown(now)
+                window(was),
+                window(now)
             ));
         }
         let (was, now) = (
