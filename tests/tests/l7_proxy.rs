@@ -9,10 +9,10 @@ use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use common::ws::{close_code, raw_request, recv, send, upgrade};
-use common::{TestInstance, free_port, require_root};
+use common::{TestInstance, add_l7_service, backend, free_port, require_root};
 use weir::l7::config::{ConfigBuilder, Outlier, Timeout};
 use weir::l7::frame::{self, FrameHeader, Opcode};
-use weir::registry::{ApplyOptions, BackendAddr, Change, ServiceAddr, ServiceModeName};
+use weir::registry::{ApplyOptions, BackendAddr, Change, ServiceAddr};
 use weir_testbed::workspace_bin;
 use weir_testbed::ws_client::Ending;
 use weir_testbed::wsload::LoadReport;
@@ -87,15 +87,7 @@ impl Bed {
             ..Default::default()
         };
         for svc in [SVC, EMPTY, DEAD] {
-            let change = Change::AddService {
-                addr: svc,
-                mode: ServiceModeName::L7,
-                ring_size: None,
-                max_remove_fraction: None,
-                min_backends: None,
-                panic_threshold: None,
-            };
-            reg.apply(&change, force()).unwrap();
+            reg.apply(&add_l7_service(svc), force()).unwrap();
         }
         let set = echoes.iter().map(|(_, a)| (backend(*a), 1)).collect();
         reg.apply(
@@ -296,16 +288,6 @@ impl Drop for Bed {
             let _ = c.wait();
         }
         let _ = std::fs::remove_dir_all(&self.dir);
-    }
-}
-
-fn backend(a: SocketAddr) -> BackendAddr {
-    match a {
-        SocketAddr::V4(v4) => BackendAddr {
-            addr: *v4.ip(),
-            port: v4.port(),
-        },
-        SocketAddr::V6(_) => unreachable!("echo servers listen on IPv4"),
     }
 }
 

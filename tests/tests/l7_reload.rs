@@ -16,10 +16,10 @@ use std::process::{Child, Command, Output, Stdio};
 use std::time::{Duration, Instant};
 
 use common::ws::{close_code, recv, send, upgrade};
-use common::{TestInstance, free_port, require_root};
+use common::{TestInstance, add_l7_service, apply, backend, free_port, require_root};
 use weir::l7::config::{ConfigBuilder, Timeout};
 use weir::l7::frame::Opcode;
-use weir::registry::{ApplyOptions, BackendAddr, Change, ServiceAddr, ServiceModeName};
+use weir::registry::{Change, ServiceAddr};
 use weir_testbed::workspace_bin;
 
 const SVC: ServiceAddr = ServiceAddr {
@@ -61,35 +61,19 @@ impl Bed {
         let dir = std::env::temp_dir().join(format!("weir-reload-{}", inst.name()));
         std::fs::create_dir_all(&dir).unwrap();
         let mut reg = inst.registry();
-        let force = || ApplyOptions {
-            force: true,
-            ..Default::default()
-        };
         let mut echoes = Vec::new();
         for (i, svc) in [SVC, CHAT].into_iter().enumerate() {
             let (child, addr) = weir_testbed::spawn_echo("127.0.0.1:0", &format!("e{i}"));
             echoes.push(child);
-            let add = Change::AddService {
-                addr: svc,
-                mode: ServiceModeName::L7,
-                ring_size: None,
-                max_remove_fraction: None,
-                min_backends: None,
-                panic_threshold: None,
-            };
-            reg.apply(&add, force()).unwrap();
-            let SocketAddr::V4(v4) = addr else {
-                unreachable!("echo servers listen on IPv4")
-            };
-            let backend = BackendAddr {
-                addr: *v4.ip(),
-                port: v4.port(),
-            };
-            let set = Change::SetBackends {
-                service: svc,
-                backends: vec![(backend, 1)],
-            };
-            reg.apply(&set, force()).unwrap();
+            apply(&mut reg, add_l7_service(svc));
+            let backends = vec![(backend(addr), 1)];
+            apply(
+                &mut reg,
+                Change::SetBackends {
+                    service: svc,
+                    backends,
+                },
+            );
         }
         let mut bed = Self {
             inst,
@@ -348,11 +332,7 @@ fn a_drain_after_the_reload_takes_the_new_window_for_older_connections_too() {
         service: SVC,
         backends: vec![],
     };
-    let force = ApplyOptions {
-        force: true,
-        ..Default::default()
-    };
-    bed.inst.registry().apply(&set, force).unwrap();
+    apply(&mut bed.inst.registry(), set);
     let drained = Instant::now();
     let (_, op, payload) = recv(&mut before);
     assert_eq!((op, close_code(&payload)), (8, 1001));

@@ -18,6 +18,7 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::mpsc;
 use std::time::Duration;
 
+use serde::de::DeserializeOwned;
 use serde::{Deserialize, Serialize};
 
 /// The protocol this binary speaks.
@@ -58,8 +59,7 @@ struct Response {
     outcome: Outcome,
 }
 
-/// Reads just the version first: a newer client's request may not parse
-/// as this version's.
+/// Any message's version.
 #[derive(Deserialize)]
 struct Versioned {
     version: u32,
@@ -74,18 +74,13 @@ pub fn encode_request(command: Command) -> String {
 
 /// A request line, or the refusal to answer it with.
 pub fn decode_request(line: &str) -> Result<Command, String> {
-    let version = serde_json::from_str::<Versioned>(line)
-        .map_err(|e| format!("not a control request: {e}"))?
-        .version;
-    if version != VERSION {
-        return Err(format!(
+    decode::<Request>(line, "not a control request", |version| {
+        format!(
             "control protocol version {version} is not spoken here (this weir run speaks \
              version {VERSION}); use the weir binary that runs"
-        ));
-    }
-    serde_json::from_str::<Request>(line)
-        .map(|r| r.command)
-        .map_err(|e| format!("not a control request: {e}"))
+        )
+    })
+    .map(|r| r.command)
 }
 
 pub fn encode_response(outcome: Outcome) -> String {
@@ -97,18 +92,29 @@ pub fn encode_response(outcome: Outcome) -> String {
 
 /// An answer line; an error when it is not one this binary can read.
 pub fn decode_response(line: &str) -> Result<Outcome, String> {
-    let version = serde_json::from_str::<Versioned>(line)
-        .map_err(|e| format!("unreadable answer from weir run: {e}"))?
-        .version;
-    if version != VERSION {
-        return Err(format!(
+    decode::<Response>(line, "unreadable answer from weir run", |version| {
+        format!(
             "weir run answered in control protocol version {version}, this binary reads \
              version {VERSION}"
-        ));
+        )
+    })
+    .map(|r| r.outcome)
+}
+
+/// A message of this version, read after its version alone: another
+/// version's message may not parse as this one's.
+fn decode<T: DeserializeOwned>(
+    line: &str,
+    unreadable: &str,
+    other_version: impl FnOnce(u32) -> String,
+) -> Result<T, String> {
+    let version = serde_json::from_str::<Versioned>(line)
+        .map_err(|e| format!("{unreadable}: {e}"))?
+        .version;
+    if version != VERSION {
+        return Err(other_version(version));
     }
-    serde_json::from_str::<Response>(line)
-        .map(|r| r.outcome)
-        .map_err(|e| format!("unreadable answer from weir run: {e}"))
+    serde_json::from_str(line).map_err(|e| format!("{unreadable}: {e}"))
 }
 
 fn line(message: &impl Serialize) -> String {
