@@ -395,11 +395,20 @@ fn a_broken_or_restart_only_file_is_refused_whole_and_changes_nothing() {
         "{e}"
     );
     assert_eq!(status(port, "/chat"), "HTTP/1.1 404 Not Found");
+    // So does a metrics address that cannot be bound: the old endpoint
+    // keeps answering.
+    bed.write(base(taken_port).listener(local(port)).route("/ws", SVC));
+    let e = bed.refused();
+    assert!(
+        e.contains(&format!("metrics endpoint 127.0.0.1:{taken_port}")),
+        "{e}"
+    );
+    assert!(metrics_answer(metrics).contains("weir_l7_"));
     // Nothing of it ran: the live connection and new ones are served as
     // before, and each refusal is in the log.
-    echoes(&mut live, "after four refusals");
+    echoes(&mut live, "after five refusals");
     open(port, "/ws", "e0");
-    assert_eq!(bed.log().matches("reload refused (weir reload)").count(), 4);
+    assert_eq!(bed.log().matches("reload refused (weir reload)").count(), 5);
 }
 
 #[test]

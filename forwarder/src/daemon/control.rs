@@ -25,7 +25,10 @@ use serde::{Deserialize, Serialize};
 pub const VERSION: u32 = 1;
 
 /// The longest request line read; a reload request is a few dozen bytes.
-const MAX_LINE: u64 = 64 * 1024;
+const MAX_REQUEST: u64 = 64 * 1024;
+/// The longest answer read: one line per change of a reload, which a
+/// file of many listeners and routes can make long.
+const MAX_ANSWER: u64 = 16 << 20;
 
 /// What a client asks of the daemon.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
@@ -191,7 +194,7 @@ fn answer(stream: UnixStream, calls: &mpsc::Sender<Call>, answer_within: Duratio
     let _ = stream.set_read_timeout(Some(Duration::from_secs(5)));
     let _ = stream.set_write_timeout(Some(Duration::from_secs(5)));
     let mut request = String::new();
-    let mut reader = BufReader::new((&stream).take(MAX_LINE));
+    let mut reader = BufReader::new((&stream).take(MAX_REQUEST));
     if reader.read_line(&mut request).is_err() {
         return;
     }
@@ -231,7 +234,7 @@ pub fn call(path: &Path, command: Command, within: Duration) -> Result<Outcome, 
         .write_all(encode_request(command).as_bytes())
         .map_err(io_err)?;
     let mut answer = String::new();
-    BufReader::new((&stream).take(MAX_LINE))
+    BufReader::new((&stream).take(MAX_ANSWER))
         .read_line(&mut answer)
         .map_err(io_err)?;
     if answer.is_empty() {

@@ -1461,8 +1461,8 @@ impl Worker {
             let Some(index) = config.listeners.iter().position(|n| n.listen == listen) else {
                 continue;
             };
+            // Stopping: the socket closes unused.
             if !self.accepting {
-                socket::shut(&fd, Shutdown::Both);
                 continue;
             }
             let l = Listening::new(fd, listen, index as u16, self.per_listener);
