@@ -1294,13 +1294,12 @@ impl Worker {
         if self.stop.load(Ordering::Relaxed) && self.accepting {
             self.shutdown();
         }
-        let accepts = || {
-            self.listeners
-                .iter()
-                .flatten()
-                .flat_map(|l| l.accepts.iter())
-        };
-        if accepts().any(|a| a.paused) {
+        let mut accepts = self
+            .listeners
+            .iter()
+            .flatten()
+            .flat_map(|l| l.accepts.iter());
+        if accepts.any(|a| a.paused) {
             for l in self.listeners.iter_mut().flatten() {
                 for a in l.accepts.iter_mut() {
                     a.paused = false;
