@@ -91,6 +91,12 @@ impl Instance {
         self.state_dir().join("daemon.lock")
     }
 
+    /// The control socket of the `weir run` holding the daemon lock
+    /// (`weir reload` talks to it); removed when that process exits.
+    pub fn control_socket_path(&self) -> PathBuf {
+        self.state_dir().join("control.sock")
+    }
+
     /// Held (flock) by the `weir agent` of this instance; it holds that
     /// process' pid. Beside `weir run`'s: the two run side by side.
     pub fn agent_lock_path(&self) -> PathBuf {

@@ -13,8 +13,8 @@ use std::path::{Path, PathBuf};
 use std::process::Command;
 use std::time::{Duration, Instant};
 
-use common::{TestInstance, free_port, require_root};
-use weir::registry::{ApplyOptions, Change, ServiceAddr, ServiceModeName};
+use common::{TestInstance, add_l7_service, free_port, require_root};
+use weir::registry::{ApplyOptions, ServiceAddr};
 use weir_testbed::agent::{Agent, scrape, temp_dir};
 use weir_testbed::workspace_bin;
 
@@ -32,15 +32,8 @@ fn instance(tag: &str) -> TestInstance {
     let inst = TestInstance::new(tag);
     let mut reg = inst.registry();
     for addr in [SVC, OTHER] {
-        let add = Change::AddService {
-            addr,
-            mode: ServiceModeName::L7,
-            ring_size: None,
-            max_remove_fraction: None,
-            min_backends: None,
-            panic_threshold: None,
-        };
-        reg.apply(&add, ApplyOptions::default()).unwrap();
+        reg.apply(&add_l7_service(addr), ApplyOptions::default())
+            .unwrap();
     }
     inst
 }

@@ -8,10 +8,11 @@ use std::net::{Ipv4Addr, SocketAddr, TcpStream};
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
-use common::{TestInstance, free_port, require_root};
+use common::ws::{close_code, raw_request, recv, send, upgrade};
+use common::{TestInstance, add_l7_service, backend, free_port, require_root};
 use weir::l7::config::{ConfigBuilder, Outlier, Timeout};
 use weir::l7::frame::{self, FrameHeader, Opcode};
-use weir::registry::{ApplyOptions, BackendAddr, Change, ServiceAddr, ServiceModeName};
+use weir::registry::{ApplyOptions, BackendAddr, Change, ServiceAddr};
 use weir_testbed::workspace_bin;
 use weir_testbed::ws_client::Ending;
 use weir_testbed::wsload::LoadReport;
@@ -86,15 +87,7 @@ impl Bed {
             ..Default::default()
         };
         for svc in [SVC, EMPTY, DEAD] {
-            let change = Change::AddService {
-                addr: svc,
-                mode: ServiceModeName::L7,
-                ring_size: None,
-                max_remove_fraction: None,
-                min_backends: None,
-                panic_threshold: None,
-            };
-            reg.apply(&change, force()).unwrap();
+            reg.apply(&add_l7_service(svc), force()).unwrap();
         }
         let set = echoes.iter().map(|(_, a)| (backend(*a), 1)).collect();
         reg.apply(
@@ -298,16 +291,6 @@ impl Drop for Bed {
     }
 }
 
-fn backend(a: SocketAddr) -> BackendAddr {
-    match a {
-        SocketAddr::V4(v4) => BackendAddr {
-            addr: *v4.ip(),
-            port: v4.port(),
-        },
-        SocketAddr::V6(_) => unreachable!("echo servers listen on IPv4"),
-    }
-}
-
 fn report(child: Child) -> LoadReport {
     let out = child.wait_with_output().unwrap();
     LoadReport::from_json(&String::from_utf8_lossy(&out.stdout)).unwrap()
@@ -318,66 +301,6 @@ fn unix_ms() -> u64 {
         .duration_since(UNIX_EPOCH)
         .unwrap()
         .as_millis() as u64
-}
-
-/// A raw client: the handshake and frames by hand.
-fn raw_request(port: u16, request: &str) -> (TcpStream, String) {
-    let mut s = TcpStream::connect(("127.0.0.1", port)).unwrap();
-    s.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
-    s.write_all(request.as_bytes()).unwrap();
-    let mut head = Vec::new();
-    let mut byte = [0u8; 1];
-    while !head.ends_with(b"\r\n\r\n") {
-        if s.read(&mut byte).unwrap_or(0) == 0 {
-            break;
-        }
-        head.push(byte[0]);
-    }
-    (s, String::from_utf8_lossy(&head).into_owned())
-}
-
-fn upgrade(port: u16, path: &str) -> (TcpStream, String) {
-    raw_request(
-        port,
-        &format!(
-            "GET {path} HTTP/1.1\r\nHost: t\r\nUpgrade: websocket\r\nConnection: Upgrade\r\nSec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\nSec-WebSocket-Version: 13\r\n\r\n"
-        ),
-    )
-}
-
-fn send(s: &mut TcpStream, fin: bool, op: Opcode, payload: &[u8]) {
-    let mask = [0x12, 0x34, 0x56, 0x78];
-    let mut out = Vec::new();
-    FrameHeader::new(fin, op, Some(mask), payload.len() as u64).write_to(&mut out);
-    let mut p = payload.to_vec();
-    frame::apply_mask(&mut p, mask, 0);
-    out.extend(p);
-    s.write_all(&out).unwrap();
-}
-
-/// Reads one frame: (fin, opcode, payload).
-fn recv(s: &mut TcpStream) -> (bool, u8, Vec<u8>) {
-    let mut buf = Vec::new();
-    let mut byte = [0u8; 1];
-    let header = loop {
-        if let Some(h) = frame::parse_header(&buf).unwrap() {
-            break h;
-        }
-        assert_eq!(
-            s.read(&mut byte).unwrap(),
-            1,
-            "stream ended inside a header"
-        );
-        buf.push(byte[0]);
-    };
-    assert!(header.mask.is_none(), "frames to a client are not masked");
-    let mut payload = vec![0u8; header.payload_len as usize];
-    s.read_exact(&mut payload).unwrap();
-    (header.fin, header.opcode, payload)
-}
-
-fn close_code(payload: &[u8]) -> u16 {
-    u16::from_be_bytes([payload[0], payload[1]])
 }
 
 #[test]

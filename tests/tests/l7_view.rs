@@ -264,6 +264,13 @@ fn unhealthy_backends_get_no_new_connections_and_are_drained_only_where_asked() 
     assert!(kept.stopped.is_empty(), "live connections stay by default");
     let drained = drain.refresh().unwrap().expect("generation moved");
     assert_eq!(drained.stopped, BTreeSet::from([sick]), "drain_unhealthy");
+    // A reload that turns drain_unhealthy on drains what is unhealthy
+    // already, at the next refresh, though the registry did not move.
+    let mut reloaded = open(false);
+    assert!(reloaded.refresh().unwrap().is_none());
+    reloaded.set_drain_unhealthy(BTreeSet::from([svc()]));
+    let now_drained = reloaded.refresh().unwrap().expect("read again");
+    assert_eq!(now_drained.stopped, BTreeSet::from([sick]));
     for view in [&keep, &drain] {
         for r in draws(1000) {
             let (id, _) = view.pick(&svc(), r, &[], |_| 0, |_| false).unwrap();

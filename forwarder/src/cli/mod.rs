@@ -84,6 +84,10 @@ pub enum Command {
     Decap(DecapCmd),
     /// Run the L7 WebSocket proxy (io_uring workers) until SIGTERM.
     Run(DaemonArgs),
+    /// Have the running `weir run` read its configuration file again and
+    /// apply it without closing a connection (as SIGHUP does): prints one
+    /// line per change, or the reason it was refused (exit 1).
+    Reload,
     /// Check the health of backends and write it to the registry; free
     /// removed backends once nothing uses them. Runs until SIGTERM.
     Agent(DaemonArgs),
@@ -260,6 +264,9 @@ pub enum DecapCmd {
         dev: String,
     },
 }
+
+/// How long `weir reload` waits for the running `weir run` to answer.
+const RELOAD_WITHIN: std::time::Duration = std::time::Duration::from_secs(60);
 
 /// Runs the CLI; errors go up to `main`, which prints one line.
 pub fn run(cli: Cli) -> Result<()> {
@@ -629,6 +636,25 @@ pub fn run(cli: Cli) -> Result<()> {
                 a.log_format,
                 a.log_level,
             );
+        }
+        Command::Reload => {
+            use crate::daemon::control;
+            crate::instance::require_root()?;
+            let path = instance.control_socket_path();
+            let outcome = control::call(&path, control::Command::Reload, RELOAD_WITHIN)
+                .map_err(|e| anyhow::anyhow!("instance {:?}: {e}", instance.name()))?;
+            match outcome {
+                control::Outcome::Reloaded { changes } => {
+                    say(json, json!({"ok": true, "changes": changes}), || {
+                        if changes.is_empty() {
+                            "reloaded: nothing changed".into()
+                        } else {
+                            changes.join("\n")
+                        }
+                    })
+                }
+                control::Outcome::Refused { reason } => bail!("reload refused: {reason}"),
+            }
         }
         Command::Agent(a) => {
             return crate::daemon::agent::run(

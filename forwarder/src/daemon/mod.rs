@@ -5,16 +5,20 @@
 //! - `weir run` ([`run`]): everything around the L7 workers that keeps the
 //!   process honest about what it serves;
 //!   - [`listeners`]: nobody else listens on its addresses;
-//!   - [`workers`]: starts and joins the io_uring workers and the metrics
-//!     endpoint;
+//!   - [`workers`]: starts, reloads and joins the io_uring workers and the
+//!     metrics endpoint;
+//!   - [`reload`]: SIGHUP and `weir reload` read the configuration again
+//!     and apply it in place, over [`control`], its control socket;
 //! - [`agent`]: `weir agent`, the control-plane work that needs a process:
 //!   health checks and freeing removed backends once nothing uses them;
 //! - [`maps_watch`]: the pinned maps a daemon started on are still the
 //!   instance's.
 
 pub mod agent;
+pub mod control;
 pub mod listeners;
 pub mod maps_watch;
+pub mod reload;
 pub mod workers;
 
 use std::path::Path;
@@ -93,7 +97,8 @@ pub fn instance_for(
 /// Loads the configuration, checks that the instance exists and that
 /// nobody else serves it or its listeners, runs the workers until SIGTERM
 /// or SIGINT, and drains before exiting. It watches the instance's pinned
-/// maps meanwhile and stops (non-zero) if they are replaced.
+/// maps meanwhile and stops (non-zero) if they are replaced, and reloads
+/// its configuration on SIGHUP or `weir reload`.
 fn serve(path: Option<&Path>, flag: Option<&str>) -> Result<()> {
     let mut config = match path {
         Some(p) => crate::l7::config::load(p)?,
@@ -176,6 +181,8 @@ fn serve(path: Option<&Path>, flag: Option<&str>) -> Result<()> {
         ),
     )
     .context("starting the map watcher")?;
+    let mut reloads =
+        reload::Reloads::listen(&instance, path.map(Path::to_path_buf), config.clone())?;
     let settings = crate::l7::worker::Settings {
         config,
         instance_dir: instance.pin_dir(),
@@ -200,7 +207,12 @@ fn serve(path: Option<&Path>, flag: Option<&str>) -> Result<()> {
             );
         }
     };
-    let served = workers::serve(settings, stop.clone(), listening);
+    let served = workers::start(settings, stop.clone()).and_then(|mut running| {
+        listening(&running.bound, &running.sizing);
+        reloads.serve(&mut running);
+        running.join()
+    });
+    drop(reloads);
     // The watcher ends with the stop flag; a failed start set it too.
     stop.store(true, Ordering::Relaxed);
     if watcher.join().is_err() {

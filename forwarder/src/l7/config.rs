@@ -14,7 +14,9 @@ pub use crate::config_file::{ConfigError, MAX_DURATION, parse_duration};
 use crate::registry::ServiceAddr;
 
 mod builder;
+mod reload;
 pub use builder::{ConfigBuilder, Timeout};
+pub use reload::{NeedsRestart, ReloadPlan, plan_reload};
 
 /// The embedded default: one listener on loopback routing everything to
 /// the L7 service 127.0.0.1:8080, whose backends come from the registry

@@ -20,7 +20,8 @@ use super::outlier::{Detector, Returned, Row, Subject, Verdict};
 
 pub struct Ejections {
     detector: Mutex<Detector>,
-    enabled: bool,
+    /// Whether failures count at all (a reload may change it).
+    enabled: AtomicBool,
     /// The times below count milliseconds from here.
     base: Instant,
     /// Per backend id: when its ejection ends (rounded up), 0 when it is
@@ -39,7 +40,7 @@ impl Ejections {
         let n = MAX_BACKENDS as usize;
         Self {
             detector: Mutex::new(Detector::new(settings)),
-            enabled: settings.consecutive > 0,
+            enabled: AtomicBool::new(settings.consecutive > 0),
             base: now,
             until_ms: (0..n).map(|_| AtomicU64::new(0)).collect(),
             suspect: (0..n).map(|_| AtomicBool::new(false)).collect(),
@@ -68,7 +69,7 @@ impl Ejections {
         let Some(suspect) = self.suspect.get(backend.id as usize) else {
             return;
         };
-        if !self.enabled {
+        if !self.enabled.load(Ordering::Relaxed) {
             return;
         }
         let mut d = self.detector();
@@ -122,6 +123,16 @@ impl Ejections {
             }
             Some(Verdict::Refused { first: false, .. }) | None => {}
         }
+    }
+
+    /// New settings from a reload: failures from now on count under them
+    /// and the next ejections last what they say; ejections in progress
+    /// end when they were given to.
+    pub fn set_settings(&self, settings: Outlier) {
+        let mut d = self.detector();
+        d.set_settings(settings);
+        self.enabled
+            .store(settings.consecutive > 0, Ordering::Relaxed);
     }
 
     /// Backend `id` answered an upgrade with 101.
@@ -239,6 +250,29 @@ mod tests {
             },
             active: 4,
         }
+    }
+
+    /// A reload turns detection on: failures count from then on, under
+    /// the new settings.
+    #[test]
+    fn settings_from_a_reload_apply_to_the_next_failures() {
+        let e = table(0);
+        let t = e.base + Duration::from_millis(3);
+        for _ in 0..3 {
+            e.failed(subject(5), t);
+        }
+        assert!(!e.is_ejected(5, t), "detection off: nothing counts");
+        e.set_settings(Outlier {
+            consecutive: 2,
+            base_ejection: Duration::from_secs(1),
+            max_ejection: Duration::from_secs(1),
+            max_ejected_percent: 50,
+        });
+        e.failed(subject(5), t);
+        assert!(!e.is_ejected(5, t), "one failure since the reload");
+        e.failed(subject(5), t);
+        assert!(e.is_ejected(5, t));
+        assert!(!e.is_ejected(5, t + Duration::from_millis(1001)));
     }
 
     #[test]

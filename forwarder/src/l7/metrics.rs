@@ -425,16 +425,16 @@ pub fn render(s: &Snapshot) -> String {
     out
 }
 
-/// Serves `/metrics` on `addr` and writes `snapshot_file` every second,
-/// until `stop`.
+/// Serves `/metrics` on `listener` (bound by the caller, so that a taken
+/// address fails a start or a reload before anything changes) and writes
+/// `snapshot_file` every second, until `stop`.
 pub fn serve(
-    addr: Option<SocketAddr>,
+    listener: Option<TcpListener>,
     snapshot_file: std::path::PathBuf,
     workers: Vec<Arc<WorkerMetrics>>,
     outliers: Arc<Ejections>,
     stop: Arc<AtomicBool>,
 ) -> std::io::Result<std::thread::JoinHandle<()>> {
-    let listener = addr.map(TcpListener::bind).transpose()?;
     if let Some(l) = &listener {
         l.set_nonblocking(true)?;
     }

@@ -3,7 +3,7 @@
 //! exhaustive tests; `upstream` chooses backends through the registry
 //! `view`. The io_uring workers of `weir run` (`worker`, with its
 //! operations in `op` and its sockets in `socket`) drive them and only move
-//! bytes.
+//! bytes; a reloaded configuration reaches them through `reconfig`.
 
 pub mod bufring;
 pub mod config;
@@ -16,6 +16,7 @@ pub mod handshake;
 pub mod metrics;
 pub mod op;
 pub mod outlier;
+pub mod reconfig;
 pub mod relay;
 pub mod socket;
 pub mod table;

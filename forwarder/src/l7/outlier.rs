@@ -127,6 +127,12 @@ impl Detector {
         }
     }
 
+    /// Replaces the settings; the records (failures in a row, earlier
+    /// ejections) stay.
+    pub fn set_settings(&mut self, settings: Outlier) {
+        self.settings = settings;
+    }
+
     /// Whether detection is on (`consecutive > 0`).
     pub fn enabled(&self) -> bool {
         self.settings.consecutive > 0

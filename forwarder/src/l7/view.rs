@@ -113,6 +113,14 @@ impl RegistryView {
         }))
     }
 
+    /// Changes the services whose connections to unhealthy backends are
+    /// drained; the next [`RegistryView::refresh`] reads the registry
+    /// again and reports the backends that stop serving under it.
+    pub fn set_drain_unhealthy(&mut self, services: BTreeSet<ServiceAddr>) {
+        self.drain_unhealthy = services;
+        self.seen = u64::MAX;
+    }
+
     fn reload(&mut self) -> Result<(), RegistryError> {
         let next = self.load()?;
         self.install(next);

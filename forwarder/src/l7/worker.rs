@@ -7,6 +7,13 @@
 //!
 //! A connection is freed only after every operation it started has
 //! completed, so the kernel never touches freed memory.
+//!
+//! A reload ([`Reconfig`]) is applied between completions: listeners are
+//! added or stop accepting, and new connections take the new
+//! configuration. A connection keeps the configuration it was accepted
+//! with (its timeouts, limits and routes) for its whole life; what the
+//! worker decides for many connections at once (drain windows, which
+//! backends drain, the shutdown window) follows the latest one.
 
 use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::io;
@@ -20,7 +27,7 @@ use io_uring::{IoUring, opcode, squeue, types};
 use socket2::SockAddr;
 
 use super::bufring::BufRing;
-use super::config::{Config, Listener};
+use super::config::Config;
 use super::conn::{Action, Conn, Cx, Event, Output, Received, Side, Transmit};
 use super::drain::DrainQueue;
 use super::ejections::Ejections;
@@ -29,6 +36,7 @@ use super::frame;
 use super::handshake::{Reject, reject};
 use super::metrics::{CloseSeen, WorkerMetrics};
 use super::op::{self, Completion, ConnId, Op};
+use super::reconfig::{Reconfig, Update};
 use super::socket;
 use super::table::Table;
 use super::timers::{self, Wheel};
@@ -51,7 +59,9 @@ pub struct Settings {
 struct Entry {
     conn: Conn,
     generation: u32,
-    /// The listener it came in on (a configuration has a handful).
+    /// The configuration it was accepted with: it keeps it to the end.
+    config: Arc<Config>,
+    /// The listener it came in on, in `config` (which has a handful).
     listener: u16,
     /// The client socket's slot in the ring's registered-file table,
     /// until weir closes it.
@@ -104,7 +114,6 @@ impl Gather {
 /// One accept kept armed on a listener, into a slot of the table; the
 /// kernel writes the client's address here.
 struct Accept {
-    listener: u16,
     /// The slot its client lands in, while armed.
     slot: Option<u32>,
     /// Failed for a reason that would fail again at once: the tick re-arms.
@@ -113,17 +122,73 @@ struct Accept {
     len: libc::socklen_t,
 }
 
+/// A listening socket of this worker's and the accepts armed on it.
+struct Listening {
+    fd: OwnedFd,
+    /// Its configured address, which a reload compares.
+    listen: SocketAddr,
+    /// Its place in the worker's current configuration.
+    index: u16,
+    /// A reload took it out: it accepts nothing more, and goes once its
+    /// accepts have completed.
+    removed: bool,
+    /// Never resized: the kernel writes into its elements.
+    accepts: Box<[Accept]>,
+}
+
+impl Listening {
+    fn new(fd: OwnedFd, listen: SocketAddr, index: u16, accepts: u32) -> Self {
+        let accepts = (0..accepts)
+            .map(|_| Accept {
+                slot: None,
+                paused: false,
+                // SAFETY: all zeroes is a valid (empty) sockaddr_storage.
+                addr: unsafe { std::mem::zeroed() },
+                len: 0,
+            })
+            .collect();
+        Self {
+            fd,
+            listen,
+            index,
+            removed: false,
+            accepts,
+        }
+    }
+}
+
+/// What a worker shares with the process: the stop flag, the connection
+/// count, the outlier table and the reloads.
+#[derive(Clone)]
+pub struct Shared {
+    pub stop: Arc<AtomicBool>,
+    /// Connections across all workers, for `max_connections`.
+    pub open: Arc<AtomicUsize>,
+    pub outliers: Arc<Ejections>,
+    pub reconfig: Arc<Reconfig>,
+}
+
 pub struct Worker {
-    // Field order: the ring goes first, then the buffers it writes into.
+    // Field order: the ring goes first, then the buffers and accepts it
+    // writes into.
     ring: IoUring,
     bufs: BufRing,
-    listeners: Vec<(OwnedFd, Listener)>,
+    /// By the number in their accepts' operations; a slot is reused once
+    /// its listener is gone.
+    listeners: Vec<Option<Listening>>,
+    /// Accepts armed per listener.
+    per_listener: u32,
     conns: Table<Entry>,
     free: Vec<u32>,
     next_generation: u32,
     upstream: Upstream,
     drains: DrainQueue<(u32, u32)>,
-    config: Config,
+    /// The latest configuration: new connections take it.
+    config: Arc<Config>,
+    /// Its reload generation, and this worker's place among the workers.
+    config_generation: u64,
+    index: usize,
+    reconfig: Arc<Reconfig>,
     tick: Box<types::Timespec>,
     /// When connections next need their timeout handled.
     wheel: Wheel,
@@ -142,9 +207,6 @@ pub struct Worker {
     slots: Slots,
     /// Its size.
     table: u32,
-    /// The accepts armed on every listener. Never resized: the kernel
-    /// writes into its elements.
-    accepts: Box<[Accept]>,
     /// After SIGTERM: what is still open at this point is cut.
     shutdown_deadline: Option<Instant>,
     /// Connections across all workers, for `max_connections`.
@@ -244,16 +306,22 @@ const WHEEL_TICKS: usize = 1024;
 impl Worker {
     /// Sets up the ring (SINGLE_ISSUER and DEFER_TASKRUN where the kernel
     /// has them), the buffers, the listeners and the registry view.
+    /// `index` is its place among the process's workers.
     pub fn new(
         settings: &Settings,
         sizing: Sizing,
         listener_fds: Vec<OwnedFd>,
-        stop: Arc<AtomicBool>,
         metrics: Arc<WorkerMetrics>,
-        open: Arc<AtomicUsize>,
-        outliers: Arc<Ejections>,
+        shared: Shared,
+        index: usize,
     ) -> io::Result<Self> {
-        let config = settings.config.clone();
+        let Shared {
+            stop,
+            open,
+            outliers,
+            reconfig,
+        } = shared;
+        let config = Arc::new(settings.config.clone());
         let entries = 4096;
         let deferred = IoUring::builder()
             .setup_single_issuer()
@@ -273,20 +341,12 @@ impl Worker {
             )
         })?;
         socket::check_ring_sockets(&mut ring, table - 1)?;
-        let listeners: Vec<(OwnedFd, Listener)> = listener_fds
+        let per_listener = sizing.accepts_per_listener;
+        let listeners = listener_fds
             .into_iter()
-            .zip(config.listeners.iter().cloned())
-            .collect();
-        let per_listener = sizing.accepts_per_listener as usize;
-        let accepts = (0..listeners.len() * per_listener)
-            .map(|i| Accept {
-                listener: (i / per_listener) as u16,
-                slot: None,
-                paused: false,
-                // SAFETY: all zeroes is a valid (empty) sockaddr_storage.
-                addr: unsafe { std::mem::zeroed() },
-                len: 0,
-            })
+            .zip(&config.listeners)
+            .enumerate()
+            .map(|(i, (fd, l))| Some(Listening::new(fd, l.listen, i as u16, per_listener)))
             .collect();
         let maps = Maps::open(&settings.instance_dir).map_err(io::Error::other)?;
         let drain_unhealthy = settings.config.drain_unhealthy.iter().copied().collect();
@@ -296,6 +356,7 @@ impl Worker {
             ring,
             bufs,
             listeners,
+            per_listener,
             conns: Table::default(),
             free: Vec::new(),
             next_generation: 1,
@@ -309,12 +370,14 @@ impl Worker {
             now: Instant::now(),
             rng,
             config,
+            config_generation: 0,
+            index,
+            reconfig,
             stop,
             accepting: true,
             metrics,
             slots: Slots::new(table),
             table,
-            accepts,
             shutdown_deadline: None,
             open,
             pool: PoolRelease {
@@ -374,6 +437,9 @@ impl Worker {
                     // Not again this quiet spell.
                     Err(_) => self.pool.released = true,
                 }
+            }
+            if self.reconfig.published() != self.config_generation {
+                self.reload();
             }
             if !self.accepting && self.conns.iter().all(Option::is_none) {
                 return Ok(());
@@ -442,24 +508,29 @@ impl Worker {
         if !self.accepting {
             return;
         }
-        for i in 0..self.accepts.len() {
-            let a = &self.accepts[i];
-            if a.slot.is_some() || a.paused {
-                continue;
-            }
-            let Some(slot) = self.slots.take() else {
-                return;
-            };
-            let fd = self.listeners[usize::from(a.listener)].0.as_raw_fd();
-            let a = &mut self.accepts[i];
-            a.slot = Some(slot);
-            a.len = size_of::<libc::sockaddr_storage>() as libc::socklen_t;
-            let dest = types::DestinationSlot::try_from_slot_target(slot).expect("slot in range");
-            let entry =
-                opcode::Accept::new(types::Fd(fd), (&raw mut a.addr).cast(), &raw mut a.len)
+        for l in 0..self.listeners.len() {
+            for i in 0..self.per_listener as usize {
+                let Some(listening) = self.listeners[l].as_mut().filter(|l| !l.removed) else {
+                    break;
+                };
+                let a = &mut listening.accepts[i];
+                if a.slot.is_some() || a.paused {
+                    continue;
+                }
+                let Some(slot) = self.slots.take() else {
+                    return;
+                };
+                a.slot = Some(slot);
+                a.len = size_of::<libc::sockaddr_storage>() as libc::socklen_t;
+                let dest =
+                    types::DestinationSlot::try_from_slot_target(slot).expect("slot in range");
+                let fd = types::Fd(listening.fd.as_raw_fd());
+                let entry = opcode::Accept::new(fd, (&raw mut a.addr).cast(), &raw mut a.len)
                     .file_index(Some(dest))
                     .build();
-            self.submit(Op::Accept { accept: i as u32 }, entry);
+                let accept = l as u32 * self.per_listener + i as u32;
+                self.submit(Op::Accept { accept }, entry);
+            }
         }
     }
 
@@ -477,7 +548,7 @@ impl Worker {
             return;
         };
         let id = match c.op {
-            Op::Accept { accept } => return self.on_accept(accept as usize, c),
+            Op::Accept { accept } => return self.on_accept(accept, c),
             Op::Tick => {
                 self.arm_tick();
                 return self.on_tick();
@@ -562,18 +633,27 @@ impl Worker {
         let e = self.conns[idx as usize].as_mut().expect("live connection");
         let mut cx = Cx {
             now: self.now,
-            config: &self.config,
-            routes: &self.listeners[usize::from(e.listener)].1,
+            config: &e.config,
+            routes: &e.config.listeners[usize::from(e.listener)],
             mask,
             out: &mut self.out,
         };
         f(&mut e.conn, &mut cx, &self.bufs)
     }
 
-    fn on_accept(&mut self, accept: usize, c: Completion) {
-        let a = &mut self.accepts[accept];
+    fn on_accept(&mut self, accept: u32, c: Completion) {
+        let l = (accept / self.per_listener) as usize;
+        let listening = self.listeners[l]
+            .as_mut()
+            .expect("an armed accept's listener");
+        let (removed, listener) = (listening.removed, listening.index);
+        let a = &mut listening.accepts[(accept % self.per_listener) as usize];
         let slot = a.slot.take().expect("an armed accept holds its slot");
         let peer = socket::sockaddr(&a.addr, a.len);
+        if removed && listening.accepts.iter().all(|a| a.slot.is_none()) {
+            // Its last accept is back: the socket closes.
+            self.listeners[l] = None;
+        }
         if let Err(e) = c.result {
             // Nothing landed in the slot.
             self.slots.give(slot);
@@ -583,11 +663,16 @@ impl Worker {
                 e.raw_os_error(),
                 Some(libc::ECONNABORTED | libc::EINTR | libc::EAGAIN)
             );
-            self.accepts[accept].paused = !transient && self.accepting;
+            if let Some(listening) = self.listeners[l].as_mut() {
+                listening.accepts[(accept % self.per_listener) as usize].paused =
+                    !transient && self.accepting && !removed;
+            }
             return self.arm_accepts();
         }
         self.metrics.accepted.fetch_add(1, Ordering::Relaxed);
-        if !self.accepting {
+        // A client the kernel queued before its listener was taken out has
+        // no routes left to follow.
+        if !self.accepting || removed {
             return self.close_slot(slot);
         }
         // Re-armed before this client takes a slot for its backend.
@@ -608,7 +693,8 @@ impl Worker {
         self.conns[idx as usize] = Some(Entry {
             conn: Conn::new(self.now, &self.config, peer),
             generation,
-            listener: self.accepts[accept].listener,
+            config: self.config.clone(),
+            listener,
             client: Some(slot),
             backend: None,
             connect_to: None,
@@ -714,7 +800,7 @@ impl Worker {
     /// handled sooner than where it is filed.
     fn file_timer(&mut self, idx: u32) {
         let e = self.conns[idx as usize].as_mut().expect("live connection");
-        let Some(at) = e.conn.poll_timeout(&self.config) else {
+        let Some(at) = e.conn.poll_timeout(&e.config) else {
             return;
         };
         if e.timer == timers::UNFILED || self.wheel.tick_for(at) < e.timer {
@@ -905,6 +991,7 @@ impl Worker {
                     &m.backend_connect_refused
                 };
                 counter.fetch_add(1, Ordering::Relaxed);
+                let connect = self.entry(idx).config.timeouts.connect;
                 if let Some(suppressed) = self.chatter.backend_failed.admit(self.now) {
                     if timed_out {
                         tracing::warn!(
@@ -914,7 +1001,7 @@ impl Worker {
                             suppressed,
                             "backend {addr} did not accept the connection within {:?}; trying \
                              another (counted in weir_l7_backend_connect_failures_total)",
-                            self.config.timeouts.connect
+                            connect
                         );
                     } else {
                         tracing::warn!(
@@ -1207,9 +1294,16 @@ impl Worker {
         if self.stop.load(Ordering::Relaxed) && self.accepting {
             self.shutdown();
         }
-        if self.accepts.iter().any(|a| a.paused) {
-            for a in self.accepts.iter_mut() {
-                a.paused = false;
+        let mut accepts = self
+            .listeners
+            .iter()
+            .flatten()
+            .flat_map(|l| l.accepts.iter());
+        if accepts.any(|a| a.paused) {
+            for l in self.listeners.iter_mut().flatten() {
+                for a in l.accepts.iter_mut() {
+                    a.paused = false;
+                }
             }
             self.arm_accepts();
         }
@@ -1261,10 +1355,7 @@ impl Worker {
             }
             e.timer = timers::UNFILED;
             let now = self.now;
-            if e.conn
-                .poll_timeout(&self.config)
-                .is_some_and(|at| at <= now)
-            {
+            if e.conn.poll_timeout(&e.config).is_some_and(|at| at <= now) {
                 self.with_conn(idx, |conn, cx, _| conn.handle_timeout(cx));
                 self.drive(idx);
             } else {
@@ -1326,14 +1417,78 @@ impl Worker {
         }
     }
 
+    /// Applies the reloads published since the last turn, oldest first,
+    /// and tells the daemon the generation this worker runs.
+    fn reload(&mut self) {
+        for update in self.reconfig.take(self.index) {
+            self.apply(update);
+        }
+        self.reconfig.applied(self.index, self.config_generation);
+    }
+
+    /// One reload: listeners taken out stop accepting (their connections
+    /// stay), added ones start, new connections take the configuration,
+    /// and a change of which services drain unhealthy backends is looked
+    /// at against the registry at once.
+    fn apply(&mut self, update: Update) {
+        let Update {
+            generation,
+            config,
+            added,
+        } = update;
+        // The worker's own copy: connections count references to it
+        // without touching another core's cache line.
+        let config = Arc::new(Config::clone(&config));
+        for slot in self.listeners.iter_mut() {
+            let Some(l) = slot.as_mut().filter(|l| !l.removed) else {
+                continue;
+            };
+            match config.listeners.iter().position(|n| n.listen == l.listen) {
+                Some(i) => l.index = i as u16,
+                None => {
+                    // Its armed accepts complete, and new connects are
+                    // refused by the kernel.
+                    l.removed = true;
+                    socket::shut(&l.fd, Shutdown::Both);
+                    if l.accepts.iter().all(|a| a.slot.is_none()) {
+                        *slot = None;
+                    }
+                }
+            }
+        }
+        for (listen, fd) in added {
+            let Some(index) = config.listeners.iter().position(|n| n.listen == listen) else {
+                continue;
+            };
+            // Stopping: the socket closes unused.
+            if !self.accepting {
+                continue;
+            }
+            let l = Listening::new(fd, listen, index as u16, self.per_listener);
+            match self.listeners.iter().position(Option::is_none) {
+                Some(free) => self.listeners[free] = Some(l),
+                None => self.listeners.push(Some(l)),
+            }
+        }
+        let drain_unhealthy = config.drain_unhealthy != self.config.drain_unhealthy;
+        self.config = config;
+        self.config_generation = generation;
+        if drain_unhealthy {
+            let services = self.config.drain_unhealthy.iter().copied().collect();
+            self.upstream.view_mut().set_drain_unhealthy(services);
+            self.refresh_view();
+        }
+        self.arm_accepts();
+    }
+
     /// Stops accepting and drains every connection over the shutdown
     /// window.
     fn shutdown(&mut self) {
         self.accepting = false;
         self.shutdown_deadline = Some(self.now + self.config.timeouts.shutdown);
-        for (fd, _) in &self.listeners {
+        for l in self.listeners.iter().flatten() {
             // Shutting the listening socket ends the accept.
-            socket::shut(fd, Shutdown::Both);
+            socket::shut(&l.fd, Shutdown::Both);
         }
         let now_ms = self.start.elapsed().as_millis() as u64;
         let window = (self.config.timeouts.shutdown.as_millis() as u64) * 3 / 4;

@@ -1,12 +1,18 @@
 //! Shared pieces of the root integration tests: a throwaway weir instance,
-//! removed on drop.
+//! removed on drop, and a raw WebSocket client (`ws`).
 
 #![allow(dead_code)]
 
+pub mod ws;
+
 use std::sync::atomic::{AtomicU32, Ordering};
 
+use std::net::SocketAddr;
 use weir::instance::Instance;
-use weir::registry::{ApplyOptions, Change, CreateOptions, Registry};
+
+use weir::registry::{
+    ApplyOptions, BackendAddr, Change, CreateOptions, Registry, ServiceAddr, ServiceModeName,
+};
 
 static COUNTER: AtomicU32 = AtomicU32::new(0);
 
@@ -38,6 +44,29 @@ pub fn apply(reg: &mut Registry, change: Change) {
         },
     )
     .expect("apply");
+}
+
+/// Declares `addr` an L7 service with the registry's defaults.
+pub fn add_l7_service(addr: ServiceAddr) -> Change {
+    Change::AddService {
+        addr,
+        mode: ServiceModeName::L7,
+        ring_size: None,
+        max_remove_fraction: None,
+        min_backends: None,
+        panic_threshold: None,
+    }
+}
+
+/// A backend at `a`, where an echo server on loopback listens.
+pub fn backend(a: SocketAddr) -> BackendAddr {
+    match a {
+        SocketAddr::V4(v4) => BackendAddr {
+            addr: *v4.ip(),
+            port: v4.port(),
+        },
+        SocketAddr::V6(_) => unreachable!("echo servers listen on IPv4"),
+    }
 }
 
 /// A weir instance of its own, with a small flow table; destroyed on drop
