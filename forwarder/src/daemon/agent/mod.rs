@@ -214,8 +214,9 @@ struct Agent {
     rng: Rng,
     /// Whether the L4 probe path was attached at the last look.
     probe_path: Option<bool>,
-    /// The generation the ring digests in the metrics were read at.
-    digested: Option<u64>,
+    /// The generation the ring digests in the metrics were read at, and
+    /// when.
+    digested: Option<(u64, Instant)>,
     /// The LB address `weir attach` set: the source of L4 checks.
     lb_addr: std::net::Ipv4Addr,
     /// The last apply failed (logged once per failing spell).
@@ -376,7 +377,7 @@ impl Agent {
         }
         let services = self.checks.services();
         self.metrics().read(&state, &services);
-        self.digest_rings();
+        self.digest_rings(now);
         if self.checks.any_l4() {
             self.look_at_probe_path();
             match self.registry.maps().config() {
@@ -389,18 +390,22 @@ impl Agent {
         }
     }
 
-    /// Recomputes the ring digests when the generation moved since the
-    /// last time (a ring is up to millions of slots: not on every read).
-    fn digest_rings(&mut self) {
+    /// Recomputes the ring digests when the generation moved, at most once
+    /// per [`READ_INTERVAL`]: a ring is up to millions of slots, and while
+    /// health changes flow the generation moves every flush. The periodic
+    /// read catches up with the last change.
+    fn digest_rings(&mut self, now: Instant) {
         // Read first: a change racing the digests moves it again.
         let generation = self.generation.get();
-        if self.digested == Some(generation) {
-            return;
+        match self.digested {
+            Some((seen, _)) if seen == generation => return,
+            Some((_, at)) if now < at + READ_INTERVAL => return,
+            _ => {}
         }
         match self.registry.ring_digests() {
             Ok(digests) => {
                 self.metrics().digests = digests;
-                self.digested = Some(generation);
+                self.digested = Some((generation, now));
             }
             Err(e) => tracing::warn!(
                 event = "registry_read_failed",
