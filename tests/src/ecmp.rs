@@ -137,24 +137,28 @@ fn wait_ring(instance: &str, want: &[SocketAddrV4], agent: &Agent) -> Result<()>
 }
 
 /// The ring digest of `service` in the `/metrics` of the agent on `port`
-/// (`weir_agent_ring_digest{service=..,digest=..} 1`), once it has one.
-fn metric_digest(port: u16, service: &str, agent: &Agent) -> Result<String> {
-    let want = format!("weir_agent_ring_digest{{service=\"{service}\",");
-    agent.until(
-        &format!("no ring digest of {service} on /metrics"),
+/// (`weir_agent_ring_digest{service=..,digest=..} 1`), once it is `want`
+/// (the agent reads it again within about a second of a change); the last
+/// one seen if it never is.
+fn metric_digest(port: u16, service: &str, want: &str, agent: &Agent) -> Result<String> {
+    let prefix = format!("weir_agent_ring_digest{{service=\"{service}\",");
+    let mut last = String::new();
+    let seen = agent.until(
+        &format!("no ring digest {want} of {service} on /metrics"),
         Duration::from_secs(10),
         || {
             let text = agent::scrape(port);
-            let line = text.lines().find(|l| l.starts_with(&want))?;
-            Some(
-                line.split("digest=\"")
-                    .nth(1)?
-                    .split('"')
-                    .next()?
-                    .to_string(),
-            )
+            let line = text.lines().find(|l| l.starts_with(&prefix))?;
+            last = line
+                .split("digest=\"")
+                .nth(1)?
+                .split('"')
+                .next()?
+                .to_string();
+            (last == want).then(|| last.clone())
         },
-    )
+    );
+    Ok(seen.unwrap_or(last))
 }
 
 /// Waits until the agent on `port` counts its source stale
@@ -320,8 +324,8 @@ pub fn run_ecmp(
     }
     let digests: [String; 2] = digests.try_into().expect("two LBs");
     let metric_digests = [
-        metric_digest(metrics[0], &service, &first)?,
-        metric_digest(metrics[1], &service, &second)?,
+        metric_digest(metrics[0], &service, &digests[0], &first)?,
+        metric_digest(metrics[1], &service, &digests[1], &second)?,
     ];
     log(
         opts.verbose,
