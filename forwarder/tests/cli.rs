@@ -616,6 +616,7 @@ fn config_check_and_run_bound_every_value() {
     assert_eq!(line["event"], "refused", "{line}");
     let message = line["message"].as_str().unwrap_or_default();
     assert!(message.starts_with(&want), "{line}");
+    let _ = std::fs::remove_dir_all(path.parent().unwrap());
     // Fractional durations are durations.
     let path = write_config(
         "fraction",

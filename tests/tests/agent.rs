@@ -551,4 +551,6 @@ fn one_agent_checks_two_thousand_backends() {
     let s = &services[0];
     assert_eq!(s["panic"], true, "{s}");
     assert_eq!(s["in_ring"], N, "{s}");
+    // Kept when the test fails: the agent's log is there.
+    let _ = std::fs::remove_dir_all(&dir);
 }
