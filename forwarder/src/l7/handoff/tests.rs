@@ -168,10 +168,13 @@ fn another_version_is_refused_before_anything_is_read() {
     );
 }
 
+/// Makes a snapshot one no connection could be in.
+type Spoil = fn(&mut Snapshot);
+
 /// One bad connection refuses the batch, whichever it is, with its index.
 #[test]
 fn one_impossible_connection_refuses_the_whole_batch() {
-    let cases: [(&str, fn(&mut Snapshot)); 9] = [
+    let cases: [(&str, Spoil); 9] = [
         ("a whole header held", |s| {
             s.client.scanner.partial = frame::ping_frame(b"", Some([1, 2, 3, 4]))[..6].to_vec()
         }),

@@ -26,10 +26,10 @@ impl Harness {
             .conn
             .export(self.now, &self.config, |bid, len| &pool[&bid][..len])
             .expect("movable");
-        let batch = handoff::decode(&handoff::encode(std::slice::from_ref(&snapshot)))
+        let mut batch = handoff::decode(&handoff::encode(std::slice::from_ref(&snapshot)))
             .expect("a valid batch");
-        assert_eq!(batch, [snapshot.clone()]);
-        let conn = Conn::import(snapshot.clone(), self.now).expect("a valid snapshot");
+        assert_eq!(batch, std::slice::from_ref(&snapshot));
+        let conn = Conn::import(batch.remove(0), self.now).expect("a valid snapshot");
         let mut twin = Harness {
             conn,
             config: snapshot.settings.apply(&config),
