@@ -91,6 +91,16 @@ fn same(a: &mut Harness, b: &mut Harness, step: &str) {
     assert_eq!(state(a), state(b), "{step}: state");
 }
 
+/// A relaying connection whose sends wait, with the first 50 bytes of a
+/// 200-byte frame from the backend queued to the client; and that frame.
+fn mid_frame() -> (Harness, Vec<u8>) {
+    let mut h = Harness::relaying(config(""));
+    h.auto_send = false;
+    let big = frame(Opcode::Binary, &[3; 200], None);
+    h.recv(Side::Backend, &big[..50]);
+    (h, big)
+}
+
 /// A fragmented text message is cut inside a UTF-8 sequence and then
 /// inside the header of a ping between its fragments; weir's keepalive
 /// ping and a frame are queued to the client, half a big frame from the
@@ -153,10 +163,7 @@ fn a_connection_handed_over_mid_frame_goes_on_as_the_original() {
 /// before the handover, not one counted again from it.
 #[test]
 fn a_handover_during_a_drain_keeps_its_schedule() {
-    let mut h = Harness::relaying(config(""));
-    h.auto_send = false;
-    let big = frame(Opcode::Binary, &[3; 200], None);
-    h.recv(Side::Backend, &big[..50]);
+    let (mut h, big) = mid_frame();
     h.call(|c, cx| c.handle_close(cx, frame::CLOSE_GOING_AWAY, "going away"));
     h.advance(Duration::from_secs(2));
     let mut t = h.hand_over(config("[timeouts]\nclose = \"20s\""));
@@ -181,10 +188,7 @@ fn a_handover_during_a_drain_keeps_its_schedule() {
 /// process once written whole, as is the one that follows the frame.
 #[test]
 fn closes_queued_before_the_handover_are_reported_when_written() {
-    let mut h = Harness::relaying(config(""));
-    h.auto_send = false;
-    let big = frame(Opcode::Binary, &[3; 200], None);
-    h.recv(Side::Backend, &big[..50]);
+    let (mut h, big) = mid_frame();
     h.call(|c, cx| c.handle_close(cx, frame::CLOSE_GOING_AWAY, "going away"));
     let mut t = h.hand_over(config(""));
     t.auto_send = true;
@@ -271,17 +275,14 @@ fn backpressure_crosses_the_handover() {
 /// and closes both sides, the same after the handover.
 #[test]
 fn a_failed_peer_stays_failed() {
-    let mut h = Harness::relaying(config(""));
-    h.auto_send = false;
-    let bigger = frame(Opcode::Binary, &[1; 100], None);
-    h.recv(Side::Backend, &bigger[..10]);
+    let (mut h, big) = mid_frame();
     h.recv(Side::Client, &frame(Opcode::Text, b"bare", None));
     let mut t = h.hand_over(config(""));
     both(&mut h, &mut t, "more from the client", |h| {
         h.auto_send = true;
         h.settle();
         h.recv(Side::Client, &frame(Opcode::Text, b"x", Some(CLIENT_MASK)));
-        h.recv(Side::Backend, &bigger[10..]);
+        h.recv(Side::Backend, &big[50..]);
     });
 }
 
