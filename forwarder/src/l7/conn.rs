@@ -17,6 +17,10 @@
 //! checked (`BackendHead`), then frames are relayed both ways (`Relay`)
 //! until a Close, a drain, a timeout or a broken rule; `Closing` flushes
 //! what is queued and waits for both peers to end their streams.
+//!
+//! A relaying connection can be handed to another process (a binary
+//! upgrade): [`Conn::quiesce`], then [`Conn::export`] to a [`Snapshot`]
+//! and [`Conn::import`] there (`conn/snapshot.rs`).
 
 use std::borrow::Cow;
 use std::collections::VecDeque;
