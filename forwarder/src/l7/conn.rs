@@ -17,7 +17,12 @@
 //! checked (`BackendHead`), then frames are relayed both ways (`Relay`)
 //! until a Close, a drain, a timeout or a broken rule; `Closing` flushes
 //! what is queued and waits for both peers to end their streams.
+//!
+//! A relaying connection can be handed to another process (a binary
+//! upgrade): [`Conn::quiesce`], then [`Conn::export`] to a [`Snapshot`]
+//! and [`Conn::import`] there (`conn/snapshot.rs`).
 
+use std::borrow::Cow;
 use std::collections::VecDeque;
 use std::io;
 use std::net::SocketAddr;
@@ -344,10 +349,13 @@ pub struct Conn {
     /// When weir last sent the client a keepalive ping.
     last_ping: Instant,
     /// weir is closing this WebSocket with this code and reason; each peer
-    /// gets its Close at its next frame boundary.
-    pending_close: Option<(u16, &'static str)>,
+    /// gets its Close at its next frame boundary. The reason is owned only
+    /// in a connection handed over from another process.
+    pending_close: Option<(u16, Cow<'static, str>)>,
     /// Ended by weir: nothing more is sent, everything is let go.
     aborted: bool,
+    /// Being handed to another process: no receive or send starts.
+    quiet: bool,
     /// Orders not yet taken by the worker.
     orders: u8,
 }
@@ -374,6 +382,7 @@ impl Conn {
             last_ping: now,
             pending_close: None,
             aborted: false,
+            quiet: false,
             orders: 0,
         }
     }
@@ -497,7 +506,7 @@ impl Conn {
     /// its stream goes on, and the other peer's queue has room.
     fn wants_recv(&self, side: Side) -> bool {
         let p = self.peer_ref(side);
-        if self.aborted || p.is(RECV) || p.is(EOF) || p.is(STARVED) {
+        if self.aborted || self.quiet || p.is(RECV) || p.is(EOF) || p.is(STARVED) {
             return false;
         }
         let connected = match side {
@@ -534,14 +543,15 @@ impl Conn {
         let p = self.peer_ref(side);
         p.is(RECV)
             && !p.is(CANCELLING)
-            && matches!(self.phase, Phase::Relay | Phase::PassThrough)
-            && self.peer_ref(side.other()).segs.len() >= HIGH_WATER
+            && (self.quiet
+                || (matches!(self.phase, Phase::Relay | Phase::PassThrough)
+                    && self.peer_ref(side.other()).segs.len() >= HIGH_WATER))
     }
 
     /// The next bytes to send to `side`, if no send to it is in flight.
     /// The send is in flight from here until [`Conn::handle_sent`].
     pub fn poll_transmit(&mut self, side: Side) -> Option<Transmit<'_>> {
-        if self.aborted || (side == Side::Backend && self.backend.is_none()) {
+        if self.aborted || self.quiet || (side == Side::Backend && self.backend.is_none()) {
             return None;
         }
         let done = self.done_reading(side);
@@ -778,6 +788,20 @@ impl Conn {
         }
     }
 
+    /// The connection is to be handed to another process: from here on no
+    /// receive or send starts and armed receives are cancelled, so that
+    /// once the operations in flight complete it is
+    /// [`movable`](Conn::movable). Events still come in (a receive that
+    /// lands before its cancel is relayed and queued as usual).
+    pub fn quiesce(&mut self) {
+        self.quiet = true;
+    }
+
+    /// The handover did not happen: the connection goes on here.
+    pub fn resume(&mut self) {
+        self.quiet = false;
+    }
+
     /// The worker stops: a connection still in its handshake is refused.
     /// One passing a backend's refusal through already has its answer.
     pub fn handle_shutdown(&mut self, cx: &mut Cx) {
@@ -994,7 +1018,7 @@ impl Conn {
     /// What does not finish within the close timeout is cut.
     fn close_both(&mut self, cx: &mut Cx, code: u16, reason: &'static str) {
         if self.pending_close.is_none() {
-            self.pending_close = Some((code, reason));
+            self.pending_close = Some((code, Cow::Borrowed(reason)));
             self.deadline = Some(cx.now + cx.config.timeouts.close);
             cx.out.events.push(Event::Closing { code, reason });
         }
@@ -1004,7 +1028,8 @@ impl Conn {
     /// Sends the pending Close to each peer whose incoming frames are at a
     /// boundary; once both have theirs, the connection is closing.
     fn try_close(&mut self, cx: &mut Cx) {
-        let Some((code, reason)) = self.pending_close else {
+        // Out while the peers are borrowed; it stays pending.
+        let Some((code, reason)) = self.pending_close.take() else {
             return;
         };
         let has_backend = self.backend.is_some();
@@ -1024,12 +1049,13 @@ impl Conn {
             p.set(CLOSED, true);
             if reachable && !p.is(FINISH) {
                 if !source_closed {
-                    let close = frame::close_frame(code, reason, mask);
+                    let close = frame::close_frame(code, &reason, mask);
                     p.segs.push_back(Seg::close(close, code));
                 }
                 p.set(FINISH, true);
             }
         }
+        self.pending_close = Some((code, reason));
         if self.client.is(CLOSED) && self.server.is(CLOSED) {
             self.phase = Phase::Closing;
         }
@@ -1148,5 +1174,11 @@ impl Conn {
     }
 }
 
+mod snapshot;
 #[cfg(test)]
 mod tests;
+
+pub use snapshot::{
+    InvalidSnapshot, MAX_QUEUED_BYTES, MAX_QUEUED_PIECES, NotMovable, PeerFlags, PeerSnapshot,
+    Queued, Settings, Snapshot,
+};

@@ -352,6 +352,26 @@ impl Validator {
         }
     }
 
+    /// A validator that goes on from where another left off (the state
+    /// [`open_message`](Self::open_message) and [`closed`](Self::closed)
+    /// read): how a connection handed to another process keeps judging
+    /// its frames.
+    pub fn resume(
+        dir: Direction,
+        allow_rsv1: bool,
+        limits: Limits,
+        open_message: Option<u64>,
+        closed: bool,
+    ) -> Self {
+        Self {
+            dir,
+            allow_rsv1,
+            limits,
+            message: open_message,
+            closed,
+        }
+    }
+
     /// Checks one header, in stream order, against the rules in the module
     /// documentation, and updates the state when it passes.
     pub fn check(&mut self, h: &FrameHeader) -> Result<FrameKind, Violation> {
@@ -439,6 +459,20 @@ impl Validator {
     /// documentation).
     pub fn in_message(&self) -> bool {
         self.message.is_some()
+    }
+
+    /// Payload bytes of the open fragmented message so far; `None` between
+    /// messages.
+    pub fn open_message(&self) -> Option<u64> {
+        self.message
+    }
+
+    pub fn allow_rsv1(&self) -> bool {
+        self.allow_rsv1
+    }
+
+    pub fn limits(&self) -> Limits {
+        self.limits
     }
 
     /// A Close frame has passed in this direction: nothing more may follow,

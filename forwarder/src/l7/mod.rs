@@ -3,7 +3,9 @@
 //! exhaustive tests; `upstream` chooses backends through the registry
 //! `view`. The io_uring workers of `weir run` (`worker`, with its
 //! operations in `op` and its sockets in `socket`) drive them and only move
-//! bytes; a reloaded configuration reaches them through `reconfig`.
+//! bytes; a reloaded configuration reaches them through `reconfig`. A
+//! relaying connection can be exported as plain data and imported by
+//! another process (`conn`'s snapshot, on the wire through `handoff`).
 
 pub mod bufring;
 pub mod config;
@@ -12,6 +14,7 @@ pub mod drain;
 pub mod ejections;
 pub mod files;
 pub mod frame;
+pub mod handoff;
 pub mod handshake;
 pub mod metrics;
 pub mod op;

@@ -50,6 +50,27 @@ pub struct Scanner {
 /// The most the scanner holds back: a whole Close frame.
 const MAX_HELD: usize = MAX_HEADER_LEN + MAX_CONTROL_PAYLOAD as usize;
 
+/// Where a scanner stands, as plain data: what a connection handed to
+/// another process carries for each direction. It is all the scanner
+/// knows, so a scanner resumed from it goes on at any byte of the stream.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct ScannerState {
+    /// Payload bytes of the open fragmented message so far; `None` between
+    /// messages.
+    pub open_message: Option<u64>,
+    /// A Close frame's header was accepted (its payload may still have
+    /// been refused).
+    pub close_seen: bool,
+    /// A header, or a whole Close frame, not complete yet.
+    pub partial: Vec<u8>,
+    /// Payload bytes of the current frame still to come.
+    pub remaining: u64,
+    /// A valid Close passed.
+    pub close_passed: bool,
+    /// Bytes after a Close are dropped.
+    pub discarding: bool,
+}
+
 /// What the scanner judges at the start of `buf`, and its length: a frame
 /// header, or for a Close frame the whole frame. `Ok(None)`: incomplete.
 fn unit(buf: &[u8]) -> Result<Option<(FrameHeader, usize)>, Violation> {
@@ -73,6 +94,67 @@ impl Scanner {
             close_passed: false,
             discarding: false,
         }
+    }
+
+    /// A scanner that goes on from `state`, refused (with the reason) if
+    /// no scanner could have been in that state: one that would
+    /// misjudge the next bytes rather than go on.
+    pub fn resume(
+        dir: Direction,
+        allow_rsv1: bool,
+        limits: Limits,
+        state: ScannerState,
+    ) -> Result<Self, &'static str> {
+        let held = !state.partial.is_empty();
+        if state.partial.len() >= MAX_HELD || (held && !matches!(unit(&state.partial), Ok(None))) {
+            return Err("held bytes that are not the start of a header or Close");
+        }
+        if held && state.remaining > 0 {
+            return Err("held bytes inside a payload");
+        }
+        if (state.close_passed || state.discarding) && !state.close_seen {
+            return Err("a Close passed that the validator did not see");
+        }
+        if state.close_seen && (held || state.remaining > 0) {
+            return Err("a frame under way after a Close");
+        }
+        if state.open_message.is_some_and(|n| n > limits.max_message) {
+            return Err("an open message over the message limit");
+        }
+        Ok(Self {
+            validator: Validator::resume(
+                dir,
+                allow_rsv1,
+                limits,
+                state.open_message,
+                state.close_seen,
+            ),
+            partial: state.partial,
+            remaining: state.remaining,
+            close_passed: state.close_passed,
+            discarding: state.discarding,
+        })
+    }
+
+    /// Where this scanner stands (see [`Scanner::resume`]).
+    pub fn state(&self) -> ScannerState {
+        ScannerState {
+            open_message: self.validator.open_message(),
+            close_seen: self.validator.closed(),
+            partial: self.partial.clone(),
+            remaining: self.remaining,
+            close_passed: self.close_passed,
+            discarding: self.discarding,
+        }
+    }
+
+    /// Whether frames may carry RSV1 (permessage-deflate was negotiated).
+    pub fn allow_rsv1(&self) -> bool {
+        self.validator.allow_rsv1()
+    }
+
+    pub fn limits(&self) -> Limits {
+        self.validator.limits()
     }
 
     /// Between frames: weir may insert a frame of its own here.

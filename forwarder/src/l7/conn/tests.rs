@@ -12,6 +12,8 @@ use crate::l7::config;
 use crate::l7::frame::Opcode;
 use crate::l7::handshake::accept_key;
 
+mod handover;
+
 const KEY: &str = "dGhlIHNhbXBsZSBub25jZQ==";
 /// The mask of every frame weir writes to the backend here.
 const MASK: [u8; 4] = [9, 8, 7, 6];
