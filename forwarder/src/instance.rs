@@ -259,11 +259,33 @@ pub struct DaemonLock {
 }
 
 impl DaemonLock {
-    /// Records this process as the one serving the instance.
+    /// The lock another process passed over (`weir run --takeover`): a
+    /// flock belongs to the open file description, so holding a copy of
+    /// its descriptor holds the lock.
+    pub fn inherited(fd: std::os::fd::OwnedFd, path: PathBuf) -> Self {
+        Self {
+            file: File::from(fd),
+            path,
+        }
+    }
+
+    /// A copy of the descriptor, to pass the lock to another process.
+    pub fn share(&self) -> Result<std::os::fd::OwnedFd, InstanceError> {
+        self.file
+            .try_clone()
+            .map(Into::into)
+            .map_err(io_err(&self.path))
+    }
+
+    /// Records this process as the one serving the instance. At offset
+    /// 0: a lock passed over shares its file offset with the process
+    /// that wrote before.
     pub fn write_pid(&mut self) -> Result<(), InstanceError> {
-        use std::io::Write;
+        use std::os::unix::fs::FileExt;
         self.file.set_len(0).map_err(io_err(&self.path))?;
-        writeln!(&self.file, "{}", std::process::id()).map_err(io_err(&self.path))
+        self.file
+            .write_all_at(format!("{}\n", std::process::id()).as_bytes(), 0)
+            .map_err(io_err(&self.path))
     }
 }
 

@@ -83,7 +83,7 @@ pub enum Command {
     #[command(subcommand)]
     Decap(DecapCmd),
     /// Run the L7 WebSocket proxy (io_uring workers) until SIGTERM.
-    Run(DaemonArgs),
+    Run(RunArgs),
     /// Have the running `weir run` read its configuration file again and
     /// apply it without closing a connection (as SIGHUP does): prints one
     /// line per change, or the reason it was refused (exit 1).
@@ -98,6 +98,19 @@ pub enum Command {
     Config(ConfigCmd),
     /// Remove the instance: detach its programs and delete its maps.
     Destroy,
+}
+
+/// What `weir run` takes.
+#[derive(Args, Debug)]
+pub struct RunArgs {
+    #[command(flatten)]
+    daemon: DaemonArgs,
+    /// Take over from the `weir run` serving the instance (an upgrade):
+    /// its listening sockets move here without a refused connect; the
+    /// connections it holds stay there until they end or
+    /// `timeouts.takeover` passes.
+    #[arg(long)]
+    takeover: bool,
 }
 
 /// What `weir run` and `weir agent` take.
@@ -629,10 +642,11 @@ pub fn run(cli: Cli) -> Result<()> {
                 || format!("{} decap from {dev}", detached_verb(&was)),
             );
         }
-        Command::Run(a) => {
+        Command::Run(RunArgs { daemon: a, takeover }) => {
             return crate::daemon::run(
                 a.config.as_deref(),
                 cli.instance.as_deref(),
+                takeover,
                 a.log_format,
                 a.log_level,
             );
@@ -654,6 +668,7 @@ pub fn run(cli: Cli) -> Result<()> {
                     })
                 }
                 control::Outcome::Refused { reason } => bail!("reload refused: {reason}"),
+                other => bail!("unexpected answer to a reload: {other:?}"),
             }
         }
         Command::Agent(a) => {

@@ -1,15 +1,17 @@
 //! The control socket of a running `weir run` (`control.sock` in the
 //! instance's state directory): one JSON line each way per connection, a
 //! request and its answer. Both carry the protocol version, so that a
-//! command from another weir binary (`weir reload` today, a takeover
-//! later) is refused with a reason instead of misread.
+//! command from another weir binary (`weir reload`, `weir run
+//! --takeover`) is refused with a reason instead of misread.
 //!
 //! The messages and their checks are pure ([`decode_request`],
 //! [`encode_response`] and their mirrors); [`ControlSocket`] serves them
 //! one connection at a time and hands each command to the daemon's loop;
-//! [`call`] is the client side.
+//! [`call`] is the client side. A takeover goes on over the same
+//! connection after its request ([`super::takeover`]).
 
 use std::io::{self, BufRead, BufReader, Read, Write};
+use std::net::SocketAddr;
 use std::os::unix::fs::PermissionsExt;
 use std::os::unix::net::{UnixListener, UnixStream};
 use std::path::{Path, PathBuf};
@@ -36,6 +38,12 @@ const MAX_ANSWER: u64 = 16 << 20;
 pub enum Command {
     /// Read the configuration file again and apply it in place.
     Reload,
+    /// Pass the listening sockets to the process asking
+    /// ([`super::takeover`]).
+    Takeover,
+    /// Within a takeover: the new process accepts on every socket it was
+    /// passed; the old one may stop accepting.
+    Confirm,
 }
 
 /// The daemon's answer.
@@ -47,6 +55,27 @@ pub enum Outcome {
     Reloaded { changes: Vec<String> },
     /// Nothing changed, for this reason (one line).
     Refused { reason: String },
+    /// A takeover goes ahead: these sockets come with this line, in this
+    /// order: the daemon lock, the metrics listener, then each listener's
+    /// sockets.
+    Offered {
+        pid: u32,
+        listeners: Vec<OfferedListener>,
+        metrics: Option<SocketAddr>,
+        fds: usize,
+    },
+    /// The old process stopped accepting and serving its control socket;
+    /// it keeps this many connections until they end.
+    HandedOver { connections: usize },
+}
+
+/// One listener a takeover passes: its configured address, the address
+/// it is bound to, and how many SO_REUSEPORT sockets (one per old worker).
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct OfferedListener {
+    pub listen: SocketAddr,
+    pub bound: SocketAddr,
+    pub sockets: usize,
 }
 
 #[derive(Serialize, Deserialize)]
@@ -130,6 +159,9 @@ fn line(message: &impl Serialize) -> String {
 pub struct Call {
     pub command: Command,
     pub reply: mpsc::Sender<Outcome>,
+    /// The client's connection, for a takeover: the daemon goes on over
+    /// it and drops `reply` without an answer.
+    pub conversation: Option<UnixStream>,
 }
 
 /// The listening control socket: served by a thread of its own until
@@ -202,16 +234,32 @@ fn answer(stream: UnixStream, calls: &mpsc::Sender<Call>, answer_within: Duratio
         Err(reason) => Outcome::Refused { reason },
         Ok(command) => {
             let (reply, answered) = mpsc::channel();
-            if calls.send(Call { command, reply }).is_err() {
+            let conversation = match command {
+                Command::Takeover => stream.try_clone().ok(),
+                _ => None,
+            };
+            if calls
+                .send(Call {
+                    command,
+                    reply,
+                    conversation,
+                })
+                .is_err()
+            {
                 Outcome::Refused {
                     reason: "weir run is stopping".into(),
                 }
             } else {
-                answered
-                    .recv_timeout(answer_within)
-                    .unwrap_or_else(|_| Outcome::Refused {
+                match answered.recv_timeout(answer_within) {
+                    Ok(outcome) => outcome,
+                    // The takeover went on over the connection.
+                    Err(mpsc::RecvTimeoutError::Disconnected) if command == Command::Takeover => {
+                        return;
+                    }
+                    Err(_) => Outcome::Refused {
                         reason: format!("weir run did not answer within {answer_within:?}"),
-                    })
+                    },
+                }
             }
         }
     };
@@ -298,6 +346,7 @@ mod tests {
         let daemon = std::thread::spawn(move || {
             let call = rx.recv().unwrap();
             assert_eq!(call.command, Command::Reload);
+            assert!(call.conversation.is_none());
             call.reply
                 .send(Outcome::Refused {
                     reason: "no".into(),

@@ -9,6 +9,8 @@
 //!     metrics endpoint;
 //!   - [`reload`]: SIGHUP and `weir reload` read the configuration again
 //!     and apply it in place, over [`control`], its control socket;
+//!   - [`takeover`]: `weir run --takeover` takes the listening sockets of
+//!     the running one over that socket ([`fdpass`]: SCM_RIGHTS);
 //! - [`agent`]: `weir agent`, the control-plane work that needs a process:
 //!   health checks and freeing removed backends once nothing uses them;
 //! - [`maps_watch`]: the pinned maps a daemon started on are still the
@@ -16,9 +18,11 @@
 
 pub mod agent;
 pub mod control;
+pub mod fdpass;
 pub mod listeners;
 pub mod maps_watch;
 pub mod reload;
+pub mod takeover;
 pub mod workers;
 
 use std::path::Path;
@@ -43,11 +47,17 @@ pub struct AlreadyLogged(pub String);
 pub fn run(
     path: Option<&Path>,
     flag: Option<&str>,
+    takeover: bool,
     format: logs::Format,
     verbosity: logs::Verbosity,
 ) -> Result<()> {
-    logged(format, verbosity, || serve(path, flag))
+    logged(format, verbosity, || serve(path, flag, takeover))
 }
+
+/// A test hook: `weir run --takeover` waits this many milliseconds after
+/// its workers started and before it confirms, so that a test can kill it
+/// at that point.
+const PAUSE_BEFORE_CONFIRM: &str = "WEIR_TEST_TAKEOVER_PAUSE_MS";
 
 /// Sets up a daemon's logs, then runs `serve`. Whatever stops it early is
 /// logged as the refusal it is (`event = "refused"`), in the log format
@@ -98,8 +108,10 @@ pub fn instance_for(
 /// nobody else serves it or its listeners, runs the workers until SIGTERM
 /// or SIGINT, and drains before exiting. It watches the instance's pinned
 /// maps meanwhile and stops (non-zero) if they are replaced, and reloads
-/// its configuration on SIGHUP or `weir reload`.
-fn serve(path: Option<&Path>, flag: Option<&str>) -> Result<()> {
+/// its configuration on SIGHUP or `weir reload`. With `takeover` it takes
+/// the listening sockets and the lock of the `weir run` serving the
+/// instance instead of binding and locking ([`takeover`]).
+fn serve(path: Option<&Path>, flag: Option<&str>, takeover: bool) -> Result<()> {
     let mut config = match path {
         Some(p) => crate::l7::config::load(p)?,
         None => crate::l7::config::parse(crate::l7::config::DEFAULT, "default configuration")?,
@@ -126,22 +138,54 @@ fn serve(path: Option<&Path>, flag: Option<&str>) -> Result<()> {
         );
     }
     // One daemon per instance: a second would share the listeners
-    // (SO_REUSEPORT) and reset the first one's connection counts.
-    let Some(mut lock) = instance.try_daemon_lock()? else {
-        bail!(
-            "another `weir run` (pid {}) is serving instance {:?} ({} is locked); stop it first",
-            instance.daemon_pid(),
-            instance.name(),
-            instance.daemon_lock_path().display()
+    // (SO_REUSEPORT) and reset the first one's connection counts. One
+    // taking over gets the lock with the listeners.
+    let mut taken = if takeover {
+        let taken = takeover::take(&instance.control_socket_path())
+            .map_err(anyhow::Error::msg)
+            .with_context(|| format!("taking over instance {:?}", instance.name()))?;
+        let sockets: usize = taken.listeners.iter().map(|l| l.sockets.len()).sum();
+        tracing::info!(
+            event = "takeover_started",
+            from = taken.pid,
+            sockets,
+            "taking over from pid {}: {sockets} listening socket(s) received",
+            taken.pid
         );
+        Some(taken)
+    } else {
+        None
     };
-    lock.write_pid()?;
+    let mut lock = match taken.as_mut() {
+        Some(t) => {
+            let fd = t.lock.try_clone()?;
+            crate::instance::DaemonLock::inherited(fd, instance.daemon_lock_path())
+        }
+        None => {
+            let Some(mut lock) = instance.try_daemon_lock()? else {
+                bail!(
+                    "another `weir run` (pid {}) is serving instance {:?} ({} is locked); stop \
+                     it first, or start this one with --takeover",
+                    instance.daemon_pid(),
+                    instance.name(),
+                    instance.daemon_lock_path().display()
+                );
+            };
+            lock.write_pid()?;
+            lock
+        }
+    };
     // Identities before the workers open anything: whatever they open
     // later is compared against these pins.
     let ids = MapIds::read(&instance.pin_dir())
         .map_err(anyhow::Error::msg)
         .with_context(|| format!("instance {:?}", instance.name()))?;
-    for l in config.listeners.iter().filter(|l| !l.shared) {
+    let passed = |addr| {
+        taken
+            .as_ref()
+            .is_some_and(|t| t.listeners.iter().any(|h| h.listen == addr))
+    };
+    for l in config.listeners.iter().filter(|l| !l.shared && !passed(l.listen)) {
         check_listener_free(l.listen).map_err(anyhow::Error::msg)?;
     }
     let registry = Registry::open(&instance)?;
@@ -181,8 +225,22 @@ fn serve(path: Option<&Path>, flag: Option<&str>) -> Result<()> {
         ),
     )
     .context("starting the map watcher")?;
-    let mut reloads =
-        reload::Reloads::listen(&instance, path.map(Path::to_path_buf), config.clone())?;
+    // Taking over, the control socket is the old process's until it
+    // stopped accepting.
+    let listen_control =
+        |config: &crate::l7::config::Config, lock: &crate::instance::DaemonLock| {
+            reload::Reloads::listen(
+                &instance,
+                path.map(Path::to_path_buf),
+                config.clone(),
+                lock.share()?,
+            )
+        };
+    let reloads = match taken {
+        None => Some(listen_control(&config, &lock)?),
+        Some(_) => None,
+    };
+    let running_config = config.clone();
     let settings = crate::l7::worker::Settings {
         config,
         instance_dir: instance.pin_dir(),
@@ -207,12 +265,51 @@ fn serve(path: Option<&Path>, flag: Option<&str>) -> Result<()> {
             );
         }
     };
-    let served = workers::start(settings, stop.clone()).and_then(|mut running| {
+    let served = (|| -> Result<crate::l7::metrics::Snapshot> {
+        let mut running = workers::start(settings, stop.clone(), taken.as_mut())?;
+        let mut reloads = match reloads {
+            Some(r) => r,
+            None => {
+                let t = taken.take().context("no control socket, yet nothing taken over")?;
+                if let Some(ms) = std::env::var(PAUSE_BEFORE_CONFIRM)
+                    .ok()
+                    .and_then(|v| v.parse().ok())
+                {
+                    tracing::info!(event = "takeover_paused", ms, "test hook: pausing before confirm");
+                    std::thread::sleep(std::time::Duration::from_millis(ms));
+                }
+                match t.confirm() {
+                    Ok(left) => {
+                        // Listeners passed but no longer configured close
+                        // now that the old process stopped accepting too.
+                        let from = t.pid;
+                        drop(t);
+                        lock.write_pid()?;
+                        tracing::info!(
+                            event = "takeover_done",
+                            from,
+                            left,
+                            "takeover done: {left} connection(s) stay in the old process until \
+                             they end"
+                        );
+                        listen_control(&running_config, &lock)?
+                    }
+                    Err(e) => {
+                        // The sockets are shared with the old process:
+                        // stop accepting without shutting them.
+                        running.hand_over();
+                        running.stop();
+                        let _ = running.join();
+                        bail!("takeover failed, the old weir run goes on serving: {e}");
+                    }
+                }
+            }
+        };
         listening(&running.bound, &running.sizing);
         reloads.serve(&mut running);
-        running.join()
-    });
-    drop(reloads);
+        drop(reloads);
+        Ok(running.join()?)
+    })();
     // The watcher ends with the stop flag; a failed start set it too.
     stop.store(true, Ordering::Relaxed);
     if watcher.join().is_err() {

@@ -4,13 +4,14 @@
 
 use std::io;
 use std::net::{SocketAddr, TcpListener};
-use std::os::fd::OwnedFd;
+use std::os::fd::{AsFd, OwnedFd};
 use std::path::PathBuf;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
+use super::takeover::{self, Handed, Offer, Taken};
 use crate::l7::config::{Config, ReloadPlan};
 use crate::l7::ejections::Ejections;
 use crate::l7::files::{self, Sizing};
@@ -31,8 +32,16 @@ pub struct Running {
     outliers: Arc<Ejections>,
     reconfig: Arc<Reconfig>,
     stop: Arc<AtomicBool>,
-    endpoint: Endpoint,
+    handed_over: Arc<AtomicBool>,
+    open: Arc<AtomicUsize>,
+    /// `None` once handed over: the new process serves the endpoint and
+    /// writes the stats file.
+    endpoint: Option<Endpoint>,
     snapshot_file: PathBuf,
+    /// Copies of every worker's listening sockets and of the metrics
+    /// listener, to offer a takeover.
+    listening: Vec<Handed>,
+    metrics_listener: Option<(SocketAddr, OwnedFd)>,
     /// The addresses the listeners are bound to (a configured port 0
     /// resolved), in configuration order at start.
     pub bound: Vec<SocketAddr>,
@@ -56,8 +65,13 @@ impl Endpoint {
 /// more where the open-files limit caps their tables) and the metrics
 /// thread; they serve until `stop` is set and every connection has
 /// drained ([`Running::join`]). A worker that cannot start fails the
-/// whole start.
-pub fn start(settings: Settings, stop: Arc<AtomicBool>) -> io::Result<Running> {
+/// whole start. With `taken`, the sockets a takeover passed are used
+/// rather than bound (what is left of it was not configured).
+pub fn start(
+    settings: Settings,
+    stop: Arc<AtomicBool>,
+    mut taken: Option<&mut Taken>,
+) -> io::Result<Running> {
     let config = &settings.config;
     let cores = std::thread::available_parallelism().map_or(1, |n| n.get());
     let nofile = super::raise_open_files_limit();
@@ -70,34 +84,50 @@ pub fn start(settings: Settings, stop: Arc<AtomicBool>) -> io::Result<Running> {
     );
     warn_capacity(&sizing, config.max_connections as u64, nofile);
     let n = sizing.workers;
-    let (listener_fds, bound) = bind_listeners(&settings.config.listeners, n)?;
+    let (listener_fds, bound) = match taken.as_deref_mut() {
+        Some(t) => takeover::listeners(&settings.config.listeners, n, &mut t.listeners)?,
+        None => {
+            let (fds, bound) = bind_listeners(&settings.config.listeners, n)?;
+            let fds = fds
+                .into_iter()
+                .map(|w| w.into_iter().enumerate().collect())
+                .collect();
+            (fds, bound)
+        }
+    };
+    let listening = copies(&settings.config, &listener_fds, &bound)?;
     let metrics: Vec<Arc<WorkerMetrics>> =
         (0..n).map(|_| Arc::new(WorkerMetrics::default())).collect();
     // One outlier table for the process: an ejection holds for every
     // worker.
     let outliers = Arc::new(Ejections::new(config.outlier, Instant::now()));
     // A starting daemon holds no connection: counts left by one that died
-    // would keep removed backends in the registry forever.
-    Maps::open(&settings.instance_dir)
-        .map_err(io::Error::other)?
-        .reset_l7_connections();
+    // would keep removed backends in the registry forever. One taking over
+    // shares the counts with the process that still holds its own.
+    if taken.is_none() {
+        Maps::open(&settings.instance_dir)
+            .map_err(io::Error::other)?
+            .reset_l7_connections();
+    }
     // The metrics endpoint first: a taken port fails the start, not the
     // exit hours later.
     let snapshot_file = settings.state_dir.join("l7-stats.json");
     let _ = std::fs::create_dir_all(&settings.state_dir);
-    let endpoint = serve_metrics(
-        bind_metrics(settings.config.metrics)?,
-        &snapshot_file,
-        &metrics,
-        &outliers,
-    )?;
+    let metrics_socket = match taken.as_deref_mut().and_then(|t| t.metrics.take()) {
+        Some((addr, l)) if Some(addr) == settings.config.metrics => Some(l),
+        _ => bind_metrics(settings.config.metrics)?,
+    };
+    let metrics_listener = metrics_copy(settings.config.metrics, metrics_socket.as_ref())?;
+    let endpoint = serve_metrics(metrics_socket, &snapshot_file, &metrics, &outliers)?;
     let shared = Shared {
         stop: stop.clone(),
         open: Arc::new(AtomicUsize::new(0)),
         outliers: outliers.clone(),
         reconfig: Arc::new(Reconfig::new(n)),
+        handed_over: Arc::new(AtomicBool::new(false)),
     };
     let reconfig = shared.reconfig.clone();
+    let (handed_over, open) = (shared.handed_over.clone(), shared.open.clone());
     let (tx, rx) = std::sync::mpsc::channel();
     let mut workers = Vec::new();
     for ((i, m), fds) in metrics.iter().enumerate().zip(listener_fds) {
@@ -145,11 +175,47 @@ pub fn start(settings: Settings, stop: Arc<AtomicBool>) -> io::Result<Running> {
         outliers,
         reconfig,
         stop,
-        endpoint,
+        handed_over,
+        open,
+        endpoint: Some(endpoint),
         snapshot_file,
+        listening,
+        metrics_listener,
         bound,
         sizing,
     })
+}
+
+/// Copies of the workers' listening sockets, grouped by listener.
+fn copies(
+    config: &Config,
+    per_worker: &[Vec<(usize, OwnedFd)>],
+    bound: &[SocketAddr],
+) -> io::Result<Vec<Handed>> {
+    let mut listening: Vec<Handed> = config
+        .listeners
+        .iter()
+        .zip(bound)
+        .map(|(l, b)| Handed {
+            listen: l.listen,
+            bound: *b,
+            sockets: Vec::new(),
+        })
+        .collect();
+    for (i, fd) in per_worker.iter().flatten() {
+        listening[*i].sockets.push(fd.try_clone()?);
+    }
+    Ok(listening)
+}
+
+fn metrics_copy(
+    addr: Option<SocketAddr>,
+    socket: Option<&TcpListener>,
+) -> io::Result<Option<(SocketAddr, OwnedFd)>> {
+    match (addr, socket) {
+        (Some(a), Some(l)) => Ok(Some((a, l.as_fd().try_clone_to_owned()?))),
+        _ => Ok(None),
+    }
 }
 
 fn bind_metrics(addr: Option<SocketAddr>) -> io::Result<Option<TcpListener>> {
@@ -204,15 +270,40 @@ impl Running {
             .map(|fds| plan.added.iter().map(|l| l.listen).zip(fds).collect())
             .collect();
         let metrics = match plan.metrics {
-            Some(addr) => Some(bind_metrics(addr).map_err(|e| e.to_string())?),
+            Some(addr) => {
+                let listener = bind_metrics(addr).map_err(|e| e.to_string())?;
+                let copy = metrics_copy(addr, listener.as_ref()).map_err(|e| e.to_string())?;
+                Some((listener, copy))
+            }
             None => None,
         };
-        if let Some(listener) = metrics {
+        let mut copied = Vec::new();
+        for (l, at) in plan.added.iter().zip(&bound) {
+            let sockets = added
+                .iter()
+                .map(|w| w.iter().find(|(a, _)| *a == l.listen).map(|(_, fd)| fd.try_clone()))
+                .collect::<Option<io::Result<Vec<OwnedFd>>>>()
+                .transpose()
+                .map_err(|e| e.to_string())?
+                .unwrap_or_default();
+            copied.push(Handed {
+                listen: l.listen,
+                bound: *at,
+                sockets,
+            });
+        }
+        if let Some((listener, copy)) = metrics {
+            self.metrics_listener = copy;
             let endpoint =
                 serve_metrics(listener, &self.snapshot_file, &self.metrics, &self.outliers)
                     .map_err(|e| e.to_string())?;
-            std::mem::replace(&mut self.endpoint, endpoint).stop();
+            if let Some(old) = self.endpoint.replace(endpoint) {
+                old.stop();
+            }
         }
+        self.listening
+            .retain(|h| !plan.removed.contains(&h.listen));
+        self.listening.extend(copied);
         self.outliers.set_settings(config.outlier);
         let generation = self.reconfig.publish(config, added);
         self.reconfig
@@ -224,6 +315,59 @@ impl Running {
                 )
             })?;
         Ok(bound)
+    }
+
+    /// Copies of the daemon lock `lock`, the metrics listener and every
+    /// listening socket, for a takeover.
+    pub fn offer(&self, lock: OwnedFd) -> io::Result<Offer> {
+        let metrics = match &self.metrics_listener {
+            Some((a, fd)) => Some((*a, fd.try_clone()?)),
+            None => None,
+        };
+        let listeners = self
+            .listening
+            .iter()
+            .map(|h| {
+                Ok(Handed {
+                    listen: h.listen,
+                    bound: h.bound,
+                    sockets: h
+                        .sockets
+                        .iter()
+                        .map(OwnedFd::try_clone)
+                        .collect::<io::Result<_>>()?,
+                })
+            })
+            .collect::<io::Result<_>>()?;
+        Ok(Offer {
+            lock,
+            metrics,
+            listeners,
+        })
+    }
+
+    /// Another process accepts on the listening sockets now: the workers
+    /// stop accepting (the sockets stay open there), the metrics endpoint
+    /// stops and this process's copies close. Returns the connections it
+    /// keeps.
+    pub fn hand_over(&mut self) -> usize {
+        self.handed_over.store(true, Ordering::Relaxed);
+        self.listening.clear();
+        self.metrics_listener = None;
+        if let Some(e) = self.endpoint.take() {
+            e.stop();
+        }
+        self.open.load(Ordering::Relaxed)
+    }
+
+    /// The connections the workers hold.
+    pub fn open(&self) -> usize {
+        self.open.load(Ordering::Relaxed)
+    }
+
+    /// Drains every connection over the shutdown window, as on SIGTERM.
+    pub fn stop(&self) {
+        self.stop.store(true, Ordering::Relaxed);
     }
 
     /// Waits for every worker to end and returns the final counters.
@@ -238,7 +382,9 @@ impl Running {
                 result = r;
             }
         }
-        self.endpoint.stop();
+        if let Some(e) = self.endpoint {
+            e.stop();
+        }
         result.map(|()| {
             crate::l7::metrics::snapshot_with_outliers(
                 &self.metrics,

@@ -42,6 +42,8 @@ idle = "5m"              # no frame either way: Close 1001
 ping_interval = "0s"     # keepalive pings to the client; 0s: off, else at least 100ms
 close = "5s"             # close handshake, then TCP close
 shutdown = "30s"         # SIGTERM: drain everything within this
+takeover = "5m"          # after `weir run --takeover`: the old process serves
+                         # its connections this long, then drains as on SIGTERM
 
 [limits]
 max_head_bytes = 8192
@@ -126,6 +128,10 @@ pub struct Timeouts {
     pub ping_interval: Option<Duration>,
     pub close: Duration,
     pub shutdown: Duration,
+    /// How long a process that handed its listeners to a `weir run
+    /// --takeover` keeps serving the connections it holds before it
+    /// drains them as on SIGTERM.
+    pub takeover: Duration,
 }
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -269,6 +275,8 @@ struct RawTimeouts {
     close: toml::Spanned<String>,
     #[serde(default = "d30s")]
     shutdown: toml::Spanned<String>,
+    #[serde(default = "d5m")]
+    takeover: toml::Spanned<String>,
 }
 
 impl Default for RawTimeouts {
@@ -281,6 +289,7 @@ impl Default for RawTimeouts {
             ping_interval: d0s(),
             close: d5s(),
             shutdown: d30s(),
+            takeover: d5m(),
         }
     }
 }
@@ -520,6 +529,7 @@ pub fn parse(text: &str, name: &str) -> Result<Config, ConfigError> {
         ping_interval: (!ping.is_zero()).then_some(ping),
         close: duration(&t.close, "timeouts.close", positive)?,
         shutdown: duration(&t.shutdown, "timeouts.shutdown", Duration::ZERO)?,
+        takeover: duration(&t.takeover, "timeouts.takeover", Duration::ZERO)?,
     };
     let l = &raw.limits;
     let limits = Limits {

@@ -166,6 +166,10 @@ pub struct Shared {
     pub open: Arc<AtomicUsize>,
     pub outliers: Arc<Ejections>,
     pub reconfig: Arc<Reconfig>,
+    /// Set once a `weir run --takeover` accepts on this process's
+    /// listening sockets: the workers stop accepting without shutting
+    /// them (they are the new process's now) and serve what they hold.
+    pub handed_over: Arc<AtomicBool>,
 }
 
 pub struct Worker {
@@ -202,6 +206,9 @@ pub struct Worker {
     rng: Rng,
     stop: Arc<AtomicBool>,
     accepting: bool,
+    /// [`Shared::handed_over`], and whether this worker has acted on it.
+    handing_over: Arc<AtomicBool>,
+    handed_over: bool,
     metrics: Arc<WorkerMetrics>,
     /// Free slots of the registered-file table.
     slots: Slots,
@@ -310,7 +317,7 @@ impl Worker {
     pub fn new(
         settings: &Settings,
         sizing: Sizing,
-        listener_fds: Vec<OwnedFd>,
+        listener_fds: Vec<(usize, OwnedFd)>,
         metrics: Arc<WorkerMetrics>,
         shared: Shared,
         index: usize,
@@ -320,6 +327,7 @@ impl Worker {
             open,
             outliers,
             reconfig,
+            handed_over: handing_over,
         } = shared;
         let config = Arc::new(settings.config.clone());
         let entries = 4096;
@@ -344,9 +352,10 @@ impl Worker {
         let per_listener = sizing.accepts_per_listener;
         let listeners = listener_fds
             .into_iter()
-            .zip(&config.listeners)
-            .enumerate()
-            .map(|(i, (fd, l))| Some(Listening::new(fd, l.listen, i as u16, per_listener)))
+            .map(|(i, fd)| {
+                let listen = config.listeners[i].listen;
+                Some(Listening::new(fd, listen, i as u16, per_listener))
+            })
             .collect();
         let maps = Maps::open(&settings.instance_dir).map_err(io::Error::other)?;
         let drain_unhealthy = settings.config.drain_unhealthy.iter().copied().collect();
@@ -375,6 +384,8 @@ impl Worker {
             reconfig,
             stop,
             accepting: true,
+            handing_over,
+            handed_over: false,
             metrics,
             slots: Slots::new(table),
             table,
@@ -441,7 +452,14 @@ impl Worker {
             if self.reconfig.published() != self.config_generation {
                 self.reload();
             }
-            if !self.accepting && self.conns.iter().all(Option::is_none) {
+            if !self.handed_over && self.handing_over.load(Ordering::Relaxed) {
+                self.hand_over();
+            }
+            // Handed over, it also waits for its cancelled accepts: their
+            // completions write into the listeners' storage.
+            let done = !self.accepting
+                || (self.handed_over && self.listeners.iter().all(Option::is_none));
+            if done && self.conns.iter().all(Option::is_none) {
                 return Ok(());
             }
         }
@@ -671,8 +689,9 @@ impl Worker {
         }
         self.metrics.accepted.fetch_add(1, Ordering::Relaxed);
         // A client the kernel queued before its listener was taken out has
-        // no routes left to follow.
-        if !self.accepting || removed {
+        // no routes left to follow; one accepted while the listeners were
+        // being handed over is served here.
+        if !self.accepting || (removed && !self.handed_over) {
             return self.close_slot(slot);
         }
         // Re-armed before this client takes a slot for its backend.
@@ -1481,12 +1500,43 @@ impl Worker {
         self.arm_accepts();
     }
 
+    /// Stops accepting on sockets another process accepts on now: the
+    /// armed accepts are cancelled, the sockets stay open (shutting one
+    /// would end the new process's accepts too) and close here once their
+    /// accepts are back.
+    fn hand_over(&mut self) {
+        self.handed_over = true;
+        for l in 0..self.listeners.len() {
+            let Some(listening) = self.listeners[l].as_mut() else {
+                continue;
+            };
+            listening.removed = true;
+            let armed: Vec<u32> = (0..self.per_listener)
+                .filter(|i| listening.accepts[*i as usize].slot.is_some())
+                .map(|i| l as u32 * self.per_listener + i)
+                .collect();
+            if armed.is_empty() {
+                self.listeners[l] = None;
+            }
+            for accept in armed {
+                let cancel = opcode::AsyncCancel::new(Op::Accept { accept }.user_data());
+                // Its completion is not waited for: the accept's own is.
+                let conn = ConnId {
+                    idx: accept,
+                    generation: 0,
+                };
+                self.submit(Op::Cancel { conn }, cancel.build());
+            }
+        }
+    }
+
     /// Stops accepting and drains every connection over the shutdown
     /// window.
     fn shutdown(&mut self) {
         self.accepting = false;
         self.shutdown_deadline = Some(self.now + self.config.timeouts.shutdown);
-        for l in self.listeners.iter().flatten() {
+        // Removed ones were shut by their reload, or handed over.
+        for l in self.listeners.iter().flatten().filter(|l| !l.removed) {
             // Shutting the listening socket ends the accept.
             socket::shut(&l.fd, Shutdown::Both);
         }

@@ -23,6 +23,7 @@ pub enum Timeout {
     PingInterval,
     Close,
     Shutdown,
+    Takeover,
 }
 
 /// A configuration file under construction; [`fmt::Display`] gives its
@@ -86,6 +87,7 @@ impl ConfigBuilder {
             Timeout::PingInterval => &mut t.ping_interval,
             Timeout::Close => &mut t.close,
             Timeout::Shutdown => &mut t.shutdown,
+            Timeout::Takeover => &mut t.takeover,
         };
         *key = spanned(duration_text(d));
         self

@@ -93,6 +93,12 @@ pub fn plan_reload(old: &Config, new: &Config) -> Result<ReloadPlan, NeedsRestar
         shown(o.shutdown),
         shown(n.shutdown),
     );
+    changed(
+        changes,
+        "timeouts.takeover",
+        shown(o.takeover),
+        shown(n.takeover),
+    );
     let (o, n) = (&old.limits, &new.limits);
     changed(
         changes,

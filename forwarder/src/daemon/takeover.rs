@@ -1,0 +1,318 @@
+//! `weir run --takeover`: a new process takes the listening sockets of
+//! the running `weir run` of its instance, so that an upgrade never
+//! refuses a connect. Over the old process's control socket:
+//!
+//! 1. new → old: `takeover` (the control protocol's version: a process
+//!    of another version refuses, or is refused, before anything moves);
+//!    the old one refuses a second takeover while one runs;
+//! 2. old → new: an `offered` line with the daemon lock, the metrics
+//!    listener and every worker's SO_REUSEPORT listening sockets attached
+//!    (SCM_RIGHTS, [`super::fdpass`]);
+//! 3. the new process starts its workers accepting on them, then sends
+//!    `confirm`: only now does the old one stop accepting (its workers
+//!    cancel their accepts; the sockets stay open in the new process, so
+//!    the kernel always has a listener to queue a client on) and stop
+//!    serving the control socket;
+//! 4. old → new: `handed_over` with the connections it keeps; the new
+//!    process takes the control socket path and the stats file.
+//!
+//! A new process that dies before step 3 leaves the old one as it was.
+//! The old one serves what it holds until it ends or `timeouts.takeover`
+//! passes, then drains it as on SIGTERM.
+
+use std::io::{self, BufRead, BufReader, Read, Write};
+use std::net::{SocketAddr, TcpListener};
+use std::os::fd::{AsRawFd, OwnedFd, RawFd};
+use std::os::unix::net::UnixStream;
+use std::path::Path;
+use std::sync::mpsc;
+use std::time::Duration;
+
+use super::control::{self, Command, OfferedListener, Outcome};
+use super::fdpass;
+use crate::l7::config::Listener;
+use crate::l7::socket::{bind_listeners, reuseport_listener};
+
+/// How long the old process waits for the new one to confirm: long
+/// enough to start its workers; a new process that takes longer is taken
+/// for dead and the old one goes on as before.
+const CONFIRM_WITHIN: Duration = Duration::from_secs(60);
+
+/// How long the new process waits for each answer of the old one.
+const ANSWER_WITHIN: Duration = Duration::from_secs(30);
+
+/// The longest `offered` line: a few hundred bytes per listener.
+const MAX_OFFER: usize = 1 << 20;
+
+/// A listener as a takeover passes it: its configured address, the one
+/// it is bound to, and its sockets, one per worker of the process that
+/// bound them.
+pub struct Handed {
+    pub listen: SocketAddr,
+    pub bound: SocketAddr,
+    pub sockets: Vec<OwnedFd>,
+}
+
+/// What the old process offers: copies of its descriptors, which it keeps
+/// using until the new process confirms.
+pub struct Offer {
+    pub lock: OwnedFd,
+    pub metrics: Option<(SocketAddr, OwnedFd)>,
+    pub listeners: Vec<Handed>,
+}
+
+/// The old process's side of a takeover in progress.
+pub struct Giving {
+    stream: UnixStream,
+    /// `Ok`: the new process confirmed; `Err`: it failed or went away
+    /// first, and nothing moved.
+    confirmed: mpsc::Receiver<Result<(), String>>,
+}
+
+impl Giving {
+    /// Sends `offer` over `stream` and waits, on a thread of its own, for
+    /// the new process to confirm.
+    pub fn start(stream: UnixStream, offer: Offer) -> io::Result<Self> {
+        let ours = stream.try_clone()?;
+        let (tx, confirmed) = mpsc::channel();
+        std::thread::Builder::new()
+            .name("weir-takeover".into())
+            .spawn(move || {
+                let _ = tx.send(send_offer(&stream, &offer).and_then(|()| await_confirm(&stream)));
+            })?;
+        Ok(Self {
+            stream: ours,
+            confirmed,
+        })
+    }
+
+    /// The outcome, once there is one.
+    pub fn outcome(&self) -> Option<Result<(), String>> {
+        match self.confirmed.try_recv() {
+            Ok(r) => Some(r),
+            Err(mpsc::TryRecvError::Empty) => None,
+            Err(mpsc::TryRecvError::Disconnected) => {
+                Some(Err("the takeover thread ended without an outcome".into()))
+            }
+        }
+    }
+
+    /// Tells the new process that this one stopped accepting and keeps
+    /// `connections` until they end.
+    pub fn done(self, connections: usize) {
+        let line = control::encode_response(Outcome::HandedOver { connections });
+        let _ = (&self.stream).write_all(line.as_bytes());
+    }
+}
+
+fn send_offer(stream: &UnixStream, offer: &Offer) -> Result<(), String> {
+    let mut fds: Vec<RawFd> = vec![offer.lock.as_raw_fd()];
+    fds.extend(offer.metrics.iter().map(|(_, fd)| fd.as_raw_fd()));
+    for l in &offer.listeners {
+        fds.extend(l.sockets.iter().map(AsRawFd::as_raw_fd));
+    }
+    let line = control::encode_response(Outcome::Offered {
+        pid: std::process::id(),
+        listeners: offer
+            .listeners
+            .iter()
+            .map(|l| OfferedListener {
+                listen: l.listen,
+                bound: l.bound,
+                sockets: l.sockets.len(),
+            })
+            .collect(),
+        metrics: offer.metrics.as_ref().map(|(a, _)| *a),
+        fds: fds.len(),
+    });
+    let failed = |e: io::Error| format!("sending the listening sockets: {e}");
+    // The line carries the first batch; each further batch rides on one
+    // newline, which the reader skips.
+    let mut batches = fds.chunks(fdpass::MAX_FDS);
+    fdpass::send(stream, line.as_bytes(), batches.next().unwrap_or(&[])).map_err(failed)?;
+    for batch in batches {
+        fdpass::send(stream, b"\n", batch).map_err(failed)?;
+    }
+    Ok(())
+}
+
+fn await_confirm(stream: &UnixStream) -> Result<(), String> {
+    stream
+        .set_read_timeout(Some(CONFIRM_WITHIN))
+        .map_err(|e| e.to_string())?;
+    let mut line = String::new();
+    match BufReader::new(stream.take(4096)).read_line(&mut line) {
+        Ok(0) => return Err("the new process went away before it confirmed".into()),
+        Ok(_) => {}
+        Err(e) if matches!(e.kind(), io::ErrorKind::WouldBlock | io::ErrorKind::TimedOut) => {
+            return Err(format!(
+                "the new process did not confirm within {CONFIRM_WITHIN:?}"
+            ));
+        }
+        Err(e) => return Err(format!("reading the new process's confirmation: {e}")),
+    }
+    match control::decode_request(&line)? {
+        Command::Confirm => Ok(()),
+        other => Err(format!("the new process sent {other:?} instead of confirm")),
+    }
+}
+
+/// What the new process received.
+pub struct Taken {
+    stream: UnixStream,
+    /// The pid of the process taken over.
+    pub pid: u32,
+    pub lock: OwnedFd,
+    pub metrics: Option<(SocketAddr, TcpListener)>,
+    pub listeners: Vec<Handed>,
+}
+
+/// Asks the `weir run` serving `path` for its listening sockets. Refused
+/// (by either side) before anything moves when the other speaks another
+/// protocol version or a takeover already runs.
+pub fn take(path: &Path) -> Result<Taken, String> {
+    let stream = UnixStream::connect(path).map_err(|e| {
+        format!(
+            "no weir run to take over: nothing listens on {} ({e})",
+            path.display()
+        )
+    })?;
+    let io_err = |e: io::Error| format!("talking to weir run over {}: {e}", path.display());
+    stream
+        .set_read_timeout(Some(ANSWER_WITHIN))
+        .map_err(io_err)?;
+    (&stream)
+        .write_all(control::encode_request(Command::Takeover).as_bytes())
+        .map_err(io_err)?;
+    // Read with recvmsg only: a buffered read could swallow bytes the
+    // descriptors ride on.
+    let mut line = Vec::new();
+    let mut fds = Vec::new();
+    let mut buf = [0u8; 4096];
+    while !line.contains(&b'\n') {
+        let (n, got) = fdpass::recv(&stream, &mut buf).map_err(io_err)?;
+        if n == 0 {
+            return Err(format!(
+                "weir run closed {} without an answer",
+                path.display()
+            ));
+        }
+        line.extend_from_slice(&buf[..n]);
+        fds.extend(got);
+        if line.len() > MAX_OFFER {
+            return Err("the takeover offer is too long".into());
+        }
+    }
+    let end = line.iter().position(|&b| b == b'\n').expect("read up to a newline");
+    let text = String::from_utf8_lossy(&line[..=end]);
+    let (pid, offered, metrics, count) = match control::decode_response(&text)? {
+        Outcome::Offered {
+            pid,
+            listeners,
+            metrics,
+            fds,
+        } => (pid, listeners, metrics, fds),
+        Outcome::Refused { reason } => return Err(format!("takeover refused: {reason}")),
+        other => return Err(format!("unexpected answer to a takeover: {other:?}")),
+    };
+    // The batches after the first come one newline each.
+    while fds.len() < count {
+        let (n, got) = fdpass::recv(&stream, &mut buf).map_err(io_err)?;
+        if n == 0 {
+            return Err("weir run went away while passing its sockets".into());
+        }
+        fds.extend(got);
+    }
+    let expected = offered.iter().map(|l| l.sockets).sum::<usize>()
+        + 1
+        + usize::from(metrics.is_some());
+    if fds.len() != count || count != expected {
+        return Err(format!(
+            "weir run passed {} descriptor(s), {count} announced and {expected} described",
+            fds.len()
+        ));
+    }
+    let mut fds = fds.into_iter();
+    let lock = fds.next().expect("counted");
+    let metrics = metrics.map(|a| (a, TcpListener::from(fds.next().expect("counted"))));
+    let listeners = offered
+        .into_iter()
+        .map(|l| Handed {
+            listen: l.listen,
+            bound: l.bound,
+            sockets: fds.by_ref().take(l.sockets).collect(),
+        })
+        .collect();
+    Ok(Taken {
+        stream,
+        pid,
+        lock,
+        metrics,
+        listeners,
+    })
+}
+
+impl Taken {
+    /// Tells the old process that this one accepts on every socket it was
+    /// passed; returns the connections the old one keeps once it stopped
+    /// accepting.
+    pub fn confirm(&self) -> Result<usize, String> {
+        let io_err = |e: io::Error| format!("confirming the takeover: {e}");
+        (&self.stream)
+            .write_all(control::encode_request(Command::Confirm).as_bytes())
+            .map_err(io_err)?;
+        let mut line = String::new();
+        BufReader::new((&self.stream).take(4096))
+            .read_line(&mut line)
+            .map_err(io_err)?;
+        if line.is_empty() {
+            return Err("the old weir run went away before it stopped accepting".into());
+        }
+        match control::decode_response(&line)? {
+            Outcome::HandedOver { connections } => Ok(connections),
+            other => Err(format!("unexpected answer to confirm: {other:?}")),
+        }
+    }
+}
+
+/// Each worker's listening sockets for `configured`, as (listener index,
+/// socket), and the addresses they listen on. A listener the old process
+/// passed keeps its sockets: they are spread over the workers (every one
+/// accepted, so none closes with clients in its queue), and workers
+/// beyond their number bind more on the same address. Others are bound
+/// afresh. Passed listeners the configuration dropped stay in `handed`.
+pub fn listeners(
+    configured: &[Listener],
+    workers: usize,
+    handed: &mut Vec<Handed>,
+) -> io::Result<(Vec<Vec<(usize, OwnedFd)>>, Vec<SocketAddr>)> {
+    let mut per_worker: Vec<Vec<(usize, OwnedFd)>> = (0..workers).map(|_| Vec::new()).collect();
+    let mut bound = Vec::new();
+    for (i, l) in configured.iter().enumerate() {
+        let (addr, sockets) = match handed.iter().position(|h| h.listen == l.listen) {
+            Some(at) => {
+                let h = handed.swap_remove(at);
+                let mut sockets = h.sockets;
+                while sockets.len() < workers {
+                    sockets.push(listening(h.bound)?);
+                }
+                (h.bound, sockets)
+            }
+            None => {
+                let (mut fds, mut addrs) = bind_listeners(std::slice::from_ref(l), workers)?;
+                let sockets = fds.iter_mut().flat_map(std::mem::take).collect();
+                (addrs.remove(0), sockets)
+            }
+        };
+        for (n, socket) in sockets.into_iter().enumerate() {
+            per_worker[n % workers].push((i, socket));
+        }
+        bound.push(addr);
+    }
+    Ok((per_worker, bound))
+}
+
+fn listening(addr: SocketAddr) -> io::Result<OwnedFd> {
+    reuseport_listener(addr)
+        .map_err(|e| io::Error::new(e.kind(), format!("listening on {addr}: {e}")))
+}
