@@ -1,0 +1,351 @@
+//! `weir run --takeover`: a new process takes the listening sockets of
+//! the running one, so that connects in a tight loop during the switch
+//! never see a refusal or a reset; the old process keeps its WebSockets
+//! echoing until they end, then exits. A second takeover while one runs,
+//! a new process killed before it confirms and a request of another
+//! protocol version all leave the old process serving as before.
+
+mod common;
+
+use std::io::{BufRead, BufReader, Read, Write};
+use std::net::{Ipv4Addr, SocketAddr, TcpStream};
+use std::os::unix::net::UnixStream;
+use std::path::PathBuf;
+use std::process::{Child, Command, ExitStatus, Stdio};
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::time::{Duration, Instant};
+
+use common::ws::{recv, send, upgrade};
+use common::{TestInstance, add_l7_service, apply, backend, free_port, require_root};
+use weir::l7::config::{ConfigBuilder, Timeout};
+use weir::l7::frame::Opcode;
+use weir::registry::{Change, ServiceAddr};
+use weir_testbed::workspace_bin;
+
+const SVC: ServiceAddr = ServiceAddr {
+    vip: Ipv4Addr::new(198, 19, 0, 95),
+    port: 80,
+};
+
+/// The test hook that holds a new process between its workers' start and
+/// its confirmation.
+const PAUSE: &str = "WEIR_TEST_TAKEOVER_PAUSE_MS";
+
+fn local(port: u16) -> SocketAddr {
+    SocketAddr::from((Ipv4Addr::LOCALHOST, port))
+}
+
+/// An instance whose SVC an echo serves, and the `weir run` processes
+/// started for it (each logging to its own file); all stopped on drop.
+struct Bed {
+    inst: TestInstance,
+    echo: Child,
+    runs: Vec<Child>,
+    dir: PathBuf,
+    port: u16,
+}
+
+impl Bed {
+    fn new(tag: &str) -> Self {
+        let inst = TestInstance::new(tag);
+        let dir = std::env::temp_dir().join(format!("weir-takeover-{}", inst.name()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let mut reg = inst.registry();
+        let (echo, addr) = weir_testbed::spawn_echo("127.0.0.1:0", "e0");
+        apply(&mut reg, add_l7_service(SVC));
+        apply(
+            &mut reg,
+            Change::SetBackends {
+                service: SVC,
+                backends: vec![(backend(addr), 1)],
+            },
+        );
+        let port = free_port();
+        let config = ConfigBuilder::new()
+            .workers(2)
+            .buffers(256)
+            .metrics(local(free_port()))
+            .timeout(Timeout::Idle, Duration::from_secs(60))
+            .timeout(Timeout::Shutdown, Duration::from_secs(1))
+            .listener(local(port))
+            .route("/ws", SVC);
+        std::fs::write(dir.join("weir.toml"), config.to_string()).unwrap();
+        Self {
+            inst,
+            echo,
+            runs: Vec::new(),
+            dir,
+            port,
+        }
+    }
+
+    /// Starts `weir run` number `self.runs.len()` (with `--takeover` and
+    /// the pause hook when asked); its log is `run-N.log`.
+    fn run(&mut self, takeover: bool, pause_ms: Option<u64>) -> usize {
+        let n = self.runs.len();
+        let mut cmd = Command::new(workspace_bin("weir"));
+        cmd.args(["--instance", self.inst.name(), "run", "--config"])
+            .arg(self.dir.join("weir.toml"))
+            .stdout(Stdio::null())
+            .stderr(std::fs::File::create(self.dir.join(format!("run-{n}.log"))).unwrap());
+        if takeover {
+            cmd.arg("--takeover");
+        }
+        if let Some(ms) = pause_ms {
+            cmd.env(PAUSE, ms.to_string());
+        }
+        self.runs.push(cmd.spawn().unwrap());
+        n
+    }
+
+    fn log(&self, n: usize) -> String {
+        std::fs::read_to_string(self.dir.join(format!("run-{n}.log"))).unwrap_or_default()
+    }
+
+    fn wait_for_log(&self, n: usize, text: &str) {
+        let deadline = Instant::now() + Duration::from_secs(15);
+        while !self.log(n).contains(text) {
+            assert!(
+                Instant::now() < deadline,
+                "no {text:?} in the log of run {n}:\n{}",
+                self.log(n)
+            );
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+
+    /// Waits for run `n` to exit on its own.
+    fn exited(&mut self, n: usize, within: Duration) -> ExitStatus {
+        let deadline = Instant::now() + within;
+        loop {
+            if let Some(status) = self.runs[n].try_wait().unwrap() {
+                return status;
+            }
+            assert!(
+                Instant::now() < deadline,
+                "run {n} did not exit:\n{}",
+                self.log(n)
+            );
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+
+    fn running(&mut self, n: usize) -> bool {
+        self.runs[n].try_wait().unwrap().is_none()
+    }
+
+    fn control_socket(&self) -> PathBuf {
+        self.inst.instance.control_socket_path()
+    }
+}
+
+impl Drop for Bed {
+    fn drop(&mut self) {
+        for c in self.runs.iter_mut().chain([&mut self.echo]) {
+            let _ = c.kill();
+            let _ = c.wait();
+        }
+        let _ = std::fs::remove_dir_all(&self.dir);
+    }
+}
+
+fn open(port: u16) -> TcpStream {
+    let (s, head) = upgrade(port, "/ws");
+    assert!(head.starts_with("HTTP/1.1 101"), "{head}");
+    s
+}
+
+fn echoes(s: &mut TcpStream, text: &str) {
+    send(s, true, Opcode::Text, text.as_bytes());
+    assert_eq!(recv(s), (true, 1, text.as_bytes().to_vec()), "{text}");
+}
+
+/// What clients connecting in a tight loop saw.
+#[derive(Debug, Default, PartialEq)]
+struct Connects {
+    upgraded: u64,
+    refused: u64,
+    reset: u64,
+    other: u64,
+}
+
+/// Connects and upgrades in a loop until `stop`, counting outcomes.
+fn hammer(port: u16, stop: Arc<AtomicBool>) -> std::thread::JoinHandle<Connects> {
+    std::thread::spawn(move || {
+        let mut seen = Connects::default();
+        while !stop.load(Ordering::Relaxed) {
+            let mut s = match TcpStream::connect(local(port)) {
+                Ok(s) => s,
+                Err(e) if e.kind() == std::io::ErrorKind::ConnectionRefused => {
+                    seen.refused += 1;
+                    continue;
+                }
+                Err(_) => {
+                    seen.other += 1;
+                    continue;
+                }
+            };
+            s.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
+            let request = "GET /ws HTTP/1.1\r\nHost: t\r\nUpgrade: websocket\r\nConnection: \
+                           Upgrade\r\nSec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\n\
+                           Sec-WebSocket-Version: 13\r\n\r\n";
+            let mut head = [0u8; 12];
+            match s
+                .write_all(request.as_bytes())
+                .and_then(|()| s.read_exact(&mut head))
+            {
+                Ok(()) if &head == b"HTTP/1.1 101" => seen.upgraded += 1,
+                Err(e) if e.kind() == std::io::ErrorKind::ConnectionReset => seen.reset += 1,
+                _ => seen.other += 1,
+            }
+        }
+        seen
+    })
+}
+
+/// A control request line as another binary would write it, and the
+/// answer.
+fn raw_control(path: &std::path::Path, line: &str) -> String {
+    let mut s = UnixStream::connect(path).unwrap();
+    s.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
+    s.write_all(line.as_bytes()).unwrap();
+    let mut answer = String::new();
+    BufReader::new(s).read_line(&mut answer).unwrap();
+    answer
+}
+
+#[test]
+fn a_takeover_refuses_no_connect_and_the_old_process_keeps_its_websockets_until_they_end() {
+    require_root();
+    let mut bed = Bed::new("tkover");
+    let old = bed.run(false, None);
+    bed.wait_for_log(old, "running instance");
+    let port = bed.port;
+    let mut before = open(port);
+    echoes(&mut before, "before");
+
+    let stop = Arc::new(AtomicBool::new(false));
+    let clients = hammer(port, stop.clone());
+    std::thread::sleep(Duration::from_millis(300));
+    let new = bed.run(true, None);
+    bed.wait_for_log(new, "takeover done: 1 connection(s) stay in the old process");
+    bed.wait_for_log(old, "takeover done: the new weir run accepts; 1 connection(s)");
+    std::thread::sleep(Duration::from_millis(300));
+    stop.store(true, Ordering::Relaxed);
+    let seen = clients.join().unwrap();
+    assert!(seen.upgraded > 0, "{seen:?}");
+    assert_eq!(
+        (seen.refused, seen.reset, seen.other),
+        (0, 0, 0),
+        "clients connecting during the takeover: {seen:?}"
+    );
+
+    // The old process keeps its WebSocket; new ones are served too.
+    let mut after = open(port);
+    echoes(&mut after, "after");
+    echoes(&mut before, "still in the old process");
+    assert!(bed.running(old));
+    // Its last connection ends: the old process exits, the new one serves.
+    drop(before);
+    assert!(bed.exited(old, Duration::from_secs(10)).success());
+    bed.wait_for_log(old, "stopped after");
+    echoes(&mut after, "the old process is gone");
+    echoes(&mut open(port), "a connection after the old process left");
+    // The control socket is the new process's now.
+    let out = Command::new(workspace_bin("weir"))
+        .args(["--instance", bed.inst.name(), "reload"])
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success() && String::from_utf8_lossy(&out.stdout).contains("nothing changed"),
+        "{}\n{}",
+        String::from_utf8_lossy(&out.stderr),
+        bed.log(new)
+    );
+    let pid = std::fs::read_to_string(bed.inst.instance.daemon_lock_path()).unwrap();
+    assert_eq!(pid.trim(), bed.runs[new].id().to_string());
+}
+
+#[test]
+fn a_second_takeover_is_refused_and_a_new_process_killed_before_it_confirms_changes_nothing() {
+    require_root();
+    let mut bed = Bed::new("tkkill");
+    let old = bed.run(false, None);
+    bed.wait_for_log(old, "running instance");
+    let port = bed.port;
+    let mut before = open(port);
+
+    let paused = bed.run(true, Some(60_000));
+    bed.wait_for_log(paused, "pausing before confirm");
+    let second = bed.run(true, None);
+    assert!(!bed.exited(second, Duration::from_secs(10)).success());
+    assert!(
+        bed.log(second)
+            .contains("a takeover of this weir run is already in progress"),
+        "{}",
+        bed.log(second)
+    );
+
+    bed.runs[paused].kill().unwrap();
+    bed.runs[paused].wait().unwrap();
+    bed.wait_for_log(old, "takeover failed, this process goes on accepting");
+    echoes(&mut before, "the old process kept it");
+    for i in 0..20 {
+        echoes(&mut open(port), &format!("accepted by the old process {i}"));
+    }
+    assert!(bed.running(old));
+
+    // A later takeover works.
+    let new = bed.run(true, None);
+    bed.wait_for_log(new, "takeover done: 1 connection(s) stay in the old process");
+    echoes(&mut open(port), "served after the takeover");
+    echoes(&mut before, "still in the old process");
+}
+
+#[test]
+fn a_takeover_in_another_protocol_version_is_refused_before_anything_moves() {
+    require_root();
+    let mut bed = Bed::new("tkver");
+    let old = bed.run(false, None);
+    bed.wait_for_log(old, "running instance");
+    let answer = raw_control(
+        &bed.control_socket(),
+        "{\"version\":2,\"command\":\"takeover\"}\n",
+    );
+    assert!(
+        answer.contains("\"outcome\":\"refused\"") && answer.contains("version 2"),
+        "{answer}"
+    );
+    assert!(!bed.log(old).contains("takeover_started") && !bed.log(old).contains("takeover:"));
+    echoes(&mut open(bed.port), "still accepting");
+
+    // The other way round: an old process of another version; the new one
+    // refuses its offer and keeps nothing.
+    let mut old_bed = Bed::new("tkver2");
+    let fake = old_bed.control_socket();
+    std::fs::create_dir_all(fake.parent().unwrap()).unwrap();
+    let _ = std::fs::remove_file(&fake);
+    let listener = std::os::unix::net::UnixListener::bind(&fake).unwrap();
+    let new = old_bed.run(true, None);
+    let (mut conversation, _) = listener.accept().unwrap();
+    let mut request = String::new();
+    BufReader::new(&conversation)
+        .read_line(&mut request)
+        .unwrap();
+    assert!(request.contains("\"command\":\"takeover\""), "{request}");
+    conversation
+        .write_all(b"{\"version\":2,\"outcome\":\"offered\",\"pid\":1}\n")
+        .unwrap();
+    assert!(!old_bed.exited(new, Duration::from_secs(10)).success());
+    let log = old_bed.log(new);
+    assert!(log.contains("version 2"), "{log}");
+    // Nothing moved: no confirm came, and nothing listens on its port.
+    let mut rest = String::new();
+    conversation
+        .set_read_timeout(Some(Duration::from_secs(2)))
+        .unwrap();
+    let _ = conversation.read_to_string(&mut rest);
+    assert_eq!(rest, "");
+    assert!(TcpStream::connect(local(old_bed.port)).is_err());
+}
