@@ -16,7 +16,7 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::{Duration, Instant};
 
-use common::ws::{recv, send, upgrade};
+use common::ws::{close_code, recv, send, upgrade};
 use common::{TestInstance, add_l7_service, apply, backend, free_port, require_root};
 use weir::l7::config::{ConfigBuilder, Timeout};
 use weir::l7::frame::Opcode;
@@ -48,6 +48,11 @@ struct Bed {
 
 impl Bed {
     fn new(tag: &str) -> Self {
+        Self::bounded(tag, Duration::from_secs(300))
+    }
+
+    /// With `timeouts.takeover = bound`.
+    fn bounded(tag: &str, bound: Duration) -> Self {
         let inst = TestInstance::new(tag);
         let dir = std::env::temp_dir().join(format!("weir-takeover-{}", inst.name()));
         std::fs::create_dir_all(&dir).unwrap();
@@ -68,6 +73,7 @@ impl Bed {
             .metrics(local(free_port()))
             .timeout(Timeout::Idle, Duration::from_secs(60))
             .timeout(Timeout::Shutdown, Duration::from_secs(1))
+            .timeout(Timeout::Takeover, bound)
             .listener(local(port))
             .route("/ws", SVC);
         std::fs::write(dir.join("weir.toml"), config.to_string()).unwrap();
@@ -229,11 +235,18 @@ fn a_takeover_refuses_no_connect_and_the_old_process_keeps_its_websockets_until_
     let clients = hammer(port, stop.clone());
     std::thread::sleep(Duration::from_millis(300));
     let new = bed.run(true, None);
-    bed.wait_for_log(new, "takeover done: 1 connection(s) stay in the old process");
-    bed.wait_for_log(old, "takeover done: the new weir run accepts; 1 connection(s)");
+    bed.wait_for_log(
+        new,
+        "takeover done: 1 connection(s) stay in the old process",
+    );
+    bed.wait_for_log(
+        old,
+        "takeover done: the new weir run accepts; 1 connection(s)",
+    );
     std::thread::sleep(Duration::from_millis(300));
     stop.store(true, Ordering::Relaxed);
     let seen = clients.join().unwrap();
+    eprintln!("connects during the takeover: {seen:?}");
     assert!(seen.upgraded > 0, "{seen:?}");
     assert_eq!(
         (seen.refused, seen.reset, seen.other),
@@ -298,7 +311,10 @@ fn a_second_takeover_is_refused_and_a_new_process_killed_before_it_confirms_chan
 
     // A later takeover works.
     let new = bed.run(true, None);
-    bed.wait_for_log(new, "takeover done: 1 connection(s) stay in the old process");
+    bed.wait_for_log(
+        new,
+        "takeover done: 1 connection(s) stay in the old process",
+    );
     echoes(&mut open(port), "served after the takeover");
     echoes(&mut before, "still in the old process");
 }
@@ -348,4 +364,31 @@ fn a_takeover_in_another_protocol_version_is_refused_before_anything_moves() {
     let _ = conversation.read_to_string(&mut rest);
     assert_eq!(rest, "");
     assert!(TcpStream::connect(local(old_bed.port)).is_err());
+}
+
+#[test]
+fn past_the_takeover_bound_the_old_process_drains_what_it_kept_and_exits() {
+    require_root();
+    let mut bed = Bed::bounded("tkbound", Duration::from_secs(1));
+    let old = bed.run(false, None);
+    bed.wait_for_log(old, "running instance");
+    let mut kept = open(bed.port);
+    echoes(&mut kept, "before");
+    let new = bed.run(true, None);
+    bed.wait_for_log(
+        new,
+        "takeover done: 1 connection(s) stay in the old process",
+    );
+    let handed = Instant::now();
+    echoes(&mut kept, "within the bound");
+    // The bound passes: a Close 1001, as on SIGTERM, then the old exits.
+    let (_, op, payload) = recv(&mut kept);
+    assert_eq!((op, close_code(&payload)), (8, 1001));
+    assert!(handed.elapsed() >= Duration::from_millis(900));
+    bed.wait_for_log(
+        old,
+        "timeouts.takeover (1s) passed: draining the 1 connection(s) left",
+    );
+    assert!(bed.exited(old, Duration::from_secs(10)).success());
+    echoes(&mut open(bed.port), "the new process serves");
 }

@@ -642,7 +642,10 @@ pub fn run(cli: Cli) -> Result<()> {
                 || format!("{} decap from {dev}", detached_verb(&was)),
             );
         }
-        Command::Run(RunArgs { daemon: a, takeover }) => {
+        Command::Run(RunArgs {
+            daemon: a,
+            takeover,
+        }) => {
             return crate::daemon::run(
                 a.config.as_deref(),
                 cli.instance.as_deref(),

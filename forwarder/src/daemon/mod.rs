@@ -185,7 +185,11 @@ fn serve(path: Option<&Path>, flag: Option<&str>, takeover: bool) -> Result<()> 
             .as_ref()
             .is_some_and(|t| t.listeners.iter().any(|h| h.listen == addr))
     };
-    for l in config.listeners.iter().filter(|l| !l.shared && !passed(l.listen)) {
+    for l in config
+        .listeners
+        .iter()
+        .filter(|l| !l.shared && !passed(l.listen))
+    {
         check_listener_free(l.listen).map_err(anyhow::Error::msg)?;
     }
     let registry = Registry::open(&instance)?;
@@ -227,15 +231,15 @@ fn serve(path: Option<&Path>, flag: Option<&str>, takeover: bool) -> Result<()> 
     .context("starting the map watcher")?;
     // Taking over, the control socket is the old process's until it
     // stopped accepting.
-    let listen_control =
-        |config: &crate::l7::config::Config, lock: &crate::instance::DaemonLock| {
-            reload::Reloads::listen(
-                &instance,
-                path.map(Path::to_path_buf),
-                config.clone(),
-                lock.share()?,
-            )
-        };
+    let listen_control = |config: &crate::l7::config::Config,
+                          lock: &crate::instance::DaemonLock| {
+        reload::Reloads::listen(
+            &instance,
+            path.map(Path::to_path_buf),
+            config.clone(),
+            lock.share()?,
+        )
+    };
     let reloads = match taken {
         None => Some(listen_control(&config, &lock)?),
         Some(_) => None,
@@ -270,12 +274,18 @@ fn serve(path: Option<&Path>, flag: Option<&str>, takeover: bool) -> Result<()> 
         let mut reloads = match reloads {
             Some(r) => r,
             None => {
-                let t = taken.take().context("no control socket, yet nothing taken over")?;
+                let t = taken
+                    .take()
+                    .context("no control socket, yet nothing taken over")?;
                 if let Some(ms) = std::env::var(PAUSE_BEFORE_CONFIRM)
                     .ok()
                     .and_then(|v| v.parse().ok())
                 {
-                    tracing::info!(event = "takeover_paused", ms, "test hook: pausing before confirm");
+                    tracing::info!(
+                        event = "takeover_paused",
+                        ms,
+                        "test hook: pausing before confirm"
+                    );
                     std::thread::sleep(std::time::Duration::from_millis(ms));
                 }
                 match t.confirm() {

@@ -144,7 +144,12 @@ fn await_confirm(stream: &UnixStream) -> Result<(), String> {
     match BufReader::new(stream.take(4096)).read_line(&mut line) {
         Ok(0) => return Err("the new process went away before it confirmed".into()),
         Ok(_) => {}
-        Err(e) if matches!(e.kind(), io::ErrorKind::WouldBlock | io::ErrorKind::TimedOut) => {
+        Err(e)
+            if matches!(
+                e.kind(),
+                io::ErrorKind::WouldBlock | io::ErrorKind::TimedOut
+            ) =>
+        {
             return Err(format!(
                 "the new process did not confirm within {CONFIRM_WITHIN:?}"
             ));
@@ -203,7 +208,10 @@ pub fn take(path: &Path) -> Result<Taken, String> {
             return Err("the takeover offer is too long".into());
         }
     }
-    let end = line.iter().position(|&b| b == b'\n').expect("read up to a newline");
+    let end = line
+        .iter()
+        .position(|&b| b == b'\n')
+        .expect("read up to a newline");
     let text = String::from_utf8_lossy(&line[..=end]);
     let (pid, offered, metrics, count) = match control::decode_response(&text)? {
         Outcome::Offered {
@@ -223,9 +231,8 @@ pub fn take(path: &Path) -> Result<Taken, String> {
         }
         fds.extend(got);
     }
-    let expected = offered.iter().map(|l| l.sockets).sum::<usize>()
-        + 1
-        + usize::from(metrics.is_some());
+    let expected =
+        offered.iter().map(|l| l.sockets).sum::<usize>() + 1 + usize::from(metrics.is_some());
     if fds.len() != count || count != expected {
         return Err(format!(
             "weir run passed {} descriptor(s), {count} announced and {expected} described",
@@ -275,6 +282,10 @@ impl Taken {
     }
 }
 
+/// Per worker, its listening sockets with the index of their listener in
+/// the configuration.
+pub type WorkerSockets = Vec<Vec<(usize, OwnedFd)>>;
+
 /// Each worker's listening sockets for `configured`, as (listener index,
 /// socket), and the addresses they listen on. A listener the old process
 /// passed keeps its sockets: they are spread over the workers (every one
@@ -285,8 +296,8 @@ pub fn listeners(
     configured: &[Listener],
     workers: usize,
     handed: &mut Vec<Handed>,
-) -> io::Result<(Vec<Vec<(usize, OwnedFd)>>, Vec<SocketAddr>)> {
-    let mut per_worker: Vec<Vec<(usize, OwnedFd)>> = (0..workers).map(|_| Vec::new()).collect();
+) -> io::Result<(WorkerSockets, Vec<SocketAddr>)> {
+    let mut per_worker: WorkerSockets = (0..workers).map(|_| Vec::new()).collect();
     let mut bound = Vec::new();
     for (i, l) in configured.iter().enumerate() {
         let (addr, sockets) = match handed.iter().position(|h| h.listen == l.listen) {
@@ -315,4 +326,87 @@ pub fn listeners(
 fn listening(addr: SocketAddr) -> io::Result<OwnedFd> {
     reuseport_listener(addr)
         .map_err(|e| io::Error::new(e.kind(), format!("listening on {addr}: {e}")))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::l7::config::{ConfigBuilder, parse};
+
+    fn configured(addrs: &[SocketAddr]) -> Vec<Listener> {
+        let mut b = ConfigBuilder::new();
+        for a in addrs {
+            b = b.listener(*a).route("/", "198.19.0.1:80");
+        }
+        parse(&b.to_string(), "test").unwrap().listeners
+    }
+
+    fn local_addr(fd: &OwnedFd) -> SocketAddr {
+        socket2::SockRef::from(fd)
+            .local_addr()
+            .unwrap()
+            .as_socket()
+            .unwrap()
+    }
+
+    /// Three old workers' sockets over two new workers: every socket is
+    /// used (none closes with clients queued); a fourth worker would bind
+    /// one more on the same port; a listener not passed is bound afresh and
+    /// one the configuration dropped is left to the caller.
+    #[test]
+    fn passed_sockets_are_spread_over_the_workers_and_the_rest_bound() {
+        let any: SocketAddr = "127.0.0.1:0".parse().unwrap();
+        let first = reuseport_listener(any).unwrap();
+        let bound = local_addr(&first);
+        let mut passed = vec![first];
+        for _ in 1..3 {
+            passed.push(reuseport_listener(bound).unwrap());
+        }
+        let dropped = reuseport_listener(any).unwrap();
+        let dropped_at = local_addr(&dropped);
+        let fresh: SocketAddr = format!("127.0.0.1:{}", {
+            let l = std::net::TcpListener::bind(any).unwrap();
+            l.local_addr().unwrap().port()
+        })
+        .parse()
+        .unwrap();
+        let mut handed = vec![
+            Handed {
+                listen: any,
+                bound,
+                sockets: passed,
+            },
+            Handed {
+                listen: dropped_at,
+                bound: dropped_at,
+                sockets: vec![dropped],
+            },
+        ];
+        let (per_worker, addrs) = listeners(&configured(&[any, fresh]), 2, &mut handed).unwrap();
+        assert_eq!(addrs, [bound, fresh]);
+        let on = |w: usize, i: usize| {
+            per_worker[w]
+                .iter()
+                .filter(|(l, _)| *l == i)
+                .map(|(_, fd)| local_addr(fd))
+                .collect::<Vec<_>>()
+        };
+        assert_eq!((on(0, 0), on(1, 0)), (vec![bound, bound], vec![bound]));
+        assert_eq!((on(0, 1), on(1, 1)), (vec![fresh], vec![fresh]));
+        assert_eq!(handed.len(), 1);
+        assert_eq!(handed[0].listen, dropped_at);
+
+        let mut again = vec![Handed {
+            listen: any,
+            bound,
+            sockets: vec![reuseport_listener(bound).unwrap()],
+        }];
+        let (per_worker, _) = listeners(&configured(&[any]), 4, &mut again).unwrap();
+        assert!(per_worker.iter().all(|w| w.len() == 1));
+        assert!(
+            per_worker
+                .iter()
+                .all(|w| local_addr(&w[0].1) == bound && w[0].0 == 0)
+        );
+    }
 }

@@ -113,7 +113,7 @@ pub fn start(
     // exit hours later.
     let snapshot_file = settings.state_dir.join("l7-stats.json");
     let _ = std::fs::create_dir_all(&settings.state_dir);
-    let metrics_socket = match taken.as_deref_mut().and_then(|t| t.metrics.take()) {
+    let metrics_socket = match taken.and_then(|t| t.metrics.take()) {
         Some((addr, l)) if Some(addr) == settings.config.metrics => Some(l),
         _ => bind_metrics(settings.config.metrics)?,
     };
@@ -189,7 +189,7 @@ pub fn start(
 /// Copies of the workers' listening sockets, grouped by listener.
 fn copies(
     config: &Config,
-    per_worker: &[Vec<(usize, OwnedFd)>],
+    per_worker: &takeover::WorkerSockets,
     bound: &[SocketAddr],
 ) -> io::Result<Vec<Handed>> {
     let mut listening: Vec<Handed> = config
@@ -281,7 +281,11 @@ impl Running {
         for (l, at) in plan.added.iter().zip(&bound) {
             let sockets = added
                 .iter()
-                .map(|w| w.iter().find(|(a, _)| *a == l.listen).map(|(_, fd)| fd.try_clone()))
+                .map(|w| {
+                    w.iter()
+                        .find(|(a, _)| *a == l.listen)
+                        .map(|(_, fd)| fd.try_clone())
+                })
                 .collect::<Option<io::Result<Vec<OwnedFd>>>>()
                 .transpose()
                 .map_err(|e| e.to_string())?
@@ -301,8 +305,7 @@ impl Running {
                 old.stop();
             }
         }
-        self.listening
-            .retain(|h| !plan.removed.contains(&h.listen));
+        self.listening.retain(|h| !plan.removed.contains(&h.listen));
         self.listening.extend(copied);
         self.outliers.set_settings(config.outlier);
         let generation = self.reconfig.publish(config, added);

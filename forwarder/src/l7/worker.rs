@@ -457,8 +457,8 @@ impl Worker {
             }
             // Handed over, it also waits for its cancelled accepts: their
             // completions write into the listeners' storage.
-            let done = !self.accepting
-                || (self.handed_over && self.listeners.iter().all(Option::is_none));
+            let done =
+                !self.accepting || (self.handed_over && self.listeners.iter().all(Option::is_none));
             if done && self.conns.iter().all(Option::is_none) {
                 return Ok(());
             }
