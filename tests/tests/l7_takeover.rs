@@ -32,6 +32,10 @@ const SVC: ServiceAddr = ServiceAddr {
 /// its confirmation.
 const PAUSE: &str = "WEIR_TEST_TAKEOVER_PAUSE_MS";
 
+/// The process taken over: the first one a bed starts.
+const OLD: usize = 0;
+const LONG: Duration = Duration::from_secs(300);
+
 fn local(port: u16) -> SocketAddr {
     SocketAddr::from((Ipv4Addr::LOCALHOST, port))
 }
@@ -47,8 +51,12 @@ struct Bed {
 }
 
 impl Bed {
-    fn new(tag: &str) -> Self {
-        Self::bounded(tag, Duration::from_secs(300))
+    /// A bed whose first `weir run` ([`OLD`]) serves already.
+    fn serving(tag: &str, bound: Duration) -> Self {
+        let mut bed = Self::bounded(tag, bound);
+        bed.run(false, None);
+        bed.wait_for_log(OLD, "running instance");
+        bed
     }
 
     /// With `timeouts.takeover = bound`.
@@ -224,9 +232,7 @@ fn raw_control(path: &std::path::Path, line: &str) -> String {
 #[test]
 fn a_takeover_refuses_no_connect_and_the_old_process_keeps_its_websockets_until_they_end() {
     require_root();
-    let mut bed = Bed::new("tkover");
-    let old = bed.run(false, None);
-    bed.wait_for_log(old, "running instance");
+    let mut bed = Bed::serving("tkover", LONG);
     let port = bed.port;
     let mut before = open(port);
     echoes(&mut before, "before");
@@ -240,7 +246,7 @@ fn a_takeover_refuses_no_connect_and_the_old_process_keeps_its_websockets_until_
         "takeover done: 1 connection(s) stay in the old process",
     );
     bed.wait_for_log(
-        old,
+        OLD,
         "takeover done: the new weir run accepts; 1 connection(s)",
     );
     std::thread::sleep(Duration::from_millis(300));
@@ -258,11 +264,11 @@ fn a_takeover_refuses_no_connect_and_the_old_process_keeps_its_websockets_until_
     let mut after = open(port);
     echoes(&mut after, "after");
     echoes(&mut before, "still in the old process");
-    assert!(bed.running(old));
+    assert!(bed.running(OLD));
     // Its last connection ends: the old process exits, the new one serves.
     drop(before);
-    assert!(bed.exited(old, Duration::from_secs(10)).success());
-    bed.wait_for_log(old, "stopped after");
+    assert!(bed.exited(OLD, Duration::from_secs(10)).success());
+    bed.wait_for_log(OLD, "stopped after");
     echoes(&mut after, "the old process is gone");
     echoes(&mut open(port), "a connection after the old process left");
     // The control socket is the new process's now.
@@ -283,9 +289,7 @@ fn a_takeover_refuses_no_connect_and_the_old_process_keeps_its_websockets_until_
 #[test]
 fn a_second_takeover_is_refused_and_a_new_process_killed_before_it_confirms_changes_nothing() {
     require_root();
-    let mut bed = Bed::new("tkkill");
-    let old = bed.run(false, None);
-    bed.wait_for_log(old, "running instance");
+    let mut bed = Bed::serving("tkkill", LONG);
     let port = bed.port;
     let mut before = open(port);
 
@@ -302,12 +306,12 @@ fn a_second_takeover_is_refused_and_a_new_process_killed_before_it_confirms_chan
 
     bed.runs[paused].kill().unwrap();
     bed.runs[paused].wait().unwrap();
-    bed.wait_for_log(old, "takeover failed, this process goes on accepting");
+    bed.wait_for_log(OLD, "takeover failed, this process goes on accepting");
     echoes(&mut before, "the old process kept it");
     for i in 0..20 {
         echoes(&mut open(port), &format!("accepted by the old process {i}"));
     }
-    assert!(bed.running(old));
+    assert!(bed.running(OLD));
 
     // A later takeover works.
     let new = bed.run(true, None);
@@ -322,9 +326,7 @@ fn a_second_takeover_is_refused_and_a_new_process_killed_before_it_confirms_chan
 #[test]
 fn a_takeover_in_another_protocol_version_is_refused_before_anything_moves() {
     require_root();
-    let mut bed = Bed::new("tkver");
-    let old = bed.run(false, None);
-    bed.wait_for_log(old, "running instance");
+    let bed = Bed::serving("tkver", LONG);
     let answer = raw_control(
         &bed.control_socket(),
         "{\"version\":2,\"command\":\"takeover\"}\n",
@@ -333,12 +335,12 @@ fn a_takeover_in_another_protocol_version_is_refused_before_anything_moves() {
         answer.contains("\"outcome\":\"refused\"") && answer.contains("version 2"),
         "{answer}"
     );
-    assert!(!bed.log(old).contains("takeover_started") && !bed.log(old).contains("takeover:"));
+    assert!(!bed.log(OLD).contains("takeover_started") && !bed.log(OLD).contains("takeover:"));
     echoes(&mut open(bed.port), "still accepting");
 
     // The other way round: an old process of another version; the new one
     // refuses its offer and keeps nothing.
-    let mut old_bed = Bed::new("tkver2");
+    let mut old_bed = Bed::bounded("tkver2", LONG);
     let fake = old_bed.control_socket();
     std::fs::create_dir_all(fake.parent().unwrap()).unwrap();
     let _ = std::fs::remove_file(&fake);
@@ -369,9 +371,7 @@ fn a_takeover_in_another_protocol_version_is_refused_before_anything_moves() {
 #[test]
 fn past_the_takeover_bound_the_old_process_drains_what_it_kept_and_exits() {
     require_root();
-    let mut bed = Bed::bounded("tkbound", Duration::from_secs(1));
-    let old = bed.run(false, None);
-    bed.wait_for_log(old, "running instance");
+    let mut bed = Bed::serving("tkbound", Duration::from_secs(1));
     let mut kept = open(bed.port);
     echoes(&mut kept, "before");
     let new = bed.run(true, None);
@@ -386,9 +386,9 @@ fn past_the_takeover_bound_the_old_process_drains_what_it_kept_and_exits() {
     assert_eq!((op, close_code(&payload)), (8, 1001));
     assert!(handed.elapsed() >= Duration::from_millis(900));
     bed.wait_for_log(
-        old,
+        OLD,
         "timeouts.takeover (1s) passed: draining the 1 connection(s) left",
     );
-    assert!(bed.exited(old, Duration::from_secs(10)).success());
+    assert!(bed.exited(OLD, Duration::from_secs(10)).success());
     echoes(&mut open(bed.port), "the new process serves");
 }

@@ -1533,6 +1533,12 @@ impl Worker {
     /// Stops accepting and drains every connection over the shutdown
     /// window.
     fn shutdown(&mut self) {
+        // Sockets shared with another process (handed over, or passed to
+        // a takeover that failed) must not be shut: the tick may come
+        // before the loop looked at the flag.
+        if !self.handed_over && self.handing_over.load(Ordering::Relaxed) {
+            self.hand_over();
+        }
         self.accepting = false;
         self.shutdown_deadline = Some(self.now + self.config.timeouts.shutdown);
         // Removed ones were shut by their reload, or handed over.
