@@ -9,14 +9,15 @@
 
 mod common;
 
-use std::io::{Read, Write};
 use std::net::{Ipv4Addr, SocketAddr, TcpListener, TcpStream};
 use std::path::PathBuf;
 use std::process::{Child, Command, Output, Stdio};
 use std::time::{Duration, Instant};
 
 use common::ws::{close_code, recv, send, upgrade};
-use common::{TestInstance, add_l7_service, apply, backend, free_port, require_root};
+use common::{
+    TestInstance, add_l7_service, apply, backend, free_port, metrics_answer, require_root,
+};
 use weir::l7::config::{ConfigBuilder, Timeout};
 use weir::l7::frame::Opcode;
 use weir::registry::{Change, ServiceAddr};
@@ -201,16 +202,6 @@ fn status(port: u16, path: &str) -> String {
 fn refused_connect(port: u16) -> bool {
     TcpStream::connect(local(port))
         .is_err_and(|e| e.kind() == std::io::ErrorKind::ConnectionRefused)
-}
-
-fn metrics_answer(port: u16) -> String {
-    let mut s = TcpStream::connect(local(port)).unwrap();
-    s.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
-    s.write_all(b"GET /metrics HTTP/1.1\r\nHost: t\r\n\r\n")
-        .unwrap();
-    let mut text = String::new();
-    let _ = s.read_to_string(&mut text);
-    text
 }
 
 #[test]

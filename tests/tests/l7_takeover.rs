@@ -17,7 +17,9 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::{Duration, Instant};
 
 use common::ws::{close_code, recv, send, upgrade};
-use common::{TestInstance, add_l7_service, apply, backend, free_port, require_root};
+use common::{
+    TestInstance, add_l7_service, apply, backend, free_port, metrics_answer, require_root,
+};
 use weir::l7::config::{ConfigBuilder, Timeout};
 use weir::l7::frame::Opcode;
 use weir::registry::{Change, ServiceAddr};
@@ -48,6 +50,8 @@ struct Bed {
     runs: Vec<Child>,
     dir: PathBuf,
     port: u16,
+    metrics: u16,
+    bound: Duration,
 }
 
 impl Bed {
@@ -74,24 +78,43 @@ impl Bed {
                 backends: vec![(backend(addr), 1)],
             },
         );
-        let port = free_port();
-        let config = ConfigBuilder::new()
-            .workers(2)
-            .buffers(256)
-            .metrics(local(free_port()))
-            .timeout(Timeout::Idle, Duration::from_secs(60))
-            .timeout(Timeout::Shutdown, Duration::from_secs(1))
-            .timeout(Timeout::Takeover, bound)
-            .listener(local(port))
-            .route("/ws", SVC);
-        std::fs::write(dir.join("weir.toml"), config.to_string()).unwrap();
-        Self {
+        let bed = Self {
             inst,
             echo,
             runs: Vec::new(),
             dir,
-            port,
+            port: free_port(),
+            metrics: free_port(),
+            bound,
+        };
+        bed.configure(2, None);
+        bed
+    }
+
+    /// A serving bed and a WebSocket through its old process.
+    fn with_a_websocket(tag: &str, bound: Duration) -> (Self, TcpStream) {
+        let bed = Self::serving(tag, bound);
+        let mut ws = open(bed.port);
+        echoes(&mut ws, "before");
+        (bed, ws)
+    }
+
+    /// Writes the configuration the next `weir run` reads: `workers`, the
+    /// bed's listener and, when given, another one on `extra`.
+    fn configure(&self, workers: u64, extra: Option<u16>) {
+        let mut config = ConfigBuilder::new()
+            .workers(workers)
+            .buffers(256)
+            .metrics(local(self.metrics))
+            .timeout(Timeout::Idle, Duration::from_secs(60))
+            .timeout(Timeout::Shutdown, Duration::from_secs(1))
+            .timeout(Timeout::Takeover, self.bound)
+            .listener(local(self.port))
+            .route("/ws", SVC);
+        if let Some(port) = extra {
+            config = config.listener(local(port)).route("/ws", SVC);
         }
+        std::fs::write(self.dir.join("weir.toml"), config.to_string()).unwrap();
     }
 
     /// Starts `weir run` number `self.runs.len()` (with `--takeover` and
@@ -232,10 +255,8 @@ fn raw_control(path: &std::path::Path, line: &str) -> String {
 #[test]
 fn a_takeover_refuses_no_connect_and_the_old_process_keeps_its_websockets_until_they_end() {
     require_root();
-    let mut bed = Bed::serving("tkover", LONG);
+    let (mut bed, mut before) = Bed::with_a_websocket("tkover", LONG);
     let port = bed.port;
-    let mut before = open(port);
-    echoes(&mut before, "before");
 
     let stop = Arc::new(AtomicBool::new(false));
     let clients = hammer(port, stop.clone());
@@ -289,9 +310,8 @@ fn a_takeover_refuses_no_connect_and_the_old_process_keeps_its_websockets_until_
 #[test]
 fn a_second_takeover_is_refused_and_a_new_process_killed_before_it_confirms_changes_nothing() {
     require_root();
-    let mut bed = Bed::serving("tkkill", LONG);
+    let (mut bed, mut before) = Bed::with_a_websocket("tkkill", LONG);
     let port = bed.port;
-    let mut before = open(port);
 
     let paused = bed.run(true, Some(60_000));
     bed.wait_for_log(paused, "pausing before confirm");
@@ -302,6 +322,18 @@ fn a_second_takeover_is_refused_and_a_new_process_killed_before_it_confirms_chan
             .contains("a takeover of this weir run is already in progress"),
         "{}",
         bed.log(second)
+    );
+
+    // The sockets offered are the ones running: no reload meanwhile.
+    let out = Command::new(workspace_bin("weir"))
+        .args(["--instance", bed.inst.name(), "reload"])
+        .output()
+        .unwrap();
+    assert!(!out.status.success());
+    assert!(
+        String::from_utf8_lossy(&out.stderr).contains("a takeover of this weir run is in progress"),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
     );
 
     bed.runs[paused].kill().unwrap();
@@ -371,9 +403,7 @@ fn a_takeover_in_another_protocol_version_is_refused_before_anything_moves() {
 #[test]
 fn past_the_takeover_bound_the_old_process_drains_what_it_kept_and_exits() {
     require_root();
-    let mut bed = Bed::serving("tkbound", Duration::from_secs(1));
-    let mut kept = open(bed.port);
-    echoes(&mut kept, "before");
+    let (mut bed, mut kept) = Bed::with_a_websocket("tkbound", Duration::from_secs(1));
     let new = bed.run(true, None);
     bed.wait_for_log(
         new,
@@ -391,4 +421,41 @@ fn past_the_takeover_bound_the_old_process_drains_what_it_kept_and_exits() {
     );
     assert!(bed.exited(OLD, Duration::from_secs(10)).success());
     echoes(&mut open(bed.port), "the new process serves");
+}
+
+/// A new binary may run other `[runtime]` keys and listeners: one worker
+/// takes both sockets of the old process's two (none closes with clients
+/// queued), a listener only the new file names is bound, and the metrics
+/// endpoint moves with its socket.
+#[test]
+fn a_takeover_may_change_the_workers_and_listeners_without_a_refused_connect() {
+    require_root();
+    let (mut bed, mut before) = Bed::with_a_websocket("tkrt", LONG);
+    let port = bed.port;
+    let extra = free_port();
+    bed.configure(1, Some(extra));
+    let stop = Arc::new(AtomicBool::new(false));
+    let clients = hammer(port, stop.clone());
+    std::thread::sleep(Duration::from_millis(200));
+    let new = bed.run(true, None);
+    bed.wait_for_log(new, "running instance");
+    std::thread::sleep(Duration::from_millis(300));
+    stop.store(true, Ordering::Relaxed);
+    let seen = clients.join().unwrap();
+    assert!(seen.upgraded > 0, "{seen:?}");
+    assert_eq!(
+        (seen.refused, seen.reset, seen.other),
+        (0, 0, 0),
+        "{seen:?}"
+    );
+    assert!(bed.log(new).contains("1 worker(s)"), "{}", bed.log(new));
+    // Many connects: the kernel spreads them over both passed sockets,
+    // which the one new worker accepts on.
+    for i in 0..40 {
+        echoes(&mut open(port), &format!("one worker {i}"));
+    }
+    echoes(&mut open(extra), "the added listener");
+    let metrics = metrics_answer(bed.metrics);
+    assert!(metrics.starts_with("HTTP/1.1 200"), "{metrics}");
+    echoes(&mut before, "still in the old process");
 }

@@ -123,6 +123,9 @@ impl Reloads {
         if self.giving.is_some() {
             return Err("a takeover of this weir run is already in progress".into());
         }
+        if workers.stopping() {
+            return Err("weir run is stopping".into());
+        }
         let stream = conversation.ok_or("the takeover's connection is gone")?;
         let lock = self.lock.try_clone().map_err(|e| e.to_string())?;
         let offer = workers.offer(lock).map_err(|e| e.to_string())?;
@@ -200,6 +203,11 @@ impl Reloads {
     /// Reads the file, plans and applies; the change lines, or the one
     /// line that refuses it.
     fn apply(&mut self, workers: &mut Running) -> Result<Vec<String>, String> {
+        // The sockets offered are the ones that run now; the new process
+        // reads its own file.
+        if self.giving.is_some() {
+            return Err("a takeover of this weir run is in progress; reload the new one".into());
+        }
         let mut next = match &self.path {
             Some(p) => config::load(p),
             None => config::parse(config::DEFAULT, "default configuration"),

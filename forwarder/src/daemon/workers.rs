@@ -257,7 +257,7 @@ impl Running {
     /// the addresses the added listeners are bound to, once every worker
     /// runs the new configuration.
     pub fn reload(&mut self, config: Config, plan: &ReloadPlan) -> Result<Vec<SocketAddr>, String> {
-        if self.stop.load(Ordering::Relaxed) {
+        if self.stopping() {
             return Err("weir run is stopping".into());
         }
         for l in plan.added.iter().filter(|l| !l.shared) {
@@ -366,6 +366,11 @@ impl Running {
     /// The connections the workers hold.
     pub fn open(&self) -> usize {
         self.open.load(Ordering::Relaxed)
+    }
+
+    /// A stop (SIGTERM, a failed start, the maps replaced) is under way.
+    pub fn stopping(&self) -> bool {
+        self.stop.load(Ordering::Relaxed)
     }
 
     /// Drains every connection over the shutdown window, as on SIGTERM.

@@ -99,3 +99,16 @@ impl Drop for TestInstance {
         let _ = std::fs::remove_dir_all(self.instance.state_dir());
     }
 }
+
+/// What `GET /metrics` on loopback `port` answers (head and body).
+pub fn metrics_answer(port: u16) -> String {
+    use std::io::{Read, Write};
+    let mut s = std::net::TcpStream::connect(("127.0.0.1", port)).unwrap();
+    s.set_read_timeout(Some(std::time::Duration::from_secs(5)))
+        .unwrap();
+    s.write_all(b"GET /metrics HTTP/1.1\r\nHost: t\r\n\r\n")
+        .unwrap();
+    let mut text = String::new();
+    let _ = s.read_to_string(&mut text);
+    text
+}
