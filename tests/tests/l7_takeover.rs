@@ -205,6 +205,8 @@ struct Connects {
     refused: u64,
     reset: u64,
     other: u64,
+    /// The longest a client waited from its connect to its 101.
+    slowest: Duration,
 }
 
 /// Connects and upgrades in a loop until `stop`, counting outcomes.
@@ -212,6 +214,7 @@ fn hammer(port: u16, stop: Arc<AtomicBool>) -> std::thread::JoinHandle<Connects>
     std::thread::spawn(move || {
         let mut seen = Connects::default();
         while !stop.load(Ordering::Relaxed) {
+            let started = Instant::now();
             let mut s = match TcpStream::connect(local(port)) {
                 Ok(s) => s,
                 Err(e) if e.kind() == std::io::ErrorKind::ConnectionRefused => {
@@ -232,7 +235,10 @@ fn hammer(port: u16, stop: Arc<AtomicBool>) -> std::thread::JoinHandle<Connects>
                 .write_all(request.as_bytes())
                 .and_then(|()| s.read_exact(&mut head))
             {
-                Ok(()) if &head == b"HTTP/1.1 101" => seen.upgraded += 1,
+                Ok(()) if &head == b"HTTP/1.1 101" => {
+                    seen.upgraded += 1;
+                    seen.slowest = seen.slowest.max(started.elapsed());
+                }
                 Err(e) if e.kind() == std::io::ErrorKind::ConnectionReset => seen.reset += 1,
                 _ => seen.other += 1,
             }
@@ -280,6 +286,10 @@ fn a_takeover_refuses_no_connect_and_the_old_process_keeps_its_websockets_until_
         (0, 0, 0),
         "clients connecting during the takeover: {seen:?}"
     );
+    // A client whose accept wakeup went to the old process's cancelled
+    // accept waits until a worker's tick re-arms (about 100 ms), not for
+    // the next client.
+    assert!(seen.slowest < Duration::from_secs(1), "{seen:?}");
 
     // The old process keeps its WebSocket; new ones are served too.
     let mut after = open(port);
@@ -442,12 +452,14 @@ fn a_takeover_may_change_the_workers_and_listeners_without_a_refused_connect() {
     std::thread::sleep(Duration::from_millis(300));
     stop.store(true, Ordering::Relaxed);
     let seen = clients.join().unwrap();
+    eprintln!("connects during the takeover: {seen:?}");
     assert!(seen.upgraded > 0, "{seen:?}");
     assert_eq!(
         (seen.refused, seen.reset, seen.other),
         (0, 0, 0),
         "{seen:?}"
     );
+    assert!(seen.slowest < Duration::from_secs(1), "{seen:?}");
     assert!(bed.log(new).contains("1 worker(s)"), "{}", bed.log(new));
     // Many connects: the kernel spreads them over both passed sockets,
     // which the one new worker accepts on.

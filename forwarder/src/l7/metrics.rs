@@ -28,6 +28,9 @@ pub struct WorkerMetrics {
     pub buffer_exhausted: AtomicU64,
     /// Times a quiet worker gave its buffer pool's memory back.
     pub pool_releases: AtomicU64,
+    /// Accepts re-armed because a client waited in the queue while they
+    /// were armed (a wakeup lost to another process's cancelled accept).
+    pub accepts_kicked: AtomicU64,
     pub drains_in_progress: AtomicU64,
     /// Closes weir queued for a peer that were never written to its
     /// socket (the peer stopped reading, or the connection was cut).
@@ -157,6 +160,8 @@ pub struct Snapshot {
     pub buffer_exhausted: u64,
     #[serde(default)]
     pub pool_releases: u64,
+    #[serde(default)]
+    pub accepts_kicked: u64,
     pub drains_in_progress: u64,
     #[serde(default)]
     pub closes_undelivered_to_client: u64,
@@ -225,6 +230,7 @@ pub fn snapshot(workers: &[Arc<WorkerMetrics>]) -> Snapshot {
         s.bytes_backend_to_client += get(&w.bytes_b2c);
         s.buffer_exhausted += get(&w.buffer_exhausted);
         s.pool_releases += get(&w.pool_releases);
+        s.accepts_kicked += get(&w.accepts_kicked);
         s.drains_in_progress += get(&w.drains_in_progress);
         s.closes_undelivered_to_client += get(&w.closes_undelivered_to_client);
         s.closes_undelivered_to_backend += get(&w.closes_undelivered_to_backend);
@@ -365,6 +371,12 @@ pub fn render(s: &Snapshot) -> String {
         "counter",
         "Receives that found the provided-buffer ring empty.",
         vec![(String::new(), s.buffer_exhausted)],
+    );
+    metric(
+        "weir_l7_accepts_kicked_total",
+        "counter",
+        "Accepts re-armed because a client waited in a listening socket's queue for two ticks while they were armed (a wakeup lost to another process's cancelled accept, as in a takeover).",
+        vec![(String::new(), s.accepts_kicked)],
     );
     metric(
         "weir_l7_buffer_pool_releases_total",

@@ -4,7 +4,7 @@
 
 use std::io;
 use std::net::{Shutdown, SocketAddr};
-use std::os::fd::{AsFd, OwnedFd};
+use std::os::fd::{AsFd, AsRawFd, OwnedFd};
 
 use io_uring::{IoUring, opcode, squeue, types};
 use socket2::{Domain, SockAddr, SockRef, Socket, Type};
@@ -164,6 +164,18 @@ pub fn check_ring_sockets(ring: &mut IoUring, slot: u32) -> io::Result<()> {
 /// until that operation completes.
 pub fn raw_addr(addr: SocketAddr) -> SockAddr {
     addr.into()
+}
+
+/// Whether a socket has something to read now (for a listening socket: a
+/// client in its accept queue). Does not wait.
+pub fn readable(socket: &impl AsFd) -> bool {
+    let mut pfd = libc::pollfd {
+        fd: socket.as_fd().as_raw_fd(),
+        events: libc::POLLIN,
+        revents: 0,
+    };
+    // SAFETY: one valid pollfd, no wait.
+    unsafe { libc::poll(&mut pfd, 1, 0) == 1 && pfd.revents & libc::POLLIN != 0 }
 }
 
 /// Shuts one or both directions of a socket weir holds a descriptor of.

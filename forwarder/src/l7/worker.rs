@@ -132,6 +132,9 @@ struct Listening {
     /// A reload took it out: it accepts nothing more, and goes once its
     /// accepts have completed.
     removed: bool,
+    /// Ticks in a row it had a client queued while accepts were armed on
+    /// it ([`Worker::kick_stalled_accepts`]).
+    stalled_ticks: u8,
     /// Never resized: the kernel writes into its elements.
     accepts: Box<[Accept]>,
 }
@@ -152,6 +155,7 @@ impl Listening {
             listen,
             index,
             removed: false,
+            stalled_ticks: 0,
             accepts,
         }
     }
@@ -679,7 +683,7 @@ impl Worker {
             // other failure would repeat at once: the tick re-arms.
             let transient = matches!(
                 e.raw_os_error(),
-                Some(libc::ECONNABORTED | libc::EINTR | libc::EAGAIN)
+                Some(libc::ECONNABORTED | libc::EINTR | libc::EAGAIN | libc::ECANCELED)
             );
             if let Some(listening) = self.listeners[l].as_mut() {
                 listening.accepts[(accept % self.per_listener) as usize].paused =
@@ -1313,6 +1317,7 @@ impl Worker {
         if self.stop.load(Ordering::Relaxed) && self.accepting {
             self.shutdown();
         }
+        self.kick_stalled_accepts();
         let mut accepts = self
             .listeners
             .iter()
@@ -1527,6 +1532,48 @@ impl Worker {
                 };
                 self.submit(Op::Cancel { conn }, cancel.build());
             }
+        }
+    }
+
+    /// Re-arms an accept on a listening socket that has had a client
+    /// queued for two ticks in a row while accepts were armed on it. An
+    /// armed accept waits for one exclusive wakeup per arriving client; a
+    /// wakeup taken by an accept of another process that is then cancelled
+    /// (the old `weir run` stopping its accepts in a takeover, both holding
+    /// the same sockets) wakes no one else, and the client would sit in the
+    /// queue until the next one arrives. Cancelling one armed accept makes
+    /// it go again, and a fresh accept takes a queued client at once.
+    fn kick_stalled_accepts(&mut self) {
+        if !self.accepting {
+            return;
+        }
+        let mut kick = Vec::new();
+        for (l, listening) in self.listeners.iter_mut().enumerate() {
+            let Some(listening) = listening.as_mut().filter(|l| !l.removed) else {
+                continue;
+            };
+            let Some(armed) = listening.accepts.iter().position(|a| a.slot.is_some()) else {
+                listening.stalled_ticks = 0;
+                continue;
+            };
+            if !socket::readable(&listening.fd) {
+                listening.stalled_ticks = 0;
+                continue;
+            }
+            listening.stalled_ticks += 1;
+            if listening.stalled_ticks >= 2 {
+                listening.stalled_ticks = 0;
+                kick.push(l as u32 * self.per_listener + armed as u32);
+            }
+        }
+        for accept in kick {
+            self.metrics.accepts_kicked.fetch_add(1, Ordering::Relaxed);
+            let cancel = opcode::AsyncCancel::new(Op::Accept { accept }.user_data());
+            let conn = ConnId {
+                idx: accept,
+                generation: 0,
+            };
+            self.submit(Op::Cancel { conn }, cancel.build());
         }
     }
 
