@@ -33,12 +33,27 @@ pub mod weir_cli;
 pub mod ws_client;
 pub mod wsload;
 
-/// A loopback port nothing listens on right now (another process may
-/// still take it before the caller binds it; callers bind it at once).
+/// A loopback port nothing listens on right now, for a server a test
+/// starts. Taken below the kernel's ephemeral range (32768 and up by
+/// default), where `bind(0)` and outgoing connections never land: a port
+/// from `bind(0)` is freed at once and could be handed to a backend that
+/// binds port 0, or to a client's connection, before the server binds it.
+/// Ports go round a range in steps from a per-process start, so the tests
+/// of one binary (threads) never pick the same one.
 pub fn free_port() -> anyhow::Result<u16> {
-    Ok(std::net::TcpListener::bind("127.0.0.1:0")?
-        .local_addr()?
-        .port())
+    use std::sync::atomic::{AtomicU32, Ordering};
+    const FIRST: u32 = 20_000;
+    const SPAN: u32 = 12_000;
+    static NEXT: AtomicU32 = AtomicU32::new(0);
+    let start = std::process::id().wrapping_mul(7919);
+    for _ in 0..SPAN {
+        let n = NEXT.fetch_add(1, Ordering::Relaxed);
+        let port = (FIRST + start.wrapping_add(n) % SPAN) as u16;
+        if std::net::TcpListener::bind(("127.0.0.1", port)).is_ok() {
+            return Ok(port);
+        }
+    }
+    anyhow::bail!("no free loopback port in {FIRST}..{}", FIRST + SPAN)
 }
 
 /// Locates a binary built into the same target directory as the running
