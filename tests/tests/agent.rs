@@ -10,7 +10,7 @@ use std::net::{Ipv4Addr, SocketAddr, TcpListener};
 use std::process::{Child, Command};
 use std::time::{Duration, Instant};
 
-use common::{TestInstance, free_port, require_root};
+use common::{TestInstance, add_service, free_port, require_root};
 use weir::registry::{ApplyOptions, BackendAddr, Change, ServiceAddr, ServiceModeName};
 use weir_testbed::agent::{Agent, scrape, temp_dir};
 use weir_testbed::{spawn_echo as echo, workspace_bin};
@@ -75,14 +75,7 @@ fn instance_of(
         ..Default::default()
     };
     for (svc, backends) in services {
-        let add = Change::AddService {
-            addr: *svc,
-            mode,
-            ring_size: None,
-            max_remove_fraction: None,
-            min_backends: None,
-            panic_threshold: None,
-        };
+        let add = add_service(*svc, mode);
         reg.apply(&add, force()).unwrap();
         let set = Change::SetBackends {
             service: *svc,

@@ -17,11 +17,11 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::{Duration, Instant};
 
-use common::{TestInstance, free_port, require_root};
+use common::{TestInstance, add_service, free_port, require_root};
 use tokio::sync::mpsc::{UnboundedReceiver, unbounded_channel};
 use weir::discovery::etcd::{self, EtcdConfig};
 use weir::discovery::{self, Report, Update};
-use weir::registry::{ApplyOptions, BackendAddr, Change, Registry, ServiceAddr, ServiceModeName};
+use weir::registry::{ApplyOptions, BackendAddr, Registry, ServiceAddr, ServiceModeName};
 use weir_ebpf::abi::BackendState;
 use weir_testbed::agent::{Agent, scrape, temp_dir};
 use weir_testbed::etcd::EtcdCluster;
@@ -164,14 +164,7 @@ fn with_service(instance: &TestInstance) -> Registry {
     let mut registry = instance.registry();
     registry
         .apply(
-            &Change::AddService {
-                addr: svc(),
-                mode: ServiceModeName::L4,
-                ring_size: None,
-                max_remove_fraction: None,
-                min_backends: None,
-                panic_threshold: None,
-            },
+            &add_service(svc(), ServiceModeName::L4),
             ApplyOptions::default(),
         )
         .expect("add service");

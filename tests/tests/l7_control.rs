@@ -11,7 +11,7 @@ use std::process::{Child, Command, ExitStatus, Stdio};
 use std::time::{Duration, Instant};
 
 use aya::maps::Array;
-use common::{TestInstance, free_port, require_root};
+use common::{TestInstance, add_service, free_port, require_root};
 use weir::instance::Instance;
 use weir::l7::config::{ConfigBuilder, Timeout};
 use weir::registry::{
@@ -31,14 +31,7 @@ fn declare(instance: &Instance) {
         force: true,
         ..Default::default()
     };
-    let add = Change::AddService {
-        addr: SVC,
-        mode: ServiceModeName::L7,
-        ring_size: None,
-        max_remove_fraction: None,
-        min_backends: None,
-        panic_threshold: None,
-    };
+    let add = add_service(SVC, ServiceModeName::L7);
     reg.apply(&add, opts()).unwrap();
     let set = Change::SetBackends {
         service: SVC,

@@ -247,6 +247,24 @@ fn hammer(port: u16, stop: Arc<AtomicBool>) -> std::thread::JoinHandle<Connects>
     })
 }
 
+/// Stops the [`hammer`] and checks what its clients saw during the
+/// takeover: every one upgraded, none refused, reset or left waiting. A
+/// client whose accept wakeup went to the old process's cancelled accept
+/// waits until a worker's tick re-arms (about 100 ms), not for the next
+/// client.
+fn every_client_upgraded(stop: Arc<AtomicBool>, clients: std::thread::JoinHandle<Connects>) {
+    stop.store(true, Ordering::Relaxed);
+    let seen = clients.join().unwrap();
+    eprintln!("connects during the takeover: {seen:?}");
+    assert!(seen.upgraded > 0, "{seen:?}");
+    assert_eq!(
+        (seen.refused, seen.reset, seen.other),
+        (0, 0, 0),
+        "clients connecting during the takeover: {seen:?}"
+    );
+    assert!(seen.slowest < Duration::from_secs(1), "{seen:?}");
+}
+
 /// A control request line as another binary would write it, and the
 /// answer.
 fn raw_control(path: &std::path::Path, line: &str) -> String {
@@ -277,19 +295,7 @@ fn a_takeover_refuses_no_connect_and_the_old_process_keeps_its_websockets_until_
         "takeover done: the new weir run accepts; 1 connection(s)",
     );
     std::thread::sleep(Duration::from_millis(300));
-    stop.store(true, Ordering::Relaxed);
-    let seen = clients.join().unwrap();
-    eprintln!("connects during the takeover: {seen:?}");
-    assert!(seen.upgraded > 0, "{seen:?}");
-    assert_eq!(
-        (seen.refused, seen.reset, seen.other),
-        (0, 0, 0),
-        "clients connecting during the takeover: {seen:?}"
-    );
-    // A client whose accept wakeup went to the old process's cancelled
-    // accept waits until a worker's tick re-arms (about 100 ms), not for
-    // the next client.
-    assert!(seen.slowest < Duration::from_secs(1), "{seen:?}");
+    every_client_upgraded(stop, clients);
 
     // The old process keeps its WebSocket; new ones are served too.
     let mut after = open(port);
@@ -450,16 +456,7 @@ fn a_takeover_may_change_the_workers_and_listeners_without_a_refused_connect() {
     let new = bed.run(true, None);
     bed.wait_for_log(new, "running instance");
     std::thread::sleep(Duration::from_millis(300));
-    stop.store(true, Ordering::Relaxed);
-    let seen = clients.join().unwrap();
-    eprintln!("connects during the takeover: {seen:?}");
-    assert!(seen.upgraded > 0, "{seen:?}");
-    assert_eq!(
-        (seen.refused, seen.reset, seen.other),
-        (0, 0, 0),
-        "{seen:?}"
-    );
-    assert!(seen.slowest < Duration::from_secs(1), "{seen:?}");
+    every_client_upgraded(stop, clients);
     assert!(bed.log(new).contains("1 worker(s)"), "{}", bed.log(new));
     // Many connects: the kernel spreads them over both passed sockets,
     // which the one new worker accepts on.

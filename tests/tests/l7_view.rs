@@ -7,7 +7,7 @@ mod common;
 use std::collections::{BTreeMap, BTreeSet};
 use std::net::Ipv4Addr;
 
-use common::{TestInstance, require_root};
+use common::{TestInstance, add_service, require_root};
 use weir::l7::view::RegistryView;
 use weir::registry::{
     ApplyOptions, BackendAddr, Change, HealthUpdate, Maps, ServiceAddr, ServiceModeName,
@@ -48,18 +48,8 @@ fn picks_follow_weights_load_and_changes() {
         force: true,
         ..Default::default()
     };
-    reg.apply(
-        &Change::AddService {
-            addr: svc(),
-            mode: ServiceModeName::L7,
-            ring_size: None,
-            max_remove_fraction: None,
-            min_backends: None,
-            panic_threshold: None,
-        },
-        opts(),
-    )
-    .unwrap();
+    reg.apply(&add_service(svc(), ServiceModeName::L7), opts())
+        .unwrap();
     let set = vec![(be(1), 1), (be(2), 1), (be(3), 2)];
     reg.apply(
         &Change::SetBackends {
@@ -181,18 +171,8 @@ fn picks_follow_weights_load_and_changes() {
         vip: Ipv4Addr::new(198, 19, 0, 41),
         port: 80,
     };
-    reg.apply(
-        &Change::AddService {
-            addr: l4,
-            mode: ServiceModeName::L4,
-            ring_size: None,
-            max_remove_fraction: None,
-            min_backends: None,
-            panic_threshold: None,
-        },
-        opts(),
-    )
-    .unwrap();
+    reg.apply(&add_service(l4, ServiceModeName::L4), opts())
+        .unwrap();
     view.refresh().unwrap();
     assert!(!view.has_service(&l4));
 }
@@ -203,14 +183,7 @@ fn unhealthy_backends_get_no_new_connections_and_are_drained_only_where_asked() 
     let inst = TestInstance::new("viewhealth");
     let mut reg = inst.registry();
     reg.apply(
-        &Change::AddService {
-            addr: svc(),
-            mode: ServiceModeName::L7,
-            ring_size: None,
-            max_remove_fraction: None,
-            min_backends: None,
-            panic_threshold: None,
-        },
+        &add_service(svc(), ServiceModeName::L7),
         ApplyOptions::default(),
     )
     .unwrap();
@@ -309,14 +282,7 @@ fn a_failed_refresh_loses_no_drain() {
     let inst = TestInstance::new("viewfail");
     let mut reg = inst.registry();
     reg.apply(
-        &Change::AddService {
-            addr: svc(),
-            mode: ServiceModeName::L7,
-            ring_size: None,
-            max_remove_fraction: None,
-            min_backends: None,
-            panic_threshold: None,
-        },
+        &add_service(svc(), ServiceModeName::L7),
         ApplyOptions::default(),
     )
     .unwrap();

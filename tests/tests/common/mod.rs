@@ -48,9 +48,14 @@ pub fn apply(reg: &mut Registry, change: Change) {
 
 /// Declares `addr` an L7 service with the registry's defaults.
 pub fn add_l7_service(addr: ServiceAddr) -> Change {
+    add_service(addr, ServiceModeName::L7)
+}
+
+/// Adding service `addr` in `mode` with every option at its default.
+pub fn add_service(addr: ServiceAddr, mode: ServiceModeName) -> Change {
     Change::AddService {
         addr,
-        mode: ServiceModeName::L7,
+        mode,
         ring_size: None,
         max_remove_fraction: None,
         min_backends: None,
