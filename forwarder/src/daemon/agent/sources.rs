@@ -40,11 +40,15 @@ impl Sources {
     /// Applies, or refuses, one report.
     pub fn report(&mut self, report: Report, registry: &mut Registry, metrics: &mut Metrics) {
         let Report { source, update } = report;
-        let (outcome, reason) = match update {
+        // What became of it; why it was not applied; what now stands.
+        let (outcome, reason, applied) = match update {
             Update::Desired { revision, desired } => {
-                match self.apply(&source, &revision, &desired, registry) {
-                    Ok(()) => (SourceOutcome::Applied, None),
-                    Err((outcome, reason)) => (outcome, Some(reason)),
+                match apply(&source, &revision, &desired, registry) {
+                    Ok(()) => {
+                        let services = desired.services.keys().map(|s| s.to_string()).collect();
+                        (SourceOutcome::Applied, None, Some((revision, services)))
+                    }
+                    Err((outcome, reason)) => (outcome, Some(reason), None),
                 }
             }
             Update::Empty { revision, reason } => {
@@ -58,6 +62,7 @@ impl Sources {
                 (
                     SourceOutcome::Empty,
                     Some(format!("revision {revision}: {reason}")),
+                    None,
                 )
             }
             Update::Failed { reason } => {
@@ -66,7 +71,7 @@ impl Sources {
                     source,
                     "refused, nothing changes: {reason}"
                 );
-                (SourceOutcome::Refused, Some(reason))
+                (SourceOutcome::Refused, Some(reason), None)
             }
         };
         *metrics
@@ -81,6 +86,11 @@ impl Sources {
             ..SourceStatus::default()
         });
         entry.last = outcome.name().to_string();
+        if let Some((revision, services)) = applied {
+            entry.applied_revision = Some(revision);
+            entry.applied_at_ms = Some(now_ms());
+            entry.services = services;
+        }
         match reason {
             None => {
                 entry.stale = false;
@@ -94,75 +104,6 @@ impl Sources {
             }
         }
         self.record();
-    }
-
-    /// Applies a revision whole, or says why not.
-    fn apply(
-        &mut self,
-        source: &str,
-        revision: &str,
-        desired: &Desired,
-        registry: &mut Registry,
-    ) -> Result<(), (SourceOutcome, String)> {
-        // `changes` follows the order of `desired.services`.
-        let changes: Vec<(ServiceAddr, Change)> = desired
-            .services
-            .keys()
-            .copied()
-            .zip(desired.changes())
-            .collect();
-        let opts = |dry_run| ApplyOptions {
-            command: discovery::command(source, revision),
-            dry_run,
-            ..Default::default()
-        };
-        for (service, change) in changes.iter().filter(|_| changes.len() > 1) {
-            if let Err(e) = registry.apply(change, opts(true)) {
-                return Err(refused(source, revision, service, &e, "nothing changed"));
-            }
-        }
-        let mut applied: Vec<String> = Vec::new();
-        let mut changed = 0;
-        for (service, change) in &changes {
-            match registry.apply(change, opts(false)) {
-                Ok(outcome) => {
-                    for w in &outcome.warnings {
-                        tracing::warn!(event = "apply_warning", source, "{w}");
-                    }
-                    for line in &outcome.diff {
-                        tracing::info!(event = "changed", source, revision, "{line}");
-                    }
-                    changed += usize::from(!outcome.diff.is_empty());
-                    applied.push(service.to_string());
-                }
-                Err(e) => {
-                    let done = if applied.is_empty() {
-                        "nothing changed".to_string()
-                    } else {
-                        format!("applied before it: {}", applied.join(", "))
-                    };
-                    return Err(refused(source, revision, service, &e, &done));
-                }
-            }
-        }
-        tracing::info!(
-            event = "source_applied",
-            source,
-            revision,
-            "applied: {} service(s), {changed} changed",
-            changes.len()
-        );
-        let entry = self
-            .status
-            .entry(source.to_string())
-            .or_insert_with(|| SourceStatus {
-                source: source.to_string(),
-                ..SourceStatus::default()
-            });
-        entry.applied_revision = Some(revision.to_string());
-        entry.applied_at_ms = Some(now_ms());
-        entry.services = desired.services.keys().map(|s| s.to_string()).collect();
-        Ok(())
     }
 
     /// Writes what each source did and owns, for `weir stats` and the
@@ -182,6 +123,64 @@ impl Sources {
             );
         }
     }
+}
+
+/// Applies a revision whole, or says why not.
+fn apply(
+    source: &str,
+    revision: &str,
+    desired: &Desired,
+    registry: &mut Registry,
+) -> Result<(), (SourceOutcome, String)> {
+    // `changes` follows the order of `desired.services`.
+    let changes: Vec<(ServiceAddr, Change)> = desired
+        .services
+        .keys()
+        .copied()
+        .zip(desired.changes())
+        .collect();
+    let opts = |dry_run| ApplyOptions {
+        command: discovery::command(source, revision),
+        dry_run,
+        ..Default::default()
+    };
+    for (service, change) in changes.iter().filter(|_| changes.len() > 1) {
+        if let Err(e) = registry.apply(change, opts(true)) {
+            return Err(refused(source, revision, service, &e, "nothing changed"));
+        }
+    }
+    let mut applied: Vec<String> = Vec::new();
+    let mut changed = 0;
+    for (service, change) in &changes {
+        match registry.apply(change, opts(false)) {
+            Ok(outcome) => {
+                for w in &outcome.warnings {
+                    tracing::warn!(event = "apply_warning", source, "{w}");
+                }
+                for line in &outcome.diff {
+                    tracing::info!(event = "changed", source, revision, "{line}");
+                }
+                changed += usize::from(!outcome.diff.is_empty());
+                applied.push(service.to_string());
+            }
+            Err(e) => {
+                let done = if applied.is_empty() {
+                    "nothing changed".to_string()
+                } else {
+                    format!("applied before it: {}", applied.join(", "))
+                };
+                return Err(refused(source, revision, service, &e, &done));
+            }
+        }
+    }
+    tracing::info!(
+        event = "source_applied",
+        source,
+        revision,
+        "applied: {} service(s), {changed} changed",
+        changes.len()
+    );
+    Ok(())
 }
 
 /// Logs a refused revision; how it counts and why.
