@@ -16,7 +16,7 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::{Duration, Instant};
 
-use common::ws::{close_code, recv, send, upgrade};
+use common::ws::{close_code, masked, recv, send, upgrade};
 use common::{
     TestInstance, add_l7_service, apply, backend, free_port, metrics_answer, require_root,
 };
@@ -277,7 +277,7 @@ fn raw_control(path: &std::path::Path, line: &str) -> String {
 }
 
 #[test]
-fn a_takeover_refuses_no_connect_and_the_old_process_keeps_its_websockets_until_they_end() {
+fn a_takeover_refuses_no_connect_and_moves_the_websockets_to_the_new_process() {
     require_root();
     let (mut bed, mut before) = Bed::with_a_websocket("tkover", LONG);
     let port = bed.port;
@@ -286,27 +286,29 @@ fn a_takeover_refuses_no_connect_and_the_old_process_keeps_its_websockets_until_
     let clients = hammer(port, stop.clone());
     std::thread::sleep(Duration::from_millis(300));
     let new = bed.run(true, None);
-    bed.wait_for_log(
-        new,
-        "takeover done: 1 connection(s) stay in the old process",
-    );
-    bed.wait_for_log(
-        OLD,
-        "takeover done: the new weir run accepts; 1 connection(s)",
-    );
+    bed.wait_for_log(new, "takeover done: of ");
     std::thread::sleep(Duration::from_millis(300));
     every_client_upgraded(stop, clients);
 
-    // The old process keeps its WebSocket; new ones are served too.
+    // The WebSocket moved: the old process holds nothing and exits; the
+    // connection goes on in the new one, and new ones are served there.
+    assert!(bed.exited(OLD, Duration::from_secs(10)).success());
+    bed.wait_for_log(OLD, "handoff done");
+    assert!(
+        bed.log(OLD)
+            .contains("1 connection(s) moved to the new weir run, 0 refused by it, 0 left"),
+        "{}",
+        bed.log(OLD)
+    );
+    echoes(&mut before, "moved to the new process");
     let mut after = open(port);
     echoes(&mut after, "after");
-    echoes(&mut before, "still in the old process");
-    assert!(bed.running(OLD));
-    // Its last connection ends: the old process exits, the new one serves.
-    drop(before);
-    assert!(bed.exited(OLD, Duration::from_secs(10)).success());
-    bed.wait_for_log(OLD, "stopped after");
-    echoes(&mut after, "the old process is gone");
+    let metrics = metrics_answer(bed.metrics);
+    assert!(
+        metrics.contains("weir_l7_takeover_connections_total{outcome=\"moved\"} 1\n")
+            && metrics.contains("weir_l7_takeover_connections_total{outcome=\"left\"} 0\n"),
+        "{metrics}"
+    );
     echoes(&mut open(port), "a connection after the old process left");
     // The control socket is the new process's now.
     let out = Command::new(workspace_bin("weir"))
@@ -365,7 +367,7 @@ fn a_second_takeover_is_refused_and_a_new_process_killed_before_it_confirms_chan
     let new = bed.run(true, None);
     bed.wait_for_log(
         new,
-        "takeover done: 1 connection(s) stay in the old process",
+        "takeover done: of 1 connection(s), 1 moved, 0 failed, 0 left",
     );
     echoes(&mut open(port), "served after the takeover");
     echoes(&mut before, "still in the old process");
@@ -377,10 +379,10 @@ fn a_takeover_in_another_protocol_version_is_refused_before_anything_moves() {
     let bed = Bed::serving("tkver", LONG);
     let answer = raw_control(
         &bed.control_socket(),
-        "{\"version\":2,\"command\":\"takeover\"}\n",
+        "{\"version\":3,\"command\":\"takeover\"}\n",
     );
     assert!(
-        answer.contains("\"outcome\":\"refused\"") && answer.contains("version 2"),
+        answer.contains("\"outcome\":\"refused\"") && answer.contains("version 3"),
         "{answer}"
     );
     assert!(!bed.log(OLD).contains("takeover_started") && !bed.log(OLD).contains("takeover:"));
@@ -401,11 +403,11 @@ fn a_takeover_in_another_protocol_version_is_refused_before_anything_moves() {
         .unwrap();
     assert!(request.contains("\"command\":\"takeover\""), "{request}");
     conversation
-        .write_all(b"{\"version\":2,\"outcome\":\"offered\",\"pid\":1}\n")
+        .write_all(b"{\"version\":3,\"outcome\":\"offered\",\"pid\":1}\n")
         .unwrap();
     assert!(!old_bed.exited(new, Duration::from_secs(10)).success());
     let log = old_bed.log(new);
-    assert!(log.contains("version 2"), "{log}");
+    assert!(log.contains("version 3"), "{log}");
     // Nothing moved: no confirm came, and nothing listens on its port.
     let mut rest = String::new();
     conversation
@@ -416,25 +418,45 @@ fn a_takeover_in_another_protocol_version_is_refused_before_anything_moves() {
     assert!(TcpStream::connect(local(old_bed.port)).is_err());
 }
 
+/// A connection that cannot be quiesced stays in the old process: its
+/// client stopped reading, so weir's send to it never completes. Past
+/// `timeouts.takeover` it drains as on SIGTERM, and the old process exits.
 #[test]
-fn past_the_takeover_bound_the_old_process_drains_what_it_kept_and_exits() {
+fn past_the_takeover_bound_the_old_process_drains_what_it_could_not_hand_over() {
     require_root();
     let (mut bed, mut kept) = Bed::with_a_websocket("tkbound", Duration::from_secs(1));
+    // Echoes pile up unread until nothing more goes: weir's queue towards
+    // the client is full and its send waits.
+    kept.set_write_timeout(Some(Duration::from_millis(500)))
+        .unwrap();
+    let frame = masked(true, Opcode::Binary, &[b'x'; 60_000]);
+    let mut stuck = false;
+    for _ in 0..2_000 {
+        if kept.write_all(&frame).is_err() {
+            stuck = true;
+            break;
+        }
+    }
+    assert!(stuck, "120 MB went without the client reading");
     let new = bed.run(true, None);
     bed.wait_for_log(
         new,
-        "takeover done: 1 connection(s) stay in the old process",
+        "takeover done: of 1 connection(s), 0 moved, 0 failed, 1 left",
     );
-    let handed = Instant::now();
-    echoes(&mut kept, "within the bound");
-    // The bound passes: a Close 1001, as on SIGTERM, then the old exits.
-    let (_, op, payload) = recv(&mut kept);
-    assert_eq!((op, close_code(&payload)), (8, 1001));
-    assert!(handed.elapsed() >= Duration::from_millis(900));
     bed.wait_for_log(
         OLD,
         "timeouts.takeover (1s) passed: draining the 1 connection(s) left",
     );
+    // The client reads again: its echoes, then weir's Close 1001, as on
+    // SIGTERM; then the old process exits.
+    kept.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
+    let close = loop {
+        let (_, op, payload) = recv(&mut kept);
+        if op == 8 {
+            break close_code(&payload);
+        }
+    };
+    assert_eq!(close, 1001);
     assert!(bed.exited(OLD, Duration::from_secs(10)).success());
     echoes(&mut open(bed.port), "the new process serves");
 }

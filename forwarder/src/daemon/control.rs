@@ -23,8 +23,9 @@ use std::time::Duration;
 use serde::de::DeserializeOwned;
 use serde::{Deserialize, Serialize};
 
-/// The protocol this binary speaks.
-pub const VERSION: u32 = 1;
+/// The protocol this binary speaks. 2: a takeover hands over the
+/// connections too.
+pub const VERSION: u32 = 2;
 
 /// The longest request line read; a reload request is a few dozen bytes.
 const MAX_REQUEST: u64 = 64 * 1024;
@@ -33,7 +34,7 @@ const MAX_REQUEST: u64 = 64 * 1024;
 const MAX_ANSWER: u64 = 16 << 20;
 
 /// What a client asks of the daemon.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "snake_case")]
 pub enum Command {
     /// Read the configuration file again and apply it in place.
@@ -42,8 +43,13 @@ pub enum Command {
     /// ([`super::takeover`]).
     Takeover,
     /// Within a takeover: the new process accepts on every socket it was
-    /// passed; the old one may stop accepting.
-    Confirm,
+    /// passed; the old one may stop accepting, then hand over its
+    /// connections in batches of at most `batch`.
+    Confirm { batch: usize },
+    /// Within a takeover: the new process runs the connections of batch
+    /// `batch` but those `refused` (their places in it), which the old one
+    /// keeps serving.
+    Taken { batch: u64, refused: Vec<u32> },
 }
 
 /// The daemon's answer.
@@ -58,15 +64,36 @@ pub enum Outcome {
     /// A takeover goes ahead: these sockets come with this line, in this
     /// order: the daemon lock, the metrics listener, then each listener's
     /// sockets.
+    /// `handoff` is the connection format ([`crate::l7::handoff`])
+    /// version it writes: a new process that reads another refuses.
     Offered {
         pid: u32,
         listeners: Vec<OfferedListener>,
         metrics: Option<SocketAddr>,
         fds: usize,
+        handoff: u16,
     },
     /// The old process stopped accepting and serving its control socket;
-    /// it keeps this many connections until they end.
+    /// it holds this many connections, which it hands over next.
     HandedOver { connections: usize },
+    /// A batch of `conns` connections: their two sockets each (client,
+    /// backend) come with this line, and `bytes` of handoff format after
+    /// it.
+    Batch {
+        batch: u64,
+        conns: usize,
+        bytes: usize,
+    },
+    /// The handoff is over: connections moved, refused by the new
+    /// process, left in the old one (handshaking, closing or never quiet);
+    /// how long it took and the longest a connection was held quiet.
+    HandoffDone {
+        moved: u64,
+        failed: u64,
+        left: u64,
+        ms: u64,
+        longest_stall_ms: u64,
+    },
 }
 
 /// One listener a takeover passes: its configured address, the address
@@ -233,6 +260,7 @@ fn answer(stream: UnixStream, calls: &mpsc::Sender<Call>, answer_within: Duratio
     let outcome = match decode_request(&request) {
         Err(reason) => Outcome::Refused { reason },
         Ok(command) => {
+            let takeover = command == Command::Takeover;
             let (reply, answered) = mpsc::channel();
             let conversation = match command {
                 Command::Takeover => stream.try_clone().ok(),
@@ -253,7 +281,7 @@ fn answer(stream: UnixStream, calls: &mpsc::Sender<Call>, answer_within: Duratio
                 match answered.recv_timeout(answer_within) {
                     Ok(outcome) => outcome,
                     // The takeover went on over the connection.
-                    Err(mpsc::RecvTimeoutError::Disconnected) if command == Command::Takeover => {
+                    Err(mpsc::RecvTimeoutError::Disconnected) if takeover => {
                         return;
                     }
                     Err(_) => Outcome::Refused {
@@ -301,7 +329,7 @@ mod tests {
     #[test]
     fn a_request_and_its_answers_read_back() {
         let line = encode_request(Command::Reload);
-        assert_eq!(line, "{\"version\":1,\"command\":\"reload\"}\n");
+        assert_eq!(line, "{\"version\":2,\"command\":\"reload\"}\n");
         assert_eq!(decode_request(&line), Ok(Command::Reload));
         for outcome in [
             Outcome::Reloaded {
@@ -320,12 +348,12 @@ mod tests {
 
     #[test]
     fn another_version_or_an_unknown_command_is_refused_with_a_reason() {
-        let e = decode_request("{\"version\":2,\"command\":\"takeover\",\"fds\":3}").unwrap_err();
+        let e = decode_request("{\"version\":1,\"command\":\"takeover\"}").unwrap_err();
         assert!(
-            e.contains("version 2") && e.contains("speaks version 1"),
+            e.contains("version 1") && e.contains("speaks version 2"),
             "{e}"
         );
-        let e = decode_request("{\"version\":1,\"command\":\"explode\"}").unwrap_err();
+        let e = decode_request("{\"version\":2,\"command\":\"explode\"}").unwrap_err();
         assert!(e.contains("explode"), "{e}");
         assert!(decode_request("reload").is_err());
         let e = decode_response("{\"version\":7,\"outcome\":\"reloaded\"}").unwrap_err();

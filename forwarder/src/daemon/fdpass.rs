@@ -93,6 +93,74 @@ pub fn recv(stream: &UnixStream, buf: &mut [u8]) -> io::Result<(usize, Vec<Owned
     }
 }
 
+/// The reading side of a conversation of lines, descriptors and blocks of
+/// bytes over a Unix stream socket. Everything is read with `recvmsg`: a
+/// buffered read could swallow the bytes descriptors ride on, and one
+/// `recvmsg` may return the end of one message with the start of the
+/// next, so what is read past a line or a block is kept for the next call,
+/// and descriptors queue in the order they came.
+#[derive(Default)]
+pub struct Reader {
+    buf: Vec<u8>,
+    fds: std::collections::VecDeque<OwnedFd>,
+}
+
+impl Reader {
+    /// One `recvmsg` more; the peer closing is an error.
+    fn fill(&mut self, stream: &UnixStream) -> io::Result<()> {
+        let mut chunk = vec![0u8; 64 * 1024];
+        let (n, fds) = recv(stream, &mut chunk)?;
+        if n == 0 {
+            return Err(io::Error::new(
+                io::ErrorKind::UnexpectedEof,
+                "the other process closed the connection",
+            ));
+        }
+        self.buf.extend_from_slice(&chunk[..n]);
+        self.fds.extend(fds);
+        Ok(())
+    }
+
+    /// The next line that is not empty (without its newline), at most
+    /// `max` bytes long.
+    pub fn line(&mut self, stream: &UnixStream, max: usize) -> io::Result<String> {
+        loop {
+            while self.buf.first() == Some(&b'\n') {
+                self.buf.remove(0);
+            }
+            if let Some(end) = self.buf.iter().position(|&b| b == b'\n') {
+                let line: Vec<u8> = self.buf.drain(..=end).collect();
+                return String::from_utf8(line)
+                    .map_err(|_| io::Error::new(io::ErrorKind::InvalidData, "a line not UTF-8"));
+            }
+            if self.buf.len() > max {
+                return Err(io::Error::new(
+                    io::ErrorKind::InvalidData,
+                    format!("a line longer than {max} bytes"),
+                ));
+            }
+            self.fill(stream)?;
+        }
+    }
+
+    /// The next `n` bytes.
+    pub fn bytes(&mut self, stream: &UnixStream, n: usize) -> io::Result<Vec<u8>> {
+        while self.buf.len() < n {
+            self.fill(stream)?;
+        }
+        Ok(self.buf.drain(..n).collect())
+    }
+
+    /// The next `n` descriptors, which came with what was read so far or
+    /// come with what follows.
+    pub fn fds(&mut self, stream: &UnixStream, n: usize) -> io::Result<Vec<OwnedFd>> {
+        while self.fds.len() < n {
+            self.fill(stream)?;
+        }
+        Ok(self.fds.drain(..n).collect())
+    }
+}
+
 fn cmsg_space(fds: usize) -> usize {
     // SAFETY: CMSG_SPACE is arithmetic.
     unsafe { libc::CMSG_SPACE((fds * size_of::<RawFd>()) as u32) as usize }
@@ -131,5 +199,35 @@ mod tests {
         assert_eq!((n, fds.len()), (6, 0));
         drop(a);
         assert_eq!(recv(&b, &mut buf).unwrap().0, 0);
+    }
+
+    /// Lines, blocks and descriptors sent back to back come apart as they
+    /// were sent, however `recvmsg` cuts them: a block that follows a line
+    /// at once is not taken for part of it, and descriptors wait in order.
+    #[test]
+    fn a_reader_splits_lines_blocks_and_descriptors_as_sent() {
+        let (a, b) = UnixStream::pair().unwrap();
+        let files: Vec<std::fs::File> = (0..3)
+            .map(|_| std::fs::File::open("/dev/null").unwrap())
+            .collect();
+        send(
+            &a,
+            b"first\n\nbatch 2\n",
+            &[files[0].as_raw_fd(), files[1].as_raw_fd()],
+        )
+        .unwrap();
+        let block = vec![7u8; 100_000];
+        (&a).write_all(&block).unwrap();
+        send(&a, b"last\n", &[files[2].as_raw_fd()]).unwrap();
+        let mut r = Reader::default();
+        assert_eq!(r.line(&b, 64).unwrap(), "first\n");
+        assert_eq!(r.line(&b, 64).unwrap(), "batch 2\n");
+        assert_eq!(r.fds(&b, 2).unwrap().len(), 2);
+        assert_eq!(r.bytes(&b, block.len()).unwrap(), block);
+        assert_eq!(r.line(&b, 64).unwrap(), "last\n");
+        assert_eq!(r.fds(&b, 1).unwrap().len(), 1);
+        drop(a);
+        let e = r.line(&b, 64).unwrap_err();
+        assert_eq!(e.kind(), io::ErrorKind::UnexpectedEof);
     }
 }

@@ -10,7 +10,8 @@
 //!   - [`reload`]: SIGHUP and `weir reload` read the configuration again
 //!     and apply it in place, over [`control`], its control socket;
 //!   - [`takeover`]: `weir run --takeover` takes the listening sockets of
-//!     the running one over that socket ([`fdpass`]: SCM_RIGHTS);
+//!     the running one over that socket ([`fdpass`]: SCM_RIGHTS), then its
+//!     connections ([`handoff`]);
 //! - [`agent`]: `weir agent`, the control-plane work that needs a process:
 //!   health checks and freeing removed backends once nothing uses them;
 //! - [`maps_watch`]: the pinned maps a daemon started on are still the
@@ -19,6 +20,7 @@
 pub mod agent;
 pub mod control;
 pub mod fdpass;
+pub mod handoff;
 pub mod listeners;
 pub mod maps_watch;
 pub mod reload;
@@ -216,6 +218,11 @@ fn serve(path: Option<&Path>, flag: Option<&str>, takeover: bool) -> Result<()> 
     for signal in [signal_hook::consts::SIGTERM, signal_hook::consts::SIGINT] {
         signal_hook::flag::register(signal, stop.clone()).context("installing signal handlers")?;
     }
+    // Counted from here: a SIGHUP during a takeover (a `systemctl reload`)
+    // must not end the process, and is served once the control socket is.
+    let hangup = Arc::new(AtomicBool::new(false));
+    signal_hook::flag::register(signal_hook::consts::SIGHUP, hangup.clone())
+        .context("installing the SIGHUP handler")?;
     let fault = Arc::new(Mutex::new(None));
     let watcher = watch_maps(
         instance.name().to_string(),
@@ -238,6 +245,7 @@ fn serve(path: Option<&Path>, flag: Option<&str>, takeover: bool) -> Result<()> 
             path.map(Path::to_path_buf),
             config.clone(),
             lock.share()?,
+            hangup.clone(),
         )
     };
     let reloads = match taken {
@@ -288,26 +296,47 @@ fn serve(path: Option<&Path>, flag: Option<&str>, takeover: bool) -> Result<()> 
                     );
                     std::thread::sleep(std::time::Duration::from_millis(ms));
                 }
-                match t.confirm() {
-                    Ok(left) => {
-                        // Listeners passed but no longer configured close
-                        // now that the old process stopped accepting too.
-                        let from = t.pid;
-                        drop(t);
+                let from = t.pid;
+                match t.confirm(handoff::batch_size()) {
+                    Ok((held, mut conv)) => {
+                        // Listeners passed but no longer configured closed
+                        // with `t`: the old process stopped accepting too.
                         lock.write_pid()?;
-                        tracing::info!(
-                            event = "takeover_done",
-                            from,
-                            left,
-                            "takeover done: {left} connection(s) stay in the old process until \
-                             they end"
-                        );
+                        let taken = handoff::take(&mut conv, &running.mailbox, &running.takeover);
+                        drop(conv);
+                        let m = running.takeover.snapshot();
+                        match taken {
+                            Ok(()) => tracing::info!(
+                                event = "takeover_done",
+                                from,
+                                moved = m.moved,
+                                failed = m.failed,
+                                left = m.left,
+                                ms = m.duration_us / 1000,
+                                longest_stall_ms = m.longest_stall_us / 1000,
+                                "takeover done: of {held} connection(s), {} moved, {} failed, {} \
+                                 left in the old process until they end; the handoff took {} ms",
+                                m.moved,
+                                m.failed,
+                                m.left,
+                                m.duration_us / 1000
+                            ),
+                            Err(e) => tracing::warn!(
+                                event = "takeover_cut_short",
+                                from,
+                                moved = m.moved,
+                                "takeover cut short: {e}; {} connection(s) moved here, the rest \
+                                 stay with the old process",
+                                m.moved
+                            ),
+                        }
                         listen_control(&running_config, &lock)?
                     }
                     Err(e) => {
                         // The sockets are shared with the old process:
                         // stop accepting without shutting them.
                         running.hand_over();
+                        running.release();
                         running.stop();
                         let _ = running.join();
                         bail!("takeover failed, the old weir run goes on serving: {e}");

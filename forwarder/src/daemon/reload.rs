@@ -7,8 +7,10 @@
 //!
 //! The same loop answers a `weir run --takeover` ([`super::takeover`]):
 //! once the new process confirms, this one stops accepting, leaves the
-//! control socket to it and serves what it holds until that ends or
-//! `timeouts.takeover` passes.
+//! control socket to it and hands it its connections
+//! ([`super::handoff`]); it serves what it could not hand over until that
+//! ends or `timeouts.takeover` passes. If the new process fails during the
+//! handoff, this one accepts again and goes on.
 
 use std::os::fd::OwnedFd;
 use std::path::PathBuf;
@@ -20,6 +22,7 @@ use std::time::{Duration, Instant};
 use anyhow::{Context, Result};
 
 use super::control::{Call, Command, ControlSocket, Outcome};
+use super::handoff::{self, Given};
 use super::takeover::Giving;
 use super::workers::Running;
 use crate::instance::Instance;
@@ -36,6 +39,9 @@ pub struct Reloads {
     running: Config,
     hangup: Arc<AtomicBool>,
     calls: mpsc::Receiver<Call>,
+    /// For the control socket again, after a takeover that failed.
+    calls_to: mpsc::Sender<Call>,
+    socket_path: PathBuf,
     /// Removed from the state directory when this goes; `None` once
     /// handed over.
     socket: Option<ControlSocket>,
@@ -46,27 +52,28 @@ pub struct Reloads {
 }
 
 impl Reloads {
-    /// Installs the SIGHUP handler and serves the instance's control
-    /// socket. `running` is the configuration the workers start with;
-    /// `lock` a copy of the daemon lock's descriptor.
+    /// Installs the SIGHUP handler (a SIGHUP before it is counted then)
+    /// and serves the instance's control socket. `running` is the
+    /// configuration the workers start with; `lock` a copy of the daemon
+    /// lock's descriptor.
     pub fn listen(
         instance: &Instance,
         path: Option<PathBuf>,
         running: Config,
         lock: OwnedFd,
+        hangup: Arc<AtomicBool>,
     ) -> Result<Self> {
-        let hangup = Arc::new(AtomicBool::new(false));
-        signal_hook::flag::register(signal_hook::consts::SIGHUP, hangup.clone())
-            .context("installing the SIGHUP handler")?;
         let (tx, calls) = mpsc::channel();
         let socket_path = instance.control_socket_path();
-        let socket = ControlSocket::serve(&socket_path, tx, ANSWER_WITHIN)
+        let socket = ControlSocket::serve(&socket_path, tx.clone(), ANSWER_WITHIN)
             .with_context(|| format!("control socket {}", socket_path.display()))?;
         Ok(Self {
             path,
             running,
             hangup,
             calls,
+            calls_to: tx,
+            socket_path,
             socket: Some(socket),
             lock,
             giving: None,
@@ -86,7 +93,11 @@ impl Reloads {
             if let Some(outcome) = outcome {
                 let (giving, started) = self.giving.take().expect("a takeover in progress");
                 match outcome {
-                    Ok(()) => return self.hand_over(giving, started, workers),
+                    Ok(batch) => {
+                        if !self.hand_over(giving, batch, started, workers) {
+                            return;
+                        }
+                    }
                     Err(reason) => tracing::warn!(
                         event = "takeover_failed",
                         "takeover failed, this process goes on accepting: {reason}"
@@ -107,8 +118,8 @@ impl Reloads {
                     Outcome::Refused { reason }
                 }
             },
-            Command::Confirm => Outcome::Refused {
-                reason: "confirm answers a takeover offer, on its connection".into(),
+            Command::Confirm { .. } | Command::Taken { .. } => Outcome::Refused {
+                reason: "confirm and taken answer a takeover, on its connection".into(),
             },
         };
         let _ = call.reply.send(outcome);
@@ -140,20 +151,66 @@ impl Reloads {
         Ok(())
     }
 
-    /// The new process accepts on every socket: this one stops accepting
-    /// and leaves it the control socket, then serves what it holds until
+    /// The new process accepts on every socket: this one stops accepting,
+    /// leaves it the control socket and hands it its connections in
+    /// batches of `batch`; then serves what it could not hand over until
     /// that ends, or drains it as on SIGTERM after `timeouts.takeover`.
-    fn hand_over(&mut self, giving: Giving, started: Instant, workers: &mut Running) {
+    /// `true`: the new process failed during the handoff, and this one
+    /// accepts again and goes on serving.
+    fn hand_over(
+        &mut self,
+        giving: Giving,
+        batch: usize,
+        started: Instant,
+        workers: &mut Running,
+    ) -> bool {
         let connections = workers.hand_over();
         self.socket = None;
-        giving.done(connections);
+        tracing::info!(
+            event = "handoff_started",
+            connections,
+            "the new weir run accepts: handing it {connections} connection(s) in batches of \
+             {batch}"
+        );
+        let given = match giving.done(connections, batch) {
+            Ok(mut conv) => {
+                let mailbox = workers.mailbox.clone();
+                let mut given = handoff::give(&mut conv, &mailbox, |w| workers.worker_finished(w));
+                if given.broken.is_none()
+                    && let Err(e) = handoff::finish(&mut conv, &given, workers.open())
+                {
+                    given.broken =
+                        Some(format!("telling the new process the handoff is over: {e}"));
+                }
+                given
+            }
+            Err(e) => Given {
+                broken: Some(format!("telling the new process it accepts alone: {e}")),
+                ..Given::default()
+            },
+        };
+        if let Some(reason) = &given.broken {
+            self.take_back(workers, reason, &given);
+            return true;
+        }
+        workers.release();
+        let left = workers.open();
         let bound = self.running.timeouts.takeover;
         tracing::info!(
-            event = "takeover_done",
-            connections,
-            ms = started.elapsed().as_millis() as u64,
-            "takeover done: the new weir run accepts; {connections} connection(s) stay here \
-             until they end, at most {bound:?}"
+            event = "handoff_done",
+            moved = given.moved,
+            failed = given.failed,
+            left,
+            ms = given.took.as_millis() as u64,
+            longest_stall_ms = given.longest_stall.as_millis() as u64,
+            takeover_ms = started.elapsed().as_millis() as u64,
+            "handoff done in {} ms: {} connection(s) moved to the new weir run, {} refused by \
+             it, {left} left here until they end (at most {bound:?}); the longest a connection \
+             was held quiet: {} ms",
+            given.took.as_millis(),
+            given.moved,
+            given.failed,
+            given.longest_stall.as_millis()
         );
         let deadline = Instant::now() + bound;
         let mut stopping = false;
@@ -169,6 +226,36 @@ impl Reloads {
                 workers.stop();
             }
             std::thread::sleep(Duration::from_millis(50));
+        }
+        false
+    }
+
+    /// The new process failed during the handoff: this process accepts
+    /// again, serves its metrics endpoint and its control socket again, and
+    /// keeps what it did not hand over.
+    fn take_back(&mut self, workers: &mut Running, reason: &str, given: &Given) {
+        tracing::error!(
+            event = "takeover_failed",
+            moved = given.moved,
+            "the new weir run failed during the handoff ({reason}); {} connection(s) went to it \
+             before; this process accepts again and serves the {} it holds",
+            given.moved,
+            workers.open()
+        );
+        if let Err(e) = workers.resume(&self.running) {
+            tracing::error!(
+                event = "resume_failed",
+                "accepting again after the failed takeover: {e}; restart weir run"
+            );
+        }
+        match ControlSocket::serve(&self.socket_path, self.calls_to.clone(), ANSWER_WITHIN) {
+            Ok(socket) => self.socket = Some(socket),
+            Err(e) => tracing::error!(
+                event = "control_socket_failed",
+                "serving {} again after the failed takeover: {e}; `weir reload` and a new \
+                 takeover cannot reach this process, restart it",
+                self.socket_path.display()
+            ),
         }
     }
 

@@ -13,12 +13,16 @@
 //!    cancel their accepts; the sockets stay open in the new process, so
 //!    the kernel always has a listener to queue a client on) and stop
 //!    serving the control socket;
-//! 4. old → new: `handed_over` with the connections it keeps; the new
-//!    process takes the control socket path and the stats file.
+//! 4. old → new: `handed_over` with the connections it holds; then the
+//!    connections themselves, batch by batch ([`super::handoff`]), and
+//!    `handoff_done`; the new process takes the control socket path and
+//!    the stats file.
 //!
-//! A new process that dies before step 3 leaves the old one as it was.
-//! The old one serves what it holds until it ends or `timeouts.takeover`
-//! passes, then drains it as on SIGTERM.
+//! A new process that dies before step 3 leaves the old one as it was;
+//! one that dies during step 4 leaves the old one serving what it did not
+//! hand over, and accepting again. The old one exits once it holds
+//! nothing; what it could not hand over it serves until it ends or
+//! `timeouts.takeover` passes, then drains it as on SIGTERM.
 
 use std::io::{self, BufRead, BufReader, Read, Write};
 use std::net::{SocketAddr, TcpListener};
@@ -29,8 +33,9 @@ use std::sync::mpsc;
 use std::time::Duration;
 
 use super::control::{self, Command, OfferedListener, Outcome};
-use super::fdpass;
+use super::fdpass::{self, Reader};
 use crate::l7::config::Listener;
+use crate::l7::handoff;
 use crate::l7::socket::{bind_listeners, reuseport_listener};
 
 /// How long the old process waits for the new one to confirm: long
@@ -64,9 +69,18 @@ pub struct Offer {
 /// The old process's side of a takeover in progress.
 pub struct Giving {
     stream: UnixStream,
-    /// `Ok`: the new process confirmed; `Err`: it failed or went away
-    /// first, and nothing moved.
-    confirmed: mpsc::Receiver<Result<(), String>>,
+    /// `Ok` with the largest batch it takes: the new process confirmed;
+    /// `Err`: it failed or went away first, and nothing moved.
+    confirmed: mpsc::Receiver<Result<usize, String>>,
+}
+
+/// The conversation with the other process once the listeners moved: the
+/// connection handoff goes on over it.
+pub struct Conversation {
+    pub stream: UnixStream,
+    pub reader: Reader,
+    /// The largest batch of connections the new process takes.
+    pub batch: usize,
 }
 
 impl Giving {
@@ -87,7 +101,7 @@ impl Giving {
     }
 
     /// The outcome, once there is one.
-    pub fn outcome(&self) -> Option<Result<(), String>> {
+    pub fn outcome(&self) -> Option<Result<usize, String>> {
         match self.confirmed.try_recv() {
             Ok(r) => Some(r),
             Err(mpsc::TryRecvError::Empty) => None,
@@ -97,11 +111,17 @@ impl Giving {
         }
     }
 
-    /// Tells the new process that this one stopped accepting and keeps
-    /// `connections` until they end.
-    pub fn done(self, connections: usize) {
+    /// Tells the new process that this one stopped accepting and holds
+    /// `connections`, which it hands over next in batches of `batch`.
+    pub fn done(self, connections: usize, batch: usize) -> io::Result<Conversation> {
         let line = control::encode_response(Outcome::HandedOver { connections });
-        let _ = (&self.stream).write_all(line.as_bytes());
+        (&self.stream).write_all(line.as_bytes())?;
+        self.stream.set_read_timeout(Some(ANSWER_WITHIN))?;
+        Ok(Conversation {
+            stream: self.stream,
+            reader: Reader::default(),
+            batch,
+        })
     }
 }
 
@@ -124,6 +144,7 @@ fn send_offer(stream: &UnixStream, offer: &Offer) -> Result<(), String> {
             .collect(),
         metrics: offer.metrics.as_ref().map(|(a, _)| *a),
         fds: fds.len(),
+        handoff: handoff::VERSION,
     });
     let failed = |e: io::Error| format!("sending the listening sockets: {e}");
     // The line carries the first batch; each further batch rides on one
@@ -136,7 +157,7 @@ fn send_offer(stream: &UnixStream, offer: &Offer) -> Result<(), String> {
     Ok(())
 }
 
-fn await_confirm(stream: &UnixStream) -> Result<(), String> {
+fn await_confirm(stream: &UnixStream) -> Result<usize, String> {
     stream
         .set_read_timeout(Some(CONFIRM_WITHIN))
         .map_err(|e| e.to_string())?;
@@ -157,7 +178,7 @@ fn await_confirm(stream: &UnixStream) -> Result<(), String> {
         Err(e) => return Err(format!("reading the new process's confirmation: {e}")),
     }
     match control::decode_request(&line)? {
-        Command::Confirm => Ok(()),
+        Command::Confirm { batch } => Ok(batch.clamp(1, super::handoff::MAX_BATCH)),
         other => Err(format!("the new process sent {other:?} instead of confirm")),
     }
 }
@@ -165,6 +186,7 @@ fn await_confirm(stream: &UnixStream) -> Result<(), String> {
 /// What the new process received.
 pub struct Taken {
     stream: UnixStream,
+    reader: Reader,
     /// The pid of the process taken over.
     pub pid: u32,
     pub lock: OwnedFd,
@@ -189,54 +211,46 @@ pub fn take(path: &Path) -> Result<Taken, String> {
     (&stream)
         .write_all(control::encode_request(Command::Takeover).as_bytes())
         .map_err(io_err)?;
-    // Read with recvmsg only: a buffered read could swallow bytes the
-    // descriptors ride on.
-    let mut line = Vec::new();
-    let mut fds = Vec::new();
-    let mut buf = [0u8; 4096];
-    while !line.contains(&b'\n') {
-        let (n, got) = fdpass::recv(&stream, &mut buf).map_err(io_err)?;
-        if n == 0 {
-            return Err(format!(
-                "weir run closed {} without an answer",
-                path.display()
-            ));
-        }
-        line.extend_from_slice(&buf[..n]);
-        fds.extend(got);
-        if line.len() > MAX_OFFER {
-            return Err("the takeover offer is too long".into());
-        }
-    }
-    let end = line
-        .iter()
-        .position(|&b| b == b'\n')
-        .expect("read up to a newline");
-    let text = String::from_utf8_lossy(&line[..=end]);
-    let (pid, offered, metrics, count) = match control::decode_response(&text)? {
+    let mut reader = Reader::default();
+    let line = reader
+        .line(&stream, MAX_OFFER)
+        .map_err(|e| match e.kind() {
+            io::ErrorKind::UnexpectedEof => {
+                format!("weir run closed {} without an answer", path.display())
+            }
+            _ => io_err(e),
+        })?;
+    let (pid, offered, metrics, count) = match control::decode_response(&line)? {
         Outcome::Offered {
             pid,
             listeners,
             metrics,
             fds,
-        } => (pid, listeners, metrics, fds),
+            handoff: format,
+        } => {
+            if format != handoff::VERSION {
+                // Before anything moves: the old process sees this one go
+                // away before it confirmed, and goes on as it was.
+                return Err(format!(
+                    "takeover refused: the running weir writes handoff format version \
+                     {format}, this binary reads version {}; upgrade through a version that \
+                     reads both, or restart",
+                    handoff::VERSION
+                ));
+            }
+            (pid, listeners, metrics, fds)
+        }
         Outcome::Refused { reason } => return Err(format!("takeover refused: {reason}")),
         other => return Err(format!("unexpected answer to a takeover: {other:?}")),
     };
-    // The batches after the first come one newline each.
-    while fds.len() < count {
-        let (n, got) = fdpass::recv(&stream, &mut buf).map_err(io_err)?;
-        if n == 0 {
-            return Err("weir run went away while passing its sockets".into());
-        }
-        fds.extend(got);
-    }
+    let fds = reader
+        .fds(&stream, count)
+        .map_err(|e| format!("weir run went away while passing its sockets: {e}"))?;
     let expected =
         offered.iter().map(|l| l.sockets).sum::<usize>() + 1 + usize::from(metrics.is_some());
-    if fds.len() != count || count != expected {
+    if count != expected {
         return Err(format!(
-            "weir run passed {} descriptor(s), {count} announced and {expected} described",
-            fds.len()
+            "weir run announced {count} descriptor(s) and described {expected}"
         ));
     }
     let mut fds = fds.into_iter();
@@ -252,6 +266,7 @@ pub fn take(path: &Path) -> Result<Taken, String> {
         .collect();
     Ok(Taken {
         stream,
+        reader,
         pid,
         lock,
         metrics,
@@ -261,22 +276,32 @@ pub fn take(path: &Path) -> Result<Taken, String> {
 
 impl Taken {
     /// Tells the old process that this one accepts on every socket it was
-    /// passed; returns the connections the old one keeps once it stopped
-    /// accepting.
-    pub fn confirm(&self) -> Result<usize, String> {
+    /// passed and takes batches of at most `batch` connections; returns the
+    /// connections the old one holds once it stopped accepting, and the
+    /// conversation they come over.
+    pub fn confirm(self, batch: usize) -> Result<(usize, Conversation), String> {
+        let Self {
+            stream, mut reader, ..
+        } = self;
         let io_err = |e: io::Error| format!("confirming the takeover: {e}");
-        (&self.stream)
-            .write_all(control::encode_request(Command::Confirm).as_bytes())
+        (&stream)
+            .write_all(control::encode_request(Command::Confirm { batch }).as_bytes())
             .map_err(io_err)?;
-        let mut line = String::new();
-        BufReader::new((&self.stream).take(4096))
-            .read_line(&mut line)
-            .map_err(io_err)?;
-        if line.is_empty() {
-            return Err("the old weir run went away before it stopped accepting".into());
-        }
+        let line = reader.line(&stream, 4096).map_err(|e| match e.kind() {
+            io::ErrorKind::UnexpectedEof => {
+                "the old weir run went away before it stopped accepting".to_string()
+            }
+            _ => io_err(e),
+        })?;
         match control::decode_response(&line)? {
-            Outcome::HandedOver { connections } => Ok(connections),
+            Outcome::HandedOver { connections } => Ok((
+                connections,
+                Conversation {
+                    stream,
+                    reader,
+                    batch,
+                },
+            )),
             other => Err(format!("unexpected answer to confirm: {other:?}")),
         }
     }

@@ -15,7 +15,8 @@ use super::takeover::{self, Handed, Offer, Taken};
 use crate::l7::config::{Config, ReloadPlan};
 use crate::l7::ejections::Ejections;
 use crate::l7::files::{self, Sizing};
-use crate::l7::metrics::WorkerMetrics;
+use crate::l7::handoff::mailbox::Mailbox;
+use crate::l7::metrics::{TakeoverMetrics, WorkerMetrics};
 use crate::l7::reconfig::Reconfig;
 use crate::l7::socket::bind_listeners;
 use crate::l7::worker::{Settings, Shared, Worker};
@@ -33,7 +34,12 @@ pub struct Running {
     reconfig: Arc<Reconfig>,
     stop: Arc<AtomicBool>,
     handed_over: Arc<AtomicBool>,
+    /// Set once a takeover's handoff is over: the workers may end as soon
+    /// as they hold nothing.
+    released: Arc<AtomicBool>,
     open: Arc<AtomicUsize>,
+    pub mailbox: Arc<Mailbox>,
+    pub takeover: Arc<TakeoverMetrics>,
     /// `None` once handed over: the new process serves the endpoint and
     /// writes the stats file.
     endpoint: Option<Endpoint>,
@@ -118,16 +124,26 @@ pub fn start(
         _ => bind_metrics(settings.config.metrics)?,
     };
     let metrics_listener = metrics_copy(settings.config.metrics, metrics_socket.as_ref())?;
-    let endpoint = serve_metrics(metrics_socket, &snapshot_file, &metrics, &outliers)?;
+    let takeover = Arc::new(TakeoverMetrics::default());
+    let endpoint = serve_metrics(
+        metrics_socket,
+        &snapshot_file,
+        &metrics,
+        &outliers,
+        &takeover,
+    )?;
     let shared = Shared {
         stop: stop.clone(),
         open: Arc::new(AtomicUsize::new(0)),
         outliers: outliers.clone(),
         reconfig: Arc::new(Reconfig::new(n)),
         handed_over: Arc::new(AtomicBool::new(false)),
+        released: Arc::new(AtomicBool::new(false)),
+        mailbox: Arc::new(Mailbox::new(n)?),
     };
     let reconfig = shared.reconfig.clone();
     let (handed_over, open) = (shared.handed_over.clone(), shared.open.clone());
+    let (released, mailbox) = (shared.released.clone(), shared.mailbox.clone());
     let (tx, rx) = std::sync::mpsc::channel();
     let mut workers = Vec::new();
     for ((i, m), fds) in metrics.iter().enumerate().zip(listener_fds) {
@@ -176,7 +192,10 @@ pub fn start(
         reconfig,
         stop,
         handed_over,
+        released,
         open,
+        mailbox,
+        takeover,
         endpoint: Some(endpoint),
         snapshot_file,
         listening,
@@ -231,6 +250,7 @@ fn serve_metrics(
     snapshot_file: &std::path::Path,
     metrics: &[Arc<WorkerMetrics>],
     outliers: &Arc<Ejections>,
+    takeover: &Arc<TakeoverMetrics>,
 ) -> io::Result<Endpoint> {
     let stop = Arc::new(AtomicBool::new(false));
     let thread = crate::l7::metrics::serve(
@@ -238,6 +258,7 @@ fn serve_metrics(
         snapshot_file.to_path_buf(),
         metrics.to_vec(),
         outliers.clone(),
+        takeover.clone(),
         stop.clone(),
     )
     .map_err(|e| io::Error::new(e.kind(), format!("metrics endpoint: {e}")))?;
@@ -298,9 +319,14 @@ impl Running {
         }
         if let Some((listener, copy)) = metrics {
             self.metrics_listener = copy;
-            let endpoint =
-                serve_metrics(listener, &self.snapshot_file, &self.metrics, &self.outliers)
-                    .map_err(|e| e.to_string())?;
+            let endpoint = serve_metrics(
+                listener,
+                &self.snapshot_file,
+                &self.metrics,
+                &self.outliers,
+                &self.takeover,
+            )
+            .map_err(|e| e.to_string())?;
             if let Some(old) = self.endpoint.replace(endpoint) {
                 old.stop();
             }
@@ -350,17 +376,72 @@ impl Running {
     }
 
     /// Another process accepts on the listening sockets now: the workers
-    /// stop accepting (the sockets stay open there), the metrics endpoint
-    /// stops and this process's copies close. Returns the connections it
-    /// keeps.
+    /// stop accepting (the sockets stay open there) and the metrics
+    /// endpoint stops. This process keeps copies of the sockets until the
+    /// handoff is over ([`Running::release`]), to accept again if the new
+    /// process fails ([`Running::resume`]). Returns the connections it
+    /// holds.
     pub fn hand_over(&mut self) -> usize {
         self.handed_over.store(true, Ordering::Relaxed);
-        self.listening.clear();
-        self.metrics_listener = None;
         if let Some(e) = self.endpoint.take() {
             e.stop();
         }
         self.open.load(Ordering::Relaxed)
+    }
+
+    /// The handoff is over and the new process serves: the copies of the
+    /// sockets close, and each worker ends once it holds nothing.
+    pub fn release(&mut self) {
+        self.listening.clear();
+        self.metrics_listener = None;
+        self.released.store(true, Ordering::Relaxed);
+        for w in 0..self.mailbox.workers() {
+            // A wake, so that an idle worker looks at the flag now.
+            self.mailbox
+                .send(w, crate::l7::handoff::mailbox::ToWorker::StopGiving);
+        }
+    }
+
+    /// The new process failed during the handoff: this one accepts again on
+    /// its copies of the sockets (with `config`, the one it runs) and
+    /// serves the metrics endpoint again.
+    pub fn resume(&mut self, config: &Config) -> Result<(), String> {
+        let n = self.workers.len();
+        let mut per_worker: Vec<Vec<(SocketAddr, OwnedFd)>> = (0..n).map(|_| Vec::new()).collect();
+        for h in &self.listening {
+            for (i, fd) in h.sockets.iter().enumerate() {
+                let fd = fd.try_clone().map_err(|e| e.to_string())?;
+                per_worker[i % n].push((h.listen, fd));
+            }
+        }
+        self.handed_over.store(false, Ordering::Relaxed);
+        let generation = self.reconfig.publish(config.clone(), per_worker);
+        self.reconfig
+            .wait_applied(generation, APPLIED_WITHIN)
+            .map_err(|lagging| {
+                format!("worker(s) {lagging:?} did not accept again within {APPLIED_WITHIN:?}")
+            })?;
+        let listener = match &self.metrics_listener {
+            Some((_, fd)) => Some(TcpListener::from(
+                fd.try_clone().map_err(|e| e.to_string())?,
+            )),
+            None => None,
+        };
+        let endpoint = serve_metrics(
+            listener,
+            &self.snapshot_file,
+            &self.metrics,
+            &self.outliers,
+            &self.takeover,
+        )
+        .map_err(|e| e.to_string())?;
+        self.endpoint = Some(endpoint);
+        Ok(())
+    }
+
+    /// Worker `w` has ended.
+    pub fn worker_finished(&self, w: usize) -> bool {
+        self.workers.get(w).is_none_or(JoinHandle::is_finished)
     }
 
     /// The connections the workers hold.
@@ -397,6 +478,7 @@ impl Running {
             crate::l7::metrics::snapshot_with_outliers(
                 &self.metrics,
                 &self.outliers,
+                &self.takeover,
                 Instant::now(),
             )
         })

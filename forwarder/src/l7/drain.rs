@@ -46,6 +46,18 @@ impl<K: Ord> DrainQueue<K> {
         }
     }
 
+    /// Schedules one connection at `due_ms`: one that comes from another
+    /// process (a takeover) keeps the time its drain gave it there.
+    pub fn schedule_at(&mut self, due_ms: u64, conn: K) {
+        self.heap.push(Reverse((due_ms, self.seq, conn)));
+        self.seq += 1;
+    }
+
+    /// Every connection waiting, with when it is due, in no order.
+    pub fn iter(&self) -> impl Iterator<Item = (u64, &K)> {
+        self.heap.iter().map(|Reverse((due, _, k))| (*due, k))
+    }
+
     /// Removes and returns every connection due at `now_ms`, earliest first.
     /// A connection that ended on its own meanwhile is the caller's to skip.
     pub fn due(&mut self, now_ms: u64) -> Vec<K> {
@@ -78,6 +90,23 @@ impl<K: Ord> DrainQueue<K> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// A connection scheduled at a time of its own (a drain carried over
+    /// from another process) comes due then, among the others, and is
+    /// listed with its time until then.
+    #[test]
+    fn a_connection_keeps_the_time_it_is_scheduled_at() {
+        let mut q = DrainQueue::new();
+        q.schedule(0, 1000, vec!['a', 'b']);
+        q.schedule_at(600, 'x');
+        let mut waiting: Vec<(u64, char)> = q.iter().map(|(due, k)| (due, *k)).collect();
+        waiting.sort();
+        assert_eq!(waiting, [(250, 'a'), (600, 'x'), (750, 'b')]);
+        assert_eq!(q.due(599), ['a']);
+        assert_eq!(q.due(600), ['x']);
+        assert_eq!(q.due(10_000), ['b']);
+        assert!(q.is_empty());
+    }
 
     #[test]
     fn offsets_are_midpoints_of_equal_slices() {

@@ -18,6 +18,8 @@
 //! The encoding is canonical (one byte string per batch): decoding then
 //! encoding gives the input back, which the `handoff` fuzz target checks.
 
+pub mod mailbox;
+
 use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr, SocketAddrV6};
 use std::time::Duration;
 
@@ -69,7 +71,12 @@ pub enum Fault {
 
 /// The batch on the wire. At most [`MAX_BATCH`] snapshots: the caller
 /// splits larger sets.
-pub fn encode(batch: &[Snapshot]) -> Vec<u8> {
+pub fn encode<'a, I>(batch: I) -> Vec<u8>
+where
+    I: IntoIterator<Item = &'a Snapshot>,
+    I::IntoIter: ExactSizeIterator,
+{
+    let batch = batch.into_iter();
     assert!(
         batch.len() <= MAX_BATCH,
         "a batch of {} connections",
@@ -204,6 +211,7 @@ impl Writer {
             self.u16(*code);
             self.bytes(reason.as_bytes());
         }
+        self.option(s.drain_in, Self::duration);
     }
 
     fn peer(&mut self, p: &PeerSnapshot) {
@@ -345,6 +353,7 @@ impl<'a> Reader<'a> {
             let reason = std::str::from_utf8(reason).map_err(|_| Fault::Utf8 { what })?;
             Ok((code, reason.to_owned()))
         })?;
+        let drain_in = self.option("the drain", Self::duration)?;
         Ok(Snapshot {
             service,
             backend,
@@ -357,6 +366,7 @@ impl<'a> Reader<'a> {
             idle_for,
             pinged_ago,
             pending_close,
+            drain_in,
         })
     }
 

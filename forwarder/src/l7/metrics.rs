@@ -149,6 +149,43 @@ impl WorkerMetrics {
     }
 }
 
+/// The connections the takeover that started this process took over from
+/// the old one (all zero in a process that started on its own).
+#[derive(Default)]
+pub struct TakeoverMetrics {
+    pub moved: AtomicU64,
+    /// Refused by this process: they stayed in the old one.
+    pub failed: AtomicU64,
+    /// Still in the old process when the handoff ended.
+    pub left: AtomicU64,
+    pub duration_us: AtomicU64,
+    /// The longest one connection was held quiet.
+    pub longest_stall_us: AtomicU64,
+}
+
+/// [`TakeoverMetrics`] as read.
+#[derive(Default, Clone, Serialize, Deserialize, Debug, PartialEq)]
+pub struct TakeoverSnapshot {
+    pub moved: u64,
+    pub failed: u64,
+    pub left: u64,
+    pub duration_us: u64,
+    pub longest_stall_us: u64,
+}
+
+impl TakeoverMetrics {
+    pub fn snapshot(&self) -> TakeoverSnapshot {
+        let get = |a: &AtomicU64| a.load(Ordering::Relaxed);
+        TakeoverSnapshot {
+            moved: get(&self.moved),
+            failed: get(&self.failed),
+            left: get(&self.left),
+            duration_us: get(&self.duration_us),
+            longest_stall_us: get(&self.longest_stall_us),
+        }
+    }
+}
+
 /// The sum over workers.
 #[derive(Default, Clone, Serialize, Deserialize, Debug, PartialEq)]
 pub struct Snapshot {
@@ -183,6 +220,9 @@ pub struct Snapshot {
     /// process (not per worker).
     #[serde(default)]
     pub outliers: Vec<OutlierRow>,
+    /// The process's own takeover.
+    #[serde(default)]
+    pub takeover: TakeoverSnapshot,
 }
 
 /// One backend as outlier detection sees it.
@@ -197,13 +237,16 @@ pub struct OutlierRow {
     pub refused: u64,
 }
 
-/// The snapshot of `workers` with outlier detection's rows at `now`.
+/// The snapshot of `workers` with outlier detection's rows at `now` and
+/// the process's takeover.
 pub fn snapshot_with_outliers(
     workers: &[Arc<WorkerMetrics>],
     outliers: &Ejections,
+    takeover: &TakeoverMetrics,
     now: std::time::Instant,
 ) -> Snapshot {
     let mut s = snapshot(workers);
+    s.takeover = takeover.snapshot();
     s.outliers = outliers
         .rows(now)
         .into_iter()
@@ -405,6 +448,35 @@ pub fn render(s: &Snapshot) -> String {
             ("{reason=\"timeout\"}".into(), s.backend_connect_timeouts),
         ],
     );
+    let t = &s.takeover;
+    metric(
+        "weir_l7_takeover_connections_total",
+        "counter",
+        "Connections of the takeover that started this process: moved here, refused here (they stayed in the old process), left in the old process when the handoff ended.",
+        vec![
+            ("{outcome=\"moved\"}".into(), t.moved),
+            ("{outcome=\"failed\"}".into(), t.failed),
+            ("{outcome=\"left\"}".into(), t.left),
+        ],
+    );
+    let seconds = |us: u64| vec![(String::new(), us as f64 / 1e6)];
+    crate::prometheus::family(
+        &mut out,
+        "weir_l7_takeover_duration_seconds",
+        "gauge",
+        "How long the connection handoff of the takeover that started this process took.",
+        seconds(t.duration_us),
+    );
+    crate::prometheus::family(
+        &mut out,
+        "weir_l7_takeover_longest_stall_seconds",
+        "gauge",
+        "The longest one connection was held quiet (nothing read or sent) while it moved.",
+        seconds(t.longest_stall_us),
+    );
+    let mut metric = |name: &str, kind: &str, help: &str, rows: Vec<(String, u64)>| {
+        crate::prometheus::family(&mut out, name, kind, help, rows)
+    };
     let outlier_labels =
         |r: &OutlierRow| format!("{{service=\"{}\",backend=\"{}\"}}", r.service, r.backend);
     metric(
@@ -445,6 +517,7 @@ pub fn serve(
     snapshot_file: std::path::PathBuf,
     workers: Vec<Arc<WorkerMetrics>>,
     outliers: Arc<Ejections>,
+    takeover: Arc<TakeoverMetrics>,
     stop: Arc<AtomicBool>,
 ) -> std::io::Result<std::thread::JoinHandle<()>> {
     if let Some(l) = &listener {
@@ -457,8 +530,12 @@ pub fn serve(
             loop {
                 let done = stop.load(Ordering::Relaxed);
                 if last_write.elapsed() >= Duration::from_secs(1) || done {
-                    let snap =
-                        snapshot_with_outliers(&workers, &outliers, std::time::Instant::now());
+                    let snap = snapshot_with_outliers(
+                        &workers,
+                        &outliers,
+                        &takeover,
+                        std::time::Instant::now(),
+                    );
                     if let Ok(json) = serde_json::to_vec(&snap) {
                         let tmp = snapshot_file.with_extension("tmp");
                         if std::fs::write(&tmp, json).is_ok() {
@@ -481,6 +558,7 @@ pub fn serve(
                         render(&snapshot_with_outliers(
                             &workers,
                             &outliers,
+                            &takeover,
                             std::time::Instant::now(),
                         ))
                     }));
@@ -549,7 +627,8 @@ mod tests {
             Arc::new(WorkerMetrics::default()),
             Arc::new(WorkerMetrics::default()),
         ];
-        let s = snapshot_with_outliers(&workers, &table, now);
+        let takeover = TakeoverMetrics::default();
+        let s = snapshot_with_outliers(&workers, &table, &takeover, now);
         assert_eq!(
             s.outliers,
             [OutlierRow {
@@ -560,7 +639,8 @@ mod tests {
                 refused: 0,
             }]
         );
-        let later = snapshot_with_outliers(&workers, &table, now + Duration::from_secs(10));
+        let later =
+            snapshot_with_outliers(&workers, &table, &takeover, now + Duration::from_secs(10));
         assert!(!later.outliers[0].ejected, "back after its time");
     }
 
@@ -601,6 +681,13 @@ mod tests {
             ejections: 2,
             refused: 3,
         });
+        s.takeover = TakeoverSnapshot {
+            moved: 998,
+            failed: 2,
+            left: 1,
+            duration_us: 1_250_000,
+            longest_stall_us: 4_500,
+        };
         assert_eq!(s.backends["127.0.0.1:9001"], (1, 2));
         assert_eq!(s.handshakes["404"], 2);
         let text = render(&s);
@@ -619,6 +706,11 @@ mod tests {
             "weir_l7_outlier_ejections_total{service=\"198.19.0.1:80\",backend=\"127.0.0.1:9002\"} 2",
             "weir_l7_outlier_ejected{service=\"198.19.0.1:80\",backend=\"127.0.0.1:9002\"} 1",
             "weir_l7_outlier_ejections_refused_total{service=\"198.19.0.1:80\",backend=\"127.0.0.1:9002\"} 3",
+            "weir_l7_takeover_connections_total{outcome=\"moved\"} 998",
+            "weir_l7_takeover_connections_total{outcome=\"failed\"} 2",
+            "weir_l7_takeover_connections_total{outcome=\"left\"} 1",
+            "weir_l7_takeover_duration_seconds 1.25",
+            "weir_l7_takeover_longest_stall_seconds 0.0045",
         ] {
             assert!(
                 text.lines().any(|l| l == line),

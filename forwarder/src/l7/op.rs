@@ -15,7 +15,7 @@ use super::conn::Side;
 pub const GENERATION_MASK: u32 = 0xff_ffff;
 
 /// A connection slot and the generation of the connection in it.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
 pub struct ConnId {
     pub idx: u32,
     pub generation: u32,
@@ -85,6 +85,14 @@ pub enum Op {
     Cancel {
         conn: ConnId,
     },
+    /// One side's direct descriptor installed as a normal one, to pass it
+    /// to the process taking over; the completion carries the descriptor.
+    Install {
+        conn: ConnId,
+        side: Side,
+    },
+    /// A read of the worker's eventfd: the daemon has something for it.
+    Wake,
 }
 
 const ACCEPT: u8 = 1;
@@ -102,6 +110,9 @@ const NODELAY: u8 = 12;
 const CLOSE: u8 = 13;
 const SENDMSG_CLIENT: u8 = 14;
 const SENDMSG_BACKEND: u8 = 15;
+const INSTALL_CLIENT: u8 = 16;
+const INSTALL_BACKEND: u8 = 17;
+const WAKE: u8 = 18;
 
 fn tag(op: u8, idx: u32, generation: u32) -> u64 {
     (u64::from(generation & GENERATION_MASK) << 40) | (u64::from(idx) << 8) | u64::from(op)
@@ -118,6 +129,10 @@ impl Op {
             Self::Accept { accept } => tag(ACCEPT, accept, 0),
             Self::Close { slot } => tag(CLOSE, slot, 0),
             Self::Tick => tag(TICK, 0, 0),
+            Self::Wake => tag(WAKE, 0, 0),
+            Self::Install { conn, side } => {
+                on(by_side(side, INSTALL_CLIENT, INSTALL_BACKEND), conn)
+            }
             Self::Recv { conn, side } => on(by_side(side, RECV_CLIENT, RECV_BACKEND), conn),
             Self::Send { conn, side } => on(by_side(side, SEND_CLIENT, SEND_BACKEND), conn),
             Self::SendMsg { conn, side } => {
@@ -144,7 +159,7 @@ impl Op {
         let tag = user_data as u8;
         let side = if matches!(
             tag,
-            RECV_CLIENT | SEND_CLIENT | SENDMSG_CLIENT | SHUTDOWN_CLIENT
+            RECV_CLIENT | SEND_CLIENT | SENDMSG_CLIENT | SHUTDOWN_CLIENT | INSTALL_CLIENT
         ) {
             Side::Client
         } else {
@@ -154,6 +169,8 @@ impl Op {
             ACCEPT => Self::Accept { accept: idx },
             CLOSE => Self::Close { slot: idx },
             TICK => Self::Tick,
+            WAKE => Self::Wake,
+            INSTALL_CLIENT | INSTALL_BACKEND => Self::Install { conn, side },
             RECV_CLIENT | RECV_BACKEND => Self::Recv { conn, side },
             SEND_CLIENT | SEND_BACKEND => Self::Send { conn, side },
             SENDMSG_CLIENT | SENDMSG_BACKEND => Self::SendMsg { conn, side },
@@ -169,7 +186,7 @@ impl Op {
     /// The connection this operation belongs to, if any.
     pub fn conn(self) -> Option<ConnId> {
         match self {
-            Self::Accept { .. } | Self::Tick | Self::Close { .. } => None,
+            Self::Accept { .. } | Self::Tick | Self::Close { .. } | Self::Wake => None,
             Self::Recv { conn, .. }
             | Self::Send { conn, .. }
             | Self::SendMsg { conn, .. }
@@ -177,7 +194,8 @@ impl Op {
             | Self::Shutdown { conn, .. }
             | Self::Socket { conn }
             | Self::NoDelay { conn }
-            | Self::Cancel { conn } => Some(conn),
+            | Self::Cancel { conn }
+            | Self::Install { conn, .. } => Some(conn),
         }
     }
 
@@ -262,12 +280,14 @@ mod tests {
             Op::Socket { conn },
             Op::NoDelay { conn },
             Op::Cancel { conn },
+            Op::Wake,
         ];
         for side in [Side::Client, Side::Backend] {
             ops.push(Op::Recv { conn, side });
             ops.push(Op::Send { conn, side });
             ops.push(Op::SendMsg { conn, side });
             ops.push(Op::Shutdown { conn, side });
+            ops.push(Op::Install { conn, side });
         }
         ops
     }
@@ -326,7 +346,7 @@ mod tests {
     fn unknown_tags_are_refused() {
         assert_eq!(Op::decode(0), None);
         assert_eq!(Op::decode(0xff), None);
-        assert_eq!(Op::decode(tag(16, 1, 1)), None);
+        assert_eq!(Op::decode(tag(19, 1, 1)), None);
     }
 
     #[test]
@@ -339,8 +359,8 @@ mod tests {
         assert_eq!(
             held,
             [
-                false, false, false, true, false, false, false, true, true, true, true, true, true,
-                true, true
+                false, false, false, true, false, false, false, false, true, true, true, true,
+                true, true, true, true, true, true
             ]
         );
     }

@@ -15,6 +15,8 @@
 //! worker decides for many connections at once (drain windows, which
 //! backends drain, the shutdown window) follows the latest one.
 
+mod handoff;
+
 use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::io;
 use std::net::{Shutdown, SocketAddr};
@@ -33,6 +35,7 @@ use super::drain::DrainQueue;
 use super::ejections::Ejections;
 use super::files::{Sizing, Slots};
 use super::frame;
+use super::handoff::mailbox::Mailbox;
 use super::handshake::{Reject, reject};
 use super::metrics::{CloseSeen, WorkerMetrics};
 use super::op::{self, Completion, ConnId, Op};
@@ -174,6 +177,11 @@ pub struct Shared {
     /// listening sockets: the workers stop accepting without shutting
     /// them (they are the new process's now) and serve what they hold.
     pub handed_over: Arc<AtomicBool>,
+    /// Set once a takeover's handoff is over: a worker holding nothing
+    /// may end.
+    pub released: Arc<AtomicBool>,
+    /// Connections handed over to or from another process.
+    pub mailbox: Arc<Mailbox>,
 }
 
 pub struct Worker {
@@ -245,6 +253,16 @@ pub struct Worker {
     draining: HashMap<u32, DrainLog>,
     /// The completions of the batch being handled (kept for its capacity).
     reaped: Vec<(u64, i32, u32)>,
+    mailbox: Arc<Mailbox>,
+    /// [`Shared::released`].
+    released: Arc<AtomicBool>,
+    /// Where the kernel writes the eventfd's counter the wake read takes.
+    wake_buf: Box<[u8; 8]>,
+    /// Handing connections over to a new process.
+    giving: Option<handoff::Giving>,
+    /// Connections taken over from an old process, until started.
+    arrivals: handoff::Arrivals,
+    install_failed_logged: bool,
 }
 
 /// Rate limits of the per-connection log lines: a few per window each,
@@ -332,6 +350,8 @@ impl Worker {
             outliers,
             reconfig,
             handed_over: handing_over,
+            released,
+            mailbox,
         } = shared;
         let config = Arc::new(settings.config.clone());
         let entries = 4096;
@@ -406,6 +426,12 @@ impl Worker {
             chatter: Chatter::default(),
             draining: HashMap::new(),
             reaped: Vec::new(),
+            mailbox,
+            released,
+            wake_buf: Box::new([0; 8]),
+            giving: None,
+            arrivals: handoff::Arrivals::default(),
+            install_failed_logged: false,
         })
     }
 
@@ -413,6 +439,7 @@ impl Worker {
     pub fn run(&mut self) -> io::Result<()> {
         self.arm_accepts();
         self.arm_tick();
+        self.arm_wake();
         loop {
             match self.ring.submit_and_wait(1) {
                 Ok(_) => {}
@@ -459,10 +486,14 @@ impl Worker {
             if !self.handed_over && self.handing_over.load(Ordering::Relaxed) {
                 self.hand_over();
             }
-            // Handed over, it also waits for its cancelled accepts: their
-            // completions write into the listeners' storage.
-            let done =
-                !self.accepting || (self.handed_over && self.listeners.iter().all(Option::is_none));
+            self.handoff_turn();
+            // Handed over, it waits for the handoff's end (until then it may
+            // have to accept again) and for its cancelled accepts (their
+            // completions write into the listeners' storage).
+            let done = !self.accepting
+                || (self.handed_over
+                    && self.released.load(Ordering::Relaxed)
+                    && self.listeners.iter().all(Option::is_none));
             if done && self.conns.iter().all(Option::is_none) {
                 return Ok(());
             }
@@ -580,6 +611,7 @@ impl Worker {
                 return self.arm_accepts();
             }
             Op::Cancel { .. } => return,
+            Op::Wake => return self.arm_wake(),
             // Posted only on failure, before the connect's own completion.
             Op::Socket { conn } | Op::NoDelay { conn } => {
                 if let Some(e) = self.live(conn) {
@@ -603,7 +635,8 @@ impl Worker {
             Op::Recv { conn, .. }
             | Op::Send { conn, .. }
             | Op::Connect { conn }
-            | Op::Shutdown { conn, .. } => conn,
+            | Op::Shutdown { conn, .. }
+            | Op::Install { conn, .. } => conn,
         };
         // A receive that picked a buffer owns it, whatever happened to its
         // connection since.
@@ -613,6 +646,10 @@ impl Worker {
         if self.live(id).is_none() {
             if let Some(bid) = c.buffer {
                 self.bufs.recycle(bid);
+            }
+            if let (Op::Install { .. }, Ok(fd)) = (c.op, &c.result) {
+                // SAFETY: installed for us; nobody else owns it.
+                drop(unsafe { <OwnedFd as std::os::fd::FromRawFd>::from_raw_fd(*fd as i32) });
             }
             return;
         }
@@ -624,6 +661,7 @@ impl Worker {
             Op::Send { side, .. } | Op::SendMsg { side, .. } => {
                 self.with_conn(id.idx, |conn, cx, _| conn.handle_sent(cx, side, c.result));
             }
+            Op::Install { side, .. } => self.installed(id, side, c.result),
             Op::Connect { .. } => {
                 let e = self.entry(id.idx);
                 e.connect_to = None;
@@ -1283,6 +1321,33 @@ impl Worker {
         );
     }
 
+    /// A connection handed over from another process was draining: it
+    /// counts in this worker's drain of its backend, which starts here if
+    /// none is in progress (logged, as a drain taken over).
+    fn drain_joined(&mut self, id: u32, addr: SocketAddr, window: Duration) {
+        if let Some(d) = self.draining.get_mut(&id) {
+            d.total += 1;
+            d.open += 1;
+            return;
+        }
+        tracing::info!(
+            event = "drain_taken_over",
+            worker = %worker_name(),
+            backend = %addr,
+            "drain of backend {addr} taken over from the old process: its connections close \
+             with 1001 when the old schedule said (window {window:?})"
+        );
+        self.draining.insert(
+            id,
+            DrainLog {
+                addr,
+                started: self.now,
+                total: 1,
+                open: 1,
+            },
+        );
+    }
+
     /// A connection to backend `id` is gone: the last one of a drain ends it.
     fn drain_progress(&mut self, id: u32) {
         let Some(d) = self.draining.get_mut(&id) else {
@@ -1444,6 +1509,10 @@ impl Worker {
     /// Applies the reloads published since the last turn, oldest first,
     /// and tells the daemon the generation this worker runs.
     fn reload(&mut self) {
+        // Handed over, then asked to accept again: the new process failed.
+        if self.handed_over && !self.handing_over.load(Ordering::Relaxed) {
+            self.handed_over = false;
+        }
         for update in self.reconfig.take(self.index) {
             self.apply(update);
         }

@@ -33,13 +33,18 @@ pub fn upgrade(port: u16, path: &str) -> (TcpStream, String) {
 }
 
 pub fn send(s: &mut TcpStream, fin: bool, op: Opcode, payload: &[u8]) {
+    s.write_all(&masked(fin, op, payload)).unwrap();
+}
+
+/// A frame as a client writes it (masked).
+pub fn masked(fin: bool, op: Opcode, payload: &[u8]) -> Vec<u8> {
     let mask = [0x12, 0x34, 0x56, 0x78];
     let mut out = Vec::new();
     FrameHeader::new(fin, op, Some(mask), payload.len() as u64).write_to(&mut out);
     let mut p = payload.to_vec();
     frame::apply_mask(&mut p, mask, 0);
     out.extend(p);
-    s.write_all(&out).unwrap();
+    out
 }
 
 /// Reads one frame: (fin, opcode, payload).

@@ -158,6 +158,11 @@ pub struct Snapshot {
     /// weir's Close on its way (a drain, a timeout, a broken rule): code
     /// and reason.
     pub pending_close: Option<(u16, String)>,
+    /// When its drain (its backend's, or a stopping process's) closes it
+    /// with 1001, from the export. The worker's drain schedule holds this,
+    /// not the connection: [`Conn::export`] leaves it `None` and the
+    /// worker fills it in; the new worker schedules it again.
+    pub drain_in: Option<Duration>,
 }
 
 /// Why a connection cannot be handed over now.
@@ -199,6 +204,7 @@ impl Snapshot {
             self.settings.ping_interval,
             Some(self.settings.close),
             self.deadline_in,
+            self.drain_in,
             Some(self.idle_for),
             Some(self.pinged_ago),
         ];
@@ -341,6 +347,7 @@ impl Conn {
                 .pending_close
                 .as_ref()
                 .map(|(code, reason)| (*code, reason.to_string())),
+            drain_in: None,
         })
     }
 

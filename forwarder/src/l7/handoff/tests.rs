@@ -83,6 +83,7 @@ fn busy() -> Snapshot {
         idle_for: Duration::from_secs(10),
         pinged_ago: Duration::from_millis(3),
         pending_close: Some((1001, "going away".into())),
+        drain_in: Some(Duration::from_millis(4_250)),
     }
 }
 
@@ -105,6 +106,7 @@ fn quiet() -> Snapshot {
     };
     s.deadline_in = None;
     s.pending_close = None;
+    s.drain_in = None;
     s
 }
 
@@ -262,8 +264,10 @@ fn values_out_of_range_are_refused_with_what_they_are() {
     );
     let mut s = busy();
     s.pending_close = Some((1001, "é".into()));
+    s.drain_in = None;
     let mut bytes = encode(&[s]);
-    let at = bytes.len() - 1;
+    // The reason's last byte, before the drain's absence.
+    let at = bytes.len() - 2;
     bytes[at] = 0xff;
     assert_eq!(
         decode(&bytes),
