@@ -48,6 +48,8 @@ struct Bed {
     inst: TestInstance,
     echo: Child,
     runs: Vec<Child>,
+    /// Processes `weir upgrade` started (not our children): by pid.
+    detached: Vec<i32>,
     dir: PathBuf,
     port: u16,
     metrics: u16,
@@ -82,6 +84,7 @@ impl Bed {
             inst,
             echo,
             runs: Vec::new(),
+            detached: Vec::new(),
             dir,
             port: free_port(),
             metrics: free_port(),
@@ -179,6 +182,11 @@ impl Bed {
 
 impl Drop for Bed {
     fn drop(&mut self) {
+        for pid in &self.detached {
+            // SAFETY: a signal to a process this test started through
+            // `weir upgrade`.
+            unsafe { libc::kill(*pid, libc::SIGKILL) };
+        }
         for c in self.runs.iter_mut().chain([&mut self.echo]) {
             let _ = c.kill();
             let _ = c.wait();
@@ -489,4 +497,55 @@ fn a_takeover_may_change_the_workers_and_listeners_without_a_refused_connect() {
     let metrics = metrics_answer(bed.metrics);
     assert!(metrics.starts_with("HTTP/1.1 200"), "{metrics}");
     echoes(&mut before, "still in the old process");
+}
+
+/// `weir upgrade` starts the new process itself, detached, and returns
+/// once it serves, saying what moved; one that cannot start fails the
+/// upgrade with its exit status and leaves the old process serving.
+#[test]
+fn weir_upgrade_starts_the_takeover_and_waits_until_the_new_process_serves() {
+    require_root();
+    let (mut bed, mut before) = Bed::with_a_websocket("tkupg", LONG);
+    let upgrade = |bed: &Bed, extra: &[&str]| {
+        let out = bed.dir.join("upgrade.out");
+        let status = Command::new(workspace_bin("weir"))
+            .args([
+                "--instance",
+                bed.inst.name(),
+                "--json",
+                "upgrade",
+                "--config",
+            ])
+            .arg(bed.dir.join("weir.toml"))
+            .args(extra)
+            .stdout(std::fs::File::create(&out).unwrap())
+            .stderr(std::fs::File::create(bed.dir.join("upgrade.err")).unwrap())
+            .status()
+            .unwrap();
+        let err = std::fs::read_to_string(bed.dir.join("upgrade.err")).unwrap();
+        (status, std::fs::read_to_string(out).unwrap(), err)
+    };
+
+    let (status, _, err) = upgrade(&bed, &["--binary", "/bin/false"]);
+    assert!(!status.success());
+    assert!(
+        err.contains("exited with exit status: 1 during the takeover"),
+        "{err}"
+    );
+    echoes(&mut before, "the old process serves on");
+
+    let (status, out, err) = upgrade(&bed, &[]);
+    assert!(status.success(), "{out}\n{err}");
+    let answer: serde_json::Value = serde_json::from_str(out.trim()).unwrap();
+    let new = answer["to"].as_u64().unwrap() as i32;
+    bed.detached.push(new);
+    assert_eq!(
+        (&answer["from"], &answer["moved"], &answer["left"]),
+        (&bed.runs[OLD].id().into(), &1.into(), &0.into()),
+        "{answer}"
+    );
+    assert!(bed.exited(OLD, Duration::from_secs(10)).success());
+    echoes(&mut before, "moved by weir upgrade");
+    let pid = std::fs::read_to_string(bed.inst.instance.daemon_lock_path()).unwrap();
+    assert_eq!(pid.trim(), new.to_string());
 }

@@ -5,7 +5,7 @@ use std::fmt::Write as _;
 use std::net::Ipv4Addr;
 
 use anyhow::{Context, Result, bail};
-use clap::{Args, Parser, Subcommand};
+use clap::{Args, Parser, Subcommand, ValueEnum};
 use serde_json::json;
 use weir_ebpf::abi::{self, BackendState};
 
@@ -88,6 +88,11 @@ pub enum Command {
     /// apply it without closing a connection (as SIGHUP does): prints one
     /// line per change, or the reason it was refused (exit 1).
     Reload,
+    /// Replace the running `weir run` with a new process (the binary on
+    /// disk, or --binary) that takes over its listeners and connections
+    /// without closing one; waits until the new one serves, or says why
+    /// it failed (exit 1; the old one then serves on).
+    Upgrade(UpgradeArgs),
     /// Check the health of backends and write it to the registry; free
     /// removed backends once nothing uses them. Runs until SIGTERM.
     Agent(DaemonArgs),
@@ -106,11 +111,24 @@ pub struct RunArgs {
     #[command(flatten)]
     daemon: DaemonArgs,
     /// Take over from the `weir run` serving the instance (an upgrade):
-    /// its listening sockets move here without a refused connect; the
-    /// connections it holds stay there until they end or
-    /// `timeouts.takeover` passes.
+    /// its listening sockets move here without a refused connect, then its
+    /// WebSockets, without a Close; what cannot move stays there until it
+    /// ends or `timeouts.takeover` passes.
     #[arg(long)]
     takeover: bool,
+}
+
+/// What `weir upgrade` takes.
+#[derive(Args, Debug)]
+pub struct UpgradeArgs {
+    #[command(flatten)]
+    daemon: DaemonArgs,
+    /// The binary to start; by default the one at this command's path.
+    #[arg(long)]
+    binary: Option<std::path::PathBuf>,
+    /// How long to wait for the new process to serve, in seconds.
+    #[arg(long, default_value_t = 120)]
+    within: u64,
 }
 
 /// What `weir run` and `weir agent` take.
@@ -673,6 +691,58 @@ pub fn run(cli: Cli) -> Result<()> {
                 control::Outcome::Refused { reason } => bail!("reload refused: {reason}"),
                 other => bail!("unexpected answer to a reload: {other:?}"),
             }
+        }
+        Command::Upgrade(u) => {
+            use crate::daemon::upgrade;
+            crate::instance::require_root()?;
+            let mut run_args = Vec::new();
+            if let Some(c) = &u.daemon.config {
+                run_args.push("--config".to_string());
+                run_args.push(c.to_string_lossy().into_owned());
+            }
+            for (flag, value) in [
+                ("--log-format", u.daemon.log_format.to_possible_value()),
+                ("--log-level", u.daemon.log_level.to_possible_value()),
+            ] {
+                if let Some(v) = value {
+                    run_args.extend([flag.to_string(), v.get_name().to_string()]);
+                }
+            }
+            let plan = upgrade::Plan {
+                binary: match u.binary {
+                    Some(b) => b,
+                    None => upgrade::default_binary()?,
+                },
+                run_args,
+                within: std::time::Duration::from_secs(u.within),
+            };
+            let done = upgrade::upgrade(&instance, &plan)?;
+            let t = &done.takeover;
+            say(
+                json,
+                json!({
+                    "ok": true, "from": done.from, "to": done.to, "held": done.held,
+                    "moved": t.moved, "failed": t.failed, "left": t.left,
+                    "handoff_ms": t.duration_us / 1000,
+                    "longest_stall_ms": t.longest_stall_us / 1000,
+                }),
+                || {
+                    format!(
+                        "upgraded instance {}: pid {} -> {}; of {} connection(s) {} moved, {} \
+                         refused, {} left in the old process until they end (handoff {} ms, \
+                         longest stall {} ms)",
+                        instance.name(),
+                        done.from,
+                        done.to,
+                        done.held,
+                        t.moved,
+                        t.failed,
+                        t.left,
+                        t.duration_us / 1000,
+                        t.longest_stall_us / 1000
+                    )
+                },
+            );
         }
         Command::Agent(a) => {
             return crate::daemon::agent::run(

@@ -46,6 +46,9 @@ pub enum Command {
     /// passed; the old one may stop accepting, then hand over its
     /// connections in batches of at most `batch`.
     Confirm { batch: usize },
+    /// Who serves and what it holds (`weir upgrade` waits for the new
+    /// process to answer).
+    Status,
     /// Within a takeover: the new process runs the connections of batch
     /// `batch` but those `refused` (their places in it), which the old one
     /// keeps serving.
@@ -61,6 +64,13 @@ pub enum Outcome {
     Reloaded { changes: Vec<String> },
     /// Nothing changed, for this reason (one line).
     Refused { reason: String },
+    /// The process answering, the connections it holds and what the
+    /// takeover that started it moved.
+    Status {
+        pid: u32,
+        connections: usize,
+        takeover: crate::l7::metrics::TakeoverSnapshot,
+    },
     /// A takeover goes ahead: these sockets come with this line, in this
     /// order: the daemon lock, the metrics listener, then each listener's
     /// sockets.

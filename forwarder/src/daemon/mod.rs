@@ -11,7 +11,8 @@
 //!     and apply it in place, over [`control`], its control socket;
 //!   - [`takeover`]: `weir run --takeover` takes the listening sockets of
 //!     the running one over that socket ([`fdpass`]: SCM_RIGHTS), then its
-//!     connections ([`handoff`]);
+//!     connections ([`handoff`]); [`upgrade`] (`weir upgrade`) starts one
+//!     and waits until it serves; [`notify`] tells systemd;
 //! - [`agent`]: `weir agent`, the control-plane work that needs a process:
 //!   health checks and freeing removed backends once nothing uses them;
 //! - [`maps_watch`]: the pinned maps a daemon started on are still the
@@ -23,8 +24,10 @@ pub mod fdpass;
 pub mod handoff;
 pub mod listeners;
 pub mod maps_watch;
+pub mod notify;
 pub mod reload;
 pub mod takeover;
+pub mod upgrade;
 pub mod workers;
 
 use std::path::Path;
@@ -238,18 +241,21 @@ fn serve(path: Option<&Path>, flag: Option<&str>, takeover: bool) -> Result<()> 
     .context("starting the map watcher")?;
     // Taking over, the control socket is the old process's until it
     // stopped accepting.
-    let listen_control = |config: &crate::l7::config::Config,
-                          lock: &crate::instance::DaemonLock| {
-        reload::Reloads::listen(
+    let reloads_for = |config: &crate::l7::config::Config, lock: &crate::instance::DaemonLock| {
+        anyhow::Ok(reload::Reloads::new(
             &instance,
             path.map(Path::to_path_buf),
             config.clone(),
             lock.share()?,
             hangup.clone(),
-        )
+        ))
     };
     let reloads = match taken {
-        None => Some(listen_control(&config, &lock)?),
+        None => {
+            let mut reloads = reloads_for(&config, &lock)?;
+            reloads.bind()?;
+            Some(reloads)
+        }
         Some(_) => None,
     };
     let running_config = config.clone();
@@ -330,7 +336,17 @@ fn serve(path: Option<&Path>, flag: Option<&str>, takeover: bool) -> Result<()> 
                                 m.moved
                             ),
                         }
-                        listen_control(&running_config, &lock)?
+                        // This process serves everything now: a control
+                        // socket it cannot bind does not stop it.
+                        let mut reloads = reloads_for(&running_config, &lock)?;
+                        if let Err(e) = reloads.bind() {
+                            tracing::error!(
+                                event = "control_socket_failed",
+                                "{e:#}: `weir reload` and a later takeover cannot reach this \
+                                 process; SIGHUP still reloads"
+                            );
+                        }
+                        reloads
                     }
                     Err(e) => {
                         // The sockets are shared with the old process:
@@ -345,6 +361,7 @@ fn serve(path: Option<&Path>, flag: Option<&str>, takeover: bool) -> Result<()> 
             }
         };
         listening(&running.bound, &running.sizing);
+        notify::serving(takeover);
         reloads.serve(&mut running);
         drop(reloads);
         Ok(running.join()?)

@@ -52,32 +52,37 @@ pub struct Reloads {
 }
 
 impl Reloads {
-    /// Installs the SIGHUP handler (a SIGHUP before it is counted then)
-    /// and serves the instance's control socket. `running` is the
+    /// The reloads of `instance`, counting SIGHUPs in `hangup`; not yet
+    /// serving its control socket ([`Reloads::bind`]). `running` is the
     /// configuration the workers start with; `lock` a copy of the daemon
     /// lock's descriptor.
-    pub fn listen(
+    pub fn new(
         instance: &Instance,
         path: Option<PathBuf>,
         running: Config,
         lock: OwnedFd,
         hangup: Arc<AtomicBool>,
-    ) -> Result<Self> {
-        let (tx, calls) = mpsc::channel();
-        let socket_path = instance.control_socket_path();
-        let socket = ControlSocket::serve(&socket_path, tx.clone(), ANSWER_WITHIN)
-            .with_context(|| format!("control socket {}", socket_path.display()))?;
-        Ok(Self {
+    ) -> Self {
+        let (calls_to, calls) = mpsc::channel();
+        Self {
             path,
             running,
             hangup,
             calls,
-            calls_to: tx,
-            socket_path,
-            socket: Some(socket),
+            calls_to,
+            socket_path: instance.control_socket_path(),
+            socket: None,
             lock,
             giving: None,
-        })
+        }
+    }
+
+    /// Serves the instance's control socket.
+    pub fn bind(&mut self) -> Result<()> {
+        let socket = ControlSocket::serve(&self.socket_path, self.calls_to.clone(), ANSWER_WITHIN)
+            .with_context(|| format!("control socket {}", self.socket_path.display()))?;
+        self.socket = Some(socket);
+        Ok(())
     }
 
     /// Serves reloads and a takeover until every worker has ended.
@@ -117,6 +122,11 @@ impl Reloads {
                     tracing::warn!(event = "takeover_refused", "takeover refused: {reason}");
                     Outcome::Refused { reason }
                 }
+            },
+            Command::Status => Outcome::Status {
+                pid: std::process::id(),
+                connections: workers.open(),
+                takeover: workers.takeover.snapshot(),
             },
             Command::Confirm { .. } | Command::Taken { .. } => Outcome::Refused {
                 reason: "confirm and taken answer a takeover, on its connection".into(),
@@ -248,14 +258,12 @@ impl Reloads {
                 "accepting again after the failed takeover: {e}; restart weir run"
             );
         }
-        match ControlSocket::serve(&self.socket_path, self.calls_to.clone(), ANSWER_WITHIN) {
-            Ok(socket) => self.socket = Some(socket),
-            Err(e) => tracing::error!(
+        if let Err(e) = self.bind() {
+            tracing::error!(
                 event = "control_socket_failed",
-                "serving {} again after the failed takeover: {e}; `weir reload` and a new \
-                 takeover cannot reach this process, restart it",
-                self.socket_path.display()
-            ),
+                "serving it again after the failed takeover: {e:#}; `weir reload` and a new \
+                 takeover cannot reach this process, restart it"
+            );
         }
     }
 

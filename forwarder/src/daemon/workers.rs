@@ -125,19 +125,21 @@ pub fn start(
     };
     let metrics_listener = metrics_copy(settings.config.metrics, metrics_socket.as_ref())?;
     let takeover = Arc::new(TakeoverMetrics::default());
+    let handed_over = Arc::new(AtomicBool::new(false));
     let endpoint = serve_metrics(
         metrics_socket,
         &snapshot_file,
         &metrics,
         &outliers,
         &takeover,
+        &handed_over,
     )?;
     let shared = Shared {
         stop: stop.clone(),
         open: Arc::new(AtomicUsize::new(0)),
         outliers: outliers.clone(),
         reconfig: Arc::new(Reconfig::new(n)),
-        handed_over: Arc::new(AtomicBool::new(false)),
+        handed_over,
         released: Arc::new(AtomicBool::new(false)),
         mailbox: Arc::new(Mailbox::new(n)?),
     };
@@ -251,6 +253,7 @@ fn serve_metrics(
     metrics: &[Arc<WorkerMetrics>],
     outliers: &Arc<Ejections>,
     takeover: &Arc<TakeoverMetrics>,
+    handed_over: &Arc<AtomicBool>,
 ) -> io::Result<Endpoint> {
     let stop = Arc::new(AtomicBool::new(false));
     let thread = crate::l7::metrics::serve(
@@ -260,6 +263,7 @@ fn serve_metrics(
         outliers.clone(),
         takeover.clone(),
         stop.clone(),
+        handed_over.clone(),
     )
     .map_err(|e| io::Error::new(e.kind(), format!("metrics endpoint: {e}")))?;
     Ok(Endpoint { stop, thread })
@@ -325,6 +329,7 @@ impl Running {
                 &self.metrics,
                 &self.outliers,
                 &self.takeover,
+                &self.handed_over,
             )
             .map_err(|e| e.to_string())?;
             if let Some(old) = self.endpoint.replace(endpoint) {
@@ -433,6 +438,7 @@ impl Running {
             &self.metrics,
             &self.outliers,
             &self.takeover,
+            &self.handed_over,
         )
         .map_err(|e| e.to_string())?;
         self.endpoint = Some(endpoint);

@@ -164,7 +164,7 @@ pub struct TakeoverMetrics {
 }
 
 /// [`TakeoverMetrics`] as read.
-#[derive(Default, Clone, Serialize, Deserialize, Debug, PartialEq)]
+#[derive(Default, Clone, Serialize, Deserialize, Debug, PartialEq, Eq)]
 pub struct TakeoverSnapshot {
     pub moved: u64,
     pub failed: u64,
@@ -511,7 +511,8 @@ pub fn render(s: &Snapshot) -> String {
 
 /// Serves `/metrics` on `listener` (bound by the caller, so that a taken
 /// address fails a start or a reload before anything changes) and writes
-/// `snapshot_file` every second, until `stop`.
+/// `snapshot_file` every second, until `stop`; once more then, unless
+/// `handed_over` (the file is the new process's).
 pub fn serve(
     listener: Option<TcpListener>,
     snapshot_file: std::path::PathBuf,
@@ -519,6 +520,7 @@ pub fn serve(
     outliers: Arc<Ejections>,
     takeover: Arc<TakeoverMetrics>,
     stop: Arc<AtomicBool>,
+    handed_over: Arc<AtomicBool>,
 ) -> std::io::Result<std::thread::JoinHandle<()>> {
     if let Some(l) = &listener {
         l.set_nonblocking(true)?;
@@ -529,6 +531,9 @@ pub fn serve(
             let mut last_write = std::time::Instant::now() - Duration::from_secs(2);
             loop {
                 let done = stop.load(Ordering::Relaxed);
+                if done && handed_over.load(Ordering::Relaxed) {
+                    return;
+                }
                 if last_write.elapsed() >= Duration::from_secs(1) || done {
                     let snap = snapshot_with_outliers(
                         &workers,
