@@ -43,6 +43,8 @@ pub struct Bed {
     bound: Duration,
     /// `drain.window` in the files [`Bed::configure`] writes.
     pub drain_window: Option<Duration>,
+    /// Runs log JSON lines (`--log-format json`): their `event` fields.
+    pub json_logs: bool,
 }
 
 impl Bed {
@@ -91,6 +93,7 @@ impl Bed {
             metrics: free_port(),
             bound,
             drain_window: None,
+            json_logs: false,
         };
         bed.configure(2, None);
         bed
@@ -134,6 +137,9 @@ impl Bed {
             .stderr(std::fs::File::create(self.dir.join(format!("run-{n}.log"))).unwrap());
         if takeover {
             cmd.arg("--takeover");
+        }
+        if self.json_logs {
+            cmd.args(["--log-format", "json"]);
         }
         for (key, value) in env {
             cmd.env(key, value.to_string());
