@@ -9,7 +9,7 @@
 mod common;
 
 use std::collections::VecDeque;
-use std::io::{ErrorKind, Read};
+use std::io::ErrorKind;
 use std::net::{SocketAddr, TcpStream};
 use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
@@ -22,7 +22,7 @@ use tokio::sync::{mpsc, watch};
 
 use common::require_root;
 use common::takeover::{Bed, FakeOld, OLD, SVC, echoes, local, open, rest_of};
-use common::ws::{close_code, send, upgrade};
+use common::ws::{close_code, send, try_recv, try_send, upgrade};
 use weir::l7::frame::{self, FrameHeader, Opcode};
 use weir::l7::handshake::accept_key;
 
@@ -410,20 +410,21 @@ async fn backend(listener: TcpListener, shared: Arc<Shared>) {
                 Ok(x) => x,
                 Err(e) => return shared.faults.failed("backend handshake", 0, &e),
             };
-            let id: usize = head
+            let id = head
                 .split_whitespace()
                 .nth(1)
                 .and_then(|p| p.strip_prefix("/ws/"))
-                .and_then(|n| n.parse().ok())
-                .expect("a path /ws/ID");
-            let key = head
-                .lines()
-                .find_map(|l| {
-                    let (name, value) = l.split_once(':')?;
-                    name.eq_ignore_ascii_case("sec-websocket-key")
-                        .then(|| value.trim().to_string())
-                })
-                .expect("a Sec-WebSocket-Key");
+                .and_then(|n| n.parse::<usize>().ok())
+                .filter(|&id| id < CONNECTIONS);
+            let key = head.lines().find_map(|l| {
+                let (name, value) = l.split_once(':')?;
+                name.eq_ignore_ascii_case("sec-websocket-key")
+                    .then(|| value.trim().to_string())
+            });
+            let (Some(id), Some(key)) = (id, key) else {
+                let e = Failure::Wrong(format!("not a request of a client here: {head}"));
+                return shared.faults.failed("backend handshake", 0, &e);
+            };
             let answer = format!(
                 "HTTP/1.1 101 Switching Protocols\r\nUpgrade: websocket\r\nConnection: \
                  Upgrade\r\nSec-WebSocket-Accept: {}\r\n\r\n",
@@ -916,32 +917,13 @@ const DRAIN_WINDOW: Duration = Duration::from_secs(6);
 fn close_after(mut s: TcpStream, since: Instant) -> Result<(u16, Duration), String> {
     s.set_read_timeout(Some(DRAIN_WINDOW + Duration::from_secs(5)))
         .unwrap();
-    let (fin, op, payload) = recv_or_err(&mut s)?;
+    let (fin, op, payload) = try_recv(&mut s)?;
     let at = since.elapsed();
     if (fin, op) != (true, 8) {
         return Err(format!("frame {op} before the Close"));
     }
     send(&mut s, true, Opcode::Close, &payload[..2]);
     Ok((close_code(&payload), at))
-}
-
-/// One frame, or why none came.
-fn recv_or_err(s: &mut TcpStream) -> Result<(bool, u8, Vec<u8>), String> {
-    let mut buf = Vec::new();
-    let mut byte = [0u8; 1];
-    let h = loop {
-        if let Some(h) = frame::parse_header(&buf).map_err(|v| format!("{v:?}"))? {
-            break h;
-        }
-        match s.read(&mut byte) {
-            Ok(1) => buf.push(byte[0]),
-            Ok(_) => return Err("end of stream".into()),
-            Err(e) => return Err(e.to_string()),
-        }
-    };
-    let mut payload = vec![0u8; h.payload_len as usize];
-    s.read_exact(&mut payload).map_err(|e| e.to_string())?;
-    Ok((h.fin, h.opcode, payload))
 }
 
 #[test]
@@ -1040,18 +1022,10 @@ fn a_takeover_in_the_middle_of_a_drain_keeps_its_schedule() {
 
 /// Echoes `text` on `s`, or says how the connection failed.
 fn echo_or_cut(s: &mut TcpStream, text: &str) -> Result<(), String> {
-    use std::io::Write;
-    let mut out = Vec::new();
-    let mask = [1, 2, 3, 4];
-    FrameHeader::new(true, Opcode::Text, Some(mask), text.len() as u64).write_to(&mut out);
-    let mut payload = text.as_bytes().to_vec();
-    frame::apply_mask(&mut payload, mask, 0);
-    out.extend(payload);
-    s.write_all(&out).map_err(|e| e.to_string())?;
-    match recv_or_err(s) {
-        Ok((true, 1, p)) if p == text.as_bytes() => Ok(()),
-        Ok(other) => Err(format!("{other:?} instead of the echo")),
-        Err(e) => Err(e),
+    try_send(s, true, Opcode::Text, text.as_bytes()).map_err(|e| e.to_string())?;
+    match try_recv(s)? {
+        (true, 1, p) if p == text.as_bytes() => Ok(()),
+        other => Err(format!("{other:?} instead of the echo")),
     }
 }
 
