@@ -57,15 +57,18 @@ fn handed_over(bed: &mut Bed, old: usize, new: usize, open: usize) {
 // 1,000 connections, three takeovers.
 //
 // The test process is both ends: the clients and the backend they reach
-// through weir. Every message names its connection and sequence number
-// and carries a checksum of its body, so each end checks what arrives
-// without trusting the other; the clients also compare each echo with
-// what they sent. Half of the connections ("held") stop mid-frame in
-// both directions for each takeover: the backend has written half of a
-// pushed frame, the client a whole message, a ping, the first frame of a
+// through weir. The backend echoes each frame as it came and pushes
+// messages of its own between whole echoed messages. Every message
+// names its connection and sequence number and carries a checksum of its
+// body, so each end checks what arrives without trusting the other; the
+// clients also compare each echo with what they sent. At the end each
+// end sends its counts (client 'Z', backend 'Q'), which the other
+// checks. Half of the connections ("held") stop mid-frame in both
+// directions for each takeover: the backend has written half of a pushed
+// frame, the client a whole message, a ping, the first frame of a
 // fragmented message and half of its last frame; both write the rest
-// once the takeover is over. The other half keep sending right through
-// it.
+// once the takeover is over (the pong too comes only then). The other
+// half keep sending both ways right through it.
 // ---------------------------------------------------------------------
 
 const CONNECTIONS: usize = 1000;
@@ -522,6 +525,7 @@ async fn backend_writes(
     let mut unwritten: Option<Vec<u8>> = None;
     let mut want_half = false;
     let mut finishing = false;
+    let mut last_written = false;
     let mut push_due = false;
     let mut pushed = Count::default();
     let mut timer = Box::pin(tokio::time::sleep(interval(id, 0)));
@@ -585,26 +589,12 @@ async fn backend_writes(
                 write.write_all(&bytes).await?;
             }
         }
-        if finishing && unwritten.is_none() {
+        if finishing && !last_written {
+            // Then only echoes, until the client goes.
             let last = format!("Q{id}:{}:{}", pushed.messages, pushed.bytes);
-            write
-                .write_all(&frame::whole_frame(
-                    Opcode::Text,
-                    true,
-                    last.as_bytes(),
-                    None,
-                ))
-                .await?;
-            // Echo what still comes until the client goes.
-            while let Some(out) = from_reader.recv().await {
-                if let Out::Echo(fin, op, payload) = out {
-                    let op = Opcode::from_u8(op).expect("a data opcode");
-                    write
-                        .write_all(&frame::whole_frame(op, fin, &payload, None))
-                        .await?;
-                }
-            }
-            return Ok(());
+            let last = frame::whole_frame(Opcode::Text, true, last.as_bytes(), None);
+            write.write_all(&last).await?;
+            last_written = true;
         }
     }
 }
@@ -616,7 +606,7 @@ async fn backend_writes(
 struct Expected {
     echoes: VecDeque<(u8, Vec<u8>)>,
     pongs: VecDeque<Vec<u8>>,
-    /// The echo of the client's last message, then the backend's.
+    /// The client sent its last message, whose echo ends the echoes.
     last_sent: bool,
 }
 
@@ -670,9 +660,10 @@ async fn client_writes(
     let mut unwritten: Option<Vec<u8>> = None;
     let mut round = 0;
     let mut timer = Box::pin(tokio::time::sleep(interval(id, 1)));
-    // Writes message number `sent.messages` in the form its number picks
-    // (text, binary, fragmented), or only its first frames and half of
-    // its last when `half`; returns what is left to write.
+    // Message number `sent.messages`, counted and expected back, as
+    // frames in the form its number picks (text, binary, fragmented);
+    // when `half`, fragmented, with the second half of its last frame
+    // apart.
     let next = |sent: &mut Count, half: bool| {
         let seq = sent.messages;
         let form = if half { 2 } else { seq % 3 };
