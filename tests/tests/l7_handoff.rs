@@ -666,25 +666,34 @@ async fn client_writes(
     let mut round = 0;
     let mut timer = Box::pin(tokio::time::sleep(interval(id, 1)));
     // Message number `sent.messages`, counted and expected back, as
-    // frames in the form its number picks (text, binary, fragmented);
+    // frames in the form its number picks (text or binary, whole or in
+    // three frames);
     // when `half`, fragmented, with the second half of its last frame
     // apart.
     let next = |sent: &mut Count, half: bool| {
         let seq = sent.messages;
-        let form = if half { 2 } else { seq % 3 };
-        let m = message('C', id, seq, form == 0);
+        let (text, fragmented) = if half {
+            (false, true)
+        } else {
+            (matches!(seq % 4, 0 | 3), seq % 4 >= 2)
+        };
+        let m = message('C', id, seq, text);
         sent.add(&m);
-        let op = if form == 0 { 1 } else { 2 };
-        expected.lock().unwrap().echoes.push_back((op, m.clone()));
-        let mut bytes = if form == 2 {
+        let op = if text { Opcode::Text } else { Opcode::Binary };
+        expected
+            .lock()
+            .unwrap()
+            .echoes
+            .push_back((op as u8, m.clone()));
+        let mut bytes = if fragmented {
             let (a, b) = m.split_at(m.len() / 3);
             let (b, c) = b.split_at(b.len() / 2);
-            let mut bytes = masked(Opcode::Binary, false, a);
+            let mut bytes = masked(op, false, a);
             bytes.extend(masked(Opcode::Continuation, false, b));
             bytes.extend(masked(Opcode::Continuation, true, c));
             bytes
         } else {
-            masked(Opcode::from_u8(op).expect("data"), true, &m)
+            masked(op, true, &m)
         };
         let rest = half.then(|| {
             let last = masked(Opcode::Continuation, true, &[]).len() + m.len() / 4;
