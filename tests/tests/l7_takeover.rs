@@ -1,209 +1,37 @@
 //! `weir run --takeover`: a new process takes the listening sockets of
 //! the running one, so that connects in a tight loop during the switch
-//! never see a refusal or a reset; the old process keeps its WebSockets
-//! echoing until they end, then exits. A second takeover while one runs,
-//! a new process killed before it confirms and a request of another
-//! protocol version all leave the old process serving as before.
+//! never see a refusal or a reset, then its WebSockets (l7_handoff.rs
+//! tests that under load); the old process exits once it holds nothing.
+//! A second takeover while one runs, a new process killed before it
+//! confirms and a request of another protocol version all leave the old
+//! process serving as before. `weir upgrade` starts a takeover and waits
+//! for it.
 
 mod common;
 
-use std::io::{BufRead, BufReader, Read, Write};
-use std::net::{Ipv4Addr, SocketAddr, TcpStream};
-use std::os::unix::net::UnixStream;
-use std::path::PathBuf;
-use std::process::{Child, Command, ExitStatus, Stdio};
+use std::io::{Read, Write};
+use std::net::TcpStream;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::{Duration, Instant};
 
-use common::ws::{close_code, masked, recv, send, upgrade};
-use common::{
-    TestInstance, add_l7_service, apply, backend, free_port, metrics_answer, require_root,
-};
-use weir::l7::config::{ConfigBuilder, Timeout};
+use common::takeover::{Bed, FakeOld, OLD, echoes, local, open, raw_control, rest_of};
+use common::ws::{close_code, masked, recv};
 use weir::l7::frame::Opcode;
-use weir::registry::{Change, ServiceAddr};
-use weir_testbed::workspace_bin;
-
-const SVC: ServiceAddr = ServiceAddr {
-    vip: Ipv4Addr::new(198, 19, 0, 95),
-    port: 80,
-};
+use common::{free_port, metrics_answer, require_root};
 
 /// The test hook that holds a new process between its workers' start and
 /// its confirmation.
 const PAUSE: &str = "WEIR_TEST_TAKEOVER_PAUSE_MS";
 
-/// The process taken over: the first one a bed starts.
-const OLD: usize = 0;
 const LONG: Duration = Duration::from_secs(300);
 
-fn local(port: u16) -> SocketAddr {
-    SocketAddr::from((Ipv4Addr::LOCALHOST, port))
-}
-
-/// An instance whose SVC an echo serves, and the `weir run` processes
-/// started for it (each logging to its own file); all stopped on drop.
-struct Bed {
-    inst: TestInstance,
-    echo: Child,
-    runs: Vec<Child>,
-    /// Processes `weir upgrade` started (not our children): by pid.
-    detached: Vec<i32>,
-    dir: PathBuf,
-    port: u16,
-    metrics: u16,
-    bound: Duration,
-}
-
-impl Bed {
-    /// A bed whose first `weir run` ([`OLD`]) serves already.
-    fn serving(tag: &str, bound: Duration) -> Self {
-        let mut bed = Self::bounded(tag, bound);
-        bed.run(false, None);
-        bed.wait_for_log(OLD, "running instance");
-        bed
-    }
-
-    /// With `timeouts.takeover = bound`.
-    fn bounded(tag: &str, bound: Duration) -> Self {
-        let inst = TestInstance::new(tag);
-        let dir = std::env::temp_dir().join(format!("weir-takeover-{}", inst.name()));
-        std::fs::create_dir_all(&dir).unwrap();
-        let mut reg = inst.registry();
-        let (echo, addr) = weir_testbed::spawn_echo("127.0.0.1:0", "e0");
-        apply(&mut reg, add_l7_service(SVC));
-        apply(
-            &mut reg,
-            Change::SetBackends {
-                service: SVC,
-                backends: vec![(backend(addr), 1)],
-            },
-        );
-        let bed = Self {
-            inst,
-            echo,
-            runs: Vec::new(),
-            detached: Vec::new(),
-            dir,
-            port: free_port(),
-            metrics: free_port(),
-            bound,
-        };
-        bed.configure(2, None);
-        bed
-    }
-
-    /// A serving bed and a WebSocket through its old process.
-    fn with_a_websocket(tag: &str, bound: Duration) -> (Self, TcpStream) {
-        let bed = Self::serving(tag, bound);
-        let mut ws = open(bed.port);
-        echoes(&mut ws, "before");
-        (bed, ws)
-    }
-
-    /// Writes the configuration the next `weir run` reads: `workers`, the
-    /// bed's listener and, when given, another one on `extra`.
-    fn configure(&self, workers: u64, extra: Option<u16>) {
-        let mut config = ConfigBuilder::new()
-            .workers(workers)
-            .buffers(256)
-            .metrics(local(self.metrics))
-            .timeout(Timeout::Idle, Duration::from_secs(60))
-            .timeout(Timeout::Shutdown, Duration::from_secs(1))
-            .timeout(Timeout::Takeover, self.bound)
-            .listener(local(self.port))
-            .route("/ws", SVC);
-        if let Some(port) = extra {
-            config = config.listener(local(port)).route("/ws", SVC);
-        }
-        std::fs::write(self.dir.join("weir.toml"), config.to_string()).unwrap();
-    }
-
-    /// Starts `weir run` number `self.runs.len()` (with `--takeover` and
-    /// the pause hook when asked); its log is `run-N.log`.
-    fn run(&mut self, takeover: bool, pause_ms: Option<u64>) -> usize {
-        let n = self.runs.len();
-        let mut cmd = Command::new(workspace_bin("weir"));
-        cmd.args(["--instance", self.inst.name(), "run", "--config"])
-            .arg(self.dir.join("weir.toml"))
-            .stdout(Stdio::null())
-            .stderr(std::fs::File::create(self.dir.join(format!("run-{n}.log"))).unwrap());
-        if takeover {
-            cmd.arg("--takeover");
-        }
-        if let Some(ms) = pause_ms {
-            cmd.env(PAUSE, ms.to_string());
-        }
-        self.runs.push(cmd.spawn().unwrap());
-        n
-    }
-
-    fn log(&self, n: usize) -> String {
-        std::fs::read_to_string(self.dir.join(format!("run-{n}.log"))).unwrap_or_default()
-    }
-
-    fn wait_for_log(&self, n: usize, text: &str) {
-        let deadline = Instant::now() + Duration::from_secs(15);
-        while !self.log(n).contains(text) {
-            assert!(
-                Instant::now() < deadline,
-                "no {text:?} in the log of run {n}:\n{}",
-                self.log(n)
-            );
-            std::thread::sleep(Duration::from_millis(20));
-        }
-    }
-
-    /// Waits for run `n` to exit on its own.
-    fn exited(&mut self, n: usize, within: Duration) -> ExitStatus {
-        let deadline = Instant::now() + within;
-        loop {
-            if let Some(status) = self.runs[n].try_wait().unwrap() {
-                return status;
-            }
-            assert!(
-                Instant::now() < deadline,
-                "run {n} did not exit:\n{}",
-                self.log(n)
-            );
-            std::thread::sleep(Duration::from_millis(20));
-        }
-    }
-
-    fn running(&mut self, n: usize) -> bool {
-        self.runs[n].try_wait().unwrap().is_none()
-    }
-
-    fn control_socket(&self) -> PathBuf {
-        self.inst.instance.control_socket_path()
-    }
-}
-
-impl Drop for Bed {
-    fn drop(&mut self) {
-        for pid in &self.detached {
-            // SAFETY: a signal to a process this test started through
-            // `weir upgrade`.
-            unsafe { libc::kill(*pid, libc::SIGKILL) };
-        }
-        for c in self.runs.iter_mut().chain([&mut self.echo]) {
-            let _ = c.kill();
-            let _ = c.wait();
-        }
-        let _ = std::fs::remove_dir_all(&self.dir);
-    }
-}
-
-fn open(port: u16) -> TcpStream {
-    let (s, head) = upgrade(port, "/ws");
-    assert!(head.starts_with("HTTP/1.1 101"), "{head}");
-    s
-}
-
-fn echoes(s: &mut TcpStream, text: &str) {
-    send(s, true, Opcode::Text, text.as_bytes());
-    assert_eq!(recv(s), (true, 1, text.as_bytes().to_vec()), "{text}");
+/// A serving bed and a WebSocket through its old process.
+fn with_a_websocket(tag: &str, bound: Duration) -> (Bed, TcpStream) {
+    let bed = Bed::serving(tag, bound);
+    let mut ws = open(bed.port);
+    echoes(&mut ws, "before");
+    (bed, ws)
 }
 
 /// What clients connecting in a tight loop saw.
@@ -273,27 +101,16 @@ fn every_client_upgraded(stop: Arc<AtomicBool>, clients: std::thread::JoinHandle
     assert!(seen.slowest < Duration::from_secs(1), "{seen:?}");
 }
 
-/// A control request line as another binary would write it, and the
-/// answer.
-fn raw_control(path: &std::path::Path, line: &str) -> String {
-    let mut s = UnixStream::connect(path).unwrap();
-    s.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
-    s.write_all(line.as_bytes()).unwrap();
-    let mut answer = String::new();
-    BufReader::new(s).read_line(&mut answer).unwrap();
-    answer
-}
-
 #[test]
 fn a_takeover_refuses_no_connect_and_moves_the_websockets_to_the_new_process() {
     require_root();
-    let (mut bed, mut before) = Bed::with_a_websocket("tkover", LONG);
+    let (mut bed, mut before) = with_a_websocket("tkover", LONG);
     let port = bed.port;
 
     let stop = Arc::new(AtomicBool::new(false));
     let clients = hammer(port, stop.clone());
     std::thread::sleep(Duration::from_millis(300));
-    let new = bed.run(true, None);
+    let new = bed.run(true, &[]);
     bed.wait_for_log(new, "takeover done: of ");
     std::thread::sleep(Duration::from_millis(300));
     every_client_upgraded(stop, clients);
@@ -301,7 +118,6 @@ fn a_takeover_refuses_no_connect_and_moves_the_websockets_to_the_new_process() {
     // The WebSocket moved: the old process holds nothing and exits; the
     // connection goes on in the new one, and new ones are served there.
     assert!(bed.exited(OLD, Duration::from_secs(10)).success());
-    bed.wait_for_log(OLD, "handoff done");
     assert!(
         bed.log(OLD)
             .contains("1 connection(s) moved to the new weir run, 0 refused by it, 0 left"),
@@ -309,20 +125,16 @@ fn a_takeover_refuses_no_connect_and_moves_the_websockets_to_the_new_process() {
         bed.log(OLD)
     );
     echoes(&mut before, "moved to the new process");
-    let mut after = open(port);
-    echoes(&mut after, "after");
-    let metrics = metrics_answer(bed.metrics);
-    assert!(
-        metrics.contains("weir_l7_takeover_connections_total{outcome=\"moved\"} 1\n")
-            && metrics.contains("weir_l7_takeover_connections_total{outcome=\"left\"} 0\n"),
-        "{metrics}"
+    echoes(&mut open(port), "after");
+    assert_eq!(
+        (
+            bed.metric("weir_l7_takeover_connections_total{outcome=\"moved\"}"),
+            bed.metric("weir_l7_takeover_connections_total{outcome=\"left\"}")
+        ),
+        (Some(1.0), Some(0.0))
     );
-    echoes(&mut open(port), "a connection after the old process left");
     // The control socket is the new process's now.
-    let out = Command::new(workspace_bin("weir"))
-        .args(["--instance", bed.inst.name(), "reload"])
-        .output()
-        .unwrap();
+    let out = bed.weir_cli(&["reload"]);
     assert!(
         out.status.success() && String::from_utf8_lossy(&out.stdout).contains("nothing changed"),
         "{}\n{}",
@@ -336,12 +148,12 @@ fn a_takeover_refuses_no_connect_and_moves_the_websockets_to_the_new_process() {
 #[test]
 fn a_second_takeover_is_refused_and_a_new_process_killed_before_it_confirms_changes_nothing() {
     require_root();
-    let (mut bed, mut before) = Bed::with_a_websocket("tkkill", LONG);
+    let (mut bed, mut before) = with_a_websocket("tkkill", LONG);
     let port = bed.port;
 
-    let paused = bed.run(true, Some(60_000));
+    let paused = bed.run(true, &[(PAUSE, 60_000)]);
     bed.wait_for_log(paused, "pausing before confirm");
-    let second = bed.run(true, None);
+    let second = bed.run(true, &[]);
     assert!(!bed.exited(second, Duration::from_secs(10)).success());
     assert!(
         bed.log(second)
@@ -351,10 +163,7 @@ fn a_second_takeover_is_refused_and_a_new_process_killed_before_it_confirms_chan
     );
 
     // The sockets offered are the ones running: no reload meanwhile.
-    let out = Command::new(workspace_bin("weir"))
-        .args(["--instance", bed.inst.name(), "reload"])
-        .output()
-        .unwrap();
+    let out = bed.weir_cli(&["reload"]);
     assert!(!out.status.success());
     assert!(
         String::from_utf8_lossy(&out.stderr).contains("a takeover of this weir run is in progress"),
@@ -372,13 +181,13 @@ fn a_second_takeover_is_refused_and_a_new_process_killed_before_it_confirms_chan
     assert!(bed.running(OLD));
 
     // A later takeover works.
-    let new = bed.run(true, None);
+    let new = bed.run(true, &[]);
     bed.wait_for_log(
         new,
         "takeover done: of 1 connection(s), 1 moved, 0 failed, 0 left",
     );
     echoes(&mut open(port), "served after the takeover");
-    echoes(&mut before, "still in the old process");
+    echoes(&mut before, "moved to the new process");
 }
 
 #[test]
@@ -399,30 +208,14 @@ fn a_takeover_in_another_protocol_version_is_refused_before_anything_moves() {
     // The other way round: an old process of another version; the new one
     // refuses its offer and keeps nothing.
     let mut old_bed = Bed::bounded("tkver2", LONG);
-    let fake = old_bed.control_socket();
-    std::fs::create_dir_all(fake.parent().unwrap()).unwrap();
-    let _ = std::fs::remove_file(&fake);
-    let listener = std::os::unix::net::UnixListener::bind(&fake).unwrap();
-    let new = old_bed.run(true, None);
-    let (mut conversation, _) = listener.accept().unwrap();
-    let mut request = String::new();
-    BufReader::new(&conversation)
-        .read_line(&mut request)
-        .unwrap();
-    assert!(request.contains("\"command\":\"takeover\""), "{request}");
-    conversation
-        .write_all(b"{\"version\":3,\"outcome\":\"offered\",\"pid\":1}\n")
-        .unwrap();
+    let fake = FakeOld::bind(&old_bed);
+    let new = old_bed.run(true, &[]);
+    let conversation = fake.answer("{\"version\":3,\"outcome\":\"offered\",\"pid\":1}\n", &[]);
     assert!(!old_bed.exited(new, Duration::from_secs(10)).success());
     let log = old_bed.log(new);
     assert!(log.contains("version 3"), "{log}");
     // Nothing moved: no confirm came, and nothing listens on its port.
-    let mut rest = String::new();
-    conversation
-        .set_read_timeout(Some(Duration::from_secs(2)))
-        .unwrap();
-    let _ = conversation.read_to_string(&mut rest);
-    assert_eq!(rest, "");
+    assert_eq!(rest_of(conversation), "");
     assert!(TcpStream::connect(local(old_bed.port)).is_err());
 }
 
@@ -432,7 +225,7 @@ fn a_takeover_in_another_protocol_version_is_refused_before_anything_moves() {
 #[test]
 fn past_the_takeover_bound_the_old_process_drains_what_it_could_not_hand_over() {
     require_root();
-    let (mut bed, mut kept) = Bed::with_a_websocket("tkbound", Duration::from_secs(1));
+    let (mut bed, mut kept) = with_a_websocket("tkbound", Duration::from_secs(1));
     // Echoes pile up unread until nothing more goes: weir's queue towards
     // the client is full and its send waits.
     kept.set_write_timeout(Some(Duration::from_millis(500)))
@@ -446,7 +239,7 @@ fn past_the_takeover_bound_the_old_process_drains_what_it_could_not_hand_over() 
         }
     }
     assert!(stuck, "120 MB went without the client reading");
-    let new = bed.run(true, None);
+    let new = bed.run(true, &[]);
     bed.wait_for_log(
         new,
         "takeover done: of 1 connection(s), 0 moved, 0 failed, 1 left",
@@ -476,14 +269,14 @@ fn past_the_takeover_bound_the_old_process_drains_what_it_could_not_hand_over() 
 #[test]
 fn a_takeover_may_change_the_workers_and_listeners_without_a_refused_connect() {
     require_root();
-    let (mut bed, mut before) = Bed::with_a_websocket("tkrt", LONG);
+    let (mut bed, mut before) = with_a_websocket("tkrt", LONG);
     let port = bed.port;
     let extra = free_port();
     bed.configure(1, Some(extra));
     let stop = Arc::new(AtomicBool::new(false));
     let clients = hammer(port, stop.clone());
     std::thread::sleep(Duration::from_millis(200));
-    let new = bed.run(true, None);
+    let new = bed.run(true, &[]);
     bed.wait_for_log(new, "running instance");
     std::thread::sleep(Duration::from_millis(300));
     every_client_upgraded(stop, clients);
@@ -496,7 +289,7 @@ fn a_takeover_may_change_the_workers_and_listeners_without_a_refused_connect() {
     echoes(&mut open(extra), "the added listener");
     let metrics = metrics_answer(bed.metrics);
     assert!(metrics.starts_with("HTTP/1.1 200"), "{metrics}");
-    echoes(&mut before, "still in the old process");
+    echoes(&mut before, "moved to the new process");
 }
 
 /// `weir upgrade` starts the new process itself, detached, and returns
@@ -505,25 +298,23 @@ fn a_takeover_may_change_the_workers_and_listeners_without_a_refused_connect() {
 #[test]
 fn weir_upgrade_starts_the_takeover_and_waits_until_the_new_process_serves() {
     require_root();
-    let (mut bed, mut before) = Bed::with_a_websocket("tkupg", LONG);
+    let (mut bed, mut before) = with_a_websocket("tkupg", LONG);
     let upgrade = |bed: &Bed, extra: &[&str]| {
-        let out = bed.dir.join("upgrade.out");
-        let status = Command::new(workspace_bin("weir"))
-            .args([
-                "--instance",
-                bed.inst.name(),
-                "--json",
-                "upgrade",
-                "--config",
-            ])
+        let (out, err) = (bed.dir.join("upgrade.out"), bed.dir.join("upgrade.err"));
+        // Files, not pipes: the new process keeps its copies open.
+        let status = std::process::Command::new(weir_testbed::workspace_bin("weir"))
+            .args(["--instance", bed.inst.name(), "--json", "upgrade", "--config"])
             .arg(bed.dir.join("weir.toml"))
             .args(extra)
             .stdout(std::fs::File::create(&out).unwrap())
-            .stderr(std::fs::File::create(bed.dir.join("upgrade.err")).unwrap())
+            .stderr(std::fs::File::create(&err).unwrap())
             .status()
             .unwrap();
-        let err = std::fs::read_to_string(bed.dir.join("upgrade.err")).unwrap();
-        (status, std::fs::read_to_string(out).unwrap(), err)
+        (
+            status,
+            std::fs::read_to_string(out).unwrap(),
+            std::fs::read_to_string(err).unwrap(),
+        )
     };
 
     let (status, _, err) = upgrade(&bed, &["--binary", "/bin/false"]);

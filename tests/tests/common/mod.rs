@@ -1,8 +1,10 @@
 //! Shared pieces of the root integration tests: a throwaway weir instance,
-//! removed on drop, and a raw WebSocket client (`ws`).
+//! removed on drop, a raw WebSocket client (`ws`) and the bed of the
+//! takeover tests (`takeover`).
 
 #![allow(dead_code)]
 
+pub mod takeover;
 pub mod ws;
 
 use std::sync::atomic::{AtomicU32, Ordering};

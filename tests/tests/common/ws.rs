@@ -33,7 +33,12 @@ pub fn upgrade(port: u16, path: &str) -> (TcpStream, String) {
 }
 
 pub fn send(s: &mut TcpStream, fin: bool, op: Opcode, payload: &[u8]) {
-    s.write_all(&masked(fin, op, payload)).unwrap();
+    try_send(s, fin, op, payload).unwrap();
+}
+
+/// Writes one masked frame; `Err` when the connection is gone.
+pub fn try_send(s: &mut TcpStream, fin: bool, op: Opcode, payload: &[u8]) -> std::io::Result<()> {
+    s.write_all(&masked(fin, op, payload))
 }
 
 /// A frame as a client writes it (masked).
@@ -49,23 +54,31 @@ pub fn masked(fin: bool, op: Opcode, payload: &[u8]) -> Vec<u8> {
 
 /// Reads one frame: (fin, opcode, payload).
 pub fn recv(s: &mut TcpStream) -> (bool, u8, Vec<u8>) {
+    try_recv(s).unwrap_or_else(|e| panic!("{e}"))
+}
+
+/// Reads one frame, or says why none came: the stream ended (`end of
+/// stream`), failed (the error), or sent what no server may.
+pub fn try_recv(s: &mut TcpStream) -> Result<(bool, u8, Vec<u8>), String> {
     let mut buf = Vec::new();
     let mut byte = [0u8; 1];
     let header = loop {
-        if let Some(h) = frame::parse_header(&buf).unwrap() {
+        if let Some(h) = frame::parse_header(&buf).map_err(|v| format!("{v:?}"))? {
             break h;
         }
-        assert_eq!(
-            s.read(&mut byte).unwrap(),
-            1,
-            "stream ended inside a header"
-        );
-        buf.push(byte[0]);
+        match s.read(&mut byte) {
+            Ok(1) => buf.push(byte[0]),
+            Ok(_) if buf.is_empty() => return Err("end of stream".into()),
+            Ok(_) => return Err("end of stream inside a header".into()),
+            Err(e) => return Err(e.to_string()),
+        }
     };
-    assert!(header.mask.is_none(), "frames to a client are not masked");
+    if header.mask.is_some() {
+        return Err("frames to a client are not masked".into());
+    }
     let mut payload = vec![0u8; header.payload_len as usize];
-    s.read_exact(&mut payload).unwrap();
-    (header.fin, header.opcode, payload)
+    s.read_exact(&mut payload).map_err(|e| e.to_string())?;
+    Ok((header.fin, header.opcode, payload))
 }
 
 pub fn close_code(payload: &[u8]) -> u16 {
