@@ -17,8 +17,8 @@ use std::time::{Duration, Instant};
 
 use common::takeover::{Bed, FakeOld, OLD, echoes, local, open, raw_control, rest_of};
 use common::ws::{close_code, masked, recv};
-use weir::l7::frame::Opcode;
 use common::{free_port, metrics_answer, require_root};
+use weir::l7::frame::Opcode;
 
 /// The test hook that holds a new process between its workers' start and
 /// its confirmation.
@@ -303,7 +303,13 @@ fn weir_upgrade_starts_the_takeover_and_waits_until_the_new_process_serves() {
         let (out, err) = (bed.dir.join("upgrade.out"), bed.dir.join("upgrade.err"));
         // Files, not pipes: the new process keeps its copies open.
         let status = std::process::Command::new(weir_testbed::workspace_bin("weir"))
-            .args(["--instance", bed.inst.name(), "--json", "upgrade", "--config"])
+            .args([
+                "--instance",
+                bed.inst.name(),
+                "--json",
+                "upgrade",
+                "--config",
+            ])
             .arg(bed.dir.join("weir.toml"))
             .args(extra)
             .stdout(std::fs::File::create(&out).unwrap())

@@ -341,7 +341,40 @@ mod tests {
         let line = encode_request(Command::Reload);
         assert_eq!(line, "{\"version\":2,\"command\":\"reload\"}\n");
         assert_eq!(decode_request(&line), Ok(Command::Reload));
+        for command in [
+            Command::Confirm { batch: 126 },
+            Command::Taken {
+                batch: 3,
+                refused: vec![0, 7],
+            },
+            Command::Status,
+        ] {
+            assert_eq!(
+                decode_request(&encode_request(command.clone())),
+                Ok(command)
+            );
+        }
         for outcome in [
+            Outcome::Batch {
+                batch: 3,
+                conns: 126,
+                bytes: 40_000,
+            },
+            Outcome::HandoffDone {
+                moved: 998,
+                failed: 2,
+                left: 1,
+                ms: 250,
+                longest_stall_ms: 90,
+            },
+            Outcome::Status {
+                pid: 42,
+                connections: 1000,
+                takeover: crate::l7::metrics::TakeoverSnapshot {
+                    moved: 1000,
+                    ..Default::default()
+                },
+            },
             Outcome::Reloaded {
                 changes: vec!["timeouts.idle: 300s -> 10s".into()],
             },

@@ -359,3 +359,198 @@ pub fn batch_size() -> usize {
         .and_then(|v| v.parse().ok())
         .map_or(MAX_BATCH, |n: usize| n.clamp(1, MAX_BATCH))
 }
+
+#[cfg(test)]
+mod tests {
+    use std::io::{Read, Write};
+    use std::os::unix::net::UnixStream;
+
+    use super::*;
+    use crate::daemon::fdpass::Reader;
+    use crate::l7::handoff::mailbox::Leaving;
+    use crate::l7::handoff::tests::{busy, quiet};
+    use crate::l7::op::ConnId;
+
+    fn conversation(stream: UnixStream, batch: usize) -> Conversation {
+        stream
+            .set_read_timeout(Some(Duration::from_secs(10)))
+            .unwrap();
+        Conversation {
+            stream,
+            reader: Reader::default(),
+            batch,
+        }
+    }
+
+    /// A connection leaving with the far ends of its two sockets, which
+    /// the test keeps to check the sockets arrive.
+    fn leaving(idx: u32, snapshot: crate::l7::conn::Snapshot) -> (Leaving, [UnixStream; 2]) {
+        let (client, client_far) = UnixStream::pair().unwrap();
+        let (backend, backend_far) = UnixStream::pair().unwrap();
+        let l = Leaving {
+            id: ConnId { idx, generation: 1 },
+            snapshot,
+            client: client.into(),
+            backend: backend.into(),
+        };
+        (l, [client_far, backend_far])
+    }
+
+    /// A worker's inbox as the test's worker thread reads it, one
+    /// message at a time.
+    struct Inbox<'a> {
+        mailbox: &'a Mailbox,
+        read: std::collections::VecDeque<ToWorker>,
+    }
+
+    impl Inbox<'_> {
+        fn of(mailbox: &Mailbox) -> Inbox<'_> {
+            Inbox {
+                mailbox,
+                read: Default::default(),
+            }
+        }
+
+        fn next(&mut self) -> ToWorker {
+            let deadline = Instant::now() + Duration::from_secs(10);
+            loop {
+                if let Some(m) = self.read.pop_front() {
+                    return m;
+                }
+                self.read.extend(self.mailbox.take(0));
+                assert!(Instant::now() < deadline, "nothing came to the worker");
+                std::thread::sleep(Duration::from_millis(1));
+            }
+        }
+    }
+
+    /// Old and new daemon threads over a real socket pair, with a thread
+    /// each playing the workers: a batch of two goes over with its four
+    /// sockets, the new side refuses one, the old worker hears which, the
+    /// new one starts the batch only after confirming it, and the end says
+    /// what moved.
+    #[test]
+    fn a_batch_moves_with_its_sockets_and_its_refusals_reach_both_sides() {
+        let (old_end, new_end) = UnixStream::pair().unwrap();
+        let (old_box, new_box) = (Mailbox::new(1).unwrap(), Mailbox::new(1).unwrap());
+        let metrics = TakeoverMetrics::default();
+        let (mut far, mut verdict) = (Vec::new(), None);
+        std::thread::scope(|s| {
+            let old_worker = s.spawn(|| {
+                let mut inbox = Inbox::of(&old_box);
+                let ToWorker::Give { batch, epoch } = inbox.next() else {
+                    panic!("not a give");
+                };
+                assert_eq!(batch, 2);
+                let (a, far_a) = leaving(1, busy());
+                let (b, far_b) = leaving(2, quiet());
+                old_box.report(FromWorker::Batch(crate::l7::handoff::mailbox::Outgoing {
+                    worker: 0,
+                    epoch,
+                    conns: vec![a, b],
+                    quiet_since: Instant::now(),
+                }));
+                let ToWorker::Verdict(v) = inbox.next() else {
+                    panic!("not a verdict");
+                };
+                old_box.report(FromWorker::Idle {
+                    worker: 0,
+                    idle: true,
+                    epoch,
+                });
+                assert!(matches!(inbox.next(), ToWorker::StopGiving));
+                (v, [far_a, far_b])
+            });
+            let new_worker = s.spawn(|| {
+                let mut inbox = Inbox::of(&new_box);
+                let ToWorker::Import { batch, conns } = inbox.next() else {
+                    panic!("not an import");
+                };
+                assert_eq!(
+                    conns
+                        .iter()
+                        .map(|a| (a.index, &a.snapshot))
+                        .collect::<Vec<_>>(),
+                    [(0, &busy()), (1, &quiet())]
+                );
+                new_box.report(FromWorker::Imported {
+                    worker: 0,
+                    batch,
+                    refused: vec![1],
+                });
+                assert!(matches!(inbox.next(), ToWorker::Start { batch: b } if b == batch));
+                conns
+            });
+            let new_side = s.spawn(|| take(&mut conversation(new_end, 2), &new_box, &metrics));
+            let mut conv = conversation(old_end, 2);
+            let given = give(&mut conv, &old_box, |_| false);
+            assert_eq!((given.moved, given.failed, &given.broken), (1, 1, &None));
+            finish(&mut conv, &given, 1).unwrap();
+            new_side.join().unwrap().unwrap();
+            let (v, f) = old_worker.join().unwrap();
+            verdict = Some(v);
+            far.extend(f);
+            // The sockets that arrived are the ones sent: bytes written
+            // through them come out at the far ends kept here.
+            let arrived = new_worker.join().unwrap();
+            for (a, ends) in arrived.into_iter().zip(&mut far) {
+                let mut client = UnixStream::from(a.client);
+                client.write_all(b"c").unwrap();
+                let mut got = [0u8; 1];
+                ends[0].read_exact(&mut got).unwrap();
+                assert_eq!(&got, b"c");
+                let mut backend = UnixStream::from(a.backend);
+                backend.write_all(b"b").unwrap();
+                ends[1].read_exact(&mut got).unwrap();
+                assert_eq!(&got, b"b");
+            }
+        });
+        assert_eq!(verdict, Some(Verdict::Taken { refused: vec![1] }));
+        let m = metrics.snapshot();
+        assert_eq!((m.moved, m.failed, m.left), (1, 1, 1));
+    }
+
+    /// A new process that goes away before it confirms a batch: the batch
+    /// is kept by its worker, the handoff stops, and the old side says
+    /// the conversation broke (it then accepts again).
+    #[test]
+    fn a_new_process_gone_before_its_confirmation_leaves_the_batch_where_it_was() {
+        let (old_end, new_end) = UnixStream::pair().unwrap();
+        let old_box = Mailbox::new(1).unwrap();
+        std::thread::scope(|s| {
+            let old_worker = s.spawn(|| {
+                let mut inbox = Inbox::of(&old_box);
+                let ToWorker::Give { epoch, .. } = inbox.next() else {
+                    panic!("not a give");
+                };
+                let (a, _far) = leaving(1, quiet());
+                old_box.report(FromWorker::Batch(crate::l7::handoff::mailbox::Outgoing {
+                    worker: 0,
+                    epoch,
+                    conns: vec![a],
+                    quiet_since: Instant::now(),
+                }));
+                (inbox.next(), inbox.next())
+            });
+            // The new side reads the batch line and dies.
+            s.spawn(move || {
+                let mut r = Reader::default();
+                let line = r.line(&new_end, MAX_LINE).unwrap();
+                assert!(line.contains("\"outcome\":\"batch\""), "{line}");
+                drop(new_end);
+            });
+            let given = give(&mut conversation(old_end, 5), &old_box, |_| false);
+            assert_eq!(given.moved, 0);
+            assert!(
+                given
+                    .broken
+                    .as_deref()
+                    .is_some_and(|b| b.contains("waiting for the new process to confirm batch 0")),
+                "{given:?}"
+            );
+            let (first, second) = old_worker.join().unwrap();
+            assert!(matches!(first, ToWorker::Verdict(Verdict::Kept)));
+            assert!(matches!(second, ToWorker::StopGiving));
+        });
+    }
+}

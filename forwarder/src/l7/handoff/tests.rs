@@ -8,7 +8,7 @@ use crate::l7::frame::{self, Opcode};
 /// a message open and a header half read from the client, a frame half
 /// relayed from the backend, bytes and a Close of weir's queued both ways,
 /// a drain under way, an IPv6 backend.
-fn busy() -> Snapshot {
+pub(crate) fn busy() -> Snapshot {
     let close = frame::close_frame(1001, "going away", Some([9, 8, 7, 6]));
     Snapshot {
         service: ServiceAddr {
@@ -89,7 +89,7 @@ fn busy() -> Snapshot {
 
 /// The other values: a closed direction that discards, an IPv4 backend,
 /// nothing pending, nothing queued.
-fn quiet() -> Snapshot {
+pub(crate) fn quiet() -> Snapshot {
     let mut s = busy();
     s.backend_addr = SocketAddrV4::new(Ipv4Addr::new(198, 19, 0, 10), 8080).into();
     s.settings.ping_interval = None;
