@@ -119,15 +119,17 @@ impl Worker {
 
     /// One step of handing over: the verdict awaited, or the quiet batch
     /// made ready and sent, or the next batch quiesced. With nothing to
-    /// hand over, the connections are looked at again once per tick, not
-    /// on every completion.
+    /// hand over now, the connections are looked at again once per tick,
+    /// not on every completion.
     fn give(&mut self) {
         let g = self.giving.as_mut().expect("giving");
         if !g.sent.is_empty() {
             return;
         }
         if g.quiet.is_empty() {
-            if g.idle == Some(true) && self.now < g.rescan_at {
+            // A look that found nothing is not repeated before the next
+            // tick: a handshake may take seconds to relay.
+            if self.now < g.rescan_at {
                 return;
             }
             self.quiesce_next();
@@ -138,7 +140,9 @@ impl Worker {
             let idle =
                 g.quiet.is_empty() && !self.conns.iter().flatten().any(|e| e.conn.is_handshaking());
             let g = self.giving.as_mut().expect("giving");
-            g.rescan_at = now + super::TICK;
+            if g.quiet.is_empty() {
+                g.rescan_at = now + super::TICK;
+            }
             if g.idle != Some(idle) {
                 g.idle = Some(idle);
                 let (worker, epoch) = (self.index, g.epoch);
@@ -209,6 +213,7 @@ impl Worker {
         let mut quiet = std::mem::take(&mut self.giving.as_mut().expect("giving").quiet);
         let mut resume = Vec::new();
         let mut tried = Vec::new();
+        let mut installs = Vec::new();
         quiet.retain_mut(|q| {
             let Some(e) = super::live_in(&mut self.conns, q.id) else {
                 return false;
@@ -222,22 +227,13 @@ impl Worker {
                 Ok(()) => {
                     if !q.installing {
                         q.installing = true;
-                        let conn = q.id;
-                        let slots = [(Side::Client, e.client), (Side::Backend, e.backend)];
-                        for (side, slot) in slots {
-                            let Some(slot) = slot else {
-                                q.failed = true;
-                                continue;
-                            };
-                            let install = opcode::FixedFdInstall::new(types::Fixed(slot), 0);
-                            e.inflight += 1;
-                            let entry = install
-                                .build()
-                                .user_data(Op::Install { conn, side }.user_data());
-                            // SAFETY: the install points at no memory of ours.
-                            while unsafe { self.ring.submission().push(&entry) }.is_err() {
-                                let _ = self.ring.submit();
+                        match (e.client, e.backend) {
+                            (Some(c), Some(b)) => {
+                                installs.push((q.id, Side::Client, c));
+                                installs.push((q.id, Side::Backend, b));
                             }
+                            // A side already closed: it ends here.
+                            _ => q.failed = true,
                         }
                     }
                     true
@@ -265,6 +261,10 @@ impl Worker {
         for (id, n) in tried {
             let t = g.tries.entry(id).or_insert(0);
             *t = t.saturating_add(n).min(MAX_TRIES);
+        }
+        for (conn, side, slot) in installs {
+            let install = opcode::FixedFdInstall::new(types::Fixed(slot), 0).build();
+            self.submit(Op::Install { conn, side }, install);
         }
         for id in resume {
             self.resume(id);
