@@ -343,6 +343,17 @@ fn weir_upgrade_starts_the_takeover_and_waits_until_the_new_process_serves() {
     );
     assert!(bed.exited(OLD, Duration::from_secs(10)).success());
     echoes(&mut before, "moved by weir upgrade");
+    // `weir stats` says it too, from the stats file the new process
+    // writes every second.
+    let deadline = Instant::now() + Duration::from_secs(5);
+    loop {
+        let stats = String::from_utf8_lossy(&bed.weir_cli(&["stats"]).stdout).into_owned();
+        if stats.contains("took over: moved 1 refused 0 left in the old process 0") {
+            break;
+        }
+        assert!(Instant::now() < deadline, "{stats}");
+        std::thread::sleep(Duration::from_millis(200));
+    }
     let pid = std::fs::read_to_string(bed.inst.instance.daemon_lock_path()).unwrap();
     assert_eq!(pid.trim(), new.to_string());
 }

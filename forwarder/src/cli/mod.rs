@@ -1204,6 +1204,17 @@ fn stats(reg: &Registry, instance: &Instance, json: bool) -> Result<()> {
             "  errors: registry refresh {} backend sockets {}",
             l7.registry_refresh_errors, l7.backend_socket_errors
         );
+        let t = &l7.takeover;
+        if t.moved + t.failed + t.left > 0 {
+            println!(
+                "  took over: moved {} refused {} left in the old process {} (handoff {} ms, longest stall {} ms)",
+                t.moved,
+                t.failed,
+                t.left,
+                t.duration_us / 1000,
+                t.longest_stall_us / 1000
+            );
+        }
         for o in &l7.outliers {
             println!(
                 "  outlier {:<22} of {}: {} ejections {} refused {}",
