@@ -216,6 +216,16 @@ impl Drop for Bed {
             // `weir upgrade`.
             unsafe { libc::kill(*pid, libc::SIGKILL) };
         }
+        // Not our children: gone once /proc has no thread of theirs left
+        // but a zombie leader (its other threads may hold the daemon lock
+        // for a moment after the first one ended), so that the instance's
+        // pins can go.
+        let deadline = Instant::now() + Duration::from_secs(5);
+        for pid in &self.detached {
+            while Instant::now() < deadline && !dead(*pid) {
+                std::thread::sleep(Duration::from_millis(20));
+            }
+        }
         let echoes = self.echoes.iter_mut().map(|(c, _)| c);
         for c in self.runs.iter_mut().chain(echoes) {
             let _ = c.kill();
@@ -223,6 +233,17 @@ impl Drop for Bed {
         }
         let _ = std::fs::remove_dir_all(&self.dir);
     }
+}
+
+/// Whether process `pid` is gone, or a zombie whose every thread ended.
+fn dead(pid: i32) -> bool {
+    let threads = std::fs::read_dir(format!("/proc/{pid}/task")).map_or(0, Iterator::count);
+    let zombie = std::fs::read_to_string(format!("/proc/{pid}/stat")).is_ok_and(|s| {
+        s.rsplit(')')
+            .next()
+            .is_some_and(|r| r.trim_start().starts_with('Z'))
+    });
+    threads == 0 || (threads == 1 && zombie)
 }
 
 /// The old side of a takeover as another binary would speak it: bound on
