@@ -9,6 +9,11 @@ use std::time::Duration;
 use anyhow::{Context, Result};
 use serde::{Deserialize, Serialize};
 
+use plotters::prelude::*;
+
+use crate::chart::{
+    Area, Chart, Colors, FONT, SIZE, finite, labelled_line, legend, marker, max_of, short,
+};
 use crate::load::checked::{HEADER, Tally};
 use crate::load::{self, LoadResult, Talk};
 use crate::procs;
@@ -116,6 +121,9 @@ pub struct UpgradeRow {
     pub rss_left_kib: u64,
     pub pss_left_kib: u64,
     pub left_after_s: f64,
+    /// The clients' seconds: open connections, cuts, Close frames and the
+    /// longest echo of each.
+    pub timeline: Vec<TimelinePoint>,
 }
 
 impl UpgradeRow {
@@ -131,6 +139,11 @@ impl Scenario for Upgrade {
     const NAME: &'static str = "upgrade";
     const TITLE: &'static str = "Upgrades under load";
     const SYSTEMS: &'static [&'static str] = &["weir", "haproxy", "nginx"];
+    const CHART: Option<Chart<UpgradeRow>> = Some(Chart {
+        file: "upgrade-stalls",
+        size: SIZE,
+        draw: stall_chart,
+    });
 
     type Row = UpgradeRow;
 
@@ -356,7 +369,7 @@ fn upgrade_row(b: &mut Bench, s: &Sizes, sys: &mut Running) -> Result<UpgradeRow
         r.closed_by_peer(),
         r.checked
     ));
-    fill_from_load(&mut row, &r, s.warm_up)?;
+    fill_from_load(&mut row, &r, s)?;
     Ok(row)
 }
 
@@ -421,9 +434,12 @@ fn upgrades(
 }
 
 /// What the clients saw, into the row: endings, the checked messages and
-/// the stalls, overall, before the first upgrade and after each.
-fn fill_from_load(row: &mut UpgradeRow, r: &LoadResult, warm_up: Duration) -> Result<()> {
+/// the stalls, overall, over the warm-up before the first upgrade and over
+/// each upgrade until the next (at most `between` after it ended).
+fn fill_from_load(row: &mut UpgradeRow, r: &LoadResult, s: &Sizes) -> Result<()> {
+    let (warm_up, between) = (s.warm_up, s.between);
     row.endings = r.endings.clone();
+    row.timeline = r.timeline.clone();
     row.cut = r.cut();
     row.closed_by_peer = r.closed_by_peer();
     row.messages = r
@@ -434,6 +450,8 @@ fn fill_from_load(row: &mut UpgradeRow, r: &LoadResult, warm_up: Duration) -> Re
     row.longest_stall_us = row.latency.max_us;
     let first = row.upgrades.first().map_or(f64::INFINITY, |u| u.at_s);
     row.stall_before_us = worst(&r.timeline, first - warm_up.as_secs_f64(), first);
+    // Each upgrade's window: until the next one, and as long after the
+    // last one, so that the settling minute is not counted to it.
     let ends: Vec<f64> = row
         .upgrades
         .iter()
@@ -441,7 +459,8 @@ fn fill_from_load(row: &mut UpgradeRow, r: &LoadResult, warm_up: Duration) -> Re
         .map(|u| u.at_s)
         .chain([f64::INFINITY])
         .collect();
-    for (u, end) in row.upgrades.iter_mut().zip(ends) {
+    for (u, next) in row.upgrades.iter_mut().zip(ends) {
+        let end = next.min(u.at_s + u.took_ms as f64 / 1000.0 + between.as_secs_f64());
         u.longest_stall_us = worst(&r.timeline, u.at_s, end);
     }
     Ok(())
@@ -458,6 +477,56 @@ fn worst(timeline: &[TimelinePoint], from: f64, to: f64) -> u64 {
         .unwrap_or(0)
 }
 
+/// The longest echo of each second, per system, with the upgrade
+/// commands marked on the time axis: a stall shows where it happened.
+fn stall_chart(root: &Area, rows: &[&UpgradeRow]) -> Result<()> {
+    let ms = |us: u64| us as f64 / 1000.0;
+    let seconds = |r: &UpgradeRow| {
+        r.timeline
+            .iter()
+            .filter(|p| p.max_echo_us > 0)
+            .map(|p| (p.t_s, ms(p.max_echo_us)))
+            .collect::<Vec<_>>()
+    };
+    let all: Vec<f64> = rows.iter().flat_map(|r| seconds(r)).map(|p| p.1).collect();
+    let lo = all.iter().copied().fold(f64::MAX, f64::min).min(1.0) / 1.5;
+    let hi = max_of(all.into_iter()).max(10.0) * 1.5;
+    let t_max = max_of(rows.iter().flat_map(|r| r.timeline.iter().map(|p| p.t_s))).max(1.0) + 1.0;
+    let mut chart = ChartBuilder::on(root)
+        .caption(
+            "Upgrades under load: the longest echo in each second",
+            (FONT, 22),
+        )
+        .margin(15)
+        .x_label_area_size(45)
+        .y_label_area_size(80)
+        .build_cartesian_2d(0f64..t_max, (lo..hi).log_scale())?;
+    chart
+        .configure_mesh()
+        .x_desc("seconds since the load started (triangles: upgrade commands)")
+        .y_desc("ms (log scale)")
+        .y_label_formatter(&|y| short(*y))
+        .label_style((FONT, 14))
+        .axis_desc_style((FONT, 16))
+        .draw()?;
+    let mut colors = Colors::default();
+    for r in rows {
+        let color = colors.get(&r.system);
+        labelled_line(
+            &mut chart,
+            finite(seconds(r).into_iter()),
+            color,
+            r.system.clone(),
+        )?;
+        chart.draw_series(
+            r.upgrades
+                .iter()
+                .map(|u| marker((u.at_s, lo * 1.2), 1, color)),
+        )?;
+    }
+    legend(&mut chart, SeriesLabelPosition::UpperRight)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -472,7 +541,7 @@ mod tests {
 
     #[test]
     fn stalls_are_read_per_window_of_the_timeline() {
-        let timeline: Vec<TimelinePoint> = [900, 1_000, 50_000, 2_000, 7_000, 3_000]
+        let timeline: Vec<TimelinePoint> = [900, 1_000, 50_000, 2_000, 7_000, 3_000, 90_000]
             .iter()
             .enumerate()
             .map(|(t, us)| point(t as f64, *us))
@@ -495,16 +564,26 @@ mod tests {
             upgrades: vec![step(2.5), step(4.2)],
             ..UpgradeRow::default()
         };
-        fill_from_load(&mut row, &r, Duration::from_secs(2)).unwrap();
+        let sizes = Sizes {
+            connections: 10,
+            warm_up: Duration::from_secs(2),
+            between: Duration::from_millis(1500),
+            settle: Duration::from_secs(5),
+        };
+        fill_from_load(&mut row, &r, &sizes).unwrap();
         // Warm-up: seconds 0.5..2.5 touch the points of seconds 0, 1 and 2.
         assert_eq!(row.stall_before_us, 50_000);
+        // Until the next upgrade; the last one's window ends 1.5 s after
+        // it, before the settling second 6.
         assert_eq!(row.upgrades[0].longest_stall_us, 50_000);
         assert_eq!(row.upgrades[1].longest_stall_us, 7_000);
+        assert_eq!(row.longest_stall_us, 0, "no echo in the histogram");
+        assert_eq!(row.timeline.len(), 7);
         assert_eq!((row.cut, row.closed_by_peer), (1, 0));
         assert_eq!(row.messages.intact, 10);
         // A run whose generator checked nothing is not a measurement.
         let unchecked = LoadResult { checked: None, ..r };
-        assert!(fill_from_load(&mut row, &unchecked, Duration::from_secs(2)).is_err());
+        assert!(fill_from_load(&mut row, &unchecked, &sizes).is_err());
     }
 
     #[test]
