@@ -107,11 +107,16 @@ pub struct UpgradeRow {
     pub closed_by_peer: u64,
     /// The checked messages, counted.
     pub messages: Tally,
-    /// The longest time from a message's scheduled send to its echo, over
-    /// the run, and over the warm-up before the first upgrade only (what
-    /// the machine and the generator cost without an upgrade).
+    /// Seconds from the start of the load until every connection was up.
+    pub connected_at_s: f64,
+    /// The longest time from a message's scheduled send to its echo, from
+    /// the first whole second after every connection was up (the
+    /// handshakes' own load is not an upgrade's) to the end, and over the
+    /// same start to the first upgrade only (what the machine and the
+    /// generator cost without an upgrade).
     pub longest_stall_us: u64,
     pub stall_before_us: u64,
+    /// Echo latency over the whole run, handshakes included.
     pub latency: Latency,
     /// The system's processes (zombies not counted) and their memory just
     /// before the first upgrade, and `left_after_s` after the last one.
@@ -267,9 +272,10 @@ impl Scenario for Upgrade {
              or error; Close frames: connections the proxy closed. Bytes lost: messages \
              never echoed; duplicated: echoed twice; reordered: echoed after a later one; \
              corrupted: wrong hash or length; foreign: another connection's message. The \
-             longest stall is the longest time from a message's scheduled send to its echo \
-             over the run; \"before the upgrades\" is the same over the warm-up, what the \
-             machine and the generator cost alone. Processes (and their summed RSS, and \
+             longest stall is the longest time from a message's scheduled send to its echo, \
+             from the first whole second with every connection up to the end; \"before the \
+             upgrades\" is the same until the first upgrade, what the machine and the \
+             generator cost alone. Processes (and their summed RSS, and \
              PSS: shared pages once) are counted just before the first upgrade and {} s \
              after the last. Old generations keep each system's default: HAProxy has no \
              `hard-stop-after`, nginx no `worker_shutdown_timeout`, weir's \
@@ -369,7 +375,7 @@ fn upgrade_row(b: &mut Bench, s: &Sizes, sys: &mut Running) -> Result<UpgradeRow
         r.closed_by_peer(),
         r.checked
     ));
-    fill_from_load(&mut row, &r, s)?;
+    fill_from_load(&mut row, &r, s.between)?;
     Ok(row)
 }
 
@@ -384,6 +390,7 @@ fn upgrades(
     let kind = sys.spec.kind;
     let name = kind.name();
     let connected = Bench::read_ready(ready_files)?.open;
+    let connected_at_s = since_epoch();
     std::thread::sleep(s.warm_up);
     let before = live(sys);
     let mut row = UpgradeRow {
@@ -391,6 +398,7 @@ fn upgrades(
         method: method(kind).into(),
         connections: s.connections,
         connected,
+        connected_at_s,
         shards: sys.spec.shards,
         message_bytes: MESSAGE_BYTES,
         rate: s.connections as f64 * PER_CONNECTION_RATE,
@@ -434,10 +442,10 @@ fn upgrades(
 }
 
 /// What the clients saw, into the row: endings, the checked messages and
-/// the stalls, overall, over the warm-up before the first upgrade and over
-/// each upgrade until the next (at most `between` after it ended).
-fn fill_from_load(row: &mut UpgradeRow, r: &LoadResult, s: &Sizes) -> Result<()> {
-    let (warm_up, between) = (s.warm_up, s.between);
+/// the stalls, overall and before the first upgrade (both from the first
+/// whole second with every connection up), and over each upgrade until the
+/// next (at most `between` after it ended).
+fn fill_from_load(row: &mut UpgradeRow, r: &LoadResult, between: Duration) -> Result<()> {
     row.endings = r.endings.clone();
     row.timeline = r.timeline.clone();
     row.cut = r.cut();
@@ -447,9 +455,10 @@ fn fill_from_load(row: &mut UpgradeRow, r: &LoadResult, s: &Sizes) -> Result<()>
         .clone()
         .context("the load generator counted no checked messages")?;
     row.latency = load::latency_of(&load::decode_histogram(&r.latency)?);
-    row.longest_stall_us = row.latency.max_us;
+    let up = row.connected_at_s.ceil();
     let first = row.upgrades.first().map_or(f64::INFINITY, |u| u.at_s);
-    row.stall_before_us = worst(&r.timeline, first - warm_up.as_secs_f64(), first);
+    row.longest_stall_us = worst(&r.timeline, up, f64::INFINITY);
+    row.stall_before_us = worst(&r.timeline, up, first);
     // Each upgrade's window: until the next one, and as long after the
     // last one, so that the settling minute is not counted to it.
     let ends: Vec<f64> = row
@@ -541,7 +550,7 @@ mod tests {
 
     #[test]
     fn stalls_are_read_per_window_of_the_timeline() {
-        let timeline: Vec<TimelinePoint> = [900, 1_000, 50_000, 2_000, 7_000, 3_000, 90_000]
+        let timeline: Vec<TimelinePoint> = [900_000, 1_000, 50_000, 2_000, 7_000, 3_000, 90_000]
             .iter()
             .enumerate()
             .map(|(t, us)| point(t as f64, *us))
@@ -561,29 +570,27 @@ mod tests {
             ..UpgradeStep::default()
         };
         let mut row = UpgradeRow {
+            connected_at_s: 0.4,
             upgrades: vec![step(2.5), step(4.2)],
             ..UpgradeRow::default()
         };
-        let sizes = Sizes {
-            connections: 10,
-            warm_up: Duration::from_secs(2),
-            between: Duration::from_millis(1500),
-            settle: Duration::from_secs(5),
-        };
-        fill_from_load(&mut row, &r, &sizes).unwrap();
-        // Warm-up: seconds 0.5..2.5 touch the points of seconds 0, 1 and 2.
+        let between = Duration::from_millis(1500);
+        fill_from_load(&mut row, &r, between).unwrap();
+        // Second 0, where the connections were still dialled, counts for
+        // nothing; before the first upgrade: seconds 1 and 2.
         assert_eq!(row.stall_before_us, 50_000);
+        assert_eq!(row.longest_stall_us, 90_000);
         // Until the next upgrade; the last one's window ends 1.5 s after
         // it, before the settling second 6.
         assert_eq!(row.upgrades[0].longest_stall_us, 50_000);
         assert_eq!(row.upgrades[1].longest_stall_us, 7_000);
-        assert_eq!(row.longest_stall_us, 0, "no echo in the histogram");
+        assert_eq!(row.latency.samples, 0, "no echo in the histogram");
         assert_eq!(row.timeline.len(), 7);
         assert_eq!((row.cut, row.closed_by_peer), (1, 0));
         assert_eq!(row.messages.intact, 10);
         // A run whose generator checked nothing is not a measurement.
         let unchecked = LoadResult { checked: None, ..r };
-        assert!(fill_from_load(&mut row, &unchecked, &sizes).is_err());
+        assert!(fill_from_load(&mut row, &unchecked, between).is_err());
     }
 
     #[test]
