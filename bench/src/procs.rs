@@ -119,10 +119,16 @@ pub fn cpu_delta(before: &BTreeMap<u32, f64>, after: &BTreeMap<u32, f64>) -> f64
 /// Proportional set size summed over the processes, KiB: resident memory
 /// with shared pages (nginx's workers share their master's) counted once.
 pub fn pss_kib(pids: &[u32]) -> u64 {
+    kib_summed(pids, "smaps_rollup", "Pss:")
+}
+
+/// The `key` line's KiB in `/proc/PID/file`, summed over the processes
+/// (those gone meanwhile count nothing).
+fn kib_summed(pids: &[u32], file: &str, key: &str) -> u64 {
     pids.iter()
         .filter_map(|p| {
-            let s = std::fs::read_to_string(format!("/proc/{p}/smaps_rollup")).ok()?;
-            let line = s.lines().find(|l| l.starts_with("Pss:"))?;
+            let s = std::fs::read_to_string(format!("/proc/{p}/{file}")).ok()?;
+            let line = s.lines().find(|l| l.starts_with(key))?;
             line.split_whitespace().nth(1)?.parse::<u64>().ok()
         })
         .sum()
@@ -131,13 +137,7 @@ pub fn pss_kib(pids: &[u32]) -> u64 {
 /// Resident set size summed over the processes, KiB: shared pages once
 /// per process that maps them, as `ps` and most dashboards add it up.
 pub fn rss_kib(pids: &[u32]) -> u64 {
-    pids.iter()
-        .filter_map(|p| {
-            let s = std::fs::read_to_string(format!("/proc/{p}/status")).ok()?;
-            let line = s.lines().find(|l| l.starts_with("VmRSS:"))?;
-            line.split_whitespace().nth(1)?.parse::<u64>().ok()
-        })
-        .sum()
+    kib_summed(pids, "status", "VmRSS:")
 }
 
 /// Machine-wide kernel memory that grows with sockets: slab (socket

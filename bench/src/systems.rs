@@ -449,31 +449,38 @@ impl Running {
     }
 
     fn start_nginx(&mut self, topo: &mut Topology) -> Result<()> {
-        let cfg = self.dir.join("nginx.conf");
-        write(&cfg, &self.nginx_config())?;
-        let err = self.dir.join("nginx-error.log");
-        let (cfg_s, err_s, dir_s) = (
-            cfg.to_str().context("utf-8 path")?,
-            err.to_str().context("utf-8 path")?,
-            self.dir.to_str().context("utf-8 path")?,
-        );
+        write(&self.dir.join("nginx.conf"), &self.nginx_config())?;
         // Tested where it runs: it binds the VIP, which only the lb
         // namespace has.
-        topo.run_ok_in(
-            &topo.lb_ns,
-            "nginx",
-            &["-t", "-q", "-e", err_s, "-p", dir_s, "-c", cfg_s],
-        )
-        .context("nginx refused its configuration")?;
+        self.nginx_cli(topo, &["-t", "-q"])
+            .context("nginx refused its configuration")?;
         let log = self.dir.join("nginx.log");
-        let pid = spawn_logged(
-            topo,
-            Path::new("/usr/sbin/nginx"),
-            &["-e", err_s, "-p", dir_s, "-c", cfg_s],
-            &log,
-        )?;
+        let files = self.nginx_files()?;
+        let files: Vec<&str> = files.iter().map(String::as_str).collect();
+        let pid = spawn_logged(topo, Path::new("/usr/sbin/nginx"), &files, &log)?;
         self.roots.push(pid);
         Ok(())
+    }
+
+    /// nginx's `-e ERROR_LOG -p PREFIX -c CONFIG`: this system's files.
+    fn nginx_files(&self) -> Result<Vec<String>> {
+        let path = |p: &Path| p.to_str().map(String::from).context("utf-8 path");
+        Ok(vec![
+            "-e".into(),
+            path(&self.dir.join("nginx-error.log"))?,
+            "-p".into(),
+            path(&self.dir)?,
+            "-c".into(),
+            path(&self.dir.join("nginx.conf"))?,
+        ])
+    }
+
+    /// `nginx ARGS` on this system's files, in the lb namespace.
+    fn nginx_cli(&self, topo: &Topology, args: &[&str]) -> Result<()> {
+        let files = self.nginx_files()?;
+        let mut all = args.to_vec();
+        all.extend(files.iter().map(String::as_str));
+        topo.run_ok_in(&topo.lb_ns, "nginx", &all).map(drop)
     }
 
     /// Replaces the backend set with `new` using `method`; returns how long
@@ -575,21 +582,8 @@ impl Running {
             Kind::Nginx => {
                 let root = self.roots[0];
                 let before = procs::children(root);
-                let (cfg, err) = (
-                    self.dir.join("nginx.conf"),
-                    self.dir.join("nginx-error.log"),
-                );
-                let (cfg, err, dir) = (
-                    cfg.to_str().context("utf-8 path")?,
-                    err.to_str().context("utf-8 path")?,
-                    self.dir.to_str().context("utf-8 path")?,
-                );
-                topo.run_ok_in(
-                    &topo.lb_ns,
-                    "nginx",
-                    &["-s", "reload", "-e", err, "-p", dir, "-c", cfg],
-                )
-                .context("nginx -s reload")?;
+                self.nginx_cli(topo, &["-s", "reload"])
+                    .context("nginx -s reload")?;
                 let want = self.spec.workers * self.spec.shards;
                 loop {
                     let new: Vec<u32> = procs::children(root)
