@@ -1155,6 +1155,7 @@ mod tests {
     #[test]
     fn a_share_of_the_connections_gets_a_share_of_the_rate() {
         assert_eq!(Talk::Open(100.0).share(0.25), Talk::Open(25.0));
+        assert_eq!(Talk::Checked(100.0).share(0.25), Talk::Checked(25.0));
         let push = Talk::Push {
             rate: 100.0,
             seconds: 3.0,
@@ -1174,6 +1175,24 @@ mod tests {
         };
         let back: Plan = serde_json::from_str(&serde_json::to_string(&plan).unwrap()).unwrap();
         assert_eq!((back.talk, back.start_file), (push, plan.start_file.take()));
+    }
+
+    /// A checked message needs room for its header: a plan that leaves
+    /// none is refused before anything is dialled.
+    #[test]
+    fn checked_messages_need_their_header() {
+        let mut plan = Plan {
+            talk: Talk::Checked(10.0),
+            message_bytes: checked::HEADER - 1,
+            ..Plan::default()
+        };
+        plan.fleet.url = "ws://127.0.0.1:1/".into();
+        let rt = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+            .unwrap();
+        let err = rt.block_on(run(plan)).unwrap_err();
+        assert!(err.to_string().contains("checked messages"), "{err:#}");
     }
 
     #[test]
