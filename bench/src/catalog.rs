@@ -26,6 +26,7 @@ use crate::scenarios::propagate::{Propagate, PropagateRow};
 use crate::scenarios::push::{Push, PushRow};
 use crate::scenarios::steady::{Steady, SteadyRow};
 use crate::scenarios::storm::{Storm, StormRow};
+use crate::scenarios::upgrade::{Upgrade, UpgradeRow};
 use crate::stage::Bench;
 use crate::table::Measured;
 
@@ -62,6 +63,8 @@ pub struct ScenarioResult {
     pub failure: Vec<FailureRow>,
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub discover: Vec<DiscoverRow>,
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub upgrade: Vec<UpgradeRow>,
     /// Problems seen (a system that failed to start, a sanity check).
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub notes: Vec<String>,
@@ -99,10 +102,11 @@ rows_in_field!(
     propagate: PropagateRow,
     failure: FailureRow,
     discover: DiscoverRow,
+    upgrade: UpgradeRow,
 );
 
 /// The scenarios, in the order a run and the report take them.
-pub static ALL: [Entry; 13] = [
+pub static ALL: [Entry; 14] = [
     Entry::of::<Steady>(),
     Entry::of::<Push>(),
     Entry::of::<Idle>(),
@@ -114,6 +118,7 @@ pub static ALL: [Entry; 13] = [
     Entry::of::<Discover>(),
     Entry::of::<Drain>(),
     Entry::of::<Failure>(),
+    Entry::of::<Upgrade>(),
     Entry::of::<L4>(),
     Entry::of::<Micro>(),
 ];

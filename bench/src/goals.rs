@@ -1,5 +1,5 @@
 //! The performance goals of issue 11 (and issue 12's for a backend's
-//! failure), each checked against the run's own
+//! failure, issue 14's for upgrades), each checked against the run's own
 //! rows: what weir measured, the best peer in the same run, and whether
 //! the goal holds. The report puts this first, so that a run says by itself
 //! which goals it meets.
@@ -15,6 +15,7 @@ use crate::scenarios::micro::{
 use crate::scenarios::propagate::{GOAL_MS, PropagateRow};
 use crate::scenarios::push::PushRow;
 use crate::scenarios::steady::SteadyRow;
+use crate::scenarios::upgrade::{UPGRADES, UpgradeRow};
 use crate::table::{
     L7_PEERS, Table, fmt_bytes, fmt_f, fmt_int, fmt_num, fmt_ratio, fmt_us, is_weir, ratio,
 };
@@ -58,12 +59,20 @@ pub fn section(out: &mut String, results: &[ScenarioResult]) {
     if let Some(rows) = rows(results, |r| &r.propagate) {
         propagate(&mut lines, rows);
     }
-    let issues = match rows(results, |r| &r.failure) {
-        Some(rows) => {
-            failure(&mut lines, rows);
-            "issues 11 and 12"
+    let mut issues = vec!["11"];
+    if let Some(rows) = rows(results, |r| &r.failure) {
+        failure(&mut lines, rows);
+        issues.push("12");
+    }
+    if let Some(rows) = rows(results, |r| &r.upgrade) {
+        upgrade(&mut lines, rows);
+        issues.push("14");
+    }
+    let issues = match issues.split_last() {
+        Some((last, rest)) if !rest.is_empty() => {
+            format!("issues {} and {last}", rest.join(", "))
         }
-        None => "issue 11",
+        _ => "issue 11".to_string(),
     };
     if lines.is_empty() {
         return;
@@ -388,5 +397,41 @@ fn failure(lines: &mut Vec<Line>, rows: &[FailureRow]) {
             met: w.handshakes_failed < h.handshakes_failed && w.failed_after_detection == 0,
         },
         None => missing(goal),
+    });
+}
+
+/// Issue 14's goal: upgrades of weir under load that no client notices,
+/// and no old process left behind.
+fn upgrade(lines: &mut Vec<Line>, rows: &[UpgradeRow]) {
+    let Some(w) = rows.iter().find(|r| is_weir(&r.system)) else {
+        return;
+    };
+    let said = |r: &UpgradeRow| {
+        format!(
+            "{} cut, {} Close, {} lost, {} process(es) left ({} shard(s))",
+            fmt_int(r.cut),
+            fmt_int(r.closed_by_peer),
+            fmt_bytes(r.bytes(r.messages.lost) as f64),
+            r.processes_left,
+            r.shards
+        )
+    };
+    let best = peers(rows, |r| &r.system, |_| true)
+        .min_by_key(|r| (r.cut + r.closed_by_peer + r.messages.lost, r.processes_left));
+    lines.push(Line {
+        goal: format!(
+            "{UPGRADES} upgrades under {} connections: 0 cut, 0 Close, 0 bytes lost, one \
+             process per shard left",
+            fmt_int(w.connections as u64)
+        ),
+        weir: said(w),
+        best_peer: best.map_or("–".into(), |p| format!("{}: {}", p.system, said(p))),
+        ratio: None,
+        met: w.connected > 0
+            && w.upgrades.len() == UPGRADES
+            && w.cut == 0
+            && w.closed_by_peer == 0
+            && w.messages.lost == 0
+            && w.processes_left == w.shards,
     });
 }

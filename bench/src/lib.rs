@@ -13,7 +13,8 @@
 //!   how a scenario drives load and measures it;
 //! - [`scenario`]: what a scenario is; [`scenarios`]: steady, push, idle,
 //!   bigconn, connrate, storm, churn, propagate, discover, drain, failure,
-//!   l4, micro, each with its run, rows, check, report section and chart;
+//!   upgrade, l4, micro, each with its run, rows, check, report section
+//!   and chart;
 //!   [`catalog`]: all of them, and the result file;
 //! - [`results`]: the measurements rows are made of and the run's facts;
 //! - [`goals`]: the performance goals, checked against a run's rows;

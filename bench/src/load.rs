@@ -4,7 +4,9 @@
 //! - long-lived connections that talk in closed loop (send, wait for the
 //!   echo, send again), in open loop (a fixed total rate, each message's
 //!   latency measured from the time it was *scheduled*, so a stalled proxy
-//!   cannot hide its stall: no coordinated omission), take server push
+//!   cannot hide its stall: no coordinated omission; with checked
+//!   messages, [`checked`], every echo is also checked for loss,
+//!   duplication, reordering and corruption), take server push
 //!   (the backend sends on a schedule, see [`weir_testbed::push`]), or
 //!   stay idle;
 //! - arrivals: new connections opened at a fixed rate, each doing a
@@ -44,8 +46,10 @@ use weir_testbed::ws_client::{
 
 use crate::results::{Endings, Latency, TimelinePoint};
 
+pub mod checked;
 mod storm;
 
+use checked::{Echo, Ledger, Tally};
 use storm::{Ride, StormState};
 pub use storm::{StormPlan, StormResult};
 
@@ -67,6 +71,9 @@ pub enum Talk {
     /// Nothing after the handshake; a ping at the end proves the
     /// connection is still alive.
     Idle,
+    /// As `Open`, with checked messages ([`checked`]): every echo is
+    /// checked against what its connection sent.
+    Checked(f64),
 }
 
 impl Talk {
@@ -75,6 +82,7 @@ impl Talk {
     pub fn share(self, fraction: f64) -> Talk {
         match self {
             Talk::Open(rate) => Talk::Open(rate * fraction),
+            Talk::Checked(rate) => Talk::Checked(rate * fraction),
             Talk::Push { rate, seconds } => Talk::Push {
                 rate: rate * fraction,
                 seconds,
@@ -92,7 +100,8 @@ pub struct Plan {
     #[serde(flatten)]
     pub fleet: Fleet,
     pub talk: Talk,
-    /// Binary message size (at least 16: the send time and sequence).
+    /// Binary message size (at least 16: the send time and sequence; 32
+    /// for checked messages).
     pub message_bytes: usize,
     /// New connections per second (0: none).
     pub arrivals_per_sec: f64,
@@ -189,6 +198,9 @@ pub struct LoadResult {
     pub connections: Vec<ConnRecord>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub storm: Option<StormResult>,
+    /// With checked messages: what came back of them.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub checked: Option<Tally>,
 }
 
 /// What a generator process writes to its ready file once every first
@@ -262,6 +274,9 @@ impl LoadResult {
             out.storm = Some(StormResult::merge(&storms));
         }
         for p in parts {
+            if let Some(t) = &p.checked {
+                out.checked.get_or_insert_with(Tally::default).add(t);
+            }
             out.handshakes_ok += p.handshakes_ok;
             out.handshakes_failed += p.handshakes_failed;
             out.sent += p.sent;
@@ -288,6 +303,7 @@ impl LoadResult {
                 e.new_failed += t.new_failed;
                 e.cut += t.cut;
                 e.closed_by_peer += t.closed_by_peer;
+                e.max_echo_us = e.max_echo_us.max(t.max_echo_us);
             }
             out.connections.extend(p.connections.iter().cloned());
         }
@@ -347,6 +363,8 @@ struct Timeline {
     /// new_ok, new_failed, cut, closed_by_peer.
     buckets: Vec<[AtomicU64; 4]>,
     open_samples: Vec<AtomicU64>,
+    /// The longest echo that arrived in each second, µs.
+    max_echo_us: Vec<AtomicU64>,
 }
 
 impl Timeline {
@@ -355,6 +373,7 @@ impl Timeline {
             epoch_unix_ms,
             buckets: (0..seconds).map(|_| Default::default()).collect(),
             open_samples: (0..seconds).map(|_| AtomicU64::new(0)).collect(),
+            max_echo_us: (0..seconds).map(|_| AtomicU64::new(0)).collect(),
         }
     }
 
@@ -365,6 +384,11 @@ impl Timeline {
     fn count(&self, which: usize) {
         let s = self.second().min(self.buckets.len() - 1);
         self.buckets[s][which].fetch_add(1, Ordering::Relaxed);
+    }
+
+    fn echo_took(&self, us: u64) {
+        let s = self.second().min(self.max_echo_us.len() - 1);
+        self.max_echo_us[s].fetch_max(us, Ordering::Relaxed);
     }
 
     fn points(&self, last: usize) -> Vec<TimelinePoint> {
@@ -378,6 +402,7 @@ impl Timeline {
                     new_failed: b[1].load(Ordering::Relaxed),
                     cut: b[2].load(Ordering::Relaxed),
                     closed_by_peer: b[3].load(Ordering::Relaxed),
+                    max_echo_us: self.max_echo_us[s].load(Ordering::Relaxed),
                 }
             })
             .collect()
@@ -401,6 +426,8 @@ struct Shared {
     latency: Mutex<Histogram<u64>>,
     handshake: Mutex<Histogram<u64>>,
     records: Mutex<Vec<ConnRecord>>,
+    /// Checked messages' account, added as their connections end.
+    checked: Mutex<Option<Tally>>,
     timeline: Timeline,
     /// Long-lived connections stop talking when this turns true.
     stop: watch::Receiver<bool>,
@@ -439,6 +466,7 @@ impl Shared {
     /// Counts an echo (or pushed frame) that arrived intact after `us`.
     fn received(&self, us: u64) {
         self.echoed.fetch_add(1, Ordering::Relaxed);
+        self.timeline.echo_took(us);
         let _ = self
             .latency
             .lock()
@@ -480,6 +508,9 @@ pub fn parse_url(url: &str) -> Result<(SocketAddr, String)> {
 pub async fn run(plan: Plan) -> Result<LoadResult> {
     if plan.message_bytes < 16 {
         bail!("message_bytes must be at least 16");
+    }
+    if matches!(plan.talk, Talk::Checked(_)) && plan.message_bytes < checked::HEADER {
+        bail!("checked messages are at least {} bytes", checked::HEADER);
     }
     let (target, uri) = parse_url(&plan.fleet.url)?;
     let dialer = Dialer {
@@ -533,6 +564,7 @@ pub async fn run(plan: Plan) -> Result<LoadResult> {
         latency: Mutex::new(new_histogram()),
         handshake: Mutex::new(new_histogram()),
         records: Mutex::new(Vec::new()),
+        checked: Mutex::new(None),
         timeline: Timeline::new(
             epoch,
             (horizon.as_secs() as usize) + (unix_ms().saturating_sub(epoch) / 1000) as usize + 2,
@@ -571,10 +603,12 @@ pub async fn run(plan: Plan) -> Result<LoadResult> {
     }
     let sem = Arc::new(Semaphore::new(plan.fleet.connect_concurrency.max(1)));
     let per_conn_interval = match plan.talk {
-        Talk::Open(rate) | Talk::Push { rate, .. } if rate > 0.0 => Some(Duration::from_secs_f64(
-            plan.fleet.connections as f64 / rate,
-        )),
-        Talk::Open(_) | Talk::Push { .. } => bail!("an open-loop or push rate must be above 0"),
+        Talk::Open(rate) | Talk::Checked(rate) | Talk::Push { rate, .. } if rate > 0.0 => Some(
+            Duration::from_secs_f64(plan.fleet.connections as f64 / rate),
+        ),
+        Talk::Open(_) | Talk::Checked(_) | Talk::Push { .. } => {
+            bail!("an open-loop or push rate must be above 0")
+        }
         _ => None,
     };
     for i in 0..plan.fleet.connections {
@@ -622,6 +656,7 @@ pub async fn run(plan: Plan) -> Result<LoadResult> {
         arrivals_late: s.arrivals_late.load(Ordering::Relaxed),
         connections: std::mem::take(&mut *s.records.lock().unwrap_or_else(|e| e.into_inner())),
         storm: s.storm.as_ref().map(StormState::result),
+        checked: s.checked.lock().unwrap_or_else(|e| e.into_inner()).take(),
     };
     Ok(result)
 }
@@ -657,14 +692,24 @@ async fn connect(
 /// A message carrying its scheduled send time (ns since `t0`) and a
 /// sequence number, padded to `size`.
 fn payload(s: &Shared, scheduled: Instant, seq: u64, size: usize) -> Vec<u8> {
-    let ns = scheduled
-        .into_std()
-        .saturating_duration_since(s.t0)
-        .as_nanos() as u64;
+    let ns = stamp(s, scheduled);
     let mut p = vec![0x5a; size];
     p[..8].copy_from_slice(&ns.to_le_bytes());
     p[8..16].copy_from_slice(&seq.to_le_bytes());
     p
+}
+
+/// A message's send time as it carries it: ns since `t0`.
+fn stamp(s: &Shared, scheduled: Instant) -> u64 {
+    scheduled
+        .into_std()
+        .saturating_duration_since(s.t0)
+        .as_nanos() as u64
+}
+
+/// µs since a message's [`stamp`].
+fn since(s: &Shared, ns: u64) -> u64 {
+    (s.t0 + Duration::from_nanos(ns)).elapsed().as_micros() as u64
 }
 
 fn record_echo(s: &Shared, data: &[u8], size: usize) -> bool {
@@ -673,8 +718,7 @@ fn record_echo(s: &Shared, data: &[u8], size: usize) -> bool {
         return false;
     }
     let ns = u64::from_le_bytes(data[..8].try_into().expect("8 bytes"));
-    let sent = s.t0 + Duration::from_nanos(ns);
-    s.received(sent.elapsed().as_micros() as u64);
+    s.received(since(s, ns));
     true
 }
 
@@ -751,7 +795,11 @@ async fn long_lived(
         }
         let outcome = match (s.plan.talk, interval) {
             (Talk::Closed, _) => talk_closed(&s, &mut ws).await,
-            (Talk::Open(_), Some(iv)) => talk_open(&s, ws, iv, phase).await,
+            (Talk::Open(_), Some(iv)) => talk_open(&s, ws, iv, phase, None).await,
+            (Talk::Checked(_), Some(iv)) => {
+                let ledger = Ledger::new(checked::connection_id(index), s.plan.message_bytes);
+                talk_open(&s, ws, iv, phase, Some(ledger)).await
+            }
             (Talk::Push { seconds, .. }, Some(iv)) => {
                 talk_push(&s, &mut ws, iv, phase, seconds).await
             }
@@ -906,7 +954,16 @@ fn record_push(s: &Shared, data: &[u8], size: usize) {
 
 /// Open loop on one connection: a sender on a fixed schedule and a reader
 /// that matches echoes by their embedded send time.
-async fn talk_open(s: &Arc<Shared>, ws: Ws, interval: Duration, phase: Duration) -> Stop {
+///
+/// With a `ledger`, the messages are checked ones and every echo is
+/// checked against it.
+async fn talk_open(
+    s: &Arc<Shared>,
+    ws: Ws,
+    interval: Duration,
+    phase: Duration,
+    mut ledger: Option<Ledger>,
+) -> Stop {
     let size = s.plan.message_bytes;
     let (mut tx, mut rx) = ws.split();
     let sent_here = Arc::new(AtomicU64::new(0));
@@ -914,6 +971,7 @@ async fn talk_open(s: &Arc<Shared>, ws: Ws, interval: Duration, phase: Duration)
     let sender = {
         let s = s.clone();
         let sent_here = sent_here.clone();
+        let id = ledger.as_ref().map(Ledger::id);
         async move {
             tokio::time::sleep(phase).await;
             let mut tick = tokio::time::interval(interval);
@@ -926,10 +984,11 @@ async fn talk_open(s: &Arc<Shared>, ws: Ws, interval: Duration, phase: Duration)
                 if s.stopped() {
                     break;
                 }
-                if let Err(e) = tx
-                    .send(Message::binary(payload(&s, scheduled, seq, size)))
-                    .await
-                {
+                let m = match id {
+                    Some(id) => checked::message(id, seq, stamp(&s, scheduled), size),
+                    None => payload(&s, scheduled, seq, size),
+                };
+                if let Err(e) = tx.send(Message::binary(m)).await {
                     let _ = done_tx.send(true);
                     return (tx, Err(Ending::of_error(&e)));
                 }
@@ -949,7 +1008,7 @@ async fn talk_open(s: &Arc<Shared>, ws: Ws, interval: Duration, phase: Duration)
             loop {
                 let sender_done = *done_rx.borrow();
                 if sender_done && got >= sent_here.load(Ordering::Relaxed) {
-                    return (rx, Ok(got));
+                    return (rx, ledger, Ok(got));
                 }
                 let next = tokio::select! {
                     m = tokio::time::timeout(s.plan.fleet.echo_timeout, rx.next()) => m,
@@ -957,21 +1016,40 @@ async fn talk_open(s: &Arc<Shared>, ws: Ws, interval: Duration, phase: Duration)
                 };
                 match next {
                     Ok(Some(Ok(Message::Binary(b)))) => {
-                        record_echo(&s, &b, size);
-                        got += 1;
+                        let awaited = match ledger.as_mut().map(|l| l.echo(&b)) {
+                            None => {
+                                record_echo(&s, &b, size);
+                                true
+                            }
+                            Some(Echo::First(ns)) => {
+                                s.received(since(&s, ns));
+                                true
+                            }
+                            Some(Echo::Corrupted) => true,
+                            Some(Echo::NotOurs) => false,
+                        };
+                        got += u64::from(awaited);
                     }
                     Ok(Some(Ok(Message::Close(f)))) => {
-                        return (rx, Err(Ending::peer_close(f.as_ref())));
+                        return (rx, ledger, Err(Ending::peer_close(f.as_ref())));
                     }
                     Ok(Some(Ok(_))) => {}
-                    Ok(Some(Err(e))) => return (rx, Err(Ending::of_error(&e))),
-                    Ok(None) => return (rx, Err(Ending::Eof)),
-                    Err(_) => return (rx, Err(Ending::Timeout)),
+                    Ok(Some(Err(e))) => return (rx, ledger, Err(Ending::of_error(&e))),
+                    Ok(None) => return (rx, ledger, Err(Ending::Eof)),
+                    Err(_) => return (rx, ledger, Err(Ending::Timeout)),
                 }
             }
         }
     };
-    let ((tx, sent), (rx, read)) = tokio::join!(sender, reader);
+    let ((tx, sent), (rx, ledger, read)) = tokio::join!(sender, reader);
+    if let Some(l) = ledger {
+        let t = l.close(sent_here.load(Ordering::Relaxed));
+        s.checked
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .get_or_insert_with(Tally::default)
+            .add(&t);
+    }
     let outstanding = sent_here
         .load(Ordering::Relaxed)
         .saturating_sub(read.as_ref().map(|g| *g).unwrap_or(0));
@@ -1077,6 +1155,7 @@ mod tests {
     #[test]
     fn a_share_of_the_connections_gets_a_share_of_the_rate() {
         assert_eq!(Talk::Open(100.0).share(0.25), Talk::Open(25.0));
+        assert_eq!(Talk::Checked(100.0).share(0.25), Talk::Checked(25.0));
         let push = Talk::Push {
             rate: 100.0,
             seconds: 3.0,
@@ -1096,6 +1175,24 @@ mod tests {
         };
         let back: Plan = serde_json::from_str(&serde_json::to_string(&plan).unwrap()).unwrap();
         assert_eq!((back.talk, back.start_file), (push, plan.start_file.take()));
+    }
+
+    /// A checked message needs room for its header: a plan that leaves
+    /// none is refused before anything is dialled.
+    #[test]
+    fn checked_messages_need_their_header() {
+        let mut plan = Plan {
+            talk: Talk::Checked(10.0),
+            message_bytes: checked::HEADER - 1,
+            ..Plan::default()
+        };
+        plan.fleet.url = "ws://127.0.0.1:1/".into();
+        let rt = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+            .unwrap();
+        let err = rt.block_on(run(plan)).unwrap_err();
+        assert!(err.to_string().contains("checked messages"), "{err:#}");
     }
 
     #[test]

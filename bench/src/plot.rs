@@ -62,6 +62,7 @@ mod tests {
     use crate::scenarios::idle::IdleRow;
     use crate::scenarios::push::PushRow;
     use crate::scenarios::steady::SteadyRow;
+    use crate::scenarios::upgrade::{UpgradeRow, UpgradeStep};
 
     fn results() -> Vec<ScenarioResult> {
         let steady = ScenarioResult {
@@ -187,7 +188,31 @@ mod tests {
                 .collect(),
             ..Default::default()
         };
-        vec![steady, push, idle, churn, connrate, failure]
+        let upgrade = ScenarioResult {
+            scenario: "upgrade".into(),
+            upgrade: [("weir", 20_000), ("haproxy", 900_000)]
+                .iter()
+                .map(|&(s, stall_us)| UpgradeRow {
+                    system: s.into(),
+                    upgrades: [3.0, 6.0, 9.0]
+                        .map(|at_s| UpgradeStep {
+                            at_s,
+                            ..Default::default()
+                        })
+                        .to_vec(),
+                    timeline: (0..12)
+                        .map(|t| TimelinePoint {
+                            t_s: t as f64,
+                            max_echo_us: if t == 6 { stall_us } else { 2_000 },
+                            ..Default::default()
+                        })
+                        .collect(),
+                    ..Default::default()
+                })
+                .collect(),
+            ..Default::default()
+        };
+        vec![steady, push, idle, churn, connrate, failure, upgrade]
     }
 
     /// Removes the test's directory even when an assertion fails; set
@@ -215,7 +240,7 @@ mod tests {
         );
         let written = write_svgs(&results(), &dir.0, "test").unwrap();
 
-        let expect: [(&str, &[&str]); 6] = [
+        let expect: [(&str, &[&str]); 7] = [
             (
                 "steady",
                 &[
@@ -234,6 +259,15 @@ mod tests {
             (
                 "failure",
                 &["weir (0 failed)", "haproxy (300 failed)", "kill", "restart"],
+            ),
+            (
+                "upgrade",
+                &[
+                    "weir",
+                    "haproxy",
+                    "triangles: upgrade commands",
+                    "log scale",
+                ],
             ),
         ];
         assert_eq!(written.len(), expect.len());

@@ -35,8 +35,8 @@ pub fn running(pid: u32) -> bool {
         .unwrap_or(false)
 }
 
-/// `roots` and all their descendants that are alive now.
-pub fn tree(roots: &[u32]) -> Vec<u32> {
+/// Every process's children, by parent pid.
+fn children_by_parent() -> BTreeMap<u32, Vec<u32>> {
     let mut children: BTreeMap<u32, Vec<u32>> = BTreeMap::new();
     if let Ok(dir) = std::fs::read_dir("/proc") {
         for e in dir.flatten() {
@@ -47,6 +47,31 @@ pub fn tree(roots: &[u32]) -> Vec<u32> {
             }
         }
     }
+    children
+}
+
+/// The children of `pid` that run (not zombies).
+pub fn children(pid: u32) -> Vec<u32> {
+    let mut c = children_by_parent().remove(&pid).unwrap_or_default();
+    c.retain(|p| running(*p));
+    c.sort_unstable();
+    c
+}
+
+/// A process's command line, its arguments joined by spaces.
+pub fn command_line(pid: u32) -> Option<String> {
+    let raw = std::fs::read(format!("/proc/{pid}/cmdline")).ok()?;
+    let args: Vec<String> = raw
+        .split(|b| *b == 0)
+        .filter(|a| !a.is_empty())
+        .map(|a| String::from_utf8_lossy(a).into_owned())
+        .collect();
+    (!args.is_empty()).then(|| args.join(" "))
+}
+
+/// `roots` and all their descendants that are alive now.
+pub fn tree(roots: &[u32]) -> Vec<u32> {
+    let children = children_by_parent();
     let mut out = BTreeSet::new();
     let mut todo: Vec<u32> = roots
         .iter()
@@ -94,13 +119,25 @@ pub fn cpu_delta(before: &BTreeMap<u32, f64>, after: &BTreeMap<u32, f64>) -> f64
 /// Proportional set size summed over the processes, KiB: resident memory
 /// with shared pages (nginx's workers share their master's) counted once.
 pub fn pss_kib(pids: &[u32]) -> u64 {
+    kib_summed(pids, "smaps_rollup", "Pss:")
+}
+
+/// The `key` line's KiB in `/proc/PID/file`, summed over the processes
+/// (those gone meanwhile count nothing).
+fn kib_summed(pids: &[u32], file: &str, key: &str) -> u64 {
     pids.iter()
         .filter_map(|p| {
-            let s = std::fs::read_to_string(format!("/proc/{p}/smaps_rollup")).ok()?;
-            let line = s.lines().find(|l| l.starts_with("Pss:"))?;
+            let s = std::fs::read_to_string(format!("/proc/{p}/{file}")).ok()?;
+            let line = s.lines().find(|l| l.starts_with(key))?;
             line.split_whitespace().nth(1)?.parse::<u64>().ok()
         })
         .sum()
+}
+
+/// Resident set size summed over the processes, KiB: shared pages once
+/// per process that maps them, as `ps` and most dashboards add it up.
+pub fn rss_kib(pids: &[u32]) -> u64 {
+    kib_summed(pids, "status", "VmRSS:")
 }
 
 /// Machine-wide kernel memory that grows with sockets: slab (socket
@@ -177,6 +214,14 @@ mod tests {
         let t = tree(&[me]);
         assert!(t.contains(&me));
         assert!(t.contains(&child.id()), "{t:?}");
+        assert!(children(me).contains(&child.id()));
+        assert_eq!(
+            command_line(child.id()).as_deref(),
+            Some("sleep 5"),
+            "{:?}",
+            command_line(child.id())
+        );
+        assert!(rss_kib(&[me, child.id()]) > rss_kib(&[me]));
         // Burn a little CPU so the counter moves.
         let start = std::time::Instant::now();
         let mut x = 0u64;
@@ -189,6 +234,11 @@ mod tests {
         let before = cpu_by_pid(&[me]);
         assert!(cpu_delta(&before, &cpu_by_pid(&[me])) >= 0.0);
         child.kill().unwrap();
+        // A zombie is no child that runs.
+        while running(child.id()) {
+            std::thread::sleep(std::time::Duration::from_millis(10));
+        }
+        assert!(!children(me).contains(&child.id()));
         child.wait().unwrap();
         assert!(!tree(&[me]).contains(&child.id()));
         assert!(kernel_socket_bytes() > 0);

@@ -107,6 +107,7 @@ fn files_line(out: &mut String, scenario: &str, stem: &str) {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::load::checked::Tally;
     use crate::micro::{FullTable, Packets, SetResult, Timing, XdpResult};
     use crate::results::{CpuSplit, Endings, Latency, TimelinePoint};
     use crate::scenarios::bigconn::{BigconnRow, BigconnStep};
@@ -122,6 +123,7 @@ mod tests {
     use crate::scenarios::push::PushRow;
     use crate::scenarios::steady::SteadyRow;
     use crate::scenarios::storm::StormRow;
+    use crate::scenarios::upgrade::{UpgradeRow, UpgradeStep};
     use crate::stage::Net;
 
     fn endings(pairs: &[(&str, u64)]) -> Endings {
@@ -328,6 +330,35 @@ mod tests {
             })
             .collect();
 
+        // weir: nothing cut, 4 processes left of 2 shards (old generations
+        // still there); HAProxy: 3 connections cut, 2 messages lost.
+        let mut upgrade = base("upgrade");
+        upgrade.upgrade = [
+            ("weir", 0, 0, 4),
+            ("haproxy", 3, 2, 10),
+            ("nginx", 0, 0, 17),
+        ]
+        .iter()
+        .map(|&(s, cut, lost, left)| UpgradeRow {
+            system: s.into(),
+            connections: 10_000,
+            connected: 10_000,
+            shards: 2,
+            message_bytes: 128,
+            upgrades: vec![UpgradeStep::default(); 3],
+            cut,
+            messages: Tally {
+                sent: 1_000,
+                intact: 1_000 - lost,
+                lost,
+                ..Tally::default()
+            },
+            processes_left: left,
+            rss_left_kib: 1,
+            ..Default::default()
+        })
+        .collect();
+
         let mut l4 = base("l4");
         l4.l4 = vec![
             L4Row {
@@ -444,8 +475,8 @@ mod tests {
         }];
         // Out of order on purpose: the report sorts sections.
         vec![
-            micro, l4, failure, discover, propagate, drain, churn, storm, connrate, bigconn, idle,
-            push, steady,
+            micro, l4, upgrade, failure, discover, propagate, drain, churn, storm, connrate,
+            bigconn, idle, push, steady,
         ]
     }
 
@@ -537,7 +568,20 @@ mod tests {
                 "met"
             ]
         );
-        assert!(md.contains("The goals of issues 11 and 12"));
+        // weir's clients saw nothing, but its old processes were still
+        // there: 4 for 2 shards. The best peer is the one whose clients
+        // saw least: nginx, however many processes it left.
+        let g = goal(&md, "3 upgrades under 10,000 connections");
+        assert_eq!(
+            &g[1..],
+            [
+                "0 cut, 0 Close, 0 B lost, 4 process(es) left (2 shard(s))",
+                "nginx: 0 cut, 0 Close, 0 B lost, 17 process(es) left (2 shard(s))",
+                "–",
+                "not met"
+            ]
+        );
+        assert!(md.contains("The goals of issues 11, 12 and 14"));
         assert!(md.contains("met.\n"), "no count of goals met");
     }
 
@@ -659,6 +703,10 @@ mod tests {
         let c = row_cells(&md, "## Backend failure", "weir", "3,000");
         assert_eq!(&c[11..13], ["–", "–"]);
         assert!(md.contains("weir: 0 failed handshakes (0 after detection) against HAProxy's 120"));
+
+        // Upgrade: HAProxy cut 3 connections and lost 2 messages of 128 B.
+        let c = row_cells(&md, "## Upgrades under load", "haproxy", "10,000 / 10,000");
+        assert_eq!(&c[4..7], ["3", "0", "256 B (2 msgs)"]);
 
         // L4: 30 / 20 Gbit/s; peer conns/s is 0 so its ratio is missing.
         let c = row_cells(&md, "## L4", "weir", "30.00");

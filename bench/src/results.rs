@@ -94,4 +94,12 @@ pub struct TimelinePoint {
     pub cut: u64,
     /// Connections closed by the proxy with a Close frame during that second.
     pub closed_by_peer: u64,
+    /// The longest an echo that arrived during that second took, µs (0:
+    /// none arrived): when in a run a stall happened.
+    #[serde(default, skip_serializing_if = "is_zero")]
+    pub max_echo_us: u64,
+}
+
+fn is_zero(v: &u64) -> bool {
+    *v == 0
 }

@@ -131,6 +131,8 @@ pub struct Running {
     /// Servers currently configured, by name (HAProxy/nginx naming).
     servers: Vec<Server>,
     next_server: usize,
+    /// Upgrades done so far ([`Running::upgrade`]).
+    upgrades: usize,
 }
 
 fn write(path: &Path, text: &str) -> Result<()> {
@@ -156,6 +158,7 @@ impl Running {
             .collect();
         let mut r = Running {
             next_server: servers.len(),
+            upgrades: 0,
             servers,
             spec,
             roots: Vec::new(),
@@ -298,7 +301,7 @@ impl Running {
                 .shared(self.spec.shards > 1)
                 .route("/", &svc);
             write(&config, &file.to_string())?;
-            self.spawn_weir(topo, "run", &config, &format!("weir-{k}.log"))?;
+            self.spawn_weir(topo, "run", &config, &format!("weir-{k}.log"), &[])?;
             if self.spec.health_checks {
                 self.start_weir_agent(topo, &instance, k)?;
             }
@@ -306,25 +309,23 @@ impl Running {
         Ok(())
     }
 
-    /// Starts `weir SUBCOMMAND --config CONFIG`, its output in `log` in the
-    /// system's directory, as one of its roots.
+    /// Starts `weir SUBCOMMAND --config CONFIG [EXTRA...]`, its output in
+    /// `log` in the system's directory, as one of its roots; returns its pid.
     fn spawn_weir(
         &mut self,
         topo: &mut Topology,
         subcommand: &str,
         config: &Path,
         log: &str,
-    ) -> Result<()> {
+        extra: &[&str],
+    ) -> Result<u32> {
         let config = config.to_str().context("utf-8 path")?;
         let log = self.dir.join(log);
-        let pid = spawn_logged(
-            topo,
-            &self.weir.clone(),
-            &[subcommand, "--config", config],
-            &log,
-        )?;
+        let mut args = vec![subcommand, "--config", config];
+        args.extend_from_slice(extra);
+        let pid = spawn_logged(topo, &self.weir.clone(), &args, &log)?;
         self.roots.push(pid);
-        Ok(())
+        Ok(pid)
     }
 
     /// `weir agent` for one shard's instance: its defaults, with the
@@ -341,7 +342,8 @@ impl Running {
                 svc = self.spec.listen,
             ),
         )?;
-        self.spawn_weir(topo, "agent", &config, &format!("agent-{k}.log"))
+        self.spawn_weir(topo, "agent", &config, &format!("agent-{k}.log"), &[])
+            .map(drop)
     }
 
     fn haproxy_config(&self, k: usize) -> String {
@@ -447,31 +449,38 @@ impl Running {
     }
 
     fn start_nginx(&mut self, topo: &mut Topology) -> Result<()> {
-        let cfg = self.dir.join("nginx.conf");
-        write(&cfg, &self.nginx_config())?;
-        let err = self.dir.join("nginx-error.log");
-        let (cfg_s, err_s, dir_s) = (
-            cfg.to_str().context("utf-8 path")?,
-            err.to_str().context("utf-8 path")?,
-            self.dir.to_str().context("utf-8 path")?,
-        );
+        write(&self.dir.join("nginx.conf"), &self.nginx_config())?;
         // Tested where it runs: it binds the VIP, which only the lb
         // namespace has.
-        topo.run_ok_in(
-            &topo.lb_ns,
-            "nginx",
-            &["-t", "-q", "-e", err_s, "-p", dir_s, "-c", cfg_s],
-        )
-        .context("nginx refused its configuration")?;
+        self.nginx_cli(topo, &["-t", "-q"])
+            .context("nginx refused its configuration")?;
         let log = self.dir.join("nginx.log");
-        let pid = spawn_logged(
-            topo,
-            Path::new("/usr/sbin/nginx"),
-            &["-e", err_s, "-p", dir_s, "-c", cfg_s],
-            &log,
-        )?;
+        let files = self.nginx_files()?;
+        let files: Vec<&str> = files.iter().map(String::as_str).collect();
+        let pid = spawn_logged(topo, Path::new("/usr/sbin/nginx"), &files, &log)?;
         self.roots.push(pid);
         Ok(())
+    }
+
+    /// nginx's `-e ERROR_LOG -p PREFIX -c CONFIG`: this system's files.
+    fn nginx_files(&self) -> Result<Vec<String>> {
+        let path = |p: &Path| p.to_str().map(String::from).context("utf-8 path");
+        Ok(vec![
+            "-e".into(),
+            path(&self.dir.join("nginx-error.log"))?,
+            "-p".into(),
+            path(&self.dir)?,
+            "-c".into(),
+            path(&self.dir.join("nginx.conf"))?,
+        ])
+    }
+
+    /// `nginx ARGS` on this system's files, in the lb namespace.
+    fn nginx_cli(&self, topo: &Topology, args: &[&str]) -> Result<()> {
+        let files = self.nginx_files()?;
+        let mut all = args.to_vec();
+        all.extend(files.iter().map(String::as_str));
+        topo.run_ok_in(&topo.lb_ns, "nginx", &all).map(drop)
     }
 
     /// Replaces the backend set with `new` using `method`; returns how long
@@ -517,6 +526,111 @@ impl Running {
             (k, m) => bail!("{} cannot change backends by {m:?}", k.name()),
         }
         Ok(t0.elapsed())
+    }
+
+    /// Upgrades or reloads every shard the way its operators do it with the
+    /// same configuration, and waits until the new generation serves:
+    /// weir starts `weir run --takeover` (a new process, the same binary)
+    /// and waits for its `takeover_done`; HAProxy's master gets SIGUSR2 and
+    /// re-executes itself, its new worker taking the listening sockets from
+    /// the old one (`-x`), and this waits for its `Loading success.`; nginx
+    /// gets `nginx -s reload` and this waits for a new set of workers. The
+    /// old generation is left to end as it does. Returns what each shard's
+    /// new generation said.
+    pub fn upgrade(&mut self, topo: &mut Topology, limit: Duration) -> Result<Vec<String>> {
+        self.upgrades += 1;
+        let n = self.upgrades;
+        let deadline = Instant::now() + limit;
+        let mut said = Vec::new();
+        match self.spec.kind {
+            Kind::Weir => {
+                for k in 0..self.spec.shards {
+                    let config = self.dir.join(format!("weir-{k}.toml"));
+                    let log = format!("weir-{k}-takeover-{n}.log");
+                    let pid = self.spawn_weir(
+                        topo,
+                        "run",
+                        &config,
+                        &log,
+                        &["--takeover", "--log-format", "json"],
+                    )?;
+                    said.push(self.wait_takeover(pid, &self.dir.join(&log), deadline)?);
+                }
+            }
+            Kind::Haproxy => {
+                for (k, &root) in self.roots.clone().iter().enumerate() {
+                    let log = self.dir.join(format!("haproxy-{k}.log"));
+                    let loaded = || haproxy_loads(&log);
+                    let before = (loaded(), procs::children(root));
+                    signal(root, libc::SIGUSR2);
+                    while loaded() <= before.0 {
+                        ensure!(
+                            Instant::now() < deadline,
+                            "HAProxy shard {k} did not reload within {limit:?}: {}",
+                            self.logs()
+                        );
+                        std::thread::sleep(Duration::from_millis(50));
+                    }
+                    let new: Vec<String> = procs::children(root)
+                        .into_iter()
+                        .filter(|p| !before.1.contains(p))
+                        .map(|p| procs::command_line(p).unwrap_or_else(|| p.to_string()))
+                        .collect();
+                    said.push(format!("new worker: {}", new.join("; ")));
+                }
+            }
+            Kind::Nginx => {
+                let root = self.roots[0];
+                let before = procs::children(root);
+                self.nginx_cli(topo, &["-s", "reload"])
+                    .context("nginx -s reload")?;
+                let want = self.spec.workers * self.spec.shards;
+                loop {
+                    let new: Vec<u32> = procs::children(root)
+                        .into_iter()
+                        .filter(|p| !before.contains(p))
+                        .collect();
+                    if new.len() >= want {
+                        said.push(format!("{} new worker(s): {new:?}", new.len()));
+                        break;
+                    }
+                    ensure!(
+                        Instant::now() < deadline,
+                        "nginx started {} of {want} new workers within {limit:?}: {}",
+                        new.len(),
+                        self.logs()
+                    );
+                    std::thread::sleep(Duration::from_millis(50));
+                }
+            }
+        }
+        Ok(said)
+    }
+
+    /// Waits for a `weir run --takeover` to log `takeover_done` (JSON log
+    /// lines); its message, or an error if it exited first.
+    fn wait_takeover(&self, pid: u32, log: &Path, deadline: Instant) -> Result<String> {
+        loop {
+            let text = std::fs::read_to_string(log).unwrap_or_default();
+            if let Some(done) = text
+                .lines()
+                .filter_map(|l| serde_json::from_str::<serde_json::Value>(l).ok())
+                .find(|v| v["event"] == "takeover_done")
+            {
+                return Ok(done["message"].as_str().unwrap_or_default().to_string());
+            }
+            ensure!(
+                procs::running(pid),
+                "weir run --takeover (pid {pid}) exited: {}",
+                self.logs()
+            );
+            ensure!(
+                Instant::now() < deadline,
+                "weir run --takeover (pid {pid}) logged no takeover_done: {}",
+                self.logs()
+            );
+            std::thread::sleep(Duration::from_millis(50));
+        }
     }
 
     /// What the system itself says of `backend` now (the first shard's
@@ -767,6 +881,14 @@ pub(crate) fn unix_us_of_rfc3339(s: &str) -> Option<u64> {
     let us: i64 = format!("{frac:0<6}").get(..6)?.parse().ok()?;
     let total = ((days * 24 + h) * 60 + min) * 60 + num(sec)?;
     u64::try_from(total * 1_000_000 + us).ok()
+}
+
+/// Times HAProxy's master said `Loading success.` in its log: once at
+/// start and once per reload that worked.
+fn haproxy_loads(log: &Path) -> usize {
+    std::fs::read_to_string(log)
+        .map(|t| t.matches("Loading success.").count())
+        .unwrap_or(0)
 }
 
 /// One HAProxy Runtime API command; returns its answer.

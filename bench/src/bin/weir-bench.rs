@@ -18,7 +18,8 @@ use weir_bench::stage::{self, Bench, Sizes};
 )]
 struct Args {
     /// Scenarios to run (steady, push, idle, bigconn, connrate, storm,
-    /// churn, propagate, discover, drain, failure, l4, micro); all if none.
+    /// churn, propagate, discover, drain, failure, upgrade, l4, micro); all
+    /// if none.
     scenarios: Vec<String>,
     /// Small sizes (idle: 10k only, short phases): every scenario in a few
     /// minutes; completeness and sanity are checked, not speed.

@@ -14,3 +14,4 @@ pub mod propagate;
 pub mod push;
 pub mod steady;
 pub mod storm;
+pub mod upgrade;
