@@ -24,6 +24,13 @@ fn stat(pid: u32) -> Option<(u32, u64)> {
     Some((ppid, ut + st))
 }
 
+/// Whether `pid` is gone: no process, or a zombie whose every thread
+/// ended (one still ending may hold its files, a daemon lock among them).
+pub fn gone(pid: u32) -> bool {
+    let threads = std::fs::read_dir(format!("/proc/{pid}/task")).map_or(0, Iterator::count);
+    threads == 0 || (threads == 1 && !running(pid))
+}
+
 /// Whether `pid` runs: it exists and has not exited (a zombie has).
 pub fn running(pid: u32) -> bool {
     std::fs::read_to_string(format!("/proc/{pid}/stat"))

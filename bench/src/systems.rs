@@ -530,8 +530,9 @@ impl Running {
 
     /// Upgrades or reloads every shard the way its operators do it with the
     /// same configuration, and waits until the new generation serves:
-    /// weir starts `weir run --takeover` (a new process, the same binary)
-    /// and waits for its `takeover_done`; HAProxy's master gets SIGUSR2 and
+    /// weir runs `weir upgrade` (which starts `weir run --takeover`, a new
+    /// process of the same binary, and returns once it serves, saying what
+    /// moved); HAProxy's master gets SIGUSR2 and
     /// re-executes itself, its new worker taking the listening sockets from
     /// the old one (`-x`), and this waits for its `Loading success.`; nginx
     /// gets `nginx -s reload` and this waits for a new set of workers. The
@@ -546,15 +547,24 @@ impl Running {
             Kind::Weir => {
                 for k in 0..self.spec.shards {
                     let config = self.dir.join(format!("weir-{k}.toml"));
-                    let log = format!("weir-{k}-takeover-{n}.log");
-                    let pid = self.spawn_weir(
-                        topo,
-                        "run",
-                        &config,
-                        &log,
-                        &["--takeover", "--log-format", "json"],
-                    )?;
-                    said.push(self.wait_takeover(pid, &self.dir.join(&log), deadline)?);
+                    let log = self.dir.join(format!("weir-{k}-upgrade-{n}.log"));
+                    let config = config.to_str().context("utf-8 path")?;
+                    // Its output and the new process's log lines go to
+                    // `log`; the new process is in a session of its own.
+                    let args = [
+                        "--json",
+                        "upgrade",
+                        "--config",
+                        config,
+                        "--log-format",
+                        "json",
+                    ];
+                    let pid = spawn_logged(topo, &self.weir.clone(), &args, &log)?;
+                    let (to, message) = self.wait_upgrade(pid, &log, deadline)?;
+                    undo(&group_kill(pid));
+                    register_cleanup_command(group_kill(to));
+                    self.roots.push(to);
+                    said.push(message);
                 }
             }
             Kind::Haproxy => {
@@ -607,26 +617,38 @@ impl Running {
         Ok(said)
     }
 
-    /// Waits for a `weir run --takeover` to log `takeover_done` (JSON log
-    /// lines); its message, or an error if it exited first.
-    fn wait_takeover(&self, pid: u32, log: &Path, deadline: Instant) -> Result<String> {
+    /// Waits for `weir upgrade` (pid `pid`, writing to `log`) to answer:
+    /// the new process's pid and what it said, or an error with the
+    /// upgrade's refusal.
+    fn wait_upgrade(&self, pid: u32, log: &Path, deadline: Instant) -> Result<(u32, String)> {
         loop {
             let text = std::fs::read_to_string(log).unwrap_or_default();
-            if let Some(done) = text
+            let answer = text
                 .lines()
                 .filter_map(|l| serde_json::from_str::<serde_json::Value>(l).ok())
-                .find(|v| v["event"] == "takeover_done")
-            {
-                return Ok(done["message"].as_str().unwrap_or_default().to_string());
+                .find(|v| v["ok"] == true);
+            if let Some(a) = answer {
+                let to = a["to"].as_u64().context("weir upgrade named no new pid")? as u32;
+                let said = format!(
+                    "pid {} -> {to}: {} moved, {} refused, {} left in the old process; handoff \
+                     {} ms, longest stall {} ms",
+                    a["from"],
+                    a["moved"],
+                    a["failed"],
+                    a["left"],
+                    a["handoff_ms"],
+                    a["longest_stall_ms"]
+                );
+                return Ok((to, said));
             }
             ensure!(
                 procs::running(pid),
-                "weir run --takeover (pid {pid}) exited: {}",
+                "weir upgrade (pid {pid}) failed: {}",
                 self.logs()
             );
             ensure!(
                 Instant::now() < deadline,
-                "weir run --takeover (pid {pid}) logged no takeover_done: {}",
+                "weir upgrade (pid {pid}) did not finish: {}",
                 self.logs()
             );
             std::thread::sleep(Duration::from_millis(50));
@@ -728,10 +750,16 @@ impl Running {
         for &root in &self.roots {
             undo(&group_kill(root));
         }
-        for p in all {
+        for &p in &all {
             if std::path::Path::new(&format!("/proc/{p}")).exists() {
                 signal(p, libc::SIGKILL);
             }
+        }
+        // A process `weir upgrade` started is nobody's child here: the
+        // instance goes only once it is gone (it holds the daemon lock).
+        let deadline = Instant::now() + Duration::from_secs(5);
+        while Instant::now() < deadline && !all.iter().all(|&p| procs::gone(p)) {
+            std::thread::sleep(Duration::from_millis(20));
         }
         for inst in &self.instances {
             undo(&destroy_argv(&self.weir, inst));

@@ -78,8 +78,8 @@ pub struct UpgradeStep {
     /// The longest echo that arrived from the command until the next
     /// upgrade (or the count of processes left).
     pub longest_stall_us: u64,
-    /// What each shard's new generation said: weir's `takeover_done`
-    /// message, HAProxy's new worker command line, nginx's new workers.
+    /// What each shard's new generation said: what `weir upgrade` said
+    /// moved, HAProxy's new worker command line, nginx's new workers.
     pub said: Vec<String>,
 }
 
@@ -300,7 +300,7 @@ impl Scenario for Upgrade {
         steps.write(out);
         out.push_str(
             "\nPer upgrade: seconds from the start of the load to the command, how long until \
-             the new generation served (weir: its `takeover_done`; HAProxy: the master's \
+             the new generation served (weir: `weir upgrade` returned; HAProxy: the master's \
              `Loading success.`; nginx: all new workers started), the longest echo that \
              arrived from then until the next upgrade, and what each shard's new generation \
              said.\n",
@@ -323,7 +323,7 @@ fn bytes_cell(r: &UpgradeRow, messages: u64) -> String {
 /// How each system is upgraded here.
 fn method(kind: Kind) -> &'static str {
     match kind {
-        Kind::Weir => "weir run --takeover (a new process, the same binary)",
+        Kind::Weir => "weir upgrade (weir run --takeover: a new process, the same binary)",
         Kind::Haproxy => "SIGUSR2 to the master (-W): re-exec, -sf old workers, -x listeners",
         Kind::Nginx => "nginx -s reload",
     }

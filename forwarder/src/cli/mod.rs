@@ -694,7 +694,20 @@ pub fn run(cli: Cli) -> Result<()> {
         }
         Command::Upgrade(u) => {
             use crate::daemon::upgrade;
-            crate::instance::require_root()?;
+            // The instance as `weir run` settles it: the flag, or the file's
+            // `instance`; the file is checked before anything starts.
+            let config = match &u.daemon.config {
+                Some(p) => crate::l7::config::load(p)?,
+                None => {
+                    crate::l7::config::parse(crate::l7::config::DEFAULT, "default configuration")?
+                }
+            };
+            let (instance, _) = crate::daemon::instance_for(
+                cli.instance.as_deref(),
+                u.daemon.config.is_some(),
+                &config.instance,
+                config.instance_set_at.as_deref(),
+            )?;
             let mut run_args = Vec::new();
             if let Some(c) = &u.daemon.config {
                 run_args.push("--config".to_string());
