@@ -532,11 +532,16 @@ mod tests {
                 }));
                 (inbox.next(), inbox.next())
             });
-            // The new side reads the batch line and dies.
+            // The new side reads the whole batch and dies.
             s.spawn(move || {
                 let mut r = Reader::default();
                 let line = r.line(&new_end, MAX_LINE).unwrap();
-                assert!(line.contains("\"outcome\":\"batch\""), "{line}");
+                let Ok(Outcome::Batch { conns, bytes, .. }) = control::decode_response(&line)
+                else {
+                    panic!("not a batch: {line}");
+                };
+                assert_eq!(r.fds(&new_end, 2 * conns).unwrap().len(), 2);
+                r.bytes(&new_end, bytes).unwrap();
                 drop(new_end);
             });
             let given = give(&mut conversation(old_end, 5), &old_box, |_| false);

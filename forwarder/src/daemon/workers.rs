@@ -323,15 +323,7 @@ impl Running {
         }
         if let Some((listener, copy)) = metrics {
             self.metrics_listener = copy;
-            let endpoint = serve_metrics(
-                listener,
-                &self.snapshot_file,
-                &self.metrics,
-                &self.outliers,
-                &self.takeover,
-                &self.handed_over,
-            )
-            .map_err(|e| e.to_string())?;
+            let endpoint = self.endpoint_on(listener)?;
             if let Some(old) = self.endpoint.replace(endpoint) {
                 old.stop();
             }
@@ -432,7 +424,13 @@ impl Running {
             )),
             None => None,
         };
-        let endpoint = serve_metrics(
+        self.endpoint = Some(self.endpoint_on(listener)?);
+        Ok(())
+    }
+
+    /// The metrics endpoint of these workers on `listener`.
+    fn endpoint_on(&self, listener: Option<TcpListener>) -> Result<Endpoint, String> {
+        serve_metrics(
             listener,
             &self.snapshot_file,
             &self.metrics,
@@ -440,9 +438,7 @@ impl Running {
             &self.takeover,
             &self.handed_over,
         )
-        .map_err(|e| e.to_string())?;
-        self.endpoint = Some(endpoint);
-        Ok(())
+        .map_err(|e| e.to_string())
     }
 
     /// Worker `w` has ended.

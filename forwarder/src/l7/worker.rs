@@ -677,6 +677,18 @@ impl Worker {
         self.drive(id.idx);
     }
 
+    /// A free slot of the connection table and the generation of the
+    /// connection about to fill it.
+    fn vacant(&mut self) -> ConnId {
+        let idx = self
+            .free
+            .pop()
+            .unwrap_or_else(|| self.conns.push_empty() as u32);
+        let generation = self.next_generation;
+        self.next_generation = ConnId::next_generation(generation);
+        ConnId { idx, generation }
+    }
+
     fn entry(&mut self, idx: u32) -> &mut Entry {
         self.conns[idx as usize].as_mut().expect("live connection")
     }
@@ -740,12 +752,7 @@ impl Worker {
         self.arm_accepts();
         self.refresh_view();
         let peer = peer.unwrap_or_else(|| SocketAddr::from(([0, 0, 0, 0], 0)));
-        let idx = self
-            .free
-            .pop()
-            .unwrap_or_else(|| self.conns.push_empty() as u32);
-        let generation = self.next_generation;
-        self.next_generation = ConnId::next_generation(generation);
+        let ConnId { idx, generation } = self.vacant();
         // Counted while open; one refused for the limit does not count.
         let over = self.open.fetch_add(1, Ordering::Relaxed) >= self.config.max_connections;
         if over {

@@ -344,11 +344,17 @@ impl Worker {
                 Err(_) => resume.push(q.id),
             }
         }
+        let g = self.giving.as_mut().expect("giving");
+        // It changed since it was found movable (it is closing now): it
+        // ends here, and is not tried again.
+        for id in &resume {
+            g.tries.insert(*id, MAX_TRIES);
+        }
+        g.sent = conns.iter().map(|l| l.id).collect();
         for id in resume {
             self.resume(id);
         }
         let g = self.giving.as_mut().expect("giving");
-        g.sent = conns.iter().map(|l| l.id).collect();
         if conns.is_empty() {
             return;
         }
@@ -510,12 +516,7 @@ impl Worker {
         // The table holds the sockets now; these copies close.
         drop((client, backend));
         let config = self.imported_config(settings);
-        let idx = self
-            .free
-            .pop()
-            .unwrap_or_else(|| self.conns.push_empty() as u32);
-        let generation = self.next_generation;
-        self.next_generation = ConnId::next_generation(generation);
+        let ConnId { idx, generation } = self.vacant();
         self.open.fetch_add(1, Ordering::Relaxed);
         self.conns[idx as usize] = Some(Entry {
             conn,
