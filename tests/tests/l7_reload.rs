@@ -365,7 +365,7 @@ fn a_broken_or_restart_only_file_is_refused_whole_and_changes_nothing() {
     let e = bed.refused();
     assert!(
         e.contains("runtime.workers cannot change in a running weir run (2 -> 3)")
-            && e.contains("needs a restart"),
+            && e.contains("`weir upgrade` starts one and hands it every connection"),
         "{e}"
     );
     // A listener someone else holds refuses the whole file: the route

@@ -26,9 +26,18 @@ pub struct ReloadPlan {
 }
 
 /// A reload that changes a field a running process cannot: the workers'
-/// rings, buffer pools and file tables were sized for it at start.
+/// rings, buffer pools and file tables were sized for it at start. A new
+/// process can, and takes every connection over (`weir upgrade`); another
+/// instance is another process altogether.
 #[derive(Debug, PartialEq, thiserror::Error)]
-#[error("{field} cannot change in a running weir run ({was} -> {now}): it needs a restart")]
+#[error(
+    "{field} cannot change in a running weir run ({was} -> {now}): {}",
+    if *.field == "instance" {
+        "it needs a restart"
+    } else {
+        "it needs a new process: `weir upgrade` starts one and hands it every connection"
+    }
+)]
 pub struct NeedsRestart {
     pub field: &'static str,
     pub was: String,
@@ -305,7 +314,12 @@ mod tests {
         for (new, field) in cases {
             let e = plan(base(), new).unwrap_err();
             assert_eq!(e.field, field);
-            assert!(e.to_string().contains("needs a restart"), "{e}");
+            let remedy = if field == "instance" {
+                "needs a restart"
+            } else {
+                "`weir upgrade` starts one"
+            };
+            assert!(e.to_string().contains(remedy), "{e}");
         }
         let mut big = config(base());
         big.buffer_size = 32768;
@@ -313,7 +327,7 @@ mod tests {
         assert_eq!(
             e.to_string(),
             "runtime.buffer_size cannot change in a running weir run (16384 -> 32768): it \
-             needs a restart"
+             needs a new process: `weir upgrade` starts one and hands it every connection"
         );
     }
 
