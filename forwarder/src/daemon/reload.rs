@@ -23,7 +23,7 @@ use anyhow::{Context, Result};
 
 use super::control::{Call, Command, ControlSocket, Outcome};
 use super::handoff::{self, Given};
-use super::takeover::Giving;
+use super::takeover::{Confirmed, Giving};
 use super::workers::Running;
 use crate::instance::Instance;
 use crate::l7::config::{self, Config, plan_reload};
@@ -98,8 +98,8 @@ impl Reloads {
             if let Some(outcome) = outcome {
                 let (giving, started) = self.giving.take().expect("a takeover in progress");
                 match outcome {
-                    Ok(batch) => {
-                        if !self.hand_over(giving, batch, started, workers) {
+                    Ok(confirmed) => {
+                        if !self.hand_over(giving, confirmed, started, workers) {
                             return;
                         }
                     }
@@ -162,18 +162,20 @@ impl Reloads {
     }
 
     /// The new process accepts on every socket: this one stops accepting,
-    /// leaves it the control socket and hands it its connections in
-    /// batches of `batch`; then serves what it could not hand over until
-    /// that ends, or drains it as on SIGTERM after `timeouts.takeover`.
+    /// leaves it the control socket and hands it its connections in the
+    /// batches it `confirmed`; then serves what it could not hand over
+    /// until that ends, or drains it as on SIGTERM after
+    /// `timeouts.takeover`.
     /// `true`: the new process failed during the handoff, and this one
     /// accepts again and goes on serving.
     fn hand_over(
         &mut self,
         giving: Giving,
-        batch: usize,
+        confirmed: Confirmed,
         started: Instant,
         workers: &mut Running,
     ) -> bool {
+        let batch = confirmed.batch;
         let connections = workers.hand_over();
         self.socket = None;
         tracing::info!(
@@ -182,7 +184,7 @@ impl Reloads {
             "the new weir run accepts: handing it {connections} connection(s) in batches of \
              {batch}"
         );
-        let given = match giving.done(connections, batch) {
+        let given = match giving.done(connections, confirmed) {
             Ok(mut conv) => {
                 let mailbox = workers.mailbox.clone();
                 let mut given = handoff::give(&mut conv, &mailbox, |w| workers.worker_finished(w));

@@ -24,7 +24,7 @@
 //! nothing; what it could not hand over it serves until it ends or
 //! `timeouts.takeover` passes, then drains it as on SIGTERM.
 
-use std::io::{self, BufRead, BufReader, Read, Write};
+use std::io::{self, Write};
 use std::net::{SocketAddr, TcpListener};
 use std::os::fd::{AsRawFd, OwnedFd, RawFd};
 use std::os::unix::net::UnixStream;
@@ -69,9 +69,17 @@ pub struct Offer {
 /// The old process's side of a takeover in progress.
 pub struct Giving {
     stream: UnixStream,
-    /// `Ok` with the largest batch it takes: the new process confirmed;
-    /// `Err`: it failed or went away first, and nothing moved.
-    confirmed: mpsc::Receiver<Result<usize, String>>,
+    /// `Ok`: the new process confirmed; `Err`: it failed or went away
+    /// first, and nothing moved.
+    confirmed: mpsc::Receiver<Result<Confirmed, String>>,
+}
+
+/// The new process's confirmation, and the reader of the conversation
+/// (what it read past the line is the conversation's too).
+pub struct Confirmed {
+    /// The largest batch of connections the new process takes.
+    pub batch: usize,
+    reader: Reader,
 }
 
 /// The conversation with the other process once the listeners moved: the
@@ -101,7 +109,7 @@ impl Giving {
     }
 
     /// The outcome, once there is one.
-    pub fn outcome(&self) -> Option<Result<usize, String>> {
+    pub fn outcome(&self) -> Option<Result<Confirmed, String>> {
         match self.confirmed.try_recv() {
             Ok(r) => Some(r),
             Err(mpsc::TryRecvError::Empty) => None,
@@ -112,15 +120,16 @@ impl Giving {
     }
 
     /// Tells the new process that this one stopped accepting and holds
-    /// `connections`, which it hands over next in batches of `batch`.
-    pub fn done(self, connections: usize, batch: usize) -> io::Result<Conversation> {
+    /// `connections`, which it hands over next in batches as `confirmed`
+    /// said.
+    pub fn done(self, connections: usize, confirmed: Confirmed) -> io::Result<Conversation> {
         let line = control::encode_response(Outcome::HandedOver { connections });
         (&self.stream).write_all(line.as_bytes())?;
         self.stream.set_read_timeout(Some(ANSWER_WITHIN))?;
         Ok(Conversation {
             stream: self.stream,
-            reader: Reader::default(),
-            batch,
+            reader: confirmed.reader,
+            batch: confirmed.batch,
         })
     }
 }
@@ -157,28 +166,23 @@ fn send_offer(stream: &UnixStream, offer: &Offer) -> Result<(), String> {
     Ok(())
 }
 
-fn await_confirm(stream: &UnixStream) -> Result<usize, String> {
+fn await_confirm(stream: &UnixStream) -> Result<Confirmed, String> {
     stream
         .set_read_timeout(Some(CONFIRM_WITHIN))
         .map_err(|e| e.to_string())?;
-    let mut line = String::new();
-    match BufReader::new(stream.take(4096)).read_line(&mut line) {
-        Ok(0) => return Err("the new process went away before it confirmed".into()),
-        Ok(_) => {}
-        Err(e)
-            if matches!(
-                e.kind(),
-                io::ErrorKind::WouldBlock | io::ErrorKind::TimedOut
-            ) =>
-        {
-            return Err(format!(
-                "the new process did not confirm within {CONFIRM_WITHIN:?}"
-            ));
+    let mut reader = Reader::default();
+    let line = reader.line(stream, 4096).map_err(|e| match e.kind() {
+        io::ErrorKind::UnexpectedEof => "the new process went away before it confirmed".into(),
+        io::ErrorKind::WouldBlock | io::ErrorKind::TimedOut => {
+            format!("the new process did not confirm within {CONFIRM_WITHIN:?}")
         }
-        Err(e) => return Err(format!("reading the new process's confirmation: {e}")),
-    }
+        _ => format!("reading the new process's confirmation: {e}"),
+    })?;
     match control::decode_request(&line)? {
-        Command::Confirm { batch } => Ok(batch.clamp(1, super::handoff::MAX_BATCH)),
+        Command::Confirm { batch } => Ok(Confirmed {
+            batch: batch.clamp(1, super::handoff::MAX_BATCH),
+            reader,
+        }),
         other => Err(format!("the new process sent {other:?} instead of confirm")),
     }
 }

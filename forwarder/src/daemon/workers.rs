@@ -392,10 +392,9 @@ impl Running {
         self.listening.clear();
         self.metrics_listener = None;
         self.released.store(true, Ordering::Relaxed);
+        // An idle worker looks at the flag now, not at its next tick.
         for w in 0..self.mailbox.workers() {
-            // A wake, so that an idle worker looks at the flag now.
-            self.mailbox
-                .send(w, crate::l7::handoff::mailbox::ToWorker::StopGiving);
+            self.mailbox.wake(w);
         }
     }
 

@@ -448,35 +448,6 @@ pub fn render(s: &Snapshot) -> String {
             ("{reason=\"timeout\"}".into(), s.backend_connect_timeouts),
         ],
     );
-    let t = &s.takeover;
-    metric(
-        "weir_l7_takeover_connections_total",
-        "counter",
-        "Connections of the takeover that started this process: moved here, refused here (they stayed in the old process), left in the old process when the handoff ended.",
-        vec![
-            ("{outcome=\"moved\"}".into(), t.moved),
-            ("{outcome=\"failed\"}".into(), t.failed),
-            ("{outcome=\"left\"}".into(), t.left),
-        ],
-    );
-    let seconds = |us: u64| vec![(String::new(), us as f64 / 1e6)];
-    crate::prometheus::family(
-        &mut out,
-        "weir_l7_takeover_duration_seconds",
-        "gauge",
-        "How long the connection handoff of the takeover that started this process took.",
-        seconds(t.duration_us),
-    );
-    crate::prometheus::family(
-        &mut out,
-        "weir_l7_takeover_longest_stall_seconds",
-        "gauge",
-        "The longest one connection was held quiet (nothing read or sent) while it moved.",
-        seconds(t.longest_stall_us),
-    );
-    let mut metric = |name: &str, kind: &str, help: &str, rows: Vec<(String, u64)>| {
-        crate::prometheus::family(&mut out, name, kind, help, rows)
-    };
     let outlier_labels =
         |r: &OutlierRow| format!("{{service=\"{}\",backend=\"{}\"}}", r.service, r.backend);
     metric(
@@ -505,6 +476,32 @@ pub fn render(s: &Snapshot) -> String {
             .iter()
             .map(|r| (outlier_labels(r), r.refused))
             .collect(),
+    );
+    let t = &s.takeover;
+    metric(
+        "weir_l7_takeover_connections_total",
+        "counter",
+        "Connections of the takeover that started this process: moved here, refused here (they stayed in the old process), left in the old process when the handoff ended.",
+        vec![
+            ("{outcome=\"moved\"}".into(), t.moved),
+            ("{outcome=\"failed\"}".into(), t.failed),
+            ("{outcome=\"left\"}".into(), t.left),
+        ],
+    );
+    let seconds = |us: u64| vec![(String::new(), us as f64 / 1e6)];
+    crate::prometheus::family(
+        &mut out,
+        "weir_l7_takeover_duration_seconds",
+        "gauge",
+        "How long the connection handoff of the takeover that started this process took.",
+        seconds(t.duration_us),
+    );
+    crate::prometheus::family(
+        &mut out,
+        "weir_l7_takeover_longest_stall_seconds",
+        "gauge",
+        "The longest one connection was held quiet (nothing read or sent) while it moved.",
+        seconds(t.longest_stall_us),
     );
     out
 }

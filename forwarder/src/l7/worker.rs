@@ -1304,19 +1304,41 @@ impl Worker {
     /// Logs a drain of `n` more connections to backend `id`; one already
     /// in progress takes them in.
     fn drain_started(&mut self, id: u32, addr: SocketAddr, n: u32, window: Duration) {
+        if self.count_into_drain(id, addr, n) {
+            tracing::info!(
+                event = "drain_started",
+                worker = %worker_name(),
+                backend = %addr,
+                connections = n,
+                "drain of backend {addr} started: Close 1001 to {n} connection(s), spread over \
+                 {window:?}"
+            );
+        }
+    }
+
+    /// A connection handed over from another process was draining: it
+    /// counts in this worker's drain of its backend, which starts here if
+    /// none is in progress (logged, as a drain taken over).
+    fn drain_joined(&mut self, id: u32, addr: SocketAddr, window: Duration) {
+        if self.count_into_drain(id, addr, 1) {
+            tracing::info!(
+                event = "drain_taken_over",
+                worker = %worker_name(),
+                backend = %addr,
+                "drain of backend {addr} taken over from the old process: its connections \
+                 close with 1001 when the old schedule said (window {window:?})"
+            );
+        }
+    }
+
+    /// Counts `n` more connections into the drain of backend `id`; `true`
+    /// when that drain starts with them (none was in progress).
+    fn count_into_drain(&mut self, id: u32, addr: SocketAddr, n: u32) -> bool {
         if let Some(d) = self.draining.get_mut(&id) {
             d.total += n;
             d.open += n;
-            return;
+            return false;
         }
-        tracing::info!(
-            event = "drain_started",
-            worker = %worker_name(),
-            backend = %addr,
-            connections = n,
-            "drain of backend {addr} started: Close 1001 to {n} connection(s), spread over \
-             {window:?}"
-        );
         self.draining.insert(
             id,
             DrainLog {
@@ -1326,33 +1348,7 @@ impl Worker {
                 open: n,
             },
         );
-    }
-
-    /// A connection handed over from another process was draining: it
-    /// counts in this worker's drain of its backend, which starts here if
-    /// none is in progress (logged, as a drain taken over).
-    fn drain_joined(&mut self, id: u32, addr: SocketAddr, window: Duration) {
-        if let Some(d) = self.draining.get_mut(&id) {
-            d.total += 1;
-            d.open += 1;
-            return;
-        }
-        tracing::info!(
-            event = "drain_taken_over",
-            worker = %worker_name(),
-            backend = %addr,
-            "drain of backend {addr} taken over from the old process: its connections close \
-             with 1001 when the old schedule said (window {window:?})"
-        );
-        self.draining.insert(
-            id,
-            DrainLog {
-                addr,
-                started: self.now,
-                total: 1,
-                open: 1,
-            },
-        );
+        true
     }
 
     /// A connection to backend `id` is gone: the last one of a drain ends it.

@@ -149,19 +149,31 @@ impl Mailbox {
         let inbox = &self.inboxes[worker];
         lock(&inbox.queue).push(message);
         inbox.pending.store(true, Ordering::Release);
+        self.wake(worker);
+    }
+
+    /// Wakes worker `worker` (from `io_uring_enter`), so that it looks at
+    /// its inbox and at the flags it shares with the daemon now.
+    pub fn wake(&self, worker: usize) {
         let one = 1u64.to_ne_bytes();
         // SAFETY: writes 8 bytes from a live buffer to our eventfd. A full
         // counter (EAGAIN) means a wakeup is pending anyway.
         unsafe {
-            libc::write(inbox.wake.as_raw_fd(), one.as_ptr().cast(), one.len());
+            libc::write(
+                self.inboxes[worker].wake.as_raw_fd(),
+                one.as_ptr().cast(),
+                one.len(),
+            );
         }
     }
 
     /// What worker `worker` has not read yet, oldest first; empty without
-    /// a lock when nothing came.
+    /// a lock or a write when nothing came.
     pub fn take(&self, worker: usize) -> Vec<ToWorker> {
         let inbox = &self.inboxes[worker];
-        if !inbox.pending.swap(false, Ordering::Acquire) {
+        // A load on every turn of the worker's loop; the write only when
+        // something came.
+        if !inbox.pending.load(Ordering::Relaxed) || !inbox.pending.swap(false, Ordering::Acquire) {
             return Vec::new();
         }
         std::mem::take(&mut *lock(&inbox.queue))

@@ -55,6 +55,15 @@ pub(super) struct Giving {
     rescan_at: Instant,
 }
 
+impl Giving {
+    /// Connection `id` went on here after `n` more tries ([`MAX_TRIES`]:
+    /// it stays).
+    fn tried(&mut self, id: ConnId, n: u8) {
+        let t = self.tries.entry(id).or_insert(0);
+        *t = t.saturating_add(n).min(MAX_TRIES);
+    }
+}
+
 struct Quiet {
     id: ConnId,
     since: Instant,
@@ -259,8 +268,7 @@ impl Worker {
         let g = self.giving.as_mut().expect("giving");
         g.quiet = quiet;
         for (id, n) in tried {
-            let t = g.tries.entry(id).or_insert(0);
-            *t = t.saturating_add(n).min(MAX_TRIES);
+            g.tried(id, n);
         }
         for (conn, side, slot) in installs {
             let install = opcode::FixedFdInstall::new(types::Fixed(slot), 0).build();
@@ -348,7 +356,7 @@ impl Worker {
         // It changed since it was found movable (it is closing now): it
         // ends here, and is not tried again.
         for id in &resume {
-            g.tries.insert(*id, MAX_TRIES);
+            g.tried(*id, MAX_TRIES);
         }
         g.sent = conns.iter().map(|l| l.id).collect();
         for id in resume {
@@ -378,7 +386,7 @@ impl Worker {
         };
         for (i, id) in sent.iter().enumerate() {
             if refused.contains(&(i as u32)) {
-                g.tries.insert(*id, MAX_TRIES);
+                g.tried(*id, MAX_TRIES);
             }
         }
         for (i, id) in sent.into_iter().enumerate() {
